@@ -1,0 +1,46 @@
+"""``fastbert.nn.LayerNorm``: a drop-in for ``torch.nn.LayerNorm`` on the fused kernel."""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """Same constructor, defaults, parameters and state_dict as ``torch.nn.LayerNorm``.
+
+    Runs ``fastbert.ops.layer_norm`` when ``normalized_shape`` is one dimension (the
+    transformer case); a multi-dimensional ``normalized_shape`` is flattened into the last
+    dimension, which is the same computation.
+
+    Extra (keyword-only) argument:
+        backend: "triton", "cuda", "torch" or None (auto), passed to the op.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None, *, backend: Optional[str] = None):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine,
+                         bias=bias, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """LayerNorm(input [+ residual]); the residual add is fused into the kernel."""
+        nd = len(self.normalized_shape)
+        if tuple(input.shape[input.dim() - nd:]) != tuple(self.normalized_shape):
+            raise ValueError(f"input's trailing dimensions {tuple(input.shape[input.dim() - nd:])} "
+                             f"do not match normalized_shape {tuple(self.normalized_shape)}")
+        w = self.weight.reshape(-1) if self.weight is not None else None
+        b = self.bias.reshape(-1) if self.bias is not None else None
+        lead = input.shape[:input.dim() - nd]
+        x = input.reshape(*lead, -1)
+        res = residual.reshape(*lead, -1) if residual is not None else None
+        y = ops.layer_norm(x, w, b, self.eps, residual=res, backend=self.backend)
+        return y.reshape(input.shape)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", backend={self.backend!r}" if self.backend else "")

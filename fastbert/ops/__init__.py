@@ -1,0 +1,17 @@
+"""Functional fused ops.
+
+Every op takes ``backend=None | "triton" | "cuda" | "torch"``; the choice is made by
+``fastbert.ops._dispatch.resolve`` (argument, then ``FASTBERT_BACKEND``, then
+``fastbert.use_backend(...)``, then auto). Kernel backends run as ``torch.library`` custom
+ops with fake implementations and registered autograd, so ``torch.compile(fullgraph=True)``
+traces through them.
+"""
+from ._dispatch import BackendUnavailable, BACKENDS, use_backend
+from .bias_gelu import bias_gelu, bias_gelu_ref
+from .layer_norm import gelu_layer_norm, layer_norm, layer_norm_ref
+
+__all__ = [
+    "BACKENDS", "BackendUnavailable", "use_backend",
+    "layer_norm", "gelu_layer_norm", "layer_norm_ref",
+    "bias_gelu", "bias_gelu_ref",
+]

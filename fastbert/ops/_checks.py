@@ -1,0 +1,55 @@
+"""Argument checks shared by the ops: each error names the argument and what was expected."""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, t, *, dtypes: Optional[Sequence[torch.dtype]] = None,
+                 ndim: Optional[Iterable[int]] = None, device: Optional[torch.device] = None,
+                 optional: bool = False) -> None:
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None:
+        allowed = tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, "
+                             f"got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of the input)")
+
+
+def check_shape(name: str, t: Optional[torch.Tensor], shape: Sequence[int], what: str = "") -> None:
+    if t is not None and tuple(t.shape) != tuple(shape):
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {tuple(shape)}{extra}, got {tuple(t.shape)}")
+
+
+def check_same_device(**tensors) -> torch.device:
+    """All given (non-None) tensors on one device; returns it."""
+    dev = None
+    first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if dev is None:
+            dev, first = t.device, name
+        elif t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {dev}; "
+                             "all tensors must be on one device")
+    return dev
+
+
+def check_probability(name: str, p: float) -> None:
+    if not (0.0 <= float(p) < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {p}")

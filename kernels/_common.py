@@ -1,0 +1,155 @@
+"""Helpers shared by the Triton kernels: constants, GELU and dropout device functions,
+block-size choice and the ahead-of-time (AOT) compile descriptions.
+
+Kernel modules import from here so that a block-size rule or a constant lives in one place.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# exp(x) = exp2(x * LOG2E)
+LOG2E = tl.constexpr(1.4426950408889634)
+# GELU, erf form: x * Phi(x) with Phi(x) = 0.5 * (1 + erf(x / sqrt(2)))
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+# d/dx Phi(x) = exp(-x^2 / 2) / sqrt(2 * pi)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+# GELU, tanh form (Hendrycks & Gimpel): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+GELU_TANH_CUBIC = tl.constexpr(0.044715)
+
+# The widest row a single program holds in registers. Wider rows would spill registers
+# in the backward (x, dy and three fp32 accumulators per element); the ops fall back to
+# the PyTorch reference past it.
+MAX_FUSED_COLS = 32768
+# The CPU interpreter runs one program at a time; a handful of programs is enough to
+# exercise the multi-program (partial-sum) code paths without making tests slow.
+INTERPRETER_PROGRAMS = 4
+
+TORCH_TO_TRITON = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 without overflow trouble
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def gelu_fwd(x, APPROX_TANH: tl.constexpr):
+    """GELU of an fp32 block; APPROX_TANH selects the tanh form."""
+    if APPROX_TANH:
+        u = (x + x * x * x * GELU_TANH_CUBIC) * SQRT_2_OVER_PI
+        return 0.5 * x * (1.0 + _tanh(u))
+    else:
+        return 0.5 * x * (1.0 + tl.erf(x * SQRT1_2))
+
+
+@triton.jit
+def gelu_grad(x, APPROX_TANH: tl.constexpr):
+    """d GELU(x) / dx of an fp32 block."""
+    if APPROX_TANH:
+        u = (x + x * x * x * GELU_TANH_CUBIC) * SQRT_2_OVER_PI
+        t = _tanh(u)
+        du = (x * x * (3.0 * GELU_TANH_CUBIC) + 1.0) * SQRT_2_OVER_PI
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(x * SQRT1_2))
+        pdf = tl.exp2(x * x * (-0.5 * LOG2E)) * INV_SQRT_2PI
+        return cdf + x * pdf
+
+
+@triton.jit
+def dropout_keep(seed, offsets, p):
+    """Keep-mask of inverted dropout: True with probability 1 - p.
+
+    Philox (tl.rand) on (seed, element offset): the backward regenerates the same mask from
+    the same seed instead of storing it.
+    """
+    return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def _dropout_mask_kernel(seed_ptr, mask_ptr, n_rows, n_cols, p, BLOCK_N: tl.constexpr):
+    # each program owns one row of the mask
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    seed = tl.load(seed_ptr)
+    for start in range(0, n_cols, BLOCK_N):
+        c = start + cols
+        keep = dropout_keep(seed, row * n_cols + c, p)
+        tl.store(mask_ptr + row * n_cols + c, keep.to(tl.int8), mask=c < n_cols)
+
+
+def dropout_mask(seed: torch.Tensor, n_rows: int, n_cols: int, p: float) -> torch.Tensor:
+    """The keep-mask (bool, (n_rows, n_cols)) that row-wise kernels draw for ``seed``.
+
+    Element (r, c) uses Philox offset ``r * n_cols + c``. Test-only: lets tests check
+    dropout numerics and gradients against a reference with the same mask.
+    """
+    out = torch.empty((n_rows, n_cols), dtype=torch.int8, device=seed.device)
+    block = min(triton.next_power_of_2(max(n_cols, 16)), 4096)
+    _dropout_mask_kernel[(n_rows,)](seed, out, n_rows, n_cols, float(p), BLOCK_N=block)
+    return out.bool()
+
+
+def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """View ``t`` as (rows, n_cols) with unit column stride, copying only if it must."""
+    t2 = t.reshape(-1, n_cols)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def row_block(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for kernels that keep one whole row in registers."""
+    block_n = triton.next_power_of_2(max(int(n_cols), 16))
+    # about 8 fp32 elements per thread at 32 threads a warp, between 1 and 16 warps
+    num_warps = min(max(block_n // 256, 1), 16)
+    return block_n, num_warps
+
+
+def row_block_configs():
+    """Every (BLOCK_N, num_warps) ``row_block`` can return, for the AOT compile test."""
+    out, n = [], 16
+    while n <= MAX_FUSED_COLS:
+        out.append(row_block(n))
+        n *= 2
+    return out
+
+
+def num_programs(device: torch.device, per_sm: int) -> int:
+    """A persistent grid: ``per_sm`` programs per streaming multiprocessor."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+    return INTERPRETER_PROGRAMS
+
+
+@dataclasses.dataclass(frozen=True)
+class AotConfig:
+    """One launch configuration of one kernel, for ahead-of-time compile checks."""
+    kernel: object
+    signature: Dict[str, str]
+    constexprs: Dict[str, object]
+    num_warps: int = 4
+    num_stages: Optional[int] = None
+    name: str = ""
+
+
+def aot_configs():
+    yield AotConfig(_dropout_mask_kernel,
+                    {"seed_ptr": "*i64", "mask_ptr": "*i8", "n_rows": "i32", "n_cols": "i32",
+                     "p": "fp32", "BLOCK_N": "constexpr"},
+                    {"BLOCK_N": 4096}, 4, name="dropout_mask")
