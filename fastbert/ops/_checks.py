@@ -6,6 +6,16 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The PyTorch reference also runs in float64 (gradcheck, test oracles); the kernels do not.
+REF_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def kernel_dtype_reason(**tensors) -> Optional[str]:
+    """Why the kernels cannot take these tensors' dtypes (float64), or None."""
+    for name, t in tensors.items():
+        if t is not None and t.is_floating_point() and t.dtype not in FLOAT_DTYPES:
+            return f"{name} is {str(t.dtype).replace('torch.', '')}; the kernels take float32/float16/bfloat16"
+    return None
 
 
 def check_tensor(name: str, t, *, dtypes: Optional[Sequence[torch.dtype]] = None,

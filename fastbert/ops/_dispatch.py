@@ -19,7 +19,6 @@ with the reason. Auto falls back to "torch" with a one-time warning that names t
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import os
 import threading
@@ -67,29 +66,32 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_import_error() -> Optional[str]:
-    """None when triton imports, else why not."""
+# Import probes, answered once per process. torch.compile cannot trace an import, so the
+# answers are computed when this module loads (importing triton there is cheap next to torch).
+def _probe(module: str) -> Optional[str]:
     try:
-        importlib.import_module("triton")
-        importlib.import_module("fastbert.kernels")
+        importlib.import_module(module)
     except Exception as e:  # ImportError, or a broken install raising something else
-        return f"triton is not importable ({type(e).__name__}: {e})"
+        return f"{type(e).__name__}: {e}"
     return None
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_ERROR = _probe("triton") or _probe("fastbert.kernels")
+_CUDA_EXT_ERROR = _probe("fastbert._C")
+
+
+def triton_import_error() -> Optional[str]:
+    """None when triton and fastbert.kernels import, else why not."""
+    return None if _TRITON_ERROR is None else f"triton is not importable ({_TRITON_ERROR})"
+
+
 def cuda_extension_error() -> Optional[str]:
     """None when the CUDA C++ extension ``fastbert._C`` imports, else why not."""
-    try:
-        importlib.import_module("fastbert._C")
-    except Exception as e:
-        return (
-            "the CUDA C++ extension fastbert._C is not built "
-            f"({type(e).__name__}: {e}); build it with "
-            "FASTBERT_BUILD_CUDA=1 pip install --no-build-isolation -e ."
-        )
-    return None
+    if _CUDA_EXT_ERROR is None:
+        return None
+    return ("the CUDA C++ extension fastbert._C is not built "
+            f"({_CUDA_EXT_ERROR}); build it with "
+            "FASTBERT_BUILD_CUDA=1 pip install --no-build-isolation -e .")
 
 
 def _devices(tensors: Iterable[Optional[torch.Tensor]]) -> list:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
+from ._checks import REF_DTYPES, check_same_device, check_shape, check_tensor, kernel_dtype_reason
 from ._dispatch import resolve
 
 
@@ -67,7 +67,7 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none", *,
     """``GELU(x + bias)`` in one pass (the FFN's intermediate activation).
 
     Args:
-        x: (..., N) float32 / float16 / bfloat16.
+        x: (..., N) float32 / float16 / bfloat16 (float64 on the torch backend).
         bias: (N,) or None.
         approximate: "none" (exact erf form, BERT's) or "tanh".
         backend: "triton", "cuda", "torch" or None (see ``fastbert.ops``).
@@ -75,14 +75,16 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none", *,
     Returns:
         Tensor of x's shape and dtype (math in float32).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dtypes=REF_DTYPES)
     if x.dim() < 1:
         raise ValueError(f"bias_gelu: x must have at least one dimension, got shape {tuple(x.shape)}")
-    check_tensor("bias", bias, dtypes=FLOAT_DTYPES, optional=True)
+    check_tensor("bias", bias, dtypes=REF_DTYPES, optional=True)
     check_shape("bias", bias, (x.shape[-1],), "the last dimension of x")
     check_same_device(x=x, bias=bias)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    if resolve("bias_gelu", (x, bias), backend, preference=("triton",)) == "torch":
+    chosen = resolve("bias_gelu", (x, bias), backend, preference=("triton",),
+                     extra_check=lambda b: kernel_dtype_reason(x=x, bias=bias))
+    if chosen == "torch":
         return bias_gelu_ref(x, bias, approximate)
     return _bias_gelu_fwd(x, bias, approximate)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import FLOAT_DTYPES, check_probability, check_same_device, check_shape, check_tensor
+from ._checks import (REF_DTYPES, check_probability, check_same_device, check_shape, check_tensor,
+                      kernel_dtype_reason)
 from ._dispatch import resolve
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh")
@@ -137,14 +138,14 @@ def _max_cols_check(n_cols: int):
 
 
 def _check_args(op, x, weight, bias, residual, x_bias, eps, dropout_p):
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dtypes=REF_DTYPES)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     n = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
-        check_tensor(name, t, dtypes=FLOAT_DTYPES, optional=True)
+        check_tensor(name, t, dtypes=REF_DTYPES, optional=True)
         check_shape(name, t, (n,), "the last dimension of x")
-    check_tensor("residual", residual, dtypes=FLOAT_DTYPES, optional=True)
+    check_tensor("residual", residual, dtypes=REF_DTYPES, optional=True)
     check_shape("residual", residual, x.shape, "the shape of x")
     check_same_device(x=x, weight=weight, bias=bias, residual=residual, x_bias=x_bias)
     if not eps > 0:
@@ -153,9 +154,10 @@ def _check_args(op, x, weight, bias, residual, x_bias, eps, dropout_p):
 
 
 def _out_dtype(x: Tensor) -> torch.dtype:
-    # autocast runs torch's layer_norm in fp32 and returns fp32: do the same, without
+    # CUDA autocast runs torch's layer_norm in fp32 and returns fp32 (it is on autocast's fp32
+    # list there; CPU autocast leaves it in the input dtype): do the same, without
     # materializing fp32 copies of the inputs (the kernel computes in fp32 anyway)
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         return torch.float32
     return x.dtype
 
@@ -165,7 +167,9 @@ def _layer_norm_impl(op, x, weight, bias, eps, residual, x_bias, dropout_p, trai
     _check_args(op, x, weight, bias, residual, x_bias, eps, dropout_p)
     out_dtype = _out_dtype(x)
     chosen = resolve(op, (x, weight, bias, residual, x_bias), backend, preference=("triton",),
-                     extra_check=lambda b: _max_cols_check(x.shape[-1]))
+                     extra_check=lambda b: kernel_dtype_reason(
+                         x=x, weight=weight, bias=bias, residual=residual, x_bias=x_bias)
+                     or _max_cols_check(x.shape[-1]))
     p = float(dropout_p) if training else 0.0
     if chosen == "torch":
         return layer_norm_ref(x, weight, bias, eps, residual=residual, x_bias=x_bias,
@@ -186,7 +190,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     This is BERT's epilogue after the attention-output and FFN-output projections.
 
     Args:
-        x: (..., N) float32 / float16 / bfloat16.
+        x: (..., N) float32 / float16 / bfloat16 (float64 on the torch backend).
         weight, bias: (N,) or None (LayerNorm's affine parameters).
         eps: added to the variance.
         residual: same shape as x, or None.
@@ -197,7 +201,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
         backend: "triton", "cuda", "torch" or None (see ``fastbert.ops``).
 
     Returns:
-        Tensor of x's shape and dtype (float32 under autocast, like torch's layer_norm).
+        Tensor of x's shape and dtype (float32 under CUDA autocast, like torch's layer_norm).
         Statistics are computed in float32.
     """
     return _layer_norm_impl("layer_norm", x, weight, bias, eps, residual, x_bias, dropout_p,
@@ -210,7 +214,7 @@ def gelu_layer_norm(x: Tensor, x_bias: Optional[Tensor], weight: Optional[Tensor
     """``LayerNorm(GELU(x + x_bias))`` in one pass: BERT's MLM head transform.
 
     Args:
-        x: (..., N) float32 / float16 / bfloat16.
+        x: (..., N) float32 / float16 / bfloat16 (float64 on the torch backend).
         x_bias: (N,) or None (the dense layer's bias).
         weight, bias: (N,) or None (LayerNorm's affine parameters).
         approximate: "none" (erf GELU, BERT's) or "tanh".

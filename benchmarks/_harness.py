@@ -1,0 +1,264 @@
+"""Shared benchmark harness: timing, hardware ceilings measured in the same run, result files.
+
+Every ``benchmarks/bench_<op>.py`` builds a list of ``Case`` objects (a name, the shape, and
+one callable per implementation) and hands them to ``run_cases``; the harness times each
+with ``triton.testing.do_bench`` (median and 20/80% quantiles) on CUDA, or a plain timer on
+CPU, records peak memory, computes GB/s or TFLOP/s and their fraction of the ceiling measured
+in the same process (device-to-device copy bandwidth, bf16 matmul rate), and writes
+``<results>/<bench>_<card>.csv`` plus a markdown table naming the card, driver, torch and
+triton versions.
+
+The results directory is ``$FASTBERT_RESULTS`` (default ``benchmarks/results``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import os
+import platform
+import re
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS_ENV = "FASTBERT_RESULTS"
+DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Bytes moved by the copy-bandwidth probe: large enough to defeat L2 (50 MB on H100).
+COPY_PROBE_BYTES = 1 << 30
+# Square bf16 matmul for the compute-ceiling probe (large enough to saturate tensor cores).
+MATMUL_PROBE_N = 8192
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark point.
+
+    Attributes:
+        name: what is measured, e.g. "layer_norm fwd+bwd".
+        params: the shape and options, e.g. {"rows": 8192, "hidden": 768, "dtype": "bf16"}.
+        impls: implementation name -> zero-argument callable running the work once.
+        bytes: bytes a perfect implementation must move (for GB/s), or None.
+        flops: floating-point operations (for TFLOP/s), or None.
+        baseline: the impl the others are compared against (speedup = baseline / impl).
+        setup: optional zero-argument callable run before timing (allocate inputs lazily).
+    """
+    name: str
+    params: Dict[str, object]
+    impls: Dict[str, Callable[[], object]]
+    bytes: Optional[float] = None
+    flops: Optional[float] = None
+    baseline: Optional[str] = None
+
+
+def results_dir() -> str:
+    d = os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def device_info(device: torch.device) -> Dict[str, str]:
+    info = {
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["card"] = props.name
+        info["cuda"] = torch.version.cuda or ""
+        info["driver"] = _driver_version()
+        info["sms"] = str(props.multi_processor_count)
+    else:
+        info["card"] = "cpu-" + (platform.processor() or platform.machine())
+        info["cuda"] = ""
+        info["driver"] = ""
+    return info
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except Exception:
+        return "not importable"
+
+
+def _driver_version() -> str:
+    try:
+        import subprocess
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else ""
+    except Exception:
+        return ""
+
+
+def card_slug(info: Dict[str, str]) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", info["card"]).strip("-").lower()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25,
+            rep_ms: float = 100) -> tuple[float, float, float]:
+    """(median, 20%, 80%) milliseconds of ``fn``."""
+    if device.type == "cuda":
+        import triton.testing
+        q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return float(q[0]), float(q[1]), float(q[2])
+    fn()  # warm up (first call may compile / allocate)
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
+    return statistics.median(times), q(0.2), q(0.8)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak memory allocated while ``fn`` runs, above what was allocated before (MB)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def copy_bandwidth_gbps(device: torch.device) -> Optional[float]:
+    """Device-to-device copy rate (read + write bytes per second), measured now."""
+    if device.type != "cuda":
+        return None
+    n = COPY_PROBE_BYTES // 2
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms, _, _ = time_fn(lambda: dst.copy_(src), device)
+    del src, dst
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, dtype=torch.bfloat16) -> Optional[float]:
+    """Dense matmul rate (TFLOP/s) for ``dtype``, measured now."""
+    if device.type != "cuda":
+        return None
+    n = MATMUL_PROBE_N
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms, _, _ = time_fn(lambda: a @ b, device)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def run_cases(bench: str, cases: List[Case], device: torch.device, *,
+              ceilings: Optional[Dict[str, Optional[float]]] = None,
+              write: bool = True, verbose: bool = True) -> List[Dict[str, object]]:
+    """Time every impl of every case; return the rows and (by default) write CSV + markdown."""
+    ceilings = ceilings if ceilings is not None else {
+        "copy_gbps": copy_bandwidth_gbps(device),
+        "matmul_tflops": matmul_tflops(device) if any(c.flops for c in cases) else None,
+    }
+    rows = []
+    for case in cases:
+        results = {}
+        for impl, fn in case.impls.items():
+            try:
+                ms, lo, hi = time_fn(fn, device)
+                mem = peak_memory_mb(fn, device)
+                err = ""
+            except Exception as e:  # an impl that cannot run this shape is reported, not fatal
+                ms = lo = hi = float("nan")
+                mem = None
+                err = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            results[impl] = (ms, lo, hi, mem, err)
+        base = case.baseline or next(iter(case.impls))
+        base_ms = results[base][0]
+        for impl, (ms, lo, hi, mem, err) in results.items():
+            row = {"bench": bench, "case": case.name, **case.params, "impl": impl,
+                   "ms": round(ms, 5), "ms_p20": round(lo, 5), "ms_p80": round(hi, 5),
+                   "peak_mb": None if mem is None else round(mem, 1),
+                   f"speedup_vs_{base}": round(base_ms / ms, 3) if ms == ms and ms > 0 else None}
+            if case.bytes is not None and ms == ms:
+                gbps = case.bytes / (ms * 1e-3) / 1e9
+                row["GB/s"] = round(gbps, 1)
+                if ceilings.get("copy_gbps"):
+                    row["%copy_bw"] = round(100 * gbps / ceilings["copy_gbps"], 1)
+            if case.flops is not None and ms == ms:
+                tf = case.flops / (ms * 1e-3) / 1e12
+                row["TFLOP/s"] = round(tf, 2)
+                if ceilings.get("matmul_tflops"):
+                    row["%matmul"] = round(100 * tf / ceilings["matmul_tflops"], 1)
+            if err:
+                row["error"] = err
+            rows.append(row)
+            if verbose:
+                extra = "".join(f"  {k}={row[k]}" for k in ("GB/s", "%copy_bw", "TFLOP/s", "%matmul")
+                                if k in row)
+                print(f"{bench:>14} {case.name:<24} {_fmt_params(case.params):<44} {impl:<16} "
+                      f"{ms:9.4f} ms{extra}{'  ' + err if err else ''}", flush=True)
+    if write:
+        write_results(bench, rows, device, ceilings)
+    return rows
+
+
+def _fmt_params(p: Dict[str, object]) -> str:
+    return " ".join(f"{k}={v}" for k, v in p.items())
+
+
+def write_results(bench: str, rows: List[Dict[str, object]], device: torch.device,
+                  ceilings: Dict[str, Optional[float]]) -> str:
+    """Write ``<bench>_<card>.csv`` and ``<bench>_<card>.md``; returns the CSV path."""
+    info = device_info(device)
+    out = results_dir()
+    stem = os.path.join(out, f"{bench}_{card_slug(info)}")
+    keys: List[str] = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# {bench} on {info['card']}\n\n")
+        f.write(f"driver {info['driver'] or '-'}, CUDA {info['cuda'] or '-'}, torch {info['torch']}, "
+                f"triton {info['triton']}, {info['date']}\n\n")
+        cb = ceilings.get("copy_gbps")
+        mm = ceilings.get("matmul_tflops")
+        f.write(f"Measured in the same run: copy bandwidth {cb:.0f} GB/s" if cb else
+                "No GPU: CPU timings of the reference paths only; they say nothing about GPU speed")
+        if mm:
+            f.write(f", bf16 matmul {mm:.0f} TFLOP/s")
+        f.write("\n\n")
+        f.write("| " + " | ".join(keys) + " |\n")
+        f.write("|" + "---|" * len(keys) + "\n")
+        for r in rows:
+            f.write("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |\n")
+    return stem + ".csv"
+
+
+def parse_args(description: str, argv=None) -> argparse.Namespace:
+    """Common command line of every bench script."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true",
+                   help="a few small shapes (the default on CPU, where only the torch paths run)")
+    p.add_argument("--no-write", action="store_true", help="print only; write no result files")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type != "cuda":
+        args.quick = True
+    return args

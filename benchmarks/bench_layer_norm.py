@@ -1,0 +1,123 @@
+"""Benchmark: the LayerNorm family, forward, backward and forward+backward, bf16.
+
+Implementations (same math: LayerNorm(x + residual) with weight and bias, and
+GELU(x + bias) for bias_gelu):
+    eager     -- the PyTorch code people write (F.layer_norm(x + residual))
+    compile   -- torch.compile of that same code
+    fastbert  -- fastbert.ops (Triton)
+    apex      -- apex.normalization.fused_layer_norm (when importable)
+    liger     -- liger_kernel.ops.layer_norm (when importable)
+
+Bytes are the minimum a fused kernel must move (each input read once, each output written
+once), so GB/s is comparable across implementations, and "%copy_bw" is that rate as a fraction
+of the device-to-device copy bandwidth measured in the same run.
+Targets on an H100 (a benchmark, not a test): >= 85% of copy bandwidth forward and backward
+at hidden 768 and 1024, and faster than torch.compile.
+
+    python -m benchmarks.bench_layer_norm [--quick] [--device cuda]
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._harness import Case, parse_args, run_cases
+
+HIDDEN = (768, 1024, 4096)
+ROWS = (8192, 32768, 65536)
+
+
+def _eager_ln(x, res, w, b):
+    return F.layer_norm(x + res, x.shape[-1:], w, b, 1e-5)
+
+
+def _optional_impls() -> Dict[str, Callable]:
+    out = {}
+    try:
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+        out["apex"] = lambda x, res, w, b: fused_layer_norm_affine(x + res, w, b, x.shape[-1:], 1e-5)
+    except Exception:
+        pass
+    try:
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+        out["liger"] = lambda x, res, w, b: LigerLayerNormFunction.apply(x + res, w, b, 1e-5)
+    except Exception:
+        pass
+    return out
+
+
+def _modes(fwd: Callable, leaves, out_like):
+    """fwd, bwd (backward of a graph built once, retained), fwd+bwd callables."""
+    def f():
+        with torch.no_grad():
+            return fwd()
+
+    y = fwd()
+    dy = torch.randn_like(y)
+
+    def b():
+        return torch.autograd.grad(y, leaves, dy, retain_graph=True)
+
+    def fb():
+        return torch.autograd.grad(fwd(), leaves, dy)
+
+    return {"fwd": f, "bwd": b, "fwd+bwd": fb}
+
+
+def cases(device: torch.device, quick: bool) -> List[Case]:
+    from fastbert import ops
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = [(256, 768)] if quick else [(r, h) for h in HIDDEN for r in ROWS]
+    compiled = torch.compile(_eager_ln)
+    compiled_gelu = torch.compile(lambda x, b: F.gelu(x + b))
+    extra = _optional_impls() if device.type == "cuda" else {}
+    out: List[Case] = []
+    for rows, hidden in shapes:
+        x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+        res = torch.randn_like(x, requires_grad=True)
+        w = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
+        b = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
+        leaves = [x, res, w, b]
+        impls = {
+            "eager": lambda: _eager_ln(x, res, w, b),
+            "compile": lambda: compiled(x, res, w, b),
+            "fastbert": lambda: ops.layer_norm(x, w, b, residual=res),
+        }
+        for name, fn in extra.items():
+            impls[name] = (lambda fn=fn: fn(x, res, w, b))
+        es = x.element_size()
+        io = rows * hidden * es
+        # fwd: read x, residual; write y.  bwd: read x, residual, dy; write dx (= dresidual)
+        nbytes = {"fwd": 3 * io, "bwd": 4 * io, "fwd+bwd": 7 * io}
+        per_mode: Dict[str, Dict[str, Callable]] = {m: {} for m in nbytes}
+        for name, fn in impls.items():
+            for mode, call in _modes(fn, leaves, x).items():
+                per_mode[mode][name] = call
+        params = {"rows": rows, "hidden": hidden, "dtype": str(dtype).replace("torch.", "")}
+        for mode, calls in per_mode.items():
+            out.append(Case(f"layer_norm+residual {mode}", params, calls, bytes=nbytes[mode],
+                            baseline="eager"))
+
+        # bias_gelu on the FFN intermediate (4 * hidden), fwd+bwd
+        if hidden != 4096:
+            xi = torch.randn(rows, 4 * hidden, device=device, dtype=dtype, requires_grad=True)
+            bi = torch.randn(4 * hidden, device=device, dtype=dtype, requires_grad=True)
+            gimpls = {"eager": lambda: F.gelu(xi + bi), "compile": lambda: compiled_gelu(xi, bi),
+                      "fastbert": lambda: ops.bias_gelu(xi, bi)}
+            ib = rows * 4 * hidden * es
+            calls = {n: _modes(fn, [xi, bi], xi)["fwd+bwd"] for n, fn in gimpls.items()}
+            # fwd: read x, write y; bwd: read x, dy, write dx
+            out.append(Case("bias_gelu fwd+bwd", {**params, "hidden": 4 * hidden}, calls,
+                            bytes=5 * ib, baseline="eager"))
+    return out
+
+
+def main(argv=None):
+    args = parse_args(__doc__.splitlines()[0], argv)
+    run_cases("layer_norm", cases(args.device, args.quick), args.device, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()

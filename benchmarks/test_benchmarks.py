@@ -1,0 +1,37 @@
+"""The benchmarks under pytest-benchmark, for users who live in pytest:
+
+    pytest benchmarks/ --benchmark-only
+
+Every Case of every ``bench_*.py`` becomes one parametrized benchmark per implementation. The
+timed function synchronizes the device, so the time is the work's, not the launch's.
+"""
+import importlib
+
+import pytest
+import torch
+
+from benchmarks._harness import sync
+from benchmarks.run_all import bench_modules
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+QUICK = DEVICE.type != "cuda"
+
+
+def _params():
+    out = []
+    for mod_name in bench_modules():
+        mod = importlib.import_module(f"benchmarks.{mod_name}")
+        for case in mod.cases(DEVICE, QUICK):
+            tag = "-".join(f"{v}" for v in case.params.values())
+            for impl, fn in case.impls.items():
+                out.append(pytest.param(fn, id=f"{mod_name}-{case.name}-{tag}-{impl}".replace(" ", "_")))
+    return out
+
+
+@pytest.mark.parametrize("fn", _params())
+def test_benchmark(benchmark, fn):
+    def timed():
+        fn()
+        sync(DEVICE)
+
+    benchmark(timed)

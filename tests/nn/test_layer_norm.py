@@ -1,0 +1,61 @@
+"""fastbert.nn.LayerNorm is a drop-in for torch.nn.LayerNorm."""
+import inspect
+
+import pytest
+import torch
+
+from fastbert import nn as fnn
+
+
+def test_same_constructor_defaults_and_parameters():
+    t_sig = inspect.signature(torch.nn.LayerNorm.__init__).parameters
+    f_sig = inspect.signature(fnn.LayerNorm.__init__).parameters
+    for name, p in t_sig.items():
+        assert name in f_sig and f_sig[name].default == p.default, name
+    ref = torch.nn.LayerNorm(384)
+    ours = fnn.LayerNorm(384)
+    assert ours.eps == ref.eps == 1e-5
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert isinstance(ours, torch.nn.LayerNorm)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}, {"eps": 1e-12}])
+def test_state_dict_round_trip_and_same_outputs(kwargs, device):
+    torch.manual_seed(1)
+    ref = torch.nn.LayerNorm(100, **kwargs).to(device)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_()
+    ours = fnn.LayerNorm(100, **kwargs, device=device, backend="triton")
+    ours.load_state_dict(ref.state_dict())
+    ref2 = torch.nn.LayerNorm(100, **kwargs).to(device)
+    ref2.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 7, 100, device=device, requires_grad=True)
+    y_ref = ref(x)
+    y = ours(x)
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(ref2(x), y_ref)
+    g = torch.randn_like(y)
+    gx_ref, *gp_ref = torch.autograd.grad(y_ref, [x, *ref.parameters()], g)
+    gx, *gp = torch.autograd.grad(y, [x, *ours.parameters()], g)
+    assert torch.allclose(gx, gx_ref, atol=1e-5)
+    for a, b in zip(gp, gp_ref):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_multidim_normalized_shape_and_residual(device):
+    ref = torch.nn.LayerNorm((4, 25)).to(device)
+    ours = fnn.LayerNorm((4, 25), device=device, backend="triton")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 4, 25, device=device)
+    r = torch.randn(6, 4, 25, device=device)
+    assert torch.allclose(ours(x), ref(x), atol=1e-5)
+    assert torch.allclose(ours(x, r), ref(x + r), atol=1e-5)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        ours(torch.randn(6, 25, 4, device=device))
+
+
+def test_factory_kwargs_and_repr():
+    m = fnn.LayerNorm(16, dtype=torch.float16, backend="torch")
+    assert m.weight.dtype == torch.float16 and "backend='torch'" in repr(m)
+    m.reset_parameters()
+    assert torch.equal(m.weight, torch.ones(16, dtype=torch.float16))

@@ -1,0 +1,261 @@
+"""fastbert.ops.layer_norm / gelu_layer_norm: the Triton kernels (interpreter on CPU, compiled
+on GPU) and the torch reference against an fp64 reference, forward and every gradient."""
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+from fastbert import ops
+from fastbert.kernels._common import dropout_mask
+from tests._utils import assert_close_to_ref
+
+SHAPES = [(1, 100), (7, 384), (3, 5, 768), (2, 1024), (13, 16)]
+
+
+def _inputs(shape, dtype, device, *, residual=False, x_bias=False, weight=True, bias=True):
+    n = shape[-1]
+    mk = lambda *s: (torch.randn(*s, dtype=torch.float32) * 1.5 + 0.3).to(device=device, dtype=dtype)
+    t = {"x": mk(*shape)}
+    t["weight"] = (1 + 0.5 * torch.randn(n)).to(device=device, dtype=dtype) if weight else None
+    t["bias"] = (0.5 * torch.randn(n)).to(device=device, dtype=dtype) if bias else None
+    t["residual"] = mk(*shape) if residual else None
+    t["x_bias"] = (0.5 * torch.randn(n)).to(device=device, dtype=dtype) if x_bias else None
+    for v in t.values():
+        if v is not None:
+            v.requires_grad_(True)
+    return t
+
+
+def _grads(out, tensors, dy):
+    names = [k for k, v in tensors.items() if v is not None]
+    gs = torch.autograd.grad(out, [tensors[k] for k in names], dy)
+    return dict(zip(names, gs))
+
+
+def _detached(t, dtype):
+    return {k: (v.detach().to(dtype).requires_grad_(True) if v is not None else None)
+            for k, v in t.items()}
+
+
+def _check_against_fp64(fn_kernel, fn_ref, t, dtype, device, atol):
+    """kernel (in dtype) vs fp64 reference vs torch in dtype, forward and all gradients."""
+    y = fn_kernel(**t)
+    dy = torch.randn_like(y)
+    g = _grads(y, t, dy)
+    t64 = _detached(t, torch.float64)
+    y64 = fn_ref(**t64)
+    g64 = _grads(y64, t64, dy.double())
+    lowp = None
+    glow = {}
+    if dtype in (torch.float16, torch.bfloat16):
+        tl_ = _detached(t, dtype)
+        lowp = fn_ref(**tl_, lowp=True)
+        glow = _grads(lowp, tl_, dy)
+    assert y.dtype == dtype
+    assert_close_to_ref(y, y64, lowp, atol=atol, name="y")
+    for k in g:
+        assert g[k].dtype == t[k].dtype and g[k].shape == t[k].shape
+        assert_close_to_ref(g[k], g64[k], glow.get(k), atol=atol, rtol_fp32=2e-5, name=f"d{k}")
+
+
+def _ln_torch_lowp(x, weight, bias, residual=None, x_bias=None, eps=1e-5, activation="none"):
+    """What PyTorch computes in low precision: each op in x's dtype."""
+    s = x
+    if x_bias is not None:
+        s = s + x_bias
+    if activation != "none":
+        s = F.gelu(s, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if residual is not None:
+        s = s + residual
+    return F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("extras", ["plain", "residual+x_bias", "no_affine"])
+def test_layer_norm_triton_fwd_bwd_matches_fp64_on_ragged_rows(shape, dtype, extras, device):
+    t = _inputs(shape, dtype, device, residual="residual" in extras, x_bias="x_bias" in extras,
+                weight=extras != "no_affine", bias=extras != "no_affine")
+
+    def kern(x, weight, bias, residual, x_bias):
+        return ops.layer_norm(x, weight, bias, 1e-5, residual=residual, x_bias=x_bias,
+                              backend="triton")
+
+    def ref(x, weight, bias, residual, x_bias, lowp=False):
+        if lowp:
+            return _ln_torch_lowp(x, weight, bias, residual, x_bias)
+        return ops.layer_norm_ref(x, weight, bias, 1e-5, residual=residual, x_bias=x_bias)
+
+    _check_against_fp64(kern, ref, t, dtype, device, atol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("shape", [(5, 100), (2, 3, 384), (1, 768)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_layer_norm_triton_fwd_bwd_matches_fp64(shape, dtype, approximate, device):
+    t = _inputs(shape, dtype, device, x_bias=True)
+    t.pop("residual")
+    act = "gelu" if approximate == "none" else "gelu_tanh"
+
+    def kern(x, weight, bias, x_bias):
+        return ops.gelu_layer_norm(x, x_bias, weight, bias, 1e-5, approximate=approximate,
+                                   backend="triton")
+
+    def ref(x, weight, bias, x_bias, lowp=False):
+        if lowp:
+            return _ln_torch_lowp(x, weight, bias, None, x_bias, activation=act)
+        return ops.layer_norm_ref(x, weight, bias, 1e-5, x_bias=x_bias, activation=act)
+
+    _check_against_fp64(kern, ref, t, dtype, device, atol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(9, 100), (4, 768)])
+def test_layer_norm_dropout_fwd_bwd_match_reference_with_kernel_mask(shape, dtype, device):
+    p = 0.3
+    t = _inputs(shape, dtype, device, residual=True, x_bias=True)
+    torch.manual_seed(123)
+    y = ops.layer_norm(t["x"], t["weight"], t["bias"], residual=t["residual"], x_bias=t["x_bias"],
+                       dropout_p=p, backend="triton")
+    # the seed the op drew: replay the same draw
+    torch.manual_seed(123)
+    seed = torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+    n = shape[-1]
+    keep = dropout_mask(seed, t["x"].numel() // n, n, p).reshape(shape)
+    dy = torch.randn_like(y)
+    g = _grads(y, t, dy)
+    t64 = _detached(t, torch.float64)
+    y64 = ops.layer_norm_ref(t64["x"], t64["weight"], t64["bias"], residual=t64["residual"],
+                             x_bias=t64["x_bias"], dropout_p=p, dropout_mask=keep)
+    g64 = _grads(y64, t64, dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (y.double() - y64).abs().max() < tol
+    for k in g:
+        assert (g[k].double() - g64[k]).abs().max() < tol * max(1.0, g64[k].abs().max().item()), k
+
+
+def test_layer_norm_dropout_reproducible_and_kept_fraction(device):
+    x = torch.randn(256, 1024, device=device)
+    torch.manual_seed(7)
+    y1 = ops.layer_norm(x, None, None, x_bias=torch.zeros(1024, device=device), dropout_p=0.25,
+                        backend="triton")
+    torch.manual_seed(7)
+    y2 = ops.layer_norm(x, None, None, x_bias=torch.zeros(1024, device=device), dropout_p=0.25,
+                        backend="triton")
+    assert torch.equal(y1, y2)
+    seed = torch.tensor([987654321], dtype=torch.int64, device=device)
+    keep = dropout_mask(seed, 512, 1024, 0.25)
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
+    # eval: training=False means no dropout at all
+    y_eval = ops.layer_norm(x, None, None, dropout_p=0.25, training=False, backend="triton")
+    assert torch.allclose(y_eval, ops.layer_norm_ref(x, None, None), atol=1e-5)
+
+
+def test_layer_norm_residual_grad_is_dx_without_dropout(device):
+    x = torch.randn(3, 64, device=device, requires_grad=True)
+    r = torch.randn(3, 64, device=device, requires_grad=True)
+    y = ops.layer_norm(x, None, None, residual=r, backend="triton")
+    y.square().sum().backward()
+    assert torch.equal(x.grad, r.grad)
+
+
+def test_layer_norm_torch_backend_matches_fp64():
+    x = torch.randn(6, 100, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(100, dtype=torch.float64, requires_grad=True)
+    y = ops.layer_norm(x, w, None, backend="torch")
+    ref = F.layer_norm(x, (100,), w, None, 1e-5)
+    assert torch.allclose(y, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_layer_norm_non_contiguous_input_handled(backend, device):
+    base = torch.randn(8, 2 * 96, device=device)
+    x = base[:, ::2]  # column stride 2
+    assert not x.is_contiguous()
+    xt = torch.randn(96, 8, device=device).t()  # transposed
+    w = torch.randn(96, device=device)
+    for inp in (x, xt, base[:, :96]):
+        y = ops.layer_norm(inp, w, None, backend=backend)
+        assert torch.allclose(y, ops.layer_norm_ref(inp.contiguous(), w, None), atol=1e-5)
+
+
+def test_layer_norm_autocast_output_dtype_like_torch(device):
+    x = torch.randn(4, 64, dtype=torch.bfloat16, device=device)
+    w = torch.randn(64, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ref = F.layer_norm(x, (64,), w, None)
+        y = ops.layer_norm(x, w, None, backend="triton")
+    # CUDA autocast: layer_norm runs in and returns fp32; CPU autocast keeps bf16
+    assert y.dtype == ref.dtype == (torch.float32 if device.type == "cuda" else torch.bfloat16)
+    assert_close_to_ref(y, ops.layer_norm_ref(x.double(), w.double(), None), ref, atol=1e-3)
+
+
+def test_layer_norm_empty_rows(device):
+    x = torch.randn(0, 32, device=device, requires_grad=True)
+    w = torch.randn(32, device=device, requires_grad=True)
+    y = ops.layer_norm(x, w, None, backend="triton")
+    y.sum().backward()
+    assert y.shape == (0, 32) and torch.equal(w.grad, torch.zeros(32, device=device))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, w: ops.layer_norm(x.long(), w, None), "x must have dtype"),
+    (lambda x, w: ops.layer_norm(x.double(), w.double(), None, backend="triton"), "the kernels take float32"),
+    (lambda x, w: ops.layer_norm(x, w[:10], None), r"weight must have shape \(32,\)"),
+    (lambda x, w: ops.layer_norm(x, w, None, residual=x[:, :16]), "residual must have shape"),
+    (lambda x, w: ops.layer_norm(x, w, None, x_bias=w.unsqueeze(0)), "x_bias must have shape"),
+    (lambda x, w: ops.layer_norm(x, w, None, dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+    (lambda x, w: ops.layer_norm(x, w, None, eps=0.0), "eps must be positive"),
+    (lambda x, w: ops.layer_norm(x, w.to("meta"), None), "weight is on meta"),
+    (lambda x, w: ops.layer_norm(x, w, None, backend="cuda"), "has no CUDA C\\+\\+ kernel"),
+    (lambda x, w: ops.layer_norm(x, w, None, backend="tpu"), "unknown backend"),
+    (lambda x, w: ops.gelu_layer_norm(x, None, w, None, approximate="fast"), "approximate"),
+])
+def test_layer_norm_bad_inputs_raise_clear_errors(bad, match):
+    x = torch.randn(4, 32)
+    w = torch.randn(32)
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=match):
+        bad(x, w)
+
+
+def test_layer_norm_too_wide_row_explicit_triton_raises():
+    x = torch.randn(1, 8193)
+    with pytest.raises(RuntimeError, match="exceeds the fused kernels' limit"):
+        ops.layer_norm(x, None, None, backend="triton")
+
+
+def test_layer_norm_opcheck(device):
+    x = torch.randn(5, 48, device=device, requires_grad=True)
+    w = torch.randn(48, device=device, requires_grad=True)
+    b = torch.randn(48, device=device, requires_grad=True)
+    r = torch.randn(5, 48, device=device, requires_grad=True)
+    xb = torch.randn(48, device=device, requires_grad=True)
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    fwd = torch.ops.fastbert.layer_norm_fwd.default
+    torch.library.opcheck(fwd, (x, w, b, r, xb, None, 1e-5, 0.0, "none", torch.float32))
+    torch.library.opcheck(fwd, (x, w, b, r, xb, seed, 1e-5, 0.2, "gelu", torch.float32))
+    torch.library.opcheck(fwd, (x, None, None, None, None, None, 1e-5, 0.0, "gelu_tanh", torch.float32))
+
+
+def test_layer_norm_compiles_fullgraph(device):
+    torch._dynamo.reset()
+
+    def f(x, w, b, r, xb):
+        h = ops.layer_norm(x, w, b, residual=r, x_bias=xb, dropout_p=0.1, backend="triton")
+        return ops.gelu_layer_norm(h, xb, w, b, backend="triton").sum()
+
+    args = [torch.randn(4, 64, device=device, requires_grad=True) for _ in range(1)]
+    w, b, xb = (torch.randn(64, device=device, requires_grad=True) for _ in range(3))
+    r = torch.randn(4, 64, device=device, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(args[0], w, b, r, xb)
+    out.backward()
+    assert torch.isfinite(out) and args[0].grad is not None and xb.grad is not None
+
+
+def test_layer_norm_gradcheck_fp64_reference_path():
+    x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, r: ops.layer_norm(x, w, None, residual=r, backend="torch"), (x, w, r))

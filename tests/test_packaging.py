@@ -1,0 +1,42 @@
+"""fastbert.kernels is importable under the fastbert name only, in a bare checkout too."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code, cwd, env_extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_kernels_import_as_fastbert_kernels_never_top_level():
+    import fastbert
+    import fastbert.kernels.layer_norm as k
+    assert os.path.samefile(os.path.dirname(k.__file__), os.path.join(ROOT, "kernels"))
+    assert fastbert.kernels.layer_norm is k
+    assert "kernels" not in sys.modules or not getattr(sys.modules["kernels"], "__file__", "").startswith(ROOT)
+
+
+def test_bare_checkout_with_pythonpath(tmp_path):
+    # what the GPU machine does: no install, PYTHONPATH=<checkout>, run from elsewhere
+    out = _run("import fastbert, fastbert.kernels.layer_norm as k, sys; "
+               "print(k.__name__, 'kernels' in sys.modules)", str(tmp_path), {"PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["fastbert.kernels.layer_norm", "False"]
+
+
+def test_wheel_contains_fastbert_kernels_and_no_top_level_kernels(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path), ROOT], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import zipfile
+    (whl,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
+    names = zipfile.ZipFile(tmp_path / whl).namelist()
+    assert "fastbert/kernels/layer_norm.py" in names
+    assert "fastbert/kernels/_common.py" in names
+    assert not any(n.startswith("kernels/") for n in names)
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
