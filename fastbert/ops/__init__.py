@@ -6,12 +6,16 @@ Every op takes ``backend=None | "triton" | "cuda" | "torch"``; the choice is mad
 ops with fake implementations and registered autograd, so ``torch.compile(fullgraph=True)``
 traces through them.
 """
-from ._dispatch import BackendUnavailable, BACKENDS, use_backend
+from ._dispatch import BACKENDS, BackendUnavailable, use_backend
 from .bias_gelu import bias_gelu, bias_gelu_ref
+from .cross_entropy import cross_entropy, cross_entropy_ref, masked_lm_loss, masked_lm_loss_ref
+from .embedding import embedding_layer_norm, embedding_layer_norm_ref
 from .layer_norm import gelu_layer_norm, layer_norm, layer_norm_ref
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "use_backend",
     "layer_norm", "gelu_layer_norm", "layer_norm_ref",
     "bias_gelu", "bias_gelu_ref",
+    "embedding_layer_norm", "embedding_layer_norm_ref",
+    "cross_entropy", "masked_lm_loss", "cross_entropy_ref", "masked_lm_loss_ref",
 ]

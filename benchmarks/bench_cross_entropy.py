@@ -1,0 +1,151 @@
+"""Benchmark: softmax cross-entropy and the masked-LM head loss, forward + backward.
+
+cross_entropy (logits (N, V) -> loss, gradient of the logits), V = 30522:
+    eager          -- torch.nn.functional.cross_entropy (target: fastbert >= 3x this)
+    fastbert       -- fastbert.ops.cross_entropy
+
+masked_lm_loss (hidden (B, S, H), tied weight (V, H), bias, 15% of labels set; gradients of
+hidden, weight and bias), time and peak memory:
+    hf             -- (a) the Hugging Face way: project every token, cross-entropy with
+                      ignore_index (targets: fastbert <= 0.5x its time, <= 0.25x its memory)
+    eager_gathered -- (b) select the masked rows, project them, cross-entropy in fp32
+                      (target: fastbert faster)
+    compile_gathered -- (c) (b) with the projection + cross-entropy under torch.compile
+    liger          -- (d) Liger-Kernel's fused linear cross-entropy, when importable
+    fastbert       -- fastbert.ops.masked_lm_loss
+
+    python -m benchmarks.bench_cross_entropy [--quick] [--device cuda]
+
+On CPU (quick mode) only the PyTorch paths run (fastbert resolves to its reference there), on
+tiny shapes, as a smoke test.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._harness import Case, parse_args, run_cases
+
+VOCAB = 30522
+IGNORE = -100
+# BERT pre-training masks 15% of the tokens; the MLM loss sees only those.
+MASKED_FRAC = 0.15
+# cross_entropy: rows whose target is ignored (padding), to exercise ignore_index.
+IGNORED_FRAC = 0.1
+
+
+def _grads(loss_fn, leaves):
+    def run():
+        return torch.autograd.grad(loss_fn(), leaves)
+    return run
+
+
+# ----------------------------------------------------------------------------------------
+# cross_entropy
+
+def _ce_cases(device, quick, dtype) -> List[Case]:
+    from fastbert.ops import cross_entropy
+    shapes = [(64, 1000)] if quick else [(4096, VOCAB), (16384, VOCAB)]
+    out = []
+    for rows, vocab in shapes:
+        x = (torch.randn(rows, vocab, device=device) * 3).to(dtype).requires_grad_()
+        t = torch.randint(0, vocab, (rows,), device=device)
+        t[torch.rand(rows, device=device) < IGNORED_FRAC] = IGNORE
+        impls = {
+            "eager": _grads(lambda: F.cross_entropy(x, t, ignore_index=IGNORE), [x]),
+            "fastbert": _grads(lambda: cross_entropy(x, t, ignore_index=IGNORE,
+                                                     check_labels=False), [x]),
+        }
+        es = x.element_size()
+        out.append(Case(name="cross_entropy fwd+bwd",
+                        params={"rows": rows, "vocab": vocab, "hidden": "",
+                                "dtype": str(dtype).replace("torch.", "")},
+                        impls=impls, bytes=3 * rows * vocab * es,  # read, read, write dlogits
+                        baseline="eager"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# masked_lm_loss
+
+def _hf(hidden, weight, bias, labels):
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(logits.view(-1, weight.shape[0]), labels.view(-1),
+                           ignore_index=IGNORE)
+
+
+def _project_ce(h_masked, weight, bias, t_masked):
+    return F.cross_entropy(F.linear(h_masked, weight, bias).float(), t_masked)
+
+
+def _gathered(project_ce):
+    def f(hidden, weight, bias, labels):
+        flat = labels.view(-1)
+        rows = (flat != IGNORE).nonzero().squeeze(1)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        return project_ce(h, weight, bias, flat.index_select(0, rows))
+    return f
+
+
+def _liger():
+    """Liger-Kernel's fused linear cross-entropy, or None when it is not installed."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception:
+        return None
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+
+    def f(hidden, weight, bias, labels):
+        return loss(weight, hidden.reshape(-1, hidden.shape[-1]), labels.view(-1), bias)
+    return f
+
+
+def _mlm_cases(device, quick, dtype) -> List[Case]:
+    from fastbert.ops import masked_lm_loss
+    on_gpu = device.type == "cuda"
+    shapes = ([("tiny", 2, 16, 64, 1000)] if quick else
+              [("bert-base", 32, 128, 768, VOCAB), ("bert-base", 16, 512, 768, VOCAB)])
+    out = []
+    for model, batch, seq, hidden_size, vocab in shapes:
+        hidden = torch.randn(batch, seq, hidden_size, device=device).to(dtype).requires_grad_()
+        weight = (0.02 * torch.randn(vocab, hidden_size, device=device)).to(dtype).requires_grad_()
+        bias = torch.zeros(vocab, device=device, dtype=dtype, requires_grad=True)
+        labels = torch.randint(0, vocab, (batch, seq), device=device)
+        labels[torch.rand(batch, seq, device=device) >= MASKED_FRAC] = IGNORE
+        leaves = [hidden, weight, bias]
+        call = lambda f: _grads(lambda: f(hidden, weight, bias, labels), leaves)
+        impls = {"hf": call(_hf), "eager_gathered": call(_gathered(_project_ce))}
+        if on_gpu:
+            impls["compile_gathered"] = call(_gathered(torch.compile(_project_ce,
+                                                                     dynamic=False)))
+            liger = _liger()
+            if liger is not None:
+                impls["liger"] = call(liger)
+        impls["fastbert"] = call(lambda h, w, b, lab: masked_lm_loss(h, w, b, lab,
+                                                                     check_labels=False))
+        n_masked = int((labels != IGNORE).sum())
+        out.append(Case(name="masked_lm_loss fwd+bwd",
+                        params={"rows": batch * seq, "vocab": vocab, "hidden": hidden_size,
+                                "dtype": str(dtype).replace("torch.", ""), "model": model,
+                                "seq": seq, "masked": n_masked},
+                        impls=impls,
+                        # the useful work: three GEMMs over the masked rows only
+                        flops=6.0 * n_masked * vocab * hidden_size, baseline="hf"))
+    return out
+
+
+def cases(device: torch.device, quick: bool) -> List[Case]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _ce_cases(device, quick, dtype) + _mlm_cases(device, quick, dtype)
+
+
+def main(argv=None):
+    args = parse_args("cross_entropy and masked_lm_loss, forward + backward", argv)
+    run_cases("cross_entropy", cases(args.device, args.quick), args.device,
+              write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,397 @@
+"""Softmax cross-entropy: ``cross_entropy`` over rows of logits, and ``masked_lm_loss``, the
+BERT MLM head loss with the vocabulary projection fused in (see kernels/cross_entropy.py).
+
+Layers of this file:
+    cross_entropy_ref, masked_lm_loss_ref
+                             -- the PyTorch references: CPU path, "torch" backend, test oracles
+    fastbert::cross_entropy_fwd / fastbert::cross_entropy_bwd
+    fastbert::masked_lm_loss_fwd / fastbert::masked_lm_loss_bwd
+                             -- torch.library custom ops over the Triton launchers, with fake
+                                (meta) implementations and registered autograd, so that
+                                torch.compile(fullgraph=True) traces through them
+    cross_entropy, masked_lm_loss
+                             -- the public functions: check arguments, pick the backend
+
+``masked_lm_loss`` on the Triton backend selects the masked rows inside its custom op
+(``nonzero``, a host sync, is invisible to torch.compile there), so it compiles with
+``fullgraph=True`` and its output shapes never depend on the data. With ``reduction`` "mean"
+or "sum" its forward also produces the gradients (the logits exist only one chunk at a time)
+and the backward scales them by the incoming gradient; with "none" the backward recomputes the
+projection, because a per-token incoming gradient changes dW.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
+from ._dispatch import resolve
+
+REDUCTIONS = ("none", "mean", "sum")
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_label_range(name: str, labels: Tensor, n_classes: int, ignore_index: int) -> None:
+    """Raise if a label other than ignore_index lies outside [0, n_classes). Syncs the host."""
+    flat = labels.reshape(-1)
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} must hold class indices in [0, {n_classes}) or "
+                         f"ignore_index={ignore_index}; found {int(flat[i])} at flat index {i} "
+                         f"(pass check_labels=False to skip this check, which syncs the host)")
+
+
+def cross_entropy_ref(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
+                      label_smoothing: float = 0.0, reduction: str = "mean",
+                      upcast: bool = False, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``torch.nn.functional.cross_entropy`` computed in fp32 (fp64 for fp64 logits, or with
+    ``upcast=True``), returned in ``out_dtype`` (default logits.dtype)."""
+    ct = torch.float64 if (upcast or logits.dtype == torch.float64) else torch.float32
+    loss = F.cross_entropy(logits.to(ct), target.long(), ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=label_smoothing)
+    return loss.to(out_dtype or logits.dtype)
+
+
+def masked_lm_loss_ref(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
+                       ignore_index: int = -100, label_smoothing: float = 0.0,
+                       reduction: str = "mean", upcast: bool = False) -> Tensor:
+    """Cross-entropy of ``hidden @ weight.T + bias`` on the rows whose label is not ignored.
+
+    Projects only those rows, in fp32 (fp64 for fp64 inputs, or with ``upcast=True``). Returns
+    float32 (float64 for fp64 inputs): the mean over the non-ignored rows (0.0 when there are
+    none, unlike ``F.cross_entropy``'s NaN), their sum, or with "none" a loss per token of
+    labels' shape, 0 on ignored tokens.
+    """
+    ct = torch.float64 if (upcast or hidden.dtype == torch.float64) else torch.float32
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    lab = labels.reshape(-1)
+    rows = (lab != ignore_index).nonzero().squeeze(1)
+    logits = F.linear(h2.index_select(0, rows).to(ct), weight.to(ct),
+                      bias.to(ct) if bias is not None else None)
+    per_row = F.cross_entropy(logits, lab.index_select(0, rows).long(), reduction="none",
+                              label_smoothing=label_smoothing)
+    if reduction == "none":
+        out = per_row.new_zeros(lab.shape).index_copy(0, rows, per_row).reshape(labels.shape)
+    elif reduction == "sum":
+        out = per_row.sum()
+    else:
+        out = per_row.sum() / max(rows.numel(), 1)
+    return out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# custom ops (Triton backend): cross_entropy
+
+def _rows(logits: Tensor) -> Tensor:
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+@torch.library.custom_op("fastbert::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
+                       reduction: str, check_labels: bool,
+                       out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    from fastbert.kernels import cross_entropy as k
+    if check_labels:
+        _check_label_range("target", target, logits.shape[1], ignore_index)
+    loss, stats = k.cross_entropy_fwd(_rows(logits), target, ignore_index, label_smoothing)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        # 0 / 0 = NaN when every target is ignored, as torch
+        loss = loss.sum() / (target != ignore_index).sum()
+    return loss.to(out_dtype), stats
+
+
+@_cross_entropy_fwd.register_fake
+def _(logits, target, ignore_index, label_smoothing, reduction, check_labels, out_dtype):
+    shape = (logits.shape[0],) if reduction == "none" else ()
+    return (logits.new_empty(shape, dtype=out_dtype),
+            logits.new_empty((logits.shape[0], 2), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastbert::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, stats: Tensor,
+                       ignore_index: int, label_smoothing: float, reduction: str) -> Tensor:
+    from fastbert.kernels import cross_entropy as k
+    scale = grad.float()
+    if reduction == "mean":
+        scale = scale / (target != ignore_index).sum()
+    return k.cross_entropy_bwd(_rows(logits), target, stats, scale, ignore_index, label_smoothing)
+
+
+@_cross_entropy_bwd.register_fake
+def _(grad, logits, target, stats, ignore_index, label_smoothing, reduction):
+    return logits.new_empty(logits.shape)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, target, ignore_index, label_smoothing, reduction, _, _ = inputs
+    ctx.save_for_backward(logits, target, output[1])
+    ctx.ignore_index, ctx.label_smoothing, ctx.reduction = ignore_index, label_smoothing, reduction
+
+
+def _ce_backward(ctx, dloss, dstats):
+    logits, target, stats = ctx.saved_tensors
+    dlogits = None
+    if ctx.needs_input_grad[0]:
+        dlogits = _cross_entropy_bwd(dloss, logits, target, stats, ctx.ignore_index,
+                                     ctx.label_smoothing, ctx.reduction)
+    return dlogits, None, None, None, None, None, None
+
+
+_cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+# ----------------------------------------------------------------------------------------
+# custom ops (Triton backend): masked_lm_loss
+
+def _select_masked(hidden: Tensor, labels: Tensor, ignore_index: int):
+    rows = (labels != ignore_index).nonzero().squeeze(1)  # host sync: the count sets shapes
+    return rows, hidden.index_select(0, rows), labels.index_select(0, rows)
+
+
+def _full_grads(hidden, bias, rows, dx, dw, db):
+    """(dhidden over all rows, dweight, dbias); an absent one is a fresh empty tensor (custom
+    ops may not return None, nor one tensor twice)."""
+    dh = hidden.new_zeros(hidden.shape).index_copy_(0, rows, dx) if dx is not None else None
+    db = db.to(bias.dtype) if db is not None else None
+    return tuple(t if t is not None else hidden.new_empty(0) for t in (dh, dw, db))
+
+
+@torch.library.custom_op("fastbert::masked_lm_loss_fwd", mutates_args=())
+def _masked_lm_loss_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                        ignore_index: int, label_smoothing: float, reduction: str,
+                        need_dhidden: bool, need_dweight: bool, need_dbias: bool,
+                        check_labels: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fastbert.kernels import cross_entropy as k
+    if check_labels:
+        _check_label_range("labels", labels, weight.shape[0], ignore_index)
+    rows, x, target = _select_masked(hidden, labels, ignore_index)
+    n = rows.numel()
+    grads = reduction != "none" and (need_dhidden or need_dweight or need_dbias)
+    scale = None
+    if grads:
+        scale = torch.full((), 1.0 / max(n, 1) if reduction == "mean" else 1.0,
+                           dtype=torch.float32, device=hidden.device)
+    loss_rows, dx, dw, db = k.linear_cross_entropy(x, weight, bias, target, ignore_index,
+                                                   label_smoothing, scale, need_dhidden,
+                                                   need_dweight, need_dbias)
+    if reduction == "none":
+        loss = loss_rows.new_zeros(labels.shape).index_copy_(0, rows, loss_rows)
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.sum() / max(n, 1)  # no masked token: 0.0, not NaN
+    return (loss,) + _full_grads(hidden, bias, rows, dx, dw, db)
+
+
+def _mlm_stored_grads(bias, reduction, need_dhidden, need_dweight, need_dbias):
+    """Which gradients the forward returns (with "none" the backward computes them)."""
+    on = reduction != "none"
+    return (on and need_dhidden, on and need_dweight, on and need_dbias and bias is not None)
+
+
+@_masked_lm_loss_fwd.register_fake
+def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, need_dhidden,
+      need_dweight, need_dbias, check_labels):
+    sh, sw, sb = _mlm_stored_grads(bias, reduction, need_dhidden, need_dweight, need_dbias)
+    shape = labels.shape if reduction == "none" else ()
+    return (hidden.new_empty(shape, dtype=torch.float32),
+            hidden.new_empty(hidden.shape) if sh else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if sw else hidden.new_empty(0),
+            bias.new_empty(bias.shape) if sb else hidden.new_empty(0))
+
+
+@torch.library.custom_op("fastbert::masked_lm_loss_bwd", mutates_args=())
+def _masked_lm_loss_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                        labels: Tensor, ignore_index: int, label_smoothing: float,
+                        need_dhidden: bool, need_dweight: bool,
+                        need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients for reduction="none" (a gradient per token): recomputes the projection."""
+    from fastbert.kernels import cross_entropy as k
+    rows, x, target = _select_masked(hidden, labels, ignore_index)
+    scale = grad.reshape(-1).float().index_select(0, rows)
+    _, dx, dw, db = k.linear_cross_entropy(x, weight, bias, target, ignore_index,
+                                           label_smoothing, scale, need_dhidden, need_dweight,
+                                           need_dbias)
+    return _full_grads(hidden, bias, rows, dx, dw, db)
+
+
+@_masked_lm_loss_bwd.register_fake
+def _(grad, hidden, weight, bias, labels, ignore_index, label_smoothing, need_dhidden,
+      need_dweight, need_dbias):
+    return (hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_dweight else hidden.new_empty(0),
+            bias.new_empty(bias.shape) if (need_dbias and bias is not None)
+            else hidden.new_empty(0))
+
+
+def _mlm_setup(ctx, inputs, output):
+    (hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, need_dhidden,
+     need_dweight, need_dbias, _) = inputs
+    ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
+    ctx.has_bias = bias is not None
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, labels)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _mlm_backward(ctx, dloss, ddh, ddw, ddb):
+    need = ctx.needs_input_grad
+    need_dh, need_dw, need_db = bool(need[0]), bool(need[1]), bool(need[2]) and ctx.has_bias
+    if ctx.reduction == "none":
+        hidden, weight, bias, labels = ctx.saved_tensors
+        dh, dw, db = _masked_lm_loss_bwd(dloss, hidden, weight, bias, labels, ctx.ignore_index,
+                                         ctx.label_smoothing, need_dh, need_dw, need_db)
+    else:
+        # stored gradients of the loss itself: scale by the incoming (scalar) gradient
+        dh, dw, db = ctx.saved_tensors
+        g = dloss.float()
+        dh = (dh * g).to(dh.dtype) if need_dh else None
+        dw = (dw * g).to(dw.dtype) if need_dw else None
+        db = (db * g).to(db.dtype) if need_db else None
+    return ((dh if need_dh else None), (dw if need_dw else None), (db if need_db else None),
+            None, None, None, None, None, None, None, None)
+
+
+_masked_lm_loss_fwd.register_autograd(_mlm_backward, setup_context=_mlm_setup)
+
+
+# ----------------------------------------------------------------------------------------
+# public API
+
+def _check_options(ignore_index, label_smoothing, reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _check_labels_tensor(name: str, t, shape, what: str):
+    if isinstance(t, torch.Tensor) and t.is_floating_point():
+        raise TypeError(f"{name} must hold class indices (int64 or int32); class-probability "
+                        f"targets are not supported, got {str(t.dtype).replace('torch.', '')}")
+    check_tensor(name, t, dtypes=INDEX_DTYPES)
+    check_shape(name, t, shape, what)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
+                  label_smoothing: float = 0.0, reduction: str = "mean",
+                  check_labels: bool = True, backend: Optional[str] = None) -> Tensor:
+    """Softmax cross-entropy over the rows of ``logits``, fused in one pass (two with grad).
+
+    Same semantics as ``torch.nn.functional.cross_entropy`` with class-index targets: "mean"
+    divides by the number of non-ignored targets and so returns NaN when every target is
+    ignored (as torch; ``masked_lm_loss`` returns 0.0 there instead); ignored rows get a zero
+    gradient. Logits of +-1e4 are safe (running-max logsumexp in fp32). No (N, V) buffer is
+    allocated besides the gradient.
+
+    Args:
+        logits: (N, V) or (V,), float32 / float16 / bfloat16.
+        target: (N,) or () int64 / int32 class indices in [0, V), or ignore_index.
+        ignore_index: target value whose rows contribute neither loss nor gradient.
+        label_smoothing: in [0, 1], torch's definition (mixes in the uniform distribution).
+        reduction: "mean", "sum" or "none" (a loss per row).
+        check_labels: raise ValueError when a target is out of range (syncs the host). With
+            False an out-of-range target is never used as an address: its row's loss is NaN.
+        backend: "triton", "torch" or None (see ``fastbert.ops``).
+
+    Returns:
+        The loss in logits' dtype (float32 under autocast, as torch), computed in float32.
+    """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(1, 2))
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+    _check_labels_tensor("target", target, logits.shape[:-1],
+                         "logits' shape without the class dimension")
+    check_same_device(logits=logits, target=target)
+    _check_options(ignore_index, label_smoothing, reduction)
+    out_dtype = torch.float32 if torch.is_autocast_enabled(logits.device.type) else logits.dtype
+    chosen = resolve("cross_entropy", (logits, target), backend, preference=("triton",))
+    if chosen == "torch":
+        if check_labels:
+            _check_label_range("target", target, logits.shape[-1], ignore_index)
+        return cross_entropy_ref(logits, target, ignore_index=ignore_index,
+                                 label_smoothing=label_smoothing, reduction=reduction,
+                                 out_dtype=out_dtype)
+    unbatched = logits.dim() == 1
+    loss, _ = _cross_entropy_fwd(logits.reshape(1, -1) if unbatched else logits,
+                                 target.reshape(1) if unbatched else target, int(ignore_index),
+                                 float(label_smoothing), reduction, bool(check_labels), out_dtype)
+    return loss.reshape(()) if unbatched and reduction == "none" else loss
+
+
+def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
+                   ignore_index: int = -100, label_smoothing: float = 0.0,
+                   reduction: str = "mean", check_labels: bool = True,
+                   backend: Optional[str] = None) -> Tensor:
+    """BERT's masked-LM loss: cross-entropy of ``hidden @ weight.T + bias`` on masked tokens.
+
+    Only the rows whose label is not ``ignore_index`` are projected (about 15% in BERT
+    pre-training), in chunks: per chunk cuBLAS computes the logits, one kernel turns them into
+    the loss and, in place, the gradient, and cuBLAS folds that into the gradients of hidden,
+    weight and bias, so no (n_masked, V) tensor is kept for the backward and memory does not
+    grow with the number of masked tokens.
+
+    Args:
+        hidden: (N, H) or (B, S, H), float32 / float16 / bfloat16: the MLM head's transformed
+            hidden states.
+        weight: (V, H), hidden's dtype: the decoder weight (usually the tied word embeddings).
+        bias: (V,) of hidden's dtype, or None.
+        labels: (N,) or (B, S) int64 / int32: the token id to predict, or ignore_index.
+        ignore_index, label_smoothing: as ``torch.nn.functional.cross_entropy``.
+        reduction: "mean" over masked tokens (0.0 when there is none, with zero gradients),
+            "sum", or "none" (a loss per token of labels' shape, 0 where ignored).
+        check_labels: raise ValueError when a label is out of range (syncs the host). With
+            False an out-of-range label is never used as an address: its loss is NaN.
+        backend: "triton", "torch" or None (see ``fastbert.ops``).
+
+    Under autocast, hidden, weight and bias are cast to the autocast dtype first (as
+    ``nn.Linear`` would be).
+
+    Returns:
+        float32 loss; gradients flow to hidden, weight and bias.
+    """
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=(2,))
+    check_tensor("bias", bias, dtypes=FLOAT_DTYPES, optional=True)
+    check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    n_hidden = hidden.shape[-1]
+    if weight.shape[1] != n_hidden or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape (V, {n_hidden}) with V >= 1 (H = the last "
+                         f"dimension of hidden), got {tuple(weight.shape)}")
+    check_shape("bias", bias, (weight.shape[0],), "the first dimension of weight")
+    _check_labels_tensor("labels", labels, hidden.shape[:-1],
+                         "hidden's shape without the hidden dimension")
+    _check_options(ignore_index, label_smoothing, reduction)
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have hidden's dtype {str(hidden.dtype)[6:]}, "
+                            f"got {str(t.dtype)[6:]}")
+    chosen = resolve("masked_lm_loss", (hidden, weight, bias, labels), backend,
+                     preference=("triton",))
+    if chosen == "torch":
+        if check_labels:
+            _check_label_range("labels", labels, weight.shape[0], ignore_index)
+        return masked_lm_loss_ref(hidden, weight, bias, labels, ignore_index=ignore_index,
+                                  label_smoothing=label_smoothing, reduction=reduction)
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    loss, _, _, _ = _masked_lm_loss_fwd(hidden.reshape(-1, n_hidden), weight, bias,
+                                        labels.reshape(-1), int(ignore_index),
+                                        float(label_smoothing), reduction, *needs,
+                                        bool(check_labels))
+    return loss.reshape(labels.shape) if reduction == "none" else loss

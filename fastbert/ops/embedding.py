@@ -1,0 +1,300 @@
+"""``embedding_layer_norm``: BERT's embedding layer,
+``dropout(LayerNorm(word[ids] + position[pos] + type[types]))``, on one fused Triton kernel
+pair (see kernels/embedding.py).
+
+Layers of this file:
+    embedding_layer_norm_ref  -- the PyTorch reference: CPU path, "torch" backend, test oracle
+    fastbert::embedding_layer_norm_fwd / fastbert::embedding_layer_norm_bwd
+                              -- torch.library custom ops over the Triton launchers, with fake
+                                 implementations and registered autograd
+    embedding_layer_norm      -- the public function: checks arguments and index bounds,
+                                 picks the backend, draws the dropout seed
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import FLOAT_DTYPES, check_probability, check_same_device, check_shape, check_tensor
+from ._dispatch import resolve
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def embedding_layer_norm_ref(input_ids: Tensor, word_weight: Tensor, position_weight: Tensor,
+                             ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                             eps: float = 1e-12, *, token_type_ids: Optional[Tensor] = None,
+                             type_weight: Optional[Tensor] = None,
+                             position_ids: Optional[Tensor] = None, dropout_p: float = 0.0,
+                             padding_idx: Optional[int] = None,
+                             dropout_mask: Optional[Tensor] = None, upcast: bool = False,
+                             out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """dropout(LayerNorm(word[ids] + position[pos] + type[types])) in PyTorch.
+
+    Positions default to 0..S-1 (S = input_ids.shape[-1]); types default to 0 and are left
+    out when ``type_weight`` is None. ``padding_idx`` gets no gradient (``F.embedding``).
+    Computes in fp32 (fp64 with ``upcast=True`` or fp64 tables) and returns ``out_dtype``
+    (default word_weight's dtype). ``dropout_mask`` (bool, the output's shape) replaces the
+    random draw: tests pass the kernel's mask.
+    """
+    ct = torch.float64 if (upcast or word_weight.dtype == torch.float64) else torch.float32
+    out_dtype = out_dtype or word_weight.dtype
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    position_ids = torch.broadcast_to(position_ids, input_ids.shape)
+    s = F.embedding(input_ids, word_weight.to(ct), padding_idx=padding_idx)
+    s = s + F.embedding(position_ids, position_weight.to(ct))
+    if type_weight is not None:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        s = s + F.embedding(torch.broadcast_to(token_type_ids, input_ids.shape), type_weight.to(ct))
+    y = F.layer_norm(s, s.shape[-1:],
+                     ln_weight.to(ct) if ln_weight is not None else None,
+                     ln_bias.to(ct) if ln_bias is not None else None, eps)
+    if dropout_p > 0.0:
+        if dropout_mask is not None:
+            y = y * dropout_mask.to(ct) / (1.0 - dropout_p)
+        else:
+            y = F.dropout(y, dropout_p, training=True)
+    return y.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# custom ops (Triton backend)
+
+@torch.library.custom_op("fastbert::embedding_layer_norm_fwd", mutates_args=())
+def _embedding_layer_norm_fwd(input_ids: Tensor, word_weight: Tensor, position_weight: Tensor,
+                              ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                              position_ids: Optional[Tensor], token_type_ids: Optional[Tensor],
+                              type_weight: Optional[Tensor], seed: Optional[Tensor], eps: float,
+                              dropout_p: float, padding_idx: int,
+                              deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from fastbert.kernels import embedding as k
+    return k.embedding_layer_norm_fwd(input_ids, word_weight, position_weight, ln_weight,
+                                      ln_bias, eps, position_ids, token_type_ids, type_weight,
+                                      seed, dropout_p)
+
+
+@_embedding_layer_norm_fwd.register_fake
+def _(input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids, token_type_ids,
+      type_weight, seed, eps, dropout_p, padding_idx, deterministic):
+    n_cols = word_weight.shape[-1]
+    rows = input_ids.numel()
+    return (word_weight.new_empty((*input_ids.shape, n_cols)),
+            word_weight.new_empty((rows,), dtype=torch.float32),
+            word_weight.new_empty((rows,), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastbert::embedding_layer_norm_bwd", mutates_args=())
+def _embedding_layer_norm_bwd(dy: Tensor, input_ids: Tensor, word_weight: Tensor,
+                              position_weight: Tensor, ln_weight: Optional[Tensor],
+                              ln_bias: Optional[Tensor], position_ids: Optional[Tensor],
+                              token_type_ids: Optional[Tensor], type_weight: Optional[Tensor],
+                              seed: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                              dropout_p: float, padding_idx: int,
+                              deterministic: bool) -> List[Tensor]:
+    from fastbert.kernels import embedding as k
+    grads = k.embedding_layer_norm_bwd(dy, input_ids, word_weight, position_weight, ln_weight,
+                                       ln_bias, mean, rstd, position_ids, token_type_ids,
+                                       type_weight, seed, dropout_p, padding_idx, deterministic)
+    return [g if g is not None else word_weight.new_empty(0) for g in grads]
+
+
+@_embedding_layer_norm_bwd.register_fake
+def _(dy, input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
+      token_type_ids, type_weight, seed, mean, rstd, dropout_p, padding_idx, deterministic):
+    like = lambda t: t.new_empty(t.shape) if t is not None else word_weight.new_empty(0)
+    return [like(word_weight), like(position_weight), like(type_weight), like(ln_weight),
+            like(ln_bias)]
+
+
+def _setup(ctx, inputs, output):
+    (input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids, token_type_ids,
+     type_weight, seed, eps, dropout_p, padding_idx, deterministic) = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input_ids, word_weight, position_weight, ln_weight, ln_bias,
+                          position_ids, token_type_ids, type_weight, seed, mean, rstd)
+    ctx.dropout_p = dropout_p
+    ctx.padding_idx = padding_idx
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, dy, dmean, drstd):
+    (input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids, token_type_ids,
+     type_weight, seed, mean, rstd) = ctx.saved_tensors
+    dword, dpos, dtyp, dlnw, dlnb = _embedding_layer_norm_bwd(
+        dy, input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
+        token_type_ids, type_weight, seed, mean, rstd, ctx.dropout_p, ctx.padding_idx,
+        ctx.deterministic)
+    need = ctx.needs_input_grad
+    return (None,
+            dword if need[1] else None,
+            dpos if need[2] else None,
+            dlnw if ln_weight is not None and need[3] else None,
+            dlnb if ln_bias is not None and need[4] else None,
+            None, None,
+            dtyp if type_weight is not None and need[7] else None,
+            None, None, None, None, None)
+
+
+_embedding_layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------
+# public API
+
+def _width_check(n_cols: int) -> Optional[str]:
+    from fastbert.kernels.embedding import MAX_EMBED_COLS
+    if n_cols > MAX_EMBED_COLS:
+        return f"the hidden size {n_cols} exceeds the fused kernels' limit {MAX_EMBED_COLS}"
+    return None
+
+
+def _resolve(tensors, backend: Optional[str], n_cols: int) -> str:
+    return resolve("embedding_layer_norm", tensors, backend, preference=("triton",),
+                   extra_check=lambda b: _width_check(n_cols))
+
+
+def _check_index_tensor(name: str, t: Optional[Tensor], ids_shape) -> None:
+    check_tensor(name, t, dtypes=INDEX_DTYPES, optional=True)
+    if t is None:
+        return
+    try:
+        shape = torch.broadcast_shapes(t.shape, ids_shape)
+    except RuntimeError:
+        shape = None
+    if shape != torch.Size(ids_shape):
+        raise ValueError(f"{name} must be broadcastable to input_ids' shape {tuple(ids_shape)}, "
+                         f"got shape {tuple(t.shape)}")
+
+
+def _check_args(input_ids, word_weight, position_weight, ln_weight, ln_bias, eps,
+                token_type_ids, type_weight, position_ids, dropout_p):
+    check_tensor("input_ids", input_ids, dtypes=INDEX_DTYPES)
+    if input_ids.dim() < 1:
+        raise ValueError("input_ids must have at least one dimension (the sequence), got a scalar")
+    check_tensor("word_weight", word_weight, dtypes=FLOAT_DTYPES, ndim=(2,))
+    n_cols = word_weight.shape[1]
+    if n_cols == 0:
+        raise ValueError("word_weight must have a non-empty hidden dimension, got shape "
+                         f"{tuple(word_weight.shape)}")
+    check_tensor("position_weight", position_weight, dtypes=FLOAT_DTYPES, ndim=(2,))
+    check_tensor("type_weight", type_weight, dtypes=FLOAT_DTYPES, ndim=(2,), optional=True)
+    for name, t in (("position_weight", position_weight), ("type_weight", type_weight)):
+        if t is not None and t.shape[1] != n_cols:
+            raise ValueError(f"{name} must have {n_cols} columns (word_weight's hidden size), "
+                             f"got shape {tuple(t.shape)}")
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, optional=True)
+        check_shape(name, t, (n_cols,), "word_weight's hidden size")
+    _check_index_tensor("position_ids", position_ids, input_ids.shape)
+    _check_index_tensor("token_type_ids", token_type_ids, input_ids.shape)
+    if token_type_ids is not None and type_weight is None:
+        raise ValueError("token_type_ids was given but type_weight is None; pass the token type "
+                         "embedding table as type_weight")
+    check_same_device(input_ids=input_ids, word_weight=word_weight,
+                      position_weight=position_weight, ln_weight=ln_weight, ln_bias=ln_bias,
+                      position_ids=position_ids, token_type_ids=token_type_ids,
+                      type_weight=type_weight)
+    if not eps > 0:
+        raise ValueError(f"embedding_layer_norm: eps must be positive, got {eps}")
+    check_probability("dropout_p", dropout_p)
+    seq_len = input_ids.shape[-1]
+    if position_ids is None and seq_len > position_weight.shape[0]:
+        raise ValueError(f"input_ids: sequence length {seq_len} exceeds "
+                         f"max_position_embeddings {position_weight.shape[0]} (position_weight's "
+                         "rows); pass position_ids or a larger position table")
+
+
+def _normalize_padding_idx(padding_idx: Optional[int], vocab_size: int) -> int:
+    """nn.Embedding's rule (negative counts from the end); -1 stands for none."""
+    if padding_idx is None:
+        return -1
+    if not -vocab_size <= padding_idx < vocab_size:
+        raise ValueError(f"padding_idx must be within [-{vocab_size}, {vocab_size}) "
+                         f"(word_weight's rows), got {padding_idx}")
+    return padding_idx + vocab_size if padding_idx < 0 else padding_idx
+
+
+def _check_bounds(input_ids, word_weight, position_weight, position_ids, token_type_ids,
+                  type_weight) -> None:
+    """Raise when an id lies outside its table. One device sync for all the index tensors."""
+    checks = [("input_ids", input_ids, word_weight.shape[0], "vocab_size")]
+    if position_ids is not None:
+        checks.append(("position_ids", position_ids, position_weight.shape[0],
+                       "max_position_embeddings"))
+    if token_type_ids is not None:
+        checks.append(("token_type_ids", token_type_ids, type_weight.shape[0], "type_vocab_size"))
+    checks = [c for c in checks if c[1].numel() > 0]
+    if not checks:
+        return
+    stats = torch.stack([torch.stack(torch.aminmax(c[1])).to(torch.int64) for c in checks])
+    for (name, _, n, what), (lo, hi) in zip(checks, stats.tolist()):
+        if lo < 0:
+            raise ValueError(f"{name}: id {lo} out of range [0, {n}) (negative)")
+        if hi >= n:
+            raise ValueError(f"{name}: id {hi} out of range [0, {n}): max {hi} >= {what} {n}")
+
+
+def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight: Tensor,
+                         ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                         eps: float = 1e-12, *, token_type_ids: Optional[Tensor] = None,
+                         type_weight: Optional[Tensor] = None,
+                         position_ids: Optional[Tensor] = None, dropout_p: float = 0.0,
+                         padding_idx: Optional[int] = None, deterministic: bool = False,
+                         check_bounds: bool = True, backend: Optional[str] = None) -> Tensor:
+    """BERT's embedding layer in one pass:
+    ``dropout(LayerNorm(word[input_ids] + position[position_ids] + type[token_type_ids]))``.
+
+    Args:
+        input_ids: (..., S) int32/int64, usually (B, S); the last dimension is the sequence.
+        word_weight: (V, H) float32 / float16 / bfloat16. The output has its dtype.
+        position_weight: (P, H) float; P is max_position_embeddings.
+        ln_weight, ln_bias: (H,) or None (LayerNorm's affine parameters).
+        eps: added to the variance (BERT's 1e-12 by default).
+        token_type_ids: int tensor broadcastable to input_ids, or None for type 0.
+        type_weight: (T, H) float, or None for no token type embedding (then
+            token_type_ids must be None).
+        position_ids: int tensor broadcastable to input_ids (e.g. (S,) or (1, S)), or None
+            for 0..S-1 (S must then be <= P).
+        dropout_p: dropout probability on the output (pass 0.0 in eval mode); drawn from
+            torch's generator, so ``torch.manual_seed`` reproduces it.
+        padding_idx: a word id whose row gets no gradient (as ``nn.Embedding``), or None.
+        deterministic: bit-identical table gradients run to run (sort-based segmented sums)
+            instead of the faster fp32 atomics. Forward results are the same either way.
+        check_bounds: raise ValueError when an id is outside its table (costs one device
+            sync). Off, out-of-range ids read and receive nothing (their row counts as zero)
+            and never touch memory out of bounds. Skipped while torch.compile traces, since
+            the check reads values on the host.
+        backend: "triton", "cuda", "torch" or None (see ``fastbert.ops``).
+
+    Returns:
+        input_ids.shape + (H,), word_weight's dtype; statistics in float32. Gradients flow
+        to the three tables and the LayerNorm parameters.
+    """
+    _check_args(input_ids, word_weight, position_weight, ln_weight, ln_bias, eps,
+                token_type_ids, type_weight, position_ids, dropout_p)
+    pad = _normalize_padding_idx(padding_idx, word_weight.shape[0])
+    if check_bounds and not torch.compiler.is_compiling():
+        _check_bounds(input_ids, word_weight, position_weight, position_ids, token_type_ids,
+                      type_weight)
+    tensors = (input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
+               token_type_ids, type_weight)
+    chosen = _resolve(tensors, backend, word_weight.shape[1])
+    p = float(dropout_p)
+    if chosen == "torch":
+        return embedding_layer_norm_ref(input_ids, word_weight, position_weight, ln_weight,
+                                        ln_bias, eps, token_type_ids=token_type_ids,
+                                        type_weight=type_weight, position_ids=position_ids,
+                                        dropout_p=p, padding_idx=padding_idx)
+    seed = (torch.randint(0, 2**31 - 1, (1,), device=word_weight.device, dtype=torch.int64)
+            if p > 0.0 else None)
+    y, _, _ = _embedding_layer_norm_fwd(input_ids, word_weight, position_weight, ln_weight,
+                                        ln_bias, position_ids,
+                                        token_type_ids if type_weight is not None else None,
+                                        type_weight, seed, float(eps), p, pad,
+                                        bool(deterministic))
+    return y

@@ -1,0 +1,392 @@
+"""Softmax cross-entropy over rows of logits, and the masked-LM head loss built on it.
+
+One kernel pair computes, for each row r of logits x (V classes) with target t_r,
+
+    m_r    = max_c x_rc,   l_r = log(sum_c exp(x_rc - m_r))      (online, one pass over V)
+    loss_r = (1 - eps) (m_r - x_rt) + eps (m_r - mean_c x_rc) + l_r     (eps: label smoothing)
+    dx_rc  = scale_r (exp((x_rc - m_r) - l_r) - eps / V - (1 - eps) [c == t_r])
+
+with loss_r = 0 and dx_r = 0 where t_r == ignore_index: this is
+``torch.nn.functional.cross_entropy`` with ``label_smoothing`` and ``ignore_index``.
+
+Two ways to use it, two trade-offs:
+
+- ``cross_entropy_fwd`` + ``cross_entropy_bwd`` (the ``cross_entropy`` op) *recompute*: the
+  forward reads the logits once and stores only (m, l) (8 bytes a row); the backward reads them
+  again and writes the gradient. Three passes over (N, V) in all, and an inference forward is a
+  single read. Writing the gradient during the forward instead (Liger) costs a second read in
+  the forward plus a read-and-write in the backward to apply the incoming gradient (a custom op
+  cannot scale a saved tensor in place), so five passes for training.
+- ``linear_cross_entropy`` (the ``masked_lm_loss`` op) fuses the vocabulary projection: rows
+  are processed in chunks; for each chunk cuBLAS computes logits = x W^T + b into one reused
+  buffer, the forward kernel computes the loss and overwrites those logits with the gradient
+  (``STORE_GRAD``), and cuBLAS immediately turns it into dx, dW and db (Liger's fused linear
+  cross-entropy). No (rows, V) tensor outlives its chunk, so the memory is one chunk buffer of
+  about ``CHUNK_ELEMENTS`` elements whatever the number of rows. Here the gradient is written in
+  the forward because the logits do not exist afterwards; recomputing them would cost a
+  second projection GEMM.
+
+Numerics: fp32 accumulation; the running max keeps exp() in range, so logits of +-1e4 (fp16's
+range included) are safe. The max m and the log-sum l are kept apart rather than folded into
+one lse = m + l: at |x| ~ 1e4 the rounding of that sum alone (5e-4) would be a relative error
+of 5e-4 in every probability, where torch's log_softmax has ~1e-7. -inf logits (a masked
+vocabulary entry) are allowed, even for a whole block. A target outside [0, V) other than
+ignore_index is never used as an address: its row gets a NaN loss and a zero gradient (the ops
+check targets up front, on by default). In ``linear_cross_entropy`` the gradient of the logits
+is stored in the input dtype (as torch's own backward does), dW partial products of several
+chunks are summed in fp32 for 16-bit weights, and db is summed in fp32.
+
+References: Liger-Kernel's cross_entropy and fused_linear_cross_entropy; Milakov & Gimelshein,
+"Online normalizer calculation for softmax" (2018); Wijmans et al., "Cut Your Losses in
+Large-Vocabulary Language Models" (2024).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import LOG2E, AotConfig
+
+# The widest block of a row a program holds in registers at once; wider rows loop over blocks.
+# 4096 fp32 over 8 warps is 16 elements a thread: wide loads without register spills.
+MAX_BLOCK_V = 4096
+# linear_cross_entropy: the chunk of logits (rows x V, in the input dtype) that exists at once.
+# 2**25 elements = 64 MiB in bf16: about 1100 rows at V = 30522, 670 at V = 50257, enough rows
+# for cuBLAS to run the projection GEMMs at full rate, and a fixed memory cost whatever the
+# number of masked tokens (BERT-base at batch 32, seq 128, 15% masked is one chunk).
+CHUNK_ELEMENTS = 1 << 25
+# Chunk row counts are rounded to a multiple of this (tensor-core tile friendly GEMM shapes).
+CHUNK_ROW_MULTIPLE = 16
+
+
+@triton.jit
+def _row_stats(row_ptr, n_cols, BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """(max, log(sum(exp(x - max))), sum(x)) of one row, in fp32, by the online method."""
+    cols = tl.arange(0, BLOCK_V)
+    m = -float("inf")
+    s = 0.0
+    x_sum = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        c = start + cols
+        x = tl.load(row_ptr + c, mask=c < n_cols, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # a block of -inf only (masked vocabulary) leaves m_new = -inf: subtract 0 instead so
+        # that exp(-inf - -inf) does not turn into NaN
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), axis=0)
+        m = m_new
+        if HAS_SMOOTHING:
+            x_sum += tl.sum(tl.where(c < n_cols, x, 0.0), axis=0)
+    return m, tl.log(s), x_sum
+
+
+@triton.jit
+def _store_row_grad(x_row_ptr, dx_row_ptr, target, m, log_s, scale, n_cols, label_smoothing,
+                    BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """dx = scale * (softmax(x) - smoothing / V - (1 - smoothing) onehot(target)) for one row."""
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        c = start + cols
+        mask = c < n_cols
+        x = tl.load(x_row_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp2(((x - m) - log_s) * LOG2E)
+        if HAS_SMOOTHING:
+            g = g - label_smoothing / n_cols
+        g = tl.where(c == target, g - (1.0 - label_smoothing), g)
+        tl.store(dx_row_ptr + c, (g * scale).to(dx_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_zero_row(dx_row_ptr, n_cols, BLOCK_V: tl.constexpr):
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        c = start + cols
+        tl.store(dx_row_ptr + c, tl.zeros((BLOCK_V,), dtype=dx_row_ptr.dtype.element_ty),
+                 mask=c < n_cols)
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    logits_ptr, target_ptr, loss_ptr, stats_ptr, scale_ptr,
+    stride_logits_row, stride_target, stride_scale,
+    n_cols, ignore_index, label_smoothing,
+    BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr, STORE_GRAD: tl.constexpr,
+):
+    # each program owns one row of logits (and, with STORE_GRAD, overwrites it with its gradient)
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_logits_row
+    target = tl.load(target_ptr + row * stride_target).to(tl.int64)
+    ignored = target == ignore_index
+    in_range = (target >= 0) & (target < n_cols)
+    m, log_s, x_sum = _row_stats(row_ptr, n_cols, BLOCK_V, HAS_SMOOTHING)
+    # the target logit is loaded only when it is a valid address
+    x_t = tl.load(row_ptr + target, mask=in_range & (~ignored), other=0.0).to(tl.float32)
+    # lse - x = (m - x) + log_s: differences to the max first, exact for nearby large logits
+    if HAS_SMOOTHING:
+        loss = ((1.0 - label_smoothing) * (m - x_t)
+                + label_smoothing * (m - x_sum / n_cols) + log_s)
+    else:
+        loss = (m - x_t) + log_s
+    loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
+    tl.store(loss_ptr + row, loss)
+    tl.store(stats_ptr + 2 * row, m)
+    tl.store(stats_ptr + 2 * row + 1, log_s)
+    if STORE_GRAD:
+        if in_range & (~ignored):
+            scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+            _store_row_grad(row_ptr, row_ptr, target, m, log_s, scale, n_cols, label_smoothing,
+                            BLOCK_V, HAS_SMOOTHING)
+        else:
+            _store_zero_row(row_ptr, n_cols, BLOCK_V)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    logits_ptr, target_ptr, stats_ptr, scale_ptr, dlogits_ptr,
+    stride_logits_row, stride_target, stride_scale, stride_dlogits_row,
+    n_cols, ignore_index, label_smoothing,
+    BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    # each program owns one row of logits and of their gradient
+    row = tl.program_id(0).to(tl.int64)
+    dx_row_ptr = dlogits_ptr + row * stride_dlogits_row
+    target = tl.load(target_ptr + row * stride_target).to(tl.int64)
+    valid = (target != ignore_index) & (target >= 0) & (target < n_cols)
+    if valid:
+        m = tl.load(stats_ptr + 2 * row)
+        log_s = tl.load(stats_ptr + 2 * row + 1)
+        scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+        _store_row_grad(logits_ptr + row * stride_logits_row, dx_row_ptr, target, m, log_s, scale,
+                        n_cols, label_smoothing, BLOCK_V, HAS_SMOOTHING)
+    else:
+        # ignored rows get exactly 0 even when the incoming gradient is inf or NaN (torch too)
+        _store_zero_row(dx_row_ptr, n_cols, BLOCK_V)
+
+
+def ce_block(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row of ``n_cols`` classes."""
+    block_v = min(triton.next_power_of_2(max(int(n_cols), 16)), MAX_BLOCK_V)
+    # 16 elements a thread at the widest block, at least one warp
+    num_warps = min(max(block_v // 512, 1), 8)
+    return block_v, num_warps
+
+
+def ce_block_configs():
+    """Every (BLOCK_V, num_warps) ``ce_block`` can return, for the AOT compile test."""
+    out, n = [], 16
+    while n <= MAX_BLOCK_V:
+        out.append(ce_block(n))
+        n *= 2
+    return out
+
+
+def _check_rows(logits: torch.Tensor, target: torch.Tensor):
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be 2-D with unit column stride, got shape "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")
+    if target.shape != logits.shape[:1]:
+        raise ValueError(f"target must have shape ({logits.shape[0]},), got {tuple(target.shape)}")
+
+
+def _scale_stride(scale: torch.Tensor, n_rows: int) -> int:
+    if scale.dtype != torch.float32 or scale.dim() > 1:
+        raise ValueError("grad scale must be a float32 scalar tensor or one value a row")
+    if scale.dim() == 0:
+        return 0
+    if scale.shape[0] != n_rows:
+        raise ValueError(f"grad scale must have {n_rows} values, got {scale.shape[0]}")
+    return scale.stride(0)
+
+
+def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                      label_smoothing: float, grad_scale: Optional[torch.Tensor] = None):
+    """Launch the forward.
+
+    Args:
+        logits: (N, V) fp32/fp16/bf16, unit column stride.
+        target: (N,) int64/int32 class indices; ignore_index marks rows without a target.
+        label_smoothing: in [0, 1].
+        grad_scale: None, or float32 of shape () or (N,): then the gradient of
+            sum_r grad_scale_r * loss_r is written over ``logits`` in place.
+
+    Returns:
+        loss (N,) float32, 0 on ignored rows; stats (N, 2) float32: each row's max and
+        log-sum-exp relative to it, for the backward.
+    """
+    _check_rows(logits, target)
+    n_rows, n_cols = logits.shape
+    loss = torch.empty((n_rows,), dtype=torch.float32, device=logits.device)
+    stats = torch.empty((n_rows, 2), dtype=torch.float32, device=logits.device)
+    store_grad = grad_scale is not None
+    stride_scale = _scale_stride(grad_scale, n_rows) if store_grad else 0
+    block_v, num_warps = ce_block(n_cols)
+    if n_rows > 0:
+        _cross_entropy_fwd_kernel[(n_rows,)](
+            logits, target, loss, stats, grad_scale,
+            logits.stride(0), target.stride(0), stride_scale,
+            n_cols, int(ignore_index), float(label_smoothing),
+            BLOCK_V=block_v, HAS_SMOOTHING=label_smoothing > 0.0, STORE_GRAD=store_grad,
+            num_warps=num_warps,
+        )
+    return loss, stats
+
+
+def cross_entropy_bwd(logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
+                      grad_scale: torch.Tensor, ignore_index: int,
+                      label_smoothing: float) -> torch.Tensor:
+    """Launch the backward: d(sum_r grad_scale_r * loss_r) / d logits, logits' dtype, (N, V).
+
+    Args:
+        logits, target: as for ``cross_entropy_fwd``.
+        stats: (N, 2) float32 from ``cross_entropy_fwd``.
+        grad_scale: float32, shape () (one scale for all rows) or (N,).
+    """
+    _check_rows(logits, target)
+    n_rows, n_cols = logits.shape
+    stride_scale = _scale_stride(grad_scale, n_rows)
+    dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    block_v, num_warps = ce_block(n_cols)
+    if n_rows > 0:
+        _cross_entropy_bwd_kernel[(n_rows,)](
+            logits, target, stats, grad_scale, dlogits,
+            logits.stride(0), target.stride(0), stride_scale, dlogits.stride(0),
+            n_cols, int(ignore_index), float(label_smoothing),
+            BLOCK_V=block_v, HAS_SMOOTHING=label_smoothing > 0.0, num_warps=num_warps,
+        )
+    return dlogits
+
+
+def chunk_rows(n_rows: int, n_cols: int, chunk_elements: Optional[int] = None) -> int:
+    """Rows a chunk of ``linear_cross_entropy`` holds: about chunk_elements (default
+    ``CHUNK_ELEMENTS``) / n_cols, with the rows spread evenly over the chunks so that the last
+    chunk is not a sliver."""
+    chunk_elements = chunk_elements or CHUNK_ELEMENTS
+    most = max(CHUNK_ROW_MULTIPLE, chunk_elements // max(n_cols, 1) // CHUNK_ROW_MULTIPLE
+               * CHUNK_ROW_MULTIPLE)
+    n_chunks = triton.cdiv(max(n_rows, 1), most)
+    rows = triton.cdiv(max(n_rows, 1), n_chunks)
+    return min(most, triton.cdiv(rows, CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         target: torch.Tensor, ignore_index: int, label_smoothing: float,
+                         grad_scale: Optional[torch.Tensor] = None, need_dx: bool = True,
+                         need_dweight: bool = True, need_dbias: bool = True,
+                         chunk_elements: Optional[int] = None):
+    """Cross-entropy of the rows of ``x @ weight.T + bias``, chunked over rows.
+
+    Args:
+        x: (M, H) fp32/fp16/bf16, the rows to project (masked tokens, already gathered).
+        weight: (V, H), x's dtype. bias: (V,) x's dtype, or None.
+        target: (M,) int64/int32.
+        grad_scale: None (loss only), or float32 () or (M,): the gradients returned are those of
+            sum_r grad_scale_r * loss_r.
+        need_dx, need_dweight, need_dbias: which gradients to compute (with grad_scale).
+        chunk_elements: the size of the one logits buffer, in elements (about rows x V);
+            default ``CHUNK_ELEMENTS``.
+
+    Returns:
+        (loss (M,) float32, dx (M, H) x.dtype, dweight (V, H) weight.dtype, dbias (V,) float32);
+        gradients not computed are None.
+    """
+    n_rows, hidden = x.shape
+    vocab = weight.shape[0]
+    if weight.shape != (vocab, hidden) or (bias is not None and bias.shape != (vocab,)):
+        raise ValueError(f"weight must be (V, {hidden}) and bias (V,), got {tuple(weight.shape)} "
+                         f"and {None if bias is None else tuple(bias.shape)}")
+    if target.shape != (n_rows,):
+        raise ValueError(f"target must have shape ({n_rows},), got {tuple(target.shape)}")
+    grads = grad_scale is not None
+    need_dx, need_dweight, need_dbias = (grads and need_dx, grads and need_dweight,
+                                         grads and need_dbias and bias is not None)
+    dev = x.device
+    loss = torch.empty((n_rows,), dtype=torch.float32, device=dev)
+    rows = chunk_rows(n_rows, vocab, chunk_elements)
+    n_chunks = triton.cdiv(n_rows, rows)
+    # several chunks of low-precision dW partial products are summed in fp32; a single chunk is
+    # written straight into the result (one rounding, as torch's own matmul)
+    acc_fp32 = need_dweight and n_chunks > 1 and weight.dtype != torch.float32
+    dx = torch.empty_like(x) if need_dx else None
+    dw = None
+    if need_dweight:
+        dw = torch.zeros((vocab, hidden), device=dev,
+                         dtype=torch.float32 if acc_fp32 else weight.dtype)
+    db = torch.zeros((vocab,), dtype=torch.float32, device=dev) if need_dbias else None
+    if n_rows == 0:
+        return loss, dx, (dw.to(weight.dtype) if dw is not None else None), db
+    buf = torch.empty((min(rows, n_rows), vocab), dtype=x.dtype, device=dev)
+    wt = weight.t()
+    for start in range(0, n_rows, rows):
+        end = min(start + rows, n_rows)
+        xc, logits = x[start:end], buf[:end - start]
+        if bias is not None:
+            torch.addmm(bias, xc, wt, out=logits)
+        else:
+            torch.mm(xc, wt, out=logits)
+        scale = None
+        if grads:
+            scale = grad_scale if grad_scale.dim() == 0 else grad_scale[start:end]
+        loss_c, _ = cross_entropy_fwd(logits, target[start:end], ignore_index, label_smoothing,
+                                      grad_scale=scale)
+        loss[start:end] = loss_c
+        if not grads:
+            continue
+        # logits now holds d loss / d logits for this chunk
+        if need_dx:
+            torch.mm(logits, weight, out=dx[start:end])
+        if need_dweight:
+            if acc_fp32:
+                dw += torch.mm(logits.t(), xc)
+            elif n_chunks == 1:
+                torch.mm(logits.t(), xc, out=dw)
+            else:
+                dw.addmm_(logits.t(), xc)
+        if need_dbias:
+            db += logits.sum(0, dtype=torch.float32)
+    if acc_fp32:
+        dw = dw.to(weight.dtype)
+    return loss, dx, dw, db
+
+
+def aot_configs():
+    """Every block config: the forward with and without smoothing / in-place gradient and the
+    backward, in bf16 (all four forward variants), fp16 and fp32; int32 targets once."""
+    def fwd_sig(dt, tt="i64"):
+        return {"logits_ptr": f"*{dt}", "target_ptr": f"*{tt}", "loss_ptr": "*fp32",
+                "stats_ptr": "*fp32", "scale_ptr": "*fp32", "stride_logits_row": "i64",
+                "stride_target": "i64", "stride_scale": "i64", "n_cols": "i32",
+                "ignore_index": "i32", "label_smoothing": "fp32", "BLOCK_V": "constexpr",
+                "HAS_SMOOTHING": "constexpr", "STORE_GRAD": "constexpr"}
+
+    def bwd_sig(dt, tt="i64"):
+        return {"logits_ptr": f"*{dt}", "target_ptr": f"*{tt}", "stats_ptr": "*fp32",
+                "scale_ptr": "*fp32", "dlogits_ptr": f"*{dt}", "stride_logits_row": "i64",
+                "stride_target": "i64", "stride_scale": "i64", "stride_dlogits_row": "i64",
+                "n_cols": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
+                "BLOCK_V": "constexpr", "HAS_SMOOTHING": "constexpr"}
+
+    def fwd(dt, block_v, num_warps, smooth, grad, tt="i64"):
+        return AotConfig(_cross_entropy_fwd_kernel, fwd_sig(dt, tt),
+                         dict(BLOCK_V=block_v, HAS_SMOOTHING=smooth, STORE_GRAD=grad), num_warps,
+                         name=f"cross_entropy_fwd[{dt},{tt},{block_v},smooth={smooth},grad={grad}]")
+
+    def bwd(dt, block_v, num_warps, smooth, tt="i64"):
+        return AotConfig(_cross_entropy_bwd_kernel, bwd_sig(dt, tt),
+                         dict(BLOCK_V=block_v, HAS_SMOOTHING=smooth), num_warps,
+                         name=f"cross_entropy_bwd[{dt},{tt},{block_v},smooth={smooth}]")
+
+    for block_v, num_warps in ce_block_configs():
+        for smooth in (False, True):
+            for grad in (False, True):
+                yield fwd("bf16", block_v, num_warps, smooth, grad)
+            yield bwd("bf16", block_v, num_warps, smooth)
+        yield fwd("fp16", block_v, num_warps, True, True)
+        yield bwd("fp16", block_v, num_warps, True)
+        yield fwd("fp32", block_v, num_warps, False, False)
+        yield bwd("fp32", block_v, num_warps, False)
+    block_v, num_warps = ce_block(MAX_BLOCK_V)
+    yield fwd("fp32", block_v, num_warps, True, True, tt="i32")
+    yield bwd("fp32", block_v, num_warps, True, tt="i32")

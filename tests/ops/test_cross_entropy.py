@@ -1,0 +1,494 @@
+"""cross_entropy and masked_lm_loss: kernels against fp64 PyTorch, forward and every gradient.
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py); the projection GEMMs of
+masked_lm_loss are torch matmuls either way.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbert  # noqa: F401  (aliases kernels/ as fastbert.kernels)
+from fastbert.kernels import cross_entropy as k
+from fastbert.ops import cross_entropy, cross_entropy_ref, masked_lm_loss, masked_lm_loss_ref
+from tests._utils import assert_close_to_ref, max_err, poison_
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+REDUCTIONS = ["mean", "sum", "none"]
+IGNORE = -100
+
+
+def _targets(n, v, device, ignore_frac=0.25, ignore_index=IGNORE):
+    t = torch.randint(0, v, (n,), device=device)
+    t[torch.rand(n, device=device) < ignore_frac] = ignore_index
+    return t
+
+
+def _reduce_for_grad(loss, reduction):
+    """A scalar whose gradient exercises the upstream gradient: random weights for "none"."""
+    if reduction == "none":
+        w = torch.randn(loss.shape, dtype=torch.float64, device=loss.device)
+        return (loss.double() * w).sum()
+    return loss.double() * 1.7
+
+
+def _ce_run(fn, logits, target, reduction, **kw):
+    x = logits.detach().clone().requires_grad_()
+    loss = fn(x, target, reduction=reduction, **kw)
+    torch.manual_seed(1)
+    _reduce_for_grad(loss, reduction).backward()
+    return loss.detach(), x.grad
+
+
+def _check_ce(logits, target, reduction, *, label_smoothing=0.0, ignore_index=IGNORE,
+              like_torch_fp32=False):
+    """Loss and dlogits against fp64. fp16/bf16: within 2x torch's own error in that dtype.
+    fp32: a plain tolerance, or with ``like_torch_fp32`` (large logits, where fp32 itself
+    is coarse) within 2x the error of torch computing in fp32."""
+    kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing)
+    out, grad = _ce_run(lambda *a, **b: cross_entropy(*a, backend="triton", **b), logits,
+                        target, reduction, **kw)
+    ref, ref_grad = _ce_run(F.cross_entropy, logits.double(), target, reduction, **kw)
+    lowp = lowp_grad = None
+    if logits.dtype != torch.float32 or like_torch_fp32:
+        lowp, lowp_grad = _ce_run(F.cross_entropy, logits, target, reduction, **kw)
+    assert out.dtype == logits.dtype
+    for name, o, r, lp, atol in (("loss", out, ref, lowp, 1e-4),
+                                 ("dlogits", grad, ref_grad, lowp_grad, 1e-5)):
+        if like_torch_fp32 and o.dtype == torch.float32:
+            assert torch.isfinite(o).all(), name
+            err, base = max_err(o, r), max_err(lp, r)
+            assert err <= 2 * base + atol, f"{name}: error {err:.3e} > 2 x torch's {base:.3e}"
+        else:
+            assert_close_to_ref(o, r, lp, name=name, atol=atol)
+
+
+# ----------------------------------------------------------------------------------------
+# cross_entropy
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_fwd_bwd_matches_fp64(device, dtype, reduction, label_smoothing):
+    logits = (torch.randn(13, 1237, device=device) * 4).to(dtype)
+    target = _targets(13, 1237, device)
+    _check_ce(logits, target, reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("n_rows,n_cols", [(1, 1), (1, 7), (113, 100), (3, 30522)])
+def test_cross_entropy_ragged_shapes_match_fp64(device, n_rows, n_cols):
+    # rows of a wider buffer: the row stride is not the class count
+    wide = torch.randn(n_rows, n_cols + 5, device=device) * 3
+    logits = wide[:, :n_cols]
+    target = _targets(n_rows, n_cols, device, ignore_frac=0.2)
+    target[0] = n_cols - 1  # at least one target: the mean over none is NaN (tested below)
+    _check_ce(logits, target, "none" if n_rows < 100 else "mean", label_smoothing=0.05)
+
+
+def test_cross_entropy_unbatched_and_custom_ignore_index_match_torch(device):
+    logits = torch.randn(50, device=device)
+    for reduction in REDUCTIONS:
+        for t in (torch.tensor(3, device=device), torch.tensor(7, device=device)):
+            out = cross_entropy(logits, t, ignore_index=7, reduction=reduction, backend="triton")
+            ref = F.cross_entropy(logits.double(), t, ignore_index=7, reduction=reduction)
+            assert out.shape == ref.shape
+            if ref.isnan():
+                assert out.isnan()
+            else:
+                assert_close_to_ref(out, ref)
+    target = _targets(9, 50, device, ignore_index=0)
+    _check_ce(torch.randn(9, 50, device=device), target, "mean", ignore_index=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cross_entropy_logits_of_1e4_are_safe(device, dtype):
+    # rows of large logits of both signs, one near-tie at the top; exp() of them would overflow
+    logits = (torch.randn(6, 3000, device=device).sign() * 1e4
+              + torch.randn(6, 3000, device=device) * 30).to(dtype)
+    target = torch.randint(0, 3000, (6,), device=device)
+    target[1] = int(logits[1].float().argmax())
+    for reduction in ("mean", "none"):
+        _check_ce(logits, target, reduction, label_smoothing=0.1, like_torch_fp32=True)
+
+
+def test_cross_entropy_masked_vocabulary_of_neg_inf_is_finite(device):
+    # the whole first block (4096 classes) is -inf: the running max starts at -inf
+    logits = torch.randn(3, 5000, device=device)
+    logits[:, :4100] = float("-inf")
+    target = torch.tensor([4100, 4999, IGNORE], device=device)
+    out, grad = _ce_run(lambda *a, **b: cross_entropy(*a, backend="triton", **b), logits, target,
+                        "none")
+    ref, ref_grad = _ce_run(F.cross_entropy, logits.double(), target, "none")
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    assert_close_to_ref(out, ref)
+    assert_close_to_ref(grad, ref_grad)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_all_ignored_matches_torch(device, reduction):
+    logits = torch.randn(5, 300, device=device)
+    target = torch.full((5,), IGNORE, device=device)
+    out, grad = _ce_run(lambda *a, **b: cross_entropy(*a, backend="triton", **b), logits, target,
+                        reduction, label_smoothing=0.1)
+    ref, ref_grad = _ce_run(F.cross_entropy, logits.double(), target, reduction,
+                            label_smoothing=0.1)
+    # torch: mean over zero targets is NaN, sum and none are 0; the gradient is 0 either way
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert (out[~out.isnan()] == 0).all()
+    assert torch.equal(ref_grad, torch.zeros_like(ref_grad))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_cross_entropy_kernel_writes_every_gradient_element(device):
+    # the backward launcher allocates its output: poison-check by comparing with a buffer that
+    # the in-place (STORE_GRAD) forward overwrites, NaN-filled except for the logits it reads
+    logits = torch.randn(7, 1500, device=device)
+    target = _targets(7, 1500, device, ignore_frac=0.3)
+    scale = torch.rand(7, device=device)
+    loss, stats = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
+    dlogits = k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1)
+    buf = logits.clone()
+    loss2, _ = k.cross_entropy_fwd(buf, target, IGNORE, 0.1, grad_scale=scale)
+    assert torch.isfinite(dlogits).all()
+    torch.testing.assert_close(buf, dlogits, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss2, loss)
+    x = logits.double().requires_grad_()
+    ref = F.cross_entropy(x, target, ignore_index=IGNORE, label_smoothing=0.1, reduction="none")
+    (ref * scale.double()).sum().backward()
+    assert_close_to_ref(dlogits, x.grad)
+
+
+def test_launchers_write_every_element_of_poisoned_outputs(device, monkeypatch):
+    # every buffer the launchers allocate starts as NaN: an element a kernel skips stays NaN
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison_(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison_(empty_like(*a, **kw)))
+    logits = torch.randn(9, 700, device=device)
+    target = _targets(9, 700, device, ignore_frac=0.3)
+    loss, stats = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
+    dlogits = k.cross_entropy_bwd(logits, target, stats, torch.ones((), device=device), IGNORE,
+                                  0.1)
+    x = torch.randn(20, 48, device=device)
+    w = torch.randn(700, 48, device=device) * 0.1
+    out = k.linear_cross_entropy(x, w, torch.randn(700, device=device),
+                                 torch.randint(0, 700, (20,), device=device), IGNORE, 0.0,
+                                 torch.ones((), device=device))
+    monkeypatch.undo()
+    for t in (loss, stats, dlogits, *out):
+        assert torch.isfinite(t).all()
+    x_ref = logits.double().requires_grad_()
+    F.cross_entropy(x_ref, target, label_smoothing=0.1, reduction="sum").backward()
+    assert_close_to_ref(dlogits, x_ref.grad)
+
+
+def test_cross_entropy_out_of_range_target_raises(device):
+    logits = torch.randn(4, 10, device=device)
+    for bad in (10, -1, 12345):
+        target = torch.tensor([1, bad, 2, IGNORE], device=device)
+        for backend in ("triton", "torch"):
+            with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 10\)"):
+                cross_entropy(logits, target, backend=backend)
+
+
+def test_cross_entropy_unchecked_bad_target_is_nan_not_an_address(device):
+    logits = torch.randn(3, 40, device=device, requires_grad=True)
+    target = torch.tensor([5, 1 << 40, IGNORE], device=device)
+    out = cross_entropy(logits, target, reduction="none", check_labels=False, backend="triton")
+    assert torch.isfinite(out[0]) and out[1].isnan() and out[2] == 0
+    (g,) = torch.autograd.grad(out[0] + out[2], logits)
+    assert torch.isfinite(g).all() and (g[1:] == 0).all()
+
+
+def test_cross_entropy_rejects_bad_arguments(device):
+    logits = torch.randn(4, 10, device=device)
+    target = torch.randint(0, 10, (4,), device=device)
+    with pytest.raises(TypeError, match="target must hold class indices"):
+        cross_entropy(logits, torch.rand(4, 10, device=device))
+    with pytest.raises(ValueError, match=r"target must have shape \(4,\)"):
+        cross_entropy(logits, target[:3])
+    with pytest.raises(ValueError, match="logits must have 1 or 2 dimensions"):
+        cross_entropy(logits[None], target[None])
+    with pytest.raises(TypeError, match="logits must have dtype"):
+        cross_entropy(logits.double(), target)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        cross_entropy(logits, target, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        cross_entropy(logits, target, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="at least one class"):
+        cross_entropy(logits[:, :0], target)
+
+
+def test_cross_entropy_auto_backend_on_cpu_is_the_reference_and_agrees():
+    logits = torch.randn(6, 77)
+    target = _targets(6, 77, "cpu")
+    auto = cross_entropy(logits, target, label_smoothing=0.2)
+    ref = cross_entropy_ref(logits, target, label_smoothing=0.2)
+    assert torch.equal(auto, ref)
+    torch.testing.assert_close(cross_entropy(logits, target, label_smoothing=0.2,
+                                             backend="triton"), ref)
+
+
+def test_cross_entropy_custom_ops_pass_opcheck(device):
+    logits = torch.randn(5, 300, device=device, requires_grad=True)
+    target = _targets(5, 300, device)
+    for reduction in REDUCTIONS:
+        torch.library.opcheck(torch.ops.fastbert.cross_entropy_fwd.default,
+                              (logits, target, IGNORE, 0.1, reduction, True, torch.float32))
+    _, stats = k.cross_entropy_fwd(logits.detach(), target, IGNORE, 0.1)
+    torch.library.opcheck(torch.ops.fastbert.cross_entropy_bwd.default,
+                          (torch.rand(5, device=device), logits.detach(), target, stats, IGNORE,
+                           0.1, "none"))
+
+
+def test_cross_entropy_compiles_fullgraph(device):
+    torch._dynamo.reset()
+    logits = torch.randn(9, 321, device=device)
+    target = _targets(9, 321, device)
+
+    def f(x, t):
+        return cross_entropy(x, t, label_smoothing=0.1, backend="triton") * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x1 = logits.clone().requires_grad_()
+    x2 = logits.clone().requires_grad_()
+    out, ref = compiled(x1, target), f(x2, target)
+    out.backward()
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+# ----------------------------------------------------------------------------------------
+# masked_lm_loss
+
+def _mlm_inputs(shape, hidden_size, vocab, dtype, device, masked_frac=0.3, with_bias=True):
+    hidden = (torch.randn(*shape, hidden_size, device=device)).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, device=device) * hidden_size ** -0.5).to(dtype)
+    bias = (torch.randn(vocab, device=device) * 0.5).to(dtype) if with_bias else None
+    labels = torch.randint(0, vocab, shape, device=device)
+    labels[torch.rand(shape, device=device) >= masked_frac] = IGNORE
+    return hidden, weight, bias, labels
+
+
+def _hf_way(hidden, weight, bias, labels, *, reduction="mean", label_smoothing=0.0,
+            fp32_logits=False):
+    """The Hugging Face BertForMaskedLM loss: project every token, then cross-entropy."""
+    logits = F.linear(hidden, weight, bias)
+    if fp32_logits:
+        logits = logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, weight.shape[0]), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    return loss.reshape(labels.shape) if reduction == "none" else loss
+
+
+def _mlm_run(fn, hidden, weight, bias, labels, reduction, **kw):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None
+              for t in (hidden, weight, bias)]
+    loss = fn(*leaves, labels, reduction=reduction, **kw)
+    torch.manual_seed(1)
+    _reduce_for_grad(loss, reduction).backward()
+    return loss.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def _check_mlm(hidden, weight, bias, labels, reduction, *, label_smoothing=0.0, fp64_fn=_hf_way):
+    kw = dict(label_smoothing=label_smoothing)
+    out, grads = _mlm_run(lambda *a, **b: masked_lm_loss(*a, backend="triton", **b),
+                          hidden, weight, bias, labels, reduction, **kw)
+    d = lambda t: t.double() if t is not None else None
+    ref, ref_grads = _mlm_run(fp64_fn, d(hidden), d(weight), d(bias), labels, reduction, **kw)
+    lowp, lowp_grads = None, [None] * 3
+    if hidden.dtype != torch.float32:
+        lowp, lowp_grads = _mlm_run(_hf_way, hidden, weight, bias, labels, reduction, **kw)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    if lowp is not None:
+        # the loss is float32: hold its error to torch's from the same low-precision logits,
+        # before torch rounds the loss itself to the low dtype
+        lowp_loss, _ = _mlm_run(lambda *a, **b: _hf_way(*a, fp32_logits=True, **b),
+                                hidden, weight, bias, labels, reduction, **kw)
+        err, base = max_err(out, ref), max_err(lowp_loss, ref)
+        assert err <= 2 * base + 1e-4, f"loss: error {err:.3e} > 2 x torch's {base:.3e} + 1e-4"
+    else:
+        assert_close_to_ref(out, ref, name="loss", atol=1e-5)
+    for name, g, rg, lg in zip(("dhidden", "dweight", "dbias"), grads, ref_grads, lowp_grads):
+        if rg is None:
+            assert g is None
+            continue
+        assert g.dtype == hidden.dtype, name
+        assert_close_to_ref(g, rg, lg, name=name, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_masked_lm_loss_matches_fp64_full_projection(device, dtype, reduction):
+    inputs = _mlm_inputs((3, 7), 100, 1237, dtype, device)
+    _check_mlm(*inputs, reduction, label_smoothing=0.1 if reduction != "sum" else 0.0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_masked_lm_loss_2d_without_bias_matches_fp64(device, reduction):
+    inputs = _mlm_inputs((29,), 32, 1000, torch.float32, device, with_bias=False)
+    _check_mlm(*inputs, reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_masked_lm_loss_several_chunks_match_fp64(device, monkeypatch, dtype, reduction):
+    # 16 rows a chunk: 45 or so masked rows run as 3 chunks, the dW partial sums accumulate
+    monkeypatch.setattr(k, "CHUNK_ELEMENTS", 16 * 1237)
+    inputs = _mlm_inputs((4, 20), 100, 1237, dtype, device, masked_frac=0.55)
+    assert k.chunk_rows(int((inputs[3] != IGNORE).sum()), 1237) == 16
+    _check_mlm(*inputs, reduction, label_smoothing=0.1)
+
+
+def test_masked_lm_loss_bert_vocab_matches_fp64(device):
+    hidden, weight, bias, labels = _mlm_inputs((1, 11), 128, 30522, torch.float32, device,
+                                               masked_frac=0.0)
+    labels[0, [0, 4, 10]] = torch.tensor([0, 30521, 2024], device=device)
+    _check_mlm(hidden, weight, bias, labels, "mean")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_masked_lm_loss_without_masked_tokens_is_zero_with_zero_grads(device, backend, reduction):
+    hidden, weight, bias, _ = _mlm_inputs((2, 5), 48, 300, torch.float32, device)
+    labels = torch.full((2, 5), IGNORE, device=device)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss = masked_lm_loss(*leaves, labels, reduction=reduction, backend=backend)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert loss.shape == (labels.shape if reduction == "none" else ())
+    loss.sum().backward()
+    for t in leaves:
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_masked_lm_loss_all_tokens_masked_matches_fp64(device):
+    inputs = _mlm_inputs((2, 9), 64, 700, torch.float32, device, masked_frac=1.0)
+    assert (inputs[3] != IGNORE).all()
+    _check_mlm(*inputs, "mean", label_smoothing=0.1)
+
+
+def test_masked_lm_loss_reference_equals_full_projection(device):
+    # the reference projects only the masked rows; it must equal the full-projection loss
+    hidden, weight, bias, labels = _mlm_inputs((3, 7), 40, 333, torch.float64, device)
+    for reduction in REDUCTIONS:
+        torch.testing.assert_close(
+            masked_lm_loss_ref(hidden, weight, bias, labels, reduction=reduction,
+                               label_smoothing=0.1),
+            _hf_way(hidden, weight, bias, labels, reduction=reduction, label_smoothing=0.1))
+
+
+def test_masked_lm_loss_frozen_weight_and_no_grad(device):
+    hidden, weight, bias, labels = _mlm_inputs((2, 8), 32, 500, torch.float32, device)
+    h = hidden.clone().requires_grad_()
+    loss = masked_lm_loss(h, weight, bias, labels, backend="triton")
+    loss.backward()
+    h_ref = hidden.double().requires_grad_()
+    _hf_way(h_ref, weight.double(), bias.double(), labels).backward()
+    assert_close_to_ref(h.grad, h_ref.grad)
+    with torch.no_grad():
+        out = masked_lm_loss(hidden, weight, bias, labels, backend="triton")
+    assert_close_to_ref(out, masked_lm_loss_ref(hidden, weight, bias, labels, upcast=True).float(),
+                        atol=1e-5)
+
+
+def test_losses_under_autocast_run_in_the_autocast_dtype_and_return_fp32(device):
+    hidden, weight, bias, labels = _mlm_inputs((2, 5), 32, 100, torch.float32, device)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = masked_lm_loss(*leaves, labels, backend="triton")
+        logits = F.linear(*leaves).reshape(-1, 100)
+        ce = cross_entropy(logits, labels.reshape(-1), backend="triton")
+        ce_torch = F.cross_entropy(logits, labels.reshape(-1))
+    assert loss.dtype == ce.dtype == ce_torch.dtype == torch.float32
+    torch.testing.assert_close(ce, ce_torch)
+    ref = _hf_way(*[t.bfloat16().float() for t in (hidden, weight, bias)], labels)
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+    (loss + ce).backward()
+    assert all(t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_masked_lm_loss_out_of_range_label_raises(device):
+    hidden, weight, bias, labels = _mlm_inputs((2, 4), 16, 50, torch.float32, device)
+    for bad in (50, -3):
+        labels[1, 2] = bad
+        for backend in ("triton", "torch"):
+            with pytest.raises(ValueError, match=r"labels must hold class indices in \[0, 50\)"):
+                masked_lm_loss(hidden, weight, bias, labels, backend=backend)
+
+
+def test_masked_lm_loss_unchecked_bad_label_is_nan_not_an_address(device):
+    hidden, weight, bias, labels = _mlm_inputs((6,), 16, 50, torch.float32, device)
+    labels[:] = torch.tensor([3, 1 << 35, IGNORE, 7, IGNORE, 49], device=device)
+    out = masked_lm_loss(hidden, weight, bias, labels, reduction="none", check_labels=False,
+                         backend="triton")
+    assert out[1].isnan()
+    assert torch.isfinite(out[[0, 2, 3, 4, 5]]).all()
+
+
+def test_masked_lm_loss_rejects_bad_arguments(device):
+    hidden, weight, bias, labels = _mlm_inputs((2, 4), 16, 50, torch.float32, device)
+    with pytest.raises(ValueError, match=r"weight must have shape \(V, 16\)"):
+        masked_lm_loss(hidden, weight[:, :8], bias, labels)
+    with pytest.raises(ValueError, match=r"bias must have shape \(50,\)"):
+        masked_lm_loss(hidden, weight, bias[:7], labels)
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 4\)"):
+        masked_lm_loss(hidden, weight, bias, labels[:, :3])
+    with pytest.raises(TypeError, match="labels must hold class indices"):
+        masked_lm_loss(hidden, weight, bias, labels.float())
+    with pytest.raises(TypeError, match="weight must have hidden's dtype"):
+        masked_lm_loss(hidden, weight.half(), bias, labels)
+    with pytest.raises(ValueError, match="hidden must have 2 or 3 dimensions"):
+        masked_lm_loss(hidden[0, 0], weight, bias, labels)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        masked_lm_loss(hidden, weight, bias, labels, reduction="batchmean")
+
+
+def test_masked_lm_loss_custom_ops_pass_opcheck(device):
+    hidden, weight, bias, labels = _mlm_inputs((10,), 24, 200, torch.float32, device)
+    args = [t.requires_grad_() for t in (hidden, weight, bias)]
+    for reduction in REDUCTIONS:
+        torch.library.opcheck(torch.ops.fastbert.masked_lm_loss_fwd.default,
+                              (*args, labels, IGNORE, 0.1, reduction, True, True, True, True))
+    torch.library.opcheck(torch.ops.fastbert.masked_lm_loss_bwd.default,
+                          (torch.randn(10, device=device), hidden.detach(), weight.detach(),
+                           bias.detach(), labels, IGNORE, 0.1, True, True, True))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_masked_lm_loss_compiles_fullgraph(device, reduction):
+    torch._dynamo.reset()
+    hidden, weight, bias, labels = _mlm_inputs((2, 6), 32, 300, torch.float32, device)
+
+    def f(h, w, b, lab):
+        loss = masked_lm_loss(h, w, b, lab, reduction=reduction, backend="triton")
+        return loss.sum() * 3.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    b = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out, ref = compiled(*a, labels), f(*b, labels)
+    out.backward()
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+# ----------------------------------------------------------------------------------------
+# GPU: real sizes, compiled kernels
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cross_entropy_bert_batch_on_gpu(dtype):
+    logits = (torch.randn(4096, 30522, device="cuda") * 4).to(dtype)
+    target = _targets(4096, 30522, "cuda")
+    _check_ce(logits, target, "mean", label_smoothing=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab,hidden_size", [(30522, 768), (50257, 1024)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_masked_lm_loss_bert_sizes_on_gpu(vocab, hidden_size, dtype):
+    # 32 x 128 tokens at 15% masked: one chunk at V = 30522; with a small budget, several
+    inputs = _mlm_inputs((32, 128), hidden_size, vocab, dtype, "cuda", masked_frac=0.15)
+    _check_mlm(*inputs, "mean")

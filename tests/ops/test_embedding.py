@@ -1,0 +1,412 @@
+"""fastbert.ops.embedding_layer_norm: BERT's embedding sum + LayerNorm (+ dropout), forward
+and every gradient against the fp64 reference, both table-gradient modes (fp32 atomics and
+the deterministic sort + segmented sum), repeated and out-of-range ids, edge cases,
+registration (opcheck, torch.compile).
+
+On CPU the kernels run in the Triton interpreter: shapes are small but ragged.
+"""
+import pytest
+import torch
+
+from fastbert.kernels import embedding as k
+from fastbert.kernels._common import dropout_mask
+from fastbert.ops import BackendUnavailable, embedding_layer_norm, embedding_layer_norm_ref
+from fastbert.ops import embedding as ops_embedding
+from tests._utils import assert_close_to_ref, max_err, poison_
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GRAD_NAMES = ("word_weight", "position_weight", "type_weight", "ln_weight", "ln_bias")
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every torch.empty the launchers allocate (outputs, statistics, d(sum) rows, chunk
+    partials) starts as NaN / a sentinel, so an element a kernel forgets to write fails."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        return poison_(real_empty(*args, **kwargs))
+
+    monkeypatch.setattr(k.torch, "empty", empty)
+    yield
+
+
+def make_inputs(device, batch, seq, hidden, vocab=11, n_pos=None, n_types=2,
+                dtype=torch.float32, with_types=True, pad_runs=True):
+    """Random tables and ids. A small vocabulary makes repeated ids the rule; trailing
+    [PAD] (id 0) runs mimic padded batches."""
+    n_pos = n_pos or seq + 3
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    if pad_runs and seq > 2:
+        lengths = torch.randint(1, seq + 1, (batch,), device=device)
+        ids = torch.where(torch.arange(seq, device=device)[None, :] < lengths[:, None], ids, 0)
+    mk = lambda *s: torch.randn(*s, device=device, dtype=torch.float32).to(dtype).requires_grad_()
+    inp = dict(input_ids=ids, word_weight=mk(vocab, hidden), position_weight=mk(n_pos, hidden),
+               ln_weight=(1 + 0.5 * torch.randn(hidden, device=device)).to(dtype).requires_grad_(),
+               ln_bias=mk(hidden))
+    if with_types:
+        inp["type_weight"] = mk(n_types, hidden)
+        # types are runs: segment A then segment B, as in BERT's sentence pairs
+        split = torch.randint(0, seq + 1, (batch, 1), device=device)
+        inp["token_type_ids"] = (torch.arange(seq, device=device)[None, :] >= split).long()
+        inp["token_type_ids"] = inp["token_type_ids"].clamp(max=n_types - 1)
+    return inp
+
+
+def _params(inp):
+    return [inp.get(n) for n in GRAD_NAMES]
+
+
+def _grads(y, inp, dy):
+    params = [p for p in _params(inp) if p is not None]
+    gs = torch.autograd.grad(y, params, dy)
+    it = iter(gs)
+    return [next(it) if p is not None else None for p in _params(inp)]
+
+
+def _call(inp, **kw):
+    args = {k_: v for k_, v in inp.items()
+            if k_ not in ("input_ids", "word_weight", "position_weight", "ln_weight", "ln_bias")}
+    return embedding_layer_norm(inp["input_ids"], inp["word_weight"], inp["position_weight"],
+                                inp["ln_weight"], inp["ln_bias"], **args, **kw)
+
+
+def _ref(inp, **kw):
+    args = {k_: v for k_, v in inp.items()
+            if k_ not in ("input_ids", "word_weight", "position_weight", "ln_weight", "ln_bias")}
+    return embedding_layer_norm_ref(inp["input_ids"], inp["word_weight"], inp["position_weight"],
+                                    inp["ln_weight"], inp["ln_bias"], **args, **kw)
+
+
+def _torch_lowp(inp, eps=1e-12, padding_idx=None):
+    """What eager PyTorch computes in the tables' low precision (the error yardstick)."""
+    ids = inp["input_ids"]
+    s = torch.nn.functional.embedding(ids, inp["word_weight"], padding_idx=padding_idx)
+    s = s + inp["position_weight"][torch.arange(ids.shape[-1], device=ids.device)]
+    if inp.get("type_weight") is not None:
+        s = s + torch.nn.functional.embedding(inp["token_type_ids"], inp["type_weight"])
+    return torch.nn.functional.layer_norm(s, s.shape[-1:], inp["ln_weight"], inp["ln_bias"], eps)
+
+
+def _check_against_ref(inp, y, grads, dy, padding_idx=None, dropout_p=0.0, mask=None):
+    yr = _ref(inp, upcast=True, padding_idx=padding_idx, dropout_p=dropout_p, dropout_mask=mask)
+    gr = _grads(yr, inp, dy.double())
+    dtype = y.dtype
+    if dtype == torch.float32:
+        assert_close_to_ref(y, yr, atol=1e-5, name="y")
+        for name, g, r in zip(GRAD_NAMES, grads, gr):
+            if r is not None:
+                assert_close_to_ref(g, r, atol=1e-5, name=name)
+        return
+    assert dropout_p == 0.0
+    yl = _torch_lowp(inp, padding_idx=padding_idx)
+    gl = _grads(yl, inp, dy)
+    assert_close_to_ref(y, yr, yl, atol=1e-3, name="y")
+    for name, g, r, l in zip(GRAD_NAMES, grads, gr, gl):
+        if r is not None:
+            assert_close_to_ref(g, r, l, atol=1e-3 * max(1.0, r.abs().max().item()), name=name)
+
+
+# ----------------------------------------------------------------------------------------
+# numerics
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("batch,seq,hidden", [(2, 7, 100), (1, 1, 384), (3, 41, 48)])
+def test_embedding_layer_norm_fwd_bwd_match_fp64_on_ragged_shapes(
+        device, poisoned_empty, dtype, deterministic, batch, seq, hidden):
+    inp = make_inputs(device, batch, seq, hidden, vocab=7, dtype=dtype)
+    y = _call(inp, backend="triton", deterministic=deterministic)
+    assert y.shape == (batch, seq, hidden) and y.dtype == dtype
+    dy = torch.randn_like(y)
+    _check_against_ref(inp, y, _grads(y, inp, dy), dy)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_embedding_layer_norm_default_positions_types_and_no_type_table(device, deterministic):
+    # explicit (1, S) position ids, int32 ids, no type table, no LayerNorm affine
+    inp = make_inputs(device, 2, 9, 64, vocab=5, n_pos=20, with_types=False)
+    inp["input_ids"] = inp["input_ids"].int()
+    inp["ln_weight"] = inp["ln_bias"] = None
+    inp["position_ids"] = (torch.arange(9, device=device) + 4).flip(0)[None, :].int()
+    y = _call(inp, backend="triton", deterministic=deterministic)
+    dy = torch.randn_like(y)
+    _check_against_ref(inp, y, _grads(y, inp, dy), dy)
+    # a type table without token_type_ids: every token has type 0
+    inp = make_inputs(device, 2, 9, 64, vocab=5, n_types=3)
+    del inp["token_type_ids"]
+    y = _call(inp, backend="triton", deterministic=deterministic)
+    dy = torch.randn_like(y)
+    grads = _grads(y, inp, dy)
+    _check_against_ref(inp, y, grads, dy)
+    assert torch.count_nonzero(grads[2][1:]) == 0
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_embedding_layer_norm_repeated_ids_sum_gradients(device, deterministic):
+    # every token the same word, position table indexed with heavy repeats
+    inp = make_inputs(device, 3, 13, 32, vocab=4, n_pos=5, pad_runs=False)
+    inp["input_ids"] = torch.full_like(inp["input_ids"], 2)
+    inp["position_ids"] = torch.randint(0, 5, (3, 13), device=device)
+    y = _call(inp, backend="triton", deterministic=deterministic)
+    dy = torch.randn_like(y)
+    grads = _grads(y, inp, dy)
+    _check_against_ref(inp, y, grads, dy)
+    assert torch.count_nonzero(grads[0][[0, 1, 3]]) == 0
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("padding_idx", [0, -4])
+def test_embedding_layer_norm_padding_idx_gets_no_gradient(device, deterministic, padding_idx):
+    inp = make_inputs(device, 2, 11, 40, vocab=4)
+    y = _call(inp, backend="triton", deterministic=deterministic, padding_idx=padding_idx)
+    dy = torch.randn_like(y)
+    grads = _grads(y, inp, dy)
+    _check_against_ref(inp, y, grads, dy, padding_idx=padding_idx)
+    assert torch.count_nonzero(grads[0][padding_idx % 4]) == 0
+    assert torch.count_nonzero(grads[0]) > 0
+
+
+def test_embedding_layer_norm_deterministic_grads_bit_identical_and_close_to_atomic(device):
+    inp = make_inputs(device, 2, 37, 48, vocab=6)
+    dy = torch.randn(2, 37, 48, device=device)
+
+    def run(det):
+        y = _call(inp, backend="triton", deterministic=det)
+        return [y] + [g for g in _grads(y, inp, dy) if g is not None]
+
+    a, b, c = run(True), run(True), run(False)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    for x, y in zip(a, c):
+        assert max_err(x, y) <= 1e-5 * max(1.0, y.abs().max().item())
+
+
+@pytest.mark.parametrize("n_rows,n_keys,chunk", [(1, 3, 4), (70, 3, 4), (97, 13, 8), (150, 1, 4)])
+def test_segment_sum_matches_index_add_across_many_chunks(device, n_rows, n_keys, chunk):
+    # runs that span many chunks (the merge kernel's multi-tile walk), out-of-range keys and
+    # a skipped key, with a tiny chunk so that a short input crosses many boundaries
+    keys = torch.randint(-1, n_keys + 1, (n_rows,), device=device)
+    if n_keys == 1:
+        keys.zero_()
+    ds = torch.randn(n_rows, 20, device=device)
+    skip = 1 if n_keys > 2 else -1
+    g = k._segment_sum(keys, ds, n_keys, skip, torch.float32, chunk)
+    ok = (keys >= 0) & (keys < n_keys) & (keys != skip)
+    ref = torch.zeros(n_keys, 20, dtype=torch.float64, device=device)
+    ref.index_add_(0, keys[ok], ds[ok].double())
+    assert_close_to_ref(g, ref, atol=1e-5, name="segment sum")
+    assert torch.equal(g, k._segment_sum(keys, ds, n_keys, skip, torch.float32, chunk))
+
+
+def test_embedding_layer_norm_dropout_matches_ref_with_kernel_mask(device):
+    inp = make_inputs(device, 2, 7, 100, vocab=5)
+    p = 0.3
+    torch.manual_seed(123)
+    y = _call(inp, backend="triton", dropout_p=p)
+    torch.manual_seed(123)
+    seed = torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+    mask = dropout_mask(seed, 14, 100, p).reshape(2, 7, 100)
+    assert 0.5 < mask.float().mean().item() < 0.9
+    dy = torch.randn_like(y)
+    _check_against_ref(inp, y, _grads(y, inp, dy), dy, dropout_p=p, mask=mask)
+    # torch.manual_seed reproduces the draw
+    torch.manual_seed(123)
+    assert torch.equal(y, _call(inp, backend="triton", dropout_p=p))
+
+
+# ----------------------------------------------------------------------------------------
+# edge cases and errors
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 5), (0,)])
+def test_embedding_layer_norm_empty_batch_gives_empty_output_and_zero_grads(device, shape):
+    inp = make_inputs(device, 1, 3, 24, vocab=5)
+    inp["input_ids"] = torch.zeros(shape, dtype=torch.int64, device=device)
+    inp["token_type_ids"] = torch.zeros(shape, dtype=torch.int64, device=device)
+    for det in (False, True):
+        y = _call(inp, backend="triton", deterministic=det)
+        assert y.shape == shape + (24,)
+        grads = _grads(y.sum(), inp, torch.tensor(1.0, device=device))
+        for g in grads:
+            assert g is not None and torch.count_nonzero(g) == 0
+
+
+def test_embedding_layer_norm_constant_row_is_finite(device):
+    # all three rows sum to a constant vector: variance 0, eps keeps it finite (y = ln_bias)
+    inp = make_inputs(device, 1, 2, 16, vocab=3, with_types=False)
+    with torch.no_grad():
+        inp["word_weight"].fill_(0.25)
+        inp["position_weight"].fill_(-0.5)
+    y = _call(inp, backend="triton")
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, inp["ln_bias"].detach().expand_as(y), atol=1e-5, rtol=0)
+    g = _grads(y, inp, torch.randn_like(y))
+    assert all(torch.isfinite(t).all() for t in g if t is not None)
+
+
+@pytest.mark.parametrize("what,match", [
+    ("ids_high", r"input_ids: id 7 out of range \[0, 7\)"),
+    ("ids_negative", r"input_ids: id -1 out of range \[0, 7\)"),
+    ("positions", r"position_ids: id 9 out of range \[0, 9\): max 9 >= max_position_embeddings 9"),
+    ("types", r"token_type_ids: id 2 out of range \[0, 2\)"),
+    ("too_long", r"input_ids: sequence length 12 exceeds max_position_embeddings 9"),
+])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_embedding_layer_norm_out_of_range_ids_raise_naming_the_argument(device, what, match,
+                                                                       backend):
+    inp = make_inputs(device, 2, 6, 16, vocab=7, n_pos=9)
+    if what == "ids_high":
+        inp["input_ids"][1, 2] = 7
+    elif what == "ids_negative":
+        inp["input_ids"][0, 0] = -1
+    elif what == "positions":
+        inp["position_ids"] = torch.arange(6, device=device) + 4
+    elif what == "types":
+        inp["token_type_ids"][0, 3] = 2
+    else:
+        inp["input_ids"] = torch.zeros(2, 12, dtype=torch.int64, device=device)
+        inp["token_type_ids"] = torch.zeros(2, 12, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match=match):
+        _call(inp, backend=backend)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_embedding_layer_norm_unchecked_out_of_range_ids_read_and_write_nothing(device,
+                                                                               deterministic):
+    inp = make_inputs(device, 2, 6, 16, vocab=5, n_pos=9)
+    inp["input_ids"][0, 1] = 5
+    inp["input_ids"][1, 4] = -3
+    inp["input_ids"][1, 5] = 1000
+    inp["token_type_ids"][1, 0] = 7
+    y = _call(inp, backend="triton", check_bounds=False, deterministic=deterministic)
+    dy = torch.randn_like(y)
+    grads = _grads(y, inp, dy)
+    # the reference: each table grows zero rows that the bad ids are mapped to
+    ref_inp = {name: t.detach().double() if t.is_floating_point() else t.clone()
+               for name, t in inp.items()}
+    for table, ids, n in (("word_weight", "input_ids", 5), ("type_weight", "token_type_ids", 2)):
+        w = ref_inp[table]
+        ref_inp[table] = torch.cat([w, w.new_zeros(1, w.shape[1])]).requires_grad_()
+        bad = (ref_inp[ids] < 0) | (ref_inp[ids] >= n)
+        ref_inp[ids] = torch.where(bad, n, ref_inp[ids])
+    for name in ("position_weight", "ln_weight", "ln_bias"):
+        ref_inp[name].requires_grad_()
+    yr = _ref(ref_inp)
+    gr = _grads(yr, ref_inp, dy.double())
+    assert_close_to_ref(y, yr, atol=1e-5, name="y")
+    for name, g, r in zip(GRAD_NAMES, grads, gr):
+        if name in ("word_weight", "type_weight"):
+            r = r[:-1]
+        assert_close_to_ref(g, r, atol=1e-5, name=name)
+
+
+def test_embedding_layer_norm_bad_arguments_raise_clear_errors(device):
+    inp = make_inputs(device, 2, 5, 16, vocab=5)
+    bad = [
+        (dict(input_ids=inp["input_ids"].float()), TypeError, "input_ids must have dtype"),
+        (dict(position_weight=torch.randn(9, 8, device=device)), ValueError,
+         r"position_weight must have 16 columns"),
+        (dict(type_weight=torch.randn(2, 8, device=device)), ValueError,
+         "type_weight must have 16"),
+        (dict(ln_weight=torch.randn(8, device=device)), ValueError, r"ln_weight must have shape"),
+        (dict(word_weight=torch.randn(5, 16, 1, device=device)), ValueError,
+         "word_weight must have 2 dimensions"),
+        (dict(type_weight=None), ValueError, "token_type_ids was given but type_weight is None"),
+        (dict(position_ids=torch.zeros(3, 5, dtype=torch.int64, device=device)), ValueError,
+         "position_ids must be broadcastable"),
+        (dict(eps=0.0), ValueError, "eps must be positive"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (dict(padding_idx=5), ValueError, "padding_idx must be within"),
+        (dict(input_ids=torch.tensor(3, device=device)), ValueError,
+         "input_ids must have at least"),
+    ]
+    for change, exc, match in bad:
+        args = {**inp, **change}
+        with pytest.raises(exc, match=match):
+            _call(args, backend="triton")
+
+
+def test_embedding_layer_norm_explicit_triton_too_wide_raises(device):
+    w = torch.randn(3, k.MAX_EMBED_COLS + 1, device=device)
+    ids = torch.zeros(1, 2, dtype=torch.int64, device=device)
+    with pytest.raises(BackendUnavailable, match="hidden size"):
+        embedding_layer_norm(ids, w, w, None, None, backend="triton")
+
+
+def test_embedding_layer_norm_torch_backend_is_the_reference(device):
+    inp = make_inputs(device, 2, 5, 16, vocab=5)
+    y = _call(inp, backend="torch", padding_idx=0)
+    torch.testing.assert_close(y, _ref(inp, padding_idx=0), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# registration
+
+def test_embedding_layer_norm_opcheck(device):
+    inp = make_inputs(device, 2, 5, 24, vocab=5)
+    d = {n: (t.detach().requires_grad_() if t.is_floating_point() else t) for n, t in inp.items()}
+    seed = torch.tensor([7], dtype=torch.int64, device=device)
+    fwd_args = (d["input_ids"], d["word_weight"], d["position_weight"], d["ln_weight"],
+                d["ln_bias"], None, d["token_type_ids"], d["type_weight"], seed, 1e-12, 0.1,
+                0, False)
+    torch.library.opcheck(ops_embedding._embedding_layer_norm_fwd, fwd_args)
+    y, mean, rstd = ops_embedding._embedding_layer_norm_fwd(*fwd_args)
+    bwd_args = (torch.randn_like(y).detach(), d["input_ids"], d["word_weight"].detach(),
+                d["position_weight"].detach(), d["ln_weight"].detach(), d["ln_bias"].detach(),
+                None, d["token_type_ids"], d["type_weight"].detach(), seed, mean.detach(),
+                rstd.detach(), 0.1, 0, True)
+    torch.library.opcheck(ops_embedding._embedding_layer_norm_bwd, bwd_args)
+
+
+def test_embedding_layer_norm_torch_compile_fullgraph(device):
+    inp = make_inputs(device, 2, 6, 32, vocab=5)
+
+    def f(ids, types, word, pos, typ, w, b):
+        return embedding_layer_norm(ids, word, pos, w, b, token_type_ids=types, type_weight=typ,
+                                    padding_idx=0, backend="triton")
+
+    args = (inp["input_ids"], inp["token_type_ids"], inp["word_weight"], inp["position_weight"],
+            inp["type_weight"], inp["ln_weight"], inp["ln_bias"])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y = compiled(*args)
+    dy = torch.randn_like(y)
+    grads = _grads(y, inp, dy)
+    _check_against_ref(inp, y, grads, dy, padding_idx=0)
+
+
+# ----------------------------------------------------------------------------------------
+# GPU only: BERT shapes, compiled kernels
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_embedding_layer_norm_gpu_bert_base_shapes(dtype):
+    inp = make_inputs(torch.device("cuda"), 8, 512, 768, vocab=30522, n_pos=512, dtype=dtype)
+    for det in (False, True):
+        y = _call(inp, backend="triton", deterministic=det, padding_idx=0)
+        dy = torch.randn_like(y)
+        _check_against_ref(inp, y, _grads(y, inp, dy), dy, padding_idx=0)
+
+
+@pytest.mark.gpu
+def test_embedding_layer_norm_gpu_deterministic_is_bit_identical():
+    inp = make_inputs(torch.device("cuda"), 16, 128, 1024, vocab=100, n_pos=512,
+                      dtype=torch.bfloat16)
+    dy = torch.randn(16, 128, 1024, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(3):
+        y = _call(inp, backend="triton", deterministic=True)
+        runs.append([g for g in _grads(y, inp, dy) if g is not None])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_embedding_layer_norm_atomic_word_grad_on_16bit_tables(device, monkeypatch, dtype):
+    # 16-bit word tables take the segmented word gradient by default; the fp32-atomic
+    # alternative (forced here) must agree with the reference too
+    monkeypatch.setattr(k, "SEGMENTED_WORD_GRAD_DTYPES", ())
+    inp = make_inputs(device, 2, 7, 100, vocab=5, dtype=dtype)
+    y = _call(inp, backend="triton")
+    dy = torch.randn_like(y)
+    _check_against_ref(inp, y, _grads(y, inp, dy), dy)
