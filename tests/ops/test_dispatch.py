@@ -24,12 +24,13 @@ def _spy(monkeypatch):
     return calls
 
 
-def test_resolution_order_argument_env_context_auto(monkeypatch):
+def test_resolution_order_argument_env_context_auto(monkeypatch, device):
     calls = _spy(monkeypatch)
-    x = torch.randn(2, 16)
+    x = torch.randn(2, 16, device=device)
     monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
     ops.layer_norm(x, None, None)
-    assert calls[-1] == "torch"  # auto on CPU tensors
+    # auto: CPU tensors -> the reference, CUDA tensors -> the kernel
+    assert calls[-1] == ("triton" if device.type == "cuda" else "torch")
     with fastbert.use_backend("triton"):
         ops.layer_norm(x, None, None)
         assert calls[-1] == "triton"

@@ -211,15 +211,15 @@ def test_layer_norm_empty_rows(device):
     (lambda x, w: ops.layer_norm(x, w, None, backend="tpu"), "unknown backend"),
     (lambda x, w: ops.gelu_layer_norm(x, None, w, None, approximate="fast"), "approximate"),
 ])
-def test_layer_norm_bad_inputs_raise_clear_errors(bad, match):
-    x = torch.randn(4, 32)
-    w = torch.randn(32)
+def test_layer_norm_bad_inputs_raise_clear_errors(bad, match, device):
+    x = torch.randn(4, 32, device=device)
+    w = torch.randn(32, device=device)
     with pytest.raises((TypeError, ValueError, RuntimeError), match=match):
         bad(x, w)
 
 
-def test_layer_norm_too_wide_row_explicit_triton_raises():
-    x = torch.randn(1, 8193)
+def test_layer_norm_too_wide_row_explicit_triton_raises(device):
+    x = torch.randn(1, 8193, device=device)
     with pytest.raises(RuntimeError, match="exceeds the fused kernels' limit"):
         ops.layer_norm(x, None, None, backend="triton")
 
@@ -259,3 +259,35 @@ def test_layer_norm_gradcheck_fp64_reference_path():
     r = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x, w, r: ops.layer_norm(x, w, None, residual=r, backend="torch"), (x, w, r))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,hidden", [(8192, 768), (4097, 1024), (1000, 4096), (333, 8192)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_gpu_large_shapes_low_precision_rule(rows, hidden, dtype):
+    t = _inputs((rows, hidden), dtype, torch.device("cuda"), residual=True, x_bias=True)
+
+    def kern(x, weight, bias, residual, x_bias):
+        return ops.layer_norm(x, weight, bias, residual=residual, x_bias=x_bias)  # auto: triton
+
+    def ref(x, weight, bias, residual, x_bias, lowp=False):
+        if lowp:
+            return _ln_torch_lowp(x, weight, bias, residual, x_bias)
+        return ops.layer_norm_ref(x, weight, bias, residual=residual, x_bias=x_bias)
+
+    _check_against_fp64(kern, ref, t, dtype, torch.device("cuda"), atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_layer_norm_gpu_dropout_kept_fraction_and_mask_replay():
+    p = 0.1
+    x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(3)
+    y = ops.layer_norm(x, None, None, x_bias=torch.zeros(1024, device="cuda", dtype=torch.bfloat16),
+                       dropout_p=p)
+    torch.manual_seed(3)
+    seed = torch.randint(0, 2**31 - 1, (1,), device="cuda", dtype=torch.int64)
+    keep = dropout_mask(seed, 4096, 1024, p)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    ref = ops.layer_norm_ref(x, None, None, dropout_p=p, dropout_mask=keep)
+    assert (y.float() - ref.float()).abs().max() < 0.05
