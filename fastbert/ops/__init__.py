@@ -11,6 +11,7 @@ from .bias_gelu import bias_gelu, bias_gelu_ref
 from .cross_entropy import cross_entropy, cross_entropy_ref, masked_lm_loss, masked_lm_loss_ref
 from .embedding import embedding_layer_norm, embedding_layer_norm_ref
 from .layer_norm import gelu_layer_norm, layer_norm, layer_norm_ref
+from .lstm import lstm_layer, lstm_layer_ref
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "use_backend",
@@ -18,4 +19,5 @@ __all__ = [
     "bias_gelu", "bias_gelu_ref",
     "embedding_layer_norm", "embedding_layer_norm_ref",
     "cross_entropy", "masked_lm_loss", "cross_entropy_ref", "masked_lm_loss_ref",
+    "lstm_layer", "lstm_layer_ref",
 ]

@@ -1,0 +1,189 @@
+"""Benchmark fastbert.nn.LSTM (fused Triton recurrence) against torch.nn.LSTM (cuDNN).
+
+    python -m benchmarks.bench_lstm [--quick] [--device cuda] [--no-write]
+
+Every case is forward + backward (gradients of the input and every parameter) in bf16:
+- Padded input: batch {16, 64, 256} x hidden {256, 512, 1024} x seq {64, 256}, one
+  unidirectional layer (input size = hidden); 2-layer bidirectional at batch 64 for every
+  hidden x seq. fastbert vs cuDNN. Target: <= 1.25x cuDNN's time.
+- Variable length (lengths uniform in [seq/4, seq], batch 64, 1 layer): fastbert with a
+  PackedSequence vs fastbert on the padded batch, and cuDNN packed vs cuDNN padded.
+  Target: fastbert packed <= 1.1x fastbert padded.
+- LayerNormLSTM (batch 64, seq 64, hidden 256 and 512): fastbert.nn.LayerNormLSTM (cuBLAS
+  recurrent GEMM + one fused row kernel per step) vs an eager PyTorch LayerNorm-LSTM.
+  Target >= 3x.
+
+FLOPs: 2 * T * B * 4H * (I + H) per layer and direction forward (input and recurrent GEMMs),
+3x that for forward + backward. The full grid is trimmed (2-layer bidirectional only at batch
+64) to stay near a minute on an H100.
+
+On CPU (CI smoke test) only the PyTorch paths run, on tiny shapes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from benchmarks._harness import Case, parse_args, run_cases
+from fastbert.nn import LSTM, LayerNormLSTM
+
+# fwd + bwd = 3x the forward's GEMM FLOPs (the backward computes dX-side and dW-side GEMMs)
+FWD_BWD_FLOP_RATIO = 3
+
+
+def _flops(seq, batch, n_in, hidden, layers, dirs):
+    total, layer_in = 0, n_in
+    for _ in range(layers):
+        total += dirs * 2 * seq * batch * 4 * hidden * (layer_in + hidden)
+        layer_in = hidden * dirs
+    return FWD_BWD_FLOP_RATIO * total
+
+
+def _lazy(build: Callable[[], Callable[[], object]]) -> Callable[[], object]:
+    """Allocate a case's model and inputs on its first call, not when cases are listed."""
+    state: Dict[str, Callable] = {}
+
+    def run():
+        if "fn" not in state:
+            state["fn"] = build()
+        return state["fn"]()
+    return run
+
+
+def _fwd_bwd(model, x, lengths=None, packed=False):
+    params = list(model.parameters())
+    x = x.requires_grad_()
+
+    def run():
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        out, (h, c) = model(inp)
+        out = out.data if packed else out
+        return torch.autograd.grad(out.float().sum() + h.float().sum(), [x] + params)
+    return run
+
+
+def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
+    kw = dict(num_layers=layers, bidirectional=dirs == 2)
+
+    def build(impl):
+        def make():
+            torch.manual_seed(0)
+            x = torch.randn(seq, batch, hidden, device=device, dtype=dtype)
+            if impl == "cudnn":
+                model = torch.nn.LSTM(hidden, hidden, **kw).to(device, dtype)
+            else:
+                model = LSTM(hidden, hidden, **kw, backend=impl.split("_")[1]).to(device, dtype)
+            return _fwd_bwd(model, x)
+        return _lazy(make)
+
+    impls = ["cudnn" if device.type == "cuda" else "torch_nn_lstm"]
+    impls += ["fastbert_triton"] if device.type == "cuda" else ["fastbert_torch"]
+    fns = {i: build("cudnn" if i in ("cudnn", "torch_nn_lstm") else i) for i in impls}
+    return Case("lstm fwd+bwd padded",
+                dict(batch=batch, hidden=hidden, seq=seq, layers=layers, dirs=dirs,
+                     dtype=str(dtype).replace("torch.", "")),
+                fns, flops=_flops(seq, batch, hidden, hidden, layers, dirs), baseline=impls[0])
+
+
+def _varlen_case(device, dtype, batch, hidden, seq):
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(max(seq // 4, 1), seq + 1, (batch,), generator=gen)
+    lengths[0] = seq
+    on_gpu = device.type == "cuda"
+
+    def build(kind, packed):
+        def make():
+            torch.manual_seed(0)
+            x = torch.randn(seq, batch, hidden, device=device, dtype=dtype)
+            if kind == "torch":
+                model = torch.nn.LSTM(hidden, hidden).to(device, dtype)
+            else:
+                model = LSTM(hidden, hidden, backend="triton" if on_gpu else "torch").to(device, dtype)
+            return _fwd_bwd(model, x, lengths, packed)
+        return _lazy(make)
+
+    ours = "fastbert_triton" if on_gpu else "fastbert_torch"
+    ref = "cudnn" if on_gpu else "torch_nn_lstm"
+    fns = {f"{ours}_padded": build("ours", False), f"{ours}_packed": build("ours", True),
+           f"{ref}_padded": build("torch", False), f"{ref}_packed": build("torch", True)}
+    # FLOPs of the real tokens only, for every impl
+    real = int(lengths.sum())
+    return Case("lstm fwd+bwd varlen",
+                dict(batch=batch, hidden=hidden, seq=seq, layers=1, dirs=1,
+                     dtype=str(dtype).replace("torch.", "")),
+                fns, flops=_flops(1, real, hidden, hidden, 1, 1), baseline=f"{ours}_padded")
+
+
+class _EagerLayerNormLSTM(torch.nn.Module):
+    """The eager PyTorch LayerNorm-LSTM users write: a Python loop over timesteps with
+    nn.LayerNorm on the two gate projections and the cell."""
+
+    def __init__(self, n_in, hidden):
+        super().__init__()
+        self.ih = torch.nn.Linear(n_in, 4 * hidden)
+        self.hh = torch.nn.Linear(hidden, 4 * hidden)
+        self.ln_ih = torch.nn.LayerNorm(4 * hidden)
+        self.ln_hh = torch.nn.LayerNorm(4 * hidden)
+        self.ln_c = torch.nn.LayerNorm(hidden)
+        self.hidden = hidden
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], self.hidden)
+        c = x.new_zeros(x.shape[1], self.hidden)
+        xg = self.ln_ih(self.ih(x))
+        outs = []
+        for t in range(x.shape[0]):
+            i, f, g, o = (xg[t] + self.ln_hh(self.hh(h))).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(self.ln_c(c))
+            outs.append(h)
+        return torch.stack(outs), (h, c)
+
+
+def _layer_norm_case(device, dtype, batch, hidden, seq):
+    def build(kind):
+        def make():
+            torch.manual_seed(0)
+            x = torch.randn(seq, batch, hidden, device=device, dtype=dtype)
+            backend = "triton" if device.type == "cuda" else "torch"
+            model = (_EagerLayerNormLSTM(hidden, hidden) if kind == "eager"
+                     else LayerNormLSTM(hidden, hidden, backend=backend))
+            return _fwd_bwd(model.to(device, dtype), x)
+        return _lazy(make)
+
+    return Case("layer_norm_lstm fwd+bwd",
+                dict(batch=batch, hidden=hidden, seq=seq, layers=1, dirs=1,
+                     dtype=str(dtype).replace("torch.", "")),
+                {"eager_pytorch": build("eager"), "fastbert": build("ours")},
+                flops=_flops(seq, batch, hidden, hidden, 1, 1), baseline="eager_pytorch")
+
+
+def cases(device: torch.device, quick: bool) -> List[Case]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if quick:
+        return [_padded_case(device, dtype, 4, 32, 8, 1, 1),
+                _padded_case(device, dtype, 4, 32, 8, 2, 2),
+                _varlen_case(device, dtype, 4, 32, 8),
+                _layer_norm_case(device, dtype, 4, 32, 8)]
+    out = []
+    for seq in (64, 256):
+        for hidden in (256, 512, 1024):
+            for batch in (16, 64, 256):
+                out.append(_padded_case(device, dtype, batch, hidden, seq, 1, 1))
+            out.append(_padded_case(device, dtype, 64, hidden, seq, 2, 2))
+    for hidden in (256, 512, 1024):
+        out.append(_varlen_case(device, dtype, 64, hidden, 256))
+    for hidden in (256, 512):
+        out.append(_layer_norm_case(device, dtype, 64, hidden, 64))
+    return out
+
+
+def main(argv=None):
+    args = parse_args(__doc__.splitlines()[0], argv)
+    run_cases("lstm", cases(args.device, args.quick), args.device, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()

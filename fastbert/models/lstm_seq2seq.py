@@ -1,0 +1,214 @@
+"""``LSTMSeq2Seq``: the attention LSTM translation model the Transformer replaced.
+
+Bidirectional LSTM encoder, LSTM decoder with Luong ("general" score) or Bahdanau (additive)
+attention, teacher-forced ``forward`` and greedy / beam-search decoding; both LSTMs are
+``fastbert.nn.LSTM`` (fused Triton recurrence on CUDA, variable source lengths inside the
+kernel).
+
+- Luong attention without input feeding: the decoder LSTM does not see the attention
+  output, so under teacher forcing the whole target runs through the fused LSTM in one call
+  and attention is two batched matmuls.
+- Bahdanau attention: the context computed from the previous decoder state is part of the
+  decoder input, so teacher forcing runs step by step.
+
+The encoder has ``hidden // 2`` units per direction; its final forward and backward states
+are concatenated per layer to initialize the decoder (``hidden`` units, same depth).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..nn import LSTM
+
+ATTENTIONS = ("luong", "bahdanau")
+
+State = Tuple[Tensor, Tensor]
+
+
+class LSTMSeq2Seq(torch.nn.Module):
+    """Attention LSTM encoder-decoder.
+
+    Args:
+        src_vocab, tgt_vocab: vocabulary sizes.
+        emb: embedding size; hidden: decoder size (the encoder has hidden // 2 per direction).
+        layers: depth of encoder and decoder.
+        attention: "luong" or "bahdanau".
+        dropout: on embeddings, between LSTM layers and before the output projection.
+        pad_id, bos_id, eos_id: special token ids of the target (pad_id also of the source).
+        backend: passed to the LSTMs ("triton", "torch" or None for auto).
+    """
+
+    def __init__(self, src_vocab: int, tgt_vocab: int, emb: int = 256, hidden: int = 512,
+                 layers: int = 2, attention: str = "luong", dropout: float = 0.1, *,
+                 pad_id: int = 0, bos_id: int = 1, eos_id: int = 2,
+                 backend: Optional[str] = None):
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if hidden % 2:
+            raise ValueError(f"hidden must be even (the encoder has hidden // 2 units per "
+                             f"direction), got {hidden}")
+        self.attention = attention
+        self.hidden = hidden
+        self.layers = layers
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.src_embed = torch.nn.Embedding(src_vocab, emb, padding_idx=pad_id)
+        self.tgt_embed = torch.nn.Embedding(tgt_vocab, emb, padding_idx=pad_id)
+        between = dropout if layers > 1 else 0.0  # LSTM dropout acts between layers only
+        self.encoder = LSTM(emb, hidden // 2, layers, batch_first=True, dropout=between,
+                            bidirectional=True, backend=backend)
+        dec_in = emb + (hidden if attention == "bahdanau" else 0)
+        self.decoder = LSTM(dec_in, hidden, layers, batch_first=True, dropout=between,
+                            backend=backend)
+        if attention == "luong":
+            self.attn_w = torch.nn.Linear(hidden, hidden, bias=False)  # score = s^T W h
+        else:
+            self.attn_query = torch.nn.Linear(hidden, hidden, bias=False)
+            self.attn_key = torch.nn.Linear(hidden, hidden, bias=True)
+            self.attn_v = torch.nn.Linear(hidden, 1, bias=False)  # score = v^T tanh(Ws + Uh)
+        self.combine = torch.nn.Linear(2 * hidden, hidden, bias=False)
+        self.out = torch.nn.Linear(hidden, tgt_vocab)
+        self.drop = torch.nn.Dropout(dropout)
+
+    # ------------------------------------------------------------------------------------
+    # building blocks
+
+    def encode(self, src: Tensor, src_lengths: Tensor):
+        """src (B, S) ids, src_lengths (B,) in [1, S] -> memory (B, S, H), keys, mask (B, S),
+        and the decoder's initial state ((layers, B, H), (layers, B, H))."""
+        if src.dim() != 2:
+            raise ValueError(f"src must be (batch, src_len) token ids, got shape {tuple(src.shape)}")
+        n_batch, src_len = src.shape
+        if src_lengths.shape != (n_batch,):
+            raise ValueError(f"src_lengths must have shape ({n_batch},), got {tuple(src_lengths.shape)}")
+        if n_batch and not torch.compiler.is_compiling() and int(src_lengths.min()) < 1:
+            raise ValueError("src_lengths must be >= 1 (attention needs a source token)")
+        x = self.drop(self.src_embed(src))
+        memory, (h, c) = self.encoder(x, lengths=src_lengths, enforce_sorted=False)
+        # (2 * layers, B, H/2) -> (layers, B, H): concatenate the two directions per layer
+        join = lambda s: s.view(self.layers, 2, n_batch, -1).transpose(1, 2).reshape(
+            self.layers, n_batch, self.hidden)
+        mask = (torch.arange(src_len, device=src.device)[None, :]
+                < src_lengths.to(src.device)[:, None])
+        if self.attention == "luong":
+            keys = self.attn_w(memory)
+        else:
+            keys = self.attn_key(memory)
+        return memory, keys, mask, (join(h), join(c))
+
+    def _attend(self, query: Tensor, memory: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """query (B, T, H) -> context (B, T, H) over the valid source positions."""
+        if self.attention == "luong":
+            scores = query @ keys.transpose(1, 2)  # (B, T, S)
+        else:
+            q = self.attn_query(query)  # (B, T, H)
+            scores = self.attn_v(torch.tanh(q[:, :, None, :] + keys[:, None, :, :])).squeeze(-1)
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        return torch.softmax(scores, dim=-1) @ memory
+
+    def _logits(self, dec: Tensor, ctx: Tensor) -> Tensor:
+        h = torch.tanh(self.combine(torch.cat([ctx, dec], dim=-1)))
+        return self.out(self.drop(h))
+
+    def decode_step(self, y_prev: Tensor, state: State, memory: Tensor, keys: Tensor,
+                    mask: Tensor) -> Tuple[Tensor, State]:
+        """One decoder step: y_prev (B,) ids -> logits (B, V) and the new state."""
+        e = self.drop(self.tgt_embed(y_prev))[:, None, :]  # (B, 1, E)
+        if self.attention == "bahdanau":
+            ctx = self._attend(state[0][-1][:, None, :], memory, keys, mask)
+            out, state = self.decoder(torch.cat([e, ctx], dim=-1), state)
+        else:
+            out, state = self.decoder(e, state)
+            ctx = self._attend(out, memory, keys, mask)
+        return self._logits(out, ctx)[:, 0], state
+
+    # ------------------------------------------------------------------------------------
+    # public API
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced logits.
+
+        Args:
+            src: (B, S) source ids (padded with pad_id); src_lengths: (B,) in [1, S].
+            tgt_in: (B, T) decoder inputs (bos_id followed by the target, shifted right).
+
+        Returns:
+            logits (B, T, tgt_vocab).
+        """
+        memory, keys, mask, state = self.encode(src, src_lengths)
+        if self.attention == "luong":
+            dec, _ = self.decoder(self.drop(self.tgt_embed(tgt_in)), state)  # (B, T, H)
+            return self._logits(dec, self._attend(dec, memory, keys, mask))
+        steps = []
+        for t in range(tgt_in.shape[1]):
+            logits, state = self.decode_step(tgt_in[:, t], state, memory, keys, mask)
+            steps.append(logits)
+        return torch.stack(steps, dim=1)
+
+    @torch.no_grad()
+    def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int = 100) -> Tensor:
+        """Argmax decoding: (B, L) ids ending with eos_id (then pad_id), L <= max_len."""
+        memory, keys, mask, state = self.encode(src, src_lengths)
+        n_batch = src.shape[0]
+        y = torch.full((n_batch,), self.bos_id, dtype=torch.long, device=src.device)
+        done = torch.zeros(n_batch, dtype=torch.bool, device=src.device)
+        out = []
+        for _ in range(max_len):
+            logits, state = self.decode_step(y, state, memory, keys, mask)
+            y = logits.argmax(-1)
+            y = torch.where(done, torch.full_like(y, self.pad_id), y)
+            out.append(y)
+            done |= y == self.eos_id
+            if bool(done.all()):
+                break
+        if not out:
+            return torch.empty((n_batch, 0), dtype=torch.long, device=src.device)
+        return torch.stack(out, dim=1)
+
+    @torch.no_grad()
+    def beam_search(self, src: Tensor, src_lengths: Tensor, beam_size: int = 4,
+                    max_len: int = 100) -> Tuple[Tensor, Tensor]:
+        """Beam search by total log-probability (no length penalty, so beam_size=1 is greedy).
+
+        Returns:
+            tokens (B, L) ids of the best hypothesis, ending with eos_id then pad_id;
+            scores (B,) their log-probabilities.
+        """
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        memory, keys, mask, (h, c) = self.encode(src, src_lengths)
+        n_batch, k = src.shape[0], beam_size
+        dev = src.device
+        rep = lambda t, dim: t.repeat_interleave(k, dim=dim)
+        memory, keys, mask = rep(memory, 0), rep(keys, 0), rep(mask, 0)
+        state = (rep(h, 1), rep(c, 1))
+        # only the first beam is live at the start, so the k beams do not start identical
+        scores = torch.full((n_batch, k), float("-inf"), device=dev)
+        scores[:, 0] = 0.0
+        y = torch.full((n_batch * k,), self.bos_id, dtype=torch.long, device=dev)
+        done = torch.zeros(n_batch * k, dtype=torch.bool, device=dev)
+        tokens = torch.empty((n_batch * k, 0), dtype=torch.long, device=dev)
+        for _ in range(max_len):
+            logits, state = self.decode_step(y, state, memory, keys, mask)
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (B*k, V)
+            n_vocab = logp.shape[-1]
+            # a finished hypothesis extends only with pad at no cost
+            fin = torch.full_like(logp, float("-inf"))
+            fin[:, self.pad_id] = 0.0
+            logp = torch.where(done[:, None], fin, logp)
+            cand = (scores.view(-1, 1) + logp).view(n_batch, k * n_vocab)
+            scores, idx = cand.topk(k, dim=-1)  # (B, k)
+            beam = idx // n_vocab + torch.arange(n_batch, device=dev)[:, None] * k
+            beam = beam.view(-1)
+            y = (idx % n_vocab).view(-1)
+            tokens = torch.cat([tokens[beam], y[:, None]], dim=1)
+            state = (state[0][:, beam], state[1][:, beam])
+            done = done[beam] | (y == self.eos_id)
+            if bool(done.all()):
+                break
+        best = scores.argmax(-1)  # (B,)
+        rows = torch.arange(n_batch, device=dev) * k + best
+        return tokens[rows], scores.gather(1, best[:, None])[:, 0]

@@ -1,0 +1,289 @@
+"""``fastbert.nn.LSTM`` (a drop-in for ``torch.nn.LSTM``) and ``fastbert.nn.LayerNormLSTM``.
+
+Both run ``fastbert.ops.lstm_layer`` per layer and direction: on CUDA the fused Triton
+recurrence (kernels/lstm.py), with variable lengths handled inside the kernel, so a
+``PackedSequence`` or a padded batch with ``lengths=`` costs the same as a padded batch.
+
+They subclass ``torch.nn.Module``, not ``torch.nn.LSTM``: torch.compile refuses to trace
+``torch.nn.LSTM`` instances (and their subclasses), while these compile with fullgraph=True.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from .. import ops
+from ..ops.lstm import check_lengths
+
+
+class LSTM(torch.nn.Module):
+    """Same constructor, defaults, parameter names, initialization and state_dict as
+    ``torch.nn.LSTM``; returns ``(output, (h_n, c_n))`` exactly like it.
+
+    Args (as torch.nn.LSTM):
+        input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+        bidirectional=False, proj_size=0, device=None, dtype=None.
+    Extra (keyword-only):
+        backend: "triton", "torch" or None (auto), passed to ``fastbert.ops.lstm_layer``.
+
+    ``forward(input, hx=None, *, lengths=None, enforce_sorted=True)``:
+        input: (T, B, input_size) (or (B, T, input_size) with batch_first), unbatched
+            (T, input_size), or a ``PackedSequence`` (the output is then a PackedSequence).
+        hx: optional (h_0, c_0) of shapes (num_layers * D, B, proj_size or hidden_size) and
+            (num_layers * D, B, hidden_size), D = 2 if bidirectional else 1.
+        lengths: with a padded input, the valid length of each sequence, an integer tensor
+            (B,) with values in [0, T]; outputs past a sequence's length are zero and
+            h_n / c_n are taken after its last valid step, in both directions.
+        enforce_sorted: like ``pack_padded_sequence``: when True, ``lengths`` must be
+            sorted in decreasing order (the kernels do not need it; pass False).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *, backend: Optional[str] = None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if (not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1
+                or isinstance(dropout, bool)):
+            raise ValueError("dropout should be a number in range [0, 1] representing the "
+                             "probability of an element being zeroed")
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
+                        ("num_layers", num_layers), ("proj_size", proj_size)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name} should be of type int, got: {type(v).__name__}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          "non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.backend = backend
+        num_dirs = 2 if bidirectional else 1
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        gate_size = 4 * hidden_size
+        self._flat_weights_names: List[str] = []
+        self._all_weights: List[List[str]] = []
+        for layer in range(num_layers):
+            for d in range(num_dirs):
+                layer_in = input_size if layer == 0 else real_hidden * num_dirs
+                suffix = self._suffix(layer, d)
+                params = [("weight_ih", (gate_size, layer_in)), ("weight_hh", (gate_size, real_hidden))]
+                if bias:
+                    params += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                if proj_size > 0:
+                    params += [("weight_hr", (proj_size, hidden_size))]
+                names = []
+                for stem, shape in params:
+                    name = stem + suffix
+                    setattr(self, name, torch.nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    @staticmethod
+    def _suffix(layer: int, direction: int) -> str:
+        return f"_l{layer}" + ("_reverse" if direction == 1 else "")
+
+    def reset_parameters(self) -> None:
+        """uniform(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every weight, like torch."""
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for name in self._flat_weights_names:
+            torch.nn.init.uniform_(getattr(self, name), -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """Nothing to flatten: the kernels read each weight where it is (kept for
+        code written against torch.nn.LSTM, which calls it)."""
+
+    @property
+    def all_weights(self) -> List[List[torch.nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        if self.backend:
+            s += ", backend={backend!r}"
+        return s.format(**self.__dict__)
+
+    def _layer_norm_params(self, suffix: str) -> dict:
+        return {}
+
+    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, *,
+                lengths: Optional[Tensor] = None, enforce_sorted: bool = True):
+        num_dirs = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths must be None when input is a PackedSequence "
+                                 "(the lengths are in its batch_sizes)")
+            x, lens = pad_packed_sequence(input, batch_first=False)  # original batch order
+            batched = True
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                x = x.transpose(0, 1)
+            lens = lengths
+            if lens is not None:
+                if not batched:
+                    raise ValueError("lengths needs a batched (3-D) input")
+                check_lengths(lens, x.shape[1], x.shape[0], sorted_desc=enforce_sorted)
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"input.size(-1) must be equal to input_size. "
+                             f"Expected {self.input_size}, got {x.shape[-1]}")
+        w0 = self.weight_ih_l0
+        if x.dtype != w0.dtype:
+            raise TypeError(f"input must have the type {w0.dtype} (the parameters' dtype), "
+                            f"got type {x.dtype}")
+        n_batch = x.shape[1]
+        h_shape = (self.num_layers * num_dirs, n_batch, real_hidden)
+        c_shape = (self.num_layers * num_dirs, n_batch, self.hidden_size)
+        if hx is None:
+            h0 = x.new_zeros(h_shape)
+            c0 = x.new_zeros(c_shape)
+        else:
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise TypeError("hx must be a tuple (h_0, c_0)")
+            h0, c0 = hx
+            if not batched:
+                if h0.dim() != 2 or c0.dim() != 2:
+                    raise ValueError(f"For unbatched 2-D input, hx and cx should also be 2-D but "
+                                     f"got ({h0.dim()}-D, {c0.dim()}-D) tensors")
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            if tuple(h0.shape) != h_shape:
+                raise ValueError(f"Expected hidden[0] size {h_shape}, got {tuple(h0.shape)}")
+            if tuple(c0.shape) != c_shape:
+                raise ValueError(f"Expected hidden[1] size {c_shape}, got {tuple(c0.shape)}")
+        layer_input = x
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(num_dirs):
+                idx = layer * num_dirs + d
+                suffix = self._suffix(layer, d)
+                p = lambda stem: getattr(self, stem + suffix, None)
+                y, h, c = ops.lstm_layer(
+                    layer_input, h0[idx], c0[idx], p("weight_ih"), p("weight_hh"),
+                    p("bias_ih"), p("bias_hh"), p("weight_hr"), lengths=lens, reverse=d == 1,
+                    backend=self.backend, **self._layer_norm_params(suffix))
+                outs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outs[0] if num_dirs == 1 else torch.cat(outs, dim=-1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        output = layer_input
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if packed:
+            output = _repack(output, input)
+        elif not batched:
+            output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+
+def _repack(padded: Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack ``padded`` (T, B, *) (original batch order) with the layout of ``like``."""
+    if like.sorted_indices is not None:
+        padded = padded.index_select(1, like.sorted_indices)
+    # batch_sizes[t] = how many (sorted) sequences are longer than t: take those rows per step
+    rows = [padded[t, :int(n)] for t, n in enumerate(like.batch_sizes.tolist())]
+    data = torch.cat(rows, dim=0) if rows else padded.new_empty((0,) + padded.shape[2:])
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+class LayerNormLSTM(LSTM):
+    """LSTM with LayerNorm on the gate pre-activations and on the cell (haste's
+    LayerNormLSTM, Ba et al. 2016):
+
+        gates = LN(W_ih x) * g_ih + b_ih + LN(W_hh h) * g_hh + b_hh
+        c' = f * c + i * g,   h' = o * tanh(LN(c') * g_c + b_c)
+
+    Same constructor and call as ``LSTM`` (plus ``eps``); the LSTM weights have torch's
+    names, and each layer / direction adds ``layer_norm_ih_weight_l{k}``,
+    ``layer_norm_hh_weight_l{k}`` (4H,), ``layer_norm_cell_weight_l{k}`` and
+    ``layer_norm_cell_bias_l{k}`` (H,) (``_reverse`` for the reverse direction), initialized
+    to ones / zeros. On "triton" the recurrence runs on the fused LayerNorm-LSTM row kernels
+    (hidden <= 2048, no projection; otherwise auto falls back to the PyTorch recurrence).
+    """
+
+    _LN_STEMS = ("layer_norm_ih_weight", "layer_norm_hh_weight", "layer_norm_cell_weight",
+                 "layer_norm_cell_bias")
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *, eps: float = 1e-5,
+                 backend: Optional[str] = None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype, backend=backend)
+        self.eps = eps
+        factory = {"device": device, "dtype": dtype}
+        self._ln_names: List[str] = []
+        for layer in range(num_layers):
+            for d in range(2 if bidirectional else 1):
+                suffix = self._suffix(layer, d)
+                for stem in self._LN_STEMS:
+                    n = 4 * hidden_size if stem in ("layer_norm_ih_weight", "layer_norm_hh_weight") \
+                        else hidden_size
+                    setattr(self, stem + suffix, torch.nn.Parameter(torch.empty(n, **factory)))
+                    self._ln_names.append(stem + suffix)
+        self._reset_layer_norm()
+
+    def _reset_layer_norm(self) -> None:
+        for name in self._ln_names:
+            p = getattr(self, name)
+            torch.nn.init.zeros_(p) if name.startswith("layer_norm_cell_bias") else torch.nn.init.ones_(p)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "_ln_names"):
+            self._reset_layer_norm()
+
+    def _layer_norm_params(self, suffix: str) -> dict:
+        return {"ln_ih_weight": getattr(self, "layer_norm_ih_weight" + suffix),
+                "ln_hh_weight": getattr(self, "layer_norm_hh_weight" + suffix),
+                "ln_cell_weight": getattr(self, "layer_norm_cell_weight" + suffix),
+                "ln_cell_bias": getattr(self, "layer_norm_cell_bias" + suffix),
+                "eps": self.eps}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", eps={self.eps}" if self.eps != 1e-5 else "")

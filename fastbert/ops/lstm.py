@@ -1,0 +1,384 @@
+"""LSTM: one layer, one direction, with variable lengths handled inside the recurrence.
+
+Layers of this file:
+    lstm_layer_ref           -- the PyTorch reference (the recurrence in plain PyTorch ops):
+                                CPU path, "torch" backend, test oracle; also covers the
+                                LayerNorm-LSTM variant
+    fastbert::lstm_recurrence_fwd / fastbert::lstm_recurrence_bwd
+    fastbert::ln_lstm_recurrence_fwd / fastbert::ln_lstm_recurrence_bwd
+                             -- torch.library custom ops over the Triton launchers of
+                                kernels/lstm.py (the recurrence only), with fake
+                                implementations and registered autograd
+    lstm_layer               -- the public function: checks arguments, picks the backend;
+                                on "triton" the input projection of all timesteps is one
+                                GEMM (cuBLAS, differentiated by autograd) and the recurrence
+                                runs in the custom op
+
+Gates are in torch's order (input, forget, cell, output); the cell state is fp32 inside the
+kernels. ``fastbert.nn.LSTM`` / ``LayerNormLSTM`` stack layers and directions on top.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
+from ._dispatch import resolve
+
+
+def _norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def lstm_layer_ref(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+                   b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None,
+                   w_hr: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
+                   reverse: bool = False, ln_ih_weight: Optional[Tensor] = None,
+                   ln_hh_weight: Optional[Tensor] = None, ln_cell_weight: Optional[Tensor] = None,
+                   ln_cell_bias: Optional[Tensor] = None, eps: float = 1e-5,
+                   upcast: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer and direction in plain PyTorch ops.
+
+    gates = W_ih x_t + b_ih + W_hh h + b_hh, or with ``ln_ih_weight`` (the LayerNorm-LSTM of
+    haste): LN(W_ih x_t) * ln_ih_weight + b_ih + LN(W_hh h) * ln_hh_weight + b_hh, and then
+    h = o * tanh(LN(c) * ln_cell_weight + ln_cell_bias). With ``w_hr`` h is projected:
+    h = w_hr @ h. Steps t >= lengths[b] leave b's state unchanged and output zeros.
+
+    Computes in fp32 (fp64 for fp64 inputs or with ``upcast=True``), returns x.dtype.
+
+    Args:
+        x: (T, B, I); h0: (B, P) with P = proj_size or H; c0: (B, H).
+        w_ih: (4H, I); w_hh: (4H, P); b_ih, b_hh: (4H,) or None; w_hr: (P, H) or None.
+        lengths: (B,) integers in [0, T], or None (all T).
+        reverse: run from the last valid step of each sequence back to t = 0.
+
+    Returns:
+        y (T, B, P), h_n (B, P), c_n (B, H).
+    """
+    ct = torch.float64 if (upcast or x.dtype == torch.float64) else torch.float32
+    cv = lambda t: None if t is None else t.to(ct)
+    w_ih, w_hh, b_ih, b_hh, w_hr = map(cv, (w_ih, w_hh, b_ih, b_hh, w_hr))
+    g_ih, g_hh, g_c, b_c = map(cv, (ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias))
+    n_steps = x.shape[0]
+    xg = x.to(ct) @ w_ih.t()  # (T, B, 4H)
+    if g_ih is not None:
+        xg = _norm(xg, g_ih, None, eps)
+    if b_ih is not None:
+        xg = xg + b_ih
+    h, c = h0.to(ct), c0.to(ct)
+    if lengths is not None:
+        valid = torch.arange(n_steps, device=x.device)[:, None] < lengths.to(x.device)[None, :]
+        valid = valid[..., None]  # (T, B, 1)
+    ys = [None] * n_steps
+    for t in (range(n_steps - 1, -1, -1) if reverse else range(n_steps)):
+        rec = h @ w_hh.t()
+        if g_hh is not None:
+            rec = _norm(rec, g_hh, None, eps)
+        gates = xg[t] + rec
+        if b_hh is not None:
+            gates = gates + b_hh
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c_out = _norm(c_new, g_c, b_c, eps) if g_c is not None else c_new
+        h_new = torch.sigmoid(o) * torch.tanh(c_out)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
+        if lengths is None:
+            ys[t], h, c = h_new, h_new, c_new
+        else:
+            ys[t] = torch.where(valid[t], h_new, 0.0)
+            h = torch.where(valid[t], h_new, h)
+            c = torch.where(valid[t], c_new, c)
+    if n_steps:
+        y = torch.stack(ys)
+    else:
+        y = x.new_empty((0, x.shape[1], h0.shape[-1]), dtype=ct)
+    return y.to(x.dtype), h.to(x.dtype), c.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# custom ops (Triton backend)
+
+@torch.library.custom_op("fastbert::lstm_recurrence_fwd", mutates_args=())
+def _lstm_recurrence_fwd(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
+                         lengths: Tensor, reverse: bool
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from fastbert.kernels import lstm as k
+    y, hs, cs, gates, rs = k.lstm_fwd(xg, h0, c0, w_hh, w_hr, lengths, reverse)
+    n = xg.shape[0]
+    # outputs may not alias each other: h_n / c_n are copies of the last state
+    return y, hs[n].clone(), cs[n].to(c0.dtype, copy=True), hs, cs, gates, rs
+
+
+@_lstm_recurrence_fwd.register_fake
+def _(xg, h0, c0, w_hh, w_hr, lengths, reverse):
+    n_steps, n_batch, n_gates = xg.shape
+    n_hidden, n_state = n_gates // 4, w_hh.shape[1]
+    return (xg.new_empty((n_steps, n_batch, n_state)), xg.new_empty((n_batch, n_state)),
+            c0.new_empty((n_batch, n_hidden)),
+            xg.new_empty((n_steps + 1, n_batch, n_state)),
+            xg.new_empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32),
+            xg.new_empty((n_steps, n_batch, n_gates)),
+            xg.new_empty((n_steps, n_batch, n_hidden)) if w_hr is not None else xg.new_empty(0))
+
+
+@torch.library.custom_op("fastbert::lstm_recurrence_bwd", mutates_args=())
+def _lstm_recurrence_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor,
+                         w_hr: Optional[Tensor], lengths: Tensor, hs: Tensor, cs: Tensor,
+                         gates: Tensor, rs: Tensor, reverse: bool
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from fastbert.kernels import lstm as k
+    dxg, dh0, dc0, dw_hh, dw_hr = k.lstm_bwd(dy, dh_n, dc_n, w_hh, w_hr, lengths, hs, cs,
+                                             gates, rs, reverse)
+    return (dxg, dh0.to(hs.dtype), dc0.to(dh_n.dtype), dw_hh.to(w_hh.dtype),
+            dw_hr.to(w_hr.dtype) if w_hr is not None else dw_hr)
+
+
+@_lstm_recurrence_bwd.register_fake
+def _(dy, dh_n, dc_n, w_hh, w_hr, lengths, hs, cs, gates, rs, reverse):
+    return (gates.new_empty(gates.shape), hs.new_empty(hs.shape[1:]),
+            dh_n.new_empty(dc_n.shape), w_hh.new_empty(w_hh.shape),
+            w_hr.new_empty(w_hr.shape) if w_hr is not None else dy.new_empty(0, dtype=torch.float32))
+
+
+def _recurrence_setup(ctx, inputs, output):
+    xg, h0, c0, w_hh, w_hr, lengths, reverse = inputs
+    y, h_n, c_n, hs, cs, gates, rs = output
+    ctx.mark_non_differentiable(hs, cs, gates, rs)
+    ctx.save_for_backward(w_hh, w_hr, lengths, hs, cs, gates, rs)
+    ctx.reverse = reverse
+    ctx.c_dtype = c0.dtype
+
+
+def _recurrence_backward(ctx, dy, dh_n, dc_n, *unused):
+    w_hh, w_hr, lengths, hs, cs, gates, rs = ctx.saved_tensors
+    n_steps, n_batch = gates.shape[:2]
+    n_hidden = gates.shape[2] // 4
+    if dy is None:
+        dy = hs.new_zeros((n_steps, n_batch, hs.shape[2]))
+    if dh_n is None:
+        dh_n = hs.new_zeros(hs.shape[1:])
+    if dc_n is None:
+        dc_n = hs.new_zeros((n_batch, n_hidden), dtype=ctx.c_dtype)
+    dxg, dh0, dc0, dw_hh, dw_hr = _lstm_recurrence_bwd(dy, dh_n, dc_n.to(ctx.c_dtype), w_hh,
+                                                       w_hr, lengths, hs, cs, gates, rs,
+                                                       ctx.reverse)
+    need = ctx.needs_input_grad
+    return (dxg if need[0] else None, dh0 if need[1] else None, dc0 if need[2] else None,
+            dw_hh if need[3] else None, dw_hr if w_hr is not None and need[4] else None,
+            None, None)
+
+
+_lstm_recurrence_fwd.register_autograd(_recurrence_backward, setup_context=_recurrence_setup)
+
+
+@torch.library.custom_op("fastbert::ln_lstm_recurrence_fwd", mutates_args=())
+def _ln_lstm_recurrence_fwd(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor,
+                            g_c: Tensor, b_c: Tensor, lengths: Tensor, reverse: bool, eps: float
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from fastbert.kernels import lstm as k
+    y, hs, cs, gates, recs, stats = k.ln_lstm_fwd(xg, h0, c0, w_hh, g_hh, g_c, b_c, lengths,
+                                                  reverse, eps)
+    n = xg.shape[0]
+    return y, hs[n].clone(), cs[n].to(c0.dtype, copy=True), hs, cs, gates, recs, stats
+
+
+@_ln_lstm_recurrence_fwd.register_fake
+def _(xg, h0, c0, w_hh, g_hh, g_c, b_c, lengths, reverse, eps):
+    n_steps, n_batch, n_gates = xg.shape
+    n_hidden = n_gates // 4
+    return (xg.new_empty((n_steps, n_batch, n_hidden)), xg.new_empty((n_batch, n_hidden)),
+            c0.new_empty((n_batch, n_hidden)), xg.new_empty((n_steps + 1, n_batch, n_hidden)),
+            xg.new_empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32),
+            xg.new_empty((n_steps, n_batch, n_gates)), xg.new_empty((n_steps, n_batch, n_gates)),
+            xg.new_empty((n_steps, n_batch, 4), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastbert::ln_lstm_recurrence_bwd", mutates_args=())
+def _ln_lstm_recurrence_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor, g_hh: Tensor,
+                            g_c: Tensor, b_c: Tensor, lengths: Tensor, hs: Tensor, cs: Tensor,
+                            gates: Tensor, recs: Tensor, stats: Tensor, reverse: bool
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from fastbert.kernels import lstm as k
+    dxg, dh0, dc0, dw_hh, dg_hh, dg_c, db_c = k.ln_lstm_bwd(dy, dh_n, dc_n, w_hh, g_hh, g_c, b_c,
+                                                            lengths, hs, cs, gates, recs, stats,
+                                                            reverse)
+    return (dxg, dh0.to(hs.dtype), dc0.to(dh_n.dtype), dw_hh.to(w_hh.dtype), dg_hh.to(g_hh.dtype),
+            dg_c.to(g_c.dtype), db_c.to(b_c.dtype))
+
+
+@_ln_lstm_recurrence_bwd.register_fake
+def _(dy, dh_n, dc_n, w_hh, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats, reverse):
+    return (gates.new_empty(gates.shape), hs.new_empty(hs.shape[1:]), dh_n.new_empty(dc_n.shape),
+            w_hh.new_empty(w_hh.shape), g_hh.new_empty(g_hh.shape), g_c.new_empty(g_c.shape),
+            b_c.new_empty(b_c.shape))
+
+
+def _ln_recurrence_setup(ctx, inputs, output):
+    xg, h0, c0, w_hh, g_hh, g_c, b_c, lengths, reverse, eps = inputs
+    y, h_n, c_n, hs, cs, gates, recs, stats = output
+    ctx.mark_non_differentiable(hs, cs, gates, recs, stats)
+    ctx.save_for_backward(w_hh, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats)
+    ctx.reverse = reverse
+    ctx.c_dtype = c0.dtype
+
+
+def _ln_recurrence_backward(ctx, dy, dh_n, dc_n, *unused):
+    w_hh, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats = ctx.saved_tensors
+    n_steps, n_batch, n_hidden = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    if dy is None:
+        dy = hs.new_zeros((n_steps, n_batch, n_hidden))
+    if dh_n is None:
+        dh_n = hs.new_zeros((n_batch, n_hidden))
+    if dc_n is None:
+        dc_n = hs.new_zeros((n_batch, n_hidden), dtype=ctx.c_dtype)
+    grads = _ln_lstm_recurrence_bwd(dy, dh_n, dc_n.to(ctx.c_dtype), w_hh, g_hh, g_c, b_c, lengths,
+                                    hs, cs, gates, recs, stats, ctx.reverse)
+    need = ctx.needs_input_grad
+    return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None)
+
+
+_ln_lstm_recurrence_fwd.register_autograd(_ln_recurrence_backward, setup_context=_ln_recurrence_setup)
+
+
+# ----------------------------------------------------------------------------------------
+# public API
+
+def _check_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
+    check_tensor("x", x, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=(3,))
+    check_tensor("w_ih", w_ih, dtypes=(x.dtype,), ndim=(2,))
+    n_gates = w_ih.shape[0]
+    if n_gates == 0 or n_gates % 4:
+        raise ValueError(f"w_ih must have 4 * hidden_size rows, got shape {tuple(w_ih.shape)}")
+    n_hidden = n_gates // 4
+    n_steps, n_batch, n_in = x.shape
+    if w_ih.shape[1] != n_in:
+        raise ValueError(f"x has {n_in} features but w_ih expects {w_ih.shape[1]} "
+                         f"(shape {tuple(w_ih.shape)})")
+    check_tensor("w_hr", w_hr, dtypes=(x.dtype,), ndim=(2,), optional=True)
+    n_state = w_hr.shape[0] if w_hr is not None else n_hidden
+    check_shape("w_hr", w_hr, (n_state, n_hidden), "(proj_size, hidden_size)")
+    check_tensor("w_hh", w_hh, dtypes=(x.dtype,))
+    check_shape("w_hh", w_hh, (n_gates, n_state), "(4 * hidden_size, proj_size or hidden_size)")
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        check_tensor(name, b, dtypes=(x.dtype,), optional=True)
+        check_shape(name, b, (n_gates,), "4 * hidden_size")
+    check_tensor("h0", h0, dtypes=(x.dtype,))
+    check_shape("h0", h0, (n_batch, n_state), "(batch, proj_size or hidden_size)")
+    check_tensor("c0", c0, dtypes=(x.dtype,))
+    check_shape("c0", c0, (n_batch, n_hidden), "(batch, hidden_size)")
+    check_same_device(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
+    if lengths is not None:
+        check_lengths(lengths, n_batch, n_steps)
+
+
+def check_lengths(lengths: Tensor, n_batch: int, n_steps: int, *, allow_zero: bool = True,
+                  sorted_desc: bool = False) -> None:
+    """lengths: an integer tensor (B,) with values in [0 or 1, T] (and in decreasing order
+    with ``sorted_desc``, the rule of enforce_sorted=True). The value check reads the
+    lengths (a sync for CUDA lengths; pass CPU lengths, as pack_padded_sequence wants) and is
+    skipped while torch.compile traces (data-dependent)."""
+    if not isinstance(lengths, torch.Tensor) or lengths.is_floating_point() or lengths.is_complex():
+        raise TypeError(f"lengths must be an integer tensor, got "
+                        f"{lengths.dtype if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
+    if lengths.dim() != 1 or lengths.shape[0] != n_batch:
+        raise ValueError(f"lengths must have shape ({n_batch},) (one length per batch entry), "
+                         f"got {tuple(lengths.shape)}")
+    if n_batch and not torch.compiler.is_compiling():
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if hi > n_steps:
+            raise ValueError(f"lengths has a length {hi} longer than the sequence ({n_steps} steps)")
+        if lo < (0 if allow_zero else 1):
+            raise ValueError(f"lengths must be >= {0 if allow_zero else 1}, got {lo}")
+        if sorted_desc and n_batch > 1 and bool((lengths[1:] > lengths[:-1]).any()):
+            raise ValueError("lengths must be sorted in decreasing order when "
+                             "enforce_sorted=True; pass enforce_sorted=False for unsorted lengths")
+
+
+def _triton_check(x: Tensor) -> Optional[str]:
+    if x.dtype not in FLOAT_DTYPES:
+        return f"the kernels take float32/float16/bfloat16, got {x.dtype}"
+    return None
+
+
+def _resolve(tensors, backend: Optional[str], extra) -> str:
+    return resolve("lstm", tensors, backend, preference=("triton",), extra_check=extra)
+
+
+def _has_layer_norm(ln) -> bool:
+    return any(t is not None for t in ln)
+
+
+def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+               b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None,
+               w_hr: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
+               reverse: bool = False, ln_ih_weight: Optional[Tensor] = None,
+               ln_hh_weight: Optional[Tensor] = None, ln_cell_weight: Optional[Tensor] = None,
+               ln_cell_bias: Optional[Tensor] = None, eps: float = 1e-5,
+               backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer in one direction over a padded batch with optional lengths.
+
+    Args:
+        x: (T, B, I) float32 / float16 / bfloat16 (float64 on the "torch" backend).
+        h0: (B, P) initial hidden state (P = proj_size, or H without projection);
+            c0: (B, H) initial cell state. Same dtype as x.
+        w_ih: (4H, I), w_hh: (4H, P), b_ih / b_hh: (4H,) or None, w_hr: (P, H) or None;
+            gate order (input, forget, cell, output) as in ``torch.nn.LSTM``.
+        lengths: (B,) integer tensor with values in [0, T] (any device, any order), or None.
+            Steps t >= lengths[b] leave b's state unchanged and output zeros, so h_n / c_n
+            are each sequence's state after its last valid step (in both directions).
+        reverse: process time backwards (the reverse direction of a bidirectional LSTM).
+        ln_ih_weight, ln_hh_weight (4H,), ln_cell_weight, ln_cell_bias (H,): LayerNorm-LSTM
+            parameters (see ``lstm_layer_ref``); the "triton" backend needs all four, no
+            w_hr and H <= 2048.
+        eps: LayerNorm epsilon.
+        backend: "triton", "torch" or None (see ``fastbert.ops``).
+
+    Returns:
+        y (T, B, P), h_n (B, P), c_n (B, H), in x's dtype.
+    """
+    _check_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    ln = (ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias)
+
+    def extra(b):
+        if _has_layer_norm(ln):
+            from fastbert.kernels.lstm import LN_MAX_HIDDEN
+            if not all(t is not None for t in ln):
+                return ("the LayerNorm-LSTM kernel needs all of ln_ih_weight, ln_hh_weight, "
+                        "ln_cell_weight and ln_cell_bias")
+            if w_hr is not None:
+                return "the LayerNorm-LSTM kernel has no projection (proj_size)"
+            if w_hh.shape[1] > LN_MAX_HIDDEN:
+                return (f"hidden size {w_hh.shape[1]} exceeds the LayerNorm-LSTM kernel's "
+                        f"limit {LN_MAX_HIDDEN}")
+        return _triton_check(x)
+
+    chosen = _resolve((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), backend, extra)
+    if chosen == "torch":
+        return lstm_layer_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=lengths,
+                              reverse=reverse, ln_ih_weight=ln_ih_weight,
+                              ln_hh_weight=ln_hh_weight, ln_cell_weight=ln_cell_weight,
+                              ln_cell_bias=ln_cell_bias, eps=eps)
+    n_steps, n_batch = x.shape[:2]
+    if b_ih is not None and b_hh is not None:
+        bias = b_ih + b_hh
+    else:
+        bias = b_ih if b_ih is not None else b_hh
+    if lengths is None:
+        lens = torch.full((n_batch,), n_steps, dtype=torch.int64, device=x.device)
+    else:
+        lens = lengths.to(device=x.device, dtype=torch.int64, non_blocking=True)
+    if _has_layer_norm(ln):
+        # every step's input projection and its LayerNorm at once (one GEMM, one LayerNorm)
+        xg = F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), ln_ih_weight, None, eps)
+        if bias is not None:
+            xg = xg + bias
+        y, h_n, c_n, *_ = _ln_lstm_recurrence_fwd(xg, h0, c0, w_hh, ln_hh_weight, ln_cell_weight,
+                                                  ln_cell_bias, lens, bool(reverse), float(eps))
+        return y, h_n, c_n
+    xg = F.linear(x, w_ih, bias)  # (T, B, 4H): every step's input projection in one GEMM
+    y, h_n, c_n, *_ = _lstm_recurrence_fwd(xg, h0, c0, w_hh, w_hr, lens, bool(reverse))
+    return y, h_n, c_n

@@ -1,0 +1,1015 @@
+"""LSTM recurrence, forward and backward, fused: per-timestep kernels and time-looping
+(persistent) kernels, plus the LayerNorm-LSTM variant.
+
+The input projections of all timesteps are one GEMM per layer and direction, done by the
+caller (cuBLAS): ``xg = x @ W_ih^T + b_ih + b_hh``, shape (T, B, 4H). What remains is the
+recurrence, which this file fuses:
+
+forward, step s (time t = s, or T-1-s for the reverse direction):
+    gates = xg[t] + h_{s} @ W_hh^T               (the recurrent GEMM, tl.dot, fp32 accumulate)
+    i, f, g, o = sigmoid, sigmoid, tanh, sigmoid  (gate order i, f, g, o as in torch)
+    c' = f * c + i * g                            (cell state always fp32)
+    h' = o * tanh(c')
+    steps with t >= length[b] keep (h, c) unchanged and write zero output
+A program owns a block of batch rows and a block of hidden columns j, and computes the four
+gate columns (j, H+j, 2H+j, 3H+j) of that block, so all gate math of the step stays in
+registers: the gate pre-activations never touch memory. The gate activations are stored
+once (input dtype) for the backward.
+
+With a projection (``proj_size`` P > 0) the cell kernel writes r = o * tanh(c') and a second
+kernel computes h' = r @ W_hr^T with the same length masking.
+
+backward, step s in reverse order:
+    dh = dy[t] + dgates[next] @ W_hh + dcarry    (the recurrent GEMM of the *previous*
+                                                  backward step's gate gradients, fused with
+                                                  this step's pointwise math)
+    then all gate gradients, dc, written as dgates[t] (input dtype) and dc (fp32, in place).
+Steps past a sequence's length pass dh and dc through unchanged (``dcarry``) and write zero
+gate gradients. dW_hh, dW_ih, dx and the biases are then single large GEMMs over all
+timesteps (sum_t dgates_t^T h_{t-1}), done by the caller.
+
+LayerNorm-LSTM (haste's formulation: LN on W_ih x and on W_hh h over the 4H gate
+pre-activations, LN on c before the output tanh): the LayerNorms reduce over whole rows, so
+the recurrent GEMM is one cuBLAS call per step and a row kernel (one program per batch row)
+fuses everything else of the step: LN(W_hh h) * g_hh + xg, the gates, the cell update,
+LN(c) * g_c + b_c, the output and the length masking; its backward fuses both LayerNorm
+backwards with the gate gradients and accumulates the LayerNorm weight gradients per row in
+place. The W_ih x LayerNorm is done for all timesteps at once by the caller.
+
+Two ways to run the time loop:
+- per step (any hidden size, projection): one launch per step, a 2-D grid over batch blocks x
+  column blocks, so a step spreads over many SMs; it pays a launch (a few microseconds on the
+  GPU, more in Python) per step and re-reads W_hh from L2 every step.
+- persistent (hidden <= PERSISTENT_MAX_HIDDEN, no projection): one launch for the whole
+  sequence; a program owns a batch block and every hidden column and loops over time. Batch
+  rows never interact, so no grid-wide barrier is needed, only a block barrier between steps
+  (the program reads its own h_t back from global memory). It streams all of W_hh through
+  one SM per step, which is why it is limited to small hidden sizes. cuDNN's persistent RNN
+  keeps W_hh in registers / shared memory across SMs instead; that needs a grid barrier and
+  is not implemented.
+
+References: cuDNN persistent RNN (Diamos et al., 2016), haste (lmnt-com/haste), PyTorch's
+``_thnn_fused_lstm_cell``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import AotConfig, LOG2E, _tanh
+
+# tl.dot needs every block dimension >= 16; the batch block is padded up to it.
+MIN_DOT_BLOCK = 16
+# K step of the per-step GEMMs and the largest batch block: wider tiles spill registers in
+# the forward, which holds four accumulators and one W_hh tile per gate (ptxas -v).
+STEP_BLOCK_K = 32
+MAX_STEP_BLOCK_B = 32
+# The time-looping ("persistent") kernels give each program a batch block and all hidden
+# columns, so one program streams all of W_hh (8 H^2 bytes in 16 bits) from L2 every step;
+# up to this hidden size that costs less than a launch per step (estimate: 512 KB at ~100 GB/s
+# per SM is ~5 us, a Python-side Triton launch ~20 us). Not measured on a GPU yet.
+PERSISTENT_MAX_HIDDEN = 256
+PERSISTENT_WARPS = 8
+# Below this many programs per step the column block shrinks, to spread one step over more
+# SMs (a step's work is small: B x 4H x P multiply-adds).
+MIN_STEP_PROGRAMS = 128
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp2(-x * LOG2E))
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    # fp32 operands multiply in full fp32 ("ieee"), not TF32, like torch's default matmul;
+    # the Triton interpreter's tl.dot is wrong for bf16 operands: compute in fp32 there
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _state_grad(dy_ptr, dgn_ptr, w_hh_ptr, dcarry_ptr, offs_b, mask_b, offs_n, mask_n, valid,
+                stride_dy_b, stride_dg_b, stride_w_row, stride_dcarry_b, n_gates,
+                HAS_NEXT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Gradient w.r.t. the state h after this step, columns offs_n of it:
+    dy (masked) + dgates_next @ W_hh + the pass-through carry. Returns (G*valid, G*(1-valid))."""
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    if HAS_NEXT:
+        for k0 in range(0, n_gates, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < n_gates
+            a = tl.load(dgn_ptr + offs_b[:, None] * stride_dg_b + offs_k[None, :],
+                        mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_hh_ptr + offs_k[:, None] * stride_w_row + offs_n[None, :],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc += _dot(a, w, DOT_FP32)
+    m2 = mask_b[:, None] & mask_n[None, :]
+    dy = tl.load(dy_ptr + offs_b[:, None] * stride_dy_b + offs_n[None, :], mask=m2,
+                 other=0.0).to(tl.float32)
+    carry = tl.load(dcarry_ptr + offs_b[:, None] * stride_dcarry_b + offs_n[None, :], mask=m2,
+                    other=0.0)
+    g_valid = tl.where(valid, acc + dy + carry, 0.0)
+    g_carry = tl.where(valid, 0.0, acc + carry)
+    return g_valid, g_carry
+
+
+@triton.jit
+def _fwd_tile(xg_ptr, h_prev_ptr, c_prev_ptr, w_hh_ptr, len_ptr, h_out_ptr, c_out_ptr, y_ptr,
+              gates_ptr, stride_xg_b, stride_h_b, stride_c_b, stride_w_row, stride_y_b,
+              stride_gates_b, n_batch, n_hidden, n_state, t, offs_b, offs_h,
+              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+              HAS_PROJ: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One step for batch rows offs_b and hidden columns offs_h of all four gates."""
+    mask_b = offs_b < n_batch
+    mask_h = offs_h < n_hidden
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    w_cols = w_hh_ptr + offs_h[None, :] * stride_w_row
+    gate_stride = n_hidden * stride_w_row
+    for k0 in range(0, n_state, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < n_state
+        a = tl.load(h_prev_ptr + offs_b[:, None] * stride_h_b + offs_k[None, :],
+                    mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        # W_hh^T tiles (BLOCK_K, BLOCK_H), one per gate
+        wmask = mask_k[:, None] & mask_h[None, :]
+        wp = w_cols + offs_k[:, None]
+        acc_i += _dot(a, tl.load(wp, mask=wmask, other=0.0), DOT_FP32)
+        acc_f += _dot(a, tl.load(wp + gate_stride, mask=wmask, other=0.0), DOT_FP32)
+        acc_g += _dot(a, tl.load(wp + 2 * gate_stride, mask=wmask, other=0.0), DOT_FP32)
+        acc_o += _dot(a, tl.load(wp + 3 * gate_stride, mask=wmask, other=0.0), DOT_FP32)
+    m2 = mask_b[:, None] & mask_h[None, :]
+    xg = xg_ptr + offs_b[:, None] * stride_xg_b + offs_h[None, :]
+    gi = _sigmoid(acc_i + tl.load(xg, mask=m2, other=0.0).to(tl.float32))
+    gf = _sigmoid(acc_f + tl.load(xg + n_hidden, mask=m2, other=0.0).to(tl.float32))
+    gg = _tanh(acc_g + tl.load(xg + 2 * n_hidden, mask=m2, other=0.0).to(tl.float32))
+    go = _sigmoid(acc_o + tl.load(xg + 3 * n_hidden, mask=m2, other=0.0).to(tl.float32))
+    length = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    valid = (t < length)[:, None]
+    c_prev = tl.load(c_prev_ptr + offs_b[:, None] * stride_c_b + offs_h[None, :], mask=m2,
+                     other=0.0)
+    c = gf * c_prev + gi * gg
+    h = go * _tanh(c)
+    tl.store(c_out_ptr + offs_b[:, None] * stride_c_b + offs_h[None, :],
+             tl.where(valid, c, c_prev), mask=m2)
+    gp = gates_ptr + offs_b[:, None] * stride_gates_b + offs_h[None, :]
+    gdt = gates_ptr.dtype.element_ty
+    tl.store(gp, gi.to(gdt), mask=m2)
+    tl.store(gp + n_hidden, gf.to(gdt), mask=m2)
+    tl.store(gp + 2 * n_hidden, gg.to(gdt), mask=m2)
+    tl.store(gp + 3 * n_hidden, go.to(gdt), mask=m2)
+    out = tl.where(valid, h, 0.0)
+    # with a projection y is r = o * tanh(c) (zero past the length), projected by the next kernel
+    tl.store(y_ptr + offs_b[:, None] * stride_y_b + offs_h[None, :],
+             out.to(y_ptr.dtype.element_ty), mask=m2)
+    if not HAS_PROJ:
+        h_old = tl.load(h_prev_ptr + offs_b[:, None] * stride_h_b + offs_h[None, :], mask=m2,
+                        other=0.0).to(tl.float32)
+        tl.store(h_out_ptr + offs_b[:, None] * stride_h_b + offs_h[None, :],
+                 tl.where(valid, h, h_old).to(h_out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _lstm_fwd_kernel(
+    xg_ptr, h_prev_ptr, c_prev_ptr, w_hh_ptr, len_ptr,
+    h_out_ptr, c_out_ptr, y_ptr, gates_ptr,
+    stride_xg_b, stride_h_b, stride_c_b, stride_w_row, stride_y_b, stride_gates_b,
+    n_batch, n_hidden, n_state, t,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_PROJ: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # each program owns batch rows [pid_b * BLOCK_B, +BLOCK_B) and hidden columns
+    # [pid_h * BLOCK_H, +BLOCK_H) of all four gates, for one step
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    _fwd_tile(xg_ptr, h_prev_ptr, c_prev_ptr, w_hh_ptr, len_ptr, h_out_ptr, c_out_ptr, y_ptr,
+              gates_ptr, stride_xg_b, stride_h_b, stride_c_b, stride_w_row, stride_y_b,
+              stride_gates_b, n_batch, n_hidden, n_state, t, offs_b, offs_h,
+              BLOCK_B, BLOCK_H, BLOCK_K, HAS_PROJ, DOT_FP32)
+
+
+@triton.jit
+def _lstm_fwd_persistent_kernel(
+    xg_ptr, hs_ptr, cs_ptr, w_hh_ptr, len_ptr, y_ptr, gates_ptr,
+    stride_xg_t, stride_xg_b, stride_hs_s, stride_h_b, stride_cs_s, stride_c_b, stride_w_row,
+    stride_y_t, stride_y_b, stride_gates_t, stride_gates_b,
+    n_batch, n_hidden, n_steps,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # each program owns batch rows [pid * BLOCK_B, +BLOCK_B) for every step and every hidden
+    # column: batch rows are independent, so the time loop needs no grid-wide barrier, only a
+    # block barrier between steps (this program's h_t is read back from global memory)
+    pid_b = tl.program_id(0)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    for s in range(0, n_steps):
+        t = s
+        if REVERSE:
+            t = n_steps - 1 - s
+        s64 = tl.cast(s, tl.int64)
+        t64 = tl.cast(t, tl.int64)
+        for j0 in range(0, n_hidden, BLOCK_H):
+            offs_h = j0 + tl.arange(0, BLOCK_H)
+            _fwd_tile(xg_ptr + t64 * stride_xg_t, hs_ptr + s64 * stride_hs_s,
+                      cs_ptr + s64 * stride_cs_s, w_hh_ptr, len_ptr,
+                      hs_ptr + (s64 + 1) * stride_hs_s, cs_ptr + (s64 + 1) * stride_cs_s,
+                      y_ptr + t64 * stride_y_t, gates_ptr + t64 * stride_gates_t,
+                      stride_xg_b, stride_h_b, stride_c_b, stride_w_row, stride_y_b,
+                      stride_gates_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h,
+                      BLOCK_B, BLOCK_H, BLOCK_K, False, DOT_FP32)
+        tl.debug_barrier()
+@triton.jit
+def _lstm_proj_fwd_kernel(
+    r_ptr, w_hr_ptr, h_prev_ptr, len_ptr, h_out_ptr, y_ptr,
+    stride_r_b, stride_w_row, stride_h_b, stride_y_b,
+    n_batch, n_hidden, n_proj, t,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    # each program owns batch rows [pid_b * BLOCK_B, +BLOCK_B) and projected columns
+    # [pid_p * BLOCK_H, +BLOCK_H): h = r @ W_hr^T, masked by length
+    pid_b = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_p = pid_p * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_b = offs_b < n_batch
+    mask_p = offs_p < n_proj
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, n_hidden, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < n_hidden
+        a = tl.load(r_ptr + offs_b[:, None] * stride_r_b + offs_k[None, :],
+                    mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_hr_ptr + offs_p[None, :] * stride_w_row + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        acc += _dot(a, w, DOT_FP32)
+    m2 = mask_b[:, None] & mask_p[None, :]
+    length = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    valid = (t < length)[:, None]
+    h_old = tl.load(h_prev_ptr + offs_b[:, None] * stride_h_b + offs_p[None, :], mask=m2,
+                    other=0.0).to(tl.float32)
+    tl.store(h_out_ptr + offs_b[:, None] * stride_h_b + offs_p[None, :],
+             tl.where(valid, acc, h_old).to(h_out_ptr.dtype.element_ty), mask=m2)
+    tl.store(y_ptr + offs_b[:, None] * stride_y_b + offs_p[None, :],
+             tl.where(valid, acc, 0.0).to(y_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _bwd_tile(dy_ptr, dgn_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, c_ptr, c_prev_ptr, len_ptr,
+              dcarry_ptr, dc_ptr, dg_ptr, stride_dy_b, stride_dg_b, stride_w_row, stride_gv_b,
+              stride_wr_row, stride_gates_b, stride_c_b, stride_dcarry_b, stride_dc_b,
+              n_batch, n_hidden, n_proj, t, offs_b, offs_h,
+              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+              HAS_NEXT: tl.constexpr, HAS_PROJ: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One backward step for batch rows offs_b and hidden columns offs_h of all four gates."""
+    mask_b = offs_b < n_batch
+    mask_h = offs_h < n_hidden
+    m2 = mask_b[:, None] & mask_h[None, :]
+    length = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    valid = (t < length)[:, None]
+    if HAS_PROJ:
+        # dr = (dh masked by length) @ W_hr, dh already reduced by _lstm_proj_bwd_kernel
+        dr = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, n_proj, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < n_proj
+            a = tl.load(gv_ptr + offs_b[:, None] * stride_gv_b + offs_k[None, :],
+                        mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_hr_ptr + offs_k[:, None] * stride_wr_row + offs_h[None, :],
+                        mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+            dr += _dot(a, w, DOT_FP32)
+    else:
+        dr, g_carry = _state_grad(dy_ptr, dgn_ptr, w_hh_ptr, dcarry_ptr, offs_b, mask_b,
+                                  offs_h, mask_h, valid, stride_dy_b, stride_dg_b,
+                                  stride_w_row, stride_dcarry_b, 4 * n_hidden, HAS_NEXT,
+                                  BLOCK_B, BLOCK_H, BLOCK_K, DOT_FP32)
+        tl.store(dcarry_ptr + offs_b[:, None] * stride_dcarry_b + offs_h[None, :], g_carry,
+                 mask=m2)
+    gp = gates_ptr + offs_b[:, None] * stride_gates_b + offs_h[None, :]
+    gi = tl.load(gp, mask=m2, other=0.0).to(tl.float32)
+    gf = tl.load(gp + n_hidden, mask=m2, other=0.0).to(tl.float32)
+    gg = tl.load(gp + 2 * n_hidden, mask=m2, other=0.0).to(tl.float32)
+    go = tl.load(gp + 3 * n_hidden, mask=m2, other=0.0).to(tl.float32)
+    cofs = offs_b[:, None] * stride_c_b + offs_h[None, :]
+    c = tl.load(c_ptr + cofs, mask=m2, other=0.0)
+    c_prev = tl.load(c_prev_ptr + cofs, mask=m2, other=0.0)
+    dc_in = tl.load(dc_ptr + offs_b[:, None] * stride_dc_b + offs_h[None, :], mask=m2,
+                    other=0.0)
+    tc = _tanh(c)
+    dc = dc_in + dr * go * (1.0 - tc * tc)
+    d_o = dr * tc * go * (1.0 - go)
+    d_i = dc * gg * gi * (1.0 - gi)
+    d_f = dc * c_prev * gf * (1.0 - gf)
+    d_g = dc * gi * (1.0 - gg * gg)
+    tl.store(dc_ptr + offs_b[:, None] * stride_dc_b + offs_h[None, :],
+             tl.where(valid, dc * gf, dc_in), mask=m2)
+    dgp = dg_ptr + offs_b[:, None] * stride_dg_b + offs_h[None, :]
+    dgt = dg_ptr.dtype.element_ty
+    tl.store(dgp, tl.where(valid, d_i, 0.0).to(dgt), mask=m2)
+    tl.store(dgp + n_hidden, tl.where(valid, d_f, 0.0).to(dgt), mask=m2)
+    tl.store(dgp + 2 * n_hidden, tl.where(valid, d_g, 0.0).to(dgt), mask=m2)
+    tl.store(dgp + 3 * n_hidden, tl.where(valid, d_o, 0.0).to(dgt), mask=m2)
+
+
+@triton.jit
+def _lstm_bwd_kernel(
+    dy_ptr, dgn_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, c_ptr, c_prev_ptr, len_ptr,
+    dcarry_ptr, dc_ptr, dg_ptr,
+    stride_dy_b, stride_dg_b, stride_w_row, stride_gv_b, stride_wr_row, stride_gates_b,
+    stride_c_b, stride_dcarry_b, stride_dc_b,
+    n_batch, n_hidden, n_proj, t,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_NEXT: tl.constexpr, HAS_PROJ: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # each program owns batch rows [pid_b * BLOCK_B, +BLOCK_B) and hidden columns
+    # [pid_h * BLOCK_H, +BLOCK_H) of all four gate gradients, for one step
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    _bwd_tile(dy_ptr, dgn_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, c_ptr, c_prev_ptr, len_ptr,
+              dcarry_ptr, dc_ptr, dg_ptr, stride_dy_b, stride_dg_b, stride_w_row, stride_gv_b,
+              stride_wr_row, stride_gates_b, stride_c_b, stride_dcarry_b, stride_dc_b,
+              n_batch, n_hidden, n_proj, t, offs_b, offs_h,
+              BLOCK_B, BLOCK_H, BLOCK_K, HAS_NEXT, HAS_PROJ, DOT_FP32)
+
+
+@triton.jit
+def _lstm_bwd_persistent_kernel(
+    dy_ptr, w_hh_ptr, gates_ptr, cs_ptr, len_ptr, dcarry_ptr, dc_ptr, dg_ptr,
+    stride_dy_t, stride_dy_b, stride_dg_t, stride_dg_b, stride_w_row, stride_gates_t,
+    stride_gates_b, stride_cs_s, stride_c_b, stride_dcarry_b, stride_dc_b,
+    n_batch, n_hidden, n_steps,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # each program owns batch rows [pid * BLOCK_B, +BLOCK_B) for every step and every hidden
+    # column (see _lstm_fwd_persistent_kernel); steps run from the last processed one back
+    pid_b = tl.program_id(0)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    for i in range(0, n_steps):
+        s = n_steps - 1 - i
+        t = s
+        t_next = s + 1
+        if REVERSE:
+            t = n_steps - 1 - s
+            t_next = t - 1
+        s64 = tl.cast(s, tl.int64)
+        t64 = tl.cast(t, tl.int64)
+        # the step after this one in the forward has no gate gradients on the first iteration:
+        # its "next" pointer is then this step's own (unread) slot
+        tn64 = tl.where(i == 0, t64, tl.cast(t_next, tl.int64))
+        for j0 in range(0, n_hidden, BLOCK_H):
+            offs_h = j0 + tl.arange(0, BLOCK_H)
+            if i == 0:
+                _bwd_tile(dy_ptr + t64 * stride_dy_t, dg_ptr + tn64 * stride_dg_t, w_hh_ptr,
+                          dy_ptr, w_hh_ptr, gates_ptr + t64 * stride_gates_t,
+                          cs_ptr + (s64 + 1) * stride_cs_s, cs_ptr + s64 * stride_cs_s, len_ptr,
+                          dcarry_ptr, dc_ptr, dg_ptr + t64 * stride_dg_t, stride_dy_b, stride_dg_b,
+                          stride_w_row, 0, 0, stride_gates_b, stride_c_b, stride_dcarry_b,
+                          stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h,
+                          BLOCK_B, BLOCK_H, BLOCK_K, False, False, DOT_FP32)
+            else:
+                _bwd_tile(dy_ptr + t64 * stride_dy_t, dg_ptr + tn64 * stride_dg_t, w_hh_ptr,
+                          dy_ptr, w_hh_ptr, gates_ptr + t64 * stride_gates_t,
+                          cs_ptr + (s64 + 1) * stride_cs_s, cs_ptr + s64 * stride_cs_s, len_ptr,
+                          dcarry_ptr, dc_ptr, dg_ptr + t64 * stride_dg_t, stride_dy_b, stride_dg_b,
+                          stride_w_row, 0, 0, stride_gates_b, stride_c_b, stride_dcarry_b,
+                          stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h,
+                          BLOCK_B, BLOCK_H, BLOCK_K, True, False, DOT_FP32)
+        tl.debug_barrier()
+@triton.jit
+def _lstm_proj_bwd_kernel(
+    dy_ptr, dgn_ptr, w_hh_ptr, len_ptr, dcarry_ptr, gv_ptr,
+    stride_dy_b, stride_dg_b, stride_w_row, stride_dcarry_b, stride_gv_b,
+    n_batch, n_hidden, n_proj, t,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_NEXT: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # each program owns batch rows [pid_b * BLOCK_B, +BLOCK_B) and projected columns
+    # [pid_p * BLOCK_H, +BLOCK_H) of the gradient w.r.t. the projected state
+    pid_b = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_p = pid_p * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_b = offs_b < n_batch
+    mask_p = offs_p < n_proj
+    length = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    valid = (t < length)[:, None]
+    g_valid, g_carry = _state_grad(dy_ptr, dgn_ptr, w_hh_ptr, dcarry_ptr, offs_b, mask_b,
+                                   offs_p, mask_p, valid, stride_dy_b, stride_dg_b,
+                                   stride_w_row, stride_dcarry_b, 4 * n_hidden, HAS_NEXT,
+                                   BLOCK_B, BLOCK_H, BLOCK_K, DOT_FP32)
+    m2 = mask_b[:, None] & mask_p[None, :]
+    tl.store(dcarry_ptr + offs_b[:, None] * stride_dcarry_b + offs_p[None, :], g_carry, mask=m2)
+    tl.store(gv_ptr + offs_b[:, None] * stride_gv_b + offs_p[None, :],
+             g_valid.to(gv_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _row_norm4(a_i, a_f, a_g, a_o, mask, n):
+    """Mean and centered values (zero past n) of a row held as four gate blocks of n columns."""
+    mean = (tl.sum(a_i, axis=0) + tl.sum(a_f, axis=0) + tl.sum(a_g, axis=0)
+            + tl.sum(a_o, axis=0)) / (4 * n)
+    c_i = tl.where(mask, a_i - mean, 0.0)
+    c_f = tl.where(mask, a_f - mean, 0.0)
+    c_g = tl.where(mask, a_g - mean, 0.0)
+    c_o = tl.where(mask, a_o - mean, 0.0)
+    return mean, c_i, c_f, c_g, c_o
+
+
+@triton.jit
+def _ln_lstm_fwd_kernel(
+    rec_ptr, xg_ptr, h_prev_ptr, c_prev_ptr, g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr,
+    h_out_ptr, c_out_ptr, y_ptr, gates_ptr, stats_ptr,
+    stride_b, stride_c_b, n_hidden, t, eps,
+    BLOCK_H: tl.constexpr,
+):
+    # each program owns one batch row: the LayerNorms reduce over the whole row (4H gate
+    # pre-activations, H cell values), so a row never splits across programs
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < n_hidden
+    H = n_hidden
+    row = b * stride_b + cols
+    r_i = tl.load(rec_ptr + row, mask=mask, other=0.0).to(tl.float32)
+    r_f = tl.load(rec_ptr + row + H, mask=mask, other=0.0).to(tl.float32)
+    r_g = tl.load(rec_ptr + row + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    r_o = tl.load(rec_ptr + row + 3 * H, mask=mask, other=0.0).to(tl.float32)
+    mean, r_i, r_f, r_g, r_o = _row_norm4(r_i, r_f, r_g, r_o, mask, n_hidden)
+    var = (tl.sum(r_i * r_i, axis=0) + tl.sum(r_f * r_f, axis=0) + tl.sum(r_g * r_g, axis=0)
+           + tl.sum(r_o * r_o, axis=0)) / (4 * n_hidden)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    gi = _sigmoid(r_i * rstd * tl.load(g_hh_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                  + tl.load(xg_ptr + row, mask=mask, other=0.0).to(tl.float32))
+    gf = _sigmoid(r_f * rstd * tl.load(g_hh_ptr + H + cols, mask=mask, other=0.0).to(tl.float32)
+                  + tl.load(xg_ptr + row + H, mask=mask, other=0.0).to(tl.float32))
+    gg = _tanh(r_g * rstd * tl.load(g_hh_ptr + 2 * H + cols, mask=mask, other=0.0).to(tl.float32)
+               + tl.load(xg_ptr + row + 2 * H, mask=mask, other=0.0).to(tl.float32))
+    go = _sigmoid(r_o * rstd * tl.load(g_hh_ptr + 3 * H + cols, mask=mask, other=0.0).to(tl.float32)
+                  + tl.load(xg_ptr + row + 3 * H, mask=mask, other=0.0).to(tl.float32))
+    crow = b * stride_c_b + cols
+    c_prev = tl.load(c_prev_ptr + crow, mask=mask, other=0.0)
+    c = gf * c_prev + gi * gg
+    c_mean = tl.sum(tl.where(mask, c, 0.0), axis=0) / n_hidden
+    cc = tl.where(mask, c - c_mean, 0.0)
+    c_rstd = 1.0 / tl.sqrt(tl.sum(cc * cc, axis=0) / n_hidden + eps)
+    cn = (cc * c_rstd * tl.load(g_c_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+          + tl.load(b_c_ptr + cols, mask=mask, other=0.0).to(tl.float32))
+    h = go * _tanh(cn)
+    valid = t < tl.load(len_ptr + b)
+    tl.store(c_out_ptr + crow, tl.where(valid, c, c_prev), mask=mask)
+    h_old = tl.load(h_prev_ptr + crow, mask=mask, other=0.0)
+    tl.store(h_out_ptr + crow, tl.where(valid, h, h_old.to(tl.float32)).to(h_out_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(y_ptr + crow, tl.where(valid, h, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+    gdt = gates_ptr.dtype.element_ty
+    tl.store(gates_ptr + row, gi.to(gdt), mask=mask)
+    tl.store(gates_ptr + row + H, gf.to(gdt), mask=mask)
+    tl.store(gates_ptr + row + 2 * H, gg.to(gdt), mask=mask)
+    tl.store(gates_ptr + row + 3 * H, go.to(gdt), mask=mask)
+    # per-row statistics for the backward: (mean, rstd) of the recurrent projection and of c
+    tl.store(stats_ptr + b * 4, mean)
+    tl.store(stats_ptr + b * 4 + 1, rstd)
+    tl.store(stats_ptr + b * 4 + 2, c_mean)
+    tl.store(stats_ptr + b * 4 + 3, c_rstd)
+
+
+@triton.jit
+def _ln_lstm_bwd_kernel(
+    dh_mm_ptr, dy_ptr, rec_ptr, gates_ptr, c_ptr, c_prev_ptr, stats_ptr, g_hh_ptr, g_c_ptr,
+    b_c_ptr, len_ptr, dcarry_ptr, dc_ptr, dxg_ptr, drec_ptr, dg_hh_acc_ptr, dgb_c_acc_ptr,
+    stride_b, stride_c_b, n_hidden, t,
+    BLOCK_H: tl.constexpr, HAS_NEXT: tl.constexpr,
+):
+    # each program owns one batch row (see _ln_lstm_fwd_kernel) and its row of the
+    # LayerNorm-weight gradient accumulators, summed over batch rows by the caller
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < n_hidden
+    H = n_hidden
+    row = b * stride_b + cols
+    crow = b * stride_c_b + cols
+    valid = t < tl.load(len_ptr + b)
+    # gradient w.r.t. the state after this step: dy + (next step's drec @ W_hh) + carry
+    g_state = tl.load(dcarry_ptr + crow, mask=mask, other=0.0)
+    if HAS_NEXT:
+        g_state += tl.load(dh_mm_ptr + crow, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + crow, mask=mask, other=0.0).to(tl.float32)
+    dr = tl.where(valid, g_state + dy, 0.0)
+    tl.store(dcarry_ptr + crow, tl.where(valid, 0.0, g_state), mask=mask)
+    gi = tl.load(gates_ptr + row, mask=mask, other=0.0).to(tl.float32)
+    gf = tl.load(gates_ptr + row + H, mask=mask, other=0.0).to(tl.float32)
+    gg = tl.load(gates_ptr + row + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    go = tl.load(gates_ptr + row + 3 * H, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(stats_ptr + b * 4)
+    rstd = tl.load(stats_ptr + b * 4 + 1)
+    c_mean = tl.load(stats_ptr + b * 4 + 2)
+    c_rstd = tl.load(stats_ptr + b * 4 + 3)
+    c = tl.load(c_ptr + crow, mask=mask, other=0.0)
+    c_prev = tl.load(c_prev_ptr + crow, mask=mask, other=0.0)
+    dc_in = tl.load(dc_ptr + crow, mask=mask, other=0.0)
+    # cell LayerNorm: cn = c_hat * g_c + b_c, h = o * tanh(cn)
+    c_hat = tl.where(mask, (c - c_mean) * c_rstd, 0.0)
+    g_c = tl.load(g_c_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tcn = _tanh(c_hat * g_c + tl.load(b_c_ptr + cols, mask=mask, other=0.0).to(tl.float32))
+    d_o = dr * tcn * go * (1.0 - go)
+    dcn = dr * go * (1.0 - tcn * tcn)
+    acc = dgb_c_acc_ptr + b * 2 * H + cols
+    tl.store(acc, tl.load(acc, mask=mask, other=0.0) + dcn * c_hat, mask=mask)
+    tl.store(acc + H, tl.load(acc + H, mask=mask, other=0.0) + dcn, mask=mask)
+    dch = dcn * g_c
+    m1 = tl.sum(dch, axis=0) / n_hidden
+    m2 = tl.sum(dch * c_hat, axis=0) / n_hidden
+    dc = dc_in + tl.where(mask, (dch - m1 - c_hat * m2) * c_rstd, 0.0)
+    d_i = dc * gg * gi * (1.0 - gi)
+    d_f = dc * c_prev * gf * (1.0 - gf)
+    d_g = dc * gi * (1.0 - gg * gg)
+    tl.store(dc_ptr + crow, tl.where(valid, dc * gf, dc_in), mask=mask)
+    d_i = tl.where(valid & mask, d_i, 0.0)
+    d_f = tl.where(valid & mask, d_f, 0.0)
+    d_g = tl.where(valid & mask, d_g, 0.0)
+    d_o = tl.where(valid & mask, d_o, 0.0)
+    xdt = dxg_ptr.dtype.element_ty
+    tl.store(dxg_ptr + row, d_i.to(xdt), mask=mask)
+    tl.store(dxg_ptr + row + H, d_f.to(xdt), mask=mask)
+    tl.store(dxg_ptr + row + 2 * H, d_g.to(xdt), mask=mask)
+    tl.store(dxg_ptr + row + 3 * H, d_o.to(xdt), mask=mask)
+    # recurrent LayerNorm: pre = rec_hat * g_hh + xg, backward through rec_hat over 4H
+    r_i = tl.load(rec_ptr + row, mask=mask, other=0.0).to(tl.float32)
+    r_f = tl.load(rec_ptr + row + H, mask=mask, other=0.0).to(tl.float32)
+    r_g = tl.load(rec_ptr + row + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    r_o = tl.load(rec_ptr + row + 3 * H, mask=mask, other=0.0).to(tl.float32)
+    r_i = tl.where(mask, (r_i - mean) * rstd, 0.0)
+    r_f = tl.where(mask, (r_f - mean) * rstd, 0.0)
+    r_g = tl.where(mask, (r_g - mean) * rstd, 0.0)
+    r_o = tl.where(mask, (r_o - mean) * rstd, 0.0)
+    acc = dg_hh_acc_ptr + b * 4 * H + cols
+    tl.store(acc, tl.load(acc, mask=mask, other=0.0) + d_i * r_i, mask=mask)
+    tl.store(acc + H, tl.load(acc + H, mask=mask, other=0.0) + d_f * r_f, mask=mask)
+    tl.store(acc + 2 * H, tl.load(acc + 2 * H, mask=mask, other=0.0) + d_g * r_g, mask=mask)
+    tl.store(acc + 3 * H, tl.load(acc + 3 * H, mask=mask, other=0.0) + d_o * r_o, mask=mask)
+    e_i = d_i * tl.load(g_hh_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    e_f = d_f * tl.load(g_hh_ptr + H + cols, mask=mask, other=0.0).to(tl.float32)
+    e_g = d_g * tl.load(g_hh_ptr + 2 * H + cols, mask=mask, other=0.0).to(tl.float32)
+    e_o = d_o * tl.load(g_hh_ptr + 3 * H + cols, mask=mask, other=0.0).to(tl.float32)
+    n4 = 4 * n_hidden
+    k1 = (tl.sum(e_i, axis=0) + tl.sum(e_f, axis=0) + tl.sum(e_g, axis=0)
+          + tl.sum(e_o, axis=0)) / n4
+    k2 = (tl.sum(e_i * r_i, axis=0) + tl.sum(e_f * r_f, axis=0) + tl.sum(e_g * r_g, axis=0)
+          + tl.sum(e_o * r_o, axis=0)) / n4
+    rdt = drec_ptr.dtype.element_ty
+    tl.store(drec_ptr + row, ((e_i - k1 - r_i * k2) * rstd).to(rdt), mask=mask)
+    tl.store(drec_ptr + row + H, ((e_f - k1 - r_f * k2) * rstd).to(rdt), mask=mask)
+    tl.store(drec_ptr + row + 2 * H, ((e_g - k1 - r_g * k2) * rstd).to(rdt), mask=mask)
+    tl.store(drec_ptr + row + 3 * H, ((e_o - k1 - r_o * k2) * rstd).to(rdt), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+
+def step_blocks(n_batch: int, n_cols: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) for the per-step kernels."""
+    block_b = min(max(triton.next_power_of_2(max(n_batch, 1)), MIN_DOT_BLOCK), MAX_STEP_BLOCK_B)
+    block_h = 64
+    while block_h > 16 and triton.cdiv(n_batch, block_b) * triton.cdiv(n_cols, block_h) < MIN_STEP_PROGRAMS:
+        block_h //= 2
+    return block_b, block_h, STEP_BLOCK_K, _step_warps(block_b, block_h)
+
+
+def _step_warps(block_b: int, block_h: int) -> int:
+    # the forward holds four (BLOCK_B, BLOCK_H) fp32 accumulators plus four W_hh tiles: about
+    # 128 tile elements per warp keeps them in registers (ptxas -v: no spills)
+    return min(max(block_b * block_h // 128, 4), 16)
+
+
+def step_block_configs():
+    """Every (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) ``step_blocks`` can return."""
+    return [(b, h, STEP_BLOCK_K, _step_warps(b, h)) for b in (16, MAX_STEP_BLOCK_B)
+            for h in (16, 32, 64)]
+
+
+def _dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
+    return dtype == torch.bfloat16 and device.type != "cuda"
+
+
+def _time_order(n_steps: int, reverse: bool):
+    return range(n_steps - 1, -1, -1) if reverse else range(n_steps)
+
+
+def use_persistent(n_hidden: int, has_proj: bool) -> bool:
+    """Whether the time-looping kernels run this layer (see PERSISTENT_MAX_HIDDEN)."""
+    return not has_proj and n_hidden <= PERSISTENT_MAX_HIDDEN
+
+
+def persistent_blocks(n_hidden: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the time-looping kernels: the smallest batch
+    block (the most programs), a column block of up to 64, 8 warps (their loops keep more
+    live state than one step: 4 warps spill in fp32)."""
+    block_h = min(64, triton.next_power_of_2(max(n_hidden, MIN_DOT_BLOCK)))
+    return MIN_DOT_BLOCK, block_h, STEP_BLOCK_K, PERSISTENT_WARPS
+
+
+def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
+             w_hr: Optional[torch.Tensor], lengths: torch.Tensor, reverse: bool,
+             persistent: Optional[bool] = None):
+    """Run the recurrence of one layer and direction.
+
+    Args:
+        xg: (T, B, 4H) input projections of every step, biases included (x.dtype).
+        h0: (B, P) initial hidden state, P = proj_size or H; c0: (B, H).
+        w_hh: (4H, P); w_hr: (P, H) or None.
+        lengths: (B,) int32/int64 on xg's device; steps t >= lengths[b] leave b's state alone
+            and write zero output.
+        reverse: run from t = T-1 down to 0 (the backward direction of a bidirectional LSTM).
+        persistent: one launch looping over time (no projection only), or one launch per
+            step; None picks with ``use_persistent``.
+
+    Returns:
+        y (T, B, P), hs (T+1, B, P) the state after each processed step (hs[0] = h0, in
+        processing order), cs (T+1, B, H) fp32 likewise, gates (T, B, 4H) the gate
+        activations by time, rs (T, B, H) the unprojected outputs (empty without w_hr).
+    """
+    n_steps, n_batch, n_gates = xg.shape
+    n_hidden = n_gates // 4
+    n_state = w_hh.shape[1]
+    dev, dt = xg.device, xg.dtype
+    has_proj = w_hr is not None
+    xg = xg.contiguous()
+    w_hh = w_hh.contiguous()
+    hs = torch.empty((n_steps + 1, n_batch, n_state), dtype=dt, device=dev)
+    cs = torch.empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32, device=dev)
+    hs[0] = h0
+    cs[0] = c0
+    gates = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
+    y = torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev)
+    rs = (torch.empty((n_steps, n_batch, n_hidden), dtype=dt, device=dev) if has_proj
+          else y.new_empty(0))
+    if n_steps == 0 or n_batch == 0:
+        return y, hs, cs, gates, rs
+    dot32 = _dot_fp32(dt, dev)
+    if persistent is None:
+        persistent = use_persistent(n_hidden, has_proj)
+    if persistent:
+        if has_proj:
+            raise ValueError("the persistent LSTM kernel has no projection")
+        bb, bh, bk, warps = persistent_blocks(n_hidden)
+        _lstm_fwd_persistent_kernel[(triton.cdiv(n_batch, bb),)](
+            xg, hs, cs, w_hh, lengths, y, gates,
+            xg.stride(0), xg.stride(1), hs.stride(0), hs.stride(1), cs.stride(0), cs.stride(1),
+            w_hh.stride(0), y.stride(0), y.stride(1), gates.stride(0), gates.stride(1),
+            n_batch, n_hidden, n_steps,
+            BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=bool(reverse), DOT_FP32=dot32,
+            num_warps=warps)
+        return y, hs, cs, gates, rs
+    bb, bh, bk, warps = step_blocks(n_batch, n_hidden)
+    grid = (triton.cdiv(n_batch, bb), triton.cdiv(n_hidden, bh))
+    if has_proj:
+        w_hr = w_hr.contiguous()
+        pbb, pbh, pbk, pwarps = step_blocks(n_batch, n_state)
+        pgrid = (triton.cdiv(n_batch, pbb), triton.cdiv(n_state, pbh))
+    out = rs if has_proj else y
+    for s, t in enumerate(_time_order(n_steps, reverse)):
+        _lstm_fwd_kernel[grid](
+            xg[t], hs[s], cs[s], w_hh, lengths, hs[s + 1], cs[s + 1], out[t], gates[t],
+            xg.stride(1), hs.stride(1), cs.stride(1), w_hh.stride(0), out.stride(1),
+            gates.stride(1), n_batch, n_hidden, n_state, t,
+            BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, HAS_PROJ=has_proj, DOT_FP32=dot32,
+            num_warps=warps)
+        if has_proj:
+            _lstm_proj_fwd_kernel[pgrid](
+                rs[t], w_hr, hs[s], lengths, hs[s + 1], y[t],
+                rs.stride(1), w_hr.stride(0), hs.stride(1), y.stride(1),
+                n_batch, n_hidden, n_state, t,
+                BLOCK_B=pbb, BLOCK_H=pbh, BLOCK_K=pbk, DOT_FP32=dot32, num_warps=pwarps)
+    return y, hs, cs, gates, rs
+
+
+def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: torch.Tensor,
+             w_hr: Optional[torch.Tensor], lengths: torch.Tensor, hs: torch.Tensor,
+             cs: torch.Tensor, gates: torch.Tensor, rs: torch.Tensor, reverse: bool,
+             persistent: Optional[bool] = None):
+    """Backward of ``lstm_fwd`` (``persistent`` as there).
+
+    Args:
+        dy: (T, B, P) gradient of y; dh_n: (B, P), dc_n: (B, H) gradients of the final state.
+        the rest: as passed to / returned by ``lstm_fwd``.
+
+    Returns:
+        dxg (T, B, 4H) (= the gate pre-activation gradients, x.dtype), dh0 (B, P) and dc0
+        (B, H) in fp32, dw_hh (4H, P) and dw_hr (P, H) (empty without w_hr), both fp32.
+    """
+    n_steps, n_batch, n_gates = gates.shape
+    n_hidden = n_gates // 4
+    n_state = w_hh.shape[1]
+    dev, dt = gates.device, gates.dtype
+    has_proj = w_hr is not None
+    dy = dy.contiguous()
+    w_hh = w_hh.contiguous()
+    dgates = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
+    dcarry = dh_n.to(torch.float32).contiguous().clone()
+    dc = dc_n.to(torch.float32).contiguous().clone()
+    gv = (torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev) if has_proj
+          else dy.new_empty(0))
+    if persistent is None:
+        persistent = use_persistent(n_hidden, has_proj)
+    if n_steps > 0 and n_batch > 0 and persistent:
+        if has_proj:
+            raise ValueError("the persistent LSTM kernel has no projection")
+        bb, bh, bk, warps = persistent_blocks(n_hidden)
+        _lstm_bwd_persistent_kernel[(triton.cdiv(n_batch, bb),)](
+            dy, w_hh, gates, cs, lengths, dcarry, dc, dgates,
+            dy.stride(0), dy.stride(1), dgates.stride(0), dgates.stride(1), w_hh.stride(0),
+            gates.stride(0), gates.stride(1), cs.stride(0), cs.stride(1), dcarry.stride(0),
+            dc.stride(0), n_batch, n_hidden, n_steps,
+            BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=bool(reverse),
+            DOT_FP32=_dot_fp32(dt, dev), num_warps=warps)
+    elif n_steps > 0 and n_batch > 0:
+        bb, bh, bk, warps = step_blocks(n_batch, n_hidden)
+        grid = (triton.cdiv(n_batch, bb), triton.cdiv(n_hidden, bh))
+        dot32 = _dot_fp32(dt, dev)
+        if has_proj:
+            w_hr = w_hr.contiguous()
+            pbb, pbh, pbk, pwarps = step_blocks(n_batch, n_state)
+            pgrid = (triton.cdiv(n_batch, pbb), triton.cdiv(n_state, pbh))
+        order = list(_time_order(n_steps, reverse))
+        for s in range(n_steps - 1, -1, -1):
+            t = order[s]
+            has_next = s < n_steps - 1
+            # gate gradients of the step processed after this one in the forward (unread
+            # on the first backward step, HAS_NEXT=False)
+            dgn = dgates[order[s + 1]] if has_next else dgates[t]
+            if has_proj:
+                _lstm_proj_bwd_kernel[pgrid](
+                    dy[t], dgn, w_hh, lengths, dcarry, gv[t],
+                    dy.stride(1), dgates.stride(1), w_hh.stride(0), dcarry.stride(0),
+                    gv.stride(1), n_batch, n_hidden, n_state, t,
+                    BLOCK_B=pbb, BLOCK_H=pbh, BLOCK_K=pbk, HAS_NEXT=has_next,
+                    DOT_FP32=dot32, num_warps=pwarps)
+            _lstm_bwd_kernel[grid](
+                dy[t], dgn, w_hh, gv[t] if has_proj else gv, w_hr, gates[t], cs[s + 1], cs[s],
+                lengths, dcarry, dc, dgates[t],
+                dy.stride(1), dgates.stride(1), w_hh.stride(0),
+                gv.stride(1) if has_proj else 0, w_hr.stride(0) if has_proj else 0,
+                gates.stride(1), cs.stride(1), dcarry.stride(0), dc.stride(0),
+                n_batch, n_hidden, n_state, t,
+                BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, HAS_NEXT=has_next,
+                HAS_PROJ=has_proj, DOT_FP32=dot32, num_warps=warps)
+    # gradient w.r.t. h0: the first step's gate gradients through W_hh, plus the carry of
+    # rows whose first step was past their length
+    first = _time_order(n_steps, reverse)[0] if n_steps else 0
+    if n_steps > 0:
+        dh0 = dcarry + dgates[first].float() @ w_hh.float()
+    else:
+        dh0 = dcarry
+    # weight gradients: one GEMM each over all timesteps; h_{t-1} of time t is hs[s]
+    h_prev = hs[:n_steps]
+    if reverse:
+        h_prev = h_prev.flip(0)
+    dw_hh = (dgates.reshape(-1, n_gates).t() @ h_prev.reshape(-1, n_state)).float()
+    if has_proj:
+        dw_hr = (gv.reshape(-1, n_state).t() @ rs.reshape(-1, n_hidden)).float()
+    else:
+        dw_hr = dy.new_empty(0, dtype=torch.float32)
+    return dgates, dh0, dc, dw_hh, dw_hr
+
+
+# The widest hidden size the LayerNorm-LSTM row kernels hold in registers (a program keeps
+# a whole row: the 4H recurrent pre-activations and several H-wide vectors, in fp32).
+LN_MAX_HIDDEN = 2048
+
+
+def ln_row_block(n_hidden: int) -> tuple[int, int]:
+    """(BLOCK_H, num_warps) of the LayerNorm-LSTM row kernels."""
+    block_h = triton.next_power_of_2(max(int(n_hidden), 16))
+    # about 16 fp32 elements of each 4H row per thread, between 1 and 16 warps
+    return block_h, min(max(block_h // 128, 1), 16)
+
+
+def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
+                g_hh: torch.Tensor, g_c: torch.Tensor, b_c: torch.Tensor,
+                lengths: torch.Tensor, reverse: bool, eps: float):
+    """Recurrence of one LayerNorm-LSTM layer and direction (no projection).
+
+    Per step: rec = h @ W_hh^T (cuBLAS, one GEMM), then one row kernel fusing LN(rec) *
+    g_hh + xg, the gates, the cell update, LN(c) * g_c + b_c, the output and length masking.
+
+    Args:
+        xg: (T, B, 4H) LN(x @ W_ih^T) * g_ih + b_ih + b_hh; h0, c0: (B, H).
+        w_hh: (4H, H); g_hh: (4H,); g_c, b_c: (H,); lengths: (B,) int64.
+
+    Returns:
+        y (T, B, H), hs (T+1, B, H), cs (T+1, B, H) fp32 (processing order), gates and recs
+        (T, B, 4H), stats (T, B, 4) fp32: (mean, rstd) of rec and of c per row.
+    """
+    n_steps, n_batch, n_gates = xg.shape
+    n_hidden = n_gates // 4
+    if n_hidden > LN_MAX_HIDDEN:
+        raise ValueError(f"hidden size {n_hidden} exceeds the LayerNorm-LSTM kernel's limit "
+                         f"{LN_MAX_HIDDEN}; use backend='torch'")
+    dev, dt = xg.device, xg.dtype
+    xg = xg.contiguous()
+    hs = torch.empty((n_steps + 1, n_batch, n_hidden), dtype=dt, device=dev)
+    cs = torch.empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32, device=dev)
+    hs[0] = h0
+    cs[0] = c0
+    y = torch.empty((n_steps, n_batch, n_hidden), dtype=dt, device=dev)
+    gates = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
+    recs = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
+    stats = torch.empty((n_steps, n_batch, 4), dtype=torch.float32, device=dev)
+    if n_steps == 0 or n_batch == 0:
+        return y, hs, cs, gates, recs, stats
+    block_h, warps = ln_row_block(n_hidden)
+    w_t = w_hh.t()
+    for s, t in enumerate(_time_order(n_steps, reverse)):
+        torch.mm(hs[s], w_t, out=recs[t])
+        _ln_lstm_fwd_kernel[(n_batch,)](
+            recs[t], xg[t], hs[s], cs[s], g_hh, g_c, b_c, lengths,
+            hs[s + 1], cs[s + 1], y[t], gates[t], stats[t],
+            n_gates, n_hidden, n_hidden, t, float(eps), BLOCK_H=block_h, num_warps=warps)
+    return y, hs, cs, gates, recs, stats
+
+
+def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: torch.Tensor,
+                g_hh: torch.Tensor, g_c: torch.Tensor, b_c: torch.Tensor,
+                lengths: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor, gates: torch.Tensor,
+                recs: torch.Tensor, stats: torch.Tensor, reverse: bool):
+    """Backward of ``ln_lstm_fwd``: per step one row kernel (gate, cell-LayerNorm and
+    recurrent-LayerNorm gradients) and one GEMM (drec @ W_hh).
+
+    Returns:
+        dxg (T, B, 4H), dh0 and dc0 (B, H) fp32, dw_hh (4H, H), dg_hh (4H,), dg_c and
+        db_c (H,), the last four fp32.
+    """
+    n_steps, n_batch, n_gates = gates.shape
+    n_hidden = n_gates // 4
+    dev, dt = gates.device, gates.dtype
+    dy = dy.contiguous()
+    dxg = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
+    drec = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
+    dcarry = dh_n.to(torch.float32).contiguous().clone()
+    dc = dc_n.to(torch.float32).contiguous().clone()
+    dh_mm = torch.empty((n_batch, n_hidden), dtype=dt, device=dev)
+    dg_hh_acc = torch.zeros((n_batch, n_gates), dtype=torch.float32, device=dev)
+    dgb_c_acc = torch.zeros((n_batch, 2 * n_hidden), dtype=torch.float32, device=dev)
+    order = list(_time_order(n_steps, reverse))
+    if n_steps > 0 and n_batch > 0:
+        block_h, warps = ln_row_block(n_hidden)
+        for s in range(n_steps - 1, -1, -1):
+            t = order[s]
+            has_next = s < n_steps - 1
+            if has_next:
+                torch.mm(drec[order[s + 1]], w_hh, out=dh_mm)
+            _ln_lstm_bwd_kernel[(n_batch,)](
+                dh_mm, dy[t], recs[t], gates[t], cs[s + 1], cs[s], stats[t], g_hh, g_c, b_c,
+                lengths, dcarry, dc, dxg[t], drec[t], dg_hh_acc, dgb_c_acc,
+                n_gates, n_hidden, n_hidden, t,
+                BLOCK_H=block_h, HAS_NEXT=has_next, num_warps=warps)
+    if n_steps > 0:
+        dh0 = dcarry + drec[order[0]].float() @ w_hh.float()
+    else:
+        dh0 = dcarry
+    h_prev = hs[:n_steps]
+    if reverse:
+        h_prev = h_prev.flip(0)
+    dw_hh = (drec.reshape(-1, n_gates).t() @ h_prev.reshape(-1, n_hidden)).float()
+    acc = dgb_c_acc.view(n_batch, 2, n_hidden)
+    return dxg, dh0, dc, dw_hh, dg_hh_acc.sum(0), acc[:, 0].sum(0), acc[:, 1].sum(0)
+
+
+def aot_configs():
+    """Every block config of the LSTM step kernels in fp32 and bf16, projection on and off,
+    one fp16 config; the time-looping kernels at every column block (both directions in
+    bf16); every LayerNorm-LSTM row block in bf16 and the
+    smallest and largest in fp32."""
+    def fwd_sig(dt):
+        return {"xg_ptr": f"*{dt}", "h_prev_ptr": f"*{dt}", "c_prev_ptr": "*fp32",
+                "w_hh_ptr": f"*{dt}", "len_ptr": "*i64", "h_out_ptr": f"*{dt}",
+                "c_out_ptr": "*fp32", "y_ptr": f"*{dt}", "gates_ptr": f"*{dt}",
+                "stride_xg_b": "i32", "stride_h_b": "i32", "stride_c_b": "i32",
+                "stride_w_row": "i32", "stride_y_b": "i32", "stride_gates_b": "i32",
+                "n_batch": "i32", "n_hidden": "i32", "n_state": "i32", "t": "i32",
+                "BLOCK_B": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr",
+                "HAS_PROJ": "constexpr", "DOT_FP32": "constexpr"}
+
+    def bwd_sig(dt):
+        return {"dy_ptr": f"*{dt}", "dgn_ptr": f"*{dt}", "w_hh_ptr": f"*{dt}",
+                "gv_ptr": f"*{dt}", "w_hr_ptr": f"*{dt}", "gates_ptr": f"*{dt}",
+                "c_ptr": "*fp32", "c_prev_ptr": "*fp32", "len_ptr": "*i64",
+                "dcarry_ptr": "*fp32", "dc_ptr": "*fp32", "dg_ptr": f"*{dt}",
+                "stride_dy_b": "i32", "stride_dg_b": "i32", "stride_w_row": "i32",
+                "stride_gv_b": "i32", "stride_wr_row": "i32", "stride_gates_b": "i32",
+                "stride_c_b": "i32", "stride_dcarry_b": "i32", "stride_dc_b": "i32",
+                "n_batch": "i32", "n_hidden": "i32", "n_proj": "i32", "t": "i32",
+                "BLOCK_B": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr",
+                "HAS_NEXT": "constexpr", "HAS_PROJ": "constexpr", "DOT_FP32": "constexpr"}
+
+    def pfwd_sig(dt):
+        return {"r_ptr": f"*{dt}", "w_hr_ptr": f"*{dt}", "h_prev_ptr": f"*{dt}",
+                "len_ptr": "*i64", "h_out_ptr": f"*{dt}", "y_ptr": f"*{dt}",
+                "stride_r_b": "i32", "stride_w_row": "i32", "stride_h_b": "i32",
+                "stride_y_b": "i32", "n_batch": "i32", "n_hidden": "i32", "n_proj": "i32",
+                "t": "i32", "BLOCK_B": "constexpr", "BLOCK_H": "constexpr",
+                "BLOCK_K": "constexpr", "DOT_FP32": "constexpr"}
+
+    def pbwd_sig(dt):
+        return {"dy_ptr": f"*{dt}", "dgn_ptr": f"*{dt}", "w_hh_ptr": f"*{dt}",
+                "len_ptr": "*i64", "dcarry_ptr": "*fp32", "gv_ptr": f"*{dt}",
+                "stride_dy_b": "i32", "stride_dg_b": "i32", "stride_w_row": "i32",
+                "stride_dcarry_b": "i32", "stride_gv_b": "i32", "n_batch": "i32",
+                "n_hidden": "i32", "n_proj": "i32", "t": "i32",
+                "BLOCK_B": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr",
+                "HAS_NEXT": "constexpr", "DOT_FP32": "constexpr"}
+
+    def ln_fwd_sig(dt):
+        return {"rec_ptr": f"*{dt}", "xg_ptr": f"*{dt}", "h_prev_ptr": f"*{dt}",
+                "c_prev_ptr": "*fp32", "g_hh_ptr": f"*{dt}", "g_c_ptr": f"*{dt}",
+                "b_c_ptr": f"*{dt}", "len_ptr": "*i64", "h_out_ptr": f"*{dt}",
+                "c_out_ptr": "*fp32", "y_ptr": f"*{dt}", "gates_ptr": f"*{dt}",
+                "stats_ptr": "*fp32", "stride_b": "i32", "stride_c_b": "i32",
+                "n_hidden": "i32", "t": "i32", "eps": "fp32", "BLOCK_H": "constexpr"}
+
+    def ln_bwd_sig(dt):
+        return {"dh_mm_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "rec_ptr": f"*{dt}",
+                "gates_ptr": f"*{dt}", "c_ptr": "*fp32", "c_prev_ptr": "*fp32",
+                "stats_ptr": "*fp32", "g_hh_ptr": f"*{dt}", "g_c_ptr": f"*{dt}",
+                "b_c_ptr": f"*{dt}", "len_ptr": "*i64", "dcarry_ptr": "*fp32",
+                "dc_ptr": "*fp32", "dxg_ptr": f"*{dt}", "drec_ptr": f"*{dt}",
+                "dg_hh_acc_ptr": "*fp32", "dgb_c_acc_ptr": "*fp32", "stride_b": "i32",
+                "stride_c_b": "i32", "n_hidden": "i32", "t": "i32",
+                "BLOCK_H": "constexpr", "HAS_NEXT": "constexpr"}
+
+    def step(dt, bb, bh, bk, warps, projs):
+        blocks = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, DOT_FP32=False)
+        tag = f"{dt},{bb}x{bh}x{bk}"
+        for proj in projs:
+            yield AotConfig(_lstm_fwd_kernel, fwd_sig(dt), dict(blocks, HAS_PROJ=proj), warps,
+                            name=f"lstm_fwd[{tag},proj={proj}]")
+            # HAS_NEXT=False only drops the GEMM loop; compile the full variant
+            yield AotConfig(_lstm_bwd_kernel, bwd_sig(dt), dict(blocks, HAS_PROJ=proj, HAS_NEXT=True),
+                            warps, name=f"lstm_bwd[{tag},proj={proj}]")
+        if True in projs:
+            yield AotConfig(_lstm_proj_fwd_kernel, pfwd_sig(dt), blocks, warps,
+                            name=f"lstm_proj_fwd[{tag}]")
+            yield AotConfig(_lstm_proj_bwd_kernel, pbwd_sig(dt), dict(blocks, HAS_NEXT=True),
+                            warps, name=f"lstm_proj_bwd[{tag}]")
+
+    for bb, bh, bk, warps in step_block_configs():
+        yield from step("fp32", bb, bh, bk, warps, (False, True))
+        yield from step("bf16", bb, bh, bk, warps, (False, True))
+    yield from step("fp16", *step_blocks(16, 1024), (False,))
+
+    def persistent_sig(dt, kind):
+        if kind == "fwd":
+            names = ["xg_ptr", "hs_ptr", "cs_ptr", "w_hh_ptr", "len_ptr", "y_ptr", "gates_ptr"]
+            types = [f"*{dt}", f"*{dt}", "*fp32", f"*{dt}", "*i64", f"*{dt}", f"*{dt}"]
+            strides = ["stride_xg_t", "stride_xg_b", "stride_hs_s", "stride_h_b", "stride_cs_s",
+                       "stride_c_b", "stride_w_row", "stride_y_t", "stride_y_b",
+                       "stride_gates_t", "stride_gates_b"]
+        else:
+            names = ["dy_ptr", "w_hh_ptr", "gates_ptr", "cs_ptr", "len_ptr", "dcarry_ptr",
+                     "dc_ptr", "dg_ptr"]
+            types = [f"*{dt}", f"*{dt}", f"*{dt}", "*fp32", "*i64", "*fp32", "*fp32", f"*{dt}"]
+            strides = ["stride_dy_t", "stride_dy_b", "stride_dg_t", "stride_dg_b", "stride_w_row",
+                       "stride_gates_t", "stride_gates_b", "stride_cs_s", "stride_c_b",
+                       "stride_dcarry_b", "stride_dc_b"]
+        sig = dict(zip(names, types))
+        sig.update({n: "i32" for n in strides + ["n_batch", "n_hidden", "n_steps"]})
+        sig.update({n: "constexpr" for n in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "REVERSE", "DOT_FP32")})
+        return sig
+
+    for n_hidden in (16, 32, PERSISTENT_MAX_HIDDEN):
+        bb, bh, bk, warps = persistent_blocks(n_hidden)
+        for dt, reverses in (("bf16", (False, True)), ("fp32", (False,))):
+            for rev in reverses:
+                cx = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=rev, DOT_FP32=False)
+                yield AotConfig(_lstm_fwd_persistent_kernel, persistent_sig(dt, "fwd"), cx, warps,
+                                name=f"lstm_fwd_persistent[{dt},{bb}x{bh},reverse={rev}]")
+                yield AotConfig(_lstm_bwd_persistent_kernel, persistent_sig(dt, "bwd"), cx, warps,
+                                name=f"lstm_bwd_persistent[{dt},{bb}x{bh},reverse={rev}]")
+
+    ln_blocks = []
+    n = 16
+    while n <= LN_MAX_HIDDEN:
+        ln_blocks.append(ln_row_block(n))
+        n *= 2
+    for dt, blocks in (("bf16", ln_blocks), ("fp32", [ln_blocks[0], ln_blocks[-1]])):
+        for block_h, warps in blocks:
+            yield AotConfig(_ln_lstm_fwd_kernel, ln_fwd_sig(dt), dict(BLOCK_H=block_h), warps,
+                            name=f"ln_lstm_fwd[{dt},{block_h}]")
+            yield AotConfig(_ln_lstm_bwd_kernel, ln_bwd_sig(dt),
+                            dict(BLOCK_H=block_h, HAS_NEXT=True), warps,
+                            name=f"ln_lstm_bwd[{dt},{block_h}]")

@@ -1,0 +1,150 @@
+"""LSTMSeq2Seq: shapes, masking of padded source positions, teacher forcing = step-wise
+decoding, beam_size=1 = greedy, and a copy task learned in a few hundred CPU steps."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbert.models import LSTMSeq2Seq
+
+PAD, BOS, EOS = 0, 1, 2
+VOCAB = 12
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matmuls: torch's intra-op threads only contend with each other (100x slower on a
+    # loaded 2-core machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def copy_batch(n, gen, min_len=2, max_len=6):
+    """Random source sequences (padded with PAD) and the target = the source then EOS."""
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=gen)
+    src_len = int(lengths.max())
+    src = torch.full((n, src_len), PAD, dtype=torch.long)
+    tgt = torch.full((n, src_len + 1), PAD, dtype=torch.long)
+    for i, n_tok in enumerate(lengths.tolist()):
+        src[i, :n_tok] = torch.randint(3, VOCAB, (n_tok,), generator=gen)
+        tgt[i, :n_tok] = src[i, :n_tok]
+        tgt[i, n_tok] = EOS
+    tgt_in = torch.cat([torch.full((n, 1), BOS), tgt[:, :-1]], dim=1)
+    tgt_in[tgt_in == EOS] = PAD
+    return src, lengths, tgt_in, tgt
+
+
+def _model(attention, **kw):
+    args = dict(emb=16, hidden=24, layers=2, attention=attention, dropout=0.0, backend="torch")
+    args.update(kw)
+    return LSTMSeq2Seq(VOCAB, VOCAB + 3, **args).eval()
+
+
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_seq2seq_forward_shapes_and_teacher_forcing_equals_stepwise_decoding(attention):
+    model = _model(attention)
+    src, lengths, tgt_in, _ = copy_batch(3, torch.Generator().manual_seed(0))
+    logits = model(src, lengths, tgt_in)
+    assert logits.shape == (3, tgt_in.shape[1], VOCAB + 3)
+    memory, keys, mask, state = model.encode(src, lengths)
+    steps = []
+    for t in range(tgt_in.shape[1]):
+        step, state = model.decode_step(tgt_in[:, t], state, memory, keys, mask)
+        steps.append(step)
+    torch.testing.assert_close(logits, torch.stack(steps, dim=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_seq2seq_padded_source_positions_do_not_change_the_output(attention):
+    model = _model(attention)
+    src, lengths, tgt_in, _ = copy_batch(4, torch.Generator().manual_seed(1))
+    full = model(src, lengths, tgt_in)
+    for i in range(4):
+        n = int(lengths[i])
+        alone = model(src[i:i + 1, :n], lengths[i:i + 1], tgt_in[i:i + 1])
+        torch.testing.assert_close(full[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+    garbage = src.clone()
+    garbage[garbage == PAD] = 5  # change only the padding
+    torch.testing.assert_close(model(garbage, lengths, tgt_in), full)
+
+
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_seq2seq_beam_size_one_equals_greedy(attention):
+    model = _model(attention)
+    src, lengths, _, _ = copy_batch(5, torch.Generator().manual_seed(2))
+    greedy = model.greedy_decode(src, lengths, max_len=8)
+    beam, scores = model.beam_search(src, lengths, beam_size=1, max_len=8)
+    assert torch.equal(beam, greedy)
+    assert scores.shape == (5,) and (scores <= 0).all()
+    wide, wide_scores = model.beam_search(src, lengths, beam_size=4, max_len=8)
+    # a wider beam never finds a worse total log-probability (no length penalty)
+    assert (wide_scores >= scores - 1e-5).all()
+
+
+def _train_copy(attention, steps, seed=0):
+    torch.manual_seed(seed)
+    model = LSTMSeq2Seq(VOCAB, VOCAB, emb=32, hidden=64, layers=1, attention=attention,
+                        dropout=0.0, backend="torch")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        src, lengths, tgt_in, tgt = copy_batch(32, gen)
+        logits = model(src, lengths, tgt_in)
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tgt.reshape(-1), ignore_index=PAD)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _exact_matches(tokens, tgt, lengths):
+    return sum(bool(torch.equal(tokens[i, :n + 1], tgt[i, :n + 1]))
+               for i, n in enumerate(lengths.tolist()) if tokens.shape[1] > n)
+
+
+def test_seq2seq_learns_the_copy_task_greedy_and_beam():
+    model = _train_copy("luong", steps=250)
+    src, lengths, _, tgt = copy_batch(64, torch.Generator().manual_seed(123))
+    greedy = model.greedy_decode(src, lengths, max_len=10)
+    assert _exact_matches(greedy, tgt, lengths) >= 55  # >= 85% of unseen sequences exact
+    beam, _ = model.beam_search(src, lengths, beam_size=3, max_len=10)
+    assert _exact_matches(beam, tgt, lengths) >= 55
+
+
+def test_seq2seq_bahdanau_training_reduces_the_loss():
+    gen = torch.Generator().manual_seed(7)
+    src, lengths, tgt_in, tgt = copy_batch(32, gen)
+    before = _train_copy("bahdanau", steps=0)
+    after = _train_copy("bahdanau", steps=120)
+    loss = lambda m: F.cross_entropy(m(src, lengths, tgt_in).reshape(-1, VOCAB), tgt.reshape(-1),
+                                     ignore_index=PAD).item()
+    assert loss(after) < 0.1 * loss(before)
+
+
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_seq2seq_triton_backend_matches_torch_backend(attention, device):
+    model = _model(attention, layers=1).to(device)
+    src, lengths, tgt_in, tgt = copy_batch(3, torch.Generator().manual_seed(4), max_len=4)
+    src, tgt_in, tgt = src.to(device), tgt_in.to(device), tgt.to(device)
+    grads = {}
+    for backend in ("torch", "triton"):
+        for m in (model.encoder, model.decoder):
+            m.backend = backend
+        logits = model(src, lengths, tgt_in)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+        grads[backend] = (logits, *torch.autograd.grad(loss, list(model.parameters())))
+    for a, b in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_seq2seq_bad_arguments_raise():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        LSTMSeq2Seq(10, 10, attention="dot")
+    with pytest.raises(ValueError, match="hidden must be even"):
+        LSTMSeq2Seq(10, 10, hidden=15)
+    model = _model("luong")
+    with pytest.raises(ValueError, match="src_lengths must be >= 1"):
+        model(torch.tensor([[3, 4]]), torch.tensor([0]), torch.tensor([[BOS]]))
+    with pytest.raises(ValueError, match="beam_size must be >= 1"):
+        model.beam_search(torch.tensor([[3, 4]]), torch.tensor([2]), beam_size=0)

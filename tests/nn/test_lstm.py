@@ -1,0 +1,357 @@
+"""fastbert.nn.LSTM against torch.nn.LSTM with the same state_dict, and LayerNormLSTM against
+an independent fp64 eager LayerNorm-LSTM.
+
+The triton backend runs in the interpreter on CPU (fp32, small ragged shapes); the torch
+backend (the PyTorch recurrence) is checked in fp64 against torch.nn.LSTM.
+"""
+import math
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastbert
+from fastbert.nn import LSTM, LayerNormLSTM
+from tests._utils import assert_close_to_ref, max_err
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny CPU matmuls: torch's intra-op threads only contend on a loaded 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+CONFIGS = {
+    "2layers_bidir_batch_first": dict(num_layers=2, bidirectional=True, batch_first=True),
+    "proj_bidir": dict(proj_size=5, bidirectional=True),
+    "2layers_proj": dict(num_layers=2, proj_size=7),
+}
+
+
+def _pair(kw, backend, dtype, n_in=6, n_hidden=12, device="cpu"):
+    """torch.nn.LSTM in fp64 on the CPU (the oracle) and ours with the same state_dict."""
+    ref = torch.nn.LSTM(n_in, n_hidden, **kw).double()
+    ours = LSTM(n_in, n_hidden, **kw, backend=backend).to(device=device, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _inputs(ref, n_steps, n_batch, batch_first):
+    d = 2 if ref.bidirectional else 1
+    real = ref.proj_size or ref.hidden_size
+    shape = (n_batch, n_steps, ref.input_size) if batch_first else (n_steps, n_batch, ref.input_size)
+    x = torch.randn(shape, dtype=torch.float64)
+    h0 = torch.randn(ref.num_layers * d, n_batch, real, dtype=torch.float64)
+    c0 = torch.randn(ref.num_layers * d, n_batch, ref.hidden_size, dtype=torch.float64)
+    return x, h0, c0
+
+
+def _run_and_grads(model, x, h0, c0, lengths, packed, dtype, batch_first):
+    """Outputs and gradients (of input, h0, c0, every parameter), returned on the CPU."""
+    dev = next(model.parameters()).device
+    x, h0, c0 = (t.detach().to(dev, dtype).requires_grad_() for t in (x, h0, c0))
+    if packed:
+        inp = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+        out, (h, c) = model(inp, (h0, c0))
+        out = pad_packed_sequence(out, batch_first=batch_first,
+                                  total_length=x.shape[1 if batch_first else 0])[0]
+    else:
+        out, (h, c) = model(x, (h0, c0))
+    gen = torch.Generator().manual_seed(3)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o)).sum()
+               for o in (out, h, c))
+    leaves = [x, h0, c0] + list(model.parameters())
+    cpu = lambda ts: tuple(t.cpu() for t in ts)
+    return cpu((out, h, c)), cpu(torch.autograd.grad(loss, leaves))
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_lstm_triton_matches_torch_lstm_outputs_states_and_every_gradient(config, device):
+    kw = CONFIGS[config]
+    bf = kw.get("batch_first", False)
+    ref, ours = _pair(kw, "triton", torch.float32, device=device)
+    x, h0, c0 = _inputs(ref, n_steps=7, n_batch=4, batch_first=bf)
+    lengths = torch.tensor([3, 7, 1, 5])  # unsorted, includes 1 and T
+    outs_ref, g_ref = _run_and_grads(ref, x, h0, c0, lengths, True, torch.float64, bf)
+    outs, g = _run_and_grads(ours, x, h0, c0, lengths, True, torch.float32, bf)
+    for name, a, b in zip(("output", "h_n", "c_n"), outs, outs_ref):
+        assert_close_to_ref(a, b, name=name)
+    names = ["input", "h_0", "c_0"] + [n for n, _ in ours.named_parameters()]
+    for name, a, b in zip(names, g, g_ref):
+        assert_close_to_ref(a, b, atol=1e-5, rtol_fp32=3e-5, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("packed", [False, True])
+def test_lstm_torch_backend_equals_torch_lstm_in_fp64(config, packed):
+    kw = CONFIGS[config]
+    bf = kw.get("batch_first", False)
+    ref, ours = _pair(kw, "torch", torch.float64)
+    x, h0, c0 = _inputs(ref, n_steps=6, n_batch=3, batch_first=bf)
+    lengths = torch.tensor([6, 2, 4])
+    outs_ref, g_ref = _run_and_grads(ref, x, h0, c0, lengths, packed, torch.float64, bf)
+    outs, g = _run_and_grads(ours, x, h0, c0, lengths, packed, torch.float64, bf)
+    for a, b in zip(outs + g, outs_ref + g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_lstm_padded_input_with_lengths_equals_packed_sequence(device):
+    ref, ours = _pair(dict(bidirectional=True), "triton", torch.float32, device=device)
+    x = torch.randn(5, 3, 6, device=device)
+    lengths = torch.tensor([5, 4, 1])
+    out_pad, (h1, c1) = ours(x, lengths=lengths)
+    out_pk, (h2, c2) = ours(pack_padded_sequence(x, lengths))
+    assert isinstance(out_pk, torch.nn.utils.rnn.PackedSequence)
+    torch.testing.assert_close(out_pad, pad_packed_sequence(out_pk)[0])
+    torch.testing.assert_close(h1, h2)
+    torch.testing.assert_close(c1, c2)
+    assert (out_pad[1:, 2] == 0).all() and (out_pad[4:, 1] == 0).all()
+
+
+def test_lstm_state_dict_round_trips_with_torch_unchanged():
+    kw = dict(num_layers=2, bidirectional=True, proj_size=4, bias=True)
+    src = torch.nn.LSTM(5, 9, **kw)
+    ours = LSTM(5, 9, **kw)
+    assert list(ours.state_dict()) == list(src.state_dict())
+    ours.load_state_dict(src.state_dict())
+    back = torch.nn.LSTM(5, 9, **kw)
+    back.load_state_dict(ours.state_dict())
+    for k, v in src.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    no_bias = LSTM(5, 9, bias=False)
+    assert list(no_bias.state_dict()) == list(torch.nn.LSTM(5, 9, bias=False).state_dict())
+
+
+def test_lstm_constructor_init_and_repr_match_torch():
+    ours = LSTM(4, 16, 2, batch_first=True, dropout=0.25, device="cpu", dtype=torch.float64)
+    ref = torch.nn.LSTM(4, 16, 2, batch_first=True, dropout=0.25)
+    assert repr(ours) == repr(ref)
+    bound = 1 / math.sqrt(16)
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert n1 == n2 and p1.shape == p2.shape and p1.dtype == torch.float64
+        assert p1.abs().max() <= bound and p1.std() > bound / 4
+    with pytest.raises(ValueError, match="proj_size has to be smaller than hidden_size"):
+        LSTM(4, 8, proj_size=8)
+    with pytest.raises(ValueError, match="dropout should be a number"):
+        LSTM(4, 8, dropout=1.5)
+
+
+def test_lstm_unbatched_input_matches_batched(device):
+    ref, ours = _pair(dict(num_layers=2), "triton", torch.float32, device=device)
+    x, h0, c0 = (torch.randn(4, 6, device=device), torch.randn(2, 12, device=device),
+                 torch.randn(2, 12, device=device))
+    out, (h, c) = ours(x, (h0, c0))
+    out_b, (h_b, c_b) = ours(x[:, None], (h0[:, None], c0[:, None]))
+    assert out.shape == (4, 12) and h.shape == (2, 12)
+    torch.testing.assert_close(out, out_b[:, 0])
+    torch.testing.assert_close(h, h_b[:, 0])
+    torch.testing.assert_close(c, c_b[:, 0])
+
+
+def test_lstm_dropout_between_layers_only_in_training():
+    m = LSTM(6, 12, num_layers=2, dropout=0.5, backend="torch")
+    x = torch.randn(5, 3, 6)
+    m.eval()
+    no_drop = LSTM(6, 12, num_layers=2, backend="torch")
+    no_drop.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m(x)[0], no_drop(x)[0])
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)[0]
+    torch.manual_seed(1)
+    b = m(x)[0]
+    torch.testing.assert_close(a, b)
+    assert max_err(a, no_drop(x)[0]) > 1e-3
+
+
+def test_lstm_fp16_within_twice_torch_fp16_error(device):
+    kw = dict(bidirectional=True)
+    ref, ours = _pair(kw, "triton", torch.float16, device=device)
+    lowp = torch.nn.LSTM(6, 12, **kw).to(device, torch.float16)
+    lowp.load_state_dict(ref.state_dict())
+    x, h0, c0 = _inputs(ref, n_steps=6, n_batch=3, batch_first=False)
+    lengths = torch.tensor([6, 1, 4])
+    outs_ref, _ = _run_and_grads(ref, x, h0, c0, lengths, True, torch.float64, False)
+    outs_lo, _ = _run_and_grads(lowp, x, h0, c0, lengths, True, torch.float16, False)
+    outs, _ = _run_and_grads(ours, x, h0, c0, lengths, True, torch.float16, False)
+    for name, a, b, lo in zip(("output", "h_n", "c_n"), outs, outs_ref, outs_lo):
+        assert_close_to_ref(a, b, lo, atol=1e-3, name=name)
+
+
+def test_lstm_module_compiles_fullgraph_with_triton_backend(device):
+    ref, ours = _pair(dict(bidirectional=True), "triton", torch.float32, device=device)
+    x = torch.randn(4, 2, 6, device=device, requires_grad=True)
+    lengths = torch.tensor([4, 2])
+
+    def f(x):
+        out, (h, c) = ours(x, lengths=lengths)
+        return out.square().sum() + h.sum() + c.sum()
+
+    eager = f(x)
+    (g_eager,) = torch.autograd.grad(eager, [x])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    (g_comp,) = torch.autograd.grad(compiled, [x])
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(g_comp, g_eager)
+
+
+def test_lstm_bad_inputs_raise_clear_errors():
+    m = LSTM(6, 12, num_layers=2)
+    x = torch.randn(5, 3, 6)
+    with pytest.raises(ValueError, match="input.size\\(-1\\) must be equal to input_size. Expected 6, got 7"):
+        m(torch.randn(5, 3, 7))
+    with pytest.raises(ValueError, match="longer than the sequence"):
+        m(x, lengths=torch.tensor([6, 5, 1]))
+    with pytest.raises(ValueError, match="sorted in decreasing order.*enforce_sorted=False"):
+        m(x, lengths=torch.tensor([2, 5, 1]))
+    m(x, lengths=torch.tensor([2, 5, 1]), enforce_sorted=False)
+    with pytest.raises(ValueError, match=r"Expected hidden\[0\] size \(2, 3, 12\)"):
+        m(x, (torch.zeros(1, 3, 12), torch.zeros(2, 3, 12)))
+    with pytest.raises(TypeError, match="input must have the type torch.float32"):
+        m(x.double())
+    with pytest.raises(ValueError, match="Expected input to be 2D or 3D"):
+        m(torch.randn(5, 3, 2, 6))
+    with pytest.raises(ValueError, match="lengths must be None when input is a PackedSequence"):
+        m(pack_padded_sequence(x, torch.tensor([5, 3, 1])), lengths=torch.tensor([5, 3, 1]))
+
+
+# ----------------------------------------------------------------------------------------
+# LayerNormLSTM
+
+def _ln_lstm_eager_fp64(model, x, h0, c0, lengths):
+    """An independent fp64 LayerNorm-LSTM (haste's formulation), one cell step at a time,
+    per layer and direction, for a padded (T, B, I) batch with lengths."""
+    def ln(v, w, b=None):
+        mu = v.mean(-1, keepdim=True)
+        var = ((v - mu) ** 2).mean(-1, keepdim=True)
+        out = (v - mu) / torch.sqrt(var + model.eps) * w
+        return out + b if b is not None else out
+
+    P = lambda name: getattr(model, name).double()
+    n_steps, n_batch = x.shape[:2]
+    d_count = 2 if model.bidirectional else 1
+    inp, hs, cs = x, [], []
+    for layer in range(model.num_layers):
+        outs = []
+        for d in range(d_count):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            h, c = h0[layer * d_count + d], c0[layer * d_count + d]
+            y = torch.zeros(n_steps, n_batch, model.hidden_size, dtype=torch.float64)
+            for t in (reversed(range(n_steps)) if d else range(n_steps)):
+                gates = (ln(inp[t] @ P("weight_ih" + sfx).t(), P("layer_norm_ih_weight" + sfx))
+                         + P("bias_ih" + sfx)
+                         + ln(h @ P("weight_hh" + sfx).t(), P("layer_norm_hh_weight" + sfx))
+                         + P("bias_hh" + sfx))
+                i, f, g, o = gates.chunk(4, -1)
+                c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h_new = torch.sigmoid(o) * torch.tanh(
+                    ln(c_new, P("layer_norm_cell_weight" + sfx), P("layer_norm_cell_bias" + sfx)))
+                m = (t < lengths)[:, None]
+                y[t] = torch.where(m, h_new, 0.0)
+                h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
+            outs.append(y)
+            hs.append(h)
+            cs.append(c)
+        inp = torch.cat(outs, -1)
+    return inp, torch.stack(hs), torch.stack(cs)
+
+
+def _ln_model_and_inputs(device, dtype):
+    model = LayerNormLSTM(5, 8, num_layers=2, bidirectional=True).double()
+    with torch.no_grad():  # non-trivial LayerNorm parameters
+        for name, p in model.named_parameters():
+            if name.startswith("layer_norm"):
+                p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    h0 = torch.randn(4, 3, 8, dtype=torch.float64)
+    c0 = torch.randn(4, 3, 8, dtype=torch.float64)
+    return model, x, h0, c0, torch.tensor([6, 1, 4])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layer_norm_lstm_matches_fp64_eager_reference_and_gradients(backend, device):
+    model, x, h0, c0, lengths = _ln_model_and_inputs(device, torch.float64)
+    x.requires_grad_()
+    ref = _ln_lstm_eager_fp64(model, x, h0, c0, lengths)
+    params = [x] + list(model.parameters())
+    g_ref = torch.autograd.grad(ref[0].sum() + ref[1].sum() + ref[2].square().sum(), params)
+    if backend == "torch":
+        dt, dev, tol = torch.float64, torch.device("cpu"), dict(rtol=1e-9, atol=1e-11)
+    else:
+        dt, dev, tol = torch.float32, device, dict(rtol=1e-4, atol=2e-5)
+    model.backend = backend
+    model.to(dev, dt)
+    xd = x.detach().to(dev, dt).requires_grad_()
+    out, (h, c) = model(xd, (h0.to(dev, dt), c0.to(dev, dt)), lengths=lengths, enforce_sorted=False)
+    for a, b in zip((out, h, c), ref):
+        torch.testing.assert_close(a.cpu().double(), b.detach(), **tol)
+    g = torch.autograd.grad(out.sum() + h.sum() + c.square().sum(), [xd] + list(model.parameters()))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a.cpu().double(), b, **tol)
+
+
+def test_layer_norm_lstm_parameters_and_state_dict():
+    model = LayerNormLSTM(5, 8, bidirectional=True)
+    keys = list(model.state_dict())
+    assert keys[:4] == ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+    assert "layer_norm_cell_bias_l0_reverse" in keys
+    assert torch.equal(model.layer_norm_ih_weight_l0, torch.ones(32))
+    assert torch.equal(model.layer_norm_cell_bias_l0, torch.zeros(8))
+    # the plain LSTM weights load from a torch.nn.LSTM checkpoint
+    src = torch.nn.LSTM(5, 8, bidirectional=True)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("layer_norm") for k in missing)
+
+
+def test_layer_norm_lstm_with_projection_raises_on_triton_and_runs_on_torch(device):
+    model = LayerNormLSTM(5, 8, proj_size=3, backend="triton").to(device)
+    with pytest.raises(fastbert.ops.BackendUnavailable, match="no projection"):
+        model(torch.randn(3, 2, 5, device=device))
+    model = model.cpu()
+    model.backend = "torch"
+    out, (h, c) = model(torch.randn(3, 2, 5))
+    assert out.shape == (3, 2, 3) and h.shape == (1, 2, 3) and c.shape == (1, 2, 8)
+
+
+# ----------------------------------------------------------------------------------------
+# GPU: real sizes, low precision, against cuDNN
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lstm_gpu_low_precision_within_twice_cudnn_error(dtype):
+    dev = torch.device("cuda")
+    kw = dict(num_layers=2, bidirectional=True)
+    ref, ours = _pair(kw, "triton", dtype, n_in=64, n_hidden=256, device=dev)
+    lowp = torch.nn.LSTM(64, 256, **kw).to(dev, dtype)  # cuDNN in the same precision
+    lowp.load_state_dict(ref.state_dict())
+    x, h0, c0 = _inputs(ref, n_steps=40, n_batch=32, batch_first=False)
+    lengths = torch.randint(1, 41, (32,))
+    lengths[0] = 40
+    outs_ref, g_ref = _run_and_grads(ref, x, h0, c0, lengths, True, torch.float64, False)
+    outs_lo, g_lo = _run_and_grads(lowp, x, h0, c0, lengths, True, dtype, False)
+    outs, g = _run_and_grads(ours, x, h0, c0, lengths, True, dtype, False)
+    for name, a, b, lo in zip(("output", "h_n", "c_n"), outs, outs_ref, outs_lo):
+        assert_close_to_ref(a, b, lo, atol=1e-3, name=name)
+    names = ["input", "h_0", "c_0"] + [n for n, _ in ours.named_parameters()]
+    for name, a, b, lo in zip(names, g, g_ref, g_lo):
+        assert_close_to_ref(a, b, lo, atol=1e-2, factor=3.0, name=f"grad {name}")
+
+
+@pytest.mark.gpu
+def test_layer_norm_lstm_gpu_bf16_close_to_fp64():
+    dev = torch.device("cuda")
+    model = LayerNormLSTM(64, 256, bidirectional=True, backend="triton").double()
+    x = torch.randn(30, 16, 64, dtype=torch.float64)
+    lengths = torch.randint(1, 31, (16,))
+    lengths[0] = 30
+    zeros = torch.zeros(2, 16, 256, dtype=torch.float64)
+    ref = _ln_lstm_eager_fp64(model, x, zeros, zeros, lengths)
+    model.to(dev, torch.bfloat16)
+    out, (h, c) = model(x.to(dev, torch.bfloat16), lengths=lengths, enforce_sorted=False)
+    for name, a, b in zip(("output", "h_n", "c_n"), (out, h, c), ref):
+        err = max_err(a.cpu(), b)
+        assert err <= 0.03 * b.abs().max().item(), f"{name}: error {err:.3e}"
