@@ -40,3 +40,13 @@ def device() -> torch.device:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op CPU thread: tests of many tiny matmuls (LSTM steps) run far slower when
+    torch's threads contend on a small, loaded CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

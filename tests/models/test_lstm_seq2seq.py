@@ -9,15 +9,8 @@ from fastbert.models import LSTMSeq2Seq
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 12
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: torch's intra-op threads only contend with each other (100x slower on a
-    # loaded 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny CPU matmuls: see the single_thread fixture in tests/conftest.py
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def copy_batch(n, gen, min_len=2, max_len=6):

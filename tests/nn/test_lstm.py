@@ -14,15 +14,8 @@ import fastbert
 from fastbert.nn import LSTM, LayerNormLSTM
 from tests._utils import assert_close_to_ref, max_err
 
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny CPU matmuls: torch's intra-op threads only contend on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny CPU matmuls: see the single_thread fixture in tests/conftest.py
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 CONFIGS = {

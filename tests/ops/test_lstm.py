@@ -11,14 +11,8 @@ from fastbert.ops import BackendUnavailable, lstm_layer, lstm_layer_ref
 from fastbert.ops.lstm import _lstm_recurrence_bwd, _lstm_recurrence_fwd
 from tests._utils import assert_close_to_ref, max_err, poison_
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny CPU matmuls: torch's intra-op threads only contend on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny CPU matmuls: see the single_thread fixture in tests/conftest.py
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _make(device, dtype, n_steps=7, n_batch=5, n_in=12, n_hidden=20, proj=0, scale=0.3):

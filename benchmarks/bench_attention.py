@@ -1,0 +1,195 @@
+"""Benchmark fused attention against torch's scaled_dot_product_attention and eager attention.
+
+    python -m benchmarks.bench_attention [--quick] [--device cuda] [--no-write]
+
+Cases (bf16 on CUDA), each timed forward, backward (from a kept graph) and forward+backward:
+- BERT-base (12 heads) and BERT-large (16 heads), head dim 64, seq 128 and 512, a batch of
+  32k tokens, with a padding mask (lengths uniform in [seq/2, seq]): fastbert (Triton) vs
+  SDPA with each backend forced (flash, efficient, cuDNN, math) and eager
+  softmax(QK^T)V. Backends that refuse a call (flash takes no mask) are reported as errors.
+- Variable-length batches (64 sequences, lengths uniform in [16, 512]), BERT-base heads:
+  fastbert varlen on packed tokens vs fastbert and SDPA (efficient, cuDNN) on the padded
+  batch with a mask. FLOPs count only the real tokens, for every impl.
+- Causal, seq 1k-8k, head dims 64 and 128 (hidden 2048, 16k tokens a batch): fastbert vs
+  SDPA flash, efficient and cuDNN (is_causal; seqlen_q == seqlen_k so top-left and
+  bottom-right alignment agree).
+
+FLOPs: 4 * B * H * Sq * Sk * D forward, 2.5x that backward, half of both when causal. The
+harness reports TFLOP/s and the % of the bf16 matmul rate measured in the same run, and
+peak memory. Targets (H100): fwd+bwd at least as fast as SDPA's best backend on the BERT
+shapes; varlen >= 1.5x padded SDPA; causal forward >= 50% of the matmul rate at seq >= 2k,
+head dim 128.
+
+On CPU (CI smoke test) only the PyTorch paths run, on tiny shapes.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._harness import Case, parse_args, run_cases
+from fastbert.ops import attention, attention_varlen, unpad
+
+# Tokens per batch on the GPU (batch = TOKENS // seq): fills an H100 with headroom for the
+# eager and math baselines, which materialize (batch, heads, seq, seq) scores.
+TOKENS = 32768
+CAUSAL_TOKENS = 16384
+# BACKWARD_FLOP_RATIO: the backward does 2.5x the forward's matmul FLOPs (dV, dP, dS->dQ, dK
+# plus the recomputed QK^T), the usual FlashAttention accounting.
+BACKWARD_FLOP_RATIO = 2.5
+
+
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel(backend)
+
+
+def _eager(q, k, v, mask, causal):
+    # q, k, v: (B, H, S, D); mask: (B, 1, 1, S) bool or None
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if causal:
+        s = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1),
+                                    float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def _modes(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor]) -> Dict[str, Callable]:
+    """fwd / bwd (from a graph kept across calls) / fwd+bwd callables for one impl."""
+    state = {}
+
+    def bwd():
+        if "out" not in state:
+            state["out"] = fwd()
+            state["dout"] = torch.randn_like(state["out"])
+        return torch.autograd.grad(state["out"], inputs, state["dout"], retain_graph=True)
+
+    def fwd_bwd():
+        out = fwd()
+        return torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+    def fwd_only():
+        with torch.no_grad():
+            return fwd()
+
+    return {"fwd": fwd_only, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def _leaf(*shape, device, dtype):
+    return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+
+
+def _padded_impls(batch, seq, heads, d, device, dtype, lengths, causal, sdpa_backends, eager,
+                  torch_ref=False):
+    """name -> fwd callable and its inputs, for padded (batch, seq) inputs."""
+    impls = {}
+    q, k, v = (_leaf(batch, seq, heads, d, device=device, dtype=dtype) for _ in range(3))
+    mask = None
+    if lengths is not None:
+        mask = torch.arange(seq, device=device)[None, :] < lengths[:, None]
+    backend = "torch" if torch_ref else "triton"
+    impls[f"fastbert[{backend}]"] = (
+        lambda: attention(q, k, v, attention_mask=mask, causal=causal, backend=backend), [q, k, v])
+    qt, kt, vt = (_leaf(batch, heads, seq, d, device=device, dtype=dtype) for _ in range(3))
+    smask = mask[:, None, None, :] if mask is not None else None
+    for name in sdpa_backends:
+        def run(name=name):
+            ctx = _sdpa_backend(name) if device.type == "cuda" else contextlib.nullcontext()
+            with ctx:
+                return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=smask,
+                                                      is_causal=causal and smask is None)
+        impls[f"sdpa_{name}"] = (run, [qt, kt, vt])
+    if eager:
+        impls["eager"] = (lambda: _eager(qt, kt, vt, smask, causal), [qt, kt, vt])
+    return impls
+
+
+def _cases_for(name, params, impls, fwd_flops, baseline):
+    out = []
+    for mode, ratio in (("fwd", 1.0), ("bwd", BACKWARD_FLOP_RATIO),
+                        ("fwd+bwd", 1.0 + BACKWARD_FLOP_RATIO)):
+        fns = {impl: _modes(fn, inputs)[mode] for impl, (fn, inputs) in impls.items()}
+        out.append(Case(f"{name} {mode}", params, fns, flops=fwd_flops * ratio, baseline=baseline))
+    return out
+
+
+def cases(device: torch.device, quick: bool) -> List[Case]:
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    sdpa = ("flash", "efficient", "cudnn", "math") if gpu else ("math",)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    out: List[Case] = []
+
+    # BERT shapes with padding masks
+    bert = [("bert-base", 12), ("bert-large", 16)]
+    seqs = (128, 512) if not quick else (32,)
+    if quick:
+        bert = bert[:1]
+    for model, heads in bert:
+        heads, d = (heads, 64) if not quick else (2, 16)
+        for seq in seqs:
+            batch = TOKENS // seq if not quick else 2
+            lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen).to(device)
+            impls = _padded_impls(batch, seq, heads, d, device, dtype, lengths, False, sdpa,
+                                  eager=True, torch_ref=not gpu)
+            params = {"batch": batch, "seq": seq, "heads": heads, "head_dim": d,
+                      "dtype": str(dtype)[6:], "mask": "padding"}
+            flops = 4 * batch * heads * seq * seq * d
+            out += _cases_for(f"{model} padded", params, impls, flops, baseline=next(iter(impls)))
+
+    # variable-length batches: varlen vs padded
+    n_seq, max_len = (64, 512) if not quick else (3, 32)
+    heads, d = (12, 64) if not quick else (2, 16)
+    lengths = torch.randint(16 if not quick else 4, max_len + 1, (n_seq,), generator=gen)
+    lengths[0] = max_len
+    mask = (torch.arange(max_len)[None, :] < lengths[:, None]).to(device)
+    q, k, v = (_leaf(n_seq, max_len, heads, d, device=device, dtype=dtype) for _ in range(3))
+    qu, ku, vu = (unpad(t.detach(), mask)[0].requires_grad_() for t in (q, k, v))
+    _, _, cu, maxlen = unpad(q.detach(), mask)
+    backend = "triton" if gpu else "torch"
+    impls = {f"fastbert_varlen[{backend}]": (
+        lambda: attention_varlen(qu, ku, vu, cu, cu, maxlen, maxlen, backend=backend), [qu, ku, vu])}
+    padded = _padded_impls(n_seq, max_len, heads, d, device, dtype, lengths.to(device), False,
+                           ("efficient", "cudnn") if gpu else ("math",), eager=False,
+                           torch_ref=not gpu)
+    impls.update({f"{n} (padded)": fn for n, fn in padded.items()})
+    params = {"batch": n_seq, "seq": f"16-{max_len}", "heads": heads, "head_dim": d,
+              "dtype": str(dtype)[6:], "mask": "varlen"}
+    flops = 4 * heads * d * int((lengths.double() ** 2).sum())
+    out += _cases_for("varlen vs padded", params, impls, flops,
+                      baseline=f"sdpa_{'efficient' if gpu else 'math'} (padded)")
+
+    # causal long sequences
+    if quick:
+        causal = [(64, 16)]
+    else:
+        causal = [(s, 128) for s in (1024, 2048, 4096, 8192)] + [(s, 64) for s in (1024, 4096)]
+    for seq, d in causal:
+        heads = 2048 // d if not quick else 2
+        batch = max(1, CAUSAL_TOKENS // seq) if not quick else 1
+        impls = _padded_impls(batch, seq, heads, d, device, dtype, None, True,
+                              ("flash", "efficient", "cudnn") if gpu else ("math",),
+                              eager=not gpu, torch_ref=not gpu)
+        params = {"batch": batch, "seq": seq, "heads": heads, "head_dim": d,
+                  "dtype": str(dtype)[6:], "mask": "causal"}
+        flops = 4 * batch * heads * seq * seq * d // 2
+        out += _cases_for("causal", params, impls, flops,
+                          baseline="sdpa_flash" if gpu else "sdpa_math")
+    return out
+
+
+def main(argv=None):
+    args = parse_args("fused attention vs torch SDPA backends and eager attention", argv)
+    run_cases("attention", cases(args.device, args.quick), args.device, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()

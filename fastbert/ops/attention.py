@@ -1,0 +1,394 @@
+"""Fused attention: ``attention`` (padded batches with a Hugging Face key mask),
+``attention_varlen`` (packed tokens with cu_seqlens), and ``unpad`` / ``pad`` to move a BERT
+encoder between the two layouts once per forward.
+
+Layers of this file:
+    attention_ref            -- the PyTorch reference: CPU path, "torch" backend, test oracle
+    fastbert::attention_fwd / fastbert::attention_bwd
+                             -- torch.library custom ops over the Triton launchers (both
+                                layouts), with fake implementations and registered autograd,
+                                so torch.compile(fullgraph=True) traces through them
+    attention, attention_varlen, unpad, pad
+                             -- the public functions: check arguments, pick the backend
+
+Conventions (the same in the reference and the kernels):
+    - ``attention_mask`` is (batch, seqlen_k), True / nonzero = attend; it masks keys only
+      (queries at padded positions still get an output, as in Hugging Face models).
+    - Causal masking is aligned to the bottom-right corner (FlashAttention-2): with lengths
+      (Lq, Lk), query i sees keys j <= i + Lk - Lq. With Lq == Lk that is the usual j <= i.
+    - A query that sees no key at all outputs zeros and gets zero gradients (never NaN).
+    - Dropout applies to the attention probabilities (inverted scaling by 1 / (1 - p)); its
+      seed is drawn from torch's generator, so ``torch.manual_seed`` reproduces a call.
+    - The Triton backward is deterministic (no atomics).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import (REF_DTYPES, check_probability, check_same_device, check_tensor,
+                      kernel_dtype_reason)
+from ._dispatch import resolve
+
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tensor] = None,
+                  causal: bool = False, dropout_p: float = 0.0,
+                  softmax_scale: Optional[float] = None, dropout_mask: Optional[Tensor] = None,
+                  cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+                  upcast: bool = False, compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """softmax(scale * Q K^T + mask) V in PyTorch, materializing the scores.
+
+    Padded layout: q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, heads_kv,
+    head_dim). Varlen layout (``cu_seqlens_q``/``cu_seqlens_k`` given): q (total_q, heads,
+    head_dim), k/v (total_k, heads_kv, head_dim); runs each sequence separately (reads the
+    lengths on the host).
+
+    Computes in fp32 (fp64 with ``upcast=True`` or fp64 inputs; ``compute_dtype`` overrides
+    both, e.g. fp16 for the low-precision baseline of the tests) and returns q's dtype.
+    ``dropout_mask`` (bool, (batch, heads, seqlen_q, seqlen_k); for varlen, positions within
+    each sequence up to the max lengths) replaces the random draw: tests pass the kernel's.
+    """
+    if cu_seqlens_q is not None:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        outs = []
+        for b in range(len(cq) - 1):
+            lq, lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+            dm = dropout_mask[b:b + 1, :, :lq, :lk] if dropout_mask is not None else None
+            outs.append(attention_ref(
+                q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                dropout_mask=dm, upcast=upcast, compute_dtype=compute_dtype)[0])
+        return torch.cat(outs, 0) if outs else q.new_empty(q.shape)
+    ct = compute_dtype or (torch.float64 if (upcast or q.dtype == torch.float64) else torch.float32)
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    qc = q.to(ct)
+    kc = k.to(ct).repeat_interleave(heads // heads_kv, dim=2)
+    vc = v.to(ct).repeat_interleave(heads // heads_kv, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale       # (B, H, Sq, Sk)
+    valid = torch.ones((batch, 1, seqlen_q, seqlen_k), dtype=torch.bool, device=q.device)
+    if attention_mask is not None:
+        valid = valid & (attention_mask != 0)[:, None, None, :]
+    if causal:
+        i = torch.arange(seqlen_q, device=q.device)[:, None]
+        j = torch.arange(seqlen_k, device=q.device)[None, :]
+        valid = valid & (j <= i + (seqlen_k - seqlen_q))
+    # rows that see no key: softmax over zeros, then zeroed by `valid` -- finite values and
+    # zero gradients instead of softmax's NaN over an all -inf row
+    empty = ~valid.any(-1, keepdim=True)
+    scores = scores.masked_fill(~valid, float("-inf")).masked_fill(empty, 0.0)
+    probs = torch.softmax(scores, dim=-1) * valid
+    if dropout_p > 0.0:
+        if dropout_mask is not None:
+            probs = probs * dropout_mask.to(ct) / (1.0 - dropout_p)
+        else:
+            probs = F.dropout(probs, dropout_p, training=True)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs.to(ct), vc)
+    return out.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# custom ops (Triton backend)
+
+@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
+                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                   seed: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                   dropout_p: float, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+    from fastbert.kernels import attention as k_
+    return k_.attention_fwd(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k, seed, causal, dropout_p, softmax_scale)
+
+
+def _lse_shape(q, cu_seqlens_q, max_seqlen_q):
+    if cu_seqlens_q is not None:
+        return (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q)
+    return (q.shape[0], q.shape[2], q.shape[1])
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,
+      causal, dropout_p, softmax_scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(_lse_shape(q, cu_seqlens_q, max_seqlen_q), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
+def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   attention_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                   cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor], max_seqlen_q: int,
+                   max_seqlen_k: int, causal: bool, dropout_p: float,
+                   softmax_scale: float) -> List[Tensor]:
+    from fastbert.kernels import attention as k_
+    dq, dk, dv = k_.attention_bwd(dout, q, k, v, out, lse, attention_mask, cu_seqlens_q,
+                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,
+                                  dropout_p, softmax_scale)
+    return [dq, dk, dv]
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, attention_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
+      max_seqlen_k, causal, dropout_p, softmax_scale):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+
+
+def _fwd_setup(ctx, inputs, output):
+    (q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,
+     causal, dropout_p, softmax_scale) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attention_mask, cu_seqlens_q, cu_seqlens_k, seed)
+    ctx.args = (max_seqlen_q, max_seqlen_k, causal, dropout_p, softmax_scale)
+
+
+def _fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, attention_mask, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, attention_mask, cu_seqlens_q,
+                                cu_seqlens_k, seed, *ctx.args)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            None, None, None, None, None, None, None, None, None)
+
+
+_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+# ----------------------------------------------------------------------------------------
+# public API
+
+# Mirrors fastbert.kernels.attention.SUPPORTED_HEAD_DIMS (a test checks they agree): this
+# module must import without triton.
+KERNEL_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+
+
+def _kernel_limits(q: Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot run this call, or None."""
+    if q.shape[-1] not in KERNEL_HEAD_DIMS:
+        return (f"head_dim {q.shape[-1]} is not supported by the kernels "
+                f"(supported: {KERNEL_HEAD_DIMS})")
+    return kernel_dtype_reason(q=q)
+
+
+def _resolve(op: str, tensors, backend: Optional[str], q: Tensor) -> str:
+    return resolve(op, tensors, backend, preference=("triton",),
+                   extra_check=lambda b: _kernel_limits(q))
+
+
+def _dropout_seed(device: torch.device) -> Tensor:
+    """The Philox seed of one call: drawn from torch's generator on ``device`` (no host sync;
+    ``torch.manual_seed`` reproduces it)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, ndim: int, layout: str):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, dtypes=REF_DTYPES, ndim=(ndim,))
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{op}: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"{op}: v must have k's shape {tuple(k.shape)} {layout}, got {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{op}: k and v must have q's head_dim {q.shape[-1]}, got {k.shape[-1]}")
+    heads, heads_kv = q.shape[-2], k.shape[-2]
+    if heads_kv == 0 or heads % heads_kv != 0:
+        raise ValueError(f"{op}: the number of k/v heads ({heads_kv}) must divide the number "
+                         f"of q heads ({heads})")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{op}: head_dim must be positive, got shape {tuple(q.shape)}")
+
+
+def _autocast(q: Tensor, k: Tensor, v: Tensor):
+    """Under CUDA autocast, run in the autocast dtype, as torch's scaled_dot_product_attention
+    does (custom ops are not autocast-aware by themselves)."""
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+        return q.to(dt), k.to(dt), v.to(dt)
+    return q, k, v
+
+
+def _scale(softmax_scale: Optional[float], head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    s = float(softmax_scale)
+    if not math.isfinite(s):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    return s
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tensor] = None,
+              causal: bool = False, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+              backend: Optional[str] = None) -> Tensor:
+    """Multi-head attention over padded batches, without materializing the scores.
+
+    Args:
+        q: (batch, seqlen_q, heads, head_dim) float16 / bfloat16 / float32 (float64 runs the
+            PyTorch reference only).
+        k, v: (batch, seqlen_k, heads_kv, head_dim), q's dtype; heads_kv divides heads
+            (multi-query and grouped-query attention).
+        attention_mask: (batch, seqlen_k) bool or 0/1 integers, True/1 = attend (the Hugging
+            Face convention; holes allowed), or None.
+        causal: mask future keys, aligned to the bottom-right corner when seqlen_q !=
+            seqlen_k (query i sees keys j <= i + seqlen_k - seqlen_q, as FlashAttention-2).
+        dropout_p: dropout on the attention probabilities (pass 0.0 in eval).
+        softmax_scale: multiplies QK^T; default 1 / sqrt(head_dim).
+        backend: "triton", "torch" or None (see ``fastbert.ops``). The Triton kernels support
+            head_dim in (16, 32, 64, 80, 96, 128).
+
+    Returns:
+        (batch, seqlen_q, heads, head_dim) in q's dtype (the autocast dtype under CUDA
+        autocast). A query that sees no key gets zeros.
+        Precision: fp32 accumulation; fp32 inputs run true fp32 matmuls (no TF32), far
+        slower than fp16/bf16.
+    """
+    op = "attention"
+    _check_qkv(op, q, k, v, 4, "(batch, seqlen_k, heads_kv, head_dim)")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: k and v must have q's batch size {q.shape[0]}, got {k.shape[0]}")
+    check_tensor("attention_mask", attention_mask, dtypes=MASK_DTYPES, optional=True)
+    if attention_mask is not None:
+        want = (q.shape[0], k.shape[1])
+        if tuple(attention_mask.shape) != want:
+            raise ValueError(f"attention_mask must have shape (batch, seqlen_k) = {want}, "
+                             f"got {tuple(attention_mask.shape)}")
+        check_same_device(q=q, attention_mask=attention_mask)
+    check_probability("dropout_p", dropout_p)
+    scale = _scale(softmax_scale, q.shape[-1])
+    q, k, v = _autocast(q, k, v)
+    chosen = _resolve(op, (q, k, v, attention_mask), backend, q)
+    p = float(dropout_p)
+    if chosen == "torch":
+        return attention_ref(q, k, v, attention_mask=attention_mask, causal=causal,
+                             dropout_p=p, softmax_scale=scale)
+    seed = _dropout_seed(q.device) if p > 0.0 else None
+    out, _ = _attention_fwd(q, k, v, attention_mask, None, None, seed, q.shape[1], k.shape[1],
+                            bool(causal), p, scale)
+    return out
+
+
+def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total: int,
+                      max_seqlen, max_name: str):
+    check_tensor(name, cu, ndim=(1,))
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (batch + 1,), got {str(cu.dtype).replace('torch.', '')}")
+    if cu.shape[0] < 1 or (batch_plus_1 is not None and cu.shape[0] != batch_plus_1):
+        raise ValueError(f"{name} must have shape (batch + 1,) = ({batch_plus_1},), got {tuple(cu.shape)}")
+    if not isinstance(max_seqlen, (int, torch.SymInt)) or isinstance(max_seqlen, bool):
+        raise TypeError(f"{max_name} must be a python int (it sizes the launch grid; pass it "
+                        f"from the caller to avoid a host sync), got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
+    if torch.compiler.is_compiling():
+        return  # data-dependent checks would need a host sync
+    lengths = cu[1:] - cu[:-1]
+    ok = torch.stack([cu[0] == 0, cu[-1] == total, (lengths >= 0).all(),
+                      (lengths <= max_seqlen).all()])
+    ok = ok.tolist()  # one host sync, eager mode only
+    if not (ok[0] and ok[1] and ok[2]):
+        raise ValueError(f"{name} must start at 0, be non-decreasing and end at the number of "
+                         f"tokens ({total}), got {cu.tolist()}")
+    if not ok[3]:
+        raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in "
+                         f"{name}: {int(lengths.max())}")
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                     backend: Optional[str] = None) -> Tensor:
+    """Multi-head attention over packed variable-length sequences (no padding computed).
+
+    Args:
+        q: (total_q, heads, head_dim) float16 / bfloat16 / float32: the sequences' query
+            tokens back to back.
+        k, v: (total_k, heads_kv, head_dim), q's dtype; heads_kv divides heads.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,): 0, then the running sum of the
+            sequence lengths (as returned by ``unpad``).
+        max_seqlen_q, max_seqlen_k: python ints, at least the longest sequence; they size the
+            launch grid, so passing them from the caller avoids a host sync (under
+            torch.compile nothing is read back from the device).
+        causal, dropout_p, softmax_scale, backend: as in ``attention``; causal is aligned to
+            the bottom-right corner of each sequence.
+
+    Returns:
+        (total_q, heads, head_dim) in q's dtype.
+
+    In eager mode the cu_seqlens are validated (non-decreasing, matching the token counts
+    and the max lengths), which costs one host sync; under torch.compile that check is
+    skipped.
+    """
+    op = "attention_varlen"
+    _check_qkv(op, q, k, v, 3, "(total_k, heads_kv, head_dim)")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape[0], k.shape[0],
+                      max_seqlen_k, "max_seqlen_k")
+    check_same_device(q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    check_probability("dropout_p", dropout_p)
+    scale = _scale(softmax_scale, q.shape[-1])
+    q, k, v = _autocast(q, k, v)
+    chosen = _resolve(op, (q, k, v, cu_seqlens_q, cu_seqlens_k), backend, q)
+    p = float(dropout_p)
+    if chosen == "torch":
+        return attention_ref(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                             causal=causal, dropout_p=p, softmax_scale=scale)
+    seed = _dropout_seed(q.device) if p > 0.0 else None
+    out, _ = _attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
+                            max_seqlen_k, bool(causal), p, scale)
+    return out
+
+
+def unpad(x: Tensor, attention_mask: Tensor) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """Drop the padding of a batch: keep the tokens where ``attention_mask`` is nonzero.
+
+    Args:
+        x: (batch, seqlen, ...) any dtype.
+        attention_mask: (batch, seqlen) bool or 0/1 integers, True/1 = a real token.
+
+    Returns:
+        x_unpadded (nnz, ...) -- the kept tokens in order (differentiable);
+        indices (nnz,) int64 -- their positions in the flattened (batch * seqlen) layout;
+        cu_seqlens (batch + 1,) int32 -- for ``attention_varlen``;
+        max_seqlen (python int) -- the longest sequence (read from the device once here).
+    """
+    check_tensor("x", x)
+    check_tensor("attention_mask", attention_mask, dtypes=MASK_DTYPES, ndim=(2,))
+    if x.dim() < 2 or tuple(x.shape[:2]) != tuple(attention_mask.shape):
+        raise ValueError(f"attention_mask must have shape (batch, seqlen) = "
+                         f"{tuple(x.shape[:2])} (x's first two dimensions), "
+                         f"got {tuple(attention_mask.shape)}")
+    check_same_device(x=x, attention_mask=attention_mask)
+    keep = attention_mask != 0
+    seqlens = keep.sum(-1, dtype=torch.int32)
+    indices = torch.nonzero(keep.flatten()).flatten()
+    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    cu_seqlens = F.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
+    x_unpadded = x.flatten(0, 1).index_select(0, indices)
+    return x_unpadded, indices, cu_seqlens, max_seqlen
+
+
+def pad(x_unpadded: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
+    """Inverse of ``unpad``: scatter tokens back to (batch, seqlen, ...), zeros elsewhere.
+
+    Args:
+        x_unpadded: (nnz, ...) as returned by ``unpad`` (or computed from it).
+        indices: (nnz,) int64 positions in the flattened (batch * seqlen) layout.
+        batch, seqlen: the padded shape.
+
+    Returns:
+        (batch, seqlen, ...) in x_unpadded's dtype (differentiable).
+    """
+    check_tensor("x_unpadded", x_unpadded)
+    check_tensor("indices", indices, dtypes=(torch.int64,), ndim=(1,))
+    if x_unpadded.dim() < 1 or indices.shape[0] != x_unpadded.shape[0]:
+        raise ValueError(f"indices must have one entry per token of x_unpadded "
+                         f"({x_unpadded.shape[0] if x_unpadded.dim() else 0}), got {indices.shape[0]}")
+    check_same_device(x_unpadded=x_unpadded, indices=indices)
+    out = x_unpadded.new_zeros((batch * seqlen, *x_unpadded.shape[1:]))
+    out = out.index_put((indices,), x_unpadded)
+    return out.view(batch, seqlen, *x_unpadded.shape[1:])

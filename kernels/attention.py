@@ -1,0 +1,756 @@
+"""Fused multi-head attention (FlashAttention-2 style), forward and backward.
+
+One kernel set serves both layouts:
+    padded  -- q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, heads_kv, head_dim),
+               optionally with a key-padding mask (batch, seqlen_k) loaded per key block, so
+               Hugging Face masks with holes work, not only right padding;
+    varlen  -- packed tokens q (total_q, heads, head_dim), k/v (total_k, heads_kv, head_dim)
+               with int32 cu_seqlens (batch + 1,); each program reads its sequence's bounds
+               from cu_seqlens on the device, so no host sync is needed to launch (the grid
+               uses the caller's max_seqlen).
+
+What is fused and why:
+- Forward: QK^T, masking (key padding, bounds, causal), online softmax (running max and sum in
+  fp32, base-2 exponentials), dropout on the probabilities and PV, tile by tile. Nothing of
+  size seqlen_q x seqlen_k is written; the forward stores O and the log-sum-exp per row.
+- Dropout draws its keep-mask with Philox (``tl.rand``) from a seed held in a device tensor
+  and the element offset ((b * H + h) * max_seqlen_q + i) * max_seqlen_k + j (int64), so the
+  backward regenerates exactly the same mask and nothing of it is stored.
+- Backward: a small kernel computes delta = rowsum(dO * O); then two kernels recompute the
+  probabilities from the stored log-sum-exp. ``_attention_bwd_dkdv_kernel`` owns a block of
+  keys of one (batch, kv head) and loops over every query block of every query head sharing
+  that kv head (grouped-query attention) to accumulate dK and dV in registers;
+  ``_attention_bwd_dq_kernel`` owns a block of queries and loops over the keys for dQ. No
+  atomics anywhere, so the backward is deterministic (bit-identical run to run) at the cost of
+  computing QK^T and dO V^T twice (the FlashAttention-2 paper's atomic-free variant, as in the
+  Triton fused-attention tutorial).
+- Causal masking is aligned to the bottom-right corner, as in FlashAttention-2: query i of a
+  sequence with lengths (Lq, Lk) sees keys j <= i + Lk - Lq. A query row that sees no key
+  (fully padded, or i < Lq - Lk under causal) outputs zeros, its log-sum-exp is +inf and its
+  gradients are zero; no NaN is produced.
+- Precision: the matmuls accumulate in fp32; P and dS are rounded to the input dtype before
+  their matmuls (fp16/bf16 tensor cores). fp32 inputs use ``input_precision="ieee"`` (true
+  fp32 FMA, no TF32), so the fp32 path matches an fp64 reference to about 1e-6 relative but
+  runs far slower than fp16/bf16.
+
+References: Dao, "FlashAttention-2" (2023); the Triton fused-attention tutorial (06);
+flash-attention's ``flash_attn_triton.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import AotConfig, LOG2E, dropout_keep
+
+# Head dims the kernels support; each is loaded into a power-of-two tile (80 and 96 in 128).
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+# exp(x) = exp2(x * LOG2E): the kernels keep scores premultiplied by softmax_scale * LOG2E
+# and store the log-sum-exp in base 2.
+_SCORE_LOG2E = LOG2E.value
+
+
+@triton.jit
+def _mm(a, b):
+    # fp32 operands: true fp32 (no TF32) so the fp32 path is as accurate as documented
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _seq_bounds(cu_ptr, b, seqlen, IS_VARLEN: tl.constexpr):
+    """(first token row, length) of sequence b: from cu_seqlens, or (0, seqlen) when padded."""
+    if IS_VARLEN:
+        start = tl.load(cu_ptr + b)
+        end = tl.load(cu_ptr + b + 1)
+        return start, end - start
+    else:
+        # b * 0: a tensor like the varlen branch's start, so callers can widen it to int64
+        return b * 0, seqlen
+
+
+@triton.jit
+def _head_base(ptr, b, start, h, stride_b, stride_t, stride_h):
+    """Pointer to token ``start`` of sequence ``b``, head ``h``; int64 offsets, since
+    batch * stride passes 2**31 on large activations."""
+    return ptr + b.to(tl.int64) * stride_b + start.to(tl.int64) * stride_t + h * stride_h
+
+
+@triton.jit
+def _score_valid(offs_m, offs_n, len_q, len_k, mask_ptr, stride_mask_b, b,
+                 HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: query row offs_m may attend key offs_n."""
+    n_in = offs_n < len_k
+    valid = (offs_m[:, None] < len_q) & n_in[None, :]
+    if HAS_MASK:
+        km = tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + offs_n, mask=n_in, other=0)
+        valid = valid & (km != 0)[None, :]
+    if IS_CAUSAL:
+        # bottom-right alignment (FlashAttention-2)
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (len_k - len_q))
+    return valid
+
+
+@triton.jit
+def _causal_key_end(start_m, len_q, len_k, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """One past the last key any query of block [start_m, start_m + BLOCK_M) may see."""
+    if IS_CAUSAL:
+        return tl.maximum(tl.minimum(len_k, start_m + BLOCK_M + len_k - len_q), 0)
+    else:
+        return len_k
+
+
+@triton.jit
+def _load_tile(ptrs, rows_in, d_in, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
+               TRANSPOSED: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile ((BLOCK_D, rows) when TRANSPOSED), zero-filling rows out of
+    bounds (when CHECK_ROWS) and head-dim columns past head_dim. EVEN_D (head_dim fills the
+    tile) drops the head-dim mask: a mask that varies along the contiguous dimension would
+    stop the loads from being vectorized."""
+    if TRANSPOSED:
+        r = rows_in[None, :]
+        d = d_in[:, None]
+    else:
+        r = rows_in[:, None]
+        d = d_in[None, :]
+    if CHECK_ROWS:
+        if EVEN_D:
+            return tl.load(ptrs, mask=r, other=0.0)
+        else:
+            return tl.load(ptrs, mask=r & d, other=0.0)
+    else:
+        if EVEN_D:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=d, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptrs, value, rows_in, d_in, EVEN_D: tl.constexpr):
+    """Store a (rows, BLOCK_D) tile, rows in bounds only (and head_dim columns)."""
+    if EVEN_D:
+        tl.store(ptrs, value, mask=rows_in[:, None])
+    else:
+        tl.store(ptrs, value, mask=rows_in[:, None] & d_in[None, :])
+
+
+@triton.jit
+def _attention_fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, d_in,
+    key_lo, key_hi, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_off, qk_scale,
+    dropout_p,
+    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, BOUNDARY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    """Online softmax over the key blocks [key_lo, key_hi). BOUNDARY=False is the fast path
+    for blocks wholly inside the sequence and below the causal diagonal: no bounds or causal
+    mask (only the key-padding mask, when there is one)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_in = offs_n < len_k
+        kt = _load_tile(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], n_in, d_in,
+                        BOUNDARY, EVEN_D, True)
+        qk = _mm(q, kt) * qk_scale
+        if BOUNDARY:
+            valid = _score_valid(offs_m, offs_n, len_q, len_k, mask_ptr, stride_mask_b, b,
+                                 HAS_MASK, IS_CAUSAL)
+            qk = tl.where(valid, qk, float("-inf"))
+        elif HAS_MASK:
+            km = tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + offs_n)
+            qk = tl.where((km != 0)[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a row with no visible key so far keeps m = -inf; subtract 0 instead so that
+        # exp2(-inf - (-inf)) never makes a NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, row_off[:, None] + offs_n[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_in, d_in,
+                       BOUNDARY, EVEN_D, False)
+        acc += _mm(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    stride_mask_b,
+    n_heads, n_groups, seqlen_q, seqlen_k, head_dim, qk_scale, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):
+    # each program owns BLOCK_M query rows of one (batch, head)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    h_kv = h // n_groups
+    q_start, len_q = _seq_bounds(cu_q_ptr, b, seqlen_q, IS_VARLEN)
+    k_start, len_k = _seq_bounds(cu_k_ptr, b, seqlen_k, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    # rows past this sequence's end (varlen: up to max_seqlen_q) get lse = +inf, so that
+    # every element of lse is written
+    lse = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+    if start_m < len_q:
+        offs_d = tl.arange(0, BLOCK_D)
+        d_in = offs_d < head_dim
+        m_in = offs_m < len_q
+        q_base = _head_base(q_ptr, b, q_start, h, stride_qb, stride_qm, stride_qh)
+        k_base = _head_base(k_ptr, b, k_start, h_kv, stride_kb, stride_kn, stride_kh)
+        v_base = _head_base(v_ptr, b, k_start, h_kv, stride_vb, stride_vn, stride_vh)
+        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_in, d_in,
+                       True, EVEN_D, False)
+        seed = 0
+        row_off = offs_m
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+            row_off = (pid_bh.to(tl.int64) * seqlen_q + offs_m) * seqlen_k
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        hi = _causal_key_end(start_m, len_q, len_k, BLOCK_M, IS_CAUSAL)
+        # keys [0, full_end) are inside the sequence and visible to every row of the block
+        full_end = len_k
+        if IS_CAUSAL:
+            full_end = tl.minimum(full_end, start_m + 1 + len_k - len_q)
+        full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _attention_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, d_in,
+            0, full_end, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_off, qk_scale,
+            dropout_p, BLOCK_N, EVEN_D, False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT)
+        acc, l_i, m_i = _attention_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, d_in,
+            full_end, hi, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_off, qk_scale,
+            dropout_p, BLOCK_N, EVEN_D, True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT)
+        empty = l_i == 0.0
+        inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+        if HAS_DROPOUT:
+            inv_l = inv_l / (1.0 - dropout_p)
+        out = acc * inv_l[:, None]
+        o_base = _head_base(o_ptr, b, q_start, h, stride_ob, stride_om, stride_oh)
+        _store_tile(o_base + offs_m[:, None] * stride_om + offs_d[None, :],
+                    out.to(o_ptr.dtype.element_ty), m_in, d_in, EVEN_D)
+        # base-2 log-sum-exp of the scaled scores; +inf marks a row that sees no key, so the
+        # backward's exp2(score - lse) is 0 there
+        lse = tl.where(empty | (offs_m >= len_q), float("inf"),
+                       m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    o_ptr, do_ptr, delta_ptr, cu_q_ptr,
+    stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
+    n_heads, seqlen_q, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    # each program owns BLOCK_M query rows of one (batch, head): delta = rowsum(dO * O)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    q_start, len_q = _seq_bounds(cu_q_ptr, b, seqlen_q, IS_VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_in = offs_m < len_q
+    d_in = offs_d < head_dim
+    o_base = _head_base(o_ptr, b, q_start, h, stride_ob, stride_om, stride_oh)
+    do_base = _head_base(do_ptr, b, q_start, h, stride_dob, stride_dom, stride_doh)
+    o = _load_tile(o_base + offs_m[:, None] * stride_om + offs_d[None, :], m_in, d_in,
+                   True, EVEN_D, False)
+    do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_in, d_in,
+                    True, EVEN_D, False)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=m_in)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    mask_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    stride_mask_b,
+    n_heads, n_heads_kv, n_groups, seqlen_q, seqlen_k, head_dim, qk_scale, sm_scale, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):
+    # each program owns BLOCK_N keys of one (batch, kv head) and accumulates their dK, dV over
+    # all query heads of the group and all query blocks (no atomics)
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_kv
+    h_kv = pid_bh % n_heads_kv
+    q_start, len_q = _seq_bounds(cu_q_ptr, b, seqlen_q, IS_VARLEN)
+    k_start, len_k = _seq_bounds(cu_k_ptr, b, seqlen_k, IS_VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n < len_k:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_in = offs_d < head_dim
+        n_in = offs_n < len_k
+        k_base = _head_base(k_ptr, b, k_start, h_kv, stride_kb, stride_kn, stride_kh)
+        v_base = _head_base(v_ptr, b, k_start, h_kv, stride_vb, stride_vn, stride_vh)
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_in, d_in,
+                       True, EVEN_D, False)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_in, d_in,
+                       True, EVEN_D, False)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        # the keys' own validity (bounds, padding mask) is the same for every query block
+        key_ok = n_in
+        if HAS_MASK:
+            km = tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + offs_n, mask=n_in, other=0)
+            key_ok = key_ok & (km != 0)
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        # causal: the first query that sees key start_n is start_n - (len_k - len_q)
+        lo = 0
+        if IS_CAUSAL:
+            lo = tl.maximum(start_n - (len_k - len_q), 0) // BLOCK_M * BLOCK_M
+        for g in range(0, n_groups):
+            h = h_kv * n_groups + g
+            bh = b * n_heads + h
+            q_base = _head_base(q_ptr, b, q_start, h, stride_qb, stride_qm, stride_qh)
+            do_base = _head_base(do_ptr, b, q_start, h, stride_dob, stride_dom, stride_doh)
+            for start_m in range(lo, len_q, BLOCK_M):
+                offs_m = start_m + offs_m0
+                m_in = offs_m < len_q
+                q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_in,
+                               d_in, True, EVEN_D, False)
+                do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_in,
+                                d_in, True, EVEN_D, False)
+                lse = tl.load(lse_ptr + bh.to(tl.int64) * seqlen_q + offs_m, mask=m_in,
+                              other=float("inf"))
+                delta = tl.load(delta_ptr + bh.to(tl.int64) * seqlen_q + offs_m, mask=m_in,
+                                other=0.0)
+                # transposed scores (keys x queries), so dK and dV come out without transposes
+                qkt = _mm(k, tl.trans(q))
+                valid = key_ok[:, None] & m_in[None, :]
+                if IS_CAUSAL:
+                    valid = valid & (offs_n[:, None] <= offs_m[None, :] + (len_k - len_q))
+                pt = tl.where(valid, tl.math.exp2(qkt * qk_scale - lse[None, :]), 0.0)
+                dpt = _mm(v, tl.trans(do))
+                if HAS_DROPOUT:
+                    row_off = (bh.to(tl.int64) * seqlen_q + offs_m) * seqlen_k
+                    keep = dropout_keep(seed, row_off[None, :] + offs_n[:, None], dropout_p)
+                    scale_keep = 1.0 / (1.0 - dropout_p)
+                    dv += _mm(tl.where(keep, pt * scale_keep, 0.0).to(do.dtype), do)
+                    dpt = tl.where(keep, dpt * scale_keep, 0.0)
+                else:
+                    dv += _mm(pt.to(do.dtype), do)
+                dst = pt * (dpt - delta[None, :])
+                dk += _mm(dst.to(q.dtype), q)
+        dk = dk * sm_scale
+        dk_base = _head_base(dk_ptr, b, k_start, h_kv, stride_dkb, stride_dkn, stride_dkh)
+        dv_base = _head_base(dv_ptr, b, k_start, h_kv, stride_dvb, stride_dvn, stride_dvh)
+        _store_tile(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :],
+                    dk.to(dk_ptr.dtype.element_ty), n_in, d_in, EVEN_D)
+        _store_tile(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :],
+                    dv.to(dv_ptr.dtype.element_ty), n_in, d_in, EVEN_D)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    mask_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_dqb, stride_dqm, stride_dqh,
+    stride_mask_b,
+    n_heads, n_groups, seqlen_q, seqlen_k, head_dim, qk_scale, sm_scale, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):
+    # each program owns BLOCK_M query rows of one (batch, head) and their dQ
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    h_kv = h // n_groups
+    q_start, len_q = _seq_bounds(cu_q_ptr, b, seqlen_q, IS_VARLEN)
+    k_start, len_k = _seq_bounds(cu_k_ptr, b, seqlen_k, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m < len_q:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_in = offs_d < head_dim
+        m_in = offs_m < len_q
+        q_base = _head_base(q_ptr, b, q_start, h, stride_qb, stride_qm, stride_qh)
+        do_base = _head_base(do_ptr, b, q_start, h, stride_dob, stride_dom, stride_doh)
+        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_in, d_in,
+                       True, EVEN_D, False)
+        do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_in, d_in,
+                        True, EVEN_D, False)
+        lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * seqlen_q + offs_m, mask=m_in,
+                      other=float("inf"))
+        delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * seqlen_q + offs_m, mask=m_in, other=0.0)
+        k_base = _head_base(k_ptr, b, k_start, h_kv, stride_kb, stride_kn, stride_kh)
+        v_base = _head_base(v_ptr, b, k_start, h_kv, stride_vb, stride_vn, stride_vh)
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+            row_off = (pid_bh.to(tl.int64) * seqlen_q + offs_m) * seqlen_k
+        dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        hi = _causal_key_end(start_m, len_q, len_k, BLOCK_M, IS_CAUSAL)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            n_in = offs_n < len_k
+            kt = _load_tile(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], n_in, d_in,
+                            True, EVEN_D, True)
+            vt = _load_tile(v_base + offs_n[None, :] * stride_vn + offs_d[:, None], n_in, d_in,
+                            True, EVEN_D, True)
+            qk = _mm(q, kt)
+            valid = _score_valid(offs_m, offs_n, len_q, len_k, mask_ptr, stride_mask_b, b,
+                                 HAS_MASK, IS_CAUSAL)
+            p = tl.where(valid, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
+            dp = _mm(do, vt)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, row_off[:, None] + offs_n[None, :], dropout_p)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += _mm(ds.to(kt.dtype), tl.trans(kt))
+        dq = dq * sm_scale
+        dq_base = _head_base(dq_ptr, b, q_start, h, stride_dqb, stride_dqm, stride_dqh)
+        _store_tile(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
+                    dq.to(dq_ptr.dtype.element_ty), m_in, d_in, EVEN_D)
+
+
+@triton.jit
+def _attention_dropout_mask_kernel(seed_ptr, mask_ptr, seqlen_q, seqlen_k, dropout_p,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # each program owns BLOCK_M rows of the (seqlen_q, seqlen_k) mask of one (batch, head)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    seed = tl.load(seed_ptr)
+    row_off = (pid_bh * seqlen_q + offs_m) * seqlen_k
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs = row_off[:, None] + offs_n[None, :]
+        keep = dropout_keep(seed, offs, dropout_p)
+        tl.store(mask_ptr + offs, keep.to(tl.int8),
+                 mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :])
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+
+def block_d(head_dim: int) -> int:
+    """The power-of-two tile width holding ``head_dim``."""
+    return max(16, triton.next_power_of_2(int(head_dim)))
+
+
+# Block configs were chosen from ptxas -v (sm_90): with every option on, no kernel spills more
+# than ~50 bytes per thread (the head-dim-128 tiles); the fp32 ones (IEEE FMA matmuls) use
+# small tiles for the same reason. Not yet tuned on a GPU.
+
+def fwd_config(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
+    bd = block_d(head_dim)
+    if dtype == torch.float32:
+        return (32, 32, 4, 2) if bd <= 64 else (32, 16, 4, 1)
+    # 8 warps: with 4 a 128 x 64 score tile spills registers. Dropout's Philox draws, and
+    # the masked head-dim columns of head dims 80/96, need 32 keys a block to stay in
+    # registers.
+    if dropout or bd != head_dim:
+        return 128, 32, 8, 3
+    return 128, 64, 8, 3
+
+
+def bwd_configs(head_dim: int, dtype: torch.dtype):
+    """((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, the same of the dQ
+    kernel). The dK/dV kernel holds BLOCK_N keys (k, v, dk, dv tiles) and streams BLOCK_M
+    queries; the dQ kernel holds BLOCK_M queries and streams BLOCK_N keys."""
+    bd = block_d(head_dim)
+    if dtype == torch.float32:
+        return ((32, 32, 4, 2), (32, 32, 4, 2)) if bd <= 64 else ((16, 32, 4, 1), (32, 16, 4, 1))
+    if bd <= 64:
+        return (32, 128, 8, 2), (128, 32, 8, 2)
+    return (32, 64, 8, 2), (64, 32, 8, 2)
+
+
+# Rows per program of the delta (rowsum(dO * O)) pre-pass.
+PREPROCESS_BLOCK_M = 64
+# Tile of the test-only dropout-mask kernel.
+MASK_BLOCK = 64
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides; the batch stride is 0 in the packed varlen layout."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch = cu_seqlens_q.shape[0] - 1
+        return varlen, batch, int(max_seqlen_q), int(max_seqlen_k)
+    return varlen, q.shape[0], q.shape[1], k.shape[1]
+
+
+def _mask_arg(attention_mask: Optional[torch.Tensor]):
+    if attention_mask is None:
+        return None, 0
+    m = attention_mask
+    if m.dtype == torch.bool:
+        m = m.view(torch.int8)
+    elif m.dtype != torch.int8:
+        m = (m != 0).view(torch.int8)
+    m = _last_dim_contiguous(m)
+    return m, m.stride(0)
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor] = None,
+                  cu_seqlens_q: Optional[torch.Tensor] = None,
+                  cu_seqlens_k: Optional[torch.Tensor] = None,
+                  max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                  seed: Optional[torch.Tensor] = None, causal: bool = False,
+                  dropout_p: float = 0.0, softmax_scale: float = 1.0):
+    """Launch the forward.
+
+    Args:
+        q: (batch, seqlen_q, heads, head_dim), or (total_q, heads, head_dim) with cu_seqlens_q;
+            fp32/fp16/bf16.
+        k, v: (batch, seqlen_k, heads_kv, head_dim), or (total_k, heads_kv, head_dim);
+            heads_kv divides heads; q's dtype.
+        attention_mask: (batch, seqlen_k) bool/int8, nonzero = attend (padded layout), or None.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) prefix sums of the lengths (varlen), or None.
+        max_seqlen_q, max_seqlen_k: python ints bounding the varlen lengths (grid size).
+        seed: int64 tensor of one element (dropout), or None.
+        softmax_scale: multiplies QK^T before the softmax.
+
+    Returns:
+        out (q's shape and dtype) and lse (fp32, (batch, heads, max_seqlen_q), base-2
+        log-sum-exp of the scaled scores; +inf on rows that see no key and, for varlen, on
+        rows past their sequence).
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    varlen, batch, sq, sk = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    heads_kv = k.shape[-2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
+    mask, stride_mask_b = _mask_arg(attention_mask)
+    has_dropout = seed is not None and dropout_p > 0.0
+    bm, bn, warps, stages = fwd_config(head_dim, q.dtype, has_dropout)
+    if batch * heads > 0 and sq > 0:
+        grid = (triton.cdiv(sq, bm), batch * heads)
+        _attention_fwd_kernel[grid](
+            q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed,
+            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
+            *_strides3(out, varlen), stride_mask_b,
+            heads, heads // heads_kv, sq, sk, head_dim,
+            float(softmax_scale) * _SCORE_LOG2E, float(dropout_p),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(head_dim),
+            EVEN_D=block_d(head_dim) == head_dim, IS_VARLEN=varlen,
+            IS_CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout,
+            num_warps=warps, num_stages=stages,
+        )
+    return out, lse
+
+
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  out: torch.Tensor, lse: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor] = None,
+                  cu_seqlens_q: Optional[torch.Tensor] = None,
+                  cu_seqlens_k: Optional[torch.Tensor] = None,
+                  max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                  seed: Optional[torch.Tensor] = None, causal: bool = False,
+                  dropout_p: float = 0.0, softmax_scale: float = 1.0):
+    """Launch the backward (deterministic: no atomics). Arguments as ``attention_fwd``, plus
+    do (out's shape), out and lse from the forward. Returns (dq, dk, dv) in the inputs' shapes
+    and dtypes."""
+    q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
+    varlen, batch, sq, sk = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    heads_kv = k.shape[-2]
+    groups = heads // heads_kv
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if batch * heads == 0:
+        return dq, dk, dv
+    if sq == 0:
+        # no query sees any key: the keys get no gradient
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv
+    mask, stride_mask_b = _mask_arg(attention_mask)
+    has_dropout = seed is not None and dropout_p > 0.0
+    bd = block_d(head_dim)
+    delta = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(sq, PREPROCESS_BLOCK_M), batch * heads)](
+        out, do, delta, cu_seqlens_q, *_strides3(out, varlen), *_strides3(do, varlen),
+        heads, sq, head_dim, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=bd, EVEN_D=bd == head_dim,
+        IS_VARLEN=varlen,
+    )
+    (bm1, bn1, w1, s1), (bm2, bn2, w2, s2) = bwd_configs(head_dim, q.dtype)
+    qk_scale = float(softmax_scale) * _SCORE_LOG2E
+    flags = dict(BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen, IS_CAUSAL=bool(causal),
+                 HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout)
+    if sk > 0:
+        _attention_bwd_dkdv_kernel[(triton.cdiv(sk, bn1), batch * heads_kv)](
+            q, k, v, do, lse, delta, dk, dv, mask, cu_seqlens_q, cu_seqlens_k, seed,
+            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
+            *_strides3(do, varlen), *_strides3(dk, varlen), *_strides3(dv, varlen),
+            stride_mask_b, heads, heads_kv, groups, sq, sk, head_dim, qk_scale,
+            float(softmax_scale), float(dropout_p),
+            BLOCK_M=bm1, BLOCK_N=bn1, num_warps=w1, num_stages=s1, **flags,
+        )
+    _attention_bwd_dq_kernel[(triton.cdiv(sq, bm2), batch * heads)](
+        q, k, v, do, lse, delta, dq, mask, cu_seqlens_q, cu_seqlens_k, seed,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
+        *_strides3(do, varlen), *_strides3(dq, varlen), stride_mask_b,
+        heads, groups, sq, sk, head_dim, qk_scale, float(softmax_scale), float(dropout_p),
+        BLOCK_M=bm2, BLOCK_N=bn2, num_warps=w2, num_stages=s2, **flags,
+    )
+    return dq, dk, dv
+
+
+def attention_dropout_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int,
+                           seqlen_k: int, dropout_p: float) -> torch.Tensor:
+    """The keep-mask (bool, (batch, heads, seqlen_q, seqlen_k)) the kernels draw for ``seed``.
+
+    Test-only: element (b, h, i, j) is the kernels' decision for query i and key j of sequence
+    b, head h (for varlen, positions within the sequence; seqlen_q/k are max_seqlen_q/k).
+    """
+    out = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=seed.device)
+    if out.numel():
+        grid = (triton.cdiv(seqlen_q, MASK_BLOCK), batch * heads)
+        _attention_dropout_mask_kernel[grid](seed, out, seqlen_q, seqlen_k, float(dropout_p),
+                                             BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK)
+    return out.bool()
+
+
+# ----------------------------------------------------------------------------------------
+# ahead-of-time compile descriptions
+
+def _sig(names_types):
+    return dict(names_types)
+
+
+def _fwd_signature(dt: str):
+    ptrs = [("q_ptr", f"*{dt}"), ("k_ptr", f"*{dt}"), ("v_ptr", f"*{dt}"), ("o_ptr", f"*{dt}"),
+            ("lse_ptr", "*fp32"), ("mask_ptr", "*i8"), ("cu_q_ptr", "*i32"),
+            ("cu_k_ptr", "*i32"), ("seed_ptr", "*i64")]
+    strides = [(f"stride_{t}{s}", "i64") for t in ("q", "k", "v", "o")
+               for s in (("b", "m", "h") if t in ("q", "o") else ("b", "n", "h"))]
+    scalars = [("stride_mask_b", "i64"), ("n_heads", "i32"), ("n_groups", "i32"),
+               ("seqlen_q", "i32"), ("seqlen_k", "i32"), ("head_dim", "i32"),
+               ("qk_scale", "fp32"), ("dropout_p", "fp32")]
+    return _sig(ptrs + strides + scalars + [(c, "constexpr") for c in _FLAG_NAMES])
+
+
+def _preprocess_signature(dt: str):
+    return {"o_ptr": f"*{dt}", "do_ptr": f"*{dt}", "delta_ptr": "*fp32", "cu_q_ptr": "*i32",
+            "stride_ob": "i64", "stride_om": "i64", "stride_oh": "i64", "stride_dob": "i64",
+            "stride_dom": "i64", "stride_doh": "i64", "n_heads": "i32", "seqlen_q": "i32",
+            "head_dim": "i32", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr",
+            "EVEN_D": "constexpr", "IS_VARLEN": "constexpr"}
+
+
+def _bwd_signature(dt: str, dq: bool):
+    ptrs = [("q_ptr", f"*{dt}"), ("k_ptr", f"*{dt}"), ("v_ptr", f"*{dt}"), ("do_ptr", f"*{dt}"),
+            ("lse_ptr", "*fp32"), ("delta_ptr", "*fp32")]
+    ptrs += [("dq_ptr", f"*{dt}")] if dq else [("dk_ptr", f"*{dt}"), ("dv_ptr", f"*{dt}")]
+    ptrs += [("mask_ptr", "*i8"), ("cu_q_ptr", "*i32"), ("cu_k_ptr", "*i32"), ("seed_ptr", "*i64")]
+    outs = ("dq",) if dq else ("dk", "dv")
+    strides = []
+    for t in ("q", "k", "v", "do") + outs:
+        row = "m" if t in ("q", "do", "dq") else "n"
+        strides += [(f"stride_{t}b", "i64"), (f"stride_{t}{row}", "i64"), (f"stride_{t}h", "i64")]
+    heads = [("n_heads", "i32")] + ([] if dq else [("n_heads_kv", "i32")]) + [("n_groups", "i32")]
+    scalars = [("stride_mask_b", "i64")] + heads + [
+        ("seqlen_q", "i32"), ("seqlen_k", "i32"), ("head_dim", "i32"), ("qk_scale", "fp32"),
+        ("sm_scale", "fp32"), ("dropout_p", "fp32")]
+    return _sig(ptrs + strides + scalars + [(c, "constexpr") for c in _FLAG_NAMES])
+
+
+_FLAG_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_D", "IS_VARLEN", "IS_CAUSAL", "HAS_MASK",
+               "HAS_DROPOUT")
+_TORCH_DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def aot_configs():
+    """Every block config the launchers pick: each (dtype, head-dim tile) with every padded
+    option on (causal, key mask, dropout), for the forward and both backward kernels, and
+    the same for head dim 80 in bf16 (the 128 tile with the head-dim mask, as 96); then every
+    option off, padded and varlen, at head dim 64 in fp16, and varlen with causal and dropout
+    at 128 in bf16; the delta pre-pass for every tile; the test-only dropout-mask kernel."""
+    def kernels(dt, head_dim, varlen, causal, mask, drop, tag):
+        bd = block_d(head_dim)
+        f = dict(BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen, IS_CAUSAL=causal,
+                 HAS_MASK=mask, HAS_DROPOUT=drop)
+        bm, bn, w, s = fwd_config(head_dim, _TORCH_DT[dt], drop)
+        yield AotConfig(_attention_fwd_kernel, _fwd_signature(dt),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, **f), w, s, name=f"attention_fwd[{tag}]")
+        for kern, dq, (bm, bn, w, s) in zip(
+                (_attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel), (False, True),
+                bwd_configs(head_dim, _TORCH_DT[dt])):
+            yield AotConfig(kern, _bwd_signature(dt, dq), dict(BLOCK_M=bm, BLOCK_N=bn, **f), w, s,
+                            name=f"attention_bwd_{'dq' if dq else 'dkdv'}[{tag}]")
+
+    tiles = sorted({block_d(d) for d in SUPPORTED_HEAD_DIMS})
+    for dt in ("bf16", "fp16", "fp32"):
+        for bd in tiles:
+            yield from kernels(dt, bd, False, True, True, True, f"{dt},d{bd},causal+mask+dropout")
+    yield from kernels("bf16", 80, False, True, True, True, "bf16,d80,causal+mask+dropout")
+    for bd in tiles:  # without dropout the forward takes wider key blocks
+        bm, bn, w, s = fwd_config(bd, torch.bfloat16, False)
+        yield AotConfig(_attention_fwd_kernel, _fwd_signature("bf16"),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=True, IS_VARLEN=False,
+                             IS_CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=False), w, s,
+                        name=f"attention_fwd[bf16,d{bd},causal+mask]")
+    for tag, flags in (("none", (False,) * 4), ("varlen", (True, False, False, False))):
+        yield from kernels("fp16", 64, *flags, f"fp16,d64,{tag}")
+    yield from kernels("bf16", 128, True, True, False, True, "bf16,d128,varlen+causal+dropout")
+    for bd in tiles:
+        for varlen in (False, True):
+            yield AotConfig(_attention_bwd_preprocess_kernel, _preprocess_signature("bf16"),
+                            dict(BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=bd, EVEN_D=True,
+                                 IS_VARLEN=varlen),
+                            4, name=f"attention_bwd_preprocess[bf16,d{bd},varlen={varlen}]")
+    for dt, even in (("bf16", False), ("fp16", True), ("fp32", True)):
+        yield AotConfig(_attention_bwd_preprocess_kernel, _preprocess_signature(dt),
+                        dict(BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=128, EVEN_D=even,
+                             IS_VARLEN=False),
+                        4, name=f"attention_bwd_preprocess[{dt},d128,even_d={even}]")
+    yield AotConfig(_attention_dropout_mask_kernel,
+                    {"seed_ptr": "*i64", "mask_ptr": "*i8", "seqlen_q": "i32", "seqlen_k": "i32",
+                     "dropout_p": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                    dict(BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK), 4, name="attention_dropout_mask")

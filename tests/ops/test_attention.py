@@ -1,0 +1,494 @@
+"""fastbert.ops.attention / attention_varlen / unpad / pad: forward and dq/dk/dv against the
+fp64 reference on ragged shapes (key-padding masks with holes, bottom-right causal with
+seqlen_q != seqlen_k, grouped-query heads, head dims whose tile is wider than the head),
+dropout against the reference with the kernels' recovered mask, rows that see no key, the
+deterministic backward, bad inputs, registration (opcheck, torch.compile).
+
+On CPU the kernels run in the Triton interpreter: fp32 and fp16 only (the interpreter's
+tl.dot is wrong for bf16), tiny ragged shapes. bf16 and long sequences run in the tests
+marked ``gpu``.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+
+from fastbert.kernels import attention as k
+from fastbert.ops import (BackendUnavailable, attention, attention_ref, attention_varlen, pad,
+                          unpad)
+ops_attention = importlib.import_module("fastbert.ops.attention")  # the module, not the function
+from tests._utils import assert_close_to_ref, max_err, poison_
+
+# kernel error <= FACTOR x torch's own fp16 error + ATOL (the flash-attention rule)
+LOWP_ATOL = 2e-3
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every tensor the launchers allocate (outputs, lse, delta) starts as NaN, so an element
+    a kernel forgets to write fails."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(k.torch, "empty", lambda *a, **kw: poison_(real_empty(*a, **kw)))
+    monkeypatch.setattr(k.torch, "empty_like", lambda *a, **kw: poison_(real_empty_like(*a, **kw)))
+    yield
+
+
+def _rand(device, dtype, *shape):
+    return torch.randn(*shape, device=device, dtype=torch.float32).to(dtype)
+
+
+def _leaves(*ts, dtype=None):
+    return [t.detach().to(dtype or t.dtype).requires_grad_() for t in ts]
+
+
+def _check(run, ref, q, k_, v, name=""):
+    """run(q, k, v) -> kernel output; ref(q, k, v, **kw) -> reference output. Compares the
+    output and dq, dk, dv with the fp64 reference (and, for fp16, torch's fp16 error)."""
+    qk, kk, vk = _leaves(q, k_, v)
+    out = run(qk, kk, vk)
+    dout = torch.randn_like(out, dtype=torch.float32).to(out.dtype)
+    out.backward(dout)
+    q64, k64, v64 = _leaves(q, k_, v, dtype=torch.float64)
+    ref64 = ref(q64, k64, v64, upcast=True)
+    ref64.backward(dout.double())
+    lowp = [None] * 4
+    if q.dtype in (torch.float16, torch.bfloat16):
+        ql, kl, vl = _leaves(q, k_, v)
+        ref_lp = ref(ql, kl, vl, compute_dtype=q.dtype)
+        ref_lp.backward(dout)
+        lowp = [ref_lp, ql.grad, kl.grad, vl.grad]
+    for what, got, want, lp in zip(("out", "dq", "dk", "dv"), (out, qk.grad, kk.grad, vk.grad),
+                                   (ref64, q64.grad, k64.grad, v64.grad), lowp):
+        assert got.dtype == q.dtype
+        assert_close_to_ref(got, want, lp, atol=LOWP_ATOL if lp is not None else 1e-5,
+                            name=f"{name} {what}")
+    return out, (qk.grad, kk.grad, vk.grad)
+
+
+# (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, causal, mask)
+PADDED_CASES = [
+    (2, 7, 113, 2, 1, 32, False, "holes"),     # one query block, two key blocks, MQA
+    (1, 113, 33, 2, 2, 16, True, None),        # seqlen_q > seqlen_k: early rows see no key
+    (2, 33, 33, 4, 2, 64, True, "holes"),      # GQA, causal square
+    (2, 1, 7, 2, 1, 16, True, "right"),        # a single query (decoding shape)
+    (1, 20, 40, 2, 1, 80, False, "right"),     # head dim 80 in a 128 tile
+    (1, 150, 170, 2, 1, 32, True, "holes"),    # causal blocks wholly below the diagonal
+]
+
+
+def _case_id(c):
+    return "b{}-q{}-k{}-h{}/{}-d{}-{}-{}".format(*c[:6], "causal" if c[6] else "full", c[7])
+
+
+# every case in fp32, all but the wide-tile one in fp16 as well (keeps the file fast)
+@pytest.mark.parametrize("dtype, case", [
+    pytest.param(dt, c, id=f"{str(dt)[6:]}-{_case_id(c)}")
+    for dt in (torch.float32, torch.float16) for c in PADDED_CASES
+    if dt == torch.float32 or c[5] != 80])
+def test_attention_fwd_bwd_matches_fp64_on_ragged_shapes(device, poisoned_empty, dtype, case):
+    batch, sq, sk, heads, heads_kv, d, causal, mask_kind = case
+    q = _rand(device, dtype, batch, sq, heads, d)
+    k_ = _rand(device, dtype, batch, sk, heads_kv, d)
+    v = _rand(device, dtype, batch, sk, heads_kv, d)
+    mask = None
+    if mask_kind == "holes":
+        mask = torch.rand(batch, sk, device=device) > 0.3
+    elif mask_kind == "right":
+        lengths = torch.randint(1, sk + 1, (batch,), device=device)
+        mask = (torch.arange(sk, device=device)[None, :] < lengths[:, None]).long()
+    _check(lambda a, b, c: attention(a, b, c, attention_mask=mask, causal=causal, backend="triton"),
+           lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=mask, causal=causal, **kw),
+           q, k_, v, name=str(case))
+
+
+def test_causal_is_aligned_bottom_right(device):
+    # seqlen_q < seqlen_k: the last query sees every key, query i sees keys j <= i + (Sk - Sq)
+    sq, sk, d = 3, 8, 16
+    q = _rand(device, torch.float32, 1, sq, 1, d)
+    k_ = _rand(device, torch.float32, 1, sk, 1, d)
+    v = torch.eye(sk, d, device=device)[None, :, None, :]   # output column j = weight of key j
+    out = attention(q, k_, v, causal=True, backend="triton")[0, :, 0, :sk]
+    for i in range(sq):
+        seen = (out[i] > 0).nonzero().flatten().tolist()
+        assert seen == list(range(i + sk - sq + 1)), f"query {i} sees keys {seen}"
+
+
+def test_fully_masked_rows_give_zeros_and_zero_grads(device):
+    batch, sq, sk, d = 2, 9, 40, 32
+    q, k_, v = _leaves(_rand(device, torch.float32, batch, sq, 2, d),
+                       _rand(device, torch.float32, batch, sk, 2, d),
+                       _rand(device, torch.float32, batch, sk, 2, d))
+    mask = torch.ones(batch, sk, dtype=torch.bool, device=device)
+    mask[1] = False                                       # sequence 1 is all padding
+    out = attention(q, k_, v, attention_mask=mask, backend="triton")
+    out.backward(torch.randn_like(out))
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    assert torch.isfinite(k_.grad).all() and torch.isfinite(v.grad).all()
+    assert out[1].abs().max() == 0 and q.grad[1].abs().max() == 0
+    assert k_.grad[1].abs().max() == 0 and v.grad[1].abs().max() == 0
+    assert out[0].abs().max() > 0
+
+
+def _varlen_inputs(device, dtype, lens_q, lens_k, heads, heads_kv, d):
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32,
+                                   device=device)
+    q = _rand(device, dtype, sum(lens_q), heads, d)
+    k_ = _rand(device, dtype, sum(lens_k), heads_kv, d)
+    v = _rand(device, dtype, sum(lens_k), heads_kv, d)
+    return q, k_, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_varlen_fwd_bwd_matches_fp64(device, poisoned_empty, dtype, causal):
+    # lengths 1, 7, 113 and 0; key lengths differ from query lengths, one is empty
+    q, k_, v, cu_q, cu_k, mq, mk = _varlen_inputs(device, dtype, [1, 7, 113, 0], [5, 7, 70, 3],
+                                                  4, 2, 32)
+    cu_k = torch.tensor([0, 5, 5, 75, 78], dtype=torch.int32, device=device)  # sequence 1: no key
+    k_, v = k_[:78], v[:78]
+    _check(lambda a, b, c: attention_varlen(a, b, c, cu_q, cu_k, mq, mk, causal=causal,
+                                            backend="triton"),
+           lambda a, b, c, **kw: attention_ref(a, b, c, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                               causal=causal, **kw),
+           q, k_, v, name=f"varlen causal={causal}")
+
+
+def test_unpad_varlen_pad_equals_padded_attention_with_holes(device):
+    batch, seq, heads, d = 3, 37, 2, 16
+    mask = torch.rand(batch, seq, device=device) > 0.4
+    mask[2, :] = True
+    x = [_rand(device, torch.float32, batch, seq, heads, d) for _ in range(3)]
+    q, k_, v = _leaves(*x)
+    qu, idx, cu, maxlen = unpad(q, mask)
+    ku, _, _, _ = unpad(k_, mask)
+    vu, _, _, _ = unpad(v, mask)
+    assert cu.dtype == torch.int32 and cu.tolist()[-1] == int(mask.sum()) and maxlen == seq
+    out = pad(attention_varlen(qu, ku, vu, cu, cu, maxlen, maxlen, backend="triton"), idx, batch, seq)
+    dout = torch.randn_like(out)
+    out.backward(dout * mask[:, :, None, None])
+    q2, k2, v2 = _leaves(*x, dtype=torch.float64)
+    ref = attention_ref(q2, k2, v2, attention_mask=mask, upcast=True) * mask[:, :, None, None]
+    ref.backward(dout.double() * mask[:, :, None, None])
+    assert out[~mask].abs().max() == 0                        # padding restored as zeros
+    for got, want in ((out, ref), (q.grad, q2.grad), (k_.grad, k2.grad), (v.grad, v2.grad)):
+        assert_close_to_ref(got, want)
+
+
+def test_unpad_pad_roundtrip_and_gradients(device):
+    x = torch.randn(3, 6, 5, device=device, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0], [0] * 6, [1] * 6], device=device)
+    xu, idx, cu, maxlen = unpad(x, mask)
+    assert xu.shape == (9, 5) and cu.tolist() == [0, 3, 3, 9] and maxlen == 6
+    assert torch.equal(xu, x[mask.bool()])
+    y = pad(xu * 2, idx, 3, 6)
+    assert torch.equal(y, torch.where(mask.bool()[..., None], x * 2, 0.0))
+    y.sum().backward()
+    assert torch.equal(x.grad, 2.0 * mask[..., None].float().expand_as(x))
+
+
+# ------------------------------------------------------------------------- dropout
+
+P_DROP = 0.3
+
+
+def _recover_mask(device, call_seed, batch, heads, sq, sk, p=P_DROP):
+    """The keep-mask of a call made right after torch.manual_seed(call_seed)."""
+    torch.manual_seed(call_seed)
+    seed = ops_attention._dropout_seed(device)
+    return k.attention_dropout_mask(seed, batch, heads, sq, sk, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_fwd_bwd_matches_reference_with_recovered_mask(device, dtype):
+    batch, sq, sk, heads, d = 2, 33, 50, 2, 32
+    q, k_, v = (_rand(device, dtype, batch, s, heads, d) for s in (sq, sk, sk))
+    mask = torch.rand(batch, sk, device=device) > 0.2
+    keep = _recover_mask(device, 11, batch, heads, sq, sk)
+
+    def run(a, b, c):
+        torch.manual_seed(11)
+        return attention(a, b, c, attention_mask=mask, causal=True, dropout_p=P_DROP,
+                         backend="triton")
+
+    _check(run, lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=mask, causal=True,
+                                                     dropout_p=P_DROP, dropout_mask=keep, **kw),
+           q, k_, v, name="dropout")
+
+
+def test_dropout_varlen_matches_reference_with_recovered_mask(device):
+    q, k_, v, cu_q, cu_k, mq, mk = _varlen_inputs(device, torch.float32, [7, 40], [9, 33], 2, 1, 16)
+    keep = _recover_mask(device, 5, 2, 2, mq, mk)
+
+    def run(a, b, c):
+        torch.manual_seed(5)
+        return attention_varlen(a, b, c, cu_q, cu_k, mq, mk, dropout_p=P_DROP, backend="triton")
+
+    _check(run, lambda a, b, c, **kw: attention_ref(a, b, c, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                                     dropout_p=P_DROP, dropout_mask=keep, **kw),
+           q, k_, v, name="varlen dropout")
+
+
+def test_dropout_same_seed_same_result_and_new_seed_differs(device):
+    q, k_, v = (_rand(device, torch.float32, 1, 24, 2, 16) for _ in range(3))
+    outs = []
+    for s in (3, 3, 4):
+        torch.manual_seed(s)
+        outs.append(attention(q, k_, v, dropout_p=P_DROP, backend="triton"))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+
+
+def test_dropout_kept_fraction_within_one_percent(device):
+    for p in (0.1, 0.5):
+        seed = torch.tensor([2024], dtype=torch.int64, device=device)
+        keep = k.attention_dropout_mask(seed, 1, 2, 128, 256, p)   # 65536 draws: 1% is > 4 sigma
+        frac = keep.float().mean().item()
+        assert abs(frac - (1 - p)) < 0.01, f"p={p}: kept {frac:.4f}"
+
+
+# ------------------------------------------------------------------------- determinism
+
+def test_backward_is_deterministic(device):
+    q, k_, v = _leaves(*(_rand(device, torch.float16, 2, 40, 4, 32) for _ in range(3)))
+    k_ = k_.detach()[:, :, :1].requires_grad_()
+    v = v.detach()[:, :, :1].requires_grad_()                 # MQA: 4 q heads share dk/dv
+    grads = []
+    for _ in range(2):
+        out = attention(q, k_, v, causal=True, backend="triton")
+        grads.append(torch.autograd.grad(out, (q, k_, v), torch.ones_like(out)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------- bad inputs
+
+def _good(device, d=16):
+    return (_rand(device, torch.float32, 2, 5, 4, d), _rand(device, torch.float32, 2, 6, 2, d),
+            _rand(device, torch.float32, 2, 6, 2, d))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda q, k_, v: dict(k=k_[:1], v=v[:1]), "batch size"),
+    (lambda q, k_, v: dict(k=torch.cat([k_, k_[:, :, :1]], 2),
+                           v=torch.cat([v, v[:, :, :1]], 2)), "must divide"),
+    (lambda q, k_, v: dict(k=k_[..., :8], v=v[..., :8]), "head_dim"),
+    (lambda q, k_, v: dict(v=v[:, :5]), "v must have k's shape"),
+    (lambda q, k_, v: dict(k=k_.half(), v=v.half()), "one dtype"),
+    (lambda q, k_, v: dict(q=q[0]), "q must have 4 dimensions"),
+    (lambda q, k_, v: dict(attention_mask=torch.ones(2, 5, dtype=torch.bool)), "attention_mask must have shape"),
+    (lambda q, k_, v: dict(attention_mask=torch.ones(2, 6)), "attention_mask must have dtype"),
+    (lambda q, k_, v: dict(dropout_p=1.0), "dropout_p"),
+])
+def test_attention_rejects_bad_inputs_naming_the_argument(device, bad, match):
+    q, k_, v = _good(device)
+    args = dict(q=q, k=k_, v=v)
+    args.update(bad(q, k_, v))
+    kw = {n: args.pop(n) for n in ("attention_mask", "dropout_p") if n in args}
+    if "attention_mask" in kw:
+        kw["attention_mask"] = kw["attention_mask"].to(device)
+    with pytest.raises((ValueError, TypeError), match=match):
+        attention(args["q"], args["k"], args["v"], **kw)
+
+
+def test_unsupported_head_dim_raises_for_triton_and_falls_back_in_auto(device):
+    q, k_, v = _good(device, d=24)
+    with pytest.raises(BackendUnavailable, match="head_dim 24"):
+        attention(q, k_, v, backend="triton")
+    out = attention(q, k_, v, backend="torch")
+    assert_close_to_ref(out, attention_ref(q.double(), k_.double(), v.double()))
+
+
+@pytest.mark.parametrize("cu_q, max_q, match", [
+    ([0, 3, 7], 4, None),
+    (torch.tensor([0, 3, 7], dtype=torch.int64), 4, "int32"),
+    ([0, 5, 4, 7], 5, "non-decreasing"),
+    ([1, 3, 7], 4, "start at 0"),
+    ([0, 3, 6], 4, "number of"),
+    ([0, 3, 7], 3, "smaller than the longest"),
+    ([0, 3, 7], 4.0, "python int"),
+])
+def test_attention_varlen_rejects_bad_cu_seqlens(device, cu_q, max_q, match):
+    q = _rand(device, torch.float32, 7, 2, 16)
+    k_ = _rand(device, torch.float32, 9, 2, 16)
+    cu_q = (cu_q if isinstance(cu_q, torch.Tensor) else torch.tensor(cu_q, dtype=torch.int32)).to(device)
+    n = cu_q.shape[0]
+    cu_k = torch.tensor([0, 4, 9, 9][:n] if n == 3 else [0, 4, 5, 9], dtype=torch.int32, device=device)
+    if match is None:
+        out = attention_varlen(q, k_, k_, cu_q, cu_k, max_q, 5, backend="triton")
+        assert out.shape == q.shape
+        return
+    with pytest.raises((ValueError, TypeError), match=match):
+        attention_varlen(q, k_, k_, cu_q, cu_k, max_q, 5)
+
+
+def test_attention_varlen_rejects_mismatched_batches(device):
+    q = _rand(device, torch.float32, 7, 2, 16)
+    cu_q = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 7], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="cu_seqlens_k must have shape"):
+        attention_varlen(q, q, q, cu_q, cu_k, 4, 7)
+
+
+# ------------------------------------------------------------------------- registration
+
+def test_attention_opcheck(device):
+    q, k_, v = (_rand(device, torch.float32, 2, s, h, 16).requires_grad_()
+                for s, h in ((9, 2), (12, 1), (12, 1)))
+    mask = torch.rand(2, 12, device=device) > 0.3
+    seed = torch.tensor([9], dtype=torch.int64, device=device)
+    args = (q, k_, v, mask, None, None, seed, 9, 12, True, 0.2, 0.25)
+    torch.library.opcheck(ops_attention._attention_fwd, args)
+    out, lse = ops_attention._attention_fwd(*args)
+    bwd = (torch.randn_like(out), q.detach(), k_.detach(), v.detach(), out.detach(), lse.detach(),
+           mask, None, None, seed, 9, 12, True, 0.2, 0.25)
+    torch.library.opcheck(ops_attention._attention_bwd, bwd)
+    qv, kv, vv, cu_q, cu_k, mq, mk = _varlen_inputs(device, torch.float32, [3, 6], [4, 8], 2, 2, 16)
+    torch.library.opcheck(ops_attention._attention_fwd,
+                          (qv.requires_grad_(), kv.requires_grad_(), vv.requires_grad_(), None,
+                           cu_q, cu_k, None, mq, mk, False, 0.0, 0.25))
+
+
+def test_attention_torch_compile_fullgraph_padded_and_varlen(device):
+    q, k_, v = (_rand(device, torch.float32, 2, 13, 2, 16) for _ in range(3))
+    mask = torch.rand(2, 13, device=device) > 0.3
+
+    def f(a, b, c, m):
+        return attention(a, b, c, attention_mask=m, causal=True, dropout_p=0.1, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves_c, leaves_e = _leaves(q, k_, v), _leaves(q, k_, v)
+    torch.manual_seed(1)
+    out_c = compiled(*leaves_c, mask)
+    torch.manual_seed(1)
+    out_e = f(*leaves_e, mask)
+    dout = torch.randn_like(out_e)
+    out_c.backward(dout)
+    out_e.backward(dout)
+    assert torch.equal(out_c, out_e)
+    for a, b in zip(leaves_c, leaves_e):
+        assert torch.equal(a.grad, b.grad)
+
+    qv, kv, vv, cu_q, cu_k, mq, mk = _varlen_inputs(device, torch.float32, [3, 11], [5, 8], 2, 1, 16)
+
+    def g(a, b, c, cq, ck):
+        return attention_varlen(a, b, c, cq, ck, mq, mk, causal=True, backend="triton")
+
+    compiled_g = torch.compile(g, fullgraph=True, backend="aot_eager")
+    lc, le = _leaves(qv, kv, vv), _leaves(qv, kv, vv)
+    out_c, out_e = compiled_g(*lc, cu_q, cu_k), g(*le, cu_q, cu_k)
+    out_c.sum().backward()
+    out_e.sum().backward()
+    assert torch.equal(out_c, out_e)
+    for a, b in zip(lc, le):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_op_and_kernel_agree_on_supported_head_dims():
+    assert ops_attention.KERNEL_HEAD_DIMS == k.SUPPORTED_HEAD_DIMS
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    q, k_, v = (torch.randn(1, 5, 2, 16) for _ in range(3))
+    assert torch.equal(attention(q, k_, v), attention_ref(q, k_, v))
+
+
+def test_softmax_scale_is_applied(device):
+    q, k_, v = (_rand(device, torch.float32, 1, 9, 2, 32) for _ in range(3))
+    out = attention(q, k_, v, softmax_scale=0.3, backend="triton")
+    assert_close_to_ref(out, attention_ref(q, k_, v, softmax_scale=0.3, upcast=True))
+    default = attention(q, k_, v, backend="triton")
+    assert_close_to_ref(default, attention_ref(q, k_, v, softmax_scale=1 / math.sqrt(32), upcast=True))
+
+
+# ------------------------------------------------------------------------- GPU
+
+def _gpu_check(out, grads, refs32, refs_lp, what):
+    """The flash-attention rule against an fp32 reference: error <= 2x torch's own + atol."""
+    for name, got, r32, rlp in zip(("out", "dq", "dk", "dv"), (out, *grads), refs32, refs_lp):
+        base = max_err(rlp, r32)
+        err = max_err(got, r32)
+        assert err <= 2 * base + 1e-3, f"{what} {name}: {err:.3e} > 2 x {base:.3e} + 1e-3"
+
+
+def _gpu_refs(q, k_, v, dout, **kw):
+    l32 = _leaves(q, k_, v, dtype=torch.float32)
+    r32 = attention_ref(*l32, **kw)
+    r32.backward(dout.float())
+    llp = _leaves(q, k_, v)
+    rlp = attention_ref(*llp, compute_dtype=q.dtype, **kw)
+    rlp.backward(dout)
+    return [r32] + [t.grad for t in l32], [rlp] + [t.grad for t in llp]
+
+
+# (dtype, head_dim, causal): a few kernel variants (each costs a JIT compile on the GPU
+# machine), each over every sequence length
+GPU_VARIANTS = [(torch.bfloat16, 64, False), (torch.bfloat16, 64, True),
+                (torch.float16, 128, False), (torch.bfloat16, 128, True),
+                (torch.bfloat16, 80, False), (torch.float16, 32, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen", [1, 113, 127, 512, 1023, 2048])
+@pytest.mark.parametrize("dtype, head_dim, causal", GPU_VARIANTS,
+                         ids=[f"{str(d)[6:]}-d{h}-{'causal' if c else 'full'}"
+                              for d, h, c in GPU_VARIANTS])
+def test_attention_gpu_matches_fp32_reference(dtype, head_dim, causal, seqlen):
+    device = torch.device("cuda")
+    batch, heads = (2, 4) if seqlen <= 512 else (1, 2)
+    q, k_, v = (torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype)
+                for _ in range(3))
+    lengths = torch.randint(1, seqlen + 1, (batch,), device=device)
+    mask = torch.arange(seqlen, device=device)[None, :] < lengths[:, None]
+    leaves = _leaves(q, k_, v)
+    out = attention(*leaves, attention_mask=mask, causal=causal, backend="triton")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    r32, rlp = _gpu_refs(q, k_, v, dout, attention_mask=mask, causal=causal)
+    _gpu_check(out, [t.grad for t in leaves], r32, rlp, f"{dtype} s={seqlen} d={head_dim}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_varlen_gpu_matches_fp32_reference(dtype):
+    device = torch.device("cuda")
+    q, k_, v, cu_q, cu_k, mq, mk = _varlen_inputs(device, dtype, [1, 113, 127, 512, 1023],
+                                                  [200, 113, 64, 512, 1023], 8, 2, 64)
+    leaves = _leaves(q, k_, v)
+    torch.manual_seed(0)
+    out = attention_varlen(*leaves, cu_q, cu_k, mq, mk, causal=True, dropout_p=0.1,
+                           backend="triton")
+    keep = _recover_mask(device, 0, len(cu_q) - 1, 8, mq, mk, p=0.1)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    r32, rlp = _gpu_refs(q, k_, v, dout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True,
+                         dropout_p=0.1, dropout_mask=keep)
+    _gpu_check(out, [t.grad for t in leaves], r32, rlp, f"varlen {dtype}")
+
+
+@pytest.mark.gpu
+def test_attention_gpu_backward_is_bitwise_deterministic():
+    device = torch.device("cuda")
+    q, k_, v = (torch.randn(4, 1024, 16, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
+    k_, v = k_[:, :, :4], v[:, :, :4]
+    leaves = _leaves(q, k_, v)
+    grads = []
+    for _ in range(3):
+        out = attention(*leaves, causal=True, backend="triton")
+        grads.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    for g in grads[1:]:
+        for a, b in zip(grads[0], g):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_attention_under_autocast_runs_in_the_autocast_dtype():
+    device = torch.device("cuda")
+    q, k_, v = (torch.randn(2, 128, 4, 64, device=device) for _ in range(3))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = attention(q, k_, v, causal=True, backend="triton")
+    assert out.dtype == torch.bfloat16
+    lowp = attention_ref(q.bfloat16(), k_.bfloat16(), v.bfloat16(), causal=True,
+                         compute_dtype=torch.bfloat16)
+    ref = attention_ref(q, k_, v, causal=True)
+    assert max_err(out, ref) <= 2 * max_err(lowp, ref) + 1e-3
