@@ -31,7 +31,7 @@ fi
 
 echo "== tests on the GPU"
 # the AOT compile test needs no GPU and runs in CI; skip it here to save device time
-timeout 240 "$PY" -m pytest tests -q -m "not aot" -p no:cacheprovider \
+timeout 200 "$PY" -m pytest tests -q -m "not aot" -p no:cacheprovider \
   --junitxml="$R/gpu_tests.xml" 2>&1 | tee "$R/gpu_tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 

@@ -15,11 +15,15 @@ def _has_cuda_device() -> bool:
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 
 
-def _prepare_interpreter() -> None:
-    # Without a GPU the Triton kernels can still be checked, in the interpreter on CPU
-    # tensors; that must be decided before triton is imported.
-    if not _has_cuda_device():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+def _prepare_interpreter(argv) -> None:
+    """Without a GPU the Triton kernels can still be checked, in the interpreter on CPU
+    tensors. That must be decided before triton is imported, and importing this module has
+    already imported fastbert (and triton): so start again, once, with TRITON_INTERPRET=1."""
+    if _has_cuda_device() or "TRITON_INTERPRET" in os.environ:
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "fastbert.cli", *argv])
 
 
 def cmd_selfcheck(args) -> int:
@@ -65,7 +69,8 @@ def cmd_env(args) -> int:
 
 
 def main(argv=None) -> int:
-    _prepare_interpreter()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _prepare_interpreter(argv)
     p = argparse.ArgumentParser(prog="fastbert", description="fused GPU kernels for BERT training")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, fn, help_ in (("demo", cmd_demo, "self-check every op, then a small benchmark"),

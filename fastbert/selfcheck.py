@@ -37,13 +37,13 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _compare(op: str, shape: str, fn: Callable, ref: Callable, inputs: List[torch.Tensor],
              backend: str, tol: float) -> CheckResult:
     t0 = time.perf_counter()
-    xs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    xs = [t.detach().clone().requires_grad_(True) for t in inputs]
     y = fn(*xs)
     dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x for x in xs if x.requires_grad], dy)
-    x64 = [t.detach().double().requires_grad_(True) if t.is_floating_point() else t for t in inputs]
-    y64 = ref(*x64)
-    g64 = torch.autograd.grad(y64, [x for x in x64 if x.requires_grad], dy.double())
+    grads = torch.autograd.grad(y, xs, dy)
+    x64 = [t.detach().double().requires_grad_(True) for t in inputs]
+    y64 = ref(*x64)  # the references compute in float64 for float64 inputs
+    g64 = torch.autograd.grad(y64, x64, dy.double())
     fwd = _rel_err(y, y64)
     bwd = max((_rel_err(g, r) for g, r in zip(grads, g64)), default=0.0)
     return CheckResult(op, shape, str(inputs[0].dtype).replace("torch.", ""), backend, fwd, bwd,
@@ -74,6 +74,63 @@ def checks(device: torch.device) -> Dict[str, Callable[[], CheckResult]]:
         lambda x, b: ops.bias_gelu(x, b, backend=backend),
         lambda x, b: ops.bias_gelu_ref(x, b),
         [r(rows, 4 * hidden), r(4 * hidden)], backend, tol)
+
+    # attention: BERT-style padding mask with a fully padded tail
+    B, S, H, D = (8, 512, 12, 64) if device.type == "cuda" else (2, 33, 2, 32)
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    mask[-1, S // 2:] = False
+    out["attention(padding mask)"] = lambda: _compare(
+        "attention", f"{B}x{S}x{H}x{D}",
+        lambda q, k, v: ops.attention(q, k, v, attention_mask=mask, backend=backend),
+        lambda q, k, v: ops.attention_ref(q, k, v, attention_mask=mask),
+        [r(B, S, H, D), r(B, S, H, D), r(B, S, H, D)], backend, tol)
+    out["attention(causal)"] = lambda: _compare(
+        "attention", f"{B}x{S}x{H}x{D}",
+        lambda q, k, v: ops.attention(q, k, v, causal=True, backend=backend),
+        lambda q, k, v: ops.attention_ref(q, k, v, causal=True),
+        [r(B, S, H, D), r(B, S, H, D), r(B, S, H, D)], backend, tol)
+
+    # embedding sum + LayerNorm, with the repeated ids of real batches
+    V, P = (30522, 512) if device.type == "cuda" else (1000, 64)
+    ids = torch.randint(0, V, (B, S), device=device)
+    ids[:, 0] = 101  # [CLS] in every row
+    ids[-1, S // 2:] = 0  # [PAD]
+    types = (torch.arange(S, device=device) >= S // 2).long().expand(B, S)
+    out["embedding_layer_norm"] = lambda: _compare(
+        "embedding_layer_norm", f"{B}x{S}, V={V}",
+        lambda w, p, t, g, b: ops.embedding_layer_norm(ids, w, p, g, b, token_type_ids=types,
+                                                       type_weight=t, backend=backend),
+        lambda w, p, t, g, b: ops.embedding_layer_norm_ref(ids, w, p, g, b, token_type_ids=types,
+                                                           type_weight=t),
+        [r(V, hidden), r(P, hidden), r(2, hidden), r(hidden), r(hidden)], backend, tol)
+
+    # cross-entropy over the vocabulary, and the masked-LM loss (15% of tokens labelled)
+    n_tok = B * S
+    labels = torch.randint(0, V, (n_tok,), device=device)
+    labels[torch.rand(n_tok, device=device) > 0.15] = -100
+    ce_rows = min(n_tok, 1024)
+    out["cross_entropy"] = lambda: _compare(
+        "cross_entropy", f"{ce_rows}x{V}",
+        lambda x: ops.cross_entropy(x, labels[:ce_rows].clamp_min(0), backend=backend),
+        lambda x: ops.cross_entropy_ref(x, labels[:ce_rows].clamp_min(0)),
+        [4 * r(ce_rows, V)], backend, tol)
+    out["masked_lm_loss"] = lambda: _compare(
+        "masked_lm_loss", f"{n_tok}x{hidden}, V={V}",
+        lambda h, w, b: ops.masked_lm_loss(h, w, b, labels, backend=backend),
+        lambda h, w, b: ops.masked_lm_loss_ref(h, w, b, labels),
+        [r(n_tok, hidden), 0.05 * r(V, hidden), r(V)], backend, tol)
+
+    # one LSTM layer over ragged lengths
+    T, Bl, I, Hl = (64, 64, 256, 256) if device.type == "cuda" else (9, 3, 20, 24)
+    lengths = torch.tensor([T] + [max(1, T - 3 * i) for i in range(1, Bl)], device=device)
+    out["lstm_layer(ragged lengths)"] = lambda: _compare(
+        "lstm_layer", f"T={T} B={Bl} H={Hl}",
+        lambda x, h, c, wi, wh, bi, bh: ops.lstm_layer(x, h, c, wi, wh, bi, bh, lengths=lengths,
+                                                       backend=backend)[0],
+        lambda x, h, c, wi, wh, bi, bh: ops.lstm_layer_ref(x, h, c, wi, wh, bi, bh,
+                                                           lengths=lengths)[0],
+        [r(T, Bl, I), r(Bl, Hl), r(Bl, Hl), 0.1 * r(4 * Hl, I), 0.1 * r(4 * Hl, Hl), r(4 * Hl),
+         r(4 * Hl)], backend, tol)
     return out
 
 
@@ -84,9 +141,9 @@ def run(device: torch.device, verbose: bool = True) -> List[CheckResult]:
         res.op = name
         results.append(res)
     if verbose:
-        print(f"{'op':<30} {'shape':<12} {'dtype':<8} {'backend':<7} {'fwd rel err':>12} "
+        print(f"{'op':<30} {'shape':<16} {'dtype':<8} {'backend':<7} {'fwd rel err':>12} "
               f"{'bwd rel err':>12} {'tol':>7}  result")
         for r in results:
-            print(f"{r.op:<30} {r.shape:<12} {r.dtype:<8} {r.backend:<7} {r.fwd_err:12.2e} "
+            print(f"{r.op:<30} {r.shape:<16} {r.dtype:<8} {r.backend:<7} {r.fwd_err:12.2e} "
                   f"{r.bwd_err:12.2e} {r.tol:7.0e}  {'ok' if r.ok else 'FAIL'} ({r.seconds:.1f} s)")
     return results
