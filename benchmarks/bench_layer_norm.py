@@ -18,6 +18,7 @@ at hidden 768 and 1024, and faster than torch.compile.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, List
 
 import torch
@@ -48,17 +49,33 @@ def _optional_impls() -> Dict[str, Callable]:
     return out
 
 
-def _modes(fwd: Callable, leaves, out_like):
-    """fwd, bwd (backward of a graph built once, retained), fwd+bwd callables."""
+@contextlib.contextmanager
+def _retainable_backward(enabled: bool):
+    """torch.compile donates saved buffers to its backward (torch >= 2.6) and then refuses
+    ``retain_graph=True``, checking the flag at every backward call: the "bwd" mode (one
+    graph, its backward timed repeatedly) turns donation off around compile and backward."""
+    import torch._functorch.config as cfg
+    if not enabled or not hasattr(cfg, "donated_buffer"):
+        yield
+        return
+    with cfg.patch(donated_buffer=False):
+        yield
+
+
+def _modes(fwd: Callable, leaves, out_like, compiled: bool = False):
+    """fwd, bwd (backward of a graph built once, retained), fwd+bwd callables. ``compiled``:
+    ``fwd`` runs torch.compile code (see ``_retainable_backward``)."""
     def f():
         with torch.no_grad():
             return fwd()
 
-    y = fwd()
+    with _retainable_backward(compiled):
+        y = fwd()
     dy = torch.randn_like(y)
 
     def b():
-        return torch.autograd.grad(y, leaves, dy, retain_graph=True)
+        with _retainable_backward(compiled):
+            return torch.autograd.grad(y, leaves, dy, retain_graph=True)
 
     def fb():
         return torch.autograd.grad(fwd(), leaves, dy)
@@ -80,20 +97,22 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         w = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
         b = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
         leaves = [x, res, w, b]
+        # every callable binds this shape's tensors now (default arguments): the cases run
+        # after the loop, when the loop variables hold the last shape's tensors
         impls = {
-            "eager": lambda: _eager_ln(x, res, w, b),
-            "compile": lambda: compiled(x, res, w, b),
-            "fastbert": lambda: ops.layer_norm(x, w, b, residual=res),
+            "eager": lambda x=x, res=res, w=w, b=b: _eager_ln(x, res, w, b),
+            "compile": lambda x=x, res=res, w=w, b=b: compiled(x, res, w, b),
+            "fastbert": lambda x=x, res=res, w=w, b=b: ops.layer_norm(x, w, b, residual=res),
         }
         for name, fn in extra.items():
-            impls[name] = (lambda fn=fn: fn(x, res, w, b))
+            impls[name] = (lambda fn=fn, x=x, res=res, w=w, b=b: fn(x, res, w, b))
         es = x.element_size()
         io = rows * hidden * es
         # fwd: read x, residual; write y.  bwd: read x, residual, dy; write dx (= dresidual)
         nbytes = {"fwd": 3 * io, "bwd": 4 * io, "fwd+bwd": 7 * io}
         per_mode: Dict[str, Dict[str, Callable]] = {m: {} for m in nbytes}
         for name, fn in impls.items():
-            for mode, call in _modes(fn, leaves, x).items():
+            for mode, call in _modes(fn, leaves, x, compiled=name == "compile").items():
                 per_mode[mode][name] = call
         params = {"rows": rows, "hidden": hidden, "dtype": str(dtype).replace("torch.", "")}
         for mode, calls in per_mode.items():
@@ -104,8 +123,9 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         if hidden != 4096:
             xi = torch.randn(rows, 4 * hidden, device=device, dtype=dtype, requires_grad=True)
             bi = torch.randn(4 * hidden, device=device, dtype=dtype, requires_grad=True)
-            gimpls = {"eager": lambda: F.gelu(xi + bi), "compile": lambda: compiled_gelu(xi, bi),
-                      "fastbert": lambda: ops.bias_gelu(xi, bi)}
+            gimpls = {"eager": lambda xi=xi, bi=bi: F.gelu(xi + bi),
+                      "compile": lambda xi=xi, bi=bi: compiled_gelu(xi, bi),
+                      "fastbert": lambda xi=xi, bi=bi: ops.bias_gelu(xi, bi)}
             ib = rows * 4 * hidden * es
             calls = {n: _modes(fn, [xi, bi], xi)["fwd+bwd"] for n, fn in gimpls.items()}
             # fwd: read x, write y; bwd: read x, dy, write dx

@@ -118,6 +118,13 @@ def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A (N,) vector that kernels index by column, with unit stride (a strided view or an
+    expanded, stride-0 vector would be read wrongly or past its storage), copied only if
+    needed."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def row_block(n_cols: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for kernels that keep one whole row in registers."""
     block_n = triton.next_power_of_2(max(int(n_cols), 16))

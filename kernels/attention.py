@@ -82,6 +82,17 @@ def _head_base(ptr, b, start, h, stride_b, stride_t, stride_h):
 
 
 @triton.jit
+def _block_and_head(n_blocks):
+    """(block index, (batch, head) index) of this program in a flat 1-D grid of
+    n_blocks * batch * heads programs. Flat because CUDA caps grid dims 1 and 2 at 65535, which
+    batch * heads passes (e.g. 8192 short sequences x 12 heads in a varlen batch), while dim
+    0 takes 2**31 - 1; the blocks of one head stay adjacent, so they run together and share
+    that head's K/V (or Q/dO) in L2."""
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
 def _score_valid(offs_m, offs_n, len_q, len_k, mask_ptr, stride_mask_b, b,
                  HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_N) bool: query row offs_m may attend key offs_n."""
@@ -196,8 +207,7 @@ def _attention_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
 ):
     # each program owns BLOCK_M query rows of one (batch, head)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     h_kv = h // n_groups
@@ -263,8 +273,7 @@ def _attention_bwd_preprocess_kernel(
     IS_VARLEN: tl.constexpr,
 ):
     # each program owns BLOCK_M query rows of one (batch, head): delta = rowsum(dO * O)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     q_start, len_q = _seq_bounds(cu_q_ptr, b, seqlen_q, IS_VARLEN)
@@ -300,8 +309,7 @@ def _attention_bwd_dkdv_kernel(
 ):
     # each program owns BLOCK_N keys of one (batch, kv head) and accumulates their dK, dV over
     # all query heads of the group and all query blocks (no atomics)
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _block_and_head(tl.cdiv(seqlen_k, BLOCK_N))
     b = pid_bh // n_heads_kv
     h_kv = pid_bh % n_heads_kv
     q_start, len_q = _seq_bounds(cu_q_ptr, b, seqlen_q, IS_VARLEN)
@@ -390,8 +398,7 @@ def _attention_bwd_dq_kernel(
     HAS_DROPOUT: tl.constexpr,
 ):
     # each program owns BLOCK_M query rows of one (batch, head) and their dQ
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     h_kv = h // n_groups
@@ -447,8 +454,8 @@ def _attention_bwd_dq_kernel(
 def _attention_dropout_mask_kernel(seed_ptr, mask_ptr, seqlen_q, seqlen_k, dropout_p,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # each program owns BLOCK_M rows of the (seqlen_q, seqlen_k) mask of one (batch, head)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
+    pid_bh = pid_bh.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     seed = tl.load(seed_ptr)
     row_off = (pid_bh * seqlen_q + offs_m) * seqlen_k
@@ -468,9 +475,12 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(int(head_dim)))
 
 
-# Block configs were chosen from ptxas -v (sm_90): with every option on, no kernel spills more
-# than ~50 bytes per thread (the head-dim-128 tiles); the fp32 ones (IEEE FMA matmuls) use
-# small tiles for the same reason. Not yet tuned on a GPU.
+# Block configs were chosen from ptxas -v (sm_90, the target; `python -m tests.aot_compile
+# attention --regs`): no fp16/bf16 kernel spills at head dim <= 64 (BERT's), and none more
+# than ~90 bytes per thread at the 128-wide tiles (head dims 80-128; the count moves by tens
+# of bytes with unrelated code changes). The fp32 ones (IEEE FMA matmuls) use small tiles for
+# the same reason and spill up to ~160 bytes. On sm_80 the 128-wide tiles spill up to ~200
+# bytes. Not yet tuned on a GPU.
 
 def fwd_config(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
@@ -497,8 +507,18 @@ def bwd_configs(head_dim: int, dtype: torch.dtype):
     return (32, 64, 8, 2), (64, 32, 8, 2)
 
 
-# Rows per program of the delta (rowsum(dO * O)) pre-pass.
-PREPROCESS_BLOCK_M = 64
+# Elements of O (and of dO) per program of the delta (rowsum(dO * O)) pre-pass: 16 per thread
+# at PREPROCESS_WARPS warps. The pass is memory-bound, so it wants occupancy: 64 rows of a
+# 128-wide head took 255 registers a thread (ptxas -v, sm_90); 16 rows take 56.
+PREPROCESS_ELEMENTS = 2048
+PREPROCESS_WARPS = 4
+
+
+def preprocess_block_m(block_d_: int) -> int:
+    """Rows per program of the delta pre-pass for a head-dim tile of width ``block_d_``."""
+    return max(16, PREPROCESS_ELEMENTS // block_d_)
+
+
 # Tile of the test-only dropout-mask kernel.
 MASK_BLOCK = 64
 
@@ -569,7 +589,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     has_dropout = seed is not None and dropout_p > 0.0
     bm, bn, warps, stages = fwd_config(head_dim, q.dtype, has_dropout)
     if batch * heads > 0 and sq > 0:
-        grid = (triton.cdiv(sq, bm), batch * heads)
+        grid = (triton.cdiv(sq, bm) * batch * heads,)   # flat: see _block_and_head
         _attention_fwd_kernel[grid](
             q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
@@ -614,17 +634,18 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     has_dropout = seed is not None and dropout_p > 0.0
     bd = block_d(head_dim)
     delta = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(sq, PREPROCESS_BLOCK_M), batch * heads)](
+    pre_bm = preprocess_block_m(bd)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(sq, pre_bm) * batch * heads,)](
         out, do, delta, cu_seqlens_q, *_strides3(out, varlen), *_strides3(do, varlen),
-        heads, sq, head_dim, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=bd, EVEN_D=bd == head_dim,
-        IS_VARLEN=varlen,
+        heads, sq, head_dim, BLOCK_M=pre_bm, BLOCK_D=bd, EVEN_D=bd == head_dim,
+        IS_VARLEN=varlen, num_warps=PREPROCESS_WARPS,
     )
     (bm1, bn1, w1, s1), (bm2, bn2, w2, s2) = bwd_configs(head_dim, q.dtype)
     qk_scale = float(softmax_scale) * _SCORE_LOG2E
     flags = dict(BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen, IS_CAUSAL=bool(causal),
                  HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout)
     if sk > 0:
-        _attention_bwd_dkdv_kernel[(triton.cdiv(sk, bn1), batch * heads_kv)](
+        _attention_bwd_dkdv_kernel[(triton.cdiv(sk, bn1) * batch * heads_kv,)](
             q, k, v, do, lse, delta, dk, dv, mask, cu_seqlens_q, cu_seqlens_k, seed,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
             *_strides3(do, varlen), *_strides3(dk, varlen), *_strides3(dv, varlen),
@@ -632,7 +653,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             float(softmax_scale), float(dropout_p),
             BLOCK_M=bm1, BLOCK_N=bn1, num_warps=w1, num_stages=s1, **flags,
         )
-    _attention_bwd_dq_kernel[(triton.cdiv(sq, bm2), batch * heads)](
+    _attention_bwd_dq_kernel[(triton.cdiv(sq, bm2) * batch * heads,)](
         q, k, v, do, lse, delta, dq, mask, cu_seqlens_q, cu_seqlens_k, seed,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
         *_strides3(do, varlen), *_strides3(dq, varlen), stride_mask_b,
@@ -651,7 +672,7 @@ def attention_dropout_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q:
     """
     out = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=seed.device)
     if out.numel():
-        grid = (triton.cdiv(seqlen_q, MASK_BLOCK), batch * heads)
+        grid = (triton.cdiv(seqlen_q, MASK_BLOCK) * batch * heads,)
         _attention_dropout_mask_kernel[grid](seed, out, seqlen_q, seqlen_k, float(dropout_p),
                                              BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK)
     return out.bool()
@@ -742,14 +763,15 @@ def aot_configs():
     for bd in tiles:
         for varlen in (False, True):
             yield AotConfig(_attention_bwd_preprocess_kernel, _preprocess_signature("bf16"),
-                            dict(BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=bd, EVEN_D=True,
+                            dict(BLOCK_M=preprocess_block_m(bd), BLOCK_D=bd, EVEN_D=True,
                                  IS_VARLEN=varlen),
-                            4, name=f"attention_bwd_preprocess[bf16,d{bd},varlen={varlen}]")
+                            PREPROCESS_WARPS,
+                            name=f"attention_bwd_preprocess[bf16,d{bd},varlen={varlen}]")
     for dt, even in (("bf16", False), ("fp16", True), ("fp32", True)):
         yield AotConfig(_attention_bwd_preprocess_kernel, _preprocess_signature(dt),
-                        dict(BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=128, EVEN_D=even,
+                        dict(BLOCK_M=preprocess_block_m(128), BLOCK_D=128, EVEN_D=even,
                              IS_VARLEN=False),
-                        4, name=f"attention_bwd_preprocess[{dt},d128,even_d={even}]")
+                        PREPROCESS_WARPS, name=f"attention_bwd_preprocess[{dt},d128,even_d={even}]")
     yield AotConfig(_attention_dropout_mask_kernel,
                     {"seed_ptr": "*i64", "mask_ptr": "*i8", "seqlen_q": "i32", "seqlen_k": "i32",
                      "dropout_p": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},

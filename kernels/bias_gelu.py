@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotConfig, as_rows, gelu_fwd, gelu_grad, num_programs
+from ._common import AotConfig, as_rows, gelu_fwd, gelu_grad, num_programs, unit_stride
 
 # Tile of the elementwise kernels: BLOCK_N columns (up to MAX_BLOCK_N) times enough rows to
 # give each program TILE_ELEMS elements: 16 per thread at 8 warps (4 warps needed ~170
@@ -96,6 +96,7 @@ def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: st
     n_cols = x.shape[-1]
     x2 = as_rows(x, n_cols)
     n_rows = x2.shape[0]
+    bias = unit_stride(bias)
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block_m, block_n = _tile(n_cols)
     if n_rows > 0 and n_cols > 0:
@@ -114,6 +115,7 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     x2 = as_rows(x, n_cols)
     dy2 = as_rows(dy, n_cols)
     n_rows = x2.shape[0]
+    bias = unit_stride(bias)
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block_m, block_n = _tile(n_cols)
     n_col_blocks = triton.cdiv(n_cols, block_n) if n_cols > 0 else 0

@@ -327,6 +327,9 @@ def _flat_ids(t: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
 
 
 def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A table (rows, H) or vector (H,) with unit column stride, as the kernels index it (a
+    strided view or an expanded, stride-0 LayerNorm vector would be read wrongly or past its
+    storage), copied only if needed."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
@@ -359,6 +362,7 @@ def embedding_layer_norm_fwd(input_ids: torch.Tensor, word_weight: torch.Tensor,
     pos_ids = _flat_ids(position_ids, shape)
     type_ids = _flat_ids(token_type_ids, shape) if type_weight is not None else None
     word, pos, typ = _table(word_weight), _table(position_weight), _table(type_weight)
+    ln_weight, ln_bias = _table(ln_weight), _table(ln_bias)
     n_rows = ids.numel()
     dev = word.device
     y = torch.empty((n_rows, n_cols), dtype=word.dtype, device=dev)
@@ -437,6 +441,7 @@ def embedding_layer_norm_bwd(dy: torch.Tensor, input_ids: torch.Tensor,
     pos_ids = _flat_ids(position_ids, shape)
     type_ids = _flat_ids(token_type_ids, shape) if type_weight is not None else None
     word, pos, typ = _table(word_weight), _table(position_weight), _table(type_weight)
+    w = _table(ln_weight)
     n_rows = ids.numel()
     seq_len = max(shape[-1] if shape else 1, 1)
     dev = word.device
@@ -459,7 +464,7 @@ def embedding_layer_norm_bwd(dy: torch.Tensor, input_ids: torch.Tensor,
     block_n, num_warps = row_block(n_cols)
     if n_rows > 0:
         _embedding_layer_norm_bwd_kernel[(grid,)](
-            ids, pos_ids, type_ids, word, pos, typ, ln_weight, seed, dy2, mean, rstd,
+            ids, pos_ids, type_ids, word, pos, typ, w, seed, dy2, mean, rstd,
             dword, dpos, dtyp, ds, dw_part, db_part,
             word.stride(0), pos.stride(0), typ.stride(0) if typ is not None else 0,
             dy2.stride(0), n_rows, seq_len, n_cols, word.shape[0], pos.shape[0],
@@ -502,7 +507,8 @@ def _row_configs():
 
 def aot_configs():
     """Every row block config with all options on (bf16 tables, int64 ids) and all off
-    (fp32, int32 ids), both backward modes; every option combination at hidden 1024 (fp16,
+    (fp32, int32 ids), both backward modes, and fp32 tables with all options on in the
+    all-atomic backward; every option combination at hidden 1024 (fp16,
     atomic backward); the segmented-sum kernels at every block size (fp32 gradients) and
     for fp16/bf16 gradients at the block size BERT hidden sizes use."""
     def fwd_sig(dt, it):
@@ -553,6 +559,10 @@ def aot_configs():
                            f"bf16,all,{block_n}", ((False, True), (False, False)))
         yield from fwd_bwd("fp32", "i32", block_n, num_warps, flags(*[False] * 6),
                            f"fp32,none,{block_n}", ((True, True), (False, False)))
+        # fp32 tables with every option: the fast path of fp32 / AMP training (all three
+        # run accumulators live, the most registers of any backward)
+        yield from fwd_bwd("fp32", "i64", block_n, num_warps, flags(*[True] * 6),
+                           f"fp32,all,{block_n}", ((True, True),))
     block_n, num_warps = row_block(1024)
     for bits in range(1 << 5):
         pos_ids, typ, drop, w, b = [(bits >> i) & 1 == 1 for i in range(5)]

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotConfig, MAX_FUSED_COLS, as_rows, dropout_keep, gelu_fwd,
+from ._common import (AotConfig, MAX_FUSED_COLS, as_rows, unit_stride, dropout_keep, gelu_fwd,
                       gelu_grad, num_programs, row_block, row_block_configs)
 
 # Programs per SM in the persistent backward: enough rows in flight per SM to cover memory
@@ -184,6 +184,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     x2 = as_rows(x, n_cols)
     n_rows = x2.shape[0]
     res2 = as_rows(residual, n_cols) if residual is not None else None
+    weight, bias, x_bias = unit_stride(weight), unit_stride(bias), unit_stride(x_bias)
     y = torch.empty((n_rows, n_cols), dtype=out_dtype or x.dtype, device=x.device)
     mean = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
@@ -219,6 +220,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     dy2 = as_rows(dy, n_cols)
     n_rows = x2.shape[0]
     res2 = as_rows(residual, n_cols) if residual is not None else None
+    weight, x_bias = unit_stride(weight), unit_stride(x_bias)
     has_dropout = seed is not None and dropout_p > 0.0
     act = activation != "none"
     store_dres = residual is not None and need_dres and (has_dropout or act)

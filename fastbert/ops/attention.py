@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import (REF_DTYPES, check_probability, check_same_device, check_tensor,
                       kernel_dtype_reason)
@@ -272,6 +273,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     return out
 
 
+# cu_seqlens tensors whose values were validated, each with what it was validated against:
+# (version counter, total tokens, max_seqlen). A BERT encoder passes the same cu_seqlens to
+# every layer; checking them once instead of at every call saves a host sync per layer (a
+# sync drains the GPU queue while Python prepares the next launches). An in-place change to
+# the tensor bumps its version counter and brings the check back.
+_VALIDATED_CU_SEQLENS = WeakIdKeyDictionary()
+
+
 def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total: int,
                       max_seqlen, max_name: str):
     check_tensor(name, cu, ndim=(1,))
@@ -286,6 +295,12 @@ def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total:
         raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
     if torch.compiler.is_compiling():
         return  # data-dependent checks would need a host sync
+    if cu.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # a host read is illegal while capturing a CUDA graph (warm-up calls checked)
+    # inference tensors keep no version counter, so they are checked at every call
+    validated = None if cu.is_inference() else (cu._version, total, int(max_seqlen))
+    if validated is not None and _VALIDATED_CU_SEQLENS.get(cu) == validated:
+        return
     lengths = cu[1:] - cu[:-1]
     ok = torch.stack([cu[0] == 0, cu[-1] == total, (lengths >= 0).all(),
                       (lengths <= max_seqlen).all()])
@@ -296,6 +311,8 @@ def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total:
     if not ok[3]:
         raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in "
                          f"{name}: {int(lengths.max())}")
+    if validated is not None:
+        _VALIDATED_CU_SEQLENS[cu] = validated
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -320,8 +337,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         (total_q, heads, head_dim) in q's dtype.
 
     In eager mode the cu_seqlens are validated (non-decreasing, matching the token counts
-    and the max lengths), which costs one host sync; under torch.compile that check is
-    skipped.
+    and the max lengths) the first time a tensor is seen with these token counts and max
+    lengths, which costs a host sync; later calls with the same, unmodified tensors (every
+    layer of an encoder) skip it. Under torch.compile and during CUDA graph capture the
+    check is skipped.
     """
     op = "attention_varlen"
     _check_qkv(op, q, k, v, 3, "(total_k, heads_kv, head_dim)")

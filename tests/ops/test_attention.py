@@ -74,18 +74,22 @@ PADDED_CASES = [
     (2, 1, 7, 2, 1, 16, True, "right"),        # a single query (decoding shape)
     (1, 20, 40, 2, 1, 80, False, "right"),     # head dim 80 in a 128 tile
     (1, 150, 170, 2, 1, 32, True, "holes"),    # causal blocks wholly below the diagonal
+    (1, 45, 70, 2, 1, 96, True, "holes"),      # head dim 96 in a 128 tile
+    (1, 70, 45, 2, 2, 128, False, "right"),    # head dim 128: the wide-head block configs
 ]
+# head dims whose tile is wider than the head run in fp32 only (keeps the file fast)
+FP32_ONLY_HEAD_DIMS = (80, 96)
 
 
 def _case_id(c):
     return "b{}-q{}-k{}-h{}/{}-d{}-{}-{}".format(*c[:6], "causal" if c[6] else "full", c[7])
 
 
-# every case in fp32, all but the wide-tile one in fp16 as well (keeps the file fast)
+# every case in fp32, all but the wide-tile ones in fp16 as well
 @pytest.mark.parametrize("dtype, case", [
     pytest.param(dt, c, id=f"{str(dt)[6:]}-{_case_id(c)}")
     for dt in (torch.float32, torch.float16) for c in PADDED_CASES
-    if dt == torch.float32 or c[5] != 80])
+    if dt == torch.float32 or c[5] not in FP32_ONLY_HEAD_DIMS])
 def test_attention_fwd_bwd_matches_fp64_on_ragged_shapes(device, poisoned_empty, dtype, case):
     batch, sq, sk, heads, heads_kv, d, causal, mask_kind = case
     q = _rand(device, dtype, batch, sq, heads, d)
@@ -173,6 +177,46 @@ def test_unpad_varlen_pad_equals_padded_attention_with_holes(device):
     assert out[~mask].abs().max() == 0                        # padding restored as zeros
     for got, want in ((out, ref), (q.grad, q2.grad), (k_.grad, k2.grad), (v.grad, v2.grad)):
         assert_close_to_ref(got, want)
+
+
+def test_attention_takes_strided_views_of_packed_qkv_and_a_strided_grad(device):
+    # q, k, v as views of one packed QKV projection (token stride 3 * heads * head_dim), v
+    # with a non-unit last stride (copied by the launcher), dO transposed: the kernels must
+    # use each tensor's own strides
+    batch, seq, heads, d = 2, 37, 2, 32
+    qkv = _rand(device, torch.float32, batch, seq, 3, heads, d).requires_grad_()
+    v_wide = _rand(device, torch.float32, batch, seq, heads, 2 * d).requires_grad_()
+    mask = torch.rand(batch, seq, device=device) > 0.3
+    dout = _rand(device, torch.float32, batch, heads, seq, d).transpose(1, 2)
+
+    def run(qkv_, v_wide_, backend, **kw):
+        q, k_, _ = qkv_.unbind(2)
+        return attention(q, k_, v_wide_[..., ::2], attention_mask=mask, causal=True,
+                         backend=backend) if backend == "triton" else attention_ref(
+            q, k_, v_wide_[..., ::2], attention_mask=mask, causal=True, **kw)
+
+    out = run(qkv, v_wide, "triton")
+    out.backward(dout)
+    qkv64, v64 = _leaves(qkv, v_wide, dtype=torch.float64)
+    ref = run(qkv64, v64, "torch", upcast=True)
+    ref.backward(dout.double())
+    for got, want, what in ((out, ref, "out"), (qkv.grad, qkv64.grad, "dqkv"),
+                            (v_wide.grad, v64.grad, "dv")):
+        assert_close_to_ref(got, want, name=what)
+
+    # varlen: packed (total, 3, heads, head_dim)
+    qkv_u, _, cu, maxlen = unpad(qkv.detach(), mask)
+    qkv_u.requires_grad_()
+    q, k_, v = qkv_u.unbind(1)
+    out = attention_varlen(q, k_, v, cu, cu, maxlen, maxlen, causal=True, backend="triton")
+    dout_u = _rand(device, torch.float32, heads, out.shape[0], d).transpose(0, 1)
+    out.backward(dout_u)
+    qkv_u64 = qkv_u.detach().double().requires_grad_()
+    ref = attention_ref(*qkv_u64.unbind(1), cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True,
+                        upcast=True)
+    ref.backward(dout_u.double())
+    assert_close_to_ref(out, ref, name="varlen out")
+    assert_close_to_ref(qkv_u.grad, qkv_u64.grad, name="varlen dqkv")
 
 
 def test_unpad_pad_roundtrip_and_gradients(device):
@@ -322,6 +366,30 @@ def test_attention_varlen_rejects_bad_cu_seqlens(device, cu_q, max_q, match):
         attention_varlen(q, k_, k_, cu_q, cu_k, max_q, 5)
 
 
+def test_attention_varlen_validates_cu_seqlens_once_until_changed_in_place(device, monkeypatch):
+    # each validation costs a host sync; an encoder passes the same cu_seqlens to every layer
+    validations = []
+
+    class Recording(type(ops_attention._VALIDATED_CU_SEQLENS)):
+        def __setitem__(self, key, value):
+            validations.append(value)
+            super().__setitem__(key, value)
+
+    monkeypatch.setattr(ops_attention, "_VALIDATED_CU_SEQLENS", Recording())
+    q = _rand(device, torch.float32, 7, 2, 16)
+    k_ = _rand(device, torch.float32, 9, 2, 16)
+    cu_q = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    for _ in range(3):
+        attention_varlen(q, k_, k_, cu_q, cu_k, 4, 5, backend="triton")
+    assert len(validations) == 2                              # cu_q and cu_k, once each
+    with pytest.raises(ValueError, match="smaller than the longest"):
+        attention_varlen(q, k_, k_, cu_q, cu_k, 3, 5)             # new max_seqlen: checked again
+    cu_k[1] = 10                                              # in place: no longer monotonic
+    with pytest.raises(ValueError, match="non-decreasing"):
+        attention_varlen(q, k_, k_, cu_q, cu_k, 4, 5)
+
+
 def test_attention_varlen_rejects_mismatched_batches(device):
     q = _rand(device, torch.float32, 7, 2, 16)
     cu_q = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
@@ -382,6 +450,36 @@ def test_attention_torch_compile_fullgraph_padded_and_varlen(device):
     assert torch.equal(out_c, out_e)
     for a, b in zip(lc, le):
         assert torch.equal(a.grad, b.grad)
+
+
+def test_launch_grids_fit_cuda_grid_limits_for_many_heads(device, monkeypatch):
+    # CUDA caps grid dims 1 and 2 at 65535 programs; the interpreter has no cap, so record
+    # every launch's grid instead of running it (70000 sequences x 1 head, one query each)
+    grids = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids.append((self.name, tuple(grid)))
+            return lambda *args, **kwargs: None
+
+    for name in ("_attention_fwd_kernel", "_attention_bwd_preprocess_kernel",
+                 "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
+                 "_attention_dropout_mask_kernel"):
+        monkeypatch.setattr(k, name, Recorder(name))
+    n = 70000
+    q, k_, v = (_rand(device, torch.float16, n, 1, 1, 16) for _ in range(3))
+    seed = torch.tensor([1], dtype=torch.int64, device=device)
+    out, lse = k.attention_fwd(q, k_, v, seed=seed, dropout_p=0.1)
+    k.attention_bwd(out, q, k_, v, out, lse, seed=seed, dropout_p=0.1)
+    k.attention_dropout_mask(seed, n, 1, 1, 1, 0.1)
+    assert len(grids) == 5
+    for name, grid in grids:
+        assert len(grid) <= 3 and grid[0] <= 2**31 - 1, (name, grid)
+        assert all(g <= 65535 for g in grid[1:]), f"{name}: grid {grid} over CUDA's limits"
+        assert math.prod(grid) >= n, (name, grid)                # a program for every head
 
 
 def test_op_and_kernel_agree_on_supported_head_dims():

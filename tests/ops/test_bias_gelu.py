@@ -74,3 +74,21 @@ def test_bias_gelu_opcheck_and_compile(device):
                       backend="aot_eager")
     f(x, b).backward()
     assert b.grad is not None and torch.isfinite(b.grad).all()
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_bias_gelu_strided_or_expanded_bias_read_by_its_stride(layout, device):
+    # a bias view with stride 2 or 0 (expanded scalar) must be read element by element, not
+    # as if contiguous (stride 0 would read past a 1-element storage on the GPU)
+    n = 80
+    b = (torch.randn(2 * n, device=device)[::2] if layout == "strided"
+         else torch.randn(1, device=device).expand(n)).requires_grad_(True)
+    x = torch.randn(6, n, device=device, requires_grad=True)
+    y = ops.bias_gelu(x, b, backend="triton")
+    xc, bc = (t.detach().contiguous().requires_grad_(True) for t in (x, b))
+    ref = F.gelu(xc + bc)
+    assert_close_to_ref(y, ref, atol=1e-6, name="y")
+    dy = torch.randn_like(y)
+    for name, g, r in zip(("dx", "dbias"), torch.autograd.grad(y, (x, b), dy),
+                          torch.autograd.grad(ref, (xc, bc), dy)):
+        assert_close_to_ref(g, r, atol=1e-5, name=name)

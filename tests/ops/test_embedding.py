@@ -410,3 +410,20 @@ def test_embedding_layer_norm_atomic_word_grad_on_16bit_tables(device, monkeypat
     y = _call(inp, backend="triton")
     dy = torch.randn_like(y)
     _check_against_ref(inp, y, _grads(y, inp, dy), dy)
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_embedding_layer_norm_strided_or_expanded_ln_params_read_by_their_strides(device,
+                                                                                layout):
+    # LayerNorm weight / bias views with stride 2 or 0 (an expanded scalar) must be read by
+    # element, not as if contiguous (stride 0 would read past a 1-element storage on the GPU)
+    inp = make_inputs(device, 2, 7, 48, vocab=5)
+    for name in ("ln_weight", "ln_bias"):
+        if layout == "strided":
+            v = torch.randn(96, device=device)[::2]
+        else:
+            v = torch.randn(1, device=device).expand(48)
+        inp[name] = v.requires_grad_()
+    y = _call(inp, backend="triton")
+    dy = torch.randn_like(y)
+    _check_against_ref(inp, y, _grads(y, inp, dy), dy)

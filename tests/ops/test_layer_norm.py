@@ -291,3 +291,50 @@ def test_layer_norm_gpu_dropout_kept_fraction_and_mask_replay():
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
     ref = ops.layer_norm_ref(x, None, None, dropout_p=p, dropout_mask=keep)
     assert (y.float() - ref.float()).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_layer_norm_strided_or_expanded_vectors_read_by_their_strides(layout, device):
+    # weight / bias / x_bias views with column stride 2 (slices of a fused parameter) or 0
+    # (an expanded scalar): the kernels index them by column, so the launchers must hand
+    # them over with unit stride (stride 0 would read past a 1-element storage on the GPU)
+    n = 96
+    if layout == "strided":
+        vec = lambda: torch.randn(2 * n, device=device)[::2]
+    else:
+        vec = lambda: torch.randn(1, device=device).expand(n)
+    x = torch.randn(5, n, device=device, requires_grad=True)
+    w, b, xb = (vec().requires_grad_(True) for _ in range(3))
+    for act in ("none", "gelu"):
+        if act == "none":
+            y = ops.layer_norm(x, w, b, x_bias=xb, backend="triton")
+        else:
+            y = ops.gelu_layer_norm(x, xb, w, b, backend="triton")
+        wc, bc, xbc = (t.detach().contiguous().requires_grad_(True) for t in (w, b, xb))
+        xc = x.detach().clone().requires_grad_(True)
+        ref = ops.layer_norm_ref(xc, wc, bc, x_bias=xbc, activation=act)
+        assert_close_to_ref(y, ref, atol=1e-5, name=f"y ({act})")
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, w, b, xb), dy)
+        want = torch.autograd.grad(ref, (xc, wc, bc, xbc), dy)
+        for name, g, r in zip(("dx", "dweight", "dbias", "dx_bias"), got, want):
+            assert_close_to_ref(g, r, atol=1e-5, name=f"{name} ({act})")
+
+
+def test_bench_layer_norm_cases_run_their_own_shapes(monkeypatch):
+    # every timed callable must run its own case's shape: closures built in the shape loop
+    # and called after it once saw only the last shape's tensors (the fwd timed the wrong
+    # size, fwd+bwd raised on a shape mismatch)
+    from benchmarks import bench_layer_norm as bench
+    monkeypatch.setattr(bench, "HIDDEN", (32, 48))
+    monkeypatch.setattr(bench, "ROWS", (3, 5))
+    # inductor on CPU takes seconds per shape: the binding is what is under test
+    monkeypatch.setattr(bench.torch, "compile", lambda fn, **kw: fn)
+    cases = bench.cases(torch.device("cpu"), quick=False)
+    assert len({(c.name, tuple(c.params.items())) for c in cases}) == len(cases) == 16
+    for case in cases:
+        rows, hidden = case.params["rows"], case.params["hidden"]
+        for impl, fn in case.impls.items():
+            out = fn()
+            first = out if torch.is_tensor(out) else out[0]
+            assert tuple(first.shape) == (rows, hidden), (case.name, case.params, impl)
