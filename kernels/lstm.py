@@ -67,6 +67,8 @@ MIN_DOT_BLOCK = 16
 # the forward, which holds four accumulators and one W_hh tile per gate (ptxas -v).
 STEP_BLOCK_K = 32
 MAX_STEP_BLOCK_B = 32
+# The widest column block of the per-step and time-looping kernels (same register reason).
+MAX_BLOCK_H = 64
 # The time-looping ("persistent") kernels give each program a batch block and all hidden
 # columns, so one program streams all of W_hh (8 H^2 bytes in 16 bits) from L2 every step;
 # up to this hidden size that costs less than a launch per step (estimate: 512 KB at ~100 GB/s
@@ -180,7 +182,10 @@ def _fwd_tile(xg_ptr, h_prev_ptr, c_prev_ptr, w_hh_ptr, len_ptr, h_out_ptr, c_ou
                  tl.where(valid, h, h_old).to(h_out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+# The per-step kernels take the time index t as an argument that changes every launch: not
+# specializing it (Triton would compile separate variants for t == 1 and t % 16 == 0) keeps
+# one compiled kernel per configuration.
+@triton.jit(do_not_specialize=["t"])
 def _lstm_fwd_kernel(
     xg_ptr, h_prev_ptr, c_prev_ptr, w_hh_ptr, len_ptr,
     h_out_ptr, c_out_ptr, y_ptr, gates_ptr,
@@ -231,7 +236,9 @@ def _lstm_fwd_persistent_kernel(
                       stride_gates_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h,
                       BLOCK_B, BLOCK_H, BLOCK_K, False, DOT_FP32)
         tl.debug_barrier()
-@triton.jit
+
+
+@triton.jit(do_not_specialize=["t"])
 def _lstm_proj_fwd_kernel(
     r_ptr, w_hr_ptr, h_prev_ptr, len_ptr, h_out_ptr, y_ptr,
     stride_r_b, stride_w_row, stride_h_b, stride_y_b,
@@ -324,7 +331,7 @@ def _bwd_tile(dy_ptr, dgn_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, c_ptr, c_p
     tl.store(dgp + 3 * n_hidden, tl.where(valid, d_o, 0.0).to(dgt), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _lstm_bwd_kernel(
     dy_ptr, dgn_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, c_ptr, c_prev_ptr, len_ptr,
     dcarry_ptr, dc_ptr, dg_ptr,
@@ -391,7 +398,9 @@ def _lstm_bwd_persistent_kernel(
                           stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h,
                           BLOCK_B, BLOCK_H, BLOCK_K, True, False, DOT_FP32)
         tl.debug_barrier()
-@triton.jit
+
+
+@triton.jit(do_not_specialize=["t"])
 def _lstm_proj_bwd_kernel(
     dy_ptr, dgn_ptr, w_hh_ptr, len_ptr, dcarry_ptr, gv_ptr,
     stride_dy_b, stride_dg_b, stride_w_row, stride_dcarry_b, stride_gv_b,
@@ -431,7 +440,7 @@ def _row_norm4(a_i, a_f, a_g, a_o, mask, n):
     return mean, c_i, c_f, c_g, c_o
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _ln_lstm_fwd_kernel(
     rec_ptr, xg_ptr, h_prev_ptr, c_prev_ptr, g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr,
     h_out_ptr, c_out_ptr, y_ptr, gates_ptr, stats_ptr,
@@ -488,7 +497,7 @@ def _ln_lstm_fwd_kernel(
     tl.store(stats_ptr + b * 4 + 3, c_rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _ln_lstm_bwd_kernel(
     dh_mm_ptr, dy_ptr, rec_ptr, gates_ptr, c_ptr, c_prev_ptr, stats_ptr, g_hh_ptr, g_c_ptr,
     b_c_ptr, len_ptr, dcarry_ptr, dc_ptr, dxg_ptr, drec_ptr, dg_hh_acc_ptr, dgb_c_acc_ptr,
@@ -584,22 +593,26 @@ def _ln_lstm_bwd_kernel(
 def step_blocks(n_batch: int, n_cols: int) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) for the per-step kernels."""
     block_b = min(max(triton.next_power_of_2(max(n_batch, 1)), MIN_DOT_BLOCK), MAX_STEP_BLOCK_B)
-    block_h = 64
-    while block_h > 16 and triton.cdiv(n_batch, block_b) * triton.cdiv(n_cols, block_h) < MIN_STEP_PROGRAMS:
+    block_h = MAX_BLOCK_H
+    n_batch_blocks = triton.cdiv(n_batch, block_b)
+    while block_h > MIN_DOT_BLOCK and n_batch_blocks * triton.cdiv(n_cols, block_h) < MIN_STEP_PROGRAMS:
         block_h //= 2
     return block_b, block_h, STEP_BLOCK_K, _step_warps(block_b, block_h)
 
 
 def _step_warps(block_b: int, block_h: int) -> int:
     # the forward holds four (BLOCK_B, BLOCK_H) fp32 accumulators plus four W_hh tiles: about
-    # 128 tile elements per warp keeps them in registers (ptxas -v: no spills)
+    # 128 tile elements per warp keeps them in registers (ptxas -v: no spills, except 36 B in
+    # the fp32 16x64 forward on sm_80)
     return min(max(block_b * block_h // 128, 4), 16)
 
 
 def step_block_configs():
     """Every (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) ``step_blocks`` can return."""
-    return [(b, h, STEP_BLOCK_K, _step_warps(b, h)) for b in (16, MAX_STEP_BLOCK_B)
-            for h in (16, 32, 64)]
+    def powers_of_2(top):  # MIN_DOT_BLOCK, 2 * MIN_DOT_BLOCK, ..., top
+        return [1 << e for e in range(MIN_DOT_BLOCK.bit_length() - 1, top.bit_length())]
+    return [(b, h, STEP_BLOCK_K, _step_warps(b, h)) for b in powers_of_2(MAX_STEP_BLOCK_B)
+            for h in powers_of_2(MAX_BLOCK_H)]
 
 
 def _dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
@@ -617,9 +630,10 @@ def use_persistent(n_hidden: int, has_proj: bool) -> bool:
 
 def persistent_blocks(n_hidden: int) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the time-looping kernels: the smallest batch
-    block (the most programs), a column block of up to 64, 8 warps (their loops keep more
-    live state than one step: 4 warps spill in fp32)."""
-    block_h = min(64, triton.next_power_of_2(max(n_hidden, MIN_DOT_BLOCK)))
+    block (the most programs), a column block of up to MAX_BLOCK_H, 8 warps (their loops keep
+    more live state than one step: 4 warps spill in fp32; at 8, ptxas -v still reports up
+    to 40 B of spills in some fp32 configs, none in bf16 on sm_90)."""
+    block_h = min(MAX_BLOCK_H, triton.next_power_of_2(max(n_hidden, MIN_DOT_BLOCK)))
     return MIN_DOT_BLOCK, block_h, STEP_BLOCK_K, PERSISTENT_WARPS
 
 
@@ -648,8 +662,8 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
     n_state = w_hh.shape[1]
     dev, dt = xg.device, xg.dtype
     has_proj = w_hr is not None
-    xg = xg.contiguous()
-    w_hh = w_hh.contiguous()
+    # the kernels index lengths and weight rows with unit element stride
+    xg, w_hh, lengths = xg.contiguous(), w_hh.contiguous(), lengths.contiguous()
     hs = torch.empty((n_steps + 1, n_batch, n_state), dtype=dt, device=dev)
     cs = torch.empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32, device=dev)
     hs[0] = h0
@@ -717,8 +731,7 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
     n_state = w_hh.shape[1]
     dev, dt = gates.device, gates.dtype
     has_proj = w_hr is not None
-    dy = dy.contiguous()
-    w_hh = w_hh.contiguous()
+    dy, w_hh, lengths = dy.contiguous(), w_hh.contiguous(), lengths.contiguous()
     dgates = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
     dcarry = dh_n.to(torch.float32).contiguous().clone()
     dc = dc_n.to(torch.float32).contiguous().clone()
@@ -821,7 +834,9 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
         raise ValueError(f"hidden size {n_hidden} exceeds the LayerNorm-LSTM kernel's limit "
                          f"{LN_MAX_HIDDEN}; use backend='torch'")
     dev, dt = xg.device, xg.dtype
-    xg = xg.contiguous()
+    # the row kernels index these with unit element stride
+    xg, lengths = xg.contiguous(), lengths.contiguous()
+    g_hh, g_c, b_c = g_hh.contiguous(), g_c.contiguous(), b_c.contiguous()
     hs = torch.empty((n_steps + 1, n_batch, n_hidden), dtype=dt, device=dev)
     cs = torch.empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32, device=dev)
     hs[0] = h0
@@ -857,7 +872,8 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
     n_steps, n_batch, n_gates = gates.shape
     n_hidden = n_gates // 4
     dev, dt = gates.device, gates.dtype
-    dy = dy.contiguous()
+    dy, lengths = dy.contiguous(), lengths.contiguous()
+    g_hh, g_c, b_c = g_hh.contiguous(), g_c.contiguous(), b_c.contiguous()
     dxg = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
     drec = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
     dcarry = dh_n.to(torch.float32).contiguous().clone()
@@ -892,9 +908,9 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
 
 def aot_configs():
     """Every block config of the LSTM step kernels in fp32 and bf16, projection on and off,
-    one fp16 config; the time-looping kernels at every column block (both directions in
-    bf16); every LayerNorm-LSTM row block in bf16 and the
-    smallest and largest in fp32."""
+    one fp16 config; the time-looping kernels at every column block in bf16 (both
+    directions), fp16 and fp32; every LayerNorm-LSTM row block in bf16 and the smallest and
+    largest in fp32."""
     def fwd_sig(dt):
         return {"xg_ptr": f"*{dt}", "h_prev_ptr": f"*{dt}", "c_prev_ptr": "*fp32",
                 "w_hh_ptr": f"*{dt}", "len_ptr": "*i64", "h_out_ptr": f"*{dt}",
@@ -993,7 +1009,7 @@ def aot_configs():
 
     for n_hidden in (16, 32, PERSISTENT_MAX_HIDDEN):
         bb, bh, bk, warps = persistent_blocks(n_hidden)
-        for dt, reverses in (("bf16", (False, True)), ("fp32", (False,))):
+        for dt, reverses in (("bf16", (False, True)), ("fp16", (False,)), ("fp32", (False,))):
             for rev in reverses:
                 cx = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=rev, DOT_FP32=False)
                 yield AotConfig(_lstm_fwd_persistent_kernel, persistent_sig(dt, "fwd"), cx, warps,

@@ -275,6 +275,19 @@ def _check_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
         check_lengths(lengths, n_batch, n_steps)
 
 
+def _check_layer_norm_args(x: Tensor, n_hidden: int, ln_ih_weight, ln_hh_weight, ln_cell_weight,
+                           ln_cell_bias) -> None:
+    # the row kernels read these with the sizes below: a wrong size would read out of bounds
+    for name, t, n, what in (("ln_ih_weight", ln_ih_weight, 4 * n_hidden, "4 * hidden_size"),
+                             ("ln_hh_weight", ln_hh_weight, 4 * n_hidden, "4 * hidden_size"),
+                             ("ln_cell_weight", ln_cell_weight, n_hidden, "hidden_size"),
+                             ("ln_cell_bias", ln_cell_bias, n_hidden, "hidden_size")):
+        check_tensor(name, t, dtypes=(x.dtype,), optional=True)
+        check_shape(name, t, (n,), what)
+    check_same_device(x=x, ln_ih_weight=ln_ih_weight, ln_hh_weight=ln_hh_weight,
+                      ln_cell_weight=ln_cell_weight, ln_cell_bias=ln_cell_bias)
+
+
 def check_lengths(lengths: Tensor, n_batch: int, n_steps: int, *, allow_zero: bool = True,
                   sorted_desc: bool = False) -> None:
     """lengths: an integer tensor (B,) with values in [0 or 1, T] (and in decreasing order
@@ -331,9 +344,9 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
             Steps t >= lengths[b] leave b's state unchanged and output zeros, so h_n / c_n
             are each sequence's state after its last valid step (in both directions).
         reverse: process time backwards (the reverse direction of a bidirectional LSTM).
-        ln_ih_weight, ln_hh_weight (4H,), ln_cell_weight, ln_cell_bias (H,): LayerNorm-LSTM
-            parameters (see ``lstm_layer_ref``); the "triton" backend needs all four, no
-            w_hr and H <= 2048.
+        ln_ih_weight, ln_hh_weight (4H,), ln_cell_weight, ln_cell_bias (H,), x's dtype:
+            LayerNorm-LSTM parameters (see ``lstm_layer_ref``); the "triton" backend needs
+            all four, no w_hr and H <= 2048.
         eps: LayerNorm epsilon.
         backend: "triton", "torch" or None (see ``fastbert.ops``).
 
@@ -342,6 +355,7 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     """
     _check_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     ln = (ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias)
+    _check_layer_norm_args(x, w_ih.shape[0] // 4, *ln)
 
     def extra(b):
         if _has_layer_norm(ln):

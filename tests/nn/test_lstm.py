@@ -215,16 +215,18 @@ def test_lstm_bad_inputs_raise_clear_errors():
 # ----------------------------------------------------------------------------------------
 # LayerNormLSTM
 
-def _ln_lstm_eager_fp64(model, x, h0, c0, lengths):
-    """An independent fp64 LayerNorm-LSTM (haste's formulation), one cell step at a time,
-    per layer and direction, for a padded (T, B, I) batch with lengths."""
+def _ln_lstm_eager(model, x, h0, c0, lengths, dtype=torch.float64):
+    """An independent eager LayerNorm-LSTM (haste's formulation), one cell step at a time,
+    per layer and direction, for a padded (T, B, I) batch with lengths, computed in
+    ``dtype`` (fp64: the oracle; bf16: PyTorch's own low-precision error) on x's device."""
     def ln(v, w, b=None):
         mu = v.mean(-1, keepdim=True)
         var = ((v - mu) ** 2).mean(-1, keepdim=True)
         out = (v - mu) / torch.sqrt(var + model.eps) * w
         return out + b if b is not None else out
 
-    P = lambda name: getattr(model, name).double()
+    P = lambda name: getattr(model, name).to(x.device, dtype)
+    x, h0, c0, lengths = x.to(dtype), h0.to(dtype), c0.to(dtype), lengths.to(x.device)
     n_steps, n_batch = x.shape[:2]
     d_count = 2 if model.bidirectional else 1
     inp, hs, cs = x, [], []
@@ -233,7 +235,7 @@ def _ln_lstm_eager_fp64(model, x, h0, c0, lengths):
         for d in range(d_count):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
             h, c = h0[layer * d_count + d], c0[layer * d_count + d]
-            y = torch.zeros(n_steps, n_batch, model.hidden_size, dtype=torch.float64)
+            y = x.new_zeros(n_steps, n_batch, model.hidden_size)
             for t in (reversed(range(n_steps)) if d else range(n_steps)):
                 gates = (ln(inp[t] @ P("weight_ih" + sfx).t(), P("layer_norm_ih_weight" + sfx))
                          + P("bias_ih" + sfx)
@@ -269,7 +271,7 @@ def _ln_model_and_inputs(device, dtype):
 def test_layer_norm_lstm_matches_fp64_eager_reference_and_gradients(backend, device):
     model, x, h0, c0, lengths = _ln_model_and_inputs(device, torch.float64)
     x.requires_grad_()
-    ref = _ln_lstm_eager_fp64(model, x, h0, c0, lengths)
+    ref = _ln_lstm_eager(model, x, h0, c0, lengths)
     params = [x] + list(model.parameters())
     g_ref = torch.autograd.grad(ref[0].sum() + ref[1].sum() + ref[2].square().sum(), params)
     if backend == "torch":
@@ -335,16 +337,23 @@ def test_lstm_gpu_low_precision_within_twice_cudnn_error(dtype):
 
 
 @pytest.mark.gpu
-def test_layer_norm_lstm_gpu_bf16_close_to_fp64():
+def test_layer_norm_lstm_gpu_bf16_within_twice_eager_bf16_error():
+    """The recurrent LayerNorm rescales rounding errors every step (rec is normalized to unit
+    variance), so bf16 errors grow along the sequence for any implementation: measured on
+    CPU with a PyTorch emulation of the kernels' rounding points (xg, rec, h in bf16, the
+    rest fp32), 0.06-0.16 of max |output| at T=16 and 0.1-0.26 at T=30, 0.25-1.34x the eager
+    bf16 LayerNorm-LSTM's own error (24 seeds). Hence the house rule against PyTorch in bf16,
+    not a fixed tolerance."""
     dev = torch.device("cuda")
-    model = LayerNormLSTM(64, 256, bidirectional=True, backend="triton").double()
-    x = torch.randn(30, 16, 64, dtype=torch.float64)
-    lengths = torch.randint(1, 31, (16,))
-    lengths[0] = 30
-    zeros = torch.zeros(2, 16, 256, dtype=torch.float64)
-    ref = _ln_lstm_eager_fp64(model, x, zeros, zeros, lengths)
+    n_steps, n_batch, n_in, n_hidden = 16, 16, 64, 256
+    model = LayerNormLSTM(n_in, n_hidden, bidirectional=True, backend="triton").double()
+    x = torch.randn(n_steps, n_batch, n_in, dtype=torch.float64)
+    lengths = torch.randint(1, n_steps + 1, (n_batch,))
+    lengths[0] = n_steps
+    zeros = torch.zeros(2, n_batch, n_hidden, dtype=torch.float64)
+    ref = _ln_lstm_eager(model, x, zeros, zeros, lengths)
     model.to(dev, torch.bfloat16)
+    lowp = _ln_lstm_eager(model, x.to(dev), zeros.to(dev), zeros.to(dev), lengths, torch.bfloat16)
     out, (h, c) = model(x.to(dev, torch.bfloat16), lengths=lengths, enforce_sorted=False)
-    for name, a, b in zip(("output", "h_n", "c_n"), (out, h, c), ref):
-        err = max_err(a.cpu(), b)
-        assert err <= 0.03 * b.abs().max().item(), f"{name}: error {err:.3e}"
+    for name, a, b, lo in zip(("output", "h_n", "c_n"), (out, h, c), ref, lowp):
+        assert_close_to_ref(a.cpu(), b, lo.cpu(), atol=1e-2, name=name)
