@@ -26,7 +26,8 @@ Two ways to use it, two trade-offs:
   the forward because the logits do not exist afterwards; recomputing them would cost a
   second projection GEMM.
 
-Numerics: fp32 accumulation; the running max keeps exp() in range, so logits of +-1e4 (fp16's
+Numerics: fp32 accumulation (the few scalars of a row's loss are combined in fp64 and rounded
+once); the running max keeps exp() in range, so logits of +-1e4 (fp16's
 range included) are safe. The max m and the log-sum l are kept apart rather than folded into
 one lse = m + l: at |x| ~ 1e4 the rounding of that sum alone (5e-4) would be a relative error
 of 5e-4 in every probability, where torch's log_softmax has ~1e-7. -inf logits (a masked
@@ -124,17 +125,27 @@ def _cross_entropy_fwd_kernel(
     m, log_s, x_sum = _row_stats(row_ptr, n_cols, BLOCK_V, HAS_SMOOTHING)
     # the target logit is loaded only when it is a valid address
     x_t = tl.load(row_ptr + target, mask=in_range & (~ignored), other=0.0).to(tl.float32)
-    # lse - x = (m - x) + log_s: differences to the max first, exact for nearby large logits
+    # lse - x = (m - x) + log_s: differences to the max first, exact for nearby large logits.
+    # The few scalar terms are combined in fp64 (a handful of operations a row, free) so that
+    # the fp32 loss is rounded once: at |x| ~ 1e4 each fp32 step would round by up to 1e-3.
+    m64 = m.to(tl.float64)
+    lse_minus_xt = (m64 - x_t.to(tl.float64)) + log_s.to(tl.float64)
     if HAS_SMOOTHING:
-        loss = ((1.0 - label_smoothing) * (m - x_t)
-                + label_smoothing * (m - x_sum / n_cols) + log_s)
+        # (1 - eps) (lse - x_t) + eps (lse - mean_c x_c)
+        smooth = (m64 - x_sum.to(tl.float64) / n_cols) + log_s.to(tl.float64)
+        loss64 = (1.0 - label_smoothing) * lse_minus_xt + label_smoothing * smooth
     else:
-        loss = (m - x_t) + log_s
+        loss64 = lse_minus_xt
+    loss = loss64.to(tl.float32)
     loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
     tl.store(loss_ptr + row, loss)
     tl.store(stats_ptr + 2 * row, m)
     tl.store(stats_ptr + 2 * row + 1, log_s)
     if STORE_GRAD:
+        # In place: the warp that owns element `target` may overwrite it with its gradient
+        # while another warp has still to load x_t above (a race the interpreter, one program
+        # at a time in lock step, never shows). Every read of the row ends before this barrier.
+        tl.debug_barrier()
         if in_range & (~ignored):
             scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
             _store_row_grad(row_ptr, row_ptr, target, m, log_s, scale, n_cols, label_smoothing,
@@ -193,11 +204,12 @@ def _check_rows(logits: torch.Tensor, target: torch.Tensor):
 
 def _scale_stride(scale: torch.Tensor, n_rows: int) -> int:
     if scale.dtype != torch.float32 or scale.dim() > 1:
-        raise ValueError("grad scale must be a float32 scalar tensor or one value a row")
+        raise ValueError(f"grad_scale must be a float32 scalar tensor or one value a row, got "
+                         f"{scale.dtype} of shape {tuple(scale.shape)}")
     if scale.dim() == 0:
         return 0
     if scale.shape[0] != n_rows:
-        raise ValueError(f"grad scale must have {n_rows} values, got {scale.shape[0]}")
+        raise ValueError(f"grad_scale must have {n_rows} values, got {scale.shape[0]}")
     return scale.stride(0)
 
 
@@ -246,6 +258,11 @@ def cross_entropy_bwd(logits: torch.Tensor, target: torch.Tensor, stats: torch.T
     """
     _check_rows(logits, target)
     n_rows, n_cols = logits.shape
+    # the kernel addresses stats as a contiguous (N, 2) float32 array
+    if stats.shape != (n_rows, 2) or stats.dtype != torch.float32 or not stats.is_contiguous():
+        raise ValueError(f"stats must be the contiguous ({n_rows}, 2) float32 tensor that "
+                         f"cross_entropy_fwd returned, got {stats.dtype} of shape "
+                         f"{tuple(stats.shape)} strides {stats.stride()}")
     stride_scale = _scale_stride(grad_scale, n_rows)
     dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     block_v, num_warps = ce_block(n_cols)

@@ -99,11 +99,13 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
     if check_labels:
         _check_label_range("target", target, logits.shape[1], ignore_index)
     loss, stats = k.cross_entropy_fwd(_rows(logits), target, ignore_index, label_smoothing)
+    # the row losses are summed in fp64 (N values, negligible next to the (N, V) pass) so that
+    # the reduced loss is rounded once: an fp32 sum of losses of 1e4 would be off by ulps
     if reduction == "sum":
-        loss = loss.sum()
+        loss = loss.sum(dtype=torch.float64)
     elif reduction == "mean":
         # 0 / 0 = NaN when every target is ignored, as torch
-        loss = loss.sum() / (target != ignore_index).sum()
+        loss = loss.sum(dtype=torch.float64) / (target != ignore_index).sum()
     return loss.to(out_dtype), stats
 
 
@@ -356,6 +358,10 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
 
     Under autocast, hidden, weight and bias are cast to the autocast dtype first (as
     ``nn.Linear`` would be).
+
+    With reduction "mean" or "sum" the gradients are computed in the forward, in hidden's
+    dtype, and the backward multiplies them by the incoming gradient: exact for 1.0 or a
+    power of two (loss scaling), one extra rounding of fp16/bf16 gradients for other factors.
 
     Returns:
         float32 loss; gradients flow to hidden, weight and bias.
