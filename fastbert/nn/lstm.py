@@ -166,6 +166,10 @@ class LSTM(torch.nn.Module):
                 if not batched:
                     raise ValueError("lengths needs a batched (3-D) input")
                 check_lengths(lens, x.shape[1], x.shape[0], sorted_desc=enforce_sorted)
+                if lens.is_cuda and not torch.compiler.is_compiling():
+                    # checked once here (one sync); on the CPU, each layer's own check of the
+                    # values reads them without waiting for the GPU
+                    lens = lens.cpu()
         if x.shape[-1] != self.input_size:
             raise ValueError(f"input.size(-1) must be equal to input_size. "
                              f"Expected {self.input_size}, got {x.shape[-1]}")
