@@ -3,7 +3,11 @@
 One kernel set serves both layouts:
     padded  -- q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, heads_kv, head_dim),
                optionally with a key-padding mask (batch, seqlen_k) loaded per key block, so
-               Hugging Face masks with holes work, not only right padding;
+               Hugging Face masks with holes work, not only right padding, and with it
+               int32 kv_end (batch,): one past each row's last attended key. Key blocks at or
+               past kv_end are skipped (BERT batches are right-padded, so that is often most
+               of the padding): the forward and dQ loops stop there, and the dK/dV programs
+               of those blocks only write zeros;
     varlen  -- packed tokens q (total_q, heads, head_dim), k/v (total_k, heads_kv, head_dim)
                with int32 cu_seqlens (batch + 1,); each program reads its sequence's bounds
                from cu_seqlens on the device, so no host sync is needed to launch (the grid
@@ -108,6 +112,16 @@ def _score_valid(offs_m, offs_n, len_q, len_k, mask_ptr, stride_mask_b, b,
 
 
 @triton.jit
+def _key_bound(kv_end_ptr, b, len_k, HAS_MASK: tl.constexpr):
+    """One past the last key of sequence b that any query may attend: kv_end[b] with a
+    key-padding mask (keys past it are all padding), else len_k."""
+    if HAS_MASK:
+        return tl.minimum(tl.load(kv_end_ptr + b), len_k)
+    else:
+        return len_k
+
+
+@triton.jit
 def _causal_key_end(start_m, len_q, len_k, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """One past the last key any query of block [start_m, start_m + BLOCK_M) may see."""
     if IS_CAUSAL:
@@ -195,7 +209,7 @@ def _attention_fwd_inner(
 
 @triton.jit
 def _attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, kv_end_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -235,12 +249,19 @@ def _attention_fwd_kernel(
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        hi = _causal_key_end(start_m, len_q, len_k, BLOCK_M, IS_CAUSAL)
+        # keys past kv_end are padding: their blocks are skipped (holes before it are masked
+        # per block); the causal alignment still uses len_k
+        kv_hi = _key_bound(kv_end_ptr, b, len_k, HAS_MASK)
+        hi = tl.minimum(_causal_key_end(start_m, len_q, len_k, BLOCK_M, IS_CAUSAL), kv_hi)
         # keys [0, full_end) are inside the sequence and visible to every row of the block
         full_end = len_k
         if IS_CAUSAL:
             full_end = tl.minimum(full_end, start_m + 1 + len_k - len_q)
         full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+        # the whole block holding kv_end may still take the fast path (its keys are in
+        # bounds and the padding mask hides those past kv_end); the boundary loop below is
+        # then empty, as full_end >= kv_hi >= hi
+        full_end = tl.minimum(full_end, tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
         acc, l_i, m_i = _attention_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, d_in,
             0, full_end, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_off, qk_scale,
@@ -294,7 +315,7 @@ def _attention_bwd_preprocess_kernel(
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    mask_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
+    mask_ptr, kv_end_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -317,62 +338,69 @@ def _attention_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     if start_n < len_k:
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_in = offs_d < head_dim
         n_in = offs_n < len_k
-        k_base = _head_base(k_ptr, b, k_start, h_kv, stride_kb, stride_kn, stride_kh)
-        v_base = _head_base(v_ptr, b, k_start, h_kv, stride_vb, stride_vn, stride_vh)
-        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_in, d_in,
-                       True, EVEN_D, False)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_in, d_in,
-                       True, EVEN_D, False)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        # the keys' own validity (bounds, padding mask) is the same for every query block
-        key_ok = n_in
-        if HAS_MASK:
-            km = tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + offs_n, mask=n_in, other=0)
-            key_ok = key_ok & (km != 0)
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
-        # causal: the first query that sees key start_n is start_n - (len_k - len_q)
-        lo = 0
-        if IS_CAUSAL:
-            lo = tl.maximum(start_n - (len_k - len_q), 0) // BLOCK_M * BLOCK_M
-        for g in range(0, n_groups):
-            h = h_kv * n_groups + g
-            bh = b * n_heads + h
-            q_base = _head_base(q_ptr, b, q_start, h, stride_qb, stride_qm, stride_qh)
-            do_base = _head_base(do_ptr, b, q_start, h, stride_dob, stride_dom, stride_doh)
-            for start_m in range(lo, len_q, BLOCK_M):
-                offs_m = start_m + offs_m0
-                m_in = offs_m < len_q
-                q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_in,
-                               d_in, True, EVEN_D, False)
-                do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_in,
-                                d_in, True, EVEN_D, False)
-                lse = tl.load(lse_ptr + bh.to(tl.int64) * seqlen_q + offs_m, mask=m_in,
-                              other=float("inf"))
-                delta = tl.load(delta_ptr + bh.to(tl.int64) * seqlen_q + offs_m, mask=m_in,
-                                other=0.0)
-                # transposed scores (keys x queries), so dK and dV come out without transposes
-                qkt = _mm(k, tl.trans(q))
-                valid = key_ok[:, None] & m_in[None, :]
-                if IS_CAUSAL:
-                    valid = valid & (offs_n[:, None] <= offs_m[None, :] + (len_k - len_q))
-                pt = tl.where(valid, tl.math.exp2(qkt * qk_scale - lse[None, :]), 0.0)
-                dpt = _mm(v, tl.trans(do))
-                if HAS_DROPOUT:
-                    row_off = (bh.to(tl.int64) * seqlen_q + offs_m) * seqlen_k
-                    keep = dropout_keep(seed, row_off[None, :] + offs_n[:, None], dropout_p)
-                    scale_keep = 1.0 / (1.0 - dropout_p)
-                    dv += _mm(tl.where(keep, pt * scale_keep, 0.0).to(do.dtype), do)
-                    dpt = tl.where(keep, dpt * scale_keep, 0.0)
-                else:
-                    dv += _mm(pt.to(do.dtype), do)
-                dst = pt * (dpt - delta[None, :])
-                dk += _mm(dst.to(q.dtype), q)
+        # a block wholly past the last attended key (padding) gets zero gradients: write
+        # them without loading anything
+        if start_n < _key_bound(kv_end_ptr, b, len_k, HAS_MASK):
+            offs_m0 = tl.arange(0, BLOCK_M)
+            k_base = _head_base(k_ptr, b, k_start, h_kv, stride_kb, stride_kn, stride_kh)
+            v_base = _head_base(v_ptr, b, k_start, h_kv, stride_vb, stride_vn, stride_vh)
+            k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_in, d_in,
+                           True, EVEN_D, False)
+            v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_in, d_in,
+                           True, EVEN_D, False)
+            # the keys' own validity (bounds, padding mask) is the same for every query block
+            key_ok = n_in
+            if HAS_MASK:
+                km = tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + offs_n, mask=n_in,
+                             other=0)
+                key_ok = key_ok & (km != 0)
+            if HAS_DROPOUT:
+                seed = tl.load(seed_ptr)
+            # causal: the first query that sees key start_n is start_n - (len_k - len_q)
+            lo = 0
+            if IS_CAUSAL:
+                lo = tl.maximum(start_n - (len_k - len_q), 0) // BLOCK_M * BLOCK_M
+            for g in range(0, n_groups):
+                h = h_kv * n_groups + g
+                bh = b * n_heads + h
+                q_base = _head_base(q_ptr, b, q_start, h, stride_qb, stride_qm, stride_qh)
+                do_base = _head_base(do_ptr, b, q_start, h, stride_dob, stride_dom,
+                                     stride_doh)
+                for start_m in range(lo, len_q, BLOCK_M):
+                    offs_m = start_m + offs_m0
+                    m_in = offs_m < len_q
+                    q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                                   m_in, d_in, True, EVEN_D, False)
+                    do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :],
+                                    m_in, d_in, True, EVEN_D, False)
+                    lse = tl.load(lse_ptr + bh.to(tl.int64) * seqlen_q + offs_m, mask=m_in,
+                                  other=float("inf"))
+                    delta = tl.load(delta_ptr + bh.to(tl.int64) * seqlen_q + offs_m, mask=m_in,
+                                    other=0.0)
+                    # transposed scores (keys x queries): dK and dV come out untransposed
+                    qkt = _mm(k, tl.trans(q))
+                    valid = key_ok[:, None] & m_in[None, :]
+                    if IS_CAUSAL:
+                        valid = valid & (offs_n[:, None]
+                                         <= offs_m[None, :] + (len_k - len_q))
+                    pt = tl.where(valid, tl.math.exp2(qkt * qk_scale - lse[None, :]), 0.0)
+                    dpt = _mm(v, tl.trans(do))
+                    if HAS_DROPOUT:
+                        row_off = (bh.to(tl.int64) * seqlen_q + offs_m) * seqlen_k
+                        keep = dropout_keep(seed, row_off[None, :] + offs_n[:, None],
+                                            dropout_p)
+                        scale_keep = 1.0 / (1.0 - dropout_p)
+                        dv += _mm(tl.where(keep, pt * scale_keep, 0.0).to(do.dtype), do)
+                        dpt = tl.where(keep, dpt * scale_keep, 0.0)
+                    else:
+                        dv += _mm(pt.to(do.dtype), do)
+                    dst = pt * (dpt - delta[None, :])
+                    dk += _mm(dst.to(q.dtype), q)
         dk = dk * sm_scale
         dk_base = _head_base(dk_ptr, b, k_start, h_kv, stride_dkb, stride_dkn, stride_dkh)
         dv_base = _head_base(dv_ptr, b, k_start, h_kv, stride_dvb, stride_dvn, stride_dvh)
@@ -385,7 +413,7 @@ def _attention_bwd_dkdv_kernel(
 @triton.jit
 def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    mask_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
+    mask_ptr, kv_end_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -426,7 +454,9 @@ def _attention_bwd_dq_kernel(
             seed = tl.load(seed_ptr)
             row_off = (pid_bh.to(tl.int64) * seqlen_q + offs_m) * seqlen_k
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        hi = _causal_key_end(start_m, len_q, len_k, BLOCK_M, IS_CAUSAL)
+        # key blocks past kv_end are padding: skipped, as in the forward
+        hi = tl.minimum(_causal_key_end(start_m, len_q, len_k, BLOCK_M, IS_CAUSAL),
+                        _key_bound(kv_end_ptr, b, len_k, HAS_MASK))
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + offs_n0
             n_in = offs_n < len_k
@@ -542,16 +572,24 @@ def _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return varlen, q.shape[0], q.shape[1], k.shape[1]
 
 
-def _mask_arg(attention_mask: Optional[torch.Tensor]):
+def _mask_arg(attention_mask: Optional[torch.Tensor], kv_end: Optional[torch.Tensor],
+              seqlen_k: int):
+    """(int8 mask, its batch stride, int32 kv_end) for the kernels; without a kv_end from the
+    caller, every key block is visited (kv_end = seqlen_k)."""
     if attention_mask is None:
-        return None, 0
+        return None, 0, None
     m = attention_mask
     if m.dtype == torch.bool:
         m = m.view(torch.int8)
     elif m.dtype != torch.int8:
         m = (m != 0).view(torch.int8)
     m = _last_dim_contiguous(m)
-    return m, m.stride(0)
+    if kv_end is None:
+        kv_end = torch.full((m.shape[0],), seqlen_k, dtype=torch.int32, device=m.device)
+    elif kv_end.dtype != torch.int32 or tuple(kv_end.shape) != (m.shape[0],):
+        raise ValueError(f"kv_end must be int32 (batch,) = ({m.shape[0]},), got "
+                         f"{kv_end.dtype} {tuple(kv_end.shape)}")
+    return m, m.stride(0), _last_dim_contiguous(kv_end)
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -560,7 +598,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   cu_seqlens_k: Optional[torch.Tensor] = None,
                   max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                   seed: Optional[torch.Tensor] = None, causal: bool = False,
-                  dropout_p: float = 0.0, softmax_scale: float = 1.0):
+                  dropout_p: float = 0.0, softmax_scale: float = 1.0,
+                  kv_end: Optional[torch.Tensor] = None):
     """Launch the forward.
 
     Args:
@@ -573,6 +612,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         max_seqlen_q, max_seqlen_k: python ints bounding the varlen lengths (grid size).
         seed: int64 tensor of one element (dropout), or None.
         softmax_scale: multiplies QK^T before the softmax.
+        kv_end: int32 (batch,) with attention_mask: one past the last nonzero of each mask
+            row (0 for a row with none); key blocks from there on are skipped. It must not
+            be smaller than that (keys past it are treated as padding); None visits every
+            key block.
 
     Returns:
         out (q's shape and dtype) and lse (fp32, (batch, heads, max_seqlen_q), base-2
@@ -585,13 +628,13 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     heads_kv = k.shape[-2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
-    mask, stride_mask_b = _mask_arg(attention_mask)
+    mask, stride_mask_b, kv_end = _mask_arg(attention_mask, kv_end, sk)
     has_dropout = seed is not None and dropout_p > 0.0
     bm, bn, warps, stages = fwd_config(head_dim, q.dtype, has_dropout)
     if batch * heads > 0 and sq > 0:
         grid = (triton.cdiv(sq, bm) * batch * heads,)   # flat: see _block_and_head
         _attention_fwd_kernel[grid](
-            q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed,
+            q, k, v, out, lse, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
             *_strides3(out, varlen), stride_mask_b,
             heads, heads // heads_kv, sq, sk, head_dim,
@@ -611,10 +654,11 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   cu_seqlens_k: Optional[torch.Tensor] = None,
                   max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                   seed: Optional[torch.Tensor] = None, causal: bool = False,
-                  dropout_p: float = 0.0, softmax_scale: float = 1.0):
-    """Launch the backward (deterministic: no atomics). Arguments as ``attention_fwd``, plus
-    do (out's shape), out and lse from the forward. Returns (dq, dk, dv) in the inputs' shapes
-    and dtypes."""
+                  dropout_p: float = 0.0, softmax_scale: float = 1.0,
+                  kv_end: Optional[torch.Tensor] = None):
+    """Launch the backward (deterministic: no atomics). Arguments as ``attention_fwd`` (the
+    same kv_end), plus do (out's shape), out and lse from the forward. Returns (dq, dk, dv)
+    in the inputs' shapes and dtypes."""
     q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
     varlen, batch, sq, sk = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -630,7 +674,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         dk.zero_()
         dv.zero_()
         return dq, dk, dv
-    mask, stride_mask_b = _mask_arg(attention_mask)
+    mask, stride_mask_b, kv_end = _mask_arg(attention_mask, kv_end, sk)
     has_dropout = seed is not None and dropout_p > 0.0
     bd = block_d(head_dim)
     delta = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
@@ -646,7 +690,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                  HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout)
     if sk > 0:
         _attention_bwd_dkdv_kernel[(triton.cdiv(sk, bn1) * batch * heads_kv,)](
-            q, k, v, do, lse, delta, dk, dv, mask, cu_seqlens_q, cu_seqlens_k, seed,
+            q, k, v, do, lse, delta, dk, dv, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
             *_strides3(do, varlen), *_strides3(dk, varlen), *_strides3(dv, varlen),
             stride_mask_b, heads, heads_kv, groups, sq, sk, head_dim, qk_scale,
@@ -654,7 +698,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             BLOCK_M=bm1, BLOCK_N=bn1, num_warps=w1, num_stages=s1, **flags,
         )
     _attention_bwd_dq_kernel[(triton.cdiv(sq, bm2) * batch * heads,)](
-        q, k, v, do, lse, delta, dq, mask, cu_seqlens_q, cu_seqlens_k, seed,
+        q, k, v, do, lse, delta, dq, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
         *_strides3(do, varlen), *_strides3(dq, varlen), stride_mask_b,
         heads, groups, sq, sk, head_dim, qk_scale, float(softmax_scale), float(dropout_p),
@@ -687,8 +731,8 @@ def _sig(names_types):
 
 def _fwd_signature(dt: str):
     ptrs = [("q_ptr", f"*{dt}"), ("k_ptr", f"*{dt}"), ("v_ptr", f"*{dt}"), ("o_ptr", f"*{dt}"),
-            ("lse_ptr", "*fp32"), ("mask_ptr", "*i8"), ("cu_q_ptr", "*i32"),
-            ("cu_k_ptr", "*i32"), ("seed_ptr", "*i64")]
+            ("lse_ptr", "*fp32"), ("mask_ptr", "*i8"), ("kv_end_ptr", "*i32"),
+            ("cu_q_ptr", "*i32"), ("cu_k_ptr", "*i32"), ("seed_ptr", "*i64")]
     strides = [(f"stride_{t}{s}", "i64") for t in ("q", "k", "v", "o")
                for s in (("b", "m", "h") if t in ("q", "o") else ("b", "n", "h"))]
     scalars = [("stride_mask_b", "i64"), ("n_heads", "i32"), ("n_groups", "i32"),
@@ -709,7 +753,8 @@ def _bwd_signature(dt: str, dq: bool):
     ptrs = [("q_ptr", f"*{dt}"), ("k_ptr", f"*{dt}"), ("v_ptr", f"*{dt}"), ("do_ptr", f"*{dt}"),
             ("lse_ptr", "*fp32"), ("delta_ptr", "*fp32")]
     ptrs += [("dq_ptr", f"*{dt}")] if dq else [("dk_ptr", f"*{dt}"), ("dv_ptr", f"*{dt}")]
-    ptrs += [("mask_ptr", "*i8"), ("cu_q_ptr", "*i32"), ("cu_k_ptr", "*i32"), ("seed_ptr", "*i64")]
+    ptrs += [("mask_ptr", "*i8"), ("kv_end_ptr", "*i32"), ("cu_q_ptr", "*i32"),
+             ("cu_k_ptr", "*i32"), ("seed_ptr", "*i64")]
     outs = ("dq",) if dq else ("dk", "dv")
     strides = []
     for t in ("q", "k", "v", "do") + outs:

@@ -1,5 +1,6 @@
 """fastbert.kernels is importable under the fastbert name only, in a bare checkout too."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -46,8 +47,17 @@ def _can_build_wheels_offline() -> bool:
                     reason="no setuptools>=70.1 or wheel here to build a wheel without network "
                            "(the GPU machine); CI's venv has them")
 def test_wheel_contains_fastbert_kernels_and_no_top_level_kernels(tmp_path):
+    # build from a copy: an in-tree build would leave build/ in the checkout
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    for name in ("fastbert", "kernels", "csrc"):
+        shutil.copytree(os.path.join(ROOT, name), src / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                          "-w", str(tmp_path), ROOT], capture_output=True, text=True, timeout=600)
+                          "-w", str(tmp_path), str(src)], capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     import zipfile
     (whl,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]

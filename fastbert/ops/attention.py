@@ -98,14 +98,26 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[T
 # ----------------------------------------------------------------------------------------
 # custom ops (Triton backend)
 
+def _key_end(attention_mask: Tensor) -> Tensor:
+    """int32 (batch,): one past the last attended key of each mask row, 0 for a row with
+    none. Computed on the device (no host sync); the kernels skip the key blocks from there
+    on, which in a right-padded BERT batch is most of the padding."""
+    batch, seqlen_k = attention_mask.shape
+    if seqlen_k == 0:
+        return torch.zeros((batch,), dtype=torch.int32, device=attention_mask.device)
+    positions = torch.arange(1, seqlen_k + 1, dtype=torch.int32, device=attention_mask.device)
+    return ((attention_mask != 0).to(torch.int32) * positions).amax(-1)
+
+
 @torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
-                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                   seed: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                   dropout_p: float, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+                   kv_end: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                   cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor], max_seqlen_q: int,
+                   max_seqlen_k: int, causal: bool, dropout_p: float,
+                   softmax_scale: float) -> Tuple[Tensor, Tensor]:
     from fastbert.kernels import attention as k_
     return k_.attention_fwd(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                            max_seqlen_k, seed, causal, dropout_p, softmax_scale)
+                            max_seqlen_k, seed, causal, dropout_p, softmax_scale, kv_end)
 
 
 def _lse_shape(q, cu_seqlens_q, max_seqlen_q):
@@ -115,46 +127,48 @@ def _lse_shape(q, cu_seqlens_q, max_seqlen_q):
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,
-      causal, dropout_p, softmax_scale):
+def _(q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
+      max_seqlen_k, causal, dropout_p, softmax_scale):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(_lse_shape(q, cu_seqlens_q, max_seqlen_q), dtype=torch.float32))
 
 
 @torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   attention_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
-                   cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor], max_seqlen_q: int,
-                   max_seqlen_k: int, causal: bool, dropout_p: float,
-                   softmax_scale: float) -> List[Tensor]:
+                   attention_mask: Optional[Tensor], kv_end: Optional[Tensor],
+                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                   seed: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                   dropout_p: float, softmax_scale: float) -> List[Tensor]:
     from fastbert.kernels import attention as k_
     dq, dk, dv = k_.attention_bwd(dout, q, k, v, out, lse, attention_mask, cu_seqlens_q,
                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,
-                                  dropout_p, softmax_scale)
+                                  dropout_p, softmax_scale, kv_end)
     return [dq, dk, dv]
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, attention_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
-      max_seqlen_k, causal, dropout_p, softmax_scale):
+def _(dout, q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
+      max_seqlen_q, max_seqlen_k, causal, dropout_p, softmax_scale):
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
 
 
 def _fwd_setup(ctx, inputs, output):
-    (q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,
-     causal, dropout_p, softmax_scale) = inputs
+    (q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
+     max_seqlen_k, causal, dropout_p, softmax_scale) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attention_mask, cu_seqlens_q, cu_seqlens_k, seed)
+    ctx.save_for_backward(q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
+                          seed)
     ctx.args = (max_seqlen_q, max_seqlen_k, causal, dropout_p, softmax_scale)
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, attention_mask, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, attention_mask, cu_seqlens_q,
+    (q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
+     seed) = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q,
                                 cu_seqlens_k, seed, *ctx.args)
     need = ctx.needs_input_grad
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -268,8 +282,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         return attention_ref(q, k, v, attention_mask=attention_mask, causal=causal,
                              dropout_p=p, softmax_scale=scale)
     seed = _dropout_seed(q.device) if p > 0.0 else None
-    out, _ = _attention_fwd(q, k, v, attention_mask, None, None, seed, q.shape[1], k.shape[1],
-                            bool(causal), p, scale)
+    kv_end = _key_end(attention_mask) if attention_mask is not None else None
+    out, _ = _attention_fwd(q, k, v, attention_mask, kv_end, None, None, seed, q.shape[1],
+                            k.shape[1], bool(causal), p, scale)
     return out
 
 
@@ -357,7 +372,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         return attention_ref(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                              causal=causal, dropout_p=p, softmax_scale=scale)
     seed = _dropout_seed(q.device) if p > 0.0 else None
-    out, _ = _attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
+    out, _ = _attention_fwd(q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
                             max_seqlen_k, bool(causal), p, scale)
     return out
 

@@ -1,7 +1,8 @@
 """fastbert.ops.attention / attention_varlen / unpad / pad: forward and dq/dk/dv against the
 fp64 reference on ragged shapes (key-padding masks with holes, bottom-right causal with
 seqlen_q != seqlen_k, grouped-query heads, head dims whose tile is wider than the head),
-dropout against the reference with the kernels' recovered mask, rows that see no key, the
+dropout against the reference with the kernels' recovered mask, rows that see no key, key
+blocks past each row's last attended key skipped (never loaded, zero dK/dV), the
 deterministic backward, bad inputs, registration (opcheck, torch.compile).
 
 On CPU the kernels run in the Triton interpreter: fp32 and fp16 only (the interpreter's
@@ -24,13 +25,17 @@ from tests._utils import assert_close_to_ref, max_err, poison_
 LOWP_ATOL = 2e-3
 
 
+def _poison_launcher_allocations(monkeypatch):
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(k.torch, "empty", lambda *a, **kw: poison_(real_empty(*a, **kw)))
+    monkeypatch.setattr(k.torch, "empty_like", lambda *a, **kw: poison_(real_empty_like(*a, **kw)))
+
+
 @pytest.fixture
 def poisoned_empty(monkeypatch):
     """Every tensor the launchers allocate (outputs, lse, delta) starts as NaN, so an element
     a kernel forgets to write fails."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(k.torch, "empty", lambda *a, **kw: poison_(real_empty(*a, **kw)))
-    monkeypatch.setattr(k.torch, "empty_like", lambda *a, **kw: poison_(real_empty_like(*a, **kw)))
+    _poison_launcher_allocations(monkeypatch)
     yield
 
 
@@ -42,10 +47,17 @@ def _leaves(*ts, dtype=None):
     return [t.detach().to(dtype or t.dtype).requires_grad_() for t in ts]
 
 
-def _check(run, ref, q, k_, v, name=""):
+def _check(run, ref, q, k_, v, name="", unread_keys=None):
     """run(q, k, v) -> kernel output; ref(q, k, v, **kw) -> reference output. Compares the
-    output and dq, dk, dv with the fp64 reference (and, for fp16, torch's fp16 error)."""
-    qk, kk, vk = _leaves(q, k_, v)
+    output and dq, dk, dv with the fp64 reference (and, for fp16, torch's fp16 error).
+    unread_keys: bool (batch, seqlen_k), key positions filled with NaN in the kernel's k and
+    v only (the reference sees the clean values): keys the kernels must never load."""
+    if unread_keys is None:
+        qk, kk, vk = _leaves(q, k_, v)
+    else:
+        nan = torch.tensor(float("nan"), dtype=k_.dtype, device=k_.device)
+        hide = unread_keys[:, :, None, None]
+        qk, kk, vk = _leaves(q, torch.where(hide, nan, k_), torch.where(hide, nan, v))
     out = run(qk, kk, vk)
     dout = torch.randn_like(out, dtype=torch.float32).to(out.dtype)
     out.backward(dout)
@@ -132,6 +144,72 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(device):
     assert out[1].abs().max() == 0 and q.grad[1].abs().max() == 0
     assert k_.grad[1].abs().max() == 0 and v.grad[1].abs().max() == 0
     assert out[0].abs().max() > 0
+
+
+# ------------------------------------------------------------------------- skipped key blocks
+
+def test_key_end_is_one_past_the_last_attended_key(device):
+    mask = torch.tensor([[1, 0, 1, 1, 0, 0], [0] * 6, [0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0]],
+                        device=device)
+    for m in (mask, mask.bool(), mask.to(torch.int8)):
+        kv_end = ops_attention._key_end(m)
+        assert kv_end.dtype == torch.int32 and kv_end.tolist() == [4, 0, 6, 1]
+    assert ops_attention._key_end(mask[:, :0]).tolist() == [0, 0, 0, 0]
+
+
+def _widest_key_block(dtype, head_dim, dropout):
+    """The largest BLOCK_N any attention kernel uses for this call: key positions from the
+    first multiple of it at or past kv_end lie in blocks that every kernel skips."""
+    fwd = k.fwd_config(head_dim, dtype, dropout)[1]
+    return max([fwd] + [cfg[1] for cfg in k.bwd_configs(head_dim, dtype)])
+
+
+def _padding_past_blocks(mask, block):
+    kv_end = ops_attention._key_end(mask).long()
+    first_skipped = (kv_end + block - 1) // block * block
+    return torch.arange(mask.shape[1], device=mask.device)[None, :] >= first_skipped[:, None]
+
+
+# (dtype, batch lengths, seqlen_q, seqlen_k, causal, holes): several whole key blocks of
+# padding per row (seqlen_k > 2 x the widest key block), a fully padded row (length 0), a
+# full row; holes are drawn before each row's end
+SKIP_CASES = [
+    (torch.float32, (150, 37, 0), 40, 150, False, False),
+    (torch.float32, (150, 61, 0), 100, 150, True, True),     # bottom-right causal, offset 50
+    (torch.float32, (80, 20, 0), 80, 80, True, True),        # square causal
+    (torch.float16, (300, 70, 0), 20, 300, False, True),     # fp16: dK/dV blocks of 128 keys
+]
+
+
+@pytest.mark.parametrize("dtype, lengths, sq, sk, causal, holes", SKIP_CASES,
+                         ids=[f"{str(c[0])[6:]}-{'-'.join(map(str, c[1]))}-q{c[2]}-k{c[3]}-"
+                              f"{'causal' if c[4] else 'full'}{'-holes' if c[5] else ''}"
+                              for c in SKIP_CASES])
+def test_padded_key_blocks_are_skipped_and_results_match_fp64(device, poisoned_empty, dtype,
+                                                               lengths, sq, sk, causal, holes):
+    # the keys in blocks past each row's last attended key are NaN in the kernels' k and v:
+    # any load of them would poison out and dq; dK/dV start as NaN (poisoned_empty), so the
+    # skipped dK/dV programs must write their zeros
+    batch, heads, heads_kv, d = len(lengths), 2, 1, 32
+    q = _rand(device, dtype, batch, sq, heads, d)
+    k_ = _rand(device, dtype, batch, sk, heads_kv, d)
+    v = _rand(device, dtype, batch, sk, heads_kv, d)
+    ends = torch.tensor(lengths, device=device)
+    mask = torch.arange(sk, device=device)[None, :] < ends[:, None]
+    if holes:
+        rows, last = torch.arange(batch, device=device), (ends - 1).clamp(min=0)
+        mask &= torch.rand(batch, sk, device=device) > 0.3
+        mask[rows, last] = ends > 0                        # each row still ends at its length
+    block = _widest_key_block(dtype, d, False)
+    unread = _padding_past_blocks(mask, block)
+    assert unread[1].sum() > block                         # row 1 skips two key blocks or more
+    out, (dq, dk, dv) = _check(
+        lambda a, b, c: attention(a, b, c, attention_mask=mask, causal=causal, backend="triton"),
+        lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=mask, causal=causal, **kw),
+        q, k_, v, name=f"skip {lengths}", unread_keys=unread)
+    empty = ends == 0
+    assert out[empty].abs().max() == 0 and dq[empty].abs().max() == 0
+    assert dk[unread].abs().max() == 0 and dv[unread].abs().max() == 0
 
 
 def _varlen_inputs(device, dtype, lens_q, lens_k, heads, heads_kv, d):
@@ -258,6 +336,28 @@ def test_dropout_fwd_bwd_matches_reference_with_recovered_mask(device, dtype):
     _check(run, lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=mask, causal=True,
                                                      dropout_p=P_DROP, dropout_mask=keep, **kw),
            q, k_, v, name="dropout")
+
+
+def test_dropout_with_skipped_padding_blocks_keeps_the_philox_offsets(device, monkeypatch):
+    # the recovered keep-mask is drawn over the full (seqlen_q, seqlen_k) grid: matching the
+    # reference with it shows the skip leaves every kept element's offset unchanged
+    batch, sq, sk, heads, d, lengths = 3, 40, 150, 2, 32, (150, 45, 0)
+    q, k_, v = (_rand(device, torch.float32, batch, s, heads, d) for s in (sq, sk, sk))
+    mask = torch.arange(sk, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    mask[0, 3:140:7] = False
+    keep = _recover_mask(device, 13, batch, heads, sq, sk)
+    _poison_launcher_allocations(monkeypatch)      # after the int8 keep-mask's allocation
+    unread = _padding_past_blocks(mask, _widest_key_block(torch.float32, d, True))
+    assert unread[1].any() and unread[2].all()
+
+    def run(a, b, c):
+        torch.manual_seed(13)
+        return attention(a, b, c, attention_mask=mask, causal=True, dropout_p=P_DROP,
+                         backend="triton")
+
+    _check(run, lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=mask, causal=True,
+                                                     dropout_p=P_DROP, dropout_mask=keep, **kw),
+           q, k_, v, name="dropout skip", unread_keys=unread)
 
 
 def test_dropout_varlen_matches_reference_with_recovered_mask(device):
@@ -405,16 +505,17 @@ def test_attention_opcheck(device):
                 for s, h in ((9, 2), (12, 1), (12, 1)))
     mask = torch.rand(2, 12, device=device) > 0.3
     seed = torch.tensor([9], dtype=torch.int64, device=device)
-    args = (q, k_, v, mask, None, None, seed, 9, 12, True, 0.2, 0.25)
+    kv_end = ops_attention._key_end(mask)
+    args = (q, k_, v, mask, kv_end, None, None, seed, 9, 12, True, 0.2, 0.25)
     torch.library.opcheck(ops_attention._attention_fwd, args)
     out, lse = ops_attention._attention_fwd(*args)
     bwd = (torch.randn_like(out), q.detach(), k_.detach(), v.detach(), out.detach(), lse.detach(),
-           mask, None, None, seed, 9, 12, True, 0.2, 0.25)
+           mask, kv_end, None, None, seed, 9, 12, True, 0.2, 0.25)
     torch.library.opcheck(ops_attention._attention_bwd, bwd)
     qv, kv, vv, cu_q, cu_k, mq, mk = _varlen_inputs(device, torch.float32, [3, 6], [4, 8], 2, 2, 16)
     torch.library.opcheck(ops_attention._attention_fwd,
                           (qv.requires_grad_(), kv.requires_grad_(), vv.requires_grad_(), None,
-                           cu_q, cu_k, None, mq, mk, False, 0.0, 0.25))
+                           None, cu_q, cu_k, None, mq, mk, False, 0.0, 0.25))
 
 
 def test_attention_torch_compile_fullgraph_padded_and_varlen(device):
