@@ -1,0 +1,2 @@
+"""Training loops (pretraining, fine-tuning, translation). Filled by the training issues;
+nothing here yet."""
