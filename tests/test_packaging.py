@@ -66,3 +66,16 @@ def test_wheel_contains_fastbert_kernels_and_no_top_level_kernels(tmp_path):
     assert "fastbert/kernels/_common.py" in names
     assert not any(n.startswith("kernels/") for n in names)
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+
+
+def test_without_triton_the_torch_backend_works_and_triton_says_why(tmp_path):
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, fastbert\n"
+            "y = fastbert.ops.layer_norm(torch.randn(2, 4), None, None)\n"
+            "try:\n"
+            "    fastbert.ops.layer_norm(torch.randn(2, 4), None, None, backend='triton')\n"
+            "except fastbert.ops.BackendUnavailable as e:\n"
+            "    print('raised:', e)\n")
+    out = _run(code, str(tmp_path), {"PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr
+    assert "raised:" in out.stdout and "triton is not importable" in out.stdout
