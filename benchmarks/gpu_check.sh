@@ -51,8 +51,17 @@ awk '$1 != 0 && $1 != 5 {bad=1} END {exit bad}' "$R/.tests/status" || status=1
 rm -rf "$R/.tests"
 
 echo "== benchmarks"
-FASTBERT_RESULTS="$R" timeout 300 "$PY" -m benchmarks.run_all 2>&1 | tee "$R/gpu_bench.log"
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+# one process per script, one after another (timings must not share the GPU), each with its
+# own time limit so that one slow or stuck benchmark cannot take the others' time
+: > "$R/gpu_bench.log"
+for f in benchmarks/bench_*.py; do
+  name=$(basename "$f" .py)
+  echo "--- $name" | tee -a "$R/gpu_bench.log"
+  FASTBERT_RESULTS="$R" timeout "${FASTBERT_BENCH_TIMEOUT:-150}" "$PY" -m "benchmarks.$name" 2>&1 \
+    | tee -a "$R/gpu_bench.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { echo "--- $name FAILED (exit $rc)" | tee -a "$R/gpu_bench.log"; status=1; }
+done
 
 echo "== gpu-check finished with status $status; results in $R"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
