@@ -146,7 +146,6 @@ def copy_bandwidth_gbps(device: torch.device) -> Optional[float]:
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms, _, _ = time_fn(lambda: dst.copy_(src), device)
-    del src, dst
     return 2 * n / (ms * 1e-3) / 1e9
 
 

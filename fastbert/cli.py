@@ -41,8 +41,6 @@ def cmd_selfcheck(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import importlib
-
     import torch
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:

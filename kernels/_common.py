@@ -33,18 +33,6 @@ MAX_FUSED_COLS = 8192
 # exercise the multi-program (partial-sum) code paths without making tests slow.
 INTERPRETER_PROGRAMS = 4
 
-TORCH_TO_TRITON = {
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float64: "fp64",
-    torch.int64: "i64",
-    torch.int32: "i32",
-    torch.int8: "i8",
-    torch.uint8: "u8",
-    torch.bool: "i1",
-}
-
 
 @triton.jit
 def _tanh(x):

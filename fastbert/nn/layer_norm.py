@@ -1,7 +1,6 @@
 """``fastbert.nn.LayerNorm``: a drop-in for ``torch.nn.LayerNorm`` on the fused kernel."""
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
