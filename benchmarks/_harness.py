@@ -261,3 +261,11 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     if args.device.type != "cuda":
         args.quick = True
     return args
+
+
+def main_for(bench: str, cases_fn, description: str, argv=None) -> List[Dict[str, object]]:
+    """The ``main`` of every bench script: parse the common arguments, build the cases for
+    the chosen device, time them and write the results."""
+    args = parse_args(description, argv)
+    return run_cases(bench, cases_fn(args.device, args.quick), args.device,
+                     write=not args.no_write)

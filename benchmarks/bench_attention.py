@@ -31,7 +31,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from benchmarks._harness import Case, parse_args, run_cases
+from benchmarks._harness import Case, main_for
 from fastbert.ops import attention, attention_varlen, unpad
 
 # Tokens per batch on the GPU (batch = TOKENS // seq): fills an H100 with headroom for the
@@ -187,8 +187,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
 
 
 def main(argv=None):
-    args = parse_args("fused attention vs torch SDPA backends and eager attention", argv)
-    run_cases("attention", cases(args.device, args.quick), args.device, write=not args.no_write)
+    main_for("attention", cases, "fused attention vs torch SDPA backends and eager attention", argv)
 
 
 if __name__ == "__main__":

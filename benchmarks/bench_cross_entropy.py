@@ -26,7 +26,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from benchmarks._harness import Case, parse_args, run_cases
+from benchmarks._harness import Case, main_for
 
 VOCAB = 30522
 IGNORE = -100
@@ -142,9 +142,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
 
 
 def main(argv=None):
-    args = parse_args("cross_entropy and masked_lm_loss, forward + backward", argv)
-    run_cases("cross_entropy", cases(args.device, args.quick), args.device,
-              write=not args.no_write)
+    main_for("cross_entropy", cases, "cross_entropy and masked_lm_loss, forward + backward", argv)
 
 
 if __name__ == "__main__":

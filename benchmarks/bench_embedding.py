@@ -22,7 +22,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from benchmarks._harness import Case, parse_args, run_cases
+from benchmarks._harness import Case, main_for
 
 # BERT's vocabulary, position table, token types and training dropout.
 VOCAB = 30522
@@ -120,8 +120,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
 
 
 def main(argv=None):
-    args = parse_args("embedding_layer_norm forward + backward vs eager and torch.compile", argv)
-    run_cases("embedding", cases(args.device, args.quick), args.device, write=not args.no_write)
+    main_for("embedding", cases, "embedding_layer_norm forward + backward vs eager and torch.compile", argv)
 
 
 if __name__ == "__main__":

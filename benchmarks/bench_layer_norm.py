@@ -24,7 +24,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from benchmarks._harness import Case, parse_args, run_cases
+from benchmarks._harness import Case, main_for
 
 HIDDEN = (768, 1024, 4096)
 ROWS = (8192, 32768, 65536)
@@ -135,8 +135,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
 
 
 def main(argv=None):
-    args = parse_args(__doc__.splitlines()[0], argv)
-    run_cases("layer_norm", cases(args.device, args.quick), args.device, write=not args.no_write)
+    main_for("layer_norm", cases, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from benchmarks._harness import Case, parse_args, run_cases
+from benchmarks._harness import Case, main_for
 from fastbert.nn import LSTM, LayerNormLSTM
 
 # fwd + bwd = 3x the forward's GEMM FLOPs (the backward computes dX-side and dW-side GEMMs)
@@ -181,8 +181,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
 
 
 def main(argv=None):
-    args = parse_args(__doc__.splitlines()[0], argv)
-    run_cases("lstm", cases(args.device, args.quick), args.device, write=not args.no_write)
+    main_for("lstm", cases, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -333,6 +333,19 @@ def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def _gather_inputs(input_ids, position_ids, token_type_ids, word_weight, position_weight,
+                   type_weight):
+    """Flattened index tensors and unit-stride tables, as both launchers need them."""
+    n_cols = word_weight.shape[-1]
+    _check_width(n_cols)
+    shape = tuple(input_ids.shape)
+    ids = _flat_ids(input_ids, shape)
+    pos_ids = _flat_ids(position_ids, shape)
+    type_ids = _flat_ids(token_type_ids, shape) if type_weight is not None else None
+    word, pos, typ = _table(word_weight), _table(position_weight), _table(type_weight)
+    return n_cols, shape, ids, pos_ids, type_ids, word, pos, typ
+
+
 def embedding_layer_norm_fwd(input_ids: torch.Tensor, word_weight: torch.Tensor,
                              position_weight: torch.Tensor, ln_weight: Optional[torch.Tensor],
                              ln_bias: Optional[torch.Tensor], eps: float,
@@ -355,13 +368,8 @@ def embedding_layer_norm_fwd(input_ids: torch.Tensor, word_weight: torch.Tensor,
     Returns:
         y (input_ids.shape + (H,)), mean and rstd (fp32, (tokens,)).
     """
-    n_cols = word_weight.shape[-1]
-    _check_width(n_cols)
-    shape = tuple(input_ids.shape)
-    ids = _flat_ids(input_ids, shape)
-    pos_ids = _flat_ids(position_ids, shape)
-    type_ids = _flat_ids(token_type_ids, shape) if type_weight is not None else None
-    word, pos, typ = _table(word_weight), _table(position_weight), _table(type_weight)
+    n_cols, shape, ids, pos_ids, type_ids, word, pos, typ = _gather_inputs(
+        input_ids, position_ids, token_type_ids, word_weight, position_weight, type_weight)
     ln_weight, ln_bias = _table(ln_weight), _table(ln_bias)
     n_rows = ids.numel()
     dev = word.device
@@ -434,13 +442,8 @@ def embedding_layer_norm_bwd(dy: torch.Tensor, input_ids: torch.Tensor,
         (dword, dposition, dtype, dln_weight, dln_bias), each in its parameter's dtype;
         dtype / dln_weight / dln_bias are None when that parameter is None.
     """
-    n_cols = word_weight.shape[-1]
-    _check_width(n_cols)
-    shape = tuple(input_ids.shape)
-    ids = _flat_ids(input_ids, shape)
-    pos_ids = _flat_ids(position_ids, shape)
-    type_ids = _flat_ids(token_type_ids, shape) if type_weight is not None else None
-    word, pos, typ = _table(word_weight), _table(position_weight), _table(type_weight)
+    n_cols, shape, ids, pos_ids, type_ids, word, pos, typ = _gather_inputs(
+        input_ids, position_ids, token_type_ids, word_weight, position_weight, type_weight)
     w = _table(ln_weight)
     n_rows = ids.numel()
     seq_len = max(shape[-1] if shape else 1, 1)
