@@ -8,7 +8,11 @@ in the same process (device-to-device copy bandwidth, bf16 matmul rate), and wri
 ``<results>/<bench>_<card>.csv`` plus a markdown table naming the card, driver, torch and
 triton versions.
 
-The results directory is ``$FASTBERT_RESULTS`` (default ``benchmarks/results``).
+The results directory is ``$FASTBERT_RESULTS`` (default ``benchmarks/results``). The files
+are rewritten after every case, so a run stopped part-way keeps what it measured.
+``$FASTBERT_BENCH_DEADLINE`` (Unix time, seconds) makes a run stop starting new cases once it
+has passed; the cases left out are listed in the markdown (``make gpu-check`` sets it to share
+its time budget between the scripts). Each script lists its cases most important first.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import gc
 import os
 import platform
 import re
@@ -26,6 +31,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 RESULTS_ENV = "FASTBERT_RESULTS"
+DEADLINE_ENV = "FASTBERT_BENCH_DEADLINE"
 DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # Bytes moved by the copy-bandwidth probe: large enough to defeat L2 (50 MB on H100).
 COPY_PROBE_BYTES = 1 << 30
@@ -58,6 +64,17 @@ def results_dir() -> str:
     d = os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def deadline() -> Optional[float]:
+    """The Unix time after which no new case starts (``$FASTBERT_BENCH_DEADLINE``), or None."""
+    v = os.environ.get(DEADLINE_ENV, "").strip()
+    if not v:
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"{DEADLINE_ENV} must be a Unix time in seconds, got {v!r}") from None
 
 
 def device_info(device: torch.device) -> Dict[str, str]:
@@ -168,8 +185,14 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
         "copy_gbps": copy_bandwidth_gbps(device),
         "matmul_tflops": matmul_tflops(device) if any(c.flops for c in cases) else None,
     }
-    rows = []
+    rows: List[Dict[str, object]] = []
+    stop_at = deadline()
+    skipped: List[Case] = []
+    done = 0
     for case in cases:
+        if stop_at is not None and time.time() > stop_at:
+            skipped.append(case)
+            continue
         results = {}
         for impl, fn in case.impls.items():
             try:
@@ -206,9 +229,28 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
                                 if k in row)
                 print(f"{bench:>14} {case.name:<24} {_fmt_params(case.params):<44} {impl:<16} "
                       f"{ms:9.4f} ms{extra}{'  ' + err if err else ''}", flush=True)
+        done += 1
+        # free the case's lazily built inputs before the next one: a list of cases that each
+        # fill much of the card must not accumulate (the callables are spent once timed)
+        case.impls = {impl: _spent for impl in case.impls}
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+        if write and done < len(cases):  # a run stopped part-way keeps what it measured
+            write_results(bench, rows, device, ceilings,
+                          note=f"Incomplete: the run stopped after {done} of {len(cases)} cases.")
+    note = ""
+    if skipped:
+        note = (f"Time budget (${DEADLINE_ENV}) reached: {len(skipped)} of {len(cases)} cases not "
+                "run: " + "; ".join(f"{c.name} {_fmt_params(c.params)}" for c in skipped) + ".")
+        print(f"{bench}: {note}", flush=True)
     if write:
-        write_results(bench, rows, device, ceilings)
+        write_results(bench, rows, device, ceilings, note=note)
     return rows
+
+
+def _spent():
+    raise RuntimeError("this benchmark case has been run already; its inputs were freed")
 
 
 def _fmt_params(p: Dict[str, object]) -> str:
@@ -216,8 +258,9 @@ def _fmt_params(p: Dict[str, object]) -> str:
 
 
 def write_results(bench: str, rows: List[Dict[str, object]], device: torch.device,
-                  ceilings: Dict[str, Optional[float]]) -> str:
-    """Write ``<bench>_<card>.csv`` and ``<bench>_<card>.md``; returns the CSV path."""
+                  ceilings: Dict[str, Optional[float]], note: str = "") -> str:
+    """Write ``<bench>_<card>.csv`` and ``<bench>_<card>.md`` (``note``, if any, under the
+    header); returns the CSV path. Each file is written whole, then renamed into place."""
     info = device_info(device)
     out = results_dir()
     stem = os.path.join(out, f"{bench}_{card_slug(info)}")
@@ -226,12 +269,12 @@ def write_results(bench: str, rows: List[Dict[str, object]], device: torch.devic
         for k in r:
             if k not in keys:
                 keys.append(k)
-    with open(stem + ".csv", "w", newline="") as f:
+    with open(stem + ".csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:
             w.writerow(r)
-    with open(stem + ".md", "w") as f:
+    with open(stem + ".md.tmp", "w") as f:
         f.write(f"# {bench} on {info['card']}\n\n")
         f.write(f"driver {info['driver'] or '-'}, CUDA {info['cuda'] or '-'}, torch {info['torch']}, "
                 f"triton {info['triton']}, {info['date']}\n\n")
@@ -242,10 +285,14 @@ def write_results(bench: str, rows: List[Dict[str, object]], device: torch.devic
         if mm:
             f.write(f", bf16 matmul {mm:.0f} TFLOP/s")
         f.write("\n\n")
+        if note:
+            f.write(note + "\n\n")
         f.write("| " + " | ".join(keys) + " |\n")
         f.write("|" + "---|" * len(keys) + "\n")
         for r in rows:
             f.write("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |\n")
+    os.replace(stem + ".csv.tmp", stem + ".csv")
+    os.replace(stem + ".md.tmp", stem + ".md")
     return stem + ".csv"
 
 

@@ -20,6 +20,9 @@ peak memory. Targets (H100): fwd+bwd at least as fast as SDPA's best backend on 
 shapes; varlen >= 1.5x padded SDPA; causal forward >= 50% of the matmul rate at seq >= 2k,
 head dim 128.
 
+Cases run forward+backward first, then forward, then backward (``make gpu-check`` gives each
+script a time share and may stop it part-way).
+
 On CPU (CI smoke test) only the PyTorch paths run, on tiny shapes.
 """
 from __future__ import annotations
@@ -183,7 +186,10 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         flops = 4 * batch * heads * seq * seq * d // 2
         out += _cases_for("causal", params, impls, flops,
                           baseline="sdpa_flash" if gpu else "sdpa_math")
-    return out
+    # what the targets are about first (make gpu-check may stop a script part-way): every
+    # forward+backward, then the forwards, then the backwards; each in the order built
+    order = {"fwd+bwd": 0, "fwd": 1, "bwd": 2}
+    return sorted(out, key=lambda c: order[c.name.rsplit(" ", 1)[1]])
 
 
 def main(argv=None):

@@ -1,16 +1,32 @@
 #!/usr/bin/env bash
 # `make gpu-check`: the one script for the GPU test machine (see ../shared/PLATFORM.md).
 #
-# That machine has torch, triton, pytest and friends preinstalled and no network, so this runs
-# fastbert from the checkout (PYTHONPATH=.) with the machine's own packages: it installs
-# nothing. Steps: environment report, the test suite on the GPU (compiled kernels, plus the
-# tests marked gpu), then every benchmark. Logs, CSVs and markdown tables go to
-# $FASTBERT_RESULTS (default benchmarks/results). Budget: under 8 minutes on an H100.
+# That machine has torch, triton, pytest (with pytest-xdist and pytest-timeout) and friends
+# preinstalled and no network, so this runs fastbert from the checkout (PYTHONPATH=.) with the
+# machine's own packages: it installs nothing. Steps, most important first:
+#   1. environment report (card, driver, versions) and, if csrc/ has kernels, their build;
+#   2. the tests marked `gpu` (fp16/bf16 at real sizes: what closes the kernel issues);
+#   3. every other test, on CUDA tensors and compiled kernels (the CPU suite runs them in the
+#      Triton interpreter);
+#   4. the benchmarks, one process each, attention / cross-entropy / embedding / LSTM /
+#      LayerNorm, sharing what is left of the budget (each writes its CSV + markdown after
+#      every case and stops starting cases at its share's end).
+# Logs, CSVs and markdown tables go to $FASTBERT_RESULTS (default benchmarks/results).
 #
-# With the device tool, $OUT is set: the results are also packed into
-# $OUT/gpu_check_results.tgz (only 8 files come back from $OUT):
+# Time: the whole script keeps to $FASTBERT_GPU_BUDGET seconds (default 480) so that it fits
+# one device call (10 minutes at most) with room for the machine's start; each phase gets a
+# share and a hard `timeout`. The device lends 15 minutes a task, start included: run this
+# once, read the summary, fix, rerun only what failed.
+#
+# With the device tool, $OUT is set: the results are packed into $OUT/gpu_check_results.tgz
+# after every phase (so a call cut off at its limit still brings back what was done), with
+# the summary $OUT/gpu_check_summary.txt beside it:
 #   make gpu-check RESULTS=/tmp/r
 # Elsewhere, PYTHON=/path/to/python picks the interpreter (default python3).
+# For a rerun of part of it: FASTBERT_GPU_PHASES picks phases (default "gpu-tests tests
+# bench"), FASTBERT_PYTEST_ARGS adds pytest arguments (e.g. "-k attention"), FASTBERT_BENCHES
+# picks benchmarks with weights (default "attention:3 cross_entropy:2 embedding:2 lstm:2
+# layer_norm:1"). FASTBERT_TEST_JOBS sets the pytest workers (default 12).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 R="${FASTBERT_RESULTS:-benchmarks/results}"
@@ -18,55 +34,128 @@ mkdir -p "$R"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 PY="${PYTHON:-python3}"
+BUDGET="${FASTBERT_GPU_BUDGET:-480}"
+PHASES="${FASTBERT_GPU_PHASES:-gpu-tests tests bench}"
+JOBS="${FASTBERT_TEST_JOBS:-12}"
+START=$(date +%s)
+SUMMARY="$R/gpu_check_summary.txt"
 status=0
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+min() { [ "$1" -lt "$2" ] && echo "$1" || echo "$2"; }
+say() { echo "$*" | tee -a "$SUMMARY"; }
+pack() {
+  if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+    tar czf "$OUT/gpu_check_results.tgz.part" -C "$R" . \
+      && mv "$OUT/gpu_check_results.tgz.part" "$OUT/gpu_check_results.tgz"
+    cp "$SUMMARY" "$OUT/"
+  fi
+}
+phase_on() { case " $PHASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
 if ! "$PY" -c "import torch, triton" 2>/dev/null; then
   echo "$PY cannot import torch and triton; set PYTHON=/path/to/python (the GPU machine's own)" >&2
   exit 2
 fi
+: > "$SUMMARY"
+say "== gpu-check $(date -u '+%Y-%m-%d %H:%M UTC'), budget ${BUDGET}s, phases: $PHASES"
 
 echo "== environment" | tee "$R/gpu_env.txt"
 "$PY" -m fastbert.env 2>&1 | tee -a "$R/gpu_env.txt"
 nvidia-smi 2>&1 | head -15 >> "$R/gpu_env.txt"
+"$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import torch, triton
+card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+print(f"card: {card}; torch {torch.__version__} (CUDA {torch.version.cuda}); triton {triton.__version__}")
+EOF
 
 if ls csrc/*.cu >/dev/null 2>&1 && [ "${FASTBERT_SKIP_CSRC:-0}" != 1 ]; then
   echo "== building csrc/ against this machine's torch" | tee "$R/gpu_build.log"
-  FASTBERT_BUILD_CUDA=1 timeout 300 "$PY" setup.py build_ext --inplace >> "$R/gpu_build.log" 2>&1 \
-    || { echo "csrc build FAILED (see gpu_build.log)"; status=1; }
+  if FASTBERT_BUILD_CUDA=1 timeout "$(min 300 "$(left)")" "$PY" setup.py build_ext --inplace \
+      >> "$R/gpu_build.log" 2>&1; then
+    say "csrc build: ok"
+  else
+    say "csrc build: FAILED (see gpu_build.log)"; status=1
+  fi
+fi
+pack
+
+HAVE_XDIST=0
+"$PY" -c "import xdist, pytest_timeout" 2>/dev/null && HAVE_XDIST=1
+
+# run_tests NAME MARKEXPR SECONDS: the tests selected by MARKEXPR within SECONDS, verbose (one
+# line per test, so a run cut off still says what passed), failures summarized at the end.
+run_tests() {
+  local name="$1" expr="$2" secs="$3" log="$R/gpu_$1.log" rc
+  if [ "$secs" -lt 30 ]; then
+    say "$name: not run (no time left in the budget)"; status=1; return
+  fi
+  echo "== $name (-m \"$expr\", ${secs}s)"
+  if [ "$HAVE_XDIST" = 1 ]; then
+    # every kernel specialization is JIT-compiled on first use and compiles are single-
+    # threaded: spread the tests (not files: one file can hold most of the compiles) over
+    # the cores; pytest-timeout bounds any single test
+    timeout --kill-after=10 "$secs" "$PY" -m pytest tests -m "$expr" -n "$JOBS" -v -rfE \
+      --timeout "$(min 150 "$secs")" -p no:cacheprovider ${FASTBERT_PYTEST_ARGS:-} > "$log" 2>&1
+  else
+    timeout --kill-after=10 "$secs" "$PY" -m pytest tests -m "$expr" -v -rfE \
+      -p no:cacheprovider ${FASTBERT_PYTEST_ARGS:-} > "$log" 2>&1
+  fi
+  rc=$?
+  local passed failed
+  passed=$(grep -c " PASSED" "$log")
+  failed=$(grep -c -E " (FAILED|ERROR)( |$)" "$log")
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    say "$name: TIMED OUT after ${secs}s ($passed passed, $failed failed/errors so far; see gpu_$name.log)"
+    status=1
+  else
+    say "$name: exit $rc: $(grep -E '(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' "$log" | tail -1)"
+    [ "$rc" = 0 ] || [ "$rc" = 5 ] || status=1
+  fi
+  grep -E "^(FAILED|ERROR) " "$log" | head -40 | tee -a "$SUMMARY"
+  pack
+}
+
+# the tests get at most 55% of the budget between them, the benchmarks the rest
+if phase_on gpu-tests; then
+  run_tests tests_gpu "gpu and not aot" "$(min $((BUDGET * 20 / 100)) "$(left)")"
+fi
+if phase_on tests; then
+  run_tests tests_rest "not gpu and not aot" "$(min $((BUDGET * 55 / 100 - ($(date +%s) - START))) "$(left)")"
 fi
 
-echo "== tests on the GPU"
-# One pytest process per test file, several at a time: on the GPU every kernel specialization
-# is JIT-compiled on first use, and compiles are single-threaded, so the 16 cores pay off.
-# The AOT compile tests need no GPU and run in CI; they are skipped here.
-rm -rf "$R/.tests" && mkdir -p "$R/.tests"
-ls tests/test_*.py tests/*/test_*.py | xargs -P "${FASTBERT_TEST_JOBS:-8}" -I{} sh -c '
-  f="$1"; n=$(echo "$f" | tr / _)
-  { echo "=== $f"; timeout 240 "$2" -m pytest "$f" -q -m "not aot" -p no:cacheprovider; } \
-    > "$3/.tests/$n.log" 2>&1
-  echo "$? $f" >> "$3/.tests/status"' _ {} "$PY" "$R"
-cat "$R"/.tests/*.log > "$R/gpu_tests.log"
-sort -k2 "$R/.tests/status" | tee "$R/gpu_tests_status.txt"
-grep -h -E "(passed|failed|error|no tests ran).* in [0-9.]+s" "$R"/.tests/*.log || true
-awk '$1 != 0 && $1 != 5 {bad=1} END {exit bad}' "$R/.tests/status" || status=1
-rm -rf "$R/.tests"
-
-echo "== benchmarks"
-# one process per script, one after another (timings must not share the GPU), each with its
-# own time limit so that one slow or stuck benchmark cannot take the others' time
-: > "$R/gpu_bench.log"
-for f in benchmarks/bench_*.py; do
-  name=$(basename "$f" .py)
-  echo "--- $name" | tee -a "$R/gpu_bench.log"
-  FASTBERT_RESULTS="$R" timeout "${FASTBERT_BENCH_TIMEOUT:-150}" "$PY" -m "benchmarks.$name" 2>&1 \
-    | tee -a "$R/gpu_bench.log"
-  rc=${PIPESTATUS[0]}
-  [ "$rc" = 0 ] || { echo "--- $name FAILED (exit $rc)" | tee -a "$R/gpu_bench.log"; status=1; }
-done
-
-echo "== gpu-check finished with status $status; results in $R"
-if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-  # the device tool brings back at most 8 files from $OUT: one archive plus the summaries
-  tar czf "$OUT/gpu_check_results.tgz" -C "$R" . && cp "$R/gpu_tests_status.txt" "$OUT/"
-  echo "packed $R into $OUT/gpu_check_results.tgz"
+if phase_on bench; then
+  echo "== benchmarks"
+  # one process per script, one after another (timings must not share the GPU); each stops
+  # starting cases at its share's end ($FASTBERT_BENCH_DEADLINE) and is killed 30 s after it
+  : > "$R/gpu_bench.log"
+  # name:weight; a script's share is its weight's part of the time left (of the weights
+  # still to run), so time one script leaves unused goes to the next
+  read -r -a benches <<< "${FASTBERT_BENCHES:-attention:3 cross_entropy:2 embedding:2 lstm:2 layer_norm:1}"
+  wleft=0
+  for entry in "${benches[@]}"; do wleft=$((wleft + ${entry##*:})); done
+  for entry in "${benches[@]}"; do
+    name=${entry%%:*}; w=${entry##*:}
+    share=$(( $(left) * w / wleft )); wleft=$((wleft - w))
+    if [ "$share" -lt 20 ]; then
+      say "bench_$name: not run (no time left in the budget)"; status=1; continue
+    fi
+    echo "--- bench_$name (${share}s)" | tee -a "$R/gpu_bench.log"
+    FASTBERT_RESULTS="$R" FASTBERT_BENCH_DEADLINE=$(( $(date +%s) + share - 15 )) \
+      timeout --kill-after=5 $(( share + 30 )) "$PY" -m "benchmarks.bench_$name" 2>&1 \
+      | tee -a "$R/gpu_bench.log"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" = 0 ]; then
+      say "bench_$name: ok"
+    else
+      say "bench_$name: FAILED (exit $rc)"; status=1
+    fi
+    grep -h "^Time budget\|^Incomplete" "$R"/${name}_*.md 2>/dev/null | cut -c1-200 | tee -a "$SUMMARY"
+    pack
+  done
 fi
+
+say "== gpu-check finished with status $status after $(( $(date +%s) - START ))s; results in $R"
+pack
+[ -n "${OUT:-}" ] && [ -d "$OUT" ] && echo "packed $R into $OUT/gpu_check_results.tgz"
 exit $status

@@ -655,10 +655,12 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                   seed: Optional[torch.Tensor] = None, causal: bool = False,
                   dropout_p: float = 0.0, softmax_scale: float = 1.0,
-                  kv_end: Optional[torch.Tensor] = None):
+                  kv_end: Optional[torch.Tensor] = None, *, need_dq: bool = True,
+                  need_dkv: bool = True):
     """Launch the backward (deterministic: no atomics). Arguments as ``attention_fwd`` (the
     same kv_end), plus do (out's shape), out and lse from the forward. Returns (dq, dk, dv)
-    in the inputs' shapes and dtypes."""
+    in the inputs' shapes and dtypes. ``need_dq=False`` skips the dq kernel and
+    ``need_dkv=False`` the dk/dv kernel: those outputs are then zeros."""
     q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
     varlen, batch, sq, sk = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -688,7 +690,10 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     qk_scale = float(softmax_scale) * _SCORE_LOG2E
     flags = dict(BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen, IS_CAUSAL=bool(causal),
                  HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout)
-    if sk > 0:
+    if not need_dkv:
+        dk.zero_()
+        dv.zero_()
+    elif sk > 0:
         _attention_bwd_dkdv_kernel[(triton.cdiv(sk, bn1) * batch * heads_kv,)](
             q, k, v, do, lse, delta, dk, dv, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
@@ -697,6 +702,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             float(softmax_scale), float(dropout_p),
             BLOCK_M=bm1, BLOCK_N=bn1, num_warps=w1, num_stages=s1, **flags,
         )
+    if not need_dq:
+        return dq.zero_(), dk, dv
     _attention_bwd_dq_kernel[(triton.cdiv(sq, bm2) * batch * heads,)](
         q, k, v, do, lse, delta, dq, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),

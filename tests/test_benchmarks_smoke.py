@@ -19,3 +19,64 @@ def test_bench_script_runs_in_quick_mode(name, tmp_path, monkeypatch, capsys):
     assert " ms" in out
     written = sorted(p.name for p in tmp_path.iterdir())
     assert any(p.endswith(".csv") for p in written) and any(p.endswith(".md") for p in written)
+
+
+def _counting_cases(n, calls):
+    import torch
+    from benchmarks._harness import Case
+
+    def make(i):
+        def run():
+            calls.append(i)
+            return torch.ones(4).sum()
+        return run
+    return [Case("case", {"i": i}, {"a": make(i), "b": make(i)}) for i in range(n)]
+
+
+def test_harness_stops_starting_cases_after_the_deadline(tmp_path, monkeypatch):
+    import time
+
+    import torch
+    from benchmarks import _harness
+    monkeypatch.setenv("FASTBERT_RESULTS", str(tmp_path))
+    monkeypatch.setenv(_harness.DEADLINE_ENV, str(time.time() - 1))
+    calls = []
+    rows = _harness.run_cases("demo", _counting_cases(3, calls), torch.device("cpu"),
+                              verbose=False)
+    assert rows == [] and calls == []
+    md = next(tmp_path.glob("demo_*.md")).read_text()
+    assert "3 of 3 cases not run" in md and "case i=2" in md
+
+
+def test_harness_writes_after_every_case_and_frees_spent_cases(tmp_path, monkeypatch):
+    import csv
+
+    import torch
+    from benchmarks import _harness
+    monkeypatch.setenv("FASTBERT_RESULTS", str(tmp_path))
+    monkeypatch.delenv(_harness.DEADLINE_ENV, raising=False)
+    calls, seen = [], []
+    real_write = _harness.write_results
+
+    def spy(bench, rows, *a, **kw):
+        seen.append((len(rows), kw.get("note", "")))
+        return real_write(bench, rows, *a, **kw)
+
+    monkeypatch.setattr(_harness, "write_results", spy)
+    cases = _counting_cases(3, calls)
+    rows = _harness.run_cases("demo", cases, torch.device("cpu"), verbose=False)
+    assert [n for n, _ in seen] == [2, 4, 6]                  # two impls a case
+    assert seen[0][1].startswith("Incomplete: the run stopped after 1 of 3") and seen[-1][1] == ""
+    assert sorted(set(calls)) == [0, 1, 2] and len(rows) == 6
+    with open(next(tmp_path.glob("demo_*.csv"))) as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(RuntimeError, match="run already"):    # inputs released
+        cases[0].impls["a"]()
+
+
+def test_gpu_check_script_parses():
+    import pathlib
+    import subprocess
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)

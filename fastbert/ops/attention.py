@@ -138,17 +138,21 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    attention_mask: Optional[Tensor], kv_end: Optional[Tensor],
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                    seed: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                   dropout_p: float, softmax_scale: float) -> List[Tensor]:
+                   dropout_p: float, softmax_scale: float, need_dq: bool,
+                   need_dkv: bool) -> List[Tensor]:
+    # need_dq / need_dkv: launch only the kernels whose gradients autograd asked for; the
+    # others come back as zeros (and are dropped by the caller)
     from fastbert.kernels import attention as k_
     dq, dk, dv = k_.attention_bwd(dout, q, k, v, out, lse, attention_mask, cu_seqlens_q,
                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,
-                                  dropout_p, softmax_scale, kv_end)
+                                  dropout_p, softmax_scale, kv_end, need_dq=need_dq,
+                                  need_dkv=need_dkv)
     return [dq, dk, dv]
 
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
-      max_seqlen_q, max_seqlen_k, causal, dropout_p, softmax_scale):
+      max_seqlen_q, max_seqlen_k, causal, dropout_p, softmax_scale, need_dq, need_dkv):
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
 
 
@@ -164,9 +168,10 @@ def _fwd_setup(ctx, inputs, output):
 def _fwd_backward(ctx, dout, dlse):
     (q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
      seed) = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q,
-                                cu_seqlens_k, seed, *ctx.args)
     need = ctx.needs_input_grad
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q,
+                                cu_seqlens_k, seed, *ctx.args, bool(need[0]),
+                                bool(need[1] or need[2]))
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
             None, None, None, None, None, None, None, None, None, None)
 

@@ -511,7 +511,8 @@ def test_attention_opcheck(device):
     out, lse = ops_attention._attention_fwd(*args)
     bwd = (torch.randn_like(out), q.detach(), k_.detach(), v.detach(), out.detach(), lse.detach(),
            mask, kv_end, None, None, seed, 9, 12, True, 0.2, 0.25)
-    torch.library.opcheck(ops_attention._attention_bwd, bwd)
+    for need_dq, need_dkv in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(ops_attention._attention_bwd, bwd + (need_dq, need_dkv))
     qv, kv, vv, cu_q, cu_k, mq, mk = _varlen_inputs(device, torch.float32, [3, 6], [4, 8], 2, 2, 16)
     torch.library.opcheck(ops_attention._attention_fwd,
                           (qv.requires_grad_(), kv.requires_grad_(), vv.requires_grad_(), None,
@@ -581,6 +582,46 @@ def test_launch_grids_fit_cuda_grid_limits_for_many_heads(device, monkeypatch):
         assert len(grid) <= 3 and grid[0] <= 2**31 - 1, (name, grid)
         assert all(g <= 65535 for g in grid[1:]), f"{name}: grid {grid} over CUDA's limits"
         assert math.prod(grid) >= n, (name, grid)                # a program for every head
+
+
+@pytest.mark.parametrize("wants", ["q", "kv", "v"])
+def test_backward_launches_only_the_kernels_of_the_wanted_gradients(device, monkeypatch, wants):
+    """Gradients for q alone skip the dk/dv kernel, for k and/or v alone the dq kernel; the
+    gradients that are computed still match the fp64 reference."""
+    launched = []
+    for name in ("_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"):
+        real = getattr(k, name)
+
+        class Counting:
+            def __init__(self, name, real):
+                self.name, self.real = name, real
+
+            def __getitem__(self, grid):
+                launched.append(self.name)
+                return self.real[grid]
+
+        monkeypatch.setattr(k, name, Counting(name, real))
+    q = _rand(device, torch.float32, 2, 9, 2, 16)
+    k_ = _rand(device, torch.float32, 2, 11, 1, 16)
+    v = _rand(device, torch.float32, 2, 11, 1, 16)
+    mask = torch.rand(2, 11, device=device) > 0.3
+    leaves = {"q": q.clone().requires_grad_(wants == "q"),
+              "k": k_.clone().requires_grad_(wants == "kv"),
+              "v": v.clone().requires_grad_(wants in ("kv", "v"))}
+    out = attention(leaves["q"], leaves["k"], leaves["v"], attention_mask=mask, backend="triton")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q64, k64, v64 = _leaves(q, k_, v, dtype=torch.float64)
+    attention_ref(q64, k64, v64, attention_mask=mask, upcast=True).backward(dout.double())
+    expected = {"q": ["_attention_bwd_dq_kernel"], "kv": ["_attention_bwd_dkdv_kernel"],
+                "v": ["_attention_bwd_dkdv_kernel"]}[wants]
+    assert launched == expected
+    for name, ref in (("q", q64), ("k", k64), ("v", v64)):
+        got = leaves[name].grad
+        if leaves[name].requires_grad:
+            assert_close_to_ref(got, ref.grad, name=f"d{name}")
+        else:
+            assert got is None
 
 
 def test_op_and_kernel_agree_on_supported_head_dims():
