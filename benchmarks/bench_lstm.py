@@ -13,6 +13,11 @@ Every case is forward + backward (gradients of the input and every parameter) in
   recurrent GEMM + one fused row kernel per step) vs an eager PyTorch LayerNorm-LSTM.
   Target >= 3x.
 
+On CUDA the padded cases also time both LSTMs replayed from CUDA graphs
+(``torch.cuda.make_graphed_callables``): the gap to the plain call is launch overhead. One case
+per target runs first, then the rest of the grid (``make gpu-check`` may stop a script
+part-way).
+
 FLOPs: 2 * T * B * 4H * (I + H) per layer and direction forward (input and recurrent GEMMs),
 3x that for forward + backward. The full grid is trimmed (2-layer bidirectional only at batch
 64) to stay near a minute on an H100.
@@ -64,6 +69,30 @@ def _fwd_bwd(model, x, lengths=None, packed=False):
     return run
 
 
+class _Flat(torch.nn.Module):
+    """(output, (h_n, c_n)) -> (output, h_n, c_n), the flat outputs CUDA-graph capture takes."""
+
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        out, (h, c) = self.lstm(x)
+        return out, h, c
+
+
+def _graphed_fwd_bwd(model, x):
+    """Forward + backward of ``model`` captured once in CUDA graphs
+    (``torch.cuda.make_graphed_callables``) and replayed on each call."""
+    params = list(model.parameters())
+    graphed = torch.cuda.make_graphed_callables(_Flat(model), (x,))
+
+    def run():
+        out, h, c = graphed(x)
+        return torch.autograd.grad(out.float().sum() + h.float().sum(), [x] + params)
+    return run
+
+
 def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
     kw = dict(num_layers=layers, bidirectional=dirs == 2)
 
@@ -78,9 +107,25 @@ def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
             return _fwd_bwd(model, x)
         return _lazy(make)
 
+    def build_graphed(impl):
+        def make():
+            torch.manual_seed(0)
+            x = torch.randn(seq, batch, hidden, device=device, dtype=dtype, requires_grad=True)
+            if impl == "cudnn":
+                model = torch.nn.LSTM(hidden, hidden, **kw).to(device, dtype)
+            else:
+                model = LSTM(hidden, hidden, **kw, backend="triton").to(device, dtype)
+            return _graphed_fwd_bwd(model, x)
+        return _lazy(make)
+
     impls = ["cudnn" if device.type == "cuda" else "torch_nn_lstm"]
     impls += ["fastbert_triton"] if device.type == "cuda" else ["fastbert_torch"]
     fns = {i: build("cudnn" if i in ("cudnn", "torch_nn_lstm") else i) for i in impls}
+    if device.type == "cuda":
+        # the same forward+backward replayed from CUDA graphs: how much of each time is
+        # launch overhead (the per-step path launches a kernel or two per step from Python)
+        fns["cudnn_graphed"] = build_graphed("cudnn")
+        fns["fastbert_triton_graphed"] = build_graphed("fastbert")
     return Case("lstm fwd+bwd padded",
                 dict(batch=batch, hidden=hidden, seq=seq, layers=layers, dirs=dirs,
                      dtype=str(dtype).replace("torch.", "")),
@@ -167,17 +212,21 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
                 _padded_case(device, dtype, 4, 32, 8, 2, 2),
                 _varlen_case(device, dtype, 4, 32, 8),
                 _layer_norm_case(device, dtype, 4, 32, 8)]
-    out = []
+    # one case for each target first (make gpu-check may stop a script part-way), then the grid
+    first = [("padded", 64, 512, 256, 1, 1), ("varlen", 64, 512, 256),
+             ("layer_norm", 64, 256, 64), ("padded", 64, 256, 64, 1, 1),
+             ("padded", 64, 512, 256, 2, 2)]
+    rest = []
     for seq in (64, 256):
         for hidden in (256, 512, 1024):
             for batch in (16, 64, 256):
-                out.append(_padded_case(device, dtype, batch, hidden, seq, 1, 1))
-            out.append(_padded_case(device, dtype, 64, hidden, seq, 2, 2))
-    for hidden in (256, 512, 1024):
-        out.append(_varlen_case(device, dtype, 64, hidden, 256))
-    for hidden in (256, 512):
-        out.append(_layer_norm_case(device, dtype, 64, hidden, 64))
-    return out
+                rest.append(("padded", batch, hidden, seq, 1, 1))
+            rest.append(("padded", 64, hidden, seq, 2, 2))
+    rest += [("varlen", 64, hidden, 256) for hidden in (256, 512, 1024)]
+    rest += [("layer_norm", 64, hidden, 64) for hidden in (256, 512)]
+    make = {"padded": _padded_case, "varlen": _varlen_case, "layer_norm": _layer_norm_case}
+    return [make[kind](device, dtype, *shape)
+            for kind, *shape in first + [c for c in rest if c not in first]]
 
 
 def main(argv=None):
