@@ -34,7 +34,11 @@ the recurrent GEMM is one cuBLAS call per step and a row kernel (one program per
 fuses everything else of the step: LN(W_hh h) * g_hh + xg, the gates, the cell update,
 LN(c) * g_c + b_c, the output and the length masking; its backward fuses both LayerNorm
 backwards with the gate gradients and accumulates the LayerNorm weight gradients per row in
-place. The W_ih x LayerNorm is done for all timesteps at once by the caller.
+place. The W_ih x LayerNorm is done for all timesteps at once by the caller. With a
+projection the row kernel writes the unprojected output r = o * tanh(LN(c) * g_c + b_c),
+r @ W_hr^T is a second cuBLAS GEMM per step and a small row kernel masks it by length into
+the new state and the output; the backward runs the same three pieces in reverse
+(dh masked -> dh @ W_hr -> the row kernel), and dW_hr is one GEMM over all steps.
 
 Two ways to run the time loop:
 - per step (any hidden size, projection): one launch per step, a 2-D grid over batch blocks x
@@ -445,10 +449,12 @@ def _ln_lstm_fwd_kernel(
     rec_ptr, xg_ptr, h_prev_ptr, c_prev_ptr, g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr,
     h_out_ptr, c_out_ptr, y_ptr, gates_ptr, stats_ptr,
     stride_b, stride_c_b, n_hidden, t, eps,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, HAS_PROJ: tl.constexpr,
 ):
     # each program owns one batch row: the LayerNorms reduce over the whole row (4H gate
-    # pre-activations, H cell values), so a row never splits across programs
+    # pre-activations, H cell values), so a row never splits across programs. With HAS_PROJ
+    # y_ptr receives the unprojected output r (zero past the length) and h_prev / h_out are
+    # not touched: the new (projected) state is r @ W_hr^T, masked by _ln_lstm_proj_fwd_kernel
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < n_hidden
@@ -481,9 +487,11 @@ def _ln_lstm_fwd_kernel(
     h = go * _tanh(cn)
     valid = t < tl.load(len_ptr + b)
     tl.store(c_out_ptr + crow, tl.where(valid, c, c_prev), mask=mask)
-    h_old = tl.load(h_prev_ptr + crow, mask=mask, other=0.0)
-    tl.store(h_out_ptr + crow, tl.where(valid, h, h_old.to(tl.float32)).to(h_out_ptr.dtype.element_ty),
-             mask=mask)
+    if not HAS_PROJ:
+        h_old = tl.load(h_prev_ptr + crow, mask=mask, other=0.0)
+        tl.store(h_out_ptr + crow,
+                 tl.where(valid, h, h_old.to(tl.float32)).to(h_out_ptr.dtype.element_ty),
+                 mask=mask)
     tl.store(y_ptr + crow, tl.where(valid, h, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
     gdt = gates_ptr.dtype.element_ty
     tl.store(gates_ptr + row, gi.to(gdt), mask=mask)
@@ -497,12 +505,25 @@ def _ln_lstm_fwd_kernel(
     tl.store(stats_ptr + b * 4 + 3, c_rstd)
 
 
+@triton.jit
+def _ln_state_grad(dh_mm_ptr, dy_ptr, dcarry_ptr, row, mask, valid, HAS_NEXT: tl.constexpr):
+    """Gradient w.r.t. one row of the state after this step: dy + (next step's drec @ W_hh)
+    + the carry, returned zero past the length; there the carry keeps it (stored in place)
+    and passes it on towards h0."""
+    g_state = tl.load(dcarry_ptr + row, mask=mask, other=0.0)
+    if HAS_NEXT:
+        g_state += tl.load(dh_mm_ptr + row, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + row, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dcarry_ptr + row, tl.where(valid, 0.0, g_state), mask=mask)
+    return tl.where(valid, g_state + dy, 0.0)
+
+
 @triton.jit(do_not_specialize=["t"])
 def _ln_lstm_bwd_kernel(
     dh_mm_ptr, dy_ptr, rec_ptr, gates_ptr, c_ptr, c_prev_ptr, stats_ptr, g_hh_ptr, g_c_ptr,
     b_c_ptr, len_ptr, dcarry_ptr, dc_ptr, dxg_ptr, drec_ptr, dg_hh_acc_ptr, dgb_c_acc_ptr,
     stride_b, stride_c_b, n_hidden, t,
-    BLOCK_H: tl.constexpr, HAS_NEXT: tl.constexpr,
+    BLOCK_H: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_PROJ: tl.constexpr,
 ):
     # each program owns one batch row (see _ln_lstm_fwd_kernel) and its row of the
     # LayerNorm-weight gradient accumulators, summed over batch rows by the caller
@@ -513,13 +534,13 @@ def _ln_lstm_bwd_kernel(
     row = b * stride_b + cols
     crow = b * stride_c_b + cols
     valid = t < tl.load(len_ptr + b)
-    # gradient w.r.t. the state after this step: dy + (next step's drec @ W_hh) + carry
-    g_state = tl.load(dcarry_ptr + crow, mask=mask, other=0.0)
-    if HAS_NEXT:
-        g_state += tl.load(dh_mm_ptr + crow, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + crow, mask=mask, other=0.0).to(tl.float32)
-    dr = tl.where(valid, g_state + dy, 0.0)
-    tl.store(dcarry_ptr + crow, tl.where(valid, 0.0, g_state), mask=mask)
+    if HAS_PROJ:
+        # dh_mm_ptr holds the gradient w.r.t. the unprojected output, (dh masked by length)
+        # @ W_hr, from the caller's GEMM (see _ln_lstm_proj_bwd_kernel); dy, dcarry and
+        # HAS_NEXT are not used
+        dr = tl.where(valid, tl.load(dh_mm_ptr + crow, mask=mask, other=0.0).to(tl.float32), 0.0)
+    else:
+        dr = _ln_state_grad(dh_mm_ptr, dy_ptr, dcarry_ptr, crow, mask, valid, HAS_NEXT)
     gi = tl.load(gates_ptr + row, mask=mask, other=0.0).to(tl.float32)
     gf = tl.load(gates_ptr + row + H, mask=mask, other=0.0).to(tl.float32)
     gg = tl.load(gates_ptr + row + 2 * H, mask=mask, other=0.0).to(tl.float32)
@@ -585,6 +606,46 @@ def _ln_lstm_bwd_kernel(
     tl.store(drec_ptr + row + H, ((e_f - k1 - r_f * k2) * rstd).to(rdt), mask=mask)
     tl.store(drec_ptr + row + 2 * H, ((e_g - k1 - r_g * k2) * rstd).to(rdt), mask=mask)
     tl.store(drec_ptr + row + 3 * H, ((e_o - k1 - r_o * k2) * rstd).to(rdt), mask=mask)
+
+
+@triton.jit(do_not_specialize=["t"])
+def _ln_lstm_proj_fwd_kernel(
+    h_ptr, h_prev_ptr, len_ptr, y_ptr,
+    stride_b, n_proj, t,
+    BLOCK_P: tl.constexpr,
+):
+    # each program owns one batch row of the projected state: h_ptr holds r @ W_hr^T (the
+    # caller's GEMM wrote it there) and is overwritten in place with the new state, the
+    # previous state past the length; y gets the projection, zero past the length.
+    # stride_b is the row stride of all three (B, P) rows (the launcher allocates them alike)
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_P)
+    mask = cols < n_proj
+    row = b * stride_b + cols
+    valid = t < tl.load(len_ptr + b)
+    h = tl.load(h_ptr + row, mask=mask, other=0.0)
+    h_old = tl.load(h_prev_ptr + row, mask=mask, other=0.0)
+    tl.store(h_ptr + row, tl.where(valid, h, h_old), mask=mask)
+    tl.store(y_ptr + row, tl.where(valid, h, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["t"])
+def _ln_lstm_proj_bwd_kernel(
+    dh_mm_ptr, dy_ptr, len_ptr, dcarry_ptr, gv_ptr,
+    stride_b, n_proj, t,
+    BLOCK_P: tl.constexpr, HAS_NEXT: tl.constexpr,
+):
+    # each program owns one batch row of the gradient w.r.t. the projected state after this
+    # step; gv gets it masked by length (the caller multiplies it by W_hr, and keeps it for
+    # dW_hr), the carry keeps the part past the length. stride_b is the row stride of all
+    # four (B, P) rows
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_P)
+    mask = cols < n_proj
+    row = b * stride_b + cols
+    valid = t < tl.load(len_ptr + b)
+    gv = _ln_state_grad(dh_mm_ptr, dy_ptr, dcarry_ptr, row, mask, valid, HAS_NEXT)
+    tl.store(gv_ptr + row, gv.to(gv_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -813,23 +874,30 @@ def ln_row_block(n_hidden: int) -> tuple[int, int]:
 
 
 def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
-                g_hh: torch.Tensor, g_c: torch.Tensor, b_c: torch.Tensor,
-                lengths: torch.Tensor, reverse: bool, eps: float):
-    """Recurrence of one LayerNorm-LSTM layer and direction (no projection).
+                w_hr: Optional[torch.Tensor], g_hh: torch.Tensor, g_c: torch.Tensor,
+                b_c: torch.Tensor, lengths: torch.Tensor, reverse: bool, eps: float):
+    """Recurrence of one LayerNorm-LSTM layer and direction.
 
     Per step: rec = h @ W_hh^T (cuBLAS, one GEMM), then one row kernel fusing LN(rec) *
     g_hh + xg, the gates, the cell update, LN(c) * g_c + b_c, the output and length masking.
+    With ``w_hr`` the row kernel writes the unprojected output r instead, then r @ W_hr^T
+    (cuBLAS, one GEMM) and a row kernel that masks it by length into the state and y.
 
     Args:
-        xg: (T, B, 4H) LN(x @ W_ih^T) * g_ih + b_ih + b_hh; h0, c0: (B, H).
-        w_hh: (4H, H); g_hh: (4H,); g_c, b_c: (H,); lengths: (B,) int64.
+        xg: (T, B, 4H) LN(x @ W_ih^T) * g_ih + b_ih + b_hh; h0: (B, P), P = proj_size or H;
+            c0: (B, H).
+        w_hh: (4H, P); w_hr: (P, H) or None; g_hh: (4H,); g_c, b_c: (H,);
+            lengths: (B,) int64 on xg's device.
 
     Returns:
-        y (T, B, H), hs (T+1, B, H), cs (T+1, B, H) fp32 (processing order), gates and recs
-        (T, B, 4H), stats (T, B, 4) fp32: (mean, rstd) of rec and of c per row.
+        y (T, B, P), hs (T+1, B, P), cs (T+1, B, H) fp32 (processing order), gates and recs
+        (T, B, 4H), stats (T, B, 4) fp32: (mean, rstd) of rec and of c per row, rs (T, B, H)
+        the unprojected outputs, zero past each length (empty without w_hr).
     """
     n_steps, n_batch, n_gates = xg.shape
     n_hidden = n_gates // 4
+    n_state = w_hh.shape[1]
+    has_proj = w_hr is not None
     if n_hidden > LN_MAX_HIDDEN:
         raise ValueError(f"hidden size {n_hidden} exceeds the LayerNorm-LSTM kernel's limit "
                          f"{LN_MAX_HIDDEN}; use backend='torch'")
@@ -837,40 +905,61 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
     # the row kernels index these with unit element stride
     xg, lengths = xg.contiguous(), lengths.contiguous()
     g_hh, g_c, b_c = g_hh.contiguous(), g_c.contiguous(), b_c.contiguous()
-    hs = torch.empty((n_steps + 1, n_batch, n_hidden), dtype=dt, device=dev)
+    hs = torch.empty((n_steps + 1, n_batch, n_state), dtype=dt, device=dev)
     cs = torch.empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32, device=dev)
     hs[0] = h0
     cs[0] = c0
-    y = torch.empty((n_steps, n_batch, n_hidden), dtype=dt, device=dev)
+    y = torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev)
     gates = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
     recs = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
     stats = torch.empty((n_steps, n_batch, 4), dtype=torch.float32, device=dev)
+    rs = (torch.empty((n_steps, n_batch, n_hidden), dtype=dt, device=dev) if has_proj
+          else y.new_empty(0))
     if n_steps == 0 or n_batch == 0:
-        return y, hs, cs, gates, recs, stats
+        return y, hs, cs, gates, recs, stats, rs
     block_h, warps = ln_row_block(n_hidden)
     w_t = w_hh.t()
+    # without a projection the row kernel writes the new state and y itself
+    out = rs if has_proj else y
+    if has_proj:
+        w_hr_t = w_hr.t()
+        block_p, pwarps = ln_row_block(n_state)
     for s, t in enumerate(_time_order(n_steps, reverse)):
         torch.mm(hs[s], w_t, out=recs[t])
         _ln_lstm_fwd_kernel[(n_batch,)](
             recs[t], xg[t], hs[s], cs[s], g_hh, g_c, b_c, lengths,
-            hs[s + 1], cs[s + 1], y[t], gates[t], stats[t],
-            n_gates, n_hidden, n_hidden, t, float(eps), BLOCK_H=block_h, num_warps=warps)
-    return y, hs, cs, gates, recs, stats
+            hs[s + 1], cs[s + 1], out[t], gates[t], stats[t],
+            recs.stride(1), cs.stride(1), n_hidden, t, float(eps), BLOCK_H=block_h,
+            HAS_PROJ=has_proj, num_warps=warps)
+        if has_proj:
+            torch.mm(rs[t], w_hr_t, out=hs[s + 1])
+            _ln_lstm_proj_fwd_kernel[(n_batch,)](
+                hs[s + 1], hs[s], lengths, y[t], hs.stride(1), n_state, t,
+                BLOCK_P=block_p, num_warps=pwarps)
+    return y, hs, cs, gates, recs, stats, rs
 
 
 def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: torch.Tensor,
-                g_hh: torch.Tensor, g_c: torch.Tensor, b_c: torch.Tensor,
-                lengths: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor, gates: torch.Tensor,
-                recs: torch.Tensor, stats: torch.Tensor, reverse: bool):
+                w_hr: Optional[torch.Tensor], g_hh: torch.Tensor, g_c: torch.Tensor,
+                b_c: torch.Tensor, lengths: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor,
+                gates: torch.Tensor, recs: torch.Tensor, stats: torch.Tensor, rs: torch.Tensor,
+                reverse: bool):
     """Backward of ``ln_lstm_fwd``: per step one row kernel (gate, cell-LayerNorm and
-    recurrent-LayerNorm gradients) and one GEMM (drec @ W_hh).
+    recurrent-LayerNorm gradients) and one GEMM (drec @ W_hh); with ``w_hr`` first a row
+    kernel masking the state gradient by length and a GEMM (dh @ W_hr).
+
+    Args:
+        dy: (T, B, P) gradient of y; dh_n: (B, P), dc_n: (B, H) gradients of the final state.
+        the rest: as passed to / returned by ``ln_lstm_fwd``.
 
     Returns:
-        dxg (T, B, 4H), dh0 and dc0 (B, H) fp32, dw_hh (4H, H), dg_hh (4H,), dg_c and
-        db_c (H,), the last four fp32.
+        dxg (T, B, 4H), dh0 (B, P) and dc0 (B, H) fp32, dw_hh (4H, P), dw_hr (P, H) (empty
+        without w_hr), dg_hh (4H,), dg_c and db_c (H,), the last five fp32.
     """
     n_steps, n_batch, n_gates = gates.shape
     n_hidden = n_gates // 4
+    n_state = w_hh.shape[1]
+    has_proj = w_hr is not None
     dev, dt = gates.device, gates.dtype
     dy, lengths = dy.contiguous(), lengths.contiguous()
     g_hh, g_c, b_c = g_hh.contiguous(), g_c.contiguous(), b_c.contiguous()
@@ -878,22 +967,33 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
     drec = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
     dcarry = dh_n.to(torch.float32).contiguous().clone()
     dc = dc_n.to(torch.float32).contiguous().clone()
-    dh_mm = torch.empty((n_batch, n_hidden), dtype=dt, device=dev)
+    dh_mm = torch.empty((n_batch, n_state), dtype=dt, device=dev)
     dg_hh_acc = torch.zeros((n_batch, n_gates), dtype=torch.float32, device=dev)
     dgb_c_acc = torch.zeros((n_batch, 2 * n_hidden), dtype=torch.float32, device=dev)
+    if has_proj:
+        # gv: the state gradients masked by length (kept for dW_hr); dr = gv @ W_hr
+        gv = torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev)
+        dr = torch.empty((n_batch, n_hidden), dtype=dt, device=dev)
     order = list(_time_order(n_steps, reverse))
     if n_steps > 0 and n_batch > 0:
         block_h, warps = ln_row_block(n_hidden)
+        if has_proj:
+            block_p, pwarps = ln_row_block(n_state)
         for s in range(n_steps - 1, -1, -1):
             t = order[s]
             has_next = s < n_steps - 1
             if has_next:
                 torch.mm(drec[order[s + 1]], w_hh, out=dh_mm)
+            if has_proj:
+                _ln_lstm_proj_bwd_kernel[(n_batch,)](
+                    dh_mm, dy[t], lengths, dcarry, gv[t], gv.stride(1), n_state, t,
+                    BLOCK_P=block_p, HAS_NEXT=has_next, num_warps=pwarps)
+                torch.mm(gv[t], w_hr, out=dr)
             _ln_lstm_bwd_kernel[(n_batch,)](
-                dh_mm, dy[t], recs[t], gates[t], cs[s + 1], cs[s], stats[t], g_hh, g_c, b_c,
-                lengths, dcarry, dc, dxg[t], drec[t], dg_hh_acc, dgb_c_acc,
-                n_gates, n_hidden, n_hidden, t,
-                BLOCK_H=block_h, HAS_NEXT=has_next, num_warps=warps)
+                dr if has_proj else dh_mm, dy[t], recs[t], gates[t], cs[s + 1], cs[s], stats[t],
+                g_hh, g_c, b_c, lengths, dcarry, dc, dxg[t], drec[t], dg_hh_acc, dgb_c_acc,
+                drec.stride(1), cs.stride(1), n_hidden, t,
+                BLOCK_H=block_h, HAS_NEXT=has_next, HAS_PROJ=has_proj, num_warps=warps)
     if n_steps > 0:
         dh0 = dcarry + drec[order[0]].float() @ w_hh.float()
     else:
@@ -901,16 +1001,21 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
     h_prev = hs[:n_steps]
     if reverse:
         h_prev = h_prev.flip(0)
-    dw_hh = (drec.reshape(-1, n_gates).t() @ h_prev.reshape(-1, n_hidden)).float()
+    dw_hh = (drec.reshape(-1, n_gates).t() @ h_prev.reshape(-1, n_state)).float()
+    if has_proj:
+        dw_hr = (gv.reshape(-1, n_state).t() @ rs.reshape(-1, n_hidden)).float()
+    else:
+        dw_hr = dy.new_empty(0, dtype=torch.float32)
     acc = dgb_c_acc.view(n_batch, 2, n_hidden)
-    return dxg, dh0, dc, dw_hh, dg_hh_acc.sum(0), acc[:, 0].sum(0), acc[:, 1].sum(0)
+    return (dxg, dh0, dc, dw_hh, dw_hr, dg_hh_acc.sum(0), acc[:, 0].sum(0),
+            acc[:, 1].sum(0))
 
 
 def aot_configs():
     """Every block config of the LSTM step kernels in fp32 and bf16, projection on and off,
     one fp16 config; the time-looping kernels at every column block in bf16 (both
     directions), fp16 and fp32; every LayerNorm-LSTM row block in bf16 and the smallest and
-    largest in fp32."""
+    largest in fp32, projection on and off, with the projection row kernels."""
     def fwd_sig(dt):
         return {"xg_ptr": f"*{dt}", "h_prev_ptr": f"*{dt}", "c_prev_ptr": "*fp32",
                 "w_hh_ptr": f"*{dt}", "len_ptr": "*i64", "h_out_ptr": f"*{dt}",
@@ -956,7 +1061,8 @@ def aot_configs():
                 "b_c_ptr": f"*{dt}", "len_ptr": "*i64", "h_out_ptr": f"*{dt}",
                 "c_out_ptr": "*fp32", "y_ptr": f"*{dt}", "gates_ptr": f"*{dt}",
                 "stats_ptr": "*fp32", "stride_b": "i32", "stride_c_b": "i32",
-                "n_hidden": "i32", "t": "i32", "eps": "fp32", "BLOCK_H": "constexpr"}
+                "n_hidden": "i32", "t": "i32", "eps": "fp32", "BLOCK_H": "constexpr",
+                "HAS_PROJ": "constexpr"}
 
     def ln_bwd_sig(dt):
         return {"dh_mm_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "rec_ptr": f"*{dt}",
@@ -966,7 +1072,16 @@ def aot_configs():
                 "dc_ptr": "*fp32", "dxg_ptr": f"*{dt}", "drec_ptr": f"*{dt}",
                 "dg_hh_acc_ptr": "*fp32", "dgb_c_acc_ptr": "*fp32", "stride_b": "i32",
                 "stride_c_b": "i32", "n_hidden": "i32", "t": "i32",
-                "BLOCK_H": "constexpr", "HAS_NEXT": "constexpr"}
+                "BLOCK_H": "constexpr", "HAS_NEXT": "constexpr", "HAS_PROJ": "constexpr"}
+
+    def ln_pfwd_sig(dt):
+        return {"h_ptr": f"*{dt}", "h_prev_ptr": f"*{dt}", "len_ptr": "*i64", "y_ptr": f"*{dt}",
+                "stride_b": "i32", "n_proj": "i32", "t": "i32", "BLOCK_P": "constexpr"}
+
+    def ln_pbwd_sig(dt):
+        return {"dh_mm_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "len_ptr": "*i64",
+                "dcarry_ptr": "*fp32", "gv_ptr": f"*{dt}", "stride_b": "i32", "n_proj": "i32",
+                "t": "i32", "BLOCK_P": "constexpr", "HAS_NEXT": "constexpr"}
 
     def step(dt, bb, bh, bk, warps, projs):
         blocks = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, DOT_FP32=False)
@@ -1024,8 +1139,17 @@ def aot_configs():
         n *= 2
     for dt, blocks in (("bf16", ln_blocks), ("fp32", [ln_blocks[0], ln_blocks[-1]])):
         for block_h, warps in blocks:
-            yield AotConfig(_ln_lstm_fwd_kernel, ln_fwd_sig(dt), dict(BLOCK_H=block_h), warps,
-                            name=f"ln_lstm_fwd[{dt},{block_h}]")
-            yield AotConfig(_ln_lstm_bwd_kernel, ln_bwd_sig(dt),
-                            dict(BLOCK_H=block_h, HAS_NEXT=True), warps,
-                            name=f"ln_lstm_bwd[{dt},{block_h}]")
+            for proj in (False, True):
+                tag = f"{dt},{block_h},proj={proj}"
+                yield AotConfig(_ln_lstm_fwd_kernel, ln_fwd_sig(dt),
+                                dict(BLOCK_H=block_h, HAS_PROJ=proj), warps,
+                                name=f"ln_lstm_fwd[{tag}]")
+                yield AotConfig(_ln_lstm_bwd_kernel, ln_bwd_sig(dt),
+                                dict(BLOCK_H=block_h, HAS_NEXT=True, HAS_PROJ=proj), warps,
+                                name=f"ln_lstm_bwd[{tag}]")
+            # the projection row kernels take ln_row_block(proj_size): the same blocks
+            yield AotConfig(_ln_lstm_proj_fwd_kernel, ln_pfwd_sig(dt), dict(BLOCK_P=block_h),
+                            warps, name=f"ln_lstm_proj_fwd[{dt},{block_h}]")
+            yield AotConfig(_ln_lstm_proj_bwd_kernel, ln_pbwd_sig(dt),
+                            dict(BLOCK_P=block_h, HAS_NEXT=True), warps,
+                            name=f"ln_lstm_proj_bwd[{dt},{block_h}]")

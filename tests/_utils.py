@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: the low-precision error rule and poisoned outputs."""
+"""Helpers shared by the tests: the low-precision error rule, poisoned outputs and an
+independent eager LayerNorm-LSTM."""
 from __future__ import annotations
 
 from typing import Optional
@@ -52,3 +53,41 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(-12345)
+
+
+def ln_lstm_eager(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih_weight, ln_hh_weight,
+                  ln_cell_weight, ln_cell_bias, lengths, *, reverse=False, eps=1e-5):
+    """One LayerNorm-LSTM layer and direction (haste's formulation), one cell step at a time,
+    written independently of ``fastbert.ops.lstm_layer_ref``, computed in the inputs' dtype
+    and device: in fp64 a second oracle, in fp16 / bf16 PyTorch's own low-precision error
+    for ``assert_close_to_ref``.
+
+    x: (T, B, I) padded; h0: (B, P); c0: (B, H); weights as ``lstm_layer`` (b_ih, b_hh,
+    w_hr may be None); lengths: (B,). Returns y (T, B, P), h_n (B, P), c_n (B, H).
+    """
+    def ln(v, w, b=None):
+        mu = v.mean(-1, keepdim=True)
+        var = ((v - mu) ** 2).mean(-1, keepdim=True)
+        out = (v - mu) / torch.sqrt(var + eps) * w
+        return out + b if b is not None else out
+
+    n_steps, n_batch = x.shape[:2]
+    lengths = lengths.to(x.device)
+    h, c = h0, c0
+    y = x.new_zeros(n_steps, n_batch, h0.shape[-1])
+    for t in (reversed(range(n_steps)) if reverse else range(n_steps)):
+        gates = ln(x[t] @ w_ih.t(), ln_ih_weight)
+        if b_ih is not None:
+            gates = gates + b_ih
+        gates = gates + ln(h @ w_hh.t(), ln_hh_weight)
+        if b_hh is not None:
+            gates = gates + b_hh
+        i, f, g, o = gates.chunk(4, -1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(ln(c_new, ln_cell_weight, ln_cell_bias))
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
+        m = (t < lengths)[:, None]
+        y[t] = torch.where(m, h_new, 0.0)
+        h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
+    return y, h, c

@@ -240,14 +240,16 @@ class LayerNormLSTM(LSTM):
     LayerNormLSTM, Ba et al. 2016):
 
         gates = LN(W_ih x) * g_ih + b_ih + LN(W_hh h) * g_hh + b_hh
-        c' = f * c + i * g,   h' = o * tanh(LN(c') * g_c + b_c)
+        c' = f * c + i * g,   h' = o * tanh(LN(c') * g_c + b_c)   (then h' = W_hr h' with
+                                                                 proj_size, as in LSTM)
 
     Same constructor and call as ``LSTM`` (plus ``eps``); the LSTM weights have torch's
     names, and each layer / direction adds ``layer_norm_ih_weight_l{k}``,
     ``layer_norm_hh_weight_l{k}`` (4H,), ``layer_norm_cell_weight_l{k}`` and
     ``layer_norm_cell_bias_l{k}`` (H,) (``_reverse`` for the reverse direction), initialized
-    to ones / zeros. On "triton" the recurrence runs on the fused LayerNorm-LSTM row kernels
-    (hidden <= 2048, no projection; otherwise auto falls back to the PyTorch recurrence).
+    to ones / zeros. On "triton" the recurrence runs on the fused LayerNorm-LSTM row kernels,
+    with or without ``proj_size`` (hidden <= 2048; past that auto falls back to the PyTorch
+    recurrence).
     """
 
     _LN_STEMS = ("layer_norm_ih_weight", "layer_norm_hh_weight", "layer_norm_cell_weight",

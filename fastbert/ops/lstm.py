@@ -176,68 +176,79 @@ _lstm_recurrence_fwd.register_autograd(_recurrence_backward, setup_context=_recu
 
 
 @torch.library.custom_op("fastbert::ln_lstm_recurrence_fwd", mutates_args=())
-def _ln_lstm_recurrence_fwd(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor,
-                            g_c: Tensor, b_c: Tensor, lengths: Tensor, reverse: bool, eps: float
-                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _ln_lstm_recurrence_fwd(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
+                            w_hr: Optional[Tensor], g_hh: Tensor, g_c: Tensor, b_c: Tensor,
+                            lengths: Tensor, reverse: bool, eps: float
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                       Tensor, Tensor]:
     from fastbert.kernels import lstm as k
-    y, hs, cs, gates, recs, stats = k.ln_lstm_fwd(xg, h0, c0, w_hh, g_hh, g_c, b_c, lengths,
-                                                  reverse, eps)
+    y, hs, cs, gates, recs, stats, rs = k.ln_lstm_fwd(xg, h0, c0, w_hh, w_hr, g_hh, g_c, b_c,
+                                                      lengths, reverse, eps)
     n = xg.shape[0]
-    return y, hs[n].clone(), cs[n].to(c0.dtype, copy=True), hs, cs, gates, recs, stats
+    return y, hs[n].clone(), cs[n].to(c0.dtype, copy=True), hs, cs, gates, recs, stats, rs
 
 
 @_ln_lstm_recurrence_fwd.register_fake
-def _(xg, h0, c0, w_hh, g_hh, g_c, b_c, lengths, reverse, eps):
+def _(xg, h0, c0, w_hh, w_hr, g_hh, g_c, b_c, lengths, reverse, eps):
     n_steps, n_batch, n_gates = xg.shape
-    n_hidden = n_gates // 4
-    return (xg.new_empty((n_steps, n_batch, n_hidden)), xg.new_empty((n_batch, n_hidden)),
-            c0.new_empty((n_batch, n_hidden)), xg.new_empty((n_steps + 1, n_batch, n_hidden)),
+    n_hidden, n_state = n_gates // 4, w_hh.shape[1]
+    return (xg.new_empty((n_steps, n_batch, n_state)), xg.new_empty((n_batch, n_state)),
+            c0.new_empty((n_batch, n_hidden)), xg.new_empty((n_steps + 1, n_batch, n_state)),
             xg.new_empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32),
             xg.new_empty((n_steps, n_batch, n_gates)), xg.new_empty((n_steps, n_batch, n_gates)),
-            xg.new_empty((n_steps, n_batch, 4), dtype=torch.float32))
+            xg.new_empty((n_steps, n_batch, 4), dtype=torch.float32),
+            xg.new_empty((n_steps, n_batch, n_hidden)) if w_hr is not None else xg.new_empty(0))
 
 
 @torch.library.custom_op("fastbert::ln_lstm_recurrence_bwd", mutates_args=())
-def _ln_lstm_recurrence_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor, g_hh: Tensor,
-                            g_c: Tensor, b_c: Tensor, lengths: Tensor, hs: Tensor, cs: Tensor,
-                            gates: Tensor, recs: Tensor, stats: Tensor, reverse: bool
-                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _ln_lstm_recurrence_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor,
+                            w_hr: Optional[Tensor], g_hh: Tensor, g_c: Tensor, b_c: Tensor,
+                            lengths: Tensor, hs: Tensor, cs: Tensor, gates: Tensor, recs: Tensor,
+                            stats: Tensor, rs: Tensor, reverse: bool
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                       Tensor]:
     from fastbert.kernels import lstm as k
-    dxg, dh0, dc0, dw_hh, dg_hh, dg_c, db_c = k.ln_lstm_bwd(dy, dh_n, dc_n, w_hh, g_hh, g_c, b_c,
-                                                            lengths, hs, cs, gates, recs, stats,
-                                                            reverse)
-    return (dxg, dh0.to(hs.dtype), dc0.to(dh_n.dtype), dw_hh.to(w_hh.dtype), dg_hh.to(g_hh.dtype),
+    dxg, dh0, dc0, dw_hh, dw_hr, dg_hh, dg_c, db_c = k.ln_lstm_bwd(
+        dy, dh_n, dc_n, w_hh, w_hr, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats, rs,
+        reverse)
+    return (dxg, dh0.to(hs.dtype), dc0.to(dh_n.dtype), dw_hh.to(w_hh.dtype),
+            dw_hr.to(w_hr.dtype) if w_hr is not None else dw_hr, dg_hh.to(g_hh.dtype),
             dg_c.to(g_c.dtype), db_c.to(b_c.dtype))
 
 
 @_ln_lstm_recurrence_bwd.register_fake
-def _(dy, dh_n, dc_n, w_hh, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats, reverse):
+def _(dy, dh_n, dc_n, w_hh, w_hr, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats, rs,
+      reverse):
     return (gates.new_empty(gates.shape), hs.new_empty(hs.shape[1:]), dh_n.new_empty(dc_n.shape),
-            w_hh.new_empty(w_hh.shape), g_hh.new_empty(g_hh.shape), g_c.new_empty(g_c.shape),
-            b_c.new_empty(b_c.shape))
+            w_hh.new_empty(w_hh.shape),
+            w_hr.new_empty(w_hr.shape) if w_hr is not None else dy.new_empty(0, dtype=torch.float32),
+            g_hh.new_empty(g_hh.shape), g_c.new_empty(g_c.shape), b_c.new_empty(b_c.shape))
 
 
 def _ln_recurrence_setup(ctx, inputs, output):
-    xg, h0, c0, w_hh, g_hh, g_c, b_c, lengths, reverse, eps = inputs
-    y, h_n, c_n, hs, cs, gates, recs, stats = output
-    ctx.mark_non_differentiable(hs, cs, gates, recs, stats)
-    ctx.save_for_backward(w_hh, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats)
+    xg, h0, c0, w_hh, w_hr, g_hh, g_c, b_c, lengths, reverse, eps = inputs
+    y, h_n, c_n, hs, cs, gates, recs, stats, rs = output
+    ctx.mark_non_differentiable(hs, cs, gates, recs, stats, rs)
+    ctx.save_for_backward(w_hh, w_hr, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats, rs)
     ctx.reverse = reverse
     ctx.c_dtype = c0.dtype
 
 
 def _ln_recurrence_backward(ctx, dy, dh_n, dc_n, *unused):
-    w_hh, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats = ctx.saved_tensors
-    n_steps, n_batch, n_hidden = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    w_hh, w_hr, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats, rs = ctx.saved_tensors
+    n_steps, n_batch, n_state = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    n_hidden = cs.shape[2]
     if dy is None:
-        dy = hs.new_zeros((n_steps, n_batch, n_hidden))
+        dy = hs.new_zeros((n_steps, n_batch, n_state))
     if dh_n is None:
-        dh_n = hs.new_zeros((n_batch, n_hidden))
+        dh_n = hs.new_zeros((n_batch, n_state))
     if dc_n is None:
         dc_n = hs.new_zeros((n_batch, n_hidden), dtype=ctx.c_dtype)
-    grads = _ln_lstm_recurrence_bwd(dy, dh_n, dc_n.to(ctx.c_dtype), w_hh, g_hh, g_c, b_c, lengths,
-                                    hs, cs, gates, recs, stats, ctx.reverse)
+    grads = _ln_lstm_recurrence_bwd(dy, dh_n, dc_n.to(ctx.c_dtype), w_hh, w_hr, g_hh, g_c, b_c,
+                                    lengths, hs, cs, gates, recs, stats, rs, ctx.reverse)
     need = ctx.needs_input_grad
+    # grads follow the inputs xg, h0, c0, w_hh, w_hr, g_hh, g_c, b_c (a None w_hr needs no
+    # grad: its slot is an empty placeholder); then lengths, reverse, eps
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None)
 
 
@@ -346,7 +357,7 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
         reverse: process time backwards (the reverse direction of a bidirectional LSTM).
         ln_ih_weight, ln_hh_weight (4H,), ln_cell_weight, ln_cell_bias (H,), x's dtype:
             LayerNorm-LSTM parameters (see ``lstm_layer_ref``); the "triton" backend needs
-            all four, no w_hr and H <= 2048.
+            all four and H <= 2048.
         eps: LayerNorm epsilon.
         backend: "triton", "torch" or None (see ``fastbert.ops``).
 
@@ -363,10 +374,9 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
             if not all(t is not None for t in ln):
                 return ("the LayerNorm-LSTM kernel needs all of ln_ih_weight, ln_hh_weight, "
                         "ln_cell_weight and ln_cell_bias")
-            if w_hr is not None:
-                return "the LayerNorm-LSTM kernel has no projection (proj_size)"
-            if w_hh.shape[1] > LN_MAX_HIDDEN:
-                return (f"hidden size {w_hh.shape[1]} exceeds the LayerNorm-LSTM kernel's "
+            n_hidden = w_ih.shape[0] // 4
+            if n_hidden > LN_MAX_HIDDEN:
+                return (f"hidden size {n_hidden} exceeds the LayerNorm-LSTM kernel's "
                         f"limit {LN_MAX_HIDDEN}")
         return _triton_check(x)
 
@@ -390,8 +400,9 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
         xg = F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), ln_ih_weight, None, eps)
         if bias is not None:
             xg = xg + bias
-        y, h_n, c_n, *_ = _ln_lstm_recurrence_fwd(xg, h0, c0, w_hh, ln_hh_weight, ln_cell_weight,
-                                                  ln_cell_bias, lens, bool(reverse), float(eps))
+        y, h_n, c_n, *_ = _ln_lstm_recurrence_fwd(xg, h0, c0, w_hh, w_hr, ln_hh_weight,
+                                                  ln_cell_weight, ln_cell_bias, lens,
+                                                  bool(reverse), float(eps))
         return y, h_n, c_n
     xg = F.linear(x, w_ih, bias)  # (T, B, 4H): every step's input projection in one GEMM
     y, h_n, c_n, *_ = _lstm_recurrence_fwd(xg, h0, c0, w_hh, w_hr, lens, bool(reverse))

@@ -8,11 +8,10 @@ import math
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-import fastbert
 from fastbert.nn import LSTM, LayerNormLSTM
-from tests._utils import assert_close_to_ref, max_err
+from tests._utils import assert_close_to_ref, ln_lstm_eager, max_err
 
 # tiny CPU matmuls: see the single_thread fixture in tests/conftest.py
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -216,38 +215,27 @@ def test_lstm_bad_inputs_raise_clear_errors():
 # LayerNormLSTM
 
 def _ln_lstm_eager(model, x, h0, c0, lengths, dtype=torch.float64):
-    """An independent eager LayerNorm-LSTM (haste's formulation), one cell step at a time,
-    per layer and direction, for a padded (T, B, I) batch with lengths, computed in
+    """An independent eager LayerNorm-LSTM (tests/_utils.py ``ln_lstm_eager``) over every
+    layer and direction of ``model``, for a padded (T, B, I) batch with lengths, computed in
     ``dtype`` (fp64: the oracle; bf16: PyTorch's own low-precision error) on x's device."""
-    def ln(v, w, b=None):
-        mu = v.mean(-1, keepdim=True)
-        var = ((v - mu) ** 2).mean(-1, keepdim=True)
-        out = (v - mu) / torch.sqrt(var + model.eps) * w
-        return out + b if b is not None else out
+    def P(name):
+        t = getattr(model, name, None)
+        return None if t is None else t.to(x.device, dtype)
 
-    P = lambda name: getattr(model, name).to(x.device, dtype)
-    x, h0, c0, lengths = x.to(dtype), h0.to(dtype), c0.to(dtype), lengths.to(x.device)
-    n_steps, n_batch = x.shape[:2]
+    x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
     d_count = 2 if model.bidirectional else 1
     inp, hs, cs = x, [], []
     for layer in range(model.num_layers):
         outs = []
         for d in range(d_count):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
-            h, c = h0[layer * d_count + d], c0[layer * d_count + d]
-            y = x.new_zeros(n_steps, n_batch, model.hidden_size)
-            for t in (reversed(range(n_steps)) if d else range(n_steps)):
-                gates = (ln(inp[t] @ P("weight_ih" + sfx).t(), P("layer_norm_ih_weight" + sfx))
-                         + P("bias_ih" + sfx)
-                         + ln(h @ P("weight_hh" + sfx).t(), P("layer_norm_hh_weight" + sfx))
-                         + P("bias_hh" + sfx))
-                i, f, g, o = gates.chunk(4, -1)
-                c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h_new = torch.sigmoid(o) * torch.tanh(
-                    ln(c_new, P("layer_norm_cell_weight" + sfx), P("layer_norm_cell_bias" + sfx)))
-                m = (t < lengths)[:, None]
-                y[t] = torch.where(m, h_new, 0.0)
-                h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
+            idx = layer * d_count + d
+            y, h, c = ln_lstm_eager(
+                inp, h0[idx], c0[idx], *(P(stem + sfx) for stem in (
+                    "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr",
+                    "layer_norm_ih_weight", "layer_norm_hh_weight", "layer_norm_cell_weight",
+                    "layer_norm_cell_bias")),
+                lengths, reverse=bool(d), eps=model.eps)
             outs.append(y)
             hs.append(h)
             cs.append(c)
@@ -255,38 +243,53 @@ def _ln_lstm_eager(model, x, h0, c0, lengths, dtype=torch.float64):
     return inp, torch.stack(hs), torch.stack(cs)
 
 
-def _ln_model_and_inputs(device, dtype):
-    model = LayerNormLSTM(5, 8, num_layers=2, bidirectional=True).double()
+def _ln_model_and_inputs(proj_size=0):
+    model = LayerNormLSTM(5, 8, num_layers=2, bidirectional=True, proj_size=proj_size).double()
     with torch.no_grad():  # non-trivial LayerNorm parameters
         for name, p in model.named_parameters():
             if name.startswith("layer_norm"):
                 p.add_(torch.randn_like(p) * 0.3)
     x = torch.randn(6, 3, 5, dtype=torch.float64)
-    h0 = torch.randn(4, 3, 8, dtype=torch.float64)
+    h0 = torch.randn(4, 3, proj_size or 8, dtype=torch.float64)
     c0 = torch.randn(4, 3, 8, dtype=torch.float64)
     return model, x, h0, c0, torch.tensor([6, 1, 4])
 
 
+@pytest.mark.parametrize("proj_size,packed", [(0, False), (3, True)])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_layer_norm_lstm_matches_fp64_eager_reference_and_gradients(backend, device):
-    model, x, h0, c0, lengths = _ln_model_and_inputs(device, torch.float64)
-    x.requires_grad_()
+def test_layer_norm_lstm_matches_fp64_eager_reference_and_gradients(backend, proj_size, packed,
+                                                                   device):
+    """Two bidirectional layers, padded input with lengths or (with a projection) a
+    PackedSequence: output, h_n, c_n and the gradients of input, h_0, c_0 and every
+    parameter (LSTM, projection and LayerNorm weights). backend="triton" raises if the
+    fused kernels cannot run the configuration, so passing proves they ran it."""
+    model, x, h0, c0, lengths = _ln_model_and_inputs(proj_size)
+    x, h0, c0 = (t.requires_grad_() for t in (x, h0, c0))
     ref = _ln_lstm_eager(model, x, h0, c0, lengths)
-    params = [x] + list(model.parameters())
-    g_ref = torch.autograd.grad(ref[0].sum() + ref[1].sum() + ref[2].square().sum(), params)
+    leaves = [x, h0, c0] + list(model.parameters())
+    g_ref = torch.autograd.grad(ref[0].sum() + ref[1].sum() + ref[2].square().sum(), leaves)
     if backend == "torch":
         dt, dev, tol = torch.float64, torch.device("cpu"), dict(rtol=1e-9, atol=1e-11)
     else:
         dt, dev, tol = torch.float32, device, dict(rtol=1e-4, atol=2e-5)
     model.backend = backend
     model.to(dev, dt)
-    xd = x.detach().to(dev, dt).requires_grad_()
-    out, (h, c) = model(xd, (h0.to(dev, dt), c0.to(dev, dt)), lengths=lengths, enforce_sorted=False)
+    xd, h0d, c0d = (t.detach().to(dev, dt).requires_grad_() for t in (x, h0, c0))
+    if packed:
+        out, (h, c) = model(pack_padded_sequence(xd, lengths, enforce_sorted=False), (h0d, c0d))
+        assert isinstance(out, PackedSequence)
+        out = pad_packed_sequence(out, total_length=x.shape[0])[0]
+    else:
+        out, (h, c) = model(xd, (h0d, c0d), lengths=lengths, enforce_sorted=False)
+    assert out.shape == (6, 3, 2 * (proj_size or 8)) and h.shape == (4, 3, proj_size or 8)
     for a, b in zip((out, h, c), ref):
         torch.testing.assert_close(a.cpu().double(), b.detach(), **tol)
-    g = torch.autograd.grad(out.sum() + h.sum() + c.square().sum(), [xd] + list(model.parameters()))
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a.cpu().double(), b, **tol)
+    g = torch.autograd.grad(out.sum() + h.sum() + c.square().sum(),
+                            [xd, h0d, c0d] + list(model.parameters()))
+    names = ["input", "h_0", "c_0"] + [n for n, _ in model.named_parameters()]
+    assert "weight_hr_l1_reverse" in names or not proj_size
+    for name, a, b in zip(names, g, g_ref):
+        torch.testing.assert_close(a.cpu().double(), b, **tol, msg=lambda m: f"grad {name}: {m}")
 
 
 def test_layer_norm_lstm_parameters_and_state_dict():
@@ -300,16 +303,6 @@ def test_layer_norm_lstm_parameters_and_state_dict():
     src = torch.nn.LSTM(5, 8, bidirectional=True)
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("layer_norm") for k in missing)
-
-
-def test_layer_norm_lstm_with_projection_raises_on_triton_and_runs_on_torch(device):
-    model = LayerNormLSTM(5, 8, proj_size=3, backend="triton").to(device)
-    with pytest.raises(fastbert.ops.BackendUnavailable, match="no projection"):
-        model(torch.randn(3, 2, 5, device=device))
-    model = model.cpu()
-    model.backend = "torch"
-    out, (h, c) = model(torch.randn(3, 2, 5))
-    assert out.shape == (3, 2, 3) and h.shape == (1, 2, 3) and c.shape == (1, 2, 8)
 
 
 # ----------------------------------------------------------------------------------------
@@ -337,23 +330,26 @@ def test_lstm_gpu_low_precision_within_twice_cudnn_error(dtype):
 
 
 @pytest.mark.gpu
-def test_layer_norm_lstm_gpu_bf16_within_twice_eager_bf16_error():
+@pytest.mark.parametrize("proj_size", [0, 64])
+def test_layer_norm_lstm_gpu_bf16_within_twice_eager_bf16_error(proj_size):
     """The recurrent LayerNorm rescales rounding errors every step (rec is normalized to unit
     variance), so bf16 errors grow along the sequence for any implementation: measured on
     CPU with a PyTorch emulation of the kernels' rounding points (xg, rec, h in bf16, the
     rest fp32), 0.06-0.16 of max |output| at T=16 and 0.1-0.26 at T=30, 0.25-1.34x the eager
     bf16 LayerNorm-LSTM's own error (24 seeds). Hence the house rule against PyTorch in bf16,
-    not a fixed tolerance."""
+    not a fixed tolerance. With proj_size the projection is one more bf16 rounding per step."""
     dev = torch.device("cuda")
     n_steps, n_batch, n_in, n_hidden = 16, 16, 64, 256
-    model = LayerNormLSTM(n_in, n_hidden, bidirectional=True, backend="triton").double()
+    model = LayerNormLSTM(n_in, n_hidden, bidirectional=True, proj_size=proj_size,
+                          backend="triton").double()
     x = torch.randn(n_steps, n_batch, n_in, dtype=torch.float64)
     lengths = torch.randint(1, n_steps + 1, (n_batch,))
     lengths[0] = n_steps
-    zeros = torch.zeros(2, n_batch, n_hidden, dtype=torch.float64)
-    ref = _ln_lstm_eager(model, x, zeros, zeros, lengths)
+    h0 = torch.zeros(2, n_batch, proj_size or n_hidden, dtype=torch.float64)
+    c0 = torch.zeros(2, n_batch, n_hidden, dtype=torch.float64)
+    ref = _ln_lstm_eager(model, x, h0, c0, lengths)
     model.to(dev, torch.bfloat16)
-    lowp = _ln_lstm_eager(model, x.to(dev), zeros.to(dev), zeros.to(dev), lengths, torch.bfloat16)
+    lowp = _ln_lstm_eager(model, x.to(dev), h0.to(dev), c0.to(dev), lengths, torch.bfloat16)
     out, (h, c) = model(x.to(dev, torch.bfloat16), lengths=lengths, enforce_sorted=False)
     for name, a, b, lo in zip(("output", "h_n", "c_n"), (out, h, c), ref, lowp):
         assert_close_to_ref(a.cpu(), b, lo.cpu(), atol=1e-2, name=name)
