@@ -186,28 +186,36 @@ def _fwd_tile(xg_ptr, h_prev_ptr, c_prev_ptr, w_hh_ptr, len_ptr, h_out_ptr, c_ou
                  tl.where(valid, h, h_old).to(h_out_ptr.dtype.element_ty), mask=m2)
 
 
-# The per-step kernels take the time index t as an argument that changes every launch: not
-# specializing it (Triton would compile separate variants for t == 1 and t % 16 == 0) keeps
-# one compiled kernel per configuration.
-@triton.jit(do_not_specialize=["t"])
+# The per-step kernels take whole (T, B, .) buffers and the step's indices (s: processing
+# order, t: time), and offset the pointers themselves: the launch loop then passes the same
+# tensors every step instead of slicing seven views per step in Python (about 1.6 us each on
+# the host, per step, which a small step's GPU time does not hide). The indices change every
+# launch: not specializing them (Triton would compile separate variants for 1 and multiples
+# of 16) keeps one compiled kernel per configuration.
+@triton.jit(do_not_specialize=["s", "t"])
 def _lstm_fwd_kernel(
-    xg_ptr, h_prev_ptr, c_prev_ptr, w_hh_ptr, len_ptr,
-    h_out_ptr, c_out_ptr, y_ptr, gates_ptr,
-    stride_xg_b, stride_h_b, stride_c_b, stride_w_row, stride_y_b, stride_gates_b,
-    n_batch, n_hidden, n_state, t,
+    xg_ptr, hs_ptr, cs_ptr, w_hh_ptr, len_ptr, out_ptr, gates_ptr,
+    stride_xg_t, stride_xg_b, stride_hs_s, stride_h_b, stride_cs_s, stride_c_b, stride_w_row,
+    stride_out_t, stride_out_b, stride_gates_t, stride_gates_b,
+    n_batch, n_hidden, n_state, s, t,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_PROJ: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # each program owns batch rows [pid_b * BLOCK_B, +BLOCK_B) and hidden columns
-    # [pid_h * BLOCK_H, +BLOCK_H) of all four gates, for one step
+    # [pid_h * BLOCK_H, +BLOCK_H) of all four gates, for step s (time t): it reads state s
+    # and writes state s + 1, out[t] (y, or r = o * tanh(c) with a projection) and gates[t]
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    _fwd_tile(xg_ptr, h_prev_ptr, c_prev_ptr, w_hh_ptr, len_ptr, h_out_ptr, c_out_ptr, y_ptr,
-              gates_ptr, stride_xg_b, stride_h_b, stride_c_b, stride_w_row, stride_y_b,
-              stride_gates_b, n_batch, n_hidden, n_state, t, offs_b, offs_h,
-              BLOCK_B, BLOCK_H, BLOCK_K, HAS_PROJ, DOT_FP32)
+    s64 = tl.cast(s, tl.int64)
+    t64 = tl.cast(t, tl.int64)
+    _fwd_tile(xg_ptr + t64 * stride_xg_t, hs_ptr + s64 * stride_hs_s, cs_ptr + s64 * stride_cs_s,
+              w_hh_ptr, len_ptr, hs_ptr + (s64 + 1) * stride_hs_s,
+              cs_ptr + (s64 + 1) * stride_cs_s, out_ptr + t64 * stride_out_t,
+              gates_ptr + t64 * stride_gates_t, stride_xg_b, stride_h_b, stride_c_b,
+              stride_w_row, stride_out_b, stride_gates_b, n_batch, n_hidden, n_state, t,
+              offs_b, offs_h, BLOCK_B, BLOCK_H, BLOCK_K, HAS_PROJ, DOT_FP32)
 
 
 @triton.jit
@@ -242,18 +250,24 @@ def _lstm_fwd_persistent_kernel(
         tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["s", "t"])
 def _lstm_proj_fwd_kernel(
-    r_ptr, w_hr_ptr, h_prev_ptr, len_ptr, h_out_ptr, y_ptr,
-    stride_r_b, stride_w_row, stride_h_b, stride_y_b,
-    n_batch, n_hidden, n_proj, t,
+    rs_ptr, w_hr_ptr, hs_ptr, len_ptr, ys_ptr,
+    stride_r_t, stride_r_b, stride_w_row, stride_hs_s, stride_h_b, stride_y_t, stride_y_b,
+    n_batch, n_hidden, n_proj, s, t,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     # each program owns batch rows [pid_b * BLOCK_B, +BLOCK_B) and projected columns
-    # [pid_p * BLOCK_H, +BLOCK_H): h = r @ W_hr^T, masked by length
+    # [pid_p * BLOCK_H, +BLOCK_H): state s + 1 and y[t] = r[t] @ W_hr^T, masked by length
     pid_b = tl.program_id(0)
     pid_p = tl.program_id(1)
+    s64 = tl.cast(s, tl.int64)
+    t64 = tl.cast(t, tl.int64)
+    r_ptr = rs_ptr + t64 * stride_r_t
+    h_prev_ptr = hs_ptr + s64 * stride_hs_s
+    h_out_ptr = hs_ptr + (s64 + 1) * stride_hs_s
+    y_ptr = ys_ptr + t64 * stride_y_t
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_p = pid_p * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_b = offs_b < n_batch
@@ -335,26 +349,31 @@ def _bwd_tile(dy_ptr, dgn_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, c_ptr, c_p
     tl.store(dgp + 3 * n_hidden, tl.where(valid, d_o, 0.0).to(dgt), mask=m2)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["s", "t", "t_next"])
 def _lstm_bwd_kernel(
-    dy_ptr, dgn_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, c_ptr, c_prev_ptr, len_ptr,
-    dcarry_ptr, dc_ptr, dg_ptr,
-    stride_dy_b, stride_dg_b, stride_w_row, stride_gv_b, stride_wr_row, stride_gates_b,
-    stride_c_b, stride_dcarry_b, stride_dc_b,
-    n_batch, n_hidden, n_proj, t,
+    dy_ptr, dg_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, cs_ptr, len_ptr, dcarry_ptr, dc_ptr,
+    stride_dy_t, stride_dy_b, stride_dg_t, stride_dg_b, stride_w_row, stride_gv_t, stride_gv_b,
+    stride_wr_row, stride_gates_t, stride_gates_b, stride_cs_s, stride_c_b, stride_dcarry_b,
+    stride_dc_b, n_batch, n_hidden, n_proj, s, t, t_next,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_NEXT: tl.constexpr, HAS_PROJ: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # each program owns batch rows [pid_b * BLOCK_B, +BLOCK_B) and hidden columns
-    # [pid_h * BLOCK_H, +BLOCK_H) of all four gate gradients, for one step
+    # [pid_h * BLOCK_H, +BLOCK_H) of all four gate gradients of step s (time t); t_next is
+    # the time of the step processed after it in the forward (read only with HAS_NEXT)
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    _bwd_tile(dy_ptr, dgn_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, c_ptr, c_prev_ptr, len_ptr,
-              dcarry_ptr, dc_ptr, dg_ptr, stride_dy_b, stride_dg_b, stride_w_row, stride_gv_b,
-              stride_wr_row, stride_gates_b, stride_c_b, stride_dcarry_b, stride_dc_b,
-              n_batch, n_hidden, n_proj, t, offs_b, offs_h,
+    s64 = tl.cast(s, tl.int64)
+    t64 = tl.cast(t, tl.int64)
+    tn64 = tl.cast(t_next, tl.int64)
+    _bwd_tile(dy_ptr + t64 * stride_dy_t, dg_ptr + tn64 * stride_dg_t, w_hh_ptr,
+              gv_ptr + t64 * stride_gv_t, w_hr_ptr, gates_ptr + t64 * stride_gates_t,
+              cs_ptr + (s64 + 1) * stride_cs_s, cs_ptr + s64 * stride_cs_s, len_ptr,
+              dcarry_ptr, dc_ptr, dg_ptr + t64 * stride_dg_t, stride_dy_b, stride_dg_b,
+              stride_w_row, stride_gv_b, stride_wr_row, stride_gates_b, stride_c_b,
+              stride_dcarry_b, stride_dc_b, n_batch, n_hidden, n_proj, t, offs_b, offs_h,
               BLOCK_B, BLOCK_H, BLOCK_K, HAS_NEXT, HAS_PROJ, DOT_FP32)
 
 
@@ -404,18 +423,22 @@ def _lstm_bwd_persistent_kernel(
         tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["t", "t_next"])
 def _lstm_proj_bwd_kernel(
-    dy_ptr, dgn_ptr, w_hh_ptr, len_ptr, dcarry_ptr, gv_ptr,
-    stride_dy_b, stride_dg_b, stride_w_row, stride_dcarry_b, stride_gv_b,
-    n_batch, n_hidden, n_proj, t,
+    dys_ptr, dg_ptr, w_hh_ptr, len_ptr, dcarry_ptr, gvs_ptr,
+    stride_dy_t, stride_dy_b, stride_dg_t, stride_dg_b, stride_w_row, stride_dcarry_b,
+    stride_gv_t, stride_gv_b, n_batch, n_hidden, n_proj, t, t_next,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_NEXT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # each program owns batch rows [pid_b * BLOCK_B, +BLOCK_B) and projected columns
-    # [pid_p * BLOCK_H, +BLOCK_H) of the gradient w.r.t. the projected state
+    # [pid_p * BLOCK_H, +BLOCK_H) of the gradient w.r.t. the projected state at time t
     pid_b = tl.program_id(0)
     pid_p = tl.program_id(1)
+    t64 = tl.cast(t, tl.int64)
+    dy_ptr = dys_ptr + t64 * stride_dy_t
+    dgn_ptr = dg_ptr + tl.cast(t_next, tl.int64) * stride_dg_t
+    gv_ptr = gvs_ptr + t64 * stride_gv_t
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_p = pid_p * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_b = offs_b < n_batch
@@ -757,19 +780,24 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
         pbb, pbh, pbk, pwarps = step_blocks(n_batch, n_state)
         pgrid = (triton.cdiv(n_batch, pbb), triton.cdiv(n_state, pbh))
     out = rs if has_proj else y
+    # the arguments that do not change from step to step, built once (host time per step
+    # is what bounds small steps)
+    cell_args = (xg, hs, cs, w_hh, lengths, out, gates, *xg.stride()[:2], *hs.stride()[:2],
+                 *cs.stride()[:2], w_hh.stride(0), *out.stride()[:2], *gates.stride()[:2],
+                 n_batch, n_hidden, n_state)
+    cell_meta = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, HAS_PROJ=has_proj, DOT_FP32=dot32,
+                     num_warps=warps)
+    if has_proj:
+        proj_args = (rs, w_hr, hs, lengths, y, *rs.stride()[:2], w_hr.stride(0),
+                     *hs.stride()[:2], *y.stride()[:2], n_batch, n_hidden, n_state)
+        proj_meta = dict(BLOCK_B=pbb, BLOCK_H=pbh, BLOCK_K=pbk, DOT_FP32=dot32,
+                         num_warps=pwarps)
+    cell = _lstm_fwd_kernel[grid]
+    proj = _lstm_proj_fwd_kernel[pgrid] if has_proj else None
     for s, t in enumerate(_time_order(n_steps, reverse)):
-        _lstm_fwd_kernel[grid](
-            xg[t], hs[s], cs[s], w_hh, lengths, hs[s + 1], cs[s + 1], out[t], gates[t],
-            xg.stride(1), hs.stride(1), cs.stride(1), w_hh.stride(0), out.stride(1),
-            gates.stride(1), n_batch, n_hidden, n_state, t,
-            BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, HAS_PROJ=has_proj, DOT_FP32=dot32,
-            num_warps=warps)
+        cell(*cell_args, s, t, **cell_meta)
         if has_proj:
-            _lstm_proj_fwd_kernel[pgrid](
-                rs[t], w_hr, hs[s], lengths, hs[s + 1], y[t],
-                rs.stride(1), w_hr.stride(0), hs.stride(1), y.stride(1),
-                n_batch, n_hidden, n_state, t,
-                BLOCK_B=pbb, BLOCK_H=pbh, BLOCK_K=pbk, DOT_FP32=dot32, num_warps=pwarps)
+            proj(*proj_args, s, t, **proj_meta)
     return y, hs, cs, gates, rs
 
 
@@ -820,28 +848,31 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
             pbb, pbh, pbk, pwarps = step_blocks(n_batch, n_state)
             pgrid = (triton.cdiv(n_batch, pbb), triton.cdiv(n_state, pbh))
         order = list(_time_order(n_steps, reverse))
+        # the arguments that do not change from step to step, built once (see lstm_fwd)
+        gv_strides = gv.stride()[:2] if has_proj else (0, 0)
+        cell_args = (dy, dgates, w_hh, gv, w_hr, gates, cs, lengths, dcarry, dc,
+                     *dy.stride()[:2], *dgates.stride()[:2], w_hh.stride(0), *gv_strides,
+                     w_hr.stride(0) if has_proj else 0, *gates.stride()[:2], *cs.stride()[:2],
+                     dcarry.stride(0), dc.stride(0), n_batch, n_hidden, n_state)
+        cell = _lstm_bwd_kernel[grid]
+        cell_meta = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, HAS_PROJ=has_proj,
+                         DOT_FP32=dot32, num_warps=warps)
+        if has_proj:
+            proj_args = (dy, dgates, w_hh, lengths, dcarry, gv, *dy.stride()[:2],
+                         *dgates.stride()[:2], w_hh.stride(0), dcarry.stride(0), *gv_strides,
+                         n_batch, n_hidden, n_state)
+            proj = _lstm_proj_bwd_kernel[pgrid]
+            proj_meta = dict(BLOCK_B=pbb, BLOCK_H=pbh, BLOCK_K=pbk, DOT_FP32=dot32,
+                             num_warps=pwarps)
         for s in range(n_steps - 1, -1, -1):
             t = order[s]
             has_next = s < n_steps - 1
-            # gate gradients of the step processed after this one in the forward (unread
-            # on the first backward step, HAS_NEXT=False)
-            dgn = dgates[order[s + 1]] if has_next else dgates[t]
+            # time of the step processed after this one in the forward, whose gate gradients
+            # feed this one (unread on the first backward step, HAS_NEXT=False)
+            t_next = order[s + 1] if has_next else t
             if has_proj:
-                _lstm_proj_bwd_kernel[pgrid](
-                    dy[t], dgn, w_hh, lengths, dcarry, gv[t],
-                    dy.stride(1), dgates.stride(1), w_hh.stride(0), dcarry.stride(0),
-                    gv.stride(1), n_batch, n_hidden, n_state, t,
-                    BLOCK_B=pbb, BLOCK_H=pbh, BLOCK_K=pbk, HAS_NEXT=has_next,
-                    DOT_FP32=dot32, num_warps=pwarps)
-            _lstm_bwd_kernel[grid](
-                dy[t], dgn, w_hh, gv[t] if has_proj else gv, w_hr, gates[t], cs[s + 1], cs[s],
-                lengths, dcarry, dc, dgates[t],
-                dy.stride(1), dgates.stride(1), w_hh.stride(0),
-                gv.stride(1) if has_proj else 0, w_hr.stride(0) if has_proj else 0,
-                gates.stride(1), cs.stride(1), dcarry.stride(0), dc.stride(0),
-                n_batch, n_hidden, n_state, t,
-                BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, HAS_NEXT=has_next,
-                HAS_PROJ=has_proj, DOT_FP32=dot32, num_warps=warps)
+                proj(*proj_args, t, t_next, HAS_NEXT=has_next, **proj_meta)
+            cell(*cell_args, s, t, t_next, HAS_NEXT=has_next, **cell_meta)
     # gradient w.r.t. h0: the first step's gate gradients through W_hh, plus the carry of
     # rows whose first step was past their length
     first = _time_order(n_steps, reverse)[0] if n_steps else 0
@@ -1016,44 +1047,47 @@ def aot_configs():
     one fp16 config; the time-looping kernels at every column block in bf16 (both
     directions), fp16 and fp32; every LayerNorm-LSTM row block in bf16 and the smallest and
     largest in fp32, projection on and off, with the projection row kernels."""
+    def sig(ptrs, ints, consts):
+        out = dict(ptrs)
+        out.update({n: "i32" for n in ints})
+        out.update({n: "constexpr" for n in consts})
+        return out
+
     def fwd_sig(dt):
-        return {"xg_ptr": f"*{dt}", "h_prev_ptr": f"*{dt}", "c_prev_ptr": "*fp32",
-                "w_hh_ptr": f"*{dt}", "len_ptr": "*i64", "h_out_ptr": f"*{dt}",
-                "c_out_ptr": "*fp32", "y_ptr": f"*{dt}", "gates_ptr": f"*{dt}",
-                "stride_xg_b": "i32", "stride_h_b": "i32", "stride_c_b": "i32",
-                "stride_w_row": "i32", "stride_y_b": "i32", "stride_gates_b": "i32",
-                "n_batch": "i32", "n_hidden": "i32", "n_state": "i32", "t": "i32",
-                "BLOCK_B": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr",
-                "HAS_PROJ": "constexpr", "DOT_FP32": "constexpr"}
+        return sig({"xg_ptr": f"*{dt}", "hs_ptr": f"*{dt}", "cs_ptr": "*fp32",
+                    "w_hh_ptr": f"*{dt}", "len_ptr": "*i64", "out_ptr": f"*{dt}",
+                    "gates_ptr": f"*{dt}"},
+                   ["stride_xg_t", "stride_xg_b", "stride_hs_s", "stride_h_b", "stride_cs_s",
+                    "stride_c_b", "stride_w_row", "stride_out_t", "stride_out_b",
+                    "stride_gates_t", "stride_gates_b", "n_batch", "n_hidden", "n_state",
+                    "s", "t"],
+                   ["BLOCK_B", "BLOCK_H", "BLOCK_K", "HAS_PROJ", "DOT_FP32"])
 
     def bwd_sig(dt):
-        return {"dy_ptr": f"*{dt}", "dgn_ptr": f"*{dt}", "w_hh_ptr": f"*{dt}",
-                "gv_ptr": f"*{dt}", "w_hr_ptr": f"*{dt}", "gates_ptr": f"*{dt}",
-                "c_ptr": "*fp32", "c_prev_ptr": "*fp32", "len_ptr": "*i64",
-                "dcarry_ptr": "*fp32", "dc_ptr": "*fp32", "dg_ptr": f"*{dt}",
-                "stride_dy_b": "i32", "stride_dg_b": "i32", "stride_w_row": "i32",
-                "stride_gv_b": "i32", "stride_wr_row": "i32", "stride_gates_b": "i32",
-                "stride_c_b": "i32", "stride_dcarry_b": "i32", "stride_dc_b": "i32",
-                "n_batch": "i32", "n_hidden": "i32", "n_proj": "i32", "t": "i32",
-                "BLOCK_B": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr",
-                "HAS_NEXT": "constexpr", "HAS_PROJ": "constexpr", "DOT_FP32": "constexpr"}
+        return sig({"dy_ptr": f"*{dt}", "dg_ptr": f"*{dt}", "w_hh_ptr": f"*{dt}",
+                    "gv_ptr": f"*{dt}", "w_hr_ptr": f"*{dt}", "gates_ptr": f"*{dt}",
+                    "cs_ptr": "*fp32", "len_ptr": "*i64", "dcarry_ptr": "*fp32",
+                    "dc_ptr": "*fp32"},
+                   ["stride_dy_t", "stride_dy_b", "stride_dg_t", "stride_dg_b", "stride_w_row",
+                    "stride_gv_t", "stride_gv_b", "stride_wr_row", "stride_gates_t",
+                    "stride_gates_b", "stride_cs_s", "stride_c_b", "stride_dcarry_b",
+                    "stride_dc_b", "n_batch", "n_hidden", "n_proj", "s", "t", "t_next"],
+                   ["BLOCK_B", "BLOCK_H", "BLOCK_K", "HAS_NEXT", "HAS_PROJ", "DOT_FP32"])
 
     def pfwd_sig(dt):
-        return {"r_ptr": f"*{dt}", "w_hr_ptr": f"*{dt}", "h_prev_ptr": f"*{dt}",
-                "len_ptr": "*i64", "h_out_ptr": f"*{dt}", "y_ptr": f"*{dt}",
-                "stride_r_b": "i32", "stride_w_row": "i32", "stride_h_b": "i32",
-                "stride_y_b": "i32", "n_batch": "i32", "n_hidden": "i32", "n_proj": "i32",
-                "t": "i32", "BLOCK_B": "constexpr", "BLOCK_H": "constexpr",
-                "BLOCK_K": "constexpr", "DOT_FP32": "constexpr"}
+        return sig({"rs_ptr": f"*{dt}", "w_hr_ptr": f"*{dt}", "hs_ptr": f"*{dt}",
+                    "len_ptr": "*i64", "ys_ptr": f"*{dt}"},
+                   ["stride_r_t", "stride_r_b", "stride_w_row", "stride_hs_s", "stride_h_b",
+                    "stride_y_t", "stride_y_b", "n_batch", "n_hidden", "n_proj", "s", "t"],
+                   ["BLOCK_B", "BLOCK_H", "BLOCK_K", "DOT_FP32"])
 
     def pbwd_sig(dt):
-        return {"dy_ptr": f"*{dt}", "dgn_ptr": f"*{dt}", "w_hh_ptr": f"*{dt}",
-                "len_ptr": "*i64", "dcarry_ptr": "*fp32", "gv_ptr": f"*{dt}",
-                "stride_dy_b": "i32", "stride_dg_b": "i32", "stride_w_row": "i32",
-                "stride_dcarry_b": "i32", "stride_gv_b": "i32", "n_batch": "i32",
-                "n_hidden": "i32", "n_proj": "i32", "t": "i32",
-                "BLOCK_B": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr",
-                "HAS_NEXT": "constexpr", "DOT_FP32": "constexpr"}
+        return sig({"dys_ptr": f"*{dt}", "dg_ptr": f"*{dt}", "w_hh_ptr": f"*{dt}",
+                    "len_ptr": "*i64", "dcarry_ptr": "*fp32", "gvs_ptr": f"*{dt}"},
+                   ["stride_dy_t", "stride_dy_b", "stride_dg_t", "stride_dg_b", "stride_w_row",
+                    "stride_dcarry_b", "stride_gv_t", "stride_gv_b", "n_batch", "n_hidden",
+                    "n_proj", "t", "t_next"],
+                   ["BLOCK_B", "BLOCK_H", "BLOCK_K", "HAS_NEXT", "DOT_FP32"])
 
     def ln_fwd_sig(dt):
         return {"rec_ptr": f"*{dt}", "xg_ptr": f"*{dt}", "h_prev_ptr": f"*{dt}",
