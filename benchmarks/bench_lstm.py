@@ -13,7 +13,9 @@ Every case is forward + backward (gradients of the input and every parameter) in
   recurrent GEMM + one fused row kernel per step) vs an eager PyTorch LayerNorm-LSTM.
   Target >= 3x.
 
-On CUDA the padded cases also time both LSTMs replayed from CUDA graphs
+On CUDA, fastbert's per-step and time-looping recurrences are also timed against each other
+(hidden 256-1024, batch 16 and 64), to place ``PERSISTENT_MAX_HIDDEN`` from measurements.
+The padded cases also time both LSTMs replayed from CUDA graphs
 (``torch.cuda.make_graphed_callables``): the gap to the plain call is launch overhead. One case
 per target runs first, then the rest of the grid (``make gpu-check`` may stop a script
 part-way).
@@ -161,6 +163,36 @@ def _varlen_case(device, dtype, batch, hidden, seq):
                 fns, flops=_flops(1, real, hidden, hidden, 1, 1), baseline=f"{ours}_padded")
 
 
+def _time_loop_case(device, dtype, batch, hidden, seq):
+    """fastbert's two ways to run the time loop on the same layer: one launch per step vs the
+    single time-looping launch (forced either way by moving ``PERSISTENT_MAX_HIDDEN``), to
+    place that threshold from measurements."""
+    from fastbert.kernels import lstm as klstm
+
+    def build(persistent):
+        def make():
+            torch.manual_seed(0)
+            x = torch.randn(seq, batch, hidden, device=device, dtype=dtype)
+            model = LSTM(hidden, hidden, backend="triton").to(device, dtype)
+            inner = _fwd_bwd(model, x)
+
+            def run():
+                saved = klstm.PERSISTENT_MAX_HIDDEN
+                klstm.PERSISTENT_MAX_HIDDEN = hidden if persistent else 0
+                try:
+                    return inner()
+                finally:
+                    klstm.PERSISTENT_MAX_HIDDEN = saved
+            return run
+        return _lazy(make)
+
+    return Case("lstm fwd+bwd time loop",
+                dict(batch=batch, hidden=hidden, seq=seq, layers=1, dirs=1,
+                     dtype=str(dtype).replace("torch.", "")),
+                {"per_step": build(False), "time_looping": build(True)},
+                flops=_flops(seq, batch, hidden, hidden, 1, 1), baseline="per_step")
+
+
 class _EagerLayerNormLSTM(torch.nn.Module):
     """The eager PyTorch LayerNorm-LSTM users write: a Python loop over timesteps with
     nn.LayerNorm on the two gate projections and the cell."""
@@ -224,7 +256,10 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
             rest.append(("padded", 64, hidden, seq, 2, 2))
     rest += [("varlen", 64, hidden, 256) for hidden in (256, 512, 1024)]
     rest += [("layer_norm", 64, hidden, 64) for hidden in (256, 512)]
-    make = {"padded": _padded_case, "varlen": _varlen_case, "layer_norm": _layer_norm_case}
+    rest += [("time_loop", batch, hidden, 256) for hidden in (256, 512, 1024)
+             for batch in (16, 64)]
+    make = {"padded": _padded_case, "varlen": _varlen_case, "layer_norm": _layer_norm_case,
+            "time_loop": _time_loop_case}
     return [make[kind](device, dtype, *shape)
             for kind, *shape in first + [c for c in rest if c not in first]]
 
