@@ -10,7 +10,9 @@
 #      Triton interpreter);
 #   4. the benchmarks, one process each, attention / cross-entropy / embedding / LSTM /
 #      LayerNorm, sharing what is left of the budget (each writes its CSV + markdown after
-#      every case and stops starting cases at its share's end).
+#      every case and stops starting cases at its share's end);
+#   5. the issues' speed targets judged from those CSVs (benchmarks/targets.py -> targets.md,
+#      also in the summary).
 # Logs, CSVs and markdown tables go to $FASTBERT_RESULTS (default benchmarks/results).
 #
 # Time: the whole script keeps to $FASTBERT_GPU_BUDGET seconds (default 480) so that it fits
@@ -153,6 +155,12 @@ if phase_on bench; then
     grep -h "^Time budget\|^Incomplete" "$R"/${name}_*.md 2>/dev/null | cut -c1-200 | tee -a "$SUMMARY"
     pack
   done
+fi
+
+if phase_on bench; then
+  # each issue's speed targets, judged from the CSVs just written (same run, same card)
+  echo "== targets" | tee -a "$SUMMARY"
+  "$PY" -m benchmarks.targets "$R" --out "$R/targets.md" 2>&1 | tee -a "$SUMMARY"
 fi
 
 say "== gpu-check finished with status $status after $(( $(date +%s) - START ))s; results in $R"

@@ -1,0 +1,234 @@
+"""Check measured benchmark results against the speed targets the issues set.
+
+    python -m benchmarks.targets [RESULTS_DIR] [--card SLUG] [--out FILE.md]
+
+Reads the ``<bench>_<card>.csv`` files the benchmark scripts wrote (default
+``$FASTBERT_RESULTS`` or benchmarks/results), evaluates every target on every case it applies
+to, and prints a markdown table: the issue, the target, the case, the measured ratio and
+whether it is met. ``make gpu-check`` runs it after the benchmarks. A target whose case was
+not measured (a script stopped by its time budget, an impl that errored) says so: it is
+neither met nor missed.
+
+The ratios are computed from the median times of impls measured in the same run on the same
+card, as the README requires of every speed claim.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import glob
+import math
+import os
+import sys
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+# columns that are measurements or the impl name; the rest identify the case
+MEASURED = {"bench", "impl", "ms", "ms_p20", "ms_p80", "peak_mb", "GB/s", "%copy_bw", "TFLOP/s",
+            "%matmul", "error"}
+
+Group = Dict[str, Dict[str, str]]   # impl -> its CSV row, for one case
+
+
+@dataclasses.dataclass
+class Target:
+    """One speed target: ``check`` maps a case's rows to (measured text, met) or None when
+    the case lacks what the target compares."""
+    issue: int
+    bench: str
+    case: str                      # the case name it applies to (exact)
+    text: str
+    check: Callable[[Group], Optional[Tuple[str, bool]]]
+    applies: Callable[[Dict[str, str]], bool] = lambda params: True
+
+
+def _ms(group: Group, impl: str) -> Optional[float]:
+    row = group.get(impl)
+    if row is None or row.get("error"):
+        return None
+    try:
+        v = float(row["ms"])
+    except (KeyError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _best(group: Group, prefix: str, suffix: str = "") -> Optional[Tuple[str, float]]:
+    """The fastest impl whose name starts with prefix (and ends with suffix)."""
+    found = [(impl, _ms(group, impl)) for impl in group
+             if impl.startswith(prefix) and impl.endswith(suffix)]
+    found = [(i, m) for i, m in found if m is not None]
+    return min(found, key=lambda x: x[1]) if found else None
+
+
+def _faster(ours: str, ref: str, at_least: float):
+    """ours must be at least ``at_least`` x faster than ref (time_ref / time_ours)."""
+    def check(group: Group):
+        a, b = _ms(group, ours), _ms(group, ref)
+        if a is None or b is None:
+            return None
+        r = b / a
+        return f"{r:.2f}x {ref}", r >= at_least
+    return check
+
+
+def _time_ratio_at_most(ours: str, ref: str, at_most: float):
+    """time_ours / time_ref must be at most ``at_most``."""
+    def check(group: Group):
+        a, b = _ms(group, ours), _ms(group, ref)
+        if a is None or b is None:
+            return None
+        r = a / b
+        return f"{r:.2f}x {ref}'s time", r <= at_most
+    return check
+
+
+def _vs_best(ours: str, prefix: str, at_least: float, suffix: str = ""):
+    def check(group: Group):
+        a = _ms(group, ours)
+        best = _best(group, prefix, suffix)
+        if a is None or best is None:
+            return None
+        r = best[1] / a
+        return f"{r:.2f}x {best[0]} (the fastest)", r >= at_least
+    return check
+
+
+def _memory_at_most(ours: str, ref: str, at_most: float):
+    def check(group: Group):
+        try:
+            a, b = float(group[ours]["peak_mb"]), float(group[ref]["peak_mb"])
+        except (KeyError, ValueError, TypeError):
+            return None
+        if not (b > 0):
+            return None
+        r = a / b
+        return f"{r:.2f}x {ref}'s peak memory", r <= at_most
+    return check
+
+
+def _matmul_fraction(ours: str, at_least_pct: float):
+    def check(group: Group):
+        row = group.get(ours)
+        if row is None or row.get("error") or not row.get("%matmul"):
+            return None
+        pct = float(row["%matmul"])
+        return f"{pct:.0f}% of the bf16 matmul rate", pct >= at_least_pct
+    return check
+
+
+def _int(params: Dict[str, str], key: str) -> int:
+    try:
+        return int(params.get(key, ""))
+    except ValueError:
+        return -1
+
+
+TARGETS: List[Target] = [
+    # issue 3: attention
+    Target(3, "attention", "bert-base padded fwd+bwd",
+           "fwd+bwd at least as fast as SDPA's best backend (BERT shapes, padding mask)",
+           _vs_best("fastbert[triton]", "sdpa_", 1.0)),
+    Target(3, "attention", "bert-large padded fwd+bwd",
+           "fwd+bwd at least as fast as SDPA's best backend (BERT shapes, padding mask)",
+           _vs_best("fastbert[triton]", "sdpa_", 1.0)),
+    Target(3, "attention", "varlen vs padded fwd+bwd",
+           "varlen >= 1.5x padded SDPA (mixed lengths 16-512)",
+           _vs_best("fastbert_varlen[triton]", "sdpa_", 1.5, suffix=" (padded)")),
+    Target(3, "attention", "causal fwd",
+           "forward >= 50% of the measured matmul rate (seq >= 2k, head dim 128)",
+           _matmul_fraction("fastbert[triton]", 50.0),
+           applies=lambda p: _int(p, "seq") >= 2048 and _int(p, "head_dim") == 128),
+    # issue 4: embedding + LayerNorm, cross-entropy, masked-LM loss
+    Target(4, "embedding", "embedding_layer_norm fwd+bwd", ">= 1.2x torch.compile",
+           _faster("fastbert", "torch.compile", 1.2)),
+    Target(4, "cross_entropy", "cross_entropy fwd+bwd", ">= 3x eager (V = 30522)",
+           _faster("fastbert", "eager", 3.0)),
+    Target(4, "cross_entropy", "masked_lm_loss fwd+bwd", "time <= 0.5x the HF way",
+           _time_ratio_at_most("fastbert", "hf", 0.5)),
+    Target(4, "cross_entropy", "masked_lm_loss fwd+bwd", "peak memory <= 0.25x the HF way",
+           _memory_at_most("fastbert", "hf", 0.25)),
+    Target(4, "cross_entropy", "masked_lm_loss fwd+bwd", "faster than eager on gathered rows",
+           _faster("fastbert", "eager_gathered", 1.0)),
+    # issue 5: LSTM
+    Target(5, "lstm", "lstm fwd+bwd padded", "<= 1.25x cuDNN's time (padded input)",
+           _time_ratio_at_most("fastbert_triton", "cudnn", 1.25)),
+    Target(5, "lstm", "lstm fwd+bwd varlen", "packed <= 1.1x our own padded time",
+           _time_ratio_at_most("fastbert_triton_packed", "fastbert_triton_padded", 1.1)),
+    Target(5, "lstm", "layer_norm_lstm fwd+bwd", "LayerNormLSTM >= 3x eager PyTorch",
+           _faster("fastbert", "eager_pytorch", 3.0)),
+]
+
+
+def read_groups(path: str) -> List[Tuple[str, Dict[str, str], Group]]:
+    """(case name, case params, impl -> row) for every case of one CSV, in file order."""
+    groups: Dict[Tuple, Tuple[str, Dict[str, str], Group]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            params = {k: v for k, v in row.items()
+                      if k not in MEASURED and not k.startswith("speedup_vs_") and k != "case"
+                      and v not in ("", None)}
+            key = (row.get("case"),) + tuple(sorted(params.items()))
+            groups.setdefault(key, (row.get("case", ""), params, {}))[2][row["impl"]] = row
+    return list(groups.values())
+
+
+def evaluate(results_dir: str, card: Optional[str] = None) -> List[Dict[str, str]]:
+    """One row per (target, measured case); cards are told apart by the file name. CPU
+    results (``cpu-*`` files: smoke runs of the reference paths on tiny shapes) are judged
+    only when ``card`` names them."""
+    out = []
+    for t in TARGETS:
+        files = sorted(glob.glob(os.path.join(results_dir, f"{t.bench}_*.csv")))
+        if card is None:
+            files = [p for p in files if not os.path.basename(p)[len(t.bench) + 1:].startswith("cpu-")]
+        else:
+            files = [p for p in files if p.endswith(f"_{card}.csv")]
+        seen = False
+        for path in files:
+            slug = os.path.basename(path)[len(t.bench) + 1:-len(".csv")]
+            for case, params, group in read_groups(path):
+                if case != t.case or not t.applies(params):
+                    continue
+                seen = True
+                res = t.check(group)
+                shown = " ".join(f"{k}={v}" for k, v in params.items() if k != "dtype")
+                out.append({"issue": f"#{t.issue}", "target": t.text, "card": slug,
+                            "case": f"{case} {shown}".strip(),
+                            "measured": res[0] if res else "not measured (error or missing impl)",
+                            "met": ("yes" if res[1] else "NO") if res else "-"})
+        if not seen:
+            out.append({"issue": f"#{t.issue}", "target": t.text, "card": card or "-",
+                        "case": t.case, "measured": "no such case in the results", "met": "-"})
+    return out
+
+
+def to_markdown(rows: Iterable[Dict[str, str]]) -> str:
+    rows = list(rows)
+    met = sum(r["met"] == "yes" for r in rows)
+    missed = sum(r["met"] == "NO" for r in rows)
+    lines = [f"Targets: {met} met, {missed} missed, {len(rows) - met - missed} not measured.", "",
+             "| issue | target | card | case | measured | met |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['issue']} | {r['target']} | {r['card']} | {r['case']} | {r['measured']} "
+              f"| {r['met']} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="?",
+                   default=os.environ.get("FASTBERT_RESULTS")
+                   or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--card", help="only files of this card slug (e.g. nvidia-h100-80gb-hbm3)")
+    p.add_argument("--out", help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    md = to_markdown(evaluate(args.results, args.card))
+    sys.stdout.write(md)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

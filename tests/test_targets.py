@@ -1,0 +1,71 @@
+"""benchmarks/targets.py reads result CSVs and judges each issue's speed targets correctly."""
+import csv
+
+from benchmarks import targets
+
+
+def _write(path, rows):
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _row(case, impl, ms, **extra):
+    return {"bench": "x", "case": case, "seq": 128, "heads": 12, "head_dim": 64, "impl": impl,
+            "ms": ms, "peak_mb": extra.pop("peak_mb", ""), "error": extra.pop("error", ""),
+            "%matmul": extra.pop("matmul", ""), **extra}
+
+
+def test_targets_met_missed_and_unmeasured(tmp_path):
+    _write(tmp_path / "attention_card-a.csv", [
+        _row("bert-base padded fwd+bwd", "fastbert[triton]", 1.0),
+        _row("bert-base padded fwd+bwd", "sdpa_flash", "nan", error="RuntimeError: no mask"),
+        _row("bert-base padded fwd+bwd", "sdpa_efficient", 1.2),
+        _row("bert-base padded fwd+bwd", "sdpa_cudnn", 0.9),        # fastest SDPA: we lose
+        _row("causal fwd", "fastbert[triton]", 2.0, matmul=61.0, seq=4096, head_dim=128),
+        _row("causal fwd", "fastbert[triton]", 2.0, matmul=30.0, seq=1024, head_dim=128),
+    ])
+    _write(tmp_path / "cross_entropy_card-a.csv", [
+        _row("masked_lm_loss fwd+bwd", "hf", 10.0, peak_mb=1000),
+        _row("masked_lm_loss fwd+bwd", "eager_gathered", 4.0, peak_mb=300),
+        _row("masked_lm_loss fwd+bwd", "fastbert", 3.0, peak_mb=200),
+    ])
+    rows = targets.evaluate(str(tmp_path))
+    bert = [r for r in rows if r["case"].startswith("bert-base")][0]
+    assert bert["met"] == "NO" and "sdpa_cudnn" in bert["measured"] and "0.90x" in bert["measured"]
+    causal = [r for r in rows if r["case"].startswith("causal fwd")]
+    assert len(causal) == 1 and causal[0]["met"] == "yes"           # seq 1024 not judged
+    mlm = {r["target"]: r for r in rows if r["case"].startswith("masked_lm_loss")}
+    assert mlm["time <= 0.5x the HF way"]["met"] == "yes"            # 0.3x
+    assert mlm["peak memory <= 0.25x the HF way"]["met"] == "yes"    # 0.2x
+    assert mlm["faster than eager on gathered rows"]["met"] == "yes"
+    lstm = [r for r in rows if r["issue"] == "#5"]
+    assert lstm and all(r["met"] == "-" for r in lstm)               # nothing measured
+    md = targets.to_markdown(rows)
+    assert md.startswith("Targets: 4 met, 1 missed,")
+
+
+def test_targets_cli_writes_markdown(tmp_path, capsys):
+    _write(tmp_path / "embedding_card-b.csv", [
+        _row("embedding_layer_norm fwd+bwd", "torch.compile", 1.3),
+        _row("embedding_layer_norm fwd+bwd", "fastbert", 1.0),
+    ])
+    out = tmp_path / "targets.md"
+    assert targets.main([str(tmp_path), "--card", "card-b", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| #4 | >= 1.2x torch.compile | card-b |" in text and "1.30x torch.compile | yes" in text
+
+
+def test_cpu_smoke_results_are_not_judged_unless_asked(tmp_path):
+    _write(tmp_path / "embedding_cpu-x86-64.csv", [
+        _row("embedding_layer_norm fwd+bwd", "torch.compile", 1.3),
+        _row("embedding_layer_norm fwd+bwd", "fastbert", 1.0),
+    ])
+    default = [r for r in targets.evaluate(str(tmp_path)) if r["issue"] == "#4"]
+    assert all(r["met"] == "-" for r in default)
+    asked = targets.evaluate(str(tmp_path), card="cpu-x86-64")
+    assert any(r["met"] == "yes" for r in asked)
