@@ -9,8 +9,9 @@ Every case is forward + backward (gradients of the input and every parameter) in
 - Variable length (lengths uniform in [seq/4, seq], batch 64, 1 layer): fastbert with a
   PackedSequence vs fastbert on the padded batch, and cuDNN packed vs cuDNN padded.
   Target: fastbert packed <= 1.1x fastbert padded.
-- LayerNormLSTM (batch 64, seq 64, hidden 256 and 512): fastbert.nn.LayerNormLSTM (cuBLAS
-  recurrent GEMM + one fused row kernel per step) vs an eager PyTorch LayerNorm-LSTM.
+- LayerNormLSTM (batch 64, seq 64, hidden 256 and 512): fastbert.nn.LayerNormLSTM (one
+  time-looping launch up to hidden 256; above, a cuBLAS recurrent GEMM + one fused row kernel
+  per step; on CUDA the other of the two is timed too) vs an eager PyTorch LayerNorm-LSTM.
   Target >= 3x.
 
 On CUDA, fastbert's per-step and time-looping recurrences are also timed against each other
@@ -220,21 +221,40 @@ class _EagerLayerNormLSTM(torch.nn.Module):
 
 
 def _layer_norm_case(device, dtype, batch, hidden, seq):
-    def build(kind):
+    from fastbert.kernels import lstm as klstm
+
+    def build(kind, persistent=None):
         def make():
             torch.manual_seed(0)
             x = torch.randn(seq, batch, hidden, device=device, dtype=dtype)
             backend = "triton" if device.type == "cuda" else "torch"
             model = (_EagerLayerNormLSTM(hidden, hidden) if kind == "eager"
                      else LayerNormLSTM(hidden, hidden, backend=backend))
-            return _fwd_bwd(model.to(device, dtype), x)
+            inner = _fwd_bwd(model.to(device, dtype), x)
+            if persistent is None:
+                return inner
+
+            def run():  # force one of the two time loops
+                saved = klstm.LN_PERSISTENT_MAX_HIDDEN
+                klstm.LN_PERSISTENT_MAX_HIDDEN = hidden if persistent else 0
+                try:
+                    return inner()
+                finally:
+                    klstm.LN_PERSISTENT_MAX_HIDDEN = saved
+            return run
         return _lazy(make)
 
+    impls = {"eager_pytorch": build("eager"), "fastbert": build("ours")}
+    if device.type == "cuda":
+        # the time loop the automatic choice did not take, to place LN_PERSISTENT_MAX_HIDDEN
+        if klstm.use_ln_persistent(hidden, False):
+            impls["fastbert_per_step"] = build("ours", persistent=False)
+        else:
+            impls["fastbert_time_looping"] = build("ours", persistent=True)
     return Case("layer_norm_lstm fwd+bwd",
                 dict(batch=batch, hidden=hidden, seq=seq, layers=1, dirs=1,
                      dtype=str(dtype).replace("torch.", "")),
-                {"eager_pytorch": build("eager"), "fastbert": build("ours")},
-                flops=_flops(seq, batch, hidden, hidden, 1, 1), baseline="eager_pytorch")
+                impls, flops=_flops(seq, batch, hidden, hidden, 1, 1), baseline="eager_pytorch")
 
 
 def cases(device: torch.device, quick: bool) -> List[Case]:

@@ -38,7 +38,11 @@ place. The W_ih x LayerNorm is done for all timesteps at once by the caller. Wit
 projection the row kernel writes the unprojected output r = o * tanh(LN(c) * g_c + b_c),
 r @ W_hr^T is a second cuBLAS GEMM per step and a small row kernel masks it by length into
 the new state and the output; the backward runs the same three pieces in reverse
-(dh masked -> dh @ W_hr -> the row kernel), and dW_hr is one GEMM over all steps.
+(dh masked -> dh @ W_hr -> the row kernel), and dW_hr is one GEMM over all steps. Without a
+projection and up to LN_PERSISTENT_MAX_HIDDEN, time-looping kernels run the whole sequence in
+one launch instead: a program per batch row computes its rec = W_hh h as a GEMV (W_hh
+streamed from L2 each step), then runs the same row step; block barriers only, since a
+program reads back nothing but its own row.
 
 Two ways to run the time loop:
 - per step (any hidden size, projection): one launch per step, a 2-D grid over batch blocks x
@@ -475,10 +479,21 @@ def _ln_lstm_fwd_kernel(
     BLOCK_H: tl.constexpr, HAS_PROJ: tl.constexpr,
 ):
     # each program owns one batch row: the LayerNorms reduce over the whole row (4H gate
-    # pre-activations, H cell values), so a row never splits across programs. With HAS_PROJ
-    # y_ptr receives the unprojected output r (zero past the length) and h_prev / h_out are
-    # not touched: the new (projected) state is r @ W_hr^T, masked by _ln_lstm_proj_fwd_kernel
-    b = tl.program_id(0).to(tl.int64)
+    # pre-activations, H cell values), so a row never splits across programs
+    _ln_fwd_row(tl.program_id(0).to(tl.int64), rec_ptr, xg_ptr, h_prev_ptr, c_prev_ptr,
+                g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr, h_out_ptr, c_out_ptr, y_ptr, gates_ptr,
+                stats_ptr, stride_b, stride_c_b, n_hidden, t, eps, BLOCK_H, HAS_PROJ)
+
+
+@triton.jit
+def _ln_fwd_row(b, rec_ptr, xg_ptr, h_prev_ptr, c_prev_ptr, g_hh_ptr, g_c_ptr, b_c_ptr,
+                len_ptr, h_out_ptr, c_out_ptr, y_ptr, gates_ptr, stats_ptr, stride_b,
+                stride_c_b, n_hidden, t, eps, BLOCK_H: tl.constexpr, HAS_PROJ: tl.constexpr):
+    """One LayerNorm-LSTM step of batch row b, given its recurrent projection rec (one step's
+    pointers: rec / xg / gates rows of 4H at stride_b, state rows of H at stride_c_b, stats
+    (B, 4)). With HAS_PROJ y_ptr receives the unprojected output r (zero past the length)
+    and h_prev / h_out are not touched: the new (projected) state is r @ W_hr^T, masked by
+    _ln_lstm_proj_fwd_kernel."""
     cols = tl.arange(0, BLOCK_H)
     mask = cols < n_hidden
     H = n_hidden
@@ -550,7 +565,19 @@ def _ln_lstm_bwd_kernel(
 ):
     # each program owns one batch row (see _ln_lstm_fwd_kernel) and its row of the
     # LayerNorm-weight gradient accumulators, summed over batch rows by the caller
-    b = tl.program_id(0).to(tl.int64)
+    _ln_bwd_row(tl.program_id(0).to(tl.int64), dh_mm_ptr, dy_ptr, rec_ptr, gates_ptr, c_ptr,
+                c_prev_ptr, stats_ptr, g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr, dcarry_ptr, dc_ptr,
+                dxg_ptr, drec_ptr, dg_hh_acc_ptr, dgb_c_acc_ptr, stride_b, stride_c_b,
+                n_hidden, t, BLOCK_H, HAS_NEXT, HAS_PROJ)
+
+
+@triton.jit
+def _ln_bwd_row(b, dh_mm_ptr, dy_ptr, rec_ptr, gates_ptr, c_ptr, c_prev_ptr, stats_ptr,
+                g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr, dcarry_ptr, dc_ptr, dxg_ptr, drec_ptr,
+                dg_hh_acc_ptr, dgb_c_acc_ptr, stride_b, stride_c_b, n_hidden, t,
+                BLOCK_H: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_PROJ: tl.constexpr):
+    """Backward of one LayerNorm-LSTM step of batch row b (pointers as ``_ln_fwd_row``;
+    dh_mm holds the next step's drec @ W_hh, or with HAS_PROJ the gradient of r)."""
     cols = tl.arange(0, BLOCK_H)
     mask = cols < n_hidden
     H = n_hidden
@@ -629,6 +656,106 @@ def _ln_lstm_bwd_kernel(
     tl.store(drec_ptr + row + H, ((e_f - k1 - r_f * k2) * rstd).to(rdt), mask=mask)
     tl.store(drec_ptr + row + 2 * H, ((e_g - k1 - r_g * k2) * rstd).to(rdt), mask=mask)
     tl.store(drec_ptr + row + 3 * H, ((e_o - k1 - r_o * k2) * rstd).to(rdt), mask=mask)
+
+
+@triton.jit
+def _ln_lstm_fwd_persistent_kernel(
+    xg_ptr, hs_ptr, cs_ptr, w_hh_ptr, g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr, y_ptr, gates_ptr,
+    recs_ptr, stats_ptr,
+    stride_g_t, stride_g_b, stride_h_s, stride_c_s, stride_y_t, stride_row, stride_stats_t,
+    stride_w_row, n_hidden, n_steps, eps,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    # one program per batch row for the whole sequence: each step computes the row's
+    # recurrent projection rec = W_hh h (a GEMV streaming W_hh from L2, stored to recs for
+    # the backward), then the same row step as the per-step kernel reads it back. The row is
+    # the program's own, so only block barriers are needed: between the GEMV's stores and the
+    # row step's loads, and between the row step's new state and the next GEMV.
+    # xg / gates / recs: (T, B, 4H) at (stride_g_t, stride_g_b); hs (T+1, B, H) at
+    # stride_h_s, cs likewise at stride_c_s, y (T, B, H) at stride_y_t, all rows of H at
+    # stride_row; stats (T, B, 4)
+    b = tl.program_id(0).to(tl.int64)
+    n_gates = 4 * n_hidden
+    for s in range(0, n_steps):
+        t = s
+        if REVERSE:
+            t = n_steps - 1 - s
+        s64 = tl.cast(s, tl.int64)
+        t64 = tl.cast(t, tl.int64)
+        h_prev = hs_ptr + s64 * stride_h_s + b * stride_row
+        rec_row = recs_ptr + t64 * stride_g_t + b * stride_g_b
+        for n0 in range(0, n_gates, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < n_gates
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(0, n_hidden, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < n_hidden
+                hk = tl.load(h_prev + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                w = tl.load(w_hh_ptr + offs_n[:, None] * stride_w_row + offs_k[None, :],
+                            mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(w * hk[None, :], axis=1)
+            tl.store(rec_row + offs_n, acc.to(recs_ptr.dtype.element_ty), mask=mask_n)
+        tl.debug_barrier()
+        _ln_fwd_row(b, recs_ptr + t64 * stride_g_t, xg_ptr + t64 * stride_g_t,
+                    hs_ptr + s64 * stride_h_s, cs_ptr + s64 * stride_c_s, g_hh_ptr, g_c_ptr,
+                    b_c_ptr, len_ptr, hs_ptr + (s64 + 1) * stride_h_s,
+                    cs_ptr + (s64 + 1) * stride_c_s, y_ptr + t64 * stride_y_t,
+                    gates_ptr + t64 * stride_g_t, stats_ptr + t64 * stride_stats_t,
+                    stride_g_b, stride_row, n_hidden, t, eps, BLOCK_H, False)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _ln_lstm_bwd_persistent_kernel(
+    dy_ptr, recs_ptr, gates_ptr, cs_ptr, stats_ptr, w_hh_ptr, g_hh_ptr, g_c_ptr, b_c_ptr,
+    len_ptr, dcarry_ptr, dc_ptr, dxg_ptr, drec_ptr, dh_mm_ptr, dg_hh_acc_ptr, dgb_c_acc_ptr,
+    stride_g_t, stride_g_b, stride_c_s, stride_dy_t, stride_row, stride_stats_t, stride_w_row,
+    n_hidden, n_steps,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    # one program per batch row, steps from the last processed one back (see
+    # _ln_lstm_fwd_persistent_kernel): each step first computes the row's dh_mm = drec_next
+    # W_hh (a GEMV over the gate gradients of the step after it, which this program wrote
+    # on its previous iteration; zero on the first), then the per-step kernel's row backward.
+    # dxg / drec / recs / gates: (T, B, 4H) at (stride_g_t, stride_g_b); cs (T+1, B, H) at
+    # stride_c_s; dy (T, B, H) at stride_dy_t; dh_mm, dcarry, dc (B, H) fp32; rows of H at
+    # stride_row
+    b = tl.program_id(0).to(tl.int64)
+    n_gates = 4 * n_hidden
+    for i in range(0, n_steps):
+        s = n_steps - 1 - i
+        t = s
+        t_next = s + 1
+        if REVERSE:
+            t = n_steps - 1 - s
+            t_next = t - 1
+        s64 = tl.cast(s, tl.int64)
+        t64 = tl.cast(t, tl.int64)
+        drec_next = drec_ptr + tl.cast(t_next, tl.int64) * stride_g_t + b * stride_g_b
+        for k0 in range(0, n_hidden, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < n_hidden
+            acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            if i > 0:
+                for n0 in range(0, n_gates, BLOCK_N):
+                    offs_n = n0 + tl.arange(0, BLOCK_N)
+                    mask_n = offs_n < n_gates
+                    d = tl.load(drec_next + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                    w = tl.load(w_hh_ptr + offs_n[:, None] * stride_w_row + offs_k[None, :],
+                                mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                    acc += tl.sum(w * d[:, None], axis=0)
+            tl.store(dh_mm_ptr + b * stride_row + offs_k, acc, mask=mask_k)
+        tl.debug_barrier()
+        _ln_bwd_row(b, dh_mm_ptr, dy_ptr + t64 * stride_dy_t, recs_ptr + t64 * stride_g_t,
+                    gates_ptr + t64 * stride_g_t, cs_ptr + (s64 + 1) * stride_c_s,
+                    cs_ptr + s64 * stride_c_s, stats_ptr + t64 * stride_stats_t, g_hh_ptr,
+                    g_c_ptr, b_c_ptr, len_ptr, dcarry_ptr, dc_ptr, dxg_ptr + t64 * stride_g_t,
+                    drec_ptr + t64 * stride_g_t, dg_hh_acc_ptr, dgb_c_acc_ptr, stride_g_b,
+                    stride_row, n_hidden, t, BLOCK_H, True, False)
+        tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=["t"])
@@ -897,6 +1024,30 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
 LN_MAX_HIDDEN = 2048
 
 
+# The time-looping LayerNorm-LSTM kernels give each program one batch row for the whole
+# sequence and compute its recurrent projection as a GEMV, each program streaming all of W_hh
+# (8 H^2 bytes in 16 bits) from L2 every step: up to this hidden size (512 KB a step) that
+# is estimated to cost less than the per-step path's four launches (two cuBLAS GEMMs, two
+# row kernels) a step. Not measured on a GPU yet: bench_lstm times both.
+LN_PERSISTENT_MAX_HIDDEN = 256
+# GEMV tile of the time-looping LayerNorm-LSTM kernels (gate rows x hidden columns)
+LN_GEMV_BLOCK_N = 64
+LN_GEMV_MAX_BLOCK_K = 64
+LN_PERSISTENT_WARPS = 4
+
+
+def use_ln_persistent(n_hidden: int, has_proj: bool) -> bool:
+    """Whether the time-looping LayerNorm-LSTM kernels run this layer."""
+    return not has_proj and n_hidden <= LN_PERSISTENT_MAX_HIDDEN
+
+
+def ln_persistent_blocks(n_hidden: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_N, BLOCK_K, num_warps) of the time-looping LayerNorm-LSTM kernels."""
+    block_h, warps = ln_row_block(n_hidden)
+    block_k = min(LN_GEMV_MAX_BLOCK_K, block_h)
+    return block_h, LN_GEMV_BLOCK_N, block_k, max(warps, LN_PERSISTENT_WARPS)
+
+
 def ln_row_block(n_hidden: int) -> tuple[int, int]:
     """(BLOCK_H, num_warps) of the LayerNorm-LSTM row kernels."""
     block_h = triton.next_power_of_2(max(int(n_hidden), 16))
@@ -906,13 +1057,16 @@ def ln_row_block(n_hidden: int) -> tuple[int, int]:
 
 def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                 w_hr: Optional[torch.Tensor], g_hh: torch.Tensor, g_c: torch.Tensor,
-                b_c: torch.Tensor, lengths: torch.Tensor, reverse: bool, eps: float):
+                b_c: torch.Tensor, lengths: torch.Tensor, reverse: bool, eps: float,
+                persistent: Optional[bool] = None):
     """Recurrence of one LayerNorm-LSTM layer and direction.
 
     Per step: rec = h @ W_hh^T (cuBLAS, one GEMM), then one row kernel fusing LN(rec) *
     g_hh + xg, the gates, the cell update, LN(c) * g_c + b_c, the output and length masking.
     With ``w_hr`` the row kernel writes the unprojected output r instead, then r @ W_hr^T
     (cuBLAS, one GEMM) and a row kernel that masks it by length into the state and y.
+    ``persistent`` (no projection only; None picks with ``use_ln_persistent``): one launch
+    for the whole sequence instead, a program per batch row computing rec as a GEMV.
 
     Args:
         xg: (T, B, 4H) LN(x @ W_ih^T) * g_ih + b_ih + b_hh; h0: (B, P), P = proj_size or H;
@@ -948,6 +1102,19 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
           else y.new_empty(0))
     if n_steps == 0 or n_batch == 0:
         return y, hs, cs, gates, recs, stats, rs
+    if persistent is None:
+        persistent = use_ln_persistent(n_hidden, has_proj)
+    if persistent:
+        if has_proj:
+            raise ValueError("the time-looping LayerNorm-LSTM kernel has no projection")
+        w_hh = w_hh.contiguous()
+        bh, bn, bk, pw = ln_persistent_blocks(n_hidden)
+        _ln_lstm_fwd_persistent_kernel[(n_batch,)](
+            xg, hs, cs, w_hh, g_hh, g_c, b_c, lengths, y, gates, recs, stats,
+            xg.stride(0), xg.stride(1), hs.stride(0), cs.stride(0), y.stride(0), hs.stride(1),
+            stats.stride(0), w_hh.stride(0), n_hidden, n_steps, float(eps),
+            BLOCK_H=bh, BLOCK_N=bn, BLOCK_K=bk, REVERSE=bool(reverse), num_warps=pw)
+        return y, hs, cs, gates, recs, stats, rs
     block_h, warps = ln_row_block(n_hidden)
     w_t = w_hh.t()
     # without a projection the row kernel writes the new state and y itself
@@ -974,10 +1141,11 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
                 w_hr: Optional[torch.Tensor], g_hh: torch.Tensor, g_c: torch.Tensor,
                 b_c: torch.Tensor, lengths: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor,
                 gates: torch.Tensor, recs: torch.Tensor, stats: torch.Tensor, rs: torch.Tensor,
-                reverse: bool):
+                reverse: bool, persistent: Optional[bool] = None):
     """Backward of ``ln_lstm_fwd``: per step one row kernel (gate, cell-LayerNorm and
     recurrent-LayerNorm gradients) and one GEMM (drec @ W_hh); with ``w_hr`` first a row
-    kernel masking the state gradient by length and a GEMM (dh @ W_hr).
+    kernel masking the state gradient by length and a GEMM (dh @ W_hr). ``persistent`` as
+    in ``ln_lstm_fwd`` (one launch, the GEMM as a per-row GEMV).
 
     Args:
         dy: (T, B, P) gradient of y; dh_n: (B, P), dc_n: (B, H) gradients of the final state.
@@ -1006,7 +1174,23 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
         gv = torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev)
         dr = torch.empty((n_batch, n_hidden), dtype=dt, device=dev)
     order = list(_time_order(n_steps, reverse))
-    if n_steps > 0 and n_batch > 0:
+    if persistent is None:
+        persistent = use_ln_persistent(n_hidden, has_proj)
+    if persistent and has_proj:
+        raise ValueError("the time-looping LayerNorm-LSTM kernel has no projection")
+    if n_steps > 0 and n_batch > 0 and persistent:
+        w_hh = w_hh.contiguous()
+        bh, bn, bk, pw = ln_persistent_blocks(n_hidden)
+        dh_scratch = torch.empty((n_batch, n_hidden), dtype=torch.float32, device=dev)
+        # the kernel indexes the (T, B, 4H) buffers with one pair of strides and the rows of H
+        # (cs, dy, dcarry, dc, the scratch) with one row stride: all are contiguous here
+        _ln_lstm_bwd_persistent_kernel[(n_batch,)](
+            dy, recs, gates, cs, stats, w_hh, g_hh, g_c, b_c, lengths, dcarry, dc, dxg, drec,
+            dh_scratch, dg_hh_acc, dgb_c_acc,
+            dxg.stride(0), dxg.stride(1), cs.stride(0), dy.stride(0), cs.stride(1),
+            stats.stride(0), w_hh.stride(0), n_hidden, n_steps,
+            BLOCK_H=bh, BLOCK_N=bn, BLOCK_K=bk, REVERSE=bool(reverse), num_warps=pw)
+    elif n_steps > 0 and n_batch > 0:
         block_h, warps = ln_row_block(n_hidden)
         if has_proj:
             block_p, pwarps = ln_row_block(n_state)
@@ -1019,12 +1203,16 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
                 _ln_lstm_proj_bwd_kernel[(n_batch,)](
                     dh_mm, dy[t], lengths, dcarry, gv[t], gv.stride(1), n_state, t,
                     BLOCK_P=block_p, HAS_NEXT=has_next, num_warps=pwarps)
+                # dr in x's dtype (one more rounding per step than the plain LSTM, whose
+                # projection backward keeps it in the fp32 tl.dot accumulator)
                 torch.mm(gv[t], w_hr, out=dr)
             _ln_lstm_bwd_kernel[(n_batch,)](
                 dr if has_proj else dh_mm, dy[t], recs[t], gates[t], cs[s + 1], cs[s], stats[t],
                 g_hh, g_c, b_c, lengths, dcarry, dc, dxg[t], drec[t], dg_hh_acc, dgb_c_acc,
                 drec.stride(1), cs.stride(1), n_hidden, t,
-                BLOCK_H=block_h, HAS_NEXT=has_next, HAS_PROJ=has_proj, num_warps=warps)
+                # with a projection HAS_NEXT is unused by the row kernel: one variant
+                BLOCK_H=block_h, HAS_NEXT=has_next and not has_proj, HAS_PROJ=has_proj,
+                num_warps=warps)
     if n_steps > 0:
         dh0 = dcarry + drec[order[0]].float() @ w_hh.float()
     else:
@@ -1046,7 +1234,8 @@ def aot_configs():
     """Every block config of the LSTM step kernels in fp32 and bf16, projection on and off,
     one fp16 config; the time-looping kernels at every column block in bf16 (both
     directions), fp16 and fp32; every LayerNorm-LSTM row block in bf16 and the smallest and
-    largest in fp32, projection on and off, with the projection row kernels."""
+    largest in fp32, projection on and off, with the projection row kernels; the
+    time-looping LayerNorm-LSTM kernels at three hidden sizes like the plain ones."""
     def sig(ptrs, ints, consts):
         out = dict(ptrs)
         out.update({n: "i32" for n in ints})
@@ -1166,6 +1355,39 @@ def aot_configs():
                 yield AotConfig(_lstm_bwd_persistent_kernel, persistent_sig(dt, "bwd"), cx, warps,
                                 name=f"lstm_bwd_persistent[{dt},{bb}x{bh},reverse={rev}]")
 
+    def ln_persistent_sig(dt, kind):
+        if kind == "fwd":
+            ptrs = {"xg_ptr": f"*{dt}", "hs_ptr": f"*{dt}", "cs_ptr": "*fp32",
+                    "w_hh_ptr": f"*{dt}", "g_hh_ptr": f"*{dt}", "g_c_ptr": f"*{dt}",
+                    "b_c_ptr": f"*{dt}", "len_ptr": "*i64", "y_ptr": f"*{dt}",
+                    "gates_ptr": f"*{dt}", "recs_ptr": f"*{dt}", "stats_ptr": "*fp32"}
+            ints = ["stride_g_t", "stride_g_b", "stride_h_s", "stride_c_s", "stride_y_t",
+                    "stride_row", "stride_stats_t", "stride_w_row", "n_hidden", "n_steps"]
+            out = sig(ptrs, ints, [])
+            out["eps"] = "fp32"
+        else:
+            ptrs = {"dy_ptr": f"*{dt}", "recs_ptr": f"*{dt}", "gates_ptr": f"*{dt}",
+                    "cs_ptr": "*fp32", "stats_ptr": "*fp32", "w_hh_ptr": f"*{dt}",
+                    "g_hh_ptr": f"*{dt}", "g_c_ptr": f"*{dt}", "b_c_ptr": f"*{dt}",
+                    "len_ptr": "*i64", "dcarry_ptr": "*fp32", "dc_ptr": "*fp32",
+                    "dxg_ptr": f"*{dt}", "drec_ptr": f"*{dt}", "dh_mm_ptr": "*fp32",
+                    "dg_hh_acc_ptr": "*fp32", "dgb_c_acc_ptr": "*fp32"}
+            ints = ["stride_g_t", "stride_g_b", "stride_c_s", "stride_dy_t", "stride_row",
+                    "stride_stats_t", "stride_w_row", "n_hidden", "n_steps"]
+            out = sig(ptrs, ints, [])
+        out.update({n: "constexpr" for n in ("BLOCK_H", "BLOCK_N", "BLOCK_K", "REVERSE")})
+        return out
+
+    for n_hidden in (16, 64, LN_PERSISTENT_MAX_HIDDEN):
+        bh, bn, bk, warps = ln_persistent_blocks(n_hidden)
+        for dt, reverses in (("bf16", (False, True)), ("fp16", (False,)), ("fp32", (False,))):
+            for rev in reverses:
+                cx = dict(BLOCK_H=bh, BLOCK_N=bn, BLOCK_K=bk, REVERSE=rev)
+                for kind, kern in (("fwd", _ln_lstm_fwd_persistent_kernel),
+                                   ("bwd", _ln_lstm_bwd_persistent_kernel)):
+                    yield AotConfig(kern, ln_persistent_sig(dt, kind), cx, warps,
+                                    name=f"ln_lstm_{kind}_persistent[{dt},{bh},reverse={rev}]")
+
     ln_blocks = []
     n = 16
     while n <= LN_MAX_HIDDEN:
@@ -1179,7 +1401,7 @@ def aot_configs():
                                 dict(BLOCK_H=block_h, HAS_PROJ=proj), warps,
                                 name=f"ln_lstm_fwd[{tag}]")
                 yield AotConfig(_ln_lstm_bwd_kernel, ln_bwd_sig(dt),
-                                dict(BLOCK_H=block_h, HAS_NEXT=True, HAS_PROJ=proj), warps,
+                                dict(BLOCK_H=block_h, HAS_NEXT=not proj, HAS_PROJ=proj), warps,
                                 name=f"ln_lstm_bwd[{tag}]")
             # the projection row kernels take ln_row_block(proj_size): the same blocks
             yield AotConfig(_ln_lstm_proj_fwd_kernel, ln_pfwd_sig(dt), dict(BLOCK_P=block_h),
