@@ -6,7 +6,8 @@ Kernel modules import from here so that a block-size rule or a constant lives in
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional
+import functools
+from typing import Callable, Dict, Optional, TypeVar
 
 import torch
 import triton
@@ -32,6 +33,27 @@ MAX_FUSED_COLS = 8192
 # The CPU interpreter runs one program at a time; a handful of programs is enough to
 # exercise the multi-program (partial-sum) code paths without making tests slow.
 INTERPRETER_PROGRAMS = 4
+
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def on_tensor_device(fn: _F) -> _F:
+    """Decorator for launchers: run ``fn`` with its first tensor argument's GPU as the
+    current CUDA device. Triton launches on the current device (and its current stream);
+    tensors on another GPU of a multi-GPU process would otherwise be handed to a kernel
+    running on the wrong device. A no-op for CPU tensors and when the device is already
+    current."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if a.is_cuda and a.device.index != torch.cuda.current_device():
+                    with torch.cuda.device(a.device):
+                        return fn(*args, **kwargs)
+                break
+        return fn(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
 @triton.jit

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotConfig, LOG2E, dropout_keep
+from ._common import AotConfig, LOG2E, dropout_keep, on_tensor_device
 
 # Head dims the kernels support; each is loaded into a power-of-two tile (80 and 96 in 128).
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -592,6 +592,7 @@ def _mask_arg(attention_mask: Optional[torch.Tensor], kv_end: Optional[torch.Ten
     return m, m.stride(0), _last_dim_contiguous(kv_end)
 
 
+@on_tensor_device
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   attention_mask: Optional[torch.Tensor] = None,
                   cu_seqlens_q: Optional[torch.Tensor] = None,
@@ -647,6 +648,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
+@on_tensor_device
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor,
                   attention_mask: Optional[torch.Tensor] = None,
@@ -714,6 +716,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return dq, dk, dv
 
 
+@on_tensor_device
 def attention_dropout_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int,
                            seqlen_k: int, dropout_p: float) -> torch.Tensor:
     """The keep-mask (bool, (batch, heads, seqlen_q, seqlen_k)) the kernels draw for ``seed``.

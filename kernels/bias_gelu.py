@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotConfig, as_rows, gelu_fwd, gelu_grad, num_programs, unit_stride
+from ._common import (AotConfig, as_rows, gelu_fwd, gelu_grad, num_programs, on_tensor_device,
+                      unit_stride)
 
 # Tile of the elementwise kernels: BLOCK_N columns (up to MAX_BLOCK_N) times enough rows to
 # give each program TILE_ELEMS elements: 16 per thread at 8 warps (4 warps needed ~170
@@ -91,6 +92,7 @@ def _tile(n_cols: int):
     return TILE_ELEMS // block_n, block_n
 
 
+@on_tensor_device
 def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = "none"):
     """y = GELU(x + bias). x: (..., N) fp32/fp16/bf16; bias: (N,) or None. Returns y like x."""
     n_cols = x.shape[-1]
@@ -108,6 +110,7 @@ def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: st
     return y.reshape(x.shape)
 
 
+@on_tensor_device
 def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
                   approximate: str = "none"):
     """Returns (dx, dbias); dbias is None when bias is None."""

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, AotConfig
+from ._common import LOG2E, AotConfig, on_tensor_device
 
 # The widest block of a row a program holds in registers at once; wider rows loop over blocks.
 # 4096 fp32 over 8 warps is 16 elements a thread: wide loads without register spills.
@@ -213,6 +213,7 @@ def _scale_stride(scale: torch.Tensor, n_rows: int) -> int:
     return scale.stride(0)
 
 
+@on_tensor_device
 def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
                       label_smoothing: float, grad_scale: Optional[torch.Tensor] = None):
     """Launch the forward.
@@ -246,6 +247,7 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
     return loss, stats
 
 
+@on_tensor_device
 def cross_entropy_bwd(logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
                       grad_scale: torch.Tensor, ignore_index: int,
                       label_smoothing: float) -> torch.Tensor:
@@ -288,6 +290,7 @@ def chunk_rows(n_rows: int, n_cols: int, chunk_elements: Optional[int] = None) -
     return min(most, triton.cdiv(rows, CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE)
 
 
+@on_tensor_device
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          target: torch.Tensor, ignore_index: int, label_smoothing: float,
                          grad_scale: Optional[torch.Tensor] = None, need_dx: bool = True,

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotConfig, dropout_keep, num_programs, row_block
+from ._common import AotConfig, dropout_keep, num_programs, row_block, on_tensor_device
 
 # Widest hidden size the fused kernels take: the backward keeps a row of the LayerNorm
 # input, dy, three run accumulators and two partial sums in registers; ptxas reports 784 B
@@ -346,6 +346,7 @@ def _gather_inputs(input_ids, position_ids, token_type_ids, word_weight, positio
     return n_cols, shape, ids, pos_ids, type_ids, word, pos, typ
 
 
+@on_tensor_device
 def embedding_layer_norm_fwd(input_ids: torch.Tensor, word_weight: torch.Tensor,
                              position_weight: torch.Tensor, ln_weight: Optional[torch.Tensor],
                              ln_bias: Optional[torch.Tensor], eps: float,
@@ -417,6 +418,7 @@ def _segment_sum(keys: torch.Tensor, ds: torch.Tensor, n_keys: int, skip_key: in
     return grad
 
 
+@on_tensor_device
 def embedding_layer_norm_bwd(dy: torch.Tensor, input_ids: torch.Tensor,
                              word_weight: torch.Tensor, position_weight: torch.Tensor,
                              ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],

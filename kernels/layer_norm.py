@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import (AotConfig, MAX_FUSED_COLS, as_rows, unit_stride, dropout_keep, gelu_fwd,
-                      gelu_grad, num_programs, row_block, row_block_configs)
+                      gelu_grad, num_programs, on_tensor_device, row_block, row_block_configs)
 
 # Programs per SM in the persistent backward: enough rows in flight per SM to cover memory
 # latency while keeping the partial-sum buffers (programs x n_cols fp32) small.
@@ -160,6 +160,7 @@ def _check_width(n_cols: int):
                          f"{MAX_FUSED_COLS}; use backend='torch'")
 
 
+@on_tensor_device
 def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    eps: float, residual: Optional[torch.Tensor] = None,
                    x_bias: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
@@ -204,6 +205,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     return y.reshape(x.shape), mean, rstd
 
 
+@on_tensor_device
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                    bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                    residual: Optional[torch.Tensor] = None, x_bias: Optional[torch.Tensor] = None,

@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotConfig, LOG2E, _tanh
+from ._common import AotConfig, LOG2E, _tanh, on_tensor_device
 
 # tl.dot needs every block dimension >= 16; the batch block is padded up to it.
 MIN_DOT_BLOCK = 16
@@ -848,6 +848,7 @@ def persistent_blocks(n_hidden: int) -> tuple[int, int, int, int]:
     return MIN_DOT_BLOCK, block_h, STEP_BLOCK_K, PERSISTENT_WARPS
 
 
+@on_tensor_device
 def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
              w_hr: Optional[torch.Tensor], lengths: torch.Tensor, reverse: bool,
              persistent: Optional[bool] = None):
@@ -928,6 +929,7 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
     return y, hs, cs, gates, rs
 
 
+@on_tensor_device
 def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: torch.Tensor,
              w_hr: Optional[torch.Tensor], lengths: torch.Tensor, hs: torch.Tensor,
              cs: torch.Tensor, gates: torch.Tensor, rs: torch.Tensor, reverse: bool,
@@ -1055,6 +1057,7 @@ def ln_row_block(n_hidden: int) -> tuple[int, int]:
     return block_h, min(max(block_h // 128, 1), 16)
 
 
+@on_tensor_device
 def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                 w_hr: Optional[torch.Tensor], g_hh: torch.Tensor, g_c: torch.Tensor,
                 b_c: torch.Tensor, lengths: torch.Tensor, reverse: bool, eps: float,
@@ -1137,6 +1140,7 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
     return y, hs, cs, gates, recs, stats, rs
 
 
+@on_tensor_device
 def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: torch.Tensor,
                 w_hr: Optional[torch.Tensor], g_hh: torch.Tensor, g_c: torch.Tensor,
                 b_c: torch.Tensor, lengths: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor,
