@@ -471,18 +471,29 @@ def _row_norm4(a_i, a_f, a_g, a_o, mask, n):
     return mean, c_i, c_f, c_g, c_o
 
 
-@triton.jit(do_not_specialize=["t"])
+# Like the plain per-step kernels, the LayerNorm-LSTM row kernels take whole (T, B, .)
+# buffers and the step's indices (s: processing order, t: time) and offset the pointers
+# themselves, so the launch loop slices nothing per step.
+@triton.jit(do_not_specialize=["s", "t"])
 def _ln_lstm_fwd_kernel(
-    rec_ptr, xg_ptr, h_prev_ptr, c_prev_ptr, g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr,
-    h_out_ptr, c_out_ptr, y_ptr, gates_ptr, stats_ptr,
-    stride_b, stride_c_b, n_hidden, t, eps,
+    recs_ptr, xg_ptr, hs_ptr, cs_ptr, g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr, out_ptr, gates_ptr,
+    stats_ptr, stride_g_t, stride_b, stride_h_s, stride_c_s, stride_out_t, stride_c_b,
+    stride_stats_t, n_hidden, s, t, eps,
     BLOCK_H: tl.constexpr, HAS_PROJ: tl.constexpr,
 ):
     # each program owns one batch row: the LayerNorms reduce over the whole row (4H gate
-    # pre-activations, H cell values), so a row never splits across programs
-    _ln_fwd_row(tl.program_id(0).to(tl.int64), rec_ptr, xg_ptr, h_prev_ptr, c_prev_ptr,
-                g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr, h_out_ptr, c_out_ptr, y_ptr, gates_ptr,
-                stats_ptr, stride_b, stride_c_b, n_hidden, t, eps, BLOCK_H, HAS_PROJ)
+    # pre-activations, H cell values), so a row never splits across programs. recs / xg /
+    # gates: (T, B, 4H) at (stride_g_t, stride_b); hs (T+1, B, .) at stride_h_s (unused with
+    # HAS_PROJ); cs (T+1, B, H) at stride_c_s; out (T, B, H): y, or r with HAS_PROJ; rows of
+    # H at stride_c_b; stats (T, B, 4)
+    s64 = tl.cast(s, tl.int64)
+    t64 = tl.cast(t, tl.int64)
+    _ln_fwd_row(tl.program_id(0).to(tl.int64), recs_ptr + t64 * stride_g_t,
+                xg_ptr + t64 * stride_g_t, hs_ptr + s64 * stride_h_s, cs_ptr + s64 * stride_c_s,
+                g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr, hs_ptr + (s64 + 1) * stride_h_s,
+                cs_ptr + (s64 + 1) * stride_c_s, out_ptr + t64 * stride_out_t,
+                gates_ptr + t64 * stride_g_t, stats_ptr + t64 * stride_stats_t, stride_b,
+                stride_c_b, n_hidden, t, eps, BLOCK_H, HAS_PROJ)
 
 
 @triton.jit
@@ -556,19 +567,26 @@ def _ln_state_grad(dh_mm_ptr, dy_ptr, dcarry_ptr, row, mask, valid, HAS_NEXT: tl
     return tl.where(valid, g_state + dy, 0.0)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["s", "t"])
 def _ln_lstm_bwd_kernel(
-    dh_mm_ptr, dy_ptr, rec_ptr, gates_ptr, c_ptr, c_prev_ptr, stats_ptr, g_hh_ptr, g_c_ptr,
-    b_c_ptr, len_ptr, dcarry_ptr, dc_ptr, dxg_ptr, drec_ptr, dg_hh_acc_ptr, dgb_c_acc_ptr,
-    stride_b, stride_c_b, n_hidden, t,
+    dh_mm_ptr, dy_ptr, recs_ptr, gates_ptr, cs_ptr, stats_ptr, g_hh_ptr, g_c_ptr, b_c_ptr,
+    len_ptr, dcarry_ptr, dc_ptr, dxg_ptr, drec_ptr, dg_hh_acc_ptr, dgb_c_acc_ptr,
+    stride_g_t, stride_b, stride_dy_t, stride_c_s, stride_c_b, stride_stats_t, n_hidden, s, t,
     BLOCK_H: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_PROJ: tl.constexpr,
 ):
     # each program owns one batch row (see _ln_lstm_fwd_kernel) and its row of the
-    # LayerNorm-weight gradient accumulators, summed over batch rows by the caller
-    _ln_bwd_row(tl.program_id(0).to(tl.int64), dh_mm_ptr, dy_ptr, rec_ptr, gates_ptr, c_ptr,
-                c_prev_ptr, stats_ptr, g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr, dcarry_ptr, dc_ptr,
-                dxg_ptr, drec_ptr, dg_hh_acc_ptr, dgb_c_acc_ptr, stride_b, stride_c_b,
-                n_hidden, t, BLOCK_H, HAS_NEXT, HAS_PROJ)
+    # LayerNorm-weight gradient accumulators, summed over batch rows by the caller. dh_mm
+    # (B, H) is this step's (the caller's GEMM result); dy (T, B, H) at stride_dy_t (unused
+    # with HAS_PROJ)
+    s64 = tl.cast(s, tl.int64)
+    t64 = tl.cast(t, tl.int64)
+    _ln_bwd_row(tl.program_id(0).to(tl.int64), dh_mm_ptr, dy_ptr + t64 * stride_dy_t,
+                recs_ptr + t64 * stride_g_t, gates_ptr + t64 * stride_g_t,
+                cs_ptr + (s64 + 1) * stride_c_s, cs_ptr + s64 * stride_c_s,
+                stats_ptr + t64 * stride_stats_t, g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr,
+                dcarry_ptr, dc_ptr, dxg_ptr + t64 * stride_g_t, drec_ptr + t64 * stride_g_t,
+                dg_hh_acc_ptr, dgb_c_acc_ptr, stride_b, stride_c_b, n_hidden, t, BLOCK_H,
+                HAS_NEXT, HAS_PROJ)
 
 
 @triton.jit
@@ -758,17 +776,21 @@ def _ln_lstm_bwd_persistent_kernel(
         tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["s", "t"])
 def _ln_lstm_proj_fwd_kernel(
-    h_ptr, h_prev_ptr, len_ptr, y_ptr,
-    stride_b, n_proj, t,
+    hs_ptr, len_ptr, ys_ptr,
+    stride_h_s, stride_y_t, stride_b, n_proj, s, t,
     BLOCK_P: tl.constexpr,
 ):
-    # each program owns one batch row of the projected state: h_ptr holds r @ W_hr^T (the
-    # caller's GEMM wrote it there) and is overwritten in place with the new state, the
-    # previous state past the length; y gets the projection, zero past the length.
-    # stride_b is the row stride of all three (B, P) rows (the launcher allocates them alike)
+    # each program owns one batch row of the projected state: state s + 1 holds r @ W_hr^T
+    # (the caller's GEMM wrote it there) and is overwritten in place with the new state, the
+    # previous state past the length; y[t] gets the projection, zero past the length.
+    # stride_b is the row stride of both (., B, P) buffers (the launcher allocates them alike)
     b = tl.program_id(0).to(tl.int64)
+    s64 = tl.cast(s, tl.int64)
+    h_ptr = hs_ptr + (s64 + 1) * stride_h_s
+    h_prev_ptr = hs_ptr + s64 * stride_h_s
+    y_ptr = ys_ptr + tl.cast(t, tl.int64) * stride_y_t
     cols = tl.arange(0, BLOCK_P)
     mask = cols < n_proj
     row = b * stride_b + cols
@@ -781,15 +803,17 @@ def _ln_lstm_proj_fwd_kernel(
 
 @triton.jit(do_not_specialize=["t"])
 def _ln_lstm_proj_bwd_kernel(
-    dh_mm_ptr, dy_ptr, len_ptr, dcarry_ptr, gv_ptr,
-    stride_b, n_proj, t,
+    dh_mm_ptr, dys_ptr, len_ptr, dcarry_ptr, gvs_ptr,
+    stride_dy_t, stride_gv_t, stride_b, n_proj, t,
     BLOCK_P: tl.constexpr, HAS_NEXT: tl.constexpr,
 ):
     # each program owns one batch row of the gradient w.r.t. the projected state after this
     # step; gv gets it masked by length (the caller multiplies it by W_hr, and keeps it for
     # dW_hr), the carry keeps the part past the length. stride_b is the row stride of all
-    # four (B, P) rows
+    # four (B, P) rows; dy and gv are (T, B, P) at their time strides
     b = tl.program_id(0).to(tl.int64)
+    dy_ptr = dys_ptr + tl.cast(t, tl.int64) * stride_dy_t
+    gv_ptr = gvs_ptr + tl.cast(t, tl.int64) * stride_gv_t
     cols = tl.arange(0, BLOCK_P)
     mask = cols < n_proj
     row = b * stride_b + cols
@@ -1122,21 +1146,26 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
     w_t = w_hh.t()
     # without a projection the row kernel writes the new state and y itself
     out = rs if has_proj else y
+    # the step-invariant launch arguments, built once; per-step views only for the GEMMs
+    # (unbind makes them all in one call). recs, xg and gates share their strides, and so
+    # do the H-wide rows of cs and out (all allocated contiguous here).
+    row = _ln_lstm_fwd_kernel[(n_batch,)]
+    row_args = (recs, xg, hs, cs, g_hh, g_c, b_c, lengths, out, gates, stats,
+                recs.stride(0), recs.stride(1), hs.stride(0), cs.stride(0), out.stride(0),
+                cs.stride(1), stats.stride(0), n_hidden)
+    hs_v, recs_v = hs.unbind(0), recs.unbind(0)
     if has_proj:
         w_hr_t = w_hr.t()
         block_p, pwarps = ln_row_block(n_state)
+        proj = _ln_lstm_proj_fwd_kernel[(n_batch,)]
+        proj_args = (hs, lengths, y, hs.stride(0), y.stride(0), hs.stride(1), n_state)
+        rs_v = rs.unbind(0)
     for s, t in enumerate(_time_order(n_steps, reverse)):
-        torch.mm(hs[s], w_t, out=recs[t])
-        _ln_lstm_fwd_kernel[(n_batch,)](
-            recs[t], xg[t], hs[s], cs[s], g_hh, g_c, b_c, lengths,
-            hs[s + 1], cs[s + 1], out[t], gates[t], stats[t],
-            recs.stride(1), cs.stride(1), n_hidden, t, float(eps), BLOCK_H=block_h,
-            HAS_PROJ=has_proj, num_warps=warps)
+        torch.mm(hs_v[s], w_t, out=recs_v[t])
+        row(*row_args, s, t, float(eps), BLOCK_H=block_h, HAS_PROJ=has_proj, num_warps=warps)
         if has_proj:
-            torch.mm(rs[t], w_hr_t, out=hs[s + 1])
-            _ln_lstm_proj_fwd_kernel[(n_batch,)](
-                hs[s + 1], hs[s], lengths, y[t], hs.stride(1), n_state, t,
-                BLOCK_P=block_p, num_warps=pwarps)
+            torch.mm(rs_v[t], w_hr_t, out=hs_v[s + 1])
+            proj(*proj_args, s, t, BLOCK_P=block_p, num_warps=pwarps)
     return y, hs, cs, gates, recs, stats, rs
 
 
@@ -1198,25 +1227,32 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
         block_h, warps = ln_row_block(n_hidden)
         if has_proj:
             block_p, pwarps = ln_row_block(n_state)
+        # step-invariant launch arguments built once (see ln_lstm_fwd); recs, gates, dxg and
+        # drec share their strides, and so do the H-wide rows of cs, dy, dcarry and dc
+        row = _ln_lstm_bwd_kernel[(n_batch,)]
+        row_args = (dr if has_proj else dh_mm, dy, recs, gates, cs, stats, g_hh, g_c, b_c,
+                    lengths, dcarry, dc, dxg, drec, dg_hh_acc, dgb_c_acc, recs.stride(0),
+                    recs.stride(1), dy.stride(0), cs.stride(0), cs.stride(1), stats.stride(0),
+                    n_hidden)
+        drec_v = drec.unbind(0)
+        if has_proj:
+            proj = _ln_lstm_proj_bwd_kernel[(n_batch,)]
+            proj_args = (dh_mm, dy, lengths, dcarry, gv, dy.stride(0), gv.stride(0),
+                         gv.stride(1), n_state)
+            gv_v = gv.unbind(0)
         for s in range(n_steps - 1, -1, -1):
             t = order[s]
             has_next = s < n_steps - 1
             if has_next:
-                torch.mm(drec[order[s + 1]], w_hh, out=dh_mm)
+                torch.mm(drec_v[order[s + 1]], w_hh, out=dh_mm)
             if has_proj:
-                _ln_lstm_proj_bwd_kernel[(n_batch,)](
-                    dh_mm, dy[t], lengths, dcarry, gv[t], gv.stride(1), n_state, t,
-                    BLOCK_P=block_p, HAS_NEXT=has_next, num_warps=pwarps)
+                proj(*proj_args, t, BLOCK_P=block_p, HAS_NEXT=has_next, num_warps=pwarps)
                 # dr in x's dtype (one more rounding per step than the plain LSTM, whose
                 # projection backward keeps it in the fp32 tl.dot accumulator)
-                torch.mm(gv[t], w_hr, out=dr)
-            _ln_lstm_bwd_kernel[(n_batch,)](
-                dr if has_proj else dh_mm, dy[t], recs[t], gates[t], cs[s + 1], cs[s], stats[t],
-                g_hh, g_c, b_c, lengths, dcarry, dc, dxg[t], drec[t], dg_hh_acc, dgb_c_acc,
-                drec.stride(1), cs.stride(1), n_hidden, t,
-                # with a projection HAS_NEXT is unused by the row kernel: one variant
-                BLOCK_H=block_h, HAS_NEXT=has_next and not has_proj, HAS_PROJ=has_proj,
-                num_warps=warps)
+                torch.mm(gv_v[t], w_hr, out=dr)
+            # with a projection HAS_NEXT is unused by the row kernel: one variant
+            row(*row_args, s, t, BLOCK_H=block_h, HAS_NEXT=has_next and not has_proj,
+                HAS_PROJ=has_proj, num_warps=warps)
     if n_steps > 0:
         dh0 = dcarry + drec[order[0]].float() @ w_hh.float()
     else:
@@ -1283,32 +1319,34 @@ def aot_configs():
                    ["BLOCK_B", "BLOCK_H", "BLOCK_K", "HAS_NEXT", "DOT_FP32"])
 
     def ln_fwd_sig(dt):
-        return {"rec_ptr": f"*{dt}", "xg_ptr": f"*{dt}", "h_prev_ptr": f"*{dt}",
-                "c_prev_ptr": "*fp32", "g_hh_ptr": f"*{dt}", "g_c_ptr": f"*{dt}",
-                "b_c_ptr": f"*{dt}", "len_ptr": "*i64", "h_out_ptr": f"*{dt}",
-                "c_out_ptr": "*fp32", "y_ptr": f"*{dt}", "gates_ptr": f"*{dt}",
-                "stats_ptr": "*fp32", "stride_b": "i32", "stride_c_b": "i32",
-                "n_hidden": "i32", "t": "i32", "eps": "fp32", "BLOCK_H": "constexpr",
-                "HAS_PROJ": "constexpr"}
+        return sig({"recs_ptr": f"*{dt}", "xg_ptr": f"*{dt}", "hs_ptr": f"*{dt}",
+                    "cs_ptr": "*fp32", "g_hh_ptr": f"*{dt}", "g_c_ptr": f"*{dt}",
+                    "b_c_ptr": f"*{dt}", "len_ptr": "*i64", "out_ptr": f"*{dt}",
+                    "gates_ptr": f"*{dt}", "stats_ptr": "*fp32"},
+                   ["stride_g_t", "stride_b", "stride_h_s", "stride_c_s", "stride_out_t",
+                    "stride_c_b", "stride_stats_t", "n_hidden", "s", "t"],
+                   []) | {"eps": "fp32", "BLOCK_H": "constexpr", "HAS_PROJ": "constexpr"}
 
     def ln_bwd_sig(dt):
-        return {"dh_mm_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "rec_ptr": f"*{dt}",
-                "gates_ptr": f"*{dt}", "c_ptr": "*fp32", "c_prev_ptr": "*fp32",
-                "stats_ptr": "*fp32", "g_hh_ptr": f"*{dt}", "g_c_ptr": f"*{dt}",
-                "b_c_ptr": f"*{dt}", "len_ptr": "*i64", "dcarry_ptr": "*fp32",
-                "dc_ptr": "*fp32", "dxg_ptr": f"*{dt}", "drec_ptr": f"*{dt}",
-                "dg_hh_acc_ptr": "*fp32", "dgb_c_acc_ptr": "*fp32", "stride_b": "i32",
-                "stride_c_b": "i32", "n_hidden": "i32", "t": "i32",
-                "BLOCK_H": "constexpr", "HAS_NEXT": "constexpr", "HAS_PROJ": "constexpr"}
+        return sig({"dh_mm_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "recs_ptr": f"*{dt}",
+                    "gates_ptr": f"*{dt}", "cs_ptr": "*fp32", "stats_ptr": "*fp32",
+                    "g_hh_ptr": f"*{dt}", "g_c_ptr": f"*{dt}", "b_c_ptr": f"*{dt}",
+                    "len_ptr": "*i64", "dcarry_ptr": "*fp32", "dc_ptr": "*fp32",
+                    "dxg_ptr": f"*{dt}", "drec_ptr": f"*{dt}", "dg_hh_acc_ptr": "*fp32",
+                    "dgb_c_acc_ptr": "*fp32"},
+                   ["stride_g_t", "stride_b", "stride_dy_t", "stride_c_s", "stride_c_b",
+                    "stride_stats_t", "n_hidden", "s", "t"],
+                   ["BLOCK_H", "HAS_NEXT", "HAS_PROJ"])
 
     def ln_pfwd_sig(dt):
-        return {"h_ptr": f"*{dt}", "h_prev_ptr": f"*{dt}", "len_ptr": "*i64", "y_ptr": f"*{dt}",
-                "stride_b": "i32", "n_proj": "i32", "t": "i32", "BLOCK_P": "constexpr"}
+        return sig({"hs_ptr": f"*{dt}", "len_ptr": "*i64", "ys_ptr": f"*{dt}"},
+                   ["stride_h_s", "stride_y_t", "stride_b", "n_proj", "s", "t"], ["BLOCK_P"])
 
     def ln_pbwd_sig(dt):
-        return {"dh_mm_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "len_ptr": "*i64",
-                "dcarry_ptr": "*fp32", "gv_ptr": f"*{dt}", "stride_b": "i32", "n_proj": "i32",
-                "t": "i32", "BLOCK_P": "constexpr", "HAS_NEXT": "constexpr"}
+        return sig({"dh_mm_ptr": f"*{dt}", "dys_ptr": f"*{dt}", "len_ptr": "*i64",
+                    "dcarry_ptr": "*fp32", "gvs_ptr": f"*{dt}"},
+                   ["stride_dy_t", "stride_gv_t", "stride_b", "n_proj", "t"],
+                   ["BLOCK_P", "HAS_NEXT"])
 
     def step(dt, bb, bh, bk, warps, projs):
         blocks = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, DOT_FP32=False)
