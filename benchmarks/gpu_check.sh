@@ -120,7 +120,7 @@ run_tests() {
 
 # the tests get at most 55% of the budget between them, the benchmarks the rest
 if phase_on gpu-tests; then
-  run_tests tests_gpu "gpu and not aot" "$(min $((BUDGET * 20 / 100)) "$(left)")"
+  run_tests tests_gpu "gpu and not aot" "$(min $((BUDGET * 30 / 100)) "$(left)")"
 fi
 if phase_on tests; then
   run_tests tests_rest "not gpu and not aot" "$(min $((BUDGET * 55 / 100 - ($(date +%s) - START))) "$(left)")"
