@@ -222,7 +222,7 @@ def _lstm_fwd_kernel(
               offs_b, offs_h, BLOCK_B, BLOCK_H, BLOCK_K, HAS_PROJ, DOT_FP32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_steps"])
 def _lstm_fwd_persistent_kernel(
     xg_ptr, hs_ptr, cs_ptr, w_hh_ptr, len_ptr, y_ptr, gates_ptr,
     stride_xg_t, stride_xg_b, stride_hs_s, stride_h_b, stride_cs_s, stride_c_b, stride_w_row,
@@ -381,7 +381,7 @@ def _lstm_bwd_kernel(
               BLOCK_B, BLOCK_H, BLOCK_K, HAS_NEXT, HAS_PROJ, DOT_FP32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_steps"])
 def _lstm_bwd_persistent_kernel(
     dy_ptr, w_hh_ptr, gates_ptr, cs_ptr, len_ptr, dcarry_ptr, dc_ptr, dg_ptr,
     stride_dy_t, stride_dy_b, stride_dg_t, stride_dg_b, stride_w_row, stride_gates_t,
@@ -563,6 +563,10 @@ def _ln_state_grad(dh_mm_ptr, dy_ptr, dcarry_ptr, row, mask, valid, HAS_NEXT: tl
     if HAS_NEXT:
         g_state += tl.load(dh_mm_ptr + row, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + row, mask=mask, other=0.0).to(tl.float32)
+    # a row narrower than the program's threads is held by several of them, and only one
+    # copy stores: without this barrier another copy could load the carry after it was
+    # overwritten (the time-looping kernels run 4 warps on rows as narrow as 16)
+    tl.debug_barrier()
     tl.store(dcarry_ptr + row, tl.where(valid, 0.0, g_state), mask=mask)
     return tl.where(valid, g_state + dy, 0.0)
 
@@ -636,6 +640,7 @@ def _ln_bwd_row(b, dh_mm_ptr, dy_ptr, rec_ptr, gates_ptr, c_ptr, c_prev_ptr, sta
     d_i = dc * gg * gi * (1.0 - gi)
     d_f = dc * c_prev * gf * (1.0 - gf)
     d_g = dc * gi * (1.0 - gg * gg)
+    tl.debug_barrier()  # every copy of the row has loaded dc_in (see _ln_state_grad)
     tl.store(dc_ptr + crow, tl.where(valid, dc * gf, dc_in), mask=mask)
     d_i = tl.where(valid & mask, d_i, 0.0)
     d_f = tl.where(valid & mask, d_f, 0.0)
@@ -676,7 +681,7 @@ def _ln_bwd_row(b, dh_mm_ptr, dy_ptr, rec_ptr, gates_ptr, c_ptr, c_prev_ptr, sta
     tl.store(drec_ptr + row + 3 * H, ((e_o - k1 - r_o * k2) * rstd).to(rdt), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_steps"])
 def _ln_lstm_fwd_persistent_kernel(
     xg_ptr, hs_ptr, cs_ptr, w_hh_ptr, g_hh_ptr, g_c_ptr, b_c_ptr, len_ptr, y_ptr, gates_ptr,
     recs_ptr, stats_ptr,
@@ -706,14 +711,16 @@ def _ln_lstm_fwd_persistent_kernel(
         for n0 in range(0, n_gates, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n_gates
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            # elementwise partial products, reduced once per block of gate rows
+            part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             for k0 in range(0, n_hidden, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < n_hidden
                 hk = tl.load(h_prev + offs_k, mask=mask_k, other=0.0).to(tl.float32)
                 w = tl.load(w_hh_ptr + offs_n[:, None] * stride_w_row + offs_k[None, :],
                             mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-                acc += tl.sum(w * hk[None, :], axis=1)
+                part += w * hk[None, :]
+            acc = tl.sum(part, axis=1)
             tl.store(rec_row + offs_n, acc.to(recs_ptr.dtype.element_ty), mask=mask_n)
         tl.debug_barrier()
         _ln_fwd_row(b, recs_ptr + t64 * stride_g_t, xg_ptr + t64 * stride_g_t,
@@ -725,7 +732,7 @@ def _ln_lstm_fwd_persistent_kernel(
         tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_steps"])
 def _ln_lstm_bwd_persistent_kernel(
     dy_ptr, recs_ptr, gates_ptr, cs_ptr, stats_ptr, w_hh_ptr, g_hh_ptr, g_c_ptr, b_c_ptr,
     len_ptr, dcarry_ptr, dc_ptr, dxg_ptr, drec_ptr, dh_mm_ptr, dg_hh_acc_ptr, dgb_c_acc_ptr,
@@ -756,7 +763,8 @@ def _ln_lstm_bwd_persistent_kernel(
         for k0 in range(0, n_hidden, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < n_hidden
-            acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            # elementwise partial products, reduced (across warps) once per column block
+            part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             if i > 0:
                 for n0 in range(0, n_gates, BLOCK_N):
                     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -764,7 +772,8 @@ def _ln_lstm_bwd_persistent_kernel(
                     d = tl.load(drec_next + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                     w = tl.load(w_hh_ptr + offs_n[:, None] * stride_w_row + offs_k[None, :],
                                 mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-                    acc += tl.sum(w * d[:, None], axis=0)
+                    part += w * d[:, None]
+            acc = tl.sum(part, axis=0)
             tl.store(dh_mm_ptr + b * stride_row + offs_k, acc, mask=mask_k)
         tl.debug_barrier()
         _ln_bwd_row(b, dh_mm_ptr, dy_ptr + t64 * stride_dy_t, recs_ptr + t64 * stride_g_t,
@@ -1420,7 +1429,8 @@ def aot_configs():
         out.update({n: "constexpr" for n in ("BLOCK_H", "BLOCK_N", "BLOCK_K", "REVERSE")})
         return out
 
-    for n_hidden in (16, 64, LN_PERSISTENT_MAX_HIDDEN):
+    # 512: bench_lstm forces the time loop there to place LN_PERSISTENT_MAX_HIDDEN
+    for n_hidden in (16, 64, LN_PERSISTENT_MAX_HIDDEN, 512):
         bh, bn, bk, warps = ln_persistent_blocks(n_hidden)
         for dt, reverses in (("bf16", (False, True)), ("fp16", (False,)), ("fp32", (False,))):
             for rev in reverses:

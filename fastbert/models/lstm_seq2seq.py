@@ -22,6 +22,10 @@ import torch
 from torch import Tensor
 
 from ..nn import LSTM
+from ..ops._checks import check_size, check_tensor
+from ..ops.lstm import check_lengths
+
+INDEX_DTYPES = (torch.int64, torch.int32)
 
 ATTENTIONS = ("luong", "bahdanau")
 
@@ -48,9 +52,19 @@ class LSTMSeq2Seq(torch.nn.Module):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        for name, n in (("src_vocab", src_vocab), ("tgt_vocab", tgt_vocab), ("emb", emb),
+                        ("hidden", hidden), ("layers", layers)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{name} must be a positive int, got {n!r}")
         if hidden % 2:
             raise ValueError(f"hidden must be even (the encoder has hidden // 2 units per "
                              f"direction), got {hidden}")
+        # pad_id is the padding row of both embeddings; bos_id / eos_id are target tokens
+        for name, i, n in (("pad_id", pad_id, min(src_vocab, tgt_vocab)),
+                           ("bos_id", bos_id, tgt_vocab), ("eos_id", eos_id, tgt_vocab)):
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+                raise ValueError(f"{name} must be a token id in [0, {n}), got {i!r}")
+        self.src_vocab, self.tgt_vocab = src_vocab, tgt_vocab
         self.attention = attention
         self.hidden = hidden
         self.layers = layers
@@ -76,20 +90,50 @@ class LSTMSeq2Seq(torch.nn.Module):
     # ------------------------------------------------------------------------------------
     # building blocks
 
+    def _check_inputs(self, src: Tensor, src_lengths: Tensor,
+                      tgt_in: Optional[Tensor] = None) -> None:
+        """Shapes, dtypes and devices, and the values: src_lengths in [1, S], ids inside the
+        vocabularies (an out-of-range id would be an IndexError deep in nn.Embedding, a
+        device-side assert on the GPU). The values cost one host read of the lengths and one
+        of the ids; both are skipped while torch.compile traces."""
+        device = self.src_embed.weight.device
+        for name, t in (("src", src), ("tgt_in", tgt_in)):
+            check_tensor(name, t, dtypes=INDEX_DTYPES, ndim=(2,), optional=name == "tgt_in")
+            if t is not None and t.device != device:
+                raise ValueError(f"{name} is on {t.device}, expected {device} (the model's device)")
+        n_batch, src_len = src.shape
+        if tgt_in is not None:
+            if tgt_in.shape[0] != n_batch:
+                raise ValueError(f"tgt_in must have src's batch size {n_batch}, got shape "
+                                 f"{tuple(tgt_in.shape)}")
+        # src_lengths may live on the CPU (as pack_padded_sequence wants)
+        check_lengths(src_lengths, n_batch, src_len, allow_zero=False, name="src_lengths")
+        if torch.compiler.is_compiling():
+            return
+        ids = [("src", src, self.src_vocab)]
+        if tgt_in is not None:
+            ids.append(("tgt_in", tgt_in, self.tgt_vocab))
+        ids = [c for c in ids if c[1].numel()]
+        if not ids:
+            return
+        stats = torch.stack([torch.stack(torch.aminmax(t)).long() for _, t, _ in ids]).tolist()
+        for (name, _, n), (lo, hi) in zip(ids, stats):
+            if lo < 0 or hi >= n:
+                raise ValueError(f"{name} must hold token ids in [0, {n}), got "
+                                 f"{lo if lo < 0 else hi}")
+
     def encode(self, src: Tensor, src_lengths: Tensor):
         """src (B, S) ids, src_lengths (B,) in [1, S] -> memory (B, S, H), keys, mask (B, S),
         and the decoder's initial state ((layers, B, H), (layers, B, H))."""
-        if src.dim() != 2:
-            raise ValueError(f"src must be (batch, src_len) token ids, got shape {tuple(src.shape)}")
+        self._check_inputs(src, src_lengths)
+        return self._encode(src, src_lengths)
+
+    def _encode(self, src: Tensor, src_lengths: Tensor):
         n_batch, src_len = src.shape
-        if src_lengths.shape != (n_batch,):
-            raise ValueError(f"src_lengths must have shape ({n_batch},), got {tuple(src_lengths.shape)}")
-        if n_batch and not torch.compiler.is_compiling() and int(src_lengths.min()) < 1:
-            raise ValueError("src_lengths must be >= 1 (attention needs a source token)")
         x = self.drop(self.src_embed(src))
         memory, (h, c) = self.encoder(x, lengths=src_lengths, enforce_sorted=False)
         # (2 * layers, B, H/2) -> (layers, B, H): concatenate the two directions per layer
-        join = lambda s: s.view(self.layers, 2, n_batch, -1).transpose(1, 2).reshape(
+        join = lambda s: s.view(self.layers, 2, n_batch, self.hidden // 2).transpose(1, 2).reshape(
             self.layers, n_batch, self.hidden)
         mask = (torch.arange(src_len, device=src.device)[None, :]
                 < src_lengths.to(src.device)[:, None])
@@ -138,7 +182,8 @@ class LSTMSeq2Seq(torch.nn.Module):
         Returns:
             logits (B, T, tgt_vocab).
         """
-        memory, keys, mask, state = self.encode(src, src_lengths)
+        self._check_inputs(src, src_lengths, tgt_in)
+        memory, keys, mask, state = self._encode(src, src_lengths)
         if self.attention == "luong":
             dec, _ = self.decoder(self.drop(self.tgt_embed(tgt_in)), state)  # (B, T, H)
             return self._logits(dec, self._attend(dec, memory, keys, mask))
@@ -151,6 +196,7 @@ class LSTMSeq2Seq(torch.nn.Module):
     @torch.no_grad()
     def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int = 100) -> Tensor:
         """Argmax decoding: (B, L) ids ending with eos_id (then pad_id), L <= max_len."""
+        check_size("max_len", max_len)
         memory, keys, mask, state = self.encode(src, src_lengths)
         n_batch = src.shape[0]
         y = torch.full((n_batch,), self.bos_id, dtype=torch.long, device=src.device)
@@ -177,8 +223,9 @@ class LSTMSeq2Seq(torch.nn.Module):
             tokens (B, L) ids of the best hypothesis, ending with eos_id then pad_id;
             scores (B,) their log-probabilities.
         """
-        if beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1 (an int), got {beam_size!r}")
+        check_size("max_len", max_len)
         memory, keys, mask, (h, c) = self.encode(src, src_lengths)
         n_batch, k = src.shape[0], beam_size
         dev = src.device

@@ -1,6 +1,7 @@
 """``fastbert.nn.LayerNorm``: a drop-in for ``torch.nn.LayerNorm`` on the fused kernel."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -32,11 +33,16 @@ class LayerNorm(torch.nn.LayerNorm):
         if tuple(input.shape[input.dim() - nd:]) != tuple(self.normalized_shape):
             raise ValueError(f"input's trailing dimensions {tuple(input.shape[input.dim() - nd:])} "
                              f"do not match normalized_shape {tuple(self.normalized_shape)}")
+        if residual is not None and (not isinstance(residual, Tensor)
+                                     or tuple(residual.shape) != tuple(input.shape)):
+            got = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__
+            raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {got}")
         w = self.weight.reshape(-1) if self.weight is not None else None
         b = self.bias.reshape(-1) if self.bias is not None else None
         lead = input.shape[:input.dim() - nd]
-        x = input.reshape(*lead, -1)
-        res = residual.reshape(*lead, -1) if residual is not None else None
+        n = math.prod(self.normalized_shape)  # not -1: a batch of 0 rows leaves it ambiguous
+        x = input.reshape(*lead, n)
+        res = residual.reshape(*lead, n) if residual is not None else None
         y = ops.layer_norm(x, w, b, self.eps, residual=res, backend=self.backend)
         return y.reshape(input.shape)
 

@@ -1,6 +1,8 @@
 """Argument checks shared by the ops: each error names the argument and what was expected."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -63,3 +65,20 @@ def check_same_device(**tensors) -> torch.device:
 def check_probability(name: str, p: float) -> None:
     if not (0.0 <= float(p) < 1.0):
         raise ValueError(f"{name} must be in [0, 1), got {p}")
+
+
+def check_eps(op: str, eps) -> None:
+    """A LayerNorm epsilon: a finite number > 0 (0 divides by zero on a constant row, a
+    negative one takes the square root of a negative variance, inf zeroes every output)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{op}: eps must be a positive float, got {type(eps).__name__}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{op}: eps must be positive and finite, got {eps}")
+
+
+def check_size(name: str, n) -> None:
+    """A size given as a python int (a shape entry): >= 0."""
+    if isinstance(n, bool) or not isinstance(n, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._checks import (REF_DTYPES, check_probability, check_same_device, check_tensor,
+from ._checks import (REF_DTYPES, check_probability, check_same_device, check_size, check_tensor,
                       kernel_dtype_reason)
 from ._dispatch import resolve
 
@@ -302,11 +302,15 @@ _VALIDATED_CU_SEQLENS = WeakIdKeyDictionary()
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total: int,
-                      max_seqlen, max_name: str):
-    check_tensor(name, cu, ndim=(1,))
+                      max_seqlen, max_name: str, device: torch.device):
+    # the device first: the value check below reads cu on the host
+    check_tensor(name, cu, ndim=(1,), device=device)
     if cu.dtype != torch.int32:
         raise TypeError(f"{name} must be int32 (batch + 1,), got {str(cu.dtype).replace('torch.', '')}")
-    if cu.shape[0] < 1 or (batch_plus_1 is not None and cu.shape[0] != batch_plus_1):
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (batch + 1,): at least one entry (0), got an "
+                         "empty tensor")
+    if batch_plus_1 is not None and cu.shape[0] != batch_plus_1:
         raise ValueError(f"{name} must have shape (batch + 1,) = ({batch_plus_1},), got {tuple(cu.shape)}")
     if not isinstance(max_seqlen, (int, torch.SymInt)) or isinstance(max_seqlen, bool):
         raise TypeError(f"{max_name} must be a python int (it sizes the launch grid; pass it "
@@ -364,10 +368,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     """
     op = "attention_varlen"
     _check_qkv(op, q, k, v, 3, "(total_k, heads_kv, head_dim)")
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, q.shape[0], max_seqlen_q,
+                      "max_seqlen_q", q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape[0], k.shape[0],
-                      max_seqlen_k, "max_seqlen_k")
-    check_same_device(q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+                      max_seqlen_k, "max_seqlen_k", q.device)
     check_probability("dropout_p", dropout_p)
     scale = _scale(softmax_scale, q.shape[-1])
     q, k, v = _autocast(q, k, v)
@@ -377,8 +381,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         return attention_ref(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                              causal=causal, dropout_p=p, softmax_scale=scale)
     seed = _dropout_seed(q.device) if p > 0.0 else None
-    out, _ = _attention_fwd(q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
-                            max_seqlen_k, bool(causal), p, scale)
+    # the kernels read cu_seqlens[b] at offset b (unit stride): a strided view would be read
+    # wrongly, and its bounds would send the kernels outside q, k and v
+    out, _ = _attention_fwd(q, k, v, None, None, cu_seqlens_q.contiguous(),
+                            cu_seqlens_k.contiguous(), seed, max_seqlen_q, max_seqlen_k,
+                            bool(causal), p, scale)
     return out
 
 
@@ -396,8 +403,11 @@ def unpad(x: Tensor, attention_mask: Tensor) -> Tuple[Tensor, Tensor, Tensor, in
         max_seqlen (python int) -- the longest sequence (read from the device once here).
     """
     check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch, seqlen, ...), got shape "
+                         f"{tuple(x.shape)}")
     check_tensor("attention_mask", attention_mask, dtypes=MASK_DTYPES, ndim=(2,))
-    if x.dim() < 2 or tuple(x.shape[:2]) != tuple(attention_mask.shape):
+    if tuple(x.shape[:2]) != tuple(attention_mask.shape):
         raise ValueError(f"attention_mask must have shape (batch, seqlen) = "
                          f"{tuple(x.shape[:2])} (x's first two dimensions), "
                          f"got {tuple(attention_mask.shape)}")
@@ -416,18 +426,39 @@ def pad(x_unpadded: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
 
     Args:
         x_unpadded: (nnz, ...) as returned by ``unpad`` (or computed from it).
-        indices: (nnz,) int64 positions in the flattened (batch * seqlen) layout.
-        batch, seqlen: the padded shape.
+        indices: (nnz,) int64 distinct positions in [0, batch * seqlen) of the flattened
+            (batch * seqlen) layout. CPU indices are range-checked here (no device sync);
+            on the GPU a position outside the range trips torch's device-side index check
+            (checking it here would cost a host sync per call).
+        batch, seqlen: the padded shape (python ints).
 
     Returns:
         (batch, seqlen, ...) in x_unpadded's dtype (differentiable).
     """
     check_tensor("x_unpadded", x_unpadded)
+    if x_unpadded.dim() < 1:
+        raise ValueError("x_unpadded must have at least one dimension (nnz, ...), got a scalar")
     check_tensor("indices", indices, dtypes=(torch.int64,), ndim=(1,))
-    if x_unpadded.dim() < 1 or indices.shape[0] != x_unpadded.shape[0]:
+    if indices.shape[0] != x_unpadded.shape[0]:
         raise ValueError(f"indices must have one entry per token of x_unpadded "
-                         f"({x_unpadded.shape[0] if x_unpadded.dim() else 0}), got {indices.shape[0]}")
+                         f"({x_unpadded.shape[0]}), got {indices.shape[0]}")
     check_same_device(x_unpadded=x_unpadded, indices=indices)
-    out = x_unpadded.new_zeros((batch * seqlen, *x_unpadded.shape[1:]))
+    check_size("batch", batch)
+    check_size("seqlen", seqlen)
+    n = batch * seqlen
+    if indices.shape[0] > n:
+        raise ValueError(f"x_unpadded has {indices.shape[0]} tokens, more than batch * seqlen = "
+                         f"{batch} * {seqlen} positions")
+    if indices.numel() and not torch.compiler.is_compiling():
+        if indices.device.type == "cpu":
+            lo, hi = torch.stack(torch.aminmax(indices)).tolist()
+            if lo < 0 or hi >= n:
+                raise ValueError(f"indices must lie in [0, batch * seqlen) = [0, {n}), got "
+                                 f"{lo if lo < 0 else hi}")
+        else:
+            # index_put would wrap a negative index around silently: move it out of range,
+            # where torch's own bounds check catches it
+            indices = torch.where(indices < 0, n, indices)
+    out = x_unpadded.new_zeros((n, *x_unpadded.shape[1:]))
     out = out.index_put((indices,), x_unpadded)
     return out.view(batch, seqlen, *x_unpadded.shape[1:])

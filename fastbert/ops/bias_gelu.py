@@ -85,6 +85,8 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none", *,
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     chosen = resolve("bias_gelu", (x, bias), backend, preference=("triton",),
                      extra_check=lambda b: kernel_dtype_reason(x=x, bias=bias))
-    if chosen == "torch":
+    # an empty last dimension leaves the launchers no row length to flatten by, and nothing
+    # to compute: the reference returns the empty result (and its empty gradients)
+    if chosen == "torch" or x.shape[-1] == 0:
         return bias_gelu_ref(x, bias, approximate)
     return _bias_gelu_fwd(x, bias, approximate)

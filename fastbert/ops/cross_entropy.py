@@ -277,6 +277,22 @@ def _check_options(ignore_index, label_smoothing, reduction):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
+def _unchecked_labels(labels: Tensor, n_classes: int, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """For check_labels=False on the torch backend, which must not index with an
+    out-of-range label (an IndexError on the CPU, a device-side assert on the GPU): the
+    out-of-range mask, and the labels with those entries set to ignore_index. No host sync."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_classes))
+    return bad, labels.masked_fill(bad, ignore_index)
+
+
+def _nan_where_bad(loss: Tensor, bad: Tensor, reduction: str) -> Tensor:
+    """NaN for the out-of-range rows (and for a reduced loss that includes one), as the
+    kernels give; their gradient stays zero."""
+    if reduction == "none":
+        return loss.masked_fill(bad, float("nan"))
+    return loss + torch.where(bad.any(), float("nan"), 0.0).to(loss.dtype)
+
+
 def _check_labels_tensor(name: str, t, shape, what: str):
     if isinstance(t, torch.Tensor) and t.is_floating_point():
         raise TypeError(f"{name} must hold class indices (int64 or int32); class-probability "
@@ -321,9 +337,14 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     if chosen == "torch":
         if check_labels:
             _check_label_range("target", target, logits.shape[-1], ignore_index)
-        return cross_entropy_ref(logits, target, ignore_index=ignore_index,
+            return cross_entropy_ref(logits, target, ignore_index=ignore_index,
+                                     label_smoothing=label_smoothing, reduction=reduction,
+                                     out_dtype=out_dtype)
+        bad, target = _unchecked_labels(target, logits.shape[-1], ignore_index)
+        loss = cross_entropy_ref(logits, target, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, reduction=reduction,
                                  out_dtype=out_dtype)
+        return _nan_where_bad(loss, bad, reduction)
     unbatched = logits.dim() == 1
     loss, _ = _cross_entropy_fwd(logits.reshape(1, -1) if unbatched else logits,
                                  target.reshape(1) if unbatched else target, int(ignore_index),
@@ -371,6 +392,9 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     check_tensor("bias", bias, dtypes=FLOAT_DTYPES, optional=True)
     check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     n_hidden = hidden.shape[-1]
+    if n_hidden == 0:
+        raise ValueError(f"hidden must have a non-empty hidden dimension, got shape "
+                         f"{tuple(hidden.shape)}")
     if weight.shape[1] != n_hidden or weight.shape[0] == 0:
         raise ValueError(f"weight must have shape (V, {n_hidden}) with V >= 1 (H = the last "
                          f"dimension of hidden), got {tuple(weight.shape)}")
@@ -392,8 +416,12 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     if chosen == "torch":
         if check_labels:
             _check_label_range("labels", labels, weight.shape[0], ignore_index)
-        return masked_lm_loss_ref(hidden, weight, bias, labels, ignore_index=ignore_index,
+            return masked_lm_loss_ref(hidden, weight, bias, labels, ignore_index=ignore_index,
+                                      label_smoothing=label_smoothing, reduction=reduction)
+        bad, labels = _unchecked_labels(labels, weight.shape[0], ignore_index)
+        loss = masked_lm_loss_ref(hidden, weight, bias, labels, ignore_index=ignore_index,
                                   label_smoothing=label_smoothing, reduction=reduction)
+        return _nan_where_bad(loss, bad, reduction)
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, _, _, _ = _masked_lm_loss_fwd(hidden.reshape(-1, n_hidden), weight, bias,

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import FLOAT_DTYPES, check_probability, check_same_device, check_shape, check_tensor
+from ._checks import (FLOAT_DTYPES, check_eps, check_probability, check_same_device, check_shape,
+                      check_tensor)
 from ._dispatch import resolve
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -199,8 +200,7 @@ def _check_args(input_ids, word_weight, position_weight, ln_weight, ln_bias, eps
                       position_weight=position_weight, ln_weight=ln_weight, ln_bias=ln_bias,
                       position_ids=position_ids, token_type_ids=token_type_ids,
                       type_weight=type_weight)
-    if not eps > 0:
-        raise ValueError(f"embedding_layer_norm: eps must be positive, got {eps}")
+    check_eps("embedding_layer_norm", eps)
     check_probability("dropout_p", dropout_p)
     seq_len = input_ids.shape[-1]
     if position_ids is None and seq_len > position_weight.shape[0]:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import (REF_DTYPES, check_probability, check_same_device, check_shape, check_tensor,
-                      kernel_dtype_reason)
+from ._checks import (REF_DTYPES, check_eps, check_probability, check_same_device, check_shape,
+                      check_tensor, kernel_dtype_reason)
 from ._dispatch import resolve
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh")
@@ -148,8 +148,7 @@ def _check_args(op, x, weight, bias, residual, x_bias, eps, dropout_p):
     check_tensor("residual", residual, dtypes=REF_DTYPES, optional=True)
     check_shape("residual", residual, x.shape, "the shape of x")
     check_same_device(x=x, weight=weight, bias=bias, residual=residual, x_bias=x_bias)
-    if not eps > 0:
-        raise ValueError(f"{op}: eps must be positive, got {eps}")
+    check_eps(op, eps)
     check_probability("dropout_p", dropout_p)
 
 

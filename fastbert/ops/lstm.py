@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_shape, check_tensor
 from ._dispatch import resolve
 
 
@@ -300,25 +300,31 @@ def _check_layer_norm_args(x: Tensor, n_hidden: int, ln_ih_weight, ln_hh_weight,
 
 
 def check_lengths(lengths: Tensor, n_batch: int, n_steps: int, *, allow_zero: bool = True,
-                  sorted_desc: bool = False) -> None:
+                  sorted_desc: bool = False, name: str = "lengths") -> None:
     """lengths: an integer tensor (B,) with values in [0 or 1, T] (and in decreasing order
-    with ``sorted_desc``, the rule of enforce_sorted=True). The value check reads the
-    lengths (a sync for CUDA lengths; pass CPU lengths, as pack_padded_sequence wants) and is
-    skipped while torch.compile traces (data-dependent)."""
-    if not isinstance(lengths, torch.Tensor) or lengths.is_floating_point() or lengths.is_complex():
-        raise TypeError(f"lengths must be an integer tensor, got "
+    with ``sorted_desc``, the rule of enforce_sorted=True), on any device but "meta" (its
+    values are read). The value check reads the lengths (one sync for CUDA lengths; pass CPU
+    lengths, as pack_padded_sequence wants) and is skipped while torch.compile traces
+    (data-dependent). ``name`` is the argument's name in the messages."""
+    # bool is rejected too: a (B,) mask passed as lengths would read as lengths 0 / 1
+    if (not isinstance(lengths, torch.Tensor) or lengths.is_floating_point()
+            or lengths.is_complex() or lengths.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got "
                         f"{lengths.dtype if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
     if lengths.dim() != 1 or lengths.shape[0] != n_batch:
-        raise ValueError(f"lengths must have shape ({n_batch},) (one length per batch entry), "
+        raise ValueError(f"{name} must have shape ({n_batch},) (one length per batch entry), "
                          f"got {tuple(lengths.shape)}")
+    if lengths.is_meta:
+        raise ValueError(f"{name} is on the meta device, which holds no values; pass the "
+                         "lengths on the CPU or on the input's device")
     if n_batch and not torch.compiler.is_compiling():
-        lo, hi = int(lengths.min()), int(lengths.max())
+        lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one host read
         if hi > n_steps:
-            raise ValueError(f"lengths has a length {hi} longer than the sequence ({n_steps} steps)")
+            raise ValueError(f"{name} has a length {hi} longer than the sequence ({n_steps} steps)")
         if lo < (0 if allow_zero else 1):
-            raise ValueError(f"lengths must be >= {0 if allow_zero else 1}, got {lo}")
+            raise ValueError(f"{name} must be >= {0 if allow_zero else 1}, got {lo}")
         if sorted_desc and n_batch > 1 and bool((lengths[1:] > lengths[:-1]).any()):
-            raise ValueError("lengths must be sorted in decreasing order when "
+            raise ValueError(f"{name} must be sorted in decreasing order when "
                              "enforce_sorted=True; pass enforce_sorted=False for unsorted lengths")
 
 
@@ -365,6 +371,7 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
         y (T, B, P), h_n (B, P), c_n (B, H), in x's dtype.
     """
     _check_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    check_eps("lstm_layer", eps)
     ln = (ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias)
     _check_layer_norm_args(x, w_ih.shape[0] // 4, *ln)
 

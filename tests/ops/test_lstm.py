@@ -482,9 +482,11 @@ def test_lstm_layer_gpu_low_precision_within_twice_torch_error(dtype, n_hidden, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n_hidden", [48, 64, 256])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_layer_norm_lstm_gpu_time_looping_kernels_equal_per_step_path(reverse):
+def test_layer_norm_lstm_gpu_time_looping_kernels_equal_per_step_path(reverse, n_hidden):
     """The race check of the time-looping LayerNorm-LSTM kernels (block barriers between the
-    GEMV, the row step and the next step) at the largest hidden size they take."""
-    from fastbert.kernels.lstm import LN_PERSISTENT_MAX_HIDDEN
-    _ln_paths_agree(torch.device("cuda"), 40, 64, LN_PERSISTENT_MAX_HIDDEN, reverse)
+    GEMV, the row step and the next step): at 256, the largest hidden size they take, and at
+    48 / 64, where 4 warps hold each row element twice (only one copy stores, so a copy
+    loading after it stored would read the new value without the barriers in the row step)."""
+    _ln_paths_agree(torch.device("cuda"), 40, 64, n_hidden, reverse)
