@@ -325,6 +325,9 @@ def _bwd_tile(dy_ptr, dgn_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, c_ptr, c_p
                                   offs_h, mask_h, valid, stride_dy_b, stride_dg_b,
                                   stride_w_row, stride_dcarry_b, 4 * n_hidden, HAS_NEXT,
                                   BLOCK_B, BLOCK_H, BLOCK_K, DOT_FP32)
+        # a tile smaller than the program's threads is held by several of them and only one
+        # copy stores: every copy must have loaded the carry first
+        tl.debug_barrier()
         tl.store(dcarry_ptr + offs_b[:, None] * stride_dcarry_b + offs_h[None, :], g_carry,
                  mask=m2)
     gp = gates_ptr + offs_b[:, None] * stride_gates_b + offs_h[None, :]
@@ -343,6 +346,7 @@ def _bwd_tile(dy_ptr, dgn_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, c_ptr, c_p
     d_i = dc * gg * gi * (1.0 - gi)
     d_f = dc * c_prev * gf * (1.0 - gf)
     d_g = dc * gi * (1.0 - gg * gg)
+    tl.debug_barrier()  # every copy has loaded dc_in (see the carry above)
     tl.store(dc_ptr + offs_b[:, None] * stride_dc_b + offs_h[None, :],
              tl.where(valid, dc * gf, dc_in), mask=m2)
     dgp = dg_ptr + offs_b[:, None] * stride_dg_b + offs_h[None, :]
@@ -454,6 +458,7 @@ def _lstm_proj_bwd_kernel(
                                    stride_w_row, stride_dcarry_b, 4 * n_hidden, HAS_NEXT,
                                    BLOCK_B, BLOCK_H, BLOCK_K, DOT_FP32)
     m2 = mask_b[:, None] & mask_p[None, :]
+    tl.debug_barrier()  # every copy has loaded the carry (see _bwd_tile)
     tl.store(dcarry_ptr + offs_b[:, None] * stride_dcarry_b + offs_p[None, :], g_carry, mask=m2)
     tl.store(gv_ptr + offs_b[:, None] * stride_gv_b + offs_p[None, :],
              g_valid.to(gv_ptr.dtype.element_ty), mask=m2)
