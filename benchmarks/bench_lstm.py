@@ -164,27 +164,33 @@ def _varlen_case(device, dtype, batch, hidden, seq):
                 fns, flops=_flops(1, real, hidden, hidden, 1, 1), baseline=f"{ours}_padded")
 
 
+def _with_threshold(name: str, value: int, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with ``fastbert.kernels.lstm.<name>`` (a hidden-size threshold choosing
+    between the per-step and the time-looping recurrence) set to ``value``: forces one of the
+    two time loops, forward and backward."""
+    from fastbert.kernels import lstm as klstm
+
+    def run():
+        saved = getattr(klstm, name)
+        setattr(klstm, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(klstm, name, saved)
+    return run
+
+
 def _time_loop_case(device, dtype, batch, hidden, seq):
     """fastbert's two ways to run the time loop on the same layer: one launch per step vs the
     single time-looping launch (forced either way by moving ``PERSISTENT_MAX_HIDDEN``), to
     place that threshold from measurements."""
-    from fastbert.kernels import lstm as klstm
-
     def build(persistent):
         def make():
             torch.manual_seed(0)
             x = torch.randn(seq, batch, hidden, device=device, dtype=dtype)
             model = LSTM(hidden, hidden, backend="triton").to(device, dtype)
-            inner = _fwd_bwd(model, x)
-
-            def run():
-                saved = klstm.PERSISTENT_MAX_HIDDEN
-                klstm.PERSISTENT_MAX_HIDDEN = hidden if persistent else 0
-                try:
-                    return inner()
-                finally:
-                    klstm.PERSISTENT_MAX_HIDDEN = saved
-            return run
+            return _with_threshold("PERSISTENT_MAX_HIDDEN", hidden if persistent else 0,
+                                   _fwd_bwd(model, x))
         return _lazy(make)
 
     return Case("lstm fwd+bwd time loop",
@@ -233,15 +239,8 @@ def _layer_norm_case(device, dtype, batch, hidden, seq):
             inner = _fwd_bwd(model.to(device, dtype), x)
             if persistent is None:
                 return inner
-
-            def run():  # force one of the two time loops
-                saved = klstm.LN_PERSISTENT_MAX_HIDDEN
-                klstm.LN_PERSISTENT_MAX_HIDDEN = hidden if persistent else 0
-                try:
-                    return inner()
-                finally:
-                    klstm.LN_PERSISTENT_MAX_HIDDEN = saved
-            return run
+            return _with_threshold("LN_PERSISTENT_MAX_HIDDEN", hidden if persistent else 0,
+                                   inner)
         return _lazy(make)
 
     impls = {"eager_pytorch": build("eager"), "fastbert": build("ours")}
