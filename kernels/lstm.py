@@ -1040,10 +1040,27 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
             if has_proj:
                 proj(*proj_args, t, t_next, HAS_NEXT=has_next, **proj_meta)
             cell(*cell_args, s, t, t_next, HAS_NEXT=has_next, **cell_meta)
-    # gradient w.r.t. h0: the first step's gate gradients through W_hh, plus the carry of
-    # rows whose first step was past their length
-    first = _time_order(n_steps, reverse)[0] if n_steps else 0
+    dh0, dw_hh, dw_hr = _state_and_weight_grads(dgates, dcarry, w_hh, hs, gv if has_proj else None,
+                                                rs, reverse)
+    return dgates, dh0, dc, dw_hh, dw_hr
+
+
+def _state_and_weight_grads(dgates: torch.Tensor, dcarry: torch.Tensor, w_hh: torch.Tensor,
+                            hs: torch.Tensor, gv: Optional[torch.Tensor], rs: torch.Tensor,
+                            reverse: bool):
+    """The end of every LSTM backward, plain or LayerNorm: (dh0, dW_hh, dW_hr).
+
+    dgates: (T, B, 4H) gradients of the recurrent GEMM's output (the gate pre-activations, or
+    the recurrent LayerNorm's input); dcarry (B, P) fp32: the state gradient carried past
+    rows' lengths; hs: (T+1, B, P) states in processing order; gv: (T, B, P) the masked state
+    gradients and rs: (T, B, H) the unprojected outputs, with a projection (gv None without:
+    dW_hr is then empty)."""
+    n_steps, _, n_gates = dgates.shape
+    n_state = hs.shape[-1]
+    # gradient w.r.t. h0: the first processed step's gradients through W_hh, plus the carry
+    # of rows whose first step was past their length
     if n_steps > 0:
+        first = _time_order(n_steps, reverse)[0]
         dh0 = dcarry + dgates[first].float() @ w_hh.float()
     else:
         dh0 = dcarry
@@ -1052,11 +1069,11 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
     if reverse:
         h_prev = h_prev.flip(0)
     dw_hh = (dgates.reshape(-1, n_gates).t() @ h_prev.reshape(-1, n_state)).float()
-    if has_proj:
-        dw_hr = (gv.reshape(-1, n_state).t() @ rs.reshape(-1, n_hidden)).float()
+    if gv is not None:
+        dw_hr = (gv.reshape(-1, n_state).t() @ rs.reshape(-1, rs.shape[-1])).float()
     else:
-        dw_hr = dy.new_empty(0, dtype=torch.float32)
-    return dgates, dh0, dc, dw_hh, dw_hr
+        dw_hr = dgates.new_empty(0, dtype=torch.float32)
+    return dh0, dw_hh, dw_hr
 
 
 # The widest hidden size the LayerNorm-LSTM row kernels hold in registers (a program keeps
@@ -1267,18 +1284,8 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
             # with a projection HAS_NEXT is unused by the row kernel: one variant
             row(*row_args, s, t, BLOCK_H=block_h, HAS_NEXT=has_next and not has_proj,
                 HAS_PROJ=has_proj, num_warps=warps)
-    if n_steps > 0:
-        dh0 = dcarry + drec[order[0]].float() @ w_hh.float()
-    else:
-        dh0 = dcarry
-    h_prev = hs[:n_steps]
-    if reverse:
-        h_prev = h_prev.flip(0)
-    dw_hh = (drec.reshape(-1, n_gates).t() @ h_prev.reshape(-1, n_state)).float()
-    if has_proj:
-        dw_hr = (gv.reshape(-1, n_state).t() @ rs.reshape(-1, n_hidden)).float()
-    else:
-        dw_hr = dy.new_empty(0, dtype=torch.float32)
+    dh0, dw_hh, dw_hr = _state_and_weight_grads(drec, dcarry, w_hh, hs, gv if has_proj else None,
+                                                rs, reverse)
     acc = dgb_c_acc.view(n_batch, 2, n_hidden)
     return (dxg, dh0, dc, dw_hh, dw_hr, dg_hh_acc.sum(0), acc[:, 0].sum(0),
             acc[:, 1].sum(0))
