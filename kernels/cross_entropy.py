@@ -9,14 +9,23 @@ One kernel pair computes, for each row r of logits x (V classes) with target t_r
 with loss_r = 0 and dx_r = 0 where t_r == ignore_index: this is
 ``torch.nn.functional.cross_entropy`` with ``label_smoothing`` and ``ignore_index``.
 
-Two ways to use it, two trade-offs:
+Three ways to use it:
 
-- ``cross_entropy_fwd`` + ``cross_entropy_bwd`` (the ``cross_entropy`` op) *recompute*: the
-  forward reads the logits once and stores only (m, l) (8 bytes a row); the backward reads them
-  again and writes the gradient. Three passes over (N, V) in all, and an inference forward is a
-  single read. Writing the gradient during the forward instead (Liger) costs a second read in
-  the forward plus a read-and-write in the backward to apply the incoming gradient (a custom op
-  cannot scale a saved tensor in place), so five passes for training.
+- ``cross_entropy_fwd`` with ``grad_scale`` + ``cross_entropy_scale_`` (the ``cross_entropy``
+  op for a reduced loss that will be differentiated) *store*: the forward writes the gradient
+  of the loss itself (the incoming gradient taken as 1). A row of up to ``MAX_ONE_BLOCK_V``
+  classes (BERT's 30522 included) is held in registers whole (``ONE_BLOCK``), so the forward
+  reads the logits once and writes the gradient once; the backward multiplies it in place by
+  the incoming gradient, read on the device, and does nothing more when that is 1.0 (a plain
+  ``loss.backward()``): two passes over (N, V) in all, where eager PyTorch makes about six
+  (log_softmax read + write; nll backward zero-fill; log_softmax backward two reads + write).
+  Any other incoming gradient (loss scaling, accumulation) adds a read and a write. Wider rows
+  loop over blocks and read the row twice in the forward (the second read mostly from L2).
+- ``cross_entropy_fwd`` + ``cross_entropy_bwd`` *recompute*: the forward reads the logits once
+  and stores only (m, l) (8 bytes a row); the backward reads them again and writes the
+  gradient: three passes. For reduction "none" (a gradient a row), for inference (one read),
+  under torch.compile (AOTAutograd cannot trace a backward that mutates a saved tensor), and
+  whenever the stored gradient is not wanted.
 - ``linear_cross_entropy`` (the ``masked_lm_loss`` op) fuses the vocabulary projection: rows
   are processed in chunks; for each chunk cuBLAS computes logits = x W^T + b into one reused
   buffer, the forward kernel computes the loss and overwrites those logits with the gradient
@@ -54,6 +63,17 @@ from ._common import LOG2E, AotConfig, on_tensor_device
 # The widest block of a row a program holds in registers at once; wider rows loop over blocks.
 # 4096 fp32 over 8 warps is 16 elements a thread: wide loads without register spills.
 MAX_BLOCK_V = 4096
+# With the gradient written in the forward, a row of up to this many classes is held in
+# registers whole (32 fp32 a thread over 32 warps at the widest): read from memory once, where a
+# wider row is read twice (its statistics, then its gradient). 32768 covers BERT's 30522.
+MAX_ONE_BLOCK_V = 32768
+# The elements a thread holds in a one-block row wider than MAX_BLOCK_V.
+ONE_BLOCK_PER_THREAD = 32
+# cross_entropy_scale_: a grid of at most this many programs loops over the gradient (about 8
+# resident programs an SM on a 132-SM H100), so that the launch is short when it has nothing
+# to do (an incoming gradient of 1.0) and still fills the card when it scales.
+SCALE_PROGRAMS = 1024
+SCALE_BLOCK = 4096
 # linear_cross_entropy: the chunk of logits (rows x V, in the input dtype) that exists at once.
 # 2**25 elements = 64 MiB in bf16: about 1100 rows at V = 30522, 670 at V = 50257, enough rows
 # for cuBLAS to run the projection GEMMs at full rate, and a fixed memory cost whatever the
@@ -85,6 +105,18 @@ def _row_stats(row_ptr, n_cols, BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constex
 
 
 @triton.jit
+def _grad_block(x, c, target, m, log_s, scale, n_cols, label_smoothing,
+                HAS_SMOOTHING: tl.constexpr):
+    """scale * (softmax(x) - smoothing / V - (1 - smoothing) onehot(target)) on a block of a
+    row: x (fp32) at columns c."""
+    g = tl.exp2(((x - m) - log_s) * LOG2E)
+    if HAS_SMOOTHING:
+        g = g - label_smoothing / n_cols
+    g = tl.where(c == target, g - (1.0 - label_smoothing), g)
+    return g * scale
+
+
+@triton.jit
 def _store_row_grad(x_row_ptr, dx_row_ptr, target, m, log_s, scale, n_cols, label_smoothing,
                     BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
     """dx = scale * (softmax(x) - smoothing / V - (1 - smoothing) onehot(target)) for one row."""
@@ -93,11 +125,8 @@ def _store_row_grad(x_row_ptr, dx_row_ptr, target, m, log_s, scale, n_cols, labe
         c = start + cols
         mask = c < n_cols
         x = tl.load(x_row_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        g = tl.exp2(((x - m) - log_s) * LOG2E)
-        if HAS_SMOOTHING:
-            g = g - label_smoothing / n_cols
-        g = tl.where(c == target, g - (1.0 - label_smoothing), g)
-        tl.store(dx_row_ptr + c, (g * scale).to(dx_row_ptr.dtype.element_ty), mask=mask)
+        g = _grad_block(x, c, target, m, log_s, scale, n_cols, label_smoothing, HAS_SMOOTHING)
+        tl.store(dx_row_ptr + c, g.to(dx_row_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -111,20 +140,37 @@ def _store_zero_row(dx_row_ptr, n_cols, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _cross_entropy_fwd_kernel(
-    logits_ptr, target_ptr, loss_ptr, stats_ptr, scale_ptr,
-    stride_logits_row, stride_target, stride_scale,
+    logits_ptr, target_ptr, loss_ptr, stats_ptr, scale_ptr, dlogits_ptr,
+    stride_logits_row, stride_target, stride_scale, stride_dlogits_row,
     n_cols, ignore_index, label_smoothing,
     BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr, STORE_GRAD: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
 ):
-    # each program owns one row of logits (and, with STORE_GRAD, overwrites it with its gradient)
+    # each program owns one row of logits (and, with STORE_GRAD, of their gradient, which may
+    # be the same memory: written in place)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_row
     target = tl.load(target_ptr + row * stride_target).to(tl.int64)
     ignored = target == ignore_index
     in_range = (target >= 0) & (target < n_cols)
-    m, log_s, x_sum = _row_stats(row_ptr, n_cols, BLOCK_V, HAS_SMOOTHING)
-    # the target logit is loaded only when it is a valid address
-    x_t = tl.load(row_ptr + target, mask=in_range & (~ignored), other=0.0).to(tl.float32)
+    valid = in_range & (~ignored)
+    if ONE_BLOCK:
+        # the whole row (n_cols <= BLOCK_V) stays in registers: the gradient is computed from
+        # them, so the row is read from memory once even with STORE_GRAD
+        c = tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + c, mask=c < n_cols, other=-float("inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        # a row of -inf only: subtract 0 so that exp(-inf - -inf) does not turn into NaN
+        m_safe = tl.where(m == -float("inf"), 0.0, m)
+        log_s = tl.log(tl.sum(tl.exp2((x - m_safe) * LOG2E), axis=0))
+        x_sum = 0.0
+        if HAS_SMOOTHING:
+            x_sum = tl.sum(tl.where(c < n_cols, x, 0.0), axis=0)
+        x_t = tl.sum(tl.where((c == target) & valid, x, 0.0), axis=0)
+    else:
+        m, log_s, x_sum = _row_stats(row_ptr, n_cols, BLOCK_V, HAS_SMOOTHING)
+        # the target logit is loaded only when it is a valid address
+        x_t = tl.load(row_ptr + target, mask=valid, other=0.0).to(tl.float32)
     # lse - x = (m - x) + log_s: differences to the max first, exact for nearby large logits.
     # The few scalar terms are combined in fp64 (a handful of operations a row, free) so that
     # the fp32 loss is rounded once: at |x| ~ 1e4 each fp32 step would round by up to 1e-3.
@@ -142,16 +188,24 @@ def _cross_entropy_fwd_kernel(
     tl.store(stats_ptr + 2 * row, m)
     tl.store(stats_ptr + 2 * row + 1, log_s)
     if STORE_GRAD:
+        dx_row_ptr = dlogits_ptr + row * stride_dlogits_row
         # In place: the warp that owns element `target` may overwrite it with its gradient
         # while another warp has still to load x_t above (a race the interpreter, one program
         # at a time in lock step, never shows). Every read of the row ends before this barrier.
         tl.debug_barrier()
-        if in_range & (~ignored):
+        if ONE_BLOCK:
             scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
-            _store_row_grad(row_ptr, row_ptr, target, m, log_s, scale, n_cols, label_smoothing,
-                            BLOCK_V, HAS_SMOOTHING)
+            g = _grad_block(x, c, target, m, log_s, scale, n_cols, label_smoothing,
+                            HAS_SMOOTHING)
+            # ignored and out-of-range rows get exactly 0, whatever the scale (inf, NaN)
+            g = tl.where(valid, g, 0.0)
+            tl.store(dx_row_ptr + c, g.to(dx_row_ptr.dtype.element_ty), mask=c < n_cols)
+        elif valid:
+            scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+            _store_row_grad(row_ptr, dx_row_ptr, target, m, log_s, scale, n_cols,
+                            label_smoothing, BLOCK_V, HAS_SMOOTHING)
         else:
-            _store_zero_row(row_ptr, n_cols, BLOCK_V)
+            _store_zero_row(dx_row_ptr, n_cols, BLOCK_V)
 
 
 @triton.jit
@@ -177,19 +231,43 @@ def _cross_entropy_bwd_kernel(
         _store_zero_row(dx_row_ptr, n_cols, BLOCK_V)
 
 
-def ce_block(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a row of ``n_cols`` classes."""
-    block_v = min(triton.next_power_of_2(max(int(n_cols), 16)), MAX_BLOCK_V)
-    # 16 elements a thread at the widest block, at least one warp
-    num_warps = min(max(block_v // 512, 1), 8)
-    return block_v, num_warps
+@triton.jit
+def _cross_entropy_scale_kernel(dlogits_ptr, grad_ptr, n_elements, BLOCK: tl.constexpr):
+    # each program owns the blocks pid, pid + n_programs, ... of the flat (contiguous) gradient
+    g = tl.load(grad_ptr).to(tl.float32)
+    # decided on the device: an incoming gradient of 1.0 (loss.backward()) costs one load a
+    # program and no pass over the gradient, without a host sync to find that out
+    if g != 1.0:
+        offs = tl.arange(0, BLOCK)
+        step = tl.num_programs(0) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n_elements, step):
+            o = start + offs
+            mask = o < n_elements
+            d = tl.load(dlogits_ptr + o, mask=mask, other=0.0)
+            d32 = d.to(tl.float32)
+            # exact zeros (ignored rows) stay zero whatever g is (inf, NaN), as torch's
+            tl.store(dlogits_ptr + o, tl.where(d32 == 0.0, 0.0, d32 * g).to(d.dtype), mask=mask)
 
 
-def ce_block_configs():
-    """Every (BLOCK_V, num_warps) ``ce_block`` can return, for the AOT compile test."""
+def ce_block(n_cols: int, one_block: bool = False) -> tuple[int, int, bool]:
+    """(BLOCK_V, num_warps, ONE_BLOCK) for a row of ``n_cols`` classes; ``one_block`` allows a
+    whole row of up to MAX_ONE_BLOCK_V classes in registers (the forward with STORE_GRAD)."""
+    block_v = triton.next_power_of_2(max(int(n_cols), 16))
+    if not (one_block and block_v <= MAX_ONE_BLOCK_V):
+        block_v = min(block_v, MAX_BLOCK_V)
+    if block_v <= MAX_BLOCK_V:
+        # 16 elements a thread at the widest block, at least one warp
+        num_warps = min(max(block_v // 512, 1), 8)
+    else:
+        num_warps = block_v // (32 * ONE_BLOCK_PER_THREAD)
+    return block_v, num_warps, block_v >= n_cols and one_block
+
+
+def ce_block_configs(one_block: bool = False):
+    """Every (BLOCK_V, num_warps, ONE_BLOCK) ``ce_block`` can return, for the AOT compile."""
     out, n = [], 16
-    while n <= MAX_BLOCK_V:
-        out.append(ce_block(n))
+    while n <= (MAX_ONE_BLOCK_V if one_block else MAX_BLOCK_V):
+        out.append(ce_block(n, one_block))
         n *= 2
     return out
 
@@ -215,7 +293,8 @@ def _scale_stride(scale: torch.Tensor, n_rows: int) -> int:
 
 @on_tensor_device
 def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                      label_smoothing: float, grad_scale: Optional[torch.Tensor] = None):
+                      label_smoothing: float, grad_scale: Optional[torch.Tensor] = None,
+                      dlogits: Optional[torch.Tensor] = None):
     """Launch the forward.
 
     Args:
@@ -223,7 +302,9 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
         target: (N,) int64/int32 class indices; ignore_index marks rows without a target.
         label_smoothing: in [0, 1].
         grad_scale: None, or float32 of shape () or (N,): then the gradient of
-            sum_r grad_scale_r * loss_r is written over ``logits`` in place.
+            sum_r grad_scale_r * loss_r is written into ``dlogits``.
+        dlogits: with grad_scale, where the gradient goes: (N, V) of logits' dtype with unit
+            column stride, or None to overwrite ``logits`` in place.
 
     Returns:
         loss (N,) float32, 0 on ignored rows; stats (N, 2) float32: each row's max and
@@ -235,16 +316,45 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
     stats = torch.empty((n_rows, 2), dtype=torch.float32, device=logits.device)
     store_grad = grad_scale is not None
     stride_scale = _scale_stride(grad_scale, n_rows) if store_grad else 0
-    block_v, num_warps = ce_block(n_cols)
+    if dlogits is None:
+        dlogits = logits
+    elif (dlogits.shape != logits.shape or dlogits.dtype != logits.dtype
+          or dlogits.stride(1) != 1):
+        raise ValueError(f"dlogits must be {tuple(logits.shape)} {logits.dtype} with unit column "
+                         f"stride, got {tuple(dlogits.shape)} {dlogits.dtype} strides "
+                         f"{dlogits.stride()}")
+    block_v, num_warps, one_block = ce_block(n_cols, one_block=store_grad)
     if n_rows > 0:
         _cross_entropy_fwd_kernel[(n_rows,)](
-            logits, target, loss, stats, grad_scale,
-            logits.stride(0), target.stride(0), stride_scale,
+            logits, target, loss, stats, grad_scale, dlogits,
+            logits.stride(0), target.stride(0), stride_scale, dlogits.stride(0),
             n_cols, int(ignore_index), float(label_smoothing),
             BLOCK_V=block_v, HAS_SMOOTHING=label_smoothing > 0.0, STORE_GRAD=store_grad,
-            num_warps=num_warps,
+            ONE_BLOCK=one_block, num_warps=num_warps,
         )
     return loss, stats
+
+
+@on_tensor_device
+def cross_entropy_scale_(dlogits: torch.Tensor, grad: torch.Tensor) -> None:
+    """Multiply, in place, a gradient the forward stored (STORE_GRAD) by the incoming gradient
+    of the loss: a scalar tensor, read on the device. When it is 1.0 nothing is read or
+    written but that scalar (no host sync decides it). Exact zeros stay zero.
+
+    Args:
+        dlogits: contiguous fp32/fp16/bf16 tensor, any shape.
+        grad: one-element floating tensor on dlogits' device.
+    """
+    if not dlogits.is_contiguous():
+        raise ValueError(f"dlogits must be contiguous, got strides {dlogits.stride()}")
+    if grad.numel() != 1 or not grad.is_floating_point():
+        raise ValueError(f"grad must be a one-element floating tensor, got {grad.dtype} of shape "
+                         f"{tuple(grad.shape)}")
+    n = dlogits.numel()
+    if n == 0:
+        return
+    grid = (min(triton.cdiv(n, SCALE_BLOCK), SCALE_PROGRAMS),)
+    _cross_entropy_scale_kernel[grid](dlogits, grad, n, BLOCK=SCALE_BLOCK, num_warps=8)
 
 
 @on_tensor_device
@@ -267,7 +377,7 @@ def cross_entropy_bwd(logits: torch.Tensor, target: torch.Tensor, stats: torch.T
                          f"{tuple(stats.shape)} strides {stats.stride()}")
     stride_scale = _scale_stride(grad_scale, n_rows)
     dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
-    block_v, num_warps = ce_block(n_cols)
+    block_v, num_warps, _ = ce_block(n_cols)
     if n_rows > 0:
         _cross_entropy_bwd_kernel[(n_rows,)](
             logits, target, stats, grad_scale, dlogits,
@@ -372,14 +482,17 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 
 
 def aot_configs():
-    """Every block config: the forward with and without smoothing / in-place gradient and the
-    backward, in bf16 (all four forward variants), fp16 and fp32; int32 targets once."""
+    """Every block config: the forward with and without smoothing / gradient (row-looping
+    blocks) and the backward, in bf16 (all four forward variants), fp16 and fp32; every
+    one-block forward with gradient in bf16, fp16 and fp32 (the widest ones in each); the
+    gradient scaling; int32 targets once."""
     def fwd_sig(dt, tt="i64"):
         return {"logits_ptr": f"*{dt}", "target_ptr": f"*{tt}", "loss_ptr": "*fp32",
-                "stats_ptr": "*fp32", "scale_ptr": "*fp32", "stride_logits_row": "i64",
-                "stride_target": "i64", "stride_scale": "i64", "n_cols": "i32",
-                "ignore_index": "i32", "label_smoothing": "fp32", "BLOCK_V": "constexpr",
-                "HAS_SMOOTHING": "constexpr", "STORE_GRAD": "constexpr"}
+                "stats_ptr": "*fp32", "scale_ptr": "*fp32", "dlogits_ptr": f"*{dt}",
+                "stride_logits_row": "i64", "stride_target": "i64", "stride_scale": "i64",
+                "stride_dlogits_row": "i64", "n_cols": "i32", "ignore_index": "i32",
+                "label_smoothing": "fp32", "BLOCK_V": "constexpr", "HAS_SMOOTHING": "constexpr",
+                "STORE_GRAD": "constexpr", "ONE_BLOCK": "constexpr"}
 
     def bwd_sig(dt, tt="i64"):
         return {"logits_ptr": f"*{dt}", "target_ptr": f"*{tt}", "stats_ptr": "*fp32",
@@ -388,17 +501,19 @@ def aot_configs():
                 "n_cols": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
                 "BLOCK_V": "constexpr", "HAS_SMOOTHING": "constexpr"}
 
-    def fwd(dt, block_v, num_warps, smooth, grad, tt="i64"):
+    def fwd(dt, block_v, num_warps, smooth, grad, one=False, tt="i64"):
         return AotConfig(_cross_entropy_fwd_kernel, fwd_sig(dt, tt),
-                         dict(BLOCK_V=block_v, HAS_SMOOTHING=smooth, STORE_GRAD=grad), num_warps,
-                         name=f"cross_entropy_fwd[{dt},{tt},{block_v},smooth={smooth},grad={grad}]")
+                         dict(BLOCK_V=block_v, HAS_SMOOTHING=smooth, STORE_GRAD=grad,
+                              ONE_BLOCK=one), num_warps,
+                         name=f"cross_entropy_fwd[{dt},{tt},{block_v},smooth={smooth},"
+                              f"grad={grad},one_block={one}]")
 
     def bwd(dt, block_v, num_warps, smooth, tt="i64"):
         return AotConfig(_cross_entropy_bwd_kernel, bwd_sig(dt, tt),
                          dict(BLOCK_V=block_v, HAS_SMOOTHING=smooth), num_warps,
                          name=f"cross_entropy_bwd[{dt},{tt},{block_v},smooth={smooth}]")
 
-    for block_v, num_warps in ce_block_configs():
+    for block_v, num_warps, _ in ce_block_configs():
         for smooth in (False, True):
             for grad in (False, True):
                 yield fwd("bf16", block_v, num_warps, smooth, grad)
@@ -407,6 +522,16 @@ def aot_configs():
         yield bwd("fp16", block_v, num_warps, True)
         yield fwd("fp32", block_v, num_warps, False, False)
         yield bwd("fp32", block_v, num_warps, False)
-    block_v, num_warps = ce_block(MAX_BLOCK_V)
+    for block_v, num_warps, one in ce_block_configs(one_block=True):
+        for smooth in (False, True):
+            yield fwd("bf16", block_v, num_warps, smooth, True, one)
+        yield fwd("fp16", block_v, num_warps, True, True, one)
+        yield fwd("fp32", block_v, num_warps, True, True, one)
+    block_v, num_warps, _ = ce_block(MAX_BLOCK_V)
     yield fwd("fp32", block_v, num_warps, True, True, tt="i32")
     yield bwd("fp32", block_v, num_warps, True, tt="i32")
+    for dt in ("bf16", "fp16", "fp32"):
+        yield AotConfig(_cross_entropy_scale_kernel,
+                        {"dlogits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "n_elements": "i64",
+                         "BLOCK": "constexpr"},
+                        dict(BLOCK=SCALE_BLOCK), 8, name=f"cross_entropy_scale[{dt}]")

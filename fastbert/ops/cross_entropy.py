@@ -93,27 +93,43 @@ def _rows(logits: Tensor) -> Tensor:
 
 @torch.library.custom_op("fastbert::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
-                       reduction: str, check_labels: bool,
-                       out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+                       reduction: str, check_labels: bool, out_dtype: torch.dtype,
+                       store_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss, stats, dlogits). With ``store_grad`` (reduction "mean" or "sum") dlogits is the
+    gradient of the loss itself, written by the forward kernel; otherwise an empty tensor."""
     from fastbert.kernels import cross_entropy as k
     if check_labels:
         _check_label_range("target", target, logits.shape[1], ignore_index)
-    loss, stats = k.cross_entropy_fwd(_rows(logits), target, ignore_index, label_smoothing)
+    store_grad = store_grad and reduction != "none"
+    count = (target != ignore_index).sum() if reduction == "mean" else None
+    scale = dlogits = None
+    if store_grad:
+        # 1 / count on the device (no host sync); 0 / 0 leaves inf, which only ignored rows
+        # (all of them) would meet, and they store exact zeros
+        scale = (torch.ones((), dtype=torch.float32, device=logits.device) / count
+                 if count is not None else
+                 torch.ones((), dtype=torch.float32, device=logits.device))
+        dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    loss, stats = k.cross_entropy_fwd(_rows(logits), target, ignore_index, label_smoothing,
+                                      grad_scale=scale, dlogits=dlogits)
     # the row losses are summed in fp64 (N values, negligible next to the (N, V) pass) so that
     # the reduced loss is rounded once: an fp32 sum of losses of 1e4 would be off by ulps
     if reduction == "sum":
         loss = loss.sum(dtype=torch.float64)
     elif reduction == "mean":
         # 0 / 0 = NaN when every target is ignored, as torch
-        loss = loss.sum(dtype=torch.float64) / (target != ignore_index).sum()
-    return loss.to(out_dtype), stats
+        loss = loss.sum(dtype=torch.float64) / count
+    return loss.to(out_dtype), stats, (dlogits if store_grad else logits.new_empty(0))
 
 
 @_cross_entropy_fwd.register_fake
-def _(logits, target, ignore_index, label_smoothing, reduction, check_labels, out_dtype):
+def _(logits, target, ignore_index, label_smoothing, reduction, check_labels, out_dtype,
+      store_grad):
     shape = (logits.shape[0],) if reduction == "none" else ()
+    stored = store_grad and reduction != "none"
     return (logits.new_empty(shape, dtype=out_dtype),
-            logits.new_empty((logits.shape[0], 2), dtype=torch.float32))
+            logits.new_empty((logits.shape[0], 2), dtype=torch.float32),
+            logits.new_empty(logits.shape if stored else (0,)))
 
 
 @torch.library.custom_op("fastbert::cross_entropy_bwd", mutates_args=())
@@ -131,19 +147,54 @@ def _(grad, logits, target, stats, ignore_index, label_smoothing, reduction):
     return logits.new_empty(logits.shape)
 
 
+@torch.library.custom_op("fastbert::cross_entropy_scale_", mutates_args=("dlogits",))
+def _cross_entropy_scale_(dlogits: Tensor, grad: Tensor) -> None:
+    """dlogits *= grad (a scalar), in place; a no-op decided on the device when grad is 1."""
+    from fastbert.kernels import cross_entropy as k
+    k.cross_entropy_scale_(dlogits, grad)
+
+
+@_cross_entropy_scale_.register_fake
+def _(dlogits, grad):
+    return None
+
+
+# The message for a second backward through a loss whose stored gradient the first one scaled
+# in place (autograd's version check catches it; this says why and what to do).
+_STORED_GRAD_REUSED = (
+    "fastbert cross_entropy (reduction 'mean' or 'sum') computes the gradient of the logits in "
+    "its forward and applies the incoming gradient to it in place during backward, so it can "
+    "be backpropagated through only once; for a second backward (retain_graph=True), call it "
+    "with reduction='none' and reduce the result, or with backend='torch'")
+
+
 def _ce_setup(ctx, inputs, output):
-    logits, target, ignore_index, label_smoothing, reduction, _, _ = inputs
-    ctx.save_for_backward(logits, target, output[1])
+    logits, target, ignore_index, label_smoothing, reduction, _, _, store_grad = inputs
+    ctx.stored = store_grad and reduction != "none"
+    if ctx.stored:
+        # the logits themselves are not kept: the gradient is all the backward needs
+        ctx.save_for_backward(output[2])
+    else:
+        ctx.save_for_backward(logits, target, output[1])
     ctx.ignore_index, ctx.label_smoothing, ctx.reduction = ignore_index, label_smoothing, reduction
 
 
-def _ce_backward(ctx, dloss, dstats):
-    logits, target, stats = ctx.saved_tensors
+def _ce_backward(ctx, dloss, dstats, ddlogits):
     dlogits = None
     if ctx.needs_input_grad[0]:
-        dlogits = _cross_entropy_bwd(dloss, logits, target, stats, ctx.ignore_index,
-                                     ctx.label_smoothing, ctx.reduction)
-    return dlogits, None, None, None, None, None, None
+        if ctx.stored:
+            try:
+                (dlogits,) = ctx.saved_tensors
+            except RuntimeError as e:
+                if "modified by an inplace operation" not in str(e):
+                    raise
+                raise RuntimeError(_STORED_GRAD_REUSED) from e
+            _cross_entropy_scale_(dlogits, dloss)
+        else:
+            logits, target, stats = ctx.saved_tensors
+            dlogits = _cross_entropy_bwd(dloss, logits, target, stats, ctx.ignore_index,
+                                         ctx.label_smoothing, ctx.reduction)
+    return dlogits, None, None, None, None, None, None, None
 
 
 _cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
@@ -304,13 +355,22 @@ def _check_labels_tensor(name: str, t, shape, what: str):
 def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
                   label_smoothing: float = 0.0, reduction: str = "mean",
                   check_labels: bool = True, backend: Optional[str] = None) -> Tensor:
-    """Softmax cross-entropy over the rows of ``logits``, fused in one pass (two with grad).
+    """Softmax cross-entropy over the rows of ``logits``, fused.
 
     Same semantics as ``torch.nn.functional.cross_entropy`` with class-index targets: "mean"
     divides by the number of non-ignored targets and so returns NaN when every target is
     ignored (as torch; ``masked_lm_loss`` returns 0.0 there instead); ignored rows get a zero
     gradient. Logits of +-1e4 are safe (running-max logsumexp in fp32). No (N, V) buffer is
     allocated besides the gradient.
+
+    With reduction "mean" or "sum" and logits that require grad, the forward writes the
+    gradient (one read of the logits, one write) and keeps it instead of the logits; the
+    backward multiplies it in place by the incoming gradient, on the device, which costs
+    nothing when that is 1.0. Consequences: one extra rounding of fp16/bf16 gradients for an
+    incoming gradient other than 1.0 or a power of two; the loss can be backpropagated through
+    only once (a second ``backward(retain_graph=True)`` raises; use reduction "none" and reduce
+    it yourself for that). With "none", under ``torch.compile`` or without grad, the forward
+    stores only two floats a row and the backward recomputes the gradient from the logits.
 
     Args:
         logits: (N, V) or (V,), float32 / float16 / bfloat16.
@@ -346,9 +406,16 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
                                  out_dtype=out_dtype)
         return _nan_where_bad(loss, bad, reduction)
     unbatched = logits.dim() == 1
-    loss, _ = _cross_entropy_fwd(logits.reshape(1, -1) if unbatched else logits,
-                                 target.reshape(1) if unbatched else target, int(ignore_index),
-                                 float(label_smoothing), reduction, bool(check_labels), out_dtype)
+    # With a reduced loss and a gradient to come, the forward writes that gradient (for an
+    # incoming gradient of 1; the backward scales it in place on the device otherwise). Not
+    # under torch.compile: AOTAutograd cannot trace a backward that mutates a tensor saved by
+    # the forward, so a compiled graph recomputes the gradient from the logits instead.
+    store_grad = (torch.is_grad_enabled() and logits.requires_grad and reduction != "none"
+                  and not torch.compiler.is_compiling())
+    loss, _, _ = _cross_entropy_fwd(logits.reshape(1, -1) if unbatched else logits,
+                                    target.reshape(1) if unbatched else target, int(ignore_index),
+                                    float(label_smoothing), reduction, bool(check_labels),
+                                    out_dtype, store_grad)
     return loss.reshape(()) if unbatched and reduction == "none" else loss
 
 

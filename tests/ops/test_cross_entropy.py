@@ -340,11 +340,22 @@ def test_cross_entropy_custom_ops_pass_opcheck(device):
     target = _targets(5, 300, device)
     for reduction in REDUCTIONS:
         torch.library.opcheck(torch.ops.fastbert.cross_entropy_fwd.default,
-                              (logits, target, IGNORE, 0.1, reduction, True, torch.float32))
+                              (logits, target, IGNORE, 0.1, reduction, True, torch.float32,
+                               False))
+        # with the gradient stored, the backward mutates a tensor the forward saved, which
+        # AOTAutograd cannot trace: cross_entropy never asks for it under torch.compile
+        torch.library.opcheck(torch.ops.fastbert.cross_entropy_fwd.default,
+                              (logits, target, IGNORE, 0.1, reduction, True, torch.float32,
+                               True), test_utils=("test_schema", "test_autograd_registration",
+                                                  "test_faketensor"))
     _, stats = k.cross_entropy_fwd(logits.detach(), target, IGNORE, 0.1)
     torch.library.opcheck(torch.ops.fastbert.cross_entropy_bwd.default,
                           (torch.rand(5, device=device), logits.detach(), target, stats, IGNORE,
                            0.1, "none"))
+    for g in (1.0, 0.5):
+        torch.library.opcheck(torch.ops.fastbert.cross_entropy_scale_.default,
+                              (torch.randn(5, 300, device=device),
+                               torch.tensor(g, device=device)))
 
 
 def test_cross_entropy_compiles_fullgraph(device):
@@ -362,6 +373,134 @@ def test_cross_entropy_compiles_fullgraph(device):
     out.backward()
     ref.backward()
     torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("n_cols", [1003, 30522, 50257])
+def test_cross_entropy_stored_gradient_with_incoming_one_matches_fp64(device, dtype, reduction,
+                                                                      n_cols):
+    # loss.backward(): an incoming gradient of exactly 1, where the backward leaves the gradient
+    # the forward wrote untouched (the other tests use 2.0, which makes it scale); BERT's
+    # vocabulary in one block of registers, GPT-2's looping over blocks
+    logits = (torch.randn(37, n_cols, device=device) * 3).to(dtype)
+    target = _targets(37, n_cols, device)
+    x = logits.clone().requires_grad_()
+    cross_entropy(x, target, reduction=reduction, label_smoothing=0.1,
+                  backend="triton").backward()
+    x64 = logits.double().requires_grad_()
+    F.cross_entropy(x64, target, ignore_index=IGNORE, reduction=reduction,
+                    label_smoothing=0.1).backward()
+    lowp = None
+    if dtype != torch.float32:
+        x_lp = logits.clone().requires_grad_()
+        F.cross_entropy(x_lp, target, ignore_index=IGNORE, reduction=reduction,
+                        label_smoothing=0.1).backward()
+        lowp = x_lp.grad
+    assert_close_to_ref(x.grad, x64.grad, lowp, name="dlogits",
+                        atol=1e-5 + _interpreter_bf16_ulp(x.grad, x64.grad))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's inf * 0
+@pytest.mark.parametrize("g", [1.0, 0.0, -3.0, float("inf")])
+def test_cross_entropy_scale_multiplies_on_the_device_and_keeps_zeros(device, g):
+    d = torch.randn(3, 5000, device=device)
+    d[1] = 0.0
+    want = torch.where(d == 0, 0.0, d * g)
+    k.cross_entropy_scale_(d, torch.tensor(g, device=device))
+    assert torch.equal(d, want)
+    assert (d[1] == 0).all()
+
+
+def test_cross_entropy_scale_reaches_every_element_of_a_large_gradient(device, monkeypatch):
+    # more blocks than programs: each program loops over several blocks
+    monkeypatch.setattr(k, "SCALE_PROGRAMS", 3)
+    d = torch.randn(7, 1500, device=device, dtype=torch.bfloat16)
+    want = (d.float() * 0.5).to(torch.bfloat16)
+    k.cross_entropy_scale_(d, torch.tensor(0.5, device=device))
+    assert torch.equal(d, want)
+    with pytest.raises(ValueError, match="dlogits must be contiguous"):
+        k.cross_entropy_scale_(d.t(), torch.tensor(0.5, device=device))
+    with pytest.raises(ValueError, match="grad must be a one-element floating tensor"):
+        k.cross_entropy_scale_(d, torch.ones(2, device=device))
+
+
+@pytest.mark.parametrize("n_cols", [1, 700, 4097])
+def test_cross_entropy_one_block_and_looping_forward_write_the_same_gradient(device, n_cols):
+    # the forward with a gradient holds a row of up to MAX_ONE_BLOCK_V classes in registers;
+    # wider rows loop over blocks and read the row twice: both agree with the backward kernel
+    logits = torch.randn(6, n_cols, device=device) * 4
+    target = _targets(6, n_cols, device, ignore_frac=0.3)
+    target[0] = n_cols - 1
+    scale = torch.rand(6, device=device)
+    assert k.ce_block(n_cols, one_block=True)[2]
+    loss, stats = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
+    want = k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1)
+    out = poison_(torch.empty_like(logits))
+    loss1, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1, grad_scale=scale, dlogits=out)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss1, loss)
+    assert torch.equal(logits, logits)  # not overwritten: out was given
+
+
+def test_cross_entropy_forward_with_gradient_keeps_the_logits_and_saves_only_the_gradient(
+        device):
+    logits = torch.randn(8, 300, device=device)
+    x = logits.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        cross_entropy(x, _targets(8, 300, device), backend="triton")
+    assert torch.equal(x.detach(), logits)
+    # the backward needs only the stored gradient: the logits are not kept alive for it
+    assert [tuple(t.shape) for t in saved] == [(8, 300)]
+    assert saved[0].data_ptr() != x.data_ptr()
+
+
+def test_cross_entropy_second_backward_through_a_stored_gradient_is_a_clear_error(device):
+    x = torch.randn(4, 50, device=device, requires_grad=True)
+    loss = cross_entropy(x, _targets(4, 50, device, ignore_frac=0.0), backend="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="can be backpropagated through only once"):
+        loss.backward()
+    # reduction="none" recomputes from the saved logits: a second backward works
+    y = x.detach().clone().requires_grad_()
+    t = _targets(4, 50, device, ignore_frac=0.0)
+    per_row = cross_entropy(y, t, reduction="none", backend="triton")
+    (g1,) = torch.autograd.grad(per_row.sum(), y, retain_graph=True)
+    (g2,) = torch.autograd.grad(per_row.sum(), y)
+    assert torch.equal(g1, g2)
+
+
+def test_cross_entropy_without_grad_stores_no_gradient(device, monkeypatch):
+    calls = []
+    real = k.cross_entropy_fwd
+    monkeypatch.setattr(k, "cross_entropy_fwd",
+                        lambda *a, **kw: calls.append(kw.get("grad_scale")) or real(*a, **kw))
+    x = torch.randn(4, 50, device=device)
+    t = _targets(4, 50, device)
+    cross_entropy(x, t, backend="triton")
+    with torch.no_grad():
+        cross_entropy(x.requires_grad_(), t, backend="triton")
+    cross_entropy(x, t, backend="triton", reduction="none")
+    assert calls == [None, None, None]
+    cross_entropy(x, t, backend="triton")
+    assert calls[-1] is not None
+
+
+def test_cross_entropy_compiled_backward_with_incoming_one_matches_eager(device):
+    torch._dynamo.reset()
+    logits = torch.randn(9, 321, device=device)
+    target = _targets(9, 321, device)
+
+    def f(x, t):
+        return cross_entropy(x, t, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x1 = logits.clone().requires_grad_()
+    x2 = logits.clone().requires_grad_()
+    compiled(x1, target).backward()
+    f(x2, target).backward()
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
