@@ -159,13 +159,20 @@ def _(dlogits, grad):
     return None
 
 
-# The message for a second backward through a loss whose stored gradient the first one scaled
-# in place (autograd's version check catches it; this says why and what to do).
-_STORED_GRAD_REUSED = (
-    "fastbert cross_entropy (reduction 'mean' or 'sum') computes the gradient of the logits in "
-    "its forward and applies the incoming gradient to it in place during backward, so it can "
-    "be backpropagated through only once; for a second backward (retain_graph=True), call it "
-    "with reduction='none' and reduce the result, or with backend='torch'")
+def _saved_stored_grads(ctx, op: str):
+    """ctx.saved_tensors of a loss whose forward stored its gradients; a second backward finds
+    them scaled in place by the first (autograd's version check): say why and what to do."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as e:
+        if "modified by an inplace operation" not in str(e):
+            raise
+        raise RuntimeError(
+            f"fastbert {op} (reduction 'mean' or 'sum') computes its gradients in the forward "
+            f"and applies the incoming gradient to them in place during backward, so it can be "
+            f"backpropagated through only once; for a second backward (retain_graph=True), "
+            f"call it with reduction='none' and reduce the result, or with backend='torch'"
+        ) from e
 
 
 def _ce_setup(ctx, inputs, output):
@@ -183,12 +190,7 @@ def _ce_backward(ctx, dloss, dstats, ddlogits):
     dlogits = None
     if ctx.needs_input_grad[0]:
         if ctx.stored:
-            try:
-                (dlogits,) = ctx.saved_tensors
-            except RuntimeError as e:
-                if "modified by an inplace operation" not in str(e):
-                    raise
-                raise RuntimeError(_STORED_GRAD_REUSED) from e
+            (dlogits,) = _saved_stored_grads(ctx, "cross_entropy")
             _cross_entropy_scale_(dlogits, dloss)
         else:
             logits, target, stats = ctx.saved_tensors
@@ -220,7 +222,12 @@ def _full_grads(hidden, bias, rows, dx, dw, db):
 def _masked_lm_loss_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                         ignore_index: int, label_smoothing: float, reduction: str,
                         need_dhidden: bool, need_dweight: bool, need_dbias: bool,
-                        check_labels: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                        check_labels: bool,
+                        scale_in_place: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dhidden, dweight, dbias); the gradients (of the loss itself) only with reduction
+    "mean" or "sum". ``scale_in_place``: the backward multiplies them by the incoming gradient
+    in place (eager), rather than into new tensors (under torch.compile, whose AOTAutograd
+    cannot trace a backward that mutates a saved tensor)."""
     from fastbert.kernels import cross_entropy as k
     if check_labels:
         _check_label_range("labels", labels, weight.shape[0], ignore_index)
@@ -251,7 +258,7 @@ def _mlm_stored_grads(bias, reduction, need_dhidden, need_dweight, need_dbias):
 
 @_masked_lm_loss_fwd.register_fake
 def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, need_dhidden,
-      need_dweight, need_dbias, check_labels):
+      need_dweight, need_dbias, check_labels, scale_in_place):
     sh, sw, sb = _mlm_stored_grads(bias, reduction, need_dhidden, need_dweight, need_dbias)
     shape = labels.shape if reduction == "none" else ()
     return (hidden.new_empty(shape, dtype=torch.float32),
@@ -286,7 +293,8 @@ def _(grad, hidden, weight, bias, labels, ignore_index, label_smoothing, need_dh
 
 def _mlm_setup(ctx, inputs, output):
     (hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, need_dhidden,
-     need_dweight, need_dbias, _) = inputs
+     need_dweight, need_dbias, _, scale_in_place) = inputs
+    ctx.scale_in_place = scale_in_place
     ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
     ctx.has_bias = bias is not None
     if reduction == "none":
@@ -304,13 +312,20 @@ def _mlm_backward(ctx, dloss, ddh, ddw, ddb):
                                          ctx.label_smoothing, need_dh, need_dw, need_db)
     else:
         # stored gradients of the loss itself: scale by the incoming (scalar) gradient
-        dh, dw, db = ctx.saved_tensors
-        g = dloss.float()
-        dh = (dh * g).to(dh.dtype) if need_dh else None
-        dw = (dw * g).to(dw.dtype) if need_dw else None
-        db = (db * g).to(db.dtype) if need_db else None
+        if ctx.scale_in_place:
+            dh, dw, db = _saved_stored_grads(ctx, "masked_lm_loss")
+            # on the device, nothing to do for 1.0 (loss.backward()): no pass over dW
+            for t, need in ((dh, need_dh), (dw, need_dw), (db, need_db)):
+                if need:
+                    _cross_entropy_scale_(t, dloss)
+        else:
+            dh, dw, db = ctx.saved_tensors
+            g = dloss.float()
+            dh = (dh * g).to(dh.dtype) if need_dh else None
+            dw = (dw * g).to(dw.dtype) if need_dw else None
+            db = (db * g).to(db.dtype) if need_db else None
     return ((dh if need_dh else None), (dw if need_dw else None), (db if need_db else None),
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 _masked_lm_loss_fwd.register_autograd(_mlm_backward, setup_context=_mlm_setup)
@@ -450,6 +465,9 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     With reduction "mean" or "sum" the gradients are computed in the forward, in hidden's
     dtype, and the backward multiplies them by the incoming gradient: exact for 1.0 or a
     power of two (loss scaling), one extra rounding of fp16/bf16 gradients for other factors.
+    Outside torch.compile it does so in place, on the device, and not at all for 1.0 (no pass
+    over dW); so such a loss can be backpropagated through only once (a second
+    ``backward(retain_graph=True)`` raises; reduction "none" recomputes and allows it).
 
     Returns:
         float32 loss; gradients flow to hidden, weight and bias.
@@ -494,5 +512,5 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     loss, _, _, _ = _masked_lm_loss_fwd(hidden.reshape(-1, n_hidden), weight, bias,
                                         labels.reshape(-1), int(ignore_index),
                                         float(label_smoothing), reduction, *needs,
-                                        bool(check_labels))
+                                        bool(check_labels), not torch.compiler.is_compiling())
     return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -702,10 +702,33 @@ def test_masked_lm_loss_custom_ops_pass_opcheck(device):
     args = [t.requires_grad_() for t in (hidden, weight, bias)]
     for reduction in REDUCTIONS:
         torch.library.opcheck(torch.ops.fastbert.masked_lm_loss_fwd.default,
-                              (*args, labels, IGNORE, 0.1, reduction, True, True, True, True))
+                              (*args, labels, IGNORE, 0.1, reduction, True, True, True, True,
+                               False))
+        # scaling the stored gradients in place mutates saved tensors in the backward, which
+        # AOTAutograd cannot trace: masked_lm_loss never asks for it under torch.compile
+        torch.library.opcheck(torch.ops.fastbert.masked_lm_loss_fwd.default,
+                              (*args, labels, IGNORE, 0.1, reduction, True, True, True, True,
+                               True), test_utils=("test_schema", "test_autograd_registration",
+                                                  "test_faketensor"))
     torch.library.opcheck(torch.ops.fastbert.masked_lm_loss_bwd.default,
                           (torch.randn(10, device=device), hidden.detach(), weight.detach(),
                            bias.detach(), labels, IGNORE, 0.1, True, True, True))
+
+
+@pytest.mark.parametrize("g", [1.0, 0.75])
+def test_masked_lm_loss_backward_scales_stored_gradients_once(device, g):
+    # eager: the stored gradients are scaled in place (not at all for 1.0); compare with the
+    # fp64 reference under the same incoming gradient, and a second backward is refused
+    hidden, weight, bias, labels = _mlm_inputs((3, 5), 16, 90, torch.float32, device)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss = masked_lm_loss(*leaves, labels, backend="triton")
+    (loss * g).backward(retain_graph=True)
+    ref_leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    (masked_lm_loss_ref(*ref_leaves, labels) * g).backward()
+    for name, a, r in zip(("dhidden", "dweight", "dbias"), leaves, ref_leaves):
+        assert_close_to_ref(a.grad, r.grad, name=name, atol=1e-6)
+    with pytest.raises(RuntimeError, match="masked_lm_loss .* backpropagated through only once"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
