@@ -505,21 +505,24 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(int(head_dim)))
 
 
-# Block configs were chosen from ptxas -v (sm_90, the target; `python -m tests.aot_compile
-# attention --regs`): no fp16/bf16 kernel spills at head dim <= 64 (BERT's), and none more
-# than ~90 bytes per thread at the 128-wide tiles (head dims 80-128; the count moves by tens
-# of bytes with unrelated code changes). The fp32 ones (IEEE FMA matmuls) use small tiles for
-# the same reason and spill up to ~160 bytes. On sm_80 the 128-wide tiles spill up to ~200
-# bytes. Not yet tuned on a GPU.
+# Block configs were chosen from ptxas -v of the kernels as the JIT compiles them for aligned
+# tensors (`python -m tests.aot_compile attention --regs`, which compiles with the JIT's
+# divisibility-by-16 specialization: vectorized loads, cp.async pipelining over num_stages)
+# and the Triton tutorial's H100 tiles; not yet timed on a GPU. sm_90 (the target), bf16/fp16:
+# forward 116-242 registers and 10-128 KB of shared memory, dK/dV 166-255 and up to 96 KB,
+# dQ 95-195 and up to 96 KB; no spills but 8 bytes in the 128-wide varlen + causal + dropout
+# dK/dV. sm_80 spills up to ~100 bytes a thread in the 128-wide-head backward and the
+# dropout forward. The fp32 ones (IEEE FMA matmuls) use small tiles.
 
 def fwd_config(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
     bd = block_d(head_dim)
     if dtype == torch.float32:
         return (32, 32, 4, 2) if bd <= 64 else (32, 16, 4, 1)
-    # 8 warps: with 4 a 128 x 64 score tile spills registers. Dropout's Philox draws, and
-    # the masked head-dim columns of head dims 80/96, need 32 keys a block to stay in
-    # registers.
+    # 8 warps: with 4 a 128 x 64 score tile of a 128-wide head spills registers. Dropout's
+    # Philox draws, and the masked head-dim columns of head dims 80/96, take 242-255
+    # registers (sm_90) with 64 keys a block, and spill in fp16 at head dim 32-64 (84 bytes at
+    # 64; bf16 does not): 32 keys take ~170.
     if dropout or bd != head_dim:
         return 128, 32, 8, 3
     return 128, 64, 8, 3
@@ -528,13 +531,12 @@ def fwd_config(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple[int, i
 def bwd_configs(head_dim: int, dtype: torch.dtype):
     """((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, the same of the dQ
     kernel). The dK/dV kernel holds BLOCK_N keys (k, v, dk, dv tiles) and streams BLOCK_M
-    queries; the dQ kernel holds BLOCK_M queries and streams BLOCK_N keys."""
+    queries; the dQ kernel holds BLOCK_M queries and streams BLOCK_N keys: 128 held rows
+    halve the re-reads of the streamed side against 64 (the tutorial's H100 tiles)."""
     bd = block_d(head_dim)
     if dtype == torch.float32:
         return ((32, 32, 4, 2), (32, 32, 4, 2)) if bd <= 64 else ((16, 32, 4, 1), (32, 16, 4, 1))
-    if bd <= 64:
-        return (32, 128, 8, 2), (128, 32, 8, 2)
-    return (32, 64, 8, 2), (64, 32, 8, 2)
+    return (32, 128, 8, 2), (128, 32, 8, 2)
 
 
 # Elements of O (and of dO) per program of the delta (rowsum(dO * O)) pre-pass: 16 per thread

@@ -7,6 +7,11 @@ configuration its launchers can pick; this compiles each to PTX and a cubin for 
 sm_90 (no GPU needed), checks the shared memory against the architecture's limit, and with
 ``--regs`` runs ``ptxas -v`` to report registers and spills. Exit status 1 if any failed.
 
+Each config is compiled as the JIT compiles an aligned launch (pointers and size / stride
+integers divisible by 16, ``aligned_attrs``): only then are loads vectorized and loops
+software-pipelined, so only then are the shared memory and registers those of the GPU run.
+``--unaligned`` compiles the fallback variant instead.
+
 Must run without ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit``); the test
 ``tests/test_aot_compile.py`` runs it in a subprocess for that reason.
 """
@@ -31,7 +36,33 @@ def kernel_modules():
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
 
 
-def compile_config(cfg, arch: int, regs: bool):
+# What the JIT assumes of an argument it finds divisible by 16 (a pointer's address, an
+# integer's value), as it does for every fresh torch allocation and for BERT-sized strides.
+DIVISIBILITY = 16
+# Integer arguments that are sizes or strides: divisible by 16 at BERT's shapes (768, 3072,
+# 512 tokens, ...). Other integers (ids, seeds, step indices) are left unspecialized.
+_SIZE_PREFIXES = ("stride", "n_", "seqlen", "head_dim", "max_seqlen")
+
+
+def aligned_attrs(cfg) -> dict:
+    """The JIT's specialization of an aligned launch: tt.divisibility=16 on every pointer and
+    on every size / stride integer (not on ``do_not_specialize`` ones).
+
+    Without it a kernel compiles as if nothing were aligned: no vectorized loads, no
+    cp.async software pipelining (``num_stages`` ignored), so neither its registers nor its
+    shared memory are those of the kernel that runs on the GPU for aligned tensors."""
+    fixed = {p.name for p in cfg.kernel.params if p.do_not_specialize}
+    names = cfg.kernel.arg_names
+    attrs = {}
+    for name, ty in cfg.signature.items():
+        if name in fixed or ty == "constexpr":
+            continue
+        if ty.startswith("*") or (ty in ("i32", "i64") and name.startswith(_SIZE_PREFIXES)):
+            attrs[(names.index(name),)] = [["tt.divisibility", DIVISIBILITY]]
+    return attrs
+
+
+def compile_config(cfg, arch: int, regs: bool, aligned: bool = True):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -39,7 +70,8 @@ def compile_config(cfg, arch: int, regs: bool):
     options = {"num_warps": cfg.num_warps}
     if cfg.num_stages is not None:
         options["num_stages"] = cfg.num_stages
-    src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs)
+    src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs,
+                    attrs=aligned_attrs(cfg) if aligned else None)
     c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     shared = int(c.metadata.shared)
     info = {"shared": shared}
@@ -76,6 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("modules", nargs="*", help="kernel modules (default: all in kernels/)")
     p.add_argument("--arch", nargs="+", type=int, default=[80, 90])
     p.add_argument("--regs", action="store_true", help="also report registers and spills")
+    p.add_argument("--unaligned", action="store_true",
+                   help="compile without the JIT's alignment specialization (the variant an "
+                        "odd pointer or stride gets)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter replaces triton.jit", file=sys.stderr)
@@ -94,7 +129,7 @@ def main(argv=None) -> int:
             for arch in args.arch:
                 total += 1
                 try:
-                    info = compile_config(cfg, arch, args.regs)
+                    info = compile_config(cfg, arch, args.regs, not args.unaligned)
                     print(f"ok   sm_{arch} {cfg.name or cfg.kernel.__name__} warps={cfg.num_warps} "
                           + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)
                 except Exception as e:
