@@ -2,7 +2,9 @@
 
 cross_entropy (logits (N, V) -> loss, gradient of the logits), V = 30522:
     eager          -- torch.nn.functional.cross_entropy (target: fastbert >= 3x this)
-    fastbert       -- fastbert.ops.cross_entropy
+    fastbert       -- fastbert.ops.cross_entropy (loss.backward(): incoming gradient 1.0)
+    fastbert_scaled -- the same with an incoming gradient of 65536 (fp16 loss scaling)
+    fastbert_recompute -- reduction="none" then sum: the path that recomputes the gradient
 
 masked_lm_loss (hidden (B, S, H), tied weight (V, H), bias, 15% of labels set; gradients of
 hidden, weight and bias), time and peak memory:
@@ -34,11 +36,13 @@ IGNORE = -100
 MASKED_FRAC = 0.15
 # cross_entropy: rows whose target is ignored (padding), to exercise ignore_index.
 IGNORED_FRAC = 0.1
+# An incoming gradient other than 1.0, as GradScaler's initial fp16 loss scale gives.
+LOSS_SCALE = 65536.0
 
 
-def _grads(loss_fn, leaves):
+def _grads(loss_fn, leaves, grad_output=None):
     def run():
-        return torch.autograd.grad(loss_fn(), leaves)
+        return torch.autograd.grad(loss_fn(), leaves, grad_output)
     return run
 
 
@@ -57,6 +61,14 @@ def _ce_cases(device, quick, dtype) -> List[Case]:
             "eager": _grads(lambda: F.cross_entropy(x, t, ignore_index=IGNORE), [x]),
             "fastbert": _grads(lambda: cross_entropy(x, t, ignore_index=IGNORE,
                                                      check_labels=False), [x]),
+            # what fp16 loss scaling (or accumulation's 1/k) costs: the stored gradient is
+            # scaled in place, one more read and write
+            "fastbert_scaled": _grads(lambda: cross_entropy(x, t, ignore_index=IGNORE,
+                                                            check_labels=False), [x],
+                                      torch.tensor(LOSS_SCALE, device=device)),
+            # the sync-free recompute path (reduction "none", summed): three passes
+            "fastbert_recompute": _grads(lambda: cross_entropy(
+                x, t, ignore_index=IGNORE, check_labels=False, reduction="none").sum(), [x]),
         }
         es = x.element_size()
         out.append(Case(name="cross_entropy fwd+bwd",
