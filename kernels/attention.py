@@ -506,13 +506,11 @@ def block_d(head_dim: int) -> int:
 
 
 # Block configs were chosen from ptxas -v of the kernels as the JIT compiles them for aligned
-# tensors (`python -m tests.aot_compile attention --regs`, which compiles with the JIT's
-# divisibility-by-16 specialization: vectorized loads, cp.async pipelining over num_stages)
-# and the Triton tutorial's H100 tiles; not yet timed on a GPU. sm_90 (the target), bf16/fp16:
-# forward 116-242 registers and 10-128 KB of shared memory, dK/dV 166-255 and up to 96 KB,
-# dQ 95-195 and up to 96 KB; no spills but 8 bytes in the 128-wide varlen + causal + dropout
-# dK/dV. sm_80 spills up to ~100 bytes a thread in the 128-wide-head backward and the
-# dropout forward. The fp32 ones (IEEE FMA matmuls) use small tiles.
+# tensors (`python -m tests.aot_compile attention --regs` marks pointers and strides divisible
+# by 16, as the JIT does: vectorized loads, cp.async pipelining over num_stages); not yet timed
+# on a GPU. sm_90 (the target), bf16/fp16, no spills: forward 96-241 registers and up to 128 KB
+# of shared memory, dK/dV 166-254 and up to 66 KB, dQ 94-206. sm_80 spills up to ~30 bytes a
+# thread in a few variants. The fp32 ones (IEEE FMA matmuls) use small tiles.
 
 def fwd_config(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
@@ -531,12 +529,15 @@ def fwd_config(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple[int, i
 def bwd_configs(head_dim: int, dtype: torch.dtype):
     """((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, the same of the dQ
     kernel). The dK/dV kernel holds BLOCK_N keys (k, v, dk, dv tiles) and streams BLOCK_M
-    queries; the dQ kernel holds BLOCK_M queries and streams BLOCK_N keys: 128 held rows
-    halve the re-reads of the streamed side against 64 (the tutorial's H100 tiles)."""
+    queries; the dQ kernel holds BLOCK_M queries and streams BLOCK_N keys. At the 128-wide
+    head tile the tutorial's (32, 128) / (128, 32) would halve the re-reads of the streamed
+    side but take 246-255 registers on sm_90 and spill on sm_80: to be timed first."""
     bd = block_d(head_dim)
     if dtype == torch.float32:
         return ((32, 32, 4, 2), (32, 32, 4, 2)) if bd <= 64 else ((16, 32, 4, 1), (32, 16, 4, 1))
-    return (32, 128, 8, 2), (128, 32, 8, 2)
+    if bd <= 64:
+        return (32, 128, 8, 2), (128, 32, 8, 2)
+    return (32, 64, 8, 2), (64, 32, 8, 2)
 
 
 # Elements of O (and of dO) per program of the delta (rowsum(dO * O)) pre-pass: 16 per thread

@@ -530,8 +530,11 @@ def aot_configs():
     block_v, num_warps, _ = ce_block(MAX_BLOCK_V)
     yield fwd("fp32", block_v, num_warps, True, True, tt="i32")
     yield bwd("fp32", block_v, num_warps, True, tt="i32")
-    for dt in ("bf16", "fp16", "fp32"):
+    # the incoming gradient is fp32 for a float32 loss (masked_lm_loss, autocast), else the
+    # gradient's dtype; the element count is i32 below 2**31
+    for dt, gt, nt in (("bf16", "bf16", "i64"), ("bf16", "fp32", "i32"), ("fp16", "fp32", "i32"),
+                       ("fp32", "fp32", "i32")):
         yield AotConfig(_cross_entropy_scale_kernel,
-                        {"dlogits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "n_elements": "i64",
+                        {"dlogits_ptr": f"*{dt}", "grad_ptr": f"*{gt}", "n_elements": nt,
                          "BLOCK": "constexpr"},
-                        dict(BLOCK=SCALE_BLOCK), 8, name=f"cross_entropy_scale[{dt}]")
+                        dict(BLOCK=SCALE_BLOCK), 8, name=f"cross_entropy_scale[{dt},{gt},{nt}]")

@@ -36,28 +36,27 @@ def kernel_modules():
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
 
 
-# What the JIT assumes of an argument it finds divisible by 16 (a pointer's address, an
-# integer's value), as it does for every fresh torch allocation and for BERT-sized strides.
+# What the JIT assumes of an argument it finds divisible by 16 at launch (a pointer's address,
+# an integer's value): every fresh torch allocation, and row strides of BERT's hidden sizes.
 DIVISIBILITY = 16
-# Integer arguments that are sizes or strides: divisible by 16 at BERT's shapes (768, 3072,
-# 512 tokens, ...). Other integers (ids, seeds, step indices) are left unspecialized.
-_SIZE_PREFIXES = ("stride", "n_", "seqlen", "head_dim", "max_seqlen")
 
 
 def aligned_attrs(cfg) -> dict:
-    """The JIT's specialization of an aligned launch: tt.divisibility=16 on every pointer and
-    on every size / stride integer (not on ``do_not_specialize`` ones).
+    """An aligned launch as the JIT specializes it: tt.divisibility=16 on every pointer and
+    every ``stride*`` integer (not on ``do_not_specialize`` ones).
 
     Without it a kernel compiles as if nothing were aligned: no vectorized loads, no
     cp.async software pipelining (``num_stages`` ignored), so neither its registers nor its
-    shared memory are those of the kernel that runs on the GPU for aligned tensors."""
+    shared memory are those of the kernel that runs on the GPU for aligned tensors. It is an
+    approximation of one launch: the JIT marks whatever is divisible at run time, so a row
+    stride of 30522 (BERT's vocabulary) is not marked there and sizes like 768 are."""
     fixed = {p.name for p in cfg.kernel.params if p.do_not_specialize}
     names = cfg.kernel.arg_names
     attrs = {}
     for name, ty in cfg.signature.items():
         if name in fixed or ty == "constexpr":
             continue
-        if ty.startswith("*") or (ty in ("i32", "i64") and name.startswith(_SIZE_PREFIXES)):
+        if ty.startswith("*") or (ty in ("i32", "i64") and name.startswith("stride")):
             attrs[(names.index(name),)] = [["tt.divisibility", DIVISIBILITY]]
     return attrs
 

@@ -51,7 +51,7 @@ for aligned in (False, True):
 
 @pytest.mark.aot
 def test_aot_compile_specializes_like_the_jit_for_aligned_tensors():
-    # The JIT marks 16-byte-aligned pointers and sizes / strides divisible by 16; only with
+    # The JIT marks 16-byte-aligned pointers and strides divisible by 16; only with
     # those marks does Triton vectorize loads and software-pipeline the K/V loads of the
     # attention loop (cp.async over num_stages). Compiled without them, as the AOT check once
     # did, a kernel's registers and shared memory are not those of the GPU run.

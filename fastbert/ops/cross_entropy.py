@@ -159,25 +159,45 @@ def _(dlogits, grad):
     return None
 
 
+def stores_grads(dtype: torch.dtype, reduction: str) -> bool:
+    """Whether the forward of a reduced loss computes its gradients (the incoming gradient
+    taken as 1) for the backward to scale. Not in float16: a gradient of the mean over n rows
+    is ~p / n, below fp16's smallest subnormal (6e-8) for most classes at n ~ 4096 and V ~ 30k,
+    so fp16 training scales the loss (GradScaler, x65536) to lift it into range; stored before
+    that scale is known, it would be flushed to zero. bfloat16 has float32's exponent range."""
+    return reduction != "none" and dtype != torch.float16
+
+
 def _saved_stored_grads(ctx, op: str):
-    """ctx.saved_tensors of a loss whose forward stored its gradients; a second backward finds
-    them scaled in place by the first (autograd's version check): say why and what to do."""
+    """ctx.saved_tensors of a loss whose forward stored its gradients, which the backward
+    scales in place: a second backward through it would scale them again, so it raises (a flag
+    on ctx, and autograd's version check, which saved-tensor hooks turn off)."""
+    msg = (f"fastbert {op} (reduction 'mean' or 'sum') computes its gradients in the forward "
+           f"and applies the incoming gradient to them in place during backward, so it can be "
+           f"backpropagated through only once; for a second backward (retain_graph=True), "
+           f"call it with reduction='none' and reduce the result, or with backend='torch'")
+    if getattr(ctx, "stored_grads_used", False):
+        raise RuntimeError(msg)
     try:
-        return ctx.saved_tensors
+        saved = ctx.saved_tensors
     except RuntimeError as e:
         if "modified by an inplace operation" not in str(e):
             raise
-        raise RuntimeError(
-            f"fastbert {op} (reduction 'mean' or 'sum') computes its gradients in the forward "
-            f"and applies the incoming gradient to them in place during backward, so it can be "
-            f"backpropagated through only once; for a second backward (retain_graph=True), "
-            f"call it with reduction='none' and reduce the result, or with backend='torch'"
-        ) from e
+        raise RuntimeError(msg) from e
+    ctx.stored_grads_used = True
+    return saved
+
+
+def _scaled(t: Tensor, g: Tensor) -> Tensor:
+    """t * g into a new tensor, as ``cross_entropy_scale_`` computes it in place: exact zeros
+    (ignored rows) stay zero whatever g is."""
+    return torch.where(t == 0, t, t.float() * g.float()).to(t.dtype)
 
 
 def _ce_setup(ctx, inputs, output):
     logits, target, ignore_index, label_smoothing, reduction, _, _, store_grad = inputs
     ctx.stored = store_grad and reduction != "none"
+    ctx.mark_non_differentiable(output[1], output[2])
     if ctx.stored:
         # the logits themselves are not kept: the gradient is all the backward needs
         ctx.save_for_backward(output[2])
@@ -224,8 +244,8 @@ def _masked_lm_loss_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
                         need_dhidden: bool, need_dweight: bool, need_dbias: bool,
                         check_labels: bool,
                         scale_in_place: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, dhidden, dweight, dbias); the gradients (of the loss itself) only with reduction
-    "mean" or "sum". ``scale_in_place``: the backward multiplies them by the incoming gradient
+    """(loss, dhidden, dweight, dbias); the gradients (of the loss itself) only where
+    ``stores_grads`` (reduction "mean" or "sum", not float16). ``scale_in_place``: the backward multiplies them by the incoming gradient
     in place (eager), rather than into new tensors (under torch.compile, whose AOTAutograd
     cannot trace a backward that mutates a saved tensor)."""
     from fastbert.kernels import cross_entropy as k
@@ -233,7 +253,8 @@ def _masked_lm_loss_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
         _check_label_range("labels", labels, weight.shape[0], ignore_index)
     rows, x, target = _select_masked(hidden, labels, ignore_index)
     n = rows.numel()
-    grads = reduction != "none" and (need_dhidden or need_dweight or need_dbias)
+    grads = (stores_grads(hidden.dtype, reduction)
+             and (need_dhidden or need_dweight or need_dbias))
     scale = None
     if grads:
         scale = torch.full((), 1.0 / max(n, 1) if reduction == "mean" else 1.0,
@@ -250,16 +271,17 @@ def _masked_lm_loss_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     return (loss,) + _full_grads(hidden, bias, rows, dx, dw, db)
 
 
-def _mlm_stored_grads(bias, reduction, need_dhidden, need_dweight, need_dbias):
-    """Which gradients the forward returns (with "none" the backward computes them)."""
-    on = reduction != "none"
+def _mlm_stored_grads(hidden, bias, reduction, need_dhidden, need_dweight, need_dbias):
+    """Which gradients the forward returns (otherwise the backward computes them)."""
+    on = stores_grads(hidden.dtype, reduction)
     return (on and need_dhidden, on and need_dweight, on and need_dbias and bias is not None)
 
 
 @_masked_lm_loss_fwd.register_fake
 def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, need_dhidden,
       need_dweight, need_dbias, check_labels, scale_in_place):
-    sh, sw, sb = _mlm_stored_grads(bias, reduction, need_dhidden, need_dweight, need_dbias)
+    sh, sw, sb = _mlm_stored_grads(hidden, bias, reduction, need_dhidden, need_dweight,
+                                   need_dbias)
     shape = labels.shape if reduction == "none" else ()
     return (hidden.new_empty(shape, dtype=torch.float32),
             hidden.new_empty(hidden.shape) if sh else hidden.new_empty(0),
@@ -270,12 +292,19 @@ def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, ne
 @torch.library.custom_op("fastbert::masked_lm_loss_bwd", mutates_args=())
 def _masked_lm_loss_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                         labels: Tensor, ignore_index: int, label_smoothing: float,
-                        need_dhidden: bool, need_dweight: bool,
+                        reduction: str, need_dhidden: bool, need_dweight: bool,
                         need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients for reduction="none" (a gradient per token): recomputes the projection."""
+    """Gradients where the forward stored none (reduction "none": a gradient per token; float16,
+    see ``stores_grads``): recomputes the projection, the incoming gradient folded into the
+    scale of each row before anything is rounded."""
     from fastbert.kernels import cross_entropy as k
     rows, x, target = _select_masked(hidden, labels, ignore_index)
-    scale = grad.reshape(-1).float().index_select(0, rows)
+    if reduction == "none":
+        scale = grad.reshape(-1).float().index_select(0, rows)
+    else:
+        scale = grad.float().reshape(())
+        if reduction == "mean":
+            scale = scale / max(rows.numel(), 1)
     _, dx, dw, db = k.linear_cross_entropy(x, weight, bias, target, ignore_index,
                                            label_smoothing, scale, need_dhidden, need_dweight,
                                            need_dbias)
@@ -283,7 +312,7 @@ def _masked_lm_loss_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Opti
 
 
 @_masked_lm_loss_bwd.register_fake
-def _(grad, hidden, weight, bias, labels, ignore_index, label_smoothing, need_dhidden,
+def _(grad, hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, need_dhidden,
       need_dweight, need_dbias):
     return (hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0),
             weight.new_empty(weight.shape) if need_dweight else hidden.new_empty(0),
@@ -297,19 +326,22 @@ def _mlm_setup(ctx, inputs, output):
     ctx.scale_in_place = scale_in_place
     ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
     ctx.has_bias = bias is not None
-    if reduction == "none":
-        ctx.save_for_backward(hidden, weight, bias, labels)
-    else:
+    ctx.stored = stores_grads(hidden.dtype, reduction)
+    ctx.mark_non_differentiable(*output[1:])
+    if ctx.stored:
         ctx.save_for_backward(*output[1:])
+    else:
+        ctx.save_for_backward(hidden, weight, bias, labels)
 
 
 def _mlm_backward(ctx, dloss, ddh, ddw, ddb):
     need = ctx.needs_input_grad
     need_dh, need_dw, need_db = bool(need[0]), bool(need[1]), bool(need[2]) and ctx.has_bias
-    if ctx.reduction == "none":
+    if not ctx.stored:
         hidden, weight, bias, labels = ctx.saved_tensors
         dh, dw, db = _masked_lm_loss_bwd(dloss, hidden, weight, bias, labels, ctx.ignore_index,
-                                         ctx.label_smoothing, need_dh, need_dw, need_db)
+                                         ctx.label_smoothing, ctx.reduction, need_dh, need_dw,
+                                         need_db)
     else:
         # stored gradients of the loss itself: scale by the incoming (scalar) gradient
         if ctx.scale_in_place:
@@ -320,10 +352,9 @@ def _mlm_backward(ctx, dloss, ddh, ddw, ddb):
                     _cross_entropy_scale_(t, dloss)
         else:
             dh, dw, db = ctx.saved_tensors
-            g = dloss.float()
-            dh = (dh * g).to(dh.dtype) if need_dh else None
-            dw = (dw * g).to(dw.dtype) if need_dw else None
-            db = (db * g).to(db.dtype) if need_db else None
+            dh = _scaled(dh, dloss) if need_dh else None
+            dw = _scaled(dw, dloss) if need_dw else None
+            db = _scaled(db, dloss) if need_db else None
     return ((dh if need_dh else None), (dw if need_dw else None), (db if need_db else None),
             None, None, None, None, None, None, None, None, None)
 
@@ -378,14 +409,16 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     gradient. Logits of +-1e4 are safe (running-max logsumexp in fp32). No (N, V) buffer is
     allocated besides the gradient.
 
-    With reduction "mean" or "sum" and logits that require grad, the forward writes the
-    gradient (one read of the logits, one write) and keeps it instead of the logits; the
-    backward multiplies it in place by the incoming gradient, on the device, which costs
-    nothing when that is 1.0. Consequences: one extra rounding of fp16/bf16 gradients for an
-    incoming gradient other than 1.0 or a power of two; the loss can be backpropagated through
-    only once (a second ``backward(retain_graph=True)`` raises; use reduction "none" and reduce
-    it yourself for that). With "none", under ``torch.compile`` or without grad, the forward
-    stores only two floats a row and the backward recomputes the gradient from the logits.
+    With reduction "mean" or "sum" and float32 / bfloat16 logits that require grad, the
+    forward writes the gradient (one read of the logits, one write) and keeps it instead of
+    the logits; the backward multiplies it in place by the incoming gradient, on the device,
+    which costs nothing when that is 1.0. Consequences: one extra rounding of bf16 gradients
+    for an incoming gradient other than 1.0 or a power of two; the loss can be backpropagated
+    through only once (a second ``backward(retain_graph=True)`` raises; use reduction "none"
+    and reduce it yourself for that). With "none", float16 logits (whose small gradients only
+    loss scaling keeps above fp16's range: see ``stores_grads``), under ``torch.compile`` or
+    without grad, the forward stores two floats a row and the backward recomputes the
+    gradient from the logits.
 
     Args:
         logits: (N, V) or (V,), float32 / float16 / bfloat16.
@@ -425,7 +458,8 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     # incoming gradient of 1; the backward scales it in place on the device otherwise). Not
     # under torch.compile: AOTAutograd cannot trace a backward that mutates a tensor saved by
     # the forward, so a compiled graph recomputes the gradient from the logits instead.
-    store_grad = (torch.is_grad_enabled() and logits.requires_grad and reduction != "none"
+    store_grad = (torch.is_grad_enabled() and logits.requires_grad
+                  and stores_grads(logits.dtype, reduction)
                   and not torch.compiler.is_compiling())
     loss, _, _ = _cross_entropy_fwd(logits.reshape(1, -1) if unbatched else logits,
                                     target.reshape(1) if unbatched else target, int(ignore_index),
@@ -462,12 +496,13 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     Under autocast, hidden, weight and bias are cast to the autocast dtype first (as
     ``nn.Linear`` would be).
 
-    With reduction "mean" or "sum" the gradients are computed in the forward, in hidden's
-    dtype, and the backward multiplies them by the incoming gradient: exact for 1.0 or a
-    power of two (loss scaling), one extra rounding of fp16/bf16 gradients for other factors.
+    With reduction "mean" or "sum" in float32 / bfloat16 the gradients are computed in the
+    forward, in hidden's dtype, and the backward multiplies them by the incoming gradient:
+    exact for 1.0 or a power of two, one extra rounding of bf16 gradients for other factors.
     Outside torch.compile it does so in place, on the device, and not at all for 1.0 (no pass
     over dW); so such a loss can be backpropagated through only once (a second
-    ``backward(retain_graph=True)`` raises; reduction "none" recomputes and allows it).
+    ``backward(retain_graph=True)`` raises). In float16 (loss scaling: see ``stores_grads``)
+    and with "none" the backward recomputes the projection instead, one more GEMM.
 
     Returns:
         float32 loss; gradients flow to hidden, weight and bias.

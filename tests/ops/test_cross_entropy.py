@@ -472,6 +472,67 @@ def test_cross_entropy_second_backward_through_a_stored_gradient_is_a_clear_erro
     assert torch.equal(g1, g2)
 
 
+def test_cross_entropy_second_backward_is_refused_even_with_saved_tensor_hooks(device):
+    # saved-tensor hooks turn autograd's version check off: the flag on ctx still refuses a
+    # second backward, which would scale the stored gradient twice
+    x = torch.randn(4, 50, device=device, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        loss = cross_entropy(x, _targets(4, 50, device, ignore_frac=0.0), backend="triton")
+    (loss * 2).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="can be backpropagated through only once"):
+        (loss * 3).backward()
+
+
+def test_cross_entropy_backward_with_create_graph_gives_the_first_order_gradient(device):
+    logits = torch.randn(5, 40, device=device)
+    t = _targets(5, 40, device)
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    (g1,) = torch.autograd.grad(cross_entropy(x1, t, backend="triton"), x1, create_graph=True)
+    (g2,) = torch.autograd.grad(cross_entropy(x2, t, backend="triton"), x2)
+    torch.testing.assert_close(g1, g2)
+
+
+# A loss scale as fp16 training uses (GradScaler starts at 2**16; the gradient that reaches an
+# fp16 loss must stay below fp16's largest value, 65504)
+FP16_LOSS_SCALE = 2.0 ** 14
+
+
+def test_cross_entropy_fp16_gradients_survive_loss_scaling(device):
+    # The mean's gradient p / n is ~1e-8 here, under fp16's smallest subnormal: fp16 training
+    # lifts it with a loss scale, which only the backward sees. A gradient stored by the
+    # forward (the incoming gradient taken as 1) would flush to zero; fp16 recomputes instead.
+    n, v = 512, 6000
+    logits = torch.randn(n, v, device=device).to(torch.float16)
+    target = _targets(n, v, device, ignore_frac=0.1)
+
+    def grad(fn, x):
+        x = x.clone().requires_grad_()
+        (fn(x, target, ignore_index=IGNORE).float() * FP16_LOSS_SCALE).backward()
+        return x.grad
+    out = grad(lambda *a, **kw: cross_entropy(*a, backend="triton", **kw), logits)
+    ref = grad(F.cross_entropy, logits.double())
+    lowp = grad(F.cross_entropy, logits)
+    assert (out == 0).float().mean() <= (lowp == 0).float().mean() + 1e-3
+    assert_close_to_ref(out, ref, lowp, name="dlogits", atol=1e-5)
+
+
+def test_masked_lm_loss_fp16_gradients_survive_loss_scaling(device):
+    # ~1000 masked rows, V = 8000: p / n ~ 1e-7, at fp16's smallest subnormals
+    hidden, weight, bias, labels = _mlm_inputs((32, 64), 32, 8000, torch.float16, device,
+                                               masked_frac=0.5)
+
+    def grads(fn, dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (hidden, weight, bias)]
+        (fn(*leaves, labels).float() * FP16_LOSS_SCALE).backward()
+        return [t.grad for t in leaves]
+    out = grads(lambda *a: masked_lm_loss(*a, backend="triton"), torch.float16)
+    ref = grads(lambda *a: _hf_way(*a), torch.float64)
+    lowp = grads(lambda *a: _hf_way(*a), torch.float16)
+    for name, o, r, lp in zip(("dhidden", "dweight", "dbias"), out, ref, lowp):
+        floor = LOWP_ULP_FLOOR * torch.finfo(torch.float16).eps * r.abs().max().item()
+        assert_close_to_ref(o, r, lp, name=name, atol=1e-5 + floor)
+
+
 def test_cross_entropy_without_grad_stores_no_gradient(device, monkeypatch):
     calls = []
     real = k.cross_entropy_fwd
@@ -712,7 +773,10 @@ def test_masked_lm_loss_custom_ops_pass_opcheck(device):
                                                   "test_faketensor"))
     torch.library.opcheck(torch.ops.fastbert.masked_lm_loss_bwd.default,
                           (torch.randn(10, device=device), hidden.detach(), weight.detach(),
-                           bias.detach(), labels, IGNORE, 0.1, True, True, True))
+                           bias.detach(), labels, IGNORE, 0.1, "none", True, True, True))
+    torch.library.opcheck(torch.ops.fastbert.masked_lm_loss_bwd.default,
+                          (torch.tensor(3.0, device=device), hidden.detach(), weight.detach(),
+                           bias.detach(), labels, IGNORE, 0.1, "mean", True, True, True))
 
 
 @pytest.mark.parametrize("g", [1.0, 0.75])
