@@ -87,6 +87,12 @@ def masked_lm_loss_ref(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], l
 # ----------------------------------------------------------------------------------------
 # custom ops (Triton backend): cross_entropy
 
+def _n_counted(target: Tensor, ignore_index: int, n_classes: int) -> Tensor:
+    """The divisor of a "mean": targets that are neither ignored nor (with check_labels=False)
+    out of range, as the torch backend counts them (a device tensor: no sync)."""
+    return ((target != ignore_index) & (target >= 0) & (target < n_classes)).sum()
+
+
 def _rows(logits: Tensor) -> Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
@@ -101,7 +107,7 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
     if check_labels:
         _check_label_range("target", target, logits.shape[1], ignore_index)
     store_grad = store_grad and reduction != "none"
-    count = (target != ignore_index).sum() if reduction == "mean" else None
+    count = _n_counted(target, ignore_index, logits.shape[1]) if reduction == "mean" else None
     scale = dlogits = None
     if store_grad:
         # 1 / count on the device (no host sync); 0 / 0 leaves inf, which only ignored rows
@@ -138,7 +144,7 @@ def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, stats: Tens
     from fastbert.kernels import cross_entropy as k
     scale = grad.float()
     if reduction == "mean":
-        scale = scale / (target != ignore_index).sum()
+        scale = scale / _n_counted(target, ignore_index, logits.shape[1])
     return k.cross_entropy_bwd(_rows(logits), target, stats, scale, ignore_index, label_smoothing)
 
 

@@ -290,6 +290,24 @@ def test_cross_entropy_unchecked_bad_target_is_nan_not_an_address(device):
     assert torch.isfinite(g).all() and (g[1:] == 0).all()
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_cross_entropy_unchecked_bad_targets_count_as_torch_backend(device, requires_grad):
+    # with check_labels=False an out-of-range target makes the loss NaN on both backends;
+    # the other rows' gradients are divided by the same count (the valid targets)
+    logits = torch.randn(5, 30, device=device)
+    target = torch.tensor([3, 99, IGNORE, 7, -5], device=device)
+    grads = []
+    for backend in ("triton", "torch"):
+        x = logits.clone().requires_grad_(requires_grad)
+        loss = cross_entropy(x, target, check_labels=False, backend=backend)
+        assert loss.isnan()
+        if requires_grad:
+            (g,) = torch.autograd.grad(loss, x)
+            grads.append(g)
+    if requires_grad:
+        torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_cross_entropy_rejects_bad_arguments(device):
     logits = torch.randn(4, 10, device=device)
     target = torch.randint(0, 10, (4,), device=device)
