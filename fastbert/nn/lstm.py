@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
 from ..ops.lstm import check_lengths
@@ -150,7 +150,7 @@ class LSTM(torch.nn.Module):
             if lengths is not None:
                 raise ValueError("lengths must be None when input is a PackedSequence "
                                  "(the lengths are in its batch_sizes)")
-            x, lens = pad_packed_sequence(input, batch_first=False)  # original batch order
+            x, lens = _unpack(input)  # (T, B, I), original batch order
             batched = True
         else:
             if not isinstance(input, Tensor):
@@ -225,13 +225,41 @@ class LSTM(torch.nn.Module):
         return output, (h_n, c_n)
 
 
+def _packed_rows(packed: PackedSequence) -> Tensor:
+    """Where each row of ``packed.data`` lives in the padded layout flattened to (T * B):
+    row t * B + b for step t of the sequence with original batch index b.
+
+    Built on the host from ``batch_sizes`` (a CPU tensor) with a handful of small tensor ops,
+    so that unpacking and repacking are one gather / scatter each, forward and backward:
+    ``pad_packed_sequence`` and a per-step slice + cat cost a copy (and, through autograd, a
+    full-size zero fill and add) per time step."""
+    sizes = packed.batch_sizes
+    n_steps, n_batch = sizes.numel(), int(sizes[0])
+    order = (packed.sorted_indices.cpu() if packed.sorted_indices is not None
+             else torch.arange(n_batch))
+    keep = torch.arange(n_batch)[None, :] < sizes[:, None]  # (T, B), sorted batch order
+    rows = (torch.arange(n_steps)[:, None] * n_batch + order[None, :])[keep]
+    return rows.to(packed.data.device, non_blocking=True)
+
+
+def _unpack(packed: PackedSequence) -> Tuple[Tensor, Tensor]:
+    """(padded (T, B, *) in original batch order, zeros past each end; lengths (B,) int64 on
+    the CPU), as ``pad_packed_sequence`` returns them, in one scatter."""
+    data, sizes = packed.data, packed.batch_sizes
+    n_steps, n_batch = sizes.numel(), int(sizes[0])
+    flat = data.new_zeros((n_steps * n_batch,) + data.shape[1:])
+    padded = flat.index_copy(0, _packed_rows(packed), data)
+    lengths = (sizes[None, :] > torch.arange(n_batch)[:, None]).sum(1)  # sorted order
+    if packed.unsorted_indices is not None:
+        lengths = lengths[packed.unsorted_indices.cpu()]
+    return padded.view((n_steps, n_batch) + data.shape[1:]), lengths
+
+
 def _repack(padded: Tensor, like: PackedSequence) -> PackedSequence:
-    """Pack ``padded`` (T, B, *) (original batch order) with the layout of ``like``."""
-    if like.sorted_indices is not None:
-        padded = padded.index_select(1, like.sorted_indices)
-    # batch_sizes[t] = how many (sorted) sequences are longer than t: take those rows per step
-    rows = [padded[t, :int(n)] for t, n in enumerate(like.batch_sizes.tolist())]
-    data = torch.cat(rows, dim=0) if rows else padded.new_empty((0,) + padded.shape[2:])
+    """Pack ``padded`` (T, B, *) (original batch order) with the layout of ``like``, in one
+    gather."""
+    flat = padded.reshape((-1,) + padded.shape[2:])
+    data = flat.index_select(0, _packed_rows(like))
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 

@@ -414,3 +414,27 @@ def test_layer_norm_lstm_gpu_fp32_gradients_within_twice_torch_fp32_error(proj_s
         err, base = max_err(a, b), max_err(lp, b)
         assert err <= 2 * base + 1e-5 * max(1.0, b.abs().max().item()), \
             f"{name}: error {err:.3e} > 2 x torch fp32's {base:.3e} + atol"
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_unpack_and_repack_match_torch_in_one_gather(enforce_sorted):
+    # PackedSequence <-> padded moves as one scatter / gather (and one op each in backward),
+    # not a copy per time step; values, lengths and gradients equal torch's utilities
+    from fastbert.nn.lstm import _repack, _unpack
+    lengths = torch.tensor([5, 7, 1, 3]) if not enforce_sorted else torch.tensor([7, 5, 3, 1])
+    x = torch.randn(7, 4, 6, dtype=torch.float64)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+    data = packed.data.clone().requires_grad_()
+    packed = PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
+                            packed.unsorted_indices)
+    padded, lens = _unpack(packed)
+    want, want_lens = pad_packed_sequence(packed)
+    assert torch.equal(padded, want) and torch.equal(lens, want_lens)
+    assert type(padded.grad_fn).__name__.startswith("View")
+    again = _repack(padded * 2, packed)
+    assert torch.equal(again.batch_sizes, packed.batch_sizes)
+    torch.testing.assert_close(again.data, data * 2)
+    assert type(again.data.grad_fn).__name__ == "IndexSelectBackward0"
+    w = torch.randn_like(data)
+    (g,) = torch.autograd.grad((again.data * w).sum(), data)
+    torch.testing.assert_close(g, 2 * w)
