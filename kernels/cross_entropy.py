@@ -239,9 +239,9 @@ def _cross_entropy_scale_kernel(dlogits_ptr, grad_ptr, n_elements, BLOCK: tl.con
     # program and no pass over the gradient, without a host sync to find that out
     if g != 1.0:
         offs = tl.arange(0, BLOCK)
-        step = tl.num_programs(0) * BLOCK
-        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n_elements, step):
-            o = start + offs
+        for block in range(tl.program_id(0), tl.cdiv(n_elements, BLOCK), tl.num_programs(0)):
+            # int64: the gradient may hold more than 2**31 elements
+            o = tl.cast(block, tl.int64) * BLOCK + offs
             mask = o < n_elements
             d = tl.load(dlogits_ptr + o, mask=mask, other=0.0)
             d32 = d.to(tl.float32)
