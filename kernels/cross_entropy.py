@@ -24,8 +24,9 @@ Three ways to use it:
 - ``cross_entropy_fwd`` + ``cross_entropy_bwd`` *recompute*: the forward reads the logits once
   and stores only (m, l) (8 bytes a row); the backward reads them again and writes the
   gradient: three passes. For reduction "none" (a gradient a row), for inference (one read),
-  under torch.compile (AOTAutograd cannot trace a backward that mutates a saved tensor), and
-  whenever the stored gradient is not wanted.
+  for float16 (a stored gradient of a mean underflows before loss scaling reaches it: see
+  ``fastbert.ops.cross_entropy.stores_grads``), under torch.compile (AOTAutograd cannot trace
+  a backward that mutates a saved tensor), and whenever the stored gradient is not wanted.
 - ``linear_cross_entropy`` (the ``masked_lm_loss`` op) fuses the vocabulary projection: rows
   are processed in chunks; for each chunk cuBLAS computes logits = x W^T + b into one reused
   buffer, the forward kernel computes the loss and overwrites those logits with the gradient
