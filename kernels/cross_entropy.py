@@ -240,14 +240,31 @@ def _cross_entropy_scale_kernel(dlogits_ptr, grad_ptr, n_elements, BLOCK: tl.con
     # program and no pass over the gradient, without a host sync to find that out
     if g != 1.0:
         offs = tl.arange(0, BLOCK)
-        for block in range(tl.program_id(0), tl.cdiv(n_elements, BLOCK), tl.num_programs(0)):
+        # full blocks without a mask (an element count like N x 30522 would otherwise keep
+        # the loads and stores from being vectorized), then the partial last block
+        n_full = n_elements // BLOCK
+        for block in range(tl.program_id(0), n_full, tl.num_programs(0)):
             # int64: the gradient may hold more than 2**31 elements
-            o = tl.cast(block, tl.int64) * BLOCK + offs
-            mask = o < n_elements
-            d = tl.load(dlogits_ptr + o, mask=mask, other=0.0)
-            d32 = d.to(tl.float32)
-            # exact zeros (ignored rows) stay zero whatever g is (inf, NaN), as torch's
-            tl.store(dlogits_ptr + o, tl.where(d32 == 0.0, 0.0, d32 * g).to(d.dtype), mask=mask)
+            _scale_block(dlogits_ptr + tl.cast(block, tl.int64) * BLOCK + offs, g, offs,
+                         False)
+        if tl.program_id(0) == tl.num_programs(0) - 1:
+            o = tl.cast(n_full, tl.int64) * BLOCK + offs
+            _scale_block(dlogits_ptr + o, g, o < n_elements, True)
+
+
+@triton.jit
+def _scale_block(ptrs, g, mask, MASKED: tl.constexpr):
+    if MASKED:
+        d = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        d = tl.load(ptrs)
+    d32 = d.to(tl.float32)
+    # exact zeros (ignored rows) stay zero whatever g is (inf, NaN), as torch's
+    out = tl.where(d32 == 0.0, 0.0, d32 * g).to(d.dtype)
+    if MASKED:
+        tl.store(ptrs, out, mask=mask)
+    else:
+        tl.store(ptrs, out)
 
 
 def ce_block(n_cols: int, one_block: bool = False) -> tuple[int, int, bool]:
