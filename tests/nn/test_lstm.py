@@ -438,3 +438,16 @@ def test_unpack_and_repack_match_torch_in_one_gather(enforce_sorted):
     w = torch.randn_like(data)
     (g,) = torch.autograd.grad((again.data * w).sum(), data)
     torch.testing.assert_close(g, 2 * w)
+
+
+@pytest.mark.parametrize("lengths", [[1], [1, 1, 1], [4], [3, 1]])
+def test_unpack_and_repack_edge_lengths(lengths):
+    # one sequence, all of length 1, a single step: the same as torch's utilities
+    from fastbert.nn.lstm import _repack, _unpack
+    lengths = torch.tensor(lengths)
+    x = torch.randn(int(lengths.max()), len(lengths), 3)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    padded, lens = _unpack(packed)
+    want, want_lens = pad_packed_sequence(packed)
+    assert torch.equal(padded, want) and torch.equal(lens, want_lens)
+    assert torch.equal(_repack(padded, packed).data, packed.data)
