@@ -119,6 +119,19 @@ def card_slug(info: Dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", info["card"]).strip("-").lower()
 
 
+def with_setting(module, name: str, value, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with ``module.<name>`` set to ``value`` (restored after): forces one of a
+    kernel module's choices (a threshold between two code paths) for one implementation."""
+    def run():
+        saved = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(module, name, saved)
+    return run
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

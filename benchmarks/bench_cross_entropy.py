@@ -30,7 +30,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from benchmarks._harness import Case, main_for
+from benchmarks._harness import Case, main_for, with_setting
 from fastbert.kernels.cross_entropy import MAX_BLOCK_V
 
 VOCAB = 30522
@@ -55,15 +55,7 @@ def _with_one_block_max(value: int, fn):
     MAX_BLOCK_V forces the forward that loops over a row (reading it twice) instead of holding
     the whole row in registers (32 warps at V = 30522), to place the threshold."""
     from fastbert.kernels import cross_entropy as kce
-
-    def run():
-        saved = kce.MAX_ONE_BLOCK_V
-        kce.MAX_ONE_BLOCK_V = value
-        try:
-            return fn()
-        finally:
-            kce.MAX_ONE_BLOCK_V = saved
-    return run
+    return with_setting(kce, "MAX_ONE_BLOCK_V", value, fn)
 
 
 # ----------------------------------------------------------------------------------------

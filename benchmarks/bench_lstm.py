@@ -34,7 +34,7 @@ from typing import Callable, Dict, List
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from benchmarks._harness import Case, main_for
+from benchmarks._harness import Case, main_for, with_setting
 from fastbert.nn import LSTM, LayerNormLSTM
 
 # fwd + bwd = 3x the forward's GEMM FLOPs (the backward computes dX-side and dW-side GEMMs)
@@ -169,15 +169,7 @@ def _with_threshold(name: str, value: int, fn: Callable[[], object]) -> Callable
     between the per-step and the time-looping recurrence) set to ``value``: forces one of the
     two time loops, forward and backward."""
     from fastbert.kernels import lstm as klstm
-
-    def run():
-        saved = getattr(klstm, name)
-        setattr(klstm, name, value)
-        try:
-            return fn()
-        finally:
-            setattr(klstm, name, saved)
-    return run
+    return with_setting(klstm, name, value, fn)
 
 
 def _time_loop_case(device, dtype, batch, hidden, seq):
