@@ -385,6 +385,19 @@ def _lstm_bwd_kernel(
               BLOCK_B, BLOCK_H, BLOCK_K, HAS_NEXT, HAS_PROJ, DOT_FP32)
 
 
+@triton.jit
+def _bwd_step_times(i, n_steps, REVERSE: tl.constexpr):
+    """(s, t, t_next) of iteration i of a time-looping backward: the processing step s (last
+    first), its time t, and the time of the step processed after it in the forward."""
+    s = n_steps - 1 - i
+    t = s
+    t_next = s + 1
+    if REVERSE:
+        t = n_steps - 1 - s
+        t_next = t - 1
+    return s, t, t_next
+
+
 @triton.jit(do_not_specialize=["n_steps"])
 def _lstm_bwd_persistent_kernel(
     dy_ptr, w_hh_ptr, gates_ptr, cs_ptr, len_ptr, dcarry_ptr, dc_ptr, dg_ptr,
@@ -399,12 +412,7 @@ def _lstm_bwd_persistent_kernel(
     pid_b = tl.program_id(0)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     for i in range(0, n_steps):
-        s = n_steps - 1 - i
-        t = s
-        t_next = s + 1
-        if REVERSE:
-            t = n_steps - 1 - s
-            t_next = t - 1
+        s, t, t_next = _bwd_step_times(i, n_steps, REVERSE)
         s64 = tl.cast(s, tl.int64)
         t64 = tl.cast(t, tl.int64)
         # the step after this one in the forward has no gate gradients on the first iteration:
@@ -756,12 +764,7 @@ def _ln_lstm_bwd_persistent_kernel(
     b = tl.program_id(0).to(tl.int64)
     n_gates = 4 * n_hidden
     for i in range(0, n_steps):
-        s = n_steps - 1 - i
-        t = s
-        t_next = s + 1
-        if REVERSE:
-            t = n_steps - 1 - s
-            t_next = t - 1
+        s, t, t_next = _bwd_step_times(i, n_steps, REVERSE)
         s64 = tl.cast(s, tl.int64)
         t64 = tl.cast(t, tl.int64)
         drec_next = drec_ptr + tl.cast(t_next, tl.int64) * stride_g_t + b * stride_g_b
