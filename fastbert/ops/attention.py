@@ -33,6 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import (REF_DTYPES, check_probability, check_same_device, check_size, check_tensor,
                       kernel_dtype_reason)
+from ._fastop import fast_op
 from ._dispatch import resolve
 
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -109,7 +110,7 @@ def _key_end(attention_mask: Tensor) -> Tensor:
     return ((attention_mask != 0).to(torch.int32) * positions).amax(-1)
 
 
-@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
+@fast_op("fastbert::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
                    kv_end: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                    cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor], max_seqlen_q: int,
@@ -133,7 +134,7 @@ def _(q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed, max_seq
             q.new_empty(_lse_shape(q, cu_seqlens_q, max_seqlen_q), dtype=torch.float32))
 
 
-@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
+@fast_op("fastbert::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    attention_mask: Optional[Tensor], kv_end: Optional[Tensor],
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],

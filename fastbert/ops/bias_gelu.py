@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import REF_DTYPES, check_same_device, check_shape, check_tensor, kernel_dtype_reason
+from ._fastop import fast_op
 from ._dispatch import resolve
 
 
@@ -21,7 +22,7 @@ def bias_gelu_ref(x: Tensor, bias: Optional[Tensor], approximate: str = "none", 
     return F.gelu(h, approximate=approximate).to(x.dtype)
 
 
-@torch.library.custom_op("fastbert::bias_gelu_fwd", mutates_args=())
+@fast_op("fastbert::bias_gelu_fwd", mutates_args=())
 def _bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     from fastbert.kernels import bias_gelu as k
     return k.bias_gelu_fwd(x, bias, approximate)
@@ -32,7 +33,7 @@ def _(x, bias, approximate):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastbert::bias_gelu_bwd", mutates_args=())
+@fast_op("fastbert::bias_gelu_bwd", mutates_args=())
 def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor],
                    approximate: str) -> Tuple[Tensor, Tensor]:
     from fastbert.kernels import bias_gelu as k

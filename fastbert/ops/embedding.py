@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._checks import (FLOAT_DTYPES, check_eps, check_probability, check_same_device, check_shape,
                       check_tensor)
+from ._fastop import fast_op
 from ._dispatch import resolve
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -66,7 +67,7 @@ def embedding_layer_norm_ref(input_ids: Tensor, word_weight: Tensor, position_we
 # ----------------------------------------------------------------------------------------
 # custom ops (Triton backend)
 
-@torch.library.custom_op("fastbert::embedding_layer_norm_fwd", mutates_args=())
+@fast_op("fastbert::embedding_layer_norm_fwd", mutates_args=())
 def _embedding_layer_norm_fwd(input_ids: Tensor, word_weight: Tensor, position_weight: Tensor,
                               ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                               position_ids: Optional[Tensor], token_type_ids: Optional[Tensor],
@@ -89,7 +90,7 @@ def _(input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
             word_weight.new_empty((rows,), dtype=torch.float32))
 
 
-@torch.library.custom_op("fastbert::embedding_layer_norm_bwd", mutates_args=())
+@fast_op("fastbert::embedding_layer_norm_bwd", mutates_args=())
 def _embedding_layer_norm_bwd(dy: Tensor, input_ids: Tensor, word_weight: Tensor,
                               position_weight: Tensor, ln_weight: Optional[Tensor],
                               ln_bias: Optional[Tensor], position_ids: Optional[Tensor],

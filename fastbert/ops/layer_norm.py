@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._checks import (REF_DTYPES, check_eps, check_probability, check_same_device, check_shape,
                       check_tensor, kernel_dtype_reason)
+from ._fastop import fast_op
 from ._dispatch import resolve
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh")
@@ -59,7 +60,7 @@ def layer_norm_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
 # ----------------------------------------------------------------------------------------
 # custom ops (Triton backend)
 
-@torch.library.custom_op("fastbert::layer_norm_fwd", mutates_args=())
+@fast_op("fastbert::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     residual: Optional[Tensor], x_bias: Optional[Tensor], seed: Optional[Tensor],
                     eps: float, dropout_p: float, activation: str,
@@ -77,7 +78,7 @@ def _(x, weight, bias, residual, x_bias, seed, eps, dropout_p, activation, out_d
             x.new_empty((rows,), dtype=torch.float32))
 
 
-@torch.library.custom_op("fastbert::layer_norm_bwd", mutates_args=())
+@fast_op("fastbert::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     residual: Optional[Tensor], x_bias: Optional[Tensor], seed: Optional[Tensor],
                     mean: Tensor, rstd: Tensor, dropout_p: float, activation: str,

@@ -507,14 +507,14 @@ def test_attention_opcheck(device):
     seed = torch.tensor([9], dtype=torch.int64, device=device)
     kv_end = ops_attention._key_end(mask)
     args = (q, k_, v, mask, kv_end, None, None, seed, 9, 12, True, 0.2, 0.25)
-    torch.library.opcheck(ops_attention._attention_fwd, args)
+    torch.library.opcheck(ops_attention._attention_fwd.op, args)
     out, lse = ops_attention._attention_fwd(*args)
     bwd = (torch.randn_like(out), q.detach(), k_.detach(), v.detach(), out.detach(), lse.detach(),
            mask, kv_end, None, None, seed, 9, 12, True, 0.2, 0.25)
     for need_dq, need_dkv in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(ops_attention._attention_bwd, bwd + (need_dq, need_dkv))
+        torch.library.opcheck(ops_attention._attention_bwd.op, bwd + (need_dq, need_dkv))
     qv, kv, vv, cu_q, cu_k, mq, mk = _varlen_inputs(device, torch.float32, [3, 6], [4, 8], 2, 2, 16)
-    torch.library.opcheck(ops_attention._attention_fwd,
+    torch.library.opcheck(ops_attention._attention_fwd.op,
                           (qv.requires_grad_(), kv.requires_grad_(), vv.requires_grad_(), None,
                            None, cu_q, cu_k, None, mq, mk, False, 0.0, 0.25))
 

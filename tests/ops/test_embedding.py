@@ -349,13 +349,13 @@ def test_embedding_layer_norm_opcheck(device):
     fwd_args = (d["input_ids"], d["word_weight"], d["position_weight"], d["ln_weight"],
                 d["ln_bias"], None, d["token_type_ids"], d["type_weight"], seed, 1e-12, 0.1,
                 0, False)
-    torch.library.opcheck(ops_embedding._embedding_layer_norm_fwd, fwd_args)
+    torch.library.opcheck(ops_embedding._embedding_layer_norm_fwd.op, fwd_args)
     y, mean, rstd = ops_embedding._embedding_layer_norm_fwd(*fwd_args)
     bwd_args = (torch.randn_like(y).detach(), d["input_ids"], d["word_weight"].detach(),
                 d["position_weight"].detach(), d["ln_weight"].detach(), d["ln_bias"].detach(),
                 None, d["token_type_ids"], d["type_weight"].detach(), seed, mean.detach(),
                 rstd.detach(), 0.1, 0, True)
-    torch.library.opcheck(ops_embedding._embedding_layer_norm_bwd, bwd_args)
+    torch.library.opcheck(ops_embedding._embedding_layer_norm_bwd.op, bwd_args)
 
 
 def test_embedding_layer_norm_torch_compile_fullgraph(device):

@@ -1,0 +1,203 @@
+"""Host-side (CPU) cost of fastbert's ops on a GPU: where the time of a small call goes.
+
+On the GPU machine of 2026-11-26 (H200, torch 2.11, triton 3.6) every fastbert op timed at
+BERT's smaller shapes showed a floor: forward+backward of a LayerNorm over 8192 x 768 took
+~1.0 ms whatever its size, eager PyTorch ~0.1-0.2 ms. That is host time (Python, dispatch,
+launches) the GPU waits for. This script measures it, per call:
+
+  - ``wall``: mean time of a call in a loop of ``--iters`` calls, synchronized once at the end
+    (the throughput a training loop sees: max(host time, GPU time));
+  - ``host``: the same loop with the GPU kept busy by a long kernel first, so launches queue
+    without waiting: the time Python takes to issue one call;
+  - ``gpu``: the sum of the call's kernel durations from torch.profiler (device time);
+  - for the ops, the top functions of a cProfile of the loop (host time by function).
+
+Prints a text report (and writes it to ``--out``). A diagnostic, not a benchmark: no targets.
+
+    python -m benchmarks.profile_overhead --out /tmp/overhead.txt
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+
+def _busy(ms: float = 20.0) -> None:
+    """Queue ~ms of GPU work (a chain of matmuls), so that later launches are not waited for."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(max(1, int(ms / 0.2))):
+        a = a @ a
+        a = a / a.abs().amax().clamp_min(1)
+
+
+def _host_us(fn: Callable, iters: int) -> float:
+    torch.cuda.synchronize()
+    _busy(5.0 + iters * 0.3)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / iters * 1e6
+
+
+def _wall_us(fn: Callable, iters: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+def _gpu_us(fn: Callable, iters: int = 20) -> tuple[float, List[str]]:
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total, names = 0.0, {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            d = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            total += d
+            names[e.name] = names.get(e.name, 0.0) + d
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:8]
+    return total / iters, [f"{v / iters:8.1f} us  {k[:90]}" for k, v in top]
+
+
+def _cprofile(fn: Callable, iters: int, lines: int = 22) -> str:
+    pr = cProfile.Profile()
+    torch.cuda.synchronize()
+    pr.enable()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(lines)
+    return s.getvalue()
+
+
+def cases() -> Dict[str, Callable]:
+    from fastbert import ops
+    dev, bf = "cuda", torch.bfloat16
+    out: Dict[str, Callable] = {}
+
+    # the floor: what one launch costs through each path
+    small = torch.randn(1024, device=dev)
+    out["torch add (one launch)"] = lambda: small.add(1.0)
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _noop(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+    out["triton launch, 3 args"] = lambda: _noop[(1,)](small, 1024, BLOCK=1024)
+
+    x = torch.randn(8192, 768, device=dev, dtype=bf, requires_grad=True)
+    w = torch.ones(768, device=dev, dtype=bf, requires_grad=True)
+    b = torch.zeros(768, device=dev, dtype=bf, requires_grad=True)
+    r = torch.randn(8192, 768, device=dev, dtype=bf)
+    g = torch.randn(8192, 768, device=dev, dtype=bf)
+
+    def ln_fwd():
+        with torch.no_grad():
+            return ops.layer_norm(x, w, b, residual=r, backend="triton")
+
+    out["layer_norm+res fwd (no grad) 8192x768"] = ln_fwd
+    out["layer_norm+res fwd+bwd 8192x768"] = lambda: torch.autograd.grad(
+        ops.layer_norm(x, w, b, residual=r, backend="triton"), (x, w, b), g)
+    out["eager layer_norm+res fwd+bwd 8192x768"] = lambda: torch.autograd.grad(
+        F.layer_norm(x + r, (768,), w, b), (x, w, b), g)
+
+    q, k, v = (torch.randn(256, 128, 12, 64, device=dev, dtype=bf, requires_grad=True)
+               for _ in range(3))
+    lengths = torch.randint(32, 129, (256,), device=dev)
+    mask = torch.arange(128, device=dev)[None, :] < lengths[:, None]
+    do = torch.randn(256, 128, 12, 64, device=dev, dtype=bf)
+
+    def attn_fwd():
+        with torch.no_grad():
+            return ops.attention(q, k, v, attention_mask=mask, backend="triton")
+
+    out["attention fwd (no grad) 256x128x12x64"] = attn_fwd
+    out["attention fwd+bwd 256x128x12x64"] = lambda: torch.autograd.grad(
+        ops.attention(q, k, v, attention_mask=mask, backend="triton"), (q, k, v), do)
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    smask = mask[:, None, None, :]
+    out["sdpa fwd+bwd 256x128x12x64 (default backend)"] = lambda: torch.autograd.grad(
+        F.scaled_dot_product_attention(qt, kt, vt, attn_mask=smask), (qt, kt, vt),
+        do.transpose(1, 2))
+
+    ids = torch.randint(0, 30522, (32, 128), device=dev)
+    ww = torch.randn(30522, 768, device=dev, dtype=bf, requires_grad=True)
+    pw = torch.randn(512, 768, device=dev, dtype=bf, requires_grad=True)
+    tw = torch.randn(2, 768, device=dev, dtype=bf, requires_grad=True)
+    eg = torch.randn(32, 128, 768, device=dev, dtype=bf)
+    out["embedding_layer_norm fwd+bwd 32x128"] = lambda: torch.autograd.grad(
+        ops.embedding_layer_norm(ids, ww, pw, w, b, token_type_ids=torch.zeros_like(ids),
+                                 type_weight=tw, backend="triton"), (ww, pw, tw, w, b), eg)
+
+    logits = torch.randn(4096, 30522, device=dev, dtype=bf, requires_grad=True)
+    tgt = torch.randint(0, 30522, (4096,), device=dev)
+    out["cross_entropy fwd+bwd 4096x30522"] = lambda: torch.autograd.grad(
+        ops.cross_entropy(logits, tgt, backend="triton"), (logits,))
+    out["cross_entropy(none).sum fwd+bwd 4096x30522"] = lambda: torch.autograd.grad(
+        ops.cross_entropy(logits, tgt, reduction="none", backend="triton").sum(), (logits,))
+    out["eager F.cross_entropy fwd+bwd 4096x30522"] = lambda: torch.autograd.grad(
+        F.cross_entropy(logits, tgt), (logits,))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-cprofile", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_overhead needs a CUDA device")
+        return 0
+    lines = [f"host overhead on {torch.cuda.get_device_name()}, torch {torch.__version__}",
+             f"{'case':<48} {'wall us':>9} {'host us':>9} {'gpu us':>9}"]
+    reports = []
+    for name, fn in cases().items():
+        try:
+            for _ in range(3):
+                fn()  # compile, warm up
+            wall = _wall_us(fn, args.iters)
+            host = _host_us(fn, args.iters)
+            gpu, top = _gpu_us(fn)
+            lines.append(f"{name:<48} {wall:9.1f} {host:9.1f} {gpu:9.1f}")
+            print(lines[-1], flush=True)
+            reports.append(f"--- {name}: kernels\n" + "\n".join(top))
+            if not args.no_cprofile and not name.startswith(("torch add", "triton launch")):
+                reports.append(f"--- {name}: cProfile of {args.iters} calls\n"
+                               + _cprofile(fn, args.iters))
+        except Exception as e:  # a diagnostic: report and go on
+            lines.append(f"{name:<48} ERROR {type(e).__name__}: {str(e)[:200]}")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n\n" + "\n\n".join(reports) + "\n"
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

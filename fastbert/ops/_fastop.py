@@ -1,0 +1,85 @@
+"""``fast_op``: a ``torch.library.custom_op`` that eager calls reach without the dispatcher.
+
+Every op of fastbert is a custom op, so that ``torch.compile(fullgraph=True)``, opcheck and
+the dispatcher's modes see it. But a custom op's eager call is slow on the host: measured on
+an H200 machine (torch 2.11, benchmarks/profile_overhead.py, 2026-11-26), a LayerNorm
+forward+backward over 8192 x 768 took 1183 us of host time for 58 us of GPU time, most of it
+in torch/_library/custom_ops.py's ``backend_impl`` and the autograd wrapper (eager PyTorch:
+187 us). Small and medium BERT shapes then run at the host's pace, not the GPU's.
+
+``fast_op(name, mutates_args=...)`` is used as ``torch.library.custom_op`` is, and registers
+exactly that custom op (``torch.ops.fastbert.<name>``, its fake implementation, its autograd).
+Called from Python, it runs the undecorated function directly -- wrapped in an equivalent
+``torch.autograd.Function`` (the same ``setup_context`` and ``backward``) when a gradient is
+needed -- unless something must see the custom op: torch.compile's tracing, a dispatch or
+torch-function mode (FakeTensorMode, FlopCounterMode, ...), or a tensor subclass argument
+(FakeTensor, FunctionalTensor, DTensor); then it calls the custom op. Backward functions call
+other fast ops the same way, so an eager backward stays on the direct path while
+AOTAutograd's trace of it (fake, functional tensors) records the custom ops.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _tensors(args) -> list:
+    out = []
+    for a in args:
+        if isinstance(a, Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(t for t in a if isinstance(t, Tensor))
+    return out
+
+
+def direct_call_ok(args: Sequence[Any]) -> bool:
+    """Whether an eager call may skip the dispatcher: not tracing, no mode active, plain
+    tensors only."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(type(t) in _PLAIN for t in _tensors(args))
+
+
+class FastOp:
+    """A custom op and its direct eager path (see the module docstring)."""
+
+    def __init__(self, name: str, fn: Callable, mutates_args):
+        self.name = name
+        self.fn = fn
+        self.op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+        self._function: Optional[type] = None
+
+    def register_fake(self, fn: Callable) -> Callable:
+        return self.op.register_fake(fn)
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+        fn = self.fn
+        self._function = type(
+            f"{self.name.split('::')[-1]}_function", (torch.autograd.Function,), {
+                "forward": staticmethod(lambda *args: fn(*args)),
+                "setup_context": staticmethod(setup_context),
+                "backward": staticmethod(backward),
+            })
+
+    def __call__(self, *args):
+        if not direct_call_ok(args):
+            return self.op(*args)
+        if (self._function is not None and torch.is_grad_enabled()
+                and any(t.requires_grad for t in _tensors(args))):
+            return self._function.apply(*args)
+        return self.fn(*args)
+
+
+def fast_op(name: str, *, mutates_args) -> Callable[[Callable], FastOp]:
+    """Decorator: ``torch.library.custom_op(name, mutates_args=...)`` with a direct eager path."""
+    def wrap(fn: Callable) -> FastOp:
+        return FastOp(name, fn, mutates_args)
+    return wrap

@@ -1,0 +1,101 @@
+"""fastbert/ops/_fastop.py: eager calls skip the dispatcher, anything that must see the custom
+op (a dispatch mode, torch.compile, tensor subclasses) gets it, and both paths agree."""
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastbert.ops import _fastop, layer_norm
+
+# the module (fastbert.ops.layer_norm the attribute is the function of the same name)
+ops_layer_norm = sys.modules["fastbert.ops.layer_norm"]
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _inputs(device):
+    torch.manual_seed(0)
+    x = torch.randn(7, 40, device=device, requires_grad=True)
+    w = torch.randn(40, device=device, requires_grad=True)
+    b = torch.randn(40, device=device, requires_grad=True)
+    return x, w, b
+
+
+def _spy(monkeypatch, fast):
+    calls = []
+    real = fast.op
+
+    def op(*args):
+        calls.append(fast.name)
+        return real(*args)
+    monkeypatch.setattr(fast, "op", op)
+    return calls
+
+
+def test_eager_call_skips_the_custom_op_and_a_mode_sees_it(device, monkeypatch):
+    fwd = _spy(monkeypatch, ops_layer_norm._layer_norm_fwd)
+    bwd = _spy(monkeypatch, ops_layer_norm._layer_norm_bwd)
+    x, w, b = _inputs(device)
+    y = layer_norm(x, w, b, backend="triton")
+    g = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    assert fwd == [] and bwd == []
+    rec = _Recorder()
+    with rec:
+        y2 = layer_norm(x, w, b, backend="triton")
+        g2 = torch.autograd.grad(y2, (x, w, b), torch.ones_like(y2))
+    assert fwd and bwd, "under a dispatch mode the custom ops run"
+    assert any("fastbert.layer_norm_fwd" in o for o in rec.ops), rec.ops
+    assert any("fastbert.layer_norm_bwd" in o for o in rec.ops), rec.ops
+    # the two paths run the same launcher: identical results
+    assert torch.equal(y, y2)
+    for a, c in zip(g, g2):
+        assert torch.equal(a, c)
+
+
+def test_direct_path_keeps_autograd_semantics(device):
+    x, w, b = _inputs(device)
+    with torch.no_grad():
+        y = layer_norm(x, w, b, backend="triton")
+    assert y.grad_fn is None and not y.requires_grad
+    y = layer_norm(x.detach(), w, b, backend="triton")
+    (dw,) = torch.autograd.grad(y.sum(), (w,))
+    assert dw.shape == w.shape
+    y = layer_norm(x.detach(), w.detach(), b.detach(), backend="triton")
+    assert y.grad_fn is None
+
+
+def test_direct_call_ok_refuses_subclasses_and_modes():
+    t = torch.zeros(2)
+    assert _fastop.direct_call_ok((t, 1.0, None, [t]))
+    assert _fastop.direct_call_ok((torch.nn.Parameter(t),))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(t)
+        assert not _fastop.direct_call_ok((fake,))
+    assert not _fastop.direct_call_ok((_Sub(t),))
+    with _Recorder():
+        assert not _fastop.direct_call_ok((t,))
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("fullgraph", [True])
+def test_compiled_call_goes_through_the_custom_op(device, monkeypatch, fullgraph):
+    fwd = _spy(monkeypatch, ops_layer_norm._layer_norm_fwd)
+    x, w, b = _inputs(device)
+    f = torch.compile(lambda x, w, b: layer_norm(x, w, b, backend="triton"), fullgraph=fullgraph,
+                      backend="aot_eager")
+    y = f(x, w, b)
+    assert fwd, "torch.compile must trace the custom op"
+    torch.testing.assert_close(y, layer_norm(x, w, b, backend="triton"))
