@@ -2,11 +2,13 @@
 
 cross_entropy (logits (N, V) -> loss, gradient of the logits), V = 30522:
     eager          -- torch.nn.functional.cross_entropy (target: fastbert >= 3x this)
-    fastbert       -- fastbert.ops.cross_entropy (loss.backward(): incoming gradient 1.0)
-    fastbert_scaled -- the same with an incoming gradient of 65536 (fp16 loss scaling)
-    fastbert_looping -- the same with the forward looping over each row (MAX_ONE_BLOCK_V forced
-                      down to MAX_BLOCK_V): which forward to keep at V = 30522
-    fastbert_recompute -- reduction="none" then sum: the path that recomputes the gradient
+    fastbert       -- fastbert.ops.cross_entropy (loss.backward()): the forward keeps two
+                      floats a row, the backward recomputes the gradient (three passes)
+    fastbert_stored -- with fastbert.ops.cross_entropy.STORE_GRADS on: the forward writes the
+                      gradient (a row of V = 30522 held in registers), the backward keeps it
+                      (two passes); measured slower on an H200, kept to re-measure
+    fastbert_stored_looping -- the same with the forward looping over each row
+                      (MAX_ONE_BLOCK_V forced down to MAX_BLOCK_V)
 
 masked_lm_loss (hidden (B, S, H), tied weight (V, H), bias, 15% of labels set; gradients of
 hidden, weight and bias), time and peak memory:
@@ -25,6 +27,7 @@ tiny shapes, as a smoke test.
 """
 from __future__ import annotations
 
+import importlib
 from typing import List
 
 import torch
@@ -61,38 +64,37 @@ def _with_one_block_max(value: int, fn):
 # ----------------------------------------------------------------------------------------
 # cross_entropy
 
-def _ce_cases(device, quick, dtype) -> List[Case]:
+def _stored(fn, looping: bool = False):
+    """``fn`` run with cross_entropy's stored-gradient forward (and with the row-looping one)."""
+    # the module, not the function of the same name that fastbert.ops exports
+    ops_ce = importlib.import_module("fastbert.ops.cross_entropy")
+    run = with_setting(ops_ce, "STORE_GRADS", True, fn)
+    return _with_one_block_max(MAX_BLOCK_V, run) if looping else run
+
+
+def _ce_case(device, dtype, rows: int, vocab: int) -> Case:
+    # one function a case: the impls' closures must not see a later case's tensors
     from fastbert.ops import cross_entropy
+    x = (torch.randn(rows, vocab, device=device) * 3).to(dtype).requires_grad_()
+    t = torch.randint(0, vocab, (rows,), device=device)
+    t[torch.rand(rows, device=device) < IGNORED_FRAC] = IGNORE
+    fast = _grads(lambda: cross_entropy(x, t, ignore_index=IGNORE, check_labels=False), [x])
+    impls = {
+        "eager": _grads(lambda: F.cross_entropy(x, t, ignore_index=IGNORE), [x]),
+        "fastbert": fast,
+        "fastbert_stored": _stored(fast),
+        "fastbert_stored_looping": _stored(fast, looping=True),
+    }
+    return Case(name="cross_entropy fwd+bwd",
+                params={"rows": rows, "vocab": vocab, "hidden": "",
+                        "dtype": str(dtype).replace("torch.", "")},
+                impls=impls, bytes=2 * rows * vocab * x.element_size(),  # read x, write dx
+                baseline="eager")
+
+
+def _ce_cases(device, quick, dtype) -> List[Case]:
     shapes = [(64, 1000)] if quick else [(4096, VOCAB), (16384, VOCAB)]
-    out = []
-    for rows, vocab in shapes:
-        x = (torch.randn(rows, vocab, device=device) * 3).to(dtype).requires_grad_()
-        t = torch.randint(0, vocab, (rows,), device=device)
-        t[torch.rand(rows, device=device) < IGNORED_FRAC] = IGNORE
-        impls = {
-            "eager": _grads(lambda: F.cross_entropy(x, t, ignore_index=IGNORE), [x]),
-            "fastbert": _grads(lambda: cross_entropy(x, t, ignore_index=IGNORE,
-                                                     check_labels=False), [x]),
-            # what fp16 loss scaling (or accumulation's 1/k) costs: the stored gradient is
-            # scaled in place, one more read and write
-            "fastbert_scaled": _grads(lambda: cross_entropy(x, t, ignore_index=IGNORE,
-                                                            check_labels=False), [x],
-                                      torch.tensor(LOSS_SCALE, device=device)),
-            # the same with the row-looping forward (two reads of each row) instead of one
-            # block of registers
-            "fastbert_looping": _with_one_block_max(MAX_BLOCK_V, _grads(
-                lambda: cross_entropy(x, t, ignore_index=IGNORE, check_labels=False), [x])),
-            # the sync-free recompute path (reduction "none", summed): three passes
-            "fastbert_recompute": _grads(lambda: cross_entropy(
-                x, t, ignore_index=IGNORE, check_labels=False, reduction="none").sum(), [x]),
-        }
-        es = x.element_size()
-        out.append(Case(name="cross_entropy fwd+bwd",
-                        params={"rows": rows, "vocab": vocab, "hidden": "",
-                                "dtype": str(dtype).replace("torch.", "")},
-                        impls=impls, bytes=2 * rows * vocab * es,  # read logits, write dlogits
-                        baseline="eager"))
-    return out
+    return [_ce_case(device, dtype, rows, vocab) for rows, vocab in shapes]
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,41 +132,41 @@ def _liger():
     return f
 
 
-def _mlm_cases(device, quick, dtype) -> List[Case]:
+def _mlm_case(device, dtype, model, batch, seq, hidden_size, vocab) -> Case:
+    # one function a case: the impls' closures must not see a later case's tensors
     from fastbert.ops import masked_lm_loss
-    on_gpu = device.type == "cuda"
+    hidden = torch.randn(batch, seq, hidden_size, device=device).to(dtype).requires_grad_()
+    weight = (0.02 * torch.randn(vocab, hidden_size, device=device)).to(dtype).requires_grad_()
+    bias = torch.zeros(vocab, device=device, dtype=dtype, requires_grad=True)
+    # a fixed draw: the masked count is a case parameter, the same in every process (pytest
+    # workers collect the cases separately)
+    gen = torch.Generator(device=device).manual_seed(MASK_SEED)
+    labels = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
+    labels[torch.rand(batch, seq, device=device, generator=gen) >= MASKED_FRAC] = IGNORE
+    leaves = [hidden, weight, bias]
+    call = lambda f: _grads(lambda: f(hidden, weight, bias, labels), leaves)
+    impls = {"hf": call(_hf), "eager_gathered": call(_gathered(_project_ce))}
+    if device.type == "cuda":
+        impls["compile_gathered"] = call(_gathered(torch.compile(_project_ce, dynamic=False)))
+        liger = _liger()
+        if liger is not None:
+            impls["liger"] = call(liger)
+    impls["fastbert"] = call(lambda h, w, b, lab: masked_lm_loss(h, w, b, lab,
+                                                                 check_labels=False))
+    n_masked = int((labels != IGNORE).sum())
+    return Case(name="masked_lm_loss fwd+bwd",
+                params={"rows": batch * seq, "vocab": vocab, "hidden": hidden_size,
+                        "dtype": str(dtype).replace("torch.", ""), "model": model,
+                        "seq": seq, "masked": n_masked},
+                impls=impls,
+                # the useful work: three GEMMs over the masked rows only
+                flops=6.0 * n_masked * vocab * hidden_size, baseline="hf")
+
+
+def _mlm_cases(device, quick, dtype) -> List[Case]:
     shapes = ([("tiny", 2, 16, 64, 1000)] if quick else
               [("bert-base", 32, 128, 768, VOCAB), ("bert-base", 16, 512, 768, VOCAB)])
-    out = []
-    for model, batch, seq, hidden_size, vocab in shapes:
-        hidden = torch.randn(batch, seq, hidden_size, device=device).to(dtype).requires_grad_()
-        weight = (0.02 * torch.randn(vocab, hidden_size, device=device)).to(dtype).requires_grad_()
-        bias = torch.zeros(vocab, device=device, dtype=dtype, requires_grad=True)
-        # a fixed draw: the masked count is a case parameter, the same in every process (pytest
-        # workers collect the cases separately)
-        gen = torch.Generator(device=device).manual_seed(MASK_SEED)
-        labels = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
-        labels[torch.rand(batch, seq, device=device, generator=gen) >= MASKED_FRAC] = IGNORE
-        leaves = [hidden, weight, bias]
-        call = lambda f: _grads(lambda: f(hidden, weight, bias, labels), leaves)
-        impls = {"hf": call(_hf), "eager_gathered": call(_gathered(_project_ce))}
-        if on_gpu:
-            impls["compile_gathered"] = call(_gathered(torch.compile(_project_ce,
-                                                                     dynamic=False)))
-            liger = _liger()
-            if liger is not None:
-                impls["liger"] = call(liger)
-        impls["fastbert"] = call(lambda h, w, b, lab: masked_lm_loss(h, w, b, lab,
-                                                                     check_labels=False))
-        n_masked = int((labels != IGNORE).sum())
-        out.append(Case(name="masked_lm_loss fwd+bwd",
-                        params={"rows": batch * seq, "vocab": vocab, "hidden": hidden_size,
-                                "dtype": str(dtype).replace("torch.", ""), "model": model,
-                                "seq": seq, "masked": n_masked},
-                        impls=impls,
-                        # the useful work: three GEMMs over the masked rows only
-                        flops=6.0 * n_masked * vocab * hidden_size, baseline="hf"))
-    return out
+    return [_mlm_case(device, dtype, *shape) for shape in shapes]
 
 
 def cases(device: torch.device, quick: bool) -> List[Case]:

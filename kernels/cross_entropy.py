@@ -45,7 +45,9 @@ vocabulary entry) are allowed, even for a whole block. A target outside [0, V) o
 ignore_index is never used as an address: its row gets a NaN loss and a zero gradient (the ops
 check targets up front, on by default). In ``linear_cross_entropy`` the gradient of the logits
 is stored in the input dtype (as torch's own backward does), dW partial products of several
-chunks are summed in fp32 for 16-bit weights, and db is summed in fp32.
+chunks are summed in fp32 for 16-bit weights, and db is summed in fp32. In fp16 that gradient
+is stored scaled up into fp16's normal range (``PRESCALE``) and the small factor is applied to
+the fp32 GEMM results, rounded once: stored as it is, most of it would underflow.
 
 References: Liger-Kernel's cross_entropy and fused_linear_cross_entropy; Milakov & Gimelshein,
 "Online normalizer calculation for softmax" (2018); Wijmans et al., "Cut Your Losses in
@@ -82,6 +84,13 @@ SCALE_BLOCK = 4096
 CHUNK_ELEMENTS = 1 << 25
 # Chunk row counts are rounded to a multiple of this (tensor-core tile friendly GEMM shapes).
 CHUNK_ROW_MULTIPLE = 16
+# linear_cross_entropy in fp16: the chunk's gradient is written as (softmax - onehot) times
+# grad_scale * PRESCALE / max|grad_scale|, and the GEMMs that consume it multiply their fp32
+# results by max|grad_scale| / PRESCALE. |softmax - onehot| <= 1, so the stored values stay at
+# most 1024, far below fp16's 65504, and a typical probability (3e-5 at V = 30522) times 1024 is
+# a normal fp16 number; times grad_scale (the incoming gradient / n, ~1e-3) most of them would
+# be at or below fp16's smallest subnormal (6e-8). A power of two: it adds no rounding itself.
+PRESCALE = 1024.0
 
 
 @triton.jit
@@ -418,6 +427,15 @@ def chunk_rows(n_rows: int, n_cols: int, chunk_elements: Optional[int] = None) -
     return min(most, triton.cdiv(rows, CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE)
 
 
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as float32, without rounding the product to a's 16-bit dtype first. cuBLAS
+    accumulates in fp32 and returns that (aten::mm.dtype); that overload has no CPU kernel, so
+    on the CPU (the interpreter's tests) the operands are upcast instead."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
 @on_tensor_device
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          target: torch.Tensor, ignore_index: int, label_smoothing: float,
@@ -452,19 +470,29 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                                          grads and need_dbias and bias is not None)
     dev = x.device
     loss = torch.empty((n_rows,), dtype=torch.float32, device=dev)
-    rows = chunk_rows(n_rows, vocab, chunk_elements)
-    n_chunks = triton.cdiv(n_rows, rows)
-    # several chunks of low-precision dW partial products are summed in fp32; a single chunk is
-    # written straight into the result (one rounding, as torch's own matmul)
-    acc_fp32 = need_dweight and n_chunks > 1 and weight.dtype != torch.float32
     dx = torch.empty_like(x) if need_dx else None
-    dw = None
-    if need_dweight:
-        dw = torch.zeros((vocab, hidden), device=dev,
-                         dtype=torch.float32 if acc_fp32 else weight.dtype)
     db = torch.zeros((vocab,), dtype=torch.float32, device=dev) if need_dbias else None
     if n_rows == 0:
-        return loss, dx, (dw.to(weight.dtype) if dw is not None else None), db
+        return loss, dx, (torch.zeros_like(weight) if need_dweight else None), db
+    rows = chunk_rows(n_rows, vocab, chunk_elements)
+    n_chunks = triton.cdiv(n_rows, rows)
+    prescaled = grads and x.dtype == torch.float16
+    unscale = None
+    if prescaled:
+        # see PRESCALE; on the device (no host sync). An all-zero grad_scale gives zeros (the
+        # clamp), an inf / NaN one is passed on unchanged (factor 1), as in the other dtypes
+        s = grad_scale.abs().amax()
+        s = torch.where(torch.isfinite(s), s.clamp_min(torch.finfo(torch.float32).tiny),
+                        PRESCALE)
+        grad_scale, unscale = grad_scale / s * PRESCALE, s / PRESCALE
+    # dW partial products are summed in fp32 for several low-precision chunks, and for fp16's
+    # prescaled ones (scaled back once at the end); a single bf16 chunk is written straight into
+    # the result (one rounding, as torch's own matmul)
+    acc_fp32 = need_dweight and weight.dtype != torch.float32 and (n_chunks > 1 or prescaled)
+    dw = None
+    if need_dweight and not prescaled:
+        dw = torch.zeros((vocab, hidden), device=dev,
+                         dtype=torch.float32 if acc_fp32 else weight.dtype)
     buf = torch.empty((min(rows, n_rows), vocab), dtype=x.dtype, device=dev)
     wt = weight.t()
     for start in range(0, n_rows, rows):
@@ -482,11 +510,19 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         loss[start:end] = loss_c
         if not grads:
             continue
-        # logits now holds d loss / d logits for this chunk
+        # logits now holds d loss / d logits for this chunk (times PRESCALE / s in fp16)
         if need_dx:
-            torch.mm(logits, weight, out=dx[start:end])
+            if prescaled:
+                # one fp32 (rows, H) temporary: scaled back, then rounded once
+                dx[start:end] = _mm_fp32(logits, weight).mul_(unscale)
+            else:
+                torch.mm(logits, weight, out=dx[start:end])
         if need_dweight:
-            if acc_fp32:
+            if prescaled:
+                # the first chunk's product is the accumulator: no zero-filled (V, H) buffer
+                part = _mm_fp32(logits.t(), xc)
+                dw = part if dw is None else dw.add_(part)
+            elif acc_fp32:
                 dw += torch.mm(logits.t(), xc)
             elif n_chunks == 1:
                 torch.mm(logits.t(), xc, out=dw)
@@ -494,6 +530,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                 dw.addmm_(logits.t(), xc)
         if need_dbias:
             db += logits.sum(0, dtype=torch.float32)
+    if prescaled:
+        if need_dweight:
+            dw.mul_(unscale)
+        if need_dbias:
+            db.mul_(unscale)
     if acc_fp32:
         dw = dw.to(weight.dtype)
     return loss, dx, dw, db

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
+from ._fastop import fast_op
 from ._dispatch import resolve
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -97,7 +98,7 @@ def _rows(logits: Tensor) -> Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
-@torch.library.custom_op("fastbert::cross_entropy_fwd", mutates_args=())
+@fast_op("fastbert::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
                        reduction: str, check_labels: bool, out_dtype: torch.dtype,
                        store_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -138,7 +139,7 @@ def _(logits, target, ignore_index, label_smoothing, reduction, check_labels, ou
             logits.new_empty(logits.shape if stored else (0,)))
 
 
-@torch.library.custom_op("fastbert::cross_entropy_bwd", mutates_args=())
+@fast_op("fastbert::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, stats: Tensor,
                        ignore_index: int, label_smoothing: float, reduction: str) -> Tensor:
     from fastbert.kernels import cross_entropy as k
@@ -153,7 +154,7 @@ def _(grad, logits, target, stats, ignore_index, label_smoothing, reduction):
     return logits.new_empty(logits.shape)
 
 
-@torch.library.custom_op("fastbert::cross_entropy_scale_", mutates_args=("dlogits",))
+@fast_op("fastbert::cross_entropy_scale_", mutates_args=("dlogits",))
 def _cross_entropy_scale_(dlogits: Tensor, grad: Tensor) -> None:
     """dlogits *= grad (a scalar), in place; a no-op decided on the device when grad is 1."""
     from fastbert.kernels import cross_entropy as k
@@ -163,6 +164,17 @@ def _cross_entropy_scale_(dlogits: Tensor, grad: Tensor) -> None:
 @_cross_entropy_scale_.register_fake
 def _(dlogits, grad):
     return None
+
+
+# Whether ``cross_entropy``'s forward writes the gradient of a reduced loss (float32 / bfloat16)
+# for its backward to scale in place (two passes over (N, V)), instead of the backward
+# recomputing it from the logits (three passes). Off: measured on an H200 (bf16, 16384 x 30522,
+# benchmarks/results/cross_entropy_nvidia-h200.md, 2026-11-26), forward + backward took 1.57 ms
+# storing (row held in registers, 32 warps, one row per SM), 1.29 ms storing with the row-looping
+# forward, 1.00 ms recomputing (eager: 2.16 ms): fewer bytes, but the fused forward runs far from
+# the bandwidth the two separate kernels reach. ``masked_lm_loss`` always stores (it saves the
+# projection GEMMs, not a pass). bench_cross_entropy times both paths.
+STORE_GRADS = False
 
 
 def stores_grads(dtype: torch.dtype, reduction: str) -> bool:
@@ -244,7 +256,7 @@ def _full_grads(hidden, bias, rows, dx, dw, db):
     return tuple(t if t is not None else hidden.new_empty(0) for t in (dh, dw, db))
 
 
-@torch.library.custom_op("fastbert::masked_lm_loss_fwd", mutates_args=())
+@fast_op("fastbert::masked_lm_loss_fwd", mutates_args=())
 def _masked_lm_loss_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                         ignore_index: int, label_smoothing: float, reduction: str,
                         need_dhidden: bool, need_dweight: bool, need_dbias: bool,
@@ -295,7 +307,7 @@ def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, ne
             bias.new_empty(bias.shape) if sb else hidden.new_empty(0))
 
 
-@torch.library.custom_op("fastbert::masked_lm_loss_bwd", mutates_args=())
+@fast_op("fastbert::masked_lm_loss_bwd", mutates_args=())
 def _masked_lm_loss_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                         labels: Tensor, ignore_index: int, label_smoothing: float,
                         reduction: str, need_dhidden: bool, need_dweight: bool,
@@ -415,16 +427,11 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     gradient. Logits of +-1e4 are safe (running-max logsumexp in fp32). No (N, V) buffer is
     allocated besides the gradient.
 
-    With reduction "mean" or "sum" and float32 / bfloat16 logits that require grad, the
-    forward writes the gradient (one read of the logits, one write) and keeps it instead of
-    the logits; the backward multiplies it in place by the incoming gradient, on the device,
-    which costs nothing when that is 1.0. Consequences: one extra rounding of bf16 gradients
-    for an incoming gradient other than 1.0 or a power of two; the loss can be backpropagated
-    through only once (a second ``backward(retain_graph=True)`` raises; use reduction "none"
-    and reduce it yourself for that). With "none", float16 logits (whose small gradients only
-    loss scaling keeps above fp16's range: see ``stores_grads``), under ``torch.compile`` or
-    without grad, the forward stores two floats a row and the backward recomputes the
-    gradient from the logits.
+    The forward keeps two floats a row (max and log-sum-exp) and the logits; the backward
+    recomputes the gradient from them: three passes over (N, V) for forward + backward, which
+    an H200 ran faster than the two-pass variant that writes the gradient in the forward (see
+    ``STORE_GRADS``, off by default; with it on, a mean / sum loss in float32 / bfloat16 can be
+    backpropagated through only once).
 
     Args:
         logits: (N, V) or (V,), float32 / float16 / bfloat16.
@@ -464,7 +471,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     # incoming gradient of 1; the backward scales it in place on the device otherwise). Not
     # under torch.compile: AOTAutograd cannot trace a backward that mutates a tensor saved by
     # the forward, so a compiled graph recomputes the gradient from the logits instead.
-    store_grad = (torch.is_grad_enabled() and logits.requires_grad
+    store_grad = (STORE_GRADS and torch.is_grad_enabled() and logits.requires_grad
                   and stores_grads(logits.dtype, reduction)
                   and not torch.compiler.is_compiling())
     loss, _, _ = _cross_entropy_fwd(logits.reshape(1, -1) if unbatched else logits,
