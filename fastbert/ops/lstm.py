@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_shape, check_tensor
+from ._fastop import fast_op
 from ._dispatch import resolve
 
 
@@ -102,7 +103,7 @@ def lstm_layer_ref(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
 # ----------------------------------------------------------------------------------------
 # custom ops (Triton backend)
 
-@torch.library.custom_op("fastbert::lstm_recurrence_fwd", mutates_args=())
+@fast_op("fastbert::lstm_recurrence_fwd", mutates_args=())
 def _lstm_recurrence_fwd(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
                          lengths: Tensor, reverse: bool
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -125,7 +126,7 @@ def _(xg, h0, c0, w_hh, w_hr, lengths, reverse):
             xg.new_empty((n_steps, n_batch, n_hidden)) if w_hr is not None else xg.new_empty(0))
 
 
-@torch.library.custom_op("fastbert::lstm_recurrence_bwd", mutates_args=())
+@fast_op("fastbert::lstm_recurrence_bwd", mutates_args=())
 def _lstm_recurrence_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor,
                          w_hr: Optional[Tensor], lengths: Tensor, hs: Tensor, cs: Tensor,
                          gates: Tensor, rs: Tensor, reverse: bool
@@ -175,7 +176,7 @@ def _recurrence_backward(ctx, dy, dh_n, dc_n, *unused):
 _lstm_recurrence_fwd.register_autograd(_recurrence_backward, setup_context=_recurrence_setup)
 
 
-@torch.library.custom_op("fastbert::ln_lstm_recurrence_fwd", mutates_args=())
+@fast_op("fastbert::ln_lstm_recurrence_fwd", mutates_args=())
 def _ln_lstm_recurrence_fwd(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                             w_hr: Optional[Tensor], g_hh: Tensor, g_c: Tensor, b_c: Tensor,
                             lengths: Tensor, reverse: bool, eps: float
@@ -200,7 +201,7 @@ def _(xg, h0, c0, w_hh, w_hr, g_hh, g_c, b_c, lengths, reverse, eps):
             xg.new_empty((n_steps, n_batch, n_hidden)) if w_hr is not None else xg.new_empty(0))
 
 
-@torch.library.custom_op("fastbert::ln_lstm_recurrence_bwd", mutates_args=())
+@fast_op("fastbert::ln_lstm_recurrence_bwd", mutates_args=())
 def _ln_lstm_recurrence_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor,
                             w_hr: Optional[Tensor], g_hh: Tensor, g_c: Tensor, b_c: Tensor,
                             lengths: Tensor, hs: Tensor, cs: Tensor, gates: Tensor, recs: Tensor,

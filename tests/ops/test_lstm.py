@@ -199,12 +199,12 @@ def test_lstm_recurrence_ops_pass_opcheck(device):
     xg = (p["x"] @ p["w_ih"].t()).detach().requires_grad_()
     lengths = torch.tensor([3, 1], device=device)
     args = (xg, p["h0"], p["c0"], p["w_hh"], p["w_hr"], lengths, True)
-    torch.library.opcheck(_lstm_recurrence_fwd, args)
+    torch.library.opcheck(_lstm_recurrence_fwd.op, args)
     with torch.no_grad():
         y, h_n, c_n, hs, cs, gates, rs = _lstm_recurrence_fwd(*args)
     bargs = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), p["w_hh"].detach(),
              p["w_hr"].detach(), lengths, hs, cs, gates, rs, True)
-    torch.library.opcheck(_lstm_recurrence_bwd, bargs)
+    torch.library.opcheck(_lstm_recurrence_bwd.op, bargs)
 
 
 def test_lstm_layer_compiles_fullgraph_and_matches_eager(device):
@@ -407,14 +407,14 @@ def test_layer_norm_lstm_ops_pass_opcheck(device, proj):
     lengths = torch.tensor([3, 1], device=device)
     args = (xg, p["h0"], p["c0"], p["w_hh"], p["w_hr"], ln["ln_hh_weight"], ln["ln_cell_weight"],
             ln["ln_cell_bias"], lengths, proj > 0, 1e-5)
-    torch.library.opcheck(_ln_lstm_recurrence_fwd, args)
+    torch.library.opcheck(_ln_lstm_recurrence_fwd.op, args)
     with torch.no_grad():
         y, h_n, c_n, hs, cs, gates, recs, stats, rs = _ln_lstm_recurrence_fwd(*args)
     det = lambda t: None if t is None else t.detach()
     bargs = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n),
              *map(det, (p["w_hh"], p["w_hr"], ln["ln_hh_weight"], ln["ln_cell_weight"],
                         ln["ln_cell_bias"])), lengths, hs, cs, gates, recs, stats, rs, proj > 0)
-    torch.library.opcheck(_ln_lstm_recurrence_bwd, bargs)
+    torch.library.opcheck(_ln_lstm_recurrence_bwd.op, bargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
