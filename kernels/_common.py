@@ -117,9 +117,29 @@ def dropout_mask(seed: torch.Tensor, n_rows: int, n_cols: int, p: float) -> torc
     dropout numerics and gradients against a reference with the same mask.
     """
     out = torch.empty((n_rows, n_cols), dtype=torch.int8, device=seed.device)
-    block = min(triton.next_power_of_2(max(n_cols, 16)), 4096)
+    block = min(next_power_of_2(max(n_cols, 16)), 4096)
     _dropout_mask_kernel[(n_rows,)](seed, out, n_rows, n_cols, float(p), BLOCK_N=block)
     return out.bool()
+
+
+# Host-side integer helpers for the launchers. triton.cdiv and triton.next_power_of_2 are
+# ConstexprFunctions: ~5 us a call from Python (argument unwrapping), measured with triton 3.6
+# and 3.8; a launcher calls several, at every launch, and small BERT shapes are host-bound.
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative a and positive b."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n for n >= 1, and 0 for 0, as triton.next_power_of_2."""
+    n = int(n)
+    return 0 if n == 0 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -137,7 +157,7 @@ def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def row_block(n_cols: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for kernels that keep one whole row in registers."""
-    block_n = triton.next_power_of_2(max(int(n_cols), 16))
+    block_n = next_power_of_2(max(int(n_cols), 16))
     # about 8 fp32 elements per thread at 32 threads a warp, between 1 and 32 warps
     num_warps = min(max(block_n // 256, 1), 32)
     return block_n, num_warps
@@ -155,7 +175,9 @@ def row_block_configs():
 def num_programs(device: torch.device, per_sm: int) -> int:
     """A persistent grid: ``per_sm`` programs per streaming multiprocessor."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+        # get_device_properties checks and wraps at every call; the count never changes
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _sm_count(index) * per_sm
     return INTERPRETER_PROGRAMS
 
 

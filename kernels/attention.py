@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotConfig, LOG2E, dropout_keep, on_tensor_device
+from ._common import AotConfig, LOG2E, dropout_keep, on_tensor_device, cdiv, next_power_of_2
 
 # Head dims the kernels support; each is loaded into a power-of-two tile (80 and 96 in 128).
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -502,7 +502,7 @@ def _attention_dropout_mask_kernel(seed_ptr, mask_ptr, seqlen_q, seqlen_k, dropo
 
 def block_d(head_dim: int) -> int:
     """The power-of-two tile width holding ``head_dim``."""
-    return max(16, triton.next_power_of_2(int(head_dim)))
+    return max(16, next_power_of_2(int(head_dim)))
 
 
 # Block configs were chosen from ptxas -v of the kernels as the JIT compiles them for aligned
@@ -636,7 +636,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     has_dropout = seed is not None and dropout_p > 0.0
     bm, bn, warps, stages = fwd_config(head_dim, q.dtype, has_dropout)
     if batch * heads > 0 and sq > 0:
-        grid = (triton.cdiv(sq, bm) * batch * heads,)   # flat: see _block_and_head
+        grid = (cdiv(sq, bm) * batch * heads,)   # flat: see _block_and_head
         _attention_fwd_kernel[grid](
             q, k, v, out, lse, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
@@ -686,7 +686,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     bd = block_d(head_dim)
     delta = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
     pre_bm = preprocess_block_m(bd)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(sq, pre_bm) * batch * heads,)](
+    _attention_bwd_preprocess_kernel[(cdiv(sq, pre_bm) * batch * heads,)](
         out, do, delta, cu_seqlens_q, *_strides3(out, varlen), *_strides3(do, varlen),
         heads, sq, head_dim, BLOCK_M=pre_bm, BLOCK_D=bd, EVEN_D=bd == head_dim,
         IS_VARLEN=varlen, num_warps=PREPROCESS_WARPS,
@@ -699,7 +699,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         dk.zero_()
         dv.zero_()
     elif sk > 0:
-        _attention_bwd_dkdv_kernel[(triton.cdiv(sk, bn1) * batch * heads_kv,)](
+        _attention_bwd_dkdv_kernel[(cdiv(sk, bn1) * batch * heads_kv,)](
             q, k, v, do, lse, delta, dk, dv, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
             *_strides3(do, varlen), *_strides3(dk, varlen), *_strides3(dv, varlen),
@@ -709,7 +709,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         )
     if not need_dq:
         return dq.zero_(), dk, dv
-    _attention_bwd_dq_kernel[(triton.cdiv(sq, bm2) * batch * heads,)](
+    _attention_bwd_dq_kernel[(cdiv(sq, bm2) * batch * heads,)](
         q, k, v, do, lse, delta, dq, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
         *_strides3(do, varlen), *_strides3(dq, varlen), stride_mask_b,
@@ -729,7 +729,7 @@ def attention_dropout_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q:
     """
     out = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=seed.device)
     if out.numel():
-        grid = (triton.cdiv(seqlen_q, MASK_BLOCK) * batch * heads,)
+        grid = (cdiv(seqlen_q, MASK_BLOCK) * batch * heads,)
         _attention_dropout_mask_kernel[grid](seed, out, seqlen_q, seqlen_k, float(dropout_p),
                                              BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK)
     return out.bool()

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import (AotConfig, as_rows, gelu_fwd, gelu_grad, num_programs, on_tensor_device,
-                      unit_stride)
+                      unit_stride, cdiv, next_power_of_2)
 
 # Tile of the elementwise kernels: BLOCK_N columns (up to MAX_BLOCK_N) times enough rows to
 # give each program TILE_ELEMS elements: 16 per thread at 8 warps (4 warps needed ~170
@@ -88,7 +88,7 @@ def _bias_gelu_bwd_kernel(
 
 
 def _tile(n_cols: int):
-    block_n = min(triton.next_power_of_2(max(int(n_cols), 16)), MAX_BLOCK_N)
+    block_n = min(next_power_of_2(max(int(n_cols), 16)), MAX_BLOCK_N)
     return TILE_ELEMS // block_n, block_n
 
 
@@ -102,7 +102,7 @@ def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: st
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block_m, block_n = _tile(n_cols)
     if n_rows > 0 and n_cols > 0:
-        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+        grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
         _bias_gelu_fwd_kernel[grid](
             x2, bias, y, x2.stride(0), y.stride(0), n_rows, n_cols,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
@@ -121,11 +121,11 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     bias = unit_stride(bias)
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block_m, block_n = _tile(n_cols)
-    n_col_blocks = triton.cdiv(n_cols, block_n) if n_cols > 0 else 0
+    n_col_blocks = cdiv(n_cols, block_n) if n_cols > 0 else 0
     # enough row ranges to fill the GPU, but never fewer than BLOCK_M rows per range
-    grid_m = max(1, min(triton.cdiv(num_programs(x.device, BWD_PROGRAMS_PER_SM), max(n_col_blocks, 1)),
-                        triton.cdiv(n_rows, block_m)))
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, grid_m), block_m) * block_m
+    grid_m = max(1, min(cdiv(num_programs(x.device, BWD_PROGRAMS_PER_SM), max(n_col_blocks, 1)),
+                        cdiv(n_rows, block_m)))
+    rows_per_program = cdiv(cdiv(n_rows, grid_m), block_m) * block_m
     db_part = (torch.zeros((grid_m, n_cols), dtype=torch.float32, device=x.device)
                if bias is not None else None)
     if n_rows > 0 and n_cols > 0:

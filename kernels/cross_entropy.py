@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, AotConfig, on_tensor_device
+from ._common import LOG2E, AotConfig, on_tensor_device, cdiv, next_power_of_2
 
 # The widest block of a row a program holds in registers at once; wider rows loop over blocks.
 # 4096 fp32 over 8 warps is 16 elements a thread: wide loads without register spills.
@@ -279,7 +279,7 @@ def _scale_block(ptrs, g, mask, MASKED: tl.constexpr):
 def ce_block(n_cols: int, one_block: bool = False) -> tuple[int, int, bool]:
     """(BLOCK_V, num_warps, ONE_BLOCK) for a row of ``n_cols`` classes; ``one_block`` allows a
     whole row of up to MAX_ONE_BLOCK_V classes in registers (the forward with STORE_GRAD)."""
-    block_v = triton.next_power_of_2(max(int(n_cols), 16))
+    block_v = next_power_of_2(max(int(n_cols), 16))
     if not (one_block and block_v <= MAX_ONE_BLOCK_V):
         block_v = min(block_v, MAX_BLOCK_V)
     if block_v <= MAX_BLOCK_V:
@@ -380,7 +380,7 @@ def cross_entropy_scale_(dlogits: torch.Tensor, grad: torch.Tensor) -> None:
     n = dlogits.numel()
     if n == 0:
         return
-    grid = (min(triton.cdiv(n, SCALE_BLOCK), SCALE_PROGRAMS),)
+    grid = (min(cdiv(n, SCALE_BLOCK), SCALE_PROGRAMS),)
     _cross_entropy_scale_kernel[grid](dlogits, grad, n, BLOCK=SCALE_BLOCK, num_warps=8)
 
 
@@ -422,9 +422,9 @@ def chunk_rows(n_rows: int, n_cols: int, chunk_elements: Optional[int] = None) -
     chunk_elements = chunk_elements or CHUNK_ELEMENTS
     most = max(CHUNK_ROW_MULTIPLE, chunk_elements // max(n_cols, 1) // CHUNK_ROW_MULTIPLE
                * CHUNK_ROW_MULTIPLE)
-    n_chunks = triton.cdiv(max(n_rows, 1), most)
-    rows = triton.cdiv(max(n_rows, 1), n_chunks)
-    return min(most, triton.cdiv(rows, CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE)
+    n_chunks = cdiv(max(n_rows, 1), most)
+    rows = cdiv(max(n_rows, 1), n_chunks)
+    return min(most, cdiv(rows, CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -475,7 +475,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     if n_rows == 0:
         return loss, dx, (torch.zeros_like(weight) if need_dweight else None), db
     rows = chunk_rows(n_rows, vocab, chunk_elements)
-    n_chunks = triton.cdiv(n_rows, rows)
+    n_chunks = cdiv(n_rows, rows)
     prescaled = grads and x.dtype == torch.float16
     unscale = None
     if prescaled:

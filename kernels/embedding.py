@@ -45,7 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotConfig, dropout_keep, num_programs, row_block, on_tensor_device
+from ._common import (AotConfig, cdiv, dropout_keep, next_power_of_2, num_programs,
+                      on_tensor_device, row_block)
 
 # Widest hidden size the fused kernels take: the backward keeps a row of the LayerNorm
 # input, dy, three run accumulators and two partial sums in registers; ptxas reports 784 B
@@ -404,11 +405,11 @@ def _segment_sum(keys: torch.Tensor, ds: torch.Tensor, n_keys: int, skip_key: in
     if n_rows == 0:
         return grad
     sorted_keys, perm = torch.sort(keys.to(torch.int64), stable=True)
-    n_chunks = triton.cdiv(n_rows, chunk)
+    n_chunks = cdiv(n_rows, chunk)
     cont = torch.empty((n_chunks, n_cols), dtype=torch.float32, device=ds.device)
     opened = torch.empty((n_chunks, n_cols), dtype=torch.float32, device=ds.device)
-    block_n = min(SEGMENT_BLOCK_N, triton.next_power_of_2(max(n_cols, 16)))
-    grid = (n_chunks, triton.cdiv(n_cols, block_n))
+    block_n = min(SEGMENT_BLOCK_N, next_power_of_2(max(n_cols, 16)))
+    grid = (n_chunks, cdiv(n_cols, block_n))
     _embedding_segment_sum_kernel[grid](
         sorted_keys, perm, ds, grad, cont, opened, n_rows, n_cols, n_keys, skip_key,
         CHUNK=chunk, BLOCK_N=block_n, num_warps=SEGMENT_NUM_WARPS)
@@ -463,7 +464,7 @@ def embedding_layer_norm_bwd(dy: torch.Tensor, input_ids: torch.Tensor,
             if atomic_small and typ is not None else None)
     ds = None if atomic_word and atomic_small else torch.empty((n_rows, n_cols), **f32)
     grid = max(1, min(num_programs(dev, BWD_PROGRAMS_PER_SM), n_rows))
-    rows_per_program = triton.cdiv(n_rows, grid) if n_rows > 0 else 0
+    rows_per_program = cdiv(n_rows, grid) if n_rows > 0 else 0
     dw_part = torch.zeros((grid, n_cols), **f32) if ln_weight is not None else None
     db_part = torch.zeros((grid, n_cols), **f32) if ln_bias is not None else None
     block_n, num_warps = row_block(n_cols)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import (AotConfig, MAX_FUSED_COLS, as_rows, unit_stride, dropout_keep, gelu_fwd,
-                      gelu_grad, num_programs, on_tensor_device, row_block, row_block_configs)
+                      gelu_grad, num_programs, on_tensor_device, row_block, row_block_configs, cdiv)
 
 # Programs per SM in the persistent backward: enough rows in flight per SM to cover memory
 # latency while keeping the partial-sum buffers (programs x n_cols fp32) small.
@@ -230,7 +230,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     dres = (torch.empty((n_rows, n_cols), dtype=residual.dtype, device=x.device)
             if store_dres else None)
     grid = max(1, min(num_programs(x.device, BWD_PROGRAMS_PER_SM), n_rows))
-    rows_per_program = triton.cdiv(n_rows, grid) if n_rows > 0 else 0
+    rows_per_program = cdiv(n_rows, grid) if n_rows > 0 else 0
     part = lambda flag: (torch.empty((grid, n_cols), dtype=torch.float32, device=x.device)
                          if flag else None)
     dw_part, db_part, dxb_part = part(weight is not None), part(bias is not None), part(x_bias is not None)

@@ -53,3 +53,14 @@ def test_launch_on_a_non_current_gpu_matches_the_current_one():
         got = layer_norm(x.to("cuda:1"), None, None, backend="triton")
     assert got.device == torch.device("cuda:1")
     torch.testing.assert_close(got.cpu(), ref.cpu())
+
+
+def test_host_integer_helpers_match_triton():
+    # kernels/_common.py's cdiv / next_power_of_2 replace triton's (ConstexprFunctions, ~5 us a
+    # call) in the launchers: the same values
+    import triton
+    from fastbert.kernels._common import cdiv, next_power_of_2
+    for a in list(range(0, 70)) + [1023, 1024, 1025, 30522, 2**31 + 5]:
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 3, 16, 64, 128, 1000):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)

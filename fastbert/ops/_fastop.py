@@ -27,24 +27,30 @@ from torch import Tensor
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def _tensors(args) -> list:
-    out = []
+def _scan(args) -> tuple[bool, bool]:
+    """(every tensor argument is a plain Tensor / Parameter, some tensor requires grad)."""
+    plain, grad = True, False
     for a in args:
         if isinstance(a, Tensor):
-            out.append(a)
+            plain = plain and type(a) in _PLAIN
+            grad = grad or a.requires_grad
         elif isinstance(a, (list, tuple)):
-            out.extend(t for t in a if isinstance(t, Tensor))
-    return out
+            for t in a:
+                if isinstance(t, Tensor):
+                    plain = plain and type(t) in _PLAIN
+                    grad = grad or t.requires_grad
+    return plain, grad
+
+
+def _modes_active() -> bool:
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled())
 
 
 def direct_call_ok(args: Sequence[Any]) -> bool:
     """Whether an eager call may skip the dispatcher: not tracing, no mode active, plain
     tensors only."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled():
-        return False
-    return all(type(t) in _PLAIN for t in _tensors(args))
+    return not _modes_active() and _scan(args)[0]
 
 
 class FastOp:
@@ -62,18 +68,27 @@ class FastOp:
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
         self.op.register_autograd(backward, setup_context=setup_context)
         fn = self.fn
+
+        # the old style (ctx first in forward, setup inside it): a Function that defines
+        # setup_context binds its arguments with inspect.signature at every apply (~100 us)
+        def forward(ctx, *args):
+            out = fn(*args)
+            setup_context(ctx, args, out)
+            return out
+
         self._function = type(
             f"{self.name.split('::')[-1]}_function", (torch.autograd.Function,), {
-                "forward": staticmethod(lambda *args: fn(*args)),
-                "setup_context": staticmethod(setup_context),
+                "forward": staticmethod(forward),
                 "backward": staticmethod(backward),
             })
 
     def __call__(self, *args):
-        if not direct_call_ok(args):
+        if _modes_active():
             return self.op(*args)
-        if (self._function is not None and torch.is_grad_enabled()
-                and any(t.requires_grad for t in _tensors(args))):
+        plain, grad = _scan(args)
+        if not plain:
+            return self.op(*args)
+        if grad and self._function is not None and torch.is_grad_enabled():
             return self._function.apply(*args)
         return self.fn(*args)
 

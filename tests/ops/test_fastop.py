@@ -99,3 +99,35 @@ def test_compiled_call_goes_through_the_custom_op(device, monkeypatch, fullgraph
     y = f(x, w, b)
     assert fwd, "torch.compile must trace the custom op"
     torch.testing.assert_close(y, layer_norm(x, w, b, backend="triton"))
+
+
+def test_attention_mask_modified_in_place_is_seen_again(device):
+    # attention remembers each mask's key end (fastbert.ops.attention._key_end_of): an in-place
+    # change to the mask must not reuse the old one
+    from fastbert.ops import attention, attention_ref
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 2, 16, device=device) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.bool, device=device)
+    mask[1, 4:] = False
+    first = attention(q, k, v, attention_mask=mask, backend="triton")
+    torch.testing.assert_close(first, attention_ref(q, k, v, attention_mask=mask))
+    mask[0, 2:] = False
+    mask[1, :] = True
+    again = attention(q, k, v, attention_mask=mask, backend="triton")
+    torch.testing.assert_close(again, attention_ref(q, k, v, attention_mask=mask))
+
+
+def test_embedding_ids_modified_in_place_are_checked_again(device):
+    # embedding_layer_norm checks an ids tensor once while it is unmodified
+    from fastbert.ops import embedding_layer_norm
+    ids = torch.randint(0, 10, (2, 5), device=device)
+    word, pos = torch.randn(10, 16, device=device), torch.randn(8, 16, device=device)
+    embedding_layer_norm(ids, word, pos, None, None, backend="triton")
+    embedding_layer_norm(ids, word, pos, None, None, backend="triton")
+    ids[1, 3] = 10
+    with pytest.raises(ValueError, match="input_ids: id 10 out of range"):
+        embedding_layer_norm(ids, word, pos, None, None, backend="triton")
+    # the same tensor against a smaller table is checked again too
+    ids[1, 3] = 9
+    with pytest.raises(ValueError, match="input_ids: id 9 out of range"):
+        embedding_layer_norm(ids, word[:9], pos, None, None, backend="triton")
