@@ -4,7 +4,8 @@ Every ``benchmarks/bench_<op>.py`` builds a list of ``Case`` objects (a name, th
 one callable per implementation) and hands them to ``run_cases``; the harness times each
 with ``triton.testing.do_bench`` (median and 20/80% quantiles) on CUDA, or a plain timer on
 CPU, records peak memory, computes GB/s or TFLOP/s and their fraction of the ceiling measured
-in the same process (device-to-device copy bandwidth, bf16 matmul rate), and writes
+in the same process (device-to-device copy bandwidth, bf16 matmul rate), the summed kernel
+time of a call from torch.profiler (``gpu_ms``: far below ``ms`` means host-bound), and writes
 ``<results>/<bench>_<card>.csv`` plus a markdown table naming the card, driver, torch and
 triton versions.
 
@@ -156,6 +157,38 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
     return statistics.median(times), q(0.2), q(0.8)
 
 
+# Calls of an impl profiled for its GPU time (kernel durations from CUPTI, after the timing).
+GPU_TIME_CALLS = 5
+
+
+def gpu_kernel_times(fn: Callable[[], object], calls: int) -> Dict[str, float]:
+    """Device time (us) per call of ``fn`` by kernel name, from torch.profiler: what the GPU
+    itself spends, whatever the host does between launches."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    names: Dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = getattr(e, "device_time_total", None)
+            if t is None:
+                t = e.cuda_time_total
+            names[e.name] = names.get(e.name, 0.0) + t / calls
+    return names
+
+
+def gpu_time_ms(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Summed kernel time of one call (ms) on CUDA, else None. Next to the wall time ``ms``
+    it tells a host-bound case (gpu_ms well below ms: Python and launches set the pace) from
+    a kernel-bound one."""
+    if device.type != "cuda":
+        return None
+    return sum(gpu_kernel_times(fn, GPU_TIME_CALLS).values()) / 1e3
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
     """Peak memory allocated while ``fn`` runs, above what was allocated before (MB)."""
     if device.type != "cuda":
@@ -211,17 +244,19 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
             try:
                 ms, lo, hi = time_fn(fn, device)
                 mem = peak_memory_mb(fn, device)
+                gpu = gpu_time_ms(fn, device)
                 err = ""
             except Exception as e:  # an impl that cannot run this shape is reported, not fatal
                 ms = lo = hi = float("nan")
-                mem = None
+                mem = gpu = None
                 err = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            results[impl] = (ms, lo, hi, mem, err)
+            results[impl] = (ms, lo, hi, mem, gpu, err)
         base = case.baseline or next(iter(case.impls))
         base_ms = results[base][0]
-        for impl, (ms, lo, hi, mem, err) in results.items():
+        for impl, (ms, lo, hi, mem, gpu, err) in results.items():
             row = {"bench": bench, "case": case.name, **case.params, "impl": impl,
                    "ms": round(ms, 5), "ms_p20": round(lo, 5), "ms_p80": round(hi, 5),
+                   "gpu_ms": None if gpu is None else round(gpu, 5),
                    "peak_mb": None if mem is None else round(mem, 1),
                    f"speedup_vs_{base}": round(base_ms / ms, 3) if ms == ms and ms > 0 else None}
             if case.bytes is not None and ms == ms:

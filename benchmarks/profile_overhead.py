@@ -59,20 +59,10 @@ def _wall_us(fn: Callable, iters: int) -> float:
 
 
 def _gpu_us(fn: Callable, iters: int = 20) -> tuple[float, List[str]]:
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    total, names = 0.0, {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            d = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-            total += d
-            names[e.name] = names.get(e.name, 0.0) + d
+    from benchmarks._harness import gpu_kernel_times
+    names = gpu_kernel_times(fn, iters)
     top = sorted(names.items(), key=lambda kv: -kv[1])[:8]
-    return total / iters, [f"{v / iters:8.1f} us  {k[:90]}" for k, v in top]
+    return sum(names.values()), [f"{v:8.1f} us  {k[:90]}" for k, v in top]
 
 
 def _cprofile(fn: Callable, iters: int, lines: int = 22) -> str:
