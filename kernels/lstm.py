@@ -44,6 +44,20 @@ one launch instead: a program per batch row computes its rec = W_hh h as a GEMV 
 streamed from L2 each step), then runs the same row step; block barriers only, since a
 program reads back nothing but its own row.
 
+Precision of the LayerNorm-LSTM with 16-bit inputs: what the LayerNorms normalize and what
+the LayerNorm-weight gradients sum over steps stays fp32 between the kernels. The recurrent
+GEMMs write rec = W_hh h in fp32 (cuBLAS with an fp32 result, or the GEMV's accumulator), the
+gate activations are saved in fp32, and the backward's per-step GEMMs (dr = dh @ W_hr and
+drec @ W_hh) write fp32. Rounding each of these to 16 bits once per step made the fp16
+gradients of the LayerNorm weights up to 3.5x as far from the fp64 reference as an eager
+fp16 PyTorch LayerNorm-LSTM (the low-precision test of tests/ops/test_lstm.py over 64 seeds;
+up to 1.8x without those roundings): LN(rec) divides rec's rounding error by the row's
+standard deviation, and d(g_hh) = sum over steps of dpre * LN(rec) adds it up. The cost is
+memory: recs and gates, saved for the backward, take 8 bytes per gate element and step
+together instead of 4. The state h, the gate gradients drec and the masked state gradients
+stay in the input dtype: they are operands of cuBLAS GEMMs, which take both operands in one
+dtype.
+
 Two ways to run the time loop:
 - per step (any hidden size, projection): one launch per step, a 2-D grid over batch blocks x
   column blocks, so a step spreads over many SMs; it pays a launch (a few microseconds on the
@@ -67,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotConfig, LOG2E, _tanh, on_tensor_device
+from ._common import AotConfig, LOG2E, _tanh, cdiv, next_power_of_2, on_tensor_device
 
 # tl.dot needs every block dimension >= 16; the batch block is padded up to it.
 MIN_DOT_BLOCK = 16
@@ -593,8 +607,8 @@ def _ln_lstm_bwd_kernel(
 ):
     # each program owns one batch row (see _ln_lstm_fwd_kernel) and its row of the
     # LayerNorm-weight gradient accumulators, summed over batch rows by the caller. dh_mm
-    # (B, H) is this step's (the caller's GEMM result); dy (T, B, H) at stride_dy_t (unused
-    # with HAS_PROJ)
+    # (B, H) fp32 is this step's (the caller's GEMM result); dy (T, B, H) at stride_dy_t
+    # (unused with HAS_PROJ)
     s64 = tl.cast(s, tl.int64)
     t64 = tl.cast(t, tl.int64)
     _ln_bwd_row(tl.program_id(0).to(tl.int64), dh_mm_ptr, dy_ptr + t64 * stride_dy_t,
@@ -844,10 +858,10 @@ def _ln_lstm_proj_bwd_kernel(
 
 def step_blocks(n_batch: int, n_cols: int) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) for the per-step kernels."""
-    block_b = min(max(triton.next_power_of_2(max(n_batch, 1)), MIN_DOT_BLOCK), MAX_STEP_BLOCK_B)
+    block_b = min(max(next_power_of_2(max(n_batch, 1)), MIN_DOT_BLOCK), MAX_STEP_BLOCK_B)
     block_h = MAX_BLOCK_H
-    n_batch_blocks = triton.cdiv(n_batch, block_b)
-    while block_h > MIN_DOT_BLOCK and n_batch_blocks * triton.cdiv(n_cols, block_h) < MIN_STEP_PROGRAMS:
+    n_batch_blocks = cdiv(n_batch, block_b)
+    while block_h > MIN_DOT_BLOCK and n_batch_blocks * cdiv(n_cols, block_h) < MIN_STEP_PROGRAMS:
         block_h //= 2
     return block_b, block_h, STEP_BLOCK_K, _step_warps(block_b, block_h)
 
@@ -871,6 +885,17 @@ def _dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and device.type != "cuda"
 
 
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (fp32) = a @ b, a and b in one dtype, without rounding the product to 16 bits:
+    on CUDA cuBLAS multiplies 16-bit operands with an fp32 accumulator and writes it as is
+    (``out_dtype``); elsewhere the operands are upcast (16-bit products are exact in fp32)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
 def _time_order(n_steps: int, reverse: bool):
     return range(n_steps - 1, -1, -1) if reverse else range(n_steps)
 
@@ -885,7 +910,7 @@ def persistent_blocks(n_hidden: int) -> tuple[int, int, int, int]:
     block (the most programs), a column block of up to MAX_BLOCK_H, 8 warps (their loops keep
     more live state than one step: 4 warps spill in fp32; at 8, ptxas -v still reports up
     to 40 B of spills in some fp32 configs, none in bf16 on sm_90)."""
-    block_h = min(MAX_BLOCK_H, triton.next_power_of_2(max(n_hidden, MIN_DOT_BLOCK)))
+    block_h = min(MAX_BLOCK_H, next_power_of_2(max(n_hidden, MIN_DOT_BLOCK)))
     return MIN_DOT_BLOCK, block_h, STEP_BLOCK_K, PERSISTENT_WARPS
 
 
@@ -934,7 +959,7 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
         if has_proj:
             raise ValueError("the persistent LSTM kernel has no projection")
         bb, bh, bk, warps = persistent_blocks(n_hidden)
-        _lstm_fwd_persistent_kernel[(triton.cdiv(n_batch, bb),)](
+        _lstm_fwd_persistent_kernel[(cdiv(n_batch, bb),)](
             xg, hs, cs, w_hh, lengths, y, gates,
             xg.stride(0), xg.stride(1), hs.stride(0), hs.stride(1), cs.stride(0), cs.stride(1),
             w_hh.stride(0), y.stride(0), y.stride(1), gates.stride(0), gates.stride(1),
@@ -943,11 +968,11 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
             num_warps=warps)
         return y, hs, cs, gates, rs
     bb, bh, bk, warps = step_blocks(n_batch, n_hidden)
-    grid = (triton.cdiv(n_batch, bb), triton.cdiv(n_hidden, bh))
+    grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
     if has_proj:
         w_hr = w_hr.contiguous()
         pbb, pbh, pbk, pwarps = step_blocks(n_batch, n_state)
-        pgrid = (triton.cdiv(n_batch, pbb), triton.cdiv(n_state, pbh))
+        pgrid = (cdiv(n_batch, pbb), cdiv(n_state, pbh))
     out = rs if has_proj else y
     # the arguments that do not change from step to step, built once (host time per step
     # is what bounds small steps)
@@ -1002,7 +1027,7 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
         if has_proj:
             raise ValueError("the persistent LSTM kernel has no projection")
         bb, bh, bk, warps = persistent_blocks(n_hidden)
-        _lstm_bwd_persistent_kernel[(triton.cdiv(n_batch, bb),)](
+        _lstm_bwd_persistent_kernel[(cdiv(n_batch, bb),)](
             dy, w_hh, gates, cs, lengths, dcarry, dc, dgates,
             dy.stride(0), dy.stride(1), dgates.stride(0), dgates.stride(1), w_hh.stride(0),
             gates.stride(0), gates.stride(1), cs.stride(0), cs.stride(1), dcarry.stride(0),
@@ -1011,12 +1036,12 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
             DOT_FP32=_dot_fp32(dt, dev), num_warps=warps)
     elif n_steps > 0 and n_batch > 0:
         bb, bh, bk, warps = step_blocks(n_batch, n_hidden)
-        grid = (triton.cdiv(n_batch, bb), triton.cdiv(n_hidden, bh))
+        grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
         dot32 = _dot_fp32(dt, dev)
         if has_proj:
             w_hr = w_hr.contiguous()
             pbb, pbh, pbk, pwarps = step_blocks(n_batch, n_state)
-            pgrid = (triton.cdiv(n_batch, pbb), triton.cdiv(n_state, pbh))
+            pgrid = (cdiv(n_batch, pbb), cdiv(n_state, pbh))
         order = list(_time_order(n_steps, reverse))
         # the arguments that do not change from step to step, built once (see lstm_fwd)
         gv_strides = gv.stride()[:2] if has_proj else (0, 0)
@@ -1110,7 +1135,7 @@ def ln_persistent_blocks(n_hidden: int) -> tuple[int, int, int, int]:
 
 def ln_row_block(n_hidden: int) -> tuple[int, int]:
     """(BLOCK_H, num_warps) of the LayerNorm-LSTM row kernels."""
-    block_h = triton.next_power_of_2(max(int(n_hidden), 16))
+    block_h = next_power_of_2(max(int(n_hidden), 16))
     # about 16 fp32 elements of each 4H row per thread, between 1 and 16 warps
     return block_h, min(max(block_h // 128, 1), 16)
 
@@ -1137,8 +1162,9 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
 
     Returns:
         y (T, B, P), hs (T+1, B, P), cs (T+1, B, H) fp32 (processing order), gates and recs
-        (T, B, 4H), stats (T, B, 4) fp32: (mean, rstd) of rec and of c per row, rs (T, B, H)
-        the unprojected outputs, zero past each length (empty without w_hr).
+        (T, B, 4H) fp32 (see the module docstring: not rounded to xg's dtype), stats
+        (T, B, 4) fp32: (mean, rstd) of rec and of c per row, rs (T, B, H) the unprojected
+        outputs, zero past each length (empty without w_hr).
     """
     n_steps, n_batch, n_gates = xg.shape
     n_hidden = n_gates // 4
@@ -1156,8 +1182,8 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
     hs[0] = h0
     cs[0] = c0
     y = torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev)
-    gates = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
-    recs = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
+    gates = torch.empty((n_steps, n_batch, n_gates), dtype=torch.float32, device=dev)
+    recs = torch.empty((n_steps, n_batch, n_gates), dtype=torch.float32, device=dev)
     stats = torch.empty((n_steps, n_batch, 4), dtype=torch.float32, device=dev)
     rs = (torch.empty((n_steps, n_batch, n_hidden), dtype=dt, device=dev) if has_proj
           else y.new_empty(0))
@@ -1195,7 +1221,7 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
         proj_args = (hs, lengths, y, hs.stride(0), y.stride(0), hs.stride(1), n_state)
         rs_v = rs.unbind(0)
     for s, t in enumerate(_time_order(n_steps, reverse)):
-        torch.mm(hs_v[s], w_t, out=recs_v[t])
+        _mm_fp32(hs_v[s], w_t, recs_v[t])
         row(*row_args, s, t, float(eps), BLOCK_H=block_h, HAS_PROJ=has_proj, num_warps=warps)
         if has_proj:
             torch.mm(rs_v[t], w_hr_t, out=hs_v[s + 1])
@@ -1226,20 +1252,23 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
     n_hidden = n_gates // 4
     n_state = w_hh.shape[1]
     has_proj = w_hr is not None
-    dev, dt = gates.device, gates.dtype
+    # the input dtype (gates and recs are fp32 whatever it is)
+    dev, dt = hs.device, hs.dtype
     dy, lengths = dy.contiguous(), lengths.contiguous()
     g_hh, g_c, b_c = g_hh.contiguous(), g_c.contiguous(), b_c.contiguous()
     dxg = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
+    # drec in the input dtype: it is an operand of the GEMMs drec @ W_hh and dW_hh
     drec = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
     dcarry = dh_n.to(torch.float32).contiguous().clone()
     dc = dc_n.to(torch.float32).contiguous().clone()
-    dh_mm = torch.empty((n_batch, n_state), dtype=dt, device=dev)
+    # the per-step GEMM results the row kernels read, fp32 (see the module docstring)
+    dh_mm = torch.empty((n_batch, n_state), dtype=torch.float32, device=dev)
     dg_hh_acc = torch.zeros((n_batch, n_gates), dtype=torch.float32, device=dev)
     dgb_c_acc = torch.zeros((n_batch, 2 * n_hidden), dtype=torch.float32, device=dev)
     if has_proj:
         # gv: the state gradients masked by length (kept for dW_hr); dr = gv @ W_hr
         gv = torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev)
-        dr = torch.empty((n_batch, n_hidden), dtype=dt, device=dev)
+        dr = torch.empty((n_batch, n_hidden), dtype=torch.float32, device=dev)
     order = list(_time_order(n_steps, reverse))
     if persistent is None:
         persistent = use_ln_persistent(n_hidden, has_proj)
@@ -1278,12 +1307,10 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
             t = order[s]
             has_next = s < n_steps - 1
             if has_next:
-                torch.mm(drec_v[order[s + 1]], w_hh, out=dh_mm)
+                _mm_fp32(drec_v[order[s + 1]], w_hh, dh_mm)
             if has_proj:
                 proj(*proj_args, t, BLOCK_P=block_p, HAS_NEXT=has_next, num_warps=pwarps)
-                # dr in x's dtype (one more rounding per step than the plain LSTM, whose
-                # projection backward keeps it in the fp32 tl.dot accumulator)
-                torch.mm(gv_v[t], w_hr, out=dr)
+                _mm_fp32(gv_v[t], w_hr, dr)
             # with a projection HAS_NEXT is unused by the row kernel: one variant
             row(*row_args, s, t, BLOCK_H=block_h, HAS_NEXT=has_next and not has_proj,
                 HAS_PROJ=has_proj, num_warps=warps)
@@ -1343,17 +1370,17 @@ def aot_configs():
                    ["BLOCK_B", "BLOCK_H", "BLOCK_K", "HAS_NEXT", "DOT_FP32"])
 
     def ln_fwd_sig(dt):
-        return sig({"recs_ptr": f"*{dt}", "xg_ptr": f"*{dt}", "hs_ptr": f"*{dt}",
+        return sig({"recs_ptr": "*fp32", "xg_ptr": f"*{dt}", "hs_ptr": f"*{dt}",
                     "cs_ptr": "*fp32", "g_hh_ptr": f"*{dt}", "g_c_ptr": f"*{dt}",
                     "b_c_ptr": f"*{dt}", "len_ptr": "*i64", "out_ptr": f"*{dt}",
-                    "gates_ptr": f"*{dt}", "stats_ptr": "*fp32"},
+                    "gates_ptr": "*fp32", "stats_ptr": "*fp32"},
                    ["stride_g_t", "stride_b", "stride_h_s", "stride_c_s", "stride_out_t",
                     "stride_c_b", "stride_stats_t", "n_hidden", "s", "t"],
                    []) | {"eps": "fp32", "BLOCK_H": "constexpr", "HAS_PROJ": "constexpr"}
 
     def ln_bwd_sig(dt):
-        return sig({"dh_mm_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "recs_ptr": f"*{dt}",
-                    "gates_ptr": f"*{dt}", "cs_ptr": "*fp32", "stats_ptr": "*fp32",
+        return sig({"dh_mm_ptr": "*fp32", "dy_ptr": f"*{dt}", "recs_ptr": "*fp32",
+                    "gates_ptr": "*fp32", "cs_ptr": "*fp32", "stats_ptr": "*fp32",
                     "g_hh_ptr": f"*{dt}", "g_c_ptr": f"*{dt}", "b_c_ptr": f"*{dt}",
                     "len_ptr": "*i64", "dcarry_ptr": "*fp32", "dc_ptr": "*fp32",
                     "dxg_ptr": f"*{dt}", "drec_ptr": f"*{dt}", "dg_hh_acc_ptr": "*fp32",
@@ -1367,7 +1394,7 @@ def aot_configs():
                    ["stride_h_s", "stride_y_t", "stride_b", "n_proj", "s", "t"], ["BLOCK_P"])
 
     def ln_pbwd_sig(dt):
-        return sig({"dh_mm_ptr": f"*{dt}", "dys_ptr": f"*{dt}", "len_ptr": "*i64",
+        return sig({"dh_mm_ptr": "*fp32", "dys_ptr": f"*{dt}", "len_ptr": "*i64",
                     "dcarry_ptr": "*fp32", "gvs_ptr": f"*{dt}"},
                    ["stride_dy_t", "stride_gv_t", "stride_b", "n_proj", "t"],
                    ["BLOCK_P", "HAS_NEXT"])
@@ -1426,13 +1453,13 @@ def aot_configs():
             ptrs = {"xg_ptr": f"*{dt}", "hs_ptr": f"*{dt}", "cs_ptr": "*fp32",
                     "w_hh_ptr": f"*{dt}", "g_hh_ptr": f"*{dt}", "g_c_ptr": f"*{dt}",
                     "b_c_ptr": f"*{dt}", "len_ptr": "*i64", "y_ptr": f"*{dt}",
-                    "gates_ptr": f"*{dt}", "recs_ptr": f"*{dt}", "stats_ptr": "*fp32"}
+                    "gates_ptr": "*fp32", "recs_ptr": "*fp32", "stats_ptr": "*fp32"}
             ints = ["stride_g_t", "stride_g_b", "stride_h_s", "stride_c_s", "stride_y_t",
                     "stride_row", "stride_stats_t", "stride_w_row", "n_hidden", "n_steps"]
             out = sig(ptrs, ints, [])
             out["eps"] = "fp32"
         else:
-            ptrs = {"dy_ptr": f"*{dt}", "recs_ptr": f"*{dt}", "gates_ptr": f"*{dt}",
+            ptrs = {"dy_ptr": f"*{dt}", "recs_ptr": "*fp32", "gates_ptr": "*fp32",
                     "cs_ptr": "*fp32", "stats_ptr": "*fp32", "w_hh_ptr": f"*{dt}",
                     "g_hh_ptr": f"*{dt}", "g_c_ptr": f"*{dt}", "b_c_ptr": f"*{dt}",
                     "len_ptr": "*i64", "dcarry_ptr": "*fp32", "dc_ptr": "*fp32",

@@ -196,7 +196,9 @@ def _(xg, h0, c0, w_hh, w_hr, g_hh, g_c, b_c, lengths, reverse, eps):
     return (xg.new_empty((n_steps, n_batch, n_state)), xg.new_empty((n_batch, n_state)),
             c0.new_empty((n_batch, n_hidden)), xg.new_empty((n_steps + 1, n_batch, n_state)),
             xg.new_empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32),
-            xg.new_empty((n_steps, n_batch, n_gates)), xg.new_empty((n_steps, n_batch, n_gates)),
+            # gates and recs are fp32 (kernels/lstm.py: what the LayerNorms normalize)
+            xg.new_empty((n_steps, n_batch, n_gates), dtype=torch.float32),
+            xg.new_empty((n_steps, n_batch, n_gates), dtype=torch.float32),
             xg.new_empty((n_steps, n_batch, 4), dtype=torch.float32),
             xg.new_empty((n_steps, n_batch, n_hidden)) if w_hr is not None else xg.new_empty(0))
 
@@ -220,7 +222,7 @@ def _ln_lstm_recurrence_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor
 @_ln_lstm_recurrence_bwd.register_fake
 def _(dy, dh_n, dc_n, w_hh, w_hr, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats, rs,
       reverse):
-    return (gates.new_empty(gates.shape), hs.new_empty(hs.shape[1:]), dh_n.new_empty(dc_n.shape),
+    return (hs.new_empty(gates.shape), hs.new_empty(hs.shape[1:]), dh_n.new_empty(dc_n.shape),
             w_hh.new_empty(w_hh.shape),
             w_hr.new_empty(w_hr.shape) if w_hr is not None else dy.new_empty(0, dtype=torch.float32),
             g_hh.new_empty(g_hh.shape), g_c.new_empty(g_c.shape), b_c.new_empty(b_c.shape))
