@@ -78,6 +78,17 @@ def _cprofile(fn: Callable, iters: int, lines: int = 22) -> str:
     return s.getvalue()
 
 
+def _fwd_and_fwd_bwd(out: Dict[str, Callable], op: str, shape: str, fwd: Callable,
+                     leaves, grad) -> None:
+    """Register ``op``'s forward without grad and its forward + backward."""
+    def no_grad():
+        with torch.no_grad():
+            return fwd()
+
+    out[f"{op} fwd (no grad) {shape}"] = no_grad
+    out[f"{op} fwd+bwd {shape}"] = lambda: torch.autograd.grad(fwd(), leaves, grad)
+
+
 def cases() -> Dict[str, Callable]:
     from fastbert import ops
     dev, bf = "cuda", torch.bfloat16
@@ -103,13 +114,8 @@ def cases() -> Dict[str, Callable]:
     r = torch.randn(8192, 768, device=dev, dtype=bf)
     g = torch.randn(8192, 768, device=dev, dtype=bf)
 
-    def ln_fwd():
-        with torch.no_grad():
-            return ops.layer_norm(x, w, b, residual=r, backend="triton")
-
-    out["layer_norm+res fwd (no grad) 8192x768"] = ln_fwd
-    out["layer_norm+res fwd+bwd 8192x768"] = lambda: torch.autograd.grad(
-        ops.layer_norm(x, w, b, residual=r, backend="triton"), (x, w, b), g)
+    _fwd_and_fwd_bwd(out, "layer_norm+res", "8192x768",
+                     lambda: ops.layer_norm(x, w, b, residual=r, backend="triton"), (x, w, b), g)
     out["eager layer_norm+res fwd+bwd 8192x768"] = lambda: torch.autograd.grad(
         F.layer_norm(x + r, (768,), w, b), (x, w, b), g)
 
@@ -119,13 +125,9 @@ def cases() -> Dict[str, Callable]:
     mask = torch.arange(128, device=dev)[None, :] < lengths[:, None]
     do = torch.randn(256, 128, 12, 64, device=dev, dtype=bf)
 
-    def attn_fwd():
-        with torch.no_grad():
-            return ops.attention(q, k, v, attention_mask=mask, backend="triton")
-
-    out["attention fwd (no grad) 256x128x12x64"] = attn_fwd
-    out["attention fwd+bwd 256x128x12x64"] = lambda: torch.autograd.grad(
-        ops.attention(q, k, v, attention_mask=mask, backend="triton"), (q, k, v), do)
+    _fwd_and_fwd_bwd(out, "attention", "256x128x12x64",
+                     lambda: ops.attention(q, k, v, attention_mask=mask, backend="triton"),
+                     (q, k, v), do)
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     smask = mask[:, None, None, :]
     out["sdpa fwd+bwd 256x128x12x64 (default backend)"] = lambda: torch.autograd.grad(
