@@ -101,9 +101,11 @@ def _rows(logits: Tensor) -> Tensor:
 @fast_op("fastbert::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
                        reduction: str, check_labels: bool, out_dtype: torch.dtype,
-                       store_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(loss, stats, dlogits). With ``store_grad`` (reduction "mean" or "sum") dlogits is the
-    gradient of the loss itself, written by the forward kernel; otherwise an empty tensor."""
+                       store_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, stats, dlogits, count). With ``store_grad`` (reduction "mean" or "sum") dlogits is
+    the gradient of the loss itself, written by the forward kernel; otherwise an empty tensor.
+    count: for "mean", the divisor (int64, on the device), kept for the backward (computing it
+    again there costs six small launches); otherwise an empty tensor."""
     from fastbert.kernels import cross_entropy as k
     if check_labels:
         _check_label_range("target", target, logits.shape[1], ignore_index)
@@ -126,7 +128,8 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
     elif reduction == "mean":
         # 0 / 0 = NaN when every target is ignored, as torch
         loss = loss.sum(dtype=torch.float64) / count
-    return loss.to(out_dtype), stats, (dlogits if store_grad else logits.new_empty(0))
+    return (loss.to(out_dtype), stats, (dlogits if store_grad else logits.new_empty(0)),
+            count if count is not None else target.new_empty(0, dtype=torch.int64))
 
 
 @_cross_entropy_fwd.register_fake
@@ -136,21 +139,27 @@ def _(logits, target, ignore_index, label_smoothing, reduction, check_labels, ou
     stored = store_grad and reduction != "none"
     return (logits.new_empty(shape, dtype=out_dtype),
             logits.new_empty((logits.shape[0], 2), dtype=torch.float32),
-            logits.new_empty(logits.shape if stored else (0,)))
+            logits.new_empty(logits.shape if stored else (0,)),
+            target.new_empty(() if reduction == "mean" else (0,), dtype=torch.int64))
 
 
 @fast_op("fastbert::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, stats: Tensor,
-                       ignore_index: int, label_smoothing: float, reduction: str) -> Tensor:
+                       count: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                       reduction: str) -> Tensor:
+    """The gradient of the logits, recomputed; ``count``: the forward's divisor of a "mean"
+    (None: counted here)."""
     from fastbert.kernels import cross_entropy as k
     scale = grad.float()
     if reduction == "mean":
-        scale = scale / _n_counted(target, ignore_index, logits.shape[1])
+        if count is None:
+            count = _n_counted(target, ignore_index, logits.shape[1])
+        scale = scale / count
     return k.cross_entropy_bwd(_rows(logits), target, stats, scale, ignore_index, label_smoothing)
 
 
 @_cross_entropy_bwd.register_fake
-def _(grad, logits, target, stats, ignore_index, label_smoothing, reduction):
+def _(grad, logits, target, stats, count, ignore_index, label_smoothing, reduction):
     return logits.new_empty(logits.shape)
 
 
@@ -215,24 +224,25 @@ def _scaled(t: Tensor, g: Tensor) -> Tensor:
 def _ce_setup(ctx, inputs, output):
     logits, target, ignore_index, label_smoothing, reduction, _, _, store_grad = inputs
     ctx.stored = store_grad and reduction != "none"
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
     if ctx.stored:
         # the logits themselves are not kept: the gradient is all the backward needs
         ctx.save_for_backward(output[2])
     else:
-        ctx.save_for_backward(logits, target, output[1])
+        ctx.save_for_backward(logits, target, output[1],
+                              output[3] if reduction == "mean" else None)
     ctx.ignore_index, ctx.label_smoothing, ctx.reduction = ignore_index, label_smoothing, reduction
 
 
-def _ce_backward(ctx, dloss, dstats, ddlogits):
+def _ce_backward(ctx, dloss, dstats, ddlogits, dcount):
     dlogits = None
     if ctx.needs_input_grad[0]:
         if ctx.stored:
             (dlogits,) = _saved_stored_grads(ctx, "cross_entropy")
             _cross_entropy_scale_(dlogits, dloss)
         else:
-            logits, target, stats = ctx.saved_tensors
-            dlogits = _cross_entropy_bwd(dloss, logits, target, stats, ctx.ignore_index,
+            logits, target, stats, count = ctx.saved_tensors
+            dlogits = _cross_entropy_bwd(dloss, logits, target, stats, count, ctx.ignore_index,
                                          ctx.label_smoothing, ctx.reduction)
     return dlogits, None, None, None, None, None, None, None
 
@@ -474,7 +484,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     store_grad = (STORE_GRADS and torch.is_grad_enabled() and logits.requires_grad
                   and stores_grads(logits.dtype, reduction)
                   and not torch.compiler.is_compiling())
-    loss, _, _ = _cross_entropy_fwd(logits.reshape(1, -1) if unbatched else logits,
+    loss, _, _, _ = _cross_entropy_fwd(logits.reshape(1, -1) if unbatched else logits,
                                     target.reshape(1) if unbatched else target, int(ignore_index),
                                     float(label_smoothing), reduction, bool(check_labels),
                                     out_dtype, store_grad)

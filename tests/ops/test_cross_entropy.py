@@ -405,8 +405,12 @@ def test_cross_entropy_custom_ops_pass_opcheck(device):
                                                   "test_faketensor"))
     _, stats = k.cross_entropy_fwd(logits.detach(), target, IGNORE, 0.1)
     torch.library.opcheck(torch.ops.fastbert.cross_entropy_bwd.default,
-                          (torch.rand(5, device=device), logits.detach(), target, stats, IGNORE,
-                           0.1, "none"))
+                          (torch.rand(5, device=device), logits.detach(), target, stats, None,
+                           IGNORE, 0.1, "none"))
+    count = (target != IGNORE).sum()
+    torch.library.opcheck(torch.ops.fastbert.cross_entropy_bwd.default,
+                          (torch.tensor(2.0, device=device), logits.detach(), target, stats,
+                           count, IGNORE, 0.1, "mean"))
     for g in (1.0, 0.5):
         torch.library.opcheck(torch.ops.fastbert.cross_entropy_scale_.default,
                               (torch.randn(5, 300, device=device),
@@ -948,3 +952,19 @@ def test_masked_lm_loss_bert_sizes_on_gpu(monkeypatch, vocab, hidden_size, dtype
     n_masked = int((inputs[3] != IGNORE).sum())
     assert (k.chunk_rows(n_masked, vocab) < n_masked) == (chunks == "several")
     _check_mlm(*inputs, "mean")
+
+
+def test_cross_entropy_mean_counts_its_targets_once(device, monkeypatch):
+    # the forward's divisor is saved for the backward (each count is six small launches)
+    calls = []
+    real = ops_ce._n_counted
+    monkeypatch.setattr(ops_ce, "_n_counted", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(6, 40, device=device, requires_grad=True)
+    t = _targets(6, 40, device, ignore_frac=0.3)
+    t[0] = 3
+    loss = cross_entropy(x, t, backend="triton")
+    (g,) = torch.autograd.grad(loss * 3.0, x)
+    assert len(calls) == 1
+    x64 = x.detach().double().requires_grad_()
+    (F.cross_entropy(x64, t, ignore_index=IGNORE) * 3.0).backward()
+    assert_close_to_ref(g, x64.grad, name="dlogits")
