@@ -19,6 +19,7 @@ AOTAutograd's trace of it (fake, functional tensors) records the custom ops.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -61,6 +62,11 @@ class FastOp:
         self.fn = fn
         self.op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
         self._function: Optional[type] = None
+        # positions of the arguments the op writes in place: the direct path bumps their
+        # version counters, as the dispatcher does for a mutating custom op (autograd's check
+        # that a saved tensor was not modified relies on it)
+        names = list(inspect.signature(fn).parameters)
+        self._mutated = tuple(names.index(n) for n in mutates_args)
 
     def register_fake(self, fn: Callable) -> Callable:
         return self.op.register_fake(fn)
@@ -90,7 +96,11 @@ class FastOp:
             return self.op(*args)
         if grad and self._function is not None and torch.is_grad_enabled():
             return self._function.apply(*args)
-        return self.fn(*args)
+        out = self.fn(*args)
+        for i in self._mutated:
+            if isinstance(args[i], Tensor):
+                torch.autograd.graph.increment_version(args[i])
+        return out
 
 
 def fast_op(name: str, *, mutates_args) -> Callable[[Callable], FastOp]:

@@ -131,3 +131,19 @@ def test_embedding_ids_modified_in_place_are_checked_again(device):
     ids[1, 3] = 9
     with pytest.raises(ValueError, match="input_ids: id 9 out of range"):
         embedding_layer_norm(ids, word[:9], pos, None, None, backend="triton")
+
+
+def test_direct_call_of_a_mutating_op_bumps_the_version_counter(device):
+    # as the dispatcher does for a custom op with mutates_args: autograd's saved-tensor check
+    # sees the in-place write
+    ce = sys.modules["fastbert.ops.cross_entropy"]
+    d = torch.randn(3, 40, device=device)
+    before = d._version
+    ce._cross_entropy_scale_(d, torch.tensor(2.0, device=device))
+    assert d._version > before
+    saved = torch.randn(3, 40, device=device, requires_grad=True)
+    y = saved * 1.0
+    z = (y * y).sum()  # saves y
+    ce._cross_entropy_scale_(y.detach(), torch.tensor(2.0, device=device))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
