@@ -500,6 +500,38 @@ def _attention_dropout_mask_kernel(seed_ptr, mask_ptr, seqlen_q, seqlen_k, dropo
 # ----------------------------------------------------------------------------------------
 # launchers
 
+@triton.jit
+def _key_end_kernel(mask_ptr, out_ptr, stride_mask_b, seqlen_k, BLOCK: tl.constexpr):
+    # each program owns one row of the (batch, seqlen_k) key mask: one past its last nonzero
+    b = tl.program_id(0).to(tl.int64)
+    end = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(0, seqlen_k, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = tl.load(mask_ptr + b * stride_mask_b + offs, mask=offs < seqlen_k, other=0)
+        end = tl.maximum(end, tl.where(m != 0, offs + 1, 0))
+    tl.store(out_ptr + b, tl.max(end, axis=0))
+
+
+# Mask entries a program of the key-end kernel reads per iteration.
+KEY_END_BLOCK = 1024
+
+
+@on_tensor_device
+def key_end(attention_mask: torch.Tensor) -> torch.Tensor:
+    """int32 (batch,): one past the last nonzero of each row of a (batch, seqlen_k) key mask
+    (bool or integer), 0 for a row with none. One launch, no host sync."""
+    m = attention_mask
+    if m.dtype == torch.bool:
+        m = m.view(torch.int8)
+    elif m.dtype != torch.int8:
+        m = (m != 0).view(torch.int8)
+    m = _last_dim_contiguous(m)
+    out = torch.empty((m.shape[0],), dtype=torch.int32, device=m.device)
+    if m.shape[0] > 0:
+        _key_end_kernel[(m.shape[0],)](m, out, m.stride(0), m.shape[1], BLOCK=KEY_END_BLOCK)
+    return out
+
+
 def block_d(head_dim: int) -> int:
     """The power-of-two tile width holding ``head_dim``."""
     return max(16, next_power_of_2(int(head_dim)))
@@ -830,6 +862,10 @@ def aot_configs():
                         dict(BLOCK_M=preprocess_block_m(128), BLOCK_D=128, EVEN_D=even,
                              IS_VARLEN=False),
                         PREPROCESS_WARPS, name=f"attention_bwd_preprocess[{dt},d128,even_d={even}]")
+    yield AotConfig(_key_end_kernel, {"mask_ptr": "*i8", "out_ptr": "*i32",
+                                      "stride_mask_b": "i64", "seqlen_k": "i32",
+                                      "BLOCK": "constexpr"},
+                    dict(BLOCK=KEY_END_BLOCK), 4, name="attention_key_end")
     yield AotConfig(_attention_dropout_mask_kernel,
                     {"seed_ptr": "*i64", "mask_ptr": "*i8", "seqlen_q": "i32", "seqlen_k": "i32",
                      "dropout_p": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},

@@ -44,8 +44,13 @@ def _scan(args) -> tuple[bool, bool]:
 
 
 def _modes_active() -> bool:
+    """Something that must see the custom op: torch.compile's tracing, a dispatch or
+    torch-function mode, a functorch transform (vmap, grad, functionalize: their wrapped
+    tensors look like plain ones), torch.jit.trace."""
     return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled())
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active()
+            or torch._C._get_tracing_state() is not None)
 
 
 def direct_call_ok(args: Sequence[Any]) -> bool:
@@ -94,7 +99,12 @@ class FastOp:
         plain, grad = _scan(args)
         if not plain:
             return self.op(*args)
-        if grad and self._function is not None and torch.is_grad_enabled():
+        if grad and torch.is_grad_enabled():
+            # an op without autograd (the backward ops) under a graph being recorded (double
+            # backward, create_graph=True): the custom op, which raises that it has no
+            # derivative, rather than outputs silently without one
+            if self._function is None:
+                return self.op(*args)
             return self._function.apply(*args)
         out = self.fn(*args)
         for i in self._mutated:

@@ -110,25 +110,14 @@ def _key_end(attention_mask: Tensor) -> Tensor:
     return ((attention_mask != 0).to(torch.int32) * positions).amax(-1)
 
 
-# masks whose kv_end was computed, each with (version counter, kv_end): a BERT encoder passes
-# one mask to every layer, so its kv_end (four small kernels) is computed once per forward, not
-# once per layer. An in-place change to the mask bumps its version and recomputes it.
-_KEY_ENDS = WeakIdKeyDictionary()
-
-
 def _key_end_of(attention_mask: Tensor) -> Tensor:
-    """``_key_end``, remembered per mask tensor. Not under torch.compile (traced each time)
-    nor while a CUDA graph is captured (its replays must recompute it from the mask's new
-    contents), nor for inference tensors (no version counter)."""
-    if (torch.compiler.is_compiling() or attention_mask.is_inference()
-            or (attention_mask.is_cuda and torch.cuda.is_current_stream_capturing())):
+    """``_key_end`` in one kernel launch (the PyTorch form takes five small ones, and a BERT
+    encoder computes it at every layer); the PyTorch form under torch.compile, which traces
+    it."""
+    if torch.compiler.is_compiling():
         return _key_end(attention_mask)
-    hit = _KEY_ENDS.get(attention_mask)
-    if hit is not None and hit[0] == attention_mask._version:
-        return hit[1]
-    kv_end = _key_end(attention_mask)
-    _KEY_ENDS[attention_mask] = (attention_mask._version, kv_end)
-    return kv_end
+    from fastbert.kernels import attention as k_
+    return k_.key_end(attention_mask)
 
 
 @fast_op("fastbert::attention_fwd", mutates_args=())

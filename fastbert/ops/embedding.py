@@ -17,7 +17,6 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import (FLOAT_DTYPES, check_eps, check_probability, check_same_device, check_shape,
                       check_tensor)
@@ -221,38 +220,25 @@ def _normalize_padding_idx(padding_idx: Optional[int], vocab_size: int) -> int:
     return padding_idx + vocab_size if padding_idx < 0 else padding_idx
 
 
-# Index tensors whose range was checked, each with (version counter, table rows) at the time:
-# a tensor passed again unmodified (the same position_ids every step, a batch run through
-# several models) is not read back again. An in-place change bumps the version and brings the
-# check back; inference tensors keep no version counter and are checked at every call.
-_CHECKED_IDS = WeakIdKeyDictionary()
-
-
-def _checked_already(t: Tensor, n: int) -> bool:
-    return not t.is_inference() and _CHECKED_IDS.get(t) == (t._version, n)
-
-
 def _check_bounds(input_ids, word_weight, position_weight, position_ids, token_type_ids,
                   type_weight) -> None:
-    """Raise when an id lies outside its table. One device sync for all the index tensors not
-    checked before; none while a CUDA graph is captured (a host read is illegal there)."""
+    """Raise when an id lies outside its table. One device sync for all the index tensors;
+    none while a CUDA graph is captured (a host read is illegal there)."""
     checks = [("input_ids", input_ids, word_weight.shape[0], "vocab_size")]
     if position_ids is not None:
         checks.append(("position_ids", position_ids, position_weight.shape[0],
                        "max_position_embeddings"))
     if token_type_ids is not None:
         checks.append(("token_type_ids", token_type_ids, type_weight.shape[0], "type_vocab_size"))
-    checks = [c for c in checks if c[1].numel() > 0 and not _checked_already(c[1], c[2])]
+    checks = [c for c in checks if c[1].numel() > 0]
     if not checks or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     stats = torch.stack([torch.stack(torch.aminmax(c[1])).to(torch.int64) for c in checks])
-    for (name, t, n, what), (lo, hi) in zip(checks, stats.tolist()):
+    for (name, _, n, what), (lo, hi) in zip(checks, stats.tolist()):
         if lo < 0:
             raise ValueError(f"{name}: id {lo} out of range [0, {n}) (negative)")
         if hi >= n:
             raise ValueError(f"{name}: id {hi} out of range [0, {n}): max {hi} >= {what} {n}")
-        if not t.is_inference():
-            _CHECKED_IDS[t] = (t._version, n)
 
 
 def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight: Tensor,
