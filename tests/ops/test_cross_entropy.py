@@ -968,3 +968,20 @@ def test_cross_entropy_mean_counts_its_targets_once(device, monkeypatch):
     x64 = x.detach().double().requires_grad_()
     (F.cross_entropy(x64, t, ignore_index=IGNORE) * 3.0).backward()
     assert_close_to_ref(g, x64.grad, name="dlogits")
+
+
+@pytest.mark.parametrize("n_cols", [50, 5000])
+def test_cross_entropy_bwd_writes_over_the_logits_as_into_a_new_tensor(device, n_cols):
+    # linear_cross_entropy overwrites each chunk's logits with their gradient
+    logits = torch.randn(7, n_cols, device=device) * 3
+    target = _targets(7, n_cols, device, ignore_frac=0.3)
+    target[0] = 1
+    _, stats = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
+    scale = torch.rand(7, device=device)
+    want = k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1)
+    same = logits.clone()
+    out = k.cross_entropy_bwd(same, target, stats, scale, IGNORE, 0.1, dlogits=same)
+    assert out.data_ptr() == same.data_ptr()
+    torch.testing.assert_close(same, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dlogits must be"):
+        k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1, dlogits=logits.double())
