@@ -516,16 +516,22 @@ def _key_end_kernel(mask_ptr, out_ptr, stride_mask_b, seqlen_k, BLOCK: tl.conste
 KEY_END_BLOCK = 1024
 
 
-@on_tensor_device
-def key_end(attention_mask: torch.Tensor) -> torch.Tensor:
-    """int32 (batch,): one past the last nonzero of each row of a (batch, seqlen_k) key mask
-    (bool or integer), 0 for a row with none. One launch, no host sync."""
+def _mask_int8(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The key mask as the kernels read it: int8, nonzero = attend, unit column stride (bool
+    and int8 masks are viewed, not copied)."""
     m = attention_mask
     if m.dtype == torch.bool:
         m = m.view(torch.int8)
     elif m.dtype != torch.int8:
         m = (m != 0).view(torch.int8)
-    m = _last_dim_contiguous(m)
+    return _last_dim_contiguous(m)
+
+
+@on_tensor_device
+def key_end(attention_mask: torch.Tensor) -> torch.Tensor:
+    """int32 (batch,): one past the last nonzero of each row of a (batch, seqlen_k) key mask
+    (bool or integer), 0 for a row with none. One launch, no host sync."""
+    m = _mask_int8(attention_mask)
     out = torch.empty((m.shape[0],), dtype=torch.int32, device=m.device)
     if m.shape[0] > 0:
         _key_end_kernel[(m.shape[0],)](m, out, m.stride(0), m.shape[1], BLOCK=KEY_END_BLOCK)
@@ -613,12 +619,7 @@ def _mask_arg(attention_mask: Optional[torch.Tensor], kv_end: Optional[torch.Ten
     caller, every key block is visited (kv_end = seqlen_k)."""
     if attention_mask is None:
         return None, 0, None
-    m = attention_mask
-    if m.dtype == torch.bool:
-        m = m.view(torch.int8)
-    elif m.dtype != torch.int8:
-        m = (m != 0).view(torch.int8)
-    m = _last_dim_contiguous(m)
+    m = _mask_int8(attention_mask)
     if kv_end is None:
         kv_end = torch.full((m.shape[0],), seqlen_k, dtype=torch.int32, device=m.device)
     elif kv_end.dtype != torch.int32 or tuple(kv_end.shape) != (m.shape[0],):
