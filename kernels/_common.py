@@ -137,6 +137,20 @@ def next_power_of_2(n: int) -> int:
     return 0 if n == 0 else 1 << (n - 1).bit_length()
 
 
+def mm_fp32(a: torch.Tensor, b: torch.Tensor,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b as float32 (into ``out`` if given), a and b in one dtype, the product not rounded
+    to their 16-bit dtype first: on CUDA cuBLAS returns its fp32 accumulator (aten::mm.dtype /
+    .dtype_out, which have no CPU kernel); elsewhere the operands are upcast (16-bit products
+    are exact in fp32)."""
+    if a.dtype != torch.float32 and a.is_cuda:
+        if out is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    a, b = a.float(), b.float()
+    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

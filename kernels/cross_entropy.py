@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, AotConfig, on_tensor_device, cdiv, next_power_of_2
+from ._common import LOG2E, AotConfig, cdiv, mm_fp32, next_power_of_2, on_tensor_device
 
 # The widest block of a row a program holds in registers at once; wider rows loop over blocks.
 # 4096 fp32 over 8 warps is 16 elements a thread: wide loads without register spills.
@@ -439,15 +439,6 @@ def chunk_rows(n_rows: int, n_cols: int, chunk_elements: Optional[int] = None) -
     return min(most, cdiv(rows, CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE)
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b as float32, without rounding the product to a's 16-bit dtype first. cuBLAS
-    accumulates in fp32 and returns that (aten::mm.dtype); that overload has no CPU kernel, so
-    on the CPU (the interpreter's tests) the operands are upcast instead."""
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
-
-
 @on_tensor_device
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          target: torch.Tensor, ignore_index: int, label_smoothing: float,
@@ -532,13 +523,13 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         if need_dx:
             if prescaled:
                 # one fp32 (rows, H) temporary: scaled back, then rounded once
-                dx[start:end] = _mm_fp32(logits, weight).mul_(unscale)
+                dx[start:end] = mm_fp32(logits, weight).mul_(unscale)
             else:
                 torch.mm(logits, weight, out=dx[start:end])
         if need_dweight:
             if prescaled:
                 # the first chunk's product is the accumulator: no zero-filled (V, H) buffer
-                part = _mm_fp32(logits.t(), xc)
+                part = mm_fp32(logits.t(), xc)
                 dw = part if dw is None else dw.add_(part)
             elif acc_fp32:
                 dw += torch.mm(logits.t(), xc)

@@ -81,7 +81,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotConfig, LOG2E, _tanh, cdiv, next_power_of_2, on_tensor_device
+from ._common import (AotConfig, LOG2E, _tanh, cdiv, mm_fp32, next_power_of_2,
+                      on_tensor_device)
 
 # tl.dot needs every block dimension >= 16; the batch block is padded up to it.
 MIN_DOT_BLOCK = 16
@@ -885,17 +886,6 @@ def _dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and device.type != "cuda"
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (fp32) = a @ b, a and b in one dtype, without rounding the product to 16 bits:
-    on CUDA cuBLAS multiplies 16-bit operands with an fp32 accumulator and writes it as is
-    (``out_dtype``); elsewhere the operands are upcast (16-bit products are exact in fp32)."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b, out=out)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    return torch.mm(a.float(), b.float(), out=out)
-
-
 def _time_order(n_steps: int, reverse: bool):
     return range(n_steps - 1, -1, -1) if reverse else range(n_steps)
 
@@ -1221,7 +1211,7 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
         proj_args = (hs, lengths, y, hs.stride(0), y.stride(0), hs.stride(1), n_state)
         rs_v = rs.unbind(0)
     for s, t in enumerate(_time_order(n_steps, reverse)):
-        _mm_fp32(hs_v[s], w_t, recs_v[t])
+        mm_fp32(hs_v[s], w_t, recs_v[t])
         row(*row_args, s, t, float(eps), BLOCK_H=block_h, HAS_PROJ=has_proj, num_warps=warps)
         if has_proj:
             torch.mm(rs_v[t], w_hr_t, out=hs_v[s + 1])
@@ -1307,10 +1297,10 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
             t = order[s]
             has_next = s < n_steps - 1
             if has_next:
-                _mm_fp32(drec_v[order[s + 1]], w_hh, dh_mm)
+                mm_fp32(drec_v[order[s + 1]], w_hh, dh_mm)
             if has_proj:
                 proj(*proj_args, t, BLOCK_P=block_p, HAS_NEXT=has_next, num_warps=pwarps)
-                _mm_fp32(gv_v[t], w_hr, dr)
+                mm_fp32(gv_v[t], w_hr, dr)
             # with a projection HAS_NEXT is unused by the row kernel: one variant
             row(*row_args, s, t, BLOCK_H=block_h, HAS_NEXT=has_next and not has_proj,
                 HAS_PROJ=has_proj, num_warps=warps)

@@ -3,9 +3,10 @@
 Every op of fastbert is a custom op, so that ``torch.compile(fullgraph=True)``, opcheck and
 the dispatcher's modes see it. But a custom op's eager call is slow on the host: measured on
 an H200 machine (torch 2.11, benchmarks/profile_overhead.py, 2026-11-26), a LayerNorm
-forward+backward over 8192 x 768 took 1183 us of host time for 58 us of GPU time, most of it
-in torch/_library/custom_ops.py's ``backend_impl`` and the autograd wrapper (eager PyTorch:
-187 us). Small and medium BERT shapes then run at the host's pace, not the GPU's.
+forward+backward over 8192 x 768 took 1183 us of host time for 58 us of GPU time (eager
+PyTorch: 187 us), cProfile pointing at torch/_library/custom_ops.py's ``backend_impl`` and the
+autograd wrapper. Skipping them took attention's forward+backward from 1628 to 920 us of host
+time there (benchmarks/results/overhead_nvidia-h200*.txt): part of the cost, not all.
 
 ``fast_op(name, mutates_args=...)`` is used as ``torch.library.custom_op`` is, and registers
 exactly that custom op (``torch.ops.fastbert.<name>``, its fake implementation, its autograd).
@@ -28,18 +29,21 @@ from torch import Tensor
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
+def _tensor_args(args):
+    """The tensors among ``args`` and inside their list / tuple entries."""
+    for a in args:
+        if isinstance(a, Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, Tensor))
+
+
 def _scan(args) -> tuple[bool, bool]:
     """(every tensor argument is a plain Tensor / Parameter, some tensor requires grad)."""
     plain, grad = True, False
-    for a in args:
-        if isinstance(a, Tensor):
-            plain = plain and type(a) in _PLAIN
-            grad = grad or a.requires_grad
-        elif isinstance(a, (list, tuple)):
-            for t in a:
-                if isinstance(t, Tensor):
-                    plain = plain and type(t) in _PLAIN
-                    grad = grad or t.requires_grad
+    for t in _tensor_args(args):
+        plain = plain and type(t) in _PLAIN
+        grad = grad or t.requires_grad
     return plain, grad
 
 
