@@ -28,6 +28,11 @@ What is fused and why:
   atomics anywhere, so the backward is deterministic (bit-identical run to run) at the cost of
   computing QK^T and dO V^T twice (the FlashAttention-2 paper's atomic-free variant, as in the
   Triton fused-attention tutorial).
+- Backward in one launch when every key fits in one key block (``bwd_fused``: seqlen_k <= 128
+  at head dim <= 64 in fp16/bf16, BERT's seq 128): the dK/dV program then sees every key of
+  its queries, so it also computes their delta and writes their dQ (FUSED_DQ). That drops two
+  launches (host time dominated BERT seq-128 calls on the H200), the delta and dQ kernels'
+  re-reads of Q, dO, K, V and the second QK^T / dO V^T; still no atomics.
 - Causal masking is aligned to the bottom-right corner, as in FlashAttention-2: query i of a
   sequence with lengths (Lq, Lk) sees keys j <= i + Lk - Lq. A query row that sees no key
   (fully padded, or i < Lq - Lk under causal) outputs zeros, its log-sum-exp is +inf and its
@@ -314,7 +319,7 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, o_ptr, dq_ptr,
     mask_ptr, kv_end_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
@@ -322,21 +327,30 @@ def _attention_bwd_dkdv_kernel(
     stride_dob, stride_dom, stride_doh,
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
+    stride_ob, stride_om, stride_oh,
+    stride_dqb, stride_dqm, stride_dqh,
     stride_mask_b,
     n_heads, n_heads_kv, n_groups, seqlen_q, seqlen_k, head_dim, qk_scale, sm_scale, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     # each program owns BLOCK_N keys of one (batch, kv head) and accumulates their dK, dV over
-    # all query heads of the group and all query blocks (no atomics)
+    # all query heads of the group and all query blocks (no atomics).
+    # FUSED_DQ (every sequence's keys fit in one block, seqlen_k <= BLOCK_N): the program sees
+    # every key of its queries, so it also finishes their dQ, and computes delta =
+    # rowsum(dO * O) itself: the whole backward is this one launch (o_ptr, dq_ptr are read /
+    # written; delta_ptr is not). It then visits every query block, even with no key to
+    # attend (len_k or kv_end 0, causal rows before the first key), so each dQ row is written.
     pid_n, pid_bh = _block_and_head(tl.cdiv(seqlen_k, BLOCK_N))
     b = pid_bh // n_heads_kv
     h_kv = pid_bh % n_heads_kv
     q_start, len_q = _seq_bounds(cu_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = _seq_bounds(cu_k_ptr, b, seqlen_k, IS_VARLEN)
     start_n = pid_n * BLOCK_N
-    if start_n < len_k:
+    # with FUSED_DQ, start_n is 0: "+ 1" makes the skip tests below always pass
+    skip_off = 1 if FUSED_DQ else 0
+    if start_n < len_k + skip_off:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_in = offs_d < head_dim
@@ -344,26 +358,29 @@ def _attention_bwd_dkdv_kernel(
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         # a block wholly past the last attended key (padding) gets zero gradients: write
-        # them without loading anything
-        if start_n < _key_bound(kv_end_ptr, b, len_k, HAS_MASK):
+        # them without loading anything. Keys past it in this block are padding too: not
+        # loaded (zeros), their gradients are zero
+        key_end = _key_bound(kv_end_ptr, b, len_k, HAS_MASK)
+        if start_n < key_end + skip_off:
+            kv_in = offs_n < key_end
             offs_m0 = tl.arange(0, BLOCK_M)
             k_base = _head_base(k_ptr, b, k_start, h_kv, stride_kb, stride_kn, stride_kh)
             v_base = _head_base(v_ptr, b, k_start, h_kv, stride_vb, stride_vn, stride_vh)
-            k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_in, d_in,
+            k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], kv_in, d_in,
                            True, EVEN_D, False)
-            v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_in, d_in,
+            v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], kv_in, d_in,
                            True, EVEN_D, False)
             # the keys' own validity (bounds, padding mask) is the same for every query block
-            key_ok = n_in
+            key_ok = kv_in
             if HAS_MASK:
-                km = tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + offs_n, mask=n_in,
+                km = tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + offs_n, mask=kv_in,
                              other=0)
                 key_ok = key_ok & (km != 0)
             if HAS_DROPOUT:
                 seed = tl.load(seed_ptr)
             # causal: the first query that sees key start_n is start_n - (len_k - len_q)
             lo = 0
-            if IS_CAUSAL:
+            if IS_CAUSAL and not FUSED_DQ:
                 lo = tl.maximum(start_n - (len_k - len_q), 0) // BLOCK_M * BLOCK_M
             for g in range(0, n_groups):
                 h = h_kv * n_groups + g
@@ -371,6 +388,10 @@ def _attention_bwd_dkdv_kernel(
                 q_base = _head_base(q_ptr, b, q_start, h, stride_qb, stride_qm, stride_qh)
                 do_base = _head_base(do_ptr, b, q_start, h, stride_dob, stride_dom,
                                      stride_doh)
+                if FUSED_DQ:
+                    o_base = _head_base(o_ptr, b, q_start, h, stride_ob, stride_om, stride_oh)
+                    dq_base = _head_base(dq_ptr, b, q_start, h, stride_dqb, stride_dqm,
+                                         stride_dqh)
                 for start_m in range(lo, len_q, BLOCK_M):
                     offs_m = start_m + offs_m0
                     m_in = offs_m < len_q
@@ -380,8 +401,13 @@ def _attention_bwd_dkdv_kernel(
                                     m_in, d_in, True, EVEN_D, False)
                     lse = tl.load(lse_ptr + bh.to(tl.int64) * seqlen_q + offs_m, mask=m_in,
                                   other=float("inf"))
-                    delta = tl.load(delta_ptr + bh.to(tl.int64) * seqlen_q + offs_m, mask=m_in,
-                                    other=0.0)
+                    if FUSED_DQ:
+                        o = _load_tile(o_base + offs_m[:, None] * stride_om + offs_d[None, :],
+                                       m_in, d_in, True, EVEN_D, False)
+                        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+                    else:
+                        delta = tl.load(delta_ptr + bh.to(tl.int64) * seqlen_q + offs_m,
+                                        mask=m_in, other=0.0)
                     # transposed scores (keys x queries): dK and dV come out untransposed
                     qkt = _mm(k, tl.trans(q))
                     valid = key_ok[:, None] & m_in[None, :]
@@ -401,6 +427,10 @@ def _attention_bwd_dkdv_kernel(
                         dv += _mm(pt.to(do.dtype), do)
                     dst = pt * (dpt - delta[None, :])
                     dk += _mm(dst.to(q.dtype), q)
+                    if FUSED_DQ:
+                        dq = _mm(tl.trans(dst.to(k.dtype)), k) * sm_scale
+                        _store_tile(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
+                                    dq.to(dq_ptr.dtype.element_ty), m_in, d_in, EVEN_D)
         dk = dk * sm_scale
         dk_base = _head_base(dk_ptr, b, k_start, h_kv, stride_dkb, stride_dkn, stride_dkh)
         dv_base = _head_base(dv_ptr, b, k_start, h_kv, stride_dvb, stride_dvn, stride_dvh)
@@ -578,6 +608,14 @@ def bwd_configs(head_dim: int, dtype: torch.dtype):
     return (32, 64, 8, 2), (64, 32, 8, 2)
 
 
+def bwd_fused(seqlen_k: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the backward is the dK/dV kernel alone (FUSED_DQ): every sequence's keys fit
+    in its one key block, so each program also finishes its queries' dQ and delta, and the
+    delta pre-pass and the dQ kernel (two launches, two more reads of Q, dO, K and V) are
+    skipped. With seqlen_k 0 there is no program to write dQ: not fused."""
+    return 0 < seqlen_k <= bwd_configs(head_dim, dtype)[0][1]
+
+
 # Elements of O (and of dO) per program of the delta (rowsum(dO * O)) pre-pass: 16 per thread
 # at PREPROCESS_WARPS warps. The pass is memory-bound, so it wants occupancy: 64 rows of a
 # 128-wide head took 255 registers a thread (ptxas -v, sm_90); 16 rows take 56.
@@ -600,9 +638,8 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     """(batch, token, head) strides; the batch stride is 0 in the packed varlen layout."""
-    if varlen:
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+    s = t.stride()      # one call: each t.stride(i) is a separate trip into C++
+    return (0, s[0], s[1]) if varlen else s[:3]
 
 
 def _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -717,14 +754,19 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     mask, stride_mask_b, kv_end = _mask_arg(attention_mask, kv_end, sk)
     has_dropout = seed is not None and dropout_p > 0.0
     bd = block_d(head_dim)
-    delta = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
-    pre_bm = preprocess_block_m(bd)
-    _attention_bwd_preprocess_kernel[(cdiv(sq, pre_bm) * batch * heads,)](
-        out, do, delta, cu_seqlens_q, *_strides3(out, varlen), *_strides3(do, varlen),
-        heads, sq, head_dim, BLOCK_M=pre_bm, BLOCK_D=bd, EVEN_D=bd == head_dim,
-        IS_VARLEN=varlen, num_warps=PREPROCESS_WARPS,
-    )
     (bm1, bn1, w1, s1), (bm2, bn2, w2, s2) = bwd_configs(head_dim, q.dtype)
+    # every key in one block (BERT's seq 128 at head dim <= 64): one launch does it all
+    fused = need_dq and need_dkv and bwd_fused(sk, head_dim, q.dtype)
+    if fused:
+        delta = lse   # not read (FUSED_DQ computes it); any fp32 pointer keeps one signature
+    else:
+        delta = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
+        pre_bm = preprocess_block_m(bd)
+        _attention_bwd_preprocess_kernel[(cdiv(sq, pre_bm) * batch * heads,)](
+            out, do, delta, cu_seqlens_q, *_strides3(out, varlen), *_strides3(do, varlen),
+            heads, sq, head_dim, BLOCK_M=pre_bm, BLOCK_D=bd, EVEN_D=bd == head_dim,
+            IS_VARLEN=varlen, num_warps=PREPROCESS_WARPS,
+        )
     qk_scale = float(softmax_scale) * _SCORE_LOG2E
     flags = dict(BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen, IS_CAUSAL=bool(causal),
                  HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout)
@@ -733,13 +775,17 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         dv.zero_()
     elif sk > 0:
         _attention_bwd_dkdv_kernel[(cdiv(sk, bn1) * batch * heads_kv,)](
-            q, k, v, do, lse, delta, dk, dv, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
+            q, k, v, do, lse, delta, dk, dv, out, dq,
+            mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
             *_strides3(do, varlen), *_strides3(dk, varlen), *_strides3(dv, varlen),
+            *_strides3(out, varlen), *_strides3(dq, varlen),
             stride_mask_b, heads, heads_kv, groups, sq, sk, head_dim, qk_scale,
             float(softmax_scale), float(dropout_p),
-            BLOCK_M=bm1, BLOCK_N=bn1, num_warps=w1, num_stages=s1, **flags,
+            BLOCK_M=bm1, BLOCK_N=bn1, FUSED_DQ=fused, num_warps=w1, num_stages=s1, **flags,
         )
+    if fused:
+        return dq, dk, dv
     if not need_dq:
         return dq.zero_(), dk, dv
     _attention_bwd_dq_kernel[(cdiv(sq, bm2) * batch * heads,)](
@@ -798,19 +844,22 @@ def _preprocess_signature(dt: str):
 def _bwd_signature(dt: str, dq: bool):
     ptrs = [("q_ptr", f"*{dt}"), ("k_ptr", f"*{dt}"), ("v_ptr", f"*{dt}"), ("do_ptr", f"*{dt}"),
             ("lse_ptr", "*fp32"), ("delta_ptr", "*fp32")]
-    ptrs += [("dq_ptr", f"*{dt}")] if dq else [("dk_ptr", f"*{dt}"), ("dv_ptr", f"*{dt}")]
+    ptrs += ([("dq_ptr", f"*{dt}")] if dq else
+             [("dk_ptr", f"*{dt}"), ("dv_ptr", f"*{dt}"), ("o_ptr", f"*{dt}"),
+              ("dq_ptr", f"*{dt}")])
     ptrs += [("mask_ptr", "*i8"), ("kv_end_ptr", "*i32"), ("cu_q_ptr", "*i32"),
              ("cu_k_ptr", "*i32"), ("seed_ptr", "*i64")]
-    outs = ("dq",) if dq else ("dk", "dv")
+    outs = ("dq",) if dq else ("dk", "dv", "o", "dq")
     strides = []
     for t in ("q", "k", "v", "do") + outs:
-        row = "m" if t in ("q", "do", "dq") else "n"
+        row = "m" if t in ("q", "do", "dq", "o") else "n"
         strides += [(f"stride_{t}b", "i64"), (f"stride_{t}{row}", "i64"), (f"stride_{t}h", "i64")]
     heads = [("n_heads", "i32")] + ([] if dq else [("n_heads_kv", "i32")]) + [("n_groups", "i32")]
     scalars = [("stride_mask_b", "i64")] + heads + [
         ("seqlen_q", "i32"), ("seqlen_k", "i32"), ("head_dim", "i32"), ("qk_scale", "fp32"),
         ("sm_scale", "fp32"), ("dropout_p", "fp32")]
-    return _sig(ptrs + strides + scalars + [(c, "constexpr") for c in _FLAG_NAMES])
+    flags = _FLAG_NAMES + (() if dq else ("FUSED_DQ",))
+    return _sig(ptrs + strides + scalars + [(c, "constexpr") for c in flags])
 
 
 _FLAG_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_D", "IS_VARLEN", "IS_CAUSAL", "HAS_MASK",
@@ -831,11 +880,14 @@ def aot_configs():
         bm, bn, w, s = fwd_config(head_dim, _TORCH_DT[dt], drop)
         yield AotConfig(_attention_fwd_kernel, _fwd_signature(dt),
                         dict(BLOCK_M=bm, BLOCK_N=bn, **f), w, s, name=f"attention_fwd[{tag}]")
-        for kern, dq, (bm, bn, w, s) in zip(
-                (_attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel), (False, True),
-                bwd_configs(head_dim, _TORCH_DT[dt])):
-            yield AotConfig(kern, _bwd_signature(dt, dq), dict(BLOCK_M=bm, BLOCK_N=bn, **f), w, s,
-                            name=f"attention_bwd_{'dq' if dq else 'dkdv'}[{tag}]")
+        (bm, bn, w, s), (bm2, bn2, w2, s2) = bwd_configs(head_dim, _TORCH_DT[dt])
+        for fused in (False, True):
+            yield AotConfig(_attention_bwd_dkdv_kernel, _bwd_signature(dt, False),
+                            dict(BLOCK_M=bm, BLOCK_N=bn, FUSED_DQ=fused, **f), w, s,
+                            name=f"attention_bwd_dkdv[{tag},fused_dq={fused}]")
+        yield AotConfig(_attention_bwd_dq_kernel, _bwd_signature(dt, True),
+                        dict(BLOCK_M=bm2, BLOCK_N=bn2, **f), w2, s2,
+                        name=f"attention_bwd_dq[{tag}]")
 
     tiles = sorted({block_d(d) for d in SUPPORTED_HEAD_DIMS})
     for dt in ("bf16", "fp16", "fp32"):

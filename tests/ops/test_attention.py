@@ -39,6 +39,16 @@ def poisoned_empty(monkeypatch):
     yield
 
 
+@pytest.fixture(params=["one_launch", "three_kernels"])
+def bwd_path(request, monkeypatch):
+    """Both backward paths: "one_launch" (the default: the dK/dV kernel also computes delta
+    and dQ whenever every key fits in its one key block, kernels.attention.bwd_fused) and
+    "three_kernels" (delta pre-pass, dK/dV, dQ: forced here even for short keys)."""
+    if request.param == "three_kernels":
+        monkeypatch.setattr(k, "bwd_fused", lambda *args: False)
+    return request.param
+
+
 def _rand(device, dtype, *shape):
     return torch.randn(*shape, device=device, dtype=torch.float32).to(dtype)
 
@@ -102,7 +112,8 @@ def _case_id(c):
     pytest.param(dt, c, id=f"{str(dt)[6:]}-{_case_id(c)}")
     for dt in (torch.float32, torch.float16) for c in PADDED_CASES
     if dt == torch.float32 or c[5] not in FP32_ONLY_HEAD_DIMS])
-def test_attention_fwd_bwd_matches_fp64_on_ragged_shapes(device, poisoned_empty, dtype, case):
+def test_attention_fwd_bwd_matches_fp64_on_ragged_shapes(device, poisoned_empty, bwd_path, dtype,
+                                                         case):
     batch, sq, sk, heads, heads_kv, d, causal, mask_kind = case
     q = _rand(device, dtype, batch, sq, heads, d)
     k_ = _rand(device, dtype, batch, sk, heads_kv, d)
@@ -118,6 +129,71 @@ def test_attention_fwd_bwd_matches_fp64_on_ragged_shapes(device, poisoned_empty,
            q, k_, v, name=str(case))
 
 
+def _count_launches(monkeypatch, names):
+    """Wrap kernels.attention's kernels ``names`` (still run) and return the list their
+    launches are appended to, by name."""
+    launched = []
+
+    class Counting:
+        def __init__(self, name, real):
+            self.name, self.real = name, real
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.real[grid]
+
+    for name in names:
+        monkeypatch.setattr(k, name, Counting(name, getattr(k, name)))
+    return launched
+
+
+BWD_KERNELS = ("_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel",
+               "_attention_bwd_dq_kernel")
+# (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, causal, mask): every key in one
+# block of the dK/dV kernel (fp32: 32 keys; fp16: 128 at head dim <= 64, 64 at 128)
+ONE_LAUNCH_CASES = [
+    (2, 7, 20, 2, 1, 32, False, "holes"),      # MQA; sequence 1 all padding
+    (1, 80, 30, 2, 2, 16, True, None),         # causal, seqlen_q > seqlen_k: the first query
+                                               # block sees no key at all
+    (2, 30, 30, 4, 2, 64, True, "holes"),      # GQA, causal square
+    (2, 1, 7, 2, 1, 16, True, "right"),        # a single query
+    (1, 20, 25, 2, 1, 80, False, "right"),     # head dim 80 in a 128 tile
+    (1, 40, 31, 2, 2, 128, False, "right"),    # head dim 128
+]
+ONE_LAUNCH_FP16_CASES = [(2, 100, 113, 2, 1, 64, True, "holes")]   # four query blocks
+
+
+@pytest.mark.parametrize("dtype, case", [
+    pytest.param(dt, c, id=f"{str(dt)[6:]}-{_case_id(c)}")
+    for dt in (torch.float32, torch.float16)
+    for c in ONE_LAUNCH_CASES + (ONE_LAUNCH_FP16_CASES if dt == torch.float16 else [])
+    if dt == torch.float32 or c[5] not in FP32_ONLY_HEAD_DIMS])
+def test_one_launch_backward_matches_fp64_when_all_keys_fit_one_block(device, poisoned_empty,
+                                                                      monkeypatch, dtype, case):
+    # the dK/dV kernel alone computes delta and dQ too; dQ starts as NaN (poisoned_empty), so
+    # every query row, those that see no key included, must be written
+    batch, sq, sk, heads, heads_kv, d, causal, mask_kind = case
+    assert k.bwd_fused(sk, d, dtype)
+    q = _rand(device, dtype, batch, sq, heads, d)
+    k_ = _rand(device, dtype, batch, sk, heads_kv, d)
+    v = _rand(device, dtype, batch, sk, heads_kv, d)
+    mask = None
+    if mask_kind == "holes":
+        mask = torch.rand(batch, sk, device=device) > 0.3
+        mask[-1] = False
+    elif mask_kind == "right":
+        lengths = torch.randint(1, sk + 1, (batch,), device=device)
+        mask = (torch.arange(sk, device=device)[None, :] < lengths[:, None]).long()
+    launched = _count_launches(monkeypatch, BWD_KERNELS)
+    out, (dq, _, _) = _check(
+        lambda a, b, c: attention(a, b, c, attention_mask=mask, causal=causal, backend="triton"),
+        lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=mask, causal=causal, **kw),
+        q, k_, v, name=str(case))
+    assert launched == ["_attention_bwd_dkdv_kernel"]
+    if mask_kind == "holes":
+        assert dq[-1].abs().max() == 0 and out[-1].abs().max() == 0
+
+
 def test_causal_is_aligned_bottom_right(device):
     # seqlen_q < seqlen_k: the last query sees every key, query i sees keys j <= i + (Sk - Sq)
     sq, sk, d = 3, 8, 16
@@ -130,8 +206,9 @@ def test_causal_is_aligned_bottom_right(device):
         assert seen == list(range(i + sk - sq + 1)), f"query {i} sees keys {seen}"
 
 
-def test_fully_masked_rows_give_zeros_and_zero_grads(device):
-    batch, sq, sk, d = 2, 9, 40, 32
+@pytest.mark.parametrize("sk", [40, 20])       # fp32: two key blocks, then one (one launch)
+def test_fully_masked_rows_give_zeros_and_zero_grads(device, bwd_path, sk):
+    batch, sq, d = 2, 9, 32
     q, k_, v = _leaves(_rand(device, torch.float32, batch, sq, 2, d),
                        _rand(device, torch.float32, batch, sk, 2, d),
                        _rand(device, torch.float32, batch, sk, 2, d))
@@ -223,7 +300,7 @@ def _varlen_inputs(device, dtype, lens_q, lens_k, heads, heads_kv, d):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_varlen_fwd_bwd_matches_fp64(device, poisoned_empty, dtype, causal):
+def test_attention_varlen_fwd_bwd_matches_fp64(device, poisoned_empty, bwd_path, dtype, causal):
     # lengths 1, 7, 113 and 0; key lengths differ from query lengths, one is empty
     q, k_, v, cu_q, cu_k, mq, mk = _varlen_inputs(device, dtype, [1, 7, 113, 0], [5, 7, 70, 3],
                                                   4, 2, 32)
@@ -322,7 +399,7 @@ def _recover_mask(device, call_seed, batch, heads, sq, sk, p=P_DROP):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dropout_fwd_bwd_matches_reference_with_recovered_mask(device, dtype):
+def test_dropout_fwd_bwd_matches_reference_with_recovered_mask(device, bwd_path, dtype):
     batch, sq, sk, heads, d = 2, 33, 50, 2, 32
     q, k_, v = (_rand(device, dtype, batch, s, heads, d) for s in (sq, sk, sk))
     mask = torch.rand(batch, sk, device=device) > 0.2
@@ -571,6 +648,7 @@ def test_launch_grids_fit_cuda_grid_limits_for_many_heads(device, monkeypatch):
                  "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
                  "_attention_dropout_mask_kernel"):
         monkeypatch.setattr(k, name, Recorder(name))
+    monkeypatch.setattr(k, "bwd_fused", lambda *args: False)     # all three backward kernels
     n = 70000
     q, k_, v = (_rand(device, torch.float16, n, 1, 1, 16) for _ in range(3))
     seed = torch.tensor([1], dtype=torch.int64, device=device)
