@@ -86,6 +86,20 @@ def _modes(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor]) -> Dict[
     return {"fwd": fwd_only, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
+def _three_kernel_backward(call: Callable) -> Callable:
+    """``call`` with kernels.attention.ONE_LAUNCH_BACKWARD off: the delta / dK,dV / dQ
+    kernels even where one launch would do (what the one-launch backward gains)."""
+    from fastbert.kernels import attention as k
+
+    def run():
+        saved, k.ONE_LAUNCH_BACKWARD = k.ONE_LAUNCH_BACKWARD, False
+        try:
+            return call()
+        finally:
+            k.ONE_LAUNCH_BACKWARD = saved
+    return run
+
+
 def _leaf(*shape, device, dtype):
     return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
 
@@ -101,6 +115,11 @@ def _padded_impls(batch, seq, heads, d, device, dtype, lengths, causal, sdpa_bac
     backend = "torch" if torch_ref else "triton"
     impls[f"fastbert[{backend}]"] = (
         lambda: attention(q, k, v, attention_mask=mask, causal=causal, backend=backend), [q, k, v])
+    if not torch_ref:
+        from fastbert.kernels.attention import bwd_fused
+        if bwd_fused(seq, d, dtype):
+            impls["fastbert_three_kernel_bwd[triton]"] = (
+                impls["fastbert[triton]"][0], [q, k, v], _three_kernel_backward)
     qt, kt, vt = (_leaf(batch, heads, seq, d, device=device, dtype=dtype) for _ in range(3))
     smask = mask[:, None, None, :] if mask is not None else None
     for name in sdpa_backends:
@@ -119,7 +138,11 @@ def _cases_for(name, params, impls, fwd_flops, baseline):
     out = []
     for mode, ratio in (("fwd", 1.0), ("bwd", BACKWARD_FLOP_RATIO),
                         ("fwd+bwd", 1.0 + BACKWARD_FLOP_RATIO)):
-        fns = {impl: _modes(fn, inputs)[mode] for impl, (fn, inputs) in impls.items()}
+        fns = {}
+        for impl, (fn, inputs, *wrap) in impls.items():
+            fns[impl] = _modes(fn, inputs)[mode]
+            if wrap:
+                fns[impl] = wrap[0](fns[impl])
         out.append(Case(f"{name} {mode}", params, fns, flops=fwd_flops * ratio, baseline=baseline))
     return out
 

@@ -608,12 +608,16 @@ def bwd_configs(head_dim: int, dtype: torch.dtype):
     return (32, 64, 8, 2), (64, 32, 8, 2)
 
 
+# False forces the three-kernel backward everywhere (benchmarks/bench_attention.py times both)
+ONE_LAUNCH_BACKWARD = True
+
+
 def bwd_fused(seqlen_k: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the backward is the dK/dV kernel alone (FUSED_DQ): every sequence's keys fit
     in its one key block, so each program also finishes its queries' dQ and delta, and the
     delta pre-pass and the dQ kernel (two launches, two more reads of Q, dO, K and V) are
     skipped. With seqlen_k 0 there is no program to write dQ: not fused."""
-    return 0 < seqlen_k <= bwd_configs(head_dim, dtype)[0][1]
+    return ONE_LAUNCH_BACKWARD and 0 < seqlen_k <= bwd_configs(head_dim, dtype)[0][1]
 
 
 # Elements of O (and of dO) per program of the delta (rowsum(dO * O)) pre-pass: 16 per thread

@@ -45,7 +45,7 @@ def bwd_path(request, monkeypatch):
     and dQ whenever every key fits in its one key block, kernels.attention.bwd_fused) and
     "three_kernels" (delta pre-pass, dK/dV, dQ: forced here even for short keys)."""
     if request.param == "three_kernels":
-        monkeypatch.setattr(k, "bwd_fused", lambda *args: False)
+        monkeypatch.setattr(k, "ONE_LAUNCH_BACKWARD", False)
     return request.param
 
 
@@ -648,7 +648,7 @@ def test_launch_grids_fit_cuda_grid_limits_for_many_heads(device, monkeypatch):
                  "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
                  "_attention_dropout_mask_kernel"):
         monkeypatch.setattr(k, name, Recorder(name))
-    monkeypatch.setattr(k, "bwd_fused", lambda *args: False)     # all three backward kernels
+    monkeypatch.setattr(k, "ONE_LAUNCH_BACKWARD", False)    # all three backward kernels
     n = 70000
     q, k_, v = (_rand(device, torch.float16, n, 1, 1, 16) for _ in range(3))
     seed = torch.tensor([1], dtype=torch.int64, device=device)
