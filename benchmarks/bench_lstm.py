@@ -17,7 +17,13 @@ Every case is forward + backward (gradients of the input and every parameter) in
 On CUDA, fastbert's per-step and time-looping recurrences are also timed against each other
 (hidden 256-1024, batch 16 and 64), to place ``PERSISTENT_MAX_HIDDEN`` from measurements.
 The padded cases also time both LSTMs replayed from CUDA graphs
-(``torch.cuda.make_graphed_callables``): the gap to the plain call is launch overhead. One case
+(``torch.cuda.make_graphed_callables``): the gap to the plain call is launch overhead. And
+``fastbert_triton_step_graph``: fastbert's own CUDA-graph mode (kernels/lstm.py
+``PER_STEP_CUDA_GRAPH``, off by default), with the per-step path forced at every hidden size
+(``PERSISTENT_MAX_HIDDEN`` = 0): at hidden 256 it is timed against the time-looping kernels
+(the default there), above against the plain per-step loop (the default there). Its captures
+happen in the untimed first call and their static buffers stay in the mode's cache, so its
+peak_mb leaves them out. The time-loop and LayerNorm-LSTM cases time the mode too. One case
 per target runs first, then the rest of the grid (``make gpu-check`` may stop a script
 part-way).
 
@@ -121,10 +127,21 @@ def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
             return _graphed_fwd_bwd(model, x)
         return _lazy(make)
 
+    def build_step_graph():
+        def make():
+            _fresh_step_graphs()
+            torch.manual_seed(0)
+            x = torch.randn(seq, batch, hidden, device=device, dtype=dtype)
+            model = LSTM(hidden, hidden, **kw, backend="triton").to(device, dtype)
+            return _step_graph(_fwd_bwd(model, x))
+        return _lazy(make)
+
     impls = ["cudnn" if device.type == "cuda" else "torch_nn_lstm"]
     impls += ["fastbert_triton"] if device.type == "cuda" else ["fastbert_torch"]
     fns = {i: build("cudnn" if i in ("cudnn", "torch_nn_lstm") else i) for i in impls}
     if device.type == "cuda":
+        # the per-step path in fastbert's own CUDA-graph mode (see the module docstring)
+        fns["fastbert_triton_step_graph"] = build_step_graph()
         # the same forward+backward replayed from CUDA graphs: how much of each time is
         # launch overhead (the per-step path launches a kernel or two per step from Python)
         fns["cudnn_graphed"] = build_graphed("cudnn")
@@ -172,23 +189,41 @@ def _with_threshold(name: str, value: int, fn: Callable[[], object]) -> Callable
     return with_setting(klstm, name, value, fn)
 
 
+def _step_graph(fn: Callable[[], object], threshold: str = "PERSISTENT_MAX_HIDDEN"
+                ) -> Callable[[], object]:
+    """``fn`` run with the per-step recurrence forced (``threshold`` set to 0) and replayed
+    from the CUDA-graph mode's own graphs (``fastbert.kernels.lstm.PER_STEP_CUDA_GRAPH``)."""
+    from fastbert.kernels import lstm as klstm
+    return with_setting(klstm, "PER_STEP_CUDA_GRAPH", True, _with_threshold(threshold, 0, fn))
+
+
+def _fresh_step_graphs() -> None:
+    """Drop the graph mode's captures (and their static buffers) of earlier cases."""
+    from fastbert.kernels import lstm as klstm
+    klstm.clear_step_graphs()
+
+
 def _time_loop_case(device, dtype, batch, hidden, seq):
-    """fastbert's two ways to run the time loop on the same layer: one launch per step vs the
-    single time-looping launch (forced either way by moving ``PERSISTENT_MAX_HIDDEN``), to
-    place that threshold from measurements."""
-    def build(persistent):
+    """fastbert's ways to run the time loop on the same layer: one launch per step, the same
+    replayed from the CUDA-graph mode's graphs, and the single time-looping launch (forced
+    either way by moving ``PERSISTENT_MAX_HIDDEN``), to place that threshold from
+    measurements."""
+    def build(kind):
         def make():
+            _fresh_step_graphs()
             torch.manual_seed(0)
             x = torch.randn(seq, batch, hidden, device=device, dtype=dtype)
             model = LSTM(hidden, hidden, backend="triton").to(device, dtype)
-            return _with_threshold("PERSISTENT_MAX_HIDDEN", hidden if persistent else 0,
-                                   _fwd_bwd(model, x))
+            if kind == "per_step_graphed":
+                return _step_graph(_fwd_bwd(model, x))
+            return _with_threshold("PERSISTENT_MAX_HIDDEN",
+                                   hidden if kind == "time_looping" else 0, _fwd_bwd(model, x))
         return _lazy(make)
 
     return Case("lstm fwd+bwd time loop",
                 dict(batch=batch, hidden=hidden, seq=seq, layers=1, dirs=1,
                      dtype=str(dtype).replace("torch.", "")),
-                {"per_step": build(False), "time_looping": build(True)},
+                {kind: build(kind) for kind in ("per_step", "per_step_graphed", "time_looping")},
                 flops=_flops(seq, batch, hidden, hidden, 1, 1), baseline="per_step")
 
 
@@ -221,14 +256,17 @@ class _EagerLayerNormLSTM(torch.nn.Module):
 def _layer_norm_case(device, dtype, batch, hidden, seq):
     from fastbert.kernels import lstm as klstm
 
-    def build(kind, persistent=None):
+    def build(kind, persistent=None, graphed=False):
         def make():
+            _fresh_step_graphs()
             torch.manual_seed(0)
             x = torch.randn(seq, batch, hidden, device=device, dtype=dtype)
             backend = "triton" if device.type == "cuda" else "torch"
             model = (_EagerLayerNormLSTM(hidden, hidden) if kind == "eager"
                      else LayerNormLSTM(hidden, hidden, backend=backend))
             inner = _fwd_bwd(model.to(device, dtype), x)
+            if graphed:
+                return _step_graph(inner, "LN_PERSISTENT_MAX_HIDDEN")
             if persistent is None:
                 return inner
             return _with_threshold("LN_PERSISTENT_MAX_HIDDEN", hidden if persistent else 0,
@@ -242,6 +280,7 @@ def _layer_norm_case(device, dtype, batch, hidden, seq):
             impls["fastbert_per_step"] = build("ours", persistent=False)
         else:
             impls["fastbert_time_looping"] = build("ours", persistent=True)
+        impls["fastbert_per_step_graphed"] = build("ours", graphed=True)
     return Case("layer_norm_lstm fwd+bwd",
                 dict(batch=batch, hidden=hidden, seq=seq, layers=1, dirs=1,
                      dtype=str(dtype).replace("torch.", "")),

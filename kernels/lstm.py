@@ -70,12 +70,31 @@ Two ways to run the time loop:
   keeps W_hh in registers / shared memory across SMs instead; that needs a grid barrier and
   is not implemented.
 
+CUDA-graph mode of the per-step loops (``PER_STEP_CUDA_GRAPH``, off by default): the host
+time of the per-step path is one Python launch per kernel and step (~20 us each on the H200
+machine's host, 2T-4T launches per layer and direction), which bounds it at small and medium
+sizes. In this mode each loop (the plain and the LayerNorm-LSTM forward and backward) is
+captured once per shape into a CUDA graph over static input and output buffers; a call copies
+its inputs in, replays the graph and returns clones of the outputs (autograd saves them, so the
+next call must not overwrite them): a dozen torch ops and one graph launch instead of the
+loop. The kernels and their arguments are the plain loop's, so the results are bitwise the
+same (cuBLAS, in the LayerNorm-LSTM loops, is given the same shapes and layouts). A call
+made while its stream is being captured runs the plain loop (the caller's graph records it);
+CPU tensors (the interpreter) always do. The captures and their buffers live in a small LRU
+cache (``_step_graph``): about one plain call's inputs and outputs of memory per entry.
+Recapturing for every new shape makes the mode a loss for inputs whose sequence length
+changes from call to call.
+
 References: cuDNN persistent RNN (Diamos et al., 2016), haste (lmnt-com/haste), PyTorch's
 ``_thnn_fused_lstm_cell``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import collections
+import functools
+import os
+import threading
+from typing import Callable, Optional, Tuple
 
 import torch
 import triton
@@ -95,12 +114,23 @@ MAX_BLOCK_H = 64
 # The time-looping ("persistent") kernels give each program a batch block and all hidden
 # columns, so one program streams all of W_hh (8 H^2 bytes in 16 bits) from L2 every step;
 # up to this hidden size that costs less than a launch per step (estimate: 512 KB at ~100 GB/s
-# per SM is ~5 us, a Python-side Triton launch ~20 us). Not measured on a GPU yet.
+# per SM is ~5 us, a Python-side Triton launch ~20 us). Not measured on a GPU yet. Read at
+# every call (``use_persistent``): 0 forces the per-step path at every hidden size, which is
+# how bench_lstm times it against the time-looping kernels (LN_PERSISTENT_MAX_HIDDEN likewise).
 PERSISTENT_MAX_HIDDEN = 256
 PERSISTENT_WARPS = 8
 # Below this many programs per step the column block shrinks, to spread one step over more
 # SMs (a step's work is small: B x 4H x P multiply-adds).
 MIN_STEP_PROGRAMS = 128
+# The CUDA-graph mode of the per-step loops (module docstring): True / False switch it; None
+# (the default) takes $FASTBERT_LSTM_CUDA_GRAPH, "1" on, "0" or unset off, read once on the
+# first per-step call. Off by default until a GPU run has checked and timed it
+# (tests/ops/test_lstm.py, benchmarks/bench_lstm.py).
+PER_STEP_CUDA_GRAPH: Optional[bool] = None
+CUDA_GRAPH_ENV = "FASTBERT_LSTM_CUDA_GRAPH"
+# Captured loops kept, least recently used evicted: a layer's forward and backward in each
+# direction are four (layers of equal shapes share them), a LayerNorm-LSTM's four more.
+CUDA_GRAPH_CACHE_SIZE = 8
 
 
 @triton.jit
@@ -904,6 +934,151 @@ def persistent_blocks(n_hidden: int) -> tuple[int, int, int, int]:
     return MIN_DOT_BLOCK, block_h, STEP_BLOCK_K, PERSISTENT_WARPS
 
 
+# ----------------------------------------------------------------------------------------
+# CUDA-graph mode of the per-step loops
+
+
+def step_graph_enabled() -> bool:
+    """``PER_STEP_CUDA_GRAPH``; while it is None, $FASTBERT_LSTM_CUDA_GRAPH decides ("1" on,
+    "0" or unset off), read once into it."""
+    global PER_STEP_CUDA_GRAPH
+    if PER_STEP_CUDA_GRAPH is None:
+        value = os.environ.get(CUDA_GRAPH_ENV, "").strip()
+        if value not in ("", "0", "1"):
+            raise ValueError(f"${CUDA_GRAPH_ENV} must be 0 or 1, got {value!r}")
+        PER_STEP_CUDA_GRAPH = value == "1"
+    return PER_STEP_CUDA_GRAPH
+
+
+def _use_step_graph(t: torch.Tensor) -> bool:
+    """Whether this call's per-step loop replays a CUDA graph: the mode is on, the tensors
+    are CUDA tensors (never the interpreter's CPU tensors), and the current stream is not
+    being captured already (then the plain loop is what the caller's graph records)."""
+    return step_graph_enabled() and t.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+class _StepGraph:
+    """One captured per-step loop: ``dests``, the static tensors each call's inputs are
+    copied into; ``outs``, the static tensors the loop writes (cloned for each call); the
+    graph's ``replay``; ``done``, an event after the last call's use of the static tensors
+    (None off CUDA)."""
+    __slots__ = ("dests", "outs", "replay", "done")
+
+    def __init__(self, dests, outs, done):
+        self.dests, self.outs, self.replay, self.done = dests, outs, None, done
+
+
+# key -> _StepGraph, least recently used first (see _step_graph for what it holds)
+_STEP_GRAPHS: "collections.OrderedDict[tuple, _StepGraph]" = collections.OrderedDict()
+_STEP_GRAPHS_LOCK = threading.Lock()
+
+
+def _capture(loop: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """Run ``loop`` once on a side stream, then capture it into a CUDA graph on that stream
+    (the warm-up the torch.cuda.graph docs ask for: Triton compiles and loads its kernels,
+    cuBLAS sets up the stream's workspace, outside the capture); returns the graph's replay.
+    The warm-up computes this call's results into the static outputs."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)  # the inputs were copied in on the current stream
+    with torch.cuda.stream(side):
+        loop()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: only this thread's capture-unsafe CUDA calls are errors during the
+    # capture, not those of unrelated threads (a data loader's pinned-memory thread, say)
+    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+        loop()
+    return graph.replay
+
+
+def _trim_step_graphs(size: int) -> None:
+    while len(_STEP_GRAPHS) > size:
+        _, old = _STEP_GRAPHS.popitem(last=False)
+        if old.done is not None:
+            # its static tensors may still be in use on another stream: wait before they are
+            # freed (an eviction is rare: it comes with a capture)
+            old.done.synchronize()
+
+
+def clear_step_graphs() -> None:
+    """Drop every captured per-step loop and its static tensors (their memory goes back to
+    PyTorch's caching allocator)."""
+    with _STEP_GRAPHS_LOCK:
+        _trim_step_graphs(0)
+
+
+def step_graph_keys() -> list:
+    """The keys of the captured loops, least recently used first (for tests and benchmarks)."""
+    with _STEP_GRAPHS_LOCK:
+        return list(_STEP_GRAPHS)
+
+
+def _static(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # same strides as the first call's input (empty_like keeps a dense layout), so the
+    # replayed kernels and GEMMs see the layout the plain loop would see
+    return None if t is None else torch.empty_like(t)
+
+
+def _step_graph(head: tuple, sources: Tuple[torch.Tensor, ...],
+                build: Callable[[], tuple]) -> Tuple[torch.Tensor, ...]:
+    """A per-step loop replayed from a CUDA graph: copy ``sources`` into the static inputs,
+    replay, return fresh clones of the static outputs.
+
+    ``build()`` allocates the static tensors of a new capture and returns (dests, outs,
+    loop): ``dests[i]`` receives ``sources[i]`` (``copy_``, converting dtype like the plain
+    launchers' ``hs[0] = h0``), ``loop()`` enqueues the step launches on the static tensors
+    only, ``outs`` are cloned for each call (a call's outputs are saved by autograd: the next
+    call must not overwrite them).
+
+    The cache key is ``head`` (the launcher and every scalar baked into the launches:
+    direction, eps), the device and each source's dtype, shape and strides; everything else
+    a launch depends on (block sizes, grids) follows from those. It holds the
+    ``CUDA_GRAPH_CACHE_SIZE`` most recently used captures. Each holds its static tensors:
+    the loop's inputs and outputs, about as much memory as one plain call's (forward: xg,
+    the states hs and cs, the gates, y, rs with a projection, the weights and lengths;
+    backward: dy, the saved gates, cs and LayerNorm statistics, the gate gradients and the
+    carried state gradients), kept until evicted or ``clear_step_graphs()``.
+    """
+    device = sources[0].device
+    key = (head, device) + tuple((s.dtype, s.shape, s.stride()) for s in sources)
+    with _STEP_GRAPHS_LOCK:
+        entry = _STEP_GRAPHS.get(key)
+        if entry is not None:
+            _STEP_GRAPHS.move_to_end(key)
+            if entry.done is not None:
+                # the previous call may have run on another stream: its clones of the
+                # static outputs must be done before this call's inputs overwrite them
+                torch.cuda.current_stream(device).wait_event(entry.done)
+            for dest, src in zip(entry.dests, sources):
+                dest.copy_(src)
+            entry.replay()
+        else:
+            dests, outs, loop = build()
+            entry = _StepGraph(dests, outs,
+                               torch.cuda.Event() if device.type == "cuda" else None)
+            for dest, src in zip(dests, sources):
+                dest.copy_(src)
+            entry.replay = _capture(loop, device)
+            _STEP_GRAPHS[key] = entry
+            _trim_step_graphs(CUDA_GRAPH_CACHE_SIZE)
+        result = tuple(o.clone() for o in entry.outs)
+        if entry.done is not None:
+            entry.done.record(torch.cuda.current_stream(device))
+        return result
+
+
+def _lstm_fwd_buffers(n_steps, n_batch, n_hidden, n_state, has_proj, dt, dev):
+    """hs, cs, gates, y, rs of ``lstm_fwd`` (uninitialized)."""
+    hs = torch.empty((n_steps + 1, n_batch, n_state), dtype=dt, device=dev)
+    cs = torch.empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32, device=dev)
+    gates = torch.empty((n_steps, n_batch, 4 * n_hidden), dtype=dt, device=dev)
+    y = torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev)
+    rs = (torch.empty((n_steps, n_batch, n_hidden), dtype=dt, device=dev) if has_proj
+          else y.new_empty(0))
+    return hs, cs, gates, y, rs
+
+
 @on_tensor_device
 def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
              w_hr: Optional[torch.Tensor], lengths: torch.Tensor, reverse: bool,
@@ -918,7 +1093,8 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
             and write zero output.
         reverse: run from t = T-1 down to 0 (the backward direction of a bidirectional LSTM).
         persistent: one launch looping over time (no projection only), or one launch per
-            step; None picks with ``use_persistent``.
+            step; None picks with ``use_persistent``. The per-step loop replays a CUDA graph
+            when ``step_graph_enabled()`` (same results, see ``PER_STEP_CUDA_GRAPH``).
 
     Returns:
         y (T, B, P), hs (T+1, B, P) the state after each processed step (hs[0] = h0, in
@@ -932,19 +1108,27 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
     has_proj = w_hr is not None
     # the kernels index lengths and weight rows with unit element stride
     xg, w_hh, lengths = xg.contiguous(), w_hh.contiguous(), lengths.contiguous()
-    hs = torch.empty((n_steps + 1, n_batch, n_state), dtype=dt, device=dev)
-    cs = torch.empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32, device=dev)
-    hs[0] = h0
-    cs[0] = c0
-    gates = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
-    y = torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev)
-    rs = (torch.empty((n_steps, n_batch, n_hidden), dtype=dt, device=dev) if has_proj
-          else y.new_empty(0))
-    if n_steps == 0 or n_batch == 0:
-        return y, hs, cs, gates, rs
-    dot32 = _dot_fp32(dt, dev)
+    if has_proj:
+        w_hr = w_hr.contiguous()
     if persistent is None:
         persistent = use_persistent(n_hidden, has_proj)
+    if n_steps > 0 and n_batch > 0 and not persistent and _use_step_graph(xg):
+        def build():
+            s_xg, s_w_hh, s_w_hr, s_len = map(_static, (xg, w_hh, w_hr, lengths))
+            hs, cs, gates, y, rs = _lstm_fwd_buffers(n_steps, n_batch, n_hidden, n_state,
+                                                     has_proj, dt, dev)
+            dests = (s_xg, hs[0], cs[0], s_w_hh, s_len) + ((s_w_hr,) if has_proj else ())
+            loop = functools.partial(_lstm_fwd_steps, s_xg, hs, cs, s_w_hh, s_w_hr, s_len, y,
+                                     gates, rs, reverse)
+            return dests, (y, hs, cs, gates, rs), loop
+        sources = (xg, h0, c0, w_hh, lengths) + ((w_hr,) if has_proj else ())
+        return _step_graph(("lstm_fwd", bool(reverse)), sources, build)
+    hs, cs, gates, y, rs = _lstm_fwd_buffers(n_steps, n_batch, n_hidden, n_state, has_proj,
+                                             dt, dev)
+    hs[0] = h0
+    cs[0] = c0
+    if n_steps == 0 or n_batch == 0:
+        return y, hs, cs, gates, rs
     if persistent:
         if has_proj:
             raise ValueError("the persistent LSTM kernel has no projection")
@@ -954,13 +1138,25 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
             xg.stride(0), xg.stride(1), hs.stride(0), hs.stride(1), cs.stride(0), cs.stride(1),
             w_hh.stride(0), y.stride(0), y.stride(1), gates.stride(0), gates.stride(1),
             n_batch, n_hidden, n_steps,
-            BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=bool(reverse), DOT_FP32=dot32,
-            num_warps=warps)
+            BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=bool(reverse),
+            DOT_FP32=_dot_fp32(dt, dev), num_warps=warps)
         return y, hs, cs, gates, rs
+    _lstm_fwd_steps(xg, hs, cs, w_hh, w_hr, lengths, y, gates, rs, reverse)
+    return y, hs, cs, gates, rs
+
+
+def _lstm_fwd_steps(xg, hs, cs, w_hh, w_hr, lengths, y, gates, rs, reverse):
+    """Enqueue the per-step forward (buffers as ``lstm_fwd`` returns them, hs[0] and cs[0]
+    holding the initial state): one cell launch, plus one projection launch with ``w_hr``,
+    per step."""
+    n_steps, n_batch, n_gates = xg.shape
+    n_hidden = n_gates // 4
+    n_state = w_hh.shape[1]
+    has_proj = w_hr is not None
+    dot32 = _dot_fp32(xg.dtype, xg.device)
     bb, bh, bk, warps = step_blocks(n_batch, n_hidden)
     grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
     if has_proj:
-        w_hr = w_hr.contiguous()
         pbb, pbh, pbk, pwarps = step_blocks(n_batch, n_state)
         pgrid = (cdiv(n_batch, pbb), cdiv(n_state, pbh))
     out = rs if has_proj else y
@@ -982,7 +1178,6 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
         cell(*cell_args, s, t, **cell_meta)
         if has_proj:
             proj(*proj_args, s, t, **proj_meta)
-    return y, hs, cs, gates, rs
 
 
 @on_tensor_device
@@ -990,7 +1185,7 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
              w_hr: Optional[torch.Tensor], lengths: torch.Tensor, hs: torch.Tensor,
              cs: torch.Tensor, gates: torch.Tensor, rs: torch.Tensor, reverse: bool,
              persistent: Optional[bool] = None):
-    """Backward of ``lstm_fwd`` (``persistent`` as there).
+    """Backward of ``lstm_fwd`` (``persistent`` and the CUDA-graph mode as there).
 
     Args:
         dy: (T, B, P) gradient of y; dh_n: (B, P), dc_n: (B, H) gradients of the final state.
@@ -1006,61 +1201,96 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
     dev, dt = gates.device, gates.dtype
     has_proj = w_hr is not None
     dy, w_hh, lengths = dy.contiguous(), w_hh.contiguous(), lengths.contiguous()
-    dgates = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
-    dcarry = dh_n.to(torch.float32).contiguous().clone()
-    dc = dc_n.to(torch.float32).contiguous().clone()
-    gv = (torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev) if has_proj
-          else dy.new_empty(0))
+    if has_proj:
+        w_hr = w_hr.contiguous()
     if persistent is None:
         persistent = use_persistent(n_hidden, has_proj)
-    if n_steps > 0 and n_batch > 0 and persistent:
-        if has_proj:
-            raise ValueError("the persistent LSTM kernel has no projection")
-        bb, bh, bk, warps = persistent_blocks(n_hidden)
-        _lstm_bwd_persistent_kernel[(cdiv(n_batch, bb),)](
-            dy, w_hh, gates, cs, lengths, dcarry, dc, dgates,
-            dy.stride(0), dy.stride(1), dgates.stride(0), dgates.stride(1), w_hh.stride(0),
-            gates.stride(0), gates.stride(1), cs.stride(0), cs.stride(1), dcarry.stride(0),
-            dc.stride(0), n_batch, n_hidden, n_steps,
-            BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=bool(reverse),
-            DOT_FP32=_dot_fp32(dt, dev), num_warps=warps)
-    elif n_steps > 0 and n_batch > 0:
-        bb, bh, bk, warps = step_blocks(n_batch, n_hidden)
-        grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
-        dot32 = _dot_fp32(dt, dev)
-        if has_proj:
-            w_hr = w_hr.contiguous()
-            pbb, pbh, pbk, pwarps = step_blocks(n_batch, n_state)
-            pgrid = (cdiv(n_batch, pbb), cdiv(n_state, pbh))
-        order = list(_time_order(n_steps, reverse))
-        # the arguments that do not change from step to step, built once (see lstm_fwd)
-        gv_strides = gv.stride()[:2] if has_proj else (0, 0)
-        cell_args = (dy, dgates, w_hh, gv, w_hr, gates, cs, lengths, dcarry, dc,
-                     *dy.stride()[:2], *dgates.stride()[:2], w_hh.stride(0), *gv_strides,
-                     w_hr.stride(0) if has_proj else 0, *gates.stride()[:2], *cs.stride()[:2],
-                     dcarry.stride(0), dc.stride(0), n_batch, n_hidden, n_state)
-        cell = _lstm_bwd_kernel[grid]
-        cell_meta = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, HAS_PROJ=has_proj,
-                         DOT_FP32=dot32, num_warps=warps)
-        if has_proj:
-            proj_args = (dy, dgates, w_hh, lengths, dcarry, gv, *dy.stride()[:2],
-                         *dgates.stride()[:2], w_hh.stride(0), dcarry.stride(0), *gv_strides,
-                         n_batch, n_hidden, n_state)
-            proj = _lstm_proj_bwd_kernel[pgrid]
-            proj_meta = dict(BLOCK_B=pbb, BLOCK_H=pbh, BLOCK_K=pbk, DOT_FP32=dot32,
-                             num_warps=pwarps)
-        for s in range(n_steps - 1, -1, -1):
-            t = order[s]
-            has_next = s < n_steps - 1
-            # time of the step processed after this one in the forward, whose gate gradients
-            # feed this one (unread on the first backward step, HAS_NEXT=False)
-            t_next = order[s + 1] if has_next else t
+    if n_steps > 0 and n_batch > 0 and not persistent and _use_step_graph(gates):
+        def build():
+            s_dy, s_w_hh, s_w_hr, s_len, s_gates, s_cs = map(
+                _static, (dy, w_hh, w_hr, lengths, gates, cs))
+            dgates, gv = _lstm_bwd_buffers(n_steps, n_batch, n_gates, n_state, has_proj, dt,
+                                           dev)
+            dcarry = torch.empty(dh_n.shape, dtype=torch.float32, device=dev)
+            dc = torch.empty(dc_n.shape, dtype=torch.float32, device=dev)
+            loop = functools.partial(_lstm_bwd_steps, s_dy, s_w_hh, s_w_hr, s_len, s_gates,
+                                     s_cs, dgates, dcarry, dc, gv, reverse)
+            dests = (s_dy, dcarry, dc, s_w_hh, s_len, s_gates, s_cs) + (
+                (s_w_hr,) if has_proj else ())
+            return dests, (dgates, dcarry, dc, gv), loop
+        sources = (dy, dh_n, dc_n, w_hh, lengths, gates, cs) + ((w_hr,) if has_proj else ())
+        dgates, dcarry, dc, gv = _step_graph(("lstm_bwd", bool(reverse)), sources, build)
+    else:
+        dgates, gv = _lstm_bwd_buffers(n_steps, n_batch, n_gates, n_state, has_proj, dt, dev)
+        dcarry = dh_n.to(torch.float32).contiguous().clone()
+        dc = dc_n.to(torch.float32).contiguous().clone()
+        if n_steps > 0 and n_batch > 0 and persistent:
             if has_proj:
-                proj(*proj_args, t, t_next, HAS_NEXT=has_next, **proj_meta)
-            cell(*cell_args, s, t, t_next, HAS_NEXT=has_next, **cell_meta)
+                raise ValueError("the persistent LSTM kernel has no projection")
+            bb, bh, bk, warps = persistent_blocks(n_hidden)
+            _lstm_bwd_persistent_kernel[(cdiv(n_batch, bb),)](
+                dy, w_hh, gates, cs, lengths, dcarry, dc, dgates,
+                dy.stride(0), dy.stride(1), dgates.stride(0), dgates.stride(1), w_hh.stride(0),
+                gates.stride(0), gates.stride(1), cs.stride(0), cs.stride(1), dcarry.stride(0),
+                dc.stride(0), n_batch, n_hidden, n_steps,
+                BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=bool(reverse),
+                DOT_FP32=_dot_fp32(dt, dev), num_warps=warps)
+        elif n_steps > 0 and n_batch > 0:
+            _lstm_bwd_steps(dy, w_hh, w_hr, lengths, gates, cs, dgates, dcarry, dc, gv,
+                            reverse)
     dh0, dw_hh, dw_hr = _state_and_weight_grads(dgates, dcarry, w_hh, hs, gv if has_proj else None,
                                                 rs, reverse)
     return dgates, dh0, dc, dw_hh, dw_hr
+
+
+def _lstm_bwd_buffers(n_steps, n_batch, n_gates, n_state, has_proj, dt, dev):
+    """dgates and gv of ``lstm_bwd`` (uninitialized; gv empty without a projection)."""
+    dgates = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
+    gv = (torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev) if has_proj
+          else dgates.new_empty(0))
+    return dgates, gv
+
+
+def _lstm_bwd_steps(dy, w_hh, w_hr, lengths, gates, cs, dgates, dcarry, dc, gv, reverse):
+    """Enqueue the per-step backward (buffers as in ``lstm_bwd``; dcarry and dc hold the
+    final state's gradients and are updated in place): one cell launch, plus one projection
+    launch with ``w_hr``, per step, from the last processed step back."""
+    n_steps, n_batch, n_gates = gates.shape
+    n_hidden = n_gates // 4
+    n_state = w_hh.shape[1]
+    has_proj = w_hr is not None
+    bb, bh, bk, warps = step_blocks(n_batch, n_hidden)
+    grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
+    dot32 = _dot_fp32(gates.dtype, gates.device)
+    if has_proj:
+        pbb, pbh, pbk, pwarps = step_blocks(n_batch, n_state)
+        pgrid = (cdiv(n_batch, pbb), cdiv(n_state, pbh))
+    order = list(_time_order(n_steps, reverse))
+    # the arguments that do not change from step to step, built once (see lstm_fwd)
+    gv_strides = gv.stride()[:2] if has_proj else (0, 0)
+    cell_args = (dy, dgates, w_hh, gv, w_hr, gates, cs, lengths, dcarry, dc,
+                 *dy.stride()[:2], *dgates.stride()[:2], w_hh.stride(0), *gv_strides,
+                 w_hr.stride(0) if has_proj else 0, *gates.stride()[:2], *cs.stride()[:2],
+                 dcarry.stride(0), dc.stride(0), n_batch, n_hidden, n_state)
+    cell = _lstm_bwd_kernel[grid]
+    cell_meta = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, HAS_PROJ=has_proj,
+                     DOT_FP32=dot32, num_warps=warps)
+    if has_proj:
+        proj_args = (dy, dgates, w_hh, lengths, dcarry, gv, *dy.stride()[:2],
+                     *dgates.stride()[:2], w_hh.stride(0), dcarry.stride(0), *gv_strides,
+                     n_batch, n_hidden, n_state)
+        proj = _lstm_proj_bwd_kernel[pgrid]
+        proj_meta = dict(BLOCK_B=pbb, BLOCK_H=pbh, BLOCK_K=pbk, DOT_FP32=dot32,
+                         num_warps=pwarps)
+    for s in range(n_steps - 1, -1, -1):
+        t = order[s]
+        has_next = s < n_steps - 1
+        # time of the step processed after this one in the forward, whose gate gradients
+        # feed this one (unread on the first backward step, HAS_NEXT=False)
+        t_next = order[s + 1] if has_next else t
+        if has_proj:
+            proj(*proj_args, t, t_next, HAS_NEXT=has_next, **proj_meta)
+        cell(*cell_args, s, t, t_next, HAS_NEXT=has_next, **cell_meta)
 
 
 def _state_and_weight_grads(dgates: torch.Tensor, dcarry: torch.Tensor, w_hh: torch.Tensor,
@@ -1142,7 +1372,9 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
     With ``w_hr`` the row kernel writes the unprojected output r instead, then r @ W_hr^T
     (cuBLAS, one GEMM) and a row kernel that masks it by length into the state and y.
     ``persistent`` (no projection only; None picks with ``use_ln_persistent``): one launch
-    for the whole sequence instead, a program per batch row computing rec as a GEMV.
+    for the whole sequence instead, a program per batch row computing rec as a GEMV. The
+    per-step loop replays a CUDA graph when ``step_graph_enabled()`` (see
+    ``PER_STEP_CUDA_GRAPH``).
 
     Args:
         xg: (T, B, 4H) LN(x @ W_ih^T) * g_ih + b_ih + b_hh; h0: (B, P), P = proj_size or H;
@@ -1167,20 +1399,27 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
     # the row kernels index these with unit element stride
     xg, lengths = xg.contiguous(), lengths.contiguous()
     g_hh, g_c, b_c = g_hh.contiguous(), g_c.contiguous(), b_c.contiguous()
-    hs = torch.empty((n_steps + 1, n_batch, n_state), dtype=dt, device=dev)
-    cs = torch.empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32, device=dev)
-    hs[0] = h0
-    cs[0] = c0
-    y = torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev)
-    gates = torch.empty((n_steps, n_batch, n_gates), dtype=torch.float32, device=dev)
-    recs = torch.empty((n_steps, n_batch, n_gates), dtype=torch.float32, device=dev)
-    stats = torch.empty((n_steps, n_batch, 4), dtype=torch.float32, device=dev)
-    rs = (torch.empty((n_steps, n_batch, n_hidden), dtype=dt, device=dev) if has_proj
-          else y.new_empty(0))
-    if n_steps == 0 or n_batch == 0:
-        return y, hs, cs, gates, recs, stats, rs
     if persistent is None:
         persistent = use_ln_persistent(n_hidden, has_proj)
+    if n_steps > 0 and n_batch > 0 and not persistent and _use_step_graph(xg):
+        def build():
+            s_xg, s_w_hh, s_w_hr, s_g_hh, s_g_c, s_b_c, s_len = map(
+                _static, (xg, w_hh, w_hr, g_hh, g_c, b_c, lengths))
+            bufs = _ln_lstm_fwd_buffers(n_steps, n_batch, n_hidden, n_state, has_proj, dt, dev)
+            hs, cs = bufs[1], bufs[2]
+            loop = functools.partial(_ln_lstm_fwd_steps, s_xg, s_w_hh, s_w_hr, s_g_hh, s_g_c,
+                                     s_b_c, s_len, *bufs, reverse, eps)
+            dests = (s_xg, hs[0], cs[0], s_w_hh, s_g_hh, s_g_c, s_b_c, s_len) + (
+                (s_w_hr,) if has_proj else ())
+            return dests, bufs, loop
+        sources = (xg, h0, c0, w_hh, g_hh, g_c, b_c, lengths) + ((w_hr,) if has_proj else ())
+        return _step_graph(("ln_lstm_fwd", bool(reverse), float(eps)), sources, build)
+    y, hs, cs, gates, recs, stats, rs = _ln_lstm_fwd_buffers(n_steps, n_batch, n_hidden,
+                                                             n_state, has_proj, dt, dev)
+    hs[0] = h0
+    cs[0] = c0
+    if n_steps == 0 or n_batch == 0:
+        return y, hs, cs, gates, recs, stats, rs
     if persistent:
         if has_proj:
             raise ValueError("the time-looping LayerNorm-LSTM kernel has no projection")
@@ -1192,6 +1431,34 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
             stats.stride(0), w_hh.stride(0), n_hidden, n_steps, float(eps),
             BLOCK_H=bh, BLOCK_N=bn, BLOCK_K=bk, REVERSE=bool(reverse), num_warps=pw)
         return y, hs, cs, gates, recs, stats, rs
+    _ln_lstm_fwd_steps(xg, w_hh, w_hr, g_hh, g_c, b_c, lengths, y, hs, cs, gates, recs, stats,
+                       rs, reverse, eps)
+    return y, hs, cs, gates, recs, stats, rs
+
+
+def _ln_lstm_fwd_buffers(n_steps, n_batch, n_hidden, n_state, has_proj, dt, dev):
+    """y, hs, cs, gates, recs, stats, rs of ``ln_lstm_fwd`` (uninitialized)."""
+    n_gates = 4 * n_hidden
+    hs = torch.empty((n_steps + 1, n_batch, n_state), dtype=dt, device=dev)
+    cs = torch.empty((n_steps + 1, n_batch, n_hidden), dtype=torch.float32, device=dev)
+    y = torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev)
+    gates = torch.empty((n_steps, n_batch, n_gates), dtype=torch.float32, device=dev)
+    recs = torch.empty((n_steps, n_batch, n_gates), dtype=torch.float32, device=dev)
+    stats = torch.empty((n_steps, n_batch, 4), dtype=torch.float32, device=dev)
+    rs = (torch.empty((n_steps, n_batch, n_hidden), dtype=dt, device=dev) if has_proj
+          else y.new_empty(0))
+    return y, hs, cs, gates, recs, stats, rs
+
+
+def _ln_lstm_fwd_steps(xg, w_hh, w_hr, g_hh, g_c, b_c, lengths, y, hs, cs, gates, recs, stats,
+                       rs, reverse, eps):
+    """Enqueue the per-step LayerNorm-LSTM forward (buffers as ``ln_lstm_fwd`` returns them,
+    hs[0] and cs[0] holding the initial state): per step one GEMM and one row kernel, plus
+    one GEMM and one row kernel with ``w_hr``."""
+    n_steps, n_batch, n_gates = xg.shape
+    n_hidden = n_gates // 4
+    n_state = w_hh.shape[1]
+    has_proj = w_hr is not None
     block_h, warps = ln_row_block(n_hidden)
     w_t = w_hh.t()
     # without a projection the row kernel writes the new state and y itself
@@ -1216,7 +1483,6 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
         if has_proj:
             torch.mm(rs_v[t], w_hr_t, out=hs_v[s + 1])
             proj(*proj_args, s, t, BLOCK_P=block_p, num_warps=pwarps)
-    return y, hs, cs, gates, recs, stats, rs
 
 
 @on_tensor_device
@@ -1228,7 +1494,7 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
     """Backward of ``ln_lstm_fwd``: per step one row kernel (gate, cell-LayerNorm and
     recurrent-LayerNorm gradients) and one GEMM (drec @ W_hh); with ``w_hr`` first a row
     kernel masking the state gradient by length and a GEMM (dh @ W_hr). ``persistent`` as
-    in ``ln_lstm_fwd`` (one launch, the GEMM as a per-row GEMV).
+    in ``ln_lstm_fwd`` (one launch, the GEMM as a per-row GEMV), and the CUDA-graph mode.
 
     Args:
         dy: (T, B, P) gradient of y; dh_n: (B, P), dc_n: (B, H) gradients of the final state.
@@ -1246,69 +1512,117 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
     dev, dt = hs.device, hs.dtype
     dy, lengths = dy.contiguous(), lengths.contiguous()
     g_hh, g_c, b_c = g_hh.contiguous(), g_c.contiguous(), b_c.contiguous()
-    dxg = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
-    # drec in the input dtype: it is an operand of the GEMMs drec @ W_hh and dW_hh
-    drec = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
-    dcarry = dh_n.to(torch.float32).contiguous().clone()
-    dc = dc_n.to(torch.float32).contiguous().clone()
-    # the per-step GEMM results the row kernels read, fp32 (see the module docstring)
-    dh_mm = torch.empty((n_batch, n_state), dtype=torch.float32, device=dev)
-    dg_hh_acc = torch.zeros((n_batch, n_gates), dtype=torch.float32, device=dev)
-    dgb_c_acc = torch.zeros((n_batch, 2 * n_hidden), dtype=torch.float32, device=dev)
-    if has_proj:
-        # gv: the state gradients masked by length (kept for dW_hr); dr = gv @ W_hr
-        gv = torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev)
-        dr = torch.empty((n_batch, n_hidden), dtype=torch.float32, device=dev)
-    order = list(_time_order(n_steps, reverse))
     if persistent is None:
         persistent = use_ln_persistent(n_hidden, has_proj)
     if persistent and has_proj:
         raise ValueError("the time-looping LayerNorm-LSTM kernel has no projection")
-    if n_steps > 0 and n_batch > 0 and persistent:
-        w_hh = w_hh.contiguous()
-        bh, bn, bk, pw = ln_persistent_blocks(n_hidden)
-        dh_scratch = torch.empty((n_batch, n_hidden), dtype=torch.float32, device=dev)
-        # the kernel indexes the (T, B, 4H) buffers with one pair of strides and the rows of H
-        # (cs, dy, dcarry, dc, the scratch) with one row stride: all are contiguous here
-        _ln_lstm_bwd_persistent_kernel[(n_batch,)](
-            dy, recs, gates, cs, stats, w_hh, g_hh, g_c, b_c, lengths, dcarry, dc, dxg, drec,
-            dh_scratch, dg_hh_acc, dgb_c_acc,
-            dxg.stride(0), dxg.stride(1), cs.stride(0), dy.stride(0), cs.stride(1),
-            stats.stride(0), w_hh.stride(0), n_hidden, n_steps,
-            BLOCK_H=bh, BLOCK_N=bn, BLOCK_K=bk, REVERSE=bool(reverse), num_warps=pw)
-    elif n_steps > 0 and n_batch > 0:
-        block_h, warps = ln_row_block(n_hidden)
-        if has_proj:
-            block_p, pwarps = ln_row_block(n_state)
-        # step-invariant launch arguments built once (see ln_lstm_fwd); recs, gates, dxg and
-        # drec share their strides, and so do the H-wide rows of cs, dy, dcarry and dc
-        row = _ln_lstm_bwd_kernel[(n_batch,)]
-        row_args = (dr if has_proj else dh_mm, dy, recs, gates, cs, stats, g_hh, g_c, b_c,
-                    lengths, dcarry, dc, dxg, drec, dg_hh_acc, dgb_c_acc, recs.stride(0),
-                    recs.stride(1), dy.stride(0), cs.stride(0), cs.stride(1), stats.stride(0),
-                    n_hidden)
-        drec_v = drec.unbind(0)
-        if has_proj:
-            proj = _ln_lstm_proj_bwd_kernel[(n_batch,)]
-            proj_args = (dh_mm, dy, lengths, dcarry, gv, dy.stride(0), gv.stride(0),
-                         gv.stride(1), n_state)
-            gv_v = gv.unbind(0)
-        for s in range(n_steps - 1, -1, -1):
-            t = order[s]
-            has_next = s < n_steps - 1
-            if has_next:
-                mm_fp32(drec_v[order[s + 1]], w_hh, dh_mm)
-            if has_proj:
-                proj(*proj_args, t, BLOCK_P=block_p, HAS_NEXT=has_next, num_warps=pwarps)
-                mm_fp32(gv_v[t], w_hr, dr)
-            # with a projection HAS_NEXT is unused by the row kernel: one variant
-            row(*row_args, s, t, BLOCK_H=block_h, HAS_NEXT=has_next and not has_proj,
-                HAS_PROJ=has_proj, num_warps=warps)
+    if n_steps > 0 and n_batch > 0 and not persistent and _use_step_graph(gates):
+        def build():
+            statics = tuple(map(_static, (dy, w_hh, w_hr, g_hh, g_c, b_c, lengths, cs, gates,
+                                          recs, stats)))
+            bufs = _ln_lstm_bwd_buffers(n_steps, n_batch, n_hidden, n_state, has_proj, dt, dev)
+            dcarry = torch.empty(dh_n.shape, dtype=torch.float32, device=dev)
+            dc = torch.empty(dc_n.shape, dtype=torch.float32, device=dev)
+            dxg, drec, dh_mm, dg_hh_acc, dgb_c_acc, gv, dr = bufs
+
+            def loop():
+                # the accumulators start from zero at every replay
+                dg_hh_acc.zero_()
+                dgb_c_acc.zero_()
+                _ln_lstm_bwd_steps(*statics, dcarry, dc, *bufs, reverse)
+            s_dy, s_w_hh, s_w_hr, *s_rest = statics  # s_rest: g_hh ... stats, as sources
+            dests = (s_dy, dcarry, dc, s_w_hh, *s_rest) + ((s_w_hr,) if has_proj else ())
+            outs = (dxg, drec, dcarry, dc, dg_hh_acc, dgb_c_acc) + ((gv,) if has_proj else ())
+            return dests, outs, loop
+        sources = (dy, dh_n, dc_n, w_hh, g_hh, g_c, b_c, lengths, cs, gates, recs, stats) + (
+            (w_hr,) if has_proj else ())
+        dxg, drec, dcarry, dc, dg_hh_acc, dgb_c_acc, *gv = _step_graph(
+            ("ln_lstm_bwd", bool(reverse)), sources, build)
+        gv = gv[0] if has_proj else None
+    else:
+        dxg, drec, dh_mm, dg_hh_acc, dgb_c_acc, gv, dr = _ln_lstm_bwd_buffers(
+            n_steps, n_batch, n_hidden, n_state, has_proj, dt, dev)
+        dcarry = dh_n.to(torch.float32).contiguous().clone()
+        dc = dc_n.to(torch.float32).contiguous().clone()
+        if n_steps > 0 and n_batch > 0 and persistent:
+            w_hh = w_hh.contiguous()
+            bh, bn, bk, pw = ln_persistent_blocks(n_hidden)
+            dh_scratch = torch.empty((n_batch, n_hidden), dtype=torch.float32, device=dev)
+            # the kernel indexes the (T, B, 4H) buffers with one pair of strides and the rows
+            # of H (cs, dy, dcarry, dc, the scratch) with one row stride: all are contiguous
+            _ln_lstm_bwd_persistent_kernel[(n_batch,)](
+                dy, recs, gates, cs, stats, w_hh, g_hh, g_c, b_c, lengths, dcarry, dc, dxg,
+                drec, dh_scratch, dg_hh_acc, dgb_c_acc,
+                dxg.stride(0), dxg.stride(1), cs.stride(0), dy.stride(0), cs.stride(1),
+                stats.stride(0), w_hh.stride(0), n_hidden, n_steps,
+                BLOCK_H=bh, BLOCK_N=bn, BLOCK_K=bk, REVERSE=bool(reverse), num_warps=pw)
+        elif n_steps > 0 and n_batch > 0:
+            _ln_lstm_bwd_steps(dy, w_hh, w_hr, g_hh, g_c, b_c, lengths, cs, gates, recs, stats,
+                               dcarry, dc, dxg, drec, dh_mm, dg_hh_acc, dgb_c_acc, gv, dr,
+                               reverse)
     dh0, dw_hh, dw_hr = _state_and_weight_grads(drec, dcarry, w_hh, hs, gv if has_proj else None,
                                                 rs, reverse)
     acc = dgb_c_acc.view(n_batch, 2, n_hidden)
     return (dxg, dh0, dc, dw_hh, dw_hr, dg_hh_acc.sum(0), acc[:, 0].sum(0),
             acc[:, 1].sum(0))
+
+
+def _ln_lstm_bwd_buffers(n_steps, n_batch, n_hidden, n_state, has_proj, dt, dev):
+    """dxg, drec, dh_mm, dg_hh_acc, dgb_c_acc, gv, dr of ``ln_lstm_bwd`` (the two
+    accumulators zero, the rest uninitialized; gv and dr None without a projection)."""
+    n_gates = 4 * n_hidden
+    dxg = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
+    # drec in the input dtype: it is an operand of the GEMMs drec @ W_hh and dW_hh
+    drec = torch.empty((n_steps, n_batch, n_gates), dtype=dt, device=dev)
+    # the per-step GEMM results the row kernels read, fp32 (see the module docstring)
+    dh_mm = torch.empty((n_batch, n_state), dtype=torch.float32, device=dev)
+    dg_hh_acc = torch.zeros((n_batch, n_gates), dtype=torch.float32, device=dev)
+    dgb_c_acc = torch.zeros((n_batch, 2 * n_hidden), dtype=torch.float32, device=dev)
+    gv = dr = None
+    if has_proj:
+        # gv: the state gradients masked by length (kept for dW_hr); dr = gv @ W_hr
+        gv = torch.empty((n_steps, n_batch, n_state), dtype=dt, device=dev)
+        dr = torch.empty((n_batch, n_hidden), dtype=torch.float32, device=dev)
+    return dxg, drec, dh_mm, dg_hh_acc, dgb_c_acc, gv, dr
+
+
+def _ln_lstm_bwd_steps(dy, w_hh, w_hr, g_hh, g_c, b_c, lengths, cs, gates, recs, stats, dcarry,
+                       dc, dxg, drec, dh_mm, dg_hh_acc, dgb_c_acc, gv, dr, reverse):
+    """Enqueue the per-step LayerNorm-LSTM backward (buffers as in ``ln_lstm_bwd``; dcarry
+    and dc hold the final state's gradients and are updated in place, the accumulators are
+    added to), from the last processed step back."""
+    n_steps, n_batch, n_gates = gates.shape
+    n_hidden = n_gates // 4
+    n_state = w_hh.shape[1]
+    has_proj = w_hr is not None
+    order = list(_time_order(n_steps, reverse))
+    block_h, warps = ln_row_block(n_hidden)
+    if has_proj:
+        block_p, pwarps = ln_row_block(n_state)
+    # step-invariant launch arguments built once (see ln_lstm_fwd); recs, gates, dxg and
+    # drec share their strides, and so do the H-wide rows of cs, dy, dcarry and dc
+    row = _ln_lstm_bwd_kernel[(n_batch,)]
+    row_args = (dr if has_proj else dh_mm, dy, recs, gates, cs, stats, g_hh, g_c, b_c,
+                lengths, dcarry, dc, dxg, drec, dg_hh_acc, dgb_c_acc, recs.stride(0),
+                recs.stride(1), dy.stride(0), cs.stride(0), cs.stride(1), stats.stride(0),
+                n_hidden)
+    drec_v = drec.unbind(0)
+    if has_proj:
+        proj = _ln_lstm_proj_bwd_kernel[(n_batch,)]
+        proj_args = (dh_mm, dy, lengths, dcarry, gv, dy.stride(0), gv.stride(0),
+                     gv.stride(1), n_state)
+        gv_v = gv.unbind(0)
+    for s in range(n_steps - 1, -1, -1):
+        t = order[s]
+        has_next = s < n_steps - 1
+        if has_next:
+            mm_fp32(drec_v[order[s + 1]], w_hh, dh_mm)
+        if has_proj:
+            proj(*proj_args, t, BLOCK_P=block_p, HAS_NEXT=has_next, num_warps=pwarps)
+            mm_fp32(gv_v[t], w_hr, dr)
+        # with a projection HAS_NEXT is unused by the row kernel: one variant
+        row(*row_args, s, t, BLOCK_H=block_h, HAS_NEXT=has_next and not has_proj,
+            HAS_PROJ=has_proj, num_warps=warps)
 
 
 def aot_configs():

@@ -493,3 +493,253 @@ def test_layer_norm_lstm_gpu_time_looping_kernels_equal_per_step_path(reverse, n
     48 / 64, where 4 warps hold each row element twice (only one copy stores, so a copy
     loading after it stored would read the new value without the barriers in the row step)."""
     _ln_paths_agree(torch.device("cuda"), 40, 64, n_hidden, reverse)
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA-graph mode of the per-step loops (kernels/lstm.py PER_STEP_CUDA_GRAPH)
+
+@pytest.fixture
+def step_graphs(monkeypatch):
+    """kernels/lstm.py with the per-step path forced at every hidden size (plain and
+    LayerNorm-LSTM) and an empty graph cache, emptied again afterwards."""
+    from fastbert.kernels import lstm as k
+    monkeypatch.setattr(k, "PERSISTENT_MAX_HIDDEN", 0)
+    monkeypatch.setattr(k, "LN_PERSISTENT_MAX_HIDDEN", 0)
+    k.clear_step_graphs()
+    yield k
+    k.clear_step_graphs()
+
+
+def _fake_capture_on_cpu(monkeypatch, k):
+    """The graph mode's bookkeeping (static buffers, copies in, clones out, the LRU cache) on
+    CPU tensors in the interpreter: the "capture" runs the loop once (as the real warm-up
+    does) and a "replay" runs it again on the static buffers, which is what a CUDA graph
+    replays; a loop reading anything but its static buffers, or an input not copied in,
+    shows up as a stale result."""
+    monkeypatch.setattr(k, "_use_step_graph", lambda t: k.step_graph_enabled())
+
+    def capture(loop, device):
+        loop()
+        return loop
+    monkeypatch.setattr(k, "_capture", capture)
+
+
+def _layer_outputs_and_grads(p, ln, lengths, reverse):
+    """y, h_n, c_n and the gradient of every input and parameter of one lstm_layer call
+    (output gradients from a fixed seed)."""
+    out = lstm_layer(*_args(p), lengths=lengths, reverse=reverse, backend="triton", **ln)
+    grads, names = _grads(out, dict(p, **ln))
+    return ([o.detach() for o in out] + list(grads),
+            ["y", "h_n", "c_n"] + [f"d{n}" for n in names])
+
+
+def _check_step_graph_equals_plain_loop(k, monkeypatch, device, dtype, proj, layer_norm, reverse,
+                                        n_steps, n_batch, n_hidden):
+    """The graphed per-step loops give bitwise the plain loops' outputs and gradients, for
+    a first call (capture), a second with other inputs, weights and lengths (replay over
+    the same static buffers: a stale one would leak the first call's values) and the first
+    inputs again; the first call's results are not overwritten by the later ones."""
+    calls = []
+    for seed in (11, 12):
+        torch.manual_seed(seed)
+        p = _make(device, dtype, n_steps=n_steps, n_batch=n_batch, n_in=12, n_hidden=n_hidden,
+                  proj=proj)
+        ln = _ln_params(device, dtype, n_hidden) if layer_norm else {}
+        lengths = torch.randint(0, n_steps + 1, (n_batch,))
+        lengths[0] = n_steps
+        calls.append((p, ln, lengths))
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", False)
+    plain = [_layer_outputs_and_grads(*c, reverse)[0] for c in calls]
+    assert k.step_graph_keys() == []
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", True)
+    first, names = _layer_outputs_and_grads(*calls[0], reverse)
+    kept = [t.clone() for t in first]
+    # the graph path ran: one capture for the forward, one for the backward
+    assert len(k.step_graph_keys()) == 2
+    second, _ = _layer_outputs_and_grads(*calls[1], reverse)
+    third, _ = _layer_outputs_and_grads(*calls[0], reverse)
+    assert len(k.step_graph_keys()) == 2  # replayed, not captured again
+    for which, got, want in (("first", first, plain[0]), ("second", second, plain[1]),
+                             ("third", third, plain[0])):
+        for name, a, b in zip(names, got, want):
+            assert torch.equal(a, b), f"{which} call: {name} differs from the plain loop's"
+    for name, a, b in zip(names, first, kept):
+        assert torch.equal(a, b), f"{name} of the first call was overwritten by a later call"
+
+
+@pytest.mark.parametrize("proj,layer_norm,reverse", [(0, False, False), (9, False, True),
+                                                     (0, True, True), (9, True, False)])
+def test_lstm_step_graph_bookkeeping_equals_plain_loop_on_cpu(device, step_graphs, monkeypatch,
+                                                              proj, layer_norm, reverse):
+    if device.type == "cuda":
+        pytest.skip("on a GPU the gpu-marked test below checks the real CUDA graphs")
+    _fake_capture_on_cpu(monkeypatch, step_graphs)
+    _check_step_graph_equals_plain_loop(step_graphs, monkeypatch, device, torch.float32, proj,
+                                        layer_norm, reverse, n_steps=4, n_batch=3, n_hidden=16)
+
+
+def test_lstm_step_graph_cache_keys_and_lru_eviction(device, step_graphs, monkeypatch):
+    """One capture per launcher, direction and input shape; the least recently used goes
+    first when the cache is full."""
+    k = step_graphs
+    if device.type == "cpu":
+        _fake_capture_on_cpu(monkeypatch, k)
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", True)
+    monkeypatch.setattr(k, "CUDA_GRAPH_CACHE_SIZE", 3)
+    gen = torch.Generator().manual_seed(0)
+    n_batch, n_hidden = 2, 16
+    w_hh = (torch.randn(4 * n_hidden, n_hidden, generator=gen) * 0.3).to(device)
+
+    def fwd(n_steps, reverse=False):
+        xg = torch.randn(n_steps, n_batch, 4 * n_hidden, generator=gen).to(device)
+        h0, c0 = (torch.randn(n_batch, n_hidden, generator=gen).to(device) for _ in range(2))
+        lengths = torch.tensor([n_steps, 1], device=device)
+        got = k.lstm_fwd(xg, h0, c0, w_hh, None, lengths, reverse)
+        monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", False)
+        want = k.lstm_fwd(xg, h0, c0, w_hh, None, lengths, reverse)
+        monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", True)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+    # a key: (("lstm_fwd", reverse), device, (dtype, shape, strides) of xg, h0, ...)
+    cached = lambda: [(key[0][1], key[2][1][0]) for key in k.step_graph_keys()]
+    fwd(2)
+    fwd(3)
+    fwd(2, reverse=True)
+    assert cached() == [(False, 2), (False, 3), (True, 2)]
+    fwd(2)  # a hit moves to the end
+    assert cached() == [(False, 3), (True, 2), (False, 2)]
+    fwd(4)  # full: the least recently used (3 steps) is evicted
+    assert cached() == [(True, 2), (False, 2), (False, 4)]
+
+
+def test_lstm_step_graph_flag_is_ignored_on_cpu(device, step_graphs, monkeypatch):
+    """With the mode on, CPU tensors (the interpreter) run the plain loop: same results, no
+    capture."""
+    k = step_graphs
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", True)
+    assert not k._use_step_graph(torch.empty(1))
+    if device.type == "cuda":
+        return
+    p = _make(device, torch.float32, n_steps=3, n_batch=2, n_hidden=16, proj=8)
+    lengths = torch.tensor([3, 1])
+    on, _ = _layer_outputs_and_grads(p, {}, lengths, True)
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", False)
+    off, names = _layer_outputs_and_grads(p, {}, lengths, True)
+    for name, a, b in zip(names, on, off):
+        assert torch.equal(a, b), name
+    assert k.step_graph_keys() == []
+
+
+def test_lstm_step_graph_env_var_is_read_once_and_checked(monkeypatch):
+    from fastbert.kernels import lstm as k
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", None)
+    monkeypatch.setenv("FASTBERT_LSTM_CUDA_GRAPH", "1")
+    assert k.step_graph_enabled() and k.PER_STEP_CUDA_GRAPH is True
+    monkeypatch.setenv("FASTBERT_LSTM_CUDA_GRAPH", "0")
+    assert k.step_graph_enabled()  # read once: later changes of the variable do not count
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", None)
+    assert not k.step_graph_enabled()
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", None)
+    monkeypatch.delenv("FASTBERT_LSTM_CUDA_GRAPH")
+    assert not k.step_graph_enabled()
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", None)
+    monkeypatch.setenv("FASTBERT_LSTM_CUDA_GRAPH", "yes")
+    with pytest.raises(ValueError, match="FASTBERT_LSTM_CUDA_GRAPH must be 0 or 1"):
+        k.step_graph_enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("proj,layer_norm", [(0, False), (24, False), (0, True), (24, True)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_gpu_step_graph_equals_plain_loop_bitwise(step_graphs, monkeypatch, dtype, proj,
+                                                       layer_norm, reverse):
+    """Real CUDA graphs: forward and every gradient, ragged lengths (0 included), both
+    directions, with and without projection, plain and LayerNorm-LSTM, the per-step path
+    forced at hidden 96 (the time-looping kernels would take it otherwise)."""
+    _check_step_graph_equals_plain_loop(step_graphs, monkeypatch, torch.device("cuda"), dtype,
+                                        proj, layer_norm, reverse, n_steps=30, n_batch=37,
+                                        n_hidden=96)
+
+
+@pytest.mark.gpu
+def test_lstm_module_gpu_step_graph_bidirectional_two_layers_equals_plain(step_graphs,
+                                                                         monkeypatch):
+    """fastbert.nn.LSTM, 2 layers, bidirectional, packed input: both layers of a direction
+    share one capture (same shapes), replayed one after the other; outputs and every
+    parameter gradient bitwise equal to the plain loops."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from fastbert.nn import LSTM
+    k = step_graphs
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = LSTM(48, 64, num_layers=2, bidirectional=True, backend="triton").to(device)
+    lengths = torch.tensor([20, 17, 3, 20, 9])
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(20, 5, 48, generator=gen).to(device).requires_grad_()
+        out, (h, c) = model(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        loss = (out.data * torch.randn(out.data.shape, generator=gen).to(device)).sum() \
+            + (h * 2).sum() + c.sum()
+        grads = torch.autograd.grad(loss, [x] + list(model.parameters()))
+        return [out.data.detach(), h.detach(), c.detach()] + list(grads)
+
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", False)
+    plain = [run(0), run(1)]
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", True)
+    graphed = [run(0), run(1)]
+    # forward and backward in each direction; the second layer reuses the first's captures
+    assert len(k.step_graph_keys()) == 4
+    for got, want in zip(graphed, plain):
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"result {i} differs"
+
+
+@pytest.mark.gpu
+def test_lstm_gpu_step_graph_mode_inside_an_outer_cuda_graph_capture(step_graphs, monkeypatch):
+    """A call made while the stream is being captured runs the plain loop, which the outer
+    graph records (no capture inside a capture); replayed with new inputs and weights, the
+    outer graph gives the plain loops' results."""
+    k = step_graphs
+    device = torch.device("cuda")
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", True)
+    torch.manual_seed(0)
+    p = _make(device, torch.float32, n_steps=12, n_batch=9, n_in=12, n_hidden=40)
+    leaves = [v for v in p.values() if v is not None]
+    gen = torch.Generator().manual_seed(3)
+    gouts = [torch.randn(s, generator=gen).to(device) for s in ((12, 9, 40), (9, 40), (9, 40))]
+
+    def step():
+        out = lstm_layer(*_args(p), backend="triton")  # lengths on the host would sync
+        return [o.detach() for o in out] + list(torch.autograd.grad(out, leaves, gouts))
+
+    # warm-up on a side stream, as the torch.cuda.graph docs ask (compiles the kernels; the
+    # mode captures its own graphs here, the stream not being captured)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    keys = k.step_graph_keys()
+    assert len(keys) == 2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        assert not k._use_step_graph(p["x"])
+        captured = step()
+    assert k.step_graph_keys() == keys  # nothing captured or replayed inside the capture
+    torch.manual_seed(1)
+    q = _make(device, torch.float32, n_steps=12, n_batch=9, n_in=12, n_hidden=40)
+    with torch.no_grad():
+        for name, v in p.items():
+            if v is not None:
+                v.copy_(q[name])
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", False)
+    # not asserted bitwise: the input projection and the weight-gradient GEMMs are cuBLAS
+    # calls captured by the outer graph (cuBLAS may pick other kernels there), not this mode's
+    for i, (a, b) in enumerate(zip(captured, step())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"result {i}: {m}")
