@@ -34,7 +34,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from benchmarks._harness import Case, main_for
+from benchmarks._harness import Case, main_for, with_setting
 from fastbert.ops import attention, attention_varlen, unpad
 
 # Tokens per batch on the GPU (batch = TOKENS // seq): fills an H100 with headroom for the
@@ -90,14 +90,7 @@ def _three_kernel_backward(call: Callable) -> Callable:
     """``call`` with kernels.attention.ONE_LAUNCH_BACKWARD off: the delta / dK,dV / dQ
     kernels even where one launch would do (what the one-launch backward gains)."""
     from fastbert.kernels import attention as k
-
-    def run():
-        saved, k.ONE_LAUNCH_BACKWARD = k.ONE_LAUNCH_BACKWARD, False
-        try:
-            return call()
-        finally:
-            k.ONE_LAUNCH_BACKWARD = saved
-    return run
+    return with_setting(k, "ONE_LAUNCH_BACKWARD", False, call)
 
 
 def _leaf(*shape, device, dtype):

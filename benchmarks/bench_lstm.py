@@ -194,7 +194,11 @@ def _step_graph(fn: Callable[[], object], threshold: str = "PERSISTENT_MAX_HIDDE
     """``fn`` run with the per-step recurrence forced (``threshold`` set to 0) and replayed
     from the CUDA-graph mode's own graphs (``fastbert.kernels.lstm.PER_STEP_CUDA_GRAPH``)."""
     from fastbert.kernels import lstm as klstm
-    return with_setting(klstm, "PER_STEP_CUDA_GRAPH", True, _with_threshold(threshold, 0, fn))
+    run = with_setting(klstm, "PER_STEP_CUDA_GRAPH", True, _with_threshold(threshold, 0, fn))
+    if threshold == "LN_PERSISTENT_MAX_HIDDEN":
+        # the LayerNorm-LSTM loops are graphed only when asked (see LN_STEP_CUDA_GRAPH)
+        run = with_setting(klstm, "LN_STEP_CUDA_GRAPH", True, run)
+    return run
 
 
 def _fresh_step_graphs() -> None:

@@ -73,8 +73,8 @@ Two ways to run the time loop:
 CUDA-graph mode of the per-step loops (``PER_STEP_CUDA_GRAPH``, off by default): the host
 time of the per-step path is one Python launch per kernel and step (~20 us each on the H200
 machine's host, 2T-4T launches per layer and direction), which bounds it at small and medium
-sizes. In this mode each loop (the plain and the LayerNorm-LSTM forward and backward) is
-captured once per shape into a CUDA graph over static input and output buffers; a call copies
+sizes. In this mode each loop (the plain LSTM's forward and backward; the LayerNorm-LSTM's
+too with ``LN_STEP_CUDA_GRAPH``, off: see there) is captured once per shape into a CUDA graph over static input and output buffers; a call copies
 its inputs in, replays the graph and returns clones of the outputs (autograd saves them, so the
 next call must not overwrite them): a dozen torch ops and one graph launch instead of the
 loop. The kernels and their arguments are the plain loop's, so the results are bitwise the
@@ -950,11 +950,22 @@ def step_graph_enabled() -> bool:
     return PER_STEP_CUDA_GRAPH
 
 
-def _use_step_graph(t: torch.Tensor) -> bool:
-    """Whether this call's per-step loop replays a CUDA graph: the mode is on, the tensors
-    are CUDA tensors (never the interpreter's CPU tensors), and the current stream is not
-    being captured already (then the plain loop is what the caller's graph records)."""
-    return step_graph_enabled() and t.is_cuda and not torch.cuda.is_current_stream_capturing()
+# The LayerNorm-LSTM loops call cuBLAS at every step. A graph holding cuBLAS calls uses the
+# workspace of the stream it was captured on, and destroying such a graph (an eviction from
+# the cache) can free the workspace that other graphs captured on the same pooled stream
+# still use (pytorch/pytorch#193402). Until a GPU run has checked that (many shapes, evictions,
+# compute-sanitizer), the mode covers them only when this is True (tests set it); the plain
+# LSTM's loops are Triton launches only.
+LN_STEP_CUDA_GRAPH = False
+
+
+def _use_step_graph(t: torch.Tensor, layer_norm: bool = False) -> bool:
+    """Whether this call's per-step loop replays a CUDA graph: the mode is on (for the
+    LayerNorm-LSTM loops also ``LN_STEP_CUDA_GRAPH``), the tensors are CUDA tensors (never the
+    interpreter's CPU tensors), and the current stream is not being captured already (then
+    the plain loop is what the caller's graph records)."""
+    return (step_graph_enabled() and (LN_STEP_CUDA_GRAPH or not layer_norm) and t.is_cuda
+            and not torch.cuda.is_current_stream_capturing())
 
 
 class _StepGraph:
@@ -1042,7 +1053,11 @@ def _step_graph(head: tuple, sources: Tuple[torch.Tensor, ...],
     """
     device = sources[0].device
     key = (head, device) + tuple((s.dtype, s.shape, s.stride()) for s in sources)
-    with _STEP_GRAPHS_LOCK:
+    # static tensors are never inference tensors (a first call under inference_mode would
+    # make them so, and a later training call could not copy into them) and never part of
+    # an autograd graph (a copy from a tensor requiring grad would chain every call's graph
+    # onto them)
+    with _STEP_GRAPHS_LOCK, torch.inference_mode(False), torch.no_grad():
         entry = _STEP_GRAPHS.get(key)
         if entry is not None:
             _STEP_GRAPHS.move_to_end(key)
@@ -1059,7 +1074,15 @@ def _step_graph(head: tuple, sources: Tuple[torch.Tensor, ...],
                                torch.cuda.Event() if device.type == "cuda" else None)
             for dest, src in zip(dests, sources):
                 dest.copy_(src)
-            entry.replay = _capture(loop, device)
+            try:
+                entry.replay = _capture(loop, device)
+            except Exception as e:
+                global PER_STEP_CUDA_GRAPH
+                PER_STEP_CUDA_GRAPH = False
+                raise RuntimeError(
+                    f"the LSTM CUDA-graph mode (${CUDA_GRAPH_ENV}) could not capture the "
+                    f"per-step loop ({type(e).__name__}: {e}); it is now off in this process "
+                    "(later calls run the plain loop)") from e
             _STEP_GRAPHS[key] = entry
             _trim_step_graphs(CUDA_GRAPH_CACHE_SIZE)
         result = tuple(o.clone() for o in entry.outs)
@@ -1401,7 +1424,7 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
     g_hh, g_c, b_c = g_hh.contiguous(), g_c.contiguous(), b_c.contiguous()
     if persistent is None:
         persistent = use_ln_persistent(n_hidden, has_proj)
-    if n_steps > 0 and n_batch > 0 and not persistent and _use_step_graph(xg):
+    if n_steps > 0 and n_batch > 0 and not persistent and _use_step_graph(xg, True):
         def build():
             s_xg, s_w_hh, s_w_hr, s_g_hh, s_g_c, s_b_c, s_len = map(
                 _static, (xg, w_hh, w_hr, g_hh, g_c, b_c, lengths))
@@ -1516,7 +1539,7 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
         persistent = use_ln_persistent(n_hidden, has_proj)
     if persistent and has_proj:
         raise ValueError("the time-looping LayerNorm-LSTM kernel has no projection")
-    if n_steps > 0 and n_batch > 0 and not persistent and _use_step_graph(gates):
+    if n_steps > 0 and n_batch > 0 and not persistent and _use_step_graph(gates, True):
         def build():
             statics = tuple(map(_static, (dy, w_hh, w_hr, g_hh, g_c, b_c, lengths, cs, gates,
                                           recs, stats)))

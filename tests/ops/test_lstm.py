@@ -505,6 +505,7 @@ def step_graphs(monkeypatch):
     from fastbert.kernels import lstm as k
     monkeypatch.setattr(k, "PERSISTENT_MAX_HIDDEN", 0)
     monkeypatch.setattr(k, "LN_PERSISTENT_MAX_HIDDEN", 0)
+    monkeypatch.setattr(k, "LN_STEP_CUDA_GRAPH", True)   # the GPU tests check those too
     k.clear_step_graphs()
     yield k
     k.clear_step_graphs()
@@ -516,7 +517,7 @@ def _fake_capture_on_cpu(monkeypatch, k):
     does) and a "replay" runs it again on the static buffers, which is what a CUDA graph
     replays; a loop reading anything but its static buffers, or an input not copied in,
     shows up as a stale result."""
-    monkeypatch.setattr(k, "_use_step_graph", lambda t: k.step_graph_enabled())
+    monkeypatch.setattr(k, "_use_step_graph", lambda t, layer_norm=False: k.step_graph_enabled())
 
     def capture(loop, device):
         loop()
@@ -576,6 +577,43 @@ def test_lstm_step_graph_bookkeeping_equals_plain_loop_on_cpu(device, step_graph
     _fake_capture_on_cpu(monkeypatch, step_graphs)
     _check_step_graph_equals_plain_loop(step_graphs, monkeypatch, device, torch.float32, proj,
                                         layer_norm, reverse, n_steps=4, n_batch=3, n_hidden=16)
+
+
+def test_lstm_step_graph_first_call_in_inference_mode_then_training(device, step_graphs,
+                                                                   monkeypatch):
+    """A shape first met under torch.inference_mode (validation before training) leaves
+    static buffers a later training call can copy into, and the training call's gradients
+    are the plain loop's."""
+    k = step_graphs
+    if device.type == "cpu":
+        _fake_capture_on_cpu(monkeypatch, k)
+    torch.manual_seed(0)
+    p = _make(device, torch.float32, n_steps=4, n_batch=3, n_in=12, n_hidden=16)
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", False)
+    plain, names = _layer_outputs_and_grads(p, {}, None, False)
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", True)
+    with torch.inference_mode():
+        y_inf = lstm_layer(*_args(p), backend="triton")[0]
+    assert len(k.step_graph_keys()) == 1
+    got, _ = _layer_outputs_and_grads(p, {}, None, False)
+    assert torch.equal(y_inf, plain[0])
+    for name, a, b in zip(names, got, plain):
+        assert torch.equal(a, b), f"{name} differs from the plain loop's"
+
+
+def test_lstm_step_graph_mode_leaves_layer_norm_loops_alone_unless_asked(step_graphs,
+                                                                        monkeypatch):
+    """The LayerNorm-LSTM loops (cuBLAS inside) are graphed only with LN_STEP_CUDA_GRAPH."""
+    import types
+    k = step_graphs
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", True)
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    assert k._use_step_graph(cuda_like) and k._use_step_graph(cuda_like, True)
+    monkeypatch.setattr(k, "LN_STEP_CUDA_GRAPH", False)
+    assert k._use_step_graph(cuda_like) and not k._use_step_graph(cuda_like, True)
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", False)
+    assert not k._use_step_graph(cuda_like)
 
 
 def test_lstm_step_graph_cache_keys_and_lru_eviction(device, step_graphs, monkeypatch):
