@@ -53,7 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotConfig, LOG2E, dropout_keep, on_tensor_device, cdiv, next_power_of_2
+from ._common import (AotConfig, LOG2E, cdiv, dropout_keep, next_power_of_2, num_programs,
+                      on_tensor_device)
 
 # Head dims the kernels support; each is loaded into a power-of-two tile (80 and 96 in 128).
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -759,8 +760,13 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     has_dropout = seed is not None and dropout_p > 0.0
     bd = block_d(head_dim)
     (bm1, bn1, w1, s1), (bm2, bn2, w2, s2) = bwd_configs(head_dim, q.dtype)
-    # every key in one block (BERT's seq 128 at head dim <= 64): one launch does it all
-    fused = need_dq and need_dkv and bwd_fused(sk, head_dim, q.dtype)
+    # every key in one block (BERT's seq 128 at head dim <= 64): one launch does it all.
+    # Unless its batch * heads_kv programs would leave SMs idle while each loops over many
+    # query blocks (long-query cross-attention at a small batch): the dQ kernel's grid has a
+    # program per query block. (The interpreter runs programs one by one: no such concern.)
+    fused = (need_dq and need_dkv and bwd_fused(sk, head_dim, q.dtype)
+             and (sq <= bn1 or q.device.type != "cuda"
+                  or batch * heads_kv >= num_programs(q.device, 1)))
     if fused:
         delta = lse   # not read (FUSED_DQ computes it); any fp32 pointer keeps one signature
     else:
