@@ -5,7 +5,7 @@ Layers of this file:
     cross_entropy_ref, masked_lm_loss_ref
                              -- the PyTorch references: CPU path, "torch" backend, test oracles
     fastbert::cross_entropy_fwd / fastbert::cross_entropy_bwd
-    fastbert::masked_lm_loss_fwd / fastbert::masked_lm_loss_bwd
+    fastbert::masked_lm_loss_fwd / fastbert::masked_lm_loss_bwd (/ _scale_)
                              -- torch.library custom ops over the Triton launchers, with fake
                                 (meta) implementations and registered autograd, so that
                                 torch.compile(fullgraph=True) traces through them
@@ -21,6 +21,7 @@ projection, because a per-token incoming gradient changes dW.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -35,15 +36,20 @@ REDUCTIONS = ("none", "mean", "sum")
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
+def _label_error(name: str, n_classes: int, ignore_index: int, value: int,
+                 index: int) -> ValueError:
+    return ValueError(f"{name} must hold class indices in [0, {n_classes}) or "
+                      f"ignore_index={ignore_index}; found {value} at flat index {index} "
+                      f"(pass check_labels=False to skip this check, which syncs the host)")
+
+
 def _check_label_range(name: str, labels: Tensor, n_classes: int, ignore_index: int) -> None:
     """Raise if a label other than ignore_index lies outside [0, n_classes). Syncs the host."""
     flat = labels.reshape(-1)
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_classes))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name} must hold class indices in [0, {n_classes}) or "
-                         f"ignore_index={ignore_index}; found {int(flat[i])} at flat index {i} "
-                         f"(pass check_labels=False to skip this check, which syncs the host)")
+        raise _label_error(name, n_classes, ignore_index, int(flat[i]), i)
 
 
 def cross_entropy_ref(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
@@ -88,6 +94,14 @@ def masked_lm_loss_ref(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], l
 # ----------------------------------------------------------------------------------------
 # custom ops (Triton backend): cross_entropy
 
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """fastbert.kernels.cross_entropy, imported at first use (fastbert.ops imports without
+    Triton): an import statement inside a function costs ~2 us at every call."""
+    from fastbert.kernels import cross_entropy
+    return cross_entropy
+
+
 def _n_counted(target: Tensor, ignore_index: int, n_classes: int) -> Tensor:
     """The divisor of a "mean": targets that are neither ignored nor (with check_labels=False)
     out of range, as the torch backend counts them (a device tensor: no sync)."""
@@ -104,31 +118,30 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
                        store_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, stats, dlogits, count). With ``store_grad`` (reduction "mean" or "sum") dlogits is
     the gradient of the loss itself, written by the forward kernel; otherwise an empty tensor.
-    count: for "mean", the divisor (int64, on the device), kept for the backward (computing it
-    again there costs six small launches); otherwise an empty tensor."""
-    from fastbert.kernels import cross_entropy as k
-    if check_labels:
-        _check_label_range("target", target, logits.shape[1], ignore_index)
+    count (int64, on the device): for "mean" (kept for the backward) or ``check_labels``, what
+    the kernels' reduction counted; otherwise an empty tensor. The loss, its reduction, the
+    count and the label check are two launches and a few allocations: no other torch op."""
+    k = _kernels()
     store_grad = store_grad and reduction != "none"
-    count = _n_counted(target, ignore_index, logits.shape[1]) if reduction == "mean" else None
-    scale = dlogits = None
+    scale = dlogits = grad_count = None
     if store_grad:
-        # 1 / count on the device (no host sync); 0 / 0 leaves inf, which only ignored rows
-        # (all of them) would meet, and they store exact zeros
-        scale = (torch.ones((), dtype=torch.float32, device=logits.device) / count
-                 if count is not None else
-                 torch.ones((), dtype=torch.float32, device=logits.device))
+        # the gradient written before the reduction has counted: 1 / count of a mean, counted
+        # here on the device (no host sync); 0 / 0 leaves inf, which only ignored rows (all of
+        # them) would meet, and they store exact zeros
+        scale = 1.0
+        if reduction == "mean":
+            grad_count = _n_counted(target, ignore_index, logits.shape[1])
         dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    loss, stats = k.cross_entropy_fwd(_rows(logits), target, ignore_index, label_smoothing,
-                                      grad_scale=scale, dlogits=dlogits)
-    # the row losses are summed in fp64 (N values, negligible next to the (N, V) pass) so that
-    # the reduced loss is rounded once: an fp32 sum of losses of 1e4 would be off by ulps
-    if reduction == "sum":
-        loss = loss.sum(dtype=torch.float64)
-    elif reduction == "mean":
-        # 0 / 0 = NaN when every target is ignored, as torch
-        loss = loss.sum(dtype=torch.float64) / count
-    return (loss.to(out_dtype), stats, (dlogits if store_grad else logits.new_empty(0)),
+    loss, stats, count = k.cross_entropy_fwd(
+        _rows(logits), target, ignore_index, label_smoothing, grad_scale=scale, dlogits=dlogits,
+        count=grad_count, reduction=reduction, loss_dtype=out_dtype, check_labels=check_labels)
+    if check_labels:
+        # the host's one sync: after the forward's launches, not before them
+        found = int(count)
+        if found < 0:
+            row = -1 - found
+            raise _label_error("target", logits.shape[1], ignore_index, int(target[row]), row)
+    return (loss, stats, (dlogits if store_grad else logits.new_empty(0)),
             count if count is not None else target.new_empty(0, dtype=torch.int64))
 
 
@@ -137,10 +150,11 @@ def _(logits, target, ignore_index, label_smoothing, reduction, check_labels, ou
       store_grad):
     shape = (logits.shape[0],) if reduction == "none" else ()
     stored = store_grad and reduction != "none"
+    counted = reduction == "mean" or check_labels
     return (logits.new_empty(shape, dtype=out_dtype),
             logits.new_empty((logits.shape[0], 2), dtype=torch.float32),
             logits.new_empty(logits.shape if stored else (0,)),
-            target.new_empty(() if reduction == "mean" else (0,), dtype=torch.int64))
+            target.new_empty(() if counted else (0,), dtype=torch.int64))
 
 
 @fast_op("fastbert::cross_entropy_bwd", mutates_args=())
@@ -148,14 +162,16 @@ def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, stats: Tens
                        count: Optional[Tensor], ignore_index: int, label_smoothing: float,
                        reduction: str) -> Tensor:
     """The gradient of the logits, recomputed; ``count``: the forward's divisor of a "mean"
-    (None: counted here)."""
-    from fastbert.kernels import cross_entropy as k
-    scale = grad.float()
+    (None: counted here). The kernel reads the incoming gradient and the count on the device
+    and divides there: one allocation and one launch."""
+    k = _kernels()
     if reduction == "mean":
         if count is None:
             count = _n_counted(target, ignore_index, logits.shape[1])
-        scale = scale / count
-    return k.cross_entropy_bwd(_rows(logits), target, stats, scale, ignore_index, label_smoothing)
+    else:
+        count = None
+    return k.cross_entropy_bwd(_rows(logits), target, stats, grad, ignore_index, label_smoothing,
+                               count=count)
 
 
 @_cross_entropy_bwd.register_fake
@@ -166,7 +182,7 @@ def _(grad, logits, target, stats, count, ignore_index, label_smoothing, reducti
 @fast_op("fastbert::cross_entropy_scale_", mutates_args=("dlogits",))
 def _cross_entropy_scale_(dlogits: Tensor, grad: Tensor) -> None:
     """dlogits *= grad (a scalar), in place; a no-op decided on the device when grad is 1."""
-    from fastbert.kernels import cross_entropy as k
+    k = _kernels()
     k.cross_entropy_scale_(dlogits, grad)
 
 
@@ -223,6 +239,9 @@ def _scaled(t: Tensor, g: Tensor) -> Tensor:
 
 def _ce_setup(ctx, inputs, output):
     logits, target, ignore_index, label_smoothing, reduction, _, _, store_grad = inputs
+    # no zero-filled gradients for the non-differentiable outputs (three launches); the loss,
+    # the one differentiable output, always has one when the backward runs
+    ctx.set_materialize_grads(False)
     ctx.stored = store_grad and reduction != "none"
     ctx.mark_non_differentiable(output[1], output[2], output[3])
     if ctx.stored:
@@ -258,11 +277,21 @@ def _select_masked(hidden: Tensor, labels: Tensor, ignore_index: int):
     return rows, hidden.index_select(0, rows), labels.index_select(0, rows)
 
 
-def _full_grads(hidden, bias, rows, dx, dw, db):
+def _check_selected_labels(name: str, target: Tensor, rows: Tensor, n_classes: int,
+                           ignore_index: int) -> None:
+    """Raise if a selected label (none is ignore_index) lies outside [0, n_classes): floor(t / V)
+    is 0 exactly for those in range. Two ops and one read, right after the selection's nonzero
+    has synced the host (so that read waits for two tiny kernels only)."""
+    outside = torch.div(target, n_classes, rounding_mode="floor")
+    if bool(outside.any()):
+        j = int(outside.nonzero()[0, 0])
+        raise _label_error(name, n_classes, ignore_index, int(target[j]), int(rows[j]))
+
+
+def _full_grads(hidden, rows, dx, dw, db):
     """(dhidden over all rows, dweight, dbias); an absent one is a fresh empty tensor (custom
     ops may not return None, nor one tensor twice)."""
     dh = hidden.new_zeros(hidden.shape).index_copy_(0, rows, dx) if dx is not None else None
-    db = db.to(bias.dtype) if db is not None else None
     return tuple(t if t is not None else hidden.new_empty(0) for t in (dh, dw, db))
 
 
@@ -276,27 +305,25 @@ def _masked_lm_loss_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     ``stores_grads`` (reduction "mean" or "sum", not float16). ``scale_in_place``: the backward multiplies them by the incoming gradient
     in place (eager), rather than into new tensors (under torch.compile, whose AOTAutograd
     cannot trace a backward that mutates a saved tensor)."""
-    from fastbert.kernels import cross_entropy as k
-    if check_labels:
-        _check_label_range("labels", labels, weight.shape[0], ignore_index)
+    k = _kernels()
     rows, x, target = _select_masked(hidden, labels, ignore_index)
     n = rows.numel()
+    if check_labels and n:
+        _check_selected_labels("labels", target, rows, weight.shape[0], ignore_index)
     grads = (stores_grads(hidden.dtype, reduction)
              and (need_dhidden or need_dweight or need_dbias))
-    scale = None
-    if grads:
-        scale = torch.full((), 1.0 / max(n, 1) if reduction == "mean" else 1.0,
-                           dtype=torch.float32, device=hidden.device)
+    # the gradient of the loss itself, 1 / n for a mean: a value the kernel takes (no tensor)
+    scale = (1.0 / n if reduction == "mean" and n else 1.0) if grads else None
     loss_rows, dx, dw, db = k.linear_cross_entropy(x, weight, bias, target, ignore_index,
                                                    label_smoothing, scale, need_dhidden,
                                                    need_dweight, need_dbias)
     if reduction == "none":
         loss = loss_rows.new_zeros(labels.shape).index_copy_(0, rows, loss_rows)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
+    elif reduction == "sum" or n == 0:
+        loss = loss_rows.sum()  # no masked token: 0.0 for the mean too, not NaN
     else:
-        loss = loss_rows.sum() / max(n, 1)  # no masked token: 0.0, not NaN
-    return (loss,) + _full_grads(hidden, bias, rows, dx, dw, db)
+        loss = loss_rows.mean()
+    return (loss,) + _full_grads(hidden, rows, dx, dw, db)
 
 
 def _mlm_stored_grads(hidden, bias, reduction, need_dhidden, need_dweight, need_dbias):
@@ -325,18 +352,19 @@ def _masked_lm_loss_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Opti
     """Gradients where the forward stored none (reduction "none": a gradient per token; float16,
     see ``stores_grads``): recomputes the projection, the incoming gradient folded into the
     scale of each row before anything is rounded."""
-    from fastbert.kernels import cross_entropy as k
+    k = _kernels()
     rows, x, target = _select_masked(hidden, labels, ignore_index)
     if reduction == "none":
-        scale = grad.reshape(-1).float().index_select(0, rows)
+        # read by the kernel in its dtype
+        scale = grad.reshape(-1).index_select(0, rows)
     else:
-        scale = grad.float().reshape(())
+        scale = grad.reshape(())
         if reduction == "mean":
-            scale = scale / max(rows.numel(), 1)
+            scale = scale.float() / max(rows.numel(), 1)
     _, dx, dw, db = k.linear_cross_entropy(x, weight, bias, target, ignore_index,
                                            label_smoothing, scale, need_dhidden, need_dweight,
                                            need_dbias)
-    return _full_grads(hidden, bias, rows, dx, dw, db)
+    return _full_grads(hidden, rows, dx, dw, db)
 
 
 @_masked_lm_loss_bwd.register_fake
@@ -348,9 +376,24 @@ def _(grad, hidden, weight, bias, labels, ignore_index, label_smoothing, reducti
             else hidden.new_empty(0))
 
 
+@fast_op("fastbert::masked_lm_loss_scale_", mutates_args=("dhidden", "dweight", "dbias"))
+def _masked_lm_loss_scale_(dhidden: Tensor, dweight: Tensor, dbias: Tensor, grad: Tensor) -> None:
+    """The three stored gradients *= grad (a scalar), in place, in one launch; a no-op decided
+    on the device when grad is 1; empty ones (not computed) are skipped."""
+    k = _kernels()
+    k.cross_entropy_scale_(dhidden, grad, dweight, dbias)
+
+
+@_masked_lm_loss_scale_.register_fake
+def _(dhidden, dweight, dbias, grad):
+    return None
+
+
 def _mlm_setup(ctx, inputs, output):
     (hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, need_dhidden,
      need_dweight, need_dbias, _, scale_in_place) = inputs
+    # no zero-filled gradients for the non-differentiable outputs (three launches)
+    ctx.set_materialize_grads(False)
     ctx.scale_in_place = scale_in_place
     ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
     ctx.has_bias = bias is not None
@@ -374,10 +417,9 @@ def _mlm_backward(ctx, dloss, ddh, ddw, ddb):
         # stored gradients of the loss itself: scale by the incoming (scalar) gradient
         if ctx.scale_in_place:
             dh, dw, db = _saved_stored_grads(ctx, "masked_lm_loss")
-            # on the device, nothing to do for 1.0 (loss.backward()): no pass over dW
-            for t, need in ((dh, need_dh), (dw, need_dw), (db, need_db)):
-                if need:
-                    _cross_entropy_scale_(t, dloss)
+            # one launch; on the device, nothing to do for 1.0 (loss.backward()): no pass over
+            # dW. The forward stored exactly the gradients needed (the others are empty).
+            _masked_lm_loss_scale_(dh, dw, db, dloss)
         else:
             dh, dw, db = ctx.saved_tensors
             dh = _scaled(dh, dloss) if need_dh else None
@@ -419,6 +461,8 @@ def _nan_where_bad(loss: Tensor, bad: Tensor, reduction: str) -> Tensor:
 
 
 def _check_labels_tensor(name: str, t, shape, what: str):
+    if isinstance(t, torch.Tensor) and t.dtype in INDEX_DTYPES and t.shape == shape:
+        return  # the common case, without building the messages' arguments
     if isinstance(t, torch.Tensor) and t.is_floating_point():
         raise TypeError(f"{name} must hold class indices (int64 or int32); class-probability "
                         f"targets are not supported, got {str(t.dtype).replace('torch.', '')}")
@@ -567,8 +611,10 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
         return _nan_where_bad(loss, bad, reduction)
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    loss, _, _, _ = _masked_lm_loss_fwd(hidden.reshape(-1, n_hidden), weight, bias,
-                                        labels.reshape(-1), int(ignore_index),
+    loss, _, _, _ = _masked_lm_loss_fwd(hidden if hidden.dim() == 2 else
+                                        hidden.reshape(-1, n_hidden), weight, bias,
+                                        labels if labels.dim() == 1 else labels.reshape(-1),
+                                        int(ignore_index),
                                         float(label_smoothing), reduction, *needs,
                                         bool(check_labels), not torch.compiler.is_compiling())
     return loss.reshape(labels.shape) if reduction == "none" else loss

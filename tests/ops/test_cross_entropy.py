@@ -127,6 +127,7 @@ def test_cross_entropy_ragged_shapes_match_fp64(device, n_rows, n_cols):
     _check_ce(logits, target, "none" if n_rows < 100 else "mean", label_smoothing=0.05)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's 0 / 0
 def test_cross_entropy_unbatched_and_custom_ignore_index_match_torch(device):
     logits = torch.randn(50, device=device)
     for reduction in REDUCTIONS:
@@ -190,6 +191,7 @@ def test_cross_entropy_masked_vocabulary_of_neg_inf_is_finite(device):
     assert_close_to_ref(grad, ref_grad)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's 0 / 0
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cross_entropy_all_ignored_matches_torch(device, reduction):
     logits = torch.randn(5, 300, device=device)
@@ -211,10 +213,10 @@ def test_cross_entropy_kernel_writes_every_gradient_element(device):
     logits = torch.randn(7, 1500, device=device)
     target = _targets(7, 1500, device, ignore_frac=0.3)
     scale = torch.rand(7, device=device)
-    loss, stats = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
+    loss, stats, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
     dlogits = k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1)
     buf = logits.clone()
-    loss2, _ = k.cross_entropy_fwd(buf, target, IGNORE, 0.1, grad_scale=scale)
+    loss2, _, _ = k.cross_entropy_fwd(buf, target, IGNORE, 0.1, grad_scale=scale)
     assert torch.isfinite(dlogits).all()
     torch.testing.assert_close(buf, dlogits, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(loss2, loss)
@@ -265,7 +267,7 @@ def test_launchers_write_every_element_of_poisoned_outputs(device, monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison_(empty_like(*a, **kw)))
     logits = torch.randn(9, 700, device=device)
     target = _targets(9, 700, device, ignore_frac=0.3)
-    loss, stats = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
+    loss, stats, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
     dlogits = k.cross_entropy_bwd(logits, target, stats, torch.ones((), device=device), IGNORE,
                                   0.1)
     x = torch.randn(20, 48, device=device)
@@ -341,7 +343,7 @@ def test_cross_entropy_launchers_reject_bad_stats_and_grad_scale(device):
     # read out of bounds on the GPU, so the launcher refuses it by name
     logits = torch.randn(4, 30, device=device)
     target = torch.randint(0, 30, (4,), device=device)
-    _, stats = k.cross_entropy_fwd(logits, target, IGNORE, 0.0)
+    _, stats, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.0)
     one = torch.ones((), device=device)
     for bad in (stats[:3], stats.t().contiguous().t(), stats.double(), stats[:, :1]):
         with pytest.raises(ValueError, match="stats must be the contiguous"):
@@ -403,7 +405,7 @@ def test_cross_entropy_custom_ops_pass_opcheck(device):
                               (logits, target, IGNORE, 0.1, reduction, True, torch.float32,
                                True), test_utils=("test_schema", "test_autograd_registration",
                                                   "test_faketensor"))
-    _, stats = k.cross_entropy_fwd(logits.detach(), target, IGNORE, 0.1)
+    _, stats, _ = k.cross_entropy_fwd(logits.detach(), target, IGNORE, 0.1)
     torch.library.opcheck(torch.ops.fastbert.cross_entropy_bwd.default,
                           (torch.rand(5, device=device), logits.detach(), target, stats, None,
                            IGNORE, 0.1, "none"))
@@ -494,10 +496,11 @@ def test_cross_entropy_one_block_and_looping_forward_write_the_same_gradient(dev
     target[0] = n_cols - 1
     scale = torch.rand(6, device=device)
     assert k.ce_block(n_cols, one_block=True)[2]
-    loss, stats = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
+    loss, stats, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
     want = k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1)
     out = poison_(torch.empty_like(logits))
-    loss1, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1, grad_scale=scale, dlogits=out)
+    loss1, _, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1, grad_scale=scale,
+                                      dlogits=out)
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(loss1, loss)
     assert torch.equal(logits, logits)  # not overwritten: out was given
@@ -954,8 +957,9 @@ def test_masked_lm_loss_bert_sizes_on_gpu(monkeypatch, vocab, hidden_size, dtype
     _check_mlm(*inputs, "mean")
 
 
-def test_cross_entropy_mean_counts_its_targets_once(device, monkeypatch):
-    # the forward's divisor is saved for the backward (each count is six small launches)
+def test_cross_entropy_mean_is_counted_by_the_kernels_not_by_torch(device, monkeypatch):
+    # the forward's reduction kernel counts the divisor, saved for the backward, whose kernel
+    # divides by it on the device: no torch op counts targets (each count was six launches)
     calls = []
     real = ops_ce._n_counted
     monkeypatch.setattr(ops_ce, "_n_counted", lambda *a: calls.append(1) or real(*a))
@@ -964,10 +968,143 @@ def test_cross_entropy_mean_counts_its_targets_once(device, monkeypatch):
     t[0] = 3
     loss = cross_entropy(x, t, backend="triton")
     (g,) = torch.autograd.grad(loss * 3.0, x)
-    assert len(calls) == 1
+    assert calls == []
     x64 = x.detach().double().requires_grad_()
     (F.cross_entropy(x64, t, ignore_index=IGNORE) * 3.0).backward()
     assert_close_to_ref(g, x64.grad, name="dlogits")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's 0 / 0
+@pytest.mark.parametrize("tt", [torch.int64, torch.int32])
+def test_cross_entropy_reduction_kernel_sums_counts_and_finds_the_first_bad_target(
+        device, monkeypatch, tt):
+    # more rows than REDUCE_BLOCK (the reduction loops over blocks), a strided target
+    monkeypatch.setattr(k, "REDUCE_BLOCK", 16)
+    n, v = 3 * 16 + 5, 30
+    logits = torch.randn(n, v, device=device) * 3
+    target = _targets(2 * n, v, device, ignore_frac=0.3).to(tt)[::2]
+    ref = F.cross_entropy(logits.double(), target.long(), ignore_index=IGNORE, reduction="none")
+    n_valid = int((target != IGNORE).sum())
+    for reduction, want in (("sum", ref.sum()), ("mean", ref.sum() / n_valid)):
+        for dtype in (torch.float32, torch.bfloat16):
+            loss, _, count = k.cross_entropy_fwd(logits, target, IGNORE, 0.0,
+                                                 reduction=reduction, loss_dtype=dtype)
+            assert loss.shape == () and loss.dtype == dtype and count.item() == n_valid
+            # fp64 sum, one rounding: within one ulp of the dtype (the interpreter truncates
+            # to bf16)
+            ulp = torch.finfo(dtype).eps * want.abs().item()
+            assert (loss.double() - want).abs().item() <= ulp, (reduction, dtype)
+    rows, _, count = k.cross_entropy_fwd(logits, target, IGNORE, 0.0, check_labels=True,
+                                         loss_dtype=torch.bfloat16)
+    assert rows.dtype == torch.bfloat16 and count.item() == n_valid
+    # out of range at rows 3 (high) and 40 (negative): the first is reported as -1 - row;
+    # unchecked, both are left out of the count and their losses are NaN
+    target[3], target[40] = v, -2
+    _, _, count = k.cross_entropy_fwd(logits, target, IGNORE, 0.0, reduction="mean",
+                                      check_labels=True)
+    assert count.item() == -1 - 3
+    loss, _, count = k.cross_entropy_fwd(logits, target, IGNORE, 0.0, reduction="mean")
+    in_range = (target != IGNORE) & (target >= 0) & (target < v)
+    assert loss.isnan() and count.item() == int(in_range.sum()) < n_valid
+    # no row: sum 0, mean 0 / 0 = NaN (as torch), count 0
+    empty = logits[:0]
+    for reduction in ("sum", "mean"):
+        loss, _, count = k.cross_entropy_fwd(empty, target[:0], IGNORE, 0.0, reduction=reduction,
+                                             check_labels=True)
+        assert count.item() == 0 and (loss.isnan() if reduction == "mean" else loss == 0)
+
+
+def test_label_errors_name_the_first_bad_label_and_its_flat_index(device):
+    logits = torch.randn(5, 10, device=device)
+    target = torch.tensor([1, IGNORE, 10, -5, 2], device=device)
+    hidden, weight, bias, labels = _mlm_inputs((2, 4), 16, 50, torch.float32, device)
+    labels[1, 1], labels[1, 3] = 77, -1
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match=r"found 10 at flat index 2 "):
+            cross_entropy(logits, target, backend=backend)
+        with pytest.raises(ValueError, match=r"found 77 at flat index 5 "):
+            masked_lm_loss(hidden, weight, bias, labels, backend=backend)
+
+
+@pytest.mark.parametrize("g", [1.0, -0.5])
+def test_cross_entropy_scale_multiplies_three_tensors_in_one_launch(device, g):
+    # masked_lm_loss's dhidden, dweight, dbias: different sizes and dtypes, an empty one skipped
+    a = torch.randn(3, 5000, device=device)
+    a[1] = 0.0
+    b = torch.empty(0, device=device)
+    c = torch.randn(4097, device=device).to(torch.bfloat16)
+    want = [torch.where(t == 0, 0.0, t.float() * g).to(t.dtype) for t in (a, b, c)]
+    k.cross_entropy_scale_(a, torch.tensor(g, device=device), b, c)
+    for t, w in zip((a, b, c), want):
+        assert torch.equal(t, w)
+    with pytest.raises(ValueError, match="at most 3 tensors"):
+        k.cross_entropy_scale_(a, torch.tensor(g, device=device), a, a, a)
+
+
+def test_cross_entropy_bwd_reads_the_incoming_gradient_and_count_on_the_device(device):
+    # a bf16 incoming gradient a row, expanded (stride 0) as the backward of .sum() gives it,
+    # divided by an int64 count in the kernel: the same bits as torch's fp32 grad / count first
+    logits = torch.randn(7, 300, device=device) * 3
+    target = _targets(7, 300, device, ignore_frac=0.3)
+    _, stats, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
+    count = torch.tensor(5, device=device)
+    grad = torch.tensor(0.7, device=device).to(torch.bfloat16)
+    want = k.cross_entropy_bwd(logits, target, stats, grad.float() / count, IGNORE, 0.1)
+    for scale in (grad, grad.expand(7)):
+        got = k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1, count=count)
+        assert torch.equal(got, want)
+    # a Python float is passed by value: the same gradient as the fp32 tensor holding it
+    third = torch.tensor(1 / 3, device=device)
+    assert torch.equal(k.cross_entropy_bwd(logits, target, stats, 1 / 3, IGNORE, 0.1),
+                       k.cross_entropy_bwd(logits, target, stats, third, IGNORE, 0.1))
+    with pytest.raises(ValueError, match="count must be a one-element int64"):
+        k.cross_entropy_bwd(logits, target, stats, grad, IGNORE, 0.1, count=count.float())
+
+
+def _host_calls(fn, monkeypatch):
+    """The torch ops (aten calls not inside another aten call) and the kernel launches of fn(),
+    the kernels themselves not run: the host work of an op, as benchmarks/ measure it."""
+    from triton.runtime.interpreter import InterpretedFunction
+    launches = []
+    monkeypatch.setattr(InterpretedFunction, "__getitem__",
+                        lambda self, grid: lambda *a, **kw: launches.append(self.fn.__name__))
+
+    def outer(e):
+        while e.cpu_parent is not None:
+            e = e.cpu_parent
+            if e.name.startswith("aten::"):
+                return False
+        return True
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    monkeypatch.undo()
+    return [e.name[6:] for e in prof.events() if e.name.startswith("aten::") and outer(e)], \
+        launches
+
+
+@pytest.mark.skipif(not _interpreting(), reason="counts launches of the Triton interpreter")
+def test_cross_entropy_and_masked_lm_loss_host_work_stays_small(monkeypatch):
+    # small BERT shapes are host-bound (~13 us a torch op, ~20 us a launch on an H200
+    # machine): a mean cross-entropy, forward and backward, is its outputs' allocations and
+    # three launches (the mean, its count and the label check are the reduction kernel's);
+    # masked_lm_loss adds only the row selection, the check, the GEMMs and the scatter of dh
+    x = torch.randn(64, 1000, requires_grad=True)
+    t = _targets(64, 1000, "cpu")
+    ops, launches = _host_calls(lambda: torch.autograd.grad(
+        cross_entropy(x, t, check_labels=False, backend="triton"), x), monkeypatch)
+    assert launches == ["_cross_entropy_fwd_kernel", "_cross_entropy_reduce_kernel",
+                        "_cross_entropy_bwd_kernel"]
+    # loss rows, stats, loss, count, the empty stored-gradient output; ones_like (autograd's
+    # incoming gradient); the gradient
+    assert sorted(ops) == sorted(["empty"] * 4 + ["new_empty", "ones_like", "empty_like"]), ops
+    hidden, weight, bias, labels = _mlm_inputs((4, 32), 64, 1000, torch.float32, "cpu")
+    leaves = [u.requires_grad_() for u in (hidden, weight, bias)]
+    ops, launches = _host_calls(lambda: torch.autograd.grad(
+        masked_lm_loss(*leaves, labels, backend="triton"), leaves), monkeypatch)
+    assert launches == ["_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel",
+                        "_cross_entropy_scale_kernel"]
+    # (the eager gathered-rows version: 22 ops, and ~4 more kernels on the GPU)
+    assert len(ops) <= 22, ops
 
 
 @pytest.mark.parametrize("n_cols", [50, 5000])
@@ -976,7 +1113,7 @@ def test_cross_entropy_bwd_writes_over_the_logits_as_into_a_new_tensor(device, n
     logits = torch.randn(7, n_cols, device=device) * 3
     target = _targets(7, n_cols, device, ignore_frac=0.3)
     target[0] = 1
-    _, stats = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
+    _, stats, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
     scale = torch.rand(7, device=device)
     want = k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1)
     same = logits.clone()
