@@ -99,11 +99,13 @@ def _devices(tensors: Iterable[Optional[torch.Tensor]]) -> list:
 
 
 def why_not(backend: str, tensors: Sequence[Optional[torch.Tensor]], op: str,
-            cuda_ops: Sequence[str] = ()) -> Optional[str]:
-    """Why ``backend`` cannot run op ``op`` on ``tensors``; None when it can."""
+            cuda_ops: Sequence[str] = (), devices: Optional[list] = None) -> Optional[str]:
+    """Why ``backend`` cannot run op ``op`` on ``tensors``; None when it can. ``devices``:
+    the tensors' devices, if the caller has them already (host time: ops call this per call)."""
     if backend == "torch":
         return None
-    devices = _devices(tensors)
+    if devices is None:
+        devices = _devices(tensors)
     on_cuda = bool(devices) and all(d.type == "cuda" for d in devices)
     on_cpu = bool(devices) and all(d.type == "cpu" for d in devices)
     if backend == "triton":
@@ -157,8 +159,10 @@ def resolve(op: str, tensors: Sequence[Optional[torch.Tensor]], backend: Optiona
         extra_check: op-specific limits: returns why a kernel backend cannot run this call
             (an unsupported head dim, say), or None.
     """
+    devices = _devices(tensors)
+
     def reason(b: str) -> Optional[str]:
-        r = why_not(b, tensors, op, cuda_ops)
+        r = why_not(b, tensors, op, cuda_ops, devices)
         if r is None and b != "torch" and extra_check is not None:
             r = extra_check(b)
         return r
@@ -169,7 +173,6 @@ def resolve(op: str, tensors: Sequence[Optional[torch.Tensor]], backend: Optiona
         if r is not None:
             raise BackendUnavailable(f"fastbert.ops.{op}: backend {asked!r} cannot run this call: {r}")
         return asked
-    devices = _devices(tensors)
     if not devices or any(d.type != "cuda" for d in devices):
         return "torch"
     reasons = []
