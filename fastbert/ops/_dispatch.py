@@ -19,6 +19,7 @@ with the reason. Auto falls back to "torch" with a one-time warning that names t
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -92,6 +93,14 @@ def cuda_extension_error() -> Optional[str]:
     return ("the CUDA C++ extension fastbert._C is not built "
             f"({_CUDA_EXT_ERROR}); build it with "
             "FASTBERT_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_module(name: str):
+    """``fastbert.kernels.<name>``, imported at first use (fastbert.ops imports without
+    Triton). The ops call it per call: an import statement in a function body costs ~1 us
+    each time, this cached lookup a tenth of that."""
+    return importlib.import_module(f"fastbert.kernels.{name}")
 
 
 def _devices(tensors: Iterable[Optional[torch.Tensor]]) -> list:

@@ -34,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._checks import (REF_DTYPES, check_probability, check_same_device, check_size, check_tensor,
                       kernel_dtype_reason)
 from ._fastop import fast_op
-from ._dispatch import resolve
+from ._dispatch import resolve, kernel_module
 
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -116,7 +116,7 @@ def _key_end_of(attention_mask: Tensor) -> Tensor:
     it."""
     if torch.compiler.is_compiling():
         return _key_end(attention_mask)
-    from fastbert.kernels import attention as k_
+    k_ = kernel_module("attention")
     return k_.key_end(attention_mask)
 
 
@@ -126,7 +126,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Ten
                    cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor], max_seqlen_q: int,
                    max_seqlen_k: int, causal: bool, dropout_p: float,
                    softmax_scale: float) -> Tuple[Tensor, Tensor]:
-    from fastbert.kernels import attention as k_
+    k_ = kernel_module("attention")
     return k_.attention_fwd(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                             max_seqlen_k, seed, causal, dropout_p, softmax_scale, kv_end)
 
@@ -153,7 +153,7 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    need_dkv: bool) -> List[Tensor]:
     # need_dq / need_dkv: launch only the kernels whose gradients autograd asked for; the
     # others come back as zeros (and are dropped by the caller)
-    from fastbert.kernels import attention as k_
+    k_ = kernel_module("attention")
     dq, dk, dv = k_.attention_bwd(dout, q, k, v, out, lse, attention_mask, cu_seqlens_q,
                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,
                                   dropout_p, softmax_scale, kv_end, need_dq=need_dq,

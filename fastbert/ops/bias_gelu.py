@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._checks import REF_DTYPES, check_same_device, check_shape, check_tensor, kernel_dtype_reason
 from ._fastop import fast_op
-from ._dispatch import resolve
+from ._dispatch import resolve, kernel_module
 
 
 def bias_gelu_ref(x: Tensor, bias: Optional[Tensor], approximate: str = "none", *,
@@ -24,7 +24,7 @@ def bias_gelu_ref(x: Tensor, bias: Optional[Tensor], approximate: str = "none", 
 
 @fast_op("fastbert::bias_gelu_fwd", mutates_args=())
 def _bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
-    from fastbert.kernels import bias_gelu as k
+    k = kernel_module("bias_gelu")
     return k.bias_gelu_fwd(x, bias, approximate)
 
 
@@ -36,7 +36,7 @@ def _(x, bias, approximate):
 @fast_op("fastbert::bias_gelu_bwd", mutates_args=())
 def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor],
                    approximate: str) -> Tuple[Tensor, Tensor]:
-    from fastbert.kernels import bias_gelu as k
+    k = kernel_module("bias_gelu")
     dx, db = k.bias_gelu_bwd(dy, x, bias, approximate)
     return dx, (db if db is not None else x.new_empty(0))
 

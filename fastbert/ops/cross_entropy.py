@@ -21,7 +21,6 @@ projection, because a per-token incoming gradient changes dW.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
 from ._fastop import fast_op
-from ._dispatch import resolve
+from ._dispatch import resolve, kernel_module
 
 REDUCTIONS = ("none", "mean", "sum")
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -94,14 +93,6 @@ def masked_lm_loss_ref(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], l
 # ----------------------------------------------------------------------------------------
 # custom ops (Triton backend): cross_entropy
 
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    """fastbert.kernels.cross_entropy, imported at first use (fastbert.ops imports without
-    Triton): an import statement inside a function costs ~2 us at every call."""
-    from fastbert.kernels import cross_entropy
-    return cross_entropy
-
-
 def _n_counted(target: Tensor, ignore_index: int, n_classes: int) -> Tensor:
     """The divisor of a "mean": targets that are neither ignored nor (with check_labels=False)
     out of range, as the torch backend counts them (a device tensor: no sync)."""
@@ -121,7 +112,7 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
     count (int64, on the device): for "mean" (kept for the backward) or ``check_labels``, what
     the kernels' reduction counted; otherwise an empty tensor. The loss, its reduction, the
     count and the label check are two launches and a few allocations: no other torch op."""
-    k = _kernels()
+    k = kernel_module("cross_entropy")
     store_grad = store_grad and reduction != "none"
     scale = dlogits = grad_count = None
     if store_grad:
@@ -164,7 +155,7 @@ def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, stats: Tens
     """The gradient of the logits, recomputed; ``count``: the forward's divisor of a "mean"
     (None: counted here). The kernel reads the incoming gradient and the count on the device
     and divides there: one allocation and one launch."""
-    k = _kernels()
+    k = kernel_module("cross_entropy")
     if reduction == "mean":
         if count is None:
             count = _n_counted(target, ignore_index, logits.shape[1])
@@ -182,7 +173,7 @@ def _(grad, logits, target, stats, count, ignore_index, label_smoothing, reducti
 @fast_op("fastbert::cross_entropy_scale_", mutates_args=("dlogits",))
 def _cross_entropy_scale_(dlogits: Tensor, grad: Tensor) -> None:
     """dlogits *= grad (a scalar), in place; a no-op decided on the device when grad is 1."""
-    k = _kernels()
+    k = kernel_module("cross_entropy")
     k.cross_entropy_scale_(dlogits, grad)
 
 
@@ -305,7 +296,7 @@ def _masked_lm_loss_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     ``stores_grads`` (reduction "mean" or "sum", not float16). ``scale_in_place``: the backward multiplies them by the incoming gradient
     in place (eager), rather than into new tensors (under torch.compile, whose AOTAutograd
     cannot trace a backward that mutates a saved tensor)."""
-    k = _kernels()
+    k = kernel_module("cross_entropy")
     rows, x, target = _select_masked(hidden, labels, ignore_index)
     n = rows.numel()
     if check_labels and n:
@@ -352,7 +343,7 @@ def _masked_lm_loss_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Opti
     """Gradients where the forward stored none (reduction "none": a gradient per token; float16,
     see ``stores_grads``): recomputes the projection, the incoming gradient folded into the
     scale of each row before anything is rounded."""
-    k = _kernels()
+    k = kernel_module("cross_entropy")
     rows, x, target = _select_masked(hidden, labels, ignore_index)
     if reduction == "none":
         # read by the kernel in its dtype
@@ -380,7 +371,7 @@ def _(grad, hidden, weight, bias, labels, ignore_index, label_smoothing, reducti
 def _masked_lm_loss_scale_(dhidden: Tensor, dweight: Tensor, dbias: Tensor, grad: Tensor) -> None:
     """The three stored gradients *= grad (a scalar), in place, in one launch; a no-op decided
     on the device when grad is 1; empty ones (not computed) are skipped."""
-    k = _kernels()
+    k = kernel_module("cross_entropy")
     k.cross_entropy_scale_(dhidden, grad, dweight, dbias)
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_shape, check_tensor
 from ._fastop import fast_op
-from ._dispatch import resolve
+from ._dispatch import resolve, kernel_module
 
 
 def _norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
@@ -107,7 +107,7 @@ def lstm_layer_ref(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
 def _lstm_recurrence_fwd(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
                          lengths: Tensor, reverse: bool
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from fastbert.kernels import lstm as k
+    k = kernel_module("lstm")
     y, hs, cs, gates, rs = k.lstm_fwd(xg, h0, c0, w_hh, w_hr, lengths, reverse)
     n = xg.shape[0]
     # outputs may not alias each other: h_n / c_n are copies of the last state
@@ -131,7 +131,7 @@ def _lstm_recurrence_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor,
                          w_hr: Optional[Tensor], lengths: Tensor, hs: Tensor, cs: Tensor,
                          gates: Tensor, rs: Tensor, reverse: bool
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from fastbert.kernels import lstm as k
+    k = kernel_module("lstm")
     dxg, dh0, dc0, dw_hh, dw_hr = k.lstm_bwd(dy, dh_n, dc_n, w_hh, w_hr, lengths, hs, cs,
                                              gates, rs, reverse)
     return (dxg, dh0.to(hs.dtype), dc0.to(dh_n.dtype), dw_hh.to(w_hh.dtype),
@@ -182,7 +182,7 @@ def _ln_lstm_recurrence_fwd(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                             lengths: Tensor, reverse: bool, eps: float
                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                        Tensor, Tensor]:
-    from fastbert.kernels import lstm as k
+    k = kernel_module("lstm")
     y, hs, cs, gates, recs, stats, rs = k.ln_lstm_fwd(xg, h0, c0, w_hh, w_hr, g_hh, g_c, b_c,
                                                       lengths, reverse, eps)
     n = xg.shape[0]
@@ -210,7 +210,7 @@ def _ln_lstm_recurrence_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor
                             stats: Tensor, rs: Tensor, reverse: bool
                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                        Tensor]:
-    from fastbert.kernels import lstm as k
+    k = kernel_module("lstm")
     dxg, dh0, dc0, dw_hh, dw_hr, dg_hh, dg_c, db_c = k.ln_lstm_bwd(
         dy, dh_n, dc_n, w_hh, w_hr, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats, rs,
         reverse)
