@@ -1,5 +1,6 @@
 """Helpers shared by the Triton kernels: constants, GELU and dropout device functions,
-block-size choice and the ahead-of-time (AOT) compile descriptions.
+block-size choice, the column sum that turns the persistent backward kernels' per-program
+partial rows into parameter gradients, and the ahead-of-time (AOT) compile descriptions.
 
 Kernel modules import from here so that a block-size rule or a constant lives in one place.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Dict, Optional, TypeVar
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch
 import triton
@@ -33,6 +34,16 @@ MAX_FUSED_COLS = 8192
 # The CPU interpreter runs one program at a time; a handful of programs is enough to
 # exercise the multi-program (partial-sum) code paths without making tests slow.
 INTERPRETER_PROGRAMS = 4
+# The column sum of partial rows (``sum_param_parts``): each program adds BLOCK_M rows a step
+# over BLOCK_N columns. 32 fp32 columns are one 128-byte line per row; 64 rows a step keep 16
+# accumulators per thread at 4 warps and take a 528-row part (132 SMs x 4 programs) in 9 steps.
+SUM_PARTS_BLOCK_M = 64
+SUM_PARTS_BLOCK_N = 32
+SUM_PARTS_NUM_WARPS = 4
+# Gradients one launch of the column sum writes: LayerNorm's weight, bias and x_bias; and
+# the fp32 tables it converts besides (the embedding's position and token type gradients).
+SUM_PARTS_MAX_OUT = 3
+SUM_PARTS_MAX_TABLES = 2
 
 
 _F = TypeVar("_F", bound=Callable)
@@ -151,6 +162,154 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor,
     return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
 
+@triton.jit
+def _store_sum(out_ptr, total, cols, mask):
+    tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cast_rows(src_ptr, dst_ptr, row0, n_rows, n_cols, cols, mask, BLOCK_M: tl.constexpr):
+    """Copy rows [row0, row0 + BLOCK_M) of a contiguous (n_rows, n_cols) fp32 table into
+    dst_ptr's dtype."""
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m = (rows < n_rows)[:, None] & mask[None, :]
+    offs = rows[:, None] * n_cols + cols[None, :]
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=m).to(dst_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _sum_parts_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, tab0_ptr, tab1_ptr, tab_out0_ptr,
+                      tab_out1_ptr, n_rows, n_cols, stride_part, stride_row, n_tab_rows0,
+                      n_tab_rows1, N_OUT: tl.constexpr, N_TAB: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # each program owns one column block (pid_n) of one job (k): for k < N_OUT, output k's
+    # sum of part[k, :n_rows, cols], added in a fixed order (a BLOCK_M-row tile accumulator,
+    # then one tree over its rows) so the result is the same bits at every run; past those,
+    # BLOCK_M rows of table 0, then of table 1, copied into their outputs' dtype
+    pid_n = tl.program_id(0)
+    k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    # pointers to absent outputs are None (constexpr): each branch is compiled only where
+    # its outputs exist
+    if N_OUT > 0:
+        if k < N_OUT:
+            rows = tl.arange(0, BLOCK_M)
+            base = part_ptr + k.to(tl.int64) * stride_part
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for start in range(0, n_rows, BLOCK_M):
+                r = start + rows
+                acc += tl.load(base + r[:, None] * stride_row + cols[None, :],
+                               mask=(r < n_rows)[:, None] & mask[None, :], other=0.0)
+            total = tl.sum(acc, axis=0)
+            if k == 0:
+                _store_sum(out0_ptr, total, cols, mask)
+            if N_OUT > 1:
+                if k == 1:
+                    _store_sum(out1_ptr, total, cols, mask)
+            if N_OUT > 2:
+                if k == 2:
+                    _store_sum(out2_ptr, total, cols, mask)
+    if N_TAB > 0:
+        blk = k - N_OUT
+        blocks0 = tl.cdiv(n_tab_rows0, BLOCK_M)
+        if (blk >= 0) & (blk < blocks0):
+            _cast_rows(tab0_ptr, tab_out0_ptr, blk * BLOCK_M, n_tab_rows0, n_cols, cols, mask,
+                       BLOCK_M)
+        if N_TAB > 1:
+            if blk >= blocks0:
+                _cast_rows(tab1_ptr, tab_out1_ptr, (blk - blocks0) * BLOCK_M, n_tab_rows1,
+                           n_cols, cols, mask, BLOCK_M)
+
+
+def _sum_param_parts(parts: Optional[torch.Tensor], n_rows: int,
+                    params: Sequence[Optional[torch.Tensor]],
+                    tables: Sequence[tuple] = ()) -> List[Optional[torch.Tensor]]:
+    """The last step of a backward, in one launch: parameter gradients from the kernel's
+    fp32 accumulators.
+
+    The k-th of ``params`` that is not None gets ``parts[k, :n_rows].sum(0)`` (the column sum
+    of a persistent kernel's per-program partial rows), added in fp32 in a fixed order
+    (bit-identical run to run) and stored in its own dtype. Each ``tables`` pair (acc, param)
+    gets ``acc`` (a gradient table summed in fp32, by atomics say) in ``param``'s dtype: as it
+    is when that is float32, else converted by the same launch, where a torch cast would
+    cost one more op.
+
+    Args:
+        parts: (k, P, N) float32 with unit column stride, one slice per parameter present in
+            ``params`` (in their order), k <= 3; None when every parameter is None.
+        n_rows: the leading rows of each slice to add, 0 <= n_rows <= P; 0 gives zeros and
+            reads nothing (a backward that launched no program leaves parts unwritten).
+        params: the parameters, each (N,) or None.
+        tables: up to two (acc, param): acc a contiguous float32 (R, N), param (R, N).
+
+    Returns:
+        A list: the gradient of each of ``params`` present ((N,), its dtype), None for the
+        absent ones, then one (R, N) gradient per table.
+    """
+    # a launcher calls this at every backward of small, host-bound shapes: plain loops, no
+    # work past what the launch needs (about half a torch op of host time, measured)
+    grads, outs = [], []
+    if parts is not None:
+        shape, strides, device = parts.shape, parts.stride(), parts.device
+        n_cols = shape[-1]
+    for p in params:
+        if p is None:
+            grads.append(None)
+        else:
+            if parts is None:
+                raise ValueError("sum_param_parts: parts is None but a parameter is given")
+            g = torch.empty(n_cols, dtype=p.dtype, device=device)
+            grads.append(g)
+            outs.append(g)
+    n_out = len(outs)
+    if n_out:
+        if (len(shape) != 3 or parts.dtype != torch.float32 or shape[0] != n_out
+                or strides[2] != 1 or n_out > SUM_PARTS_MAX_OUT):
+            raise ValueError(f"sum_param_parts: parts must be float32 (k, P, N) with unit "
+                             f"column stride, k = {n_out} <= {SUM_PARTS_MAX_OUT} (the "
+                             f"parameters given), got {parts.dtype} {tuple(shape)}")
+        if not 0 <= n_rows <= shape[1]:
+            raise ValueError(f"sum_param_parts: n_rows {n_rows} outside [0, {shape[1]}]")
+        stride_part, stride_row = strides[0], strides[1]
+    else:
+        parts, n_cols, stride_part, stride_row = None, None, 0, 0
+    # tables: (accumulator, output, rows) of those converted; fp32 ones are the gradient
+    tabs = [None, None, None, None, 0, 0]
+    n_tab = n_blocks = 0
+    for acc, p in tables:
+        shape = acc.shape
+        if (acc.dtype != torch.float32 or not acc.is_contiguous() or shape != p.shape
+                or len(shape) != 2 or (n_cols is not None and shape[1] != n_cols)
+                or n_tab == SUM_PARTS_MAX_TABLES):
+            raise ValueError(f"sum_param_parts: a table must be a contiguous float32 (R, N) "
+                             f"with its parameter's shape and N = {n_cols}, at most "
+                             f"{SUM_PARTS_MAX_TABLES}, got {acc.dtype} {tuple(shape)} for "
+                             f"a parameter of {tuple(p.shape)}")
+        n_cols = shape[1]
+        if p.dtype == torch.float32:
+            grads.append(acc)
+            continue
+        g = torch.empty(shape, dtype=p.dtype, device=acc.device)
+        grads.append(g)
+        tabs[n_tab], tabs[2 + n_tab], tabs[4 + n_tab] = acc, g, shape[0]
+        n_tab += 1
+        n_blocks += cdiv(shape[0], SUM_PARTS_BLOCK_M)
+    if n_out + n_blocks and n_cols:
+        while len(outs) < SUM_PARTS_MAX_OUT:
+            outs.append(None)
+        _sum_parts_kernel[(cdiv(n_cols, SUM_PARTS_BLOCK_N), n_out + n_blocks)](
+            parts, *outs, *tabs[:4], n_rows, n_cols, stride_part, stride_row, *tabs[4:],
+            N_OUT=n_out, N_TAB=n_tab, BLOCK_M=SUM_PARTS_BLOCK_M, BLOCK_N=SUM_PARTS_BLOCK_N,
+            num_warps=SUM_PARTS_NUM_WARPS)
+    return grads
+
+
+# Launchers already running on their tensors' device call _sum_param_parts directly (the
+# decorator's argument scan is host time at every backward).
+sum_param_parts = on_tensor_device(_sum_param_parts)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -160,6 +319,17 @@ def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """View ``t`` as (rows, n_cols) with unit column stride, copying only if it must."""
     t2 = t.reshape(-1, n_cols)
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def rows_arg(t: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, int]:
+    """``t`` as a kernel reads it, rows of ``n_cols`` with unit column stride: (tensor, row
+    stride). A contiguous tensor goes as it is, row stride n_cols: ``as_rows``' reshape is a
+    view, but a dispatcher call (host time) all the same; anything else goes through
+    ``as_rows``."""
+    if t.is_contiguous():
+        return t, n_cols
+    t2 = as_rows(t, n_cols)
+    return t2, t2.stride(0)
 
 
 def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -211,3 +381,23 @@ def aot_configs():
                     {"seed_ptr": "*i64", "mask_ptr": "*i8", "n_rows": "i32", "n_cols": "i32",
                      "p": "fp32", "BLOCK_N": "constexpr"},
                     {"BLOCK_N": 4096}, 4, name="dropout_mask")
+    # one, two and three outputs in every dtype the parameters take; the embedding's two
+    # (bias and weight) with its two tables converted, and the tables alone
+    sig = lambda dt: {
+        "part_ptr": "*fp32", "out0_ptr": f"*{dt}", "out1_ptr": f"*{dt}", "out2_ptr": f"*{dt}",
+        "tab0_ptr": "*fp32", "tab1_ptr": "*fp32", "tab_out0_ptr": f"*{dt}",
+        "tab_out1_ptr": f"*{dt}", "n_rows": "i32", "n_cols": "i32", "stride_part": "i32",
+        "stride_row": "i32", "n_tab_rows0": "i32", "n_tab_rows1": "i32",
+        "N_OUT": "constexpr", "N_TAB": "constexpr", "BLOCK_M": "constexpr",
+        "BLOCK_N": "constexpr"}
+    for dt in ("fp32", "fp16", "bf16"):
+        for n_out, n_tab in [(1, 0), (2, 0), (3, 0), (2, 2), (1, 1), (0, 2), (0, 1)]:
+            absent = ([f"out{i}_ptr" for i in range(n_out, SUM_PARTS_MAX_OUT)]
+                      + [f"tab{i}_ptr" for i in range(n_tab, SUM_PARTS_MAX_TABLES)]
+                      + [f"tab_out{i}_ptr" for i in range(n_tab, SUM_PARTS_MAX_TABLES)]
+                      + (["part_ptr"] if n_out == 0 else []))
+            consts = {"N_OUT": n_out, "N_TAB": n_tab, "BLOCK_M": SUM_PARTS_BLOCK_M,
+                      "BLOCK_N": SUM_PARTS_BLOCK_N, **{name: None for name in absent}}
+            yield AotConfig(_sum_parts_kernel, {k: ("constexpr" if k in absent else v)
+                                                for k, v in sig(dt).items()},
+                            consts, SUM_PARTS_NUM_WARPS, name=f"sum_parts[{dt},{n_out},{n_tab}]")

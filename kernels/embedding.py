@@ -4,7 +4,9 @@ forward and backward.
 Forward: one program per token gathers its three table rows, sums them in fp32, normalizes,
 applies dropout and stores one row, plus the row's mean and rstd (fp32). Eager PyTorch
 writes and re-reads the (tokens, H) sum twice before the LayerNorm; here only the output is
-written.
+written. The kernels read the index tensors where they lie, through a (leading dimensions,
+sequence) stride pair, stride 0 where one is broadcast ((S,) or (1, S) position ids, say):
+broadcasting, flattening and copying them would cost host time at every call.
 
 Backward: a persistent kernel (a few programs per SM, each over a contiguous range of tokens)
 recomputes the sum from the tables (cheaper than storing it: the same bytes read, none
@@ -20,8 +22,13 @@ scatter-add with collisions, done one of two ways:
   the last bits from run to run. For fp16/bf16 word tables the word gradient takes the
   segmented sum below instead (see ``SEGMENTED_WORD_GRAD_DTYPES``): atomics would need an
   fp32 (V, H) buffer zeroed and cast afterwards, more traffic than the sort at V = 30522.
-- deterministic: the kernel stores d(sum) rows (fp32); then, per table, the token indices
-  are sorted by id (stable) and a segmented sum adds each id's rows in a fixed order. The
+  The fp32 position and type gradients reach their tables' dtype in the launch that sums
+  the LayerNorm parameters' partial rows (``_common.sum_param_parts``), not in torch casts.
+- deterministic: the kernel stores d(sum) rows (fp32) and each token's int32 sort key per
+  table (its row, or -1 where the row gets no gradient: the padding id, an id out of range;
+  32-bit keys halve the radix sort's passes next to int64 ids, and -1 rows are never read);
+  then, per table, the tokens are sorted by key (stable) and a segmented sum adds each id's
+  rows in a fixed order. The
   sorted order is cut into chunks of ``SEGMENT_CHUNK`` tokens, one program per chunk (and
   column block): runs that end inside a chunk are written to the table directly; a run
   crossing chunk boundaries leaves one partial row per chunk, which a second kernel adds in
@@ -31,22 +38,23 @@ scatter-add with collisions, done one of two ways:
 
 Ids out of range are never read or written: the loads are masked (the row counts as zero)
 and the scatter skips them; ``fastbert.ops.embedding_layer_norm`` raises before launching
-unless its bound check is turned off. ``padding_idx`` gets no gradient, as in
-``nn.Embedding``.
+unless its bound check is turned off. That check (``index_bounds``) takes the min and max of
+every index tensor in one small launch and one device-to-host copy. ``padding_idx`` gets no
+gradient, as in ``nn.Embedding``.
 
 References: NVIDIA Megatron / apex fused embedding + LayerNorm, Triton tutorial 05
 (layer norm), CUB-style segmented reductions over sorted keys.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (AotConfig, cdiv, dropout_keep, next_power_of_2, num_programs,
-                      on_tensor_device, row_block)
+                      on_tensor_device, row_block, rows_arg, _sum_param_parts)
 
 # Widest hidden size the fused kernels take: the backward keeps a row of the LayerNorm
 # input, dy, three run accumulators and two partial sums in registers; ptxas reports 784 B
@@ -68,35 +76,47 @@ SEGMENTED_WORD_GRAD_DTYPES = (torch.float16, torch.bfloat16)
 # Chunk partials the merge kernel adds per step of a run that spans many chunks.
 MERGE_TILE = 16
 SEGMENT_NUM_WARPS = 4
+# The bound check (``index_bounds``): ids a program reads per step, and the most programs
+# (a few blocks each at BERT batch sizes; the host then takes the min / max of their
+# results). The extremes of int64 stand for "no element".
+BOUNDS_BLOCK = 1024
+BOUNDS_MAX_PROGRAMS = 64
+INDEX_MAX = tl.constexpr(2**63 - 1)
+INDEX_MIN = tl.constexpr(-2**63)
 
 
 @triton.jit
-def _load_row_sum(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, row,
-                  cols, mask, stride_word_row, stride_pos_row, stride_type_row,
-                  seq_len, vocab_size, n_positions, n_types,
+def _load_row_sum(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, b, seq,
+                  cols, mask, stride_ids_b, stride_ids_s, stride_pos_ids_b, stride_pos_ids_s,
+                  stride_type_ids_b, stride_type_ids_s, stride_word_row, stride_pos_row,
+                  stride_type_row, vocab_size, n_positions, n_types,
                   HAS_POS_IDS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_TYPE_IDS: tl.constexpr):
     """word[id] + position[pos] + type[t] of one token in fp32, and the three row indices.
 
-    A row index out of its table's range contributes zeros (masked load, never read)."""
-    wid = tl.load(ids_ptr + row).to(tl.int64)
+    The token is (b, seq): b over input_ids' leading dimensions flattened (int64), seq its
+    place in the sequence; each index tensor is read at b * stride_b + seq * stride_s
+    (stride 0 where it is broadcast). A row index out of its table's range contributes zeros
+    (masked load, never read)."""
+    wid = tl.load(ids_ptr + b * stride_ids_b + seq * stride_ids_s).to(tl.int64)
     ok = (wid >= 0) & (wid < vocab_size)
     s = tl.load(word_ptr + wid * stride_word_row + cols, mask=mask & ok, other=0.0).to(tl.float32)
     if HAS_POS_IDS:
-        pid = tl.load(pos_ids_ptr + row).to(tl.int64)
+        pid = tl.load(pos_ids_ptr + b * stride_pos_ids_b + seq * stride_pos_ids_s).to(tl.int64)
     else:
-        pid = row % seq_len
+        pid = seq.to(tl.int64)
     ok = (pid >= 0) & (pid < n_positions)
     s += tl.load(pos_ptr + pid * stride_pos_row + cols, mask=mask & ok, other=0.0).to(tl.float32)
     if HAS_TYPE:
         if HAS_TYPE_IDS:
-            tid = tl.load(type_ids_ptr + row).to(tl.int64)
+            tid = tl.load(type_ids_ptr + b * stride_type_ids_b
+                          + seq * stride_type_ids_s).to(tl.int64)
         else:
-            tid = row * 0
+            tid = b * 0
         ok = (tid >= 0) & (tid < n_types)
         s += tl.load(type_ptr + tid * stride_type_row + cols, mask=mask & ok,
                      other=0.0).to(tl.float32)
     else:
-        tid = row * 0
+        tid = b * 0
     return s, wid, pid, tid
 
 
@@ -104,7 +124,8 @@ def _load_row_sum(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_pt
 def _embedding_layer_norm_fwd_kernel(
     ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, w_ptr, b_ptr, seed_ptr,
     y_ptr, mean_ptr, rstd_ptr,
-    stride_word_row, stride_pos_row, stride_type_row, stride_y_row,
+    stride_ids_b, stride_ids_s, stride_pos_ids_b, stride_pos_ids_s, stride_type_ids_b,
+    stride_type_ids_s, stride_word_row, stride_pos_row, stride_type_row, stride_y_row,
     seq_len, n_cols, vocab_size, n_positions, n_types, eps, dropout_p,
     BLOCK_N: tl.constexpr,
     HAS_POS_IDS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_TYPE_IDS: tl.constexpr,
@@ -114,10 +135,15 @@ def _embedding_layer_norm_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
+    # rows < 2**31 (n_rows is an int32): a 32-bit division
+    b = tl.program_id(0) // seq_len
+    seq = tl.program_id(0) - b * seq_len
     s, _, _, _ = _load_row_sum(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr,
-                               row, cols, mask, stride_word_row, stride_pos_row,
-                               stride_type_row, seq_len, vocab_size, n_positions, n_types,
-                               HAS_POS_IDS, HAS_TYPE, HAS_TYPE_IDS)
+                               b.to(tl.int64), seq, cols, mask, stride_ids_b, stride_ids_s,
+                               stride_pos_ids_b, stride_pos_ids_s, stride_type_ids_b,
+                               stride_type_ids_s, stride_word_row, stride_pos_row,
+                               stride_type_row, vocab_size, n_positions, n_types, HAS_POS_IDS,
+                               HAS_TYPE, HAS_TYPE_IDS)
     mean = tl.sum(s, axis=0) / n_cols
     sc = tl.where(mask, s - mean, 0.0)
     var = tl.sum(sc * sc, axis=0) / n_cols
@@ -143,20 +169,30 @@ def _flush_run(grad_ptr, key, acc, cols, mask, n_keys, skip_key, n_cols):
 
 
 @triton.jit
+def _segment_key(idx, n_keys, skip_key):
+    """A token's sort key for one table's segmented sum: its row, or -1 when that row gets no
+    gradient (out of range, the padding row), so such tokens sort first and are skipped."""
+    ok = (idx >= 0) & (idx < n_keys) & (idx != skip_key)
+    return tl.where(ok, idx, -1).to(tl.int32)
+
+
+@triton.jit
 def _embedding_layer_norm_bwd_kernel(
     ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, w_ptr, seed_ptr,
     dy_ptr, mean_ptr, rstd_ptr,
-    dword_ptr, dpos_ptr, dtype_ptr, ds_ptr, dw_part_ptr, db_part_ptr,
-    stride_word_row, stride_pos_row, stride_type_row, stride_dy_row,
-    n_rows, seq_len, n_cols, vocab_size, n_positions, n_types, padding_idx,
+    dword_ptr, dpos_ptr, dtype_ptr, ds_ptr, keys_ptr, part_ptr,
+    stride_ids_b, stride_ids_s, stride_pos_ids_b, stride_pos_ids_s, stride_type_ids_b,
+    stride_type_ids_s, stride_word_row, stride_pos_row, stride_type_row, stride_dy_row,
+    stride_part, n_rows, seq_len, n_cols, vocab_size, n_positions, n_types, padding_idx,
     rows_per_program, dropout_p,
     BLOCK_N: tl.constexpr,
     HAS_POS_IDS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_TYPE_IDS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ATOMIC_WORD: tl.constexpr, ATOMIC_SMALL: tl.constexpr,
 ):
-    # each program owns tokens [pid * rows_per_program, (pid + 1) * rows_per_program) and one
-    # partial row of dweight / dbias
+    # each program owns tokens [pid * rows_per_program, (pid + 1) * rows_per_program) and row
+    # pid of each partial-sum slice of part_ptr (dweight, then dbias, the absent one left
+    # out); it writes those rows even when it gets no tokens (zeros)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
@@ -175,12 +211,20 @@ def _embedding_layer_norm_bwd_kernel(
     acc_w = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_p = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # the token's (b, seq), stepped along with row: one division per program, not per row
+    b = row_start // seq_len
+    seq = (row_start - b * seq_len).to(tl.int32)
     for row in range(row_start, row_end):
         s, wid, pos, tid = _load_row_sum(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr,
-                                         type_ptr, row, cols, mask, stride_word_row,
-                                         stride_pos_row, stride_type_row, seq_len, vocab_size,
+                                         type_ptr, b, seq, cols, mask, stride_ids_b,
+                                         stride_ids_s, stride_pos_ids_b, stride_pos_ids_s,
+                                         stride_type_ids_b, stride_type_ids_s, stride_word_row,
+                                         stride_pos_row, stride_type_row, vocab_size,
                                          n_positions, n_types, HAS_POS_IDS, HAS_TYPE,
                                          HAS_TYPE_IDS)
+        seq += 1
+        b = tl.where(seq == seq_len, b + 1, b)
+        seq = tl.where(seq == seq_len, 0, seq)
         mean = tl.load(mean_ptr + row)
         rstd = tl.load(rstd_ptr + row)
         xhat = tl.where(mask, (s - mean) * rstd, 0.0)
@@ -214,8 +258,16 @@ def _embedding_layer_norm_bwd_kernel(
                 _flush_run(dtype_ptr, cur_t, acc_t, cols, mask & new_t, n_types, -1, n_cols)
                 acc_t = tl.where(new_t, ds, acc_t + ds)
                 cur_t = tid
+        # the tables left to the segmented sum get d(sum) rows and int32 sort keys (row r of
+        # keys_ptr: word, position, type), read by the sort and the segment kernels
         if not (ATOMIC_WORD and ATOMIC_SMALL):
             tl.store(ds_ptr + row * n_cols + cols, ds, mask=mask)
+        if not ATOMIC_WORD:
+            tl.store(keys_ptr + row, _segment_key(wid, vocab_size, padding_idx))
+        if not ATOMIC_SMALL:
+            tl.store(keys_ptr + n_rows + row, _segment_key(pos, n_positions, -1))
+            if HAS_TYPE:
+                tl.store(keys_ptr + 2 * n_rows + row, _segment_key(tid, n_types, -1))
     if ATOMIC_WORD:
         _flush_run(dword_ptr, cur_w, acc_w, cols, mask, vocab_size, padding_idx, n_cols)
     if ATOMIC_SMALL:
@@ -223,21 +275,25 @@ def _embedding_layer_norm_bwd_kernel(
         if HAS_TYPE:
             _flush_run(dtype_ptr, cur_t, acc_t, cols, mask, n_types, -1, n_cols)
     if HAS_WEIGHT:
-        tl.store(dw_part_ptr + pid * n_cols + cols, dw_acc, mask=mask)
+        tl.store(part_ptr + pid * n_cols + cols, dw_acc, mask=mask)
     if HAS_BIAS:
-        tl.store(db_part_ptr + pid * n_cols + cols, db_acc, mask=mask)
+        tl.store(part_ptr + HAS_WEIGHT * stride_part + pid * n_cols + cols, db_acc, mask=mask)
 
 
 @triton.jit
 def _embedding_segment_sum_kernel(
-    keys_ptr, perm_ptr, ds_ptr, grad_ptr, cont_ptr, open_ptr,
+    keys_ptr, perm_ptr, ds_ptr, grad_ptr, part_ptr,
     n_rows, n_cols, n_keys, skip_key,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # each program owns sorted positions [pid_c * CHUNK, (pid_c + 1) * CHUNK) and one column
-    # block; keys_ptr holds the ids sorted (stable), perm_ptr the token each came from
+    # block; keys_ptr holds the ids sorted (stable), perm_ptr the token each came from.
+    # part_ptr is (2, chunks, n_cols): [0] a chunk's piece of a run begun in an earlier chunk,
+    # [1] the start of a run that continues into later chunks
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
+    cont_ptr = part_ptr
+    open_ptr = part_ptr + tl.num_programs(0).to(tl.int64) * n_cols
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < n_cols
     c0 = pid_c.to(tl.int64) * CHUNK
@@ -259,7 +315,9 @@ def _embedding_segment_sum_kernel(
                  mask=mask & new & (~to_cont) & ok)
         piece_start = tl.where(new, i, piece_start)
         src = tl.load(perm_ptr + i)
-        d = tl.load(ds_ptr + src * n_cols + cols, mask=mask, other=0.0)
+        # a key that gets no gradient (padding runs are long) is never stored: skip its rows
+        key_ok = (key >= 0) & (key < n_keys) & (key != skip_key)
+        d = tl.load(ds_ptr + src * n_cols + cols, mask=mask & key_ok, other=0.0)
         acc = tl.where(new, d, acc + d)
         cur = key
     after = tl.load(keys_ptr + c1, mask=c1 < n_rows, other=-1)
@@ -275,14 +333,17 @@ def _embedding_segment_sum_kernel(
 
 @triton.jit
 def _embedding_segment_merge_kernel(
-    keys_ptr, grad_ptr, cont_ptr, open_ptr,
+    keys_ptr, grad_ptr, part_ptr,
     n_rows, n_cols, n_keys, skip_key,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr,
 ):
     # each program owns the run that begins in chunk pid_c and continues past it, if any,
     # and one column block: it adds that run's partials from the following chunks in order
+    # (part_ptr as the segment-sum kernel's)
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
+    cont_ptr = part_ptr
+    open_ptr = part_ptr + tl.num_programs(0).to(tl.int64) * n_cols
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < n_cols
     c0 = pid_c.to(tl.int64) * CHUNK
@@ -291,7 +352,9 @@ def _embedding_segment_merge_kernel(
     before = tl.load(keys_ptr + c0 - 1, mask=c0 > 0, other=-1)
     after = tl.load(keys_ptr + c1, mask=c1 < n_rows, other=-1)
     opened = (c1 < n_rows) & (after == last) & ~((c0 > 0) & (before == last))
-    if opened:
+    # a key that gets no gradient (a long padding run, say) needs no merge
+    ok = (last >= 0) & (last < n_keys) & (last != skip_key)
+    if opened & ok:
         acc = tl.load(open_ptr + pid_c * n_cols + cols, mask=mask, other=0.0)
         j0 = pid_c.to(tl.int64) + 1
         more = opened
@@ -306,9 +369,38 @@ def _embedding_segment_merge_kernel(
             acc += tl.sum(part, axis=0)
             more = tl.sum(in_run.to(tl.int32), axis=0) == MERGE
             j0 += MERGE
-        ok = (last >= 0) & (last < n_keys) & (last != skip_key)
-        tl.store(grad_ptr + last * n_cols + cols, acc.to(grad_ptr.dtype.element_ty),
-                 mask=mask & ok)
+        tl.store(grad_ptr + last * n_cols + cols, acc.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _min_max(ptr, n, out_ptr, pid, n_programs, BLOCK: tl.constexpr):
+    """Store the min and max of this program's blocks of ptr[:n] at out_ptr[pid] and
+    out_ptr[n_programs + pid] (INDEX_MAX / INDEX_MIN when it has no element)."""
+    offs = tl.arange(0, BLOCK)
+    lo = tl.full((BLOCK,), INDEX_MAX, tl.int64)
+    hi = tl.full((BLOCK,), INDEX_MIN, tl.int64)
+    for start in range(pid * BLOCK, n, n_programs * BLOCK):
+        i = start + offs
+        ok = i < n
+        v = tl.load(ptr + i, mask=ok, other=0).to(tl.int64)
+        lo = tl.minimum(lo, tl.where(ok, v, INDEX_MAX))
+        hi = tl.maximum(hi, tl.where(ok, v, INDEX_MIN))
+    tl.store(out_ptr + pid, tl.min(lo, axis=0))
+    tl.store(out_ptr + n_programs + pid, tl.max(hi, axis=0))
+
+
+@triton.jit
+def _index_bounds_kernel(a_ptr, b_ptr, c_ptr, out_ptr, n_a, n_b, n_c,
+                         N_IN: tl.constexpr, BLOCK: tl.constexpr):
+    # each program owns every n_programs-th block of each index tensor and writes its min and
+    # max of tensor t to out[t, 0, pid] and out[t, 1, pid]
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    _min_max(a_ptr, n_a, out_ptr, pid, n_programs, BLOCK)
+    if N_IN > 1:
+        _min_max(b_ptr, n_b, out_ptr + 2 * n_programs, pid, n_programs, BLOCK)
+    if N_IN > 2:
+        _min_max(c_ptr, n_c, out_ptr + 4 * n_programs, pid, n_programs, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------
@@ -320,11 +412,31 @@ def _check_width(n_cols: int):
                          f"{MAX_EMBED_COLS}; use backend='torch'")
 
 
-def _flat_ids(t: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
-    """Index tensor broadcast to the ids' shape, flattened to (tokens,) contiguous."""
+def _index_arg(t: Optional[torch.Tensor], shape) -> Tuple[Optional[torch.Tensor], int, int]:
+    """An index tensor as the kernels read it, broadcast to input_ids' ``shape`` without a
+    copy: (tensor, stride_b, stride_s), token (b, s) at b * stride_b + s * stride_s, where b
+    runs over ``shape``'s leading dimensions flattened and s over the sequence; a broadcast
+    dimension has stride 0. Copied (flat, contiguous) only when its leading dimensions do not
+    flatten to one stride, e.g. broadcast over some of them but not all; never for 1-D and
+    2-D input_ids."""
     if t is None:
-        return None
-    return torch.broadcast_to(t, shape).reshape(-1).contiguous()
+        return None, 0, 0
+    if len(shape) == 2 and t.dim() == 2:  # (B, S) ids, the common case
+        (n_b, n_s), (s_b, s_s) = t.shape, t.stride()
+        return t, s_b if n_b != 1 else 0, s_s if n_s != 1 else 0
+    shape = shape or (1,)
+    nd = len(shape)
+    eff = [0] * (nd - t.dim()) + [st if n != 1 else 0 for n, st in zip(t.shape, t.stride())]
+    stride_b, inner = None, 1
+    for i in range(nd - 2, -1, -1):
+        if shape[i] == 1:
+            continue
+        if stride_b is None:
+            stride_b = eff[i]
+        elif eff[i] != stride_b * inner:
+            return torch.broadcast_to(t, shape).reshape(-1), shape[-1], 1
+        inner *= shape[i]
+    return t, stride_b or 0, eff[-1]
 
 
 def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -336,15 +448,37 @@ def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _gather_inputs(input_ids, position_ids, token_type_ids, word_weight, position_weight,
                    type_weight):
-    """Flattened index tensors and unit-stride tables, as both launchers need them."""
+    """The index tensors as (tensor, stride_b, stride_s) and unit-stride tables, as both
+    launchers need them."""
     n_cols = word_weight.shape[-1]
     _check_width(n_cols)
     shape = tuple(input_ids.shape)
-    ids = _flat_ids(input_ids, shape)
-    pos_ids = _flat_ids(position_ids, shape)
-    type_ids = _flat_ids(token_type_ids, shape) if type_weight is not None else None
+    ids = _index_arg(input_ids, shape)
+    pos_ids = _index_arg(position_ids, shape)
+    type_ids = _index_arg(token_type_ids if type_weight is not None else None, shape)
     word, pos, typ = _table(word_weight), _table(position_weight), _table(type_weight)
     return n_cols, shape, ids, pos_ids, type_ids, word, pos, typ
+
+
+@on_tensor_device
+def index_bounds(tensors: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
+    """(min, max) of each of one to three non-empty int32/int64 tensors: one launch and one
+    device-to-host copy (which waits for the device), where torch takes an aminmax, a stack
+    and a cast per tensor. The bound check of ``fastbert.ops.embedding_layer_norm``."""
+    if not 1 <= len(tensors) <= 3:
+        raise ValueError(f"index_bounds: takes one to three tensors, got {len(tensors)}")
+    for t in tensors:
+        if t.dtype not in (torch.int32, torch.int64) or t.numel() == 0:
+            raise ValueError("index_bounds: tensors must be non-empty int32/int64, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    flat = [t if t.is_contiguous() else t.reshape(-1) for t in tensors]
+    sizes = [t.numel() for t in flat]
+    grid = min(cdiv(max(sizes), BOUNDS_BLOCK), BOUNDS_MAX_PROGRAMS)
+    out = torch.empty((len(flat), 2, grid), dtype=torch.int64, device=flat[0].device)
+    pad = 3 - len(flat)
+    _index_bounds_kernel[(grid,)](*flat, *[None] * pad, out, *sizes, *[0] * pad,
+                                  N_IN=len(flat), BLOCK=BOUNDS_BLOCK)
+    return [(min(lo), max(hi)) for lo, hi in out.tolist()]
 
 
 @on_tensor_device
@@ -373,48 +507,50 @@ def embedding_layer_norm_fwd(input_ids: torch.Tensor, word_weight: torch.Tensor,
     n_cols, shape, ids, pos_ids, type_ids, word, pos, typ = _gather_inputs(
         input_ids, position_ids, token_type_ids, word_weight, position_weight, type_weight)
     ln_weight, ln_bias = _table(ln_weight), _table(ln_bias)
-    n_rows = ids.numel()
+    n_rows = input_ids.numel()
     dev = word.device
-    y = torch.empty((n_rows, n_cols), dtype=word.dtype, device=dev)
+    y = torch.empty(shape + (n_cols,), dtype=word.dtype, device=dev)
     mean = torch.empty((n_rows,), dtype=torch.float32, device=dev)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=dev)
     has_dropout = seed is not None and dropout_p > 0.0
     block_n, num_warps = row_block(n_cols)
     if n_rows > 0:
         _embedding_layer_norm_fwd_kernel[(n_rows,)](
-            ids, pos_ids, type_ids, word, pos, typ, ln_weight, ln_bias, seed, y, mean, rstd,
-            word.stride(0), pos.stride(0), typ.stride(0) if typ is not None else 0, y.stride(0),
+            ids[0], pos_ids[0], type_ids[0], word, pos, typ, ln_weight, ln_bias, seed,
+            y, mean, rstd, *ids[1:], *pos_ids[1:], *type_ids[1:],
+            word.stride(0), pos.stride(0), typ.stride(0) if typ is not None else 0, n_cols,
             max(shape[-1] if shape else 1, 1), n_cols, word.shape[0], pos.shape[0],
             typ.shape[0] if typ is not None else 0, float(eps), float(dropout_p),
-            BLOCK_N=block_n, HAS_POS_IDS=pos_ids is not None, HAS_TYPE=typ is not None,
-            HAS_TYPE_IDS=type_ids is not None, HAS_DROPOUT=has_dropout,
+            BLOCK_N=block_n, HAS_POS_IDS=pos_ids[0] is not None, HAS_TYPE=typ is not None,
+            HAS_TYPE_IDS=type_ids[0] is not None, HAS_DROPOUT=has_dropout,
             HAS_WEIGHT=ln_weight is not None, HAS_BIAS=ln_bias is not None,
             num_warps=num_warps,
         )
-    return y.reshape(shape + (n_cols,)), mean, rstd
+    return y, mean, rstd
 
 
 def _segment_sum(keys: torch.Tensor, ds: torch.Tensor, n_keys: int, skip_key: int,
                  dtype: torch.dtype, chunk: int = SEGMENT_CHUNK) -> torch.Tensor:
     """grad[k] = sum of ds rows whose key is k, summed in a fixed order (deterministic).
 
-    Keys out of [0, n_keys) and ``skip_key`` get nothing. Returns (n_keys, H) of ``dtype``.
+    keys: (n_rows,) int32 or int64 (sorted in their own dtype: 32-bit keys halve the radix
+    sort's passes). Keys out of [0, n_keys) and ``skip_key`` get nothing. Returns
+    (n_keys, H) of ``dtype``.
     """
     n_rows, n_cols = ds.shape
     grad = torch.zeros((n_keys, n_cols), dtype=dtype, device=ds.device)
     if n_rows == 0:
         return grad
-    sorted_keys, perm = torch.sort(keys.to(torch.int64), stable=True)
+    sorted_keys, perm = torch.sort(keys, stable=True)
     n_chunks = cdiv(n_rows, chunk)
-    cont = torch.empty((n_chunks, n_cols), dtype=torch.float32, device=ds.device)
-    opened = torch.empty((n_chunks, n_cols), dtype=torch.float32, device=ds.device)
+    partials = torch.empty((2, n_chunks, n_cols), dtype=torch.float32, device=ds.device)
     block_n = min(SEGMENT_BLOCK_N, next_power_of_2(max(n_cols, 16)))
     grid = (n_chunks, cdiv(n_cols, block_n))
     _embedding_segment_sum_kernel[grid](
-        sorted_keys, perm, ds, grad, cont, opened, n_rows, n_cols, n_keys, skip_key,
+        sorted_keys, perm, ds, grad, partials, n_rows, n_cols, n_keys, skip_key,
         CHUNK=chunk, BLOCK_N=block_n, num_warps=SEGMENT_NUM_WARPS)
     _embedding_segment_merge_kernel[grid](
-        sorted_keys, grad, cont, opened, n_rows, n_cols, n_keys, skip_key,
+        sorted_keys, grad, partials, n_rows, n_cols, n_keys, skip_key,
         CHUNK=chunk, BLOCK_N=block_n, MERGE=MERGE_TILE, num_warps=SEGMENT_NUM_WARPS)
     return grad
 
@@ -448,12 +584,10 @@ def embedding_layer_norm_bwd(dy: torch.Tensor, input_ids: torch.Tensor,
     n_cols, shape, ids, pos_ids, type_ids, word, pos, typ = _gather_inputs(
         input_ids, position_ids, token_type_ids, word_weight, position_weight, type_weight)
     w = _table(ln_weight)
-    n_rows = ids.numel()
+    n_rows = input_ids.numel()
     seq_len = max(shape[-1] if shape else 1, 1)
     dev = word.device
-    dy2 = dy.reshape(n_rows, n_cols)
-    if dy2.stride(-1) != 1:
-        dy2 = dy2.contiguous()
+    dy2, stride_dy = rows_arg(dy, n_cols)
     has_dropout = seed is not None and dropout_p > 0.0
     f32 = dict(dtype=torch.float32, device=dev)
     atomic_small = not deterministic
@@ -463,40 +597,54 @@ def embedding_layer_norm_bwd(dy: torch.Tensor, input_ids: torch.Tensor,
     dtyp = (torch.zeros((typ.shape[0], n_cols), **f32)
             if atomic_small and typ is not None else None)
     ds = None if atomic_word and atomic_small else torch.empty((n_rows, n_cols), **f32)
+    # int32 sort keys of the segmented tables, a row each: word, position, type
+    key_rows = (3 if typ is not None else 2) if not atomic_small else int(not atomic_word)
+    keys = (torch.empty((key_rows * n_rows,), dtype=torch.int32, device=dev)
+            if key_rows else None)
     grid = max(1, min(num_programs(dev, BWD_PROGRAMS_PER_SM), n_rows))
     rows_per_program = cdiv(n_rows, grid) if n_rows > 0 else 0
-    dw_part = torch.zeros((grid, n_cols), **f32) if ln_weight is not None else None
-    db_part = torch.zeros((grid, n_cols), **f32) if ln_bias is not None else None
+    # one partial-sum buffer for the LayerNorm parameters present (every program writes its
+    # rows)
+    n_parts = (ln_weight is not None) + (ln_bias is not None)
+    parts = torch.empty((n_parts, grid, n_cols), **f32) if n_parts else None
     block_n, num_warps = row_block(n_cols)
     if n_rows > 0:
         _embedding_layer_norm_bwd_kernel[(grid,)](
-            ids, pos_ids, type_ids, word, pos, typ, w, seed, dy2, mean, rstd,
-            dword, dpos, dtyp, ds, dw_part, db_part,
-            word.stride(0), pos.stride(0), typ.stride(0) if typ is not None else 0,
-            dy2.stride(0), n_rows, seq_len, n_cols, word.shape[0], pos.shape[0],
-            typ.shape[0] if typ is not None else 0, int(padding_idx), rows_per_program,
-            float(dropout_p),
-            BLOCK_N=block_n, HAS_POS_IDS=pos_ids is not None, HAS_TYPE=typ is not None,
-            HAS_TYPE_IDS=type_ids is not None, HAS_DROPOUT=has_dropout,
+            ids[0], pos_ids[0], type_ids[0], word, pos, typ, w, seed, dy2, mean, rstd,
+            dword, dpos, dtyp, ds, keys, parts, *ids[1:], *pos_ids[1:], *type_ids[1:],
+            word.stride(0), pos.stride(0), typ.stride(0) if typ is not None else 0, stride_dy,
+            parts.stride(0) if parts is not None else 0, n_rows, seq_len, n_cols,
+            word.shape[0], pos.shape[0], typ.shape[0] if typ is not None else 0,
+            int(padding_idx), rows_per_program, float(dropout_p),
+            BLOCK_N=block_n, HAS_POS_IDS=pos_ids[0] is not None, HAS_TYPE=typ is not None,
+            HAS_TYPE_IDS=type_ids[0] is not None, HAS_DROPOUT=has_dropout,
             HAS_WEIGHT=ln_weight is not None, HAS_BIAS=ln_bias is not None,
             ATOMIC_WORD=atomic_word, ATOMIC_SMALL=atomic_small, num_warps=num_warps,
         )
+    # the kernel mapped padding and out-of-range ids to key -1: no key is skipped here
     if atomic_word:
-        dword = dword.to(word_weight.dtype)
+        if word_weight.dtype != torch.float32:
+            dword = dword.to(word_weight.dtype)
     else:
-        dword = _segment_sum(ids, ds, word.shape[0], int(padding_idx), word_weight.dtype, chunk)
-    if atomic_small:
-        dpos = dpos.to(position_weight.dtype)
-        dtyp = dtyp.to(type_weight.dtype) if dtyp is not None else None
-    else:
-        rows = torch.arange(n_rows, device=dev)
-        pos_keys = pos_ids if pos_ids is not None else rows % seq_len
-        dpos = _segment_sum(pos_keys, ds, pos.shape[0], -1, position_weight.dtype, chunk)
+        word_keys = keys if key_rows == 1 else keys[:n_rows]
+        dword = _segment_sum(word_keys, ds, word.shape[0], -1, word_weight.dtype, chunk)
+    if not atomic_small:
+        dpos = _segment_sum(keys[n_rows:2 * n_rows], ds, pos.shape[0], -1,
+                            position_weight.dtype, chunk)
         if typ is not None:
-            type_keys = type_ids if type_ids is not None else torch.zeros_like(rows)
-            dtyp = _segment_sum(type_keys, ds, typ.shape[0], -1, type_weight.dtype, chunk)
-    dlnw = dw_part.sum(0).to(ln_weight.dtype) if ln_weight is not None else None
-    dlnb = db_part.sum(0).to(ln_bias.dtype) if ln_bias is not None else None
+            dtyp = _segment_sum(keys[2 * n_rows:], ds, typ.shape[0], -1, type_weight.dtype,
+                                chunk)
+    # one launch finishes the LayerNorm parameter gradients (no tokens: no program ran, and
+    # the sum over zero rows gives zeros) and converts the fp32 position and type tables
+    tables = []
+    if atomic_small:
+        tables.append((dpos, position_weight))
+        if dtyp is not None:
+            tables.append((dtyp, type_weight))
+    dlnw, dlnb, *small = _sum_param_parts(parts, grid if n_rows > 0 else 0,
+                                         (ln_weight, ln_bias), tables)
+    if atomic_small:
+        dpos, dtyp = small[0], small[1] if dtyp is not None else None
     return dword, dpos, dtyp, dlnw, dlnb
 
 
@@ -515,15 +663,21 @@ def aot_configs():
     """Every row block config with all options on (bf16 tables, int64 ids) and all off
     (fp32, int32 ids), both backward modes, and fp32 tables with all options on in the
     all-atomic backward; every option combination at hidden 1024 (fp16,
-    atomic backward); the segmented-sum kernels at every block size (fp32 gradients) and
-    for fp16/bf16 gradients at the block size BERT hidden sizes use."""
+    atomic backward); the segmented-sum kernels at every block size (fp32 gradients, int32
+    keys) and for fp16/bf16 gradients and int64 keys at the block size BERT hidden sizes use;
+    the bound check for one to three int32 / int64 index tensors."""
+    # (leading, sequence) strides of the three index tensors
+    index_strides = {f"stride_{t}_{d}": "i64" for t in ("ids", "pos_ids", "type_ids")
+                     for d in ("b", "s")}
+
     def fwd_sig(dt, it):
         return {
             "ids_ptr": f"*{it}", "pos_ids_ptr": f"*{it}", "type_ids_ptr": f"*{it}",
             "word_ptr": f"*{dt}", "pos_ptr": f"*{dt}", "type_ptr": f"*{dt}", "w_ptr": "*fp32",
             "b_ptr": "*fp32", "seed_ptr": "*i64", "y_ptr": f"*{dt}", "mean_ptr": "*fp32",
-            "rstd_ptr": "*fp32", "stride_word_row": "i64", "stride_pos_row": "i64",
-            "stride_type_row": "i64", "stride_y_row": "i64", "seq_len": "i32",
+            "rstd_ptr": "*fp32", **index_strides, "stride_word_row": "i64",
+            "stride_pos_row": "i64", "stride_type_row": "i64", "stride_y_row": "i64",
+            "seq_len": "i32",
             "n_cols": "i32", "vocab_size": "i32", "n_positions": "i32", "n_types": "i32",
             "eps": "fp32", "dropout_p": "fp32", "BLOCK_N": "constexpr",
             "HAS_POS_IDS": "constexpr", "HAS_TYPE": "constexpr", "HAS_TYPE_IDS": "constexpr",
@@ -535,10 +689,10 @@ def aot_configs():
             "word_ptr": f"*{dt}", "pos_ptr": f"*{dt}", "type_ptr": f"*{dt}", "w_ptr": "*fp32",
             "seed_ptr": "*i64", "dy_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
             "dword_ptr": "*fp32", "dpos_ptr": "*fp32", "dtype_ptr": "*fp32", "ds_ptr": "*fp32",
-            "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "stride_word_row": "i64",
+            "keys_ptr": "*i32", "part_ptr": "*fp32", **index_strides, "stride_word_row": "i64",
             "stride_pos_row": "i64", "stride_type_row": "i64", "stride_dy_row": "i64",
-            "n_rows": "i32", "seq_len": "i32", "n_cols": "i32", "vocab_size": "i32",
-            "n_positions": "i32", "n_types": "i32", "padding_idx": "i32",
+            "stride_part": "i32", "n_rows": "i32", "seq_len": "i32", "n_cols": "i32",
+            "vocab_size": "i32", "n_positions": "i32", "n_types": "i32", "padding_idx": "i32",
             "rows_per_program": "i32", "dropout_p": "fp32", "BLOCK_N": "constexpr",
             "HAS_POS_IDS": "constexpr", "HAS_TYPE": "constexpr", "HAS_TYPE_IDS": "constexpr",
             "HAS_DROPOUT": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
@@ -575,21 +729,36 @@ def aot_configs():
         yield from fwd_bwd("fp16", "i64", block_n, num_warps,
                            flags(pos_ids, typ, typ, drop, w, b), f"fp16,flags={bits:05b}",
                            ((False, True),))
-    seg_sig = lambda dt: {
-        "keys_ptr": "*i64", "perm_ptr": "*i64", "ds_ptr": "*fp32", "grad_ptr": f"*{dt}",
-        "cont_ptr": "*fp32", "open_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
-        "n_keys": "i32", "skip_key": "i32", "CHUNK": "constexpr", "BLOCK_N": "constexpr"}
-    merge_sig = lambda dt: {
-        "keys_ptr": "*i64", "grad_ptr": f"*{dt}", "cont_ptr": "*fp32", "open_ptr": "*fp32",
-        "n_rows": "i32", "n_cols": "i32", "n_keys": "i32", "skip_key": "i32",
-        "CHUNK": "constexpr", "BLOCK_N": "constexpr", "MERGE": "constexpr"}
+    # the segmented sums: the backward's int32 keys; int64 keys (the direct test's) at one size
+    seg_sig = lambda dt, kt: {
+        "keys_ptr": f"*{kt}", "perm_ptr": "*i64", "ds_ptr": "*fp32", "grad_ptr": f"*{dt}",
+        "part_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "n_keys": "i32",
+        "skip_key": "i32", "CHUNK": "constexpr", "BLOCK_N": "constexpr"}
+    merge_sig = lambda dt, kt: {
+        "keys_ptr": f"*{kt}", "grad_ptr": f"*{dt}", "part_ptr": "*fp32", "n_rows": "i32",
+        "n_cols": "i32", "n_keys": "i32", "skip_key": "i32", "CHUNK": "constexpr",
+        "BLOCK_N": "constexpr", "MERGE": "constexpr"}
     block_n = 16
     while block_n <= SEGMENT_BLOCK_N:
-        for dt in (("fp32", "fp16", "bf16") if block_n == SEGMENT_BLOCK_N else ("fp32",)):
+        big = block_n == SEGMENT_BLOCK_N
+        for dt, kt in ([("fp32", "i32"), ("fp16", "i32"), ("bf16", "i32"), ("fp32", "i64")]
+                       if big else [("fp32", "i32")]):
             c = dict(CHUNK=SEGMENT_CHUNK, BLOCK_N=block_n)
-            yield AotConfig(_embedding_segment_sum_kernel, seg_sig(dt), c, SEGMENT_NUM_WARPS,
-                            name=f"embedding_segment_sum[{dt},{block_n}]")
-            yield AotConfig(_embedding_segment_merge_kernel, merge_sig(dt),
+            yield AotConfig(_embedding_segment_sum_kernel, seg_sig(dt, kt), c,
+                            SEGMENT_NUM_WARPS, name=f"embedding_segment_sum[{dt},{kt},{block_n}]")
+            yield AotConfig(_embedding_segment_merge_kernel, merge_sig(dt, kt),
                             dict(MERGE=MERGE_TILE, **c), SEGMENT_NUM_WARPS,
-                            name=f"embedding_segment_merge[{dt},{block_n}]")
+                            name=f"embedding_segment_merge[{dt},{kt},{block_n}]")
         block_n *= 2
+    # the bound check: one to three index tensors, int64 and int32
+    for n_in in (1, 2, 3):
+        for it in ("i64", "i32"):
+            sig = {"a_ptr": f"*{it}", "b_ptr": f"*{it}", "c_ptr": f"*{it}", "out_ptr": "*i64",
+                   "n_a": "i32", "n_b": "i32", "n_c": "i32", "N_IN": "constexpr",
+                   "BLOCK": "constexpr"}
+            consts = {"N_IN": n_in, "BLOCK": BOUNDS_BLOCK}
+            for name in ("b_ptr", "c_ptr")[n_in - 1:]:
+                sig[name] = "constexpr"
+                consts[name] = None
+            yield AotConfig(_index_bounds_kernel, sig, consts, 4,
+                            name=f"index_bounds[{it},{n_in}]")

@@ -221,9 +221,11 @@ def _normalize_padding_idx(padding_idx: Optional[int], vocab_size: int) -> int:
 
 
 def _check_bounds(input_ids, word_weight, position_weight, position_ids, token_type_ids,
-                  type_weight) -> None:
+                  type_weight, on_kernels: bool) -> None:
     """Raise when an id lies outside its table. One device sync for all the index tensors;
-    none while a CUDA graph is captured (a host read is illegal there)."""
+    none while a CUDA graph is captured (a host read is illegal there). ``on_kernels``: the
+    min and max of every index tensor in one Triton launch (the triton backend), else in
+    torch (an aminmax, a stack and a cast per tensor)."""
     checks = [("input_ids", input_ids, word_weight.shape[0], "vocab_size")]
     if position_ids is not None:
         checks.append(("position_ids", position_ids, position_weight.shape[0],
@@ -233,8 +235,13 @@ def _check_bounds(input_ids, word_weight, position_weight, position_ids, token_t
     checks = [c for c in checks if c[1].numel() > 0]
     if not checks or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    stats = torch.stack([torch.stack(torch.aminmax(c[1])).to(torch.int64) for c in checks])
-    for (name, _, n, what), (lo, hi) in zip(checks, stats.tolist()):
+    if on_kernels:
+        from fastbert.kernels.embedding import index_bounds
+        bounds = index_bounds([c[1] for c in checks])
+    else:
+        bounds = torch.stack([torch.stack(torch.aminmax(c[1])).to(torch.int64)
+                              for c in checks]).tolist()
+    for (name, _, n, what), (lo, hi) in zip(checks, bounds):
         if lo < 0:
             raise ValueError(f"{name}: id {lo} out of range [0, {n}) (negative)")
         if hi >= n:
@@ -280,12 +287,12 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
     _check_args(input_ids, word_weight, position_weight, ln_weight, ln_bias, eps,
                 token_type_ids, type_weight, position_ids, dropout_p)
     pad = _normalize_padding_idx(padding_idx, word_weight.shape[0])
-    if check_bounds and not torch.compiler.is_compiling():
-        _check_bounds(input_ids, word_weight, position_weight, position_ids, token_type_ids,
-                      type_weight)
     tensors = (input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
                token_type_ids, type_weight)
     chosen = _resolve(tensors, backend, word_weight.shape[1])
+    if check_bounds and not torch.compiler.is_compiling():
+        _check_bounds(input_ids, word_weight, position_weight, position_ids, token_type_ids,
+                      type_weight, on_kernels=chosen == "triton")
     p = float(dropout_p)
     if chosen == "torch":
         return embedding_layer_norm_ref(input_ids, word_weight, position_weight, ln_weight,

@@ -182,11 +182,14 @@ def test_embedding_layer_norm_deterministic_grads_bit_identical_and_close_to_ato
         assert max_err(x, y) <= 1e-5 * max(1.0, y.abs().max().item())
 
 
+@pytest.mark.parametrize("key_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("n_rows,n_keys,chunk", [(1, 3, 4), (70, 3, 4), (97, 13, 8), (150, 1, 4)])
-def test_segment_sum_matches_index_add_across_many_chunks(device, n_rows, n_keys, chunk):
+def test_segment_sum_matches_index_add_across_many_chunks(device, poisoned_empty, n_rows, n_keys,
+                                                          chunk, key_dtype):
     # runs that span many chunks (the merge kernel's multi-tile walk), out-of-range keys and
-    # a skipped key, with a tiny chunk so that a short input crosses many boundaries
-    keys = torch.randint(-1, n_keys + 1, (n_rows,), device=device)
+    # a skipped key, with a tiny chunk so that a short input crosses many boundaries; int32
+    # keys as the backward writes them, int64 as a caller may pass them
+    keys = torch.randint(-1, n_keys + 1, (n_rows,), device=device, dtype=key_dtype)
     if n_keys == 1:
         keys.zero_()
     ds = torch.randn(n_rows, 20, device=device)
@@ -216,10 +219,76 @@ def test_embedding_layer_norm_dropout_matches_ref_with_kernel_mask(device):
 
 
 # ----------------------------------------------------------------------------------------
+# index tensors: broadcast and strided layouts, the bound check
+
+def test_index_arg_reads_broadcast_and_strided_index_tensors_without_a_copy():
+    shape = (4, 6)
+    cases = [
+        (torch.arange(6), (0, 1)),                         # (S,): broadcast over the batch
+        (torch.arange(6)[None, :], (0, 1)),                # (1, S)
+        (torch.zeros(4, 1, dtype=torch.int64), (1, 0)),    # (B, 1): one type per sequence
+        (torch.zeros(6, 4, dtype=torch.int64).t(), (1, 4)),  # transposed storage
+        (torch.zeros(4, 12, dtype=torch.int64)[:, ::2], (12, 2)),  # every other column
+        (torch.tensor(3), (0, 0)),                         # a scalar
+    ]
+    for t, strides in cases:
+        got, sb, ss = k._index_arg(t, shape)
+        assert got is t and (sb, ss) == strides, (tuple(t.shape), t.stride())
+    # leading dimensions that flatten to one stride: still no copy
+    t = torch.zeros(2, 3, 6, dtype=torch.int64)
+    assert k._index_arg(t, (2, 3, 6)) == (t, 6, 1)
+    assert k._index_arg(t[:, :1], (2, 3, 6))[0] is not t  # broadcast over one of two: a copy
+    got, sb, ss = k._index_arg(t[:, :1], (2, 3, 6))
+    assert got.shape == (36,) and (sb, ss) == (6, 1)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("layout", ["positions_1d", "positions_transposed", "types_per_sequence",
+                                    "ids_3d_partial_broadcast", "ids_strided"])
+def test_embedding_layer_norm_broadcast_and_strided_index_tensors_match_fp64(
+        device, poisoned_empty, layout, deterministic):
+    inp = make_inputs(device, 3, 7, 40, vocab=6, n_pos=12)
+    if layout == "positions_1d":
+        inp["position_ids"] = torch.randint(0, 12, (7,), device=device)
+    elif layout == "positions_transposed":
+        inp["position_ids"] = torch.randint(0, 12, (7, 3), device=device).t()
+    elif layout == "types_per_sequence":
+        inp["token_type_ids"] = torch.tensor([[1], [0], [1]], device=device)
+    elif layout == "ids_3d_partial_broadcast":
+        inp["input_ids"] = torch.randint(0, 6, (2, 3, 7), device=device)
+        inp["token_type_ids"] = torch.randint(0, 2, (2, 1, 7), device=device)
+        inp["position_ids"] = torch.randint(0, 12, (3, 7), device=device).int()
+    else:
+        inp["input_ids"] = torch.randint(0, 6, (3, 14), device=device)[:, ::2]
+        inp["token_type_ids"] = torch.randint(0, 2, (7, 3), device=device).t()
+        assert not inp["input_ids"].is_contiguous()
+    y = _call(inp, backend="triton", deterministic=deterministic)
+    dy = torch.randn_like(y)
+    _check_against_ref(inp, y, _grads(y, inp, dy), dy)
+
+
+def test_index_bounds_match_torch_min_and_max(device, poisoned_empty):
+    # more blocks than programs (each program walks several), extremes beyond int32, a
+    # transposed and an expanded (stride 0) tensor, int32 and int64
+    a = torch.randint(-5, 30522, (70 * k.BOUNDS_BLOCK + 5,), device=device)
+    a[12345], a[-1] = -2**40, 2**40
+    b = torch.randint(3, 512, (7, 9), device=device, dtype=torch.int32).t()
+    c = torch.randint(0, 2, (1, 5), device=device).expand(300, 5)
+    for ts in ([a], [b, c], [a, b, c], [c], [b]):
+        assert k.index_bounds(ts) == [(t.min().item(), t.max().item()) for t in ts]
+    for bad in ([], [a, b, c, a], [a.float()], [a[:0]]):
+        with pytest.raises(ValueError, match="index_bounds"):
+            k.index_bounds(bad)
+
+
+# ----------------------------------------------------------------------------------------
 # edge cases and errors
 
 @pytest.mark.parametrize("shape", [(2, 0), (0, 5), (0,)])
-def test_embedding_layer_norm_empty_batch_gives_empty_output_and_zero_grads(device, shape):
+def test_embedding_layer_norm_empty_batch_gives_empty_output_and_zero_grads(device, shape,
+                                                                           poisoned_empty):
+    # no tokens: no backward program runs; the LayerNorm parameter gradients (a column sum
+    # over zero partial rows) and the tables must still come out as zeros
     inp = make_inputs(device, 1, 3, 24, vocab=5)
     inp["input_ids"] = torch.zeros(shape, dtype=torch.int64, device=device)
     inp["token_type_ids"] = torch.zeros(shape, dtype=torch.int64, device=device)

@@ -6,10 +6,18 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from fastbert import ops
-from fastbert.kernels._common import dropout_mask
-from tests._utils import assert_close_to_ref
+from fastbert.kernels._common import dropout_mask, sum_param_parts
+from tests._utils import assert_close_to_ref, max_err, poison_
 
 SHAPES = [(1, 100), (7, 384), (3, 5, 768), (2, 1024), (13, 16)]
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every torch.empty the launchers allocate (outputs, statistics, partial sums, the
+    parameter gradients) starts as NaN, so an element a kernel forgets to write fails."""
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison_(real_empty(*a, **kw)))
 
 
 def _inputs(shape, dtype, device, *, residual=False, x_bias=False, weight=True, bias=True):
@@ -73,7 +81,8 @@ def _ln_torch_lowp(x, weight, bias, residual=None, x_bias=None, eps=1e-5, activa
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("extras", ["plain", "residual+x_bias", "no_affine"])
-def test_layer_norm_triton_fwd_bwd_matches_fp64_on_ragged_rows(shape, dtype, extras, device):
+def test_layer_norm_triton_fwd_bwd_matches_fp64_on_ragged_rows(shape, dtype, extras, device,
+                                                                poisoned_empty):
     t = _inputs(shape, dtype, device, residual="residual" in extras, x_bias="x_bias" in extras,
                 weight=extras != "no_affine", bias=extras != "no_affine")
 
@@ -190,12 +199,18 @@ def test_layer_norm_autocast_output_dtype_like_torch(device):
     assert_close_to_ref(y, ops.layer_norm_ref(x.double(), w.double(), None), ref, atol=1e-3)
 
 
-def test_layer_norm_empty_rows(device):
+def test_layer_norm_empty_rows_give_zero_parameter_grads(device, poisoned_empty):
+    # no rows: the backward launches no program, its partial sums stay unwritten (NaN here)
+    # and the column sum must still write zeros
     x = torch.randn(0, 32, device=device, requires_grad=True)
     w = torch.randn(32, device=device, requires_grad=True)
-    y = ops.layer_norm(x, w, None, backend="triton")
+    b = torch.randn(32, device=device, dtype=torch.bfloat16, requires_grad=True)
+    xb = torch.randn(32, device=device, requires_grad=True)
+    y = ops.layer_norm(x, w, b, x_bias=xb, backend="triton")
     y.sum().backward()
-    assert y.shape == (0, 32) and torch.equal(w.grad, torch.zeros(32, device=device))
+    assert y.shape == (0, 32)
+    for p in (w, b, xb):
+        assert p.grad.dtype == p.dtype and torch.equal(p.grad, torch.zeros_like(p))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -338,3 +353,124 @@ def test_bench_layer_norm_cases_run_their_own_shapes(monkeypatch):
             out = fn()
             first = out if torch.is_tensor(out) else out[0]
             assert tuple(first.shape) == (rows, hidden), (case.name, case.params, impl)
+
+
+# ----------------------------------------------------------------------------------------
+# the column sum of the backward's partial rows (kernels/_common.py sum_param_parts)
+
+@pytest.mark.parametrize("n_rows,n_cols", [(1, 16), (5, 33), (37, 100), (130, 768)])
+@pytest.mark.parametrize("present", ["weight,bias", "weight", "bias", "weight,bias,x_bias",
+                                     "bias,x_bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_sum_param_parts_matches_fp64_column_sums_on_ragged_shapes(
+        device, poisoned_empty, n_rows, n_cols, present, dtype):
+    names = ("weight", "bias", "x_bias")
+    params = [torch.randn(n_cols, device=device).to(dtype) if n in present.split(",") else None
+              for n in names]
+    k = sum(p is not None for p in params)
+    # more part rows than are added: the rows past n_rows are NaN and must not be read
+    parts = torch.randn(k, n_rows + 3, n_cols, device=device) * 4 + 1
+    parts[:, n_rows:] = float("nan")
+    got = sum_param_parts(parts, n_rows, params)
+    ref = parts[:, :n_rows].double().sum(1)
+    # each output is one rounding of an fp32 sum: within one ulp of its dtype (one, not half:
+    # the interpreter truncates to bf16) plus the fp32 summation error
+    fp32_err = 1e-6 * n_rows * parts[:, :n_rows].abs().max().item()
+    i = 0
+    for name, p, g in zip(names, params, got):
+        if p is None:
+            assert g is None, name
+            continue
+        assert g.dtype == dtype and g.shape == (n_cols,), name
+        bound = torch.finfo(dtype).eps * ref[i].abs() + fp32_err
+        assert ((g.double() - ref[i]).abs() <= bound).all(), \
+            f"d{name}: error {max_err(g, ref[i]):.3e}"
+        i += 1
+    # a fixed order of additions: the same bits at every run
+    for g, h in zip(got, sum_param_parts(parts, n_rows, params)):
+        assert (g is None and h is None) or torch.equal(g, h)
+
+
+def test_sum_param_parts_mixed_dtypes_and_zero_rows(device, poisoned_empty):
+    w = torch.randn(50, device=device)
+    b = torch.randn(50, device=device, dtype=torch.float16)
+    parts = torch.full((2, 4, 50), float("nan"), device=device)
+    dw, db = sum_param_parts(parts, 0, (w, b))
+    assert dw.dtype == torch.float32 and db.dtype == torch.float16
+    assert torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
+    parts = torch.randn(2, 4, 50, device=device)
+    dw, db = sum_param_parts(parts, 3, (w, b))
+    assert_close_to_ref(dw, parts[0, :3].double().sum(0), atol=1e-6, name="dw")
+    ref = parts[1, :3].double().sum(0)
+    assert ((db.double() - ref).abs() <= torch.finfo(torch.float16).eps * ref.abs() + 1e-6).all()
+    assert sum_param_parts(None, 5, (None, None)) == [None, None]
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda p, w: sum_param_parts(p, 2, (w, None, None)),
+     r"k = 1 <= 3 \(the parameters given\), got torch.float32 \(2, 4, 8\)"),
+    (lambda p, w: sum_param_parts(p.double(), 2, (w, w)), "must be float32"),
+    (lambda p, w: sum_param_parts(p.transpose(1, 2), 2, (w, w)), "unit column stride"),
+    (lambda p, w: sum_param_parts(None, 2, (w, w)), "parts is None but a parameter is given"),
+    (lambda p, w: sum_param_parts(p, 9, (w, w)), r"n_rows 9 outside \[0, 4\]"),
+])
+def test_sum_param_parts_bad_arguments_raise(device, bad, match):
+    parts = torch.randn(2, 4, 8, device=device)
+    with pytest.raises(ValueError, match=match):
+        bad(parts, torch.randn(8, device=device))
+
+
+@pytest.mark.parametrize("with_params", [True, False], ids=["with_params", "tables_only"])
+def test_sum_param_parts_converts_fp32_tables_in_the_same_launch(device, poisoned_empty,
+                                                                 monkeypatch, with_params):
+    # the embedding's position (70 rows: two row blocks) and type (2 rows) gradient tables,
+    # summed by fp32 atomics, come back in their parameters' dtypes from the launch that
+    # sums the LayerNorm parameter parts; an fp32 table is returned as it is
+    from fastbert.kernels import _common
+    launches = []
+    kernel = _common._sum_parts_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(_common, "_sum_parts_kernel", Counting())
+    n_cols = 100
+    pos_acc, typ_acc = torch.randn(70, n_cols, device=device), torch.randn(2, n_cols, device=device)
+    f32_acc = torch.randn(3, n_cols, device=device)
+    params = (torch.randn(n_cols, device=device).half(), torch.randn(n_cols, device=device))
+    parts = torch.randn(2, 5, n_cols, device=device)
+    for dtypes in ((torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        launches.clear()
+        tables = [(pos_acc, torch.empty(70, n_cols, dtype=dtypes[0], device=device)),
+                  (typ_acc if dtypes[1] != torch.float32 else f32_acc,
+                   torch.empty(2 if dtypes[1] != torch.float32 else 3, n_cols, dtype=dtypes[1],
+                               device=device))]
+        out = sum_param_parts(parts if with_params else None, 5,
+                              params if with_params else (None, None), tables)
+        assert len(launches) == 1
+        if with_params:
+            for i, (p, g) in enumerate(zip(params, out[:2])):
+                ref = parts[i].double().sum(0)
+                assert g.dtype == p.dtype and ((g.double() - ref).abs() <= 1e-3 * ref.abs()
+                                               + 1e-5).all()
+        else:
+            assert out[:2] == [None, None]
+        for (acc, p), g in zip(tables, out[2:]):
+            assert g.dtype == p.dtype and g.shape == acc.shape
+            if p.dtype == torch.float32:
+                assert g is acc
+            elif p.dtype == torch.float16:
+                assert torch.equal(g, acc.half())
+            else:  # one ulp: the interpreter truncates to bf16, the GPU rounds
+                assert ((g.double() - acc.double()).abs()
+                        <= torch.finfo(torch.bfloat16).eps * acc.double().abs()).all()
+    # fp32 tables only: nothing to launch
+    launches.clear()
+    assert sum_param_parts(None, 0, (None,), [(f32_acc, f32_acc)])[1] is f32_acc
+    assert not launches
+    with pytest.raises(ValueError, match="a table must be a contiguous float32"):
+        sum_param_parts(None, 0, (), [(pos_acc.half(), pos_acc.half())])
+    with pytest.raises(ValueError, match="N = 100"):
+        sum_param_parts(parts, 5, params, [(pos_acc[:, :50].contiguous(), pos_acc[:, :50])])
