@@ -122,9 +122,13 @@ def _setup(ctx, inputs, output):
     ctx.dropout_p = dropout_p
     ctx.padding_idx = padding_idx
     ctx.deterministic = deterministic
+    # mean and rstd get no gradient: no zero tensors made for them at each backward
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dmean, drstd):
+    if dy is None:
+        return (None,) * 13
     (input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids, token_type_ids,
      type_weight, seed, mean, rstd) = ctx.saved_tensors
     dword, dpos, dtyp, dlnw, dlnb = _embedding_layer_norm_bwd(

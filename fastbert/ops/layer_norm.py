@@ -107,9 +107,13 @@ def _fwd_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, residual, x_bias, seed, mean, rstd)
     ctx.dropout_p = dropout_p
     ctx.activation = activation
+    # mean and rstd get no gradient: no zero tensors made for them at each backward
+    ctx.set_materialize_grads(False)
 
 
 def _fwd_backward(ctx, dy, dmean, drstd):
+    if dy is None:
+        return (None,) * 10
     x, weight, bias, residual, x_bias, seed, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dres, dw, db, dxb = _layer_norm_bwd(dy, x, weight, bias, residual, x_bias, seed,
