@@ -666,19 +666,8 @@ def test_launch_grids_fit_cuda_grid_limits_for_many_heads(device, monkeypatch):
 def test_backward_launches_only_the_kernels_of_the_wanted_gradients(device, monkeypatch, wants):
     """Gradients for q alone skip the dk/dv kernel, for k and/or v alone the dq kernel; the
     gradients that are computed still match the fp64 reference."""
-    launched = []
-    for name in ("_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"):
-        real = getattr(k, name)
-
-        class Counting:
-            def __init__(self, name, real):
-                self.name, self.real = name, real
-
-            def __getitem__(self, grid):
-                launched.append(self.name)
-                return self.real[grid]
-
-        monkeypatch.setattr(k, name, Counting(name, real))
+    launched = _count_launches(monkeypatch, ("_attention_bwd_dkdv_kernel",
+                                             "_attention_bwd_dq_kernel"))
     q = _rand(device, torch.float32, 2, 9, 2, 16)
     k_ = _rand(device, torch.float32, 2, 11, 1, 16)
     v = _rand(device, torch.float32, 2, 11, 1, 16)
