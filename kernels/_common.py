@@ -177,6 +177,10 @@ def _cast_rows(src_ptr, dst_ptr, row0, n_rows, n_cols, cols, mask, BLOCK_M: tl.c
     tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=m).to(dst_ptr.dtype.element_ty), mask=m)
 
 
+# CUDA's limit on grid axes 1 and 2.
+CUDA_MAX_GRID_Y = 65535
+
+
 @triton.jit
 def _sum_parts_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, tab0_ptr, tab1_ptr, tab_out0_ptr,
                       tab_out1_ptr, n_rows, n_cols, stride_part, stride_row, n_tab_rows0,
@@ -295,6 +299,12 @@ def _sum_param_parts(parts: Optional[torch.Tensor], n_rows: int,
         tabs[n_tab], tabs[2 + n_tab], tabs[4 + n_tab] = acc, g, shape[0]
         n_tab += 1
         n_blocks += cdiv(shape[0], SUM_PARTS_BLOCK_M)
+    if n_out + n_blocks > CUDA_MAX_GRID_Y:
+        # the row blocks of the tables go on grid axis 1 (position / type tables are small:
+        # this is ~4M rows)
+        raise ValueError(f"sum_param_parts: tables of {n_blocks * SUM_PARTS_BLOCK_M} rows in "
+                         f"all exceed the {(CUDA_MAX_GRID_Y - n_out) * SUM_PARTS_BLOCK_M} this "
+                         "launch can convert")
     if n_out + n_blocks and n_cols:
         while len(outs) < SUM_PARTS_MAX_OUT:
             outs.append(None)

@@ -471,7 +471,8 @@ def index_bounds(tensors: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
         if t.dtype not in (torch.int32, torch.int64) or t.numel() == 0:
             raise ValueError("index_bounds: tensors must be non-empty int32/int64, got "
                              f"{t.dtype} {tuple(t.shape)}")
-    flat = [t if t.is_contiguous() else t.reshape(-1) for t in tensors]
+    # read as flat arrays: reshape(-1) of a non-contiguous tensor can be a strided view
+    flat = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     sizes = [t.numel() for t in flat]
     grid = min(cdiv(max(sizes), BOUNDS_BLOCK), BOUNDS_MAX_PROGRAMS)
     out = torch.empty((len(flat), 2, grid), dtype=torch.int64, device=flat[0].device)

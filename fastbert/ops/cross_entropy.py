@@ -109,8 +109,8 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
                        store_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, stats, dlogits, count). With ``store_grad`` (reduction "mean" or "sum") dlogits is
     the gradient of the loss itself, written by the forward kernel; otherwise an empty tensor.
-    count (int64, on the device): for "mean" (kept for the backward) or ``check_labels``, what
-    the kernels' reduction counted; otherwise an empty tensor. The loss, its reduction, the
+    count (int64, on the device): for a reduced loss (a mean's is kept for the backward) or
+    ``check_labels``, what the kernels' reduction counted; otherwise an empty tensor. The loss, its reduction, the
     count and the label check are two launches and a few allocations: no other torch op."""
     k = kernel_module("cross_entropy")
     store_grad = store_grad and reduction != "none"
@@ -141,7 +141,7 @@ def _(logits, target, ignore_index, label_smoothing, reduction, check_labels, ou
       store_grad):
     shape = (logits.shape[0],) if reduction == "none" else ()
     stored = store_grad and reduction != "none"
-    counted = reduction == "mean" or check_labels
+    counted = reduction != "none" or check_labels   # as the launcher: see its Returns
     return (logits.new_empty(shape, dtype=out_dtype),
             logits.new_empty((logits.shape[0], 2), dtype=torch.float32),
             logits.new_empty(logits.shape if stored else (0,)),
@@ -202,6 +202,17 @@ def stores_grads(dtype: torch.dtype, reduction: str) -> bool:
     return reduction != "none" and dtype != torch.float16
 
 
+def _no_double_backward(op: str) -> None:
+    """Raise in a backward recording a graph (create_graph=True) of a loss whose forward
+    stored its gradients: they have no history, so a second derivative through them would
+    silently be zero."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"fastbert {op} (reduction 'mean' or 'sum') has no double backward "
+            f"(create_graph=True): its gradients are computed in the forward; call it with "
+            f"reduction='none' and reduce the result, or with backend='torch'")
+
+
 def _saved_stored_grads(ctx, op: str):
     """ctx.saved_tensors of a loss whose forward stored its gradients, which the backward
     scales in place: a second backward through it would scale them again, so it raises (a flag
@@ -212,6 +223,7 @@ def _saved_stored_grads(ctx, op: str):
            f"call it with reduction='none' and reduce the result, or with backend='torch'")
     if getattr(ctx, "stored_grads_used", False):
         raise RuntimeError(msg)
+    _no_double_backward(op)
     try:
         saved = ctx.saved_tensors
     except RuntimeError as e:
@@ -412,6 +424,7 @@ def _mlm_backward(ctx, dloss, ddh, ddw, ddb):
             # dW. The forward stored exactly the gradients needed (the others are empty).
             _masked_lm_loss_scale_(dh, dw, db, dloss)
         else:
+            _no_double_backward("masked_lm_loss")
             dh, dw, db = ctx.saved_tensors
             dh = _scaled(dh, dloss) if need_dh else None
             dw = _scaled(dw, dloss) if need_dw else None

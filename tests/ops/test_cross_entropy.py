@@ -396,9 +396,10 @@ def test_cross_entropy_custom_ops_pass_opcheck(device):
     logits = torch.randn(5, 300, device=device, requires_grad=True)
     target = _targets(5, 300, device)
     for reduction in REDUCTIONS:
-        torch.library.opcheck(torch.ops.fastbert.cross_entropy_fwd.default,
-                              (logits, target, IGNORE, 0.1, reduction, True, torch.float32,
-                               False))
+        for check_labels in (True, False):
+            torch.library.opcheck(torch.ops.fastbert.cross_entropy_fwd.default,
+                                  (logits, target, IGNORE, 0.1, reduction, check_labels,
+                                   torch.float32, False))
         # with the gradient stored, the backward mutates a tensor the forward saved, which
         # AOTAutograd cannot trace: cross_entropy never asks for it under torch.compile
         torch.library.opcheck(torch.ops.fastbert.cross_entropy_fwd.default,
@@ -909,6 +910,24 @@ def test_masked_lm_loss_backward_scales_stored_gradients_once(device, g):
         assert_close_to_ref(a.grad, r.grad, name=name, atol=1e-6)
     with pytest.raises(RuntimeError, match="masked_lm_loss .* backpropagated through only once"):
         loss.backward()
+
+
+def test_stored_gradient_losses_refuse_create_graph_instead_of_a_zero_second_derivative(
+        stored_ce, device):
+    # gradients computed in the forward have no history: a gradient penalty through them would
+    # silently lose its second-order term, so create_graph=True raises
+    hidden, weight, bias, labels = _mlm_inputs((3, 5), 16, 90, torch.float32, device)
+    h = hidden.clone().requires_grad_()
+    loss = masked_lm_loss(h, weight, bias, labels, backend="triton")
+    with pytest.raises(RuntimeError, match="masked_lm_loss .* no double backward"):
+        torch.autograd.grad(loss, h, create_graph=True)
+    x = torch.randn(4, 50, device=device, requires_grad=True)
+    loss = cross_entropy(x, _targets(4, 50, device), backend="triton")
+    with pytest.raises(RuntimeError, match="cross_entropy .* no double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # without create_graph, as before
+    loss = masked_lm_loss(h, weight, bias, labels, backend="triton")
+    torch.autograd.grad(loss, h)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -274,7 +274,12 @@ def test_index_bounds_match_torch_min_and_max(device, poisoned_empty):
     a[12345], a[-1] = -2**40, 2**40
     b = torch.randint(3, 512, (7, 9), device=device, dtype=torch.int32).t()
     c = torch.randint(0, 2, (1, 5), device=device).expand(300, 5)
-    for ts in ([a], [b, c], [a, b, c], [c], [b]):
+    # views whose reshape(-1) is itself strided (not a copy): a 1-D step, a 1-D expand, a
+    # (B, 1) column of a wider batch
+    big = torch.randint(0, 100, (6, 9), device=device)
+    big[2, 0], big[0, 1] = 500, 900
+    d, e, f = torch.arange(10, device=device)[::2], torch.tensor([5], device=device).expand(4), big[:, :1]
+    for ts in ([a], [b, c], [a, b, c], [c], [b], [d], [e], [f], [d, e, f]):
         assert k.index_bounds(ts) == [(t.min().item(), t.max().item()) for t in ts]
     for bad in ([], [a, b, c, a], [a.float()], [a[:0]]):
         with pytest.raises(ValueError, match="index_bounds"):

@@ -413,6 +413,11 @@ def test_sum_param_parts_mixed_dtypes_and_zero_rows(device, poisoned_empty):
     (lambda p, w: sum_param_parts(p.transpose(1, 2), 2, (w, w)), "unit column stride"),
     (lambda p, w: sum_param_parts(None, 2, (w, w)), "parts is None but a parameter is given"),
     (lambda p, w: sum_param_parts(p, 9, (w, w)), r"n_rows 9 outside \[0, 4\]"),
+    # tables beyond what the launch's grid axis 1 holds (CUDA: 65535 blocks of rows)
+    (lambda p, w: sum_param_parts(None, 0, (), tables=[(
+        torch.zeros(65536 * 64, 1, device=p.device),
+        torch.zeros(65536 * 64, 1, dtype=torch.bfloat16, device=p.device))]),
+     "exceed the .* this launch can convert"),
 ])
 def test_sum_param_parts_bad_arguments_raise(device, bad, match):
     parts = torch.randn(2, 4, 8, device=device)
