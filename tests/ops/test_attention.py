@@ -107,6 +107,25 @@ def _case_id(c):
     return "b{}-q{}-k{}-h{}/{}-d{}-{}-{}".format(*c[:6], "causal" if c[6] else "full", c[7])
 
 
+def _case_inputs(device, dtype, case, last_row_padding=False):
+    """q, k, v and the key mask of a (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim,
+    causal, mask) case: mask "holes" (random; with last_row_padding the last sequence is all
+    padding), "right" (random lengths >= 1) or None."""
+    batch, sq, sk, heads, heads_kv, d, _, mask_kind = case
+    q = _rand(device, dtype, batch, sq, heads, d)
+    k_ = _rand(device, dtype, batch, sk, heads_kv, d)
+    v = _rand(device, dtype, batch, sk, heads_kv, d)
+    mask = None
+    if mask_kind == "holes":
+        mask = torch.rand(batch, sk, device=device) > 0.3
+        if last_row_padding:
+            mask[-1] = False
+    elif mask_kind == "right":
+        lengths = torch.randint(1, sk + 1, (batch,), device=device)
+        mask = (torch.arange(sk, device=device)[None, :] < lengths[:, None]).long()
+    return q, k_, v, mask
+
+
 # every case in fp32, all but the wide-tile ones in fp16 as well
 @pytest.mark.parametrize("dtype, case", [
     pytest.param(dt, c, id=f"{str(dt)[6:]}-{_case_id(c)}")
@@ -114,16 +133,8 @@ def _case_id(c):
     if dt == torch.float32 or c[5] not in FP32_ONLY_HEAD_DIMS])
 def test_attention_fwd_bwd_matches_fp64_on_ragged_shapes(device, poisoned_empty, bwd_path, dtype,
                                                          case):
-    batch, sq, sk, heads, heads_kv, d, causal, mask_kind = case
-    q = _rand(device, dtype, batch, sq, heads, d)
-    k_ = _rand(device, dtype, batch, sk, heads_kv, d)
-    v = _rand(device, dtype, batch, sk, heads_kv, d)
-    mask = None
-    if mask_kind == "holes":
-        mask = torch.rand(batch, sk, device=device) > 0.3
-    elif mask_kind == "right":
-        lengths = torch.randint(1, sk + 1, (batch,), device=device)
-        mask = (torch.arange(sk, device=device)[None, :] < lengths[:, None]).long()
+    causal = case[6]
+    q, k_, v, mask = _case_inputs(device, dtype, case)
     _check(lambda a, b, c: attention(a, b, c, attention_mask=mask, causal=causal, backend="triton"),
            lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=mask, causal=causal, **kw),
            q, k_, v, name=str(case))
@@ -172,18 +183,9 @@ def test_one_launch_backward_matches_fp64_when_all_keys_fit_one_block(device, po
                                                                       monkeypatch, dtype, case):
     # the dK/dV kernel alone computes delta and dQ too; dQ starts as NaN (poisoned_empty), so
     # every query row, those that see no key included, must be written
-    batch, sq, sk, heads, heads_kv, d, causal, mask_kind = case
+    sk, d, causal, mask_kind = case[2], case[5], case[6], case[7]
     assert k.bwd_fused(sk, d, dtype)
-    q = _rand(device, dtype, batch, sq, heads, d)
-    k_ = _rand(device, dtype, batch, sk, heads_kv, d)
-    v = _rand(device, dtype, batch, sk, heads_kv, d)
-    mask = None
-    if mask_kind == "holes":
-        mask = torch.rand(batch, sk, device=device) > 0.3
-        mask[-1] = False
-    elif mask_kind == "right":
-        lengths = torch.randint(1, sk + 1, (batch,), device=device)
-        mask = (torch.arange(sk, device=device)[None, :] < lengths[:, None]).long()
+    q, k_, v, mask = _case_inputs(device, dtype, case, last_row_padding=True)
     launched = _count_launches(monkeypatch, BWD_KERNELS)
     out, (dq, _, _) = _check(
         lambda a, b, c: attention(a, b, c, attention_mask=mask, causal=causal, backend="triton"),
