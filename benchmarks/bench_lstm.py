@@ -26,7 +26,10 @@ The padded cases also time both LSTMs replayed from CUDA graphs
 (``PERSISTENT_MAX_HIDDEN`` = 0): at hidden 256 it is timed against the time-looping kernels
 (the default there), above against the plain per-step loop (the default there). Its captures
 happen in the untimed first call and their static buffers stay in the mode's cache, so its
-peak_mb leaves them out. The time-loop and LayerNorm-LSTM cases time the mode too. One case
+peak_mb leaves them out. The time-loop and LayerNorm-LSTM cases time the mode too.
+``fastbert_triton_coop`` (and ``coop`` in the time-loop case): the cooperative time loop
+(kernels/lstm.py ``COOP_TIME_LOOP``, off by default), one launch per layer and direction with
+a grid barrier a step, where it fits one program per SM (hidden <= 1024). One case
 per target runs first, then the rest of the grid (``make gpu-check`` may stop a script
 part-way).
 
@@ -154,6 +157,8 @@ def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
     if device.type == "cuda":
         # the per-step path in fastbert's own CUDA-graph mode (see the module docstring)
         fns["fastbert_triton_step_graph"] = build_step_graph()
+        # the cooperative time loop (off by default, see the module docstring)
+        fns["fastbert_triton_coop"] = _coop(build("fastbert_triton"))
         # the same forward+backward replayed from CUDA graphs: how much of each time is
         # launch overhead (the per-step path launches a kernel or two per step from Python)
         fns["cudnn_graphed"] = build_graphed("cudnn")
@@ -213,6 +218,13 @@ def _step_graph(fn: Callable[[], object], threshold: str = "PERSISTENT_MAX_HIDDE
     return run
 
 
+def _coop(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with the cooperative time loop on (``fastbert.kernels.lstm.COOP_TIME_LOOP``;
+    where it cannot run a layer, that layer takes the default path)."""
+    from fastbert.kernels import lstm as klstm
+    return with_setting(klstm, "COOP_TIME_LOOP", True, fn)
+
+
 def _fresh_step_graphs() -> None:
     """Drop the graph mode's captures (and their static buffers) of earlier cases."""
     from fastbert.kernels import lstm as klstm
@@ -221,9 +233,9 @@ def _fresh_step_graphs() -> None:
 
 def _time_loop_case(device, dtype, batch, hidden, seq):
     """fastbert's ways to run the time loop on the same layer: one launch per step, the same
-    replayed from the CUDA-graph mode's graphs, and the single time-looping launch (forced
-    either way by moving ``PERSISTENT_MAX_HIDDEN``), to place that threshold from
-    measurements."""
+    replayed from the CUDA-graph mode's graphs, the single time-looping launch (forced
+    either way by moving ``PERSISTENT_MAX_HIDDEN``) and the cooperative time loop, to place
+    that threshold and decide the cooperative loop's default from measurements."""
     def build(kind):
         def make():
             _fresh_step_graphs()
@@ -232,6 +244,8 @@ def _time_loop_case(device, dtype, batch, hidden, seq):
             model = LSTM(hidden, hidden, backend="triton").to(device, dtype)
             if kind == "per_step_graphed":
                 return _step_graph(_fwd_bwd(model, x))
+            if kind == "coop":
+                return _coop(_fwd_bwd(model, x))
             return _with_threshold("PERSISTENT_MAX_HIDDEN",
                                    hidden if kind == "time_looping" else 0, _fwd_bwd(model, x))
         return _lazy(make)
@@ -239,7 +253,8 @@ def _time_loop_case(device, dtype, batch, hidden, seq):
     return Case("lstm fwd+bwd time loop",
                 dict(batch=batch, hidden=hidden, seq=seq, layers=1, dirs=1,
                      dtype=str(dtype).replace("torch.", "")),
-                {kind: build(kind) for kind in ("per_step", "per_step_graphed", "time_looping")},
+                {kind: build(kind) for kind in ("per_step", "per_step_graphed", "time_looping",
+                                                "coop")},
                 flops=_flops(seq, batch, hidden, hidden, 1, 1), baseline="per_step")
 
 

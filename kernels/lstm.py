@@ -58,7 +58,7 @@ together instead of 4. The state h, the gate gradients drec and the masked state
 stay in the input dtype: they are operands of cuBLAS GEMMs, which take both operands in one
 dtype.
 
-Two ways to run the time loop:
+Three ways to run the time loop:
 - per step (any hidden size, projection): one launch per step, a 2-D grid over batch blocks x
   column blocks, so a step spreads over many SMs; it pays a launch (a few microseconds on the
   GPU, more in Python) per step and re-reads W_hh from L2 every step.
@@ -66,9 +66,25 @@ Two ways to run the time loop:
   sequence; a program owns a batch block and every hidden column and loops over time. Batch
   rows never interact, so no grid-wide barrier is needed, only a block barrier between steps
   (the program reads its own h_t back from global memory). It streams all of W_hh through
-  one SM per step, which is why it is limited to small hidden sizes. cuDNN's persistent RNN
-  keeps W_hh in registers / shared memory across SMs instead; that needs a grid barrier and
-  is not implemented.
+  one SM per step, which is why it is limited to small hidden sizes, and it uses only
+  cdiv(B, 16) SMs.
+- cooperative (``COOP_TIME_LOOP``, off by default until a GPU run has checked and timed it;
+  hidden <= COOP_MAX_HIDDEN, no projection): the per-step grid and tiles in one launch that
+  loops over time. A program keeps its batch block and column block for every step, so it
+  re-reads the same W_hh columns each step (from its SM's L1 when they fit: 4 x BLOCK_H x H
+  x 2 bytes, 32 KB at hidden 256 with BLOCK_H 16), and the step's work spreads over up to one
+  program per SM. After each step the programs of one batch block meet at a barrier
+  (``_group_barrier``: an arrival count per batch block, release / acquire atomics at GPU
+  scope, as CUDA's cooperative-groups grid sync): the next step reads their columns of h
+  (backward: of the gate gradients). The barrier needs every program of the grid resident
+  at once, so the grid is at most one program per SM (``coop_blocks`` widens the tiles to
+  fit, else the layer takes another path); a group that still cannot meet (other work on
+  concurrent streams holding the SMs its missing programs need, e.g. two such loops at once,
+  or MPS limiting the SMs) gives up after COOP_MAX_SPINS reads and writes NaN from then on
+  instead of hanging. The interpreter runs
+  one program at a time, so on CPU the same kernel runs one launch per step without the
+  barrier (``_coop_launches``). This is the shape of cuDNN's persistent RNN without keeping
+  W_hh in registers explicitly.
 
 CUDA-graph mode of the per-step loops (``PER_STEP_CUDA_GRAPH``, off by default): the host
 time of the per-step path is one Python launch per kernel and step (~20 us each on the H200
@@ -100,7 +116,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotConfig, LOG2E, _tanh, cdiv, mm_fp32, next_power_of_2,
+from ._common import (AotConfig, LOG2E, _sm_count, _tanh, cdiv, mm_fp32, next_power_of_2,
                       on_tensor_device)
 
 # tl.dot needs every block dimension >= 16; the batch block is padded up to it.
@@ -131,6 +147,20 @@ CUDA_GRAPH_ENV = "FASTBERT_LSTM_CUDA_GRAPH"
 # Captured loops kept, least recently used evicted: a layer's forward and backward in each
 # direction are four (layers of equal shapes share them), a LayerNorm-LSTM's four more.
 CUDA_GRAPH_CACHE_SIZE = 8
+# The cooperative time loop (module docstring), opt-in like the CUDA-graph mode until a GPU run
+# has checked and timed it: True / False switch it; None takes $FASTBERT_LSTM_COOP ("1" on,
+# "0" or unset off), read once on the first call that could use it.
+COOP_TIME_LOOP: Optional[bool] = None
+COOP_ENV = "FASTBERT_LSTM_COOP"
+# Up to this hidden size (no projection). A program re-reads its W_hh columns every step,
+# 4 x BLOCK_H x H in 16 bits: from its SM's L1 when they fit (32 KB at hidden 256 and 128 KB at
+# 1024 with BLOCK_H 16), else from L2 (512 KB at 1024 with BLOCK_H 64, the widest tiles).
+COOP_MAX_HIDDEN = 1024
+# Reads of the arrival count a waiting program makes before it gives up (seconds of waiting;
+# only a group whose programs are not all resident ever gets there) and the mark it then
+# leaves on the count (_group_barrier). The counts stay below it: n_steps x group < 2^30.
+COOP_MAX_SPINS = 1 << 24
+COOP_POISON = 1 << 30
 
 
 @triton.jit
@@ -482,6 +512,143 @@ def _lstm_bwd_persistent_kernel(
                           stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h,
                           BLOCK_B, BLOCK_H, BLOCK_K, True, False, DOT_FP32)
         tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------------------
+# cooperative time loop: a per-step grid that stays resident and loops over time
+
+
+@triton.jit
+def _group_barrier(count_ptr, target, failed, max_spins):
+    """Wait until ``target`` arrivals are counted at ``count_ptr`` (one per program of the
+    group and step; the count only grows), then return ``failed``: whether this group gave up.
+
+    Release / acquire at GPU scope: the stores this program made before the barrier (the
+    step's state) are seen by every program that passes it after (the pattern of CUDA's
+    cooperative-groups grid sync; the block barriers make the count see all of this program's
+    threads). A group whose programs are not all resident would wait forever: after
+    ``max_spins`` reads the waiting program gives up, marks the count with COOP_POISON (every
+    program of the group then sees it at its next barrier) and the callers write NaN from then
+    on, so an impossible schedule shows as NaN outputs, never as a hang or a silently wrong
+    value."""
+    tl.debug_barrier()
+    seen = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    limit = tl.where(failed, 0, max_spins)
+    spins = max_spins * 0
+    while (seen < target) & (spins < limit):
+        seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    stuck = seen < target
+    if stuck:
+        tl.atomic_or(count_ptr, 1073741824, sem="release", scope="gpu")  # COOP_POISON
+    tl.debug_barrier()
+    return failed | stuck | (seen >= 1073741824)
+
+
+@triton.jit
+def _poison_tile(ptr, offs_b, offs_n, stride_b, n_batch, n_cols):
+    m2 = (offs_b < n_batch)[:, None] & (offs_n < n_cols)[None, :]
+    tl.store(ptr + offs_b[:, None] * stride_b + offs_n[None, :],
+             tl.full((offs_b.shape[0], offs_n.shape[0]), float("nan"), tl.float32)
+             .to(ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit(do_not_specialize=["n_steps", "step_begin", "step_end", "max_spins"])
+def _lstm_fwd_coop_kernel(
+    xg_ptr, hs_ptr, cs_ptr, w_hh_ptr, len_ptr, y_ptr, gates_ptr, count_ptr,
+    stride_xg_t, stride_xg_b, stride_hs_s, stride_h_b, stride_cs_s, stride_c_b, stride_w_row,
+    stride_y_t, stride_y_b, stride_gates_t, stride_gates_b,
+    n_batch, n_hidden, n_steps, step_begin, step_end, max_spins,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    REVERSE: tl.constexpr, SYNC: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # the per-step kernel's grid and tiles (program (pid_b, pid_h): batch rows of block pid_b,
+    # hidden columns of block pid_h, all four gates), run for steps [step_begin, step_end)
+    # in one launch: after each step the programs of one batch block (they read each other's
+    # columns of h) meet at a barrier. The program's W_hh columns are the same every step
+    # and small enough to stay in its SM's L1 (COOP_MAX_HIDDEN). Without SYNC (one launch per
+    # step: the Triton interpreter runs programs one after another, so they cannot wait for
+    # each other) the kernel is the per-step kernel.
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_group = tl.num_programs(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    failed = pid_b < 0
+    for s in range(step_begin, step_end):
+        t = s
+        if REVERSE:
+            t = n_steps - 1 - s
+        s64 = tl.cast(s, tl.int64)
+        t64 = tl.cast(t, tl.int64)
+        h_out = hs_ptr + (s64 + 1) * stride_hs_s
+        _fwd_tile(xg_ptr + t64 * stride_xg_t, hs_ptr + s64 * stride_hs_s,
+                  cs_ptr + s64 * stride_cs_s, w_hh_ptr, len_ptr, h_out,
+                  cs_ptr + (s64 + 1) * stride_cs_s, y_ptr + t64 * stride_y_t,
+                  gates_ptr + t64 * stride_gates_t, stride_xg_b, stride_h_b, stride_c_b,
+                  stride_w_row, stride_y_b, stride_gates_b, n_batch, n_hidden, n_hidden, t,
+                  offs_b, offs_h, BLOCK_B, BLOCK_H, BLOCK_K, False, DOT_FP32)
+        if SYNC:
+            if failed:
+                tl.debug_barrier()
+                _poison_tile(h_out, offs_b, offs_h, stride_h_b, n_batch, n_hidden)
+                _poison_tile(y_ptr + t64 * stride_y_t, offs_b, offs_h, stride_y_b, n_batch,
+                             n_hidden)
+            failed = _group_barrier(count_ptr + pid_b, (s - step_begin + 1) * n_group, failed,
+                                    max_spins)
+
+
+@triton.jit(do_not_specialize=["n_steps", "step_begin", "step_end", "max_spins"])
+def _lstm_bwd_coop_kernel(
+    dy_ptr, w_hh_ptr, gates_ptr, cs_ptr, len_ptr, dcarry_ptr, dc_ptr, dg_ptr, count_ptr,
+    stride_dy_t, stride_dy_b, stride_dg_t, stride_dg_b, stride_w_row, stride_gates_t,
+    stride_gates_b, stride_cs_s, stride_c_b, stride_dcarry_b, stride_dc_b,
+    n_batch, n_hidden, n_steps, step_begin, step_end, max_spins,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    REVERSE: tl.constexpr, SYNC: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # the backward of _lstm_fwd_coop_kernel: the per-step backward kernel's grid and tiles,
+    # iterations [step_begin, step_end) of the backward time loop (iteration i processes
+    # step s = n_steps - 1 - i) in one launch, a barrier per batch block after each: a step
+    # reads the gate gradients of all four gates and all columns written by its group in the
+    # iteration before. dcarry and dc are read and written in the program's own columns only.
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_group = tl.num_programs(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    failed = pid_b < 0
+    for i in range(step_begin, step_end):
+        s, t, t_next = _bwd_step_times(i, n_steps, REVERSE)
+        s64 = tl.cast(s, tl.int64)
+        t64 = tl.cast(t, tl.int64)
+        tn64 = tl.where(i == 0, t64, tl.cast(t_next, tl.int64))
+        dg_out = dg_ptr + t64 * stride_dg_t
+        if i == 0:
+            _bwd_tile(dy_ptr + t64 * stride_dy_t, dg_ptr + tn64 * stride_dg_t, w_hh_ptr,
+                      dy_ptr, w_hh_ptr, gates_ptr + t64 * stride_gates_t,
+                      cs_ptr + (s64 + 1) * stride_cs_s, cs_ptr + s64 * stride_cs_s, len_ptr,
+                      dcarry_ptr, dc_ptr, dg_out, stride_dy_b, stride_dg_b,
+                      stride_w_row, 0, 0, stride_gates_b, stride_c_b, stride_dcarry_b,
+                      stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h,
+                      BLOCK_B, BLOCK_H, BLOCK_K, False, False, DOT_FP32)
+        else:
+            _bwd_tile(dy_ptr + t64 * stride_dy_t, dg_ptr + tn64 * stride_dg_t, w_hh_ptr,
+                      dy_ptr, w_hh_ptr, gates_ptr + t64 * stride_gates_t,
+                      cs_ptr + (s64 + 1) * stride_cs_s, cs_ptr + s64 * stride_cs_s, len_ptr,
+                      dcarry_ptr, dc_ptr, dg_out, stride_dy_b, stride_dg_b,
+                      stride_w_row, 0, 0, stride_gates_b, stride_c_b, stride_dcarry_b,
+                      stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h,
+                      BLOCK_B, BLOCK_H, BLOCK_K, True, False, DOT_FP32)
+        if SYNC:
+            if failed:
+                tl.debug_barrier()
+                for g in range(4):
+                    _poison_tile(dg_out + g * n_hidden, offs_b, offs_h, stride_dg_b, n_batch,
+                                 n_hidden)
+                _poison_tile(dc_ptr, offs_b, offs_h, stride_dc_b, n_batch, n_hidden)
+            failed = _group_barrier(count_ptr + pid_b, (i - step_begin + 1) * n_group, failed,
+                                    max_spins)
 
 
 @triton.jit(do_not_specialize=["t", "t_next"])
@@ -934,6 +1101,61 @@ def persistent_blocks(n_hidden: int) -> tuple[int, int, int, int]:
     return MIN_DOT_BLOCK, block_h, STEP_BLOCK_K, PERSISTENT_WARPS
 
 
+def coop_enabled() -> bool:
+    """``COOP_TIME_LOOP``; while it is None, $FASTBERT_LSTM_COOP decides ("1" on, "0" or
+    unset off), read once into it."""
+    global COOP_TIME_LOOP
+    if COOP_TIME_LOOP is None:
+        value = os.environ.get(COOP_ENV, "").strip()
+        if value not in ("", "0", "1"):
+            raise ValueError(f"${COOP_ENV} must be 0 or 1, got {value!r}")
+        COOP_TIME_LOOP = value == "1"
+    return COOP_TIME_LOOP
+
+
+def coop_blocks(n_batch: int, n_hidden: int,
+                max_programs: int) -> Optional[tuple[int, int, int, int]]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the cooperative time loop: the per-step
+    kernels' tiles (``step_blocks``), widened until the grid has at most ``max_programs``
+    programs (every program must be resident at once: one an SM), or None if even the widest
+    tiles make too many."""
+    bb, bh, bk, _ = step_blocks(n_batch, n_hidden)
+
+    def programs():
+        return cdiv(n_batch, bb) * cdiv(n_hidden, bh)
+    while programs() > max_programs and bh < MAX_BLOCK_H:
+        bh *= 2
+    while programs() > max_programs and bb < MAX_STEP_BLOCK_B:
+        bb *= 2
+    if programs() > max_programs:
+        return None
+    return bb, bh, bk, _step_warps(bb, bh)
+
+
+def use_coop(n_steps: int, n_batch: int, n_hidden: int, has_proj: bool,
+             device: torch.device) -> Optional[tuple[int, int, int, int]]:
+    """The cooperative time loop's blocks if it runs this layer, else None: switched on
+    (``coop_enabled``), no projection, hidden <= COOP_MAX_HIDDEN, a grid of at most one
+    program per SM, counts below COOP_POISON. On CPU (the interpreter) any grid: it runs
+    there one launch per step."""
+    if has_proj or n_hidden > COOP_MAX_HIDDEN or not coop_enabled():
+        return None
+    limit = _sm_count(device.index) if device.type == "cuda" else 1 << 30
+    blocks = coop_blocks(n_batch, n_hidden, limit)
+    if blocks is None or n_steps * cdiv(n_hidden, blocks[1]) >= COOP_POISON:
+        return None
+    return blocks
+
+
+def _coop_launches(n_steps: int, device: torch.device):
+    """(step_begin, step_end, SYNC) of each launch of a cooperative time loop: the whole loop
+    in one launch on a GPU; on CPU one launch a step without the barrier (the interpreter runs
+    one program at a time, so programs cannot wait for each other)."""
+    if device.type == "cuda":
+        return [(0, n_steps, True)]
+    return [(s, s + 1, False) for s in range(n_steps)]
+
+
 # ----------------------------------------------------------------------------------------
 # CUDA-graph mode of the per-step loops
 
@@ -1133,9 +1355,11 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
     xg, w_hh, lengths = xg.contiguous(), w_hh.contiguous(), lengths.contiguous()
     if has_proj:
         w_hr = w_hr.contiguous()
+    coop = None
     if persistent is None:
-        persistent = use_persistent(n_hidden, has_proj)
-    if n_steps > 0 and n_batch > 0 and not persistent and _use_step_graph(xg):
+        coop = use_coop(n_steps, n_batch, n_hidden, has_proj, dev)
+        persistent = coop is None and use_persistent(n_hidden, has_proj)
+    if n_steps > 0 and n_batch > 0 and coop is None and not persistent and _use_step_graph(xg):
         def build():
             s_xg, s_w_hh, s_w_hr, s_len = map(_static, (xg, w_hh, w_hr, lengths))
             hs, cs, gates, y, rs = _lstm_fwd_buffers(n_steps, n_batch, n_hidden, n_state,
@@ -1151,6 +1375,19 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
     hs[0] = h0
     cs[0] = c0
     if n_steps == 0 or n_batch == 0:
+        return y, hs, cs, gates, rs
+    if coop is not None:
+        bb, bh, bk, warps = coop
+        grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
+        counts = torch.zeros(grid[0], dtype=torch.int32, device=dev)
+        for begin, end, sync in _coop_launches(n_steps, dev):
+            _lstm_fwd_coop_kernel[grid](
+                xg, hs, cs, w_hh, lengths, y, gates, counts,
+                xg.stride(0), xg.stride(1), hs.stride(0), hs.stride(1), cs.stride(0),
+                cs.stride(1), w_hh.stride(0), y.stride(0), y.stride(1), gates.stride(0),
+                gates.stride(1), n_batch, n_hidden, n_steps, begin, end, COOP_MAX_SPINS,
+                BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=bool(reverse), SYNC=sync,
+                DOT_FP32=_dot_fp32(dt, dev), num_warps=warps)
         return y, hs, cs, gates, rs
     if persistent:
         if has_proj:
@@ -1226,9 +1463,12 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
     dy, w_hh, lengths = dy.contiguous(), w_hh.contiguous(), lengths.contiguous()
     if has_proj:
         w_hr = w_hr.contiguous()
+    coop = None
     if persistent is None:
-        persistent = use_persistent(n_hidden, has_proj)
-    if n_steps > 0 and n_batch > 0 and not persistent and _use_step_graph(gates):
+        coop = use_coop(n_steps, n_batch, n_hidden, has_proj, dev)
+        persistent = coop is None and use_persistent(n_hidden, has_proj)
+    if (n_steps > 0 and n_batch > 0 and coop is None and not persistent
+            and _use_step_graph(gates)):
         def build():
             s_dy, s_w_hh, s_w_hr, s_len, s_gates, s_cs = map(
                 _static, (dy, w_hh, w_hr, lengths, gates, cs))
@@ -1247,7 +1487,20 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
         dgates, gv = _lstm_bwd_buffers(n_steps, n_batch, n_gates, n_state, has_proj, dt, dev)
         dcarry = dh_n.to(torch.float32).contiguous().clone()
         dc = dc_n.to(torch.float32).contiguous().clone()
-        if n_steps > 0 and n_batch > 0 and persistent:
+        if n_steps > 0 and n_batch > 0 and coop is not None:
+            bb, bh, bk, warps = coop
+            grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
+            counts = torch.zeros(grid[0], dtype=torch.int32, device=dev)
+            for begin, end, sync in _coop_launches(n_steps, dev):
+                _lstm_bwd_coop_kernel[grid](
+                    dy, w_hh, gates, cs, lengths, dcarry, dc, dgates, counts,
+                    dy.stride(0), dy.stride(1), dgates.stride(0), dgates.stride(1),
+                    w_hh.stride(0), gates.stride(0), gates.stride(1), cs.stride(0),
+                    cs.stride(1), dcarry.stride(0), dc.stride(0), n_batch, n_hidden, n_steps,
+                    begin, end, COOP_MAX_SPINS,
+                    BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=bool(reverse), SYNC=sync,
+                    DOT_FP32=_dot_fp32(dt, dev), num_warps=warps)
+        elif n_steps > 0 and n_batch > 0 and persistent:
             if has_proj:
                 raise ValueError("the persistent LSTM kernel has no projection")
             bb, bh, bk, warps = persistent_blocks(n_hidden)
@@ -1774,6 +2027,22 @@ def aot_configs():
                                 name=f"lstm_fwd_persistent[{dt},{bb}x{bh},reverse={rev}]")
                 yield AotConfig(_lstm_bwd_persistent_kernel, persistent_sig(dt, "bwd"), cx, warps,
                                 name=f"lstm_bwd_persistent[{dt},{bb}x{bh},reverse={rev}]")
+
+    def coop_sig(dt, kind, kern):
+        types = persistent_sig(dt, kind) | {"count_ptr": "*i32", "step_begin": "i32",
+                                            "step_end": "i32", "max_spins": "i32",
+                                            "SYNC": "constexpr"}
+        return {n: types[n] for n in kern.arg_names}  # the kernel's argument order
+
+    # the cooperative time loop takes the per-step tiles (coop_blocks widens within them)
+    coop = [(dt, blocks, rev) for blocks in step_block_configs() for dt, rev in
+            (("bf16", False), ("fp32", False))]
+    coop += [("bf16", step_blocks(64, 512), True), ("fp16", step_blocks(64, 512), False)]
+    for dt, (bb, bh, bk, warps), rev in coop:
+        cx = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=rev, SYNC=True, DOT_FP32=False)
+        for kind, kern in (("fwd", _lstm_fwd_coop_kernel), ("bwd", _lstm_bwd_coop_kernel)):
+            yield AotConfig(kern, coop_sig(dt, kind, kern), cx, warps,
+                            name=f"lstm_{kind}_coop[{dt},{bb}x{bh},reverse={rev}]")
 
     def ln_persistent_sig(dt, kind):
         if kind == "fwd":

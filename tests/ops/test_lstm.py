@@ -781,3 +781,214 @@ def test_lstm_gpu_step_graph_mode_inside_an_outer_cuda_graph_capture(step_graphs
     # calls captured by the outer graph (cuBLAS may pick other kernels there), not this mode's
     for i, (a, b) in enumerate(zip(captured, step())):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"result {i}: {m}")
+
+
+# ----------------------------------------------------------------------------------------
+# the cooperative time loop (kernels/lstm.py COOP_TIME_LOOP)
+
+def _coop_inputs(device, n_steps, n_batch, n_hidden, dtype=torch.float32, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(device, dtype)
+    xg, h0, w_hh = r(n_steps, n_batch, 4 * n_hidden), r(n_batch, n_hidden), \
+        r(4 * n_hidden, n_hidden, scale=0.2)
+    c0 = torch.randn(n_batch, n_hidden, generator=gen).to(device)
+    lengths = torch.randint(0, n_steps + 1, (n_batch,), generator=gen)
+    lengths[0] = n_steps
+    grads = (r(n_steps, n_batch, n_hidden), r(n_batch, n_hidden),
+             torch.randn(n_batch, n_hidden, generator=gen).to(device))
+    return xg, h0, c0, w_hh, lengths.to(device), grads
+
+
+def _coop_vs_per_step(k, monkeypatch, device, n_steps, n_batch, n_hidden, reverse, dtype):
+    """(cooperative, per-step) results of lstm_fwd + lstm_bwd on the same inputs, the
+    backward of both from the per-step forward's saved tensors."""
+    xg, h0, c0, w_hh, lengths, (dy, dh_n, dc_n) = _coop_inputs(device, n_steps, n_batch,
+                                                                n_hidden, dtype)
+    results = {}
+    for coop in (True, False):
+        monkeypatch.setattr(k, "COOP_TIME_LOOP", coop)
+        assert (k.use_coop(n_steps, n_batch, n_hidden, False, xg.device) is not None) == coop
+        fwd = k.lstm_fwd(xg, h0, c0, w_hh, None, lengths, reverse,
+                         persistent=None if coop else False)
+        results[coop] = list(fwd[:4]), fwd
+    _, hs, cs, gates, rs = results[False][1]
+    for coop in (True, False):
+        monkeypatch.setattr(k, "COOP_TIME_LOOP", coop)
+        bwd = k.lstm_bwd(dy, dh_n, dc_n, w_hh, None, lengths, hs, cs, gates, rs, reverse,
+                         persistent=None if coop else False)
+        results[coop][0].extend(bwd[:4])
+    return results[True][0], results[False][0]
+
+
+@pytest.mark.parametrize("n_steps,n_batch,n_hidden,reverse,dtype", [
+    (5, 19, 72, False, torch.float32),   # two batch blocks, a ragged fifth column block
+    (4, 3, 40, True, torch.float32),
+    (3, 33, 20, False, torch.float16),
+    (3, 6, 24, True, torch.bfloat16),
+])
+def test_lstm_coop_time_loop_equals_per_step_kernels(device, monkeypatch, n_steps, n_batch,
+                                                     n_hidden, reverse, dtype):
+    """The cooperative kernels run the per-step kernels' tiles: with the same blocks the
+    results are bitwise the per-step path's, forward and backward (on CPU one launch a step
+    without the barrier; on a GPU the whole loop in one launch, which this then checks for
+    races)."""
+    from fastbert.kernels import lstm as k
+    got, want = _coop_vs_per_step(k, monkeypatch, device, n_steps, n_batch, n_hidden, reverse,
+                                  dtype)
+    names = ("y", "hs", "cs", "gates", "dxg", "dh0", "dc0", "dw_hh")
+    for name, a, b in zip(names, got, want):
+        assert torch.equal(a, b), name
+
+
+def test_lstm_coop_time_loop_through_the_module_matches_fp64(device, monkeypatch):
+    """fastbert.nn.LSTM with the cooperative loop on: 2 layers, bidirectional, ragged lengths
+    (PackedSequence), against torch.nn.LSTM in fp64."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from fastbert.kernels import lstm as k
+    from fastbert.nn import LSTM
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", True)
+    launches = []
+    for kern in (k._lstm_fwd_coop_kernel, k._lstm_bwd_coop_kernel):
+        run = kern.run
+        monkeypatch.setattr(kern, "run", lambda *a, _run=run, _n=kern.fn.__name__, **kw:
+                            (launches.append(_n), _run(*a, **kw))[1])
+    torch.manual_seed(0)
+    model = LSTM(10, 24, num_layers=2, bidirectional=True, backend="triton").to(device)
+    ref = torch.nn.LSTM(10, 24, num_layers=2, bidirectional=True).double()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(6, 4, 10, dtype=torch.float64)
+    lengths = torch.tensor([6, 2, 5, 1])
+    xs = x.to(device, torch.float32).requires_grad_()
+    out, (h, c) = model(pack_padded_sequence(xs, lengths, enforce_sorted=False))
+    xr = x.clone().requires_grad_()
+    rout, (rh, rc) = ref(pack_padded_sequence(xr, lengths, enforce_sorted=False))
+    for name, a, b in (("output", out.data, rout.data), ("h_n", h, rh), ("c_n", c, rc)):
+        assert_close_to_ref(a, b, name=name)
+    gen = torch.Generator().manual_seed(1)
+    g = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (rout.data, rh, rc)]
+    got = torch.autograd.grad([out.data, h, c], [xs] + list(model.parameters()),
+                              [t.to(device, torch.float32) for t in g])
+    want = torch.autograd.grad([rout.data, rh, rc], [xr] + list(ref.parameters()), g)
+    for (name, _), a, b in zip([("x", None)] + list(model.named_parameters()), got, want):
+        assert_close_to_ref(a, b, atol=1e-5, rtol_fp32=2e-5, name=f"d{name}")
+    assert {"_lstm_fwd_coop_kernel", "_lstm_bwd_coop_kernel"} <= set(launches)
+
+
+def _coop_one_launch(k, monkeypatch, max_spins):
+    """Make the launchers run the cooperative loop as on a GPU, the whole loop in one launch
+    with the barrier, on whatever device the test runs."""
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", True)
+    monkeypatch.setattr(k, "_coop_launches", lambda n_steps, device: [(0, n_steps, True)])
+    monkeypatch.setattr(k, "COOP_MAX_SPINS", max_spins)
+
+
+def test_lstm_coop_barrier_passes_a_group_of_one_program_in_one_launch(device, monkeypatch):
+    """One column block a batch block (hidden <= BLOCK_H): each barrier waits for the program
+    itself, so the interpreter runs the whole loop in one launch through the real barrier code
+    (atomics, the wait loop) and must give the per-step results, and count one arrival per
+    step."""
+    from fastbert.kernels import lstm as k
+    n_steps, n_batch, n_hidden = 4, 35, 16
+    _coop_one_launch(k, monkeypatch, max_spins=1)
+    block_b, block_h, _, _ = k.use_coop(n_steps, n_batch, n_hidden, False, torch.device("cpu"))
+    assert block_h == n_hidden and n_batch > block_b
+    xg, h0, c0, w_hh, lengths, (dy, dh_n, dc_n) = _coop_inputs(device, n_steps, n_batch,
+                                                                n_hidden)
+    want = k.lstm_fwd(xg, h0, c0, w_hh, None, lengths, False, persistent=False)
+    counts = []
+    zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **kw: (counts.append(zeros(*a, **kw)),
+                                                          counts[-1])[1])
+    got = k.lstm_fwd(xg, h0, c0, w_hh, None, lengths, False)
+    monkeypatch.setattr(torch, "zeros", zeros)
+    for a, b in zip(got[:4], want[:4]):
+        assert torch.equal(a, b)
+    # one arrival a step in each batch block's count
+    assert counts[0].tolist() == [n_steps] * -(-n_batch // block_b)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # NaN inputs
+def test_lstm_coop_group_that_cannot_all_be_resident_gives_nan_not_a_hang(device, monkeypatch):
+    """The interpreter runs the programs of a launch one after another: a group of several
+    programs can never meet at a barrier there, as on a GPU whose programs are not all
+    resident. The waiting program must give up after COOP_MAX_SPINS reads and every
+    program of the group must write NaN from then on (the first step, computed before any
+    barrier, stays right), forward and backward: never a hang, never a silently wrong
+    result."""
+    from fastbert.kernels import lstm as k
+    n_steps, n_batch, n_hidden = 4, 3, 40   # three column blocks of 16
+    xg, h0, c0, w_hh, lengths, (dy, dh_n, dc_n) = _coop_inputs(device, n_steps, n_batch,
+                                                                n_hidden)
+    lengths = torch.full_like(lengths, n_steps)
+    want = k.lstm_fwd(xg, h0, c0, w_hh, None, lengths, False, persistent=False)
+    want_bwd = k.lstm_bwd(dy, dh_n, dc_n, w_hh, None, lengths, *want[1:], False,
+                          persistent=False)
+    _coop_one_launch(k, monkeypatch, max_spins=3)
+    y, hs, cs, gates, rs = k.lstm_fwd(xg, h0, c0, w_hh, None, lengths, False)
+    assert torch.equal(y[0], want[0][0])
+    assert y[1:].isnan().all() and hs[2:].isnan().all()
+    dgates, dh0, dc0, dw_hh, _ = k.lstm_bwd(dy, dh_n, dc_n, w_hh, None, lengths, *want[1:],
+                                            False)
+    assert torch.equal(dgates[-1], want_bwd[0][-1])  # the first backward step: time T-1
+    assert dgates[:-1].isnan().all() and dh0.isnan().all() and dc0.isnan().all()
+
+
+def test_lstm_coop_selection_and_blocks(monkeypatch):
+    from fastbert.kernels import lstm as k
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", False)
+    assert k.use_coop(8, 64, 256, False, cpu) is None
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", True)
+    assert k.use_coop(8, 64, 256, False, cpu) == k.step_blocks(64, 256)
+    assert k.use_coop(8, 64, 256, True, cpu) is None                  # projection
+    assert k.use_coop(8, 64, k.COOP_MAX_HIDDEN + 1, False, cpu) is None
+    # widened to fit one program an SM: batch 256 x hidden 1024 on 132 SMs -> 8 x 16 programs
+    bb, bh, bk, warps = k.coop_blocks(256, 1024, 132)
+    assert (bb, bh) == (k.MAX_STEP_BLOCK_B, k.MAX_BLOCK_H) and (bb, bh, bk, warps) in \
+        k.step_block_configs()
+    assert k.coop_blocks(256, 1024, 127) is None
+    assert k.coop_blocks(64, 256, 132) == k.step_blocks(64, 256)     # 2 x 16 already fits
+    bb, bh, _, _ = k.coop_blocks(64, 1024, 40)
+    assert -(-64 // bb) * -(-1024 // bh) <= 40
+    # the arrival counts must stay below the give-up mark
+    assert k.use_coop(k.COOP_POISON // 16, 16, 256, False, cpu) is None
+
+
+def test_lstm_coop_env_var_is_read_once_and_checked(monkeypatch):
+    from fastbert.kernels import lstm as k
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", None)
+    monkeypatch.setenv("FASTBERT_LSTM_COOP", "1")
+    assert k.coop_enabled() and k.COOP_TIME_LOOP is True
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", None)
+    monkeypatch.delenv("FASTBERT_LSTM_COOP")
+    assert not k.coop_enabled()
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", None)
+    monkeypatch.setenv("FASTBERT_LSTM_COOP", "on")
+    with pytest.raises(ValueError, match="FASTBERT_LSTM_COOP must be 0 or 1"):
+        k.coop_enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_steps,n_batch,n_hidden", [(64, 64, 256), (200, 16, 512),
+                                                      (33, 256, 1024), (40, 7, 72)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_gpu_coop_time_loop_equals_per_step_kernels(monkeypatch, n_steps, n_batch,
+                                                         n_hidden, reverse):
+    """The whole loop in one launch, a grid barrier per step, at real sizes (batch 256 x
+    hidden 1024: the widest grid, 8 x 16 programs), bf16, ragged lengths: bitwise the
+    per-step kernels' results when both take the same blocks, else within fp32 summation
+    order; no NaN (no group gave up)."""
+    from fastbert.kernels import lstm as k
+    device = torch.device("cuda")
+    got, want = _coop_vs_per_step(k, monkeypatch, device, n_steps, n_batch, n_hidden, reverse,
+                                  torch.bfloat16)
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", True)
+    same_blocks = k.use_coop(n_steps, n_batch, n_hidden, False, device) == k.step_blocks(
+        n_batch, n_hidden)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert not a.isnan().any(), f"result {i}: NaN (a group gave up waiting)"
+        if same_blocks:
+            assert torch.equal(a, b), f"result {i}"
+        else:
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
