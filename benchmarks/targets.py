@@ -40,6 +40,10 @@ class Target:
     text: str
     check: Callable[[Group], Optional[Tuple[str, bool]]]
     applies: Callable[[Dict[str, str]], bool] = lambda params: True
+    # fastbert's other paths the bench times beside the default one (opt-in modes, the path a
+    # threshold did not pick), judged by the same target: (impl, check). Shown, not counted:
+    # they say which default to change once a GPU run shows one meets the target.
+    alternatives: Tuple[Tuple[str, Callable[[Group], Optional[Tuple[str, bool]]]], ...] = ()
 
 
 def _ms(group: Group, impl: str) -> Optional[float]:
@@ -124,14 +128,23 @@ def _int(params: Dict[str, str], key: str) -> int:
         return -1
 
 
+def _alts(make: Callable[[str], Callable[[Group], Optional[Tuple[str, bool]]]],
+          *impls: str) -> Tuple[Tuple[str, Callable[[Group], Optional[Tuple[str, bool]]]], ...]:
+    return tuple((impl, make(impl)) for impl in impls)
+
+
+_ATTENTION_ALTS = _alts(lambda i: _vs_best(i, "sdpa_", 1.0), "fastbert_three_kernel_bwd[triton]")
+_LSTM_ALTS = _alts(lambda i: _time_ratio_at_most(i, "cudnn", 1.25), "fastbert_triton_step_graph",
+                   "fastbert_triton_coop")
+
 TARGETS: List[Target] = [
     # issue 3: attention
     Target(3, "attention", "bert-base padded fwd+bwd",
            "fwd+bwd at least as fast as SDPA's best backend (BERT shapes, padding mask)",
-           _vs_best("fastbert[triton]", "sdpa_", 1.0)),
+           _vs_best("fastbert[triton]", "sdpa_", 1.0), alternatives=_ATTENTION_ALTS),
     Target(3, "attention", "bert-large padded fwd+bwd",
            "fwd+bwd at least as fast as SDPA's best backend (BERT shapes, padding mask)",
-           _vs_best("fastbert[triton]", "sdpa_", 1.0)),
+           _vs_best("fastbert[triton]", "sdpa_", 1.0), alternatives=_ATTENTION_ALTS),
     Target(3, "attention", "varlen vs padded fwd+bwd",
            "varlen >= 1.5x padded SDPA (mixed lengths 16-512)",
            _vs_best("fastbert_varlen[triton]", "sdpa_", 1.5, suffix=" (padded)")),
@@ -141,9 +154,13 @@ TARGETS: List[Target] = [
            applies=lambda p: _int(p, "seq") >= 2048 and _int(p, "head_dim") == 128),
     # issue 4: embedding + LayerNorm, cross-entropy, masked-LM loss
     Target(4, "embedding", "embedding_layer_norm fwd+bwd", ">= 1.2x torch.compile",
-           _faster("fastbert", "torch.compile", 1.2)),
+           _faster("fastbert", "torch.compile", 1.2),
+           alternatives=_alts(lambda i: _faster(i, "torch.compile", 1.2), "fastbert_det",
+                              "fastbert_atomic_word")),
     Target(4, "cross_entropy", "cross_entropy fwd+bwd", ">= 3x eager (V = 30522)",
-           _faster("fastbert", "eager", 3.0)),
+           _faster("fastbert", "eager", 3.0),
+           alternatives=_alts(lambda i: _faster(i, "eager", 3.0), "fastbert_stored",
+                              "fastbert_stored_looping")),
     Target(4, "cross_entropy", "masked_lm_loss fwd+bwd", "time <= 0.5x the HF way",
            _time_ratio_at_most("fastbert", "hf", 0.5)),
     Target(4, "cross_entropy", "masked_lm_loss fwd+bwd", "peak memory <= 0.25x the HF way",
@@ -152,7 +169,7 @@ TARGETS: List[Target] = [
            _faster("fastbert", "eager_gathered", 1.0)),
     # issue 5: LSTM
     Target(5, "lstm", "lstm fwd+bwd padded", "<= 1.25x cuDNN's time (padded input)",
-           _time_ratio_at_most("fastbert_triton", "cudnn", 1.25)),
+           _time_ratio_at_most("fastbert_triton", "cudnn", 1.25), alternatives=_LSTM_ALTS),
     Target(5, "lstm", "lstm fwd+bwd varlen", "packed <= 1.1x our own padded time",
            _time_ratio_at_most("fastbert_triton_packed", "fastbert_triton_padded", 1.1)),
     Target(5, "lstm", "layer_norm_lstm fwd+bwd", "LayerNormLSTM >= 3x eager PyTorch",
@@ -193,13 +210,20 @@ def evaluate(results_dir: str, card: Optional[str] = None) -> List[Dict[str, str
                 seen = True
                 res = t.check(group)
                 shown = " ".join(f"{k}={v}" for k, v in params.items() if k != "dtype")
+                alts = []
+                for impl, check in t.alternatives:
+                    alt = check(group)
+                    if alt is not None:
+                        alts.append(f"{impl}: {alt[0]} ({'met' if alt[1] else 'missed'})")
                 out.append({"issue": f"#{t.issue}", "target": t.text, "card": slug,
                             "case": f"{case} {shown}".strip(),
                             "measured": res[0] if res else "not measured (error or missing impl)",
-                            "met": ("yes" if res[1] else "NO") if res else "-"})
+                            "met": ("yes" if res[1] else "NO") if res else "-",
+                            "alternatives": "; ".join(alts)})
         if not seen:
             out.append({"issue": f"#{t.issue}", "target": t.text, "card": card or "-",
-                        "case": t.case, "measured": "no such case in the results", "met": "-"})
+                        "case": t.case, "measured": "no such case in the results", "met": "-",
+                        "alternatives": ""})
     return out
 
 
@@ -207,10 +231,14 @@ def to_markdown(rows: Iterable[Dict[str, str]]) -> str:
     rows = list(rows)
     met = sum(r["met"] == "yes" for r in rows)
     missed = sum(r["met"] == "NO" for r in rows)
-    lines = [f"Targets: {met} met, {missed} missed, {len(rows) - met - missed} not measured.", "",
-             "| issue | target | card | case | measured | met |", "|---|---|---|---|---|---|"]
+    alt_met = sum(r["met"] == "NO" and "(met)" in r.get("alternatives", "") for r in rows)
+    lines = [f"Targets: {met} met, {missed} missed, {len(rows) - met - missed} not measured.",
+             "", f"Missed by the default path but met by another fastbert path timed beside it "
+             f"(last column): {alt_met}.", "",
+             "| issue | target | card | case | measured | met | other fastbert paths |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['issue']} | {r['target']} | {r['card']} | {r['case']} | {r['measured']} "
-              f"| {r['met']} |" for r in rows]
+              f"| {r['met']} | {r.get('alternatives', '')} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -69,3 +69,20 @@ def test_cpu_smoke_results_are_not_judged_unless_asked(tmp_path):
     assert all(r["met"] == "-" for r in default)
     asked = targets.evaluate(str(tmp_path), card="cpu-x86-64")
     assert any(r["met"] == "yes" for r in asked)
+
+
+def test_other_fastbert_paths_are_judged_beside_the_default(tmp_path):
+    _write(tmp_path / "lstm_card-c.csv", [
+        _row("lstm fwd+bwd padded", "cudnn", 1.0, batch=64, hidden=512),
+        _row("lstm fwd+bwd padded", "fastbert_triton", 1.6, batch=64, hidden=512),
+        _row("lstm fwd+bwd padded", "fastbert_triton_coop", 1.1, batch=64, hidden=512),
+        _row("lstm fwd+bwd padded", "fastbert_triton_step_graph", "nan", batch=64, hidden=512,
+             error="RuntimeError: capture failed"),
+    ])
+    rows = [r for r in targets.evaluate(str(tmp_path)) if r["issue"] == "#5"
+            and r["case"].startswith("lstm fwd+bwd padded")]
+    assert len(rows) == 1 and rows[0]["met"] == "NO"                 # the default path: 1.6x
+    assert rows[0]["alternatives"] == "fastbert_triton_coop: 1.10x cudnn's time (met)"
+    md = targets.to_markdown(rows)
+    assert "Targets: 0 met, 1 missed" in md and "another fastbert path timed beside it " \
+        "(last column): 1." in md
