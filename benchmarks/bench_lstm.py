@@ -155,10 +155,13 @@ def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
     impls += ["fastbert_triton"] if device.type == "cuda" else ["fastbert_torch"]
     fns = {i: build("cudnn" if i in ("cudnn", "torch_nn_lstm") else i) for i in impls}
     if device.type == "cuda":
+        fns["fastbert_triton"] = _coop(build("fastbert_triton"), False)
         # the per-step path in fastbert's own CUDA-graph mode (see the module docstring)
-        fns["fastbert_triton_step_graph"] = build_step_graph()
-        # the cooperative time loop (off by default, see the module docstring)
-        fns["fastbert_triton_coop"] = _coop(build("fastbert_triton"))
+        fns["fastbert_triton_step_graph"] = _coop(build_step_graph(), False)
+        # the cooperative time loop (off by default, see the module docstring), where it
+        # runs these layers
+        if _coop_applies(device, seq, batch, hidden):
+            fns["fastbert_triton_coop"] = _coop(build("fastbert_triton"))
         # the same forward+backward replayed from CUDA graphs: how much of each time is
         # launch overhead (the per-step path launches a kernel or two per step from Python)
         fns["cudnn_graphed"] = build_graphed("cudnn")
@@ -218,11 +221,18 @@ def _step_graph(fn: Callable[[], object], threshold: str = "PERSISTENT_MAX_HIDDE
     return run
 
 
-def _coop(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` run with the cooperative time loop on (``fastbert.kernels.lstm.COOP_TIME_LOOP``;
-    where it cannot run a layer, that layer takes the default path)."""
+def _coop(fn: Callable[[], object], on: bool = True) -> Callable[[], object]:
+    """``fn`` run with the cooperative time loop (``fastbert.kernels.lstm.COOP_TIME_LOOP``) on,
+    or off (the other fastbert rows: $FASTBERT_LSTM_COOP must not switch them)."""
     from fastbert.kernels import lstm as klstm
-    return with_setting(klstm, "COOP_TIME_LOOP", True, fn)
+    return with_setting(klstm, "COOP_TIME_LOOP", on, fn)
+
+
+def _coop_applies(device, seq, batch, hidden) -> bool:
+    """Whether the cooperative time loop runs a (seq, batch, hidden) layer on ``device`` (no
+    projection) when switched on: else a coop row would time the default path."""
+    from fastbert.kernels import lstm as klstm
+    return bool(_coop(lambda: klstm.use_coop(seq, batch, hidden, False, device))())
 
 
 def _fresh_step_graphs() -> None:
@@ -243,18 +253,19 @@ def _time_loop_case(device, dtype, batch, hidden, seq):
             x = torch.randn(seq, batch, hidden, device=device, dtype=dtype)
             model = LSTM(hidden, hidden, backend="triton").to(device, dtype)
             if kind == "per_step_graphed":
-                return _step_graph(_fwd_bwd(model, x))
+                return _coop(_step_graph(_fwd_bwd(model, x)), False)
             if kind == "coop":
                 return _coop(_fwd_bwd(model, x))
-            return _with_threshold("PERSISTENT_MAX_HIDDEN",
-                                   hidden if kind == "time_looping" else 0, _fwd_bwd(model, x))
+            return _coop(_with_threshold("PERSISTENT_MAX_HIDDEN",
+                                         hidden if kind == "time_looping" else 0,
+                                         _fwd_bwd(model, x)), False)
         return _lazy(make)
 
     return Case("lstm fwd+bwd time loop",
                 dict(batch=batch, hidden=hidden, seq=seq, layers=1, dirs=1,
                      dtype=str(dtype).replace("torch.", "")),
-                {kind: build(kind) for kind in ("per_step", "per_step_graphed", "time_looping",
-                                                "coop")},
+                {kind: build(kind) for kind in ("per_step", "per_step_graphed", "time_looping")
+                 + (("coop",) if _coop_applies(device, seq, batch, hidden) else ())},
                 flops=_flops(seq, batch, hidden, hidden, 1, 1), baseline="per_step")
 
 

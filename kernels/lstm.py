@@ -70,15 +70,18 @@ Three ways to run the time loop:
   cdiv(B, 16) SMs.
 - cooperative (``COOP_TIME_LOOP``, off by default until a GPU run has checked and timed it;
   hidden <= COOP_MAX_HIDDEN, no projection): the per-step grid and tiles in one launch that
-  loops over time. A program keeps its batch block and column block for every step, so it
-  re-reads the same W_hh columns each step (from its SM's L1 when they fit: 4 x BLOCK_H x H
-  x 2 bytes, 32 KB at hidden 256 with BLOCK_H 16), and the step's work spreads over up to one
-  program per SM. After each step the programs of one batch block meet at a barrier
+  loops over time. A program keeps its batch block and column block for every step (it
+  re-reads the same W_hh columns from L2 each step: the barrier's acquire invalidates the
+  SM's L1; keeping them in registers or shared memory is not implemented), and the step's
+  work spreads over up to one program per SM. After each step the programs of one batch
+  block meet at a barrier
   (``_group_barrier``: an arrival count per batch block, release / acquire atomics at GPU
   scope, as CUDA's cooperative-groups grid sync): the next step reads their columns of h
   (backward: of the gate gradients). The barrier needs every program of the grid resident
-  at once, so the grid is at most one program per SM (``coop_blocks`` widens the tiles to
-  fit, else the layer takes another path); a group that still cannot meet (other work on
+  at once: the grid is at most one program per SM (``coop_blocks`` widens the tiles to fit,
+  else the layer takes another path) and is launched as a cooperative grid (the driver
+  starts it only when all its programs can be resident together, or fails the launch); a
+  group that still cannot meet (other work on
   concurrent streams holding the SMs its missing programs need, e.g. two such loops at once,
   or MPS limiting the SMs) gives up after COOP_MAX_SPINS reads and writes NaN from then on
   instead of hanging. The interpreter runs
@@ -152,14 +155,15 @@ CUDA_GRAPH_CACHE_SIZE = 8
 # "0" or unset off), read once on the first call that could use it.
 COOP_TIME_LOOP: Optional[bool] = None
 COOP_ENV = "FASTBERT_LSTM_COOP"
-# Up to this hidden size (no projection). A program re-reads its W_hh columns every step,
-# 4 x BLOCK_H x H in 16 bits: from its SM's L1 when they fit (32 KB at hidden 256 and 128 KB at
-# 1024 with BLOCK_H 16), else from L2 (512 KB at 1024 with BLOCK_H 64, the widest tiles).
+# Up to this hidden size (no projection). A program re-reads its W_hh columns from L2 every
+# step (the barrier's acquire invalidates its SM's L1): 4 x BLOCK_H x H in 16 bits, 32 KB at
+# hidden 256 with BLOCK_H 16, 512 KB at 1024 with BLOCK_H 64 (the widest tiles).
 COOP_MAX_HIDDEN = 1024
-# Reads of the arrival count a waiting program makes before it gives up (seconds of waiting;
-# only a group whose programs are not all resident ever gets there) and the mark it then
-# leaves on the count (_group_barrier). The counts stay below it: n_steps x group < 2^30.
-COOP_MAX_SPINS = 1 << 24
+# Reads of the arrival count a waiting program makes before it gives up (about half a second
+# to a second of waiting: a step takes microseconds, so only a group whose programs are not all
+# resident gets there) and the mark it then leaves on the count (_group_barrier). The counts
+# stay below it: n_steps x group < 2^30.
+COOP_MAX_SPINS = 1 << 20
 COOP_POISON = 1 << 30
 
 
@@ -590,12 +594,20 @@ def _lstm_fwd_coop_kernel(
                   offs_b, offs_h, BLOCK_B, BLOCK_H, BLOCK_K, False, DOT_FP32)
         if SYNC:
             if failed:
+                # everything this step wrote may come from an incomplete h: the state (c
+                # carries on to c_n), the output and the saved gates
                 tl.debug_barrier()
                 _poison_tile(h_out, offs_b, offs_h, stride_h_b, n_batch, n_hidden)
+                _poison_tile(cs_ptr + (s64 + 1) * stride_cs_s, offs_b, offs_h, stride_c_b,
+                             n_batch, n_hidden)
                 _poison_tile(y_ptr + t64 * stride_y_t, offs_b, offs_h, stride_y_b, n_batch,
                              n_hidden)
-            failed = _group_barrier(count_ptr + pid_b, (s - step_begin + 1) * n_group, failed,
-                                    max_spins)
+                for g in range(4):
+                    _poison_tile(gates_ptr + t64 * stride_gates_t + g * n_hidden, offs_b,
+                                 offs_h, stride_gates_b, n_batch, n_hidden)
+            if s + 1 < step_end:  # no step left to read this one's state: no barrier
+                failed = _group_barrier(count_ptr + pid_b, (s - step_begin + 1) * n_group,
+                                        failed, max_spins)
 
 
 @triton.jit(do_not_specialize=["n_steps", "step_begin", "step_end", "max_spins"])
@@ -642,13 +654,17 @@ def _lstm_bwd_coop_kernel(
                       BLOCK_B, BLOCK_H, BLOCK_K, True, False, DOT_FP32)
         if SYNC:
             if failed:
+                # the gate gradients and both carried state gradients (dc0 and, through the
+                # carry, dh0 come from them)
                 tl.debug_barrier()
                 for g in range(4):
                     _poison_tile(dg_out + g * n_hidden, offs_b, offs_h, stride_dg_b, n_batch,
                                  n_hidden)
                 _poison_tile(dc_ptr, offs_b, offs_h, stride_dc_b, n_batch, n_hidden)
-            failed = _group_barrier(count_ptr + pid_b, (i - step_begin + 1) * n_group, failed,
-                                    max_spins)
+                _poison_tile(dcarry_ptr, offs_b, offs_h, stride_dcarry_b, n_batch, n_hidden)
+            if i + 1 < step_end:
+                failed = _group_barrier(count_ptr + pid_b, (i - step_begin + 1) * n_group,
+                                        failed, max_spins)
 
 
 @triton.jit(do_not_specialize=["t", "t_next"])
@@ -1387,7 +1403,7 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
                 cs.stride(1), w_hh.stride(0), y.stride(0), y.stride(1), gates.stride(0),
                 gates.stride(1), n_batch, n_hidden, n_steps, begin, end, COOP_MAX_SPINS,
                 BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=bool(reverse), SYNC=sync,
-                DOT_FP32=_dot_fp32(dt, dev), num_warps=warps)
+                DOT_FP32=_dot_fp32(dt, dev), num_warps=warps, launch_cooperative_grid=sync)
         return y, hs, cs, gates, rs
     if persistent:
         if has_proj:
@@ -1499,7 +1515,8 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
                     cs.stride(1), dcarry.stride(0), dc.stride(0), n_batch, n_hidden, n_steps,
                     begin, end, COOP_MAX_SPINS,
                     BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=bool(reverse), SYNC=sync,
-                    DOT_FP32=_dot_fp32(dt, dev), num_warps=warps)
+                    DOT_FP32=_dot_fp32(dt, dev), num_warps=warps,
+                    launch_cooperative_grid=sync)
         elif n_steps > 0 and n_batch > 0 and persistent:
             if has_proj:
                 raise ValueError("the persistent LSTM kernel has no projection")
