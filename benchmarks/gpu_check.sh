@@ -26,7 +26,7 @@
 #   make gpu-check RESULTS=/tmp/r
 # Elsewhere, PYTHON=/path/to/python picks the interpreter (default python3).
 # For a rerun of part of it: FASTBERT_GPU_PHASES picks phases (default "gpu-tests tests
-# bench"), FASTBERT_PYTEST_ARGS adds pytest arguments (e.g. "-k attention"), FASTBERT_BENCHES
+# bench"; "profile" adds benchmarks/profile_overhead.py's per-call host / GPU / kernel times), FASTBERT_PYTEST_ARGS adds pytest arguments (e.g. "-k attention"), FASTBERT_BENCHES
 # picks benchmarks with weights (default "attention:3 cross_entropy:2 embedding:2 lstm:2
 # layer_norm:1"). FASTBERT_TEST_JOBS sets the pytest workers (default 12).
 set -uo pipefail
@@ -155,6 +155,21 @@ if phase_on bench; then
     grep -h "^Time budget\|^Incomplete" "$R"/${name}_*.md 2>/dev/null | cut -c1-200 | tee -a "$SUMMARY"
     pack
   done
+fi
+
+if phase_on profile; then
+  # opt-in (FASTBERT_GPU_PHASES="... profile"): per-call host / wall / GPU time and the
+  # kernels of each call (benchmarks/profile_overhead.py), in what is left of the budget
+  secs=$(left)
+  if [ "$secs" -ge 30 ]; then
+    echo "== profile (${secs}s)" | tee -a "$SUMMARY"
+    timeout --kill-after=5 "$secs" "$PY" -m benchmarks.profile_overhead --iters 30 \
+      --no-cprofile --out "$R/overhead.txt" 2>&1 | tee -a "$R/gpu_profile.log"
+    say "profile: exit ${PIPESTATUS[0]} (overhead.txt)"
+  else
+    say "profile: not run (no time left in the budget)"
+  fi
+  pack
 fi
 
 if phase_on bench; then

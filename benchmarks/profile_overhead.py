@@ -143,6 +143,17 @@ def cases() -> Dict[str, Callable]:
         ops.embedding_layer_norm(ids, ww, pw, w, b, token_type_ids=torch.zeros_like(ids),
                                  type_weight=tw, backend="triton"), (ww, pw, tw, w, b), eg)
 
+    # BERT seq 512 attention (the GPU-bound BERT case: kernel times, not host)
+    q5, k5, v5 = (torch.randn(64, 512, 12, 64, device=dev, dtype=bf, requires_grad=True)
+                  for _ in range(3))
+    mask5 = torch.arange(512, device=dev)[None, :] < torch.randint(128, 513, (64, 1), device=dev)
+    do5 = torch.randn(64, 512, 12, 64, device=dev, dtype=bf)
+    out["attention fwd+bwd 64x512x12x64"] = lambda: torch.autograd.grad(
+        ops.attention(q5, k5, v5, attention_mask=mask5, backend="triton"), (q5, k5, v5), do5)
+
+    # the LSTM time loops: default, cooperative (COOP_TIME_LOOP), cuDNN
+    _lstm_cases(out, dev, bf)
+
     logits = torch.randn(4096, 30522, device=dev, dtype=bf, requires_grad=True)
     tgt = torch.randint(0, 30522, (4096,), device=dev)
     out["cross_entropy fwd+bwd 4096x30522"] = lambda: torch.autograd.grad(
@@ -154,11 +165,32 @@ def cases() -> Dict[str, Callable]:
     return out
 
 
+def _lstm_cases(out: Dict[str, Callable], dev: str, dtype: torch.dtype) -> None:
+    from benchmarks._harness import with_setting
+    from fastbert.kernels import lstm as klstm
+    from fastbert.nn import LSTM
+    for batch, hidden, seq in ((64, 256, 64), (64, 512, 64), (256, 1024, 64)):
+        x = torch.randn(seq, batch, hidden, device=dev, dtype=dtype, requires_grad=True)
+        ours = LSTM(hidden, hidden, backend="triton").to(dev, dtype)
+        ref = torch.nn.LSTM(hidden, hidden).to(dev, dtype)
+        for name, model, coop in (("fastbert", ours, False), ("fastbert coop", ours, True),
+                                  ("cudnn", ref, None)):
+            def run(model=model):
+                y, (h, c) = model(x)
+                return torch.autograd.grad(y.float().sum() + h.float().sum(),
+                                           [x] + list(model.parameters()))
+            if coop is not None:
+                run = with_setting(klstm, "COOP_TIME_LOOP", coop, run)
+            out[f"lstm {name} fwd+bwd {batch}x{hidden}x{seq}"] = run
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-cprofile", action="store_true")
+    ap.add_argument("-k", dest="select", default="",
+                    help="only the cases whose name contains this text")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_overhead needs a CUDA device")
@@ -167,6 +199,8 @@ def main(argv=None) -> int:
              f"{'case':<48} {'wall us':>9} {'host us':>9} {'gpu us':>9}"]
     reports = []
     for name, fn in cases().items():
+        if args.select not in name:
+            continue
         try:
             for _ in range(3):
                 fn()  # compile, warm up
