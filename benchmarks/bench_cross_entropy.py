@@ -1,6 +1,7 @@
 """Benchmark: softmax cross-entropy and the masked-LM head loss, forward + backward.
 
-cross_entropy (logits (N, V) -> loss, gradient of the logits), V = 30522:
+cross_entropy (logits (N, V) -> loss, gradient of the logits), V = 30522, and a million rows
+of 32 classes (the two-stage reduction):
     eager          -- torch.nn.functional.cross_entropy (target: fastbert >= 3x this)
     fastbert       -- fastbert.ops.cross_entropy (loss.backward()): the forward keeps two
                       floats a row, the backward recomputes the gradient (three passes)
@@ -92,8 +93,14 @@ def _ce_case(device, dtype, rows: int, vocab: int) -> Case:
                 baseline="eager")
 
 
+# cross_entropy over many rows of few classes (token classification): the reduction of the
+# loss runs in two stages there (kernels/cross_entropy.py REDUCE_ONE_PROGRAM_ROWS).
+MANY_ROWS, FEW_CLASSES = 1 << 20, 32
+
+
 def _ce_cases(device, quick, dtype) -> List[Case]:
-    shapes = [(64, 1000)] if quick else [(4096, VOCAB), (16384, VOCAB)]
+    shapes = ([(64, 1000)] if quick else
+              [(4096, VOCAB), (16384, VOCAB), (MANY_ROWS, FEW_CLASSES)])
     return [_ce_case(device, dtype, rows, vocab) for rows, vocab in shapes]
 
 

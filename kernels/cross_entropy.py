@@ -42,9 +42,13 @@ Host cost: small and medium BERT shapes are host-bound (on an H200 machine ~20 u
 us a torch op), so the scalars around the kernels stay on the device without torch ops. A
 reduced loss, the count of a mean and the label check are one more launch of one program
 (``_cross_entropy_reduce_kernel``: fp64 sum, count, first out-of-range target), which torch
-did in about a dozen ops; the backward kernels read the incoming gradient (in the loss's dtype)
-and the count and divide on the device; ``cross_entropy_scale_`` scales masked_lm_loss's three
-stored gradients in one launch.
+did in about a dozen ops; above ``REDUCE_ONE_PROGRAM_ROWS`` rows a grid of programs writes
+partials and ``_cross_entropy_reduce_parts_kernel`` combines them (in a fixed order: the same
+bits run to run). The backward kernels read the incoming gradient (in the loss's dtype) and the
+count and divide on the device; ``cross_entropy_scale_`` scales masked_lm_loss's three stored
+gradients in one launch. masked_lm_loss's row selection and label check are one launch of one
+program (``select_rows``: the rows in order, their labels, the count, the first bad label),
+whose two numbers the host reads in its one sync, where torch took seven ops and two syncs.
 
 Numerics: fp32 accumulation (the few scalars of a row's loss are combined in fp64 and rounded
 once); the running max keeps exp() in range, so logits of +-1e4 (fp16's
@@ -97,6 +101,22 @@ SCALE_MAX_TENSORS = 3
 # 2 - 8 iterations, a few microseconds, where torch's reductions were about a dozen launches.
 REDUCE_BLOCK = 2048
 REDUCE_NUM_WARPS = 8
+# Above this many rows (16 iterations of that one program) the reduction runs in two stages:
+# a grid of programs, each writing the partial (fp64 sum, count, first bad row) of its
+# consecutive rows, and one program combining them in order. One launch more, so not at BERT
+# sizes; one program alone would take ~0.5 - 1 ms at a million rows. Deterministic: no
+# atomics, every sum in a fixed order.
+REDUCE_ONE_PROGRAM_ROWS = 16 * REDUCE_BLOCK
+# The two-stage reduction's most programs (partials): the second stage reads them all as one
+# block. 1024 is ~8 programs an SM on a 132-SM H100; more rows give each program more blocks.
+REDUCE_PARTS = 1024
+# masked_lm_loss's row selection (the rows whose label is not ignore_index, in order, and the
+# label check) runs as one program scanning this many labels a step: 1 - 4 steps at BERT sizes
+# (4096 - 16384 tokens), one launch where torch took seven ops and two host syncs. It grows with
+# the tokens as the projection GEMMs it feeds do (about 60 us of GEMMs for each step's ~600
+# masked rows at V = 30522, H = 768), so it stays a few percent of them at any size.
+SELECT_BLOCK = 4096
+SELECT_NUM_WARPS = 8
 # cross_entropy_fwd's reductions, in the order of the reduce kernel's REDUCTION constexpr.
 REDUCTIONS = ("none", "sum", "mean")
 # The dtypes a gradient scale tensor may have: a loss's (its incoming gradient), read on the
@@ -111,10 +131,12 @@ CHUNK_ELEMENTS = 1 << 25
 CHUNK_ROW_MULTIPLE = 16
 # linear_cross_entropy in fp16: the chunk's gradient is written as (softmax - onehot) times
 # grad_scale * PRESCALE / max|grad_scale|, and the GEMMs that consume it multiply their fp32
-# results by max|grad_scale| / PRESCALE. |softmax - onehot| <= 1, so the stored values stay at
-# most 1024, far below fp16's 65504, and a typical probability (3e-5 at V = 30522) times 1024 is
-# a normal fp16 number; times grad_scale (the incoming gradient / n, ~1e-3) most of them would
-# be at or below fp16's smallest subnormal (6e-8). A power of two: it adds no rounding itself.
+# results by max|grad_scale| / PRESCALE (one grad_scale for all rows: times PRESCALE, and the
+# products times grad_scale / PRESCALE, the same values with the sign moved). |softmax - onehot|
+# <= 1, so the stored values stay at most 1024, far below fp16's 65504, and a typical
+# probability (3e-5 at V = 30522) times 1024 is a normal fp16 number; times grad_scale (the
+# incoming gradient / n, ~1e-3) most of them would be at or below fp16's smallest subnormal
+# (6e-8). A power of two: it adds no rounding itself.
 PRESCALE = 1024.0
 
 
@@ -288,34 +310,11 @@ def _cross_entropy_bwd_kernel(
 
 
 @triton.jit
-def _cross_entropy_reduce_kernel(
-    loss_ptr, target_ptr, out_ptr, count_ptr, stride_target, n_rows, n_cols, ignore_index,
-    BLOCK: tl.constexpr, REDUCTION: tl.constexpr, CHECK: tl.constexpr,
-):
-    # one program owns every row: the sum of the row losses (REDUCTION 1: "sum", 2: "mean"),
-    # the count of targets neither ignored nor out of range (the divisor of a mean) and, with
-    # CHECK, the first out-of-range target, in one launch where torch takes about a dozen ops
-    offs = tl.arange(0, BLOCK)
-    # fp64: the reduced loss is rounded once, however many rows (an fp32 sum of losses of
-    # 1e4 would be off by ulps)
-    acc = tl.zeros((BLOCK,), dtype=tl.float64)
-    n_valid = tl.zeros((BLOCK,), dtype=tl.int64)
-    first_bad = tl.full((BLOCK,), n_rows, dtype=tl.int64)
-    for start in range(0, n_rows, BLOCK):
-        r = start + offs
-        mask = r < n_rows
-        t = tl.load(target_ptr + r.to(tl.int64) * stride_target, mask=mask,
-                    other=ignore_index).to(tl.int64)
-        counted = (t != ignore_index) & (t >= 0) & (t < n_cols)
-        n_valid += counted.to(tl.int64)
-        if REDUCTION != 0:
-            acc += tl.load(loss_ptr + r, mask=mask, other=0.0).to(tl.float64)
-        if CHECK:
-            bad = (t != ignore_index) & ~counted
-            first_bad = tl.minimum(first_bad, tl.where(bad, r.to(tl.int64), n_rows))
-    count = tl.sum(n_valid, axis=0)
+def _reduce_store(total, count, bad_row, n_rows, out_ptr, count_ptr, REDUCTION: tl.constexpr,
+                  CHECK: tl.constexpr):
+    """Store the reduced loss (fp64 ``total``: the sum, divided by ``count`` for a mean) and the
+    count, or with CHECK -1 - bad_row when bad_row < n_rows (an out-of-range target there)."""
     if REDUCTION != 0:
-        total = tl.sum(acc, axis=0)
         if REDUCTION == 2:
             # 0 / 0 = NaN when every target is ignored, as torch
             total = total / count.to(tl.float64)
@@ -324,9 +323,98 @@ def _cross_entropy_reduce_kernel(
     if CHECK:
         # an out-of-range target at row r is reported as the count -1 - r: the host reads this
         # one value (its one sync) and raises
-        bad_row = tl.min(first_bad, axis=0)
         count = tl.where(bad_row < n_rows, -1 - bad_row, count)
     tl.store(count_ptr, count)
+
+
+@triton.jit
+def _cross_entropy_reduce_kernel(
+    loss_ptr, target_ptr, out_ptr, count_ptr, part_sum_ptr, part_count_ptr, part_bad_ptr,
+    stride_target, n_rows, n_cols, ignore_index, rows_per_program,
+    BLOCK: tl.constexpr, REDUCTION: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
+):
+    # one program owns every row (PARTIAL off), or rows_per_program consecutive rows (PARTIAL:
+    # the first stage of the two-stage reduction): the sum of the row losses (REDUCTION 1:
+    # "sum", 2: "mean"), the count of targets neither ignored nor out of range (the divisor of
+    # a mean) and, with CHECK, the first out-of-range target, in one launch where torch takes
+    # about a dozen ops
+    pid = tl.program_id(0)
+    row0 = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row0 + rows_per_program, n_rows)
+    offs = tl.arange(0, BLOCK)
+    # fp64: the reduced loss is rounded once, however many rows (an fp32 sum of losses of
+    # 1e4 would be off by ulps)
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    n_valid = tl.zeros((BLOCK,), dtype=tl.int64)
+    first_bad = tl.full((BLOCK,), n_rows, dtype=tl.int64)
+    for start in range(0, rows_per_program, BLOCK):
+        r = row0 + start + offs
+        mask = r < row_end
+        t = tl.load(target_ptr + r * stride_target, mask=mask, other=ignore_index).to(tl.int64)
+        counted = (t != ignore_index) & (t >= 0) & (t < n_cols)
+        n_valid += counted.to(tl.int64)
+        if REDUCTION != 0:
+            acc += tl.load(loss_ptr + r, mask=mask, other=0.0).to(tl.float64)
+        if CHECK:
+            bad = (t != ignore_index) & ~counted
+            first_bad = tl.minimum(first_bad, tl.where(bad, r, n_rows))
+    count = tl.sum(n_valid, axis=0)
+    total = tl.sum(acc, axis=0)
+    bad_row = tl.min(first_bad, axis=0)
+    if PARTIAL:
+        tl.store(part_sum_ptr + pid, total)
+        tl.store(part_count_ptr + pid, count)
+        tl.store(part_bad_ptr + pid, bad_row)
+    else:
+        _reduce_store(total, count, bad_row, n_rows, out_ptr, count_ptr, REDUCTION, CHECK)
+
+
+@triton.jit
+def _cross_entropy_reduce_parts_kernel(
+    part_sum_ptr, part_count_ptr, part_bad_ptr, out_ptr, count_ptr, n_parts, n_rows,
+    BLOCK: tl.constexpr, REDUCTION: tl.constexpr, CHECK: tl.constexpr,
+):
+    # one program owns every partial of the first stage (n_parts <= BLOCK): their sums in
+    # fp64, in a fixed order (the same bits run to run), their counts, their first bad row
+    p = tl.arange(0, BLOCK)
+    mask = p < n_parts
+    total = tl.sum(tl.load(part_sum_ptr + p, mask=mask, other=0.0), axis=0)
+    count = tl.sum(tl.load(part_count_ptr + p, mask=mask, other=0), axis=0)
+    bad_row = tl.min(tl.load(part_bad_ptr + p, mask=mask, other=n_rows), axis=0)
+    _reduce_store(total, count, bad_row, n_rows, out_ptr, count_ptr, REDUCTION, CHECK)
+
+
+@triton.jit
+def _cross_entropy_select_kernel(
+    target_ptr, sel_ptr, info_ptr, stride_target, n_rows, n_cols, ignore_index,
+    BLOCK: tl.constexpr, CHECK: tl.constexpr,
+):
+    # one program owns every row: the rows whose target is not ignore_index go to sel[:n] in
+    # increasing order (an exclusive prefix sum over each block), the others to sel[n:n_rows]
+    # in decreasing order (from the end: n is known only at the end), and each row's target,
+    # as int64, to the same place of sel[n_rows:]; then info = (n, the first selected row
+    # whose target is out of range, or n_rows). Every element written: the output is the same
+    # bits run to run.
+    offs = tl.arange(0, BLOCK)
+    n_sel = tl.zeros((1,), dtype=tl.int64)
+    first_bad = tl.full((BLOCK,), n_rows, dtype=tl.int64)
+    for start in range(0, n_rows, BLOCK):
+        r = (start + offs).to(tl.int64)
+        in_rows = r < n_rows
+        t = tl.load(target_ptr + r * stride_target, mask=in_rows,
+                    other=ignore_index).to(tl.int64)
+        keep = t != ignore_index
+        k = keep.to(tl.int64)
+        before = n_sel + tl.cumsum(k, axis=0) - k
+        pos = tl.where(keep, before, n_rows - 1 - (r - before))
+        tl.store(sel_ptr + pos, r, mask=in_rows)
+        tl.store(sel_ptr + n_rows + pos, t, mask=in_rows)
+        n_sel += tl.sum(k, axis=0)
+        if CHECK:
+            bad = keep & ((t < 0) | (t >= n_cols))
+            first_bad = tl.minimum(first_bad, tl.where(bad, r, n_rows))
+    tl.store(info_ptr + tl.arange(0, 1), n_sel)
+    tl.store(info_ptr + 1, tl.min(first_bad, axis=0))
 
 
 @triton.jit
@@ -506,13 +594,64 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
         return loss, stats, None
     out = torch.empty((), dtype=loss_dtype, device=dev) if reduce else None
     n_valid = torch.empty((), dtype=torch.int64, device=dev)
-    # also for no row: the sum is 0, the mean 0 / 0 = NaN, the count 0
-    _cross_entropy_reduce_kernel[(1,)](
-        loss, target, out, n_valid, target.stride(0), n_rows, n_cols, int(ignore_index),
-        BLOCK=REDUCE_BLOCK, REDUCTION=reduce, CHECK=bool(check_labels),
-        num_warps=REDUCE_NUM_WARPS,
-    )
+    _reduce(loss, target, out, n_valid, n_rows, n_cols, int(ignore_index), reduce,
+            bool(check_labels))
     return (out if reduce else loss), stats, n_valid
+
+
+def _reduce(loss, target, out, n_valid, n_rows, n_cols, ignore_index, reduce, check):
+    """Launch the reduction: one program up to REDUCE_ONE_PROGRAM_ROWS rows (also for no row:
+    the sum is 0, the mean 0 / 0 = NaN, the count 0), else the two stages."""
+    block = REDUCE_BLOCK
+    if n_rows <= REDUCE_ONE_PROGRAM_ROWS:
+        _cross_entropy_reduce_kernel[(1,)](
+            loss, target, out, n_valid, None, None, None, target.stride(0), n_rows, n_cols,
+            ignore_index, max(n_rows, 1), BLOCK=block, REDUCTION=reduce, CHECK=check,
+            PARTIAL=False, num_warps=REDUCE_NUM_WARPS)
+        return
+    n_blocks = cdiv(n_rows, block)
+    per_program = cdiv(n_blocks, min(n_blocks, REDUCE_PARTS)) * block
+    n_parts = cdiv(n_rows, per_program)
+    dev = loss.device
+    part_sum = torch.empty((n_parts,), dtype=torch.float64, device=dev)
+    part_count_bad = torch.empty((2, n_parts), dtype=torch.int64, device=dev)
+    _cross_entropy_reduce_kernel[(n_parts,)](
+        loss, target, None, None, part_sum, part_count_bad[0], part_count_bad[1],
+        target.stride(0), n_rows, n_cols, ignore_index, per_program, BLOCK=block,
+        REDUCTION=reduce, CHECK=check, PARTIAL=True, num_warps=REDUCE_NUM_WARPS)
+    _cross_entropy_reduce_parts_kernel[(1,)](
+        part_sum, part_count_bad[0], part_count_bad[1], out, n_valid, n_parts, n_rows,
+        BLOCK=REDUCE_PARTS, REDUCTION=reduce, CHECK=check, num_warps=REDUCE_NUM_WARPS)
+
+
+@on_tensor_device
+def select_rows(target: torch.Tensor, ignore_index: int, n_classes: int,
+                check_labels: bool = True):
+    """Launch the selection of the rows whose target is not ``ignore_index``, as
+    ``(target != ignore_index).nonzero()`` gives them, with their targets and the label check:
+    one launch and no host sync (the caller reads ``info``).
+
+    Args:
+        target: (N,) int64 / int32 class indices or ignore_index, any stride.
+        n_classes: the number of classes V (targets outside [0, V) are out of range).
+        check_labels: look for out-of-range targets among the selected rows.
+
+    Returns:
+        (sel, info): sel (2 N,) int64, the selected rows in increasing order in sel[:n], the
+        others in decreasing order in sel[n:N], and the targets of these rows in sel[N:] in the
+        same order; info (2,) int64: n, and the first selected row whose target is out of range
+        (N when there is none, and always without check_labels).
+    """
+    if target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"target must be a 1-D int64 / int32 tensor, got {target.dtype} of "
+                         f"shape {tuple(target.shape)}")
+    n_rows = target.shape[0]
+    sel = torch.empty((2 * n_rows,), dtype=torch.int64, device=target.device)
+    info = torch.empty((2,), dtype=torch.int64, device=target.device)
+    _cross_entropy_select_kernel[(1,)](
+        target, sel, info, target.stride(0), n_rows, int(n_classes), int(ignore_index),
+        BLOCK=SELECT_BLOCK, CHECK=bool(check_labels), num_warps=SELECT_NUM_WARPS)
+    return sel, info
 
 
 @on_tensor_device
@@ -602,15 +741,19 @@ def chunk_rows(n_rows: int, n_cols: int, chunk_elements: Optional[int] = None) -
 
 
 def _prescale(grad_scale):
-    """fp16 (see PRESCALE): (grad_scale * PRESCALE / s, s / PRESCALE) with s = max|grad_scale|,
-    on the device for a tensor (no host sync). An all-zero grad_scale gives zeros (s clamped),
-    an inf / NaN one is passed on unchanged (factor 1), as in the other dtypes."""
-    tiny = torch.finfo(torch.float32).tiny
+    """fp16 (see PRESCALE): (the scale the gradient is stored with, the factor of the fp32
+    products). One scale for every row (a Python float or a () tensor, a mean's or sum's
+    incoming gradient): stored times PRESCALE, the products times grad_scale / PRESCALE (a
+    power of two: the same bits as the grad_scale / |grad_scale| * PRESCALE stored before, the
+    sign moved to the factor), one op. A scale a row (M,): grad_scale * PRESCALE / s and
+    s / PRESCALE with s = max|grad_scale|, on the device (no host sync), s clamped for an
+    all-zero grad_scale, an inf / NaN one passed on unchanged (factor 1)."""
     if not isinstance(grad_scale, torch.Tensor):
-        s = abs(float(grad_scale))
-        s = max(s, tiny) if math.isfinite(s) else PRESCALE
-        return grad_scale / s * PRESCALE, s / PRESCALE
-    g = grad_scale.float()
+        return PRESCALE, float(grad_scale) / PRESCALE
+    g = grad_scale if grad_scale.dtype == torch.float32 else grad_scale.float()
+    if g.dim() == 0:
+        return PRESCALE, g / PRESCALE
+    tiny = torch.finfo(torch.float32).tiny
     s = g.abs().amax()
     s = torch.where(torch.isfinite(s), s.clamp_min(tiny), PRESCALE)
     return g / s * PRESCALE, s / PRESCALE
@@ -814,21 +957,41 @@ def aot_configs():
     block_v, num_warps, _ = ce_block(MAX_BLOCK_V)
     yield fwd("fp32", block_v, num_warps, True, True, tt="i32", has_scale=True)
     yield bwd("fp32", block_v, num_warps, True, tt="i32")
-    # the reduction: a loss of each dtype, mean / sum / none, checked or not, int32 targets once
+    # the reduction: a loss of each dtype, mean / sum / none, checked or not, int32 targets once;
+    # in one program, then as the first stage (partials) and the second of the two-stage one
     for out, reduce, check, tt in (("fp32", 2, False, "i64"), ("bf16", 2, True, "i64"),
                                    ("fp16", 1, False, "i64"), ("bf16", 1, True, "i32"),
                                    (None, 0, True, "i64")):
-        sig = {"loss_ptr": f"*{out or 'bf16'}", "target_ptr": f"*{tt}", "out_ptr": f"*{out}",
-               "count_ptr": "*i64", "stride_target": "i64", "n_rows": "i32", "n_cols": "i32",
-               "ignore_index": "i32", "BLOCK": "constexpr", "REDUCTION": "constexpr",
-               "CHECK": "constexpr"}
-        if reduce:
-            sig["loss_ptr"] = "*fp32"
-        consts = dict(BLOCK=REDUCE_BLOCK, REDUCTION=reduce, CHECK=check)
+        for partial in (False, True):
+            sig = {"loss_ptr": "*fp32" if reduce else f"*{out or 'bf16'}", "target_ptr": f"*{tt}",
+                   "out_ptr": f"*{out}", "count_ptr": "*i64", "part_sum_ptr": "*fp64",
+                   "part_count_ptr": "*i64", "part_bad_ptr": "*i64", "stride_target": "i64",
+                   "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32",
+                   "rows_per_program": "i32", "BLOCK": "constexpr", "REDUCTION": "constexpr",
+                   "CHECK": "constexpr", "PARTIAL": "constexpr"}
+            consts = dict(BLOCK=REDUCE_BLOCK, REDUCTION=reduce, CHECK=check, PARTIAL=partial)
+            ptr_or_none("out_ptr", f"*{out}", out is not None and not partial, sig, consts)
+            ptr_or_none("count_ptr", "*i64", not partial, sig, consts)
+            for name in ("part_sum_ptr", "part_count_ptr", "part_bad_ptr"):
+                ptr_or_none(name, sig[name], partial, sig, consts)
+            yield AotConfig(_cross_entropy_reduce_kernel, sig, consts, REDUCE_NUM_WARPS,
+                            name=f"cross_entropy_reduce[{out},{REDUCTIONS[reduce]},check={check},"
+                                 f"{tt},partial={partial}]")
+        sig = {"part_sum_ptr": "*fp64", "part_count_ptr": "*i64", "part_bad_ptr": "*i64",
+               "out_ptr": f"*{out}", "count_ptr": "*i64", "n_parts": "i32", "n_rows": "i32",
+               "BLOCK": "constexpr", "REDUCTION": "constexpr", "CHECK": "constexpr"}
+        consts = dict(BLOCK=REDUCE_PARTS, REDUCTION=reduce, CHECK=check)
         ptr_or_none("out_ptr", f"*{out}", out is not None, sig, consts)
-        yield AotConfig(_cross_entropy_reduce_kernel, sig, consts, REDUCE_NUM_WARPS,
-                        name=f"cross_entropy_reduce[{out},{REDUCTIONS[reduce]},check={check},"
-                             f"{tt}]")
+        yield AotConfig(_cross_entropy_reduce_parts_kernel, sig, consts, REDUCE_NUM_WARPS,
+                        name=f"cross_entropy_reduce_parts[{out},{REDUCTIONS[reduce]},"
+                             f"check={check}]")
+    # masked_lm_loss's row selection: int64 / int32 labels, checked or not
+    for tt, check in (("i64", True), ("i64", False), ("i32", True)):
+        sig = {"target_ptr": f"*{tt}", "sel_ptr": "*i64", "info_ptr": "*i64",
+               "stride_target": "i64", "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32",
+               "BLOCK": "constexpr", "CHECK": "constexpr"}
+        yield AotConfig(_cross_entropy_select_kernel, sig, dict(BLOCK=SELECT_BLOCK, CHECK=check),
+                        SELECT_NUM_WARPS, name=f"cross_entropy_select[{tt},check={check}]")
     # the incoming gradient is fp32 for a float32 loss (masked_lm_loss, autocast), else the
     # gradient's dtype; the element count is i32 below 2**31; one tensor (cross_entropy) or
     # three (masked_lm_loss)

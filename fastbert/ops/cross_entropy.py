@@ -12,12 +12,13 @@ Layers of this file:
     cross_entropy, masked_lm_loss
                              -- the public functions: check arguments, pick the backend
 
-``masked_lm_loss`` on the Triton backend selects the masked rows inside its custom op
-(``nonzero``, a host sync, is invisible to torch.compile there), so it compiles with
-``fullgraph=True`` and its output shapes never depend on the data. With ``reduction`` "mean"
-or "sum" its forward also produces the gradients (the logits exist only one chunk at a time)
-and the backward scales them by the incoming gradient; with "none" the backward recomputes the
-projection, because a per-token incoming gradient changes dW.
+``masked_lm_loss`` on the Triton backend selects the masked rows inside its custom op (one
+kernel, and one host sync to read their count, invisible to torch.compile there), so it
+compiles with ``fullgraph=True`` and its output shapes never depend on the data. With
+``reduction`` "mean" or "sum" its forward also produces the gradients (the logits exist only
+one chunk at a time) and the backward scales them by the incoming gradient; with "none" (or in
+float16) the backward recomputes the projection of the rows the forward selected, because a
+per-token incoming gradient changes dW.
 """
 from __future__ import annotations
 
@@ -110,8 +111,9 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
     """(loss, stats, dlogits, count). With ``store_grad`` (reduction "mean" or "sum") dlogits is
     the gradient of the loss itself, written by the forward kernel; otherwise an empty tensor.
     count (int64, on the device): for a reduced loss (a mean's is kept for the backward) or
-    ``check_labels``, what the kernels' reduction counted; otherwise an empty tensor. The loss, its reduction, the
-    count and the label check are two launches and a few allocations: no other torch op."""
+    ``check_labels``, what the kernels' reduction counted; otherwise an empty tensor. The loss,
+    its reduction, the count and the label check are two launches (three above the reduction's
+    REDUCE_ONE_PROGRAM_ROWS rows) and a few allocations: no other torch op."""
     k = kernel_module("cross_entropy")
     store_grad = store_grad and reduction != "none"
     scale = dlogits = grad_count = None
@@ -275,26 +277,47 @@ _cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
 # ----------------------------------------------------------------------------------------
 # custom ops (Triton backend): masked_lm_loss
 
-def _select_masked(hidden: Tensor, labels: Tensor, ignore_index: int):
-    rows = (labels != ignore_index).nonzero().squeeze(1)  # host sync: the count sets shapes
-    return rows, hidden.index_select(0, rows), labels.index_select(0, rows)
+def _select_masked(labels: Tensor, ignore_index: int, n_classes: int, check_labels: bool):
+    """(rows, target, sel, info): the rows whose label is not ignore_index and their labels
+    (int64), views of ``sel``, and ``info`` = (their count, first out-of-range row) on the host,
+    as ``select_rows`` writes them. One launch and the host's one sync (the count sets the
+    shapes of what follows); raises for an out-of-range label with ``check_labels``."""
+    k = kernel_module("cross_entropy")
+    sel, info = k.select_rows(labels, ignore_index, n_classes, check_labels)
+    # the count and the label check in one read; on the host, the backward reads it again
+    # without a sync
+    info = info.cpu()
+    n, bad = info.tolist()
+    if bad < labels.shape[0]:
+        raise _label_error("labels", n_classes, ignore_index, int(labels[bad]), bad)
+    return _selected(sel, n) + (sel, info)
 
 
-def _check_selected_labels(name: str, target: Tensor, rows: Tensor, n_classes: int,
-                           ignore_index: int) -> None:
-    """Raise if a selected label (none is ignore_index) lies outside [0, n_classes): floor(t / V)
-    is 0 exactly for those in range. Two ops and one read, right after the selection's nonzero
-    has synced the host (so that read waits for two tiny kernels only)."""
-    outside = torch.div(target, n_classes, rounding_mode="floor")
-    if bool(outside.any()):
-        j = int(outside.nonzero()[0, 0])
-        raise _label_error(name, n_classes, ignore_index, int(target[j]), int(rows[j]))
+def _selected(sel: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    """The n selected rows and their labels: views of ``sel``."""
+    n_all = sel.shape[0] // 2
+    rows, _, target, _ = sel.split_with_sizes((n, n_all - n, n, n_all - n))
+    return rows, target
+
+
+def _flat(t: Tensor, item_dims: int) -> Tensor:
+    """t's (B, S) token axes as one, when it has them ahead of its ``item_dims`` others (a
+    view where the strides allow)."""
+    return t.flatten(0, 1) if t.dim() == item_dims + 2 else t
+
+
+def _scatter_rows(shape, rows: Tensor, values: Tensor) -> Tensor:
+    """A tensor of ``shape`` (tokens first, (B, S) or flat), zero but for values[i] at token
+    rows[i]."""
+    out = values.new_zeros(shape)
+    _flat(out, values.dim() - 1).index_copy_(0, rows, values)
+    return out
 
 
 def _full_grads(hidden, rows, dx, dw, db):
     """(dhidden over all rows, dweight, dbias); an absent one is a fresh empty tensor (custom
     ops may not return None, nor one tensor twice)."""
-    dh = hidden.new_zeros(hidden.shape).index_copy_(0, rows, dx) if dx is not None else None
+    dh = _scatter_rows(hidden.shape, rows, dx) if dx is not None else None
     return tuple(t if t is not None else hidden.new_empty(0) for t in (dh, dw, db))
 
 
@@ -302,17 +325,20 @@ def _full_grads(hidden, rows, dx, dw, db):
 def _masked_lm_loss_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                         ignore_index: int, label_smoothing: float, reduction: str,
                         need_dhidden: bool, need_dweight: bool, need_dbias: bool,
-                        check_labels: bool,
-                        scale_in_place: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, dhidden, dweight, dbias); the gradients (of the loss itself) only where
-    ``stores_grads`` (reduction "mean" or "sum", not float16). ``scale_in_place``: the backward multiplies them by the incoming gradient
-    in place (eager), rather than into new tensors (under torch.compile, whose AOTAutograd
-    cannot trace a backward that mutates a saved tensor)."""
+                        check_labels: bool, scale_in_place: bool
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dhidden, dweight, dbias, sel, info); the gradients (of the loss itself) only where
+    ``stores_grads`` (reduction "mean" or "sum", not float16). ``scale_in_place``: the backward
+    multiplies them by the incoming gradient in place (eager), rather than into new tensors
+    (under torch.compile, whose AOTAutograd cannot trace a backward that mutates a saved
+    tensor). sel (2 N,) int64 and info (2,) int64 on the host: the masked rows as
+    ``_select_masked`` returns them, which a backward that recomputes the projection uses
+    again (fixed shapes, so that torch.compile sees none that depends on the data)."""
     k = kernel_module("cross_entropy")
-    rows, x, target = _select_masked(hidden, labels, ignore_index)
+    rows, target, sel, info = _select_masked(_flat(labels, 0), ignore_index, weight.shape[0],
+                                             check_labels)
     n = rows.numel()
-    if check_labels and n:
-        _check_selected_labels("labels", target, rows, weight.shape[0], ignore_index)
+    x = _flat(hidden, 1).index_select(0, rows)
     grads = (stores_grads(hidden.dtype, reduction)
              and (need_dhidden or need_dweight or need_dbias))
     # the gradient of the loss itself, 1 / n for a mean: a value the kernel takes (no tensor)
@@ -321,12 +347,12 @@ def _masked_lm_loss_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
                                                    label_smoothing, scale, need_dhidden,
                                                    need_dweight, need_dbias)
     if reduction == "none":
-        loss = loss_rows.new_zeros(labels.shape).index_copy_(0, rows, loss_rows)
+        loss = _scatter_rows(labels.shape, rows, loss_rows)
     elif reduction == "sum" or n == 0:
         loss = loss_rows.sum()  # no masked token: 0.0 for the mean too, not NaN
     else:
         loss = loss_rows.mean()
-    return (loss,) + _full_grads(hidden, rows, dx, dw, db)
+    return (loss,) + _full_grads(hidden, rows, dx, dw, db) + (sel, info)
 
 
 def _mlm_stored_grads(hidden, bias, reduction, need_dhidden, need_dweight, need_dbias):
@@ -344,26 +370,30 @@ def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, ne
     return (hidden.new_empty(shape, dtype=torch.float32),
             hidden.new_empty(hidden.shape) if sh else hidden.new_empty(0),
             weight.new_empty(weight.shape) if sw else hidden.new_empty(0),
-            bias.new_empty(bias.shape) if sb else hidden.new_empty(0))
+            bias.new_empty(bias.shape) if sb else hidden.new_empty(0),
+            labels.new_empty((2 * labels.numel(),), dtype=torch.int64),
+            torch.empty((2,), dtype=torch.int64, device="cpu"))
 
 
 @fast_op("fastbert::masked_lm_loss_bwd", mutates_args=())
 def _masked_lm_loss_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                        labels: Tensor, ignore_index: int, label_smoothing: float,
+                        sel: Tensor, info: Tensor, ignore_index: int, label_smoothing: float,
                         reduction: str, need_dhidden: bool, need_dweight: bool,
                         need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients where the forward stored none (reduction "none": a gradient per token; float16,
-    see ``stores_grads``): recomputes the projection, the incoming gradient folded into the
-    scale of each row before anything is rounded."""
+    see ``stores_grads``): recomputes the projection of the rows the forward selected (sel,
+    info: no second selection, no host sync), the incoming gradient folded into the scale of
+    each row before anything is rounded."""
     k = kernel_module("cross_entropy")
-    rows, x, target = _select_masked(hidden, labels, ignore_index)
+    rows, target = _selected(sel, info.tolist()[0])  # info lies on the host: no sync
+    x = _flat(hidden, 1).index_select(0, rows)
     if reduction == "none":
         # read by the kernel in its dtype
         scale = grad.reshape(-1).index_select(0, rows)
+    elif reduction == "mean":
+        scale = grad / max(rows.numel(), 1)
     else:
-        scale = grad.reshape(())
-        if reduction == "mean":
-            scale = scale.float() / max(rows.numel(), 1)
+        scale = grad
     _, dx, dw, db = k.linear_cross_entropy(x, weight, bias, target, ignore_index,
                                            label_smoothing, scale, need_dhidden, need_dweight,
                                            need_dbias)
@@ -371,8 +401,8 @@ def _masked_lm_loss_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Opti
 
 
 @_masked_lm_loss_bwd.register_fake
-def _(grad, hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, need_dhidden,
-      need_dweight, need_dbias):
+def _(grad, hidden, weight, bias, sel, info, ignore_index, label_smoothing, reduction,
+      need_dhidden, need_dweight, need_dbias):
     return (hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0),
             weight.new_empty(weight.shape) if need_dweight else hidden.new_empty(0),
             bias.new_empty(bias.shape) if (need_dbias and bias is not None)
@@ -403,19 +433,20 @@ def _mlm_setup(ctx, inputs, output):
     ctx.stored = stores_grads(hidden.dtype, reduction)
     ctx.mark_non_differentiable(*output[1:])
     if ctx.stored:
-        ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(*output[1:4])
     else:
-        ctx.save_for_backward(hidden, weight, bias, labels)
+        # the rows the forward selected (sel, and info on the host): no second selection
+        ctx.save_for_backward(hidden, weight, bias, output[4], output[5])
 
 
-def _mlm_backward(ctx, dloss, ddh, ddw, ddb):
+def _mlm_backward(ctx, dloss, ddh, ddw, ddb, dsel, dinfo):
     need = ctx.needs_input_grad
     need_dh, need_dw, need_db = bool(need[0]), bool(need[1]), bool(need[2]) and ctx.has_bias
     if not ctx.stored:
-        hidden, weight, bias, labels = ctx.saved_tensors
-        dh, dw, db = _masked_lm_loss_bwd(dloss, hidden, weight, bias, labels, ctx.ignore_index,
-                                         ctx.label_smoothing, ctx.reduction, need_dh, need_dw,
-                                         need_db)
+        hidden, weight, bias, sel, info = ctx.saved_tensors
+        dh, dw, db = _masked_lm_loss_bwd(dloss, hidden, weight, bias, sel, info,
+                                         ctx.ignore_index, ctx.label_smoothing, ctx.reduction,
+                                         need_dh, need_dw, need_db)
     else:
         # stored gradients of the loss itself: scale by the incoming (scalar) gradient
         if ctx.scale_in_place:
@@ -560,8 +591,10 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
         ignore_index, label_smoothing: as ``torch.nn.functional.cross_entropy``.
         reduction: "mean" over masked tokens (0.0 when there is none, with zero gradients),
             "sum", or "none" (a loss per token of labels' shape, 0 where ignored).
-        check_labels: raise ValueError when a label is out of range (syncs the host). With
-            False an out-of-range label is never used as an address: its loss is NaN.
+        check_labels: raise ValueError when a label is out of range (on the Triton backend
+            the row selection checks, in the host sync it makes anyway; on the torch backend one
+            more sync). With False an out-of-range label is never used as an address: its loss
+            is NaN.
         backend: "triton", "torch" or None (see ``fastbert.ops``).
 
     Under autocast, hidden, weight and bias are cast to the autocast dtype first (as
@@ -615,10 +648,7 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
         return _nan_where_bad(loss, bad, reduction)
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    loss, _, _, _ = _masked_lm_loss_fwd(hidden if hidden.dim() == 2 else
-                                        hidden.reshape(-1, n_hidden), weight, bias,
-                                        labels if labels.dim() == 1 else labels.reshape(-1),
-                                        int(ignore_index),
-                                        float(label_smoothing), reduction, *needs,
-                                        bool(check_labels), not torch.compiler.is_compiling())
-    return loss.reshape(labels.shape) if reduction == "none" else loss
+    # (B, S) tokens are flattened inside the op: no reshape nodes for autograd to run
+    return _masked_lm_loss_fwd(hidden, weight, bias, labels, int(ignore_index),
+                               float(label_smoothing), reduction, *needs, bool(check_labels),
+                               not torch.compiler.is_compiling())[0]

@@ -888,12 +888,14 @@ def test_masked_lm_loss_custom_ops_pass_opcheck(device):
                               (*args, labels, IGNORE, 0.1, reduction, True, True, True, True,
                                True), test_utils=("test_schema", "test_autograd_registration",
                                                   "test_faketensor"))
-    torch.library.opcheck(torch.ops.fastbert.masked_lm_loss_bwd.default,
-                          (torch.randn(10, device=device), hidden.detach(), weight.detach(),
-                           bias.detach(), labels, IGNORE, 0.1, "none", True, True, True))
-    torch.library.opcheck(torch.ops.fastbert.masked_lm_loss_bwd.default,
-                          (torch.tensor(3.0, device=device), hidden.detach(), weight.detach(),
-                           bias.detach(), labels, IGNORE, 0.1, "mean", True, True, True))
+    # the backward takes the rows the forward selected: sel, and their count on the host
+    sel, info = k.select_rows(labels, IGNORE, 200)
+    info = info.cpu()
+    for grad, reduction in ((torch.randn(10, device=device), "none"),
+                            (torch.tensor(3.0, device=device), "mean")):
+        torch.library.opcheck(torch.ops.fastbert.masked_lm_loss_bwd.default,
+                              (grad, hidden.detach(), weight.detach(), bias.detach(), sel, info,
+                               IGNORE, 0.1, reduction, True, True, True))
 
 
 @pytest.mark.parametrize("g", [1.0, 0.75])
@@ -1033,6 +1035,102 @@ def test_cross_entropy_reduction_kernel_sums_counts_and_finds_the_first_bad_targ
         assert count.item() == 0 and (loss.isnan() if reduction == "mean" else loss == 0)
 
 
+@pytest.mark.parametrize("tt", [torch.int64, torch.int32])
+@pytest.mark.parametrize("n", [0, 1, 16, 3 * 16 + 5])
+def test_select_rows_matches_nonzero_and_writes_every_element(device, monkeypatch, tt, n):
+    # 16 labels a step: several blocks, the running offset carried between them; strided
+    # labels; every element of both outputs written (poisoned allocations)
+    monkeypatch.setattr(k, "SELECT_BLOCK", 16)
+    labels = _targets(2 * n, 50, device, ignore_frac=0.6).to(tt)[::2]
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison_(empty(*a, **kw)))
+    sel, info = k.select_rows(labels, IGNORE, 50)
+    monkeypatch.undo()
+    rows = (labels != IGNORE).nonzero().squeeze(1)
+    others = (labels == IGNORE).nonzero().squeeze(1).flip(0)
+    m = rows.numel()
+    assert sel.dtype == info.dtype == torch.int64 and sel.shape == (2 * n,)
+    assert info.tolist() == [m, n]
+    assert torch.equal(sel[:m], rows) and torch.equal(sel[m:n], others)
+    assert torch.equal(sel[n:], labels.long()[sel[:n]])
+
+
+def test_select_rows_reports_the_first_out_of_range_label(device, monkeypatch):
+    monkeypatch.setattr(k, "SELECT_BLOCK", 16)
+    labels = _targets(40, 50, device, ignore_frac=0.3)
+    labels[[5, 9, 33]] = torch.tensor([IGNORE, 50, -1], device=device)
+    for check, want in ((True, 9), (False, 40)):
+        sel, info = k.select_rows(labels, IGNORE, 50, check_labels=check)
+        rows = (labels != IGNORE).nonzero().squeeze(1)
+        assert info.tolist() == [rows.numel(), want]
+        # out-of-range labels are selected either way (their loss is NaN when unchecked)
+        assert torch.equal(sel[:rows.numel()], rows)
+    labels[9] = 1 << 40   # beyond int32: still out of range, not wrapped into it
+    assert k.select_rows(labels, IGNORE, 50)[1].tolist()[1] == 9
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's 0 / 0
+@pytest.mark.parametrize("n", [45, 16 * 6 + 3, 16 * 40 + 7])
+def test_cross_entropy_two_stage_reduction_matches_fp64_and_one_program(device, monkeypatch, n):
+    # above REDUCE_ONE_PROGRAM_ROWS rows the reduction is a grid of partials and a second pass:
+    # thresholds lowered so that the interpreter runs both paths on small inputs: several
+    # programs of one block, of several blocks (REDUCE_PARTS reached), a ragged last one
+    monkeypatch.setattr(k, "REDUCE_BLOCK", 16)
+    monkeypatch.setattr(k, "REDUCE_PARTS", 8)
+    v = 30
+    logits = torch.randn(n, v, device=device) * 3
+    target = _targets(2 * n, v, device, ignore_frac=0.3)[::2]
+    ref = F.cross_entropy(logits.double(), target, ignore_index=IGNORE, reduction="none")
+    n_valid = int((target != IGNORE).sum())
+    results = {}
+    for one_program_rows in (1 << 30, 16):
+        monkeypatch.setattr(k, "REDUCE_ONE_PROGRAM_ROWS", one_program_rows)
+        for reduction, want in (("sum", ref.sum()), ("mean", ref.sum() / n_valid)):
+            loss, _, count = k.cross_entropy_fwd(logits, target, IGNORE, 0.0,
+                                                 reduction=reduction, check_labels=True)
+            assert count.item() == n_valid
+            ulp = torch.finfo(torch.float32).eps * want.abs().item()
+            assert (loss.double() - want).abs().item() <= ulp, (reduction, one_program_rows)
+            results.setdefault(reduction, []).append(loss)
+            # the same bits run to run
+            again, _, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.0, reduction=reduction,
+                                              check_labels=True)
+            assert torch.equal(again, loss)
+        # out of range at rows 13 and the last: the first is reported as -1 - row, in any part
+        bad = target.clone()
+        bad[13], bad[n - 1] = v, -2
+        _, _, count = k.cross_entropy_fwd(logits, bad, IGNORE, 0.0, reduction="mean",
+                                          check_labels=True)
+        assert count.item() == -1 - 13
+        _, _, count = k.cross_entropy_fwd(logits, bad, IGNORE, 0.0, check_labels=True)
+        assert count.item() == -1 - 13
+        loss, _, count = k.cross_entropy_fwd(logits, bad, IGNORE, 0.0, reduction="mean")
+        assert loss.isnan() and count.item() == int(((bad >= 0) & (bad < v)).sum())
+    for reduction, (one, two) in results.items():
+        torch.testing.assert_close(one, two, rtol=0, atol=torch.finfo(torch.float32).eps
+                                   * one.abs().item())
+
+
+@pytest.mark.skipif(not _interpreting(), reason="counts launches of the Triton interpreter")
+def test_cross_entropy_reduction_adds_a_launch_only_above_its_row_threshold(monkeypatch):
+    from triton.runtime.interpreter import InterpretedFunction
+    real = InterpretedFunction.__getitem__
+    launches = []
+
+    def launch(self, grid):
+        launches.append((self.fn.__name__, tuple(grid)))
+        return real(self, grid)
+    monkeypatch.setattr(InterpretedFunction, "__getitem__", launch)
+    monkeypatch.setattr(k, "REDUCE_BLOCK", 16)
+    for n, grids in ((16 * 4, [(1,)]), (16 * 4 + 1, [(5,), (1,)])):
+        monkeypatch.setattr(k, "REDUCE_ONE_PROGRAM_ROWS", 16 * 4)
+        launches.clear()
+        k.cross_entropy_fwd(torch.randn(n, 20), _targets(n, 20, "cpu"), IGNORE, 0.0,
+                            reduction="mean")
+        reduce = [g for name, g in launches if name.startswith("_cross_entropy_reduce")]
+        assert reduce == grids, launches
+
+
 def test_label_errors_name_the_first_bad_label_and_its_flat_index(device):
     logits = torch.randn(5, 10, device=device)
     target = torch.tensor([1, IGNORE, 10, -5, 2], device=device)
@@ -1080,18 +1178,31 @@ def test_cross_entropy_bwd_reads_the_incoming_gradient_and_count_on_the_device(d
         k.cross_entropy_bwd(logits, target, stats, grad, IGNORE, 0.1, count=count.float())
 
 
+# Kernels whose outputs the host reads (masked_lm_loss's row count): _host_calls runs them.
+_READ_BY_HOST = ("_cross_entropy_select_kernel",)
+
+
 def _host_calls(fn, monkeypatch):
     """The torch ops (aten calls not inside another aten call) and the kernel launches of fn(),
-    the kernels themselves not run: the host work of an op, as benchmarks/ measure it."""
+    the kernels themselves not run (but those in _READ_BY_HOST, whose interpreter work is not
+    counted): the host work of an op, as benchmarks/ measure it."""
     from triton.runtime.interpreter import InterpretedFunction
     launches = []
-    monkeypatch.setattr(InterpretedFunction, "__getitem__",
-                        lambda self, grid: lambda *a, **kw: launches.append(self.fn.__name__))
+    real = InterpretedFunction.__getitem__
+
+    def launch(self, grid):
+        def run(*a, **kw):
+            launches.append(self.fn.__name__)
+            if self.fn.__name__ in _READ_BY_HOST:
+                with torch.profiler.record_function("interpreter"):
+                    real(self, grid)(*a, **kw)
+        return run
+    monkeypatch.setattr(InterpretedFunction, "__getitem__", launch)
 
     def outer(e):
         while e.cpu_parent is not None:
             e = e.cpu_parent
-            if e.name.startswith("aten::"):
+            if e.name.startswith("aten::") or e.name == "interpreter":
                 return False
         return True
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -1120,10 +1231,32 @@ def test_cross_entropy_and_masked_lm_loss_host_work_stays_small(monkeypatch):
     leaves = [u.requires_grad_() for u in (hidden, weight, bias)]
     ops, launches = _host_calls(lambda: torch.autograd.grad(
         masked_lm_loss(*leaves, labels, backend="triton"), leaves), monkeypatch)
-    assert launches == ["_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel",
-                        "_cross_entropy_scale_kernel"]
-    # (the eager gathered-rows version: 22 ops, and ~4 more kernels on the GPU)
-    assert len(ops) <= 22, ops
+    assert launches == ["_cross_entropy_select_kernel", "_cross_entropy_fwd_kernel",
+                        "_cross_entropy_bwd_kernel", "_cross_entropy_scale_kernel"]
+    # the selection and the label check are the select kernel and one read of its count
+    # (aten::to, to the host): not torch's ne, nonzero, index_select, div, any and a second
+    # read (seven ops, two syncs); the rest is allocations, views, the gathered rows, the GEMMs,
+    # the mean and the scatter of dh (the eager gathered-rows version: 22 ops, ~4 more kernels)
+    assert not {"ne", "nonzero", "any", "is_nonzero", "item", "div"} & set(ops), ops
+    assert ops.count("to") == 1 and len(ops) <= 21, ops
+
+
+@pytest.mark.skipif(not _interpreting(), reason="counts launches of the Triton interpreter")
+@pytest.mark.parametrize("dtype,reduction", [(torch.float32, "none"), (torch.float16, "mean")])
+def test_masked_lm_loss_recomputing_backward_reuses_the_forwards_rows(monkeypatch, dtype,
+                                                                      reduction):
+    # the backward that recomputes the projection ("none"; float16) takes the rows the forward
+    # selected: no second selection launch, no second read of the count
+    hidden, weight, bias, labels = _mlm_inputs((4, 8), 16, 100, torch.float32, "cpu")
+    leaves = [u.to(dtype).requires_grad_() for u in (hidden, weight, bias)]
+    grad = torch.ones(labels.shape) if reduction == "none" else None
+    ops, launches = _host_calls(lambda: torch.autograd.grad(
+        masked_lm_loss(*leaves, labels, reduction=reduction, backend="triton"), leaves, grad),
+        monkeypatch)
+    assert launches.count("_cross_entropy_select_kernel") == 1, launches
+    assert "nonzero" not in ops and "item" not in ops, ops
+    if dtype == torch.float32:
+        assert ops.count("to") == 1, ops   # the forward's one read of the count
 
 
 @pytest.mark.parametrize("n_cols", [50, 5000])
