@@ -47,6 +47,7 @@ flash-attention's ``flash_attn_triton.py``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -547,14 +548,14 @@ def _key_end_kernel(mask_ptr, out_ptr, stride_mask_b, seqlen_k, BLOCK: tl.conste
 KEY_END_BLOCK = 1024
 
 
-def _mask_int8(attention_mask: torch.Tensor) -> torch.Tensor:
-    """The key mask as the kernels read it: int8, nonzero = attend, unit column stride (bool
-    and int8 masks are viewed, not copied)."""
+def key_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The key mask as the kernels read it: int8, nonzero = attend, unit column stride. bool
+    and int8 masks are viewed, not copied; other integer masks cost two ops. The launchers
+    take any mask dtype and call this; ``fastbert.ops.attention`` calls it once per call, so
+    that key_end, the forward and the backward all get the int8 form as it is."""
     m = attention_mask
-    if m.dtype == torch.bool:
-        m = m.view(torch.int8)
-    elif m.dtype != torch.int8:
-        m = (m != 0).view(torch.int8)
+    if m.dtype != torch.int8:
+        m = m.view(torch.int8) if m.dtype == torch.bool else (m != 0).view(torch.int8)
     return _last_dim_contiguous(m)
 
 
@@ -562,13 +563,18 @@ def _mask_int8(attention_mask: torch.Tensor) -> torch.Tensor:
 def key_end(attention_mask: torch.Tensor) -> torch.Tensor:
     """int32 (batch,): one past the last nonzero of each row of a (batch, seqlen_k) key mask
     (bool or integer), 0 for a row with none. One launch, no host sync."""
-    m = _mask_int8(attention_mask)
-    out = torch.empty((m.shape[0],), dtype=torch.int32, device=m.device)
-    if m.shape[0] > 0:
-        _key_end_kernel[(m.shape[0],)](m, out, m.stride(0), m.shape[1], BLOCK=KEY_END_BLOCK)
+    m = key_mask(attention_mask)
+    batch, seqlen_k = m.shape
+    out = torch.empty((batch,), dtype=torch.int32, device=m.device)
+    if batch > 0:
+        _key_end_kernel[(batch,)](m, out, m.stride(0), seqlen_k, BLOCK=KEY_END_BLOCK)
     return out
 
 
+# The config helpers below are pure functions of a few hashable arguments, cached: the
+# launchers call them at every call, and small BERT shapes are host-bound.
+
+@functools.lru_cache(maxsize=None)
 def block_d(head_dim: int) -> int:
     """The power-of-two tile width holding ``head_dim``."""
     return max(16, next_power_of_2(int(head_dim)))
@@ -581,6 +587,7 @@ def block_d(head_dim: int) -> int:
 # of shared memory, dK/dV 166-254 and up to 66 KB, dQ 94-206. sm_80 spills up to ~30 bytes a
 # thread in a few variants. The fp32 ones (IEEE FMA matmuls) use small tiles.
 
+@functools.lru_cache(maxsize=None)
 def fwd_config(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
     bd = block_d(head_dim)
@@ -595,6 +602,7 @@ def fwd_config(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple[int, i
     return 128, 64, 8, 3
 
 
+@functools.lru_cache(maxsize=None)
 def bwd_configs(head_dim: int, dtype: torch.dtype):
     """((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, the same of the dQ
     kernel). The dK/dV kernel holds BLOCK_N keys (k, v, dk, dv tiles) and streams BLOCK_M
@@ -647,12 +655,21 @@ def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return (0, s[0], s[1]) if varlen else s[:3]
 
 
-def _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
-    varlen = cu_seqlens_q is not None
-    if varlen:
-        batch = cu_seqlens_q.shape[0] - 1
-        return varlen, batch, int(max_seqlen_q), int(max_seqlen_k)
-    return varlen, q.shape[0], q.shape[1], k.shape[1]
+def _operand(t: torch.Tensor, varlen: bool) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``t`` with a unit last-dim stride (copied only when it has none) and its ``_strides3``,
+    from one stride() call (the launchers run at every call: host time)."""
+    s = t.stride()
+    if s[-1] != 1:
+        t = t.contiguous()
+        s = t.stride()
+    return t, ((0, s[0], s[1]) if varlen else s[:3])
+
+
+def _layout(q_shape, k_shape, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    """(batch, seqlen_q, seqlen_k) of the launch: the varlen ones come from the caller."""
+    if cu_seqlens_q is not None:
+        return cu_seqlens_q.shape[0] - 1, int(max_seqlen_q), int(max_seqlen_k)
+    return q_shape[0], q_shape[1], k_shape[1]
 
 
 def _mask_arg(attention_mask: Optional[torch.Tensor], kv_end: Optional[torch.Tensor],
@@ -661,10 +678,10 @@ def _mask_arg(attention_mask: Optional[torch.Tensor], kv_end: Optional[torch.Ten
     caller, every key block is visited (kv_end = seqlen_k)."""
     if attention_mask is None:
         return None, 0, None
-    m = _mask_int8(attention_mask)
+    m = key_mask(attention_mask)
     if kv_end is None:
         kv_end = torch.full((m.shape[0],), seqlen_k, dtype=torch.int32, device=m.device)
-    elif kv_end.dtype != torch.int32 or tuple(kv_end.shape) != (m.shape[0],):
+    elif kv_end.dtype != torch.int32 or kv_end.shape != (m.shape[0],):
         raise ValueError(f"kv_end must be int32 (batch,) = ({m.shape[0]},), got "
                          f"{kv_end.dtype} {tuple(kv_end.shape)}")
     return m, m.stride(0), _last_dim_contiguous(kv_end)
@@ -701,25 +718,25 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         log-sum-exp of the scaled scores; +inf on rows that see no key and, for varlen, on
         rows past their sequence).
     """
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    varlen, batch, sq, sk = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    heads, head_dim = q.shape[-2], q.shape[-1]
-    heads_kv = k.shape[-2]
+    varlen = cu_seqlens_q is not None
+    (q, st_q), (k, st_k), (v, st_v) = _operand(q, varlen), _operand(k, varlen), _operand(v, varlen)
+    q_shape, k_shape = q.shape, k.shape
+    batch, sq, sk = _layout(q_shape, k_shape, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    heads, head_dim, heads_kv = q_shape[-2], q_shape[-1], k_shape[-2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
     mask, stride_mask_b, kv_end = _mask_arg(attention_mask, kv_end, sk)
     has_dropout = seed is not None and dropout_p > 0.0
     bm, bn, warps, stages = fwd_config(head_dim, q.dtype, has_dropout)
+    bd = block_d(head_dim)
     if batch * heads > 0 and sq > 0:
         grid = (cdiv(sq, bm) * batch * heads,)   # flat: see _block_and_head
         _attention_fwd_kernel[grid](
             q, k, v, out, lse, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
-            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
-            *_strides3(out, varlen), stride_mask_b,
+            *st_q, *st_k, *st_v, *_strides3(out, varlen), stride_mask_b,
             heads, heads // heads_kv, sq, sk, head_dim,
             float(softmax_scale) * _SCORE_LOG2E, float(dropout_p),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(head_dim),
-            EVEN_D=block_d(head_dim) == head_dim, IS_VARLEN=varlen,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen,
             IS_CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout,
             num_warps=warps, num_stages=stages,
         )
@@ -741,10 +758,12 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     same kv_end), plus do (out's shape), out and lse from the forward. Returns (dq, dk, dv)
     in the inputs' shapes and dtypes. ``need_dq=False`` skips the dq kernel and
     ``need_dkv=False`` the dk/dv kernel: those outputs are then zeros."""
-    q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
-    varlen, batch, sq, sk = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    heads, head_dim = q.shape[-2], q.shape[-1]
-    heads_kv = k.shape[-2]
+    varlen = cu_seqlens_q is not None
+    (q, st_q), (k, st_k), (v, st_v) = _operand(q, varlen), _operand(k, varlen), _operand(v, varlen)
+    (do, st_do), (out, st_out) = _operand(do, varlen), _operand(out, varlen)
+    q_shape, k_shape = q.shape, k.shape
+    batch, sq, sk = _layout(q_shape, k_shape, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    heads, head_dim, heads_kv = q_shape[-2], q_shape[-1], k_shape[-2]
     groups = heads // heads_kv
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -773,7 +792,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         delta = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
         pre_bm = preprocess_block_m(bd)
         _attention_bwd_preprocess_kernel[(cdiv(sq, pre_bm) * batch * heads,)](
-            out, do, delta, cu_seqlens_q, *_strides3(out, varlen), *_strides3(do, varlen),
+            out, do, delta, cu_seqlens_q, *st_out, *st_do,
             heads, sq, head_dim, BLOCK_M=pre_bm, BLOCK_D=bd, EVEN_D=bd == head_dim,
             IS_VARLEN=varlen, num_warps=PREPROCESS_WARPS,
         )
@@ -787,9 +806,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         _attention_bwd_dkdv_kernel[(cdiv(sk, bn1) * batch * heads_kv,)](
             q, k, v, do, lse, delta, dk, dv, out, dq,
             mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
-            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
-            *_strides3(do, varlen), *_strides3(dk, varlen), *_strides3(dv, varlen),
-            *_strides3(out, varlen), *_strides3(dq, varlen),
+            *st_q, *st_k, *st_v, *st_do, *_strides3(dk, varlen), *_strides3(dv, varlen),
+            *st_out, *_strides3(dq, varlen),
             stride_mask_b, heads, heads_kv, groups, sq, sk, head_dim, qk_scale,
             float(softmax_scale), float(dropout_p),
             BLOCK_M=bm1, BLOCK_N=bn1, FUSED_DQ=fused, num_warps=w1, num_stages=s1, **flags,
@@ -800,8 +818,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         return dq.zero_(), dk, dv
     _attention_bwd_dq_kernel[(cdiv(sq, bm2) * batch * heads,)](
         q, k, v, do, lse, delta, dq, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
-        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
-        *_strides3(do, varlen), *_strides3(dq, varlen), stride_mask_b,
+        *st_q, *st_k, *st_v, *st_do, *_strides3(dq, varlen), stride_mask_b,
         heads, groups, sq, sk, head_dim, qk_scale, float(softmax_scale), float(dropout_p),
         BLOCK_M=bm2, BLOCK_N=bn2, num_warps=w2, num_stages=s2, **flags,
     )

@@ -8,6 +8,8 @@ Layers of this file:
                              -- torch.library custom ops over the Triton launchers (both
                                 layouts), with fake implementations and registered autograd,
                                 so torch.compile(fullgraph=True) traces through them
+    _AttentionFunction       -- the eager autograd of the same launchers, with less host
+                                work per call (see its docstring); _run picks it or the op
     attention, attention_varlen, unpad, pad
                              -- the public functions: check arguments, pick the backend
 
@@ -33,7 +35,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import (REF_DTYPES, check_probability, check_same_device, check_size, check_tensor,
                       kernel_dtype_reason)
-from ._fastop import fast_op
+from ._fastop import direct_call_ok, fast_op
 from ._dispatch import resolve, kernel_module
 
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -110,16 +112,6 @@ def _key_end(attention_mask: Tensor) -> Tensor:
     return ((attention_mask != 0).to(torch.int32) * positions).amax(-1)
 
 
-def _key_end_of(attention_mask: Tensor) -> Tensor:
-    """``_key_end`` in one kernel launch (the PyTorch form takes five small ones, and a BERT
-    encoder computes it at every layer); the PyTorch form under torch.compile, which traces
-    it."""
-    if torch.compiler.is_compiling():
-        return _key_end(attention_mask)
-    k_ = kernel_module("attention")
-    return k_.key_end(attention_mask)
-
-
 @fast_op("fastbert::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
                    kv_end: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
@@ -174,20 +166,75 @@ def _fwd_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
                           seed)
     ctx.args = (max_seqlen_q, max_seqlen_k, causal, dropout_p, softmax_scale)
+    # lse gets no gradient: no zero tensor made for it at each backward
+    ctx.set_materialize_grads(False)
+
+
+def _grads(ctx, dout: Tensor, bwd) -> Tuple[Optional[Tensor], ...]:
+    """(dq, dk, dv) from what _fwd_setup or _AttentionFunction saved; ``bwd`` is
+    _attention_bwd or its undecorated function (same arguments, same results)."""
+    (q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
+     seed) = ctx.saved_tensors
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
+                     seed, *ctx.args, need_q, need_k or need_v)
+    return dq if need_q else None, dk if need_k else None, dv if need_v else None
 
 
 def _fwd_backward(ctx, dout, dlse):
-    (q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
-     seed) = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q,
-                                cu_seqlens_k, seed, *ctx.args, bool(need[0]),
-                                bool(need[1] or need[2]))
-    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-            None, None, None, None, None, None, None, None, None, None)
+    if dout is None:
+        return (None,) * 13
+    return _grads(ctx, dout, _attention_bwd) + (None,) * 10
 
 
 _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """fastbert::attention_fwd's autograd for the eager calls that fast_op would send down its
+    direct path (no tracing, no mode, plain tensors): the same launchers, saved tensors and
+    backward as the registered autograd, with less host work per call. Small BERT shapes are
+    host-bound (see _fastop.py), and each of these is a torch op or several microseconds of
+    Python, at every layer:
+      - one output: lse is saved, not returned, so autograd neither wraps a second output
+        nor makes a zero gradient for it at every backward;
+      - nine inputs instead of thirteen (the python scalars travel as one tuple), and no
+        generic scan of them;
+      - the backward calls the launcher itself, unless something must see the custom op:
+        a graph being recorded (create_graph=True: the op raises that it has no derivative
+        rather than give a wrong second derivative) or a mode.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed, args):
+        out, lse = _attention_fwd.fn(q, k, v, attention_mask, kv_end, cu_seqlens_q,
+                                     cu_seqlens_k, seed, *args)
+        ctx.save_for_backward(q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q,
+                              cu_seqlens_k, seed)
+        ctx.args = args
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        direct = not torch.is_grad_enabled() and direct_call_ok((dout,))
+        return _grads(ctx, dout, _attention_bwd.fn if direct else _attention_bwd) + (None,) * 6
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
+         kv_end: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+         cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor], *args) -> Tensor:
+    """fastbert::attention_fwd's output (``args``: max_seqlen_q, max_seqlen_k, causal,
+    dropout_p, softmax_scale) by the cheapest route with its semantics: _AttentionFunction
+    when a gradient is recorded, the launcher alone when none is, the custom op when
+    something must see it."""
+    if not direct_call_ok((q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k)):
+        return _attention_fwd(q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
+                              seed, *args)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _AttentionFunction.apply(q, k, v, attention_mask, kv_end, cu_seqlens_q,
+                                        cu_seqlens_k, seed, args)
+    return _attention_fwd.fn(q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
+                             seed, *args)[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -206,8 +253,9 @@ def _kernel_limits(q: Tensor) -> Optional[str]:
     return kernel_dtype_reason(q=q)
 
 
-def _resolve(op: str, tensors, backend: Optional[str], q: Tensor) -> str:
-    return resolve(op, tensors, backend, preference=("triton",),
+def _resolve(op: str, backend: Optional[str], q: Tensor) -> str:
+    # the callers checked that every tensor argument is on q's device: q alone decides
+    return resolve(op, (q,), backend, preference=("triton",),
                    extra_check=lambda b: _kernel_limits(q))
 
 
@@ -215,6 +263,17 @@ def _dropout_seed(device: torch.device) -> Tensor:
     """The Philox seed of one call: drawn from torch's generator on ``device`` (no host sync;
     ``torch.manual_seed`` reproduces it)."""
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def _qkv_ok(q, k, v, ndim: int) -> bool:
+    """Whether ``_check_qkv`` passes, tested cheaply (every layer calls attention at every
+    step): False only sends the call through ``_check_qkv``, which names what is wrong."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        return False
+    qs, ks, dt, dev = q.shape, k.shape, q.dtype, q.device
+    return (len(qs) == ndim and len(ks) == ndim and v.shape == ks and dt in REF_DTYPES
+            and k.dtype == dt and v.dtype == dt and k.device == dev and v.device == dev
+            and qs[-1] == ks[-1] and qs[-1] > 0 and ks[-2] > 0 and qs[-2] % ks[-2] == 0)
 
 
 def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, ndim: int, layout: str):
@@ -279,6 +338,40 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         slower than fp16/bf16.
     """
     op = "attention"
+    if not (_qkv_ok(q, k, v, 4) and k.shape[0] == q.shape[0]
+            and (attention_mask is None or _mask_ok(attention_mask, q, k))):
+        _check_attention_args(op, q, k, v, attention_mask)
+    check_probability("dropout_p", dropout_p)
+    scale = _scale(softmax_scale, q.shape[-1])
+    q, k, v = _autocast(q, k, v)
+    chosen = _resolve(op, backend, q)
+    p = float(dropout_p)
+    if chosen == "torch":
+        return attention_ref(q, k, v, attention_mask=attention_mask, causal=causal,
+                             dropout_p=p, softmax_scale=scale)
+    seed = _dropout_seed(q.device) if p > 0.0 else None
+    kv_end = None
+    if attention_mask is not None:
+        if torch.compiler.is_compiling():
+            kv_end = _key_end(attention_mask)   # traced (five small ops)
+        else:
+            k_ = kernel_module("attention")
+            # the int8 form once: key_end, the forward and the backward take it as it is
+            attention_mask = k_.key_mask(attention_mask)
+            kv_end = k_.key_end(attention_mask)   # one launch, at every layer
+    return _run(q, k, v, attention_mask, kv_end, None, None, seed, q.shape[1], k.shape[1],
+                bool(causal), p, scale)
+
+
+def _mask_ok(attention_mask, q: Tensor, k: Tensor) -> bool:
+    """Whether attention's mask checks pass, tested cheaply (see _qkv_ok)."""
+    return (isinstance(attention_mask, Tensor) and attention_mask.dtype in MASK_DTYPES
+            and attention_mask.shape == (q.shape[0], k.shape[1])
+            and attention_mask.device == q.device)
+
+
+def _check_attention_args(op: str, q, k, v, attention_mask) -> None:
+    """attention's argument checks, each error naming the argument."""
     _check_qkv(op, q, k, v, 4, "(batch, seqlen_k, heads_kv, head_dim)")
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"{op}: k and v must have q's batch size {q.shape[0]}, got {k.shape[0]}")
@@ -289,19 +382,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             raise ValueError(f"attention_mask must have shape (batch, seqlen_k) = {want}, "
                              f"got {tuple(attention_mask.shape)}")
         check_same_device(q=q, attention_mask=attention_mask)
-    check_probability("dropout_p", dropout_p)
-    scale = _scale(softmax_scale, q.shape[-1])
-    q, k, v = _autocast(q, k, v)
-    chosen = _resolve(op, (q, k, v, attention_mask), backend, q)
-    p = float(dropout_p)
-    if chosen == "torch":
-        return attention_ref(q, k, v, attention_mask=attention_mask, causal=causal,
-                             dropout_p=p, softmax_scale=scale)
-    seed = _dropout_seed(q.device) if p > 0.0 else None
-    kv_end = _key_end_of(attention_mask) if attention_mask is not None else None
-    out, _ = _attention_fwd(q, k, v, attention_mask, kv_end, None, None, seed, q.shape[1],
-                            k.shape[1], bool(causal), p, scale)
-    return out
 
 
 # cu_seqlens tensors whose values were validated, each with what it was validated against:
@@ -378,7 +458,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     check is skipped.
     """
     op = "attention_varlen"
-    _check_qkv(op, q, k, v, 3, "(total_k, heads_kv, head_dim)")
+    if not _qkv_ok(q, k, v, 3):
+        _check_qkv(op, q, k, v, 3, "(total_k, heads_kv, head_dim)")
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, q.shape[0], max_seqlen_q,
                       "max_seqlen_q", q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape[0], k.shape[0],
@@ -386,7 +467,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     check_probability("dropout_p", dropout_p)
     scale = _scale(softmax_scale, q.shape[-1])
     q, k, v = _autocast(q, k, v)
-    chosen = _resolve(op, (q, k, v, cu_seqlens_q, cu_seqlens_k), backend, q)
+    chosen = _resolve(op, backend, q)
     p = float(dropout_p)
     if chosen == "torch":
         return attention_ref(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -394,10 +475,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     seed = _dropout_seed(q.device) if p > 0.0 else None
     # the kernels read cu_seqlens[b] at offset b (unit stride): a strided view would be read
     # wrongly, and its bounds would send the kernels outside q, k and v
-    out, _ = _attention_fwd(q, k, v, None, None, cu_seqlens_q.contiguous(),
-                            cu_seqlens_k.contiguous(), seed, max_seqlen_q, max_seqlen_k,
-                            bool(causal), p, scale)
-    return out
+    return _run(q, k, v, None, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                seed, max_seqlen_q, max_seqlen_k, bool(causal), p, scale)
 
 
 def unpad(x: Tensor, attention_mask: Tensor) -> Tuple[Tensor, Tensor, Tensor, int]:

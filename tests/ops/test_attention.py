@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastbert.kernels import attention as k
 from fastbert.ops import (BackendUnavailable, attention, attention_ref, attention_varlen, pad,
@@ -631,6 +632,80 @@ def test_attention_torch_compile_fullgraph_padded_and_varlen(device):
     assert torch.equal(out_c, out_e)
     for a, b in zip(lc, le):
         assert torch.equal(a.grad, b.grad)
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records the ops dispatched inside it (and makes fast_op route to the custom ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64])
+def test_eager_autograd_matches_the_custom_op_path_bitwise(device, mask_dtype):
+    """Eager calls take _AttentionFunction (one output, lse saved); under a dispatch mode the
+    same call goes through fastbert::attention_fwd / attention_bwd and their registered
+    autograd. Both must give identical outputs and gradients, with dropout and a mask."""
+    q, k_, v, mask = _case_inputs(device, torch.float32, (2, 9, 12, 2, 1, 16, True, "holes"))
+    mask = mask.to(mask_dtype) * (3 if mask_dtype != torch.bool else 1)   # nonzero = attend
+    results = []
+    for mode in (None, _RecordOps()):
+        leaves = _leaves(q, k_, v)
+        torch.manual_seed(7)
+        if mode is None:
+            out = attention(*leaves, attention_mask=mask, causal=True, dropout_p=0.2,
+                            backend="triton")
+            assert type(out.grad_fn).__name__ == "_AttentionFunctionBackward"
+            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        else:
+            with mode:
+                out = attention(*leaves, attention_mask=mask, causal=True, dropout_p=0.2,
+                                backend="triton")
+                grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+            assert any("fastbert.attention_fwd" in o for o in mode.ops), mode.ops
+            assert any("fastbert.attention_bwd" in o for o in mode.ops), mode.ops
+        results.append((out, grads))
+    (out_e, grads_e), (out_m, grads_m) = results
+    assert torch.equal(out_e, out_m)
+    for a, b in zip(grads_e, grads_m):
+        assert torch.equal(a, b)
+
+
+def test_eager_attention_without_grad_records_no_graph(device):
+    q, k_, v, mask = _case_inputs(device, torch.float32, (2, 5, 7, 2, 2, 16, False, "right"))
+    leaves = _leaves(q, k_, v)
+    with torch.no_grad():
+        out = attention(*leaves, attention_mask=mask, backend="triton")
+    assert out.grad_fn is None and not out.requires_grad
+    out = attention(q, k_, v, attention_mask=mask, backend="triton")
+    assert out.grad_fn is None
+    assert torch.equal(out, attention(*leaves, attention_mask=mask, backend="triton").detach())
+
+
+def test_second_order_gradient_raises_instead_of_dropping_terms(device):
+    # the backward has no derivative: create_graph must not silently give zero second
+    # derivatives
+    leaves = _leaves(*(_rand(device, torch.float32, 1, 6, 2, 16) for _ in range(3)))
+    out = attention(*leaves, backend="triton")
+    (dq,) = torch.autograd.grad(out.square().sum(), leaves[:1], create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula|not implemented|derivative"):
+        torch.autograd.grad(dq.sum(), leaves)
+
+
+def test_bool_mask_modified_in_place_before_backward_is_caught(device):
+    # the kernels read the mask as an int8 view of it: autograd's saved-tensor check sees
+    # the write
+    q, k_, v, mask = _case_inputs(device, torch.float32, (2, 5, 7, 2, 2, 16, False, "holes"))
+    leaves = _leaves(q, k_, v)
+    out = attention(*leaves, attention_mask=mask, backend="triton")
+    mask[0, 0] = ~mask[0, 0]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_launch_grids_fit_cuda_grid_limits_for_many_heads(device, monkeypatch):
