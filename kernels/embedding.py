@@ -15,26 +15,30 @@ and hands the gradient of the sum, d(sum), to the three tables. Repeated ids (``
 ``[CLS]``, frequent words, every position once per sequence, two token types) make that a
 scatter-add with collisions, done one of two ways:
 
-- fast (default): ``tl.atomic_add`` into fp32 gradient tables. A program keeps a running
-  sum per table while consecutive tokens share an id (runs of ``[PAD]``, token type runs)
-  and issues one atomic per run, which cuts contention on the type table to a couple of
-  atomics per program. fp32 atomics commute only up to rounding, so results may differ in
-  the last bits from run to run. For fp16/bf16 word tables the word gradient takes the
-  segmented sum below instead (see ``SEGMENTED_WORD_GRAD_DTYPES``): atomics would need an
-  fp32 (V, H) buffer zeroed and cast afterwards, more traffic than the sort at V = 30522.
-  The fp32 position and type gradients reach their tables' dtype in the launch that sums
-  the LayerNorm parameters' partial rows (``_common.sum_param_parts``), not in torch casts.
-- deterministic: the kernel stores d(sum) rows (fp32) and each token's int32 sort key per
-  table (its row, or -1 where the row gets no gradient: the padding id, an id out of range;
-  32-bit keys halve the radix sort's passes next to int64 ids, and -1 rows are never read);
-  then, per table, the tokens are sorted by key (stable) and a segmented sum adds each id's
-  rows in a fixed order. The
-  sorted order is cut into chunks of ``SEGMENT_CHUNK`` tokens, one program per chunk (and
-  column block): runs that end inside a chunk are written to the table directly; a run
-  crossing chunk boundaries leaves one partial row per chunk, which a second kernel adds in
-  chunk order, ``MERGE_TILE`` chunks at a time. A long run (the type table's two ids, a
-  padding id) is thus summed in parallel, not by one program, and every sum has a fixed
-  order: bit-identical gradients run to run.
+- atomic (the default for fp32 tables): ``tl.atomic_add`` into fp32 gradient tables. A
+  program keeps a running sum per table while consecutive tokens share an id (runs of
+  ``[PAD]``, token type runs) and issues one atomic per run, which cuts contention on the
+  type table to a couple of atomics per program. fp32 atomics commute only up to rounding,
+  so results may differ in the last bits from run to run. The fp32 position and type
+  gradients reach their tables' dtype in the launch that sums the LayerNorm parameters'
+  partial rows (``_common.sum_param_parts``), not in torch casts.
+- segmented (``deterministic=True``, and the default for fp16/bf16 tables, see
+  ``SEGMENTED_WORD_GRAD_DTYPES``): the kernel stores d(sum) rows (fp32), each token's
+  int32 sort key per table (its row offset past the rows of the tables before it -- word,
+  position, type -- so the three share one key space; -1 where the row gets no gradient:
+  the padding id, an id out of range; 32-bit keys halve the radix sort's passes next to
+  int64 ids, and -1 rows are never read), and zeroes the gradient tables (in their own
+  dtypes). Then one stable sort orders all keys and a segmented sum adds each key's rows in
+  a fixed order into its table. The sorted order is cut into chunks of ``SEGMENT_CHUNK``
+  keys, one program per chunk (and column block): runs that end inside a chunk are written
+  to the table directly; a run crossing chunk boundaries leaves one partial row per chunk,
+  which a second kernel adds in chunk order, ``MERGE_TILE`` chunks at a time. A long run
+  (the type table's two ids, a padding id) is thus summed in parallel, not by one program,
+  and every sum has a fixed order: bit-identical gradients run to run. At BERT shapes the
+  backward is bound by host time, not the GPU's: this path makes no torch op besides its
+  allocations and one sort, where atomics need three zeroed fp32 tables (and, for a 16-bit
+  word table, an fp32 (V, H) buffer zeroed and cast: more traffic than the sort at V =
+  30522).
 
 Ids out of range are never read or written: the loads are masked (the row counts as zero)
 and the scatter skips them; ``fastbert.ops.embedding_layer_norm`` raises before launching
@@ -63,15 +67,16 @@ from ._common import (AotConfig, cdiv, dropout_keep, next_power_of_2, num_progra
 MAX_EMBED_COLS = 4096
 # Programs per SM in the persistent backward, as in the LayerNorm backward.
 BWD_PROGRAMS_PER_SM = 4
-# Sorted tokens per program in the deterministic segmented sum: small enough for thousands
+# Sorted keys per program in the segmented sum: small enough for thousands
 # of programs at BERT batch sizes, large enough that most runs end inside one chunk.
 SEGMENT_CHUNK = 32
 # Columns per program in the segmented sum (a quarter of a BERT-base row keeps 4x the
 # programs in flight).
 SEGMENT_BLOCK_N = 256
-# Word tables whose gradient takes the segmented sum even in the fast mode: it writes the
-# 16-bit gradient directly, where atomics need an fp32 (V, H) table zeroed, then cast (about
-# twice the memory traffic at BERT's vocabulary). fp32 tables take the atomics.
+# Word table dtypes whose gradients (all three tables') take the segmented sum even when
+# deterministic=False: it writes the 16-bit gradients directly, where atomics need fp32
+# tables zeroed, then cast (about twice the memory traffic at BERT's vocabulary, and three
+# more torch ops at every backward). fp32 tables take the atomics.
 SEGMENTED_WORD_GRAD_DTYPES = (torch.float16, torch.bfloat16)
 # Chunk partials the merge kernel adds per step of a run that spans many chunks.
 MERGE_TILE = 16
@@ -169,11 +174,25 @@ def _flush_run(grad_ptr, key, acc, cols, mask, n_keys, skip_key, n_cols):
 
 
 @triton.jit
-def _segment_key(idx, n_keys, skip_key):
-    """A token's sort key for one table's segmented sum: its row, or -1 when that row gets no
-    gradient (out of range, the padding row), so such tokens sort first and are skipped."""
+def _segment_key(idx, n_keys, skip_key, offset):
+    """A token's sort key for one table's segmented sum: its row plus the table's ``offset``
+    in the key space the segmented tables share (word rows, then position rows, then type
+    rows), or -1 when that row gets no gradient (out of range, the padding row), so such
+    tokens sort first and are skipped."""
     ok = (idx >= 0) & (idx < n_keys) & (idx != skip_key)
-    return tl.where(ok, idx, -1).to(tl.int32)
+    return tl.where(ok, idx + offset, -1).to(tl.int32)
+
+
+@triton.jit
+def _zero_rows(ptr, n_keys, n_cols, pid, n_programs, cols, mask, BLOCK_N: tl.constexpr):
+    """Zero rows pid, pid + n_programs, ... of a contiguous (n_keys, n_cols) table: the rows of
+    a segmented gradient table that no id reaches stay zero (no torch.zeros launch)."""
+    zero = tl.zeros((BLOCK_N,), dtype=ptr.dtype.element_ty)
+    off = pid.to(tl.int64) * n_cols
+    step = n_programs.to(tl.int64) * n_cols
+    for _ in range(pid, n_keys, n_programs):
+        tl.store(ptr + off + cols, zero, mask=mask)
+        off += step
 
 
 @triton.jit
@@ -188,11 +207,13 @@ def _embedding_layer_norm_bwd_kernel(
     BLOCK_N: tl.constexpr,
     HAS_POS_IDS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_TYPE_IDS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ATOMIC_WORD: tl.constexpr, ATOMIC_SMALL: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
-    # each program owns tokens [pid * rows_per_program, (pid + 1) * rows_per_program) and row
+    # each program owns tokens [pid * rows_per_program, (pid + 1) * rows_per_program), row
     # pid of each partial-sum slice of part_ptr (dweight, then dbias, the absent one left
-    # out); it writes those rows even when it gets no tokens (zeros)
+    # out; it writes those rows even when it gets no tokens: zeros; stride_part apart, in
+    # ds_ptr past the tokens' rows when segmented) and rows pid, pid + grid,
+    # ... of each segmented gradient table, which it zeroes
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
@@ -242,13 +263,12 @@ def _embedding_layer_norm_bwd_kernel(
         c2 = tl.sum(g, axis=0) / n_cols
         ds = tl.where(mask, (g - (xhat * c1 + c2)) * rstd, 0.0)
         # a new id ends the previous run: one atomic per run, not per token
-        if ATOMIC_WORD:
+        if ATOMIC:
             new_w = wid != cur_w
             _flush_run(dword_ptr, cur_w, acc_w, cols, mask & new_w, vocab_size, padding_idx,
                        n_cols)
             acc_w = tl.where(new_w, ds, acc_w + ds)
             cur_w = wid
-        if ATOMIC_SMALL:
             new_p = pos != cur_p
             _flush_run(dpos_ptr, cur_p, acc_p, cols, mask & new_p, n_positions, -1, n_cols)
             acc_p = tl.where(new_p, ds, acc_p + ds)
@@ -258,40 +278,92 @@ def _embedding_layer_norm_bwd_kernel(
                 _flush_run(dtype_ptr, cur_t, acc_t, cols, mask & new_t, n_types, -1, n_cols)
                 acc_t = tl.where(new_t, ds, acc_t + ds)
                 cur_t = tid
-        # the tables left to the segmented sum get d(sum) rows and int32 sort keys (row r of
-        # keys_ptr: word, position, type), read by the sort and the segment kernels
-        if not (ATOMIC_WORD and ATOMIC_SMALL):
+        # else d(sum) rows and int32 sort keys (row r of keys_ptr: word, position, type),
+        # read by the sort and the segment kernels; a position or type key is offset past the
+        # word rows (and the position rows): one sort and one segmented sum serve every table
+        if not ATOMIC:
             tl.store(ds_ptr + row * n_cols + cols, ds, mask=mask)
-        if not ATOMIC_WORD:
-            tl.store(keys_ptr + row, _segment_key(wid, vocab_size, padding_idx))
-        if not ATOMIC_SMALL:
-            tl.store(keys_ptr + n_rows + row, _segment_key(pos, n_positions, -1))
+            tl.store(keys_ptr + row, _segment_key(wid, vocab_size, padding_idx, 0))
+            tl.store(keys_ptr + n_rows + row, _segment_key(pos, n_positions, -1, vocab_size))
             if HAS_TYPE:
-                tl.store(keys_ptr + 2 * n_rows + row, _segment_key(tid, n_types, -1))
-    if ATOMIC_WORD:
+                tl.store(keys_ptr + 2 * n_rows + row,
+                         _segment_key(tid, n_types, -1, vocab_size + n_positions))
+    if ATOMIC:
         _flush_run(dword_ptr, cur_w, acc_w, cols, mask, vocab_size, padding_idx, n_cols)
-    if ATOMIC_SMALL:
         _flush_run(dpos_ptr, cur_p, acc_p, cols, mask, n_positions, -1, n_cols)
         if HAS_TYPE:
             _flush_run(dtype_ptr, cur_t, acc_t, cols, mask, n_types, -1, n_cols)
+    # the LayerNorm parameters' partial rows: into part_ptr's slices (summed by
+    # sum_param_parts), or, segmented, into d(sum) rows n_rows + k * grid + pid with keys
+    # past the tables' (one-row tables of the segmented sum, which adds them in a fixed order)
+    if ATOMIC:
+        lnp_ptr = part_ptr
+    else:
+        lnp_ptr = ds_ptr + n_rows.to(tl.int64) * n_cols
+        ln_key = vocab_size + n_positions + n_types
+        key_ptr = keys_ptr + (2 + HAS_TYPE) * n_rows + pid
+        if HAS_WEIGHT:
+            tl.store(key_ptr, ln_key)
+        if HAS_BIAS:
+            tl.store(key_ptr + HAS_WEIGHT * tl.num_programs(0), ln_key + HAS_WEIGHT)
     if HAS_WEIGHT:
-        tl.store(part_ptr + pid * n_cols + cols, dw_acc, mask=mask)
+        tl.store(lnp_ptr + pid * n_cols + cols, dw_acc, mask=mask)
     if HAS_BIAS:
-        tl.store(part_ptr + HAS_WEIGHT * stride_part + pid * n_cols + cols, db_acc, mask=mask)
+        tl.store(lnp_ptr + HAS_WEIGHT * stride_part + pid * n_cols + cols, db_acc, mask=mask)
+    # the segmented tables (then dword_ptr, dpos_ptr, dtype_ptr are the gradients in their
+    # tables' dtypes) start as zeros: the segment kernels, launched after this one, write the
+    # rows some id reaches
+    if not ATOMIC:
+        _zero_rows(dword_ptr, vocab_size, n_cols, pid, tl.num_programs(0), cols, mask, BLOCK_N)
+        _zero_rows(dpos_ptr, n_positions, n_cols, pid, tl.num_programs(0), cols, mask, BLOCK_N)
+        if HAS_TYPE:
+            _zero_rows(dtype_ptr, n_types, n_cols, pid, tl.num_programs(0), cols, mask, BLOCK_N)
+
+
+@triton.jit
+def _store_grad_row(g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, key, acc, cols, mask, n_cols,
+                    n_keys0, n_keys1, n_keys2, n_keys3, N_TAB: tl.constexpr):
+    """Store a run's sum ``acc`` at ``key`` of the key space the N_TAB segmented tables share:
+    rows [0, n_keys0) are table 0's, the next n_keys1 table 1's, and so on, each stored in its
+    table's dtype. ``mask`` already excludes keys that get no gradient."""
+    key = key.to(tl.int64)
+    tl.store(g0_ptr + key * n_cols + cols, acc.to(g0_ptr.dtype.element_ty),
+             mask=mask & (key < n_keys0))
+    if N_TAB > 1:
+        key -= n_keys0
+        tl.store(g1_ptr + key * n_cols + cols, acc.to(g1_ptr.dtype.element_ty),
+                 mask=mask & (key >= 0) & (key < n_keys1))
+    if N_TAB > 2:
+        key -= n_keys1
+        tl.store(g2_ptr + key * n_cols + cols, acc.to(g2_ptr.dtype.element_ty),
+                 mask=mask & (key >= 0) & (key < n_keys2))
+    if N_TAB > 3:
+        key -= n_keys2
+        tl.store(g3_ptr + key * n_cols + cols, acc.to(g3_ptr.dtype.element_ty),
+                 mask=mask & (key >= 0) & (key < n_keys3))
+    if N_TAB > 4:
+        key -= n_keys3
+        tl.store(g4_ptr + key * n_cols + cols, acc.to(g4_ptr.dtype.element_ty),
+                 mask=mask & (key >= 0))
 
 
 @triton.jit
 def _embedding_segment_sum_kernel(
-    keys_ptr, perm_ptr, ds_ptr, grad_ptr, part_ptr,
-    n_rows, n_cols, n_keys, skip_key,
-    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    keys_ptr, perm_ptr, ds_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, part_ptr, part_row0,
+    n_rows, n_tok_keys, n_ds_rows, n_cols, n_keys0, n_keys1, n_keys2, n_keys3, n_keys,
+    skip_key,
+    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, N_TAB: tl.constexpr,
 ):
     # each program owns sorted positions [pid_c * CHUNK, (pid_c + 1) * CHUNK) and one column
-    # block; keys_ptr holds the ids sorted (stable), perm_ptr the token each came from.
-    # part_ptr is (2, chunks, n_cols): [0] a chunk's piece of a run begun in an earlier chunk,
-    # [1] the start of a run that continues into later chunks
+    # block; keys_ptr holds the n_rows keys sorted (stable), perm_ptr the position each came
+    # from in the unsorted keys: n_tok_keys in rows of n_ds_rows tokens (table j's key of
+    # token r at j * n_ds_rows + r, d(sum) row r), then one key per d(sum) row from row
+    # n_ds_rows on (the LayerNorm parameters' partial rows). part_ptr is (2, chunks, n_cols)
+    # from row part_row0 on: [0] a chunk's piece of a run begun in an earlier chunk, [1] the
+    # start of a run that continues into later chunks
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
+    part_ptr += part_row0 * n_cols
     cont_ptr = part_ptr
     open_ptr = part_ptr + tl.num_programs(0).to(tl.int64) * n_cols
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -311,10 +383,12 @@ def _embedding_segment_sum_kernel(
         to_cont = new & (piece_start == c0) & first_is_cont
         ok = (cur >= 0) & (cur < n_keys) & (cur != skip_key)
         tl.store(cont_ptr + pid_c * n_cols + cols, acc, mask=mask & to_cont)
-        tl.store(grad_ptr + cur * n_cols + cols, acc.to(grad_ptr.dtype.element_ty),
-                 mask=mask & new & (~to_cont) & ok)
+        _store_grad_row(g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, cur, acc, cols,
+                        mask & new & (~to_cont) & ok, n_cols, n_keys0, n_keys1, n_keys2,
+                        n_keys3, N_TAB)
         piece_start = tl.where(new, i, piece_start)
         src = tl.load(perm_ptr + i)
+        src = tl.where(src < n_tok_keys, src % n_ds_rows, src - n_tok_keys + n_ds_rows)
         # a key that gets no gradient (padding runs are long) is never stored: skip its rows
         key_ok = (key >= 0) & (key < n_keys) & (key != skip_key)
         d = tl.load(ds_ptr + src * n_cols + cols, mask=mask & key_ok, other=0.0)
@@ -327,21 +401,23 @@ def _embedding_segment_sum_kernel(
     ok = (cur >= 0) & (cur < n_keys) & (cur != skip_key)
     tl.store(cont_ptr + pid_c * n_cols + cols, acc, mask=mask & to_cont)
     tl.store(open_ptr + pid_c * n_cols + cols, acc, mask=mask & to_open)
-    tl.store(grad_ptr + cur * n_cols + cols, acc.to(grad_ptr.dtype.element_ty),
-             mask=mask & (~to_cont) & (~to_open) & ok)
+    _store_grad_row(g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, cur, acc, cols,
+                    mask & (~to_cont) & (~to_open) & ok, n_cols, n_keys0, n_keys1, n_keys2,
+                    n_keys3, N_TAB)
 
 
 @triton.jit
 def _embedding_segment_merge_kernel(
-    keys_ptr, grad_ptr, part_ptr,
-    n_rows, n_cols, n_keys, skip_key,
-    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr,
+    keys_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, part_ptr, part_row0,
+    n_rows, n_cols, n_keys0, n_keys1, n_keys2, n_keys3, n_keys, skip_key,
+    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr, N_TAB: tl.constexpr,
 ):
     # each program owns the run that begins in chunk pid_c and continues past it, if any,
     # and one column block: it adds that run's partials from the following chunks in order
-    # (part_ptr as the segment-sum kernel's)
+    # (keys, tables and part_ptr as the segment-sum kernel's)
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
+    part_ptr += part_row0 * n_cols
     cont_ptr = part_ptr
     open_ptr = part_ptr + tl.num_programs(0).to(tl.int64) * n_cols
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -369,7 +445,8 @@ def _embedding_segment_merge_kernel(
             acc += tl.sum(part, axis=0)
             more = tl.sum(in_run.to(tl.int32), axis=0) == MERGE
             j0 += MERGE
-        tl.store(grad_ptr + last * n_cols + cols, acc.to(grad_ptr.dtype.element_ty), mask=mask)
+        _store_grad_row(g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, last, acc, cols, mask, n_cols,
+                        n_keys0, n_keys1, n_keys2, n_keys3, N_TAB)
 
 
 @triton.jit
@@ -460,7 +537,6 @@ def _gather_inputs(input_ids, position_ids, token_type_ids, word_weight, positio
     return n_cols, shape, ids, pos_ids, type_ids, word, pos, typ
 
 
-@on_tensor_device
 def index_bounds(tensors: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
     """(min, max) of each of one to three non-empty int32/int64 tensors: one launch and one
     device-to-host copy (which waits for the device), where torch takes an aminmax, a stack
@@ -472,7 +548,12 @@ def index_bounds(tensors: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
             raise ValueError("index_bounds: tensors must be non-empty int32/int64, got "
                              f"{t.dtype} {tuple(t.shape)}")
     # read as flat arrays: reshape(-1) of a non-contiguous tensor can be a strided view
-    flat = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    return _index_bounds(*[t if t.is_contiguous() else t.contiguous() for t in tensors])
+
+
+@on_tensor_device
+def _index_bounds(*flat: torch.Tensor) -> List[Tuple[int, int]]:
+    # the tensors as arguments: on_tensor_device launches on their GPU
     sizes = [t.numel() for t in flat]
     grid = min(cdiv(max(sizes), BOUNDS_BLOCK), BOUNDS_MAX_PROGRAMS)
     out = torch.empty((len(flat), 2, grid), dtype=torch.int64, device=flat[0].device)
@@ -530,29 +611,57 @@ def embedding_layer_norm_fwd(input_ids: torch.Tensor, word_weight: torch.Tensor,
     return y, mean, rstd
 
 
+def _launch_segment_sum(keys: torch.Tensor, ds: torch.Tensor, n_tok_keys: int,
+                        n_ds_rows: int, grads: Sequence[torch.Tensor], skip_key: int,
+                        chunk: int, partials: Optional[torch.Tensor] = None) -> None:
+    """Add d(sum) rows into one to five gradient tables by sorted key, in a fixed order
+    (deterministic): one sort, one segment-sum launch, one merge launch for every table.
+
+    keys: int32 or int64 (sorted in their own dtype: 32-bit keys halve the radix sort's
+    passes), n_tok_keys of them in rows of n_ds_rows (token r's key of one table, d(sum) row
+    r), then one per d(sum) row from row n_ds_rows on. A table's keys are its rows plus the
+    rows of the tables before it; a key outside every table, or ``skip_key``, gets nothing.
+    ds: float32 with unit column stride and row stride H. grads: contiguous tables with H
+    columns ((H,) counts as one row), any float dtype, zero where no key reaches (this writes
+    only the rows some key reaches). partials: float32 (2 * chunks, H) scratch, or None to
+    use ds's rows after those the keys name (the backward allocates ds with room for it).
+    """
+    n_rows = keys.shape[0]
+    n_cols = ds.shape[-1]
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    n_chunks = cdiv(n_rows, chunk)
+    part_row0 = 0
+    if partials is None:
+        partials, part_row0 = ds, n_ds_rows + n_rows - n_tok_keys
+    block_n = min(SEGMENT_BLOCK_N, next_power_of_2(max(n_cols, 16)))
+    grid = (n_chunks, cdiv(n_cols, block_n))
+    n_tab = len(grads)
+    g = (*grads, None, None, None, None)[:5]
+    sizes = [t.shape[0] if t.dim() == 2 else 1 for t in grads]
+    nk = (*sizes, 0, 0, 0)[:4]
+    _embedding_segment_sum_kernel[grid](
+        sorted_keys, perm, ds, *g, partials, part_row0, n_rows, n_tok_keys, n_ds_rows, n_cols,
+        *nk, sum(sizes), skip_key, CHUNK=chunk, BLOCK_N=block_n, N_TAB=n_tab,
+        num_warps=SEGMENT_NUM_WARPS)
+    _embedding_segment_merge_kernel[grid](
+        sorted_keys, *g, partials, part_row0, n_rows, n_cols, *nk, sum(sizes), skip_key,
+        CHUNK=chunk, BLOCK_N=block_n, MERGE=MERGE_TILE, N_TAB=n_tab,
+        num_warps=SEGMENT_NUM_WARPS)
+
+
 def _segment_sum(keys: torch.Tensor, ds: torch.Tensor, n_keys: int, skip_key: int,
                  dtype: torch.dtype, chunk: int = SEGMENT_CHUNK) -> torch.Tensor:
     """grad[k] = sum of ds rows whose key is k, summed in a fixed order (deterministic).
 
-    keys: (n_rows,) int32 or int64 (sorted in their own dtype: 32-bit keys halve the radix
-    sort's passes). Keys out of [0, n_keys) and ``skip_key`` get nothing. Returns
-    (n_keys, H) of ``dtype``.
+    keys: (n_rows,) int32 or int64. Keys out of [0, n_keys) and ``skip_key`` get nothing.
+    ds: (n_rows, H) float32, contiguous. Returns (n_keys, H) of ``dtype``.
     """
     n_rows, n_cols = ds.shape
     grad = torch.zeros((n_keys, n_cols), dtype=dtype, device=ds.device)
-    if n_rows == 0:
-        return grad
-    sorted_keys, perm = torch.sort(keys, stable=True)
-    n_chunks = cdiv(n_rows, chunk)
-    partials = torch.empty((2, n_chunks, n_cols), dtype=torch.float32, device=ds.device)
-    block_n = min(SEGMENT_BLOCK_N, next_power_of_2(max(n_cols, 16)))
-    grid = (n_chunks, cdiv(n_cols, block_n))
-    _embedding_segment_sum_kernel[grid](
-        sorted_keys, perm, ds, grad, partials, n_rows, n_cols, n_keys, skip_key,
-        CHUNK=chunk, BLOCK_N=block_n, num_warps=SEGMENT_NUM_WARPS)
-    _embedding_segment_merge_kernel[grid](
-        sorted_keys, grad, partials, n_rows, n_cols, n_keys, skip_key,
-        CHUNK=chunk, BLOCK_N=block_n, MERGE=MERGE_TILE, num_warps=SEGMENT_NUM_WARPS)
+    if n_rows > 0:
+        partials = torch.empty((2 * cdiv(n_rows, chunk), n_cols), dtype=torch.float32,
+                               device=ds.device)
+        _launch_segment_sum(keys, ds, n_rows, n_rows, (grad,), skip_key, chunk, partials)
     return grad
 
 
@@ -572,9 +681,10 @@ def embedding_layer_norm_bwd(dy: torch.Tensor, input_ids: torch.Tensor,
     Args:
         dy: gradient of the output, input_ids.shape + (H,).
         padding_idx: word id that gets no gradient, or -1 for none.
-        deterministic: sort-and-segment table gradients (bit-identical run to run) instead
-            of fp32 atomics.
-        chunk: sorted tokens per program of the deterministic segmented sum (tests shrink it
+        deterministic: sort-and-segment table gradients (bit-identical run to run) for
+            every table dtype; otherwise fp32 tables take fp32 atomics (16-bit ones are
+            segmented either way, see ``SEGMENTED_WORD_GRAD_DTYPES``).
+        chunk: sorted keys per program of the segmented sum (tests shrink it
             to exercise runs across many chunks on small inputs).
         The other arguments are the forward's.
 
@@ -582,70 +692,94 @@ def embedding_layer_norm_bwd(dy: torch.Tensor, input_ids: torch.Tensor,
         (dword, dposition, dtype, dln_weight, dln_bias), each in its parameter's dtype;
         dtype / dln_weight / dln_bias are None when that parameter is None.
     """
+    # host time matters here (BERT's embedding backward is host-bound): on the segmented path
+    # each tensor below is one allocation (the kernels zero the gradient tables and write
+    # them in their dtypes), and one sort and one launch pair sum every gradient
     n_cols, shape, ids, pos_ids, type_ids, word, pos, typ = _gather_inputs(
         input_ids, position_ids, token_type_ids, word_weight, position_weight, type_weight)
     w = _table(ln_weight)
     n_rows = input_ids.numel()
-    seq_len = max(shape[-1] if shape else 1, 1)
+    seq_len = shape[-1] if shape and shape[-1] > 0 else 1
     dev = word.device
     dy2, stride_dy = rows_arg(dy, n_cols)
     has_dropout = seed is not None and dropout_p > 0.0
-    f32 = dict(dtype=torch.float32, device=dev)
-    atomic_small = not deterministic
-    atomic_word = not deterministic and word_weight.dtype not in SEGMENTED_WORD_GRAD_DTYPES
-    dword = torch.zeros((word.shape[0], n_cols), **f32) if atomic_word else None
-    dpos = torch.zeros((pos.shape[0], n_cols), **f32) if atomic_small else None
-    dtyp = (torch.zeros((typ.shape[0], n_cols), **f32)
-            if atomic_small and typ is not None else None)
-    ds = None if atomic_word and atomic_small else torch.empty((n_rows, n_cols), **f32)
-    # int32 sort keys of the segmented tables, a row each: word, position, type
-    key_rows = (3 if typ is not None else 2) if not atomic_small else int(not atomic_word)
-    keys = (torch.empty((key_rows * n_rows,), dtype=torch.int32, device=dev)
-            if key_rows else None)
-    grid = max(1, min(num_programs(dev, BWD_PROGRAMS_PER_SM), n_rows))
-    rows_per_program = cdiv(n_rows, grid) if n_rows > 0 else 0
-    # one partial-sum buffer for the LayerNorm parameters present (every program writes its
-    # rows)
+    n_words, n_pos = word.shape[0], pos.shape[0]
+    n_types = typ.shape[0] if typ is not None else 0
+    atomic = not deterministic and word_weight.dtype not in SEGMENTED_WORD_GRAD_DTYPES
     n_parts = (ln_weight is not None) + (ln_bias is not None)
-    parts = torch.empty((n_parts, grid, n_cols), **f32) if n_parts else None
     block_n, num_warps = row_block(n_cols)
+    dtyp = dlnw = dlnb = None
+    if atomic:
+        # fp32 accumulators, zeroed here; the LayerNorm parameters' partial rows (every
+        # program writes its rows) and the fp32 position and type tables go through
+        # sum_param_parts
+        f32 = dict(dtype=torch.float32, device=dev)
+        dword = torch.zeros((n_words, n_cols), **f32)
+        dpos = torch.zeros((n_pos, n_cols), **f32)
+        if typ is not None:
+            dtyp = torch.zeros((n_types, n_cols), **f32)
+        grid = max(1, min(num_programs(dev, BWD_PROGRAMS_PER_SM), n_rows))
+        ds = keys = None
+        parts = torch.empty((n_parts, grid, n_cols), **f32) if n_parts else None
+    else:
+        # the gradients in their parameters' dtypes, zeroed by the backward kernel (by torch
+        # when no program runs); the LayerNorm parameters' gradients are one-row tables of
+        # the segmented sum, fed by the kernel's partial rows. A full persistent grid, which
+        # zeroes the tables
+        if n_words + n_pos + n_types + 2 > 2**31:
+            raise ValueError(f"the segmented embedding backward sorts int32 keys over the "
+                             f"tables' {n_words + n_pos + n_types} rows in all; at most "
+                             f"{2**31 - 2}")
+        new = torch.empty if n_rows > 0 else torch.zeros
+        dword = new((n_words, n_cols), dtype=word_weight.dtype, device=dev)
+        dpos = new((n_pos, n_cols), dtype=position_weight.dtype, device=dev)
+        seg = [dword, dpos]
+        if typ is not None:
+            dtyp = new((n_types, n_cols), dtype=type_weight.dtype, device=dev)
+            seg.append(dtyp)
+        n_tok_keys = len(seg) * n_rows
+        if ln_weight is not None:
+            dlnw = new((n_cols,), dtype=ln_weight.dtype, device=dev)
+            seg.append(dlnw)
+        if ln_bias is not None:
+            dlnb = new((n_cols,), dtype=ln_bias.dtype, device=dev)
+            seg.append(dlnb)
+        grid = num_programs(dev, BWD_PROGRAMS_PER_SM)
+        # one int32 sort key per token and table (a row each: word, position, type), then
+        # one per partial row; d(sum) rows: the tokens', the partial rows, the chunk partials
+        n_keys = n_tok_keys + n_parts * grid
+        keys = torch.empty((n_keys,), dtype=torch.int32, device=dev)
+        ds = torch.empty((n_rows + n_parts * grid + 2 * cdiv(n_keys, chunk), n_cols),
+                         dtype=torch.float32, device=dev)
+        parts = ds
     if n_rows > 0:
         _embedding_layer_norm_bwd_kernel[(grid,)](
             ids[0], pos_ids[0], type_ids[0], word, pos, typ, w, seed, dy2, mean, rstd,
             dword, dpos, dtyp, ds, keys, parts, *ids[1:], *pos_ids[1:], *type_ids[1:],
             word.stride(0), pos.stride(0), typ.stride(0) if typ is not None else 0, stride_dy,
-            parts.stride(0) if parts is not None else 0, n_rows, seq_len, n_cols,
-            word.shape[0], pos.shape[0], typ.shape[0] if typ is not None else 0,
-            int(padding_idx), rows_per_program, float(dropout_p),
+            grid * n_cols, n_rows, seq_len, n_cols, n_words, n_pos, n_types,
+            int(padding_idx), cdiv(n_rows, grid), float(dropout_p),
             BLOCK_N=block_n, HAS_POS_IDS=pos_ids[0] is not None, HAS_TYPE=typ is not None,
             HAS_TYPE_IDS=type_ids[0] is not None, HAS_DROPOUT=has_dropout,
             HAS_WEIGHT=ln_weight is not None, HAS_BIAS=ln_bias is not None,
-            ATOMIC_WORD=atomic_word, ATOMIC_SMALL=atomic_small, num_warps=num_warps,
+            ATOMIC=atomic, num_warps=num_warps,
         )
-    # the kernel mapped padding and out-of-range ids to key -1: no key is skipped here
-    if atomic_word:
-        if word_weight.dtype != torch.float32:
-            dword = dword.to(word_weight.dtype)
-    else:
-        word_keys = keys if key_rows == 1 else keys[:n_rows]
-        dword = _segment_sum(word_keys, ds, word.shape[0], -1, word_weight.dtype, chunk)
-    if not atomic_small:
-        dpos = _segment_sum(keys[n_rows:2 * n_rows], ds, pos.shape[0], -1,
-                            position_weight.dtype, chunk)
-        if typ is not None:
-            dtyp = _segment_sum(keys[2 * n_rows:], ds, typ.shape[0], -1, type_weight.dtype,
-                                chunk)
+        if not atomic:
+            # the kernel mapped padding and out-of-range ids to key -1: no key is skipped here
+            _launch_segment_sum(keys, ds, n_tok_keys, n_rows, seg, -1, chunk)
+    if not atomic:
+        return dword, dpos, dtyp, dlnw, dlnb
     # one launch finishes the LayerNorm parameter gradients (no tokens: no program ran, and
     # the sum over zero rows gives zeros) and converts the fp32 position and type tables
-    tables = []
-    if atomic_small:
-        tables.append((dpos, position_weight))
-        if dtyp is not None:
-            tables.append((dtyp, type_weight))
+    if word_weight.dtype != torch.float32:
+        # only reached when SEGMENTED_WORD_GRAD_DTYPES leaves out a 16-bit dtype
+        dword = dword.to(word_weight.dtype)
+    tables = [(dpos, position_weight)]
+    if dtyp is not None:
+        tables.append((dtyp, type_weight))
     dlnw, dlnb, *small = _sum_param_parts(parts, grid if n_rows > 0 else 0,
                                          (ln_weight, ln_bias), tables)
-    if atomic_small:
-        dpos, dtyp = small[0], small[1] if dtyp is not None else None
+    dpos, dtyp = small[0], small[1] if dtyp is not None else None
     return dword, dpos, dtyp, dlnw, dlnb
 
 
@@ -661,12 +795,13 @@ def _row_configs():
 
 
 def aot_configs():
-    """Every row block config with all options on (bf16 tables, int64 ids) and all off
-    (fp32, int32 ids), both backward modes, and fp32 tables with all options on in the
-    all-atomic backward; every option combination at hidden 1024 (fp16,
-    atomic backward); the segmented-sum kernels at every block size (fp32 gradients, int32
-    keys) and for fp16/bf16 gradients and int64 keys at the block size BERT hidden sizes use;
-    the bound check for one to three int32 / int64 index tensors."""
+    """Every row block config with all options on (bf16 tables, int64 ids: segmented
+    backward) and all off (fp32, int32 ids), both backward modes, and fp32 tables with all
+    options on in the atomic backward; every option combination at hidden 1024 (fp16,
+    segmented backward); the segmented-sum kernels over one and five fp32 tables at every
+    block size, and at the block size BERT hidden sizes use over one fp16 / bf16 table, the
+    backward's table sets in mixed dtypes, and int64 keys; the bound check for one to three
+    int32 / int64 index tensors."""
     # (leading, sequence) strides of the three index tensors
     index_strides = {f"stride_{t}_{d}": "i64" for t in ("ids", "pos_ids", "type_ids")
                      for d in ("b", "s")}
@@ -684,12 +819,14 @@ def aot_configs():
             "HAS_POS_IDS": "constexpr", "HAS_TYPE": "constexpr", "HAS_TYPE_IDS": "constexpr",
             "HAS_DROPOUT": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr"}
 
-    def bwd_sig(dt, it):
+    def bwd_sig(dt, it, atomic):
+        # atomic tables are fp32 accumulators, segmented ones the gradients in dt
+        gt = "fp32" if atomic else dt
         return {
             "ids_ptr": f"*{it}", "pos_ids_ptr": f"*{it}", "type_ids_ptr": f"*{it}",
             "word_ptr": f"*{dt}", "pos_ptr": f"*{dt}", "type_ptr": f"*{dt}", "w_ptr": "*fp32",
             "seed_ptr": "*i64", "dy_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-            "dword_ptr": "*fp32", "dpos_ptr": "*fp32", "dtype_ptr": "*fp32", "ds_ptr": "*fp32",
+            "dword_ptr": f"*{gt}", "dpos_ptr": f"*{gt}", "dtype_ptr": f"*{gt}", "ds_ptr": "*fp32",
             "keys_ptr": "*i32", "part_ptr": "*fp32", **index_strides, "stride_word_row": "i64",
             "stride_pos_row": "i64", "stride_type_row": "i64", "stride_dy_row": "i64",
             "stride_part": "i32", "n_rows": "i32", "seq_len": "i32", "n_cols": "i32",
@@ -697,7 +834,7 @@ def aot_configs():
             "rows_per_program": "i32", "dropout_p": "fp32", "BLOCK_N": "constexpr",
             "HAS_POS_IDS": "constexpr", "HAS_TYPE": "constexpr", "HAS_TYPE_IDS": "constexpr",
             "HAS_DROPOUT": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
-            "ATOMIC_WORD": "constexpr", "ATOMIC_SMALL": "constexpr"}
+            "ATOMIC": "constexpr"}
 
     def flags(pos_ids, typ, type_ids, drop, w, b):
         return dict(HAS_POS_IDS=pos_ids, HAS_TYPE=typ, HAS_TYPE_IDS=type_ids, HAS_DROPOUT=drop,
@@ -707,50 +844,67 @@ def aot_configs():
         yield AotConfig(_embedding_layer_norm_fwd_kernel, fwd_sig(dt, it),
                         dict(BLOCK_N=block_n, **f), num_warps,
                         name=f"embedding_layer_norm_fwd[{tag}]")
-        for word, small in atomic_modes:
-            yield AotConfig(_embedding_layer_norm_bwd_kernel, bwd_sig(dt, it),
-                            dict(BLOCK_N=block_n, ATOMIC_WORD=word, ATOMIC_SMALL=small, **f),
-                            num_warps,
-                            name=f"embedding_layer_norm_bwd[{tag},atomic={word},{small}]")
+        for atomic in atomic_modes:
+            yield AotConfig(_embedding_layer_norm_bwd_kernel, bwd_sig(dt, it, atomic),
+                            dict(BLOCK_N=block_n, ATOMIC=atomic, **f), num_warps,
+                            name=f"embedding_layer_norm_bwd[{tag},atomic={atomic}]")
 
     for block_n, num_warps in _row_configs():
-        # 16-bit tables: segmented word gradient (fast) or all segmented (deterministic);
-        # fp32 tables: all atomic (fast) or all segmented
+        # 16-bit tables: segmented (both modes); fp32 tables: atomic (fast) or segmented
         yield from fwd_bwd("bf16", "i64", block_n, num_warps, flags(*[True] * 6),
-                           f"bf16,all,{block_n}", ((False, True), (False, False)))
+                           f"bf16,all,{block_n}", (False,))
         yield from fwd_bwd("fp32", "i32", block_n, num_warps, flags(*[False] * 6),
-                           f"fp32,none,{block_n}", ((True, True), (False, False)))
+                           f"fp32,none,{block_n}", (True, False))
         # fp32 tables with every option: the fast path of fp32 / AMP training (all three
         # run accumulators live, the most registers of any backward)
         yield from fwd_bwd("fp32", "i64", block_n, num_warps, flags(*[True] * 6),
-                           f"fp32,all,{block_n}", ((True, True),))
+                           f"fp32,all,{block_n}", (True,))
     block_n, num_warps = row_block(1024)
     for bits in range(1 << 5):
         pos_ids, typ, drop, w, b = [(bits >> i) & 1 == 1 for i in range(5)]
         yield from fwd_bwd("fp16", "i64", block_n, num_warps,
                            flags(pos_ids, typ, typ, drop, w, b), f"fp16,flags={bits:05b}",
-                           ((False, True),))
-    # the segmented sums: the backward's int32 keys; int64 keys (the direct test's) at one size
-    seg_sig = lambda dt, kt: {
-        "keys_ptr": f"*{kt}", "perm_ptr": "*i64", "ds_ptr": "*fp32", "grad_ptr": f"*{dt}",
-        "part_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "n_keys": "i32",
-        "skip_key": "i32", "CHUNK": "constexpr", "BLOCK_N": "constexpr"}
-    merge_sig = lambda dt, kt: {
-        "keys_ptr": f"*{kt}", "grad_ptr": f"*{dt}", "part_ptr": "*fp32", "n_rows": "i32",
-        "n_cols": "i32", "n_keys": "i32", "skip_key": "i32", "CHUNK": "constexpr",
-        "BLOCK_N": "constexpr", "MERGE": "constexpr"}
+                           (False,))
+    # the segmented sums: the backward's int32 keys, one table (the word table of the default
+    # mode) at every block size and in every dtype at the block size BERT hidden sizes use,
+    # two and three tables (the deterministic mode) with mixed dtypes there; int64 keys (the
+    # direct test's) at one size
+    tabs = ("g0_ptr", "g1_ptr", "g2_ptr", "g3_ptr", "g4_ptr")
+
+    def seg_configs(dts, kt, block_n):
+        n_tab = len(dts)
+        types = {t: f"*{d}" for t, d in zip(tabs, dts)}
+        absent = {t: None for t in tabs[n_tab:]}
+        c = dict(CHUNK=SEGMENT_CHUNK, BLOCK_N=block_n, N_TAB=n_tab, **absent)
+        tag = f"{'/'.join(dts)},{kt},{block_n}"
+        sizes = {"n_keys0": "i32", "n_keys1": "i32", "n_keys2": "i32", "n_keys3": "i32",
+                 "n_keys": "i32", "skip_key": "i32"}
+        sig = {"keys_ptr": f"*{kt}", "perm_ptr": "*i64", "ds_ptr": "*fp32", **types,
+               **{t: "constexpr" for t in absent}, "part_ptr": "*fp32", "part_row0": "i64",
+               "n_rows": "i32", "n_tok_keys": "i32", "n_ds_rows": "i32", "n_cols": "i32",
+               **sizes, "CHUNK": "constexpr", "BLOCK_N": "constexpr", "N_TAB": "constexpr"}
+        yield AotConfig(_embedding_segment_sum_kernel, sig, c, SEGMENT_NUM_WARPS,
+                        name=f"embedding_segment_sum[{tag}]")
+        sig = {"keys_ptr": f"*{kt}", **types, **{t: "constexpr" for t in absent},
+               "part_ptr": "*fp32", "part_row0": "i64", "n_rows": "i32", "n_cols": "i32",
+               **sizes, "CHUNK": "constexpr", "BLOCK_N": "constexpr", "MERGE": "constexpr",
+               "N_TAB": "constexpr"}
+        yield AotConfig(_embedding_segment_merge_kernel, sig, dict(MERGE=MERGE_TILE, **c),
+                        SEGMENT_NUM_WARPS, name=f"embedding_segment_merge[{tag}]")
+
     block_n = 16
     while block_n <= SEGMENT_BLOCK_N:
-        big = block_n == SEGMENT_BLOCK_N
-        for dt, kt in ([("fp32", "i32"), ("fp16", "i32"), ("bf16", "i32"), ("fp32", "i64")]
-                       if big else [("fp32", "i32")]):
-            c = dict(CHUNK=SEGMENT_CHUNK, BLOCK_N=block_n)
-            yield AotConfig(_embedding_segment_sum_kernel, seg_sig(dt, kt), c,
-                            SEGMENT_NUM_WARPS, name=f"embedding_segment_sum[{dt},{kt},{block_n}]")
-            yield AotConfig(_embedding_segment_merge_kernel, merge_sig(dt, kt),
-                            dict(MERGE=MERGE_TILE, **c), SEGMENT_NUM_WARPS,
-                            name=f"embedding_segment_merge[{dt},{kt},{block_n}]")
+        yield from seg_configs(("fp32",), "i32", block_n)
+        yield from seg_configs(("fp32",) * 5, "i32", block_n)
         block_n *= 2
+    # the backward's table sets: word and position, + type, + one or both LayerNorm
+    # parameters (which may have another dtype than the tables)
+    for dts in (("fp16",), ("bf16",), ("bf16", "bf16"), ("bf16", "fp32", "fp16"),
+                ("bf16", "bf16", "bf16", "fp32"), ("fp16", "fp16", "fp16", "fp16", "fp16"),
+                ("bf16", "bf16", "bf16", "bf16", "bf16"),
+                ("bf16", "bf16", "bf16", "fp32", "fp32")):
+        yield from seg_configs(dts, "i32", SEGMENT_BLOCK_N)
+    yield from seg_configs(("fp32",), "i64", SEGMENT_BLOCK_N)
     # the bound check: one to three index tensors, int64 and int32
     for n_in in (1, 2, 3):
         for it in ("i64", "i32"):

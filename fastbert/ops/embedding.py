@@ -12,6 +12,7 @@ Layers of this file:
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -20,8 +21,8 @@ from torch import Tensor
 
 from ._checks import (FLOAT_DTYPES, check_eps, check_probability, check_same_device, check_shape,
                       check_tensor)
-from ._fastop import fast_op
-from ._dispatch import resolve
+from ._fastop import direct_call_ok, fast_op
+from ._dispatch import kernel_module, resolve
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -74,10 +75,9 @@ def _embedding_layer_norm_fwd(input_ids: Tensor, word_weight: Tensor, position_w
                               type_weight: Optional[Tensor], seed: Optional[Tensor], eps: float,
                               dropout_p: float, padding_idx: int,
                               deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    from fastbert.kernels import embedding as k
-    return k.embedding_layer_norm_fwd(input_ids, word_weight, position_weight, ln_weight,
-                                      ln_bias, eps, position_ids, token_type_ids, type_weight,
-                                      seed, dropout_p)
+    return kernel_module("embedding").embedding_layer_norm_fwd(
+        input_ids, word_weight, position_weight, ln_weight, ln_bias, eps, position_ids,
+        token_type_ids, type_weight, seed, dropout_p)
 
 
 @_embedding_layer_norm_fwd.register_fake
@@ -98,10 +98,9 @@ def _embedding_layer_norm_bwd(dy: Tensor, input_ids: Tensor, word_weight: Tensor
                               seed: Optional[Tensor], mean: Tensor, rstd: Tensor,
                               dropout_p: float, padding_idx: int,
                               deterministic: bool) -> List[Tensor]:
-    from fastbert.kernels import embedding as k
-    grads = k.embedding_layer_norm_bwd(dy, input_ids, word_weight, position_weight, ln_weight,
-                                       ln_bias, mean, rstd, position_ids, token_type_ids,
-                                       type_weight, seed, dropout_p, padding_idx, deterministic)
+    grads = kernel_module("embedding").embedding_layer_norm_bwd(
+        dy, input_ids, word_weight, position_weight, ln_weight, ln_bias, mean, rstd,
+        position_ids, token_type_ids, type_weight, seed, dropout_p, padding_idx, deterministic)
     return [g if g is not None else word_weight.new_empty(0) for g in grads]
 
 
@@ -119,34 +118,97 @@ def _setup(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(input_ids, word_weight, position_weight, ln_weight, ln_bias,
                           position_ids, token_type_ids, type_weight, seed, mean, rstd)
-    ctx.dropout_p = dropout_p
-    ctx.padding_idx = padding_idx
-    ctx.deterministic = deterministic
+    ctx.args = (dropout_p, padding_idx, deterministic)
     # mean and rstd get no gradient: no zero tensors made for them at each backward
     ctx.set_materialize_grads(False)
+
+
+def _grads(ctx, dy: Tensor, direct: bool) -> Tuple[Optional[Tensor], ...]:
+    """(dword, dpos, dln_weight, dln_bias, dtype), None where no gradient is needed, from what
+    _setup or _EmbeddingLayerNormFunction saved: by fastbert::embedding_layer_norm_bwd, or
+    with ``direct`` by its launcher alone (the same results, without the op's placeholders
+    for absent parameters)."""
+    (input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids, token_type_ids,
+     type_weight, seed, mean, rstd) = ctx.saved_tensors
+    if direct:
+        dword, dpos, dtyp, dlnw, dlnb = kernel_module("embedding").embedding_layer_norm_bwd(
+            dy, input_ids, word_weight, position_weight, ln_weight, ln_bias, mean, rstd,
+            position_ids, token_type_ids, type_weight, seed, *ctx.args)
+    else:
+        dword, dpos, dtyp, dlnw, dlnb = _embedding_layer_norm_bwd(
+            dy, input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
+            token_type_ids, type_weight, seed, mean, rstd, *ctx.args)
+    need = ctx.needs_input_grad
+    return (dword if need[1] else None,
+            dpos if need[2] else None,
+            dlnw if ln_weight is not None and need[3] else None,
+            dlnb if ln_bias is not None and need[4] else None,
+            dtyp if type_weight is not None and need[7] else None)
 
 
 def _backward(ctx, dy, dmean, drstd):
     if dy is None:
         return (None,) * 13
-    (input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids, token_type_ids,
-     type_weight, seed, mean, rstd) = ctx.saved_tensors
-    dword, dpos, dtyp, dlnw, dlnb = _embedding_layer_norm_bwd(
-        dy, input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
-        token_type_ids, type_weight, seed, mean, rstd, ctx.dropout_p, ctx.padding_idx,
-        ctx.deterministic)
-    need = ctx.needs_input_grad
-    return (None,
-            dword if need[1] else None,
-            dpos if need[2] else None,
-            dlnw if ln_weight is not None and need[3] else None,
-            dlnb if ln_bias is not None and need[4] else None,
-            None, None,
-            dtyp if type_weight is not None and need[7] else None,
-            None, None, None, None, None)
+    dword, dpos, dlnw, dlnb, dtyp = _grads(ctx, dy, False)
+    return (None, dword, dpos, dlnw, dlnb, None, None, dtyp, None, None, None, None, None)
 
 
 _embedding_layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+class _EmbeddingLayerNormFunction(torch.autograd.Function):
+    """fastbert::embedding_layer_norm_fwd's autograd for eager calls that fast_op would send
+    down its direct path (no tracing, no mode, plain tensors): the same launchers, saved
+    tensors and backward as the registered autograd, with less host work (the layer runs
+    once per step, at host-bound sizes):
+      - one output: mean and rstd are saved, not returned, so autograd neither wraps two more
+        outputs nor checks their (absent) gradients at every backward;
+      - ten inputs instead of thirteen (the python scalars travel as one tuple), and no
+        generic scan of the arguments;
+      - the backward calls the launcher itself, unless something must see the custom op: a
+        graph being recorded (create_graph=True, where the op raises that it has no
+        derivative rather than give wrong second derivatives) or a mode.
+    """
+
+    @staticmethod
+    def forward(ctx, input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
+                token_type_ids, type_weight, seed, args):
+        eps, dropout_p, padding_idx, deterministic = args
+        y, mean, rstd = kernel_module("embedding").embedding_layer_norm_fwd(
+            input_ids, word_weight, position_weight, ln_weight, ln_bias, eps, position_ids,
+            token_type_ids, type_weight, seed, dropout_p)
+        ctx.save_for_backward(input_ids, word_weight, position_weight, ln_weight, ln_bias,
+                              position_ids, token_type_ids, type_weight, seed, mean, rstd)
+        ctx.args = (dropout_p, padding_idx, deterministic)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        direct = not torch.is_grad_enabled() and direct_call_ok((dy,))
+        dword, dpos, dlnw, dlnb, dtyp = _grads(ctx, dy, direct)
+        return None, dword, dpos, dlnw, dlnb, None, None, dtyp, None, None
+
+
+def _run(input_ids: Tensor, word_weight: Tensor, position_weight: Tensor,
+         ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], position_ids: Optional[Tensor],
+         token_type_ids: Optional[Tensor], type_weight: Optional[Tensor],
+         seed: Optional[Tensor], args: tuple) -> Tensor:
+    """fastbert::embedding_layer_norm_fwd's output (``args``: eps, dropout_p, padding_idx,
+    deterministic) by the cheapest route with its semantics: _EmbeddingLayerNormFunction when
+    a gradient is recorded, the launcher alone when none is, the custom op when something
+    must see it."""
+    tensors = (input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
+               token_type_ids, type_weight)
+    if not direct_call_ok(tensors):
+        return _embedding_layer_norm_fwd(*tensors, seed, *args)[0]
+    if torch.is_grad_enabled() and (word_weight.requires_grad or position_weight.requires_grad
+                                    or (ln_weight is not None and ln_weight.requires_grad)
+                                    or (ln_bias is not None and ln_bias.requires_grad)
+                                    or (type_weight is not None and type_weight.requires_grad)):
+        return _EmbeddingLayerNormFunction.apply(*tensors, seed, args)
+    return kernel_module("embedding").embedding_layer_norm_fwd(
+        input_ids, word_weight, position_weight, ln_weight, ln_bias, args[0], position_ids,
+        token_type_ids, type_weight, seed, args[1])[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -175,6 +237,42 @@ def _check_index_tensor(name: str, t: Optional[Tensor], ids_shape) -> None:
     if not ok:
         raise ValueError(f"{name} must be broadcastable to input_ids' shape {tuple(ids_shape)}, "
                          f"got shape {tuple(t.shape)}")
+
+
+def _args_ok(input_ids, word_weight, position_weight, ln_weight, ln_bias, eps,
+             token_type_ids, type_weight, position_ids, dropout_p) -> bool:
+    """Whether ``_check_args`` passes, tested cheaply for the usual call (the layer runs at
+    every step, at host-bound sizes): False only sends the call through ``_check_args``,
+    which names what is wrong (or passes a call this test does not cover, e.g. broadcast
+    token type ids)."""
+    if not (isinstance(input_ids, Tensor) and isinstance(word_weight, Tensor)
+            and isinstance(position_weight, Tensor)):
+        return False
+    ws, ps, dev, ids_shape = word_weight.shape, position_weight.shape, word_weight.device, \
+        input_ids.shape
+    if not (input_ids.dtype in INDEX_DTYPES and len(ids_shape) >= 1
+            and word_weight.dtype in FLOAT_DTYPES and len(ws) == 2 and ws[1] > 0
+            and position_weight.dtype in FLOAT_DTYPES and len(ps) == 2 and ps[1] == ws[1]
+            and input_ids.device == dev and position_weight.device == dev
+            and type(eps) is float and 0.0 < eps < math.inf
+            and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0):
+        return False
+    if position_ids is not None or ids_shape[-1] > ps[0]:
+        return False
+    for v in (ln_weight, ln_bias):
+        if v is not None and not (isinstance(v, Tensor) and v.dtype in FLOAT_DTYPES
+                                  and v.shape == ws[1:] and v.device == dev):
+            return False
+    if type_weight is None:
+        return token_type_ids is None
+    if not (isinstance(type_weight, Tensor) and type_weight.dtype in FLOAT_DTYPES
+            and type_weight.dim() == 2 and type_weight.shape[1] == ws[1]
+            and type_weight.device == dev):
+        return False
+    return token_type_ids is None or (isinstance(token_type_ids, Tensor)
+                                      and token_type_ids.dtype in INDEX_DTYPES
+                                      and token_type_ids.shape == ids_shape
+                                      and token_type_ids.device == dev)
 
 
 def _check_args(input_ids, word_weight, position_weight, ln_weight, ln_bias, eps,
@@ -230,18 +328,18 @@ def _check_bounds(input_ids, word_weight, position_weight, position_ids, token_t
     none while a CUDA graph is captured (a host read is illegal there). ``on_kernels``: the
     min and max of every index tensor in one Triton launch (the triton backend), else in
     torch (an aminmax, a stack and a cast per tensor)."""
-    checks = [("input_ids", input_ids, word_weight.shape[0], "vocab_size")]
-    if position_ids is not None:
+    checks = []
+    if input_ids.numel() > 0:
+        checks.append(("input_ids", input_ids, word_weight.shape[0], "vocab_size"))
+    if position_ids is not None and position_ids.numel() > 0:
         checks.append(("position_ids", position_ids, position_weight.shape[0],
                        "max_position_embeddings"))
-    if token_type_ids is not None:
+    if token_type_ids is not None and token_type_ids.numel() > 0:
         checks.append(("token_type_ids", token_type_ids, type_weight.shape[0], "type_vocab_size"))
-    checks = [c for c in checks if c[1].numel() > 0]
     if not checks or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     if on_kernels:
-        from fastbert.kernels.embedding import index_bounds
-        bounds = index_bounds([c[1] for c in checks])
+        bounds = kernel_module("embedding").index_bounds([c[1] for c in checks])
     else:
         bounds = torch.stack([torch.stack(torch.aminmax(c[1])).to(torch.int64)
                               for c in checks]).tolist()
@@ -277,7 +375,9 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
             torch's generator, so ``torch.manual_seed`` reproduces it.
         padding_idx: a word id whose row gets no gradient (as ``nn.Embedding``), or None.
         deterministic: bit-identical table gradients run to run (sort-based segmented sums)
-            instead of the faster fp32 atomics. Forward results are the same either way.
+            instead of fp32 atomics. fp16/bf16 tables take the segmented sums either way
+            (fewer host-side ops, no fp32 buffers); the flag matters for fp32 tables.
+            Forward results are the same either way.
         check_bounds: raise ValueError when an id is outside its table (costs one device
             sync). Off, out-of-range ids read and receive nothing (their row counts as zero)
             and never touch memory out of bounds. Skipped while torch.compile traces, since
@@ -288,12 +388,14 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
         input_ids.shape + (H,), word_weight's dtype; statistics in float32. Gradients flow
         to the three tables and the LayerNorm parameters.
     """
-    _check_args(input_ids, word_weight, position_weight, ln_weight, ln_bias, eps,
-                token_type_ids, type_weight, position_ids, dropout_p)
-    pad = _normalize_padding_idx(padding_idx, word_weight.shape[0])
-    tensors = (input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
-               token_type_ids, type_weight)
-    chosen = _resolve(tensors, backend, word_weight.shape[1])
+    if not _args_ok(input_ids, word_weight, position_weight, ln_weight, ln_bias, eps,
+                    token_type_ids, type_weight, position_ids, dropout_p):
+        _check_args(input_ids, word_weight, position_weight, ln_weight, ln_bias, eps,
+                    token_type_ids, type_weight, position_ids, dropout_p)
+    pad = -1 if padding_idx is None else _normalize_padding_idx(padding_idx,
+                                                                 word_weight.shape[0])
+    # the checks put every tensor on word_weight's device: it alone decides
+    chosen = _resolve((word_weight,), backend, word_weight.shape[1])
     if check_bounds and not torch.compiler.is_compiling():
         _check_bounds(input_ids, word_weight, position_weight, position_ids, token_type_ids,
                       type_weight, on_kernels=chosen == "triton")
@@ -305,9 +407,6 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
                                         dropout_p=p, padding_idx=padding_idx)
     seed = (torch.randint(0, 2**31 - 1, (1,), device=word_weight.device, dtype=torch.int64)
             if p > 0.0 else None)
-    y, _, _ = _embedding_layer_norm_fwd(input_ids, word_weight, position_weight, ln_weight,
-                                        ln_bias, position_ids,
-                                        token_type_ids if type_weight is not None else None,
-                                        type_weight, seed, float(eps), p, pad,
-                                        bool(deterministic))
-    return y
+    return _run(input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
+                token_type_ids if type_weight is not None else None, type_weight, seed,
+                (float(eps), p, pad, bool(deterministic)))

@@ -182,6 +182,46 @@ def test_embedding_layer_norm_deterministic_grads_bit_identical_and_close_to_ato
         assert max_err(x, y) <= 1e-5 * max(1.0, y.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_segmented_backward_sums_three_tables_in_one_key_space_across_many_chunks(
+        device, poisoned_empty, dtype):
+    # the segmented backward sorts the word, position and type keys together (offset key
+    # spaces) and sums them in one launch pair; a tiny chunk makes runs cross many chunk
+    # boundaries, and table boundaries fall inside chunks. A large vocabulary leaves most word
+    # rows unreached: the backward kernel must zero them (the tables start poisoned)
+    inp = make_inputs(device, 3, 13, 40, vocab=50, n_pos=16, n_types=3, dtype=dtype)
+    ids, types = inp["input_ids"], inp["token_type_ids"]
+    args = (inp["word_weight"], inp["position_weight"], inp["ln_weight"], inp["ln_bias"])
+    y, mean, rstd = k.embedding_layer_norm_fwd(ids, *args, 1e-12, None, types,
+                                               inp["type_weight"])
+    dy = torch.randn_like(y)
+    grads = k.embedding_layer_norm_bwd(dy, ids, *args, mean, rstd, None, types,
+                                       inp["type_weight"], padding_idx=0, deterministic=True,
+                                       chunk=4)
+    dword, dpos, dtyp, dlnw, dlnb = grads
+    _check_against_ref(inp, y, [dword, dpos, dtyp, dlnw, dlnb], dy, padding_idx=0)
+    assert torch.count_nonzero(dword[0]) == 0
+    assert torch.count_nonzero(dword.float().abs().sum(1) == 0) >= 10
+    again = k.embedding_layer_norm_bwd(dy, ids, *args, mean, rstd, None, types,
+                                       inp["type_weight"], padding_idx=0, deterministic=True,
+                                       chunk=4)
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b)
+
+
+def test_embedding_layer_norm_16bit_default_grads_are_bit_identical(device):
+    # fp16/bf16 tables take the segmented sums without deterministic=True too
+    inp = make_inputs(device, 2, 23, 40, vocab=6, dtype=torch.bfloat16)
+    dy = torch.randn(2, 23, 40, device=device, dtype=torch.bfloat16)
+
+    def run():
+        y = _call(inp, backend="triton")
+        return [g for g in _grads(y, inp, dy) if g is not None]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("key_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("n_rows,n_keys,chunk", [(1, 3, 4), (70, 3, 4), (97, 13, 8), (150, 1, 4)])
 def test_segment_sum_matches_index_add_across_many_chunks(device, poisoned_empty, n_rows, n_keys,
@@ -430,6 +470,29 @@ def test_embedding_layer_norm_opcheck(device):
                 None, d["token_type_ids"], d["type_weight"].detach(), seed, mean.detach(),
                 rstd.detach(), 0.1, 0, True)
     torch.library.opcheck(ops_embedding._embedding_layer_norm_bwd.op, bwd_args)
+
+
+def test_embedding_layer_norm_eager_paths_agree_and_second_order_raises(device):
+    # the eager autograd.Function (gradients recorded), the launcher alone (no_grad) and the
+    # custom op (under a dispatch mode) give one output; create_graph must not silently
+    # give zero second derivatives
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    inp = make_inputs(device, 2, 5, 24, vocab=5)
+    y = _call(inp, backend="triton")
+    assert y.grad_fn is not None
+    with torch.no_grad():
+        assert torch.equal(_call(inp, backend="triton"), y)
+    with Passthrough():
+        assert torch.equal(_call(inp, backend="triton", check_bounds=False), y)
+    w = inp["word_weight"]
+    (g,) = torch.autograd.grad(y.pow(2).sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula|not implemented|derivative"):
+        torch.autograd.grad(g.sum(), w)
 
 
 def test_embedding_layer_norm_torch_compile_fullgraph(device):
