@@ -351,12 +351,14 @@ def _cross_entropy_reduce_kernel(
         r = row0 + start + offs
         mask = r < row_end
         t = tl.load(target_ptr + r * stride_target, mask=mask, other=ignore_index).to(tl.int64)
-        counted = (t != ignore_index) & (t >= 0) & (t < n_cols)
+        # the row mask too: lanes past the rows read the fill value, which an int32 target
+        # truncates (an ignore_index outside int32 would not match itself)
+        counted = mask & (t != ignore_index) & (t >= 0) & (t < n_cols)
         n_valid += counted.to(tl.int64)
         if REDUCTION != 0:
             acc += tl.load(loss_ptr + r, mask=mask, other=0.0).to(tl.float64)
         if CHECK:
-            bad = (t != ignore_index) & ~counted
+            bad = mask & (t != ignore_index) & ~counted
             first_bad = tl.minimum(first_bad, tl.where(bad, r, n_rows))
     count = tl.sum(n_valid, axis=0)
     total = tl.sum(acc, axis=0)
@@ -403,7 +405,8 @@ def _cross_entropy_select_kernel(
         in_rows = r < n_rows
         t = tl.load(target_ptr + r * stride_target, mask=in_rows,
                     other=ignore_index).to(tl.int64)
-        keep = t != ignore_index
+        # the row mask too: the fill value of an int32 target is ignore_index truncated
+        keep = in_rows & (t != ignore_index)
         k = keep.to(tl.int64)
         before = n_sel + tl.cumsum(k, axis=0) - k
         pos = tl.where(keep, before, n_rows - 1 - (r - before))

@@ -352,8 +352,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     seed = _dropout_seed(q.device) if p > 0.0 else None
     kv_end = None
     if attention_mask is not None:
-        if torch.compiler.is_compiling():
-            kv_end = _key_end(attention_mask)   # traced (five small ops)
+        if not direct_call_ok((q, attention_mask)):
+            # traced (five small ops), and what a mode or subclass sees (a fake tensor
+            # cannot run the Triton kernel)
+            kv_end = _key_end(attention_mask)
         else:
             k_ = kernel_module("attention")
             # the int8 form once: key_end, the forward and the backward take it as it is

@@ -876,3 +876,18 @@ def test_attention_under_autocast_runs_in_the_autocast_dtype():
                          compute_dtype=torch.bfloat16)
     ref = attention_ref(q, k_, v, causal=True)
     assert max_err(out, ref) <= 2 * max_err(lowp, ref) + 1e-3
+
+
+def test_attention_with_a_mask_under_fake_tensor_mode_gives_shapes(device):
+    """Under FakeTensorMode (what torch.compile and shape inference run) nothing may launch a
+    Triton kernel on fake tensors: the key ends come from the traced PyTorch form there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q = torch.empty(2, 5, 4, 16, device=device, dtype=torch.float16, requires_grad=True)
+        k = torch.empty(2, 7, 2, 16, device=device, dtype=torch.float16, requires_grad=True)
+        v = torch.empty(2, 7, 2, 16, device=device, dtype=torch.float16, requires_grad=True)
+        mask = torch.ones(2, 7, dtype=torch.bool, device=device)
+        out = attention(q, k, v, attention_mask=mask, backend="triton")
+        assert out.shape == q.shape and out.dtype == q.dtype
+        out.sum().backward()
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape

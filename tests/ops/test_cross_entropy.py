@@ -148,6 +148,30 @@ def test_cross_entropy_unbatched_and_custom_ignore_index_match_torch(device):
     _check_ce(torch.randn(9, 50, device=device), target, "mean", ignore_index=0)
 
 
+@pytest.mark.parametrize("ignore_index", [2**31, -2**40])
+def test_int32_targets_with_an_ignore_index_outside_int32_match_torch(device, ignore_index):
+    """An int32 target never equals such an ignore_index: every row counts. The kernels' lanes
+    past the last row read ignore_index as their fill value, truncated to int32: those lanes
+    must not count (they once made the mean's count 2048 for 6 rows, and masked_lm_loss's
+    selection count too large)."""
+    gen = torch.Generator().manual_seed(0)
+    n, v, h = 6, 10, 16
+    labels = torch.randint(0, v, (n,), generator=gen, dtype=torch.int32).to(device)
+    logits = torch.randn(n, v, generator=gen, dtype=torch.float64)
+    for reduction in REDUCTIONS:
+        out = cross_entropy(logits.float().to(device), labels, ignore_index=ignore_index,
+                            reduction=reduction, backend="triton")
+        ref = F.cross_entropy(logits, labels.long().cpu(), ignore_index=ignore_index,
+                              reduction=reduction)
+        assert_close_to_ref(out, ref.to(device))
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64)
+    out = masked_lm_loss(hidden.float().to(device), weight.float().to(device), None, labels,
+                         ignore_index=ignore_index, backend="triton")
+    ref = F.cross_entropy(hidden @ weight.t(), labels.long().cpu(), ignore_index=ignore_index)
+    assert_close_to_ref(out, ref.to(device))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cross_entropy_logits_of_1e4_are_safe(device, dtype):
     # rows of large logits of both signs, one near-tie at the top; exp() of them would overflow
