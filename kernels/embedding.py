@@ -219,6 +219,8 @@ def _embedding_layer_norm_bwd_kernel(
     mask = cols < n_cols
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    # tl.cast, not .to: the JIT makes an argument equal to 1 a Python int (one token)
+    n_rows64 = tl.cast(n_rows, tl.int64)
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
@@ -284,9 +286,10 @@ def _embedding_layer_norm_bwd_kernel(
         if not ATOMIC:
             tl.store(ds_ptr + row * n_cols + cols, ds, mask=mask)
             tl.store(keys_ptr + row, _segment_key(wid, vocab_size, padding_idx, 0))
-            tl.store(keys_ptr + n_rows + row, _segment_key(pos, n_positions, -1, vocab_size))
+            tl.store(keys_ptr + n_rows64 + row,
+                     _segment_key(pos, n_positions, -1, vocab_size))
             if HAS_TYPE:
-                tl.store(keys_ptr + 2 * n_rows + row,
+                tl.store(keys_ptr + 2 * n_rows64 + row,
                          _segment_key(tid, n_types, -1, vocab_size + n_positions))
     if ATOMIC:
         _flush_run(dword_ptr, cur_w, acc_w, cols, mask, vocab_size, padding_idx, n_cols)
@@ -299,9 +302,9 @@ def _embedding_layer_norm_bwd_kernel(
     if ATOMIC:
         lnp_ptr = part_ptr
     else:
-        lnp_ptr = ds_ptr + n_rows.to(tl.int64) * n_cols
+        lnp_ptr = ds_ptr + n_rows64 * n_cols
         ln_key = vocab_size + n_positions + n_types
-        key_ptr = keys_ptr + (2 + HAS_TYPE) * n_rows + pid
+        key_ptr = keys_ptr + (2 + HAS_TYPE) * n_rows64 + pid
         if HAS_WEIGHT:
             tl.store(key_ptr, ln_key)
         if HAS_BIAS:
@@ -859,6 +862,15 @@ def aot_configs():
         # run accumulators live, the most registers of any backward)
         yield from fwd_bwd("fp32", "i64", block_n, num_warps, flags(*[True] * 6),
                            f"fp32,all,{block_n}", (True,))
+    # one token (batch 1 x seq 1): the JIT passes integer arguments equal to 1 as constants,
+    # which a kernel must not call methods on (n_rows.to(...) once failed to compile there)
+    block_n, num_warps = row_block(768)
+    ones = {"n_rows": 1, "seq_len": 1, "rows_per_program": 1}
+    for atomic, (dt, it) in ((False, ("bf16", "i64")), (True, ("fp32", "i64"))):
+        sig = bwd_sig(dt, it, atomic) | {n: "constexpr" for n in ones}
+        yield AotConfig(_embedding_layer_norm_bwd_kernel, sig,
+                        dict(BLOCK_N=block_n, ATOMIC=atomic, **ones, **flags(*[True] * 6)),
+                        num_warps, name=f"embedding_layer_norm_bwd[{dt},one token,atomic={atomic}]")
     block_n, num_warps = row_block(1024)
     for bits in range(1 << 5):
         pos_ids, typ, drop, w, b = [(bits >> i) & 1 == 1 for i in range(5)]

@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from ._checks import (FLOAT_DTYPES, check_eps, check_probability, check_same_device, check_shape,
                       check_tensor)
@@ -396,9 +397,12 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
                                                                  word_weight.shape[0])
     # the checks put every tensor on word_weight's device: it alone decides
     chosen = _resolve((word_weight,), backend, word_weight.shape[1])
-    if check_bounds and not torch.compiler.is_compiling():
+    if check_bounds and not torch.compiler.is_compiling() and not is_fake(input_ids):
+        # fake tensors (FakeTensorMode: shape inference) have no values to check; under a
+        # mode or with tensor subclasses, torch computes the bounds (what the mode sees)
         _check_bounds(input_ids, word_weight, position_weight, position_ids, token_type_ids,
-                      type_weight, on_kernels=chosen == "triton")
+                      type_weight, on_kernels=chosen == "triton" and direct_call_ok(
+                          (input_ids, position_ids, token_type_ids)))
     p = float(dropout_p)
     if chosen == "torch":
         return embedding_layer_norm_ref(input_ids, word_weight, position_weight, ln_weight,

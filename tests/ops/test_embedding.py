@@ -564,3 +564,33 @@ def test_embedding_layer_norm_strided_or_expanded_ln_params_read_by_their_stride
     y = _call(inp, backend="triton")
     dy = torch.randn_like(y)
     _check_against_ref(inp, y, _grads(y, inp, dy), dy)
+
+
+def test_embedding_layer_norm_under_fake_tensor_mode_gives_shapes(device):
+    """Under FakeTensorMode (shape inference, torch.compile's tracing) nothing may launch a
+    Triton kernel on fake tensors, the bound check included (on by default): fake ids have
+    no values to check."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        ids = torch.randint(0, 5, (2, 4), device=device)
+        w = torch.randn(5, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
+        p = torch.randn(6, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
+        y = embedding_layer_norm(ids, w, p, None, None, backend="triton")
+        assert y.shape == (2, 4, 8) and y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert w.grad.shape == w.shape and p.grad.shape == p.shape
+
+
+def test_embedding_layer_norm_bound_check_under_a_dispatch_mode(device):
+    """A mode sees every op: the bound check still runs (in torch) and raises."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.tensor([[0, 7]], device=device)
+    w = torch.randn(5, 8, device=device)
+    p = torch.randn(6, 8, device=device)
+    with Passthrough(), pytest.raises(ValueError, match="input_ids: id 7 out of range"):
+        embedding_layer_norm(ids, w, p, None, None, backend="triton")
