@@ -22,6 +22,7 @@ import contextlib
 import functools
 import importlib
 import os
+import sys
 import threading
 import warnings
 from typing import Callable, Iterable, Optional, Sequence
@@ -31,7 +32,15 @@ import torch
 BACKENDS = ("triton", "cuda", "torch")
 ENV_VAR = "FASTBERT_BACKEND"
 
-_local = threading.local()
+
+class _Local(threading.local):
+    # set per thread at its first use: resolve reads it at every call, and a getattr with a
+    # default on a threading.local that lacks the attribute costs ~0.5 us (it raises inside)
+    def __init__(self):
+        self.stack = []
+
+
+_local = _Local()
 _warned: set = set()
 
 
@@ -52,9 +61,7 @@ def use_backend(name: str):
     An op's explicit ``backend=`` argument and ``FASTBERT_BACKEND`` take precedence.
     """
     _check_name(name, "use_backend")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
+    stack = _local.stack
     stack.append(name)
     try:
         yield
@@ -62,9 +69,36 @@ def use_backend(name: str):
         stack.pop()
 
 
+def _env_reader(name: str) -> Callable[[], Optional[str]]:
+    """A function returning environment variable ``name`` (None when unset), as
+    ``os.environ.get(name)`` does, changes through os.environ (monkeypatch.setenv) included.
+
+    resolve reads the variables at every op call, and ``os.environ.get`` costs ~1 us (it
+    encodes the key and decodes the value in Python each time): on POSIX this looks the
+    encoded key up in the dict os.environ keeps (``_data``, which its setters update), ~0.05 us.
+    """
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if os.name != "posix" or not isinstance(data, dict):
+        return lambda: os.environ.get(name)
+    key = os.fsencode(name)
+    encoding = sys.getfilesystemencoding()  # and "surrogateescape": as os.environ decodes
+
+    def read() -> Optional[str]:
+        if os.environ is not environ:  # replaced wholesale (a test's mock): ask it
+            return os.environ.get(name)
+        value = data.get(key)
+        return None if value is None else value.decode(encoding, "surrogateescape")
+    return read
+
+
+_backend_env = _env_reader(ENV_VAR)
+_interpret_env = _env_reader("TRITON_INTERPRET")
+
+
 def interpreter_enabled() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _interpret_env() not in (None, "", "0")
 
 
 # Import probes, answered once per process. torch.compile cannot trace an import, so the
@@ -103,32 +137,47 @@ def kernel_module(name: str):
     return importlib.import_module(f"fastbert.kernels.{name}")
 
 
-def _devices(tensors: Iterable[Optional[torch.Tensor]]) -> list:
-    return [t.device for t in tensors if isinstance(t, torch.Tensor)]
+# Tensor.is_cuda / is_cpu are C getters; Tensor.device builds a device object and device.type
+# a new string at each call (~0.4 us here), and resolve runs at every op call.
+def _all_cuda(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    """Some tensor among ``tensors`` and every one on CUDA."""
+    seen = False
+    for t in tensors:
+        if t is not None and isinstance(t, torch.Tensor):
+            if not t.is_cuda:
+                return False
+            seen = True
+    return seen
 
 
-def why_not(backend: str, tensors: Sequence[Optional[torch.Tensor]], op: str,
-            cuda_ops: Sequence[str] = (), devices: Optional[list] = None) -> Optional[str]:
-    """Why ``backend`` cannot run op ``op`` on ``tensors``; None when it can. ``devices``:
-    the tensors' devices, if the caller has them already (host time: ops call this per call)."""
+def _all_cpu(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    """Some tensor among ``tensors`` and every one on the CPU."""
+    seen = False
+    for t in tensors:
+        if t is not None and isinstance(t, torch.Tensor):
+            if not t.is_cpu:
+                return False
+            seen = True
+    return seen
+
+
+def _why_not(backend: str, on_cuda: bool, tensors: Sequence[Optional[torch.Tensor]], op: str,
+             cuda_ops: Sequence[str]) -> Optional[str]:
+    """why_not, given ``on_cuda = _all_cuda(tensors)``."""
     if backend == "torch":
         return None
-    if devices is None:
-        devices = _devices(tensors)
-    on_cuda = bool(devices) and all(d.type == "cuda" for d in devices)
-    on_cpu = bool(devices) and all(d.type == "cpu" for d in devices)
     if backend == "triton":
-        err = triton_import_error()
-        if err:
-            return err
+        if _TRITON_ERROR is not None:
+            return triton_import_error()
         if on_cuda:
             return None
-        if on_cpu:
+        if _all_cpu(tensors):
             if interpreter_enabled():
                 return None
             return ("the tensors are on the CPU and the Triton interpreter is off "
                     "(set TRITON_INTERPRET=1 before importing triton to run kernels on CPU)")
-        return f"the tensors are on {sorted({str(d) for d in devices})}; triton needs CUDA tensors"
+        devices = sorted({str(t.device) for t in tensors if isinstance(t, torch.Tensor)})
+        return f"the tensors are on {devices}; triton needs CUDA tensors"
     if backend == "cuda":
         if op not in cuda_ops:
             return f"{op} has no CUDA C++ kernel yet (csrc/); use 'triton' or 'torch'"
@@ -141,14 +190,22 @@ def why_not(backend: str, tensors: Sequence[Optional[torch.Tensor]], op: str,
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def why_not(backend: str, tensors: Sequence[Optional[torch.Tensor]], op: str,
+            cuda_ops: Sequence[str] = ()) -> Optional[str]:
+    """Why ``backend`` cannot run op ``op`` on ``tensors``; None when it can."""
+    return _why_not(backend, _all_cuda(tensors), tensors, op, cuda_ops)
+
+
 def requested_backend(backend: Optional[str]) -> Optional[str]:
     """The explicitly requested backend (argument, env var, context), or None for auto."""
     if backend is not None:
-        return _check_name(backend, "backend=")
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env and env != "auto":
-        return _check_name(env, ENV_VAR)
-    stack = getattr(_local, "stack", None)
+        return backend if backend in BACKENDS else _check_name(backend, "backend=")
+    env = _backend_env()
+    if env:
+        env = env.strip()
+        if env and env != "auto":
+            return _check_name(env, ENV_VAR)
+    stack = _local.stack
     if stack:
         return stack[-1]
     return None
@@ -168,25 +225,26 @@ def resolve(op: str, tensors: Sequence[Optional[torch.Tensor]], backend: Optiona
         extra_check: op-specific limits: returns why a kernel backend cannot run this call
             (an unsupported head dim, say), or None.
     """
-    devices = _devices(tensors)
-
-    def reason(b: str) -> Optional[str]:
-        r = why_not(b, tensors, op, cuda_ops, devices)
-        if r is None and b != "torch" and extra_check is not None:
-            r = extra_check(b)
-        return r
-
+    # Runs at every op call. Nothing is cached: what is pure here (where the tensors are,
+    # which backends import) costs less to recompute than a cache key would to build.
     asked = requested_backend(backend)
+    if asked == "torch":
+        return "torch"
+    on_cuda = _all_cuda(tensors)
     if asked is not None:
-        r = reason(asked)
+        r = _why_not(asked, on_cuda, tensors, op, cuda_ops)
+        if r is None and extra_check is not None:
+            r = extra_check(asked)
         if r is not None:
             raise BackendUnavailable(f"fastbert.ops.{op}: backend {asked!r} cannot run this call: {r}")
         return asked
-    if not devices or any(d.type != "cuda" for d in devices):
+    if not on_cuda:
         return "torch"
     reasons = []
     for b in preference:
-        r = reason(b)
+        r = _why_not(b, on_cuda, tensors, op, cuda_ops)
+        if r is None and b != "torch" and extra_check is not None:
+            r = extra_check(b)
         if r is None:
             return b
         reasons.append(f"{b}: {r}")

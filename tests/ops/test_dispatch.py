@@ -1,4 +1,6 @@
-"""Backend resolution: argument > FASTBERT_BACKEND > use_backend > auto."""
+"""Backend resolution: argument > FASTBERT_BACKEND > use_backend > auto; and the shared
+argument checks."""
+import re
 import sys
 import warnings
 
@@ -96,3 +98,134 @@ def test_env_module_prints_report():
     assert out.returncode == 0, out.stderr
     for word in ("torch", "triton", "backend", "cuda"):
         assert word in out.stdout
+
+
+def test_env_reader_sees_every_change_made_through_os_environ(monkeypatch):
+    import os
+    name = "FASTBERT_TEST_ENV_READER"
+    read = _dispatch._env_reader(name)
+    monkeypatch.delenv(name, raising=False)
+    assert read() is None
+    monkeypatch.setenv(name, " triton ")
+    assert read() == " triton "
+    os.environ[name] = "caf\xe9 \udcff"  # non-ASCII, and a byte that is not UTF-8
+    assert read() == os.environ.get(name) == "caf\xe9 \udcff"
+    monkeypatch.delenv(name)
+    assert read() is None
+    monkeypatch.setattr(os, "environ", {name: "replaced"})
+    assert read() == "replaced"
+
+
+def test_env_values_blank_or_auto_mean_auto(monkeypatch):
+    for value in ("", "  ", "auto", " auto "):
+        monkeypatch.setenv("FASTBERT_BACKEND", value)
+        assert _dispatch.requested_backend(None) is None
+    monkeypatch.setenv("FASTBERT_BACKEND", " triton ")
+    assert _dispatch.requested_backend(None) == "triton"
+    with pytest.raises(ValueError, match="backend=: unknown backend 'Triton'"):
+        _dispatch.requested_backend("Triton")
+
+
+def test_use_backend_is_per_thread(monkeypatch):
+    import threading
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    seen = {}
+
+    def other():
+        seen["before"] = _dispatch.requested_backend(None)
+        with fastbert.use_backend("triton"):
+            seen["inside"] = _dispatch.requested_backend(None)
+
+    with fastbert.use_backend("torch"):
+        th = threading.Thread(target=other)
+        th.start()
+        th.join()
+        assert _dispatch.requested_backend(None) == "torch"
+    assert seen == {"before": None, "inside": "triton"}
+    assert _dispatch.requested_backend(None) is None
+
+
+def test_explicit_triton_names_where_the_tensors_are(monkeypatch):
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    cpu, meta = torch.empty(2), torch.empty(2, device="meta")
+    for tensors, where in (((cpu, None, meta), "['cpu', 'meta']"), ((meta,), "['meta']"),
+                           ((None,), "[]")):
+        with pytest.raises(ops.BackendUnavailable,
+                           match=f"probe_op: backend 'triton' cannot run this call: "
+                                 f"the tensors are on {re.escape(where)}; triton needs CUDA"):
+            _dispatch.resolve("probe_op", tensors, "triton")
+        # auto on tensors that are not all on CUDA: the reference, without asking the kernels
+        assert _dispatch.resolve("probe_op", tensors, extra_check=pytest.fail) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _dispatch.resolve("probe_op", (cpu, None, cpu), "triton") == "triton"
+    assert _dispatch.resolve("probe_op", (cpu,), "torch", extra_check=pytest.fail) == "torch"
+    with pytest.raises(ops.BackendUnavailable, match="the head dim"):
+        _dispatch.resolve("probe_op", (cpu,), "triton", extra_check=lambda b: "the head dim")
+    with pytest.raises(ops.BackendUnavailable, match="need CUDA tensors|not built"):
+        _dispatch.resolve("probe_op", (cpu,), "cuda", cuda_ops=("probe_op",))
+
+
+# argument checks (_checks.py): each has a fast accept path in front of the full check; what
+# passes and the errors raised must be the full check's
+
+def test_check_tensor_accepts_and_rejects_as_before():
+    from fastbert.ops._checks import REF_DTYPES, check_tensor
+    x = torch.randn(2, 3)
+    check_tensor("x", x, dtypes=REF_DTYPES, ndim=(2,), device=x.device)
+    check_tensor("x", torch.nn.Parameter(x), dtypes=[torch.float32], ndim=[1, 2])
+    check_tensor("x", None, dtypes=REF_DTYPES, optional=True)
+    cases = [
+        (dict(t=None), TypeError, "x must be a tensor, got None"),
+        (dict(t=2.0), TypeError, "x must be a torch.Tensor, got float"),
+        (dict(t=x.long(), dtypes=REF_DTYPES), TypeError,
+         r"x must have dtype in \(float32, float16, bfloat16, float64\), got int64"),
+        (dict(t=x, ndim=(1, 3)), ValueError, r"x must have 1 or 3 dimensions, got shape \(2, 3\)"),
+        (dict(t=x, device=torch.device("meta")), ValueError, "x is on cpu, expected meta"),
+    ]
+    for kw, err, msg in cases:
+        t = kw.pop("t")
+        with pytest.raises(err, match=msg):
+            check_tensor("x", t, **kw)
+
+
+def test_check_shape_and_same_device_accept_and_reject_as_before():
+    from fastbert.ops._checks import check_same_device, check_shape
+    x = torch.randn(2, 3)
+    check_shape("x", x, (2, 3))
+    check_shape("x", x, [2, 3])  # a list: not equal to torch.Size, the full check passes it
+    check_shape("x", None, (5,))
+    with pytest.raises(ValueError, match=r"x must have shape \(3, 2\) \(why\), got \(2, 3\)"):
+        check_shape("x", x, [3, 2], "why")
+    assert check_same_device(a=x, b=None, c=x) == torch.device("cpu")
+    assert check_same_device(a=None) is None
+    with pytest.raises(ValueError, match="c is on meta but a is on cpu"):
+        check_same_device(a=x, b=None, c=torch.empty(1, device="meta"))
+
+
+def test_scalar_checks_accept_and_reject_as_before():
+    import numpy as np
+    from fastbert.ops._checks import check_eps, check_probability, check_size, kernel_dtype_reason
+    for eps in (1e-5, 1, np.float32(1e-6), 1e300):
+        check_eps("op", eps)
+    for eps, err in ((0.0, ValueError), (-1e-5, ValueError), (float("nan"), ValueError),
+                     (float("inf"), ValueError), (True, TypeError), ("1e-5", TypeError)):
+        with pytest.raises(err, match="op: eps must be"):
+            check_eps("op", eps)
+    for p in (0.0, 0.5, 0, np.float64(0.1)):
+        check_probability("p", p)
+    for p in (1.0, -0.1, float("nan"), 1):
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+            check_probability("p", p)
+    for n in (0, 7, np.int64(3)):
+        check_size("n", n)
+    with pytest.raises(TypeError, match="n must be an int, got bool"):
+        check_size("n", True)
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        check_size("n", 2.0)
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
+        check_size("n", -1)
+    f32, f64 = torch.zeros(1), torch.zeros(1, dtype=torch.float64)
+    ints = torch.zeros(1, dtype=torch.long)  # not floating: no reason
+    assert kernel_dtype_reason(a=f32, b=None, c=f32.half(), d=ints) is None
+    assert kernel_dtype_reason(a=f32, b=f64) == (
+        "b is float64; the kernels take float32/float16/bfloat16")

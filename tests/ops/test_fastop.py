@@ -1,9 +1,12 @@
 """fastbert/ops/_fastop.py: eager calls skip the dispatcher, anything that must see the custom
 op (a dispatch mode, torch.compile, tensor subclasses) gets it, and both paths agree."""
+import contextlib
 import sys
+import warnings
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastbert.ops import _fastop, layer_norm
@@ -183,3 +186,94 @@ def test_direct_call_of_a_mutating_op_bumps_the_version_counter(device):
     ce._cross_entropy_scale_(y.detach(), torch.tensor(2.0, device=device))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         z.backward()
+
+
+class _FunctionRecorder(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _guard(name, monkeypatch):
+    if name == "dispatch_mode":
+        return _Recorder()
+    if name == "function_mode":
+        return _FunctionRecorder()
+    # torch.export (and, in recent torch, a whole compile session) runs code for real with
+    # this flag set: the flag alone must send calls to the custom op
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("guard", ["dispatch_mode", "function_mode", "compiling_flag"])
+def test_each_guard_alone_sends_calls_to_the_custom_op(monkeypatch, guard):
+    # FastOp.__call__ inlines _modes_active: both must refuse the direct path under each guard
+    fwd = _spy(monkeypatch, ops_layer_norm._layer_norm_fwd)
+    x, w, b = (t.detach() for t in _inputs("cpu"))
+    args = (x, w, b, None, None, None, 1e-5, 0.0, "none", torch.float32)
+    assert _fastop.direct_call_ok(args)
+    with _guard(guard, monkeypatch):
+        assert not _fastop.direct_call_ok(args)
+        with torch.no_grad():
+            ops_layer_norm._layer_norm_fwd(*args)
+    assert fwd == ["fastbert::layer_norm_fwd"]
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_jit_trace_and_functorch_transforms_refuse_the_direct_path():
+    seen = []
+
+    def probe(t):
+        seen.append(_fastop.direct_call_ok((t,)))
+        return t * 2
+
+    probe(torch.randn(3))
+    assert seen == [True]
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warning that probe is not pure
+        torch.jit.trace(probe, torch.randn(3), check_trace=False)
+    torch.func.vmap(probe)(torch.randn(2, 3))
+    torch.func.grad(lambda t: probe(t).sum())(torch.randn(3))
+    assert seen == [False, False, False]
+
+
+def test_scan_finds_subclasses_and_grad_inside_lists():
+    t, p = torch.zeros(2), torch.nn.Parameter(torch.zeros(2))
+    g = torch.zeros(2, requires_grad=True)
+    leaves = (None, 1, 2.0, True, "s", torch.float16, torch.device("cpu"))
+    assert _fastop._scan((t, p, *leaves), True) is True  # a Parameter requires grad
+    assert _fastop._scan((t, *leaves, [t, g]), True) is True
+    assert _fastop._scan((t, [t, g]), False) is False  # grad mode off: requires_grad unread
+    assert _fastop._scan((t, (t,), [], object()), True) is False
+    assert _fastop._scan((t, [t, _Sub(t)]), True) is None
+    assert _fastop._scan((t, (_Sub(t),)), False) is None
+    assert _fastop._scan((_Sub(t),), False) is None
+    assert not _fastop.direct_call_ok((t, [t, _Sub(t)]))
+
+
+def test_direct_call_under_no_grad_gives_no_graph_and_skips_the_function(monkeypatch):
+    applied = []
+    fwd = ops_layer_norm._layer_norm_fwd
+    real = fwd._function.apply
+    monkeypatch.setattr(fwd._function, "apply", lambda *a: applied.append(1) or real(*a))
+    x, w, b = _inputs("cpu")
+    args = (x, w, b, None, None, None, 1e-5, 0.0, "none", torch.float32)
+    with torch.no_grad():
+        y, _, _ = fwd(*args)
+    assert applied == [] and y.grad_fn is None
+    y, _, _ = fwd(*args)
+    assert applied == [1] and y.grad_fn is not None
+
+
+
+def test_compiling_flag_fallback_asks_the_public_query(monkeypatch):
+    """Where a torch lacks torch.compiler._is_compiling_flag (private), _fastop reads
+    torch.compiler.is_compiling() through _CompilingFlag instead."""
+    import fastbert.ops._fastop as fo
+    flag = fo._CompilingFlag()
+    assert flag._is_compiling_flag is False
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert flag._is_compiling_flag is True
+    monkeypatch.setattr(fo, "_compiler", flag)
+    assert fo._modes_active()
+    assert not fo.direct_call_ok((torch.ones(2),))
