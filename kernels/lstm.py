@@ -569,10 +569,10 @@ def _lstm_fwd_coop_kernel(
     # the per-step kernel's grid and tiles (program (pid_b, pid_h): batch rows of block pid_b,
     # hidden columns of block pid_h, all four gates), run for steps [step_begin, step_end)
     # in one launch: after each step the programs of one batch block (they read each other's
-    # columns of h) meet at a barrier. The program's W_hh columns are the same every step
-    # and small enough to stay in its SM's L1 (COOP_MAX_HIDDEN). Without SYNC (one launch per
-    # step: the Triton interpreter runs programs one after another, so they cannot wait for
-    # each other) the kernel is the per-step kernel.
+    # columns of h) meet at a barrier. The program reads the same W_hh columns every step
+    # (from L2: the barrier's acquire invalidates L1). Without SYNC (one launch per step: the
+    # Triton interpreter runs programs one after another, so they cannot wait for each
+    # other) the kernel is the per-step kernel.
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_group = tl.num_programs(1)
