@@ -19,8 +19,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m fastbert.cli demo
 
+# over every core (pytest-xdist, a dev dependency): on the 2-core CI machine ~5 min instead
+# of ~20 one process at a time (the interpreter and the AOT compiles are CPU-bound)
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n auto
 
 bench: $(STAMP)
 	FASTBERT_RESULTS=$(RESULTS) $(PY) -m benchmarks.run_all
