@@ -91,3 +91,20 @@ def ln_lstm_eager(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih_weight, ln_hh_w
         y[t] = torch.where(m, h_new, 0.0)
         h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
     return y, h, c
+
+
+def record_ops():
+    """A TorchDispatchMode that records the name of every op dispatched inside it (``.ops``)
+    and runs it: under it fastbert's ops take their custom-op (dispatcher) path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return RecordOps()

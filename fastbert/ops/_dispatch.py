@@ -139,23 +139,12 @@ def kernel_module(name: str):
 
 # Tensor.is_cuda / is_cpu are C getters; Tensor.device builds a device object and device.type
 # a new string at each call (~0.4 us here), and resolve runs at every op call.
-def _all_cuda(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
-    """Some tensor among ``tensors`` and every one on CUDA."""
+def _all_on(tensors: Iterable[Optional[torch.Tensor]], cuda: bool) -> bool:
+    """Some tensor among ``tensors`` and every one on CUDA (``cuda``) or on the CPU."""
     seen = False
     for t in tensors:
         if t is not None and isinstance(t, torch.Tensor):
-            if not t.is_cuda:
-                return False
-            seen = True
-    return seen
-
-
-def _all_cpu(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
-    """Some tensor among ``tensors`` and every one on the CPU."""
-    seen = False
-    for t in tensors:
-        if t is not None and isinstance(t, torch.Tensor):
-            if not t.is_cpu:
+            if not (t.is_cuda if cuda else t.is_cpu):
                 return False
             seen = True
     return seen
@@ -163,7 +152,7 @@ def _all_cpu(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
 
 def _why_not(backend: str, on_cuda: bool, tensors: Sequence[Optional[torch.Tensor]], op: str,
              cuda_ops: Sequence[str]) -> Optional[str]:
-    """why_not, given ``on_cuda = _all_cuda(tensors)``."""
+    """why_not, given ``on_cuda = _all_on(tensors, True)``."""
     if backend == "torch":
         return None
     if backend == "triton":
@@ -171,7 +160,7 @@ def _why_not(backend: str, on_cuda: bool, tensors: Sequence[Optional[torch.Tenso
             return triton_import_error()
         if on_cuda:
             return None
-        if _all_cpu(tensors):
+        if _all_on(tensors, False):
             if interpreter_enabled():
                 return None
             return ("the tensors are on the CPU and the Triton interpreter is off "
@@ -193,7 +182,7 @@ def _why_not(backend: str, on_cuda: bool, tensors: Sequence[Optional[torch.Tenso
 def why_not(backend: str, tensors: Sequence[Optional[torch.Tensor]], op: str,
             cuda_ops: Sequence[str] = ()) -> Optional[str]:
     """Why ``backend`` cannot run op ``op`` on ``tensors``; None when it can."""
-    return _why_not(backend, _all_cuda(tensors), tensors, op, cuda_ops)
+    return _why_not(backend, _all_on(tensors, True), tensors, op, cuda_ops)
 
 
 def requested_backend(backend: Optional[str]) -> Optional[str]:
@@ -230,7 +219,7 @@ def resolve(op: str, tensors: Sequence[Optional[torch.Tensor]], backend: Optiona
     asked = requested_backend(backend)
     if asked == "torch":
         return "torch"
-    on_cuda = _all_cuda(tensors)
+    on_cuda = _all_on(tensors, True)
     if asked is not None:
         r = _why_not(asked, on_cuda, tensors, op, cuda_ops)
         if r is None and extra_check is not None:

@@ -14,13 +14,12 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastbert.kernels import attention as k
 from fastbert.ops import (BackendUnavailable, attention, attention_ref, attention_varlen, pad,
                           unpad)
 ops_attention = importlib.import_module("fastbert.ops.attention")  # the module, not the function
-from tests._utils import assert_close_to_ref, max_err, poison_
+from tests._utils import assert_close_to_ref, max_err, poison_, record_ops
 
 # kernel error <= FACTOR x torch's own fp16 error + ATOL (the flash-attention rule)
 LOWP_ATOL = 2e-3
@@ -634,18 +633,6 @@ def test_attention_torch_compile_fullgraph_padded_and_varlen(device):
         assert torch.equal(a.grad, b.grad)
 
 
-class _RecordOps(TorchDispatchMode):
-    """Records the ops dispatched inside it (and makes fast_op route to the custom ops)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64])
 def test_eager_autograd_matches_the_custom_op_path_bitwise(device, mask_dtype):
     """Eager calls take _AttentionFunction (one output, lse saved); under a dispatch mode the
@@ -654,7 +641,7 @@ def test_eager_autograd_matches_the_custom_op_path_bitwise(device, mask_dtype):
     q, k_, v, mask = _case_inputs(device, torch.float32, (2, 9, 12, 2, 1, 16, True, "holes"))
     mask = mask.to(mask_dtype) * (3 if mask_dtype != torch.bool else 1)   # nonzero = attend
     results = []
-    for mode in (None, _RecordOps()):
+    for mode in (None, record_ops()):
         leaves = _leaves(q, k_, v)
         torch.manual_seed(7)
         if mode is None:

@@ -12,7 +12,7 @@ from fastbert.kernels import embedding as k
 from fastbert.kernels._common import dropout_mask
 from fastbert.ops import BackendUnavailable, embedding_layer_norm, embedding_layer_norm_ref
 from fastbert.ops import embedding as ops_embedding
-from tests._utils import assert_close_to_ref, max_err, poison_
+from tests._utils import assert_close_to_ref, max_err, poison_, record_ops
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRAD_NAMES = ("word_weight", "position_weight", "type_weight", "ln_weight", "ln_bias")
@@ -476,18 +476,12 @@ def test_embedding_layer_norm_eager_paths_agree_and_second_order_raises(device):
     # the eager autograd.Function (gradients recorded), the launcher alone (no_grad) and the
     # custom op (under a dispatch mode) give one output; create_graph must not silently
     # give zero second derivatives
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Passthrough(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
     inp = make_inputs(device, 2, 5, 24, vocab=5)
     y = _call(inp, backend="triton")
     assert y.grad_fn is not None
     with torch.no_grad():
         assert torch.equal(_call(inp, backend="triton"), y)
-    with Passthrough():
+    with record_ops():
         assert torch.equal(_call(inp, backend="triton", check_bounds=False), y)
     w = inp["word_weight"]
     (g,) = torch.autograd.grad(y.pow(2).sum(), w, create_graph=True)
@@ -583,14 +577,8 @@ def test_embedding_layer_norm_under_fake_tensor_mode_gives_shapes(device):
 
 def test_embedding_layer_norm_bound_check_under_a_dispatch_mode(device):
     """A mode sees every op: the bound check still runs (in torch) and raises."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Passthrough(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
     ids = torch.tensor([[0, 7]], device=device)
     w = torch.randn(5, 8, device=device)
     p = torch.randn(6, 8, device=device)
-    with Passthrough(), pytest.raises(ValueError, match="input_ids: id 7 out of range"):
+    with record_ops(), pytest.raises(ValueError, match="input_ids: id 7 out of range"):
         embedding_layer_norm(ids, w, p, None, None, backend="triton")

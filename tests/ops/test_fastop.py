@@ -7,22 +7,11 @@ import warnings
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from fastbert.ops import _fastop, layer_norm
+from tests._utils import record_ops
 
 # the module (fastbert.ops.layer_norm the attribute is the function of the same name)
 ops_layer_norm = sys.modules["fastbert.ops.layer_norm"]
-
-
-class _Recorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _inputs(device):
@@ -51,7 +40,7 @@ def test_eager_call_skips_the_custom_op_and_a_mode_sees_it(device, monkeypatch):
     y = layer_norm(x, w, b, backend="triton")
     g = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
     assert fwd == [] and bwd == []
-    rec = _Recorder()
+    rec = record_ops()
     with rec:
         y2 = layer_norm(x, w, b, backend="triton")
         g2 = torch.autograd.grad(y2, (x, w, b), torch.ones_like(y2))
@@ -85,7 +74,7 @@ def test_direct_call_ok_refuses_subclasses_and_modes():
         fake = mode.from_tensor(t)
         assert not _fastop.direct_call_ok((fake,))
     assert not _fastop.direct_call_ok((_Sub(t),))
-    with _Recorder():
+    with record_ops():
         assert not _fastop.direct_call_ok((t,))
 
 
@@ -195,7 +184,7 @@ class _FunctionRecorder(TorchFunctionMode):
 
 def _guard(name, monkeypatch):
     if name == "dispatch_mode":
-        return _Recorder()
+        return record_ops()
     if name == "function_mode":
         return _FunctionRecorder()
     # torch.export (and, in recent torch, a whole compile session) runs code for real with
