@@ -29,7 +29,10 @@ happen in the untimed first call and their static buffers stay in the mode's cac
 peak_mb leaves them out. The time-loop and LayerNorm-LSTM cases time the mode too.
 ``fastbert_triton_coop`` (and ``coop`` in the time-loop case): the cooperative time loop
 (kernels/lstm.py ``COOP_TIME_LOOP``, off by default), one launch per layer and direction with
-a grid barrier a step, where it fits one program per SM (hidden <= 1024). One case
+a grid barrier a step, where it fits one program per SM (hidden <= 1024).
+``fastbert_triton_per_step`` (hidden <= ``PERSISTENT_MAX_HIDDEN``, where the default is the
+time-looping kernel): the plain per-step loop, whose per-step launches became cheap
+(kernels/_launch.py) after the last measurement placed that threshold. One case
 per target runs first, then the rest of the grid (``make gpu-check`` may stop a script
 part-way).
 
@@ -158,6 +161,11 @@ def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
         fns["fastbert_triton"] = _coop(build("fastbert_triton"), False)
         # the per-step path in fastbert's own CUDA-graph mode (see the module docstring)
         fns["fastbert_triton_step_graph"] = _coop(build_step_graph(), False)
+        # where the default is the time-looping kernel, the per-step path too (its launches
+        # no longer go through Triton's binding: kernels/_launch.py)
+        if hidden <= _persistent_max_hidden():
+            fns["fastbert_triton_per_step"] = _coop(
+                _with_threshold("PERSISTENT_MAX_HIDDEN", 0, build("fastbert_triton")), False)
         # the cooperative time loop (off by default, see the module docstring), where it
         # runs these layers
         if _coop_applies(device, seq, batch, hidden):
@@ -199,6 +207,11 @@ def _varlen_case(device, dtype, batch, hidden, seq):
                 dict(batch=batch, hidden=hidden, seq=seq, layers=1, dirs=1,
                      dtype=str(dtype).replace("torch.", "")),
                 fns, flops=_flops(1, real, hidden, hidden, 1, 1), baseline=f"{ours}_padded")
+
+
+def _persistent_max_hidden() -> int:
+    from fastbert.kernels import lstm as klstm
+    return klstm.PERSISTENT_MAX_HIDDEN
 
 
 def _with_threshold(name: str, value: int, fn: Callable[[], object]) -> Callable[[], object]:

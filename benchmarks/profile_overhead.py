@@ -107,6 +107,10 @@ def cases() -> Dict[str, Callable]:
         tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
 
     out["triton launch, 3 args"] = lambda: _noop[(1,)](small, 1024, BLOCK=1024)
+    # the same launch through kernels/_launch.py (every fastbert kernel launches this way)
+    from benchmarks._harness import with_setting
+    from fastbert.kernels import _launch
+    out["fastbert launch, 3 args"] = lambda: _launch.launch(_noop, (1,), small, 1024, BLOCK=1024)
 
     x = torch.randn(8192, 768, device=dev, dtype=bf, requires_grad=True)
     w = torch.ones(768, device=dev, dtype=bf, requires_grad=True)
@@ -128,6 +132,9 @@ def cases() -> Dict[str, Callable]:
     _fwd_and_fwd_bwd(out, "attention", "256x128x12x64",
                      lambda: ops.attention(q, k, v, attention_mask=mask, backend="triton"),
                      (q, k, v), do)
+    # Triton's own launch path for the same call: what kernels/_launch.py saves
+    out["attention fwd+bwd 256x128x12x64 (Triton's launch path)"] = with_setting(
+        _launch, "ENABLED", False, out["attention fwd+bwd 256x128x12x64"])
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     smask = mask[:, None, None, :]
     out["sdpa fwd+bwd 256x128x12x64 (default backend)"] = lambda: torch.autograd.grad(
@@ -167,6 +174,7 @@ def cases() -> Dict[str, Callable]:
 
 def _lstm_cases(out: Dict[str, Callable], dev: str, dtype: torch.dtype) -> None:
     from benchmarks._harness import with_setting
+    from fastbert.kernels import _launch
     from fastbert.kernels import lstm as klstm
     from fastbert.nn import LSTM
     for batch, hidden, seq in ((64, 256, 64), (64, 512, 64), (256, 1024, 64)):
@@ -182,6 +190,10 @@ def _lstm_cases(out: Dict[str, Callable], dev: str, dtype: torch.dtype) -> None:
             if coop is not None:
                 run = with_setting(klstm, "COOP_TIME_LOOP", coop, run)
             out[f"lstm {name} fwd+bwd {batch}x{hidden}x{seq}"] = run
+        if hidden == 512:   # one launch a step: what kernels/_launch.py saves there
+            shape = f"{batch}x{hidden}x{seq}"
+            out[f"lstm fastbert fwd+bwd {shape} (Triton's launch path)"] = with_setting(
+                _launch, "ENABLED", False, out[f"lstm fastbert fwd+bwd {shape}"])
 
 
 def main(argv=None) -> int:

@@ -135,7 +135,7 @@ def _alts(make: Callable[[str], Callable[[Group], Optional[Tuple[str, bool]]]],
 
 _ATTENTION_ALTS = _alts(lambda i: _vs_best(i, "sdpa_", 1.0), "fastbert_three_kernel_bwd[triton]")
 _LSTM_ALTS = _alts(lambda i: _time_ratio_at_most(i, "cudnn", 1.25), "fastbert_triton_step_graph",
-                   "fastbert_triton_coop")
+                   "fastbert_triton_coop", "fastbert_triton_per_step")
 
 TARGETS: List[Target] = [
     # issue 3: attention

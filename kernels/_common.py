@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 # exp(x) = exp2(x * LOG2E)
 LOG2E = tl.constexpr(1.4426950408889634)
 # GELU, erf form: x * Phi(x) with Phi(x) = 0.5 * (1 + erf(x / sqrt(2)))
@@ -129,7 +131,7 @@ def dropout_mask(seed: torch.Tensor, n_rows: int, n_cols: int, p: float) -> torc
     """
     out = torch.empty((n_rows, n_cols), dtype=torch.int8, device=seed.device)
     block = min(next_power_of_2(max(n_cols, 16)), 4096)
-    _dropout_mask_kernel[(n_rows,)](seed, out, n_rows, n_cols, float(p), BLOCK_N=block)
+    launch(_dropout_mask_kernel, (n_rows,), seed, out, n_rows, n_cols, float(p), BLOCK_N=block)
     return out.bool()
 
 
@@ -308,7 +310,8 @@ def _sum_param_parts(parts: Optional[torch.Tensor], n_rows: int,
     if n_out + n_blocks and n_cols:
         while len(outs) < SUM_PARTS_MAX_OUT:
             outs.append(None)
-        _sum_parts_kernel[(cdiv(n_cols, SUM_PARTS_BLOCK_N), n_out + n_blocks)](
+        launch(
+            _sum_parts_kernel, (cdiv(n_cols, SUM_PARTS_BLOCK_N), n_out + n_blocks),
             parts, *outs, *tabs[:4], n_rows, n_cols, stride_part, stride_row, *tabs[4:],
             N_OUT=n_out, N_TAB=n_tab, BLOCK_M=SUM_PARTS_BLOCK_M, BLOCK_N=SUM_PARTS_BLOCK_N,
             num_warps=SUM_PARTS_NUM_WARPS)

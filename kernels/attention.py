@@ -56,6 +56,7 @@ import triton.language as tl
 
 from ._common import (AotConfig, LOG2E, cdiv, dropout_keep, next_power_of_2, num_programs,
                       on_tensor_device)
+from ._launch import launch
 
 # Head dims the kernels support; each is loaded into a power-of-two tile (80 and 96 in 128).
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -567,7 +568,7 @@ def key_end(attention_mask: torch.Tensor) -> torch.Tensor:
     batch, seqlen_k = m.shape
     out = torch.empty((batch,), dtype=torch.int32, device=m.device)
     if batch > 0:
-        _key_end_kernel[(batch,)](m, out, m.stride(0), seqlen_k, BLOCK=KEY_END_BLOCK)
+        launch(_key_end_kernel, (batch,), m, out, m.stride(0), seqlen_k, BLOCK=KEY_END_BLOCK)
     return out
 
 
@@ -731,7 +732,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bd = block_d(head_dim)
     if batch * heads > 0 and sq > 0:
         grid = (cdiv(sq, bm) * batch * heads,)   # flat: see _block_and_head
-        _attention_fwd_kernel[grid](
+        launch(
+            _attention_fwd_kernel, grid,
             q, k, v, out, lse, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
             *st_q, *st_k, *st_v, *_strides3(out, varlen), stride_mask_b,
             heads, heads // heads_kv, sq, sk, head_dim,
@@ -791,7 +793,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     else:
         delta = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
         pre_bm = preprocess_block_m(bd)
-        _attention_bwd_preprocess_kernel[(cdiv(sq, pre_bm) * batch * heads,)](
+        launch(
+            _attention_bwd_preprocess_kernel, (cdiv(sq, pre_bm) * batch * heads,),
             out, do, delta, cu_seqlens_q, *st_out, *st_do,
             heads, sq, head_dim, BLOCK_M=pre_bm, BLOCK_D=bd, EVEN_D=bd == head_dim,
             IS_VARLEN=varlen, num_warps=PREPROCESS_WARPS,
@@ -803,7 +806,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         dk.zero_()
         dv.zero_()
     elif sk > 0:
-        _attention_bwd_dkdv_kernel[(cdiv(sk, bn1) * batch * heads_kv,)](
+        launch(
+            _attention_bwd_dkdv_kernel, (cdiv(sk, bn1) * batch * heads_kv,),
             q, k, v, do, lse, delta, dk, dv, out, dq,
             mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
             *st_q, *st_k, *st_v, *st_do, *_strides3(dk, varlen), *_strides3(dv, varlen),
@@ -816,7 +820,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         return dq, dk, dv
     if not need_dq:
         return dq.zero_(), dk, dv
-    _attention_bwd_dq_kernel[(cdiv(sq, bm2) * batch * heads,)](
+    launch(
+        _attention_bwd_dq_kernel, (cdiv(sq, bm2) * batch * heads,),
         q, k, v, do, lse, delta, dq, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
         *st_q, *st_k, *st_v, *st_do, *_strides3(dq, varlen), stride_mask_b,
         heads, groups, sq, sk, head_dim, qk_scale, float(softmax_scale), float(dropout_p),
@@ -836,8 +841,8 @@ def attention_dropout_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q:
     out = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=seed.device)
     if out.numel():
         grid = (cdiv(seqlen_q, MASK_BLOCK) * batch * heads,)
-        _attention_dropout_mask_kernel[grid](seed, out, seqlen_q, seqlen_k, float(dropout_p),
-                                             BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK)
+        launch(_attention_dropout_mask_kernel, grid, seed, out, seqlen_q, seqlen_k,
+               float(dropout_p), BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK)
     return out.bool()
 
 

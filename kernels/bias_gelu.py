@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ._common import (AotConfig, as_rows, gelu_fwd, gelu_grad, num_programs, on_tensor_device,
                       unit_stride, cdiv, next_power_of_2)
+from ._launch import launch
 
 # Tile of the elementwise kernels: BLOCK_N columns (up to MAX_BLOCK_N) times enough rows to
 # give each program TILE_ELEMS elements: 16 per thread at 8 warps (4 warps needed ~170
@@ -103,7 +104,8 @@ def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: st
     block_m, block_n = _tile(n_cols)
     if n_rows > 0 and n_cols > 0:
         grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
-        _bias_gelu_fwd_kernel[grid](
+        launch(
+            _bias_gelu_fwd_kernel, grid,
             x2, bias, y, x2.stride(0), y.stride(0), n_rows, n_cols,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
             APPROX_TANH=approximate == "tanh", num_warps=NUM_WARPS)
@@ -129,7 +131,8 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     db_part = (torch.zeros((grid_m, n_cols), dtype=torch.float32, device=x.device)
                if bias is not None else None)
     if n_rows > 0 and n_cols > 0:
-        _bias_gelu_bwd_kernel[(grid_m, n_col_blocks)](
+        launch(
+            _bias_gelu_bwd_kernel, (grid_m, n_col_blocks),
             x2, bias, dy2, dx, db_part, x2.stride(0), dy2.stride(0), dx.stride(0),
             n_rows, n_cols, rows_per_program,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,

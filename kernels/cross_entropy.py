@@ -79,6 +79,7 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2E, AotConfig, cdiv, mm_fp32, next_power_of_2, on_tensor_device
+from ._launch import launch
 
 # The widest block of a row a program holds in registers at once; wider rows loop over blocks.
 # 4096 fp32 over 8 warps is 16 elements a thread: wide loads without register spills.
@@ -585,7 +586,8 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
         _check_dlogits(dlogits, logits)
     block_v, num_warps, one_block = ce_block(n_cols, one_block=store_grad)
     if n_rows > 0:
-        _cross_entropy_fwd_kernel[(n_rows,)](
+        launch(
+            _cross_entropy_fwd_kernel, (n_rows,),
             logits, target, loss, stats, scale, grad_count, dlogits,
             logits.stride(0), target.stride(0), stride_scale, dlogits.stride(0),
             n_cols, int(ignore_index), float(label_smoothing), scale_value,
@@ -607,7 +609,8 @@ def _reduce(loss, target, out, n_valid, n_rows, n_cols, ignore_index, reduce, ch
     the sum is 0, the mean 0 / 0 = NaN, the count 0), else the two stages."""
     block = REDUCE_BLOCK
     if n_rows <= REDUCE_ONE_PROGRAM_ROWS:
-        _cross_entropy_reduce_kernel[(1,)](
+        launch(
+            _cross_entropy_reduce_kernel, (1,),
             loss, target, out, n_valid, None, None, None, target.stride(0), n_rows, n_cols,
             ignore_index, max(n_rows, 1), BLOCK=block, REDUCTION=reduce, CHECK=check,
             PARTIAL=False, num_warps=REDUCE_NUM_WARPS)
@@ -618,11 +621,13 @@ def _reduce(loss, target, out, n_valid, n_rows, n_cols, ignore_index, reduce, ch
     dev = loss.device
     part_sum = torch.empty((n_parts,), dtype=torch.float64, device=dev)
     part_count_bad = torch.empty((2, n_parts), dtype=torch.int64, device=dev)
-    _cross_entropy_reduce_kernel[(n_parts,)](
+    launch(
+        _cross_entropy_reduce_kernel, (n_parts,),
         loss, target, None, None, part_sum, part_count_bad[0], part_count_bad[1],
         target.stride(0), n_rows, n_cols, ignore_index, per_program, BLOCK=block,
         REDUCTION=reduce, CHECK=check, PARTIAL=True, num_warps=REDUCE_NUM_WARPS)
-    _cross_entropy_reduce_parts_kernel[(1,)](
+    launch(
+        _cross_entropy_reduce_parts_kernel, (1,),
         part_sum, part_count_bad[0], part_count_bad[1], out, n_valid, n_parts, n_rows,
         BLOCK=REDUCE_PARTS, REDUCTION=reduce, CHECK=check, num_warps=REDUCE_NUM_WARPS)
 
@@ -651,7 +656,8 @@ def select_rows(target: torch.Tensor, ignore_index: int, n_classes: int,
     n_rows = target.shape[0]
     sel = torch.empty((2 * n_rows,), dtype=torch.int64, device=target.device)
     info = torch.empty((2,), dtype=torch.int64, device=target.device)
-    _cross_entropy_select_kernel[(1,)](
+    launch(
+        _cross_entropy_select_kernel, (1,),
         target, sel, info, target.stride(0), n_rows, int(n_classes), int(ignore_index),
         BLOCK=SELECT_BLOCK, CHECK=bool(check_labels), num_warps=SELECT_NUM_WARPS)
     return sel, info
@@ -682,7 +688,8 @@ def cross_entropy_scale_(dlogits: torch.Tensor, grad: torch.Tensor, *more: torch
         return
     blocks = sum(cdiv(t.numel(), SCALE_BLOCK) for t in tensors)
     absent = SCALE_MAX_TENSORS - len(tensors)
-    _cross_entropy_scale_kernel[(min(blocks, SCALE_PROGRAMS),)](
+    launch(
+        _cross_entropy_scale_kernel, (min(blocks, SCALE_PROGRAMS),),
         *tensors, *([None] * absent), grad, *(t.numel() for t in tensors), *([0] * absent),
         BLOCK=SCALE_BLOCK, N_TENSORS=len(tensors), num_warps=8)
 
@@ -721,7 +728,8 @@ def cross_entropy_bwd(logits: torch.Tensor, target: torch.Tensor, stats: torch.T
         _check_dlogits(dlogits, logits)
     block_v, num_warps, _ = ce_block(n_cols)
     if n_rows > 0:
-        _cross_entropy_bwd_kernel[(n_rows,)](
+        launch(
+            _cross_entropy_bwd_kernel, (n_rows,),
             logits, target, stats, scale, count, dlogits,
             logits.stride(0), target.stride(0), stride_scale, dlogits.stride(0),
             n_cols, int(ignore_index), float(label_smoothing), scale_value,

@@ -59,6 +59,7 @@ import triton.language as tl
 
 from ._common import (AotConfig, cdiv, dropout_keep, next_power_of_2, num_programs,
                       on_tensor_device, row_block, rows_arg, _sum_param_parts)
+from ._launch import launch
 
 # Widest hidden size the fused kernels take: the backward keeps a row of the LayerNorm
 # input, dy, three run accumulators and two partial sums in registers; ptxas reports 784 B
@@ -561,8 +562,8 @@ def _index_bounds(*flat: torch.Tensor) -> List[Tuple[int, int]]:
     grid = min(cdiv(max(sizes), BOUNDS_BLOCK), BOUNDS_MAX_PROGRAMS)
     out = torch.empty((len(flat), 2, grid), dtype=torch.int64, device=flat[0].device)
     pad = 3 - len(flat)
-    _index_bounds_kernel[(grid,)](*flat, *[None] * pad, out, *sizes, *[0] * pad,
-                                  N_IN=len(flat), BLOCK=BOUNDS_BLOCK)
+    launch(_index_bounds_kernel, (grid,), *flat, *[None] * pad, out, *sizes, *[0] * pad,
+           N_IN=len(flat), BLOCK=BOUNDS_BLOCK)
     return [(min(lo), max(hi)) for lo, hi in out.tolist()]
 
 
@@ -600,7 +601,8 @@ def embedding_layer_norm_fwd(input_ids: torch.Tensor, word_weight: torch.Tensor,
     has_dropout = seed is not None and dropout_p > 0.0
     block_n, num_warps = row_block(n_cols)
     if n_rows > 0:
-        _embedding_layer_norm_fwd_kernel[(n_rows,)](
+        launch(
+            _embedding_layer_norm_fwd_kernel, (n_rows,),
             ids[0], pos_ids[0], type_ids[0], word, pos, typ, ln_weight, ln_bias, seed,
             y, mean, rstd, *ids[1:], *pos_ids[1:], *type_ids[1:],
             word.stride(0), pos.stride(0), typ.stride(0) if typ is not None else 0, n_cols,
@@ -642,11 +644,13 @@ def _launch_segment_sum(keys: torch.Tensor, ds: torch.Tensor, n_tok_keys: int,
     g = (*grads, None, None, None, None)[:5]
     sizes = [t.shape[0] if t.dim() == 2 else 1 for t in grads]
     nk = (*sizes, 0, 0, 0)[:4]
-    _embedding_segment_sum_kernel[grid](
+    launch(
+        _embedding_segment_sum_kernel, grid,
         sorted_keys, perm, ds, *g, partials, part_row0, n_rows, n_tok_keys, n_ds_rows, n_cols,
         *nk, sum(sizes), skip_key, CHUNK=chunk, BLOCK_N=block_n, N_TAB=n_tab,
         num_warps=SEGMENT_NUM_WARPS)
-    _embedding_segment_merge_kernel[grid](
+    launch(
+        _embedding_segment_merge_kernel, grid,
         sorted_keys, *g, partials, part_row0, n_rows, n_cols, *nk, sum(sizes), skip_key,
         CHUNK=chunk, BLOCK_N=block_n, MERGE=MERGE_TILE, N_TAB=n_tab,
         num_warps=SEGMENT_NUM_WARPS)
@@ -756,7 +760,8 @@ def embedding_layer_norm_bwd(dy: torch.Tensor, input_ids: torch.Tensor,
                          dtype=torch.float32, device=dev)
         parts = ds
     if n_rows > 0:
-        _embedding_layer_norm_bwd_kernel[(grid,)](
+        launch(
+            _embedding_layer_norm_bwd_kernel, (grid,),
             ids[0], pos_ids[0], type_ids[0], word, pos, typ, w, seed, dy2, mean, rstd,
             dword, dpos, dtyp, ds, keys, parts, *ids[1:], *pos_ids[1:], *type_ids[1:],
             word.stride(0), pos.stride(0), typ.stride(0) if typ is not None else 0, stride_dy,

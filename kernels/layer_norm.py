@@ -38,6 +38,7 @@ import triton.language as tl
 from ._common import (AotConfig, MAX_FUSED_COLS, rows_arg, unit_stride, dropout_keep, gelu_fwd,
                       gelu_grad, num_programs, on_tensor_device, row_block, row_block_configs, cdiv,
                       _sum_param_parts)
+from ._launch import launch
 
 # Programs per SM in the persistent backward: enough rows in flight per SM to cover memory
 # latency while keeping the partial-sum buffers (programs x n_cols fp32) small.
@@ -199,7 +200,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     block_n, num_warps = row_block(n_cols)
     has_dropout = seed is not None and dropout_p > 0.0
     if n_rows > 0:
-        _layer_norm_fwd_kernel[(n_rows,)](
+        launch(
+            _layer_norm_fwd_kernel, (n_rows,),
             x2, x_bias, res2, weight, bias, seed, y, mean, rstd,
             stride_x, stride_res, n_cols, n_cols, float(eps), float(dropout_p),
             BLOCK_N=block_n,
@@ -244,7 +246,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
              if n_parts else None)
     block_n, num_warps = row_block(n_cols)
     if n_rows > 0:
-        _layer_norm_bwd_kernel[(grid,)](
+        launch(
+            _layer_norm_bwd_kernel, (grid,),
             x2, x_bias, res2, weight, seed, dy2, mean, rstd, dx, dres, parts,
             stride_x, stride_res, stride_dy, n_cols, n_cols if dres is not None else 0,
             parts.stride(0) if parts is not None else 0,

@@ -121,6 +121,7 @@ import triton.language as tl
 
 from ._common import (AotConfig, LOG2E, _sm_count, _tanh, cdiv, mm_fp32, next_power_of_2,
                       on_tensor_device)
+from ._launch import bind, launch
 
 # tl.dot needs every block dimension >= 16; the batch block is padded up to it.
 MIN_DOT_BLOCK = 16
@@ -1397,7 +1398,8 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
         grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
         counts = torch.zeros(grid[0], dtype=torch.int32, device=dev)
         for begin, end, sync in _coop_launches(n_steps, dev):
-            _lstm_fwd_coop_kernel[grid](
+            launch(
+                _lstm_fwd_coop_kernel, grid,
                 xg, hs, cs, w_hh, lengths, y, gates, counts,
                 xg.stride(0), xg.stride(1), hs.stride(0), hs.stride(1), cs.stride(0),
                 cs.stride(1), w_hh.stride(0), y.stride(0), y.stride(1), gates.stride(0),
@@ -1409,7 +1411,8 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
         if has_proj:
             raise ValueError("the persistent LSTM kernel has no projection")
         bb, bh, bk, warps = persistent_blocks(n_hidden)
-        _lstm_fwd_persistent_kernel[(cdiv(n_batch, bb),)](
+        launch(
+            _lstm_fwd_persistent_kernel, (cdiv(n_batch, bb),),
             xg, hs, cs, w_hh, lengths, y, gates,
             xg.stride(0), xg.stride(1), hs.stride(0), hs.stride(1), cs.stride(0), cs.stride(1),
             w_hh.stride(0), y.stride(0), y.stride(1), gates.stride(0), gates.stride(1),
@@ -1448,12 +1451,12 @@ def _lstm_fwd_steps(xg, hs, cs, w_hh, w_hr, lengths, y, gates, rs, reverse):
                      *hs.stride()[:2], *y.stride()[:2], n_batch, n_hidden, n_state)
         proj_meta = dict(BLOCK_B=pbb, BLOCK_H=pbh, BLOCK_K=pbk, DOT_FP32=dot32,
                          num_warps=pwarps)
-    cell = _lstm_fwd_kernel[grid]
-    proj = _lstm_proj_fwd_kernel[pgrid] if has_proj else None
+    cell = bind(_lstm_fwd_kernel, grid, *cell_args, **cell_meta)
+    proj = bind(_lstm_proj_fwd_kernel, pgrid, *proj_args, **proj_meta) if has_proj else None
     for s, t in enumerate(_time_order(n_steps, reverse)):
-        cell(*cell_args, s, t, **cell_meta)
+        cell(s, t)
         if has_proj:
-            proj(*proj_args, s, t, **proj_meta)
+            proj(s, t)
 
 
 @on_tensor_device
@@ -1508,7 +1511,8 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
             grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
             counts = torch.zeros(grid[0], dtype=torch.int32, device=dev)
             for begin, end, sync in _coop_launches(n_steps, dev):
-                _lstm_bwd_coop_kernel[grid](
+                launch(
+                    _lstm_bwd_coop_kernel, grid,
                     dy, w_hh, gates, cs, lengths, dcarry, dc, dgates, counts,
                     dy.stride(0), dy.stride(1), dgates.stride(0), dgates.stride(1),
                     w_hh.stride(0), gates.stride(0), gates.stride(1), cs.stride(0),
@@ -1521,7 +1525,8 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
             if has_proj:
                 raise ValueError("the persistent LSTM kernel has no projection")
             bb, bh, bk, warps = persistent_blocks(n_hidden)
-            _lstm_bwd_persistent_kernel[(cdiv(n_batch, bb),)](
+            launch(
+                _lstm_bwd_persistent_kernel, (cdiv(n_batch, bb),),
                 dy, w_hh, gates, cs, lengths, dcarry, dc, dgates,
                 dy.stride(0), dy.stride(1), dgates.stride(0), dgates.stride(1), w_hh.stride(0),
                 gates.stride(0), gates.stride(1), cs.stride(0), cs.stride(1), dcarry.stride(0),
@@ -1565,16 +1570,14 @@ def _lstm_bwd_steps(dy, w_hh, w_hr, lengths, gates, cs, dgates, dcarry, dc, gv, 
                  *dy.stride()[:2], *dgates.stride()[:2], w_hh.stride(0), *gv_strides,
                  w_hr.stride(0) if has_proj else 0, *gates.stride()[:2], *cs.stride()[:2],
                  dcarry.stride(0), dc.stride(0), n_batch, n_hidden, n_state)
-    cell = _lstm_bwd_kernel[grid]
-    cell_meta = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, HAS_PROJ=has_proj,
-                     DOT_FP32=dot32, num_warps=warps)
+    cell = bind(_lstm_bwd_kernel, grid, *cell_args, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
+                HAS_PROJ=has_proj, DOT_FP32=dot32, num_warps=warps)
     if has_proj:
         proj_args = (dy, dgates, w_hh, lengths, dcarry, gv, *dy.stride()[:2],
                      *dgates.stride()[:2], w_hh.stride(0), dcarry.stride(0), *gv_strides,
                      n_batch, n_hidden, n_state)
-        proj = _lstm_proj_bwd_kernel[pgrid]
-        proj_meta = dict(BLOCK_B=pbb, BLOCK_H=pbh, BLOCK_K=pbk, DOT_FP32=dot32,
-                         num_warps=pwarps)
+        proj = bind(_lstm_proj_bwd_kernel, pgrid, *proj_args, BLOCK_B=pbb, BLOCK_H=pbh,
+                    BLOCK_K=pbk, DOT_FP32=dot32, num_warps=pwarps)
     for s in range(n_steps - 1, -1, -1):
         t = order[s]
         has_next = s < n_steps - 1
@@ -1582,8 +1585,8 @@ def _lstm_bwd_steps(dy, w_hh, w_hr, lengths, gates, cs, dgates, dcarry, dc, gv, 
         # feed this one (unread on the first backward step, HAS_NEXT=False)
         t_next = order[s + 1] if has_next else t
         if has_proj:
-            proj(*proj_args, t, t_next, HAS_NEXT=has_next, **proj_meta)
-        cell(*cell_args, s, t, t_next, HAS_NEXT=has_next, **cell_meta)
+            proj(t, t_next, HAS_NEXT=has_next)
+        cell(s, t, t_next, HAS_NEXT=has_next)
 
 
 def _state_and_weight_grads(dgates: torch.Tensor, dcarry: torch.Tensor, w_hh: torch.Tensor,
@@ -1718,7 +1721,8 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
             raise ValueError("the time-looping LayerNorm-LSTM kernel has no projection")
         w_hh = w_hh.contiguous()
         bh, bn, bk, pw = ln_persistent_blocks(n_hidden)
-        _ln_lstm_fwd_persistent_kernel[(n_batch,)](
+        launch(
+            _ln_lstm_fwd_persistent_kernel, (n_batch,),
             xg, hs, cs, w_hh, g_hh, g_c, b_c, lengths, y, gates, recs, stats,
             xg.stride(0), xg.stride(1), hs.stride(0), cs.stride(0), y.stride(0), hs.stride(1),
             stats.stride(0), w_hh.stride(0), n_hidden, n_steps, float(eps),
@@ -1759,23 +1763,23 @@ def _ln_lstm_fwd_steps(xg, w_hh, w_hr, g_hh, g_c, b_c, lengths, y, hs, cs, gates
     # the step-invariant launch arguments, built once; per-step views only for the GEMMs
     # (unbind makes them all in one call). recs, xg and gates share their strides, and so
     # do the H-wide rows of cs and out (all allocated contiguous here).
-    row = _ln_lstm_fwd_kernel[(n_batch,)]
-    row_args = (recs, xg, hs, cs, g_hh, g_c, b_c, lengths, out, gates, stats,
-                recs.stride(0), recs.stride(1), hs.stride(0), cs.stride(0), out.stride(0),
-                cs.stride(1), stats.stride(0), n_hidden)
+    row = bind(_ln_lstm_fwd_kernel, (n_batch,), recs, xg, hs, cs, g_hh, g_c, b_c, lengths,
+               out, gates, stats, recs.stride(0), recs.stride(1), hs.stride(0), cs.stride(0),
+               out.stride(0), cs.stride(1), stats.stride(0), n_hidden, BLOCK_H=block_h,
+               HAS_PROJ=has_proj, num_warps=warps)
     hs_v, recs_v = hs.unbind(0), recs.unbind(0)
     if has_proj:
         w_hr_t = w_hr.t()
         block_p, pwarps = ln_row_block(n_state)
-        proj = _ln_lstm_proj_fwd_kernel[(n_batch,)]
-        proj_args = (hs, lengths, y, hs.stride(0), y.stride(0), hs.stride(1), n_state)
+        proj = bind(_ln_lstm_proj_fwd_kernel, (n_batch,), hs, lengths, y, hs.stride(0),
+                    y.stride(0), hs.stride(1), n_state, BLOCK_P=block_p, num_warps=pwarps)
         rs_v = rs.unbind(0)
     for s, t in enumerate(_time_order(n_steps, reverse)):
         mm_fp32(hs_v[s], w_t, recs_v[t])
-        row(*row_args, s, t, float(eps), BLOCK_H=block_h, HAS_PROJ=has_proj, num_warps=warps)
+        row(s, t, float(eps))
         if has_proj:
             torch.mm(rs_v[t], w_hr_t, out=hs_v[s + 1])
-            proj(*proj_args, s, t, BLOCK_P=block_p, num_warps=pwarps)
+            proj(s, t)
 
 
 @on_tensor_device
@@ -1843,7 +1847,8 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
             dh_scratch = torch.empty((n_batch, n_hidden), dtype=torch.float32, device=dev)
             # the kernel indexes the (T, B, 4H) buffers with one pair of strides and the rows
             # of H (cs, dy, dcarry, dc, the scratch) with one row stride: all are contiguous
-            _ln_lstm_bwd_persistent_kernel[(n_batch,)](
+            launch(
+                _ln_lstm_bwd_persistent_kernel, (n_batch,),
                 dy, recs, gates, cs, stats, w_hh, g_hh, g_c, b_c, lengths, dcarry, dc, dxg,
                 drec, dh_scratch, dg_hh_acc, dgb_c_acc,
                 dxg.stride(0), dxg.stride(1), cs.stride(0), dy.stride(0), cs.stride(1),
@@ -1894,16 +1899,16 @@ def _ln_lstm_bwd_steps(dy, w_hh, w_hr, g_hh, g_c, b_c, lengths, cs, gates, recs,
         block_p, pwarps = ln_row_block(n_state)
     # step-invariant launch arguments built once (see ln_lstm_fwd); recs, gates, dxg and
     # drec share their strides, and so do the H-wide rows of cs, dy, dcarry and dc
-    row = _ln_lstm_bwd_kernel[(n_batch,)]
-    row_args = (dr if has_proj else dh_mm, dy, recs, gates, cs, stats, g_hh, g_c, b_c,
-                lengths, dcarry, dc, dxg, drec, dg_hh_acc, dgb_c_acc, recs.stride(0),
-                recs.stride(1), dy.stride(0), cs.stride(0), cs.stride(1), stats.stride(0),
-                n_hidden)
+    row = bind(_ln_lstm_bwd_kernel, (n_batch,), dr if has_proj else dh_mm, dy, recs, gates,
+               cs, stats, g_hh, g_c, b_c, lengths, dcarry, dc, dxg, drec, dg_hh_acc,
+               dgb_c_acc, recs.stride(0), recs.stride(1), dy.stride(0), cs.stride(0),
+               cs.stride(1), stats.stride(0), n_hidden, BLOCK_H=block_h, HAS_PROJ=has_proj,
+               num_warps=warps)
     drec_v = drec.unbind(0)
     if has_proj:
-        proj = _ln_lstm_proj_bwd_kernel[(n_batch,)]
-        proj_args = (dh_mm, dy, lengths, dcarry, gv, dy.stride(0), gv.stride(0),
-                     gv.stride(1), n_state)
+        proj = bind(_ln_lstm_proj_bwd_kernel, (n_batch,), dh_mm, dy, lengths, dcarry, gv,
+                    dy.stride(0), gv.stride(0), gv.stride(1), n_state, BLOCK_P=block_p,
+                    num_warps=pwarps)
         gv_v = gv.unbind(0)
     for s in range(n_steps - 1, -1, -1):
         t = order[s]
@@ -1911,11 +1916,10 @@ def _ln_lstm_bwd_steps(dy, w_hh, w_hr, g_hh, g_c, b_c, lengths, cs, gates, recs,
         if has_next:
             mm_fp32(drec_v[order[s + 1]], w_hh, dh_mm)
         if has_proj:
-            proj(*proj_args, t, BLOCK_P=block_p, HAS_NEXT=has_next, num_warps=pwarps)
+            proj(t, HAS_NEXT=has_next)
             mm_fp32(gv_v[t], w_hr, dr)
         # with a projection HAS_NEXT is unused by the row kernel: one variant
-        row(*row_args, s, t, BLOCK_H=block_h, HAS_NEXT=has_next and not has_proj,
-            HAS_PROJ=has_proj, num_warps=warps)
+        row(s, t, HAS_NEXT=has_next and not has_proj)
 
 
 def aot_configs():
