@@ -10,6 +10,9 @@ Cases (bf16 on CUDA), each timed forward, backward (from a kept graph) and forwa
 - Variable-length batches (64 sequences, lengths uniform in [16, 512]), BERT-base heads:
   fastbert varlen on packed tokens vs fastbert and SDPA (efficient, cuDNN) on the padded
   batch with a mask. FLOPs count only the real tokens, for every impl.
+- ``fastbert_atomic_dq_bwd`` (and ``fastbert_varlen_atomic_dq_bwd``) where the backward is
+  not one launch: kernels/attention.py ATOMIC_DQ_BACKWARD, dQ added by the dK/dV kernel with
+  fp32 atomics (FlashAttention-2's backward) instead of a dQ kernel; off by default.
 - Causal, seq 1k-8k, head dims 64 and 128 (hidden 2048, 16k tokens a batch): fastbert vs
   SDPA flash, efficient and cuDNN (is_causal; seqlen_q == seqlen_k so top-left and
   bottom-right alignment agree).
@@ -93,6 +96,14 @@ def _three_kernel_backward(call: Callable) -> Callable:
     return with_setting(k, "ONE_LAUNCH_BACKWARD", False, call)
 
 
+def _atomic_dq_backward(call: Callable) -> Callable:
+    """``call`` with kernels.attention.ATOMIC_DQ_BACKWARD on: where the backward is not one
+    launch, the dK/dV kernel adds dQ with fp32 atomics instead of a dQ kernel (off by default
+    until these rows are measured)."""
+    from fastbert.kernels import attention as k
+    return with_setting(k, "ATOMIC_DQ_BACKWARD", True, call)
+
+
 def _leaf(*shape, device, dtype):
     return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
 
@@ -113,6 +124,9 @@ def _padded_impls(batch, seq, heads, d, device, dtype, lengths, causal, sdpa_bac
         if bwd_fused(seq, d, dtype):
             impls["fastbert_three_kernel_bwd[triton]"] = (
                 impls["fastbert[triton]"][0], [q, k, v], _three_kernel_backward)
+        else:
+            impls["fastbert_atomic_dq_bwd[triton]"] = (
+                impls["fastbert[triton]"][0], [q, k, v], _atomic_dq_backward)
     qt, kt, vt = (_leaf(batch, heads, seq, d, device=device, dtype=dtype) for _ in range(3))
     smask = mask[:, None, None, :] if mask is not None else None
     for name in sdpa_backends:
@@ -176,6 +190,9 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     backend = "triton" if gpu else "torch"
     impls = {f"fastbert_varlen[{backend}]": (
         lambda: attention_varlen(qu, ku, vu, cu, cu, maxlen, maxlen, backend=backend), [qu, ku, vu])}
+    if gpu:
+        impls["fastbert_varlen_atomic_dq_bwd[triton]"] = (
+            impls[f"fastbert_varlen[{backend}]"][0], [qu, ku, vu], _atomic_dq_backward)
     padded = _padded_impls(n_seq, max_len, heads, d, device, dtype, lengths.to(device), False,
                            ("efficient", "cudnn") if gpu else ("math",), eager=False,
                            torch_ref=not gpu)

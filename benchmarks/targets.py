@@ -133,7 +133,8 @@ def _alts(make: Callable[[str], Callable[[Group], Optional[Tuple[str, bool]]]],
     return tuple((impl, make(impl)) for impl in impls)
 
 
-_ATTENTION_ALTS = _alts(lambda i: _vs_best(i, "sdpa_", 1.0), "fastbert_three_kernel_bwd[triton]")
+_ATTENTION_ALTS = _alts(lambda i: _vs_best(i, "sdpa_", 1.0), "fastbert_three_kernel_bwd[triton]",
+                        "fastbert_atomic_dq_bwd[triton]")
 _LSTM_ALTS = _alts(lambda i: _time_ratio_at_most(i, "cudnn", 1.25), "fastbert_triton_step_graph",
                    "fastbert_triton_coop", "fastbert_triton_per_step")
 
@@ -147,7 +148,9 @@ TARGETS: List[Target] = [
            _vs_best("fastbert[triton]", "sdpa_", 1.0), alternatives=_ATTENTION_ALTS),
     Target(3, "attention", "varlen vs padded fwd+bwd",
            "varlen >= 1.5x padded SDPA (mixed lengths 16-512)",
-           _vs_best("fastbert_varlen[triton]", "sdpa_", 1.5, suffix=" (padded)")),
+           _vs_best("fastbert_varlen[triton]", "sdpa_", 1.5, suffix=" (padded)"),
+           alternatives=_alts(lambda i: _vs_best(i, "sdpa_", 1.5, suffix=" (padded)"),
+                              "fastbert_varlen_atomic_dq_bwd[triton]")),
     Target(3, "attention", "causal fwd",
            "forward >= 50% of the measured matmul rate (seq >= 2k, head dim 128)",
            _matmul_fraction("fastbert[triton]", 50.0),

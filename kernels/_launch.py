@@ -22,8 +22,8 @@ The argument class is at least as fine as Triton's specialization, so a kept ker
 used for arguments Triton would have compiled differently:
 
 - a tensor: its dtype, and whether its address is a multiple of 16;
-- an int: 1, a multiple of 16, or neither, when it fits int32; the value itself otherwise
-  (Triton picks i32/i64/u64 by range);
+- an int: 1, a multiple of 16, or neither, when it fits int32; else i64 or u64 (by range, as
+  Triton picks them) and whether it is a multiple of 16;
 - a float, a bool, None: the type (floats and bools are not specialized on their value);
 - the keyword arguments (constexprs and options such as ``num_warps``): their names and
   values; and the current device.
@@ -33,8 +33,9 @@ the interpreter, a Triton whose ``JITFunction.run`` does not launch the way read
 Triton's path unchanged. ``FASTBERT_FAST_LAUNCH=0`` in the environment at import (or
 ``ENABLED = False`` here) turns the direct path off.
 
-Not covered: flipping Triton's debug or instrumentation knobs after a kernel was first
-launched (those are part of Triton's options; a kept kernel keeps the old ones).
+Triton's debug and instrumentation knobs are part of the key (JITFunction.run folds them into
+its options); a stages-inspection hook (Triton 3.8) sends every launch down Triton's path.
+Not covered: a tool that replaces ``JITFunction.run`` itself after import.
 """
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def enabled() -> bool:
 
 
 def arg_class(args: Tuple[Any, ...], _int=int, _float=float, _bool=bool, _tensor=torch.Tensor,
-              _lo=-2 ** 31, _hi=2 ** 31 - 1) -> Optional[tuple]:
+              _lo=-2 ** 31, _hi=2 ** 31 - 1, _lo64=-2 ** 63, _hi64=2 ** 64 - 1,
+              _u64=2 ** 63) -> Optional[tuple]:
     """The argument class of a launch's positional arguments (see the module docstring), or
     None when an argument is of a type this module does not classify. (The defaults are
     locals for speed: this runs on every launch, ~0.14 us an argument on the dev box.)"""
@@ -100,8 +102,10 @@ def arg_class(args: Tuple[Any, ...], _int=int, _float=float, _bool=bool, _tensor
         if t is _int:
             if _lo <= a <= _hi:
                 append(1 if a == 1 else (16 if not a & 15 else 0))
+            elif _lo64 <= a <= _hi64:   # Triton: i64 or u64 by range, and % 16
+                append(("i64" if a < _u64 else "u64", not a & 15))
             else:
-                append(("int", a))
+                append(("int", a))      # Triton's business (it rejects it)
         elif t is _tensor or isinstance(a, _tensor):
             append((a.dtype, not a.data_ptr() & 15))
         elif t is _float or t is _bool or a is None:
@@ -129,13 +133,16 @@ def _kept(fn: Any, grid: Any, args: tuple, meta: Dict[str, Any]):
     """(the key, the kept (kernel, tail) or None, the device) of a launch the direct path may
     take, or None when it must take Triton's path."""
     if type(fn) is not JITFunction or type(grid) is not tuple or not ENABLED \
-            or fn.pre_run_hooks or not (_supported or _triton_launches_as_read()):
+            or fn.pre_run_hooks or not (_supported or _triton_launches_as_read()) \
+            or getattr(_knobs.runtime, "add_stages_inspection_hook", None) is not None:
         return None
     akey = arg_class(args)
     if akey is None:
         return None
     device = _driver.active.get_current_device()
-    key = (device, akey, tuple(meta.items()))
+    # the knobs JITFunction.run folds into its options
+    key = (device, akey, tuple(meta.items()), _knobs.runtime.debug,
+           _knobs.compilation.instrumentation_mode)
     try:
         cache = fn._fastbert_launches
     except AttributeError:
@@ -166,7 +173,8 @@ def _run(kernel: Any, grid: tuple, full: tuple, device: int) -> None:
     n = len(grid)
     runtime = _knobs.runtime
     enter = runtime.launch_enter_hook
-    # CompiledKernel.launch_metadata is None without an enter hook (Triton 3.6 - 3.8)
+    # as CompiledKernel.launch_metadata: None only when the enter hook is None (Triton 3.6 -
+    # 3.8 default it to an empty HookChain, so JITFunction.run builds the metadata too)
     kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream,
                kernel.function, kernel.packed_metadata,
                None if enter is None else kernel.launch_metadata(grid, stream, *full),
@@ -189,13 +197,29 @@ def launch(fn: Any, grid: tuple, *args: Any, **meta: Any) -> None:
     _run(kernel, grid, args + tail, device)
 
 
+_MISSING = object()
+
+
 def _globals_unchanged(fn: JITFunction) -> bool:
     """JITFunction.run's check that the Python globals a kernel read at compile time still
-    hold the same values (False sends the launch down Triton's path, which raises)."""
-    missing = object()
-    for (name, _), (val, globals_dict) in fn.used_global_vals.items():
-        if globals_dict.get(name, missing) != val:
+    hold the same values (False sends the launch down Triton's path, which raises).
+
+    Triton compares with ``!=``, which for a ``tl.constexpr`` global is a Triton operator
+    (~1.6 us each on the dev box). After a full check passes, the objects seen are kept and
+    later checks compare identities (~0.1 us each); a different object gets the full check."""
+    used = fn.used_global_vals
+    seen = fn.__dict__.get("_fastbert_globals")
+    if seen is not None and seen[0] is used:
+        for globals_dict, name, obj in seen[1]:
+            if globals_dict.get(name, _MISSING) is not obj:
+                break
+        else:
+            return True
+    for (name, _), (val, globals_dict) in used.items():
+        if globals_dict.get(name, _MISSING) != val:
             return False
+    fn._fastbert_globals = (used, tuple((globals_dict, name, globals_dict.get(name, _MISSING))
+                                        for (name, _), (_, globals_dict) in used.items()))
     return True
 
 
@@ -206,8 +230,8 @@ class bind:
 
     The fixed arguments are classified once; a step classifies only its own arguments and
     finds its kernel in a small table of this object's, so a step costs little more than the
-    launcher itself. (The globals check of ``launch`` runs when a table entry is made, not at
-    every step.)"""
+    launcher itself. (The globals and knobs checks of ``launch`` run when a table entry is
+    made, not at every step; pre-run hooks are checked at every step.)"""
     __slots__ = ("fn", "grid", "args", "meta", "_direct", "_device", "_steps")
 
     def __init__(self, fn: Any, grid: tuple, *args: Any, **meta: Any):
@@ -220,7 +244,7 @@ class bind:
 
     def __call__(self, *more: Any, **more_meta: Any) -> None:
         step_key = None
-        if self._direct and ENABLED:
+        if self._direct and ENABLED and not self.fn.pre_run_hooks:
             more_class = arg_class(more)
             if more_class is not None:
                 step_key = (more_class, tuple(more_meta.items()))

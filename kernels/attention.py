@@ -336,10 +336,14 @@ def _attention_bwd_dkdv_kernel(
     n_heads, n_heads_kv, n_groups, seqlen_q, seqlen_k, head_dim, qk_scale, sm_scale, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     # each program owns BLOCK_N keys of one (batch, kv head) and accumulates their dK, dV over
     # all query heads of the group and all query blocks (no atomics).
+    # ATOMIC_DQ (FlashAttention-2's backward): each program also adds its keys' share of dQ,
+    # dS K * sm_scale, into a zeroed fp32 dQ (dq_ptr) with atomic adds, so the dQ kernel and
+    # its second recomputation of P and dP are skipped (5 matmuls a block pair instead of 7);
+    # the sum's order varies run to run (not deterministic).
     # FUSED_DQ (every sequence's keys fit in one block, seqlen_k <= BLOCK_N): the program sees
     # every key of its queries, so it also finishes their dQ, and computes delta =
     # rowsum(dO * O) itself: the whole backward is this one launch (o_ptr, dq_ptr are read /
@@ -393,6 +397,7 @@ def _attention_bwd_dkdv_kernel(
                                      stride_doh)
                 if FUSED_DQ:
                     o_base = _head_base(o_ptr, b, q_start, h, stride_ob, stride_om, stride_oh)
+                if FUSED_DQ or ATOMIC_DQ:
                     dq_base = _head_base(dq_ptr, b, q_start, h, stride_dqb, stride_dqm,
                                          stride_dqh)
                 for start_m in range(lo, len_q, BLOCK_M):
@@ -430,10 +435,15 @@ def _attention_bwd_dkdv_kernel(
                         dv += _mm(pt.to(do.dtype), do)
                     dst = pt * (dpt - delta[None, :])
                     dk += _mm(dst.to(q.dtype), q)
-                    if FUSED_DQ:
+                    if FUSED_DQ or ATOMIC_DQ:
                         dq = _mm(tl.trans(dst.to(k.dtype)), k) * sm_scale
-                        _store_tile(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
-                                    dq.to(dq_ptr.dtype.element_ty), m_in, d_in, EVEN_D)
+                        dq_tile = dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :]
+                        if FUSED_DQ:
+                            _store_tile(dq_tile, dq.to(dq_ptr.dtype.element_ty), m_in, d_in,
+                                        EVEN_D)
+                        else:
+                            tl.atomic_add(dq_tile, dq, mask=m_in[:, None] & d_in[None, :],
+                                          sem="relaxed")
         dk = dk * sm_scale
         dk_base = _head_base(dk_ptr, b, k_start, h_kv, stride_dkb, stride_dkn, stride_dkh)
         dv_base = _head_base(dv_ptr, b, k_start, h_kv, stride_dvb, stride_dvn, stride_dvh)
@@ -620,6 +630,16 @@ def bwd_configs(head_dim: int, dtype: torch.dtype):
 
 # False forces the three-kernel backward everywhere (benchmarks/bench_attention.py times both)
 ONE_LAUNCH_BACKWARD = True
+# True: where the backward is not one launch, the dK/dV kernel also adds dQ with fp32 atomics
+# (ATOMIC_DQ) instead of a separate dQ kernel recomputing P and dP. Off by default until timed
+# on a GPU (benchmarks/bench_attention.py's fastbert_atomic_dq_bwd rows); never used under
+# torch.use_deterministic_algorithms(True).
+ATOMIC_DQ_BACKWARD = False
+
+
+def bwd_atomic_dq() -> bool:
+    """Whether a backward that is not one launch adds dQ in the dK/dV kernel with atomics."""
+    return ATOMIC_DQ_BACKWARD and not torch.are_deterministic_algorithms_enabled()
 
 
 def bwd_fused(seqlen_k: int, head_dim: int, dtype: torch.dtype) -> bool:
@@ -756,10 +776,11 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   dropout_p: float = 0.0, softmax_scale: float = 1.0,
                   kv_end: Optional[torch.Tensor] = None, *, need_dq: bool = True,
                   need_dkv: bool = True):
-    """Launch the backward (deterministic: no atomics). Arguments as ``attention_fwd`` (the
-    same kv_end), plus do (out's shape), out and lse from the forward. Returns (dq, dk, dv)
-    in the inputs' shapes and dtypes. ``need_dq=False`` skips the dq kernel and
-    ``need_dkv=False`` the dk/dv kernel: those outputs are then zeros."""
+    """Launch the backward (deterministic unless ``bwd_atomic_dq()``: see
+    ATOMIC_DQ_BACKWARD). Arguments as ``attention_fwd`` (the same kv_end), plus do (out's
+    shape), out and lse from the forward. Returns (dq, dk, dv) in the inputs' shapes and
+    dtypes. ``need_dq=False`` skips the dq kernel and ``need_dkv=False`` the dk/dv kernel:
+    those outputs are then zeros."""
     varlen = cu_seqlens_q is not None
     (q, st_q), (k, st_k), (v, st_v) = _operand(q, varlen), _operand(k, varlen), _operand(v, varlen)
     (do, st_do), (out, st_out) = _operand(do, varlen), _operand(out, varlen)
@@ -799,6 +820,12 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             heads, sq, head_dim, BLOCK_M=pre_bm, BLOCK_D=bd, EVEN_D=bd == head_dim,
             IS_VARLEN=varlen, num_warps=PREPROCESS_WARPS,
         )
+    # FlashAttention-2's dQ: added by the dK/dV programs into a zeroed fp32 buffer
+    atomic = not fused and need_dq and need_dkv and sk > 0 and bwd_atomic_dq()
+    dq_out = dq
+    if atomic:
+        dq_out = dq.zero_() if dq.dtype == torch.float32 else \
+            torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
     qk_scale = float(softmax_scale) * _SCORE_LOG2E
     flags = dict(BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen, IS_CAUSAL=bool(causal),
                  HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout)
@@ -808,15 +835,18 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     elif sk > 0:
         launch(
             _attention_bwd_dkdv_kernel, (cdiv(sk, bn1) * batch * heads_kv,),
-            q, k, v, do, lse, delta, dk, dv, out, dq,
+            q, k, v, do, lse, delta, dk, dv, out, dq_out,
             mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
             *st_q, *st_k, *st_v, *st_do, *_strides3(dk, varlen), *_strides3(dv, varlen),
-            *st_out, *_strides3(dq, varlen),
+            *st_out, *_strides3(dq_out, varlen),
             stride_mask_b, heads, heads_kv, groups, sq, sk, head_dim, qk_scale,
             float(softmax_scale), float(dropout_p),
-            BLOCK_M=bm1, BLOCK_N=bn1, FUSED_DQ=fused, num_warps=w1, num_stages=s1, **flags,
+            BLOCK_M=bm1, BLOCK_N=bn1, FUSED_DQ=fused, ATOMIC_DQ=atomic, num_warps=w1,
+            num_stages=s1, **flags,
         )
-    if fused:
+    if atomic and dq_out is not dq:
+        dq.copy_(dq_out)
+    if fused or atomic:
         return dq, dk, dv
     if not need_dq:
         return dq.zero_(), dk, dv
@@ -873,12 +903,12 @@ def _preprocess_signature(dt: str):
             "EVEN_D": "constexpr", "IS_VARLEN": "constexpr"}
 
 
-def _bwd_signature(dt: str, dq: bool):
+def _bwd_signature(dt: str, dq: bool, atomic_dq: bool = False):
     ptrs = [("q_ptr", f"*{dt}"), ("k_ptr", f"*{dt}"), ("v_ptr", f"*{dt}"), ("do_ptr", f"*{dt}"),
             ("lse_ptr", "*fp32"), ("delta_ptr", "*fp32")]
     ptrs += ([("dq_ptr", f"*{dt}")] if dq else
              [("dk_ptr", f"*{dt}"), ("dv_ptr", f"*{dt}"), ("o_ptr", f"*{dt}"),
-              ("dq_ptr", f"*{dt}")])
+              ("dq_ptr", "*fp32" if atomic_dq else f"*{dt}")])
     ptrs += [("mask_ptr", "*i8"), ("kv_end_ptr", "*i32"), ("cu_q_ptr", "*i32"),
              ("cu_k_ptr", "*i32"), ("seed_ptr", "*i64")]
     outs = ("dq",) if dq else ("dk", "dv", "o", "dq")
@@ -890,7 +920,7 @@ def _bwd_signature(dt: str, dq: bool):
     scalars = [("stride_mask_b", "i64")] + heads + [
         ("seqlen_q", "i32"), ("seqlen_k", "i32"), ("head_dim", "i32"), ("qk_scale", "fp32"),
         ("sm_scale", "fp32"), ("dropout_p", "fp32")]
-    flags = _FLAG_NAMES + (() if dq else ("FUSED_DQ",))
+    flags = _FLAG_NAMES + (() if dq else ("FUSED_DQ", "ATOMIC_DQ"))
     return _sig(ptrs + strides + scalars + [(c, "constexpr") for c in flags])
 
 
@@ -913,10 +943,11 @@ def aot_configs():
         yield AotConfig(_attention_fwd_kernel, _fwd_signature(dt),
                         dict(BLOCK_M=bm, BLOCK_N=bn, **f), w, s, name=f"attention_fwd[{tag}]")
         (bm, bn, w, s), (bm2, bn2, w2, s2) = bwd_configs(head_dim, _TORCH_DT[dt])
-        for fused in (False, True):
-            yield AotConfig(_attention_bwd_dkdv_kernel, _bwd_signature(dt, False),
-                            dict(BLOCK_M=bm, BLOCK_N=bn, FUSED_DQ=fused, **f), w, s,
-                            name=f"attention_bwd_dkdv[{tag},fused_dq={fused}]")
+        for fused, atomic in ((False, False), (True, False), (False, True)):
+            yield AotConfig(_attention_bwd_dkdv_kernel, _bwd_signature(dt, False, atomic),
+                            dict(BLOCK_M=bm, BLOCK_N=bn, FUSED_DQ=fused, ATOMIC_DQ=atomic, **f),
+                            w, s, name=f"attention_bwd_dkdv[{tag},fused_dq={fused},"
+                                       f"atomic_dq={atomic}]")
         yield AotConfig(_attention_bwd_dq_kernel, _bwd_signature(dt, True),
                         dict(BLOCK_M=bm2, BLOCK_N=bn2, **f), w2, s2,
                         name=f"attention_bwd_dq[{tag}]")

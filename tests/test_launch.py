@@ -197,11 +197,17 @@ def test_direct_launch_is_off_when_disabled_and_for_unclassified_arguments(stub,
 
 
 def test_direct_launch_defers_to_triton_when_a_global_changed(stub):
+    _, calls, runs = stub
     fn = JITFunction(_probe)
-    env = {"G": 1}
-    fn.used_global_vals = {("G", id(env)): (1, env)}
+    env = {"G": 1000}
+    fn.used_global_vals = {("G", id(env)): (1000, env)}
     _launch.launch(fn, (1,), *_args(), BLOCK=8)
     _launch.launch(fn, (1,), *_args(), BLOCK=8)
+    # an equal value in a new object: the full check passes, still the direct path
+    env["G"] = int("1000")
+    n_runs = len(runs)
+    _launch.launch(fn, (1,), *_args(), BLOCK=8)
+    assert len(runs) == n_runs
     env["G"] = 2
     with pytest.raises(RuntimeError, match="Global variable G has changed"):
         _launch.launch(fn, (1,), *_args(), BLOCK=8)
@@ -328,3 +334,27 @@ def test_bind_defers_to_triton_on_another_device_or_when_disabled(stub, monkeypa
     step(2, 3, 0.0)
     step(2, 3, 0.0)
     assert len(runs) == n_runs + 3
+
+
+def test_debug_knob_and_big_ints_and_hooks_are_respected(stub, monkeypatch):
+    _, calls, runs = stub
+    fn = JITFunction(_probe)
+    _launch.launch(fn, (1,), *_args(n=2 ** 40), BLOCK=8)
+    n_runs = len(runs)
+    # another int64 of the same class (multiple of 16): the kept kernel
+    _launch.launch(fn, (1,), *_args(n=2 ** 40 + 48), BLOCK=8)
+    assert len(runs) == n_runs
+    # Triton's debug knob is part of its options: a new key
+    monkeypatch.setattr(knobs.runtime, "debug", True)
+    _launch.launch(fn, (1,), *_args(n=2 ** 40), BLOCK=8)
+    assert len(runs) == n_runs + 1
+    monkeypatch.setattr(knobs.runtime, "debug", False)
+    # a pre-run hook added after a bind's steps were seen is still run (Triton's path)
+    step = _launch.bind(fn, (1,), *_args()[:2], BLOCK=8)
+    step(1000, 64, 0.5, True, None)
+    step(1000, 64, 0.5, True, None)
+    seen = []
+    fn.add_pre_run_hook(lambda *a, **kw: seen.append(1))
+    step(1000, 64, 0.5, True, None)
+    _launch.launch(fn, (1,), *_args(), BLOCK=8)
+    assert seen == [1, 1]

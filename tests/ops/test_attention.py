@@ -39,13 +39,17 @@ def poisoned_empty(monkeypatch):
     yield
 
 
-@pytest.fixture(params=["one_launch", "three_kernels"])
+@pytest.fixture(params=["one_launch", "three_kernels", "atomic_dq"])
 def bwd_path(request, monkeypatch):
-    """Both backward paths: "one_launch" (the default: the dK/dV kernel also computes delta
-    and dQ whenever every key fits in its one key block, kernels.attention.bwd_fused) and
-    "three_kernels" (delta pre-pass, dK/dV, dQ: forced here even for short keys)."""
-    if request.param == "three_kernels":
+    """Every backward path: "one_launch" (the default: the dK/dV kernel also computes delta
+    and dQ whenever every key fits in its one key block, kernels.attention.bwd_fused),
+    "three_kernels" (delta pre-pass, dK/dV, dQ: forced here even for short keys) and
+    "atomic_dq" (delta pre-pass, then dK/dV adding dQ with atomics: ATOMIC_DQ_BACKWARD, forced
+    here even for short keys)."""
+    if request.param in ("three_kernels", "atomic_dq"):
         monkeypatch.setattr(k, "ONE_LAUNCH_BACKWARD", False)
+    if request.param == "atomic_dq":
+        monkeypatch.setattr(k, "ATOMIC_DQ_BACKWARD", True)
     return request.param
 
 
@@ -755,6 +759,31 @@ def test_backward_launches_only_the_kernels_of_the_wanted_gradients(device, monk
             assert got is None
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_atomic_dq_backward_skips_the_dq_kernel_unless_deterministic(device, monkeypatch,
+                                                                     deterministic):
+    """ATOMIC_DQ_BACKWARD: the dK/dV kernel adds dQ (no dQ kernel), matching fp64 in fp32 and
+    fp16 (GQA, causal, key mask, ragged lengths); under torch.use_deterministic_algorithms
+    the dQ kernel runs instead."""
+    monkeypatch.setattr(k, "ATOMIC_DQ_BACKWARD", True)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    launched = _count_launches(monkeypatch, ("_attention_bwd_dkdv_kernel",
+                                             "_attention_bwd_dq_kernel"))
+    for dtype, sq, sk in ((torch.float32, 37, 70), (torch.float16, 150, 131)):
+        launched.clear()
+        q = _rand(device, dtype, 2, sq, 4, 32)
+        k_, v = _rand(device, dtype, 2, sk, 2, 32), _rand(device, dtype, 2, sk, 2, 32)
+        mask = torch.rand(2, sk, device=device) > 0.2
+        mask[1, sk // 2:] = False
+        _check(lambda q_, k2, v2: attention(q_, k2, v2, attention_mask=mask, causal=True,
+                                            backend="triton"),
+               lambda q_, k2, v2, **kw: attention_ref(q_, k2, v2, attention_mask=mask,
+                                                      causal=True, **kw),
+               q, k_, v, name=str(dtype))
+        assert launched == (["_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"]
+                            if deterministic else ["_attention_bwd_dkdv_kernel"]), dtype
+
+
 def test_op_and_kernel_agree_on_supported_head_dims():
     assert ops_attention.KERNEL_HEAD_DIMS == k.SUPPORTED_HEAD_DIMS
 
@@ -817,6 +846,27 @@ def test_attention_gpu_matches_fp32_reference(dtype, head_dim, causal, seqlen):
     out.backward(dout)
     r32, rlp = _gpu_refs(q, k_, v, dout, attention_mask=mask, causal=causal)
     _gpu_check(out, [t.grad for t in leaves], r32, rlp, f"{dtype} s={seqlen} d={head_dim}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen, head_dim, causal", [(512, 64, False), (1023, 128, True),
+                                                      (300, 64, True)])
+def test_attention_gpu_atomic_dq_backward_matches_fp32_reference(monkeypatch, seqlen, head_dim,
+                                                                  causal):
+    """ATOMIC_DQ_BACKWARD on a GPU (real concurrent atomics): bf16 by the FlashAttention rule,
+    GQA, padding mask."""
+    monkeypatch.setattr(k, "ATOMIC_DQ_BACKWARD", True)
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    q = torch.randn(2, seqlen, 8, head_dim, device=device, dtype=dtype)
+    k_, v = (torch.randn(2, seqlen, 2, head_dim, device=device, dtype=dtype) for _ in range(2))
+    lengths = torch.tensor([seqlen, seqlen // 2 + 1], device=device)
+    mask = torch.arange(seqlen, device=device)[None, :] < lengths[:, None]
+    leaves = _leaves(q, k_, v)
+    out = attention(*leaves, attention_mask=mask, causal=causal, backend="triton")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    r32, rlp = _gpu_refs(q, k_, v, dout, attention_mask=mask, causal=causal)
+    _gpu_check(out, [t.grad for t in leaves], r32, rlp, f"atomic dq s={seqlen} d={head_dim}")
 
 
 @pytest.mark.gpu
