@@ -839,13 +839,20 @@ def test_attention_gpu_matches_fp32_reference(dtype, head_dim, causal, seqlen):
     q, k_, v = (torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype)
                 for _ in range(3))
     lengths = torch.randint(1, seqlen + 1, (batch,), device=device)
-    mask = torch.arange(seqlen, device=device)[None, :] < lengths[:, None]
+    _gpu_check_padded(q, k_, v, lengths, causal, f"{dtype} s={seqlen} d={head_dim}")
+
+
+def _gpu_check_padded(q, k_, v, lengths, causal, name):
+    """The kernel's output and gradients with a right-padding mask of ``lengths`` against
+    the fp32 reference, by the FlashAttention rule (_gpu_check)."""
+    seqlen = q.shape[1]
+    mask = torch.arange(seqlen, device=q.device)[None, :] < lengths[:, None]
     leaves = _leaves(q, k_, v)
     out = attention(*leaves, attention_mask=mask, causal=causal, backend="triton")
     dout = torch.randn_like(out)
     out.backward(dout)
     r32, rlp = _gpu_refs(q, k_, v, dout, attention_mask=mask, causal=causal)
-    _gpu_check(out, [t.grad for t in leaves], r32, rlp, f"{dtype} s={seqlen} d={head_dim}")
+    _gpu_check(out, [t.grad for t in leaves], r32, rlp, name)
 
 
 @pytest.mark.gpu
@@ -860,13 +867,7 @@ def test_attention_gpu_atomic_dq_backward_matches_fp32_reference(monkeypatch, se
     q = torch.randn(2, seqlen, 8, head_dim, device=device, dtype=dtype)
     k_, v = (torch.randn(2, seqlen, 2, head_dim, device=device, dtype=dtype) for _ in range(2))
     lengths = torch.tensor([seqlen, seqlen // 2 + 1], device=device)
-    mask = torch.arange(seqlen, device=device)[None, :] < lengths[:, None]
-    leaves = _leaves(q, k_, v)
-    out = attention(*leaves, attention_mask=mask, causal=causal, backend="triton")
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    r32, rlp = _gpu_refs(q, k_, v, dout, attention_mask=mask, causal=causal)
-    _gpu_check(out, [t.grad for t in leaves], r32, rlp, f"atomic dq s={seqlen} d={head_dim}")
+    _gpu_check_padded(q, k_, v, lengths, causal, f"atomic dq s={seqlen} d={head_dim}")
 
 
 @pytest.mark.gpu
