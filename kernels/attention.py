@@ -25,9 +25,11 @@ What is fused and why:
   keys of one (batch, kv head) and loops over every query block of every query head sharing
   that kv head (grouped-query attention) to accumulate dK and dV in registers;
   ``_attention_bwd_dq_kernel`` owns a block of queries and loops over the keys for dQ. No
-  atomics anywhere, so the backward is deterministic (bit-identical run to run) at the cost of
-  computing QK^T and dO V^T twice (the FlashAttention-2 paper's atomic-free variant, as in the
-  Triton fused-attention tutorial).
+  atomics by default, so the backward is deterministic (bit-identical run to run) at the cost
+  of computing QK^T and dO V^T twice (the FlashAttention-2 paper's atomic-free variant, as in
+  the Triton fused-attention tutorial). Opt-in ``ATOMIC_DQ_BACKWARD``: the dK/dV kernel adds
+  dQ with fp32 atomics instead (FlashAttention-2's own backward; not deterministic, so never
+  under ``torch.use_deterministic_algorithms(True)``).
 - Backward in one launch when every key fits in one key block (``bwd_fused``: seqlen_k <= 128
   at head dim <= 64 in fp16/bf16, BERT's seq 128): the dK/dV program then sees every key of
   its queries, so it also computes their delta and writes their dQ (FUSED_DQ). That drops two
@@ -442,8 +444,12 @@ def _attention_bwd_dkdv_kernel(
                             _store_tile(dq_tile, dq.to(dq_ptr.dtype.element_ty), m_in, d_in,
                                         EVEN_D)
                         else:
-                            tl.atomic_add(dq_tile, dq, mask=m_in[:, None] & d_in[None, :],
-                                          sem="relaxed")
+                            # a mask constant along the head dim keeps the adds vectorized
+                            # (v4 on sm_90), as in _store_tile
+                            dq_mask = m_in[:, None]
+                            if not EVEN_D:
+                                dq_mask = dq_mask & d_in[None, :]
+                            tl.atomic_add(dq_tile, dq, mask=dq_mask, sem="relaxed")
         dk = dk * sm_scale
         dk_base = _head_base(dk_ptr, b, k_start, h_kv, stride_dkb, stride_dkn, stride_dkh)
         dv_base = _head_base(dv_ptr, b, k_start, h_kv, stride_dvb, stride_dvn, stride_dvh)
@@ -820,8 +826,12 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             heads, sq, head_dim, BLOCK_M=pre_bm, BLOCK_D=bd, EVEN_D=bd == head_dim,
             IS_VARLEN=varlen, num_warps=PREPROCESS_WARPS,
         )
-    # FlashAttention-2's dQ: added by the dK/dV programs into a zeroed fp32 buffer
-    atomic = not fused and need_dq and need_dkv and sk > 0 and bwd_atomic_dq()
+    # FlashAttention-2's dQ: added by the dK/dV programs into a zeroed fp32 buffer. Not where
+    # every key fits one block but the one-launch backward was turned down for occupancy
+    # (above): the atomic path would put dQ on those same few programs, while the dQ
+    # kernel's grid is wide.
+    atomic = (not fused and need_dq and need_dkv and sk > 0 and bwd_atomic_dq()
+              and (sk > bn1 or q.device.type != "cuda"))
     dq_out = dq
     if atomic:
         dq_out = dq.zero_() if dq.dtype == torch.float32 else \

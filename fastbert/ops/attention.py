@@ -21,7 +21,9 @@ Conventions (the same in the reference and the kernels):
     - A query that sees no key at all outputs zeros and gets zero gradients (never NaN).
     - Dropout applies to the attention probabilities (inverted scaling by 1 / (1 - p)); its
       seed is drawn from torch's generator, so ``torch.manual_seed`` reproduces a call.
-    - The Triton backward is deterministic (no atomics).
+    - The Triton backward is deterministic (no atomics) unless
+      ``fastbert.kernels.attention.ATOMIC_DQ_BACKWARD`` is set (opt-in, never under
+      ``torch.use_deterministic_algorithms(True)``).
 """
 from __future__ import annotations
 

@@ -53,6 +53,16 @@ def bwd_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["default", "atomic_dq"])
+def dq_path(request, monkeypatch):
+    """The default backward and the atomic-dQ one (ATOMIC_DQ_BACKWARD, with the one-launch
+    backward off so that short keys take it too), for tests not run over every bwd_path."""
+    if request.param == "atomic_dq":
+        monkeypatch.setattr(k, "ONE_LAUNCH_BACKWARD", False)
+        monkeypatch.setattr(k, "ATOMIC_DQ_BACKWARD", True)
+    return request.param
+
+
 def _rand(device, dtype, *shape):
     return torch.randn(*shape, device=device, dtype=torch.float32).to(dtype)
 
@@ -268,8 +278,9 @@ SKIP_CASES = [
                          ids=[f"{str(c[0])[6:]}-{'-'.join(map(str, c[1]))}-q{c[2]}-k{c[3]}-"
                               f"{'causal' if c[4] else 'full'}{'-holes' if c[5] else ''}"
                               for c in SKIP_CASES])
-def test_padded_key_blocks_are_skipped_and_results_match_fp64(device, poisoned_empty, dtype,
-                                                               lengths, sq, sk, causal, holes):
+def test_padded_key_blocks_are_skipped_and_results_match_fp64(device, dq_path, poisoned_empty,
+                                                               dtype, lengths, sq, sk, causal,
+                                                               holes):
     # the keys in blocks past each row's last attended key are NaN in the kernels' k and v:
     # any load of them would poison out and dq; dK/dV start as NaN (poisoned_empty), so the
     # skipped dK/dV programs must write their zeros
@@ -340,7 +351,7 @@ def test_unpad_varlen_pad_equals_padded_attention_with_holes(device):
         assert_close_to_ref(got, want)
 
 
-def test_attention_takes_strided_views_of_packed_qkv_and_a_strided_grad(device):
+def test_attention_takes_strided_views_of_packed_qkv_and_a_strided_grad(device, dq_path):
     # q, k, v as views of one packed QKV projection (token stride 3 * heads * head_dim), v
     # with a non-unit last stride (copied by the launcher), dO transposed: the kernels must
     # use each tensor's own strides
@@ -421,7 +432,8 @@ def test_dropout_fwd_bwd_matches_reference_with_recovered_mask(device, bwd_path,
            q, k_, v, name="dropout")
 
 
-def test_dropout_with_skipped_padding_blocks_keeps_the_philox_offsets(device, monkeypatch):
+def test_dropout_with_skipped_padding_blocks_keeps_the_philox_offsets(device, dq_path,
+                                                                     monkeypatch):
     # the recovered keep-mask is drawn over the full (seqlen_q, seqlen_k) grid: matching the
     # reference with it shows the skip leaves every kept element's offset unchanged
     batch, sq, sk, heads, d, lengths = 3, 40, 150, 2, 32, (150, 45, 0)
@@ -443,7 +455,7 @@ def test_dropout_with_skipped_padding_blocks_keeps_the_philox_offsets(device, mo
            q, k_, v, name="dropout skip", unread_keys=unread)
 
 
-def test_dropout_varlen_matches_reference_with_recovered_mask(device):
+def test_dropout_varlen_matches_reference_with_recovered_mask(device, dq_path):
     q, k_, v, cu_q, cu_k, mq, mk = _varlen_inputs(device, torch.float32, [7, 40], [9, 33], 2, 1, 16)
     keep = _recover_mask(device, 5, 2, 2, mq, mk)
 
@@ -731,7 +743,8 @@ def test_launch_grids_fit_cuda_grid_limits_for_many_heads(device, monkeypatch):
 
 
 @pytest.mark.parametrize("wants", ["q", "kv", "v"])
-def test_backward_launches_only_the_kernels_of_the_wanted_gradients(device, monkeypatch, wants):
+def test_backward_launches_only_the_kernels_of_the_wanted_gradients(device, dq_path, monkeypatch,
+                                                                    wants):
     """Gradients for q alone skip the dk/dv kernel, for k and/or v alone the dq kernel; the
     gradients that are computed still match the fp64 reference."""
     launched = _count_launches(monkeypatch, ("_attention_bwd_dkdv_kernel",
