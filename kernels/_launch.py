@@ -59,7 +59,6 @@ ENV_VAR = "FASTBERT_FAST_LAUNCH"
 # step index is one argument class per value class, not per value, so this is never reached
 # by our launchers in practice)
 MAX_CACHED = 4096
-_I32_MIN, _I32_MAX = -2 ** 31, 2 ** 31 - 1
 # the launch line of JITFunction.run this module reproduces (Triton 3.6 - 3.8)
 _LAUNCH_LINE = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, "
                 "kernel.packed_metadata, launch_metadata,")
