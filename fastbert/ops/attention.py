@@ -314,6 +314,16 @@ def _scale(softmax_scale: Optional[float], head_dim: int) -> float:
     return s
 
 
+def _common_args(op: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
+                 softmax_scale: Optional[float], backend: Optional[str]):
+    """What attention and attention_varlen settle alike once their own arguments are checked:
+    (q, k, v in the autocast dtype, the backend, dropout_p as a float, the softmax scale)."""
+    check_probability("dropout_p", dropout_p)
+    scale = _scale(softmax_scale, q.shape[-1])
+    q, k, v = _autocast(q, k, v)
+    return q, k, v, _resolve(op, backend, q), float(dropout_p), scale
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tensor] = None,
               causal: bool = False, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
               backend: Optional[str] = None) -> Tensor:
@@ -343,11 +353,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     if not (_qkv_ok(q, k, v, 4) and k.shape[0] == q.shape[0]
             and (attention_mask is None or _mask_ok(attention_mask, q, k))):
         _check_attention_args(op, q, k, v, attention_mask)
-    check_probability("dropout_p", dropout_p)
-    scale = _scale(softmax_scale, q.shape[-1])
-    q, k, v = _autocast(q, k, v)
-    chosen = _resolve(op, backend, q)
-    p = float(dropout_p)
+    q, k, v, chosen, p, scale = _common_args(op, q, k, v, dropout_p, softmax_scale, backend)
     if chosen == "torch":
         return attention_ref(q, k, v, attention_mask=attention_mask, causal=causal,
                              dropout_p=p, softmax_scale=scale)
@@ -468,11 +474,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                       "max_seqlen_q", q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape[0], k.shape[0],
                       max_seqlen_k, "max_seqlen_k", q.device)
-    check_probability("dropout_p", dropout_p)
-    scale = _scale(softmax_scale, q.shape[-1])
-    q, k, v = _autocast(q, k, v)
-    chosen = _resolve(op, backend, q)
-    p = float(dropout_p)
+    q, k, v, chosen, p, scale = _common_args(op, q, k, v, dropout_p, softmax_scale, backend)
     if chosen == "torch":
         return attention_ref(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                              causal=causal, dropout_p=p, softmax_scale=scale)
