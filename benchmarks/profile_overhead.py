@@ -89,9 +89,11 @@ def _fwd_and_fwd_bwd(out: Dict[str, Callable], op: str, shape: str, fwd: Callabl
     out[f"{op} fwd+bwd {shape}"] = lambda: torch.autograd.grad(fwd(), leaves, grad)
 
 
-def cases() -> Dict[str, Callable]:
+def cases(dev: str = "cuda") -> Dict[str, Callable]:
+    """name -> a call to time (built, not run; ``dev`` other than cuda: for the CPU smoke test
+    of the cheap ones)."""
     from fastbert import ops
-    dev, bf = "cuda", torch.bfloat16
+    bf = torch.bfloat16
     out: Dict[str, Callable] = {}
 
     # the floor: what one launch costs through each path
@@ -111,6 +113,21 @@ def cases() -> Dict[str, Callable]:
     from benchmarks._harness import with_setting
     from fastbert.kernels import _launch
     out["fastbert launch, 3 args"] = lambda: _launch.launch(_noop, (1,), small, 1024, BLOCK=1024)
+
+    # what autograd itself costs there: a Function of one torch op each way, and an allocation
+    class _Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t * 2
+
+        @staticmethod
+        def backward(ctx, gt):
+            return gt * 2
+
+    leaf = torch.randn(1024, device=dev, requires_grad=True)
+    out["autograd.Function fwd+bwd (one op each)"] = lambda: torch.autograd.grad(
+        _Twice.apply(leaf), (leaf,), small)
+    out["torch.empty (8192, 768) bf16"] = lambda: torch.empty((8192, 768), device=dev, dtype=bf)
 
     x = torch.randn(8192, 768, device=dev, dtype=bf, requires_grad=True)
     w = torch.ones(768, device=dev, dtype=bf, requires_grad=True)
@@ -201,6 +218,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-cprofile", action="store_true")
+    ap.add_argument("--cprofile-k", default="",
+                    help="cProfile only the cases whose name contains one of these "
+                         "comma-separated texts (default: every op case)")
     ap.add_argument("-k", dest="select", default="",
                     help="only the cases whose name contains this text")
     args = ap.parse_args(argv)
@@ -222,7 +242,9 @@ def main(argv=None) -> int:
             lines.append(f"{name:<48} {wall:9.1f} {host:9.1f} {gpu:9.1f}")
             print(lines[-1], flush=True)
             reports.append(f"--- {name}: kernels\n" + "\n".join(top))
-            if not args.no_cprofile and not name.startswith(("torch add", "triton launch")):
+            wanted = [t for t in args.cprofile_k.split(",") if t]
+            if (not args.no_cprofile and not name.startswith(("torch add", "triton launch"))
+                    and (not wanted or any(t in name for t in wanted))):
                 reports.append(f"--- {name}: cProfile of {args.iters} calls\n"
                                + _cprofile(fn, args.iters))
         except Exception as e:  # a diagnostic: report and go on

@@ -80,3 +80,20 @@ def test_gpu_check_script_parses():
     import subprocess
     script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_profile_overhead_cases_build_and_the_cheap_ones_run_on_cpu():
+    """benchmarks/profile_overhead.py (the gpu-check profile phase) builds every case, runs the
+    one-launch and autograd floor cases, and the cases gpu_check.sh cProfiles exist."""
+    import re
+    from pathlib import Path
+
+    from benchmarks import profile_overhead
+    cases = profile_overhead.cases("cpu")
+    for name in ("torch add (one launch)", "triton launch, 3 args", "fastbert launch, 3 args",
+                 "autograd.Function fwd+bwd (one op each)", "torch.empty (8192, 768) bf16"):
+        cases[name]()
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    wanted = re.search(r'--cprofile-k "([^"]+)"', script).group(1).split(",")
+    for text in wanted:
+        assert any(text in name for name in cases), text
