@@ -160,12 +160,12 @@ fi
 if phase_on profile; then
   # opt-in (FASTBERT_GPU_PHASES="... profile"): per-call host / wall / GPU time and the
   # kernels of each call (benchmarks/profile_overhead.py), in what is left of the budget; a
-  # cProfile of three host-bound cases (H200 run 3 left ~0.9 ms of their host time unexplained)
+  # cProfile of the host-bound cases (H200 run 3 left ~0.9 ms of their host time unexplained)
   secs=$(left)
   if [ "$secs" -ge 30 ]; then
     echo "== profile (${secs}s)" | tee -a "$SUMMARY"
     timeout --kill-after=5 "$secs" "$PY" -m benchmarks.profile_overhead --iters 30 \
-      --cprofile-k "layer_norm+res fwd+bwd,attention fwd+bwd 256,embedding_layer_norm" \
+      --cprofile-k "layer_norm+res fwd+bwd,attention fwd+bwd 256,embedding_layer_norm,V=30522" \
       --out "$R/overhead.txt" 2>&1 | tee -a "$R/gpu_profile.log"
     say "profile: exit ${PIPESTATUS[0]} (overhead.txt)"
   else
