@@ -64,6 +64,10 @@ class LSTMSeq2Seq(torch.nn.Module):
                            ("bos_id", bos_id, tgt_vocab), ("eos_id", eos_id, tgt_vocab)):
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
                 raise ValueError(f"{name} must be a token id in [0, {n}), got {i!r}")
+        if len({pad_id, bos_id, eos_id}) != 3:
+            raise ValueError(f"pad_id, bos_id and eos_id must be three different ids (decoding "
+                             f"never generates pad or bos, and stops at eos), got "
+                             f"{pad_id}, {bos_id}, {eos_id}")
         self.src_vocab, self.tgt_vocab = src_vocab, tgt_vocab
         self.attention = attention
         self.hidden = hidden
@@ -193,6 +197,13 @@ class LSTMSeq2Seq(torch.nn.Module):
             steps.append(logits)
         return torch.stack(steps, dim=1)
 
+    def _generable(self, logits: Tensor) -> Tensor:
+        """logits with pad_id and bos_id at -inf: a decoder never generates them (a generated
+        pad would read as the end of the output, a bos as a restart)."""
+        logits = logits.clone()
+        logits[:, [self.pad_id, self.bos_id]] = float("-inf")
+        return logits
+
     @torch.no_grad()
     def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int = 100) -> Tensor:
         """Argmax decoding: (B, L) ids ending with eos_id (then pad_id), L <= max_len."""
@@ -204,7 +215,7 @@ class LSTMSeq2Seq(torch.nn.Module):
         out = []
         for _ in range(max_len):
             logits, state = self.decode_step(y, state, memory, keys, mask)
-            y = logits.argmax(-1)
+            y = self._generable(logits).argmax(-1)
             y = torch.where(done, torch.full_like(y, self.pad_id), y)
             out.append(y)
             done |= y == self.eos_id
@@ -240,7 +251,7 @@ class LSTMSeq2Seq(torch.nn.Module):
         tokens = torch.empty((n_batch * k, 0), dtype=torch.long, device=dev)
         for _ in range(max_len):
             logits, state = self.decode_step(y, state, memory, keys, mask)
-            logp = torch.log_softmax(logits.float(), dim=-1)  # (B*k, V)
+            logp = torch.log_softmax(self._generable(logits.float()), dim=-1)  # (B*k, V)
             n_vocab = logp.shape[-1]
             # a finished hypothesis extends only with pad at no cost
             fin = torch.full_like(logp, float("-inf"))

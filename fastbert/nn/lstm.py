@@ -20,7 +20,13 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
+from ..ops._checks import check_eps
 from ..ops.lstm import check_lengths
+
+
+class _ShapeError(ValueError, RuntimeError):
+    """A wrong input or state shape: a ValueError, and a RuntimeError as torch.nn.LSTM raises
+    for the same mistake (so code written against torch catches it)."""
 
 
 class LSTM(torch.nn.Module):
@@ -39,11 +45,13 @@ class LSTM(torch.nn.Module):
         hx: optional (h_0, c_0) of shapes (num_layers * D, B, proj_size or hidden_size) and
             (num_layers * D, B, hidden_size), D = 2 if bidirectional else 1.
         lengths: with a padded input, the valid length of each sequence, an integer tensor
-            (B,) with values in [0, T]; outputs past a sequence's length are zero and
+            (B,) (or a list) with values in [0, T]; outputs past a sequence's length are zero and
             h_n / c_n are taken after its last valid step, in both directions.
         enforce_sorted: like ``pack_padded_sequence``: when True, ``lengths`` must be
             sorted in decreasing order (the kernels do not need it; pass False).
     """
+
+    mode = "LSTM"  # as torch.nn.LSTM (RNNBase.mode), for code that reads it
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -62,6 +70,8 @@ class LSTM(torch.nn.Module):
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           "non-zero dropout expects num_layers greater than 1, but got "
                           f"dropout={dropout} and num_layers={num_layers}")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
         if hidden_size <= 0:
             raise ValueError("hidden_size must be greater than zero")
         if num_layers <= 0:
@@ -117,6 +127,12 @@ class LSTM(torch.nn.Module):
         code written against torch.nn.LSTM, which calls it)."""
 
     @property
+    def _flat_weights(self) -> List[torch.nn.Parameter]:
+        """The parameters in torch.nn.LSTM's flat order (read-only here: the kernels read each
+        parameter by name, so code that replaces this list changes nothing)."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
     def all_weights(self) -> List[List[torch.nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
@@ -162,6 +178,8 @@ class LSTM(torch.nn.Module):
             if batched and self.batch_first:
                 x = x.transpose(0, 1)
             lens = lengths
+            if isinstance(lens, (list, tuple)):
+                lens = torch.as_tensor(lens, dtype=torch.int64)  # as pack_padded_sequence
             if lens is not None:
                 if not batched:
                     raise ValueError("lengths needs a batched (3-D) input")
@@ -171,7 +189,7 @@ class LSTM(torch.nn.Module):
                     # values reads them without waiting for the GPU
                     lens = lens.cpu()
         if x.shape[-1] != self.input_size:
-            raise ValueError(f"input.size(-1) must be equal to input_size. "
+            raise _ShapeError(f"input.size(-1) must be equal to input_size. "
                              f"Expected {self.input_size}, got {x.shape[-1]}")
         w0 = self.weight_ih_l0
         if x.dtype != w0.dtype:
@@ -193,9 +211,9 @@ class LSTM(torch.nn.Module):
                                      f"got ({h0.dim()}-D, {c0.dim()}-D) tensors")
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             if tuple(h0.shape) != h_shape:
-                raise ValueError(f"Expected hidden[0] size {h_shape}, got {tuple(h0.shape)}")
+                raise _ShapeError(f"Expected hidden[0] size {h_shape}, got {tuple(h0.shape)}")
             if tuple(c0.shape) != c_shape:
-                raise ValueError(f"Expected hidden[1] size {c_shape}, got {tuple(c0.shape)}")
+                raise _ShapeError(f"Expected hidden[1] size {c_shape}, got {tuple(c0.shape)}")
         layer_input = x
         h_n, c_n = [], []
         for layer in range(self.num_layers):
@@ -287,6 +305,7 @@ class LayerNormLSTM(LSTM):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, eps: float = 1e-5,
                  backend: Optional[str] = None):
+        check_eps("LayerNormLSTM", eps)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype, backend=backend)
         self.eps = eps

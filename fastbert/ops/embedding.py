@@ -13,6 +13,7 @@ Layers of this file:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -20,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from ._checks import (FLOAT_DTYPES, check_eps, check_probability, check_same_device, check_shape,
-                      check_tensor)
+from ._checks import (FLOAT_DTYPES, REF_DTYPES, check_eps, check_probability, check_same_device,
+                      check_shape, check_tensor, kernel_dtype_reason)
 from ._fastop import direct_call_ok, fast_op
 from ._dispatch import kernel_module, resolve
 
@@ -222,9 +223,10 @@ def _width_check(n_cols: int) -> Optional[str]:
     return None
 
 
-def _resolve(tensors, backend: Optional[str], n_cols: int) -> str:
+def _resolve(tensors, backend: Optional[str], n_cols: int, floats: dict) -> str:
+    """``floats``: the float tensors by name (float64 ones run on the torch backend only)."""
     return resolve("embedding_layer_norm", tensors, backend, preference=("triton",),
-                   extra_check=lambda b: _width_check(n_cols))
+                   extra_check=lambda b: _width_check(n_cols) or kernel_dtype_reason(**floats))
 
 
 def _check_index_tensor(name: str, t: Optional[Tensor], ids_shape) -> None:
@@ -281,19 +283,19 @@ def _check_args(input_ids, word_weight, position_weight, ln_weight, ln_bias, eps
     check_tensor("input_ids", input_ids, dtypes=INDEX_DTYPES)
     if input_ids.dim() < 1:
         raise ValueError("input_ids must have at least one dimension (the sequence), got a scalar")
-    check_tensor("word_weight", word_weight, dtypes=FLOAT_DTYPES, ndim=(2,))
+    check_tensor("word_weight", word_weight, dtypes=REF_DTYPES, ndim=(2,))
     n_cols = word_weight.shape[1]
     if n_cols == 0:
         raise ValueError("word_weight must have a non-empty hidden dimension, got shape "
                          f"{tuple(word_weight.shape)}")
-    check_tensor("position_weight", position_weight, dtypes=FLOAT_DTYPES, ndim=(2,))
-    check_tensor("type_weight", type_weight, dtypes=FLOAT_DTYPES, ndim=(2,), optional=True)
+    check_tensor("position_weight", position_weight, dtypes=REF_DTYPES, ndim=(2,))
+    check_tensor("type_weight", type_weight, dtypes=REF_DTYPES, ndim=(2,), optional=True)
     for name, t in (("position_weight", position_weight), ("type_weight", type_weight)):
         if t is not None and t.shape[1] != n_cols:
             raise ValueError(f"{name} must have {n_cols} columns (word_weight's hidden size), "
                              f"got shape {tuple(t.shape)}")
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        check_tensor(name, t, dtypes=FLOAT_DTYPES, optional=True)
+        check_tensor(name, t, dtypes=REF_DTYPES, optional=True)
         check_shape(name, t, (n_cols,), "word_weight's hidden size")
     _check_index_tensor("position_ids", position_ids, input_ids.shape)
     _check_index_tensor("token_type_ids", token_type_ids, input_ids.shape)
@@ -317,6 +319,10 @@ def _normalize_padding_idx(padding_idx: Optional[int], vocab_size: int) -> int:
     """nn.Embedding's rule (negative counts from the end); -1 stands for none."""
     if padding_idx is None:
         return -1
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral):
+        raise TypeError(f"padding_idx must be an int or None, got "
+                        f"{type(padding_idx).__name__}")
+    padding_idx = int(padding_idx)
     if not -vocab_size <= padding_idx < vocab_size:
         raise ValueError(f"padding_idx must be within [-{vocab_size}, {vocab_size}) "
                          f"(word_weight's rows), got {padding_idx}")
@@ -363,7 +369,8 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
 
     Args:
         input_ids: (..., S) int32/int64, usually (B, S); the last dimension is the sequence.
-        word_weight: (V, H) float32 / float16 / bfloat16. The output has its dtype.
+        word_weight: (V, H) float32 / float16 / bfloat16 (float64 on the "torch" backend). The
+            output has its dtype.
         position_weight: (P, H) float; P is max_position_embeddings.
         ln_weight, ln_bias: (H,) or None (LayerNorm's affine parameters).
         eps: added to the variance (BERT's 1e-12 by default).
@@ -372,7 +379,7 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
             token_type_ids must be None).
         position_ids: int tensor broadcastable to input_ids (e.g. (S,) or (1, S)), or None
             for 0..S-1 (S must then be <= P).
-        dropout_p: dropout probability on the output (pass 0.0 in eval mode); drawn from
+        dropout_p: dropout probability on the output, in [0, 1) (pass 0.0 in eval mode); drawn from
             torch's generator, so ``torch.manual_seed`` reproduces it.
         padding_idx: a word id whose row gets no gradient (as ``nn.Embedding``), or None.
         deterministic: bit-identical table gradients run to run (sort-based segmented sums)
@@ -396,7 +403,9 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
     pad = -1 if padding_idx is None else _normalize_padding_idx(padding_idx,
                                                                  word_weight.shape[0])
     # the checks put every tensor on word_weight's device: it alone decides
-    chosen = _resolve((word_weight,), backend, word_weight.shape[1])
+    chosen = _resolve((word_weight,), backend, word_weight.shape[1],
+                      dict(word_weight=word_weight, position_weight=position_weight,
+                           type_weight=type_weight, ln_weight=ln_weight, ln_bias=ln_bias))
     if check_bounds and not torch.compiler.is_compiling() and not is_fake(input_ids):
         # fake tensors (FakeTensorMode: shape inference) have no values to check; under a
         # mode or with tensor subclasses, torch computes the bounds (what the mode sees)

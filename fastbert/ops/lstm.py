@@ -331,6 +331,20 @@ def check_lengths(lengths: Tensor, n_batch: int, n_steps: int, *, allow_zero: bo
                              "enforce_sorted=True; pass enforce_sorted=False for unsorted lengths")
 
 
+def _zero_past_lengths(x: Tensor, lengths: Tensor) -> Tensor:
+    """x (T, B, I) with every step t >= lengths[b] of sequence b set to 0. Those steps never
+    reach the output, but the weight gradient of the input projection sums dxg^T x over all
+    of them: its zeros times a NaN or inf in the padding would be NaN. Unchanged (no op) when
+    no sequence is shorter than T, read without a sync from CPU lengths."""
+    n_steps = x.shape[0]
+    if lengths.is_cpu and not torch.compiler.is_compiling():
+        if lengths.numel() == 0 or int(lengths.min()) >= n_steps:
+            return x
+    lens = lengths.to(device=x.device, non_blocking=True)
+    keep = torch.arange(n_steps, device=x.device)[:, None] < lens[None, :]
+    return x.masked_fill(~keep[..., None], 0)
+
+
 def _triton_check(x: Tensor) -> Optional[str]:
     if x.dtype not in FLOAT_DTYPES:
         return f"the kernels take float32/float16/bfloat16, got {x.dtype}"
@@ -362,7 +376,8 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
             gate order (input, forget, cell, output) as in ``torch.nn.LSTM``.
         lengths: (B,) integer tensor with values in [0, T] (any device, any order), or None.
             Steps t >= lengths[b] leave b's state unchanged and output zeros, so h_n / c_n
-            are each sequence's state after its last valid step (in both directions).
+            are each sequence's state after its last valid step (in both directions). The
+            padding's values are never used: NaN there leaves outputs and gradients finite.
         reverse: process time backwards (the reverse direction of a bidirectional LSTM).
         ln_ih_weight, ln_hh_weight (4H,), ln_cell_weight, ln_cell_bias (H,), x's dtype:
             LayerNorm-LSTM parameters (see ``lstm_layer_ref``); the "triton" backend needs
@@ -375,6 +390,8 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     """
     _check_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     check_eps("lstm_layer", eps)
+    if lengths is not None:
+        x = _zero_past_lengths(x, lengths)
     ln = (ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias)
     _check_layer_norm_args(x, w_ih.shape[0] // 4, *ln)
 

@@ -75,6 +75,25 @@ def test_seq2seq_beam_size_one_equals_greedy(attention):
     assert (wide_scores >= scores - 1e-5).all()
 
 
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_seq2seq_decoding_never_generates_pad_or_bos(attention):
+    """pad after eos only: a decoder whose output layer favours pad and bos still emits real
+    tokens (a generated pad would read as the end of the output)."""
+    model = _model(attention)
+    out_bias = model.out.bias
+    with torch.no_grad():
+        out_bias[PAD] += 100.0
+        out_bias[BOS] += 50.0
+    src, lengths, _, _ = copy_batch(3, torch.Generator().manual_seed(3))
+    for tokens in (model.greedy_decode(src, lengths, max_len=6),
+                   model.beam_search(src, lengths, beam_size=3, max_len=6)[0]):
+        assert not (tokens == BOS).any()
+        for row in tokens.tolist():
+            first_pad = row.index(PAD) if PAD in row else len(row)
+            assert first_pad > 0 and all(t == PAD for t in row[first_pad:])
+            assert first_pad == len(row) or row[first_pad - 1] == EOS
+
+
 def _train_copy(attention, steps, seed=0):
     torch.manual_seed(seed)
     model = LSTMSeq2Seq(VOCAB, VOCAB, emb=32, hidden=64, layers=1, attention=attention,
@@ -136,6 +155,8 @@ def test_seq2seq_bad_arguments_raise():
         LSTMSeq2Seq(10, 10, attention="dot")
     with pytest.raises(ValueError, match="hidden must be even"):
         LSTMSeq2Seq(10, 10, hidden=15)
+    with pytest.raises(ValueError, match="three different ids"):
+        LSTMSeq2Seq(10, 10, pad_id=0, bos_id=1, eos_id=0)
     model = _model("luong")
     with pytest.raises(ValueError, match="src_lengths must be >= 1"):
         model(torch.tensor([[3, 4]]), torch.tensor([0]), torch.tensor([[BOS]]))

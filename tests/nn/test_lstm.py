@@ -451,3 +451,54 @@ def test_unpack_and_repack_edge_lengths(lengths):
     want, want_lens = pad_packed_sequence(packed)
     assert torch.equal(padded, want) and torch.equal(lens, want_lens)
     assert torch.equal(_repack(padded, packed).data, packed.data)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_lstm_nan_padding_past_lengths_changes_nothing(backend, layer_norm):
+    """The padding past each length is never used: NaN / inf there give the same outputs and
+    gradients (all finite) as zero padding. The input projection's weight gradient sums over
+    every step, so the padding must be zeroed before it, not only skipped by the recurrence."""
+    torch.manual_seed(0)
+    cls = LayerNormLSTM if layer_norm else LSTM
+    model = cls(6, 8, num_layers=2, bidirectional=True, backend=backend)
+    lengths = torch.tensor([5, 3, 1])
+    x = torch.randn(5, 3, 6)
+    poisoned = x.clone()
+    poisoned[3:, 1] = float("nan")
+    poisoned[1:, 2] = float("inf")
+    results = []
+    for inp in (x, poisoned):
+        inp = inp.clone().requires_grad_()
+        y, (h, c) = model(inp, lengths=lengths)
+        params = list(model.parameters())
+        grads = torch.autograd.grad(y.sum() + h.sum() + c.sum(), [inp] + params)
+        results.append((y, h, c) + grads)
+    for name, a, b in zip(["y", "h_n", "c_n", "dx"] + [n for n, _ in model.named_parameters()],
+                          *results):
+        assert torch.isfinite(b).all(), name
+        torch.testing.assert_close(b, a, msg=name)
+
+
+def test_lstm_torch_compat_details():
+    """Small parts of torch.nn.LSTM's surface that code written against it uses: mode,
+    _flat_weights, lengths as a list (as pack_padded_sequence takes), RuntimeError for wrong
+    shapes (torch's type), the constructor's checks."""
+    torch.manual_seed(0)
+    ours = LSTM(3, 5, proj_size=2, bidirectional=True, backend="torch")
+    ref = torch.nn.LSTM(3, 5, proj_size=2, bidirectional=True)
+    assert ours.mode == ref.mode == "LSTM"
+    assert [p.shape for p in ours._flat_weights] == [p.shape for p in ref._flat_weights]
+    assert all(a is getattr(ours, n) for a, n in zip(ours._flat_weights, ours._flat_weights_names))
+    x = torch.randn(4, 3, 3)
+    a, (ha, _) = ours(x, lengths=[4, 2, 1], enforce_sorted=False)
+    b, (hb, _) = ours(x, lengths=torch.tensor([4, 2, 1]))
+    assert torch.equal(a, b) and torch.equal(ha, hb)
+    with pytest.raises(RuntimeError, match="input_size"):
+        ours(torch.randn(4, 3, 2))
+    with pytest.raises(RuntimeError, match=r"hidden\[0\]"):
+        ours(x, (torch.zeros(2, 3, 5), torch.zeros(2, 3, 5)))
+    with pytest.raises(ValueError, match="input_size must be greater than zero"):
+        LSTM(0, 5)
+    with pytest.raises(ValueError, match="eps"):
+        LayerNormLSTM(3, 5, eps=-1.0)

@@ -538,6 +538,19 @@ def test_unsupported_head_dim_raises_for_triton_and_falls_back_in_auto(device):
     assert_close_to_ref(out, attention_ref(q.double(), k_.double(), v.double()))
 
 
+def test_bf16_in_the_interpreter_is_refused_not_computed_wrong():
+    """The Triton interpreter's tl.dot is wrong for bf16 operands (triton 3.6 / 3.8): an
+    explicit triton request on CPU bf16 tensors raises; auto takes the PyTorch reference."""
+    from fastbert.ops._dispatch import interpreter_enabled
+    if not interpreter_enabled():
+        pytest.skip("the interpreter is off")
+    q, k_, v = (t.to(torch.bfloat16) for t in _good("cpu"))
+    with pytest.raises(BackendUnavailable, match="bfloat16 in the Triton interpreter"):
+        attention(q, k_, v, backend="triton")
+    ref = attention_ref(q.double(), k_.double(), v.double())
+    assert (attention(q, k_, v).double() - ref).abs().max() < 5e-2
+
+
 @pytest.mark.parametrize("cu_q, max_q, match", [
     ([0, 3, 7], 4, None),
     (torch.tensor([0, 3, 7], dtype=torch.int64), 4, "int32"),
@@ -647,6 +660,14 @@ def test_attention_torch_compile_fullgraph_padded_and_varlen(device):
     assert torch.equal(out_c, out_e)
     for a, b in zip(lc, le):
         assert torch.equal(a.grad, b.grad)
+
+    # no host read under compile, but the values are still checked, on the device: a
+    # sequence longer than max_seqlen (the launch grid would miss its rows) or cu_seqlens not
+    # starting at 0 fails the call instead of returning unwritten rows
+    for bad in ([0, 1, 14], [1, 3, 14]):
+        bad = torch.tensor(bad, dtype=torch.int32, device=device)
+        with pytest.raises(RuntimeError, match="no sequence longer than max_seqlen_q"):
+            compiled_g(qv, kv, vv, bad, cu_k)
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64])

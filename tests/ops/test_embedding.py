@@ -431,6 +431,8 @@ def test_embedding_layer_norm_bad_arguments_raise_clear_errors(device):
         (dict(eps=0.0), ValueError, "eps must be positive"),
         (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
         (dict(padding_idx=5), ValueError, "padding_idx must be within"),
+        (dict(padding_idx=1.5), TypeError, "padding_idx must be an int"),
+        (dict(padding_idx=True), TypeError, "padding_idx must be an int"),
         (dict(input_ids=torch.tensor(3, device=device)), ValueError,
          "input_ids must have at least"),
     ]
@@ -445,6 +447,19 @@ def test_embedding_layer_norm_explicit_triton_too_wide_raises(device):
     ids = torch.zeros(1, 2, dtype=torch.int64, device=device)
     with pytest.raises(BackendUnavailable, match="hidden size"):
         embedding_layer_norm(ids, w, w, None, None, backend="triton")
+
+
+def test_embedding_layer_norm_float64_runs_on_the_torch_backend_only(device):
+    """float64 tables (gradcheck, fp64 CPU runs): the reference computes them, an explicit
+    kernel backend says why it cannot, auto falls back."""
+    inp = make_inputs(device, 2, 5, 16, vocab=5)
+    inp64 = {n: t.double() if t.is_floating_point() else t for n, t in inp.items()}
+    y = _call(inp64, backend="torch")
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, _ref(inp64), rtol=0, atol=0)
+    torch.testing.assert_close(_call(inp64), y, rtol=0, atol=0)
+    with pytest.raises(BackendUnavailable, match="word_weight is float64"):
+        _call(inp64, backend="triton")
 
 
 def test_embedding_layer_norm_torch_backend_is_the_reference(device):
