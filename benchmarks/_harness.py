@@ -230,8 +230,9 @@ def matmul_tflops(device: torch.device, dtype=torch.bfloat16) -> Optional[float]
 
 def run_cases(bench: str, cases: List[Case], device: torch.device, *,
               ceilings: Optional[Dict[str, Optional[float]]] = None,
-              write: bool = True, verbose: bool = True) -> List[Dict[str, object]]:
-    """Time every impl of every case; return the rows and (by default) write CSV + markdown."""
+              write: bool = True, verbose: bool = True, tag: str = "") -> List[Dict[str, object]]:
+    """Time every impl of every case; return the rows and (by default) write CSV + markdown
+    (``tag``: appended to the card in the file names, see ``write_results``)."""
     ceilings = ceilings if ceilings is not None else {
         "copy_gbps": copy_bandwidth_gbps(device),
         "matmul_tflops": matmul_tflops(device) if any(c.flops for c in cases) else None,
@@ -290,7 +291,7 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
             gc.collect()
             torch.cuda.empty_cache()
         if write and done < len(cases):  # a run stopped part-way keeps what it measured
-            write_results(bench, rows, device, ceilings,
+            write_results(bench, rows, device, ceilings, tag=tag,
                           note=f"Incomplete: the run stopped after {done} of {len(cases)} cases.")
     note = ""
     if skipped:
@@ -298,7 +299,7 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
                 "run: " + "; ".join(f"{c.name} {_fmt_params(c.params)}" for c in skipped) + ".")
         print(f"{bench}: {note}", flush=True)
     if write:
-        write_results(bench, rows, device, ceilings, note=note)
+        write_results(bench, rows, device, ceilings, note=note, tag=tag)
     return rows
 
 
@@ -311,12 +312,14 @@ def _fmt_params(p: Dict[str, object]) -> str:
 
 
 def write_results(bench: str, rows: List[Dict[str, object]], device: torch.device,
-                  ceilings: Dict[str, Optional[float]], note: str = "") -> str:
-    """Write ``<bench>_<card>.csv`` and ``<bench>_<card>.md`` (``note``, if any, under the
-    header); returns the CSV path. Each file is written whole, then renamed into place."""
+                  ceilings: Dict[str, Optional[float]], note: str = "", tag: str = "") -> str:
+    """Write ``<bench>_<card><tag>.csv`` and ``.md`` (``note``, if any, under the header);
+    returns the CSV path. Each file is written whole, then renamed into place. ``tag``
+    "-quick": a --quick run on a GPU (small shapes), kept apart from the real results, which
+    benchmarks/targets.py judges only when asked for that card slug."""
     info = device_info(device)
     out = results_dir()
-    stem = os.path.join(out, f"{bench}_{card_slug(info)}")
+    stem = os.path.join(out, f"{bench}_{card_slug(info)}{tag}")
     keys: List[str] = []
     for r in rows:
         for k in r:
@@ -349,6 +352,15 @@ def write_results(bench: str, rows: List[Dict[str, object]], device: torch.devic
     return stem + ".csv"
 
 
+# the file-name tag of a --quick run's results on a GPU (tiny shapes: not the real results)
+QUICK_TAG = "-quick"
+
+# the columns of a result row that are measurements or the impl name (besides speedup_vs_*);
+# the others identify the case (benchmarks/targets.py groups rows by them)
+MEASURED_COLUMNS = frozenset({"bench", "impl", "ms", "ms_p20", "ms_p80", "gpu_ms", "peak_mb",
+                              "GB/s", "%copy_bw", "TFLOP/s", "%matmul", "error"})
+
+
 def parse_args(description: str, argv=None) -> argparse.Namespace:
     """Common command line of every bench script."""
     p = argparse.ArgumentParser(description=description)
@@ -367,5 +379,6 @@ def main_for(bench: str, cases_fn, description: str, argv=None) -> List[Dict[str
     """The ``main`` of every bench script: parse the common arguments, build the cases for
     the chosen device, time them and write the results."""
     args = parse_args(description, argv)
+    quick_gpu = args.quick and args.device.type == "cuda"
     return run_cases(bench, cases_fn(args.device, args.quick), args.device,
-                     write=not args.no_write)
+                     write=not args.no_write, tag=QUICK_TAG if quick_gpu else "")

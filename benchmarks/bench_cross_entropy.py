@@ -4,12 +4,18 @@ cross_entropy (logits (N, V) -> loss, gradient of the logits), V = 30522, and a 
 of 32 classes (the two-stage reduction):
     eager          -- torch.nn.functional.cross_entropy (target: fastbert >= 3x this)
     fastbert       -- fastbert.ops.cross_entropy (loss.backward()): the forward keeps two
-                      floats a row, the backward recomputes the gradient (three passes)
+                      floats a row, the backward recomputes the gradient (three passes); with
+                      check_labels=False, as every fastbert row here (the label range check
+                      syncs the host; the issue allows skipping it for speed, on by default)
+    fastbert_checked -- the same with the default check_labels=True
     fastbert_stored -- with fastbert.ops.cross_entropy.STORE_GRADS on: the forward writes the
                       gradient (a row of V = 30522 held in registers), the backward keeps it
                       (two passes); measured slower on an H200, kept to re-measure
     fastbert_stored_looping -- the same with the forward looping over each row
                       (MAX_ONE_BLOCK_V forced down to MAX_BLOCK_V)
+    fastbert_stored_l2x2, fastbert_stored_l2x4 -- the looping one on a grid of 2 / 4 programs
+                      an SM looping over the rows (STORE_GRAD_PROGRAMS_PER_SM), so the rows
+                      in flight fit in L2 and the second read of a row comes from there
 
 masked_lm_loss (hidden (B, S, H), tied weight (V, H), bias, 15% of labels set; gradients of
 hidden, weight and bias), time and peak memory:
@@ -65,11 +71,15 @@ def _with_one_block_max(value: int, fn):
 # ----------------------------------------------------------------------------------------
 # cross_entropy
 
-def _stored(fn, looping: bool = False):
-    """``fn`` run with cross_entropy's stored-gradient forward (and with the row-looping one)."""
+def _stored(fn, looping: bool = False, programs_per_sm=None):
+    """``fn`` run with cross_entropy's stored-gradient forward (and with the row-looping one,
+    on a grid of ``programs_per_sm`` programs an SM when given)."""
     # the module, not the function of the same name that fastbert.ops exports
     ops_ce = importlib.import_module("fastbert.ops.cross_entropy")
     run = with_setting(ops_ce, "STORE_GRADS", True, fn)
+    if programs_per_sm is not None:
+        from fastbert.kernels import cross_entropy as kce
+        run = with_setting(kce, "STORE_GRAD_PROGRAMS_PER_SM", programs_per_sm, run)
     return _with_one_block_max(MAX_BLOCK_V, run) if looping else run
 
 
@@ -83,8 +93,11 @@ def _ce_case(device, dtype, rows: int, vocab: int) -> Case:
     impls = {
         "eager": _grads(lambda: F.cross_entropy(x, t, ignore_index=IGNORE), [x]),
         "fastbert": fast,
+        "fastbert_checked": _grads(lambda: cross_entropy(x, t, ignore_index=IGNORE), [x]),
         "fastbert_stored": _stored(fast),
         "fastbert_stored_looping": _stored(fast, looping=True),
+        "fastbert_stored_l2x2": _stored(fast, looping=True, programs_per_sm=2),
+        "fastbert_stored_l2x4": _stored(fast, looping=True, programs_per_sm=4),
     }
     return Case(name="cross_entropy fwd+bwd",
                 params={"rows": rows, "vocab": vocab, "hidden": "",

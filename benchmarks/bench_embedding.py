@@ -6,7 +6,10 @@ Implementations:
                       LayerNorm, dropout)
     torch.compile  -- the same code under torch.compile (it fuses the elementwise work; the
                       target is to beat this by >= 1.2x)
-    fastbert       -- fastbert.ops.embedding_layer_norm, fp32-atomic table gradients
+    fastbert       -- fastbert.ops.embedding_layer_norm, fp32-atomic table gradients, with
+                      check_bounds=False (the id range check syncs the host; the issue allows
+                      skipping it for speed, it is on by default)
+    fastbert_checked -- the same with the default check_bounds=True
     fastbert_det   -- the same with deterministic=True (sort + segmented sums)
     fastbert_atomic_word -- fastbert with fp32-atomic word gradients forced for bf16 tables
                       (checks the kernels' choice of segmented word gradients for 16-bit)
@@ -40,13 +43,13 @@ def _eager(ids, types, word, pos, typ, w, b):
     return F.dropout(F.layer_norm(s, s.shape[-1:], w, b, EPS), DROPOUT_P, training=True)
 
 
-def _fastbert(deterministic):
+def _fastbert(deterministic, check_bounds=False):
     from fastbert.ops import embedding_layer_norm
 
     def f(ids, types, word, pos, typ, w, b):
         return embedding_layer_norm(ids, word, pos, w, b, EPS, token_type_ids=types,
                                     type_weight=typ, dropout_p=DROPOUT_P, padding_idx=PAD_ID,
-                                    deterministic=deterministic, check_bounds=False,
+                                    deterministic=deterministic, check_bounds=check_bounds,
                                     backend="triton")
     return f
 
@@ -103,6 +106,8 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
             compiled = torch.compile(_eager, dynamic=False)
             impls["torch.compile"] = _fwd_bwd(compiled, ids, types, params, dy)
             impls["fastbert"] = _fwd_bwd(_fastbert(False), ids, types, params, dy)
+            impls["fastbert_checked"] = _fwd_bwd(_fastbert(False, check_bounds=True), ids,
+                                                 types, params, dy)
             impls["fastbert_det"] = _fwd_bwd(_fastbert(True), ids, types, params, dy)
             impls["fastbert_atomic_word"] = _atomic_word_grad(
                 _fwd_bwd(_fastbert(False), ids, types, params, dy))

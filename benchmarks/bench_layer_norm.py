@@ -87,10 +87,15 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     from fastbert import ops
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = [(256, 768)] if quick else [(r, h) for h in HIDDEN for r in ROWS]
-    compiled = torch.compile(_eager_ln)
-    compiled_gelu = torch.compile(lambda x, b: F.gelu(x + b))
     extra = _optional_impls() if device.type == "cuda" else {}
     out: List[Case] = []
+    # the peer at its best: static shapes (by default the second shape turns the graph
+    # dynamic), one graph a shape and grad mode, so dynamo's recompile limit (8 a function)
+    # must not send the later shapes back to eager
+    import torch._dynamo as dynamo
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+    compiled = torch.compile(_eager_ln, dynamic=False)
+    compiled_gelu = torch.compile(lambda x, b: F.gelu(x + b), dynamic=False)
     for rows, hidden in shapes:
         x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
         res = torch.randn_like(x, requires_grad=True)

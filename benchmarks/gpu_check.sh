@@ -70,6 +70,9 @@ import torch, triton
 card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 print(f"card: {card}; torch {torch.__version__} (CUDA {torch.version.cuda}); triton {triton.__version__}")
 EOF
+# the card's slug in the result file names (<bench>_<slug>.csv): this run's files, the only
+# ones the targets are judged from
+SLUG=$("$PY" -c "import torch; from benchmarks._harness import card_slug, device_info; print(card_slug(device_info(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))))" 2>/dev/null | tail -1)
 
 if ls csrc/*.cu >/dev/null 2>&1 && [ "${FASTBERT_SKIP_CSRC:-0}" != 1 ]; then
   echo "== building csrc/ against this machine's torch" | tee "$R/gpu_build.log"
@@ -134,6 +137,9 @@ if phase_on bench; then
   # name:weight; a script's share is its weight's part of the time left (of the weights
   # still to run), so time one script leaves unused goes to the next
   read -r -a benches <<< "${FASTBERT_BENCHES:-attention:3 cross_entropy:2 embedding:2 lstm:2 layer_norm:1}"
+  for i in "${!benches[@]}"; do  # a name without a weight weighs 1
+    case "${benches[$i]}" in *:*) ;; *) benches[$i]="${benches[$i]}:1" ;; esac
+  done
   wleft=0
   for entry in "${benches[@]}"; do wleft=$((wleft + ${entry##*:})); done
   for entry in "${benches[@]}"; do
@@ -143,6 +149,11 @@ if phase_on bench; then
       say "bench_$name: not run (no time left in the budget)"; status=1; continue
     fi
     echo "--- bench_$name (${share}s)" | tee -a "$R/gpu_bench.log"
+    # an earlier run's files of this card are moved aside: a bench that writes nothing (a
+    # crash, a kill in its first case) must not leave them to be judged as this run's
+    for f in "$R/${name}_${SLUG}.csv" "$R/${name}_${SLUG}.md"; do
+      if [ -n "$SLUG" ] && [ -e "$f" ]; then mv "$f" "$f.prev"; fi
+    done
     FASTBERT_RESULTS="$R" FASTBERT_BENCH_DEADLINE=$(( $(date +%s) + share - 15 )) \
       timeout --kill-after=5 $(( share + 30 )) "$PY" -m "benchmarks.bench_$name" 2>&1 \
       | tee -a "$R/gpu_bench.log"
@@ -152,7 +163,7 @@ if phase_on bench; then
     else
       say "bench_$name: FAILED (exit $rc)"; status=1
     fi
-    grep -h "^Time budget\|^Incomplete" "$R"/${name}_*.md 2>/dev/null | cut -c1-200 | tee -a "$SUMMARY"
+    grep -h "^Time budget\|^Incomplete" "$R/${name}_${SLUG}.md" 2>/dev/null | cut -c1-200 | tee -a "$SUMMARY"
     pack
   done
 fi
@@ -177,7 +188,8 @@ fi
 if phase_on bench; then
   # each issue's speed targets, judged from the CSVs just written (same run, same card)
   echo "== targets" | tee -a "$SUMMARY"
-  "$PY" -m benchmarks.targets "$R" --out "$R/targets.md" 2>&1 | tee -a "$SUMMARY"
+  "$PY" -m benchmarks.targets "$R" ${SLUG:+--card "$SLUG"} --out "$R/targets.md" 2>&1 \
+    | tee -a "$SUMMARY"
 fi
 
 say "== gpu-check finished with status $status after $(( $(date +%s) - START ))s; results in $R"

@@ -8,7 +8,8 @@ launches) the GPU waits for. This script measures it, per call:
   - ``wall``: mean time of a call in a loop of ``--iters`` calls, synchronized once at the end
     (the throughput a training loop sees: max(host time, GPU time));
   - ``host``: the same loop with the GPU kept busy by a long kernel first, so launches queue
-    without waiting: the time Python takes to issue one call;
+    without waiting: the time Python takes to issue one call ("syncs" for a call that waits
+    for the GPU, where that loop would count the wait: see ``_syncs``);
   - ``gpu``: the sum of the call's kernel durations from torch.profiler (device time);
   - for the ops, the top functions of a cProfile of the loop (host time by function).
 
@@ -47,6 +48,25 @@ def _host_us(fn: Callable, iters: int) -> float:
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) / iters * 1e6
+
+
+def _syncs(fn: Callable) -> bool:
+    """Whether a call waits for the GPU (an .item(), a device-to-host copy, nonzero(): the
+    label and bounds checks, masked_lm_loss's row count). Its ``host`` time would count the
+    wait for the busy chain queued first, so it is not reported."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return False
+    except RuntimeError as e:
+        if "synchroniz" not in str(e):
+            raise
+        return True
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.synchronize()
 
 
 def _wall_us(fn: Callable, iters: int) -> float:
@@ -254,9 +274,9 @@ def main(argv=None) -> int:
             for _ in range(3):
                 fn()  # compile, warm up
             wall = _wall_us(fn, args.iters)
-            host = _host_us(fn, args.iters)
+            host = "syncs" if _syncs(fn) else f"{_host_us(fn, args.iters):.1f}"
             gpu, top = _gpu_us(fn)
-            lines.append(f"{name:<48} {wall:9.1f} {host:9.1f} {gpu:9.1f}")
+            lines.append(f"{name:<48} {wall:9.1f} {host:>9} {gpu:9.1f}")
             print(lines[-1], flush=True)
             reports.append(f"--- {name}: kernels\n" + "\n".join(top))
             wanted = [t for t in args.cprofile_k.split(",") if t]

@@ -78,9 +78,18 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, AotConfig, cdiv, mm_fp32, next_power_of_2, on_tensor_device
+from ._common import (LOG2E, AotConfig, cdiv, mm_fp32, next_power_of_2, num_programs,
+                      on_tensor_device)
 from ._launch import launch
 
+# The forward that stores the gradient of a row wider than one block (MAX_ONE_BLOCK_V) reads the
+# row twice: its statistics, then its gradient. With one program a row, ~8 programs an SM have
+# ~60 MB of rows in flight at V = 30522 in bf16, more than L2 (50 MB on H100 / H200), so the
+# second read came from DRAM (measured on an H200: 1.56 TB/s effective). A number here caps the
+# grid at that many programs per SM looping over the rows (2 x 132 x 61 KB = 16 MB in flight),
+# so the second read can hit L2: two DRAM passes over (N, V) in all. None (the default, until a
+# GPU run times it: bench_cross_entropy's fastbert_stored_l2 rows): one program a row.
+STORE_GRAD_PROGRAMS_PER_SM: Optional[int] = None
 # The widest block of a row a program holds in registers at once; wider rows loop over blocks.
 # 4096 fp32 over 8 warps is 16 elements a thread: wide loads without register spills.
 MAX_BLOCK_V = 4096
@@ -213,16 +222,14 @@ def _store_zero_row(dx_row_ptr, n_cols, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _cross_entropy_fwd_kernel(
-    logits_ptr, target_ptr, loss_ptr, stats_ptr, scale_ptr, count_ptr, dlogits_ptr,
+def _cross_entropy_fwd_row(
+    row, logits_ptr, target_ptr, loss_ptr, stats_ptr, scale_ptr, count_ptr, dlogits_ptr,
     stride_logits_row, stride_target, stride_scale, stride_dlogits_row,
     n_cols, ignore_index, label_smoothing, scale_value,
     BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr, STORE_GRAD: tl.constexpr,
     ONE_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNT: tl.constexpr,
 ):
-    # each program owns one row of logits (and, with STORE_GRAD, of their gradient, which may
-    # be the same memory: written in place)
-    row = tl.program_id(0).to(tl.int64)
+    # one row (int64 index) of the forward: see _cross_entropy_fwd_kernel
     row_ptr = logits_ptr + row * stride_logits_row
     target = tl.load(target_ptr + row * stride_target).to(tl.int64)
     ignored = target == ignore_index
@@ -283,6 +290,35 @@ def _cross_entropy_fwd_kernel(
                             label_smoothing, BLOCK_V, HAS_SMOOTHING)
         else:
             _store_zero_row(dx_row_ptr, n_cols, BLOCK_V)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _cross_entropy_fwd_kernel(
+    logits_ptr, target_ptr, loss_ptr, stats_ptr, scale_ptr, count_ptr, dlogits_ptr,
+    stride_logits_row, stride_target, stride_scale, stride_dlogits_row,
+    n_cols, ignore_index, label_smoothing, scale_value, n_rows,
+    BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr, STORE_GRAD: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNT: tl.constexpr,
+    ROW_LOOP: tl.constexpr,
+):
+    # each program owns one row of logits (and, with STORE_GRAD, of their gradient, which may
+    # be the same memory: written in place)
+    # ROW_LOOP: a grid smaller than the rows, each program taking rows pid, pid + grid, ...
+    # (STORE_GRAD_PROGRAMS_PER_SM: the rows being worked on at once stay in L2 for the
+    # gradient's second read of a row wider than one block)
+    if ROW_LOOP:
+        for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            _cross_entropy_fwd_row(
+                tl.cast(r, tl.int64), logits_ptr, target_ptr, loss_ptr, stats_ptr, scale_ptr,
+                count_ptr, dlogits_ptr, stride_logits_row, stride_target, stride_scale,
+                stride_dlogits_row, n_cols, ignore_index, label_smoothing, scale_value,
+                BLOCK_V, HAS_SMOOTHING, STORE_GRAD, ONE_BLOCK, HAS_SCALE, HAS_COUNT)
+    else:
+        _cross_entropy_fwd_row(
+            tl.program_id(0).to(tl.int64), logits_ptr, target_ptr, loss_ptr, stats_ptr,
+            scale_ptr, count_ptr, dlogits_ptr, stride_logits_row, stride_target, stride_scale,
+            stride_dlogits_row, n_cols, ignore_index, label_smoothing, scale_value,
+            BLOCK_V, HAS_SMOOTHING, STORE_GRAD, ONE_BLOCK, HAS_SCALE, HAS_COUNT)
 
 
 @triton.jit
@@ -586,14 +622,17 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
         _check_dlogits(dlogits, logits)
     block_v, num_warps, one_block = ce_block(n_cols, one_block=store_grad)
     if n_rows > 0:
+        grid = n_rows
+        if store_grad and not one_block and STORE_GRAD_PROGRAMS_PER_SM:
+            grid = min(n_rows, num_programs(dev, STORE_GRAD_PROGRAMS_PER_SM))
         launch(
-            _cross_entropy_fwd_kernel, (n_rows,),
+            _cross_entropy_fwd_kernel, (grid,),
             logits, target, loss, stats, scale, grad_count, dlogits,
             logits.stride(0), target.stride(0), stride_scale, dlogits.stride(0),
-            n_cols, int(ignore_index), float(label_smoothing), scale_value,
+            n_cols, int(ignore_index), float(label_smoothing), scale_value, n_rows,
             BLOCK_V=block_v, HAS_SMOOTHING=label_smoothing > 0.0, STORE_GRAD=store_grad,
             ONE_BLOCK=one_block, HAS_SCALE=scale is not None, HAS_COUNT=grad_count is not None,
-            num_warps=num_warps,
+            ROW_LOOP=grid < n_rows, num_warps=num_warps,
         )
     if not (reduce or check_labels):
         return loss, stats, None
@@ -911,21 +950,23 @@ def aot_configs():
             sig[name], consts[name] = "constexpr", None
 
     def fwd(dt, block_v, num_warps, smooth, grad, one=False, tt="i64", loss="fp32",
-            has_scale=False, has_count=False):
+            has_scale=False, has_count=False, row_loop=False):
         sig = {"logits_ptr": f"*{dt}", "target_ptr": f"*{tt}", "loss_ptr": f"*{loss}",
                "stats_ptr": "*fp32", "scale_ptr": "*fp32", "count_ptr": "*i64",
                "dlogits_ptr": f"*{dt}", "stride_logits_row": "i64", "stride_target": "i64",
                "stride_scale": "i64", "stride_dlogits_row": "i64", "n_cols": "i32",
                "ignore_index": "i32", "label_smoothing": "fp32", "scale_value": "fp32",
-               "BLOCK_V": "constexpr", "HAS_SMOOTHING": "constexpr", "STORE_GRAD": "constexpr",
-               "ONE_BLOCK": "constexpr", "HAS_SCALE": "constexpr", "HAS_COUNT": "constexpr"}
+               "n_rows": "i32", "BLOCK_V": "constexpr", "HAS_SMOOTHING": "constexpr",
+               "STORE_GRAD": "constexpr", "ONE_BLOCK": "constexpr", "HAS_SCALE": "constexpr",
+               "HAS_COUNT": "constexpr", "ROW_LOOP": "constexpr"}
         consts = dict(BLOCK_V=block_v, HAS_SMOOTHING=smooth, STORE_GRAD=grad, ONE_BLOCK=one,
-                      HAS_SCALE=has_scale, HAS_COUNT=has_count)
+                      HAS_SCALE=has_scale, HAS_COUNT=has_count, ROW_LOOP=row_loop)
         ptr_or_none("scale_ptr", "*fp32", has_scale, sig, consts)
         ptr_or_none("count_ptr", "*i64", has_count, sig, consts)
         return AotConfig(_cross_entropy_fwd_kernel, sig, consts, num_warps,
                          name=f"cross_entropy_fwd[{dt},{tt},loss={loss},{block_v},smooth={smooth},"
-                              f"grad={grad},one_block={one},scale={has_scale},count={has_count}]")
+                              f"grad={grad},one_block={one},scale={has_scale},count={has_count},"
+                              f"row_loop={row_loop}]")
 
     def bwd(dt, block_v, num_warps, smooth, tt="i64", scale="fp32", has_count=False):
         sig = {"logits_ptr": f"*{dt}", "target_ptr": f"*{tt}", "stats_ptr": "*fp32",
@@ -954,6 +995,8 @@ def aot_configs():
         # STORE_GRADS: 1 / count of a mean, or 1 of a sum; a scale tensor (the launchers)
         yield fwd("bf16", block_v, num_warps, True, True, has_count=True)
         yield fwd("bf16", block_v, num_warps, False, True, has_scale=True)
+        # ... with STORE_GRAD_PROGRAMS_PER_SM: a grid of fewer programs looping over the rows
+        yield fwd("bf16", block_v, num_warps, True, True, has_count=True, row_loop=True)
         # masked_lm_loss: the stored gradients' scale by value; fp16's prescaled fp32 rows
         yield bwd("bf16", block_v, num_warps, False, scale=None)
         yield fwd("fp16", block_v, num_warps, True, True, has_scale=True)

@@ -86,3 +86,49 @@ def test_other_fastbert_paths_are_judged_beside_the_default(tmp_path):
     md = targets.to_markdown(rows)
     assert "Targets: 0 met, 1 missed" in md and "another fastbert path timed beside it " \
         "(last column): 1." in md
+
+
+def test_measured_columns_agree_with_the_harness_and_a_written_run_round_trips(tmp_path,
+                                                                              monkeypatch):
+    """Every measurement column the harness writes (gpu_ms included, which differs per impl)
+    is one targets.py ignores when it groups rows into cases: one case, both impls."""
+    import torch
+
+    from benchmarks import _harness
+    assert targets.MEASURED == set(_harness.MEASURED_COLUMNS)
+    monkeypatch.setenv("FASTBERT_RESULTS", str(tmp_path))
+    gpu = iter([0.25, 0.5])
+    monkeypatch.setattr(_harness, "gpu_time_ms", lambda fn, device: next(gpu))
+    case = _harness.Case("embedding_layer_norm fwd+bwd", {"model": "m", "seq": 8},
+                         {"torch.compile": lambda: torch.ones(4).sum(),
+                          "fastbert": lambda: torch.ones(4).sum()}, bytes=64, flops=64)
+    _harness.run_cases("embedding", [case], torch.device("cpu"), verbose=False,
+                       ceilings={"copy_gbps": 1.0, "matmul_tflops": 1.0})
+    (path,) = tmp_path.glob("embedding_*.csv")
+    groups = targets.read_groups(str(path))
+    assert len(groups) == 1
+    name, params, group = groups[0]
+    assert name == "embedding_layer_norm fwd+bwd" and params == {"model": "m", "seq": "8"}
+    assert sorted(group) == ["fastbert", "torch.compile"]
+    assert {group[i]["gpu_ms"] for i in group} == {"0.25", "0.5"}
+
+
+def test_quick_gpu_results_and_other_vocabularies_are_not_judged(tmp_path):
+    """A --quick run on a GPU (tiny shapes, ``-quick`` files) is judged only when asked for by
+    its slug; the V = 30522 cross-entropy target skips other vocabularies."""
+    rows = [_row("embedding_layer_norm fwd+bwd", "torch.compile", 1.3),
+            _row("embedding_layer_norm fwd+bwd", "fastbert", 1.0)]
+    _write(tmp_path / "embedding_card-c-quick.csv", rows)
+    _write(tmp_path / "cross_entropy_card-c.csv", [
+        _row("cross_entropy fwd+bwd", "eager", 4.0, vocab=32, rows=1 << 20),
+        _row("cross_entropy fwd+bwd", "fastbert", 1.0, vocab=32, rows=1 << 20),
+        _row("cross_entropy fwd+bwd", "eager", 4.0, vocab=30522, rows=4096),
+        _row("cross_entropy fwd+bwd", "fastbert", 2.0, vocab=30522, rows=4096),
+    ])
+    judged = targets.evaluate(str(tmp_path))
+    emb = [r for r in judged if r["target"] == ">= 1.2x torch.compile"]
+    assert [r["measured"] for r in emb] == ["no such case in the results"]
+    ce = [r for r in judged if r["target"] == ">= 3x eager (V = 30522)"]
+    assert len(ce) == 1 and "vocab=30522" in ce[0]["case"] and ce[0]["met"] == "NO"
+    quick = targets.evaluate(str(tmp_path), card="card-c-quick")
+    assert [r["met"] for r in quick if r["target"] == ">= 1.2x torch.compile"] == ["yes"]
