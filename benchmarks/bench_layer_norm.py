@@ -62,6 +62,9 @@ def _retainable_backward(enabled: bool):
         yield
 
 
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
 def _modes(fwd: Callable, leaves, out_like, compiled: bool = False):
     """fwd, bwd (backward of a graph built once, retained), fwd+bwd callables. ``compiled``:
     ``fwd`` runs torch.compile code (see ``_retainable_backward``)."""
@@ -96,45 +99,63 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
     compiled = torch.compile(_eager_ln, dynamic=False)
     compiled_gelu = torch.compile(lambda x, b: F.gelu(x + b), dynamic=False)
+    names = ["eager", "compile", "fastbert"] + list(extra)
     for rows, hidden in shapes:
-        x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
-        res = torch.randn_like(x, requires_grad=True)
-        w = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
-        b = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
-        leaves = [x, res, w, b]
-        # every callable binds this shape's tensors now (default arguments): the cases run
-        # after the loop, when the loop variables hold the last shape's tensors
-        impls = {
-            "eager": lambda x=x, res=res, w=w, b=b: _eager_ln(x, res, w, b),
-            "compile": lambda x=x, res=res, w=w, b=b: compiled(x, res, w, b),
-            "fastbert": lambda x=x, res=res, w=w, b=b: ops.layer_norm(x, w, b, residual=res),
-        }
-        for name, fn in extra.items():
-            impls[name] = (lambda fn=fn, x=x, res=res, w=w, b=b: fn(x, res, w, b))
-        es = x.element_size()
+        # a shape's tensors, graphs and compiled kernels are built on its first timed call, not
+        # here (all nine shapes at once held tens of GB and spent the time share before the
+        # first case); the shape's cases share them and free them once all have run
+        state: Dict[str, Dict] = {}
+
+        def build(rows=rows, hidden=hidden, state=state):
+            if state:
+                return state
+            x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+            res = torch.randn_like(x, requires_grad=True)
+            w = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
+            b = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
+            impls = {
+                "eager": lambda: _eager_ln(x, res, w, b),
+                "compile": lambda: compiled(x, res, w, b),
+                "fastbert": lambda: ops.layer_norm(x, w, b, residual=res),
+            }
+            for name, fn in extra.items():
+                impls[name] = (lambda fn=fn: fn(x, res, w, b))
+            per_mode: Dict[str, Dict[str, Callable]] = {m: {} for m in MODES}
+            for name, fn in impls.items():
+                for mode, call in _modes(fn, [x, res, w, b], x,
+                                         compiled=name == "compile").items():
+                    per_mode[mode][name] = call
+            state["layer_norm"] = per_mode
+            if hidden != 4096:
+                xi = torch.randn(rows, 4 * hidden, device=device, dtype=dtype,
+                                 requires_grad=True)
+                bi = torch.randn(4 * hidden, device=device, dtype=dtype, requires_grad=True)
+                gimpls = {"eager": lambda: F.gelu(xi + bi),
+                          "compile": lambda: compiled_gelu(xi, bi),
+                          "fastbert": lambda: ops.bias_gelu(xi, bi)}
+                state["bias_gelu"] = {"fwd+bwd": {n: _modes(fn, [xi, bi], xi)["fwd+bwd"]
+                                                  for n, fn in gimpls.items()}}
+            return state
+
+        def lazy(op, mode, name, build=build):
+            return lambda: build()[op][mode][name]()
+
+        es = torch.empty((), dtype=dtype).element_size()
         io = rows * hidden * es
         # fwd: read x, residual; write y.  bwd: read x, residual, dy; write dx (= dresidual)
         nbytes = {"fwd": 3 * io, "bwd": 4 * io, "fwd+bwd": 7 * io}
-        per_mode: Dict[str, Dict[str, Callable]] = {m: {} for m in nbytes}
-        for name, fn in impls.items():
-            for mode, call in _modes(fn, leaves, x, compiled=name == "compile").items():
-                per_mode[mode][name] = call
         params = {"rows": rows, "hidden": hidden, "dtype": str(dtype).replace("torch.", "")}
-        for mode, calls in per_mode.items():
-            out.append(Case(f"layer_norm+residual {mode}", params, calls, bytes=nbytes[mode],
-                            baseline="eager"))
-
+        for mode in MODES:
+            out.append(Case(f"layer_norm+residual {mode}", params,
+                            {n: lazy("layer_norm", mode, n) for n in names},
+                            bytes=nbytes[mode], baseline="eager"))
         # bias_gelu on the FFN intermediate (4 * hidden), fwd+bwd
         if hidden != 4096:
-            xi = torch.randn(rows, 4 * hidden, device=device, dtype=dtype, requires_grad=True)
-            bi = torch.randn(4 * hidden, device=device, dtype=dtype, requires_grad=True)
-            gimpls = {"eager": lambda xi=xi, bi=bi: F.gelu(xi + bi),
-                      "compile": lambda xi=xi, bi=bi: compiled_gelu(xi, bi),
-                      "fastbert": lambda xi=xi, bi=bi: ops.bias_gelu(xi, bi)}
             ib = rows * 4 * hidden * es
-            calls = {n: _modes(fn, [xi, bi], xi)["fwd+bwd"] for n, fn in gimpls.items()}
             # fwd: read x, write y; bwd: read x, dy, write dx
-            out.append(Case("bias_gelu fwd+bwd", {**params, "hidden": 4 * hidden}, calls,
+            out.append(Case("bias_gelu fwd+bwd", {**params, "hidden": 4 * hidden},
+                            {n: lazy("bias_gelu", "fwd+bwd", n)
+                             for n in ("eager", "compile", "fastbert")},
                             bytes=5 * ib, baseline="eager"))
     return out
 
