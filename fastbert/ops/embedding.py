@@ -343,7 +343,19 @@ def _check_bounds(input_ids, word_weight, position_weight, position_ids, token_t
                        "max_position_embeddings"))
     if token_type_ids is not None and token_type_ids.numel() > 0:
         checks.append(("token_type_ids", token_type_ids, type_weight.shape[0], "type_vocab_size"))
-    if not checks or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not checks:
+        return
+    if torch.compiler.is_compiling() or (input_ids.is_cuda
+                                         and torch.cuda.is_current_stream_capturing()):
+        # no host read (a sync under torch.compile, illegal while capturing a CUDA graph): the
+        # same check on the device, failing the stream (a device-side assert) rather than
+        # letting an out-of-range id read as a zero row
+        ok = None
+        for _, t, n, _ in checks:
+            in_range = (t.min() >= 0) & (t.max() < n)
+            ok = in_range if ok is None else ok & in_range
+        torch._assert_async(ok, "embedding_layer_norm: an id of input_ids, position_ids or "
+                                "token_type_ids is out of range of its table")
         return
     if on_kernels:
         bounds = kernel_module("embedding").index_bounds([c[1] for c in checks])
@@ -388,8 +400,10 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
             Forward results are the same either way.
         check_bounds: raise ValueError when an id is outside its table (costs one device
             sync). Off, out-of-range ids read and receive nothing (their row counts as zero)
-            and never touch memory out of bounds. Skipped while torch.compile traces, since
-            the check reads values on the host.
+            and never touch memory out of bounds. Under torch.compile and during CUDA graph
+            capture, where the host may not read device values, it runs on the device: an
+            out-of-range id fails the stream with a device-side assert (RuntimeError on the
+            CPU).
         backend: "triton", "cuda", "torch" or None (see ``fastbert.ops``).
 
     Returns:
@@ -406,9 +420,10 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
     chosen = _resolve((word_weight,), backend, word_weight.shape[1],
                       dict(word_weight=word_weight, position_weight=position_weight,
                            type_weight=type_weight, ln_weight=ln_weight, ln_bias=ln_bias))
-    if check_bounds and not torch.compiler.is_compiling() and not is_fake(input_ids):
+    if check_bounds and (torch.compiler.is_compiling() or not is_fake(input_ids)):
         # fake tensors (FakeTensorMode: shape inference) have no values to check; under a
-        # mode or with tensor subclasses, torch computes the bounds (what the mode sees)
+        # mode or with tensor subclasses, torch computes the bounds (what the mode sees);
+        # under torch.compile the check runs on the device (see _check_bounds)
         _check_bounds(input_ids, word_weight, position_weight, position_ids, token_type_ids,
                       type_weight, on_kernels=chosen == "triton" and direct_call_ok(
                           (input_ids, position_ids, token_type_ids)))

@@ -518,6 +518,15 @@ def test_embedding_layer_norm_torch_compile_fullgraph(device):
     dy = torch.randn_like(y)
     grads = _grads(y, inp, dy)
     _check_against_ref(inp, y, grads, dy, padding_idx=0)
+    # no host read under compile, but the ids are still checked, on the device
+    bad_ids = inp["input_ids"].clone()
+    bad_ids[1, 3] = 5
+    with pytest.raises(RuntimeError, match="out of range of its table"):
+        compiled(bad_ids, *args[1:])
+    bad_types = inp["token_type_ids"].clone()
+    bad_types[0, 0] = -1
+    with pytest.raises(RuntimeError, match="out of range of its table"):
+        compiled(args[0], bad_types, *args[2:])
 
 
 # ----------------------------------------------------------------------------------------
