@@ -26,3 +26,14 @@ def test_selfcheck_runs_every_op_against_fp64_and_passes():
 def test_env_subcommand():
     out = _run("env")
     assert out.returncode == 0 and "backends:" in out.stdout
+
+
+def test_bench_outside_a_checkout_is_skipped_not_failed(monkeypatch, capsys):
+    """An installed fastbert (a wheel) has no benchmarks/ package: `fastbert demo` runs the
+    self-check and says the benchmark ships with the checkout, exit 0 (not 1)."""
+    import argparse
+
+    from fastbert import cli
+    monkeypatch.setitem(sys.modules, "benchmarks", None)   # import benchmarks -> ImportError
+    assert cli.cmd_bench(argparse.Namespace(device="cpu")) == 0
+    assert "skipped" in capsys.readouterr().out

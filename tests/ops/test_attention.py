@@ -323,10 +323,12 @@ def test_attention_varlen_fwd_bwd_matches_fp64(device, poisoned_empty, bwd_path,
                                                   4, 2, 32)
     cu_k = torch.tensor([0, 5, 5, 75, 78], dtype=torch.int32, device=device)  # sequence 1: no key
     k_, v = k_[:78], v[:78]
+    # a non-default scale: it must reach the varlen forward and backward too
+    scale = 0.2 if causal else None
     _check(lambda a, b, c: attention_varlen(a, b, c, cu_q, cu_k, mq, mk, causal=causal,
-                                            backend="triton"),
+                                            softmax_scale=scale, backend="triton"),
            lambda a, b, c, **kw: attention_ref(a, b, c, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                               causal=causal, **kw),
+                                               causal=causal, softmax_scale=scale, **kw),
            q, k_, v, name=f"varlen causal={causal}")
 
 
@@ -833,6 +835,24 @@ def test_softmax_scale_is_applied(device):
     assert_close_to_ref(out, attention_ref(q, k_, v, softmax_scale=0.3, upcast=True))
     default = attention(q, k_, v, backend="triton")
     assert_close_to_ref(default, attention_ref(q, k_, v, softmax_scale=1 / math.sqrt(32), upcast=True))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_scale_reaches_every_backward_path(device, bwd_path, causal):
+    """A non-default scale in the forward and in each backward (one launch, three kernels,
+    atomic dQ): every kernel recomputes P with it. Keys longer than one block (37), a mask."""
+    q, k_, v = (_rand(device, torch.float32, 2, 37, 2, 32) for _ in range(3))
+    mask = torch.rand(2, 37, device=device) > 0.3
+    _check(lambda a, b, c: attention(a, b, c, attention_mask=mask, causal=causal,
+                                     softmax_scale=0.3, backend="triton"),
+           lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=mask, causal=causal,
+                                               softmax_scale=0.3, **kw),
+           q, k_, v, name=f"scale 0.3 {bwd_path}")
+    short = [t[:, :9] for t in (q, k_, v)]   # every key in one block: the one-launch backward
+    _check(lambda a, b, c: attention(a, b, c, causal=causal, softmax_scale=2.5,
+                                     backend="triton"),
+           lambda a, b, c, **kw: attention_ref(a, b, c, causal=causal, softmax_scale=2.5, **kw),
+           *short, name=f"scale 2.5 {bwd_path}")
 
 
 # ------------------------------------------------------------------------- GPU

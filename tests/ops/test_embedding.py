@@ -122,6 +122,23 @@ def test_embedding_layer_norm_fwd_bwd_match_fp64_on_ragged_shapes(
     _check_against_ref(inp, y, _grads(y, inp, dy), dy)
 
 
+@pytest.mark.parametrize("eps", [1e-5, 0.05])
+def test_embedding_layer_norm_eps_reaches_the_kernels(device, eps):
+    """A non-default eps (RoBERTa's 1e-5; 0.05, of the order of the sum's variance, where it
+    changes every output) in the forward and the backward."""
+    inp = make_inputs(device, 2, 7, 48, vocab=7)
+    y = _call(inp, eps=eps, backend="triton")
+    dy = torch.randn_like(y)
+    grads = _grads(y, inp, dy)
+    yr = _ref(inp, eps=eps, upcast=True)
+    gr = _grads(yr, inp, dy.double())
+    assert_close_to_ref(y, yr, name="y")
+    for name, g, r in zip(GRAD_NAMES, grads, gr):
+        assert_close_to_ref(g, r, name=name)
+    if eps == 0.05:   # the check can fail: eps changes the result by far more than the bound
+        assert max_err(yr, _ref(inp, upcast=True)) > 1e-2
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_embedding_layer_norm_default_positions_types_and_no_type_table(device, deterministic):
     # explicit (1, S) position ids, int32 ids, no type table, no LayerNorm affine

@@ -252,6 +252,38 @@ def test_layer_norm_opcheck(device):
     torch.library.opcheck(fwd, (x, None, None, None, None, None, 1e-5, 0.0, "gelu_tanh", torch.float32))
 
 
+@pytest.mark.parametrize("hidden", [16, 1000, 2048, 4096, 8192])
+@pytest.mark.parametrize("eps", [1e-5, 0.1])
+def test_layer_norm_constant_and_near_constant_rows_where_eps_decides(device, poisoned_empty,
+                                                                      hidden, eps):
+    """Rows of variance 0 (y = bias, finite gradients), ~1e-6 (eps 1e-5 sets the result) and
+    ~2: forward and every gradient against fp64 with the same eps; widths past 1024 take the
+    wide row blocks (checked here on the CPU too)."""
+    x = torch.randn(3, hidden, dtype=torch.float64) * 1.5
+    x[0] = 0.7                                                    # constant
+    x[1] = 0.25 + 1e-3 * torch.randn(hidden, dtype=torch.float64)  # variance ~1e-6
+    t = {"x": x.float().to(device).requires_grad_(),
+         "weight": (1 + 0.5 * torch.randn(hidden)).to(device).requires_grad_(),
+         "bias": (0.5 * torch.randn(hidden)).to(device).requires_grad_()}
+    y = ops.layer_norm(t["x"], t["weight"], t["bias"], eps, backend="triton")
+    dy = torch.randn_like(y)
+    g = _grads(y, t, dy)
+    t64 = _detached(t, torch.float64)
+    y64 = ops.layer_norm_ref(t64["x"], t64["weight"], t64["bias"], eps)
+    g64 = _grads(y64, t64, dy.double())
+    # the constant row's fp32 mean is off by up to an ulp of the value, which 1 / sqrt(eps)
+    # amplifies (~1e-4 at eps 1e-5, in y and in dweight through x_hat; torch's Welford mean
+    # is exact there): a looser atol
+    atol = 3e-4 if eps < 1e-3 else 1e-5
+    assert_close_to_ref(y, y64, atol=atol, name="y")
+    torch.testing.assert_close(y[0], t["bias"].detach(), rtol=0, atol=atol)  # y = bias
+    for k in g:
+        assert_close_to_ref(g[k], g64[k], atol=atol, rtol_fp32=2e-5, name=f"d{k}")
+    # the check can fail: on the near-constant row eps moves the output far past the bound
+    other = ops.layer_norm_ref(t64["x"], t64["weight"], t64["bias"], 1e-5 if eps == 0.1 else 0.1)
+    assert max_err(other[1], y64[1]) > 1e-2
+
+
 def test_layer_norm_compiles_fullgraph(device):
     torch._dynamo.reset()
 
@@ -263,9 +295,17 @@ def test_layer_norm_compiles_fullgraph(device):
     w, b, xb = (torch.randn(64, device=device, requires_grad=True) for _ in range(3))
     r = torch.randn(4, 64, device=device, requires_grad=True)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
     out = compiled(args[0], w, b, r, xb)
-    out.backward()
-    assert torch.isfinite(out) and args[0].grad is not None and xb.grad is not None
+    leaves = [args[0], w, b, r, xb]
+    grads = torch.autograd.grad(out, leaves)
+    # the same values and gradients as eager (same seed: the same dropout mask)
+    torch.manual_seed(3)
+    out_e = f(args[0], w, b, r, xb)
+    grads_e = torch.autograd.grad(out_e, leaves)
+    torch.testing.assert_close(out, out_e)
+    for a, e in zip(grads, grads_e):
+        torch.testing.assert_close(a, e)
 
 
 def test_layer_norm_gradcheck_fp64_reference_path():

@@ -289,16 +289,20 @@ def _ln_params(device, dtype, n_hidden):
                 ln_cell_weight=g(n_hidden, 1.0), ln_cell_bias=g(n_hidden, 0.0))
 
 
-@pytest.mark.parametrize("proj", [0, 9])
+@pytest.mark.parametrize("proj,eps", [(0, 1e-5), (9, 1e-5), (0, 0.3)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_layer_norm_lstm_layer_fwd_bwd_matches_fp64_with_ragged_lengths(device, reverse, proj):
+def test_layer_norm_lstm_layer_fwd_bwd_matches_fp64_with_ragged_lengths(device, reverse, proj,
+                                                                        eps):
     """y, h_n, c_n and every gradient (x, h0, c0, the LSTM weights and biases, w_hr, the
-    LayerNorm parameters); backend="triton" raises if the fused kernels cannot run it."""
+    LayerNorm parameters); backend="triton" raises if the fused kernels cannot run it. eps 0.3
+    (against a variance ~1) checks that eps reaches the kernels."""
     p = _make(device, torch.float32, n_steps=6, n_batch=4, n_hidden=20, proj=proj)
     ln = _ln_params(device, torch.float32, 20)
     lengths = torch.tensor([6, 1, 0, 4])
-    out = lstm_layer(*_args(p), lengths=lengths, reverse=reverse, backend="triton", **ln)
-    ref = lstm_layer_ref(*_args(p), lengths=lengths, reverse=reverse, upcast=True, **ln)
+    out = lstm_layer(*_args(p), lengths=lengths, reverse=reverse, eps=eps, backend="triton",
+                     **ln)
+    ref = lstm_layer_ref(*_args(p), lengths=lengths, reverse=reverse, upcast=True, eps=eps,
+                         **ln)
     assert out[0].shape == (6, 4, proj or 20) and out[1].shape == (4, proj or 20)
     for name, o, r in zip(("y", "h_n", "c_n"), out, ref):
         assert_close_to_ref(o, r, name=name)
