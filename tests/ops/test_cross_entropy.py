@@ -102,6 +102,11 @@ def _check_ce(logits, target, reduction, *, label_smoothing=0.0, ignore_index=IG
             assert err <= 2 * base + atol + ulps, \
                 f"{name}: error {err:.3e} > 2 x torch's {base:.3e} + {atol:g} + {ulps:.2e}"
         else:
+            if lp is not None and not torch.isfinite(lp[torch.isfinite(r)]).all():
+                # torch's fp16 loss with label smoothing sums -log p over every class and row
+                # in fp16 and overflows; the yardstick is then the exact result rounded to
+                # the dtype, the best any fp16 output can be
+                lp = r.to(o.dtype)
             assert_close_to_ref(o, r, lp, name=name, atol=atol)
 
 
