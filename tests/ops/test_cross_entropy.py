@@ -517,37 +517,9 @@ def test_cross_entropy_scale_reaches_every_element_of_a_large_gradient(device, m
         k.cross_entropy_scale_(d, torch.ones(2, device=device))
 
 
-@pytest.mark.parametrize("n_cols", [1, 700, 4097])
-def test_cross_entropy_one_block_and_looping_forward_write_the_same_gradient(device, n_cols):
-    # the forward with a gradient holds a row of up to MAX_ONE_BLOCK_V classes in registers;
-    # wider rows loop over blocks and read the row twice: both agree with the backward kernel
-    logits = torch.randn(6, n_cols, device=device) * 4
-    target = _targets(6, n_cols, device, ignore_frac=0.3)
-    target[0] = n_cols - 1
-    scale = torch.rand(6, device=device)
-    assert k.ce_block(n_cols, one_block=True)[2]
-    loss, stats, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
-    want = k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1)
-    out = poison_(torch.empty_like(logits))
-    loss1, _, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1, grad_scale=scale,
-                                      dlogits=out)
-    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(loss1, loss)
-    assert torch.equal(logits, logits)  # not overwritten: out was given
-
-
-@pytest.mark.parametrize("programs_per_sm", [None, 1, 2])
-def test_cross_entropy_looping_forward_on_a_row_looping_grid_writes_the_same_gradient(
-        device, monkeypatch, programs_per_sm):
-    """The forward that stores the gradient of a row wider than one block (read twice), one
-    program a row or (STORE_GRAD_PROGRAMS_PER_SM) a smaller grid looping over the rows: the
-    loss, statistics and gradient of every row equal the backward kernel's, in place too."""
-    monkeypatch.setattr(k, "MAX_ONE_BLOCK_V", k.MAX_BLOCK_V)
-    monkeypatch.setattr(k, "STORE_GRAD_PROGRAMS_PER_SM", programs_per_sm)
-    n_rows, n_cols = 11, k.MAX_BLOCK_V + 3
-    assert not k.ce_block(n_cols, one_block=True)[2]
-    if programs_per_sm is not None:
-        assert k.num_programs(torch.device(device), programs_per_sm) < n_rows
+def _stored_forward_equals_backward_kernel(device, n_rows, n_cols):
+    """The forward that writes the gradient (into a given buffer, and in place) gives the
+    loss, statistics and gradient of the forward + backward kernels, every row."""
     logits = torch.randn(n_rows, n_cols, device=device) * 4
     target = _targets(n_rows, n_cols, device, ignore_frac=0.3)
     target[0] = n_cols - 1
@@ -555,14 +527,36 @@ def test_cross_entropy_looping_forward_on_a_row_looping_grid_writes_the_same_gra
     loss, stats, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
     want = k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1)
     out = poison_(torch.empty_like(logits))
+    kept = logits.clone()
     loss1, stats1, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1, grad_scale=scale,
                                            dlogits=out)
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(loss1, loss)
     torch.testing.assert_close(stats1, stats)
-    inplace = logits.clone()
-    k.cross_entropy_fwd(inplace, target, IGNORE, 0.1, grad_scale=scale)
-    torch.testing.assert_close(inplace, want, rtol=1e-6, atol=1e-7)
+    assert torch.equal(logits, kept)  # not overwritten: out was given
+    k.cross_entropy_fwd(logits, target, IGNORE, 0.1, grad_scale=scale)
+    torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_cols", [1, 700, 4097])
+def test_cross_entropy_one_block_forward_writes_the_backward_kernels_gradient(device, n_cols):
+    # the forward with a gradient holds a row of up to MAX_ONE_BLOCK_V classes in registers
+    assert k.ce_block(n_cols, one_block=True)[2]
+    _stored_forward_equals_backward_kernel(device, 6, n_cols)
+
+
+@pytest.mark.parametrize("programs_per_sm", [None, 1, 2])
+def test_cross_entropy_looping_forward_on_a_row_looping_grid_writes_the_same_gradient(
+        device, monkeypatch, programs_per_sm):
+    """The forward that stores the gradient of a row wider than one block (read twice), one
+    program a row or (STORE_GRAD_PROGRAMS_PER_SM) a smaller grid looping over the rows."""
+    monkeypatch.setattr(k, "MAX_ONE_BLOCK_V", k.MAX_BLOCK_V)
+    monkeypatch.setattr(k, "STORE_GRAD_PROGRAMS_PER_SM", programs_per_sm)
+    n_rows, n_cols = 11, k.MAX_BLOCK_V + 3
+    assert not k.ce_block(n_cols, one_block=True)[2]
+    if programs_per_sm is not None:
+        assert k.num_programs(torch.device(device), programs_per_sm) < n_rows
+    _stored_forward_equals_backward_kernel(device, n_rows, n_cols)
 
 
 def test_cross_entropy_forward_with_gradient_keeps_the_logits_and_saves_only_the_gradient(
