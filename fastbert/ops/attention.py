@@ -301,10 +301,11 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, ndim: int, layout: str)
 
 
 def _autocast(q: Tensor, k: Tensor, v: Tensor):
-    """Under CUDA autocast, run in the autocast dtype, as torch's scaled_dot_product_attention
-    does (custom ops are not autocast-aware by themselves)."""
-    if q.is_cuda and torch.is_autocast_enabled("cuda"):
-        dt = torch.get_autocast_dtype("cuda")
+    """Under autocast for q's device (CUDA or CPU), run in the autocast dtype, as torch's
+    scaled_dot_product_attention does (custom ops are not autocast-aware by themselves)."""
+    dev = "cuda" if q.is_cuda else ("cpu" if q.is_cpu else None)
+    if dev is not None and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
         return q.to(dt), k.to(dt), v.to(dt)
     return q, k, v
 

@@ -970,6 +970,24 @@ def test_attention_under_autocast_runs_in_the_autocast_dtype():
     assert max_err(out, ref) <= 2 * max_err(lowp, ref) + 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_under_cpu_autocast_runs_in_the_autocast_dtype_like_sdpa(dtype):
+    """CPU autocast: the output in the autocast dtype, as F.scaled_dot_product_attention
+    gives it, and gradients reach the fp32 leaves."""
+    q, k_, v = _leaves(*(torch.randn(2, 9, 2, 16) for _ in range(3)))
+    with torch.autocast("cpu", dtype=dtype):
+        out = attention(q, k_, v, causal=True)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k_.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True).transpose(1, 2)
+    assert out.dtype == want.dtype == dtype
+    ref = attention_ref(q.detach().double(), k_.detach().double(), v.detach().double(),
+                        causal=True)
+    assert max_err(out, ref) <= 2 * max_err(want, ref) + 1e-3
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
 def test_attention_with_a_mask_under_fake_tensor_mode_gives_shapes(device):
     """Under FakeTensorMode (what torch.compile and shape inference run) nothing may launch a
     Triton kernel on fake tensors: the key ends come from the traced PyTorch form there."""
