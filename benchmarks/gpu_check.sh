@@ -131,6 +131,13 @@ fi
 
 if phase_on bench; then
   echo "== benchmarks"
+  # the targets are judged from this run's files only: every earlier result file of this card
+  # (a committed run's, or a bench not rerun now) is moved aside first
+  if [ -n "$SLUG" ]; then
+    for f in "$R"/*_"$SLUG".csv "$R"/*_"$SLUG".md; do
+      if [ -e "$f" ]; then mv "$f" "$f.prev"; fi
+    done
+  fi
   # one process per script, one after another (timings must not share the GPU); each stops
   # starting cases at its share's end ($FASTBERT_BENCH_DEADLINE) and is killed 30 s after it
   : > "$R/gpu_bench.log"
@@ -149,11 +156,6 @@ if phase_on bench; then
       say "bench_$name: not run (no time left in the budget)"; status=1; continue
     fi
     echo "--- bench_$name (${share}s)" | tee -a "$R/gpu_bench.log"
-    # an earlier run's files of this card are moved aside: a bench that writes nothing (a
-    # crash, a kill in its first case) must not leave them to be judged as this run's
-    for f in "$R/${name}_${SLUG}.csv" "$R/${name}_${SLUG}.md"; do
-      if [ -n "$SLUG" ] && [ -e "$f" ]; then mv "$f" "$f.prev"; fi
-    done
     FASTBERT_RESULTS="$R" FASTBERT_BENCH_DEADLINE=$(( $(date +%s) + share - 15 )) \
       timeout --kill-after=5 $(( share + 30 )) "$PY" -m "benchmarks.bench_$name" 2>&1 \
       | tee -a "$R/gpu_bench.log"

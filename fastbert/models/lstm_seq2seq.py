@@ -198,8 +198,9 @@ class LSTMSeq2Seq(torch.nn.Module):
         return torch.stack(steps, dim=1)
 
     def _generable(self, logits: Tensor) -> Tensor:
-        """logits with pad_id and bos_id at -inf: a decoder never generates them (a generated
-        pad would read as the end of the output, a bos as a restart)."""
+        """logits (or log-probabilities) with pad_id and bos_id at -inf: a decoder never
+        generates them (a generated pad would read as the end of the output, a bos as a
+        restart)."""
         logits = logits.clone()
         logits[:, [self.pad_id, self.bos_id]] = float("-inf")
         return logits
@@ -251,7 +252,8 @@ class LSTMSeq2Seq(torch.nn.Module):
         tokens = torch.empty((n_batch * k, 0), dtype=torch.long, device=dev)
         for _ in range(max_len):
             logits, state = self.decode_step(y, state, memory, keys, mask)
-            logp = torch.log_softmax(self._generable(logits.float()), dim=-1)  # (B*k, V)
+            # the model's log-probabilities (the scores returned), pad and bos then ruled out
+            logp = self._generable(torch.log_softmax(logits.float(), dim=-1))  # (B*k, V)
             n_vocab = logp.shape[-1]
             # a finished hypothesis extends only with pad at no cost
             fin = torch.full_like(logp, float("-inf"))

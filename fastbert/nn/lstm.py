@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
 from ..ops._checks import check_eps
-from ..ops.lstm import check_lengths
+from ..ops.lstm import _zero_past_lengths, check_lengths
 
 
 class _ShapeError(ValueError, RuntimeError):
@@ -214,7 +214,10 @@ class LSTM(torch.nn.Module):
                 raise _ShapeError(f"Expected hidden[0] size {h_shape}, got {tuple(h0.shape)}")
             if tuple(c0.shape) != c_shape:
                 raise _ShapeError(f"Expected hidden[1] size {c_shape}, got {tuple(c0.shape)}")
-        layer_input = x
+        # past each length the first layer's input is zeroed once here (a PackedSequence
+        # unpacks with zeros there), and every layer's output is zero there: no layer needs
+        # lstm_layer's own masked copy
+        layer_input = x if packed or lens is None else _zero_past_lengths(x, lens)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outs = []
@@ -225,7 +228,8 @@ class LSTM(torch.nn.Module):
                 y, h, c = ops.lstm_layer(
                     layer_input, h0[idx], c0[idx], p("weight_ih"), p("weight_hh"),
                     p("bias_ih"), p("bias_hh"), p("weight_hr"), lengths=lens, reverse=d == 1,
-                    backend=self.backend, **self._layer_norm_params(suffix))
+                    backend=self.backend, _padding_zeroed=True,
+                    **self._layer_norm_params(suffix))
                 outs.append(y)
                 h_n.append(h)
                 c_n.append(c)

@@ -340,7 +340,8 @@ def _zero_past_lengths(x: Tensor, lengths: Tensor) -> Tensor:
     if lengths.is_cpu and not torch.compiler.is_compiling():
         if lengths.numel() == 0 or int(lengths.min()) >= n_steps:
             return x
-    lens = lengths.to(device=x.device, non_blocking=True)
+    # non-blocking only host -> GPU: a GPU -> host copy would be read before it lands
+    lens = lengths.to(device=x.device, non_blocking=x.is_cuda)
     keep = torch.arange(n_steps, device=x.device)[:, None] < lens[None, :]
     return x.masked_fill(~keep[..., None], 0)
 
@@ -365,7 +366,8 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                reverse: bool = False, ln_ih_weight: Optional[Tensor] = None,
                ln_hh_weight: Optional[Tensor] = None, ln_cell_weight: Optional[Tensor] = None,
                ln_cell_bias: Optional[Tensor] = None, eps: float = 1e-5,
-               backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+               backend: Optional[str] = None,
+               _padding_zeroed: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer in one direction over a padded batch with optional lengths.
 
     Args:
@@ -384,13 +386,15 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
             all four and H <= 2048.
         eps: LayerNorm epsilon.
         backend: "triton", "torch" or None (see ``fastbert.ops``).
+        _padding_zeroed: internal (``fastbert.nn.LSTM``): x is already zero past each length
+            (a PackedSequence unpacked, an earlier layer's output), so no masked copy of it.
 
     Returns:
         y (T, B, P), h_n (B, P), c_n (B, H), in x's dtype.
     """
     _check_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     check_eps("lstm_layer", eps)
-    if lengths is not None:
+    if lengths is not None and not _padding_zeroed:
         x = _zero_past_lengths(x, lengths)
     ln = (ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias)
     _check_layer_norm_args(x, w_ih.shape[0] // 4, *ln)

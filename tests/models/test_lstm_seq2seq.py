@@ -70,6 +70,13 @@ def test_seq2seq_beam_size_one_equals_greedy(attention):
     beam, scores = model.beam_search(src, lengths, beam_size=1, max_len=8)
     assert torch.equal(beam, greedy)
     assert scores.shape == (5,) and (scores <= 0).all()
+    # the scores are the model's log-probabilities of the tokens, up to and including eos
+    tgt_in = torch.cat([torch.full((5, 1), BOS), beam[:, :-1]], dim=1)
+    logp = torch.log_softmax(model(src, lengths, tgt_in).float(), -1)
+    logp = logp.gather(-1, beam[..., None])[..., 0]
+    is_eos = (beam == EOS).long()
+    upto_eos = (is_eos.cumsum(1) - is_eos) == 0
+    torch.testing.assert_close(scores, (logp * upto_eos).sum(1), rtol=1e-5, atol=1e-5)
     wide, wide_scores = model.beam_search(src, lengths, beam_size=4, max_len=8)
     # a wider beam never finds a worse total log-probability (no length penalty)
     assert (wide_scores >= scores - 1e-5).all()
