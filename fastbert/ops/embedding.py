@@ -223,10 +223,10 @@ def _width_check(n_cols: int) -> Optional[str]:
     return None
 
 
-def _resolve(tensors, backend: Optional[str], n_cols: int, floats: dict) -> str:
-    """``floats``: the float tensors by name (float64 ones run on the torch backend only)."""
+def _resolve(tensors, backend: Optional[str], n_cols: int, dtype_reason: Optional[str]) -> str:
+    """``dtype_reason``: why the kernels cannot take the tables' dtypes (float64), or None."""
     return resolve("embedding_layer_norm", tensors, backend, preference=("triton",),
-                   extra_check=lambda b: _width_check(n_cols) or kernel_dtype_reason(**floats))
+                   extra_check=lambda b: _width_check(n_cols) or dtype_reason)
 
 
 def _check_index_tensor(name: str, t: Optional[Tensor], ids_shape) -> None:
@@ -410,16 +410,19 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
         input_ids.shape + (H,), word_weight's dtype; statistics in float32. Gradients flow
         to the three tables and the LayerNorm parameters.
     """
+    dtype_reason = None   # _args_ok passes kernel dtypes only: no float64 to look for
     if not _args_ok(input_ids, word_weight, position_weight, ln_weight, ln_bias, eps,
                     token_type_ids, type_weight, position_ids, dropout_p):
         _check_args(input_ids, word_weight, position_weight, ln_weight, ln_bias, eps,
                     token_type_ids, type_weight, position_ids, dropout_p)
+        dtype_reason = kernel_dtype_reason(word_weight=word_weight,
+                                           position_weight=position_weight,
+                                           type_weight=type_weight, ln_weight=ln_weight,
+                                           ln_bias=ln_bias)
     pad = -1 if padding_idx is None else _normalize_padding_idx(padding_idx,
                                                                  word_weight.shape[0])
     # the checks put every tensor on word_weight's device: it alone decides
-    chosen = _resolve((word_weight,), backend, word_weight.shape[1],
-                      dict(word_weight=word_weight, position_weight=position_weight,
-                           type_weight=type_weight, ln_weight=ln_weight, ln_bias=ln_bias))
+    chosen = _resolve((word_weight,), backend, word_weight.shape[1], dtype_reason)
     if check_bounds and (torch.compiler.is_compiling() or not is_fake(input_ids)):
         # fake tensors (FakeTensorMode: shape inference) have no values to check; under a
         # mode or with tensor subclasses, torch computes the bounds (what the mode sees);
