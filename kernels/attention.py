@@ -297,13 +297,17 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _attention_bwd_preprocess_kernel(
-    o_ptr, do_ptr, delta_ptr, cu_q_ptr,
+    o_ptr, do_ptr, delta_ptr, cu_q_ptr, dq_ptr,
     stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
+    stride_dqb, stride_dqm, stride_dqh,
     n_heads, seqlen_q, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ZERO_DQ: tl.constexpr,
 ):
-    # each program owns BLOCK_M query rows of one (batch, head): delta = rowsum(dO * O)
+    # each program owns BLOCK_M query rows of one (batch, head): delta = rowsum(dO * O).
+    # ZERO_DQ (the atomic-dQ backward): it also zeroes those rows of the fp32 dQ accumulator
+    # (dq_ptr) that the dK/dV kernel adds into, saving the launch of a separate fill. The
+    # programs cover every query row of every head (cu_seqlens_q ends at the token count).
     pid_m, pid_bh = _block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
     b = pid_bh // n_heads
     h = pid_bh % n_heads
@@ -320,6 +324,10 @@ def _attention_bwd_preprocess_kernel(
                     True, EVEN_D, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + pid_bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=m_in)
+    if ZERO_DQ:
+        dq_base = _head_base(dq_ptr, b, q_start, h, stride_dqb, stride_dqm, stride_dqh)
+        _store_tile(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
+                    tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), m_in, d_in, EVEN_D)
 
 
 @triton.jit
@@ -815,6 +823,15 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     fused = (need_dq and need_dkv and bwd_fused(sk, head_dim, q.dtype)
              and (sq <= bn1 or q.device.type != "cuda"
                   or batch * heads_kv >= num_programs(q.device, 1)))
+    # FlashAttention-2's dQ: added by the dK/dV programs into a zeroed fp32 buffer (zeroed by
+    # the delta pre-pass). Not where every key fits one block but the one-launch backward was
+    # turned down for occupancy (above): the atomic path would put dQ on those same few
+    # programs, while the dQ kernel's grid is wide.
+    atomic = (not fused and need_dq and need_dkv and sk > 0 and bwd_atomic_dq()
+              and (sk > bn1 or q.device.type != "cuda"))
+    dq_out = dq
+    if atomic and dq.dtype != torch.float32:
+        dq_out = torch.empty(dq.shape, dtype=torch.float32, device=dq.device)
     if fused:
         delta = lse   # not read (FUSED_DQ computes it); any fp32 pointer keeps one signature
     else:
@@ -822,20 +839,11 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         pre_bm = preprocess_block_m(bd)
         launch(
             _attention_bwd_preprocess_kernel, (cdiv(sq, pre_bm) * batch * heads,),
-            out, do, delta, cu_seqlens_q, *st_out, *st_do,
+            out, do, delta, cu_seqlens_q, dq_out if atomic else delta, *st_out, *st_do,
+            *(_strides3(dq_out, varlen) if atomic else (0, 0, 0)),
             heads, sq, head_dim, BLOCK_M=pre_bm, BLOCK_D=bd, EVEN_D=bd == head_dim,
-            IS_VARLEN=varlen, num_warps=PREPROCESS_WARPS,
+            IS_VARLEN=varlen, ZERO_DQ=atomic, num_warps=PREPROCESS_WARPS,
         )
-    # FlashAttention-2's dQ: added by the dK/dV programs into a zeroed fp32 buffer. Not where
-    # every key fits one block but the one-launch backward was turned down for occupancy
-    # (above): the atomic path would put dQ on those same few programs, while the dQ
-    # kernel's grid is wide.
-    atomic = (not fused and need_dq and need_dkv and sk > 0 and bwd_atomic_dq()
-              and (sk > bn1 or q.device.type != "cuda"))
-    dq_out = dq
-    if atomic:
-        dq_out = dq.zero_() if dq.dtype == torch.float32 else \
-            torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
     qk_scale = float(softmax_scale) * _SCORE_LOG2E
     flags = dict(BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen, IS_CAUSAL=bool(causal),
                  HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout)
@@ -907,10 +915,12 @@ def _fwd_signature(dt: str):
 
 def _preprocess_signature(dt: str):
     return {"o_ptr": f"*{dt}", "do_ptr": f"*{dt}", "delta_ptr": "*fp32", "cu_q_ptr": "*i32",
+            "dq_ptr": "*fp32",
             "stride_ob": "i64", "stride_om": "i64", "stride_oh": "i64", "stride_dob": "i64",
-            "stride_dom": "i64", "stride_doh": "i64", "n_heads": "i32", "seqlen_q": "i32",
+            "stride_dom": "i64", "stride_doh": "i64", "stride_dqb": "i64", "stride_dqm": "i64",
+            "stride_dqh": "i64", "n_heads": "i32", "seqlen_q": "i32",
             "head_dim": "i32", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr",
-            "EVEN_D": "constexpr", "IS_VARLEN": "constexpr"}
+            "EVEN_D": "constexpr", "IS_VARLEN": "constexpr", "ZERO_DQ": "constexpr"}
 
 
 def _bwd_signature(dt: str, dq: bool, atomic_dq: bool = False):
@@ -980,13 +990,13 @@ def aot_configs():
         for varlen in (False, True):
             yield AotConfig(_attention_bwd_preprocess_kernel, _preprocess_signature("bf16"),
                             dict(BLOCK_M=preprocess_block_m(bd), BLOCK_D=bd, EVEN_D=True,
-                                 IS_VARLEN=varlen),
+                                 IS_VARLEN=varlen, ZERO_DQ=varlen),
                             PREPROCESS_WARPS,
                             name=f"attention_bwd_preprocess[bf16,d{bd},varlen={varlen}]")
     for dt, even in (("bf16", False), ("fp16", True), ("fp32", True)):
         yield AotConfig(_attention_bwd_preprocess_kernel, _preprocess_signature(dt),
                         dict(BLOCK_M=preprocess_block_m(128), BLOCK_D=128, EVEN_D=even,
-                             IS_VARLEN=False),
+                             IS_VARLEN=False, ZERO_DQ=True),
                         PREPROCESS_WARPS, name=f"attention_bwd_preprocess[{dt},d128,even_d={even}]")
     yield AotConfig(_key_end_kernel, {"mask_ptr": "*i8", "out_ptr": "*i32",
                                       "stride_mask_b": "i64", "seqlen_k": "i32",
