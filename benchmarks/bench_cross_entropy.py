@@ -8,7 +8,7 @@ of 32 classes (the two-stage reduction):
                       check_labels=False, as every fastbert row here (the label range check
                       syncs the host; the issue allows skipping it for speed, on by default)
     fastbert_checked -- the same with the default check_labels=True
-    fastbert_stored -- with fastbert.ops.cross_entropy.STORE_GRADS on: the forward writes the
+    fastbert_stored -- with fastbert.kernels.cross_entropy.STORE_GRADS on: the forward writes the
                       gradient (a row of V = 30522 held in registers), the backward keeps it
                       (two passes); measured slower on an H200, kept to re-measure
     fastbert_stored_looping -- the same with the forward looping over each row
@@ -34,7 +34,6 @@ tiny shapes, as a smoke test.
 """
 from __future__ import annotations
 
-import importlib
 from typing import List
 
 import torch
@@ -74,11 +73,9 @@ def _with_one_block_max(value: int, fn):
 def _stored(fn, looping: bool = False, programs_per_sm=None):
     """``fn`` run with cross_entropy's stored-gradient forward (and with the row-looping one,
     on a grid of ``programs_per_sm`` programs an SM when given)."""
-    # the module, not the function of the same name that fastbert.ops exports
-    ops_ce = importlib.import_module("fastbert.ops.cross_entropy")
-    run = with_setting(ops_ce, "STORE_GRADS", True, fn)
+    from fastbert.kernels import cross_entropy as kce
+    run = with_setting(kce, "STORE_GRADS", True, fn)
     if programs_per_sm is not None:
-        from fastbert.kernels import cross_entropy as kce
         run = with_setting(kce, "STORE_GRAD_PROGRAMS_PER_SM", programs_per_sm, run)
     return _with_one_block_max(MAX_BLOCK_V, run) if looping else run
 

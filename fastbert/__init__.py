@@ -4,6 +4,8 @@ Public entry points:
     fastbert.ops      -- functional ops (layer_norm, bias_gelu, ...) with backend dispatch
     fastbert.nn       -- drop-in modules (LayerNorm, ...)
     fastbert.use_backend(name) -- context manager choosing "triton", "cuda" or "torch"
+    fastbert.checkpoint_context_fn -- ``context_fn`` for torch.utils.checkpoint that keeps
+                      the forward's use_backend block for the recomputation
 """
 import importlib.util as _ilu
 import os as _os
@@ -44,8 +46,8 @@ def _alias_checkout_kernels():
 
 _alias_checkout_kernels()
 
-from .ops._dispatch import use_backend  # noqa: E402
+from .ops._dispatch import checkpoint_context_fn, use_backend  # noqa: E402
 from . import ops  # noqa: E402
 from . import nn  # noqa: E402
 
-__all__ = ["ops", "nn", "use_backend", "__version__"]
+__all__ = ["ops", "nn", "use_backend", "checkpoint_context_fn", "__version__"]

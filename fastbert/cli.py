@@ -9,30 +9,75 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 
-def _has_cuda_device() -> bool:
-    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+def _device_arg(value: str) -> str:
+    """argparse type of --device: cpu, cuda or cuda:N."""
+    v = value.strip().lower()
+    if v in ("cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return v
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
 
 
-def _prepare_interpreter(argv) -> None:
-    """Without a GPU the Triton kernels can still be checked, in the interpreter on CPU
-    tensors. That must be decided before triton is imported, and importing this module has
-    already imported fastbert (and triton): so start again, once, with TRITON_INTERPRET=1."""
-    if _has_cuda_device() or "TRITON_INTERPRET" in os.environ:
+def _prepare_interpreter(argv, device: Optional[str]) -> None:
+    """On CPU the Triton kernels can still be checked, in the interpreter on CPU tensors
+    (``TRITON_INTERPRET=1``). That must be set before triton is imported, and importing this
+    module has already imported fastbert (and triton): so start again, once, with it set.
+    Not when the user set TRITON_INTERPRET (their choice), nor without Triton (the self-check
+    then says why it cannot run)."""
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    import torch
+
+    from fastbert.ops._dispatch import triton_import_error
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    if not on_cpu or triton_import_error() is not None:
         return
     os.environ["TRITON_INTERPRET"] = "1"
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, "-m", "fastbert.cli", *argv])
 
 
+def _device(args):
+    """The torch.device of --device (default: cuda if torch sees one), or None after printing
+    why it cannot be used."""
+    import torch
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("fastbert: --device cuda, but torch sees no CUDA device here "
+                  f"(torch {torch.__version__}, CUDA {torch.version.cuda}); use --device cpu",
+                  file=sys.stderr)
+            return None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            print(f"fastbert: --device {device}, but torch sees {torch.cuda.device_count()} "
+                  "CUDA device(s)", file=sys.stderr)
+            return None
+    return device
+
+
 def cmd_selfcheck(args) -> int:
     import torch
 
     from fastbert import selfcheck
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    where = "compiled Triton kernels on " + torch.cuda.get_device_name(device) if device.type == "cuda" \
-        else "Triton kernels in the CPU interpreter (no GPU here)"
+    from fastbert.ops._dispatch import interpreter_enabled, triton_import_error
+    device = _device(args)
+    if device is None:
+        return 2
+    why = triton_import_error()
+    if why is not None:
+        # macOS / Windows: pyproject installs Triton on Linux only; fastbert.ops then runs its
+        # PyTorch reference paths, which is all there is to use here
+        print(f"== correctness self-check: skipped: the fused kernels cannot run here, {why}. "
+              "fastbert.ops runs its PyTorch reference paths on this machine.")
+        return 0
+    if device.type == "cuda":
+        where = "compiled Triton kernels on " + torch.cuda.get_device_name(device)
+    elif interpreter_enabled():
+        where = "Triton kernels in the CPU interpreter"
+    else:
+        where = "Triton kernels on CPU tensors without the interpreter (TRITON_INTERPRET is off)"
     print(f"== correctness self-check: {where}, against fp64 PyTorch references\n")
     results = selfcheck.run(device)
     bad = [r for r in results if not r.ok]
@@ -41,8 +86,9 @@ def cmd_selfcheck(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import torch
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
+    if device is None:
+        return 2
     try:
         from benchmarks import run_all
     except ImportError:
@@ -70,16 +116,19 @@ def cmd_env(args) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _prepare_interpreter(argv)
     p = argparse.ArgumentParser(prog="fastbert", description="fused GPU kernels for BERT training")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, fn, help_ in (("demo", cmd_demo, "self-check every op, then a small benchmark"),
                             ("selfcheck", cmd_selfcheck, "check every op against fp64 references"),
                             ("env", cmd_env, "versions, device and usable backends")):
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+        if name != "env":
+            sp.add_argument("--device", type=_device_arg, default=None,
+                            help="cpu, cuda or cuda:N (default: cuda if torch sees one)")
         sp.set_defaults(fn=fn)
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)   # --help and bad arguments exit here, before any restart
+    if args.cmd != "env":
+        _prepare_interpreter(argv, args.device)
     return args.fn(args)
 
 

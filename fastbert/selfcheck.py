@@ -23,10 +23,11 @@ class CheckResult:
     bwd_err: float
     tol: float
     seconds: float
+    error: str = ""   # the exception the check raised, if any
 
     @property
     def ok(self) -> bool:
-        return self.fwd_err <= self.tol and self.bwd_err <= self.tol
+        return not self.error and self.fwd_err <= self.tol and self.bwd_err <= self.tol
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -137,13 +138,22 @@ def checks(device: torch.device) -> Dict[str, Callable[[], CheckResult]]:
 def run(device: torch.device, verbose: bool = True) -> List[CheckResult]:
     results = []
     for name, check in checks(device).items():
-        res = check()
+        t0 = time.perf_counter()
+        try:
+            res = check()
+        except Exception as e:  # one op failing is a FAIL row, not the end of the check
+            msg = " ".join(str(e).split())
+            res = CheckResult(name, "", "", "", float("nan"), float("nan"), float("nan"),
+                              time.perf_counter() - t0, f"{type(e).__name__}: {msg[:300]}")
         res.op = name
         results.append(res)
     if verbose:
         print(f"{'op':<30} {'shape':<16} {'dtype':<8} {'backend':<7} {'fwd rel err':>12} "
               f"{'bwd rel err':>12} {'tol':>7}  result")
         for r in results:
+            if r.error:
+                print(f"{r.op:<30} FAIL: {r.error}")
+                continue
             print(f"{r.op:<30} {r.shape:<16} {r.dtype:<8} {r.backend:<7} {r.fwd_err:12.2e} "
                   f"{r.bwd_err:12.2e} {r.tol:7.0e}  {'ok' if r.ok else 'FAIL'} ({r.seconds:.1f} s)")
     return results

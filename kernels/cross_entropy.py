@@ -12,7 +12,7 @@ with loss_r = 0 and dx_r = 0 where t_r == ignore_index: this is
 Three ways to use it:
 
 - ``cross_entropy_fwd`` with ``grad_scale`` + ``cross_entropy_scale_`` *store* (the
-  ``cross_entropy`` op with ``STORE_GRADS`` on; off by default: on an H200 this forward ran at
+  ``cross_entropy`` op with ``STORE_GRADS`` (below) on; off by default: on an H200 this forward ran at
   ~1.2 TB/s where the two recompute kernels ran at ~2.8 TB/s each): the forward writes the gradient
   of the loss itself (the incoming gradient taken as 1). A row of up to ``MAX_ONE_BLOCK_V``
   classes (BERT's 30522 included) is held in registers whole (``ONE_BLOCK``), so the forward
@@ -70,7 +70,6 @@ Large-Vocabulary Language Models" (2024).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -81,6 +80,17 @@ import triton.language as tl
 from ._common import (LOG2E, AotConfig, cdiv, mm_fp32, next_power_of_2, num_programs,
                       on_tensor_device)
 from ._launch import launch
+
+# Whether the ``cross_entropy`` op's forward (fastbert.ops) writes the gradient of a reduced
+# loss (float32 / bfloat16) for its backward to scale in place (two passes over (N, V)), instead
+# of the backward
+# recomputing it from the logits (three passes). Off: measured on an H200 (bf16, 16384 x 30522,
+# benchmarks/results/cross_entropy_nvidia-h200.md, 2026-11-26), forward + backward took 1.57 ms
+# storing (row held in registers, 32 warps, one row per SM), 1.29 ms storing with the row-looping
+# forward, 1.00 ms recomputing (eager: 2.16 ms): fewer bytes, but the fused forward runs far from
+# the bandwidth the two separate kernels reach. ``masked_lm_loss`` always stores (it saves the
+# projection GEMMs, not a pass). bench_cross_entropy times both paths.
+STORE_GRADS = False
 
 # The forward that stores the gradient of a row wider than one block (MAX_ONE_BLOCK_V) reads the
 # row twice: its statistics, then its gradient. With one program a row, ~8 programs an SM have

@@ -113,6 +113,7 @@ import collections
 import functools
 import os
 import threading
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -1318,10 +1319,16 @@ def _step_graph(head: tuple, sources: Tuple[torch.Tensor, ...],
             except Exception as e:
                 global PER_STEP_CUDA_GRAPH
                 PER_STEP_CUDA_GRAPH = False
-                raise RuntimeError(
+                warnings.warn(
                     f"the LSTM CUDA-graph mode (${CUDA_GRAPH_ENV}) could not capture the "
-                    f"per-step loop ({type(e).__name__}: {e}); it is now off in this process "
-                    "(later calls run the plain loop)") from e
+                    f"per-step loop ({type(e).__name__}: {e}); it is now off in this process: "
+                    "this call and later ones run the plain loop", RuntimeWarning, stacklevel=2)
+                # this call's results, from the plain loop over the inputs already copied in
+                # (the failed warm-up or capture may have left the side stream mid-loop)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                loop()
+                return tuple(o.clone() for o in outs)
             _STEP_GRAPHS[key] = entry
             _trim_step_graphs(CUDA_GRAPH_CACHE_SIZE)
         result = tuple(o.clone() for o in entry.outs)

@@ -37,3 +37,52 @@ def test_bench_outside_a_checkout_is_skipped_not_failed(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "benchmarks", None)   # import benchmarks -> ImportError
     assert cli.cmd_bench(argparse.Namespace(device="cpu")) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_bad_device_argument_is_a_clear_error():
+    out = _run("selfcheck", "--device", "gpu0")
+    assert out.returncode == 2 and "expected cpu, cuda or cuda:N, got 'gpu0'" in out.stderr
+
+
+def test_cuda_device_without_one_is_a_clear_error(capsys):
+    import argparse
+
+    import torch
+
+    from fastbert import cli
+    if torch.cuda.is_available():
+        args = argparse.Namespace(device=f"cuda:{torch.cuda.device_count()}")
+        assert cli.cmd_selfcheck(args) == 2
+        assert "CUDA device(s)" in capsys.readouterr().err
+    else:
+        assert cli.cmd_selfcheck(argparse.Namespace(device="cuda")) == 2
+        assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_selfcheck_reports_an_op_that_raises_as_a_fail_row_and_goes_on(monkeypatch, capsys):
+    import torch
+
+    from fastbert import selfcheck
+
+    def boom():
+        raise RuntimeError("kernel exploded\nsecond line")
+    good = selfcheck.CheckResult("x", "2x2", "float32", "triton", 0.0, 0.0, 1e-4, 0.0)
+    monkeypatch.setattr(selfcheck, "checks", lambda device: {"bad op": boom, "good op": lambda: good})
+    results = selfcheck.run(torch.device("cpu"))
+    assert [(r.op, r.ok) for r in results] == [("bad op", False), ("good op", True)]
+    out = capsys.readouterr().out
+    assert "bad op" in out and "FAIL: RuntimeError: kernel exploded second line" in out
+
+
+def test_selfcheck_without_triton_says_why_and_does_not_fail(monkeypatch, capsys):
+    """macOS / Windows (no triton installed): the kernels cannot run; the demo says so and
+    goes on to the benchmark instead of a BackendUnavailable traceback."""
+    import argparse
+
+    from fastbert import cli
+    from fastbert.ops import _dispatch
+    monkeypatch.setattr(_dispatch, "triton_import_error",
+                        lambda: "triton is not importable (ModuleNotFoundError: No module named 'triton')")
+    assert cli.cmd_selfcheck(argparse.Namespace(device="cpu")) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and "No module named 'triton'" in out

@@ -33,14 +33,13 @@ BACKENDS = ("triton", "cuda", "torch")
 ENV_VAR = "FASTBERT_BACKEND"
 
 
-class _Local(threading.local):
-    # set per thread at its first use: resolve reads it at every call, and a getattr with a
-    # default on a threading.local that lacks the attribute costs ~0.5 us (it raises inside)
-    def __init__(self):
-        self.stack = []
-
-
-_local = _Local()
+# The open ``use_backend`` blocks, innermost last: process-wide, as torch's own backend
+# switches (torch.backends.cuda.sdpa_kernel, cudnn.flags), so that autograd's worker threads
+# (a CUDA backward runs there: activation-checkpoint recomputation inside the block) and
+# nn.DataParallel's replica threads see the block their caller opened. Entries are tokens
+# removed by identity, so blocks of different threads may close in any order.
+_STACK: list = []
+_STACK_LOCK = threading.Lock()
 _warned: set = set()
 
 
@@ -54,19 +53,54 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
+class _Entry(str):
+    """A backend name on the stack; a distinct object per block (removed by identity)."""
+    __slots__ = ()
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the fastbert ops inside the block on backend ``name`` ("triton", "cuda", "torch").
+    """Run the fastbert ops called inside the block on backend ``name`` ("triton", "cuda",
+    "torch").
 
-    An op's explicit ``backend=`` argument and ``FASTBERT_BACKEND`` take precedence.
+    An op's explicit ``backend=`` argument and ``FASTBERT_BACKEND`` take precedence. The
+    setting is process-wide while the block is open, like ``torch.backends.cuda.sdpa_kernel``:
+    other threads' ops (autograd's backward threads, DataParallel replicas) use it too.
+
+    It applies to calls made while the block is open. Activation checkpointing recomputes the
+    forward during ``backward()``: if that runs after the block closed, the recomputation
+    resolves the backend again (auto), and with dropout that draws other masks than the
+    forward did. For checkpointed code, pass ``backend=`` (the ``fastbert.nn`` modules take
+    one), set ``FASTBERT_BACKEND``, or checkpoint with ``use_reentrant=False,
+    context_fn=fastbert.checkpoint_context_fn``, which reopens the forward's block around the
+    recomputation.
     """
     _check_name(name, "use_backend")
-    stack = _local.stack
-    stack.append(name)
+    entry = _Entry(name)
+    with _STACK_LOCK:
+        _STACK.append(entry)
     try:
         yield
     finally:
-        stack.pop()
+        with _STACK_LOCK:
+            for i in range(len(_STACK) - 1, -1, -1):
+                if _STACK[i] is entry:
+                    del _STACK[i]
+                    break
+
+
+def current_use_backend() -> Optional[str]:
+    """The backend of the innermost open ``use_backend`` block, or None."""
+    stack = _STACK
+    return str(stack[-1]) if stack else None
+
+
+def checkpoint_context_fn():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``:
+    the recomputation in backward runs under the ``use_backend`` block that was open during
+    the forward (if any), so it takes the same kernels and draws the same dropout masks."""
+    name = current_use_backend()
+    return contextlib.nullcontext(), (use_backend(name) if name else contextlib.nullcontext())
 
 
 def _env_reader(name: str) -> Callable[[], Optional[str]]:
@@ -194,9 +228,9 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
         env = env.strip()
         if env and env != "auto":
             return _check_name(env, ENV_VAR)
-    stack = _local.stack
+    stack = _STACK
     if stack:
-        return stack[-1]
+        return str(stack[-1])
     return None
 
 

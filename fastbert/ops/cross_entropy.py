@@ -184,15 +184,6 @@ def _(dlogits, grad):
     return None
 
 
-# Whether ``cross_entropy``'s forward writes the gradient of a reduced loss (float32 / bfloat16)
-# for its backward to scale in place (two passes over (N, V)), instead of the backward
-# recomputing it from the logits (three passes). Off: measured on an H200 (bf16, 16384 x 30522,
-# benchmarks/results/cross_entropy_nvidia-h200.md, 2026-11-26), forward + backward took 1.57 ms
-# storing (row held in registers, 32 warps, one row per SM), 1.29 ms storing with the row-looping
-# forward, 1.00 ms recomputing (eager: 2.16 ms): fewer bytes, but the fused forward runs far from
-# the bandwidth the two separate kernels reach. ``masked_lm_loss`` always stores (it saves the
-# projection GEMMs, not a pass). bench_cross_entropy times both paths.
-STORE_GRADS = False
 
 
 def stores_grads(dtype: torch.dtype, reduction: str) -> bool:
@@ -519,7 +510,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     The forward keeps two floats a row (max and log-sum-exp) and the logits; the backward
     recomputes the gradient from them: three passes over (N, V) for forward + backward, which
     an H200 ran faster than the two-pass variant that writes the gradient in the forward (see
-    ``STORE_GRADS``, off by default; with it on, a mean / sum loss in float32 / bfloat16 can be
+    ``fastbert.kernels.cross_entropy.STORE_GRADS``, off by default; with it on, a mean / sum loss in float32 / bfloat16 can be
     backpropagated through only once).
 
     Args:
@@ -560,7 +551,8 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     # incoming gradient of 1; the backward scales it in place on the device otherwise). Not
     # under torch.compile: AOTAutograd cannot trace a backward that mutates a tensor saved by
     # the forward, so a compiled graph recomputes the gradient from the logits instead.
-    store_grad = (STORE_GRADS and torch.is_grad_enabled() and logits.requires_grad
+    store_grad = (kernel_module("cross_entropy").STORE_GRADS and torch.is_grad_enabled()
+                  and logits.requires_grad
                   and stores_grads(logits.dtype, reduction)
                   and not torch.compiler.is_compiling())
     loss, _, _, _ = _cross_entropy_fwd(logits.reshape(1, -1) if unbatched else logits,

@@ -425,7 +425,9 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     if lengths is None:
         lens = torch.full((n_batch,), n_steps, dtype=torch.int64, device=x.device)
     else:
-        lens = lengths.to(device=x.device, dtype=torch.int64, non_blocking=True)
+        # non-blocking only host -> GPU: a GPU -> host copy (CUDA lengths, CPU x) would be
+        # read by the kernels before it lands
+        lens = lengths.to(device=x.device, dtype=torch.int64, non_blocking=x.is_cuda)
     if _has_layer_norm(ln):
         # every step's input projection and its LayerNorm at once (one GEMM, one LayerNorm)
         xg = F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), ln_ih_weight, None, eps)

@@ -399,9 +399,9 @@ def test_cross_entropy_auto_backend_on_cpu_is_the_reference_and_agrees():
 
 @pytest.fixture
 def stored_ce(monkeypatch):
-    """cross_entropy with the stored-gradient path on (ops.cross_entropy.STORE_GRADS; off by
+    """cross_entropy with the stored-gradient path on (kernels.cross_entropy.STORE_GRADS; off by
     default, measured slower on an H200, but kept and benchmarked)."""
-    monkeypatch.setattr(ops_ce, "STORE_GRADS", True)
+    monkeypatch.setattr(k, "STORE_GRADS", True)
 
 
 def test_cross_entropy_default_path_saves_the_logits_and_backprops_twice(device):
@@ -552,10 +552,12 @@ def test_cross_entropy_looping_forward_on_a_row_looping_grid_writes_the_same_gra
     program a row or (STORE_GRAD_PROGRAMS_PER_SM) a smaller grid looping over the rows."""
     monkeypatch.setattr(k, "MAX_ONE_BLOCK_V", k.MAX_BLOCK_V)
     monkeypatch.setattr(k, "STORE_GRAD_PROGRAMS_PER_SM", programs_per_sm)
-    n_rows, n_cols = 11, k.MAX_BLOCK_V + 3
+    # more rows than the looping grid has programs (4 in the interpreter, SMs x programs_per_sm
+    # on a GPU), so that programs loop
+    n_rows = 11 if programs_per_sm is None else \
+        k.num_programs(torch.device(device), programs_per_sm) + 3
+    n_cols = k.MAX_BLOCK_V + 3
     assert not k.ce_block(n_cols, one_block=True)[2]
-    if programs_per_sm is not None:
-        assert k.num_programs(torch.device(device), programs_per_sm) < n_rows
     _stored_forward_equals_backward_kernel(device, n_rows, n_cols)
 
 

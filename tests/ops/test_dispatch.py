@@ -126,23 +126,63 @@ def test_env_values_blank_or_auto_mean_auto(monkeypatch):
         _dispatch.requested_backend("Triton")
 
 
-def test_use_backend_is_per_thread(monkeypatch):
+def test_use_backend_is_process_wide_and_blocks_close_in_any_order(monkeypatch):
+    """Another thread (autograd's backward threads, DataParallel replicas) sees the block its
+    caller opened; blocks of two threads may close out of order."""
     import threading
     monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
     seen = {}
+    opened, close = threading.Event(), threading.Event()
 
     def other():
         seen["before"] = _dispatch.requested_backend(None)
         with fastbert.use_backend("triton"):
             seen["inside"] = _dispatch.requested_backend(None)
+            opened.set()
+            close.wait(10)
+        seen["after"] = _dispatch.requested_backend(None)
 
     with fastbert.use_backend("torch"):
         th = threading.Thread(target=other)
         th.start()
-        th.join()
-        assert _dispatch.requested_backend(None) == "torch"
-    assert seen == {"before": None, "inside": "triton"}
+        assert opened.wait(10)
+        assert _dispatch.requested_backend(None) == "triton"   # the innermost, process-wide
+    # this thread's block closed first: the other's stays open
+    assert _dispatch.requested_backend(None) == "triton"
+    close.set()
+    th.join()
+    assert seen == {"before": "torch", "inside": "triton", "after": None}
     assert _dispatch.requested_backend(None) is None
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recomputation_keeps_the_forwards_backend(monkeypatch, reentrant):
+    """Activation checkpointing recomputes the forward in backward, after the use_backend block
+    closed: with fastbert.checkpoint_context_fn (non-reentrant) or backend= (both modes) the
+    recomputation takes the same backend, so its dropout masks and gradients equal those
+    without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    x = torch.randn(6, 32, requires_grad=True)
+    w, b, g = torch.randn(32), torch.randn(32), torch.randn(6, 32)
+
+    def grad_of(fn, **kw):
+        x.grad = None
+        torch.manual_seed(1)
+        with fastbert.use_backend("triton"):
+            y = checkpoint(fn, x, **kw) if kw else fn(x)
+        (y * g).sum().backward()
+        return x.grad.clone()
+
+    f = lambda t: ops.layer_norm(t, w, b, dropout_p=0.5)
+    want = grad_of(f)
+    if not reentrant:
+        got = grad_of(f, use_reentrant=False, context_fn=fastbert.checkpoint_context_fn)
+        assert torch.equal(got, want)
+    explicit = lambda t: ops.layer_norm(t, w, b, dropout_p=0.5, backend="triton")
+    assert torch.equal(grad_of(explicit, use_reentrant=reentrant), want)
 
 
 def test_explicit_triton_names_where_the_tensors_are(monkeypatch):

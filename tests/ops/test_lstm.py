@@ -583,6 +583,33 @@ def test_lstm_step_graph_bookkeeping_equals_plain_loop_on_cpu(device, step_graph
                                         layer_norm, reverse, n_steps=4, n_batch=3, n_hidden=16)
 
 
+def test_lstm_step_graph_capture_failure_warns_and_runs_the_plain_loop(device, step_graphs,
+                                                                      monkeypatch):
+    """A capture that fails (a capture-unsafe call, an out-of-memory) turns the mode off with a
+    warning; that call and the later ones return the plain loop's results, nothing cached."""
+    k = step_graphs
+    if device.type == "cuda":
+        pytest.skip("fakes the capture: a CPU bookkeeping test")
+    _fake_capture_on_cpu(monkeypatch, k)
+    torch.manual_seed(0)
+    p = _make(device, torch.float32, n_steps=4, n_batch=3, n_in=12, n_hidden=16)
+    lengths = torch.tensor([4, 2, 3])
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", False)
+    plain, names = _layer_outputs_and_grads(p, {}, lengths, False)
+
+    def failing_capture(loop, device):
+        loop()   # the warm-up ran (part of the way, say), then the capture failed
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(k, "_capture", failing_capture)
+    monkeypatch.setattr(k, "PER_STEP_CUDA_GRAPH", True)
+    with pytest.warns(RuntimeWarning, match="could not capture"):
+        got, _ = _layer_outputs_and_grads(p, {}, lengths, False)
+    assert k.PER_STEP_CUDA_GRAPH is False and k.step_graph_keys() == []
+    again, _ = _layer_outputs_and_grads(p, {}, lengths, False)
+    for name, a, b, c in zip(names, got, again, plain):
+        assert torch.equal(a, c) and torch.equal(b, c), name
+
+
 def test_lstm_step_graph_first_call_in_inference_mode_then_training(device, step_graphs,
                                                                    monkeypatch):
     """A shape first met under torch.inference_mode (validation before training) leaves
