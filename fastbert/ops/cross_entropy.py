@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
+from ._checks import (REF_DTYPES, check_same_device, check_shape, check_tensor,
+                      kernel_dtype_reason)
 from ._fastop import fast_op
 from ._dispatch import resolve, kernel_module
 
@@ -514,7 +515,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     backpropagated through only once).
 
     Args:
-        logits: (N, V) or (V,), float32 / float16 / bfloat16.
+        logits: (N, V) or (V,), float32 / float16 / bfloat16 (float64 on the torch backend).
         target: (N,) or () int64 / int32 class indices in [0, V), or ignore_index.
         ignore_index: target value whose rows contribute neither loss nor gradient.
         label_smoothing: in [0, 1], torch's definition (mixes in the uniform distribution).
@@ -526,7 +527,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     Returns:
         The loss in logits' dtype (float32 under autocast, as torch), computed in float32.
     """
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(1, 2))
+    check_tensor("logits", logits, dtypes=REF_DTYPES, ndim=(1, 2))
     if logits.shape[-1] == 0:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
     _check_labels_tensor("target", target, logits.shape[:-1],
@@ -534,7 +535,8 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     check_same_device(logits=logits, target=target)
     _check_options(ignore_index, label_smoothing, reduction)
     out_dtype = torch.float32 if torch.is_autocast_enabled(logits.device.type) else logits.dtype
-    chosen = resolve("cross_entropy", (logits, target), backend, preference=("triton",))
+    chosen = resolve("cross_entropy", (logits, target), backend, preference=("triton",),
+                     extra_check=lambda b: kernel_dtype_reason(logits=logits))
     if chosen == "torch":
         if check_labels:
             _check_label_range("target", target, logits.shape[-1], ignore_index)
@@ -575,8 +577,8 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     grow with the number of masked tokens.
 
     Args:
-        hidden: (N, H) or (B, S, H), float32 / float16 / bfloat16: the MLM head's transformed
-            hidden states.
+        hidden: (N, H) or (B, S, H), float32 / float16 / bfloat16 (float64 on the torch
+            backend): the MLM head's transformed hidden states.
         weight: (V, H), hidden's dtype: the decoder weight (usually the tied word embeddings).
         bias: (V,) of hidden's dtype, or None.
         labels: (N,) or (B, S) int64 / int32: the token id to predict, or ignore_index.
@@ -603,9 +605,9 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     Returns:
         float32 loss; gradients flow to hidden, weight and bias.
     """
-    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(2, 3))
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=(2,))
-    check_tensor("bias", bias, dtypes=FLOAT_DTYPES, optional=True)
+    check_tensor("hidden", hidden, dtypes=REF_DTYPES, ndim=(2, 3))
+    check_tensor("weight", weight, dtypes=REF_DTYPES, ndim=(2,))
+    check_tensor("bias", bias, dtypes=REF_DTYPES, optional=True)
     check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     n_hidden = hidden.shape[-1]
     if n_hidden == 0:
@@ -628,7 +630,9 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
             raise TypeError(f"{name} must have hidden's dtype {str(hidden.dtype)[6:]}, "
                             f"got {str(t.dtype)[6:]}")
     chosen = resolve("masked_lm_loss", (hidden, weight, bias, labels), backend,
-                     preference=("triton",))
+                     preference=("triton",),
+                     extra_check=lambda b: kernel_dtype_reason(hidden=hidden, weight=weight,
+                                                               bias=bias))
     if chosen == "torch":
         if check_labels:
             _check_label_range("labels", labels, weight.shape[0], ignore_index)

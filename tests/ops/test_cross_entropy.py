@@ -358,7 +358,7 @@ def test_cross_entropy_rejects_bad_arguments(device):
     with pytest.raises(ValueError, match="logits must have 1 or 2 dimensions"):
         cross_entropy(logits[None], target[None])
     with pytest.raises(TypeError, match="logits must have dtype"):
-        cross_entropy(logits.double(), target)
+        cross_entropy(logits.to(torch.int64), target)
     with pytest.raises(ValueError, match="reduction must be one of"):
         cross_entropy(logits, target, reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing must be in"):
@@ -1328,3 +1328,29 @@ def test_cross_entropy_bwd_writes_over_the_logits_as_into_a_new_tensor(device, n
     torch.testing.assert_close(same, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="dlogits must be"):
         k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1, dlogits=logits.double())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_losses_take_float64_on_the_torch_backend_and_gradcheck(reduction):
+    """float64 (a .double() model, gradcheck) runs on the PyTorch reference, as torch's own
+    cross_entropy; the kernels refuse it by name."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 6, -100, 3, 3])
+    got = cross_entropy(logits, target, label_smoothing=0.1, reduction=reduction, backend="torch")
+    want = F.cross_entropy(logits, target, label_smoothing=0.1, reduction=reduction)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x: cross_entropy(x, target, reduction=reduction, backend="torch"), (logits,))
+    hidden = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1, -100, 6], [-100, -100, 0]])
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: masked_lm_loss(h, w, b, labels, reduction=reduction, backend="torch"),
+        (hidden, weight, bias))
+    with pytest.raises(BackendUnavailable, match="logits is float64; the kernels take"):
+        cross_entropy(logits.detach(), target, backend="triton")
+    with pytest.raises(BackendUnavailable, match="hidden is float64; the kernels take"):
+        masked_lm_loss(hidden.detach(), weight.detach(), bias.detach(), labels, backend="triton")
