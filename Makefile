@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastbert-installed
-RESULTS ?= benchmarks/results
+# where bench / gpu-check write (unset: benchmarks/results on a GPU, its git-ignored _scratch/
+# on CPU)
+RESULTS ?=
 
 .PHONY: setup demo test test-fast bench gpu-check clean
 
@@ -25,11 +27,11 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q -n auto
 
 bench: $(STAMP)
-	FASTBERT_RESULTS=$(RESULTS) $(PY) -m benchmarks.run_all
+	$(if $(RESULTS),FASTBERT_RESULTS=$(RESULTS)) $(PY) -m benchmarks.run_all
 
 # For the GPU test machine (no network; its own torch and triton): runs from the checkout.
 gpu-check:
-	FASTBERT_RESULTS=$(RESULTS) PYTHONUNBUFFERED=1 bash benchmarks/gpu_check.sh
+	FASTBERT_RESULTS=$(or $(RESULTS),benchmarks/results) PYTHONUNBUFFERED=1 bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

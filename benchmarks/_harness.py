@@ -9,8 +9,9 @@ time of a call from torch.profiler (``gpu_ms``: far below ``ms`` means host-boun
 ``<results>/<bench>_<card>.csv`` plus a markdown table naming the card, driver, torch and
 triton versions.
 
-The results directory is ``$FASTBERT_RESULTS`` (default ``benchmarks/results``). The files
-are rewritten after every case, so a run stopped part-way keeps what it measured.
+The results directory is ``$FASTBERT_RESULTS`` (default ``benchmarks/results`` on a GPU, its
+git-ignored ``_scratch/`` on CPU). The files are rewritten after every case, so a run stopped
+part-way keeps what it measured.
 ``$FASTBERT_BENCH_DEADLINE`` (Unix time, seconds) makes a run stop starting new cases once it
 has passed; the cases left out are listed in the markdown (``make gpu-check`` sets it to share
 its time budget between the scripts). Each script lists its cases most important first.
@@ -61,8 +62,13 @@ class Case:
     baseline: Optional[str] = None
 
 
-def results_dir() -> str:
-    d = os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS
+def results_dir(device: Optional[torch.device] = None) -> str:
+    """``$FASTBERT_RESULTS``, else benchmarks/results for a GPU run and its git-ignored
+    ``_scratch/`` for a CPU one (only GPU measurements are committed)."""
+    d = os.environ.get(RESULTS_ENV)
+    if not d:
+        d = DEFAULT_RESULTS if device is not None and device.type == "cuda" else \
+            os.path.join(DEFAULT_RESULTS, "_scratch")
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -318,7 +324,7 @@ def write_results(bench: str, rows: List[Dict[str, object]], device: torch.devic
     "-quick": a --quick run on a GPU (small shapes), kept apart from the real results, which
     benchmarks/targets.py judges only when asked for that card slug."""
     info = device_info(device)
-    out = results_dir()
+    out = results_dir(device)
     stem = os.path.join(out, f"{bench}_{card_slug(info)}{tag}")
     keys: List[str] = []
     for r in rows:

@@ -35,3 +35,17 @@ def test_benchmark(benchmark, fn):
         sync(DEVICE)
 
     benchmark(timed)
+
+
+def test_results_dir_keeps_cpu_runs_out_of_the_committed_results(monkeypatch, tmp_path):
+    """Only GPU measurements belong in benchmarks/results: a CPU run (make bench on a laptop)
+    writes to the git-ignored _scratch/ unless $FASTBERT_RESULTS says otherwise."""
+    import os
+
+    from benchmarks import _harness as h
+    monkeypatch.setattr(h, "DEFAULT_RESULTS", str(tmp_path))
+    monkeypatch.delenv(h.RESULTS_ENV, raising=False)
+    assert h.results_dir(torch.device("cpu")) == os.path.join(str(tmp_path), "_scratch")
+    assert h.results_dir(torch.device("cuda", 0)) == str(tmp_path)
+    monkeypatch.setenv(h.RESULTS_ENV, str(tmp_path / "x"))
+    assert h.results_dir(torch.device("cpu")) == str(tmp_path / "x")
