@@ -87,10 +87,12 @@ def check_same_device(**tensors) -> torch.device:
 
 
 def check_probability(name: str, p: float) -> None:
-    if type(p) is float and 0.0 <= p < 1.0:
+    """A dropout probability in [0, 1]; 1 drops everything (as torch's dropout: zeros), which
+    the ops compute without dropout and then zero, so the kernels never see it."""
+    if type(p) is float and 0.0 <= p <= 1.0:
         return
-    if not (0.0 <= float(p) < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    if not (0.0 <= float(p) <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {p}")
 
 
 def check_eps(op: str, eps) -> None:

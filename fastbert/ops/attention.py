@@ -343,7 +343,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             Face convention; holes allowed), or None.
         causal: mask future keys, aligned to the bottom-right corner when seqlen_q !=
             seqlen_k (query i sees keys j <= i + seqlen_k - seqlen_q, as FlashAttention-2).
-        dropout_p: dropout on the attention probabilities, in [0, 1) (pass 0.0 in eval).
+        dropout_p: dropout on the attention probabilities, in [0, 1] (pass 0.0 in eval).
         softmax_scale: multiplies QK^T; default 1 / sqrt(head_dim).
         backend: "triton", "torch" or None (see ``fastbert.ops``). The Triton kernels support
             head_dim in (16, 32, 64, 80, 96, 128).
@@ -359,6 +359,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             and (attention_mask is None or _mask_ok(attention_mask, q, k))):
         _check_attention_args(op, q, k, v, attention_mask)
     q, k, v, chosen, p, scale = _common_args(op, q, k, v, dropout_p, softmax_scale, backend)
+    if p == 1.0:   # every probability dropped: zeros, zero gradients (as torch)
+        return attention(q, k, v, attention_mask=attention_mask, causal=causal,
+                         softmax_scale=scale, backend=chosen) * 0.0
     if chosen == "torch":
         return attention_ref(q, k, v, attention_mask=attention_mask, causal=causal,
                              dropout_p=p, softmax_scale=scale)
@@ -494,6 +497,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape[0], k.shape[0],
                       max_seqlen_k, "max_seqlen_k", q.device)
     q, k, v, chosen, p, scale = _common_args(op, q, k, v, dropout_p, softmax_scale, backend)
+    if p == 1.0:   # every probability dropped: zeros, zero gradients (as torch)
+        return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                causal=causal, softmax_scale=scale, backend=chosen) * 0.0
     if chosen == "torch":
         return attention_ref(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                              causal=causal, dropout_p=p, softmax_scale=scale)

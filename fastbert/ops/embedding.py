@@ -391,7 +391,7 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
             token_type_ids must be None).
         position_ids: int tensor broadcastable to input_ids (e.g. (S,) or (1, S)), or None
             for 0..S-1 (S must then be <= P).
-        dropout_p: dropout probability on the output, in [0, 1) (pass 0.0 in eval mode); drawn from
+        dropout_p: dropout probability on the output, in [0, 1] (pass 0.0 in eval mode); drawn from
             torch's generator, so ``torch.manual_seed`` reproduces it.
         padding_idx: a word id whose row gets no gradient (as ``nn.Embedding``), or None.
         deterministic: bit-identical table gradients run to run (sort-based segmented sums)
@@ -431,6 +431,14 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
                       type_weight, on_kernels=chosen == "triton" and direct_call_ok(
                           (input_ids, position_ids, token_type_ids)))
     p = float(dropout_p)
+    if p == 1.0:
+        # everything dropped: zeros (torch's dropout with p = 1 multiplies by 0: zero
+        # gradients for every table and parameter)
+        return embedding_layer_norm(input_ids, word_weight, position_weight, ln_weight, ln_bias,
+                                    eps, token_type_ids=token_type_ids, type_weight=type_weight,
+                                    position_ids=position_ids, padding_idx=padding_idx,
+                                    deterministic=deterministic, check_bounds=False,
+                                    backend=chosen) * 0.0
     if chosen == "torch":
         return embedding_layer_norm_ref(input_ids, word_weight, position_weight, ln_weight,
                                         ln_bias, eps, token_type_ids=token_type_ids,

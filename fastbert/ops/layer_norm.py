@@ -157,24 +157,33 @@ def _check_args(op, x, weight, bias, residual, x_bias, eps, dropout_p):
     check_probability("dropout_p", dropout_p)
 
 
-def _out_dtype(x: Tensor) -> torch.dtype:
+def _out_dtype(x: Tensor, residual: Optional[Tensor]) -> torch.dtype:
     # CUDA autocast runs torch's layer_norm in fp32 and returns fp32 (it is on autocast's fp32
     # list there; CPU autocast leaves it in the input dtype): do the same, without
-    # materializing fp32 copies of the inputs (the kernel computes in fp32 anyway)
+    # materializing fp32 copies of the inputs (the kernel computes in fp32 anyway). Else the
+    # dtype of x + residual in PyTorch: a float32 residual stream stays float32 when x (a
+    # sublayer's bf16 output, say) is narrower.
     if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         return torch.float32
-    return x.dtype
+    if residual is None or residual.dtype is x.dtype:
+        return x.dtype
+    return torch.promote_types(x.dtype, residual.dtype)
 
 
 def _layer_norm_impl(op, x, weight, bias, eps, residual, x_bias, dropout_p, training,
                      activation, backend):
     _check_args(op, x, weight, bias, residual, x_bias, eps, dropout_p)
-    out_dtype = _out_dtype(x)
+    out_dtype = _out_dtype(x, residual)
     chosen = resolve(op, (x, weight, bias, residual, x_bias), backend, preference=("triton",),
                      extra_check=lambda b: kernel_dtype_reason(
                          x=x, weight=weight, bias=bias, residual=residual, x_bias=x_bias)
                      or _max_cols_check(x.shape[-1]))
     p = float(dropout_p) if training else 0.0
+    if p == 1.0:
+        # everything dropped: LayerNorm(residual) (torch's dropout with p = 1 multiplies by 0,
+        # so x's and x_bias's gradients are zeros, and a non-finite x gives NaN, as there)
+        x = (x if x_bias is None else x + x_bias) * 0.0
+        x_bias, p = None, 0.0
     if chosen == "torch":
         return layer_norm_ref(x, weight, bias, eps, residual=residual, x_bias=x_bias,
                               dropout_p=p, activation=activation, out_dtype=out_dtype)
@@ -199,14 +208,14 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
         eps: added to the variance.
         residual: same shape as x, or None.
         x_bias: (N,) added to x before dropout (the preceding Linear's bias), or None.
-        dropout_p: dropout probability applied to ``x + x_bias``; drawn from torch's
+        dropout_p: dropout probability applied to ``x + x_bias``, in [0, 1]; drawn from torch's
             generator, so ``torch.manual_seed`` reproduces it.
         training: dropout is applied only when True (pass ``module.training``).
         backend: "triton", "cuda", "torch" or None (see ``fastbert.ops``).
 
     Returns:
-        Tensor of x's shape and dtype (float32 under CUDA autocast, like torch's layer_norm).
-        Statistics are computed in float32.
+        Tensor of x's shape, in the dtype of ``x + residual`` (x's without a residual; float32
+        under CUDA autocast, like torch's layer_norm). Statistics are computed in float32.
     """
     return _layer_norm_impl("layer_norm", x, weight, bias, eps, residual, x_bias, dropout_p,
                             training, "none", backend)

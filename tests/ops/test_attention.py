@@ -523,7 +523,7 @@ def _good(device, d=16):
     (lambda q, k_, v: dict(q=q[0]), "q must have 4 dimensions"),
     (lambda q, k_, v: dict(attention_mask=torch.ones(2, 5, dtype=torch.bool)), "attention_mask must have shape"),
     (lambda q, k_, v: dict(attention_mask=torch.ones(2, 6)), "attention_mask must have dtype"),
-    (lambda q, k_, v: dict(dropout_p=1.0), "dropout_p"),
+    (lambda q, k_, v: dict(dropout_p=1.5), r"dropout_p must be in \[0, 1\]"),
 ])
 def test_attention_rejects_bad_inputs_naming_the_argument(device, bad, match):
     q, k_, v = _good(device)

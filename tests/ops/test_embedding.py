@@ -446,7 +446,7 @@ def test_embedding_layer_norm_bad_arguments_raise_clear_errors(device):
         (dict(position_ids=torch.zeros(3, 5, dtype=torch.int64, device=device)), ValueError,
          "position_ids must be broadcastable"),
         (dict(eps=0.0), ValueError, "eps must be positive"),
-        (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (dict(dropout_p=1.01), ValueError, r"dropout_p must be in \[0, 1\]"),
         (dict(padding_idx=5), ValueError, "padding_idx must be within"),
         (dict(padding_idx=1.5), TypeError, "padding_idx must be an int"),
         (dict(padding_idx=True), TypeError, "padding_idx must be an int"),

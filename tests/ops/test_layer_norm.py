@@ -219,7 +219,7 @@ def test_layer_norm_empty_rows_give_zero_parameter_grads(device, poisoned_empty)
     (lambda x, w: ops.layer_norm(x, w[:10], None), r"weight must have shape \(32,\)"),
     (lambda x, w: ops.layer_norm(x, w, None, residual=x[:, :16]), "residual must have shape"),
     (lambda x, w: ops.layer_norm(x, w, None, x_bias=w.unsqueeze(0)), "x_bias must have shape"),
-    (lambda x, w: ops.layer_norm(x, w, None, dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+    (lambda x, w: ops.layer_norm(x, w, None, dropout_p=-0.1), r"dropout_p must be in \[0, 1\]"),
     (lambda x, w: ops.layer_norm(x, w, None, eps=0.0), "eps must be positive"),
     (lambda x, w: ops.layer_norm(x, w.to("meta"), None), "weight is on meta"),
     (lambda x, w: ops.layer_norm(x, w, None, backend="cuda"), "has no CUDA C\\+\\+ kernel"),
@@ -519,3 +519,23 @@ def test_sum_param_parts_converts_fp32_tables_in_the_same_launch(device, poisone
         sum_param_parts(None, 0, (), [(pos_acc.half(), pos_acc.half())])
     with pytest.raises(ValueError, match="N = 100"):
         sum_param_parts(parts, 5, params, [(pos_acc[:, :50].contiguous(), pos_acc[:, :50])])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("x_dtype, res_dtype", [(torch.float16, torch.float32),
+                                                (torch.float32, torch.bfloat16),
+                                                (torch.bfloat16, torch.float16)])
+def test_layer_norm_output_takes_the_dtype_of_x_plus_residual(device, backend, x_dtype, res_dtype):
+    """A float32 residual stream with a narrower sublayer output stays float32, as
+    ``F.layer_norm(x + residual)`` in PyTorch (type promotion); gradients come back in each
+    input's own dtype."""
+    x = torch.randn(6, 48, device=device).to(x_dtype).requires_grad_()
+    r = torch.randn(6, 48, device=device).to(res_dtype).requires_grad_()
+    w = torch.randn(48, device=device, requires_grad=True)
+    y = ops.layer_norm(x, w, None, residual=r, backend=backend)
+    want_dtype = torch.promote_types(x_dtype, res_dtype)
+    assert y.dtype == want_dtype
+    ref = F.layer_norm(x.double() + r.double(), (48,), w.double(), None).to(want_dtype)
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+    dx, dr, dw = torch.autograd.grad(y, (x, r, w), torch.ones_like(y))
+    assert (dx.dtype, dr.dtype, dw.dtype) == (x_dtype, res_dtype, torch.float32)
