@@ -91,6 +91,18 @@ def checks(device: torch.device) -> Dict[str, Callable[[], CheckResult]]:
         lambda q, k, v: ops.attention_ref(q, k, v, causal=True),
         [r(B, S, H, D), r(B, S, H, D), r(B, S, H, D)], backend, tol)
 
+    # the same heads over packed variable-length sequences (attention_varlen)
+    lens = [S, S // 2 + 1] + [max(1, S - 7 * i) for i in range(2, B)]
+    cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
+    total, longest = int(cu[-1]), max(lens)
+    out["attention_varlen(causal)"] = lambda: _compare(
+        "attention_varlen", f"{B} seqs, {total} tok",
+        lambda q, k, v: ops.attention_varlen(q, k, v, cu, cu, longest, longest, causal=True,
+                                             backend=backend),
+        lambda q, k, v: ops.attention_ref(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                          causal=True),
+        [r(total, H, D), r(total, H, D), r(total, H, D)], backend, tol)
+
     # embedding sum + LayerNorm, with the repeated ids of real batches
     V, P = (30522, 512) if device.type == "cuda" else (1000, 64)
     ids = torch.randint(0, V, (B, S), device=device)
