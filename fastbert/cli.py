@@ -77,7 +77,10 @@ def cmd_selfcheck(args) -> int:
     elif interpreter_enabled():
         where = "Triton kernels in the CPU interpreter"
     else:
-        where = "Triton kernels on CPU tensors without the interpreter (TRITON_INTERPRET is off)"
+        print(f"== correctness self-check: not run: on CPU the Triton kernels run only in the "
+              f"interpreter, which TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} "
+              "turns off; unset it (fastbert then sets it) or set it to 1")
+        return 1
     print(f"== correctness self-check: {where}, against fp64 PyTorch references\n")
     results = selfcheck.run(device)
     bad = [r for r in results if not r.ok]
@@ -127,8 +130,7 @@ def main(argv=None) -> int:
                             help="cpu, cuda or cuda:N (default: cuda if torch sees one)")
         sp.set_defaults(fn=fn)
     args = p.parse_args(argv)   # --help and bad arguments exit here, before any restart
-    if args.cmd != "env":
-        _prepare_interpreter(argv, args.device)
+    _prepare_interpreter(argv, getattr(args, "device", None))
     return args.fn(args)
 
 

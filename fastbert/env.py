@@ -46,8 +46,8 @@ def report() -> str:
     for name, why in backend_report().items():
         lines.append(f"  {name:<7} {'usable' if why is None else 'not usable: ' + why}")
     if not torch.cuda.is_available() and not interpreter_enabled():
-        lines.append("  (the `fastbert` command sets TRITON_INTERPRET=1 itself on a machine without "
-                     "a GPU, so `fastbert env` reports triton usable in the interpreter)")
+        lines.append("  (`fastbert env`, `demo` and `selfcheck` set TRITON_INTERPRET=1 themselves on "
+                     "a machine without a GPU, so there triton reports usable, in the interpreter)")
     return "\n".join(lines)
 
 

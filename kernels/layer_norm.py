@@ -222,7 +222,9 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     """Launch the fused backward.
 
     Returns (dx, dresidual, dweight, dbias, dx_bias); entries for absent inputs are None.
-    dresidual is dx itself when x's path has no dropout and no activation (d s / d x = 1).
+    dresidual is dx itself when x's path has no dropout and no activation (d s / d x = 1) and
+    the residual has x's dtype; a residual of another dtype (a float32 residual stream) gets
+    its own store, rounded once from fp32 to its dtype, not through x's.
     """
     n_cols = x.shape[-1]
     _check_width(n_cols)
@@ -233,7 +235,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     weight, x_bias = unit_stride(weight), unit_stride(x_bias)
     has_dropout = seed is not None and dropout_p > 0.0
     act = activation != "none"
-    store_dres = residual is not None and need_dres and (has_dropout or act)
+    store_dres = (residual is not None and need_dres
+                  and (has_dropout or act or residual.dtype != x.dtype))
     # allocated in their final shapes, contiguous: row stride n_cols
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dres = (torch.empty(residual.shape, dtype=residual.dtype, device=x.device)
@@ -311,3 +314,11 @@ def aot_configs():
         xb, act, drop, res, w, b = [(bits >> i) & 1 == 1 for i in range(6)]
         yield from both("fp16", block_n, num_warps, flags(xb, act, False, drop, res, w, b),
                         f"fp16,flags={bits:06b}")
+    # a float32 residual stream under bf16 x: the residual and its gradient in float32
+    f = flags(True, False, False, False, True, True, True)
+    yield AotConfig(_layer_norm_fwd_kernel, dict(fwd_sig("bf16"), res_ptr="*fp32", y_ptr="*fp32"),
+                    dict(BLOCK_N=block_n, **f), num_warps, name="layer_norm_fwd[bf16,fp32 residual]")
+    yield AotConfig(_layer_norm_bwd_kernel,
+                    dict(bwd_sig("bf16"), res_ptr="*fp32", dy_ptr="*fp32", dres_ptr="*fp32"),
+                    dict(BLOCK_N=block_n, **f, STORE_DRES=True, COMPUTE_DX_BIAS=True), num_warps,
+                    name="layer_norm_bwd[bf16,fp32 residual]")

@@ -86,3 +86,12 @@ def test_selfcheck_without_triton_says_why_and_does_not_fail(monkeypatch, capsys
     assert cli.cmd_selfcheck(argparse.Namespace(device="cpu")) == 0
     out = capsys.readouterr().out
     assert "skipped" in out and "No module named 'triton'" in out
+
+
+def test_selfcheck_on_cpu_with_the_interpreter_turned_off_says_so():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=ROOT, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-m", "fastbert.cli", "selfcheck", "--device", "cpu"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and "not run: on CPU the Triton kernels run only in the " \
+        "interpreter, which TRITON_INTERPRET='0' turns off" in out.stdout, out.stdout + out.stderr

@@ -23,7 +23,6 @@ import functools
 import importlib
 import os
 import sys
-import threading
 import warnings
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -36,10 +35,10 @@ ENV_VAR = "FASTBERT_BACKEND"
 # The open ``use_backend`` blocks, innermost last: process-wide, as torch's own backend
 # switches (torch.backends.cuda.sdpa_kernel, cudnn.flags), so that autograd's worker threads
 # (a CUDA backward runs there: activation-checkpoint recomputation inside the block) and
-# nn.DataParallel's replica threads see the block their caller opened. Entries are tokens
-# removed by identity, so blocks of different threads may close in any order.
+# nn.DataParallel's replica threads see the block their caller opened. Entries are distinct
+# objects removed by identity (list.append / list.remove are single, GIL-atomic calls: no lock,
+# which torch.compile could not trace), so blocks of different threads close in any order.
 _STACK: list = []
-_STACK_LOCK = threading.Lock()
 _warned: set = set()
 
 
@@ -53,9 +52,12 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-class _Entry(str):
-    """A backend name on the stack; a distinct object per block (removed by identity)."""
-    __slots__ = ()
+class _Entry:
+    """One open ``use_backend`` block on the stack (compared by identity)."""
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
 
 
 @contextlib.contextmanager
@@ -65,7 +67,8 @@ def use_backend(name: str):
 
     An op's explicit ``backend=`` argument and ``FASTBERT_BACKEND`` take precedence. The
     setting is process-wide while the block is open, like ``torch.backends.cuda.sdpa_kernel``:
-    other threads' ops (autograd's backward threads, DataParallel replicas) use it too.
+    other threads' ops (autograd's backward threads, DataParallel replicas) use it too, and
+    the most recently opened block of any thread wins; pass ``backend=`` for per-call control.
 
     It applies to calls made while the block is open. Activation checkpointing recomputes the
     forward during ``backward()``: if that runs after the block closed, the recomputation
@@ -77,22 +80,36 @@ def use_backend(name: str):
     """
     _check_name(name, "use_backend")
     entry = _Entry(name)
-    with _STACK_LOCK:
-        _STACK.append(entry)
+    _STACK.append(entry)
     try:
         yield
     finally:
-        with _STACK_LOCK:
-            for i in range(len(_STACK) - 1, -1, -1):
-                if _STACK[i] is entry:
-                    del _STACK[i]
-                    break
+        _STACK.remove(entry)   # by identity: _Entry defines no __eq__
+
+
+class _Reopen:
+    """A reusable context manager: each ``with`` opens a fresh ``use_backend(name)`` block
+    (a recomputation can run more than once: backward with retain_graph, autograd.grad
+    twice)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._open: list = []
+
+    def __enter__(self):
+        block = use_backend(self.name)
+        block.__enter__()
+        self._open.append(block)
+        return self
+
+    def __exit__(self, *exc):
+        return self._open.pop().__exit__(*exc)
 
 
 def current_use_backend() -> Optional[str]:
     """The backend of the innermost open ``use_backend`` block, or None."""
-    stack = _STACK
-    return str(stack[-1]) if stack else None
+    top = _STACK[-1:]   # one read: another thread may close a block meanwhile
+    return top[0].name if top else None
 
 
 def checkpoint_context_fn():
@@ -100,7 +117,7 @@ def checkpoint_context_fn():
     the recomputation in backward runs under the ``use_backend`` block that was open during
     the forward (if any), so it takes the same kernels and draws the same dropout masks."""
     name = current_use_backend()
-    return contextlib.nullcontext(), (use_backend(name) if name else contextlib.nullcontext())
+    return contextlib.nullcontext(), (_Reopen(name) if name else contextlib.nullcontext())
 
 
 def _env_reader(name: str) -> Callable[[], Optional[str]]:
@@ -228,10 +245,8 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
         env = env.strip()
         if env and env != "auto":
             return _check_name(env, ENV_VAR)
-    stack = _STACK
-    if stack:
-        return str(stack[-1])
-    return None
+    top = _STACK[-1:]   # one read: another thread may close a block meanwhile
+    return top[0].name if top else None
 
 
 def resolve(op: str, tensors: Sequence[Optional[torch.Tensor]], backend: Optional[str] = None,

@@ -302,11 +302,12 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, ndim: int, layout: str)
 
 def _autocast(q: Tensor, k: Tensor, v: Tensor):
     """Under autocast for q's device (CUDA or CPU), run in the autocast dtype, as torch's
-    scaled_dot_product_attention does (custom ops are not autocast-aware by themselves)."""
+    scaled_dot_product_attention does (custom ops are not autocast-aware by themselves).
+    Like autocast, it leaves float64 tensors alone."""
     dev = "cuda" if q.is_cuda else ("cpu" if q.is_cpu else None)
     if dev is not None and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
-        return q.to(dt), k.to(dt), v.to(dt)
+        return tuple(t if t.dtype == torch.float64 else t.to(dt) for t in (q, k, v))
     return q, k, v
 
 

@@ -534,7 +534,10 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
                          "logits' shape without the class dimension")
     check_same_device(logits=logits, target=target)
     _check_options(ignore_index, label_smoothing, reduction)
-    out_dtype = torch.float32 if torch.is_autocast_enabled(logits.device.type) else logits.dtype
+    # autocast returns float32 (cross_entropy is on its float32 list) and, as autocast, leaves
+    # float64 alone
+    out_dtype = (torch.float32 if torch.is_autocast_enabled(logits.device.type)
+                 and logits.dtype != torch.float64 else logits.dtype)
     chosen = resolve("cross_entropy", (logits, target), backend, preference=("triton",),
                      extra_check=lambda b: kernel_dtype_reason(logits=logits))
     if chosen == "torch":
@@ -553,10 +556,10 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     # incoming gradient of 1; the backward scales it in place on the device otherwise). Not
     # under torch.compile: AOTAutograd cannot trace a backward that mutates a tensor saved by
     # the forward, so a compiled graph recomputes the gradient from the logits instead.
-    store_grad = (kernel_module("cross_entropy").STORE_GRADS and torch.is_grad_enabled()
-                  and logits.requires_grad
-                  and stores_grads(logits.dtype, reduction)
-                  and not torch.compiler.is_compiling())
+    # (the compile test first: Dynamo cannot trace the kernel module's import)
+    store_grad = (not torch.compiler.is_compiling() and torch.is_grad_enabled()
+                  and logits.requires_grad and stores_grads(logits.dtype, reduction)
+                  and kernel_module("cross_entropy").STORE_GRADS)
     loss, _, _, _ = _cross_entropy_fwd(logits.reshape(1, -1) if unbatched else logits,
                                     target.reshape(1) if unbatched else target, int(ignore_index),
                                     float(label_smoothing), reduction, bool(check_labels),
@@ -623,8 +626,9 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+        # as autocast casts nn.Linear's inputs: float64 tensors are left alone
+        hidden, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dt)
+                                for t in (hidden, weight, bias))
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != hidden.dtype:
             raise TypeError(f"{name} must have hidden's dtype {str(hidden.dtype)[6:]}, "

@@ -38,7 +38,9 @@ def layer_norm_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     ``dropout_mask`` (bool, x's shape) replaces the random draw: tests pass the kernel's mask.
     """
     out_dtype = out_dtype or x.dtype
-    ct = torch.float64 if (upcast or x.dtype == torch.float64) else torch.float32
+    wide = (x.dtype == torch.float64 or out_dtype == torch.float64
+            or (residual is not None and residual.dtype == torch.float64))
+    ct = torch.float64 if (upcast or wide) else torch.float32
     s = x.to(ct)
     if x_bias is not None:
         s = s + x_bias.to(ct)
@@ -96,7 +98,8 @@ def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optio
 @_layer_norm_bwd.register_fake
 def _(dy, x, weight, bias, residual, x_bias, seed, mean, rstd, dropout_p, activation, need_dres):
     stores_dres = (residual is not None and need_dres
-                   and (dropout_p > 0.0 and seed is not None or activation != "none"))
+                   and (dropout_p > 0.0 and seed is not None or activation != "none"
+                        or residual.dtype != x.dtype))
     like = lambda t, flag=True: t.new_empty(t.shape) if (t is not None and flag) else x.new_empty(0)
     return [x.new_empty(x.shape), like(residual, stores_dres), like(weight), like(bias), like(x_bias)]
 

@@ -1005,3 +1005,11 @@ def test_attention_with_a_mask_under_fake_tensor_mode_gives_shapes(device):
         assert out.shape == q.shape and out.dtype == q.dtype
         out.sum().backward()
         assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+def test_attention_leaves_float64_alone_under_autocast():
+    q, k_, v = (torch.randn(1, 5, 2, 16, dtype=torch.float64) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k_, v, backend="torch")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, attention_ref(q, k_, v), rtol=0, atol=0)

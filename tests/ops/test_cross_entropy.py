@@ -1354,3 +1354,21 @@ def test_losses_take_float64_on_the_torch_backend_and_gradcheck(reduction):
         cross_entropy(logits.detach(), target, backend="triton")
     with pytest.raises(BackendUnavailable, match="hidden is float64; the kernels take"):
         masked_lm_loss(hidden.detach(), weight.detach(), bias.detach(), labels, backend="triton")
+
+
+def test_losses_leave_float64_alone_under_autocast():
+    """Autocast never casts float64 (torch's rule): the losses stay float64 under it."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    target = torch.tensor([0, 6, -100, 3, 3])
+    hidden = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    weight = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ce = cross_entropy(logits, target, backend="torch")
+        want_ce = F.cross_entropy(logits, target)
+        mlm = masked_lm_loss(hidden, weight, None, target, backend="torch")
+        want_mlm = F.cross_entropy(F.linear(hidden, weight), target)
+    assert ce.dtype == want_ce.dtype == torch.float64
+    torch.testing.assert_close(ce, want_ce, rtol=1e-12, atol=1e-12)
+    assert mlm.dtype == torch.float64
+    torch.testing.assert_close(mlm, want_mlm.to(mlm.dtype), rtol=1e-12, atol=1e-12)

@@ -251,10 +251,10 @@ def test_scalar_checks_accept_and_reject_as_before():
                      (float("inf"), ValueError), (True, TypeError), ("1e-5", TypeError)):
         with pytest.raises(err, match="op: eps must be"):
             check_eps("op", eps)
-    for p in (0.0, 0.5, 0, np.float64(0.1)):
+    for p in (0.0, 0.5, 0, np.float64(0.1), 1.0, 1):
         check_probability("p", p)
-    for p in (1.0, -0.1, float("nan"), 1):
-        with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+    for p in (1.5, -0.1, float("nan"), 2):
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
             check_probability("p", p)
     for n in (0, 7, np.int64(3)):
         check_size("n", n)
@@ -269,3 +269,34 @@ def test_scalar_checks_accept_and_reject_as_before():
     assert kernel_dtype_reason(a=f32, b=None, c=f32.half(), d=ints) is None
     assert kernel_dtype_reason(a=f32, b=f64) == (
         "b is float64; the kernels take float32/float16/bfloat16")
+
+
+def test_use_backend_inside_a_compiled_function_traces_without_a_break(monkeypatch):
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w = torch.randn(4, 32), torch.randn(32)
+
+    def f(x):
+        with fastbert.use_backend("triton"):
+            y = ops.layer_norm(x, w, None)
+        return y + ops.layer_norm(x, w, None)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, f(x), rtol=1e-5, atol=1e-5)
+    assert _dispatch.requested_backend(None) is None
+
+
+def test_checkpoint_context_fn_serves_more_than_one_recomputation(monkeypatch):
+    """backward(retain_graph=True) twice (or autograd.grad twice) recomputes twice: the
+    context it hands checkpoint is entered once per recomputation."""
+    from torch.utils.checkpoint import checkpoint
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w = torch.randn(6, 32, requires_grad=True), torch.randn(32)
+    torch.manual_seed(0)
+    with fastbert.use_backend("triton"):
+        y = checkpoint(lambda t: ops.layer_norm(t, w, None, dropout_p=0.3), x,
+                       use_reentrant=False, context_fn=fastbert.checkpoint_context_fn)
+    g1 = torch.autograd.grad(y.sum(), x, retain_graph=True)[0]
+    g2 = torch.autograd.grad(y.sum(), x)[0]
+    assert torch.equal(g1, g2)
+    assert _dispatch.requested_backend(None) is None

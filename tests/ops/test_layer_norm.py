@@ -537,5 +537,21 @@ def test_layer_norm_output_takes_the_dtype_of_x_plus_residual(device, backend, x
     assert y.dtype == want_dtype
     ref = F.layer_norm(x.double() + r.double(), (48,), w.double(), None).to(want_dtype)
     torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
-    dx, dr, dw = torch.autograd.grad(y, (x, r, w), torch.ones_like(y))
+    g = torch.randn(y.shape, device=device).to(y.dtype)
+    dx, dr, dw = torch.autograd.grad(y, (x, r, w), g)
     assert (dx.dtype, dr.dtype, dw.dtype) == (x_dtype, res_dtype, torch.float32)
+    # the residual's gradient rounded once, to its own dtype (not through x's narrower one)
+    x64, r64 = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    y64 = F.layer_norm(x64 + r64, (48,), w.detach().double(), None)
+    want_dx, want_dr = torch.autograd.grad(y64, (x64, r64), g.double())
+    for got, want in ((dx, want_dx), (dr, want_dr)):
+        err = (got.double() - want).abs().max().item()
+        assert err <= 4 * torch.finfo(got.dtype).eps * want.abs().max().item() + 1e-6, (got.dtype, err)
+
+
+def test_layer_norm_torch_backend_computes_in_float64_when_the_residual_is():
+    x = torch.randn(4, 40)
+    r = torch.randn(4, 40, dtype=torch.float64)
+    y = ops.layer_norm(x, None, None, residual=r, backend="torch")
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, F.layer_norm(x.double() + r, (40,)), rtol=1e-12, atol=1e-12)
