@@ -1372,3 +1372,25 @@ def test_losses_leave_float64_alone_under_autocast():
     torch.testing.assert_close(ce, want_ce, rtol=1e-12, atol=1e-12)
     assert mlm.dtype == torch.float64
     torch.testing.assert_close(mlm, want_mlm.to(mlm.dtype), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("one_block", [True, False])
+def test_cross_entropy_stored_gradient_with_an_in_range_ignore_index(stored_ce, device,
+                                                                     monkeypatch, one_block):
+    """The stored-gradient forward with an ignore_index that is a real class (0): ignored rows
+    get no loss and no gradient, whether the row is held whole or read in blocks."""
+    if not one_block:
+        monkeypatch.setattr(k, "MAX_ONE_BLOCK_V", k.MAX_BLOCK_V)
+    v = 50 if one_block else k.MAX_BLOCK_V + 7
+    torch.manual_seed(0)
+    x = torch.randn(6, v, device=device)
+    t = torch.tensor([0, 3, 0, 5, 1, 0], device=device)
+    a = x.clone().requires_grad_()
+    loss = cross_entropy(a, t, ignore_index=0, label_smoothing=0.1, backend="triton")
+    loss.backward()
+    r = x.double().requires_grad_()
+    want = F.cross_entropy(r, t, ignore_index=0, label_smoothing=0.1)
+    want.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
+    assert a.grad[t == 0].abs().max() == 0
+    torch.testing.assert_close(a.grad.double(), r.grad, rtol=1e-5, atol=1e-7)

@@ -623,3 +623,48 @@ def test_embedding_layer_norm_bound_check_under_a_dispatch_mode(device):
     p = torch.randn(6, 8, device=device)
     with record_ops(), pytest.raises(ValueError, match="input_ids: id 7 out of range"):
         embedding_layer_norm(ids, w, p, None, None, backend="triton")
+
+
+def test_embedding_dropout_backward_with_a_row_strided_incoming_gradient(device):
+    """y feeding torch.cat gives a dy whose row stride is 2H: the backward regenerates the
+    dropout mask by element position (row * H + col), not by dy's memory offset."""
+    torch.manual_seed(0)
+    V, H, B, S, p = 5, 32, 2, 7, 0.3
+    ids = torch.randint(0, V, (B, S), device=device)
+    w, pos = torch.randn(V, H, device=device), torch.randn(S, H, device=device)
+    g, b = 1 + 0.5 * torch.randn(H, device=device), torch.randn(H, device=device)
+    params = [t.clone().requires_grad_() for t in (w, pos, g, b)]
+    torch.manual_seed(123)
+    y = embedding_layer_norm(ids, *params[:2], *params[2:], dropout_p=p, backend="triton")
+    torch.manual_seed(123)
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+    mask = dropout_mask(seed, B * S, H, p).reshape(B, S, H)
+    dz = torch.randn(B, S, 2 * H, device=device)
+    got = torch.autograd.grad((torch.cat([y, y.detach()], -1) * dz).sum(), params)
+    ref_params = [t.double().requires_grad_() for t in (w, pos, g, b)]
+    yr = embedding_layer_norm_ref(ids, *ref_params[:2], *ref_params[2:], dropout_p=p,
+                                  dropout_mask=mask)
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
+    want = torch.autograd.grad((yr * dz[..., :H].double()).sum(), ref_params)
+    for name, a, r in zip(("word", "position", "ln_weight", "ln_bias"), got, want):
+        assert (a.double() - r).abs().max() < 1e-4, name
+
+
+def test_embedding_deterministic_takes_the_segmented_sums_for_fp32_tables(device, monkeypatch):
+    """deterministic=True: the fp32 table gradients come from the sort-based segmented sums
+    (bit-identical run to run), not the atomics (the interpreter runs programs one at a time,
+    so only the path taken tells them apart on CPU)."""
+    calls = []
+    real = k._launch_segment_sum
+    monkeypatch.setattr(k, "_launch_segment_sum",
+                        lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    torch.manual_seed(0)
+    ids = torch.randint(0, 7, (2, 5), device=device)
+    w = torch.randn(7, 16, device=device, requires_grad=True)
+    p = torch.randn(8, 16, device=device, requires_grad=True)
+    for deterministic in (False, True):
+        calls.clear()
+        y = embedding_layer_norm(ids, w, p, None, None, backend="triton",
+                                 deterministic=deterministic)
+        y.square().sum().backward()
+        assert bool(calls) == deterministic, deterministic
