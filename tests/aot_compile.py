@@ -43,20 +43,27 @@ DIVISIBILITY = 16
 
 def aligned_attrs(cfg) -> dict:
     """An aligned launch as the JIT specializes it: tt.divisibility=16 on every pointer and
-    every ``stride*`` integer (not on ``do_not_specialize`` ones).
+    every integer argument (not on ``do_not_specialize`` ones).
 
     Without it a kernel compiles as if nothing were aligned: no vectorized loads, no
     cp.async software pipelining (``num_stages`` ignored), so neither its registers nor its
-    shared memory are those of the kernel that runs on the GPU for aligned tensors. It is an
-    approximation of one launch: the JIT marks whatever is divisible at run time, so a row
-    stride of 30522 (BERT's vocabulary) is not marked there and sizes like 768 are."""
+    shared memory are those of the kernel that runs on the GPU for aligned tensors. The JIT
+    marks whatever is divisible at run time: strides, and sizes such as a hidden size, a
+    sequence length or a row count. Sizes matter too: a bf16 load masked along its contiguous
+    dimension by ``offs < n`` is vectorized (and software-pipelined) only when n is known to
+    be a multiple of 16, as 256 / 512 / 768 / 1024 are at run time (the LSTM step kernels
+    compile without cp.async when only pointers and strides are marked). So this is the
+    launch of typical training shapes, every size a multiple of 16: the most vectorized and
+    pipelined variant, the one that needs the most shared memory. A stride or size that is
+    not (BERT's vocabulary, 30522) gets a less specialized variant on the GPU; --unaligned
+    compiles the least specialized one."""
     fixed = {p.name for p in cfg.kernel.params if p.do_not_specialize}
     names = cfg.kernel.arg_names
     attrs = {}
     for name, ty in cfg.signature.items():
         if name in fixed or ty == "constexpr":
             continue
-        if ty.startswith("*") or (ty in ("i32", "i64") and name.startswith("stride")):
+        if ty.startswith("*") or ty in ("i32", "i64"):
             attrs[(names.index(name),)] = [["tt.divisibility", DIVISIBILITY]]
     return attrs
 

@@ -53,7 +53,7 @@ for aligned in (False, True):
 
 @pytest.mark.aot
 def test_aot_compile_specializes_like_the_jit_for_aligned_tensors():
-    # The JIT marks 16-byte-aligned pointers and strides divisible by 16; only with
+    # The JIT marks 16-byte-aligned pointers and ints divisible by 16; only with
     # those marks does Triton vectorize loads and software-pipeline the K/V loads of the
     # attention loop (cp.async over num_stages). Compiled without them, as the AOT check once
     # did, a kernel's registers and shared memory are not those of the GPU run.
@@ -64,3 +64,31 @@ def test_aot_compile_specializes_like_the_jit_for_aligned_tensors():
     assert out.returncode == 0, out.stderr[-3000:]
     copies = dict(line.split() for line in out.stdout.splitlines())
     assert int(copies["False"]) == 0 and int(copies["True"]) > 0, out.stdout
+
+
+_LSTM_PIPELINE_PROBE = """
+import fastbert
+from fastbert.kernels import lstm as k
+from tests.aot_compile import aligned_attrs
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+cfg = next(c for c in k.aot_configs() if c.name == "lstm_fwd[bf16,32x64x32,proj=False]")
+src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs,
+                attrs=aligned_attrs(cfg))
+c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+print(c.asm["ttgir"].count("async_copy_global_to_local"))
+"""
+
+
+@pytest.mark.aot
+def test_aot_compile_marks_sizes_like_the_jit_so_bf16_step_kernels_pipeline():
+    # The LSTM step's W_hh and h loads are masked by offs_k < n_state along their contiguous
+    # dimension: in bf16 they become cp.async (and the K loop software-pipelined) only when
+    # n_state is known divisible by 16, as the JIT marks hidden sizes like 512 at run time.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _LSTM_PIPELINE_PROBE], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) > 0, out.stdout
