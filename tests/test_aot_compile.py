@@ -33,6 +33,17 @@ def test_every_kernel_config_compiles_for_sm80_and_sm90(module):
     assert m and int(m.group(2)) > 0 and m.group(1) == m.group(2), tail
 
 
+def _run_probe(source: str) -> subprocess.CompletedProcess:
+    """Run a compile probe in a fresh interpreter without TRITON_INTERPRET (which replaces
+    triton.jit); it must succeed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", source], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
 _PIPELINE_PROBE = """
 import fastbert
 from fastbert.kernels import attention as a
@@ -57,11 +68,7 @@ def test_aot_compile_specializes_like_the_jit_for_aligned_tensors():
     # those marks does Triton vectorize loads and software-pipeline the K/V loads of the
     # attention loop (cp.async over num_stages). Compiled without them, as the AOT check once
     # did, a kernel's registers and shared memory are not those of the GPU run.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _PIPELINE_PROBE], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _run_probe(_PIPELINE_PROBE)
     copies = dict(line.split() for line in out.stdout.splitlines())
     assert int(copies["False"]) == 0 and int(copies["True"]) > 0, out.stdout
 
@@ -86,9 +93,5 @@ def test_aot_compile_marks_sizes_like_the_jit_so_bf16_step_kernels_pipeline():
     # The LSTM step's W_hh and h loads are masked by offs_k < n_state along their contiguous
     # dimension: in bf16 they become cp.async (and the K loop software-pipelined) only when
     # n_state is known divisible by 16, as the JIT marks hidden sizes like 512 at run time.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _LSTM_PIPELINE_PROBE], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _run_probe(_LSTM_PIPELINE_PROBE)
     assert int(out.stdout.split()[-1]) > 0, out.stdout
