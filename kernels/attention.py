@@ -690,11 +690,23 @@ def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return (0, s[0], s[1]) if varlen else s[:3]
 
 
+# The kernels add a sequence's base offset in int64 (_head_base) but index the tokens and
+# heads within it in int32 (offs_m * stride_token + h * stride_head): exact while the largest
+# such offset stays below 2**31. A contiguous (batch, seq, heads, dim) tensor is far below it;
+# a sequence-first layout ((seq, batch, heads, dim).transpose(0, 1), nn.MultiheadAttention's
+# and Megatron's) has a token stride of batch * heads * dim and passes it at ~2**31 elements.
+MAX_INT32_OFFSET = 2**31 - 1
+
+
 def _operand(t: torch.Tensor, varlen: bool) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """``t`` with a unit last-dim stride (copied only when it has none) and its ``_strides3``,
-    from one stride() call (the launchers run at every call: host time)."""
+    """``t`` with a unit last-dim stride and token / head offsets within a sequence that fit
+    int32 (copied only when not) and its ``_strides3``, from one stride() call (the
+    launchers run at every call: host time)."""
     s = t.stride()
-    if s[-1] != 1:
+    shape = t.shape
+    # the largest offset from a sequence's first token: (rows - 1) tokens, (heads - 1) heads
+    rows, tok, head = (shape[0], s[0], s[1]) if varlen else (shape[1], s[1], s[2])
+    if s[-1] != 1 or (rows - 1) * tok + (shape[-2] - 1) * head + shape[-1] > MAX_INT32_OFFSET:
         t = t.contiguous()
         s = t.stride()
     return t, ((0, s[0], s[1]) if varlen else s[:3])

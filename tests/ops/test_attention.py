@@ -1013,3 +1013,21 @@ def test_attention_leaves_float64_alone_under_autocast():
         out = attention(q, k_, v, backend="torch")
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, attention_ref(q, k_, v), rtol=0, atol=0)
+
+
+def test_operands_whose_in_sequence_offsets_pass_int32_are_copied(device, monkeypatch):
+    """The kernels index tokens and heads within a sequence in int32: a sequence-first view
+    ((S, B, H, D).transpose(0, 1), token stride B * H * D) whose offsets would pass 2**31 is
+    copied to the contiguous layout first; a contiguous one is not. (The limit is lowered here
+    to sizes the interpreter can run.)"""
+    B, S, H, D = 3, 9, 2, 16
+    monkeypatch.setattr(k, "MAX_INT32_OFFSET", 500)   # contiguous: S*H*D = 288; seq-first: 800
+    seq_first = [_rand(device, torch.float32, S, B, H, D).transpose(0, 1) for _ in range(3)]
+    contiguous = [t.contiguous() for t in seq_first]
+    assert k._operand(seq_first[0], False)[0].data_ptr() != seq_first[0].data_ptr()
+    assert k._operand(contiguous[0], False)[0].data_ptr() == contiguous[0].data_ptr()
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    mask[1, 5:] = False
+    _check(lambda a, b, c: attention(a, b, c, attention_mask=mask, backend="triton"),
+           lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=mask, **kw),
+           *seq_first, name="sequence-first")
