@@ -838,9 +838,10 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     # FlashAttention-2's dQ: added by the dK/dV programs into a zeroed fp32 buffer (zeroed by
     # the delta pre-pass). Not where every key fits one block but the one-launch backward was
     # turned down for occupancy (above): the atomic path would put dQ on those same few
-    # programs, while the dQ kernel's grid is wide.
+    # programs, while the dQ kernel's grid is wide. (With ONE_LAUNCH_BACKWARD off, as the
+    # tests force it, short keys take the atomic path too, on a GPU as in the interpreter.)
     atomic = (not fused and need_dq and need_dkv and sk > 0 and bwd_atomic_dq()
-              and (sk > bn1 or q.device.type != "cuda"))
+              and (sk > bn1 or q.device.type != "cuda" or not ONE_LAUNCH_BACKWARD))
     dq_out = dq
     if atomic and dq.dtype != torch.float32:
         dq_out = torch.empty(dq.shape, dtype=torch.float32, device=dq.device)
