@@ -1,8 +1,12 @@
 """The ``fastbert`` command line.
 
     fastbert demo      correctness self-check of every op + a small op benchmark
-    fastbert env       what this machine can run (same as python -m fastbert.env)
+    fastbert env       what this machine can run (python -m fastbert.env, run in the Triton
+                       interpreter on a machine without a GPU, as the self-check runs)
     fastbert selfcheck the correctness self-check alone
+
+On a CPU device every command restarts its process once with TRITON_INTERPRET=1 (``os.execv``):
+call ``main()`` from a subprocess, not from a notebook or test process that must live on.
 """
 from __future__ import annotations
 

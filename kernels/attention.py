@@ -698,17 +698,25 @@ def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
 MAX_INT32_OFFSET = 2**31 - 1
 
 
-def _operand(t: torch.Tensor, varlen: bool) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def _operand(t: torch.Tensor, varlen: bool,
+             max_seqlen: int = 0) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """``t`` with a unit last-dim stride and token / head offsets within a sequence that fit
     int32 (copied only when not) and its ``_strides3``, from one stride() call (the
-    launchers run at every call: host time)."""
+    launchers run at every call: host time). A sequence spans ``t.shape[1]`` tokens in the
+    padded layout, at most ``max_seqlen`` in the packed (varlen) one."""
     s = t.stride()
     shape = t.shape
     # the largest offset from a sequence's first token: (rows - 1) tokens, (heads - 1) heads
-    rows, tok, head = (shape[0], s[0], s[1]) if varlen else (shape[1], s[1], s[2])
-    if s[-1] != 1 or (rows - 1) * tok + (shape[-2] - 1) * head + shape[-1] > MAX_INT32_OFFSET:
-        t = t.contiguous()
-        s = t.stride()
+    rows = max_seqlen if varlen else shape[1]
+    if s[-1] == 1 and (rows - 1) * s[-3] + (shape[-2] - 1) * s[-2] + shape[-1] <= MAX_INT32_OFFSET:
+        return t, ((0, s[0], s[1]) if varlen else s[:3])
+    t = t.contiguous()
+    s = t.stride()
+    if (rows - 1) * s[-3] + (shape[-2] - 1) * s[-2] + shape[-1] > MAX_INT32_OFFSET:
+        raise ValueError(
+            f"attention: a sequence of {rows} tokens x {shape[-2]} heads x {shape[-1]} dims "
+            f"spans more than 2**31 elements, past the kernels' int32 indexing within a "
+            f"sequence; split the heads (or the sequence) over several calls")
     return t, ((0, s[0], s[1]) if varlen else s[:3])
 
 
@@ -766,7 +774,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         rows past their sequence).
     """
     varlen = cu_seqlens_q is not None
-    (q, st_q), (k, st_k), (v, st_v) = _operand(q, varlen), _operand(k, varlen), _operand(v, varlen)
+    (q, st_q), (k, st_k), (v, st_v) = (_operand(q, varlen, max_seqlen_q),
+                                       _operand(k, varlen, max_seqlen_k),
+                                       _operand(v, varlen, max_seqlen_k))
     q_shape, k_shape = q.shape, k.shape
     batch, sq, sk = _layout(q_shape, k_shape, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     heads, head_dim, heads_kv = q_shape[-2], q_shape[-1], k_shape[-2]
@@ -808,8 +818,11 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dtypes. ``need_dq=False`` skips the dq kernel and ``need_dkv=False`` the dk/dv kernel:
     those outputs are then zeros."""
     varlen = cu_seqlens_q is not None
-    (q, st_q), (k, st_k), (v, st_v) = _operand(q, varlen), _operand(k, varlen), _operand(v, varlen)
-    (do, st_do), (out, st_out) = _operand(do, varlen), _operand(out, varlen)
+    (q, st_q), (k, st_k), (v, st_v) = (_operand(q, varlen, max_seqlen_q),
+                                       _operand(k, varlen, max_seqlen_k),
+                                       _operand(v, varlen, max_seqlen_k))
+    (do, st_do), (out, st_out) = (_operand(do, varlen, max_seqlen_q),
+                                  _operand(out, varlen, max_seqlen_q))
     q_shape, k_shape = q.shape, k.shape
     batch, sq, sk = _layout(q_shape, k_shape, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     heads, head_dim, heads_kv = q_shape[-2], q_shape[-1], k_shape[-2]

@@ -39,6 +39,12 @@ ENV_VAR = "FASTBERT_BACKEND"
 # objects removed by identity (list.append / list.remove are single, GIL-atomic calls: no lock,
 # which torch.compile could not trace), so blocks of different threads close in any order.
 _STACK: list = []
+# Blocks opened inside a function torch.compile traces go here instead: after the compiled
+# graph runs, Dynamo writes a global list it mutated back whole (``_STACK[:] = [...]`` as at
+# guard time), which on _STACK would drop or resurrect other threads' entries meanwhile. Only
+# traced code touches this one, and a block opened there also closes there.
+_TRACE_STACK: list = []
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _warned: set = set()
 
 
@@ -80,11 +86,17 @@ def use_backend(name: str):
     """
     _check_name(name, "use_backend")
     entry = _Entry(name)
-    _STACK.append(entry)
+    stack = _TRACE_STACK if _dynamo_compiling() else _STACK
+    stack.append(entry)
     try:
         yield
     finally:
-        _STACK.remove(entry)   # by identity: _Entry defines no __eq__
+        # by identity (_Entry defines no __eq__); tolerant, so that a block's exit never
+        # raises over the exception that may be unwinding it
+        try:
+            stack.remove(entry)
+        except ValueError:
+            pass
 
 
 class _Reopen:
@@ -108,7 +120,8 @@ class _Reopen:
 
 def current_use_backend() -> Optional[str]:
     """The backend of the innermost open ``use_backend`` block, or None."""
-    top = _STACK[-1:]   # one read: another thread may close a block meanwhile
+    # one read of each list: another thread may close a block meanwhile
+    top = (_TRACE_STACK[-1:] or _STACK[-1:]) if _dynamo_compiling() else _STACK[-1:]
     return top[0].name if top else None
 
 
@@ -245,8 +258,7 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
         env = env.strip()
         if env and env != "auto":
             return _check_name(env, ENV_VAR)
-    top = _STACK[-1:]   # one read: another thread may close a block meanwhile
-    return top[0].name if top else None
+    return current_use_backend()
 
 
 def resolve(op: str, tensors: Sequence[Optional[torch.Tensor]], backend: Optional[str] = None,

@@ -1031,3 +1031,19 @@ def test_operands_whose_in_sequence_offsets_pass_int32_are_copied(device, monkey
     _check(lambda a, b, c: attention(a, b, c, attention_mask=mask, backend="triton"),
            lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=mask, **kw),
            *seq_first, name="sequence-first")
+
+
+def test_varlen_operands_are_bounded_by_max_seqlen_and_oversized_sequences_refused(device,
+                                                                                   monkeypatch):
+    """Packed operands are indexed in int32 only within a sequence (max_seqlen tokens), so a
+    strided packed-qkv slice is not copied however many tokens the batch holds; a sequence
+    that spans more than the limit even contiguous is refused with a clear error."""
+    monkeypatch.setattr(k, "MAX_INT32_OFFSET", 500)
+    qkv = _rand(device, torch.float32, 40, 3, 2, 16)          # token stride 3 * 2 * 16 = 96
+    q = qkv[:, 0]
+    assert k._operand(q, True, 5)[0].data_ptr() == q.data_ptr()   # 4 * 96 + 32 = 416
+    assert k._operand(q, True, 6)[0].data_ptr() != q.data_ptr()   # 5 * 96 + 32 = 512
+    monkeypatch.setattr(k, "MAX_INT32_OFFSET", 200)
+    x = _rand(device, torch.float32, 1, 9, 2, 16)               # 9 * 2 * 16 = 288 contiguous
+    with pytest.raises(ValueError, match="spans more than 2\\*\\*31 elements"):
+        attention(x, x, x, backend="triton")

@@ -300,3 +300,42 @@ def test_checkpoint_context_fn_serves_more_than_one_recomputation(monkeypatch):
     g2 = torch.autograd.grad(y.sum(), x)[0]
     assert torch.equal(g1, g2)
     assert _dispatch.requested_backend(None) is None
+
+
+def test_a_block_inside_a_compiled_function_leaves_other_threads_blocks_alone(monkeypatch):
+    """After a compiled graph runs, Dynamo writes back whole the global lists the traced code
+    mutated: a use_backend block inside a compiled function must not rewrite the process-wide
+    stack that another thread opened a block on meanwhile (DataParallel replicas, hooks)."""
+    import threading
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w = torch.randn(4, 32), torch.randn(32)
+    opened, close, errors = threading.Event(), threading.Event(), []
+
+    def other():
+        try:
+            with fastbert.use_backend("triton"):
+                opened.set()
+                close.wait(10)
+        except Exception as e:   # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    def backend(gm, example_inputs):
+        def run(*args):
+            out = gm.forward(*args)
+            if not opened.is_set():   # the other thread opens its block while the graph runs
+                threading.Thread(target=other).start()
+                opened.wait(10)
+            return out
+        return run
+
+    def f(x):
+        with fastbert.use_backend("torch"):
+            return ops.layer_norm(x, w, None)
+    torch.compile(f, fullgraph=True, backend=backend)(x)
+    assert _dispatch.requested_backend(None) == "triton"   # the other thread's block
+    close.set()
+    for th in threading.enumerate():
+        if th is not threading.current_thread() and th.name.startswith("Thread"):
+            th.join(10)
+    assert errors == [] and _dispatch.requested_backend(None) is None
