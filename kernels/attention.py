@@ -706,13 +706,15 @@ def _operand(t: torch.Tensor, varlen: bool,
     padded layout, at most ``max_seqlen`` in the packed (varlen) one."""
     s = t.stride()
     shape = t.shape
-    # the largest offset from a sequence's first token: (rows - 1) tokens, (heads - 1) heads
     rows = max_seqlen if varlen else shape[1]
-    if s[-1] == 1 and (rows - 1) * s[-3] + (shape[-2] - 1) * s[-2] + shape[-1] <= MAX_INT32_OFFSET:
+
+    def span(s):  # the largest offset from a sequence's first token, + 1
+        return (rows - 1) * s[-3] + (shape[-2] - 1) * s[-2] + shape[-1]
+    if s[-1] == 1 and span(s) <= MAX_INT32_OFFSET:
         return t, ((0, s[0], s[1]) if varlen else s[:3])
     t = t.contiguous()
     s = t.stride()
-    if (rows - 1) * s[-3] + (shape[-2] - 1) * s[-2] + shape[-1] > MAX_INT32_OFFSET:
+    if span(s) > MAX_INT32_OFFSET:
         raise ValueError(
             f"attention: a sequence of {rows} tokens x {shape[-2]} heads x {shape[-1]} dims "
             f"spans more than 2**31 elements, past the kernels' int32 indexing within a "

@@ -12,9 +12,9 @@ with loss_r = 0 and dx_r = 0 where t_r == ignore_index: this is
 Three ways to use it:
 
 - ``cross_entropy_fwd`` with ``grad_scale`` + ``cross_entropy_scale_`` *store* (the
-  ``cross_entropy`` op with ``STORE_GRADS`` (below) on; off by default: on an H200 this forward ran at
-  ~1.2 TB/s where the two recompute kernels ran at ~2.8 TB/s each): the forward writes the gradient
-  of the loss itself (the incoming gradient taken as 1). A row of up to ``MAX_ONE_BLOCK_V``
+  ``cross_entropy`` op with ``STORE_GRADS`` (below) on; off by default: on an H200 this forward
+  ran at ~1.2 TB/s where the two recompute kernels ran at ~2.8 TB/s each): the forward writes the
+  gradient of the loss itself (the incoming gradient taken as 1). A row of up to ``MAX_ONE_BLOCK_V``
   classes (BERT's 30522 included) is held in registers whole (``ONE_BLOCK``), so the forward
   reads the logits once and writes the gradient once; the backward multiplies it in place by
   the incoming gradient, read on the device, and does nothing more when that is 1.0 (a plain
@@ -83,8 +83,7 @@ from ._launch import launch
 
 # Whether the ``cross_entropy`` op's forward (fastbert.ops) writes the gradient of a reduced
 # loss (float32 / bfloat16) for its backward to scale in place (two passes over (N, V)), instead
-# of the backward
-# recomputing it from the logits (three passes). Off: measured on an H200 (bf16, 16384 x 30522,
+# of the backward recomputing it from the logits (three passes). Off: measured on an H200 (bf16, 16384 x 30522,
 # benchmarks/results/cross_entropy_nvidia-h200.md, 2026-11-26), forward + backward took 1.57 ms
 # storing (row held in registers, 32 warps, one row per SM), 1.29 ms storing with the row-looping
 # forward, 1.00 ms recomputing (eager: 2.16 ms): fewer bytes, but the fused forward runs far from

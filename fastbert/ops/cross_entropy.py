@@ -185,8 +185,6 @@ def _(dlogits, grad):
     return None
 
 
-
-
 def stores_grads(dtype: torch.dtype, reduction: str) -> bool:
     """Whether the forward of a reduced loss computes its gradients (the incoming gradient
     taken as 1) for the backward to scale. Not in float16: a gradient of the mean over n rows
@@ -511,8 +509,8 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     The forward keeps two floats a row (max and log-sum-exp) and the logits; the backward
     recomputes the gradient from them: three passes over (N, V) for forward + backward, which
     an H200 ran faster than the two-pass variant that writes the gradient in the forward (see
-    ``fastbert.kernels.cross_entropy.STORE_GRADS``, off by default; with it on, a mean / sum loss in float32 / bfloat16 can be
-    backpropagated through only once).
+    ``fastbert.kernels.cross_entropy.STORE_GRADS``, off by default; with it on, a mean / sum
+    loss in float32 / bfloat16 can be backpropagated through only once).
 
     Args:
         logits: (N, V) or (V,), float32 / float16 / bfloat16 (float64 on the torch backend).
