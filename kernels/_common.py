@@ -72,8 +72,10 @@ def on_tensor_device(fn: _F) -> _F:
 @triton.jit
 def _tanh(x):
     # tanh(x) = 1 - 2 / (exp(2x) + 1); |x| is clamped where tanh is already +-1 in fp32, so
-    # exp never overflows to inf
-    x = tl.minimum(tl.maximum(x, -TANH_SATURATION), TANH_SATURATION)
+    # exp never overflows to inf. A NaN stays NaN (tl.minimum / tl.maximum return the other
+    # operand: tanh(NaN) was -1, and an LSTM turned a NaN state or weight into finite outputs
+    # and gradients, where torch gives NaN)
+    x = tl.clamp(x, -TANH_SATURATION, TANH_SATURATION, propagate_nan=tl.PropagateNan.ALL)
     return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
 
 
@@ -99,6 +101,18 @@ def gelu_grad(x, APPROX_TANH: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.erf(x * SQRT1_2))
         pdf = tl.exp2(x * x * (-0.5 * LOG2E)) * INV_SQRT_2PI
         return cdf + x * pdf
+
+
+@triton.jit
+def row_mean(s, mask, n_cols):
+    """Mean of a row ``s`` (fp32, zero where ``mask`` is False) of ``n_cols`` values, with one
+    correction step: the first mean's rounding error, measured on the row itself, is taken
+    out. A constant row then gets its value exactly (its centered values are all 0, as
+    Welford's algorithm gives, torch's on CUDA): with the plain sum / n a rounding error of
+    one ulp of the value becomes the row's whole spread, so a LayerNorm of a constant row with
+    BERT's eps = 1e-12 gave values of up to +-1 instead of the bias."""
+    mean = tl.sum(s, axis=0) / n_cols
+    return mean + tl.sum(tl.where(mask, s - mean, 0.0), axis=0) / n_cols
 
 
 @triton.jit

@@ -352,6 +352,7 @@ def _cross_entropy_bwd_kernel(
                         n_cols, label_smoothing, BLOCK_V, HAS_SMOOTHING)
     else:
         # ignored rows get exactly 0 even when the incoming gradient is inf or NaN (torch too)
+        # or their logits are (torch: NaN there)
         _store_zero_row(dx_row_ptr, n_cols, BLOCK_V)
 
 

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from ._common import (AotConfig, cdiv, dropout_keep, next_power_of_2, num_programs,
-                      on_tensor_device, row_block, rows_arg, _sum_param_parts)
+                      on_tensor_device, row_block, row_mean, rows_arg, _sum_param_parts)
 from ._launch import launch
 
 # Widest hidden size the fused kernels take: the backward keeps a row of the LayerNorm
@@ -150,10 +150,12 @@ def _embedding_layer_norm_fwd_kernel(
                                stride_type_ids_s, stride_word_row, stride_pos_row,
                                stride_type_row, vocab_size, n_positions, n_types, HAS_POS_IDS,
                                HAS_TYPE, HAS_TYPE_IDS)
-    mean = tl.sum(s, axis=0) / n_cols
+    mean = row_mean(s, mask, n_cols)
     sc = tl.where(mask, s - mean, 0.0)
     var = tl.sum(sc * sc, axis=0) / n_cols
-    rstd = 1.0 / tl.sqrt(var + eps)
+    # + var * 0.0: NaN if the variance overflowed (|x - mean| past ~1.8e19), as torch gives,
+    # not rstd = 0 (y = bias, zero gradients: a finite, wrong answer)
+    rstd = 1.0 / tl.sqrt(var + eps) + var * 0.0
     y = sc * rstd
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -161,7 +163,7 @@ def _embedding_layer_norm_fwd_kernel(
         y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
         keep = dropout_keep(tl.load(seed_ptr), row * n_cols + cols, dropout_p)
-        y = tl.where(keep, y / (1.0 - dropout_p), 0.0)
+        y = tl.where(keep, y / (1.0 - dropout_p), y * 0.0)
     tl.store(y_ptr + row * stride_y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
@@ -255,7 +257,7 @@ def _embedding_layer_norm_bwd_kernel(
         dy = tl.load(dy_ptr + row * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, row * n_cols + cols, dropout_p)
-            dy = tl.where(keep, dy / (1.0 - dropout_p), 0.0)
+            dy = tl.where(keep, dy / (1.0 - dropout_p), dy * 0.0)
         g = dy
         if HAS_WEIGHT:
             g = dy * w

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from ._common import (AotConfig, MAX_FUSED_COLS, rows_arg, unit_stride, dropout_keep, gelu_fwd,
                       gelu_grad, num_programs, on_tensor_device, row_block, row_block_configs, cdiv,
+                      row_mean,
                       _sum_param_parts)
 from ._launch import launch
 
@@ -67,14 +68,17 @@ def _layer_norm_fwd_kernel(
         s = gelu_fwd(s, APPROX_TANH)
     if HAS_DROPOUT:
         keep = dropout_keep(tl.load(seed_ptr), row * n_cols + cols, dropout_p)
-        s = tl.where(keep, s / (1.0 - dropout_p), 0.0)
+        # s * 0.0, not 0.0: a dropped NaN / inf gives NaN, as torch's dropout (a product)
+        s = tl.where(keep, s / (1.0 - dropout_p), s * 0.0)
     if HAS_RESIDUAL:
         s += tl.load(res_ptr + row * stride_res_row + cols, mask=mask, other=0.0).to(tl.float32)
     s = tl.where(mask, s, 0.0)
-    mean = tl.sum(s, axis=0) / n_cols
+    mean = row_mean(s, mask, n_cols)
     sc = tl.where(mask, s - mean, 0.0)
     var = tl.sum(sc * sc, axis=0) / n_cols
-    rstd = 1.0 / tl.sqrt(var + eps)
+    # + var * 0.0: NaN if the variance overflowed (|x - mean| past ~1.8e19), as torch gives,
+    # not rstd = 0 (y = bias, zero gradients: a finite, wrong answer)
+    rstd = 1.0 / tl.sqrt(var + eps) + var * 0.0
     y = sc * rstd
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -125,7 +129,7 @@ def _layer_norm_bwd_kernel(
             s = gelu_fwd(pre, APPROX_TANH)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, row * n_cols + cols, dropout_p)
-            s = tl.where(keep, s / (1.0 - dropout_p), 0.0)
+            s = tl.where(keep, s / (1.0 - dropout_p), s * 0.0)
         if HAS_RESIDUAL:
             s += tl.load(res_ptr + row * stride_res_row + cols, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + row)
@@ -146,7 +150,7 @@ def _layer_norm_bwd_kernel(
                      ds.to(dres_ptr.dtype.element_ty), mask=mask)
         d = ds
         if HAS_DROPOUT:
-            d = tl.where(keep, d / (1.0 - dropout_p), 0.0)
+            d = tl.where(keep, d / (1.0 - dropout_p), d * 0.0)
         if ACT_GELU:
             d = d * gelu_grad(pre, APPROX_TANH)
         tl.store(dx_ptr + row * stride_dx_row + cols, d.to(dx_ptr.dtype.element_ty), mask=mask)

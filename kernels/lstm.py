@@ -121,7 +121,7 @@ import triton
 import triton.language as tl
 
 from ._common import (AotConfig, LOG2E, _sm_count, _tanh, cdiv, mm_fp32, next_power_of_2,
-                      on_tensor_device)
+                      on_tensor_device, row_mean)
 from ._launch import bind, launch
 
 # tl.dot needs every block dimension >= 16; the batch block is padded up to it.
@@ -707,6 +707,11 @@ def _row_norm4(a_i, a_f, a_g, a_o, mask, n):
     """Mean and centered values (zero past n) of a row held as four gate blocks of n columns."""
     mean = (tl.sum(a_i, axis=0) + tl.sum(a_f, axis=0) + tl.sum(a_g, axis=0)
             + tl.sum(a_o, axis=0)) / (4 * n)
+    # one correction step, as row_mean (exact for a constant row)
+    mean += (tl.sum(tl.where(mask, a_i - mean, 0.0), axis=0)
+             + tl.sum(tl.where(mask, a_f - mean, 0.0), axis=0)
+             + tl.sum(tl.where(mask, a_g - mean, 0.0), axis=0)
+             + tl.sum(tl.where(mask, a_o - mean, 0.0), axis=0)) / (4 * n)
     c_i = tl.where(mask, a_i - mean, 0.0)
     c_f = tl.where(mask, a_f - mean, 0.0)
     c_g = tl.where(mask, a_g - mean, 0.0)
@@ -771,7 +776,7 @@ def _ln_fwd_row(b, rec_ptr, xg_ptr, h_prev_ptr, c_prev_ptr, g_hh_ptr, g_c_ptr, b
     crow = b * stride_c_b + cols
     c_prev = tl.load(c_prev_ptr + crow, mask=mask, other=0.0)
     c = gf * c_prev + gi * gg
-    c_mean = tl.sum(tl.where(mask, c, 0.0), axis=0) / n_hidden
+    c_mean = row_mean(tl.where(mask, c, 0.0), mask, n_hidden)
     cc = tl.where(mask, c - c_mean, 0.0)
     c_rstd = 1.0 / tl.sqrt(tl.sum(cc * cc, axis=0) / n_hidden + eps)
     cn = (cc * c_rstd * tl.load(g_c_ptr + cols, mask=mask, other=0.0).to(tl.float32)

@@ -362,17 +362,38 @@ def test_embedding_layer_norm_empty_batch_gives_empty_output_and_zero_grads(devi
             assert g is not None and torch.count_nonzero(g) == 0
 
 
-def test_embedding_layer_norm_constant_row_is_finite(device):
-    # all three rows sum to a constant vector: variance 0, eps keeps it finite (y = ln_bias)
-    inp = make_inputs(device, 1, 2, 16, vocab=3, with_types=False)
+@pytest.mark.parametrize("word,pos", [(0.25, -0.5), (0.1, -7.33)])
+@pytest.mark.parametrize("hidden", [16, 768])
+def test_embedding_layer_norm_constant_row_is_finite(device, word, pos, hidden):
+    # every row sums to a constant vector: variance 0, eps (BERT's 1e-12, the default) keeps
+    # it finite and y = ln_bias exactly; with (0.1, -7.33) a plain sum / n mean is off by an
+    # ulp of the value, which 1 / sqrt(1e-12) made an output of up to +-1
+    inp = make_inputs(device, 1, 2, hidden, vocab=3, with_types=False)
     with torch.no_grad():
-        inp["word_weight"].fill_(0.25)
-        inp["position_weight"].fill_(-0.5)
+        inp["word_weight"].fill_(word)
+        inp["position_weight"].fill_(pos)
     y = _call(inp, backend="triton")
     assert torch.isfinite(y).all()
-    torch.testing.assert_close(y, inp["ln_bias"].detach().expand_as(y), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y, inp["ln_bias"].detach().expand_as(y), atol=1e-6, rtol=0)
     g = _grads(y, inp, torch.randn_like(y))
     assert all(torch.isfinite(t).all() for t in g if t is not None)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.5])
+def test_embedding_layer_norm_nan_table_rows_give_nan_also_where_dropped(device, dropout_p):
+    # torch's dropout is a product (NaN * 0 = NaN); the kernel wrote 0 at dropped positions
+    inp = make_inputs(device, 2, 4, 16, vocab=3, with_types=False)
+    with torch.no_grad():
+        inp["word_weight"][1:] = float("nan")
+        inp["input_ids"][:, 1] = 1
+    y = _call(inp, backend="triton", dropout_p=dropout_p)
+    assert torch.isnan(y[:, 1]).all()
+    g = torch.autograd.grad(y, inp["position_weight"], torch.randn_like(y))[0]
+    assert torch.isnan(g[1]).all()
+    big = make_inputs(device, 1, 2, 16, vocab=3, with_types=False)
+    with torch.no_grad():
+        big["word_weight"].mul_(1e20)  # the variance overflows fp32: NaN, as torch
+    assert torch.isnan(_call(big, backend="triton")).all()
 
 
 @pytest.mark.parametrize("what,match", [

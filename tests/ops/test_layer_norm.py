@@ -98,6 +98,29 @@ def test_layer_norm_triton_fwd_bwd_matches_fp64_on_ragged_rows(shape, dtype, ext
     _check_against_fp64(kern, ref, t, dtype, device, atol=1e-5 if dtype == torch.float32 else 2e-3)
 
 
+
+# one affine parameter without the other: the backward's partial-sum buffer then holds one
+# slice, and its slice index must not assume the weight's (a mutant that did wrote the bias
+# partials past the buffer and gave a NaN dbias, and no other case saw it)
+@pytest.mark.parametrize("shape", [(7, 384), (13, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("extras", ["weight_only", "bias_only+x_bias"])
+def test_layer_norm_one_affine_parameter_fwd_bwd_matches_fp64(shape, dtype, extras, device,
+                                                              poisoned_empty):
+    t = _inputs(shape, dtype, device, x_bias="x_bias" in extras,
+                weight=extras == "weight_only", bias=extras != "weight_only")
+
+    def kern(x, weight, bias, residual, x_bias):
+        return ops.layer_norm(x, weight, bias, 1e-5, x_bias=x_bias, backend="triton")
+
+    def ref(x, weight, bias, residual, x_bias, lowp=False):
+        if lowp:
+            return _ln_torch_lowp(x, weight, bias, residual, x_bias)
+        return ops.layer_norm_ref(x, weight, bias, 1e-5, x_bias=x_bias)
+
+    _check_against_fp64(kern, ref, t, dtype, device, atol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
 @pytest.mark.parametrize("shape", [(5, 100), (2, 3, 384), (1, 768)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -120,9 +143,18 @@ def test_gelu_layer_norm_triton_fwd_bwd_matches_fp64(shape, dtype, approximate, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(9, 100), (4, 768)])
-def test_layer_norm_dropout_fwd_bwd_match_reference_with_kernel_mask(shape, dtype, device):
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided_rows"])
+def test_layer_norm_dropout_fwd_bwd_match_reference_with_kernel_mask(shape, dtype, device,
+                                                                     strided):
+    # strided rows (x a column slice of a wider tensor): the mask is indexed by the row's
+    # element offset in a contiguous (rows, n) layout, in the forward and the backward alike
     p = 0.3
     t = _inputs(shape, dtype, device, residual=True, x_bias=True)
+    if strided:
+        wide = torch.randn(*shape[:-1], 2, shape[-1], device=device).to(dtype)
+        wide[..., 0, :] = t["x"].detach()
+        t["x"] = wide[..., 0, :].requires_grad_()
+        assert not t["x"].is_contiguous()
     torch.manual_seed(123)
     y = ops.layer_norm(t["x"], t["weight"], t["bias"], residual=t["residual"], x_bias=t["x_bias"],
                        dropout_p=p, backend="triton")
@@ -253,15 +285,18 @@ def test_layer_norm_opcheck(device):
 
 
 @pytest.mark.parametrize("hidden", [16, 1000, 2048, 4096, 8192])
-@pytest.mark.parametrize("eps", [1e-5, 0.1])
+@pytest.mark.parametrize("eps", [1e-12, 1e-5, 0.1])
 def test_layer_norm_constant_and_near_constant_rows_where_eps_decides(device, poisoned_empty,
                                                                       hidden, eps):
-    """Rows of variance 0 (y = bias, finite gradients), ~1e-6 (eps 1e-5 sets the result) and
-    ~2: forward and every gradient against fp64 with the same eps; widths past 1024 take the
-    wide row blocks (checked here on the CPU too)."""
-    x = torch.randn(3, hidden, dtype=torch.float64) * 1.5
+    """Rows of variance 0 (y = bias exactly, finite gradients), ~1e-6 (eps 1e-5 sets the
+    result) and ~2: forward and every gradient against fp64 with the same eps; widths past
+    1024 take the wide row blocks (checked here on the CPU too). eps = 1e-12 is BERT's: there
+    a mean off by one ulp of the value (plain sum / n) made the constant row's y up to +-1
+    instead of the bias."""
+    x = torch.randn(4, hidden, dtype=torch.float64) * 1.5
     x[0] = 0.7                                                    # constant
     x[1] = 0.25 + 1e-3 * torch.randn(hidden, dtype=torch.float64)  # variance ~1e-6
+    x[3] = -7.3                                                   # constant, not a dyadic
     t = {"x": x.float().to(device).requires_grad_(),
          "weight": (1 + 0.5 * torch.randn(hidden)).to(device).requires_grad_(),
          "bias": (0.5 * torch.randn(hidden)).to(device).requires_grad_()}
@@ -271,17 +306,34 @@ def test_layer_norm_constant_and_near_constant_rows_where_eps_decides(device, po
     t64 = _detached(t, torch.float64)
     y64 = ops.layer_norm_ref(t64["x"], t64["weight"], t64["bias"], eps)
     g64 = _grads(y64, t64, dy.double())
-    # the constant row's fp32 mean is off by up to an ulp of the value, which 1 / sqrt(eps)
-    # amplifies (~1e-4 at eps 1e-5, in y and in dweight through x_hat; torch's Welford mean
-    # is exact there): a looser atol
-    atol = 3e-4 if eps < 1e-3 else 1e-5
-    assert_close_to_ref(y, y64, atol=atol, name="y")
-    torch.testing.assert_close(y[0], t["bias"].detach(), rtol=0, atol=atol)  # y = bias
+    assert_close_to_ref(y, y64, atol=1e-5, name="y")
+    for row in (0, 3):  # y = bias: the mean is exact there, x_hat is 0
+        torch.testing.assert_close(y[row], t["bias"].detach(), rtol=0, atol=1e-6)
     for k in g:
-        assert_close_to_ref(g[k], g64[k], atol=atol, rtol_fp32=2e-5, name=f"d{k}")
+        assert_close_to_ref(g[k], g64[k], atol=1e-5, rtol_fp32=2e-5, name=f"d{k}")
     # the check can fail: on the near-constant row eps moves the output far past the bound
     other = ops.layer_norm_ref(t64["x"], t64["weight"], t64["bias"], 1e-5 if eps == 0.1 else 0.1)
     assert max_err(other[1], y64[1]) > 1e-2
+
+
+def test_layer_norm_non_finite_values_give_nan_as_torch(device):
+    """A NaN / inf in x gives NaN rows also where dropout drops it (torch's dropout is a product:
+    NaN * 0 is NaN; the kernels wrote 0 there, so which backend ran decided whether an fp16
+    overflow was seen), forward and backward; and a row whose variance overflows fp32 gives
+    NaN, as torch, not y = bias with zero gradients."""
+    x = torch.randn(6, 64, device=device)
+    x[:, 5] = float("nan")
+    x[0, 7] = float("inf")
+    x = x.requires_grad_()
+    for p in (0.0, 0.5):
+        y = ops.layer_norm(x, None, None, dropout_p=p, backend="triton")
+        assert torch.isnan(y).all()
+        (dx,) = torch.autograd.grad(y, x, torch.randn_like(y))
+        assert torch.isnan(dx).all()
+    big = torch.randn(2, 64, device=device) * 1e20
+    big[1] = torch.randn(64) * 1e3
+    y = ops.layer_norm(big, None, torch.arange(64.0, device=device), backend="triton")
+    assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
 
 
 def test_layer_norm_compiles_fullgraph(device):
