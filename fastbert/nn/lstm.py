@@ -29,6 +29,11 @@ class _ShapeError(ValueError, RuntimeError):
     for the same mistake (so code written against torch catches it)."""
 
 
+class _DtypeError(ValueError, TypeError):
+    """An input whose dtype is not the parameters': a ValueError as torch.nn.LSTM raises, and a
+    TypeError as fastbert's other argument checks raise."""
+
+
 class LSTM(torch.nn.Module):
     """Same constructor, defaults, parameter names, initialization and state_dict as
     ``torch.nn.LSTM``; returns ``(output, (h_n, c_n))`` exactly like it.
@@ -66,6 +71,9 @@ class LSTM(torch.nn.Module):
                         ("num_layers", num_layers), ("proj_size", proj_size)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TypeError(f"{name} should be of type int, got: {type(v).__name__}")
+        for name, v in (("bias", bias), ("batch_first", batch_first)):
+            if not isinstance(v, bool):  # as torch: "False" from a config file is truthy
+                raise TypeError(f"{name} should be of type bool, got: {type(v).__name__}")
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           "non-zero dropout expects num_layers greater than 1, but got "
@@ -192,9 +200,12 @@ class LSTM(torch.nn.Module):
             raise _ShapeError(f"input.size(-1) must be equal to input_size. "
                              f"Expected {self.input_size}, got {x.shape[-1]}")
         w0 = self.weight_ih_l0
-        if x.dtype != w0.dtype:
-            raise TypeError(f"input must have the type {w0.dtype} (the parameters' dtype), "
-                            f"got type {x.dtype}")
+        if x.dtype != w0.dtype and not torch._C._is_any_autocast_enabled():
+            # under autocast lstm_layer runs everything in the autocast dtype (torch skips
+            # this check then too)
+            raise _DtypeError(f"RNN input dtype ({x.dtype}) does not match weight dtype "
+                              f"({w0.dtype}). Convert input: input.to({w0.dtype}), or convert "
+                              f"model: model.to({x.dtype})")
         n_batch = x.shape[1]
         h_shape = (self.num_layers * num_dirs, n_batch, real_hidden)
         c_shape = (self.num_layers * num_dirs, n_batch, self.hidden_size)
@@ -207,9 +218,12 @@ class LSTM(torch.nn.Module):
             h0, c0 = hx
             if not batched:
                 if h0.dim() != 2 or c0.dim() != 2:
-                    raise ValueError(f"For unbatched 2-D input, hx and cx should also be 2-D but "
-                                     f"got ({h0.dim()}-D, {c0.dim()}-D) tensors")
+                    raise _ShapeError(f"For unbatched 2-D input, hx and cx should also be 2-D "
+                                      f"but got ({h0.dim()}-D, {c0.dim()}-D) tensors")
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            elif h0.dim() != 3 or c0.dim() != 3:
+                raise _ShapeError(f"For batched 3-D input, hx and cx should also be 3-D but "
+                                  f"got ({h0.dim()}-D, {c0.dim()}-D) tensors")
             if tuple(h0.shape) != h_shape:
                 raise _ShapeError(f"Expected hidden[0] size {h_shape}, got {tuple(h0.shape)}")
             if tuple(c0.shape) != c_shape:

@@ -11,10 +11,19 @@ import numbers
 from typing import Collection, Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The PyTorch reference also runs in float64 (gradcheck, test oracles); the kernels do not.
 REF_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds values a check can read: not a fake tensor (FakeTensorMode shape
+    inference, outside torch.compile) nor a meta tensor. Value checks skip the others, as
+    torch's own ops do. (While torch.compile traces, every tensor is fake: True there, the
+    callers check on the device or not at all.)"""
+    return torch.compiler.is_compiling() or not (t.is_meta or is_fake(t))
 
 
 def kernel_dtype_reason(**tensors) -> Optional[str]:

@@ -214,11 +214,22 @@ def _all_on(tensors: Iterable[Optional[torch.Tensor]], cuda: bool) -> bool:
     return seen
 
 
+def _under_grad_transform() -> bool:
+    """Whether the innermost torch.func transform is a grad or jvp one (vmap alone runs the
+    kernels through torch's per-example fallback)."""
+    top = torch._C._functorch.peek_interpreter_stack()
+    return top is not None and top.key() in (torch._C._functorch.TransformType.Grad,
+                                             torch._C._functorch.TransformType.Jvp)
+
+
 def _why_not(backend: str, on_cuda: bool, tensors: Sequence[Optional[torch.Tensor]], op: str,
              cuda_ops: Sequence[str]) -> Optional[str]:
     """why_not, given ``on_cuda = _all_on(tensors, True)``."""
     if backend == "torch":
         return None
+    if torch._C._are_functorch_transforms_active() and _under_grad_transform():
+        return ("torch.func grad / vjp / jacrev / jvp transforms differentiate only the PyTorch "
+                "reference (the kernels' autograd has no functorch rule): use backend='torch'")
     if backend == "triton":
         if _TRITON_ERROR is not None:
             return triton_import_error()

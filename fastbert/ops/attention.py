@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import (REF_DTYPES, check_probability, check_same_device, check_size, check_tensor,
-                      kernel_dtype_reason)
+                      has_values, kernel_dtype_reason)
 from ._fastop import direct_call_ok, fast_op
 from ._dispatch import interpreter_enabled, resolve, kernel_module
 
@@ -61,6 +61,10 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[T
     each sequence up to the max lengths) replaces the random draw: tests pass the kernel's.
     """
     if cu_seqlens_q is not None:
+        if not (has_values(cu_seqlens_q) and has_values(cu_seqlens_k)):
+            # fake or meta (shape inference): the lengths cannot be read; the result has q's
+            # shape and dtype
+            return q.new_empty(q.shape)
         cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         outs = []
         for b in range(len(cq) - 1):
@@ -443,6 +447,8 @@ def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total:
         # letting the kernels read and write past a sequence's rows
         _assert_cu_seqlens_async(name, cu, total, max_seqlen, max_name)
         return
+    if not has_values(cu):  # fake (shape inference) or meta: no values to check
+        return
     # inference tensors keep no version counter, so they are checked at every call
     validated = None if cu.is_inference() else (cu._version, total, int(max_seqlen))
     if validated is not None and _VALIDATED_CU_SEQLENS.get(cu) == validated:
@@ -571,7 +577,7 @@ def pad(x_unpadded: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
     if indices.shape[0] > n:
         raise ValueError(f"x_unpadded has {indices.shape[0]} tokens, more than batch * seqlen = "
                          f"{batch} * {seqlen} positions")
-    if indices.numel() and not torch.compiler.is_compiling():
+    if indices.numel() and not torch.compiler.is_compiling() and has_values(indices):
         if indices.device.type == "cpu":
             lo, hi = torch.stack(torch.aminmax(indices)).tolist()
             if lo < 0 or hi >= n:

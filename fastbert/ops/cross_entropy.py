@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import (REF_DTYPES, check_same_device, check_shape, check_tensor,
+from ._checks import (REF_DTYPES, check_same_device, check_shape, check_tensor, has_values,
                       kernel_dtype_reason)
 from ._fastop import fast_op
 from ._dispatch import resolve, kernel_module
@@ -45,9 +45,18 @@ def _label_error(name: str, n_classes: int, ignore_index: int, value: int,
 
 
 def _check_label_range(name: str, labels: Tensor, n_classes: int, ignore_index: int) -> None:
-    """Raise if a label other than ignore_index lies outside [0, n_classes). Syncs the host."""
+    """Raise if a label other than ignore_index lies outside [0, n_classes). Syncs the host;
+    under torch.compile or CUDA-graph capture the check runs on the device instead (a
+    device-side assert: no graph break), and fake / meta labels hold no values to check."""
     flat = labels.reshape(-1)
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_classes))
+    if torch.compiler.is_compiling() or (labels.is_cuda
+                                         and torch.cuda.is_current_stream_capturing()):
+        torch._assert_async(~bad.any(), f"{name} must hold class indices in [0, {n_classes}) "
+                                        f"or ignore_index={ignore_index}")
+        return
+    if not has_values(labels):
+        return
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise _label_error(name, n_classes, ignore_index, int(flat[i]), i)
@@ -534,7 +543,8 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     _check_options(ignore_index, label_smoothing, reduction)
     # autocast returns float32 (cross_entropy is on its float32 list) and, as autocast, leaves
     # float64 alone
-    out_dtype = (torch.float32 if torch.is_autocast_enabled(logits.device.type)
+    out_dtype = (torch.float32 if logits.device.type in ("cuda", "cpu")
+                 and torch.is_autocast_enabled(logits.device.type)
                  and logits.dtype != torch.float64 else logits.dtype)
     chosen = resolve("cross_entropy", (logits, target), backend, preference=("triton",),
                      extra_check=lambda b: kernel_dtype_reason(logits=logits))
@@ -622,7 +632,7 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
                          "hidden's shape without the hidden dimension")
     _check_options(ignore_index, label_smoothing, reduction)
     dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         # as autocast casts nn.Linear's inputs: float64 tensors are left alone
         hidden, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dt)

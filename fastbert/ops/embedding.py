@@ -19,10 +19,9 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
 from ._checks import (FLOAT_DTYPES, REF_DTYPES, check_eps, check_probability, check_same_device,
-                      check_shape, check_tensor, kernel_dtype_reason)
+                      check_shape, check_tensor, has_values, kernel_dtype_reason)
 from ._fastop import direct_call_ok, fast_op
 from ._dispatch import kernel_module, resolve
 
@@ -423,10 +422,10 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
                                                                  word_weight.shape[0])
     # the checks put every tensor on word_weight's device: it alone decides
     chosen = _resolve((word_weight,), backend, word_weight.shape[1], dtype_reason)
-    if check_bounds and (torch.compiler.is_compiling() or not is_fake(input_ids)):
-        # fake tensors (FakeTensorMode: shape inference) have no values to check; under a
-        # mode or with tensor subclasses, torch computes the bounds (what the mode sees);
-        # under torch.compile the check runs on the device (see _check_bounds)
+    if check_bounds and (torch.compiler.is_compiling() or has_values(input_ids)):
+        # fake tensors (FakeTensorMode: shape inference) and meta ones have no values to
+        # check; under a mode or with tensor subclasses, torch computes the bounds (what the
+        # mode sees); under torch.compile the check runs on the device (see _check_bounds)
         _check_bounds(input_ids, word_weight, position_weight, position_ids, token_type_ids,
                       type_weight, on_kernels=chosen == "triton" and direct_call_ok(
                           (input_ids, position_ids, token_type_ids)))

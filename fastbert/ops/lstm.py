@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torch._subclasses.fake_tensor import is_fake
+
 from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_shape, check_tensor
 from ._fastop import fast_op
 from ._dispatch import resolve, kernel_module
@@ -154,7 +156,20 @@ def _recurrence_setup(ctx, inputs, output):
     ctx.c_dtype = c0.dtype
 
 
+def _no_double_backward() -> None:
+    """Raise in a backward recording a graph (create_graph=True). The recurrence backward's
+    kernels have no derivative, and the graph they would leave is partial: with frozen
+    recurrent weights no graph at all (a gradient penalty silently dropped), with the
+    LayerNorm-LSTM a wrong second derivative (only the part computed by torch ops)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastbert lstm_layer on the Triton kernels has no double backward "
+            "(create_graph=True); use backend='torch' (the PyTorch recurrence) for second "
+            "derivatives")
+
+
 def _recurrence_backward(ctx, dy, dh_n, dc_n, *unused):
+    _no_double_backward()
     w_hh, w_hr, lengths, hs, cs, gates, rs = ctx.saved_tensors
     n_steps, n_batch = gates.shape[:2]
     n_hidden = gates.shape[2] // 4
@@ -238,6 +253,7 @@ def _ln_recurrence_setup(ctx, inputs, output):
 
 
 def _ln_recurrence_backward(ctx, dy, dh_n, dc_n, *unused):
+    _no_double_backward()
     w_hh, w_hr, g_hh, g_c, b_c, lengths, hs, cs, gates, recs, stats, rs = ctx.saved_tensors
     n_steps, n_batch, n_state = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     n_hidden = cs.shape[2]
@@ -320,7 +336,7 @@ def check_lengths(lengths: Tensor, n_batch: int, n_steps: int, *, allow_zero: bo
     if lengths.is_meta:
         raise ValueError(f"{name} is on the meta device, which holds no values; pass the "
                          "lengths on the CPU or on the input's device")
-    if n_batch and not torch.compiler.is_compiling():
+    if n_batch and not torch.compiler.is_compiling() and not is_fake(lengths):
         lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one host read
         if hi > n_steps:
             raise ValueError(f"{name} has a length {hi} longer than the sequence ({n_steps} steps)")
@@ -337,7 +353,7 @@ def _zero_past_lengths(x: Tensor, lengths: Tensor) -> Tensor:
     of them: its zeros times a NaN or inf in the padding would be NaN. Unchanged (no op) when
     no sequence is shorter than T, read without a sync from CPU lengths."""
     n_steps = x.shape[0]
-    if lengths.is_cpu and not torch.compiler.is_compiling():
+    if lengths.is_cpu and not torch.compiler.is_compiling() and not is_fake(lengths):
         if lengths.numel() == 0 or int(lengths.min()) >= n_steps:
             return x
     # non-blocking only host -> GPU: a GPU -> host copy would be read before it lands
@@ -391,7 +407,32 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
 
     Returns:
         y (T, B, P), h_n (B, P), c_n (B, H), in x's dtype.
+
+    Under autocast for x's device (CUDA or CPU) every floating tensor argument but a float64
+    one runs in the autocast dtype, and so do the results, as torch.nn.LSTM under autocast.
     """
+    dev = "cuda" if isinstance(x, Tensor) and x.is_cuda else "cpu"
+    if isinstance(x, Tensor) and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+
+        def cast(t):
+            return (t.to(dt) if isinstance(t, Tensor) and t.is_floating_point()
+                    and t.dtype != torch.float64 else t)
+        # the rest without autocast: its F.linear / F.layer_norm would otherwise hand the
+        # kernels tensors of another dtype than the cast weights
+        with torch.autocast(dev, enabled=False):
+            return _lstm_layer(cast(x), cast(h0), cast(c0), cast(w_ih), cast(w_hh), cast(b_ih),
+                               cast(b_hh), cast(w_hr), lengths, reverse, cast(ln_ih_weight),
+                               cast(ln_hh_weight), cast(ln_cell_weight), cast(ln_cell_bias),
+                               eps, backend, _padding_zeroed)
+    return _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ln_ih_weight,
+                       ln_hh_weight, ln_cell_weight, ln_cell_bias, eps, backend,
+                       _padding_zeroed)
+
+
+def _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ln_ih_weight,
+                ln_hh_weight, ln_cell_weight, ln_cell_bias, eps, backend, _padding_zeroed):
+    """``lstm_layer`` once autocast is settled."""
     _check_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     check_eps("lstm_layer", eps)
     if lengths is not None and not _padding_zeroed:

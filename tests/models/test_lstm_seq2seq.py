@@ -157,6 +157,27 @@ def test_seq2seq_triton_backend_matches_torch_backend(attention, device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_seq2seq_trains_and_decodes_under_autocast(attention, device):
+    """Mixed precision (fp32 model under autocast, the usual AMP setup): a training step and
+    both decoders run on the Triton kernels, the logits in the autocast dtype."""
+    model = _model(attention, layers=2).to(device)
+    for m in (model.encoder, model.decoder):
+        m.backend = "triton"
+    src, lengths, tgt_in, tgt = copy_batch(3, torch.Generator().manual_seed(4), max_len=4)
+    src, tgt_in, tgt = src.to(device), tgt_in.to(device), tgt.to(device)
+    dt = torch.bfloat16 if device.type == "cpu" else torch.float16
+    with torch.autocast(device.type, dtype=dt):
+        logits = model(src, lengths, tgt_in)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
+    assert logits.dtype == dt
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    with torch.autocast(device.type, dtype=dt):
+        assert model.greedy_decode(src, lengths, max_len=4).shape == (3, 4)
+        assert model.beam_search(src, lengths, beam_size=2, max_len=4)[0].shape == (3, 4)
+
+
 def test_seq2seq_bad_arguments_raise():
     with pytest.raises(ValueError, match="attention must be one of"):
         LSTMSeq2Seq(10, 10, attention="dot")

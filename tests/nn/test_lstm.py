@@ -175,6 +175,36 @@ def test_lstm_fp16_within_twice_torch_fp16_error(device):
         assert_close_to_ref(a, b, lo, atol=1e-3, name=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cls", [LSTM, LayerNormLSTM], ids=lambda c: c.__name__)
+def test_lstm_under_autocast_runs_in_the_autocast_dtype(device, dtype, cls):
+    """Mixed-precision training (fp32 module and input under autocast): every result in the
+    autocast dtype, as torch.nn.LSTM; the same values as the module and input cast to it,
+    fp32 gradients for the fp32 leaves. (Before, fp16 failed in the kernel on mixed operand
+    dtypes, bf16 returned an fp32 c_n or refused the second layer's fp32 weights.)"""
+    torch.manual_seed(0)
+    m = cls(6, 12, num_layers=2, bidirectional=True, backend="triton").to(device)
+    x = torch.randn(5, 3, 6, device=device, requires_grad=True)
+    with torch.autocast(device.type, dtype=dtype):
+        out, (h, c) = m(x)
+    assert out.dtype == h.dtype == c.dtype == dtype
+    low = copy.deepcopy(m).to(dtype)
+    out2, (h2, c2) = low(x.detach().to(dtype))
+    for a, b in zip((out, h, c), (out2, h2, c2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (out.float().sum() + h.float().sum() + c.float().sum()).backward()
+    for t in [x] + list(m.parameters()):
+        assert t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
+    if cls is LSTM and dtype == torch.bfloat16 and device.type == "cpu":
+        ref = torch.nn.LSTM(6, 12, num_layers=2, bidirectional=True)
+        ref.load_state_dict(m.state_dict())
+        with torch.autocast("cpu", dtype=dtype):
+            out3, (h3, c3) = ref(x.detach())
+        for a, b in zip((out, h, c), (out3, h3, c3)):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=3e-2)
+
+
 def test_lstm_module_compiles_fullgraph_with_triton_backend(device):
     ref, ours = _pair(dict(bidirectional=True), "triton", torch.float32, device=device)
     x = torch.randn(4, 2, 6, device=device, requires_grad=True)
@@ -204,8 +234,22 @@ def test_lstm_bad_inputs_raise_clear_errors():
     m(x, lengths=torch.tensor([2, 5, 1]), enforce_sorted=False)
     with pytest.raises(ValueError, match=r"Expected hidden\[0\] size \(2, 3, 12\)"):
         m(x, (torch.zeros(1, 3, 12), torch.zeros(2, 3, 12)))
-    with pytest.raises(TypeError, match="input must have the type torch.float32"):
-        m(x.double())
+    for err in (TypeError, ValueError):  # torch raises ValueError
+        with pytest.raises(err, match=r"RNN input dtype \(torch.float64\) does not match "
+                                      r"weight dtype \(torch.float32\)"):
+            m(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # no dtype check there (as torch)
+        assert m(x.bfloat16())[0].dtype == torch.bfloat16
+    for err in (ValueError, RuntimeError):  # torch raises RuntimeError
+        with pytest.raises(err, match="For batched 3-D input, hx and cx should also be 3-D "
+                                      r"but got \(2-D, 2-D\)"):
+            m(x, (torch.zeros(3, 12), torch.zeros(3, 12)))
+        with pytest.raises(err, match="For unbatched 2-D input, hx and cx should also be 2-D "
+                                      r"but got \(3-D, 3-D\)"):
+            m(x[:, 0], (torch.zeros(2, 1, 12), torch.zeros(2, 1, 12)))
+    for kw in ("bias", "batch_first"):  # as torch: a "False" read from a config is truthy
+        with pytest.raises(TypeError, match=f"{kw} should be of type bool, got: str"):
+            LSTM(6, 12, **{kw: "False"})
     with pytest.raises(ValueError, match="Expected input to be 2D or 3D"):
         m(torch.randn(5, 3, 2, 6))
     with pytest.raises(ValueError, match="lengths must be None when input is a PackedSequence"):

@@ -986,6 +986,32 @@ def test_stored_gradient_losses_refuse_create_graph_instead_of_a_zero_second_der
     torch.autograd.grad(loss, h)
 
 
+@pytest.mark.parametrize("op", ["cross_entropy", "masked_lm_loss"])
+def test_losses_on_the_torch_backend_compile_fullgraph_with_the_label_check(op):
+    """The torch backend (the default on CPU) checked labels with a host read, which broke
+    torch.compile(fullgraph=True); under compile the check is a device-side assert, which
+    still fails on a bad label."""
+    torch._dynamo.reset()
+    labels = torch.tensor([3, -100, 10, 0, 7])
+    if op == "cross_entropy":
+        x = torch.randn(5, 11)
+
+        def f(x, t):
+            return cross_entropy(x, t, backend="torch")
+    else:
+        x = torch.randn(5, 16)
+        w = torch.randn(11, 16)
+
+        def f(x, t):
+            return masked_lm_loss(x, w, None, t, backend="torch")
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, labels), f(x, labels))
+    bad = labels.clone()
+    bad[2] = 11
+    with pytest.raises(RuntimeError, match="class indices in \\[0, 11\\)"):
+        compiled(x, bad)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_masked_lm_loss_compiles_fullgraph(device, reduction):
     torch._dynamo.reset()

@@ -339,3 +339,20 @@ def test_a_block_inside_a_compiled_function_leaves_other_threads_blocks_alone(mo
         if th is not threading.current_thread() and th.name.startswith("Thread"):
             th.join(10)
     assert errors == [] and _dispatch.requested_backend(None) is None
+
+
+def test_torch_func_grad_transforms_take_the_reference_or_say_why():
+    """torch.func.grad / jvp cannot differentiate the kernels (their autograd.Function has no
+    functorch rule): auto picks the PyTorch reference, an explicit kernel backend says to use
+    backend='torch' (it raised torch's generic autograd.Function error). vmap alone still
+    reaches the kernels."""
+    from fastbert.ops import BackendUnavailable
+    x = torch.randn(3, 32)
+    f = lambda bk: (lambda t: ops.layer_norm(t, None, None, backend=bk).square().sum())
+    with pytest.raises(BackendUnavailable, match="torch.func grad.*use backend='torch'"):
+        torch.func.grad(f("triton"))(x)
+    torch.testing.assert_close(torch.func.grad(f(None))(x), torch.func.grad(f("torch"))(x))
+    _, tangent = torch.func.jvp(f(None), (x,), (torch.ones_like(x),))
+    assert torch.isfinite(tangent)
+    out = torch.func.vmap(lambda t: ops.layer_norm(t, None, None, backend="triton"))(x[:, None])
+    torch.testing.assert_close(out[:, 0], ops.layer_norm(x, None, None, backend="torch"))

@@ -386,6 +386,84 @@ def test_layer_norm_lstm_time_looping_kernels_equal_per_step_path(device, revers
     _ln_paths_agree(device, 5, 4, 24, reverse)
 
 
+@pytest.mark.parametrize("persistent", [True, False])
+def test_layer_norm_lstm_constant_rows_with_tiny_eps(device, monkeypatch, persistent):
+    """Constant weights and state make every LayerNorm row constant (the recurrent projection,
+    the cell): with eps 1e-12 a mean off by one ulp of the value (plain sum / n) was amplified
+    by 1 / sqrt(eps) into gates and outputs far from the fp64 answer; the kernels' means are
+    exact there."""
+    from fastbert.kernels import lstm as k
+    if not persistent:
+        monkeypatch.setattr(k, "LN_PERSISTENT_MAX_HIDDEN", 0)
+    n_steps, n_batch, n_in, n_hidden = 3, 2, 5, 24
+    full = lambda v, *s: torch.full(s, v, device=device, requires_grad=True)
+    p = dict(x=full(0.7, n_steps, n_batch, n_in), h0=full(0.3, n_batch, n_hidden),
+             c0=full(-0.9, n_batch, n_hidden), w_ih=full(0.11, 4 * n_hidden, n_in),
+             w_hh=full(-0.13, 4 * n_hidden, n_hidden), b_ih=full(0.05, 4 * n_hidden),
+             b_hh=full(0.07, 4 * n_hidden), w_hr=None)
+    ln = {n: full(v, m) for n, v, m in (("ln_ih_weight", 1.1, 4 * n_hidden),
+                                         ("ln_hh_weight", 0.9, 4 * n_hidden),
+                                         ("ln_cell_weight", 1.3, n_hidden),
+                                         ("ln_cell_bias", 0.2, n_hidden))}
+    out = lstm_layer(*_args(p), eps=1e-12, backend="triton", **ln)
+    ref = lstm_layer_ref(*_args(p), upcast=True, eps=1e-12, **ln)
+    for name, o, r in zip(("y", "h_n", "c_n"), out, ref):
+        assert_close_to_ref(o, r, name=name)
+    # the gradients are ill-conditioned here (1 / sqrt(eps) = 1e6 per LayerNorm, up to 1e12):
+    # within twice the error of the same computation in fp32 PyTorch
+    both = dict(p, **ln)
+    g_out, names = _grads(out, both)
+    g_ref, _ = _grads(ref, both)
+    g_f32, _ = _grads(lstm_layer(*_args(p), eps=1e-12, backend="torch", **ln), both)
+    for name, a, b, c in zip(names, g_out, g_ref, g_f32):
+        assert max_err(a, b) <= 2 * max_err(c, b) + 1e-5, f"d{name}"
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("where", ["c0", "g_bias"])
+def test_lstm_layer_propagates_nan_like_torch(device, layer_norm, where):
+    """A NaN in the state or in a cell-gate (g) weight gives NaN where torch's recurrence gives
+    NaN, forward and backward. (The kernels' tanh clamped NaN to -1: finite outputs and
+    gradients, so a NaN check or GradScaler saw nothing.)"""
+    p = _make(device, torch.float32, n_steps=3, n_batch=2, n_in=4, n_hidden=4)
+    ln = _ln_params(device, torch.float32, 4) if layer_norm else {}
+    with torch.no_grad():
+        if where == "c0":
+            p["c0"][0, 1] = float("nan")
+        else:
+            p["b_ih"][2 * 4 + 1] = float("nan")
+    res = {}
+    for backend in ("triton", "torch"):
+        out = lstm_layer(*_args(p), backend=backend, **ln)
+        g, _ = _grads(out, dict(p, **ln))
+        res[backend] = (out, g)
+    assert any(torch.isnan(o).any() for o in res["torch"][0])
+    for a, b in zip(res["triton"][0] + res["triton"][1], res["torch"][0] + res["torch"][1]):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_lstm_layer_create_graph_raises_instead_of_a_partial_second_derivative(device, layer_norm,
+                                                                              frozen):
+    """With frozen recurrent weights the kernels' backward left no graph (a gradient penalty
+    silently dropped); the LayerNorm-LSTM's left a partial one (a wrong second derivative).
+    create_graph=True now raises; the torch backend computes it."""
+    p = _make(device, torch.float32, n_steps=3, n_batch=2, n_in=4, n_hidden=4)
+    ln = _ln_params(device, torch.float32, 4) if layer_norm else {}
+    if frozen:
+        for v in [p["w_hh"], p["w_ih"], p["b_ih"], p["b_hh"]] + list(ln.values()):
+            v.requires_grad_(False)
+    out = lstm_layer(*_args(p), backend="triton", **ln)
+    with pytest.raises(RuntimeError, match="no double backward.*backend='torch'"):
+        torch.autograd.grad(out[0].square().sum(), p["h0"], create_graph=True)
+    (g,) = torch.autograd.grad(lstm_layer(*_args(p), backend="torch", **ln)[0].square().sum(),
+                               p["h0"], create_graph=True)
+    assert g.grad_fn is not None
+    (g2,) = torch.autograd.grad(out[0].square().sum(), p["h0"])  # first order, as before
+    torch.testing.assert_close(g2, g.detach())
+
+
 def test_layer_norm_lstm_layer_empty_batch_and_zero_steps(device):
     from fastbert.kernels import lstm as k
     for n_steps, n_batch in ((0, 3), (4, 0)):
