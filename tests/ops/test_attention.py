@@ -226,6 +226,22 @@ def test_causal_is_aligned_bottom_right(device):
         assert seen == list(range(i + sk - sq + 1)), f"query {i} sees keys {seen}"
 
 
+# causal offsets d = seqlen_k - seqlen_q where the diagonal lands next to a block edge: d = 1,
+# 30, 31, 33 (mod 32: fp32's 32 x 32 blocks); in fp16 d = 1 (mod 64, the forward's key block)
+# and d = 1 (mod 32) with seqlen_k > 128 (the dK/dV kernel's 128-key block). A bound off by
+# one there (the causal key end, the first query block of dK/dV, the unmasked fast path) gave
+# errors of ~1e-1 that no other case saw (mutation review)
+@pytest.mark.parametrize("dtype, sq, sk", [
+    (torch.float32, 32, 33), (torch.float32, 3, 33), (torch.float32, 64, 65),
+    (torch.float32, 2, 33), (torch.float32, 34, 64), (torch.float32, 5, 36),
+    (torch.float16, 64, 129), (torch.float16, 40, 169)], ids=str)
+def test_causal_diagonal_next_to_block_edges_matches_fp64(device, bwd_path, dtype, sq, sk):
+    q, k_, v = (_rand(device, dtype, 1, s, 1, 16) for s in (sq, sk, sk))
+    _check(lambda a, b, c: attention(a, b, c, causal=True, backend="triton"),
+           lambda a, b, c, **kw: attention_ref(a, b, c, causal=True, **kw),
+           q, k_, v, name=f"causal {sq}x{sk}")
+
+
 @pytest.mark.parametrize("sk", [40, 20])       # fp32: two key blocks, then one (one launch)
 def test_fully_masked_rows_give_zeros_and_zero_grads(device, bwd_path, sk):
     batch, sq, d = 2, 9, 32
@@ -252,6 +268,28 @@ def test_key_end_is_one_past_the_last_attended_key(device):
         kv_end = ops_attention._key_end(m)
         assert kv_end.dtype == torch.int32 and kv_end.tolist() == [4, 0, 6, 1]
     assert ops_attention._key_end(mask[:, :0]).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("block", [16, 1024])
+def test_key_end_kernel_matches_the_reference_across_its_blocks(device, monkeypatch, block):
+    """The device key_end kernel (the launchers' one) against the traced PyTorch _key_end, on
+    masks wider than its block (KEY_END_BLOCK lowered to 16: several blocks per row, the last
+    attended key in the first, a middle or the last block, or none). A kernel that kept only
+    the last block's answer made a 1100-key row with its keys in the first block attend to
+    nothing (zeros out) at the real block size."""
+    monkeypatch.setattr(k, "KEY_END_BLOCK", block)
+    sk = 1100 if block == 1024 else 70
+    mask = torch.rand(6, sk, device=device) > 0.5
+    mask[0] = False
+    mask[1, 10:] = False                    # keys only in the first block, the last at 9
+    mask[1, 9] = True
+    mask[2, :] = False
+    mask[2, sk - 1] = True                  # only the last key
+    mask[3, 20:] = False                    # second block (of 16) and below
+    for m in (mask, mask.to(torch.int64), mask.to(torch.int8)):
+        torch.testing.assert_close(k.key_end(m), ops_attention._key_end(m))
+    if block == 16:
+        assert k.key_end(mask)[1].item() == 10
 
 
 def _widest_key_block(dtype, head_dim, dropout):
