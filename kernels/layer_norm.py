@@ -76,8 +76,8 @@ def _layer_norm_fwd_kernel(
     mean = row_mean(s, mask, n_cols)
     sc = tl.where(mask, s - mean, 0.0)
     var = tl.sum(sc * sc, axis=0) / n_cols
-    # + var * 0.0: NaN if the variance overflowed (|x - mean| past ~1.8e19), as torch gives,
-    # not rstd = 0 (y = bias, zero gradients: a finite, wrong answer)
+    # + var * 0.0: NaN if the variance overflowed (|x - mean| past ~1.8e19; torch's CPU
+    # kernel gives NaN too), not rstd = 0 (y = bias, zero gradients: a finite, wrong answer)
     rstd = 1.0 / tl.sqrt(var + eps) + var * 0.0
     y = sc * rstd
     if HAS_WEIGHT:

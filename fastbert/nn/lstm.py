@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
-from ..ops._checks import check_eps
+from ..ops._checks import autocast_dtype, check_eps
 from ..ops.lstm import _zero_past_lengths, check_lengths
 
 
@@ -200,7 +200,7 @@ class LSTM(torch.nn.Module):
             raise _ShapeError(f"input.size(-1) must be equal to input_size. "
                              f"Expected {self.input_size}, got {x.shape[-1]}")
         w0 = self.weight_ih_l0
-        if x.dtype != w0.dtype and not torch._C._is_any_autocast_enabled():
+        if x.dtype != w0.dtype and autocast_dtype(x) is None:
             # under autocast lstm_layer runs everything in the autocast dtype (torch skips
             # this check then too)
             raise _DtypeError(f"RNN input dtype ({x.dtype}) does not match weight dtype "

@@ -26,6 +26,16 @@ def has_values(t: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or not (t.is_meta or is_fake(t))
 
 
+def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``t``'s device type (any type autocast
+    knows: cuda, cpu, xpu, mps, ...), else None (also for meta tensors, which autocast does
+    not know)."""
+    dev = t.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
 def kernel_dtype_reason(**tensors) -> Optional[str]:
     """Why the kernels cannot take these tensors' dtypes (float64), or None."""
     for t in tensors.values():

@@ -215,11 +215,10 @@ def _all_on(tensors: Iterable[Optional[torch.Tensor]], cuda: bool) -> bool:
 
 
 def _under_grad_transform() -> bool:
-    """Whether the innermost torch.func transform is a grad or jvp one (vmap alone runs the
-    kernels through torch's per-example fallback)."""
-    top = torch._C._functorch.peek_interpreter_stack()
-    return top is not None and top.key() in (torch._C._functorch.TransformType.Grad,
-                                             torch._C._functorch.TransformType.Jvp)
+    """Whether a torch.func grad or jvp transform is active at any level (grad(vmap(f))
+    included; vmap alone runs the kernels through torch's per-example fallback)."""
+    kinds = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    return any(i.key() in kinds for i in torch._C._functorch.get_interpreter_stack() or ())
 
 
 def _why_not(backend: str, on_cuda: bool, tensors: Sequence[Optional[torch.Tensor]], op: str,

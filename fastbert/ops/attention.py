@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import (REF_DTYPES, check_probability, check_same_device, check_size, check_tensor,
-                      has_values, kernel_dtype_reason)
+                      autocast_dtype, has_values, kernel_dtype_reason)
 from ._fastop import direct_call_ok, fast_op
 from ._dispatch import interpreter_enabled, resolve, kernel_module
 
@@ -63,8 +63,9 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[T
     if cu_seqlens_q is not None:
         if not (has_values(cu_seqlens_q) and has_values(cu_seqlens_k)):
             # fake or meta (shape inference): the lengths cannot be read; the result has q's
-            # shape and dtype
-            return q.new_empty(q.shape)
+            # shape and dtype, and stays in the graph of q, k and v (a backward through it
+            # runs: memory and FLOP estimates see it)
+            return q * 0.0 + (k.sum() + v.sum()).to(q.dtype) * 0.0
         cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         outs = []
         for b in range(len(cq) - 1):
@@ -305,12 +306,11 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, ndim: int, layout: str)
 
 
 def _autocast(q: Tensor, k: Tensor, v: Tensor):
-    """Under autocast for q's device (CUDA or CPU), run in the autocast dtype, as torch's
+    """Under autocast for q's device, run in the autocast dtype, as torch's
     scaled_dot_product_attention does (custom ops are not autocast-aware by themselves).
     Like autocast, it leaves float64 tensors alone."""
-    dev = "cuda" if q.is_cuda else ("cpu" if q.is_cpu else None)
-    if dev is not None and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
+    dt = autocast_dtype(q)
+    if dt is not None:
         return tuple(t if t.dtype == torch.float64 else t.to(dt) for t in (q, k, v))
     return q, k, v
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import (REF_DTYPES, check_same_device, check_shape, check_tensor, has_values,
-                      kernel_dtype_reason)
+from ._checks import (REF_DTYPES, autocast_dtype, check_same_device, check_shape, check_tensor,
+                      has_values, kernel_dtype_reason)
 from ._fastop import fast_op
 from ._dispatch import resolve, kernel_module
 
@@ -543,8 +543,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     _check_options(ignore_index, label_smoothing, reduction)
     # autocast returns float32 (cross_entropy is on its float32 list) and, as autocast, leaves
     # float64 alone
-    out_dtype = (torch.float32 if logits.device.type in ("cuda", "cpu")
-                 and torch.is_autocast_enabled(logits.device.type)
+    out_dtype = (torch.float32 if autocast_dtype(logits) is not None
                  and logits.dtype != torch.float64 else logits.dtype)
     chosen = resolve("cross_entropy", (logits, target), backend, preference=("triton",),
                      extra_check=lambda b: kernel_dtype_reason(logits=logits))
@@ -631,9 +630,8 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     _check_labels_tensor("labels", labels, hidden.shape[:-1],
                          "hidden's shape without the hidden dimension")
     _check_options(ignore_index, label_smoothing, reduction)
-    dev = hidden.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
+    dt = autocast_dtype(hidden)
+    if dt is not None:
         # as autocast casts nn.Linear's inputs: float64 tensors are left alone
         hidden, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dt)
                                 for t in (hidden, weight, bias))

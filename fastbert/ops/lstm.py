@@ -27,7 +27,8 @@ from torch import Tensor
 
 from torch._subclasses.fake_tensor import is_fake
 
-from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_shape, check_tensor
+from ._checks import (FLOAT_DTYPES, autocast_dtype, check_eps, check_same_device, check_shape,
+                      check_tensor)
 from ._fastop import fast_op
 from ._dispatch import resolve, kernel_module
 
@@ -408,12 +409,12 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     Returns:
         y (T, B, P), h_n (B, P), c_n (B, H), in x's dtype.
 
-    Under autocast for x's device (CUDA or CPU) every floating tensor argument but a float64
-    one runs in the autocast dtype, and so do the results, as torch.nn.LSTM under autocast.
+    Under autocast for x's device every floating tensor argument but a float64 one runs in
+    the autocast dtype, and so do the results, as torch.nn.LSTM under autocast.
     """
-    dev = "cuda" if isinstance(x, Tensor) and x.is_cuda else "cpu"
-    if isinstance(x, Tensor) and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
+    dt = autocast_dtype(x) if isinstance(x, Tensor) and x.dtype != torch.float64 else None
+    if dt is not None:
+        dev = x.device.type
 
         def cast(t):
             return (t.to(dt) if isinstance(t, Tensor) and t.is_floating_point()

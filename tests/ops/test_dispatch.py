@@ -341,17 +341,27 @@ def test_a_block_inside_a_compiled_function_leaves_other_threads_blocks_alone(mo
     assert errors == [] and _dispatch.requested_backend(None) is None
 
 
-def test_torch_func_grad_transforms_take_the_reference_or_say_why():
+def test_torch_func_grad_transforms_take_the_reference_or_say_why(monkeypatch):
     """torch.func.grad / jvp cannot differentiate the kernels (their autograd.Function has no
     functorch rule): auto picks the PyTorch reference, an explicit kernel backend says to use
-    backend='torch' (it raised torch's generic autograd.Function error). vmap alone still
-    reaches the kernels."""
+    backend='torch' (it raised torch's generic autograd.Function error), also with a vmap
+    inside the grad. vmap alone still reaches the kernels."""
     from fastbert.ops import BackendUnavailable
     x = torch.randn(3, 32)
     f = lambda bk: (lambda t: ops.layer_norm(t, None, None, backend=bk).square().sum())
-    with pytest.raises(BackendUnavailable, match="torch.func grad.*use backend='torch'"):
-        torch.func.grad(f("triton"))(x)
-    torch.testing.assert_close(torch.func.grad(f(None))(x), torch.func.grad(f("torch"))(x))
+    fv = lambda bk: (lambda t: torch.func.vmap(f(bk))(t[:, None]).sum())
+    for fn in (f, fv):
+        with pytest.raises(BackendUnavailable, match="torch.func grad.*use backend='torch'"):
+            torch.func.grad(fn("triton"))(x)
+    # auto: on CPU tensors it takes the reference anyway; pretend they are CUDA tensors, where
+    # it would take the kernels but for the transform
+    monkeypatch.setattr(_dispatch, "_all_on", lambda tensors, cuda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "falling back to the reference"
+        for fn in (f, fv):
+            torch.testing.assert_close(torch.func.grad(fn(None))(x),
+                                       torch.func.grad(fn("torch"))(x))
+    monkeypatch.undo()
     _, tangent = torch.func.jvp(f(None), (x,), (torch.ones_like(x),))
     assert torch.isfinite(tangent)
     out = torch.func.vmap(lambda t: ops.layer_norm(t, None, None, backend="triton"))(x[:, None])

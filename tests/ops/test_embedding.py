@@ -390,6 +390,13 @@ def test_embedding_layer_norm_nan_table_rows_give_nan_also_where_dropped(device,
     assert torch.isnan(y[:, 1]).all()
     g = torch.autograd.grad(y, inp["position_weight"], torch.randn_like(y))[0]
     assert torch.isnan(g[1]).all()
+    # a NaN in the incoming gradient reaches every row's gradient, dropped there or not
+    clean = make_inputs(device, 2, 4, 16, vocab=3, with_types=False)
+    y = _call(clean, backend="triton", dropout_p=dropout_p)
+    dy = torch.randn_like(y)
+    dy[..., 3] = float("nan")
+    g = torch.autograd.grad(y, clean["position_weight"], dy)[0]
+    assert torch.isnan(g[:4]).all()
     big = make_inputs(device, 1, 2, 16, vocab=3, with_types=False)
     with torch.no_grad():
         big["word_weight"].mul_(1e20)  # the variance overflows fp32: NaN, as torch

@@ -330,6 +330,13 @@ def test_layer_norm_non_finite_values_give_nan_as_torch(device):
         assert torch.isnan(y).all()
         (dx,) = torch.autograd.grad(y, x, torch.randn_like(y))
         assert torch.isnan(dx).all()
+    # a NaN in the incoming gradient reaches every row's dx, dropped there or not
+    x2 = torch.randn(6, 64, device=device, requires_grad=True)
+    y = ops.layer_norm(x2, None, None, dropout_p=0.5, backend="triton")
+    dy = torch.randn_like(y)
+    dy[:, 9] = float("nan")
+    (dx,) = torch.autograd.grad(y, x2, dy)
+    assert torch.isnan(dx).all()
     big = torch.randn(2, 64, device=device) * 1e20
     big[1] = torch.randn(64) * 1e3
     y = ops.layer_norm(big, None, torch.arange(64.0, device=device), backend="triton")

@@ -13,6 +13,9 @@ from fastbert import ops
 
 
 def _cases(mk):
+    """op -> (call, output shape); float inputs require grad (a backward must run too)."""
+    mk_ = mk
+    mk = lambda t: mk_(t).requires_grad_() if t.is_floating_point() else mk_(t)
     x = mk(torch.randn(3, 32))
     w, b = mk(torch.randn(32)), mk(torch.randn(32))
     q = mk(torch.randn(2, 4, 2, 16))
@@ -42,7 +45,9 @@ def test_ops_infer_shapes_under_fake_tensor_mode(op):
     with FakeTensorMode() as mode:
         fn, shape = _cases(mode.from_tensor)[op]
         out = fn()
-    assert isinstance(out, FakeTensor) and tuple(out.shape) == shape
+        assert isinstance(out, FakeTensor) and tuple(out.shape) == shape
+        assert out.grad_fn is not None
+        out.float().sum().backward()
 
 
 @pytest.mark.parametrize("op", list(_cases(lambda t: t)))
@@ -50,3 +55,5 @@ def test_ops_on_meta_tensors_give_meta_results(op):
     fn, shape = _cases(lambda t: t.to("meta"))[op]
     out = fn()
     assert out.is_meta and tuple(out.shape) == shape
+    assert out.grad_fn is not None
+    out.float().sum().backward()
