@@ -65,11 +65,14 @@ def cmd_selfcheck(args) -> int:
     import torch
 
     from fastbert import selfcheck
-    from fastbert.ops._dispatch import interpreter_enabled, triton_import_error
+    from fastbert.ops._dispatch import (interpreter_enabled, interpreter_version_error,
+                                        triton_import_error)
     device = _device(args)
     if device is None:
         return 2
     why = triton_import_error()
+    if why is None and device.type != "cuda":
+        why = interpreter_version_error()
     if why is not None:
         # macOS / Windows: pyproject installs Triton on Linux only; fastbert.ops then runs its
         # PyTorch reference paths, which is all there is to use here

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -86,6 +88,28 @@ def test_selfcheck_without_triton_says_why_and_does_not_fail(monkeypatch, capsys
     assert cli.cmd_selfcheck(argparse.Namespace(device="cpu")) == 0
     out = capsys.readouterr().out
     assert "skipped" in out and "No module named 'triton'" in out
+
+
+def test_selfcheck_with_a_triton_whose_interpreter_cannot_run_the_kernels(monkeypatch, capsys):
+    """Triton 3.6's interpreter fails on every row-looping kernel (program_id is a (1,) array
+    there): on CPU the self-check says so and does not fail, an explicit backend='triton'
+    names the version, auto takes the reference."""
+    import argparse
+
+    import torch
+    from fastbert import cli, ops
+    from fastbert.ops import _dispatch
+    monkeypatch.setattr(_dispatch, "_TRITON_VERSION", (3, 6))
+    assert cli.cmd_selfcheck(argparse.Namespace(device="cpu")) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and "Triton 3.6 interpreter cannot run" in out
+    x = torch.randn(2, 8)
+    with pytest.raises(ops.BackendUnavailable, match="Triton 3.6 interpreter.*>= 3.7"):
+        ops.layer_norm(x, None, None, backend="triton")
+    torch.testing.assert_close(ops.layer_norm(x, None, None),
+                               torch.nn.functional.layer_norm(x, (8,)))
+    monkeypatch.setattr(_dispatch, "_TRITON_VERSION", (3, 7))
+    assert _dispatch.interpreter_version_error() is None
 
 
 def test_selfcheck_on_cpu_with_the_interpreter_turned_off_says_so():

@@ -184,6 +184,34 @@ def triton_import_error() -> Optional[str]:
     return None if _TRITON_ERROR is None else f"triton is not importable ({_TRITON_ERROR})"
 
 
+# The oldest Triton whose interpreter runs every kernel: 3.6's gives program_id a shape (1,)
+# array, so a loop over rows with a bound computed from it (the LayerNorm, embedding,
+# bias_gelu and cross-entropy kernels) fails there ("only 0-dimensional arrays can be
+# converted to Python scalars"); 3.7.1 and 3.8 run them. Compiled kernels (a GPU) are fine on 3.6.
+MIN_INTERPRETER_TRITON = (3, 7)
+
+
+def _triton_version() -> Optional[tuple]:
+    try:
+        import triton
+        return tuple(int(p) for p in triton.__version__.split(".")[:2])
+    except Exception:  # not importable, or a version string of another form
+        return None
+
+
+_TRITON_VERSION = _triton_version() if _TRITON_ERROR is None else None
+
+
+def interpreter_version_error() -> Optional[str]:
+    """None when the installed Triton's interpreter runs fastbert's kernels, else why not."""
+    if _TRITON_VERSION is not None and _TRITON_VERSION < MIN_INTERPRETER_TRITON:
+        have = ".".join(map(str, _TRITON_VERSION))
+        need = ".".join(map(str, MIN_INTERPRETER_TRITON))
+        return (f"the Triton {have} interpreter cannot run fastbert's kernels on CPU (Triton >= "
+                f"{need} can; compiled kernels on a GPU run on {have})")
+    return None
+
+
 def cuda_extension_error() -> Optional[str]:
     """None when the CUDA C++ extension ``fastbert._C`` imports, else why not."""
     if _CUDA_EXT_ERROR is None:
@@ -236,7 +264,7 @@ def _why_not(backend: str, on_cuda: bool, tensors: Sequence[Optional[torch.Tenso
             return None
         if _all_on(tensors, False):
             if interpreter_enabled():
-                return None
+                return interpreter_version_error()
             return ("the tensors are on the CPU and the Triton interpreter is off "
                     "(set TRITON_INTERPRET=1 before importing triton to run kernels on CPU)")
         devices = sorted({str(t.device) for t in tensors if isinstance(t, torch.Tensor)})
