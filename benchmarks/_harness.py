@@ -22,6 +22,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import functools
 import gc
 import os
 import platform
@@ -112,7 +113,10 @@ def _triton_version() -> str:
         return "not importable"
 
 
+@functools.lru_cache(maxsize=None)
 def _driver_version() -> str:
+    """The driver's version (nvidia-smi, up to 20 s), read once a process: results are
+    written after every timed impl."""
     try:
         import subprocess
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -253,6 +257,11 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
             continue
         results = {}
         for impl, fn in case.impls.items():
+            if stop_at is not None and time.time() > stop_at and results:
+                # the budget ran out inside a case: the impls not timed are reported so, and
+                # what was timed is kept
+                results[impl] = (float("nan"),) * 3 + (None, None, "not run: time budget")
+                continue
             try:
                 ms, lo, hi = time_fn(fn, device)
                 mem = peak_memory_mb(fn, device)
@@ -263,32 +272,23 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
                 mem = gpu = None
                 err = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             results[impl] = (ms, lo, hi, mem, gpu, err)
-        base = case.baseline or next(iter(case.impls))
-        base_ms = results[base][0]
-        for impl, (ms, lo, hi, mem, gpu, err) in results.items():
-            row = {"bench": bench, "case": case.name, **case.params, "impl": impl,
-                   "ms": round(ms, 5), "ms_p20": round(lo, 5), "ms_p80": round(hi, 5),
-                   "gpu_ms": None if gpu is None else round(gpu, 5),
-                   "peak_mb": None if mem is None else round(mem, 1),
-                   f"speedup_vs_{base}": round(base_ms / ms, 3) if ms == ms and ms > 0 else None}
-            if case.bytes is not None and ms == ms:
-                gbps = case.bytes / (ms * 1e-3) / 1e9
-                row["GB/s"] = round(gbps, 1)
-                if ceilings.get("copy_gbps"):
-                    row["%copy_bw"] = round(100 * gbps / ceilings["copy_gbps"], 1)
-            if case.flops is not None and ms == ms:
-                tf = case.flops / (ms * 1e-3) / 1e12
-                row["TFLOP/s"] = round(tf, 2)
-                if ceilings.get("matmul_tflops"):
-                    row["%matmul"] = round(100 * tf / ceilings["matmul_tflops"], 1)
-            if err:
-                row["error"] = err
-            rows.append(row)
             if verbose:
+                print(f"{bench:>14} {case.name:<24} {_fmt_params(case.params):<44} {impl:<16} "
+                      f"{ms:9.4f} ms{'  ' + err if err else ''}", flush=True)
+            if write and len(results) < len(case.impls):
+                # written after every impl: a run killed inside a long case keeps what it
+                # timed (the case's rows so far, speedups where the baseline has run)
+                write_results(bench, rows + _case_rows(bench, case, results, ceilings), device,
+                              ceilings, tag=tag, note=f"Incomplete: the run stopped inside "
+                              f"case {done + 1} of {len(cases)} ({case.name}).")
+        case_rows = _case_rows(bench, case, results, ceilings)
+        rows.extend(case_rows)
+        if verbose:
+            for row in case_rows:
                 extra = "".join(f"  {k}={row[k]}" for k in ("GB/s", "%copy_bw", "TFLOP/s", "%matmul")
                                 if k in row)
-                print(f"{bench:>14} {case.name:<24} {_fmt_params(case.params):<44} {impl:<16} "
-                      f"{ms:9.4f} ms{extra}{'  ' + err if err else ''}", flush=True)
+                if extra:
+                    print(f"{bench:>14} {case.name:<24} {row['impl']:<16}{extra}", flush=True)
         done += 1
         # free the case's lazily built inputs before the next one: a list of cases that each
         # fill much of the card must not accumulate (the callables are spent once timed)
@@ -307,6 +307,36 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
     if write:
         write_results(bench, rows, device, ceilings, note=note, tag=tag)
     return rows
+
+
+def _case_rows(bench: str, case: Case, results: Dict[str, tuple],
+               ceilings: Dict[str, Optional[float]]) -> List[Dict[str, object]]:
+    """The CSV rows of ``case`` from the impls timed so far (``results``: impl -> (ms, p20,
+    p80, peak MB, GPU ms, error))."""
+    base = case.baseline or next(iter(case.impls))
+    base_ms = results[base][0] if base in results else float("nan")
+    out = []
+    for impl, (ms, lo, hi, mem, gpu, err) in results.items():
+        row = {"bench": bench, "case": case.name, **case.params, "impl": impl,
+               "ms": round(ms, 5), "ms_p20": round(lo, 5), "ms_p80": round(hi, 5),
+               "gpu_ms": None if gpu is None else round(gpu, 5),
+               "peak_mb": None if mem is None else round(mem, 1),
+               f"speedup_vs_{base}": (round(base_ms / ms, 3)
+                                      if ms == ms and ms > 0 and base_ms == base_ms else None)}
+        if case.bytes is not None and ms == ms:
+            gbps = case.bytes / (ms * 1e-3) / 1e9
+            row["GB/s"] = round(gbps, 1)
+            if ceilings.get("copy_gbps"):
+                row["%copy_bw"] = round(100 * gbps / ceilings["copy_gbps"], 1)
+        if case.flops is not None and ms == ms:
+            tf = case.flops / (ms * 1e-3) / 1e12
+            row["TFLOP/s"] = round(tf, 2)
+            if ceilings.get("matmul_tflops"):
+                row["%matmul"] = round(100 * tf / ceilings["matmul_tflops"], 1)
+        if err:
+            row["error"] = err
+        out.append(row)
+    return out
 
 
 def _spent():

@@ -49,14 +49,24 @@ MASKED_FRAC = 0.15
 MASK_SEED = 0
 # cross_entropy: rows whose target is ignored (padding), to exercise ignore_index.
 IGNORED_FRAC = 0.1
-# An incoming gradient other than 1.0, as GradScaler's initial fp16 loss scale gives.
+# The incoming gradient of every timed backward: not 1.0, as a loss divided by the
+# accumulation steps or scaled by GradScaler (its initial fp16 scale) gives. A stored-gradient
+# backward does nothing more at 1.0 and must scale its gradients otherwise: timed at 1.0 it
+# would be timed in its best case only.
 LOSS_SCALE = 65536.0
 
 
-def _grads(loss_fn, leaves, grad_output=None):
+def _grads(loss_fn, leaves):
     def run():
-        return torch.autograd.grad(loss_fn(), leaves, grad_output)
+        loss = loss_fn()
+        return torch.autograd.grad(loss, leaves, torch.full_like(loss, LOSS_SCALE))
     return run
+
+
+def _pinned(device) -> dict:
+    """The fastbert calls' backend: the kernels on a GPU (an automatic fallback there would
+    time the PyTorch reference under fastbert's name), the automatic choice on CPU."""
+    return {"backend": "triton"} if device.type == "cuda" else {}
 
 
 def _with_one_block_max(value: int, fn):
@@ -86,11 +96,13 @@ def _ce_case(device, dtype, rows: int, vocab: int) -> Case:
     x = (torch.randn(rows, vocab, device=device) * 3).to(dtype).requires_grad_()
     t = torch.randint(0, vocab, (rows,), device=device)
     t[torch.rand(rows, device=device) < IGNORED_FRAC] = IGNORE
-    fast = _grads(lambda: cross_entropy(x, t, ignore_index=IGNORE, check_labels=False), [x])
+    pin = _pinned(device)
+    fast = _grads(lambda: cross_entropy(x, t, ignore_index=IGNORE, check_labels=False, **pin),
+                  [x])
     impls = {
         "eager": _grads(lambda: F.cross_entropy(x, t, ignore_index=IGNORE), [x]),
         "fastbert": fast,
-        "fastbert_checked": _grads(lambda: cross_entropy(x, t, ignore_index=IGNORE), [x]),
+        "fastbert_checked": _grads(lambda: cross_entropy(x, t, ignore_index=IGNORE, **pin), [x]),
         "fastbert_stored": _stored(fast),
         "fastbert_stored_looping": _stored(fast, looping=True),
         "fastbert_stored_l2x2": _stored(fast, looping=True, programs_per_sm=2),
@@ -168,8 +180,9 @@ def _mlm_case(device, dtype, model, batch, seq, hidden_size, vocab) -> Case:
         liger = _liger()
         if liger is not None:
             impls["liger"] = call(liger)
+    pin = _pinned(device)
     impls["fastbert"] = call(lambda h, w, b, lab: masked_lm_loss(h, w, b, lab,
-                                                                 check_labels=False))
+                                                                 check_labels=False, **pin))
     n_masked = int((labels != IGNORE).sum())
     return Case(name="masked_lm_loss fwd+bwd",
                 params={"rows": batch * seq, "vocab": vocab, "hidden": hidden_size,
@@ -188,7 +201,10 @@ def _mlm_cases(device, quick, dtype) -> List[Case]:
 
 def cases(device: torch.device, quick: bool) -> List[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _ce_cases(device, quick, dtype) + _mlm_cases(device, quick, dtype)
+    # the cases the issue's targets judge first (make gpu-check may stop a script part-way):
+    # cross_entropy at V = 30522, masked_lm_loss, then the many-rows case
+    ce = _ce_cases(device, quick, dtype)
+    return ce[:2] + _mlm_cases(device, quick, dtype) + ce[2:]
 
 
 def main(argv=None):

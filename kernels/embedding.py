@@ -714,7 +714,10 @@ def embedding_layer_norm_bwd(dy: torch.Tensor, input_ids: torch.Tensor,
     has_dropout = seed is not None and dropout_p > 0.0
     n_words, n_pos = word.shape[0], pos.shape[0]
     n_types = typ.shape[0] if typ is not None else 0
-    atomic = not deterministic and word_weight.dtype not in SEGMENTED_WORD_GRAD_DTYPES
+    # fp32 atomics unless asked to be deterministic (the flag, or
+    # torch.use_deterministic_algorithms(True), as torch's own embedding backward honours)
+    atomic = (not deterministic and not torch.are_deterministic_algorithms_enabled()
+              and word_weight.dtype not in SEGMENTED_WORD_GRAD_DTYPES)
     n_parts = (ln_weight is not None) + (ln_bias is not None)
     block_n, num_warps = row_block(n_cols)
     dtyp = dlnw = dlnb = None

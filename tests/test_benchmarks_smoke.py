@@ -65,14 +65,46 @@ def test_harness_writes_after_every_case_and_frees_spent_cases(tmp_path, monkeyp
     monkeypatch.setattr(_harness, "write_results", spy)
     cases = _counting_cases(3, calls)
     rows = _harness.run_cases("demo", cases, torch.device("cpu"), verbose=False)
-    assert [n for n, _ in seen] == [2, 4, 6]                  # two impls a case
-    assert seen[0][1].startswith("Incomplete: the run stopped after 1 of 3") and seen[-1][1] == ""
+    # written after every impl (a run killed inside a long case keeps what it timed)
+    assert [n for n, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert seen[0][1].startswith("Incomplete: the run stopped inside case 1 of 3")
+    assert seen[1][1].startswith("Incomplete: the run stopped after 1 of 3") and seen[-1][1] == ""
     assert sorted(set(calls)) == [0, 1, 2] and len(rows) == 6
     with open(next(tmp_path.glob("demo_*.csv"))) as f:
         assert len(list(csv.DictReader(f))) == 6
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(RuntimeError, match="run already"):    # inputs released
         cases[0].impls["a"]()
+
+
+def test_harness_deadline_inside_a_case_keeps_the_timed_impls(tmp_path, monkeypatch):
+    """The budget running out inside a case: the impls already timed are kept (with their
+    speedup against the baseline), the rest reported as not run, no later case started."""
+    import csv
+    import time
+
+    import torch
+    from benchmarks import _harness
+    monkeypatch.setenv("FASTBERT_RESULTS", str(tmp_path))
+    calls = []
+    cases = _counting_cases(2, calls)
+    first = cases[0].impls["a"]
+
+    now = time.time()
+    clock = [now]
+    monkeypatch.setattr(_harness.time, "time", lambda: clock[0])
+
+    def slow_first():  # the deadline passes while the first impl is being timed
+        clock[0] = now + 7200
+        return first()
+    monkeypatch.setenv(_harness.DEADLINE_ENV, str(now + 3600))
+    cases[0].impls["a"] = slow_first
+    rows = _harness.run_cases("demo", cases, torch.device("cpu"), verbose=False)
+    assert [(r["i"], r["impl"], r.get("error", "")) for r in rows] == [
+        (0, "a", ""), (0, "b", "not run: time budget")]
+    assert sorted(set(calls)) == [0] and rows[0]["speedup_vs_a"] == 1.0
+    with open(next(tmp_path.glob("demo_*.csv"))) as f:
+        assert len(list(csv.DictReader(f))) == 2
 
 
 def test_gpu_check_script_parses():

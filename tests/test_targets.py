@@ -132,3 +132,18 @@ def test_quick_gpu_results_and_other_vocabularies_are_not_judged(tmp_path):
     assert len(ce) == 1 and "vocab=30522" in ce[0]["case"] and ce[0]["met"] == "NO"
     quick = targets.evaluate(str(tmp_path), card="card-c-quick")
     assert [r["met"] for r in quick if r["target"] == ">= 1.2x torch.compile"] == ["yes"]
+
+
+def test_sdpa_math_alone_is_not_sdpas_best_backend(tmp_path):
+    """When SDPA's fused backends (flash, efficient, cuDNN) all failed, its math fallback is
+    no measure of "SDPA's best backend": the target is not measured, not met."""
+    _write(tmp_path / "attention_card-a.csv", [
+        _row("bert-base padded fwd+bwd", "fastbert[triton]", 1.0),
+        _row("bert-base padded fwd+bwd", "sdpa_flash", "nan", error="RuntimeError: x"),
+        _row("bert-base padded fwd+bwd", "sdpa_efficient", "nan", error="RuntimeError: x"),
+        _row("bert-base padded fwd+bwd", "sdpa_cudnn", "nan", error="RuntimeError: x"),
+        _row("bert-base padded fwd+bwd", "sdpa_math", 2.9),
+    ])
+    rows = targets.evaluate(str(tmp_path))
+    bert = [r for r in rows if r["case"].startswith("bert-base")][0]
+    assert bert["met"] == "-", bert

@@ -27,6 +27,7 @@ import warnings
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("triton", "cuda", "torch")
 ENV_VAR = "FASTBERT_BACKEND"
@@ -216,6 +217,10 @@ def cuda_extension_error() -> Optional[str]:
     """None when the CUDA C++ extension ``fastbert._C`` imports, else why not."""
     if _CUDA_EXT_ERROR is None:
         return None
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "csrc")
+    if os.path.isdir(csrc) and not any(f.endswith((".cu", ".cpp")) for f in os.listdir(csrc)):
+        return "no op has a CUDA C++ kernel yet (csrc/ holds no sources)"
     return ("the CUDA C++ extension fastbert._C is not built "
             f"({_CUDA_EXT_ERROR}); build it with "
             "FASTBERT_BUILD_CUDA=1 pip install --no-build-isolation -e .")
@@ -257,6 +262,11 @@ def _why_not(backend: str, on_cuda: bool, tensors: Sequence[Optional[torch.Tenso
     if torch._C._are_functorch_transforms_active() and _under_grad_transform():
         return ("torch.func grad / vjp / jacrev / jvp transforms differentiate only the PyTorch "
                 "reference (the kernels' autograd has no functorch rule): use backend='torch'")
+    if _forward_ad._current_level >= 0:
+        # inside torch.autograd.forward_ad.dual_level(): the kernels have no forward-mode
+        # derivative, and their outputs would carry no tangent (silently)
+        return ("forward-mode AD (torch.autograd.forward_ad) differentiates only the PyTorch "
+                "reference (the kernels have no jvp rule): use backend='torch'")
     if backend == "triton":
         if _TRITON_ERROR is not None:
             return triton_import_error()

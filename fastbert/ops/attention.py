@@ -354,8 +354,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             head_dim in (16, 32, 64, 80, 96, 128).
 
     Returns:
-        (batch, seqlen_q, heads, head_dim) in q's dtype (the autocast dtype under CUDA
-        autocast). A query that sees no key gets zeros.
+        (batch, seqlen_q, heads, head_dim) in q's dtype (the autocast dtype under autocast
+        for q's device). A query that sees no key gets zeros.
         Precision: fp32 accumulation; fp32 inputs run true fp32 matmuls (no TF32), far
         slower than fp16/bf16.
     """
@@ -439,7 +439,10 @@ def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total:
     if not isinstance(max_seqlen, (int, torch.SymInt)) or isinstance(max_seqlen, bool):
         raise TypeError(f"{max_name} must be a python int (it sizes the launch grid; pass it "
                         f"from the caller to avoid a host sync), got {type(max_seqlen).__name__}")
-    if max_seqlen < 0:
+    if torch.compiler.is_compiling():
+        # it may be a value read from a tensor (unpad's): no Python branch on it
+        torch._check(max_seqlen >= 0, lambda: f"{max_name} must be >= 0")
+    elif max_seqlen < 0:
         raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
     if torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
         # no host read (a sync under torch.compile, illegal while capturing a CUDA graph): the

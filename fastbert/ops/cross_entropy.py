@@ -527,8 +527,10 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
         ignore_index: target value whose rows contribute neither loss nor gradient.
         label_smoothing: in [0, 1], torch's definition (mixes in the uniform distribution).
         reduction: "mean", "sum" or "none" (a loss per row).
-        check_labels: raise ValueError when a target is out of range (syncs the host). With
-            False an out-of-range target is never used as an address: its row's loss is NaN.
+        check_labels: raise ValueError when a target is out of range (syncs the host; under
+            torch.compile and CUDA graph capture the torch backend checks on the device
+            instead: a device-side assert, RuntimeError on the CPU). With False an
+            out-of-range target is never used as an address: its row's loss is NaN.
         backend: "triton", "torch" or None (see ``fastbert.ops``).
 
     Returns:
@@ -597,8 +599,8 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
             "sum", or "none" (a loss per token of labels' shape, 0 where ignored).
         check_labels: raise ValueError when a label is out of range (on the Triton backend
             the row selection checks, in the host sync it makes anyway; on the torch backend one
-            more sync). With False an out-of-range label is never used as an address: its loss
-            is NaN.
+            more sync, or under torch.compile / CUDA graph capture a device-side assert). With
+            False an out-of-range label is never used as an address: its loss is NaN.
         backend: "triton", "torch" or None (see ``fastbert.ops``).
 
     Under autocast, hidden, weight and bias are cast to the autocast dtype first (as

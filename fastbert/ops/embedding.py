@@ -35,26 +35,37 @@ def embedding_layer_norm_ref(input_ids: Tensor, word_weight: Tensor, position_we
                              position_ids: Optional[Tensor] = None, dropout_p: float = 0.0,
                              padding_idx: Optional[int] = None,
                              dropout_mask: Optional[Tensor] = None, upcast: bool = False,
-                             out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                             out_dtype: Optional[torch.dtype] = None,
+                             zero_out_of_range: bool = False) -> Tensor:
     """dropout(LayerNorm(word[ids] + position[pos] + type[types])) in PyTorch.
 
     Positions default to 0..S-1 (S = input_ids.shape[-1]); types default to 0 and are left
     out when ``type_weight`` is None. ``padding_idx`` gets no gradient (``F.embedding``).
     Computes in fp32 (fp64 with ``upcast=True`` or fp64 tables) and returns ``out_dtype``
     (default word_weight's dtype). ``dropout_mask`` (bool, the output's shape) replaces the
-    random draw: tests pass the kernel's mask.
+    random draw: tests pass the kernel's mask. With ``zero_out_of_range`` an id outside its
+    table reads a zero row and gives no gradient (as the kernels without their bounds check)
+    instead of failing the lookup.
     """
+    def lookup(ids, table, padding_idx=None):
+        if not zero_out_of_range:
+            return F.embedding(ids, table, padding_idx=padding_idx)
+        ok = (ids >= 0) & (ids < table.shape[0])
+        rows = F.embedding(ids.clamp(0, max(table.shape[0] - 1, 0)), table,
+                           padding_idx=padding_idx)
+        return rows * ok[..., None].to(rows.dtype)
+
     ct = torch.float64 if (upcast or word_weight.dtype == torch.float64) else torch.float32
     out_dtype = out_dtype or word_weight.dtype
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device)
     position_ids = torch.broadcast_to(position_ids, input_ids.shape)
-    s = F.embedding(input_ids, word_weight.to(ct), padding_idx=padding_idx)
-    s = s + F.embedding(position_ids, position_weight.to(ct))
+    s = lookup(input_ids, word_weight.to(ct), padding_idx)
+    s = s + lookup(position_ids, position_weight.to(ct))
     if type_weight is not None:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        s = s + F.embedding(torch.broadcast_to(token_type_ids, input_ids.shape), type_weight.to(ct))
+        s = s + lookup(torch.broadcast_to(token_type_ids, input_ids.shape), type_weight.to(ct))
     y = F.layer_norm(s, s.shape[-1:],
                      ln_weight.to(ct) if ln_weight is not None else None,
                      ln_bias.to(ct) if ln_bias is not None else None, eps)
@@ -395,11 +406,12 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
         padding_idx: a word id whose row gets no gradient (as ``nn.Embedding``), or None.
         deterministic: bit-identical table gradients run to run (sort-based segmented sums)
             instead of fp32 atomics. fp16/bf16 tables take the segmented sums either way
-            (fewer host-side ops, no fp32 buffers); the flag matters for fp32 tables.
+            (fewer host-side ops, no fp32 buffers); the flag (or
+            ``torch.use_deterministic_algorithms(True)``) matters for fp32 tables.
             Forward results are the same either way.
         check_bounds: raise ValueError when an id is outside its table (costs one device
             sync). Off, out-of-range ids read and receive nothing (their row counts as zero)
-            and never touch memory out of bounds. Under torch.compile and during CUDA graph
+            and never touch memory out of bounds, on every backend. Under torch.compile and during CUDA graph
             capture, where the host may not read device values, it runs on the device: an
             out-of-range id fails the stream with a device-side assert (RuntimeError on the
             CPU).
@@ -442,7 +454,8 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
         return embedding_layer_norm_ref(input_ids, word_weight, position_weight, ln_weight,
                                         ln_bias, eps, token_type_ids=token_type_ids,
                                         type_weight=type_weight, position_ids=position_ids,
-                                        dropout_p=p, padding_idx=padding_idx)
+                                        dropout_p=p, padding_idx=padding_idx,
+                                        zero_out_of_range=not check_bounds)
     seed = (torch.randint(0, 2**31 - 1, (1,), device=word_weight.device, dtype=torch.int64)
             if p > 0.0 else None)
     return _run(input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,

@@ -201,7 +201,7 @@ def test_explicit_triton_names_where_the_tensors_are(monkeypatch):
     assert _dispatch.resolve("probe_op", (cpu,), "torch", extra_check=pytest.fail) == "torch"
     with pytest.raises(ops.BackendUnavailable, match="the head dim"):
         _dispatch.resolve("probe_op", (cpu,), "triton", extra_check=lambda b: "the head dim")
-    with pytest.raises(ops.BackendUnavailable, match="need CUDA tensors|not built"):
+    with pytest.raises(ops.BackendUnavailable, match="need CUDA tensors|not built|no sources"):
         _dispatch.resolve("probe_op", (cpu,), "cuda", cuda_ops=("probe_op",))
 
 
@@ -361,8 +361,28 @@ def test_torch_func_grad_transforms_take_the_reference_or_say_why(monkeypatch):
         for fn in (f, fv):
             torch.testing.assert_close(torch.func.grad(fn(None))(x),
                                        torch.func.grad(fn("torch"))(x))
+        _, tangent = torch.func.jvp(f(None), (x,), (torch.ones_like(x),))
     monkeypatch.undo()
-    _, tangent = torch.func.jvp(f(None), (x,), (torch.ones_like(x),))
     assert torch.isfinite(tangent)
     out = torch.func.vmap(lambda t: ops.layer_norm(t, None, None, backend="triton"))(x[:, None])
     torch.testing.assert_close(out[:, 0], ops.layer_norm(x, None, None, backend="torch"))
+
+
+def test_forward_mode_ad_takes_the_reference_or_says_why(monkeypatch):
+    """Inside torch.autograd.forward_ad.dual_level() the kernels' outputs carried no tangent,
+    silently: auto takes the reference (which has one), an explicit kernel backend raises."""
+    import torch.autograd.forward_ad as fwAD
+    from fastbert.ops import BackendUnavailable
+    x, t = torch.randn(3, 8), torch.randn(3, 8)
+    with fwAD.dual_level():
+        with pytest.raises(BackendUnavailable, match="forward-mode AD.*use backend='torch'"):
+            ops.layer_norm(fwAD.make_dual(x, t), None, None, backend="triton")
+        want = fwAD.unpack_dual(ops.layer_norm(fwAD.make_dual(x, t), None, None,
+                                               backend="torch")).tangent
+        monkeypatch.setattr(_dispatch, "_all_on", lambda tensors, cuda: True)  # as on CUDA
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "falling back to the reference"
+            got = fwAD.unpack_dual(ops.layer_norm(fwAD.make_dual(x, t), None, None)).tangent
+        monkeypatch.undo()
+    assert got is not None
+    torch.testing.assert_close(got, want)

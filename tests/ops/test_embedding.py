@@ -429,15 +429,20 @@ def test_embedding_layer_norm_out_of_range_ids_raise_naming_the_argument(device,
         _call(inp, backend=backend)
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("deterministic,backend", [(False, "triton"), (True, "triton"),
+                                                   (False, "torch")],
+                         ids=["atomic", "deterministic", "torch"])
 def test_embedding_layer_norm_unchecked_out_of_range_ids_read_and_write_nothing(device,
-                                                                               deterministic):
+                                                                               deterministic,
+                                                                               backend):
+    # the torch backend too (auto's choice on CPU): it failed the lookup (IndexError on the
+    # CPU, a device-side assert on a GPU) where the kernels read a zero row
     inp = make_inputs(device, 2, 6, 16, vocab=5, n_pos=9)
     inp["input_ids"][0, 1] = 5
     inp["input_ids"][1, 4] = -3
     inp["input_ids"][1, 5] = 1000
     inp["token_type_ids"][1, 0] = 7
-    y = _call(inp, backend="triton", check_bounds=False, deterministic=deterministic)
+    y = _call(inp, backend=backend, check_bounds=False, deterministic=deterministic)
     dy = torch.randn_like(y)
     grads = _grads(y, inp, dy)
     # the reference: each table grows zero rows that the bad ids are mapped to
@@ -696,3 +701,12 @@ def test_embedding_deterministic_takes_the_segmented_sums_for_fp32_tables(device
                                  deterministic=deterministic)
         y.square().sum().backward()
         assert bool(calls) == deterministic, deterministic
+    # torch.use_deterministic_algorithms(True) asks for the same (torch's embedding honours it)
+    calls.clear()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        embedding_layer_norm(ids, w, p, None, None, backend="triton").square().sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert calls
