@@ -144,6 +144,17 @@ def checks(device: torch.device) -> Dict[str, Callable[[], CheckResult]]:
                                                            lengths=lengths)[0],
         [r(T, Bl, I), r(Bl, Hl), r(Bl, Hl), 0.1 * r(4 * Hl, I), 0.1 * r(4 * Hl, Hl), r(4 * Hl),
          r(4 * Hl)], backend, tol)
+    # the LayerNorm-LSTM's own kernels (LayerNorm on the gate pre-activations and the cell)
+    out["lstm_layer(LayerNorm-LSTM)"] = lambda: _compare(
+        "lstm_layer", f"T={T} B={Bl} H={Hl}",
+        lambda x, h, c, wi, wh, bi, g1, g2, g3, b3: ops.lstm_layer(
+            x, h, c, wi, wh, bi, None, lengths=lengths, ln_ih_weight=g1, ln_hh_weight=g2,
+            ln_cell_weight=g3, ln_cell_bias=b3, backend=backend)[0],
+        lambda x, h, c, wi, wh, bi, g1, g2, g3, b3: ops.lstm_layer_ref(
+            x, h, c, wi, wh, bi, None, lengths=lengths, ln_ih_weight=g1, ln_hh_weight=g2,
+            ln_cell_weight=g3, ln_cell_bias=b3)[0],
+        [r(T, Bl, I), r(Bl, Hl), r(Bl, Hl), 0.1 * r(4 * Hl, I), 0.1 * r(4 * Hl, Hl), r(4 * Hl),
+         1 + 0.1 * r(4 * Hl), 1 + 0.1 * r(4 * Hl), 1 + 0.1 * r(Hl), 0.1 * r(Hl)], backend, tol)
     return out
 
 

@@ -19,7 +19,7 @@ def test_selfcheck_runs_every_op_against_fp64_and_passes():
     out = _run("selfcheck")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for op in ("layer_norm", "bias_gelu", "attention", "embedding_layer_norm", "cross_entropy",
-               "masked_lm_loss", "lstm_layer"):
+               "masked_lm_loss", "lstm_layer", "LayerNorm-LSTM", "attention_varlen"):
         assert op in out.stdout
     assert "FAIL" not in out.stdout
     assert "ops agree with their fp64 references" in out.stdout
