@@ -197,6 +197,40 @@ def _fwd_backward(ctx, dout, dlse):
 _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
+# FLOPs for torch.utils.flop_counter.FlopCounterMode (MFU estimates), counted as torch counts
+# scaled_dot_product_attention: the two matmuls of the forward (4 * B * H * Sq * Sk * D, no
+# discount for causal or padding masks), the five of the backward (2.5x that); for packed
+# sequences the sum over them (cu_seqlens read on the host; their bound when unreadable).
+def _attention_flops(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k) -> int:
+    if cu_seqlens_q is None:
+        batch, seqlen_q, heads, head_dim = q.shape
+        return 4 * batch * heads * seqlen_q * k.shape[1] * head_dim
+    _, heads, head_dim = q.shape
+    if has_values(cu_seqlens_q) and has_values(cu_seqlens_k):
+        lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+        lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+        pairs = sum(a * b for a, b in zip(lq, lk))
+    else:
+        pairs = q.shape[0] * max_seqlen_k
+    return 4 * heads * head_dim * pairs
+
+
+try:
+    from torch.utils.flop_counter import register_flop_formula as _flops_formula
+except ImportError:  # pragma: no cover - a torch without the FLOP counter
+    _flops_formula = None
+if _flops_formula is not None:
+    @_flops_formula(torch.ops.fastbert.attention_fwd, get_raw=True)
+    def _(q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, *args, out_shape=None,
+          **kwargs) -> int:
+        return _attention_flops(q, k, cu_seqlens_q, cu_seqlens_k, args[2])
+
+    @_flops_formula(torch.ops.fastbert.attention_bwd, get_raw=True)
+    def _(dout, q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
+          max_seqlen_q, max_seqlen_k, *args, out_shape=None, **kwargs) -> int:
+        return 5 * _attention_flops(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k) // 2
+
+
 class _AttentionFunction(torch.autograd.Function):
     """fastbert::attention_fwd's autograd for the eager calls that fast_op would send down its
     direct path (no tracing, no mode, plain tensors): the same launchers, saved tensors and

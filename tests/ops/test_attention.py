@@ -1085,3 +1085,21 @@ def test_varlen_operands_are_bounded_by_max_seqlen_and_oversized_sequences_refus
     x = _rand(device, torch.float32, 1, 9, 2, 16)               # 9 * 2 * 16 = 288 contiguous
     with pytest.raises(ValueError, match="spans more than 2\\*\\*31 elements"):
         attention(x, x, x, backend="triton")
+
+
+def test_flop_counter_mode_counts_the_kernels_like_sdpa(device):
+    """FlopCounterMode (MFU estimates) sees the custom ops: torch's count for SDPA, 4 B H Sq
+    Sk D forward and 2.5x that backward; for packed sequences the sum over them. (It counted
+    0 for every fastbert op.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+    q, k_, v = _leaves(_rand(device, torch.float32, 2, 16, 4, 32),
+                       _rand(device, torch.float32, 2, 24, 2, 32),
+                       _rand(device, torch.float32, 2, 24, 2, 32))
+    with FlopCounterMode(display=False) as fc:
+        attention(q, k_, v, backend="triton").sum().backward()
+    assert fc.get_total_flops() == 4 * 2 * 4 * 16 * 24 * 32 * 7 // 2
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32, device=device)
+    (qv,) = _leaves(_rand(device, torch.float32, 16, 4, 32))
+    with FlopCounterMode(display=False) as fc:
+        attention_varlen(qv, qv, qv, cu, cu, 11, 11, backend="triton").sum().backward()
+    assert fc.get_total_flops() == 4 * 4 * 32 * (5 * 5 + 11 * 11) * 7 // 2
