@@ -218,6 +218,13 @@ def test_cross_entropy_masked_vocabulary_of_neg_inf_is_finite(device):
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     assert_close_to_ref(out, ref)
     assert_close_to_ref(grad, ref_grad)
+    # with label smoothing a -inf logit makes the loss inf, as torch (the smoothing term's sum
+    # over the row includes it; a row looped over in blocks must not drop it)
+    smooth = cross_entropy(logits, target, reduction="none", label_smoothing=0.1,
+                           backend="triton")
+    want = F.cross_entropy(logits.double(), target, reduction="none", label_smoothing=0.1,
+                           ignore_index=IGNORE)
+    assert torch.equal(torch.isinf(smooth), torch.isinf(want)) and torch.isinf(smooth[:2]).all()
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's 0 / 0
@@ -321,11 +328,14 @@ def test_cross_entropy_out_of_range_target_raises(device):
                 cross_entropy(logits, target, backend=backend)
 
 
-def test_cross_entropy_unchecked_bad_target_is_nan_not_an_address(device):
-    logits = torch.randn(3, 40, device=device, requires_grad=True)
-    target = torch.tensor([5, 1 << 40, IGNORE], device=device)
+@pytest.mark.parametrize("n_cols", [40, 5000])  # one block; a row looped over in blocks
+def test_cross_entropy_unchecked_bad_target_is_nan_not_an_address(device, n_cols):
+    # V itself (one past the end: an off-by-one in the range check read it) and -1 too
+    logits = torch.randn(5, n_cols, device=device, requires_grad=True)
+    target = torch.tensor([5, 1 << 40, IGNORE, n_cols, -1], device=device)
     out = cross_entropy(logits, target, reduction="none", check_labels=False, backend="triton")
-    assert torch.isfinite(out[0]) and out[1].isnan() and out[2] == 0
+    assert torch.isfinite(out[0]) and out[2] == 0
+    assert out[1].isnan() and out[3].isnan() and out[4].isnan()
     (g,) = torch.autograd.grad(out[0] + out[2], logits)
     assert torch.isfinite(g).all() and (g[1:] == 0).all()
 
@@ -523,6 +533,7 @@ def _stored_forward_equals_backward_kernel(device, n_rows, n_cols):
     logits = torch.randn(n_rows, n_cols, device=device) * 4
     target = _targets(n_rows, n_cols, device, ignore_frac=0.3)
     target[0] = n_cols - 1
+    target[1] = n_cols  # out of range (unchecked): a NaN loss and a zero gradient row
     scale = torch.rand(n_rows, device=device)
     loss, stats, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
     want = k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1)
@@ -531,8 +542,9 @@ def _stored_forward_equals_backward_kernel(device, n_rows, n_cols):
     loss1, stats1, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1, grad_scale=scale,
                                            dlogits=out)
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(loss1, loss)
-    torch.testing.assert_close(stats1, stats)
+    assert (out[1] == 0).all() and loss[1].isnan()
+    torch.testing.assert_close(loss1, loss, equal_nan=True)
+    torch.testing.assert_close(stats1, stats, equal_nan=True)
     assert torch.equal(logits, kept)  # not overwritten: out was given
     k.cross_entropy_fwd(logits, target, IGNORE, 0.1, grad_scale=scale)
     torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-7)

@@ -39,6 +39,21 @@ def _grads(outs, p, seed=1):
     return torch.autograd.grad(outs, leaves, gouts), [k for k, v in p.items() if v is not None]
 
 
+def test_lstm_layer_with_projection_over_several_batch_blocks_matches_fp64(device):
+    """The per-step cell and projection kernels with more than one batch block (64 rows = 2 *
+    MAX_STEP_BLOCK_B), reverse, ragged lengths: forward and every gradient."""
+    p = _make(device, torch.float32, n_steps=3, n_batch=64, n_hidden=20, proj=5)
+    lengths = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(2))
+    out = lstm_layer(*_args(p), lengths=lengths, reverse=True, backend="triton")
+    ref = lstm_layer_ref(*_args(p), lengths=lengths, reverse=True, upcast=True)
+    for name, o, r in zip(("y", "h_n", "c_n"), out, ref):
+        assert_close_to_ref(o, r, name=name)
+    g_out, names = _grads(out, p)
+    g_ref, _ = _grads(ref, p)
+    for name, a, b in zip(names, g_out, g_ref):
+        assert_close_to_ref(a, b, atol=1e-5, rtol_fp32=3e-5, name=f"d{name}")
+
+
 @pytest.mark.parametrize("proj", [0, 9])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_lstm_layer_fwd_bwd_matches_fp64_with_ragged_lengths(device, proj, reverse):
@@ -104,9 +119,11 @@ def test_lstm_persistent_kernels_equal_per_step_kernels(device, reverse):
     from fastbert.kernels import lstm as k
     gen = torch.Generator().manual_seed(5)
     r = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(device)
-    # two batch blocks; two column blocks (the second ragged), so the time-looping kernels
-    # loop over column blocks within a step
-    n_steps, n_batch, n_hidden = 5, 19, k.MAX_BLOCK_H + 8
+    # several batch blocks (64 = 2 * MAX_STEP_BLOCK_B: two for the per-step kernels, four for
+    # the time-looping ones; a per-step forward that offset its batch block by BLOCK_H went
+    # unseen at 19 rows, and at 40 its overlapping blocks still covered every row); two column
+    # blocks (the second ragged), so the time-looping kernels loop over them within a step
+    n_steps, n_batch, n_hidden = 5, 2 * k.MAX_STEP_BLOCK_B, k.MAX_BLOCK_H + 8
     xg, h0, c0, w_hh = r(n_steps, n_batch, 4 * n_hidden), r(n_batch, n_hidden), r(n_batch, n_hidden), \
         r(4 * n_hidden, n_hidden, scale=0.2)
     lengths = torch.randint(0, n_steps + 1, (n_batch,), generator=gen).to(device)
