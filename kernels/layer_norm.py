@@ -37,8 +37,7 @@ import triton.language as tl
 
 from ._common import (AotConfig, MAX_FUSED_COLS, rows_arg, unit_stride, dropout_keep, gelu_fwd,
                       gelu_grad, num_programs, on_tensor_device, row_block, row_block_configs, cdiv,
-                      row_mean,
-                      _sum_param_parts)
+                      row_mean, _sum_param_parts)
 from ._launch import launch
 
 # Programs per SM in the persistent backward: enough rows in flight per SM to cover memory

@@ -411,10 +411,10 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
             Forward results are the same either way.
         check_bounds: raise ValueError when an id is outside its table (costs one device
             sync). Off, out-of-range ids read and receive nothing (their row counts as zero)
-            and never touch memory out of bounds, on every backend. Under torch.compile and during CUDA graph
-            capture, where the host may not read device values, it runs on the device: an
-            out-of-range id fails the stream with a device-side assert (RuntimeError on the
-            CPU).
+            and never touch memory out of bounds, on every backend. Under torch.compile and
+            during CUDA graph capture, where the host may not read device values, it runs on
+            the device: an out-of-range id fails the stream with a device-side assert
+            (RuntimeError on the CPU).
         backend: "triton", "cuda", "torch" or None (see ``fastbert.ops``).
 
     Returns:

@@ -24,7 +24,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
 from torch._subclasses.fake_tensor import is_fake
 
 from ._checks import (FLOAT_DTYPES, autocast_dtype, check_eps, check_same_device, check_shape,

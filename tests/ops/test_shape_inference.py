@@ -27,8 +27,8 @@ def _cases(mk):
                  mk(torch.randn(32, 4)), mk(torch.randn(32, 8)))
     return {
         "layer_norm": (lambda: ops.layer_norm(x, w, b), (3, 32)),
-        "attention": (lambda: ops.attention(q, q, q, attention_mask=mk(torch.ones(2, 4, dtype=torch.bool))),
-                      (2, 4, 2, 16)),
+        "attention": (lambda: ops.attention(
+            q, q, q, attention_mask=mk(torch.ones(2, 4, dtype=torch.bool))), (2, 4, 2, 16)),
         "attention_varlen": (lambda: ops.attention_varlen(qv, qv, qv, cu, cu, 5, 5), (8, 2, 16)),
         "pad": (lambda: ops.pad(mk(torch.randn(5, 8)), mk(torch.tensor([0, 1, 4, 5, 6])), 2, 4),
                 (2, 4, 8)),
