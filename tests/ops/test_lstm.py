@@ -39,6 +39,23 @@ def _grads(outs, p, seed=1):
     return torch.autograd.grad(outs, leaves, gouts), [k for k, v in p.items() if v is not None]
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_lstm_layer_reverse_over_two_steps_matches_fp64(device, layer_norm):
+    """The reverse direction at T = 2 (the weight gradient pairs each step with the state
+    before it in processing order: a flip skipped for short sequences survived at T = 5-7)."""
+    p = _make(device, torch.float32, n_steps=2, n_batch=3, n_hidden=8)
+    ln = _ln_params(device, torch.float32, 8) if layer_norm else {}
+    lengths = torch.tensor([2, 1, 0])
+    out = lstm_layer(*_args(p), lengths=lengths, reverse=True, backend="triton", **ln)
+    ref = lstm_layer_ref(*_args(p), lengths=lengths, reverse=True, upcast=True, **ln)
+    both = dict(p, **ln)
+    g_out, names = _grads(out, both)
+    g_ref, _ = _grads(ref, both)
+    for name, a, b in zip(("y", "h_n", "c_n") + tuple(f"d{n}" for n in names),
+                          out + g_out, ref + g_ref):
+        assert_close_to_ref(a, b, atol=1e-5, rtol_fp32=3e-5, name=name)
+
+
 def test_lstm_layer_with_projection_over_several_batch_blocks_matches_fp64(device):
     """The per-step cell and projection kernels with more than one batch block (64 rows = 2 *
     MAX_STEP_BLOCK_B), reverse, ragged lengths: forward and every gradient."""
