@@ -23,8 +23,9 @@ peak memory. Targets (H100): fwd+bwd at least as fast as SDPA's best backend on 
 shapes; varlen >= 1.5x padded SDPA; causal forward >= 50% of the matmul rate at seq >= 2k,
 head dim 128.
 
-Cases run forward+backward first, then forward, then backward (``make gpu-check`` gives each
-script a time share and may stop it part-way).
+Cases the issue's targets judge run first (BERT and varlen forward+backward, then the causal
+forwards at seq >= 2048 and head dim 128), then the other forward+backward, forward and
+backward cases (``make gpu-check`` gives each script a time share and may stop it part-way).
 
 On CPU (CI smoke test) only the PyTorch paths run, on tiny shapes.
 """

@@ -59,7 +59,9 @@ LOSS_SCALE = 65536.0
 def _grads(loss_fn, leaves):
     def run():
         loss = loss_fn()
-        return torch.autograd.grad(loss, leaves, torch.full_like(loss, LOSS_SCALE))
+        # (2**15 for an fp16 loss: 65536 is past fp16's largest value)
+        scale = LOSS_SCALE if loss.dtype != torch.float16 else 2.0 ** 15
+        return torch.autograd.grad(loss, leaves, torch.full_like(loss, scale))
     return run
 
 

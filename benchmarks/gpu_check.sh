@@ -55,8 +55,11 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 pack() {
   if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
     # a temporary name of this shell's own (the background packer runs this too)
-    local part="$OUT/.gpu_check_results.tgz.$BASHPID"
-    tar czf "$part" -C "$R" . 2>/dev/null && mv "$part" "$OUT/gpu_check_results.tgz"
+    local part="$OUT/.gpu_check_results.tgz.$BASHPID" rc
+    # a file appended to while it is read (the bench log) makes tar exit 1: still a good
+    # archive of what was there
+    tar czf "$part" --warning=no-file-changed -C "$R" . 2>/dev/null; rc=$?
+    if [ "$rc" -le 1 ]; then mv "$part" "$OUT/gpu_check_results.tgz"; else rm -f "$part"; fi
     cp "$SUMMARY" "$OUT/.summary.$BASHPID" && mv "$OUT/.summary.$BASHPID" "$OUT/gpu_check_summary.txt"
   fi
 }
@@ -155,20 +158,26 @@ if phase_on bench; then
     case "${benches[$i]}" in *:*) ;; *) benches[$i]="${benches[$i]}:1" ;; esac
   done
   wleft=0
-  for entry in "${benches[@]}"; do wleft=$((wleft + ${entry##*:})); done
+  for entry in "${benches[@]}"; do
+    w=${entry##*:}
+    case "$w" in ''|*[!0-9]*|0) echo "FASTBERT_BENCHES: weight of '$entry' must be >= 1" >&2; exit 2 ;; esac
+    wleft=$((wleft + w))
+  done
   # while the benches run, pack every 30 s: a device call cut at its limit still brings back
   # the rows written so far (the harness writes after every timed impl)
-  ( while sleep 30; do pack; done ) &
+  # (its sleep runs in the background and is killed with it: an orphaned sleep would hold
+  # the caller's output pipe open; the EXIT trap stops it however this script ends)
+  ( trap 'kill $s 2>/dev/null; exit 0' TERM
+    while :; do sleep 30 & s=$!; wait $s; pack; done ) >/dev/null 2>&1 &
   packer=$!
+  trap 'kill $packer 2>/dev/null' EXIT
   for entry in "${benches[@]}"; do
     name=${entry%%:*}; w=${entry##*:}
     share=$(( $(left) * w / wleft )); wleft=$((wleft - w))
     if [ "$share" -lt 20 ]; then
-      # the scripts run in priority order: a short share takes what is left rather than
-      # leaving it to the scripts after it
-      if [ "$(left)" -ge 40 ]; then share=$(left); else
-        say "bench_$name: not run (no time left in the budget)"; status=1; continue
-      fi
+      # skipped: its weight leaves the pool, so the scripts after it (the last, lstm, weighs
+      # most) share its time
+      say "bench_$name: not run (no time left in the budget)"; status=1; continue
     fi
     echo "--- bench_$name (${share}s)" | tee -a "$R/gpu_bench.log"
     # cases stop starting at the share's end (and 20 s before the budget's), the process is
@@ -186,7 +195,7 @@ if phase_on bench; then
     grep -h "^Time budget\|^Incomplete" "$R/${name}_${SLUG}.md" 2>/dev/null | cut -c1-200 | tee -a "$SUMMARY"
     pack
   done
-  kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
+  kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null; trap - EXIT
 fi
 
 if phase_on profile; then

@@ -53,7 +53,7 @@ def embedding_layer_norm_ref(input_ids: Tensor, word_weight: Tensor, position_we
         ok = (ids >= 0) & (ids < table.shape[0])
         rows = F.embedding(ids.clamp(0, max(table.shape[0] - 1, 0)), table,
                            padding_idx=padding_idx)
-        return rows * ok[..., None].to(rows.dtype)
+        return torch.where(ok[..., None], rows, rows.new_zeros(()))
 
     ct = torch.float64 if (upcast or word_weight.dtype == torch.float64) else torch.float32
     out_dtype = out_dtype or word_weight.dtype

@@ -429,6 +429,19 @@ def test_embedding_layer_norm_out_of_range_ids_raise_naming_the_argument(device,
         _call(inp, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_embedding_layer_norm_unchecked_out_of_range_id_ignores_the_edge_rows(device, backend):
+    # an out-of-range id reads nothing: not even the table's last (or first) row it may be
+    # clamped to, whose inf must not turn it into NaN (0 * inf)
+    inp = make_inputs(device, 1, 4, 16, vocab=5, n_pos=9, with_types=False)
+    with torch.no_grad():
+        inp["word_weight"][4] = float("inf")
+        inp["word_weight"][0] = float("inf")
+    inp["input_ids"] = torch.tensor([[1, 5, -2, 3]], device=device)
+    y = _call(inp, backend=backend, check_bounds=False)
+    assert torch.isfinite(y).all()
+
+
 @pytest.mark.parametrize("deterministic,backend", [(False, "triton"), (True, "triton"),
                                                    (False, "torch")],
                          ids=["atomic", "deterministic", "torch"])
