@@ -213,13 +213,22 @@ def interpreter_version_error() -> Optional[str]:
     return None
 
 
+def _csrc_has_no_sources() -> bool:
+    """A checkout whose csrc/ holds no .cu / .cpp file (an installed wheel has no csrc/)."""
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "csrc")
+    return os.path.isdir(csrc) and not any(f.endswith((".cu", ".cpp")) for f in os.listdir(csrc))
+
+
+# read once, with the import probes: the resolver may ask at every op call
+_CSRC_EMPTY = _CUDA_EXT_ERROR is not None and _csrc_has_no_sources()
+
+
 def cuda_extension_error() -> Optional[str]:
     """None when the CUDA C++ extension ``fastbert._C`` imports, else why not."""
     if _CUDA_EXT_ERROR is None:
         return None
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "csrc")
-    if os.path.isdir(csrc) and not any(f.endswith((".cu", ".cpp")) for f in os.listdir(csrc)):
+    if _CSRC_EMPTY:
         return "no op has a CUDA C++ kernel yet (csrc/ holds no sources)"
     return ("the CUDA C++ extension fastbert._C is not built "
             f"({_CUDA_EXT_ERROR}); build it with "
