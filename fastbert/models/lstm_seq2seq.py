@@ -164,6 +164,11 @@ class LSTMSeq2Seq(torch.nn.Module):
     def decode_step(self, y_prev: Tensor, state: State, memory: Tensor, keys: Tensor,
                     mask: Tensor) -> Tuple[Tensor, State]:
         """One decoder step: y_prev (B,) ids -> logits (B, V) and the new state."""
+        n_batch = state[0].shape[1]
+        if not isinstance(y_prev, Tensor) or tuple(y_prev.shape) != (n_batch,):
+            got = tuple(y_prev.shape) if isinstance(y_prev, Tensor) else type(y_prev).__name__
+            raise ValueError(f"y_prev must be (batch,) = ({n_batch},) token ids (the state's "
+                             f"batch), got {got}")
         e = self.drop(self.tgt_embed(y_prev))[:, None, :]  # (B, 1, E)
         if self.attention == "bahdanau":
             ctx = self._attend(state[0][-1][:, None, :], memory, keys, mask)
@@ -195,28 +200,34 @@ class LSTMSeq2Seq(torch.nn.Module):
         for t in range(tgt_in.shape[1]):
             logits, state = self.decode_step(tgt_in[:, t], state, memory, keys, mask)
             steps.append(logits)
+        if not steps:   # an empty target: (B, 0, V), as the Luong path returns
+            return self._logits(memory[:, :0], memory[:, :0])
         return torch.stack(steps, dim=1)
 
-    def _generable(self, logits: Tensor) -> Tensor:
-        """logits (or log-probabilities) with pad_id and bos_id at -inf: a decoder never
-        generates them (a generated pad would read as the end of the output, a bos as a
-        restart)."""
-        logits = logits.clone()
-        logits[:, [self.pad_id, self.bos_id]] = float("-inf")
-        return logits
+    def _log_probs(self, logits: Tensor) -> Tensor:
+        """The decoders' log-probabilities, in at least float32 (float64 stays float64), with
+        pad_id and bos_id at -inf: a decoder never generates them (a generated pad would read
+        as the end of the output, a bos as a restart). Greedy and beam search both rank
+        these, so that a beam of one picks what greedy picks."""
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        logp = torch.log_softmax(logits.to(dtype), dim=-1)
+        logp[:, [self.pad_id, self.bos_id]] = float("-inf")
+        return logp
 
     @torch.no_grad()
     def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int = 100) -> Tensor:
-        """Argmax decoding: (B, L) ids ending with eos_id (then pad_id), L <= max_len."""
+        """Argmax decoding: (B, L) ids, L <= max_len. Each row ends with eos_id then pad_id,
+        or is cut at max_len without an eos_id."""
         check_size("max_len", max_len)
         memory, keys, mask, state = self.encode(src, src_lengths)
         n_batch = src.shape[0]
         y = torch.full((n_batch,), self.bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(n_batch, dtype=torch.bool, device=src.device)
         out = []
-        for _ in range(max_len):
+        for _ in range(max_len if n_batch else 0):
             logits, state = self.decode_step(y, state, memory, keys, mask)
-            y = self._generable(logits).argmax(-1)
+            # topk(1) rather than argmax: the op beam search ranks with (ties broken alike)
+            y = self._log_probs(logits).topk(1, dim=-1).indices[:, 0]
             y = torch.where(done, torch.full_like(y, self.pad_id), y)
             out.append(y)
             done |= y == self.eos_id
@@ -229,11 +240,16 @@ class LSTMSeq2Seq(torch.nn.Module):
     @torch.no_grad()
     def beam_search(self, src: Tensor, src_lengths: Tensor, beam_size: int = 4,
                     max_len: int = 100) -> Tuple[Tensor, Tensor]:
-        """Beam search by total log-probability (no length penalty, so beam_size=1 is greedy).
+        """Beam search by total log-probability (no length penalty, so beam_size=1 is greedy,
+        up to exact ties of the summed scores).
+
+        Hypotheses cut at max_len without an eos_id compete with the finished ones by their
+        score so far.
 
         Returns:
-            tokens (B, L) ids of the best hypothesis, ending with eos_id then pad_id;
-            scores (B,) their log-probabilities.
+            tokens (B, L) ids of the best hypothesis, ending with eos_id then pad_id (or cut
+            at max_len without one), no wider than its longest row; scores (B,) their
+            log-probabilities, in float32 (float64 for a float64 model).
         """
         if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
             raise ValueError(f"beam_size must be >= 1 (an int), got {beam_size!r}")
@@ -241,11 +257,15 @@ class LSTMSeq2Seq(torch.nn.Module):
         memory, keys, mask, (h, c) = self.encode(src, src_lengths)
         n_batch, k = src.shape[0], beam_size
         dev = src.device
+        score_dtype = torch.promote_types(memory.dtype, torch.float32)
+        if n_batch == 0:
+            return (torch.empty((0, 0), dtype=torch.long, device=dev),
+                    torch.empty((0,), dtype=score_dtype, device=dev))
         rep = lambda t, dim: t.repeat_interleave(k, dim=dim)
         memory, keys, mask = rep(memory, 0), rep(keys, 0), rep(mask, 0)
         state = (rep(h, 1), rep(c, 1))
         # only the first beam is live at the start, so the k beams do not start identical
-        scores = torch.full((n_batch, k), float("-inf"), device=dev)
+        scores = torch.full((n_batch, k), float("-inf"), dtype=score_dtype, device=dev)
         scores[:, 0] = 0.0
         y = torch.full((n_batch * k,), self.bos_id, dtype=torch.long, device=dev)
         done = torch.zeros(n_batch * k, dtype=torch.bool, device=dev)
@@ -253,7 +273,7 @@ class LSTMSeq2Seq(torch.nn.Module):
         for _ in range(max_len):
             logits, state = self.decode_step(y, state, memory, keys, mask)
             # the model's log-probabilities (the scores returned), pad and bos then ruled out
-            logp = self._generable(torch.log_softmax(logits.float(), dim=-1))  # (B*k, V)
+            logp = self._log_probs(logits).to(score_dtype)  # (B*k, V)
             n_vocab = logp.shape[-1]
             # a finished hypothesis extends only with pad at no cost
             fin = torch.full_like(logp, float("-inf"))
@@ -271,4 +291,8 @@ class LSTMSeq2Seq(torch.nn.Module):
                 break
         best = scores.argmax(-1)  # (B,)
         rows = torch.arange(n_batch, device=dev) * k + best
-        return tokens[rows], scores.gather(1, best[:, None])[:, 0]
+        tokens = tokens[rows]
+        # the k beams ran until the last of them finished: drop the columns past the longest
+        # returned row (pad only; pad is never generated)
+        width = int((tokens != self.pad_id).sum(1).max()) if tokens.numel() else 0
+        return tokens[:, :width], scores.gather(1, best[:, None])[:, 0]

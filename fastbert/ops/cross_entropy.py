@@ -466,6 +466,37 @@ def _mlm_backward(ctx, dloss, ddh, ddw, ddb, dsel, dinfo):
 _masked_lm_loss_fwd.register_autograd(_mlm_backward, setup_context=_mlm_setup)
 
 
+# FLOPs for torch.utils.flop_counter.FlopCounterMode (MFU estimates), counted as torch counts
+# the matmuls the op runs inside: the projection of the n masked rows (2 n H V), and each
+# gradient GEMM (dhidden, dweight: 2 n H V apiece) where it runs -- in the forward when it
+# stores the gradients, else in the backward after recomputing the projection. The
+# cross-entropy itself counts 0, as F.cross_entropy does. n is read from the labels (forward;
+# a host sync, as FlopCounterMode's own count of packed attention) or the forward's count,
+# which lies on the host (backward); its bound, every row, under fake tensors.
+def _mlm_gemm_flops(n: int, weight: Tensor, n_gemms: int) -> int:
+    vocab, hidden = weight.shape
+    return 2 * n * hidden * vocab * n_gemms
+
+
+try:
+    from torch.utils.flop_counter import register_flop_formula as _flops_formula
+except ImportError:  # pragma: no cover - a torch without the FLOP counter
+    _flops_formula = None
+if _flops_formula is not None:
+    @_flops_formula(torch.ops.fastbert.masked_lm_loss_fwd, get_raw=True)
+    def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, need_dhidden,
+          need_dweight, need_dbias, *args, out_shape=None, **kwargs) -> int:
+        n = int((labels != ignore_index).sum()) if has_values(labels) else labels.numel()
+        stored = stores_grads(hidden.dtype, reduction)
+        return _mlm_gemm_flops(n, weight, 1 + stored * (bool(need_dhidden) + bool(need_dweight)))
+
+    @_flops_formula(torch.ops.fastbert.masked_lm_loss_bwd, get_raw=True)
+    def _(grad, hidden, weight, bias, sel, info, ignore_index, label_smoothing, reduction,
+          need_dhidden, need_dweight, *args, out_shape=None, **kwargs) -> int:
+        n = int(info[0]) if has_values(info) else sel.shape[0] // 2
+        return _mlm_gemm_flops(n, weight, 1 + bool(need_dhidden) + bool(need_dweight))
+
+
 # ----------------------------------------------------------------------------------------
 # public API
 

@@ -274,6 +274,45 @@ def _ln_recurrence_backward(ctx, dy, dh_n, dc_n, *unused):
 _ln_lstm_recurrence_fwd.register_autograd(_ln_recurrence_backward, setup_context=_ln_recurrence_setup)
 
 
+# FLOPs for torch.utils.flop_counter.FlopCounterMode (MFU estimates), counted as torch counts
+# its own LSTM's matmuls: per step the recurrent GEMM h @ W_hh^T (2 B 4H S, S the state size:
+# hidden, or proj_size with a projection) and the projection r @ W_hr^T (2 B P H); the
+# backward twice that (the state gradient through W_hh, W_hr and the weight gradients). Every
+# step of the padded (T, B) input counts, as the kernels run them (torch counts the same for
+# padded input; for a PackedSequence it runs, and counts, only the valid rows). The input
+# projection is the caller's GEMM, which FlopCounterMode sees itself; the LayerNorms count 0.
+def _recurrence_flops(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor]) -> int:
+    n_steps, n_batch, n_gates = xg.shape
+    flops = 2 * n_batch * n_gates * w_hh.shape[1]
+    if w_hr is not None:
+        flops += 2 * n_batch * w_hr.shape[0] * w_hr.shape[1]
+    return n_steps * flops
+
+
+try:
+    from torch.utils.flop_counter import register_flop_formula as _flops_formula
+except ImportError:  # pragma: no cover - a torch without the FLOP counter
+    _flops_formula = None
+if _flops_formula is not None:
+    @_flops_formula(torch.ops.fastbert.lstm_recurrence_fwd, get_raw=True)
+    def _(xg, h0, c0, w_hh, w_hr, *args, out_shape=None, **kwargs) -> int:
+        return _recurrence_flops(xg, w_hh, w_hr)
+
+    @_flops_formula(torch.ops.fastbert.ln_lstm_recurrence_fwd, get_raw=True)
+    def _(xg, h0, c0, w_hh, w_hr, *args, out_shape=None, **kwargs) -> int:
+        return _recurrence_flops(xg, w_hh, w_hr)
+
+    @_flops_formula(torch.ops.fastbert.lstm_recurrence_bwd, get_raw=True)
+    def _(dy, dh_n, dc_n, w_hh, w_hr, lengths, hs, cs, gates, *args, out_shape=None,
+          **kwargs) -> int:
+        return 2 * _recurrence_flops(gates, w_hh, w_hr)
+
+    @_flops_formula(torch.ops.fastbert.ln_lstm_recurrence_bwd, get_raw=True)
+    def _(dy, dh_n, dc_n, w_hh, w_hr, g_hh, g_c, b_c, lengths, hs, cs, gates, *args,
+          out_shape=None, **kwargs) -> int:
+        return 2 * _recurrence_flops(gates, w_hh, w_hr)
+
+
 # ----------------------------------------------------------------------------------------
 # public API
 

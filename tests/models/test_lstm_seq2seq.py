@@ -190,3 +190,54 @@ def test_seq2seq_bad_arguments_raise():
         model(torch.tensor([[3, 4]]), torch.tensor([0]), torch.tensor([[BOS]]))
     with pytest.raises(ValueError, match="beam_size must be >= 1"):
         model.beam_search(torch.tensor([[3, 4]]), torch.tensor([2]), beam_size=0)
+    with pytest.raises(ValueError, match=r"y_prev must be \(batch,\)"):
+        memory, keys, mask, state = model.encode(torch.tensor([[3, 4]]), torch.tensor([2]))
+        model.decode_step(torch.tensor([BOS, BOS]), state, memory, keys, mask)
+
+
+@pytest.mark.parametrize("dtype,favoured", [(torch.float32, 0.0), (torch.float64, 1e-12)])
+def test_seq2seq_beam_size_one_equals_greedy_at_ties(dtype, favoured):
+    """At an exact tie (float32) or a gap below float32's resolution (a float64 model), a beam
+    of one picks what greedy picks (beam search ranked float32 log-probabilities with topk,
+    greedy the raw logits with argmax: they disagreed), and a float64 model's scores stay
+    float64."""
+    model = _model("luong").to(dtype)
+    with torch.no_grad():
+        model.out.weight.zero_()
+        model.out.bias.fill_(-5.0)
+        model.out.bias[3] = 1.0 + favoured   # 3 over 4 when favoured, else an exact tie
+        model.out.bias[4] = 1.0
+    src, lengths = torch.tensor([[3, 4, 5], [5, 6, 0]]), torch.tensor([3, 2])
+    greedy = model.greedy_decode(src, lengths, max_len=2)
+    beam, scores = model.beam_search(src, lengths, beam_size=1, max_len=2)
+    assert torch.equal(beam, greedy)
+    if favoured:
+        assert (greedy == 3).all()
+    assert scores.dtype == dtype
+
+
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_seq2seq_empty_target_and_empty_batch(attention):
+    """An empty target gives (B, 0, V) logits with either attention (Bahdanau raised in
+    torch.stack); an empty batch decodes to (0, 0) tokens (one step ran first: (0, 1))."""
+    model = _model(attention)
+    src, lengths, tgt_in, _ = copy_batch(2, torch.Generator().manual_seed(5))
+    assert model(src, lengths, tgt_in[:, :0]).shape == (2, 0, VOCAB + 3)
+    assert model.greedy_decode(src[:0], lengths[:0], max_len=3).shape == (0, 0)
+    tokens, scores = model.beam_search(src[:0], lengths[:0], beam_size=2, max_len=3)
+    assert tokens.shape == (0, 0) and scores.shape == (0,)
+
+
+def test_seq2seq_beam_search_output_is_no_wider_than_its_longest_row():
+    """The k beams run until the last one finishes; the returned best rows are cut to the
+    longest of them, not padded to that step (a beam wider than the generable tokens kept
+    -inf beams going to max_len)."""
+    model = _model("luong")
+    with torch.no_grad():
+        model.out.bias[EOS] += 100.0   # every hypothesis but eos is far behind
+    src, lengths, _, _ = copy_batch(3, torch.Generator().manual_seed(6))
+    greedy = model.greedy_decode(src, lengths, max_len=6)
+    assert greedy.shape == (3, 1) and (greedy == EOS).all()
+    for beam_size in (3, VOCAB + 10):
+        tokens, _ = model.beam_search(src, lengths, beam_size=beam_size, max_len=6)
+        assert torch.equal(tokens, greedy)

@@ -546,3 +546,32 @@ def test_lstm_torch_compat_details():
         LSTM(0, 5)
     with pytest.raises(ValueError, match="eps"):
         LayerNormLSTM(3, 5, eps=-1.0)
+
+
+@pytest.mark.parametrize("module", [LSTM, LayerNormLSTM])
+@pytest.mark.parametrize("kw", [dict(), dict(proj_size=3, bidirectional=True, num_layers=2)],
+                         ids=["plain", "proj_bidir_2layers"])
+def test_flop_counter_mode_counts_every_matmul(module, kw):
+    """FlopCounterMode (MFU estimates) counts the recurrent GEMMs run inside the kernels'
+    custom ops (it counted only the input projections: half an LSTM's matmuls or less): per
+    layer, direction and step 2 B 4H (I + S) forward, S the state size, plus 2 B P H for a
+    projection; the backward twice that."""
+    from torch.utils.flop_counter import FlopCounterMode
+    n_in, n_hidden, n_steps, n_batch = 5, 8, 4, 3
+    m = module(n_in, n_hidden, backend="triton", **kw)
+    x = torch.randn(n_steps, n_batch, n_in, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        out = m(x)[0]
+    fwd = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        out.sum().backward()
+    dirs = 2 if kw.get("bidirectional") else 1
+    proj = kw.get("proj_size", 0)
+    state = proj or n_hidden
+    want = 0
+    for layer in range(kw.get("num_layers", 1)):
+        inputs = n_in if layer == 0 else state * dirs
+        step = 2 * n_batch * 4 * n_hidden * (inputs + state) + 2 * n_batch * proj * n_hidden
+        want += dirs * n_steps * step
+    assert fwd == want
+    assert fc.get_total_flops() == 2 * want

@@ -1432,3 +1432,36 @@ def test_cross_entropy_stored_gradient_with_an_in_range_ignore_index(stored_ce, 
     torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
     assert a.grad[t == 0].abs().max() == 0
     torch.testing.assert_close(a.grad.double(), r.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,reduction", [(torch.float32, "mean"), (torch.float32, "none"),
+                                             (torch.float16, "sum")])
+def test_masked_lm_loss_flop_counter_mode_counts_its_gemms(device, dtype, reduction):
+    """FlopCounterMode (MFU estimates) counts masked_lm_loss's matmuls, which run inside its
+    custom ops (it counted 0): the projection of the n masked rows and the dhidden and dweight
+    GEMMs, 2 n H V each, in the forward where it stores the gradients (float32 "mean" / "sum"),
+    else in the backward after recomputing the projection (2 n H V more)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from fastbert.ops.cross_entropy import stores_grads
+    hidden = torch.randn(2, 6, 16, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(40, 16, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(40, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.full((2, 6), -100, device=device)
+    labels[0, 1], labels[1, 4], labels[1, 5] = 3, 7, 0
+    gemm = 2 * 3 * 16 * 40
+    with FlopCounterMode(display=False) as fc:
+        loss = masked_lm_loss(hidden, weight, bias, labels, reduction=reduction,
+                              backend="triton")
+    fwd = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        loss.sum().backward()
+    if stores_grads(dtype, reduction):
+        assert (fwd, fc.get_total_flops()) == (3 * gemm, 0)
+    else:
+        assert (fwd, fc.get_total_flops()) == (gemm, 3 * gemm)
+    # without a weight gradient, one GEMM fewer
+    weight.requires_grad_(False)
+    with FlopCounterMode(display=False) as fc:
+        masked_lm_loss(hidden, weight, bias, labels, reduction=reduction,
+                       backend="triton").sum().backward()
+    assert fc.get_total_flops() == (2 if stores_grads(dtype, reduction) else 3) * gemm
