@@ -137,6 +137,7 @@ def _dropout_mask_kernel(seed_ptr, mask_ptr, n_rows, n_cols, p, BLOCK_N: tl.cons
         tl.store(mask_ptr + row * n_cols + c, keep.to(tl.int8), mask=c < n_cols)
 
 
+@on_tensor_device
 def dropout_mask(seed: torch.Tensor, n_rows: int, n_cols: int, p: float) -> torch.Tensor:
     """The keep-mask (bool, (n_rows, n_cols)) that row-wise kernels draw for ``seed``.
 

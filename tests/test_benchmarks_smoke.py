@@ -114,14 +114,14 @@ def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
-def test_profile_overhead_cases_build_and_the_cheap_ones_run_on_cpu():
+def test_profile_overhead_cases_build_and_the_cheap_ones_run(device):
     """benchmarks/profile_overhead.py (the gpu-check profile phase) builds every case, runs the
     one-launch and autograd floor cases, and the cases gpu_check.sh cProfiles exist."""
     import re
     from pathlib import Path
 
     from benchmarks import profile_overhead
-    cases = profile_overhead.cases("cpu")
+    cases = profile_overhead.cases(device.type)
     for name in ("torch add (one launch)", "triton launch, 3 args", "fastbert launch, 3 args",
                  "autograd.Function fwd+bwd (one op each)", "torch.empty (8192, 768) bf16"):
         cases[name]()

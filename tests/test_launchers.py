@@ -1,6 +1,7 @@
 """Every kernel launcher runs on its inputs' GPU (kernels._common.on_tensor_device)."""
 import importlib
 import inspect
+import re
 
 import pytest
 import torch
@@ -8,15 +9,23 @@ import torch
 from tests.aot_compile import kernel_modules
 
 
+def _launches(fn) -> bool:
+    """Whether ``fn``'s own code launches a kernel (Triton's ``kernel[grid](...)``, or
+    ``launch`` / ``bind`` from kernels/_launch.py)."""
+    src = inspect.getsource(inspect.unwrap(fn))
+    return bool(re.search(r"\b(launch|bind)\(|_kernel\[[^\]]*\]\(", src))
+
+
 def _launchers():
+    """Every public function of the kernel modules that launches a kernel itself, and
+    linear_cross_entropy (through helpers)."""
     out = []
-    for name in kernel_modules():
+    for name in kernel_modules() + ["_common"]:
         mod = importlib.import_module(f"fastbert.kernels.{name}")
         for fn_name, fn in vars(mod).items():
             if (inspect.isfunction(fn) and fn.__module__ == mod.__name__
                     and not fn_name.startswith("_")
-                    and (fn_name.endswith(("_fwd", "_bwd")) or fn_name in (
-                        "attention_dropout_mask", "linear_cross_entropy"))):
+                    and (_launches(fn) or fn_name == "linear_cross_entropy")):
                 out.append((f"{name}.{fn_name}", fn))
     return out
 

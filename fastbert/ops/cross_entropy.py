@@ -44,14 +44,19 @@ def _label_error(name: str, n_classes: int, ignore_index: int, value: int,
                       f"(pass check_labels=False to skip this check, which syncs the host)")
 
 
+def _capturing(t: Tensor) -> bool:
+    """Whether ``t``'s CUDA stream is being captured into a CUDA graph (torch.cuda.graph,
+    torch.compile's mode="reduce-overhead"), where a host read of a device value is illegal."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _check_label_range(name: str, labels: Tensor, n_classes: int, ignore_index: int) -> None:
     """Raise if a label other than ignore_index lies outside [0, n_classes). Syncs the host;
     under torch.compile or CUDA-graph capture the check runs on the device instead (a
     device-side assert: no graph break), and fake / meta labels hold no values to check."""
     flat = labels.reshape(-1)
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_classes))
-    if torch.compiler.is_compiling() or (labels.is_cuda
-                                         and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or _capturing(labels):
         torch._assert_async(~bad.any(), f"{name} must hold class indices in [0, {n_classes}) "
                                         f"or ignore_index={ignore_index}")
         return
@@ -138,7 +143,12 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
     loss, stats, count = k.cross_entropy_fwd(
         _rows(logits), target, ignore_index, label_smoothing, grad_scale=scale, dlogits=dlogits,
         count=grad_count, reduction=reduction, loss_dtype=out_dtype, check_labels=check_labels)
-    if check_labels:
+    if check_labels and _capturing(count):
+        # no host read while a CUDA graph is captured: the check runs on the device (a
+        # device-side assert, which names no row)
+        torch._assert_async(count >= 0, f"target must hold class indices in "
+                                         f"[0, {logits.shape[1]}) or ignore_index={ignore_index}")
+    elif check_labels:
         # the host's one sync: after the forward's launches, not before them
         found = int(count)
         if found < 0:
@@ -281,6 +291,11 @@ def _select_masked(labels: Tensor, ignore_index: int, n_classes: int, check_labe
     (int64), views of ``sel``, and ``info`` = (their count, first out-of-range row) on the host,
     as ``select_rows`` writes them. One launch and the host's one sync (the count sets the
     shapes of what follows); raises for an out-of-range label with ``check_labels``."""
+    if _capturing(labels):
+        raise RuntimeError(
+            "masked_lm_loss cannot be captured in a CUDA graph (torch.cuda.graph, "
+            "torch.compile mode='reduce-overhead'): it reads the number of masked tokens on the "
+            "host, which sets the shapes of what follows; call it outside the captured region")
     k = kernel_module("cross_entropy")
     sel, info = k.select_rows(labels, ignore_index, n_classes, check_labels)
     # the count and the label check in one read; on the host, the backward reads it again
@@ -558,10 +573,10 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
         ignore_index: target value whose rows contribute neither loss nor gradient.
         label_smoothing: in [0, 1], torch's definition (mixes in the uniform distribution).
         reduction: "mean", "sum" or "none" (a loss per row).
-        check_labels: raise ValueError when a target is out of range (syncs the host; under
-            torch.compile and CUDA graph capture the torch backend checks on the device
-            instead: a device-side assert, RuntimeError on the CPU). With False an
-            out-of-range target is never used as an address: its row's loss is NaN.
+        check_labels: raise ValueError when a target is out of range (syncs the host; while a
+            CUDA graph is captured, and under torch.compile on the torch backend, the check
+            runs on the device instead: a device-side assert, RuntimeError on the CPU). With
+            False an out-of-range target is never used as an address: its row's loss is NaN.
         backend: "triton", "torch" or None (see ``fastbert.ops``).
 
     Returns:
@@ -636,6 +651,9 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
 
     Under autocast, hidden, weight and bias are cast to the autocast dtype first (as
     ``nn.Linear`` would be).
+
+    The Triton backend reads the number of masked tokens on the host (it sets the shapes of
+    what follows): it cannot be captured in a CUDA graph (raises RuntimeError).
 
     With reduction "mean" or "sum" in float32 / bfloat16 the gradients are computed in the
     forward, in hidden's dtype, and the backward multiplies them by the incoming gradient:

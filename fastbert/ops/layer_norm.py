@@ -165,12 +165,15 @@ def _out_dtype(x: Tensor, residual: Optional[Tensor]) -> torch.dtype:
     # list there; CPU autocast leaves it in the input dtype): do the same, without
     # materializing fp32 copies of the inputs (the kernel computes in fp32 anyway). Else the
     # dtype of x + residual in PyTorch: a float32 residual stream stays float32 when x (a
-    # sublayer's bf16 output, say) is narrower.
-    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.float32
+    # sublayer's bf16 output, say) is narrower. Autocast leaves float64 alone (torch's rule).
     if residual is None or residual.dtype is x.dtype:
-        return x.dtype
-    return torch.promote_types(x.dtype, residual.dtype)
+        dtype = x.dtype
+    else:
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+    if (dtype is not torch.float64 and x.device.type == "cuda"
+            and torch.is_autocast_enabled("cuda")):
+        return torch.float32
+    return dtype
 
 
 def _layer_norm_impl(op, x, weight, bias, eps, residual, x_bias, dropout_p, training,

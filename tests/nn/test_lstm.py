@@ -499,15 +499,15 @@ def test_unpack_and_repack_edge_lengths(lengths):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("layer_norm", [False, True])
-def test_lstm_nan_padding_past_lengths_changes_nothing(backend, layer_norm):
+def test_lstm_nan_padding_past_lengths_changes_nothing(backend, layer_norm, device):
     """The padding past each length is never used: NaN / inf there give the same outputs and
     gradients (all finite) as zero padding. The input projection's weight gradient sums over
     every step, so the padding must be zeroed before it, not only skipped by the recurrence."""
     torch.manual_seed(0)
     cls = LayerNormLSTM if layer_norm else LSTM
-    model = cls(6, 8, num_layers=2, bidirectional=True, backend=backend)
+    model = cls(6, 8, num_layers=2, bidirectional=True, backend=backend).to(device)
     lengths = torch.tensor([5, 3, 1])
-    x = torch.randn(5, 3, 6)
+    x = torch.randn(5, 3, 6, device=device)
     poisoned = x.clone()
     poisoned[3:, 1] = float("nan")
     poisoned[1:, 2] = float("inf")
@@ -551,15 +551,15 @@ def test_lstm_torch_compat_details():
 @pytest.mark.parametrize("module", [LSTM, LayerNormLSTM])
 @pytest.mark.parametrize("kw", [dict(), dict(proj_size=3, bidirectional=True, num_layers=2)],
                          ids=["plain", "proj_bidir_2layers"])
-def test_flop_counter_mode_counts_every_matmul(module, kw):
+def test_flop_counter_mode_counts_every_matmul(module, kw, device):
     """FlopCounterMode (MFU estimates) counts the recurrent GEMMs run inside the kernels'
     custom ops (it counted only the input projections: half an LSTM's matmuls or less): per
     layer, direction and step 2 B 4H (I + S) forward, S the state size, plus 2 B P H for a
     projection; the backward twice that."""
     from torch.utils.flop_counter import FlopCounterMode
     n_in, n_hidden, n_steps, n_batch = 5, 8, 4, 3
-    m = module(n_in, n_hidden, backend="triton", **kw)
-    x = torch.randn(n_steps, n_batch, n_in, requires_grad=True)
+    m = module(n_in, n_hidden, backend="triton", **kw).to(device)
+    x = torch.randn(n_steps, n_batch, n_in, device=device, requires_grad=True)
     with FlopCounterMode(display=False) as fc:
         out = m(x)[0]
     fwd = fc.get_total_flops()

@@ -1369,7 +1369,7 @@ def test_cross_entropy_bwd_writes_over_the_logits_as_into_a_new_tensor(device, n
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_losses_take_float64_on_the_torch_backend_and_gradcheck(reduction):
+def test_losses_take_float64_on_the_torch_backend_and_gradcheck(reduction, device):
     """float64 (a .double() model, gradcheck) runs on the PyTorch reference, as torch's own
     cross_entropy; the kernels refuse it by name."""
     gen = torch.Generator().manual_seed(3)
@@ -1388,10 +1388,13 @@ def test_losses_take_float64_on_the_torch_backend_and_gradcheck(reduction):
     assert torch.autograd.gradcheck(
         lambda h, w, b: masked_lm_loss(h, w, b, labels, reduction=reduction, backend="torch"),
         (hidden, weight, bias))
+    # the kernels' refusal, on the device they run on (CPU tensors on a GPU machine are
+    # refused first for their device)
+    on = lambda *ts: [t.detach().to(device) for t in ts]
     with pytest.raises(BackendUnavailable, match="logits is float64; the kernels take"):
-        cross_entropy(logits.detach(), target, backend="triton")
+        cross_entropy(*on(logits, target), backend="triton")
     with pytest.raises(BackendUnavailable, match="hidden is float64; the kernels take"):
-        masked_lm_loss(hidden.detach(), weight.detach(), bias.detach(), labels, backend="triton")
+        masked_lm_loss(*on(hidden, weight, bias, labels), backend="triton")
 
 
 def test_losses_leave_float64_alone_under_autocast():
@@ -1465,3 +1468,61 @@ def test_masked_lm_loss_flop_counter_mode_counts_its_gemms(device, dtype, reduct
         masked_lm_loss(hidden, weight, bias, labels, reduction=reduction,
                        backend="triton").sum().backward()
     assert fc.get_total_flops() == (2 if stores_grads(dtype, reduction) else 3) * gemm
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_label_check_reads_nothing_while_a_cuda_graph_is_captured(
+        device, monkeypatch, reduction):
+    """While a CUDA graph is captured (torch.cuda.graph, torch.compile's reduce-overhead) a host
+    read is illegal, and the kernels' label check read the count (CUDA's "operation not
+    permitted when stream is capturing"): it asserts on the device there instead. masked_lm_loss,
+    whose shapes come from a host read, says it cannot be captured."""
+    monkeypatch.setattr(ops_ce, "_capturing", lambda t: True)
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: pytest.fail("read on the host"))
+    asserted = []
+    real_assert = torch._assert_async
+    monkeypatch.setattr(torch, "_assert_async",
+                        lambda cond, msg: asserted.append(msg) or real_assert(cond, msg))
+    logits = torch.randn(6, 11, device=device, requires_grad=True)
+    target = torch.tensor([0, 10, IGNORE, 3, 3, 7], device=device)
+    loss = cross_entropy(logits, target, reduction=reduction, backend="triton")
+    loss.sum().backward()
+    assert asserted and "target must hold class indices in [0, 11)" in asserted[0]
+    monkeypatch.undo()
+    torch.testing.assert_close(loss, F.cross_entropy(logits.detach(), target,
+                                                     reduction=reduction, ignore_index=IGNORE))
+    monkeypatch.setattr(ops_ce, "_capturing", lambda t: True)
+    if device.type == "cpu":   # the device assert of an out-of-range target raises at once
+        with pytest.raises(RuntimeError):
+            cross_entropy(logits, target.masked_fill(target == 7, 11), backend="triton")
+    hidden, weight, bias, labels = _mlm_inputs((2, 5), 8, 11, torch.float32, device)
+    with pytest.raises(RuntimeError, match="masked_lm_loss cannot be captured in a CUDA graph"):
+        masked_lm_loss(hidden, weight, bias, labels, backend="triton")
+
+
+@pytest.mark.gpu
+def test_cross_entropy_captured_in_a_cuda_graph_replays_like_eager():
+    """The default call (check_labels=True, auto backend: the kernels on CUDA), forward and
+    backward, captured in a CUDA graph and replayed on new logits, equals eager."""
+    logits = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, 1000, (64,), device="cuda")
+    target[::7] = IGNORE
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm up (compiles) outside the capture
+        cross_entropy(logits, target).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    logits.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = cross_entropy(logits, target)
+        loss.backward()
+    with torch.no_grad():
+        logits.copy_(torch.randn_like(logits))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = logits.detach().clone().requires_grad_()
+    want = cross_entropy(ref, target)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(logits.grad, ref.grad)

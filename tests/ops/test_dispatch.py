@@ -156,17 +156,16 @@ def test_use_backend_is_process_wide_and_blocks_close_in_any_order(monkeypatch):
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpoint_recomputation_keeps_the_forwards_backend(monkeypatch, reentrant):
+def test_checkpoint_recomputation_keeps_the_forwards_backend(monkeypatch, reentrant, device):
     """Activation checkpointing recomputes the forward in backward, after the use_backend block
     closed: with fastbert.checkpoint_context_fn (non-reentrant) or backend= (both modes) the
     recomputation takes the same backend, so its dropout masks and gradients equal those
     without checkpointing."""
     from torch.utils.checkpoint import checkpoint
     monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
-    x = torch.randn(6, 32, requires_grad=True)
-    w, b, g = torch.randn(32), torch.randn(32), torch.randn(6, 32)
+    x = torch.randn(6, 32, device=device, requires_grad=True)
+    w, b, g = (torch.randn(*s, device=device) for s in ((32,), (32,), (6, 32)))
 
     def grad_of(fn, **kw):
         x.grad = None
@@ -271,10 +270,9 @@ def test_scalar_checks_accept_and_reject_as_before():
         "b is float64; the kernels take float32/float16/bfloat16")
 
 
-def test_use_backend_inside_a_compiled_function_traces_without_a_break(monkeypatch):
+def test_use_backend_inside_a_compiled_function_traces_without_a_break(monkeypatch, device):
     monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    x, w = torch.randn(4, 32), torch.randn(32)
+    x, w = torch.randn(4, 32, device=device), torch.randn(32, device=device)
 
     def f(x):
         with fastbert.use_backend("triton"):
@@ -285,13 +283,13 @@ def test_use_backend_inside_a_compiled_function_traces_without_a_break(monkeypat
     assert _dispatch.requested_backend(None) is None
 
 
-def test_checkpoint_context_fn_serves_more_than_one_recomputation(monkeypatch):
+def test_checkpoint_context_fn_serves_more_than_one_recomputation(monkeypatch, device):
     """backward(retain_graph=True) twice (or autograd.grad twice) recomputes twice: the
     context it hands checkpoint is entered once per recomputation."""
     from torch.utils.checkpoint import checkpoint
     monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    x, w = torch.randn(6, 32, requires_grad=True), torch.randn(32)
+    x = torch.randn(6, 32, device=device, requires_grad=True)
+    w = torch.randn(32, device=device)
     torch.manual_seed(0)
     with fastbert.use_backend("triton"):
         y = checkpoint(lambda t: ops.layer_norm(t, w, None, dropout_p=0.3), x,
@@ -341,13 +339,13 @@ def test_a_block_inside_a_compiled_function_leaves_other_threads_blocks_alone(mo
     assert errors == [] and _dispatch.requested_backend(None) is None
 
 
-def test_torch_func_grad_transforms_take_the_reference_or_say_why(monkeypatch):
+def test_torch_func_grad_transforms_take_the_reference_or_say_why(monkeypatch, device):
     """torch.func.grad / jvp cannot differentiate the kernels (their autograd.Function has no
     functorch rule): auto picks the PyTorch reference, an explicit kernel backend says to use
     backend='torch' (it raised torch's generic autograd.Function error), also with a vmap
     inside the grad. vmap alone still reaches the kernels."""
     from fastbert.ops import BackendUnavailable
-    x = torch.randn(3, 32)
+    x = torch.randn(3, 32, device=device)
     f = lambda bk: (lambda t: ops.layer_norm(t, None, None, backend=bk).square().sum())
     fv = lambda bk: (lambda t: torch.func.vmap(f(bk))(t[:, None]).sum())
     for fn in (f, fv):

@@ -194,10 +194,10 @@ def _guard(name, monkeypatch):
 
 
 @pytest.mark.parametrize("guard", ["dispatch_mode", "function_mode", "compiling_flag"])
-def test_each_guard_alone_sends_calls_to_the_custom_op(monkeypatch, guard):
+def test_each_guard_alone_sends_calls_to_the_custom_op(monkeypatch, guard, device):
     # FastOp.__call__ inlines _modes_active: both must refuse the direct path under each guard
     fwd = _spy(monkeypatch, ops_layer_norm._layer_norm_fwd)
-    x, w, b = (t.detach() for t in _inputs("cpu"))
+    x, w, b = (t.detach() for t in _inputs(device))
     args = (x, w, b, None, None, None, 1e-5, 0.0, "none", torch.float32)
     assert _fastop.direct_call_ok(args)
     with _guard(guard, monkeypatch):
@@ -240,12 +240,12 @@ def test_scan_finds_subclasses_and_grad_inside_lists():
     assert not _fastop.direct_call_ok((t, [t, _Sub(t)]))
 
 
-def test_direct_call_under_no_grad_gives_no_graph_and_skips_the_function(monkeypatch):
+def test_direct_call_under_no_grad_gives_no_graph_and_skips_the_function(monkeypatch, device):
     applied = []
     fwd = ops_layer_norm._layer_norm_fwd
     real = fwd._function.apply
     monkeypatch.setattr(fwd._function, "apply", lambda *a: applied.append(1) or real(*a))
-    x, w, b = _inputs("cpu")
+    x, w, b = _inputs(device)
     args = (x, w, b, None, None, None, 1e-5, 0.0, "none", torch.float32)
     with torch.no_grad():
         y, _, _ = fwd(*args)

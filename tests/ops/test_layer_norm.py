@@ -1,5 +1,7 @@
 """fastbert.ops.layer_norm / gelu_layer_norm: the Triton kernels (interpreter on CPU, compiled
 on GPU) and the torch reference against an fp64 reference, forward and every gradient."""
+import sys
+
 import pytest
 import torch
 import torch._dynamo
@@ -229,6 +231,28 @@ def test_layer_norm_autocast_output_dtype_like_torch(device):
     # CUDA autocast: layer_norm runs in and returns fp32; CPU autocast keeps bf16
     assert y.dtype == ref.dtype == (torch.float32 if device.type == "cuda" else torch.bfloat16)
     assert_close_to_ref(y, ops.layer_norm_ref(x.double(), w.double(), None), ref, atol=1e-3)
+
+
+def test_layer_norm_autocast_leaves_float64_alone(device, monkeypatch):
+    """Autocast never casts float64 (torch's rule): F.layer_norm of a .double() model stays
+    float64 under autocast; fastbert's returned float32 under CUDA autocast."""
+    x = torch.randn(4, 64, dtype=torch.float64, device=device)
+    w = torch.randn(64, dtype=torch.float64, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ref = F.layer_norm(x, (64,), w, None)
+        y = ops.layer_norm(x, w, None)
+        y_res = ops.layer_norm(x.float(), w, None, residual=x)
+    assert y.dtype == ref.dtype == y_res.dtype == torch.float64
+    torch.testing.assert_close(y, ref)
+    # the CUDA rule itself, on any machine: float32 unless x + residual is float64
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: True)
+    cuda = lambda dt: SimpleNamespace(dtype=dt, device=torch.device("cuda"))
+    out_dtype = sys.modules["fastbert.ops.layer_norm"]._out_dtype
+    assert out_dtype(cuda(torch.float64), None) == torch.float64
+    assert out_dtype(cuda(torch.float32), cuda(torch.float64)) == torch.float64
+    assert out_dtype(cuda(torch.bfloat16), None) == torch.float32
+    assert out_dtype(cuda(torch.bfloat16), cuda(torch.float32)) == torch.float32
 
 
 def test_layer_norm_empty_rows_give_zero_parameter_grads(device, poisoned_empty):

@@ -1148,15 +1148,15 @@ def test_lstm_gpu_coop_time_loop_equals_per_step_kernels(monkeypatch, n_steps, n
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_lstm_recurrence_backward_returns_the_dtypes_its_fake_promises(dtype):
+def test_lstm_recurrence_backward_returns_the_dtypes_its_fake_promises(dtype, device):
     """dh0 (and every gradient) in the inputs' dtype, as the registered fake says: eager
     autograd would cast a float32 dh0 silently, torch.compile and opcheck would not."""
     torch.manual_seed(0)
     T, B, H = 3, 2, 16
-    xg = torch.randn(T, B, 4 * H).to(dtype)
-    h0, c0 = torch.randn(B, H).to(dtype), torch.randn(B, H).to(dtype)
-    w_hh = (torch.randn(4 * H, H) * 0.2).to(dtype)
-    lengths = torch.tensor([3, 1])
+    xg = torch.randn(T, B, 4 * H).to(device, dtype)
+    h0, c0 = torch.randn(B, H).to(device, dtype), torch.randn(B, H).to(device, dtype)
+    w_hh = (torch.randn(4 * H, H) * 0.2).to(device, dtype)
+    lengths = torch.tensor([3, 1], device=device)
     y, h_n, c_n, hs, cs, gates, rs = _lstm_recurrence_fwd(xg, h0, c0, w_hh, None, lengths, False)
     bargs = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), w_hh, None,
              lengths, hs, cs, gates, rs, False)
