@@ -577,6 +577,11 @@ def unpad(x: Tensor, attention_mask: Tensor) -> Tuple[Tensor, Tensor, Tensor, in
                          f"{tuple(x.shape[:2])} (x's first two dimensions), "
                          f"got {tuple(attention_mask.shape)}")
     check_same_device(x=x, attention_mask=attention_mask)
+    if attention_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "unpad cannot be captured in a CUDA graph (torch.cuda.graph, torch.compile "
+            "mode='reduce-overhead'): the number of tokens and max_seqlen it returns are read "
+            "on the host; call it outside the captured region and pass its results in")
     keep = attention_mask != 0
     seqlens = keep.sum(-1, dtype=torch.int32)
     indices = torch.nonzero(keep.flatten()).flatten()

@@ -1103,3 +1103,15 @@ def test_flop_counter_mode_counts_the_kernels_like_sdpa(device):
     with FlopCounterMode(display=False) as fc:
         attention_varlen(qv, qv, qv, cu, cu, 11, 11, backend="triton").sum().backward()
     assert fc.get_total_flops() == 4 * 4 * 32 * (5 * 5 + 11 * 11) * 7 // 2
+
+
+@pytest.mark.gpu
+def test_unpad_says_it_cannot_be_captured_in_a_cuda_graph():
+    """unpad reads the token count and max_seqlen on the host: inside a CUDA graph capture it
+    raises naming itself, instead of CUDA's error from deep inside nonzero."""
+    x = torch.randn(2, 8, 4, device="cuda")
+    mask = torch.ones(2, 8, dtype=torch.bool, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="unpad cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            unpad(x, mask)
