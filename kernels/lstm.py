@@ -1289,7 +1289,8 @@ def _step_graph(head: tuple, sources: Tuple[torch.Tensor, ...],
     call must not overwrite them).
 
     The cache key is ``head`` (the launcher and every scalar baked into the launches:
-    direction, eps), the device and each source's dtype, shape and strides; everything else
+    direction, eps), the device, torch's matmul precision settings (cuBLAS's choice of
+    kernels) and each source's dtype, shape and strides; everything else
     a launch depends on (block sizes, grids) follows from those. It holds the
     ``CUDA_GRAPH_CACHE_SIZE`` most recently used captures. Each holds its static tensors:
     the loop's inputs and outputs, about as much memory as one plain call's (forward: xg,
@@ -1298,7 +1299,14 @@ def _step_graph(head: tuple, sources: Tuple[torch.Tensor, ...],
     carried state gradients), kept until evicted or ``clear_step_graphs()``.
     """
     device = sources[0].device
-    key = (head, device) + tuple((s.dtype, s.shape, s.stride()) for s in sources)
+    # cuBLAS (the LayerNorm-LSTM loops' GEMMs) picks its kernels by torch's matmul precision
+    # settings when the graph is captured: a capture made before a change must not be replayed
+    matmul = torch.backends.cuda.matmul
+    precision = (torch.get_float32_matmul_precision(), matmul.allow_tf32,
+                 matmul.allow_fp16_reduced_precision_reduction,
+                 matmul.allow_bf16_reduced_precision_reduction)
+    key = ((head, device, precision)
+           + tuple((s.dtype, s.shape, s.stride()) for s in sources))
     # static tensors are never inference tensors (a first call under inference_mode would
     # make them so, and a later training call could not copy into them) and never part of
     # an autograd graph (a copy from a tensor requiring grad would chain every call's graph

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..nn import LSTM
+from ..ops import _checks
 from ..ops._checks import check_size, check_tensor
 from ..ops.lstm import check_lengths
 
@@ -43,12 +44,16 @@ class LSTMSeq2Seq(torch.nn.Module):
         dropout: on embeddings, between LSTM layers and before the output projection.
         pad_id, bos_id, eos_id: special token ids of the target (pad_id also of the source).
         backend: passed to the LSTMs ("triton", "torch" or None for auto).
+        check_ids: check that src / tgt_in hold ids inside the vocabularies at every call (a
+            clear ValueError; one host read of the ids per call on the GPU, a device-side
+            assert while a CUDA graph is captured). False skips it: an out-of-range id is
+            then nn.Embedding's error (a device-side assert on the GPU). An attribute too.
     """
 
     def __init__(self, src_vocab: int, tgt_vocab: int, emb: int = 256, hidden: int = 512,
                  layers: int = 2, attention: str = "luong", dropout: float = 0.1, *,
                  pad_id: int = 0, bos_id: int = 1, eos_id: int = 2,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, check_ids: bool = True):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -73,6 +78,7 @@ class LSTMSeq2Seq(torch.nn.Module):
         self.hidden = hidden
         self.layers = layers
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.check_ids = bool(check_ids)
         self.src_embed = torch.nn.Embedding(src_vocab, emb, padding_idx=pad_id)
         self.tgt_embed = torch.nn.Embedding(tgt_vocab, emb, padding_idx=pad_id)
         between = dropout if layers > 1 else 0.0  # LSTM dropout acts between layers only
@@ -98,8 +104,9 @@ class LSTMSeq2Seq(torch.nn.Module):
                       tgt_in: Optional[Tensor] = None) -> None:
         """Shapes, dtypes and devices, and the values: src_lengths in [1, S], ids inside the
         vocabularies (an out-of-range id would be an IndexError deep in nn.Embedding, a
-        device-side assert on the GPU). The values cost one host read of the lengths and one
-        of the ids; both are skipped while torch.compile traces."""
+        device-side assert on the GPU). The values cost one host read of CUDA lengths and one
+        of the ids (``check_ids``); both are skipped while torch.compile traces, and run on the
+        device while a CUDA graph is captured."""
         device = self.src_embed.weight.device
         for name, t in (("src", src), ("tgt_in", tgt_in)):
             check_tensor(name, t, dtypes=INDEX_DTYPES, ndim=(2,), optional=name == "tgt_in")
@@ -112,13 +119,18 @@ class LSTMSeq2Seq(torch.nn.Module):
                                  f"{tuple(tgt_in.shape)}")
         # src_lengths may live on the CPU (as pack_padded_sequence wants)
         check_lengths(src_lengths, n_batch, src_len, allow_zero=False, name="src_lengths")
-        if torch.compiler.is_compiling():
+        if _checks.tracing() or not self.check_ids:
             return
         ids = [("src", src, self.src_vocab)]
         if tgt_in is not None:
             ids.append(("tgt_in", tgt_in, self.tgt_vocab))
         ids = [c for c in ids if c[1].numel()]
         if not ids:
+            return
+        if _checks.capturing(src):
+            for name, t, n in ids:
+                torch._assert_async(((t >= 0) & (t < n)).all(),
+                                    f"{name} must hold token ids in [0, {n})")
             return
         stats = torch.stack([torch.stack(torch.aminmax(t)).long() for _, t, _ in ids]).tolist()
         for (name, _, n), (lo, hi) in zip(ids, stats):
@@ -139,8 +151,10 @@ class LSTMSeq2Seq(torch.nn.Module):
         # (2 * layers, B, H/2) -> (layers, B, H): concatenate the two directions per layer
         join = lambda s: s.view(self.layers, 2, n_batch, self.hidden // 2).transpose(1, 2).reshape(
             self.layers, n_batch, self.hidden)
-        mask = (torch.arange(src_len, device=src.device)[None, :]
-                < src_lengths.to(src.device)[:, None])
+        # host -> GPU without waiting (CPU lengths are refused by the encoder while a CUDA
+        # graph is captured)
+        lens = src_lengths.to(src.device, non_blocking=src.is_cuda)
+        mask = torch.arange(src_len, device=src.device)[None, :] < lens[:, None]
         if self.attention == "luong":
             keys = self.attn_w(memory)
         else:

@@ -20,8 +20,9 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
+from ..ops import _checks
 from ..ops._checks import autocast_dtype, check_eps
-from ..ops.lstm import _zero_past_lengths, check_lengths
+from ..ops.lstm import _zero_past_lengths, check_lengths, check_not_capturing
 
 
 class _ShapeError(ValueError, RuntimeError):
@@ -174,7 +175,10 @@ class LSTM(torch.nn.Module):
             if lengths is not None:
                 raise ValueError("lengths must be None when input is a PackedSequence "
                                  "(the lengths are in its batch_sizes)")
-            x, lens = _unpack(input)  # (T, B, I), original batch order
+            # its layout is host data (batch_sizes, and the rows built from them)
+            check_not_capturing(input.data, "a PackedSequence")
+            rows, lens = _packed_layout(input)
+            x, _ = _unpack(input, (rows, lens))  # (T, B, I), original batch order
             batched = True
         else:
             if not isinstance(input, Tensor):
@@ -191,11 +195,15 @@ class LSTM(torch.nn.Module):
             if lens is not None:
                 if not batched:
                     raise ValueError("lengths needs a batched (3-D) input")
-                check_lengths(lens, x.shape[1], x.shape[0], sorted_desc=enforce_sorted)
-                if lens.is_cuda and not torch.compiler.is_compiling():
-                    # checked once here (one sync); on the CPU, each layer's own check of the
-                    # values reads them without waiting for the GPU
+                if isinstance(lens, Tensor) and lens.is_cpu:
+                    check_not_capturing(x, "lengths on the CPU")
+                elif (isinstance(lens, Tensor) and lens.is_cuda
+                      and not _checks.tracing() and not _checks.capturing(lens)):
+                    # one host read, here: every layer's check of the values then reads the
+                    # CPU copy without waiting for the GPU (while a CUDA graph is captured
+                    # they stay on the device, checked there)
                     lens = lens.cpu()
+                check_lengths(lens, x.shape[1], x.shape[0], sorted_desc=enforce_sorted)
         if x.shape[-1] != self.input_size:
             raise _ShapeError(f"input.size(-1) must be equal to input_size. "
                              f"Expected {self.input_size}, got {x.shape[-1]}")
@@ -253,7 +261,7 @@ class LSTM(torch.nn.Module):
         output = layer_input
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
         if packed:
-            output = _repack(output, input)
+            output = _repack(output, input, rows)
         elif not batched:
             output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
         elif self.batch_first:
@@ -261,41 +269,50 @@ class LSTM(torch.nn.Module):
         return output, (h_n, c_n)
 
 
-def _packed_rows(packed: PackedSequence) -> Tensor:
-    """Where each row of ``packed.data`` lives in the padded layout flattened to (T * B):
-    row t * B + b for step t of the sequence with original batch index b.
+def _packed_layout(packed: PackedSequence) -> Tuple[Tensor, Tensor]:
+    """(rows, lengths) of a PackedSequence: where each row of ``packed.data`` lives in the
+    padded layout flattened to (T * B) -- row t * B + b for step t of the sequence with
+    original batch index b -- on the data's device, and the lengths (B,) int64 on the CPU in
+    the original batch order.
 
-    Built on the host from ``batch_sizes`` (a CPU tensor) with a handful of small tensor ops,
-    so that unpacking and repacking are one gather / scatter each, forward and backward:
-    ``pad_packed_sequence`` and a per-step slice + cat cost a copy (and, through autograd, a
-    full-size zero fill and add) per time step."""
+    Built on the host from ``batch_sizes`` (a CPU tensor) and ``sorted_indices`` (one host
+    read when they are on the GPU, as pack_padded_sequence leaves them) with a handful of
+    small tensor ops, once per forward, so that unpacking and repacking are one scatter /
+    gather each, forward and backward: ``pad_packed_sequence`` and a per-step slice + cat
+    cost a copy (and, through autograd, a full-size zero fill and add) per time step."""
     sizes = packed.batch_sizes
     n_steps, n_batch = sizes.numel(), int(sizes[0])
     order = (packed.sorted_indices.cpu() if packed.sorted_indices is not None
              else torch.arange(n_batch))
     keep = torch.arange(n_batch)[None, :] < sizes[:, None]  # (T, B), sorted batch order
     rows = (torch.arange(n_steps)[:, None] * n_batch + order[None, :])[keep]
-    return rows.to(packed.data.device, non_blocking=True)
+    # the i-th sorted sequence is the original order[i]: its length goes there (what
+    # indexing by unsorted_indices, the inverse permutation, gives)
+    lengths = torch.empty(n_batch, dtype=torch.int64)
+    lengths[order] = keep.sum(0)
+    return rows.to(packed.data.device, non_blocking=True), lengths
 
 
-def _unpack(packed: PackedSequence) -> Tuple[Tensor, Tensor]:
+def _unpack(packed: PackedSequence, layout: Optional[Tuple[Tensor, Tensor]] = None):
     """(padded (T, B, *) in original batch order, zeros past each end; lengths (B,) int64 on
-    the CPU), as ``pad_packed_sequence`` returns them, in one scatter."""
+    the CPU), as ``pad_packed_sequence`` returns them, in one scatter. ``layout``:
+    ``_packed_layout(packed)`` when already made."""
+    rows, lengths = layout if layout is not None else _packed_layout(packed)
     data, sizes = packed.data, packed.batch_sizes
     n_steps, n_batch = sizes.numel(), int(sizes[0])
     flat = data.new_zeros((n_steps * n_batch,) + data.shape[1:])
-    padded = flat.index_copy(0, _packed_rows(packed), data)
-    lengths = (sizes[None, :] > torch.arange(n_batch)[:, None]).sum(1)  # sorted order
-    if packed.unsorted_indices is not None:
-        lengths = lengths[packed.unsorted_indices.cpu()]
+    padded = flat.index_copy(0, rows, data)
     return padded.view((n_steps, n_batch) + data.shape[1:]), lengths
 
 
-def _repack(padded: Tensor, like: PackedSequence) -> PackedSequence:
+def _repack(padded: Tensor, like: PackedSequence,
+            rows: Optional[Tensor] = None) -> PackedSequence:
     """Pack ``padded`` (T, B, *) (original batch order) with the layout of ``like``, in one
-    gather."""
+    gather. ``rows``: ``_packed_layout(like)[0]`` when already made."""
+    if rows is None:
+        rows = _packed_layout(like)[0]
     flat = padded.reshape((-1,) + padded.shape[2:])
-    data = flat.index_select(0, _packed_rows(like))
+    data = flat.index_select(0, rows)
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 

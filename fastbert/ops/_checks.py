@@ -11,6 +11,7 @@ import numbers
 from typing import Collection, Optional, Sequence
 
 import torch
+import torch._guards
 from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -18,12 +19,28 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REF_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
+def tracing() -> bool:
+    """Whether this call is being traced, in this thread: by torch.compile (Dynamo, and
+    AOTAutograd's trace of the backward) or torch.export. Value checks that read the host
+    skip it or run on the device then. (torch.compiler.is_compiling() is True in every thread
+    while any thread compiles: eager calls of other threads would skip their checks.)"""
+    return (torch.compiler.is_dynamo_compiling()
+            or torch._guards.TracingContext.try_get() is not None)
+
+
 def has_values(t: torch.Tensor) -> bool:
     """Whether ``t`` holds values a check can read: not a fake tensor (FakeTensorMode shape
     inference, outside torch.compile) nor a meta tensor. Value checks skip the others, as
     torch's own ops do. (While torch.compile traces, every tensor is fake: True there, the
     callers check on the device or not at all.)"""
-    return torch.compiler.is_compiling() or not (t.is_meta or is_fake(t))
+    return tracing() or not (t.is_meta or is_fake(t))
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s CUDA stream is being captured into a CUDA graph (torch.cuda.graph,
+    torch.compile's mode="reduce-overhead"), where a host read of a device value is illegal
+    (and a host copy would be replayed as captured). Every op asks here (tests patch it)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:

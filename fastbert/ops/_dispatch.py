@@ -161,9 +161,29 @@ _backend_env = _env_reader(ENV_VAR)
 _interpret_env = _env_reader("TRITON_INTERPRET")
 
 
-def interpreter_enabled() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+def _interpret_env_on() -> bool:
     return _interpret_env() not in (None, "", "0")
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in the CPU interpreter: ``TRITON_INTERPRET=1`` when triton
+    was imported (Triton's own library functions were decorated then, interpreted or
+    compiled, and a kernel can only run in that mode); the variable itself where that is not
+    known."""
+    if _TRITON_INTERPRETS is None:
+        return _interpret_env_on()
+    return _TRITON_INTERPRETS
+
+
+def interpreter_mode_error() -> Optional[str]:
+    """Why the kernels cannot run after ``TRITON_INTERPRET`` changed since triton's import
+    (fastbert's kernels, decorated at first use, would follow the new value and Triton's
+    library functions the old one: an obscure InterpreterError or wrong launch), else None."""
+    if _TRITON_INTERPRETS is None or _interpret_env_on() == _TRITON_INTERPRETS:
+        return None
+    now, then = ("turned on", "off") if _interpret_env_on() else ("turned off", "on")
+    return (f"TRITON_INTERPRET was {now} after triton was imported (the interpreter was {then} "
+            f"then, and Triton fixes it at import): set it before importing fastbert or triton")
 
 
 # Import probes, answered once per process. torch.compile cannot trace an import, so the
@@ -178,6 +198,26 @@ def _probe(module: str) -> Optional[str]:
 
 _TRITON_ERROR = _probe("triton") or _probe("fastbert.kernels")
 _CUDA_EXT_ERROR = _probe("fastbert._C")
+
+
+def _triton_interprets() -> Optional[bool]:
+    """Whether triton's library functions (triton.language.standard) were decorated for the
+    interpreter (at triton's import), or None if that cannot be told."""
+    try:
+        import triton.language.standard as std
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+    except Exception:  # not importable, or laid out otherwise
+        return None
+    for value in vars(std).values():
+        if isinstance(value, InterpretedFunction):
+            return True
+        if isinstance(value, JITFunction):
+            return False
+    return None
+
+
+_TRITON_INTERPRETS = _triton_interprets() if _TRITON_ERROR is None else None
 
 
 def triton_import_error() -> Optional[str]:
@@ -279,6 +319,9 @@ def _why_not(backend: str, on_cuda: bool, tensors: Sequence[Optional[torch.Tenso
     if backend == "triton":
         if _TRITON_ERROR is not None:
             return triton_import_error()
+        mode_error = interpreter_mode_error()
+        if mode_error is not None:
+            return mode_error
         if on_cuda:
             return None
         if _all_on(tensors, False):

@@ -37,6 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import (REF_DTYPES, check_probability, check_same_device, check_size, check_tensor,
                       autocast_dtype, has_values, kernel_dtype_reason)
+from . import _checks
 from ._fastop import direct_call_ok, fast_op
 from ._dispatch import interpreter_enabled, resolve, kernel_module
 
@@ -442,10 +443,12 @@ def _check_attention_args(op: str, q, k, v, attention_mask) -> None:
 
 
 # cu_seqlens tensors whose values were validated, each with what it was validated against:
-# (version counter, total tokens, max_seqlen). A BERT encoder passes the same cu_seqlens to
-# every layer; checking them once instead of at every call saves a host sync per layer (a
-# sync drains the GPU queue while Python prepares the next launches). An in-place change to
-# the tensor bumps its version counter and brings the check back.
+# (version counter, storage address, total tokens, max_seqlen). A BERT encoder passes the same
+# cu_seqlens to every layer; checking them once instead of at every call saves a host sync per
+# layer (a sync drains the GPU queue while Python prepares the next launches). An in-place
+# change through torch bumps the version counter and brings the check back; a write that
+# bypasses it (through .data, numpy, DLPack, a kernel of one's own) is not seen: make new
+# cu_seqlens rather than rewrite validated ones that way.
 _VALIDATED_CU_SEQLENS = WeakIdKeyDictionary()
 
 
@@ -473,12 +476,12 @@ def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total:
     if not isinstance(max_seqlen, (int, torch.SymInt)) or isinstance(max_seqlen, bool):
         raise TypeError(f"{max_name} must be a python int (it sizes the launch grid; pass it "
                         f"from the caller to avoid a host sync), got {type(max_seqlen).__name__}")
-    if torch.compiler.is_compiling():
+    if _checks.tracing():
         # it may be a value read from a tensor (unpad's): no Python branch on it
         torch._check(max_seqlen >= 0, lambda: f"{max_name} must be >= 0")
     elif max_seqlen < 0:
         raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
-    if torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if _checks.tracing() or _checks.capturing(cu):
         # no host read (a sync under torch.compile, illegal while capturing a CUDA graph): the
         # same check on the device, failing the stream (a device-side assert) rather than
         # letting the kernels read and write past a sequence's rows
@@ -487,7 +490,9 @@ def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total:
     if not has_values(cu):  # fake (shape inference) or meta: no values to check
         return
     # inference tensors keep no version counter, so they are checked at every call
-    validated = None if cu.is_inference() else (cu._version, total, int(max_seqlen))
+    # (the storage address too: `.data = other` / set_() swap it without a version bump)
+    validated = (None if cu.is_inference()
+                 else (cu._version, cu.data_ptr(), total, int(max_seqlen)))
     if validated is not None and _VALIDATED_CU_SEQLENS.get(cu) == validated:
         return
     lengths = cu[1:] - cu[:-1]
@@ -528,10 +533,13 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     In eager mode the cu_seqlens are validated (non-decreasing, matching the token counts
     and the max lengths) the first time a tensor is seen with these token counts and max
     lengths, which costs a host sync; later calls with the same, unmodified tensors (every
-    layer of an encoder) skip it. Under torch.compile and during CUDA graph capture, where
+    layer of an encoder) skip it (a write that bypasses torch's version counter, through
+    ``.data``, numpy or DLPack, is not seen: make new cu_seqlens instead). Under torch.compile and during CUDA graph capture, where
     the host may not read device values, the same check runs on the device at every call: a
     bad cu_seqlens fails the stream with a device-side assert (RuntimeError on the CPU)
-    rather than leaving rows past max_seqlen unwritten.
+    rather than leaving rows past max_seqlen unwritten. The PyTorch reference (backend
+    "torch", and auto's choice where the kernels cannot run: float64, other head dims) reads
+    cu_seqlens on the host and raises while a CUDA graph is captured.
     """
     op = "attention_varlen"
     if not _qkv_ok(q, k, v, 3):
@@ -545,6 +553,12 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 causal=causal, softmax_scale=scale, backend=chosen) * 0.0
     if chosen == "torch":
+        if _checks.capturing(q):
+            why = _kernel_limits(q)
+            raise RuntimeError(
+                "attention_varlen on the PyTorch reference (backend 'torch'"
+                + (f": {why}" if why else "") + ") reads cu_seqlens on the host, which a CUDA "
+                "graph capture does not allow; the Triton kernels run under capture")
         return attention_ref(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                              causal=causal, dropout_p=p, softmax_scale=scale)
     seed = _dropout_seed(q.device) if p > 0.0 else None
@@ -577,7 +591,7 @@ def unpad(x: Tensor, attention_mask: Tensor) -> Tuple[Tensor, Tensor, Tensor, in
                          f"{tuple(x.shape[:2])} (x's first two dimensions), "
                          f"got {tuple(attention_mask.shape)}")
     check_same_device(x=x, attention_mask=attention_mask)
-    if attention_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _checks.capturing(attention_mask):
         raise RuntimeError(
             "unpad cannot be captured in a CUDA graph (torch.cuda.graph, torch.compile "
             "mode='reduce-overhead'): the number of tokens and max_seqlen it returns are read "
@@ -619,7 +633,7 @@ def pad(x_unpadded: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
     if indices.shape[0] > n:
         raise ValueError(f"x_unpadded has {indices.shape[0]} tokens, more than batch * seqlen = "
                          f"{batch} * {seqlen} positions")
-    if indices.numel() and not torch.compiler.is_compiling() and has_values(indices):
+    if indices.numel() and not _checks.tracing() and has_values(indices):
         if indices.device.type == "cpu":
             lo, hi = torch.stack(torch.aminmax(indices)).tolist()
             if lo < 0 or hi >= n:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ._checks import (REF_DTYPES, autocast_dtype, check_same_device, check_shape, check_tensor,
                       has_values, kernel_dtype_reason)
+from . import _checks
 from ._fastop import fast_op
 from ._dispatch import resolve, kernel_module
 
@@ -44,10 +45,13 @@ def _label_error(name: str, n_classes: int, ignore_index: int, value: int,
                       f"(pass check_labels=False to skip this check, which syncs the host)")
 
 
-def _capturing(t: Tensor) -> bool:
-    """Whether ``t``'s CUDA stream is being captured into a CUDA graph (torch.cuda.graph,
-    torch.compile's mode="reduce-overhead"), where a host read of a device value is illegal."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+def _not_capturing(labels: Tensor) -> None:
+    """masked_lm_loss's refusal while a CUDA graph is captured (both backends)."""
+    if _checks.capturing(labels):
+        raise RuntimeError(
+            "masked_lm_loss cannot be captured in a CUDA graph (torch.cuda.graph, "
+            "torch.compile mode='reduce-overhead'): it reads the number of masked tokens on the "
+            "host, which sets the shapes of what follows; call it outside the captured region")
 
 
 def _check_label_range(name: str, labels: Tensor, n_classes: int, ignore_index: int) -> None:
@@ -56,7 +60,7 @@ def _check_label_range(name: str, labels: Tensor, n_classes: int, ignore_index: 
     device-side assert: no graph break), and fake / meta labels hold no values to check."""
     flat = labels.reshape(-1)
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_classes))
-    if torch.compiler.is_compiling() or _capturing(labels):
+    if _checks.tracing() or _checks.capturing(labels):
         torch._assert_async(~bad.any(), f"{name} must hold class indices in [0, {n_classes}) "
                                         f"or ignore_index={ignore_index}")
         return
@@ -143,7 +147,7 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
     loss, stats, count = k.cross_entropy_fwd(
         _rows(logits), target, ignore_index, label_smoothing, grad_scale=scale, dlogits=dlogits,
         count=grad_count, reduction=reduction, loss_dtype=out_dtype, check_labels=check_labels)
-    if check_labels and _capturing(count):
+    if check_labels and _checks.capturing(count):
         # no host read while a CUDA graph is captured: the check runs on the device (a
         # device-side assert, which names no row)
         torch._assert_async(count >= 0, f"target must hold class indices in "
@@ -291,11 +295,7 @@ def _select_masked(labels: Tensor, ignore_index: int, n_classes: int, check_labe
     (int64), views of ``sel``, and ``info`` = (their count, first out-of-range row) on the host,
     as ``select_rows`` writes them. One launch and the host's one sync (the count sets the
     shapes of what follows); raises for an out-of-range label with ``check_labels``."""
-    if _capturing(labels):
-        raise RuntimeError(
-            "masked_lm_loss cannot be captured in a CUDA graph (torch.cuda.graph, "
-            "torch.compile mode='reduce-overhead'): it reads the number of masked tokens on the "
-            "host, which sets the shapes of what follows; call it outside the captured region")
+    _not_capturing(labels)
     k = kernel_module("cross_entropy")
     sel, info = k.select_rows(labels, ignore_index, n_classes, check_labels)
     # the count and the label check in one read; on the host, the backward reads it again
@@ -612,7 +612,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     # under torch.compile: AOTAutograd cannot trace a backward that mutates a tensor saved by
     # the forward, so a compiled graph recomputes the gradient from the logits instead.
     # (the compile test first: Dynamo cannot trace the kernel module's import)
-    store_grad = (not torch.compiler.is_compiling() and torch.is_grad_enabled()
+    store_grad = (not _checks.tracing() and torch.is_grad_enabled()
                   and logits.requires_grad and stores_grads(logits.dtype, reduction)
                   and kernel_module("cross_entropy").STORE_GRADS)
     loss, _, _, _ = _cross_entropy_fwd(logits.reshape(1, -1) if unbatched else logits,
@@ -645,15 +645,15 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
             "sum", or "none" (a loss per token of labels' shape, 0 where ignored).
         check_labels: raise ValueError when a label is out of range (on the Triton backend
             the row selection checks, in the host sync it makes anyway; on the torch backend one
-            more sync, or under torch.compile / CUDA graph capture a device-side assert). With
-            False an out-of-range label is never used as an address: its loss is NaN.
+            more sync, or under torch.compile a device-side assert). With False an
+            out-of-range label is never used as an address: its loss is NaN.
         backend: "triton", "torch" or None (see ``fastbert.ops``).
 
     Under autocast, hidden, weight and bias are cast to the autocast dtype first (as
     ``nn.Linear`` would be).
 
-    The Triton backend reads the number of masked tokens on the host (it sets the shapes of
-    what follows): it cannot be captured in a CUDA graph (raises RuntimeError).
+    It reads the number of masked tokens on the host (it sets the shapes of what follows), on
+    either backend: it cannot be captured in a CUDA graph (raises RuntimeError).
 
     With reduction "mean" or "sum" in float32 / bfloat16 the gradients are computed in the
     forward, in hidden's dtype, and the backward multiplies them by the incoming gradient:
@@ -695,6 +695,7 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
                      extra_check=lambda b: kernel_dtype_reason(hidden=hidden, weight=weight,
                                                                bias=bias))
     if chosen == "torch":
+        _not_capturing(labels)
         if check_labels:
             _check_label_range("labels", labels, weight.shape[0], ignore_index)
             return masked_lm_loss_ref(hidden, weight, bias, labels, ignore_index=ignore_index,
@@ -708,4 +709,4 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     # (B, S) tokens are flattened inside the op: no reshape nodes for autograd to run
     return _masked_lm_loss_fwd(hidden, weight, bias, labels, int(ignore_index),
                                float(label_smoothing), reduction, *needs, bool(check_labels),
-                               not torch.compiler.is_compiling())[0]
+                               not _checks.tracing())[0]

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ._checks import (FLOAT_DTYPES, REF_DTYPES, check_eps, check_probability, check_same_device,
                       check_shape, check_tensor, has_values, kernel_dtype_reason)
+from . import _checks
 from ._fastop import direct_call_ok, fast_op
 from ._dispatch import kernel_module, resolve
 
@@ -355,8 +356,7 @@ def _check_bounds(input_ids, word_weight, position_weight, position_ids, token_t
         checks.append(("token_type_ids", token_type_ids, type_weight.shape[0], "type_vocab_size"))
     if not checks:
         return
-    if torch.compiler.is_compiling() or (input_ids.is_cuda
-                                         and torch.cuda.is_current_stream_capturing()):
+    if _checks.tracing() or _checks.capturing(input_ids):
         # no host read (a sync under torch.compile, illegal while capturing a CUDA graph): the
         # same check on the device, failing the stream (a device-side assert) rather than
         # letting an out-of-range id read as a zero row
@@ -434,7 +434,7 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
                                                                  word_weight.shape[0])
     # the checks put every tensor on word_weight's device: it alone decides
     chosen = _resolve((word_weight,), backend, word_weight.shape[1], dtype_reason)
-    if check_bounds and (torch.compiler.is_compiling() or has_values(input_ids)):
+    if check_bounds and (_checks.tracing() or has_values(input_ids)):
         # fake tensors (FakeTensorMode: shape inference) and meta ones have no values to
         # check; under a mode or with tensor subclasses, torch computes the bounds (what the
         # mode sees); under torch.compile the check runs on the device (see _check_bounds)

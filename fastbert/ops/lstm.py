@@ -28,6 +28,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ._checks import (FLOAT_DTYPES, autocast_dtype, check_eps, check_same_device, check_shape,
                       check_tensor)
+from . import _checks
 from ._fastop import fast_op
 from ._dispatch import resolve, kernel_module
 
@@ -73,7 +74,8 @@ def lstm_layer_ref(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
         xg = xg + b_ih
     h, c = h0.to(ct), c0.to(ct)
     if lengths is not None:
-        valid = torch.arange(n_steps, device=x.device)[:, None] < lengths.to(x.device)[None, :]
+        lens = lengths.to(x.device, non_blocking=x.is_cuda)   # host -> GPU only: no wait
+        valid = torch.arange(n_steps, device=x.device)[:, None] < lens[None, :]
         valid = valid[..., None]  # (T, B, 1)
     ys = [None] * n_steps
     for t in (range(n_steps - 1, -1, -1) if reverse else range(n_steps)):
@@ -341,7 +343,21 @@ def _check_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     check_shape("c0", c0, (n_batch, n_hidden), "(batch, hidden_size)")
     check_same_device(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
     if lengths is not None:
+        if lengths.is_cpu:
+            check_not_capturing(x, "lengths on the CPU")
         check_lengths(lengths, n_batch, n_steps)
+
+
+def check_not_capturing(x: Tensor, what: str) -> None:
+    """Raise while x's CUDA stream is captured into a CUDA graph; for lengths that are host
+    data (``what`` names them): the graph would keep the copy of their host memory made at
+    capture (read again at every replay, and freed for a temporary) and the decisions taken
+    from their values then (the padding skipped or zeroed): silently wrong at a replay."""
+    if _checks.capturing(x):
+        raise RuntimeError(
+            f"LSTM: {what} cannot be captured in a CUDA graph (the graph would replay the "
+            f"values read at capture); pass lengths as a CUDA tensor (checked and applied on "
+            f"the device), or capture the padded input without lengths")
 
 
 def _check_layer_norm_args(x: Tensor, n_hidden: int, ln_ih_weight, ln_hh_weight, ln_cell_weight,
@@ -362,8 +378,9 @@ def check_lengths(lengths: Tensor, n_batch: int, n_steps: int, *, allow_zero: bo
     """lengths: an integer tensor (B,) with values in [0 or 1, T] (and in decreasing order
     with ``sorted_desc``, the rule of enforce_sorted=True), on any device but "meta" (its
     values are read). The value check reads the lengths (one sync for CUDA lengths; pass CPU
-    lengths, as pack_padded_sequence wants) and is skipped while torch.compile traces
-    (data-dependent). ``name`` is the argument's name in the messages."""
+    lengths, as pack_padded_sequence wants), is skipped while torch.compile traces
+    (data-dependent), and runs on the device while a CUDA graph is captured (a device-side
+    assert: no host read). ``name`` is the argument's name in the messages."""
     # bool is rejected too: a (B,) mask passed as lengths would read as lengths 0 / 1
     if (not isinstance(lengths, torch.Tensor) or lengths.is_floating_point()
             or lengths.is_complex() or lengths.dtype == torch.bool):
@@ -375,12 +392,21 @@ def check_lengths(lengths: Tensor, n_batch: int, n_steps: int, *, allow_zero: bo
     if lengths.is_meta:
         raise ValueError(f"{name} is on the meta device, which holds no values; pass the "
                          "lengths on the CPU or on the input's device")
-    if n_batch and not torch.compiler.is_compiling() and not is_fake(lengths):
-        lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one host read
+    if n_batch and not _checks.tracing() and not is_fake(lengths):
+        least = 0 if allow_zero else 1
+        if _checks.capturing(lengths):
+            ok = (lengths >= least).all() & (lengths <= n_steps).all()
+            if sorted_desc and n_batch > 1:
+                ok = ok & (lengths[1:] <= lengths[:-1]).all()
+            torch._assert_async(ok, f"{name} must be in [{least}, {n_steps}]"
+                                    + (" and sorted in decreasing order" if sorted_desc else ""))
+            return
+        lengths = lengths.cpu()   # one host read (none for CPU lengths)
+        lo, hi = torch.stack(torch.aminmax(lengths)).tolist()
         if hi > n_steps:
             raise ValueError(f"{name} has a length {hi} longer than the sequence ({n_steps} steps)")
-        if lo < (0 if allow_zero else 1):
-            raise ValueError(f"{name} must be >= {0 if allow_zero else 1}, got {lo}")
+        if lo < least:
+            raise ValueError(f"{name} must be >= {least}, got {lo}")
         if sorted_desc and n_batch > 1 and bool((lengths[1:] > lengths[:-1]).any()):
             raise ValueError(f"{name} must be sorted in decreasing order when "
                              "enforce_sorted=True; pass enforce_sorted=False for unsorted lengths")
@@ -392,7 +418,7 @@ def _zero_past_lengths(x: Tensor, lengths: Tensor) -> Tensor:
     of them: its zeros times a NaN or inf in the padding would be NaN. Unchanged (no op) when
     no sequence is shorter than T, read without a sync from CPU lengths."""
     n_steps = x.shape[0]
-    if lengths.is_cpu and not torch.compiler.is_compiling() and not is_fake(lengths):
+    if lengths.is_cpu and not _checks.tracing() and not is_fake(lengths):
         if lengths.numel() == 0 or int(lengths.min()) >= n_steps:
             return x
     # non-blocking only host -> GPU: a GPU -> host copy would be read before it lands

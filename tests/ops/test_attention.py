@@ -640,6 +640,12 @@ def test_attention_varlen_validates_cu_seqlens_once_until_changed_in_place(devic
     cu_k[1] = 10                                              # in place: no longer monotonic
     with pytest.raises(ValueError, match="non-decreasing"):
         attention_varlen(q, k_, k_, cu_q, cu_k, 4, 5)
+    # another storage swapped in without a version bump (.data = ...): checked again
+    cu_k.data = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    attention_varlen(q, k_, k_, cu_q, cu_k, 4, 5)
+    cu_k.data = torch.tensor([0, 8, 9], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="smaller than the longest"):
+        attention_varlen(q, k_, k_, cu_q, cu_k, 4, 5)
 
 
 def test_attention_varlen_rejects_mismatched_batches(device):

@@ -1477,7 +1477,7 @@ def test_cross_entropy_label_check_reads_nothing_while_a_cuda_graph_is_captured(
     read is illegal, and the kernels' label check read the count (CUDA's "operation not
     permitted when stream is capturing"): it asserts on the device there instead. masked_lm_loss,
     whose shapes come from a host read, says it cannot be captured."""
-    monkeypatch.setattr(ops_ce, "_capturing", lambda t: True)
+    monkeypatch.setattr(fastbert.ops._checks, "capturing", lambda t: True)
     monkeypatch.setattr(torch.Tensor, "__int__", lambda self: pytest.fail("read on the host"))
     asserted = []
     real_assert = torch._assert_async
@@ -1491,7 +1491,7 @@ def test_cross_entropy_label_check_reads_nothing_while_a_cuda_graph_is_captured(
     monkeypatch.undo()
     torch.testing.assert_close(loss, F.cross_entropy(logits.detach(), target,
                                                      reduction=reduction, ignore_index=IGNORE))
-    monkeypatch.setattr(ops_ce, "_capturing", lambda t: True)
+    monkeypatch.setattr(fastbert.ops._checks, "capturing", lambda t: True)
     if device.type == "cpu":   # the device assert of an out-of-range target raises at once
         with pytest.raises(RuntimeError):
             cross_entropy(logits, target.masked_fill(target == 7, 11), backend="triton")

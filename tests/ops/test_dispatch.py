@@ -1,5 +1,6 @@
 """Backend resolution: argument > FASTBERT_BACKEND > use_backend > auto; and the shared
 argument checks."""
+import os
 import re
 import sys
 import warnings
@@ -9,7 +10,7 @@ import torch
 
 import fastbert
 from fastbert import ops
-from fastbert.ops import _dispatch
+from fastbert.ops import _checks, _dispatch
 
 
 def _spy(monkeypatch):
@@ -57,9 +58,34 @@ def test_explicit_backend_that_cannot_run_raises_with_reason(monkeypatch):
     x = torch.randn(2, 16)
     with pytest.raises(ops.BackendUnavailable, match="no CUDA C\\+\\+ kernel"):
         ops.layer_norm(x, None, None, backend="cuda")
+    monkeypatch.setattr(_dispatch, "_TRITON_INTERPRETS", False)   # triton imported without
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ops.BackendUnavailable, match="Triton interpreter is off"):
         ops.layer_norm(x, None, None, backend="triton")
+
+
+@pytest.mark.parametrize("at_import", [True, False])
+def test_triton_interpret_changed_after_import_is_named(monkeypatch, at_import):
+    """Triton fixes the interpreter when it is imported (its library functions are decorated
+    then); fastbert's kernels, decorated at first use, would follow a later TRITON_INTERPRET:
+    an obscure InterpreterError or launch failure. The change is named instead."""
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    monkeypatch.setattr(_dispatch, "_TRITON_INTERPRETS", at_import)
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if at_import else "1")
+    assert _dispatch.interpreter_enabled() is at_import   # what Triton does, not the variable
+    turned = "turned off" if at_import else "turned on"
+    with pytest.raises(ops.BackendUnavailable,
+                       match=f"TRITON_INTERPRET was {turned} after triton was imported"):
+        ops.layer_norm(torch.randn(2, 16), None, None, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if at_import else "0")
+    assert _dispatch.interpreter_mode_error() is None
+
+
+def test_triton_interpreter_mode_is_read_from_triton():
+    """The mode recorded at import is Triton's own (its library functions' type), which the
+    conftest's TRITON_INTERPRET decided here."""
+    assert _dispatch._triton_interprets() is _dispatch.interpreter_enabled()
+    assert _dispatch._TRITON_INTERPRETS is (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
 def test_auto_falls_back_with_one_time_warning_naming_the_reason():
@@ -195,6 +221,9 @@ def test_explicit_triton_names_where_the_tensors_are(monkeypatch):
             _dispatch.resolve("probe_op", tensors, "triton")
         # auto on tensors that are not all on CUDA: the reference, without asking the kernels
         assert _dispatch.resolve("probe_op", tensors, extra_check=pytest.fail) == "torch"
+    # CPU tensors run where the interpreter is on (here; on a GPU machine: as if it were)
+    monkeypatch.setattr(_dispatch, "_TRITON_INTERPRETS", True)
+    monkeypatch.setattr(_dispatch, "_TRITON_VERSION", _dispatch.MIN_INTERPRETER_TRITON)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _dispatch.resolve("probe_op", (cpu, None, cpu), "triton") == "triton"
     assert _dispatch.resolve("probe_op", (cpu,), "torch", extra_check=pytest.fail) == "torch"
@@ -384,3 +413,29 @@ def test_forward_mode_ad_takes_the_reference_or_says_why(monkeypatch):
         monkeypatch.undo()
     assert got is not None
     torch.testing.assert_close(got, want)
+
+
+def test_checks_run_while_another_thread_compiles(monkeypatch):
+    """torch.compiler.is_compiling() is True in every thread while any thread compiles: the
+    value checks that skip a trace asked it, so an eager call in another thread (a server
+    warming up a compiled model) skipped them -- pad wrapped a negative index silently, the
+    LSTM took lengths past the sequence, a bad cu_seqlens became a device assert. They now
+    ask whether this thread traces."""
+    from fastbert.models import LSTMSeq2Seq
+    from fastbert.ops.lstm import check_lengths
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    if hasattr(torch.compiler, "_is_compiling_flag"):
+        monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
+    assert not _checks.tracing()
+    with pytest.raises(ValueError, match="indices"):
+        ops.pad(torch.ones(2, 1), torch.tensor([-1, 0]), 1, 2)
+    with pytest.raises(ValueError, match="longer than the sequence"):
+        check_lengths(torch.tensor([5, 1]), 2, 3)
+    q = torch.randn(7, 2, 16)
+    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0"):
+        ops.attention_varlen(q, q, q, torch.tensor([0, 5, 3], dtype=torch.int32),
+                             torch.tensor([0, 3, 7], dtype=torch.int32), 5, 4, backend="torch")
+    model = LSTMSeq2Seq(10, 12, emb=8, hidden=8, layers=1, dropout=0.0, backend="torch")
+    with pytest.raises(ValueError, match="src must hold token ids"):
+        model(torch.tensor([[3, 10]]), torch.tensor([2]), torch.tensor([[1]]))
+    assert not _checks.has_values(torch.empty(2, device="meta"))

@@ -782,8 +782,9 @@ def test_lstm_step_graph_cache_keys_and_lru_eviction(device, step_graphs, monkey
         for a, b in zip(got, want):
             assert torch.equal(a, b)
 
-    # a key: (("lstm_fwd", reverse), device, (dtype, shape, strides) of xg, h0, ...)
-    cached = lambda: [(key[0][1], key[2][1][0]) for key in k.step_graph_keys()]
+    # a key: (("lstm_fwd", reverse), device, matmul precision settings,
+    #         (dtype, shape, strides) of xg, h0, ...)
+    cached = lambda: [(key[0][1], key[3][1][0]) for key in k.step_graph_keys()]
     fwd(2)
     fwd(3)
     fwd(2, reverse=True)
@@ -792,6 +793,12 @@ def test_lstm_step_graph_cache_keys_and_lru_eviction(device, step_graphs, monkey
     assert cached() == [(False, 3), (True, 2), (False, 2)]
     fwd(4)  # full: the least recently used (3 steps) is evicted
     assert cached() == [(True, 2), (False, 2), (False, 4)]
+    # cuBLAS picks its kernels by torch's matmul precision at capture: a change recaptures
+    precision = torch.get_float32_matmul_precision()
+    monkeypatch.setattr(torch, "get_float32_matmul_precision",
+                        lambda: "high" if precision == "highest" else "highest")
+    fwd(4)
+    assert cached() == [(False, 2), (False, 4), (False, 4)]
 
 
 def test_lstm_step_graph_flag_is_ignored_on_cpu(device, step_graphs, monkeypatch):

@@ -1,0 +1,126 @@
+"""CUDA-graph capture (torch.cuda.graph, torch.compile's mode="reduce-overhead"): while a
+stream is captured, a host read of a device value is illegal and a host-to-device copy is
+replayed from the address captured. Every op asks ``fastbert.ops._checks.capturing``; the CPU
+tests patch it to simulate a capture (a host read by fastbert then fails the test), the `gpu`
+tests capture for real."""
+import inspect
+import os
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastbert
+from fastbert import ops
+from fastbert.models import LSTMSeq2Seq
+from fastbert.nn import LSTM, LayerNormLSTM
+from fastbert.ops import _checks, _dispatch
+from fastbert.ops.lstm import check_lengths
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+_ROOTS = tuple(os.path.dirname(m.__file__) + os.sep
+               for m in (fastbert, __import__("fastbert.kernels", fromlist=["_"])))
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """A simulated capture: ``capturing`` is True for every tensor, and a host read of a tensor
+    made by fastbert's own code (not torch's, not the Triton interpreter's) fails."""
+    monkeypatch.setattr(_checks, "capturing", lambda t: True)
+
+    def guard(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a, **kw):
+            caller = inspect.currentframe().f_back.f_code.co_filename
+            if caller.startswith(_ROOTS):
+                pytest.fail(f"host read ({name}) by {caller} during a capture")
+            return real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "cpu"):
+        guard(name)
+
+
+@pytest.mark.parametrize("cls", [LSTM, LayerNormLSTM])
+def test_lstm_with_host_lengths_or_packed_input_refuses_a_capture(captured, cls):
+    """Host lengths and a PackedSequence's layout would be replayed as captured (the copy of
+    a freed temporary, the padding decisions of the captured values): a clear error."""
+    m = cls(5, 8, backend="torch")
+    x = torch.randn(4, 3, 5)
+    for lengths in (torch.tensor([4, 2, 1]), [4, 2, 1]):
+        with pytest.raises(RuntimeError, match="lengths on the CPU cannot be captured"):
+            m(x, lengths=lengths)
+    packed = pack_padded_sequence(x, torch.tensor([4, 2, 1]))
+    with pytest.raises(RuntimeError, match="a PackedSequence cannot be captured"):
+        m(packed)
+    with pytest.raises(RuntimeError, match="lengths on the CPU cannot be captured"):
+        ops.lstm_layer(x, torch.zeros(3, 8), torch.zeros(3, 8), m.weight_ih_l0, m.weight_hh_l0,
+                       lengths=torch.tensor([4, 2, 1]))
+    m(x)   # padded input without lengths: nothing read on the host
+
+
+def test_check_lengths_runs_on_the_device_during_a_capture(captured):
+    check_lengths(torch.tensor([3, 2, 2]), 3, 3, sorted_desc=True)
+    for bad, kw in ((torch.tensor([4, 2, 1]), {}), (torch.tensor([3, 0, 1]), dict(allow_zero=False)),
+                    (torch.tensor([1, 3, 2]), dict(sorted_desc=True))):
+        with pytest.raises(RuntimeError):   # torch._assert_async, raised at once on the CPU
+            check_lengths(bad, 3, 3, **kw)
+
+
+def test_seq2seq_id_check_runs_on_the_device_during_a_capture(captured):
+    model = LSTMSeq2Seq(10, 12, emb=8, hidden=8, layers=1, dropout=0.0, backend="torch")
+    src, lengths = torch.tensor([[3, 4, 5], [5, 6, 0]]), torch.tensor([3, 2])
+    model._check_inputs(src, lengths, torch.tensor([[1, 3], [1, 11]]))
+    with pytest.raises(RuntimeError):
+        model._check_inputs(src, lengths, torch.tensor([[1, 3], [1, 12]]))
+    with pytest.raises(RuntimeError):
+        model._check_inputs(src.masked_fill(src == 6, 10), lengths)
+
+
+def test_host_reading_paths_refuse_a_capture_by_name(captured):
+    """The paths whose shapes or loops come from host reads say so: attention_varlen's PyTorch
+    reference (auto's choice for a head dim the kernels lack), masked_lm_loss on either
+    backend, unpad."""
+    q = torch.randn(7, 2, 48)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="attention_varlen on the PyTorch reference.*head_dim 48"):
+        ops.attention_varlen(q, q, q, cu, cu, 4, 4)
+    hidden, weight = torch.randn(2, 4, 8), torch.randn(11, 8)
+    labels = torch.tensor([[1, -100, 3, -100], [-100, 2, -100, -100]])
+    # CPU tensors: the kernels only where the interpreter runs them (not on a GPU machine)
+    for backend in ("torch", "triton") if _dispatch.interpreter_enabled() else ("torch",):
+        with pytest.raises(RuntimeError, match="masked_lm_loss cannot be captured"):
+            ops.masked_lm_loss(hidden, weight, None, labels, backend=backend)
+    with pytest.raises(RuntimeError, match="unpad cannot be captured"):
+        ops.unpad(hidden, labels != -100)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [LSTM, LayerNormLSTM])
+def test_lstm_with_cuda_lengths_captured_in_a_cuda_graph_replays_like_eager(cls):
+    """CUDA lengths are checked and applied on the device: the LSTM forward and backward
+    capture, and a replay with other inputs and lengths equals eager."""
+    torch.manual_seed(0)
+    m = cls(16, 32, num_layers=2, bidirectional=True).cuda()
+    x = torch.randn(6, 4, 16, device="cuda", requires_grad=True)
+    lengths = torch.tensor([6, 3, 5, 1], device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm up (compiles) outside the capture
+        m(x, lengths=lengths, enforce_sorted=False)[0].sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, (h, c) = m(x, lengths=lengths, enforce_sorted=False)
+        (y.sum() + h.sum() + c.sum()).backward()
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+        lengths.copy_(torch.tensor([2, 6, 4, 3]))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_x = x.detach().clone().requires_grad_()
+    ry, (rh, rc) = m(ref_x, lengths=lengths.cpu(), enforce_sorted=False)
+    (ry.sum() + rh.sum() + rc.sum()).backward()
+    for got, want in ((y, ry), (h, rh), (c, rc), (x.grad, ref_x.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
