@@ -1205,6 +1205,19 @@ def step_graph_enabled() -> bool:
 LN_STEP_CUDA_GRAPH = False
 
 
+def _matmul_precision() -> tuple:
+    """torch's cuBLAS precision settings, read without raising: the fp32_precision
+    attributes (torch >= 2.9) reflect the legacy and the new API alike, where the legacy
+    getters (allow_tf32, get_float32_matmul_precision) raise once the new API was used."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        tf32 = (matmul.fp32_precision, getattr(torch.backends, "fp32_precision", None))
+    else:
+        tf32 = (torch.get_float32_matmul_precision(), matmul.allow_tf32)
+    return tf32 + (matmul.allow_fp16_reduced_precision_reduction,
+                   matmul.allow_bf16_reduced_precision_reduction)
+
+
 def _use_step_graph(t: torch.Tensor, layer_norm: bool = False) -> bool:
     """Whether this call's per-step loop replays a CUDA graph: the mode is on (for the
     LayerNorm-LSTM loops also ``LN_STEP_CUDA_GRAPH``), the tensors are CUDA tensors (never the
@@ -1301,10 +1314,7 @@ def _step_graph(head: tuple, sources: Tuple[torch.Tensor, ...],
     device = sources[0].device
     # cuBLAS (the LayerNorm-LSTM loops' GEMMs) picks its kernels by torch's matmul precision
     # settings when the graph is captured: a capture made before a change must not be replayed
-    matmul = torch.backends.cuda.matmul
-    precision = (torch.get_float32_matmul_precision(), matmul.allow_tf32,
-                 matmul.allow_fp16_reduced_precision_reduction,
-                 matmul.allow_bf16_reduced_precision_reduction)
+    precision = _matmul_precision()
     key = ((head, device, precision)
            + tuple((s.dtype, s.shape, s.stride()) for s in sources))
     # static tensors are never inference tensors (a first call under inference_mode would

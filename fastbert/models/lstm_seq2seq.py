@@ -106,7 +106,8 @@ class LSTMSeq2Seq(torch.nn.Module):
         vocabularies (an out-of-range id would be an IndexError deep in nn.Embedding, a
         device-side assert on the GPU). The values cost one host read of CUDA lengths and one
         of the ids (``check_ids``); both are skipped while torch.compile traces, and run on the
-        device while a CUDA graph is captured."""
+        device while a CUDA graph is captured (where src_lengths must be a CUDA tensor: host
+        lengths would be replayed as captured)."""
         device = self.src_embed.weight.device
         for name, t in (("src", src), ("tgt_in", tgt_in)):
             check_tensor(name, t, dtypes=INDEX_DTYPES, ndim=(2,), optional=name == "tgt_in")
@@ -117,10 +118,18 @@ class LSTMSeq2Seq(torch.nn.Module):
             if tgt_in.shape[0] != n_batch:
                 raise ValueError(f"tgt_in must have src's batch size {n_batch}, got shape "
                                  f"{tuple(tgt_in.shape)}")
-        # src_lengths may live on the CPU (as pack_padded_sequence wants)
+        # src_lengths may live on the CPU (as pack_padded_sequence wants), but not in a capture
+        if isinstance(src_lengths, Tensor) and src_lengths.is_cpu and _checks.capturing(src):
+            raise RuntimeError("LSTMSeq2Seq: src_lengths on the CPU cannot be captured in a CUDA "
+                               "graph (the graph would replay the values read at capture); "
+                               "pass src_lengths as a CUDA tensor")
         check_lengths(src_lengths, n_batch, src_len, allow_zero=False, name="src_lengths")
-        if _checks.tracing() or not self.check_ids:
-            return
+        if not _checks.tracing() and self.check_ids:
+            self._check_ids(src, tgt_in)
+
+    def _check_ids(self, src: Tensor, tgt_in: Optional[Tensor]) -> None:
+        """src / tgt_in ids inside the vocabularies: one host read, or a device-side assert
+        while a CUDA graph is captured."""
         ids = [("src", src, self.src_vocab)]
         if tgt_in is not None:
             ids.append(("tgt_in", tgt_in, self.tgt_vocab))
@@ -231,7 +240,9 @@ class LSTMSeq2Seq(torch.nn.Module):
     @torch.no_grad()
     def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int = 100) -> Tensor:
         """Argmax decoding: (B, L) ids, L <= max_len. Each row ends with eos_id then pad_id,
-        or is cut at max_len without an eos_id."""
+        or is cut at max_len without an eos_id. The argmax is taken over the float32 (float64)
+        log-probabilities with ``topk(1)``, as beam search ranks, so that a beam of one decodes
+        the same (exact ties may resolve otherwise than ``argmax`` over the logits)."""
         check_size("max_len", max_len)
         memory, keys, mask, state = self.encode(src, src_lengths)
         n_batch = src.shape[0]

@@ -19,13 +19,23 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REF_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
-def tracing() -> bool:
-    """Whether this call is being traced, in this thread: by torch.compile (Dynamo, and
-    AOTAutograd's trace of the backward) or torch.export. Value checks that read the host
-    skip it or run on the device then. (torch.compiler.is_compiling() is True in every thread
-    while any thread compiles: eager calls of other threads would skip their checks.)"""
-    return (torch.compiler.is_dynamo_compiling()
-            or torch._guards.TracingContext.try_get() is not None)
+_try_tracing_context = torch._guards.TracingContext.try_get
+
+
+if hasattr(torch.compiler, "_is_compiling_flag"):
+    def tracing() -> bool:
+        """Whether this call is being traced, in this thread: by torch.compile (Dynamo, and
+        AOTAutograd's trace of the backward) or torch.export. Value checks that read the host
+        skip it or run on the device then. (torch.compiler.is_compiling() is True in every
+        thread while any thread compiles: eager calls of other threads would skip their
+        checks.) The process-wide flag first: when it is off (eager, the usual case) no
+        thread-local lookup is made."""
+        return torch.compiler.is_dynamo_compiling() or (
+            torch.compiler._is_compiling_flag and _try_tracing_context() is not None)
+else:  # pragma: no cover - a torch without the private flag (2.11-2.14 have it)
+    def tracing() -> bool:
+        """Whether this call is being traced, in this thread (see above)."""
+        return torch.compiler.is_dynamo_compiling() or _try_tracing_context() is not None
 
 
 def has_values(t: torch.Tensor) -> bool:

@@ -161,8 +161,14 @@ _backend_env = _env_reader(ENV_VAR)
 _interpret_env = _env_reader("TRITON_INTERPRET")
 
 
+# what Triton's getenv_bool reads as on (triton/_C: 1, true, on, yes, y in any case; any other
+# value, "false", "off", "2" included, is off)
+_TRUE_VALUES = frozenset(("1", "true", "on", "yes", "y"))
+
+
 def _interpret_env_on() -> bool:
-    return _interpret_env() not in (None, "", "0")
+    value = _interpret_env()
+    return value is not None and value.lower() in _TRUE_VALUES
 
 
 def interpreter_enabled() -> bool:

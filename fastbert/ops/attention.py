@@ -380,7 +380,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         k, v: (batch, seqlen_k, heads_kv, head_dim), q's dtype; heads_kv divides heads
             (multi-query and grouped-query attention).
         attention_mask: (batch, seqlen_k) bool or 0/1 integers, True/1 = attend (the Hugging
-            Face convention; holes allowed), or None.
+            Face convention; holes allowed), or None. The Triton backend saves it (a bool or
+            int8 mask as an int8 view) for the backward: changing it in place before the
+            backward raises autograd's "modified by an inplace operation".
         causal: mask future keys, aligned to the bottom-right corner when seqlen_q !=
             seqlen_k (query i sees keys j <= i + seqlen_k - seqlen_q, as FlashAttention-2).
         dropout_p: dropout on the attention probabilities, in [0, 1] (pass 0.0 in eval).
@@ -490,9 +492,11 @@ def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total:
     if not has_values(cu):  # fake (shape inference) or meta: no values to check
         return
     # inference tensors keep no version counter, so they are checked at every call
-    # (the storage address too: `.data = other` / set_() swap it without a version bump)
-    validated = (None if cu.is_inference()
-                 else (cu._version, cu.data_ptr(), total, int(max_seqlen)))
+    # (the storage address too: `.data = other` / set_() swap it without a version bump;
+    # a tensor without storage, as torch.func's wrappers, is checked at every call)
+    validated = None
+    if not cu.is_inference() and not torch._C._functorch.is_functorch_wrapped_tensor(cu):
+        validated = (cu._version, cu.data_ptr(), total, int(max_seqlen))
     if validated is not None and _VALIDATED_CU_SEQLENS.get(cu) == validated:
         return
     lengths = cu[1:] - cu[:-1]

@@ -461,6 +461,9 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
             Steps t >= lengths[b] leave b's state unchanged and output zeros, so h_n / c_n
             are each sequence's state after its last valid step (in both directions). The
             padding's values are never used: NaN there leaves outputs and gradients finite.
+            CUDA lengths are read once to check them (a device-side assert while a CUDA graph
+            is captured, where CPU lengths are refused); the Triton backend saves int64 lengths
+            as they are for the backward (changing them in place before it raises).
         reverse: process time backwards (the reverse direction of a bidirectional LSTM).
         ln_ih_weight, ln_hh_weight (4H,), ln_cell_weight, ln_cell_bias (H,), x's dtype:
             LayerNorm-LSTM parameters (see ``lstm_layer_ref``); the "triton" backend needs

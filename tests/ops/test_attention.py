@@ -1121,3 +1121,18 @@ def test_unpad_says_it_cannot_be_captured_in_a_cuda_graph():
     with pytest.raises(RuntimeError, match="unpad cannot be captured in a CUDA graph"):
         with torch.cuda.graph(graph):
             unpad(x, mask)
+
+
+def test_attention_varlen_under_torch_func_grad_with_cu_seqlens_as_arguments(device):
+    """grad(loss)(params, batch) passes the batch (cu_seqlens too) as arguments: a tensor
+    without storage there is checked at every call, not keyed by its address (the key's
+    data_ptr() raised)."""
+    q = _rand(device, torch.float32, 7, 2, 16)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+
+    def f(q, cu):
+        return attention_varlen(q, q, q, cu, cu, 4, 4).sum()
+    got = torch.func.grad(f, argnums=0)(q, cu)
+    qq = q.clone().requires_grad_()
+    f(qq, cu).backward()
+    torch.testing.assert_close(got, qq.grad, rtol=1e-4, atol=1e-5)

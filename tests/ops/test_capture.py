@@ -69,12 +69,12 @@ def test_check_lengths_runs_on_the_device_during_a_capture(captured):
 
 def test_seq2seq_id_check_runs_on_the_device_during_a_capture(captured):
     model = LSTMSeq2Seq(10, 12, emb=8, hidden=8, layers=1, dropout=0.0, backend="torch")
-    src, lengths = torch.tensor([[3, 4, 5], [5, 6, 0]]), torch.tensor([3, 2])
-    model._check_inputs(src, lengths, torch.tensor([[1, 3], [1, 11]]))
+    src = torch.tensor([[3, 4, 5], [5, 6, 0]])
+    model._check_ids(src, torch.tensor([[1, 3], [1, 11]]))
     with pytest.raises(RuntimeError):
-        model._check_inputs(src, lengths, torch.tensor([[1, 3], [1, 12]]))
+        model._check_ids(src, torch.tensor([[1, 3], [1, 12]]))
     with pytest.raises(RuntimeError):
-        model._check_inputs(src.masked_fill(src == 6, 10), lengths)
+        model._check_ids(src.masked_fill(src == 6, 10), None)
 
 
 def test_host_reading_paths_refuse_a_capture_by_name(captured):
@@ -124,3 +124,9 @@ def test_lstm_with_cuda_lengths_captured_in_a_cuda_graph_replays_like_eager(cls)
     (ry.sum() + rh.sum() + rc.sum()).backward()
     for got, want in ((y, ry), (h, rh), (c, rc), (x.grad, ref_x.grad)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_seq2seq_with_host_src_lengths_refuses_a_capture_by_name(captured):
+    model = LSTMSeq2Seq(10, 12, emb=8, hidden=8, layers=1, dropout=0.0, backend="torch")
+    with pytest.raises(RuntimeError, match="LSTMSeq2Seq: src_lengths on the CPU cannot be captured"):
+        model(torch.tensor([[3, 4, 5]]), torch.tensor([3]), torch.tensor([[1, 3]]))

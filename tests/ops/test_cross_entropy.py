@@ -1526,3 +1526,24 @@ def test_cross_entropy_captured_in_a_cuda_graph_replays_like_eager():
     want.backward()
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(logits.grad, ref.grad)
+
+
+def test_masked_lm_loss_flop_formulas_take_fake_tensors_while_tracing():
+    """Inductor counts an extern op's FLOPs on fake tensors inside the compile's
+    TracingContext: the formulas must not read the labels' values there (they tried to, on
+    fake tensors) but take their bound, every row."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import flop_registry
+    fwd = flop_registry[torch.ops.fastbert.masked_lm_loss_fwd]
+    bwd = flop_registry[torch.ops.fastbert.masked_lm_loss_bwd]
+    mode = FakeTensorMode()
+    with mode:
+        hidden, weight = torch.empty(2, 6, 16), torch.empty(40, 16)
+        labels = torch.empty(2, 6, dtype=torch.long)
+        sel, info, grad = torch.empty(24, dtype=torch.long), torch.empty(2, dtype=torch.long), torch.empty(())
+    gemm = 2 * 12 * 16 * 40
+    with torch._guards.tracing(torch._guards.TracingContext(mode)):
+        assert fwd(hidden, weight, None, labels, IGNORE, 0.0, "mean", True, True, False, True,
+                   True) == 3 * gemm
+        assert bwd(grad, hidden, weight, None, sel, info, IGNORE, 0.0, "mean", True, True,
+                   False) == 3 * gemm

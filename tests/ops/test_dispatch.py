@@ -79,6 +79,10 @@ def test_triton_interpret_changed_after_import_is_named(monkeypatch, at_import):
         ops.layer_norm(torch.randn(2, 16), None, None, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1" if at_import else "0")
     assert _dispatch.interpreter_mode_error() is None
+    # read as Triton reads it: only 1 / true / on / yes / y (any case) are on
+    for value in ("True", "YES", "on", "y") if at_import else ("false", "off", "no", "2", ""):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert _dispatch.interpreter_mode_error() is None, value
 
 
 def test_triton_interpreter_mode_is_read_from_triton():
@@ -335,7 +339,6 @@ def test_a_block_inside_a_compiled_function_leaves_other_threads_blocks_alone(mo
     stack that another thread opened a block on meanwhile (DataParallel replicas, hooks)."""
     import threading
     monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, w = torch.randn(4, 32), torch.randn(32)
     opened, close, errors = threading.Event(), threading.Event(), []
 

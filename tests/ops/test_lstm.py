@@ -794,9 +794,8 @@ def test_lstm_step_graph_cache_keys_and_lru_eviction(device, step_graphs, monkey
     fwd(4)  # full: the least recently used (3 steps) is evicted
     assert cached() == [(True, 2), (False, 2), (False, 4)]
     # cuBLAS picks its kernels by torch's matmul precision at capture: a change recaptures
-    precision = torch.get_float32_matmul_precision()
-    monkeypatch.setattr(torch, "get_float32_matmul_precision",
-                        lambda: "high" if precision == "highest" else "highest")
+    precision = k._matmul_precision()
+    monkeypatch.setattr(k, "_matmul_precision", lambda: precision + ("changed",))
     fwd(4)
     assert cached() == [(False, 2), (False, 4), (False, 4)]
 
@@ -1170,3 +1169,16 @@ def test_lstm_recurrence_backward_returns_the_dtypes_its_fake_promises(dtype, de
     out = _lstm_recurrence_bwd(*bargs)
     assert out[1].dtype == h0.dtype
     torch.library.opcheck(_lstm_recurrence_bwd.op, bargs)
+
+
+def test_lstm_step_graph_key_reads_the_matmul_precision_of_either_api():
+    """torch's new TF32 API (fp32_precision) makes the legacy getters raise (mixing the
+    APIs): the step-graph key reads what never raises and reflects both."""
+    from fastbert.kernels import lstm as k
+    matmul = torch.backends.cuda.matmul
+    before, saved = k._matmul_precision(), matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert k._matmul_precision()[0] == "tf32" and k._matmul_precision() != before
+    finally:
+        matmul.fp32_precision = saved
