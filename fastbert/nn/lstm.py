@@ -47,7 +47,9 @@ class LSTM(torch.nn.Module):
 
     ``forward(input, hx=None, *, lengths=None, enforce_sorted=True)``:
         input: (T, B, input_size) (or (B, T, input_size) with batch_first), unbatched
-            (T, input_size), or a ``PackedSequence`` (the output is then a PackedSequence).
+            (T, input_size), or a ``PackedSequence`` (the output is then a PackedSequence;
+            eager only: its layout is host data, which neither torch.compile(fullgraph=True)
+            nor a CUDA graph capture can take -- pass padded input with ``lengths`` there).
         hx: optional (h_0, c_0) of shapes (num_layers * D, B, proj_size or hidden_size) and
             (num_layers * D, B, hidden_size), D = 2 if bidirectional else 1.
         lengths: with a padded input, the valid length of each sequence, an integer tensor

@@ -22,7 +22,9 @@ REF_DTYPES = FLOAT_DTYPES + (torch.float64,)
 _try_tracing_context = torch._guards.TracingContext.try_get
 
 
-if hasattr(torch.compiler, "_is_compiling_flag"):
+if hasattr(torch.compiler, "_compile_session_context"):
+    # torch.compile sessions hold torch.compiler._is_compiling_flag (torch 2.14; in 2.11 only
+    # export sets it), so the flag off rules a trace out
     def tracing() -> bool:
         """Whether this call is being traced, in this thread: by torch.compile (Dynamo, and
         AOTAutograd's trace of the backward) or torch.export. Value checks that read the host
@@ -32,10 +34,16 @@ if hasattr(torch.compiler, "_is_compiling_flag"):
         thread-local lookup is made."""
         return torch.compiler.is_dynamo_compiling() or (
             torch.compiler._is_compiling_flag and _try_tracing_context() is not None)
-else:  # pragma: no cover - a torch without the private flag (2.11-2.14 have it)
+else:
     def tracing() -> bool:
         """Whether this call is being traced, in this thread (see above)."""
         return torch.compiler.is_dynamo_compiling() or _try_tracing_context() is not None
+
+
+def real_values(t: torch.Tensor) -> bool:
+    """Whether ``t`` is neither fake nor meta, traced or not (FLOP formulas, which inductor
+    also runs on fake tensors while it compiles, read values only then)."""
+    return not (t.is_meta or is_fake(t))
 
 
 def has_values(t: torch.Tensor) -> bool:
@@ -50,7 +58,10 @@ def capturing(t: torch.Tensor) -> bool:
     """Whether ``t``'s CUDA stream is being captured into a CUDA graph (torch.cuda.graph,
     torch.compile's mode="reduce-overhead"), where a host read of a device value is illegal
     (and a host copy would be replayed as captured). Every op asks here (tests patch it)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+    # never asked while Dynamo traces (its bool result would break the graph; the checks that
+    # ask are the eager ones)
+    return (t.is_cuda and not torch.compiler.is_dynamo_compiling()
+            and torch.cuda.is_current_stream_capturing())
 
 
 def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:

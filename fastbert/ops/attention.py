@@ -207,7 +207,7 @@ def _attention_flops(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k) -> int:
         batch, seqlen_q, heads, head_dim = q.shape
         return 4 * batch * heads * seqlen_q * k.shape[1] * head_dim
     _, heads, head_dim = q.shape
-    if has_values(cu_seqlens_q) and has_values(cu_seqlens_k):
+    if _checks.real_values(cu_seqlens_q) and _checks.real_values(cu_seqlens_k):
         lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
         lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
         pairs = sum(a * b for a, b in zip(lq, lk))

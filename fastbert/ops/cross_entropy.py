@@ -27,7 +27,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
 from ._checks import (REF_DTYPES, autocast_dtype, check_same_device, check_shape, check_tensor,
                       has_values, kernel_dtype_reason)
@@ -490,9 +489,6 @@ _masked_lm_loss_fwd.register_autograd(_mlm_backward, setup_context=_mlm_setup)
 # a host sync, as FlopCounterMode's own count of packed attention) or the forward's count,
 # which lies on the host (backward); its bound, every row, for fake or meta tensors (inductor
 # counts FLOPs on fake tensors while it compiles).
-def _real(t: Tensor) -> bool:
-    return not (t.is_meta or is_fake(t))
-
 
 def _mlm_gemm_flops(n: int, weight: Tensor, n_gemms: int) -> int:
     vocab, hidden = weight.shape
@@ -507,14 +503,14 @@ if _flops_formula is not None:
     @_flops_formula(torch.ops.fastbert.masked_lm_loss_fwd, get_raw=True)
     def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, need_dhidden,
           need_dweight, need_dbias, *args, out_shape=None, **kwargs) -> int:
-        n = int((labels != ignore_index).sum()) if _real(labels) else labels.numel()
+        n = int((labels != ignore_index).sum()) if _checks.real_values(labels) else labels.numel()
         stored = stores_grads(hidden.dtype, reduction)
         return _mlm_gemm_flops(n, weight, 1 + stored * (bool(need_dhidden) + bool(need_dweight)))
 
     @_flops_formula(torch.ops.fastbert.masked_lm_loss_bwd, get_raw=True)
     def _(grad, hidden, weight, bias, sel, info, ignore_index, label_smoothing, reduction,
           need_dhidden, need_dweight, *args, out_shape=None, **kwargs) -> int:
-        n = int(info[0]) if _real(info) else sel.shape[0] // 2
+        n = int(info[0]) if _checks.real_values(info) else sel.shape[0] // 2
         return _mlm_gemm_flops(n, weight, 1 + bool(need_dhidden) + bool(need_dweight))
 
 

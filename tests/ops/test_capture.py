@@ -130,3 +130,24 @@ def test_seq2seq_with_host_src_lengths_refuses_a_capture_by_name(captured):
     model = LSTMSeq2Seq(10, 12, emb=8, hidden=8, layers=1, dropout=0.0, backend="torch")
     with pytest.raises(RuntimeError, match="LSTMSeq2Seq: src_lengths on the CPU cannot be captured"):
         model(torch.tensor([[3, 4, 5]]), torch.tensor([3]), torch.tensor([[1, 3]]))
+
+
+def test_capturing_is_not_asked_while_dynamo_traces(monkeypatch):
+    """Under torch.compile on a GPU, Dynamo rejects torch.cuda.is_current_stream_capturing()'s
+    bool ("torch.* op returned non-Tensor"): fullgraph=True failed for nn.LSTM with CPU lengths
+    and the other eager capture checks. The question is not asked while Dynamo traces."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing",
+                        lambda: pytest.fail("asked while Dynamo traces"))
+    monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)
+    assert _checks.capturing(SimpleNamespace(is_cuda=True)) is False
+
+
+@pytest.mark.gpu
+def test_lstm_with_cpu_lengths_compiles_fullgraph_on_cuda():
+    m = LSTM(16, 32, num_layers=2, bidirectional=True).cuda()
+    x = torch.randn(6, 4, 16, device="cuda")
+    lengths = torch.tensor([6, 3, 5, 1])
+    f = lambda x, lengths: m(x, lengths=lengths, enforce_sorted=False)[0]
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x, lengths),
+                               f(x, lengths), rtol=1e-4, atol=1e-4)
