@@ -1138,7 +1138,7 @@ def test_attention_varlen_under_torch_func_grad_with_cu_seqlens_as_arguments(dev
     torch.testing.assert_close(got, qq.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_attention_flop_formula_takes_fake_cu_seqlens_while_tracing():
+def test_attention_flop_formula_takes_fake_cu_seqlens_while_tracing(monkeypatch):
     """Inductor counts FLOPs on fake tensors inside the compile's TracingContext: the packed
     attention formula takes the bound there (it read the fake cu_seqlens' values)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -1148,5 +1148,7 @@ def test_attention_flop_formula_takes_fake_cu_seqlens_while_tracing():
     with mode:
         q = torch.empty(16, 4, 32)
         cu = torch.empty(3, dtype=torch.int32)
+    # a compile session, as inductor's: the flag and this thread's tracing context
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True, raising=False)
     with torch._guards.tracing(torch._guards.TracingContext(mode)):
         assert fwd(q, q, q, None, None, cu, cu, None, 11, 11) == 4 * 4 * 32 * 16 * 11

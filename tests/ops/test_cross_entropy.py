@@ -1528,7 +1528,7 @@ def test_cross_entropy_captured_in_a_cuda_graph_replays_like_eager():
     torch.testing.assert_close(logits.grad, ref.grad)
 
 
-def test_masked_lm_loss_flop_formulas_take_fake_tensors_while_tracing():
+def test_masked_lm_loss_flop_formulas_take_fake_tensors_while_tracing(monkeypatch):
     """Inductor counts an extern op's FLOPs on fake tensors inside the compile's
     TracingContext: the formulas must not read the labels' values there (they tried to, on
     fake tensors) but take their bound, every row."""
@@ -1542,6 +1542,8 @@ def test_masked_lm_loss_flop_formulas_take_fake_tensors_while_tracing():
         labels = torch.empty(2, 6, dtype=torch.long)
         sel, info, grad = torch.empty(24, dtype=torch.long), torch.empty(2, dtype=torch.long), torch.empty(())
     gemm = 2 * 12 * 16 * 40
+    # a compile session, as inductor's: the flag and this thread's tracing context
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True, raising=False)
     with torch._guards.tracing(torch._guards.TracingContext(mode)):
         assert fwd(hidden, weight, None, labels, IGNORE, 0.0, "mean", True, True, False, True,
                    True) == 3 * gemm
