@@ -478,12 +478,13 @@ def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total:
     if not isinstance(max_seqlen, (int, torch.SymInt)) or isinstance(max_seqlen, bool):
         raise TypeError(f"{max_name} must be a python int (it sizes the launch grid; pass it "
                         f"from the caller to avoid a host sync), got {type(max_seqlen).__name__}")
-    if _checks.tracing():
+    tracing = _checks.tracing()
+    if tracing:
         # it may be a value read from a tensor (unpad's): no Python branch on it
         torch._check(max_seqlen >= 0, lambda: f"{max_name} must be >= 0")
     elif max_seqlen < 0:
         raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
-    if _checks.tracing() or _checks.capturing(cu):
+    if tracing or _checks.capturing(cu):
         # no host read (a sync under torch.compile, illegal while capturing a CUDA graph): the
         # same check on the device, failing the stream (a device-side assert) rather than
         # letting the kernels read and write past a sequence's rows
@@ -538,8 +539,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     and the max lengths) the first time a tensor is seen with these token counts and max
     lengths, which costs a host sync; later calls with the same, unmodified tensors (every
     layer of an encoder) skip it (a write that bypasses torch's version counter, through
-    ``.data``, numpy or DLPack, is not seen: make new cu_seqlens instead). Under torch.compile and during CUDA graph capture, where
-    the host may not read device values, the same check runs on the device at every call: a
+    ``.data``, numpy or DLPack, is not seen: make new cu_seqlens instead). Under torch.compile
+    and during CUDA graph capture, where the host may not read device values, the same check
+    runs on the device at every call: a
     bad cu_seqlens fails the stream with a device-side assert (RuntimeError on the CPU)
     rather than leaving rows past max_seqlen unwritten. The PyTorch reference (backend
     "torch", and auto's choice where the kernels cannot run: float64, other head dims) reads

@@ -61,7 +61,8 @@ def test_lstm_with_host_lengths_or_packed_input_refuses_a_capture(captured, cls)
 
 def test_check_lengths_runs_on_the_device_during_a_capture(captured):
     check_lengths(torch.tensor([3, 2, 2]), 3, 3, sorted_desc=True)
-    for bad, kw in ((torch.tensor([4, 2, 1]), {}), (torch.tensor([3, 0, 1]), dict(allow_zero=False)),
+    for bad, kw in ((torch.tensor([4, 2, 1]), {}),
+                    (torch.tensor([3, 0, 1]), dict(allow_zero=False)),
                     (torch.tensor([1, 3, 2]), dict(sorted_desc=True))):
         with pytest.raises(RuntimeError):   # torch._assert_async, raised at once on the CPU
             check_lengths(bad, 3, 3, **kw)
@@ -83,7 +84,8 @@ def test_host_reading_paths_refuse_a_capture_by_name(captured):
     backend, unpad."""
     q = torch.randn(7, 2, 48)
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="attention_varlen on the PyTorch reference.*head_dim 48"):
+    with pytest.raises(RuntimeError,
+                       match="attention_varlen on the PyTorch reference.*head_dim 48"):
         ops.attention_varlen(q, q, q, cu, cu, 4, 4)
     hidden, weight = torch.randn(2, 4, 8), torch.randn(11, 8)
     labels = torch.tensor([[1, -100, 3, -100], [-100, 2, -100, -100]])
@@ -128,7 +130,8 @@ def test_lstm_with_cuda_lengths_captured_in_a_cuda_graph_replays_like_eager(cls)
 
 def test_seq2seq_with_host_src_lengths_refuses_a_capture_by_name(captured):
     model = LSTMSeq2Seq(10, 12, emb=8, hidden=8, layers=1, dropout=0.0, backend="torch")
-    with pytest.raises(RuntimeError, match="LSTMSeq2Seq: src_lengths on the CPU cannot be captured"):
+    with pytest.raises(RuntimeError,
+                       match="LSTMSeq2Seq: src_lengths on the CPU cannot be captured"):
         model(torch.tensor([[3, 4, 5]]), torch.tensor([3]), torch.tensor([[1, 3]]))
 
 

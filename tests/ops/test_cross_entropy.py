@@ -1540,7 +1540,8 @@ def test_masked_lm_loss_flop_formulas_take_fake_tensors_while_tracing(monkeypatc
     with mode:
         hidden, weight = torch.empty(2, 6, 16), torch.empty(40, 16)
         labels = torch.empty(2, 6, dtype=torch.long)
-        sel, info, grad = torch.empty(24, dtype=torch.long), torch.empty(2, dtype=torch.long), torch.empty(())
+        sel, info = torch.empty(24, dtype=torch.long), torch.empty(2, dtype=torch.long)
+        grad = torch.empty(())
     gemm = 2 * 12 * 16 * 40
     # a compile session, as inductor's: the flag and this thread's tracing context
     monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True, raising=False)

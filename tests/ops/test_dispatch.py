@@ -89,7 +89,8 @@ def test_triton_interpreter_mode_is_read_from_triton():
     """The mode recorded at import is Triton's own (its library functions' type), which the
     conftest's TRITON_INTERPRET decided here."""
     assert _dispatch._triton_interprets() is _dispatch.interpreter_enabled()
-    assert _dispatch._TRITON_INTERPRETS is (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+    at_import = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    assert _dispatch._TRITON_INTERPRETS is at_import
 
 
 def test_auto_falls_back_with_one_time_warning_naming_the_reason():
