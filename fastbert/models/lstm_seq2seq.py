@@ -107,7 +107,9 @@ class LSTMSeq2Seq(torch.nn.Module):
         device-side assert on the GPU). The values cost one host read of CUDA lengths and one
         of the ids (``check_ids``); both are skipped while torch.compile traces, and run on the
         device while a CUDA graph is captured (where src_lengths must be a CUDA tensor: host
-        lengths would be replayed as captured)."""
+        lengths would be replayed as captured). The encoder reads CUDA lengths once more (to
+        pack the sequences); lengths on the CPU, as pack_padded_sequence takes them, cost no
+        host read in eager mode."""
         device = self.src_embed.weight.device
         for name, t in (("src", src), ("tgt_in", tgt_in)):
             check_tensor(name, t, dtypes=INDEX_DTYPES, ndim=(2,), optional=name == "tgt_in")
@@ -124,7 +126,8 @@ class LSTMSeq2Seq(torch.nn.Module):
                                "graph (the graph would replay the values read at capture); "
                                "pass src_lengths as a CUDA tensor")
         check_lengths(src_lengths, n_batch, src_len, allow_zero=False, name="src_lengths")
-        if not _checks.tracing() and self.check_ids:
+        # skipped while torch.compile traces, and for meta / fake tensors (shape inference)
+        if self.check_ids and not _checks.tracing() and _checks.has_values(src):
             self._check_ids(src, tgt_in)
 
     def _check_ids(self, src: Tensor, tgt_in: Optional[Tensor]) -> None:

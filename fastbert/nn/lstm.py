@@ -129,9 +129,12 @@ class LSTM(torch.nn.Module):
 
     def reset_parameters(self) -> None:
         """uniform(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every weight, like torch."""
+        # every stored parameter, as torch.nn.LSTM: where a parametrization is registered on a
+        # weight (parametrize, weight_norm, spectral_norm, prune) its originals, not the
+        # computed weight that getattr would give
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for name in self._flat_weights_names:
-            torch.nn.init.uniform_(getattr(self, name), -stdv, stdv)
+        for p in self.parameters():
+            torch.nn.init.uniform_(p, -stdv, stdv)
 
     def flatten_parameters(self) -> None:
         """Nothing to flatten: the kernels read each weight where it is (kept for
@@ -359,9 +362,12 @@ class LayerNormLSTM(LSTM):
         self._reset_layer_norm()
 
     def _reset_layer_norm(self) -> None:
-        for name in self._ln_names:
-            p = getattr(self, name)
-            torch.nn.init.zeros_(p) if name.startswith("layer_norm_cell_bias") else torch.nn.init.ones_(p)
+        # the stored parameters (a parametrization's originals too: see LSTM.reset_parameters)
+        for name, p in self.named_parameters():
+            if "layer_norm_cell_bias" in name:
+                torch.nn.init.zeros_(p)
+            elif any(stem in name for stem in self._LN_STEMS):
+                torch.nn.init.ones_(p)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

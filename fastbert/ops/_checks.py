@@ -69,7 +69,13 @@ def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
     knows: cuda, cpu, xpu, mps, ...), else None (also for meta tensors, which autocast does
     not know)."""
     dev = t.device.type
-    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+    if torch.compiler.is_dynamo_compiling():
+        # torch 2.11's Dynamo cannot trace is_autocast_available (a graph break, fatal under
+        # fullgraph=True); the tensors it traces are fakes of a real device, or meta
+        available = dev != "meta"
+    else:
+        available = torch.amp.is_autocast_available(dev)
+    if available and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return None
 

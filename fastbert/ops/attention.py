@@ -480,8 +480,12 @@ def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total:
                         f"from the caller to avoid a host sync), got {type(max_seqlen).__name__}")
     tracing = _checks.tracing()
     if tracing:
-        # it may be a value read from a tensor (unpad's): no Python branch on it
-        torch._check(max_seqlen >= 0, lambda: f"{max_name} must be >= 0")
+        # it may be a value read from a tensor (unpad's): no Python branch on it. The message
+        # functions hold no closure: torch 2.11's Dynamo cannot trace one that does
+        if max_name == "max_seqlen_q":
+            torch._check(max_seqlen >= 0, lambda: "max_seqlen_q must be >= 0")
+        else:
+            torch._check(max_seqlen >= 0, lambda: "max_seqlen_k must be >= 0")
     elif max_seqlen < 0:
         raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
     if tracing or _checks.capturing(cu):

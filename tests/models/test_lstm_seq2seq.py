@@ -241,3 +241,38 @@ def test_seq2seq_beam_search_output_is_no_wider_than_its_longest_row():
     for beam_size in (3, VOCAB + 10):
         tokens, _ = model.beam_search(src, lengths, beam_size=beam_size, max_len=6)
         assert torch.equal(tokens, greedy)
+
+
+def test_seq2seq_check_ids_false_skips_the_id_check(monkeypatch):
+    """check_ids=False: no host read of the ids; an out-of-range id is then nn.Embedding's own
+    IndexError (documented), not fastbert's ValueError."""
+    model = _model("luong", check_ids=False)
+    assert model.check_ids is False
+    monkeypatch.setattr(type(model), "_check_ids", lambda *a: pytest.fail("ids checked"))
+    with pytest.raises(IndexError):
+        model(torch.tensor([[3, VOCAB]]), torch.tensor([2]), torch.tensor([[1]]))
+
+
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_seq2seq_compiles_fullgraph_with_the_checks_on(attention):
+    """The id check (a host read in eager) is skipped while torch.compile traces."""
+    torch._dynamo.reset()
+    model = _model(attention)
+    src, lengths, tgt_in, _ = copy_batch(3, torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(src, lengths, tgt_in), model(src, lengths, tgt_in))
+
+
+def test_seq2seq_infers_shapes_on_meta_and_fake_tensors():
+    """Shape inference (meta device, FakeTensorMode) skips the id check, as every other value
+    check: it read values there (torch's internal errors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    src, lengths, tgt_in, _ = copy_batch(2, torch.Generator().manual_seed(0))
+    with torch.device("meta"):
+        model = _model("luong")
+    out = model(src.to("meta"), lengths, tgt_in.to("meta"))
+    assert out.shape == (*tgt_in.shape, VOCAB + 3) and out.is_meta
+    model = _model("bahdanau")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out = model(*map(mode.from_tensor, (src, lengths, tgt_in)))
+    assert out.shape == (*tgt_in.shape, VOCAB + 3)

@@ -133,6 +133,39 @@ def test_lstm_constructor_init_and_repr_match_torch():
         LSTM(4, 8, dropout=1.5)
 
 
+@pytest.mark.parametrize("cls", [torch.nn.LSTM, LSTM, LayerNormLSTM])
+def test_reset_parameters_initializes_parametrized_weights_like_torch(cls):
+    """The deferred-init flow (meta device, a parametrization, to_empty, reset_parameters):
+    reset_parameters initialized getattr(self, name), a computed temporary where a
+    parametrization is registered, and left to_empty's memory in the stored original."""
+    import torch.nn.utils.parametrize as parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Half(torch.nn.Module):
+        def forward(self, w):
+            return 0.5 * w
+
+    with torch.device("meta"):
+        m = cls(3, 5)
+    parametrize.register_parametrization(m, "weight_hh_l0", Half())
+    weight_norm(m, "weight_ih_l0")
+    if cls is LayerNormLSTM:
+        parametrize.register_parametrization(m, "layer_norm_cell_weight_l0", Half())
+    m.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float("nan"))   # what uninitialized memory may hold
+    m.reset_parameters()
+    bound = 1 / math.sqrt(5)
+    for name, p in m.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if "layer_norm" not in name:
+            assert p.abs().max() <= bound, name
+    assert torch.isfinite(m(torch.randn(4, 2, 3))[0]).all()
+    if cls is LayerNormLSTM:
+        assert torch.equal(m.layer_norm_cell_weight_l0, torch.full((5,), 0.5))
+
+
 def test_lstm_unbatched_input_matches_batched(device):
     ref, ours = _pair(dict(num_layers=2), "triton", torch.float32, device=device)
     x, h0, c0 = (torch.randn(4, 6, device=device), torch.randn(2, 12, device=device),

@@ -677,6 +677,21 @@ def test_attention_opcheck(device):
                            None, cu_q, cu_k, None, mq, mk, False, 0.0, 0.25))
 
 
+def test_attention_varlen_reference_compiles_fullgraph():
+    """The PyTorch reference of attention_varlen (auto's choice on the CPU, and for the head
+    dims and float64 the kernels lack) reads cu_seqlens' values: under compile they are traced
+    as data-dependent values (has_values() is True while tracing), not skipped as fakes."""
+    torch._dynamo.reset()
+    q = torch.randn(7, 2, 16, generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+
+    def g(q, cu):
+        return attention_varlen(q, q, q, cu, cu, 4, 4, backend="torch")
+
+    out = torch.compile(g, fullgraph=True, backend="aot_eager")(q, cu)
+    torch.testing.assert_close(out, g(q, cu))
+
+
 def test_attention_torch_compile_fullgraph_padded_and_varlen(device):
     q, k_, v = (_rand(device, torch.float32, 2, 13, 2, 16) for _ in range(3))
     mask = torch.rand(2, 13, device=device) > 0.3

@@ -66,6 +66,10 @@ def test_check_lengths_runs_on_the_device_during_a_capture(captured):
                     (torch.tensor([1, 3, 2]), dict(sorted_desc=True))):
         with pytest.raises(RuntimeError):   # torch._assert_async, raised at once on the CPU
             check_lengths(bad, 3, 3, **kw)
+    # two sequences: the order is still checked
+    check_lengths(torch.tensor([3, 3]), 2, 3, sorted_desc=True)
+    with pytest.raises(RuntimeError):
+        check_lengths(torch.tensor([1, 3]), 2, 3, sorted_desc=True)
 
 
 def test_seq2seq_id_check_runs_on_the_device_during_a_capture(captured):
@@ -76,6 +80,42 @@ def test_seq2seq_id_check_runs_on_the_device_during_a_capture(captured):
         model._check_ids(src, torch.tensor([[1, 3], [1, 12]]))
     with pytest.raises(RuntimeError):
         model._check_ids(src.masked_fill(src == 6, 10), None)
+    # negative ids too
+    with pytest.raises(RuntimeError):
+        model._check_ids(src, torch.tensor([[1, 3], [1, -1]]))
+    with pytest.raises(RuntimeError):
+        model._check_ids(src.masked_fill(src == 6, -2), None)
+
+
+def _cpu_backends():
+    """The backends that take CPU tensors here: the kernels only where the interpreter runs
+    them (not in the GPU machine's CPU-tensor phase)."""
+    return ("torch", "triton") if _dispatch.interpreter_enabled() else ("torch",)
+
+
+def test_loss_label_check_runs_on_the_device_during_a_capture(captured):
+    """cross_entropy's default label check asserts on the device while a CUDA graph is
+    captured, on the reference too (auto's choice for float64 on a GPU)."""
+    logits = torch.randn(4, 11)
+    target = torch.tensor([0, 10, -100, 3])
+    for backend in _cpu_backends():
+        ops.cross_entropy(logits, target, backend=backend)
+        for bad in (11, -1):
+            with pytest.raises(RuntimeError):   # torch._assert_async, at once on the CPU
+                ops.cross_entropy(logits, target.masked_fill(target == 3, bad), backend=backend)
+
+
+def test_embedding_bounds_check_runs_on_the_device_during_a_capture(captured):
+    """embedding_layer_norm's default bounds check asserts on the device while a CUDA graph is
+    captured (the host read of the ids' range is illegal there)."""
+    word, pos = torch.randn(20, 16), torch.randn(8, 16)
+    ids = torch.tensor([[1, 5, 19, 0]])
+    for backend in _cpu_backends():
+        ops.embedding_layer_norm(ids, word, pos, None, None, backend=backend)
+        for bad in (20, -1):
+            with pytest.raises(RuntimeError):
+                ops.embedding_layer_norm(ids.masked_fill(ids == 19, bad), word, pos, None, None,
+                                         backend=backend)
 
 
 def test_host_reading_paths_refuse_a_capture_by_name(captured):

@@ -85,6 +85,17 @@ def test_triton_interpret_changed_after_import_is_named(monkeypatch, at_import):
         assert _dispatch.interpreter_mode_error() is None, value
 
 
+def test_triton_interpret_unset_reads_as_off(monkeypatch):
+    """The GPU machine's usual environment, TRITON_INTERPRET unset (the conftest sets it on a
+    CPU box, so nothing else here runs without it): off, and no mode change to name."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_dispatch, "_TRITON_INTERPRETS", False)
+    assert _dispatch._interpret_env_on() is False
+    assert _dispatch.interpreter_mode_error() is None
+    monkeypatch.setattr(_dispatch, "_TRITON_INTERPRETS", True)
+    assert "turned off" in _dispatch.interpreter_mode_error()
+
+
 def test_triton_interpreter_mode_is_read_from_triton():
     """The mode recorded at import is Triton's own (its library functions' type), which the
     conftest's TRITON_INTERPRET decided here."""
@@ -443,3 +454,48 @@ def test_checks_run_while_another_thread_compiles(monkeypatch):
     with pytest.raises(ValueError, match="src must hold token ids"):
         model(torch.tensor([[3, 10]]), torch.tensor([2]), torch.tensor([[1]]))
     assert not _checks.has_values(torch.empty(2, device="meta"))
+
+
+@pytest.mark.parametrize("op", ["attention", "cross_entropy", "masked_lm_loss", "lstm_layer"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_autocast_query_compiles_fullgraph_where_dynamo_cannot_trace_is_autocast_available(
+        monkeypatch, op, autocast):
+    """torch 2.11's Dynamo cannot trace torch.amp.is_autocast_available (a C builtin it skips):
+    every op that asks for the autocast dtype broke torch.compile(fullgraph=True) there, on
+    both backends. Simulated here: the query raises while Dynamo traces."""
+    real = torch.amp.is_autocast_available
+
+    def untraceable(device_type):
+        if torch.compiler.is_dynamo_compiling():
+            raise RuntimeError("is_autocast_available traced")
+        return real(device_type)
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    if op == "attention":
+        q, k, v = (torch.randn(2, 5, 2, 16, generator=g) for _ in range(3))
+        args, f = (q, k, v), lambda q, k, v: ops.attention(q, k, v, backend="torch")
+    elif op == "cross_entropy":
+        args = (torch.randn(5, 11, generator=g), torch.tensor([3, -100, 10, 0, 7]))
+        f = lambda x, t: ops.cross_entropy(x, t, backend="torch")  # noqa: E731
+    elif op == "masked_lm_loss":
+        args = (torch.randn(5, 16, generator=g), torch.randn(11, 16, generator=g),
+                torch.tensor([3, -100, 10, 0, 7]))
+        f = lambda h, w, t: ops.masked_lm_loss(h, w, None, t, backend="torch")  # noqa: E731
+    else:
+        args = (torch.randn(4, 2, 8, generator=g), torch.zeros(2, 4), torch.zeros(2, 4),
+                torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g))
+        f = lambda x, h, c, wi, wh: ops.lstm_layer(x, h, c, wi, wh, backend="torch")[0]  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got, want = compiled(*args), f(*args)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want)
+
+
+def test_autocast_dtype_is_none_for_meta_tensors_in_eager_and_while_tracing():
+    t = torch.empty(2, device="meta")
+    assert _checks.autocast_dtype(t) is None
+    assert torch.compile(lambda t: _checks.autocast_dtype(t) is None, fullgraph=True,
+                         backend="eager")(t)
