@@ -48,7 +48,8 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[T
                   causal: bool = False, dropout_p: float = 0.0,
                   softmax_scale: Optional[float] = None, dropout_mask: Optional[Tensor] = None,
                   cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
-                  upcast: bool = False, compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+                  upcast: bool = False, compute_dtype: Optional[torch.dtype] = None,
+                  max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None) -> Tensor:
     """softmax(scale * Q K^T + mask) V in PyTorch, materializing the scores.
 
     Padded layout: q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, heads_kv,
@@ -60,8 +61,16 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[T
     both, e.g. fp16 for the low-precision baseline of the tests) and returns q's dtype.
     ``dropout_mask`` (bool, (batch, heads, seqlen_q, seqlen_k); for varlen, positions within
     each sequence up to the max lengths) replaces the random draw: tests pass the kernel's.
+    While torch.compile traces, the varlen layout given ``max_seqlen_q``/``max_seqlen_k`` is
+    computed padded instead (``_varlen_ref_padded``): no host read, no data-dependent shape
+    (inductor cannot lower the per-sequence loop's).
     """
     if cu_seqlens_q is not None:
+        if max_seqlen_q is not None and max_seqlen_k is not None and _checks.tracing():
+            return _varlen_ref_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, causal=causal, dropout_p=dropout_p,
+                                      softmax_scale=softmax_scale, dropout_mask=dropout_mask,
+                                      upcast=upcast, compute_dtype=compute_dtype)
         if not (has_values(cu_seqlens_q) and has_values(cu_seqlens_k)):
             # fake or meta (shape inference): the lengths cannot be read; the result has q's
             # shape and dtype, and stays in the graph of q, k and v (a backward through it
@@ -77,14 +86,8 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[T
                 causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
                 dropout_mask=dm, upcast=upcast, compute_dtype=compute_dtype)[0])
         return torch.cat(outs, 0) if outs else q.new_empty(q.shape)
-    ct = compute_dtype or (torch.float64 if (upcast or q.dtype == torch.float64) else torch.float32)
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    qc = q.to(ct)
-    kc = k.to(ct).repeat_interleave(heads // heads_kv, dim=2)
-    vc = v.to(ct).repeat_interleave(heads // heads_kv, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale       # (B, H, Sq, Sk)
+    batch, seqlen_q = q.shape[:2]
+    seqlen_k = k.shape[1]
     valid = torch.ones((batch, 1, seqlen_q, seqlen_k), dtype=torch.bool, device=q.device)
     if attention_mask is not None:
         valid = valid & (attention_mask != 0)[:, None, None, :]
@@ -92,6 +95,61 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[T
         i = torch.arange(seqlen_q, device=q.device)[:, None]
         j = torch.arange(seqlen_k, device=q.device)[None, :]
         valid = valid & (j <= i + (seqlen_k - seqlen_q))
+    return _masked_attention(q, k, v, valid, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                             dropout_mask=dropout_mask, upcast=upcast, compute_dtype=compute_dtype)
+
+
+def _varlen_ref_padded(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                       cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                       causal: bool, dropout_p: float, softmax_scale: Optional[float],
+                       dropout_mask: Optional[Tensor], upcast: bool,
+                       compute_dtype: Optional[torch.dtype]) -> Tensor:
+    """attention_ref's varlen layout without reading the lengths on the host: every sequence
+    scattered into a padded batch of width max_seqlen, its keys masked past its length and
+    (causal) aligned bottom-right per sequence, the result gathered back. Assumes the checks
+    attention_varlen made (no sequence longer than max_seqlen, cu_seqlens[-1] = total)."""
+    batch = cu_seqlens_q.shape[0] - 1
+
+    def layout(cu: Tensor, total: int):
+        cu = cu.to(torch.int64)
+        token = torch.arange(total, device=cu.device)
+        seq = torch.searchsorted(cu[1:], token, right=True)   # the sequence of each token
+        return seq, token - cu[seq], cu[1:] - cu[:-1]
+
+    seq_q, pos_q, len_q = layout(cu_seqlens_q, q.shape[0])
+    seq_k, pos_k, len_k = layout(cu_seqlens_k, k.shape[0])
+
+    def padded(x: Tensor, seq: Tensor, pos: Tensor, width: int) -> Tensor:
+        return x.new_zeros((batch, width) + tuple(x.shape[1:])).index_put((seq, pos), x)
+
+    i = torch.arange(max_seqlen_q, device=q.device)[None, :, None]
+    j = torch.arange(max_seqlen_k, device=q.device)[None, None, :]
+    valid = j < len_k[:, None, None]                                   # (B, Sq, Sk)
+    if causal:
+        valid = valid & (j <= i + (len_k - len_q)[:, None, None])
+    if dropout_mask is not None:
+        dropout_mask = dropout_mask[:, :, :max_seqlen_q, :max_seqlen_k]
+    out = _masked_attention(padded(q, seq_q, pos_q, max_seqlen_q),
+                            padded(k, seq_k, pos_k, max_seqlen_k),
+                            padded(v, seq_k, pos_k, max_seqlen_k), valid[:, None],
+                            dropout_p=dropout_p, softmax_scale=softmax_scale,
+                            dropout_mask=dropout_mask, upcast=upcast, compute_dtype=compute_dtype)
+    return out[seq_q, pos_q]
+
+
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, *, dropout_p: float,
+                      softmax_scale: Optional[float], dropout_mask: Optional[Tensor],
+                      upcast: bool, compute_dtype: Optional[torch.dtype]) -> Tensor:
+    """attention_ref's padded computation given the (batch, 1, seqlen_q, seqlen_k) mask of the
+    keys each query sees."""
+    ct = compute_dtype or (torch.float64 if (upcast or q.dtype == torch.float64) else torch.float32)
+    heads, head_dim = q.shape[2], q.shape[3]
+    heads_kv = k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    qc = q.to(ct)
+    kc = k.to(ct).repeat_interleave(heads // heads_kv, dim=2)
+    vc = v.to(ct).repeat_interleave(heads // heads_kv, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale       # (B, H, Sq, Sk)
     # rows that see no key: softmax over zeros, then zeroed by `valid` -- finite values and
     # zero gradients instead of softmax's NaN over an all -inf row
     empty = ~valid.any(-1, keepdim=True)
@@ -570,7 +628,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                 + (f": {why}" if why else "") + ") reads cu_seqlens on the host, which a CUDA "
                 "graph capture does not allow; the Triton kernels run under capture")
         return attention_ref(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                             causal=causal, dropout_p=p, softmax_scale=scale)
+                             causal=causal, dropout_p=p, softmax_scale=scale,
+                             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     seed = _dropout_seed(q.device) if p > 0.0 else None
     # the kernels read cu_seqlens[b] at offset b (unit stride): a strided view would be read
     # wrongly, and its bounds would send the kernels outside q, k and v

@@ -692,6 +692,53 @@ def test_attention_varlen_reference_compiles_fullgraph():
     torch.testing.assert_close(out, g(q, cu))
 
 
+@pytest.mark.parametrize("causal,heads_kv,drop", [(True, 2, False), (False, 1, True),
+                                                   (True, 1, True)])
+def test_attention_varlen_reference_padded_form_matches_the_per_sequence_loop(causal, heads_kv,
+                                                                             drop):
+    """The form the varlen reference takes under torch.compile (scattered into a padded batch,
+    no host read) against the per-sequence loop of eager mode, forward and gradients, float64:
+    an empty sequence, seqlen_q > seqlen_k and < (bottom-right causal per sequence), GQA, a
+    dropout mask wider than the max lengths (the kernel's)."""
+    from fastbert.ops.attention import attention_ref, _varlen_ref_padded
+    g = torch.Generator().manual_seed(0)
+    lq, lk = [3, 0, 5, 1], [4, 2, 1, 6]
+    cq = torch.tensor([0, 3, 3, 8, 9], dtype=torch.int32)
+    ck = torch.tensor([0, 4, 6, 7, 13], dtype=torch.int32)
+    q = torch.randn(9, 2, 8, dtype=torch.float64, generator=g).requires_grad_()
+    k, v = (torch.randn(13, heads_kv, 8, dtype=torch.float64, generator=g).requires_grad_()
+            for _ in range(2))
+    dm = torch.rand(4, 2, max(lq) + 2, max(lk) + 3, generator=g) > 0.3 if drop else None
+    kw = dict(causal=causal, dropout_p=0.3 if drop else 0.0, dropout_mask=dm, softmax_scale=None)
+    want = attention_ref(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, **kw)
+    got = _varlen_ref_padded(q, k, v, cq, ck, max(lq), max(lk), upcast=False,
+                             compute_dtype=None, **kw)
+    torch.testing.assert_close(got, want)
+    dout = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), dout),
+                    torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(a, b)
+
+
+def test_attention_varlen_reference_compiles_with_inductor():
+    """Inductor (torch.compile's default backend) could not lower the per-sequence loop of
+    the reference (data-dependent slices): under compile it takes the padded form."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(9, 2, 16, generator=g).requires_grad_()
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32)
+
+    def f(q, cu):
+        return attention_varlen(q, q, q, cu, cu, 6, 6, causal=True, backend="torch")
+
+    got = torch.compile(f, fullgraph=True)(q, cu)
+    want = f(q, cu)
+    torch.testing.assert_close(got, want)
+    (gq,) = torch.autograd.grad(got.sum(), q)
+    (wq,) = torch.autograd.grad(want.sum(), q)
+    torch.testing.assert_close(gq, wq)
+
+
 def test_attention_torch_compile_fullgraph_padded_and_varlen(device):
     q, k_, v = (_rand(device, torch.float32, 2, 13, 2, 16) for _ in range(3))
     mask = torch.rand(2, 13, device=device) > 0.3
