@@ -720,13 +720,14 @@ def test_attention_varlen_reference_padded_form_matches_the_per_sequence_loop(ca
         torch.testing.assert_close(a, b)
 
 
-def test_attention_varlen_reference_compiles_with_inductor():
+def test_attention_varlen_reference_compiles_with_inductor(device):
     """Inductor (torch.compile's default backend) could not lower the per-sequence loop of
-    the reference (data-dependent slices): under compile it takes the padded form."""
+    the reference (data-dependent slices): under compile it takes the padded form. (On the
+    device fixture: inductor's CPU code needs a C++ toolchain the GPU machine may lack.)"""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(9, 2, 16, generator=g).requires_grad_()
-    cu = torch.tensor([0, 3, 9], dtype=torch.int32)
+    q = torch.randn(9, 2, 16, generator=g).to(device).requires_grad_()
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32, device=device)
 
     def f(q, cu):
         return attention_varlen(q, q, q, cu, cu, 6, 6, causal=True, backend="torch")
