@@ -35,8 +35,10 @@ MIN_VENV ?= .venv-torch-min
 PYTEST_ARGS ?=
 test-min-torch:
 	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
-	$(MIN_VENV)/bin/python -m pip install --quiet "torch==2.11.0" numpy "pytest>=8" pytest-xdist pytest-timeout
-	$(MIN_VENV)/bin/python -m pip install --quiet --no-deps "triton==3.8.0"
+	$(MIN_VENV)/bin/python -c "import torch, triton, pytest, xdist, pytest_timeout, numpy; \
+	  assert torch.__version__.startswith('2.11.') and triton.__version__ == '3.8.0'" 2>/dev/null || { \
+	  $(MIN_VENV)/bin/python -m pip install --quiet "torch==2.11.0" numpy "pytest>=8" pytest-xdist pytest-timeout && \
+	  $(MIN_VENV)/bin/python -m pip install --quiet --no-deps "triton==3.8.0"; }
 	TRITON_INTERPRET=1 PYTHONPATH=$(CURDIR) $(MIN_VENV)/bin/python -m pytest tests -q -n auto $(PYTEST_ARGS)
 
 bench: $(STAMP)

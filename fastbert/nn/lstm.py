@@ -133,8 +133,11 @@ class LSTM(torch.nn.Module):
         # weight (parametrize, weight_norm, spectral_norm, prune) its originals, not the
         # computed weight that getattr would give
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for p in self.parameters():
-            torch.nn.init.uniform_(p, -stdv, stdv)
+        for name, p in self.named_parameters():
+            self._reset_parameter(name, p, stdv)
+
+    def _reset_parameter(self, name: str, p: torch.nn.Parameter, stdv: float) -> None:
+        torch.nn.init.uniform_(p, -stdv, stdv)
 
     def flatten_parameters(self) -> None:
         """Nothing to flatten: the kernels read each weight where it is (kept for
@@ -364,15 +367,18 @@ class LayerNormLSTM(LSTM):
     def _reset_layer_norm(self) -> None:
         # the stored parameters (a parametrization's originals too: see LSTM.reset_parameters)
         for name, p in self.named_parameters():
-            if "layer_norm_cell_bias" in name:
-                torch.nn.init.zeros_(p)
-            elif any(stem in name for stem in self._LN_STEMS):
-                torch.nn.init.ones_(p)
+            if any(stem in name for stem in self._LN_STEMS):
+                self._reset_parameter(name, p, 0.0)
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if hasattr(self, "_ln_names"):
-            self._reset_layer_norm()
+    def _reset_parameter(self, name: str, p: torch.nn.Parameter, stdv: float) -> None:
+        # one pass in LSTM.reset_parameters: the LayerNorm parameters draw nothing from the
+        # generator, so the LSTM weights take the same draws as torch.nn.LSTM's
+        if "layer_norm_cell_bias" in name:
+            torch.nn.init.zeros_(p)
+        elif any(stem in name for stem in self._LN_STEMS):
+            torch.nn.init.ones_(p)
+        else:
+            super()._reset_parameter(name, p, stdv)
 
     def _layer_norm_params(self, suffix: str) -> dict:
         return {"ln_ih_weight": getattr(self, "layer_norm_ih_weight" + suffix),

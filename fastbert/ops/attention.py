@@ -63,7 +63,9 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[T
     each sequence up to the max lengths) replaces the random draw: tests pass the kernel's.
     While torch.compile traces, the varlen layout given ``max_seqlen_q``/``max_seqlen_k`` is
     computed padded instead (``_varlen_ref_padded``): no host read, no data-dependent shape
-    (inductor cannot lower the per-sequence loop's).
+    (inductor cannot lower the per-sequence loop's); no check either: every sequence must be
+    at most max_seqlen long and ``dropout_mask`` at least max_seqlen wide (attention_varlen
+    checks the lengths).
     """
     if cu_seqlens_q is not None:
         if max_seqlen_q is not None and max_seqlen_k is not None and _checks.tracing():
@@ -607,7 +609,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     bad cu_seqlens fails the stream with a device-side assert (RuntimeError on the CPU)
     rather than leaving rows past max_seqlen unwritten. The PyTorch reference (backend
     "torch", and auto's choice where the kernels cannot run: float64, other head dims) reads
-    cu_seqlens on the host and raises while a CUDA graph is captured.
+    cu_seqlens on the host in eager mode and raises while a CUDA graph is captured; under
+    torch.compile it runs on a padded batch instead (scores of batch x heads x max_seqlen_q x
+    max_seqlen_k elements, as the padded reference).
     """
     op = "attention_varlen"
     if not _qkv_ok(q, k, v, 3):

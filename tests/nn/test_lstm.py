@@ -166,6 +166,25 @@ def test_reset_parameters_initializes_parametrized_weights_like_torch(cls):
         assert torch.equal(m.layer_norm_cell_weight_l0, torch.full((5,), 0.5))
 
 
+@pytest.mark.parametrize("cls", [LSTM, LayerNormLSTM])
+def test_reset_parameters_draws_what_construction_draws(cls):
+    """Deferred init (meta, to_empty, reset_parameters module by module) reproduces direct
+    construction under one seed: the LayerNorm parameters draw nothing from the generator, so
+    a module initialized after them gets the same weights too."""
+    def build(meta):
+        torch.manual_seed(0)
+        with torch.device("meta" if meta else "cpu"):
+            m = torch.nn.Sequential(cls(3, 5, 2, bidirectional=True), torch.nn.Linear(4, 4))
+        if meta:
+            m.to_empty(device="cpu")
+            torch.manual_seed(0)
+            for sub in m:
+                sub.reset_parameters()
+        return m
+    for (n1, p1), (n2, p2) in zip(build(False).named_parameters(), build(True).named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
 def test_lstm_unbatched_input_matches_batched(device):
     ref, ours = _pair(dict(num_layers=2), "triton", torch.float32, device=device)
     x, h0, c0 = (torch.randn(4, 6, device=device), torch.randn(2, 12, device=device),
