@@ -129,8 +129,7 @@ def test_host_reading_paths_refuse_a_capture_by_name(captured):
         ops.attention_varlen(q, q, q, cu, cu, 4, 4)
     hidden, weight = torch.randn(2, 4, 8), torch.randn(11, 8)
     labels = torch.tensor([[1, -100, 3, -100], [-100, 2, -100, -100]])
-    # CPU tensors: the kernels only where the interpreter runs them (not on a GPU machine)
-    for backend in ("torch", "triton") if _dispatch.interpreter_enabled() else ("torch",):
+    for backend in _cpu_backends():
         with pytest.raises(RuntimeError, match="masked_lm_loss cannot be captured"):
             ops.masked_lm_loss(hidden, weight, None, labels, backend=backend)
     with pytest.raises(RuntimeError, match="unpad cannot be captured"):
