@@ -48,13 +48,18 @@ class LSTMSeq2Seq(torch.nn.Module):
             clear ValueError; one host read of the ids per call on the GPU, a device-side
             assert while a CUDA graph is captured). False skips it: an out-of-range id is
             then nn.Embedding's error (a device-side assert on the GPU). An attribute too.
+        device, dtype: where and in which floating dtype the parameters are created (torch's
+            factory keywords, as every torch.nn layer: ``torch.nn.utils.skip_init`` and
+            ``device="meta"`` construction take them).
     """
 
     def __init__(self, src_vocab: int, tgt_vocab: int, emb: int = 256, hidden: int = 512,
                  layers: int = 2, attention: str = "luong", dropout: float = 0.1, *,
                  pad_id: int = 0, bos_id: int = 1, eos_id: int = 2,
-                 backend: Optional[str] = None, check_ids: bool = True):
+                 backend: Optional[str] = None, check_ids: bool = True,
+                 device=None, dtype=None):
         super().__init__()
+        factory = {"device": device, "dtype": dtype}
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         for name, n in (("src_vocab", src_vocab), ("tgt_vocab", tgt_vocab), ("emb", emb),
@@ -79,22 +84,23 @@ class LSTMSeq2Seq(torch.nn.Module):
         self.layers = layers
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.check_ids = bool(check_ids)
-        self.src_embed = torch.nn.Embedding(src_vocab, emb, padding_idx=pad_id)
-        self.tgt_embed = torch.nn.Embedding(tgt_vocab, emb, padding_idx=pad_id)
+        self.src_embed = torch.nn.Embedding(src_vocab, emb, padding_idx=pad_id, **factory)
+        self.tgt_embed = torch.nn.Embedding(tgt_vocab, emb, padding_idx=pad_id, **factory)
         between = dropout if layers > 1 else 0.0  # LSTM dropout acts between layers only
         self.encoder = LSTM(emb, hidden // 2, layers, batch_first=True, dropout=between,
-                            bidirectional=True, backend=backend)
+                            bidirectional=True, backend=backend, **factory)
         dec_in = emb + (hidden if attention == "bahdanau" else 0)
         self.decoder = LSTM(dec_in, hidden, layers, batch_first=True, dropout=between,
-                            backend=backend)
+                            backend=backend, **factory)
         if attention == "luong":
-            self.attn_w = torch.nn.Linear(hidden, hidden, bias=False)  # score = s^T W h
+            self.attn_w = torch.nn.Linear(hidden, hidden, bias=False, **factory)  # s^T W h
         else:
-            self.attn_query = torch.nn.Linear(hidden, hidden, bias=False)
-            self.attn_key = torch.nn.Linear(hidden, hidden, bias=True)
-            self.attn_v = torch.nn.Linear(hidden, 1, bias=False)  # score = v^T tanh(Ws + Uh)
-        self.combine = torch.nn.Linear(2 * hidden, hidden, bias=False)
-        self.out = torch.nn.Linear(hidden, tgt_vocab)
+            self.attn_query = torch.nn.Linear(hidden, hidden, bias=False, **factory)
+            self.attn_key = torch.nn.Linear(hidden, hidden, bias=True, **factory)
+            # score = v^T tanh(Ws + Uh)
+            self.attn_v = torch.nn.Linear(hidden, 1, bias=False, **factory)
+        self.combine = torch.nn.Linear(2 * hidden, hidden, bias=False, **factory)
+        self.out = torch.nn.Linear(hidden, tgt_vocab, **factory)
         self.drop = torch.nn.Dropout(dropout)
 
     # ------------------------------------------------------------------------------------

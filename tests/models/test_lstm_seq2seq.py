@@ -276,3 +276,21 @@ def test_seq2seq_infers_shapes_on_meta_and_fake_tensors():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         out = model(*map(mode.from_tensor, (src, lengths, tgt_in)))
     assert out.shape == (*tgt_in.shape, VOCAB + 3)
+
+
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_seq2seq_takes_torch_factory_keywords(attention):
+    """device= / dtype= as every torch.nn layer: every parameter is created there (meta: no
+    memory), torch.nn.utils.skip_init works, and a float64 model computes what the float32
+    one cast with .double() does."""
+    model = _model(attention, device="meta", dtype=torch.float64)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.float64)}
+    skipped = torch.nn.utils.skip_init(LSTMSeq2Seq, VOCAB, VOCAB + 3, emb=16, hidden=24,
+                                       layers=2, attention=attention, dtype=torch.float64)
+    assert {(p.device.type, p.dtype) for p in skipped.parameters()} == {("cpu", torch.float64)}
+    reference = _model(attention).double()
+    skipped.load_state_dict(reference.state_dict())
+    src, lengths, tgt_in, _ = copy_batch(3, torch.Generator().manual_seed(0))
+    out = skipped.eval()(src, lengths, tgt_in)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference(src, lengths, tgt_in), rtol=0, atol=0)
