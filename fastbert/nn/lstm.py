@@ -153,6 +153,26 @@ class LSTM(torch.nn.Module):
     def all_weights(self) -> List[List[torch.nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
+    # torch.nn.LSTM's input and state checks and its state permutation, the same functions,
+    # for code that subclasses or wraps torch.nn.LSTM and calls them (forward checks on its
+    # own, with the same error types)
+    check_input = torch.nn.RNNBase.check_input
+    get_expected_hidden_size = torch.nn.RNNBase.get_expected_hidden_size
+    check_hidden_size = torch.nn.RNNBase.check_hidden_size
+    get_expected_cell_size = torch.nn.LSTM.get_expected_cell_size
+    check_forward_args = torch.nn.LSTM.check_forward_args
+    permute_hidden = torch.nn.LSTM.permute_hidden
+
+    def __setstate__(self, state) -> None:
+        """Unpickling: what a pickle lacks gets its default, as torch.nn.LSTM does for older
+        ones -- a whole torch.nn.LSTM saved with torch.save(model) and loaded as this class has
+        no ``backend`` (nor, before torch 1.8, ``proj_size``); its ``_flat_weights`` list is
+        this class's property."""
+        super().__setstate__(state)
+        self.__dict__.pop("_flat_weights", None)
+        self.__dict__.setdefault("backend", None)
+        self.__dict__.setdefault("proj_size", 0)
+
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
         if self.proj_size != 0:

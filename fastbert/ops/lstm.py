@@ -66,6 +66,9 @@ def lstm_layer_ref(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
     cv = lambda t: None if t is None else t.to(ct)
     w_ih, w_hh, b_ih, b_hh, w_hr = map(cv, (w_ih, w_hh, b_ih, b_hh, w_hr))
     g_ih, g_hh, g_c, b_c = map(cv, (ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias))
+    if torch.jit.is_tracing():
+        return _traced_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                                  (g_ih, g_hh, g_c, b_c), ct)
     n_steps = x.shape[0]
     xg = x.to(ct) @ w_ih.t()  # (T, B, 4H)
     if g_ih is not None:
@@ -102,6 +105,30 @@ def lstm_layer_ref(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
     else:
         y = x.new_empty((0, x.shape[1], h0.shape[-1]), dtype=ct)
     return y.to(x.dtype), h.to(x.dtype), c.to(x.dtype)
+
+
+def _traced_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ln, ct):
+    """``lstm_layer_ref`` under torch.jit.trace (weights already in ``ct``): the Python time
+    loop would be recorded unrolled at the traced length, and the traced module would then run
+    other lengths wrong (only the traced number of steps) or fail. A plain layer without lengths
+    is torch's own LSTM kernel instead (``torch.lstm``, one traced node: the same math, as
+    torch.nn.LSTM traces); anything else is refused."""
+    if lengths is not None or any(t is not None for t in ln) or (b_ih is None) != (b_hh is None):
+        raise RuntimeError(
+            "torch.jit.trace cannot record this LSTM call on the 'torch' backend: its time loop "
+            "would be frozen at the traced sequence length" + (
+                " (lengths / a PackedSequence)" if lengths is not None else
+                " (LayerNorm-LSTM)" if any(t is not None for t in ln) else
+                " (one bias without the other)")
+            + ". Use torch.export or torch.compile, or the 'triton' backend (one traced op)")
+    params = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else []) + (
+        [w_hr] if w_hr is not None else [])
+    xs = x.to(ct).flip(0) if reverse else x.to(ct)
+    y, h, c = torch.lstm(xs, (h0.to(ct)[None], c0.to(ct)[None]), params, b_ih is not None,
+                         1, 0.0, False, False, False)
+    if reverse:
+        y = y.flip(0)
+    return y.to(x.dtype), h[0].to(x.dtype), c[0].to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -418,7 +445,10 @@ def _zero_past_lengths(x: Tensor, lengths: Tensor) -> Tensor:
     of them: its zeros times a NaN or inf in the padding would be NaN. Unchanged (no op) when
     no sequence is shorter than T, read without a sync from CPU lengths."""
     n_steps = x.shape[0]
-    if lengths.is_cpu and not _checks.tracing() and not is_fake(lengths):
+    # (not while traced, by torch.jit.trace too: the trace would keep the shortcut for every
+    # later lengths)
+    if (lengths.is_cpu and not _checks.tracing() and not torch.jit.is_tracing()
+            and not is_fake(lengths)):
         if lengths.numel() == 0 or int(lengths.min()) >= n_steps:
             return x
     # non-blocking only host -> GPU: a GPU -> host copy would be read before it lands

@@ -6,6 +6,7 @@ backend (the PyTorch recurrence) is checked in fp64 against torch.nn.LSTM.
 """
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -627,3 +628,116 @@ def test_flop_counter_mode_counts_every_matmul(module, kw, device):
         want += dirs * n_steps * step
     assert fwd == want
     assert fc.get_total_flops() == 2 * want
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_layers=2, bidirectional=True),
+                                dict(proj_size=3), dict(bias=False, batch_first=True)],
+                         ids=["plain", "2layers_bidir", "proj", "nobias_batch_first"])
+def test_lstm_traced_with_jit_trace_runs_any_length_as_torch(kw):
+    """torch.jit.trace of the PyTorch backend: torch's own LSTM kernel (one traced node, as
+    torch.nn.LSTM traces), so the traced module runs other lengths and batch sizes right (the
+    Python time loop was recorded unrolled: a longer input ran only the traced steps)."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(4, 6, **kw)
+    ours = LSTM(4, 6, **kw, backend="torch")
+    ours.load_state_dict(ref.state_dict())
+    bf = kw.get("batch_first", False)
+    shape = lambda t, b: (b, t, 4) if bf else (t, b, 4)
+    with warnings.catch_warnings():  # TracerWarnings of the shape checks' Python branches
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(ours, torch.randn(shape(5, 3)))
+    for n_steps, n_batch in ((5, 3), (7, 3), (2, 4), (1, 1)):
+        x = torch.randn(shape(n_steps, n_batch), requires_grad=True)
+        out, (h, c) = traced(x)
+        ref_out, (ref_h, ref_c) = ref(x)
+        for a, b in ((out, ref_out), (h, ref_h), (c, ref_c)):
+            torch.testing.assert_close(a, b)
+        (grad,) = torch.autograd.grad(out.sum() + h.sum(), x)
+        (ref_grad,) = torch.autograd.grad(ref_out.sum() + ref_h.sum(), x)
+        torch.testing.assert_close(grad, ref_grad)
+
+
+class _WithLengths(torch.nn.Module):
+    """A module calling an LSTM with lengths (torch.jit.trace takes modules and tensors)."""
+
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x, lengths):
+        return self.lstm(x, lengths=lengths, enforce_sorted=False)[0]
+
+
+def test_lstm_jit_trace_refuses_what_it_would_freeze():
+    """With lengths (a PackedSequence) or LayerNorm the PyTorch backend's time loop has no
+    single traceable torch op: a clear error, not a module frozen at the traced length."""
+    x, lengths = torch.randn(5, 3, 4), torch.tensor([5, 4, 2])
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace .*\(lengths / a PackedSequence\)"):
+        torch.jit.trace(_WithLengths(LSTM(4, 6, backend="torch")), (x, lengths))
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace .*\(LayerNorm-LSTM\)"):
+        torch.jit.trace(LayerNormLSTM(4, 6, backend="torch"), x)
+
+
+def test_lstm_jit_trace_with_lengths_on_triton_masks_every_later_call(device):
+    """Traced with lengths all full on the Triton backend (one traced op), then called with
+    shorter ones and NaN in the padding: the input is still zeroed past the lengths (the
+    trace once kept the no-padding shortcut, and the weight gradients came out NaN)."""
+    torch.manual_seed(0)
+    model = _WithLengths(LSTM(4, 6, backend="triton")).to(device)
+    traced = torch.jit.trace(model, (torch.randn(5, 3, 4, device=device),
+                                     torch.tensor([5, 5, 5])), check_trace=False)
+    x, lengths = torch.randn(5, 3, 4, device=device), torch.tensor([5, 2, 3])
+    x[2:, 1] = float("nan")
+    x[3:, 2] = float("nan")
+    out = traced(x, lengths)
+    torch.testing.assert_close(out, model(x, lengths))
+    out.sum().backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
+def test_lstm_has_torch_lstm_helper_methods():
+    """check_input / check_forward_args / get_expected_*_size / check_hidden_size /
+    permute_hidden: torch.nn.LSTM's, for code that subclasses or wraps it; same results and
+    errors."""
+    ours, ref = LSTM(4, 6, proj_size=3), torch.nn.LSTM(4, 6, proj_size=3)
+    x, idx = torch.randn(5, 2, 4), torch.tensor([1, 0])
+    hx = (torch.randn(1, 2, 3), torch.randn(1, 2, 6))
+    for m in (ours, ref):
+        m.check_input(x, None)
+        m.check_forward_args(x, hx, None)
+        assert m.get_expected_hidden_size(x, None) == (1, 2, 3)
+        assert m.get_expected_cell_size(x, None) == (1, 2, 6)
+        for a, b in zip(m.permute_hidden(hx, idx), hx):
+            assert torch.equal(a, b[:, idx])
+        with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 2, 3\)"):
+            m.check_forward_args(x, (hx[1], hx[1]), None)
+        with pytest.raises(ValueError, match="does not match weight dtype"):
+            m.check_input(x.double(), None)
+
+
+def test_lstm_loads_a_pickled_torch_lstm():
+    """A whole torch.nn.LSTM saved with torch.save(model), loaded as fastbert.nn.LSTM (the class
+    remapped at load): the attributes only fastbert has get their defaults (``backend`` was
+    missing: forward and repr raised AttributeError)."""
+    import io
+    import pickle
+    ref = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True)
+    buf = io.BytesIO()
+    torch.save(ref, buf)
+    buf.seek(0)
+
+    class Remap(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("torch.nn.modules.rnn", "LSTM"):
+                return LSTM
+            return super().find_class(module, name)
+
+    class PickleModule:
+        Unpickler = Remap
+        load = pickle.load
+
+    ours = torch.load(buf, pickle_module=PickleModule, weights_only=False)
+    assert type(ours) is LSTM and ours.backend is None and repr(ours) == repr(ref)
+    assert "_flat_weights" not in vars(ours)
+    x = torch.randn(5, 2, 4)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0])
