@@ -8,9 +8,9 @@
 #   2. the tests marked `gpu` (fp16/bf16 at real sizes: what closes the kernel issues);
 #   3. every other test, on CUDA tensors and compiled kernels (the CPU suite runs them in the
 #      Triton interpreter);
-#   4. the benchmarks, one process each, attention / cross-entropy / embedding / LSTM /
-#      LayerNorm, sharing what is left of the budget (each writes its CSV + markdown after
-#      every case and stops starting cases at its share's end);
+#   4. the benchmarks, one process each, attention / cross-entropy / embedding / LSTM (LayerNorm
+#      when FASTBERT_BENCHES names it), sharing what is left of the budget (each writes its
+#      CSV + markdown after every case and stops starting cases at its share's end);
 #   5. the issues' speed targets judged from those CSVs (benchmarks/targets.py -> targets.md,
 #      also in the summary).
 # Logs, CSVs and markdown tables go to $FASTBERT_RESULTS (default benchmarks/results).

@@ -34,9 +34,10 @@ Three ways to use it:
   overwrites those logits with the gradient, and cuBLAS immediately turns it into dx, dW and
   db (Liger's fused linear
   cross-entropy). No (rows, V) tensor outlives its chunk, so the memory is one chunk buffer of
-  about ``CHUNK_ELEMENTS`` elements whatever the number of rows. Here the gradient is written in
-  the forward because the logits do not exist afterwards; recomputing them would cost a
-  second projection GEMM.
+  about ``CHUNK_ELEMENTS`` elements whatever the number of rows. For a reduced loss in float32
+  or bfloat16 the gradient is written in the forward, because the logits do not exist
+  afterwards and recomputing them costs a second projection GEMM; float16 and reduction
+  "none" recompute them in the backward (``fastbert.ops.cross_entropy.stores_grads``).
 
 Host cost: small and medium BERT shapes are host-bound (on an H200 machine ~20 us a launch, ~13
 us a torch op), so the scalars around the kernels stay on the device without torch ops. A
@@ -86,9 +87,10 @@ from ._launch import launch
 # of the backward recomputing it from the logits (three passes). Off: measured on an H200 (bf16, 16384 x 30522,
 # benchmarks/results/cross_entropy_nvidia-h200.md, 2026-11-26), forward + backward took 1.57 ms
 # storing (row held in registers, 32 warps, one row per SM), 1.29 ms storing with the row-looping
-# forward, 1.00 ms recomputing (eager: 2.16 ms): fewer bytes, but the fused forward runs far from
-# the bandwidth the two separate kernels reach. ``masked_lm_loss`` always stores (it saves the
-# projection GEMMs, not a pass). bench_cross_entropy times both paths.
+# forward, 1.05 ms recomputing (eager: 2.16 ms): fewer bytes, but the fused forward runs far from
+# the bandwidth the two separate kernels reach. ``masked_lm_loss`` stores for a reduced float32
+# / bfloat16 loss whatever this says (it saves the projection GEMMs, not a pass; ``stores_grads``).
+# bench_cross_entropy times both paths.
 STORE_GRADS = False
 
 # The forward that stores the gradient of a row wider than one block (MAX_ONE_BLOCK_V) reads the
@@ -161,11 +163,11 @@ PRESCALE = 1024.0
 
 @triton.jit
 def _row_stats(row_ptr, n_cols, BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """(max, log(sum(exp(x - max))), sum(x)) of one row, in fp32, by the online method."""
+    """(max, log(sum(exp(x - max))), mean(x)) of one row, in fp32, by the online method."""
     cols = tl.arange(0, BLOCK_V)
     m = -float("inf")
     s = 0.0
-    x_sum = 0.0
+    x_mean = 0.0
     for start in range(0, n_cols, BLOCK_V):
         c = start + cols
         x = tl.load(row_ptr + c, mask=c < n_cols, other=-float("inf")).to(tl.float32)
@@ -176,8 +178,10 @@ def _row_stats(row_ptr, n_cols, BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constex
         s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), axis=0)
         m = m_new
         if HAS_SMOOTHING:
-            x_sum += tl.sum(tl.where(c < n_cols, x, 0.0), axis=0)
-    return m, tl.log(s), x_sum
+            # the mean's parts, each divided first: a sum of huge logits would overflow fp32
+            # (and turn the loss into -inf) where their mean does not
+            x_mean += tl.sum(tl.where(c < n_cols, x, 0.0) * (1.0 / n_cols), axis=0)
+    return m, tl.log(s), x_mean
 
 
 @triton.jit
@@ -253,12 +257,12 @@ def _cross_entropy_fwd_row(
         # a row of -inf only: subtract 0 so that exp(-inf - -inf) does not turn into NaN
         m_safe = tl.where(m == -float("inf"), 0.0, m)
         log_s = tl.log(tl.sum(tl.exp2((x - m_safe) * LOG2E), axis=0))
-        x_sum = 0.0
+        x_mean = 0.0
         if HAS_SMOOTHING:
-            x_sum = tl.sum(tl.where(c < n_cols, x, 0.0), axis=0)
+            x_mean = tl.sum(tl.where(c < n_cols, x, 0.0) * (1.0 / n_cols), axis=0)
         x_t = tl.sum(tl.where((c == target) & valid, x, 0.0), axis=0)
     else:
-        m, log_s, x_sum = _row_stats(row_ptr, n_cols, BLOCK_V, HAS_SMOOTHING)
+        m, log_s, x_mean = _row_stats(row_ptr, n_cols, BLOCK_V, HAS_SMOOTHING)
         # the target logit is loaded only when it is a valid address
         x_t = tl.load(row_ptr + target, mask=valid, other=0.0).to(tl.float32)
     # lse - x = (m - x) + log_s: differences to the max first, exact for nearby large logits.
@@ -268,7 +272,7 @@ def _cross_entropy_fwd_row(
     lse_minus_xt = (m64 - x_t.to(tl.float64)) + log_s.to(tl.float64)
     if HAS_SMOOTHING:
         # (1 - eps) (lse - x_t) + eps (lse - mean_c x_c)
-        smooth = (m64 - x_sum.to(tl.float64) / n_cols) + log_s.to(tl.float64)
+        smooth = (m64 - x_mean.to(tl.float64)) + log_s.to(tl.float64)
         loss64 = (1.0 - label_smoothing) * lse_minus_xt + label_smoothing * smooth
     else:
         loss64 = lse_minus_xt

@@ -75,8 +75,9 @@ def _layer_norm_fwd_kernel(
     mean = row_mean(s, mask, n_cols)
     sc = tl.where(mask, s - mean, 0.0)
     var = tl.sum(sc * sc, axis=0) / n_cols
-    # + var * 0.0: NaN if the variance overflowed (|x - mean| past ~1.8e19; torch's CPU
-    # kernel gives NaN too), not rstd = 0 (y = bias, zero gradients: a finite, wrong answer)
+    # + var * 0.0: NaN if the variance overflowed (|x - mean| past ~1.8e19), not rstd = 0
+    # (y = bias, zero gradients: a finite, wrong answer, which torch's fp32 CPU kernel, and so
+    # the "torch" backend, gives for some such rows; NaN for others)
     rstd = 1.0 / tl.sqrt(var + eps) + var * 0.0
     y = sc * rstd
     if HAS_WEIGHT:

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..ops._checks import check_eps
+from .lstm import _ShapeError
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -19,10 +21,14 @@ class LayerNorm(torch.nn.LayerNorm):
 
     Extra (keyword-only) argument:
         backend: "triton", "cuda", "torch" or None (auto), passed to the op.
+
+    ``eps`` must be positive and finite (checked here, as every forward would refuse it); a
+    shape mismatch raises an error that is both a ValueError and torch's RuntimeError.
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None, *, backend: Optional[str] = None):
+        check_eps("LayerNorm", eps)
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine,
                          bias=bias, device=device, dtype=dtype)
         self.backend = backend
@@ -31,12 +37,12 @@ class LayerNorm(torch.nn.LayerNorm):
         """LayerNorm(input [+ residual]); the residual add is fused into the kernel."""
         nd = len(self.normalized_shape)
         if tuple(input.shape[input.dim() - nd:]) != tuple(self.normalized_shape):
-            raise ValueError(f"input's trailing dimensions {tuple(input.shape[input.dim() - nd:])} "
+            raise _ShapeError(f"input's trailing dimensions {tuple(input.shape[input.dim() - nd:])} "
                              f"do not match normalized_shape {tuple(self.normalized_shape)}")
         if residual is not None and (not isinstance(residual, Tensor)
                                      or tuple(residual.shape) != tuple(input.shape)):
             got = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__
-            raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {got}")
+            raise _ShapeError(f"residual must have input's shape {tuple(input.shape)}, got {got}")
         w = self.weight.reshape(-1) if self.weight is not None else None
         b = self.bias.reshape(-1) if self.bias is not None else None
         lead = input.shape[:input.dim() - nd]

@@ -87,7 +87,11 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[T
                 q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
                 causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
                 dropout_mask=dm, upcast=upcast, compute_dtype=compute_dtype)[0])
-        return torch.cat(outs, 0) if outs else q.new_empty(q.shape)
+        if not outs:
+            # no sequence (cu_seqlens = [0], no tokens): an empty output in the graph of q, k
+            # and v, as the kernels' and SDPA's (a backward through it runs)
+            return q * 0.0 + (k.sum() + v.sum()).to(q.dtype) * 0.0
+        return torch.cat(outs, 0)
     batch, seqlen_q = q.shape[:2]
     seqlen_k = k.shape[1]
     valid = torch.ones((batch, 1, seqlen_q, seqlen_k), dtype=torch.bool, device=q.device)

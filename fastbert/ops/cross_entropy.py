@@ -668,7 +668,7 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     and with "none" the backward recomputes the projection instead, one more GEMM.
 
     Returns:
-        float32 loss; gradients flow to hidden, weight and bias.
+        float32 loss (float64 for float64 inputs); gradients flow to hidden, weight and bias.
     """
     check_tensor("hidden", hidden, dtypes=REF_DTYPES, ndim=(2, 3))
     check_tensor("weight", weight, dtypes=REF_DTYPES, ndim=(2,))

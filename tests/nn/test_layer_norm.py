@@ -52,6 +52,18 @@ def test_multidim_normalized_shape_and_residual(device):
     assert torch.allclose(ours(x, r), ref(x + r), atol=1e-5)
     with pytest.raises(ValueError, match="normalized_shape"):
         ours(torch.randn(6, 25, 4, device=device))
+    # torch's type for the same mistake too (code written against torch.nn.LayerNorm catches it)
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        ours(torch.randn(6, 25, 4, device=device))
+    with pytest.raises(RuntimeError, match="residual"):
+        ours(x, r[:, :, :5])
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("inf")])
+def test_bad_eps_is_refused_at_construction(eps):
+    """Every forward would refuse it: the constructor says so first."""
+    with pytest.raises(ValueError, match="eps must be positive and finite"):
+        fnn.LayerNorm(8, eps=eps)
 
 
 def test_factory_kwargs_and_repr():

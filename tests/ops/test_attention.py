@@ -656,6 +656,19 @@ def test_attention_varlen_rejects_mismatched_batches(device):
         attention_varlen(q, q, q, cu_q, cu_k, 4, 7)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_varlen_empty_batch_output_stays_in_the_graph(device, backend):
+    """No sequence (cu_seqlens = [0], no tokens): an empty output in the graph of q, k and v on
+    both backends, as SDPA's, so a backward through it runs (the reference's had no history:
+    backward raised)."""
+    q, k_, v = (_rand(device, torch.float32, 0, 2, 16).requires_grad_() for _ in range(3))
+    cu = torch.zeros(1, dtype=torch.int32, device=device)
+    out = attention_varlen(q, k_, v, cu, cu, 0, 0, backend=backend)
+    assert out.shape == q.shape and out.requires_grad
+    grads = torch.autograd.grad(out.sum(), [q, k_, v], allow_unused=True)
+    assert grads[0] is not None and grads[0].shape == q.shape
+
+
 # ------------------------------------------------------------------------- registration
 
 def test_attention_opcheck(device):

@@ -207,6 +207,21 @@ def test_cross_entropy_loss_of_1e4_logits_is_rounded_once(device, label_smoothin
     assert (total - ref.sum()).abs() <= eps * ref.abs().sum() + 1e-5 * len(ref)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the interpreter's exp2 argument
+@pytest.mark.parametrize("n_cols", [5, 5000])
+def test_cross_entropy_smoothing_of_logits_whose_sum_overflows(device, n_cols):
+    """Label smoothing's mean over the row, of finite fp32 logits whose sum overflows: the loss
+    is the fp64 reference's (finite, positive; the row's fp32 sum once made it -inf), in one
+    block and looping over blocks."""
+    logits = torch.randn(2, n_cols, device=device)
+    logits[:, 1] = logits[:, 3] = 3e38
+    target = torch.tensor([0, 3], device=device)
+    out = cross_entropy(logits, target, reduction="none", label_smoothing=0.1, backend="triton")
+    ref = F.cross_entropy(logits.double(), target, reduction="none", label_smoothing=0.1)
+    assert torch.isfinite(ref).all() and (ref > 0).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
+
+
 def test_cross_entropy_masked_vocabulary_of_neg_inf_is_finite(device):
     # the whole first block (4096 classes) is -inf: the running max starts at -inf
     logits = torch.randn(3, 5000, device=device)

@@ -1182,3 +1182,15 @@ def test_lstm_step_graph_key_reads_the_matmul_precision_of_either_api():
         assert k._matmul_precision()[0] == "tf32" and k._matmul_precision() != before
     finally:
         matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lstm_layer_zero_steps_output_stays_in_the_graph(device, backend):
+    """T = 0 (torch.nn.LSTM refuses it; lstm_layer takes it): the empty output is part of the
+    graph on both backends, so a loss over it and the state backpropagates (the reference's
+    output once had no history: backward raised)."""
+    p = _make(device, torch.float32, n_steps=0, n_batch=2, n_hidden=16)
+    y, h_n, c_n = lstm_layer(*_args(p), backend=backend)
+    assert y.shape == (0, 2, 16) and y.requires_grad
+    dx, dh0 = torch.autograd.grad(y.sum() + h_n.sum(), [p["x"], p["h0"]])
+    assert dx.shape == p["x"].shape and torch.equal(dh0, torch.ones_like(dh0))
