@@ -26,13 +26,19 @@
 #   make gpu-check RESULTS=/tmp/r
 # Elsewhere, PYTHON=/path/to/python picks the interpreter (default python3).
 # For a rerun of part of it: FASTBERT_GPU_PHASES picks phases (default "gpu-tests tests
-# bench"; "profile" adds benchmarks/profile_overhead.py's per-call host / GPU / kernel times), FASTBERT_PYTEST_ARGS adds pytest arguments (e.g. "-k attention"), FASTBERT_BENCHES
+# bench"; "profile" adds benchmarks/profile_overhead.py's per-call host / GPU / kernel times), FASTBERT_PYTEST_ARGS adds pytest arguments (e.g. "-k attention"; split on spaces, so a
+# -k expression must be one word), FASTBERT_BENCHES
 # picks benchmarks with weights, in priority order (default "attention:3 cross_entropy:2
 # embedding:1 lstm:3": the scripts whose cases the issues' targets judge; add layer_norm:1
 # for its table). FASTBERT_TEST_JOBS sets the pytest workers (default 12).
 # Every phase and bench is killed by the budget's end (a device call cut at its limit loses
 # what was not packed; the results are also packed every 30 s while the benches run): set
 # FASTBERT_GPU_BUDGET to the device time left minus the machine's start and ~60 s.
+# The settings are checked first (an unknown phase, a bad bench weight or name: refused, the
+# reason in the summary). The profile phase gets FASTBERT_PROFILE_SECS (default 90) kept from
+# the benches. Without a CUDA device the script refuses to run (the benches would time their
+# CPU quick mode and report "ok"): FASTBERT_GPU_CHECK_CPU=1 rehearses it on a CPU anyway. A
+# bench's summary line counts its rows that could not be timed; none timed is a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 R="${FASTBERT_RESULTS:-benchmarks/results}"
@@ -71,6 +77,32 @@ if ! "$PY" -c "import torch, triton" 2>/dev/null; then
 fi
 : > "$SUMMARY"
 say "== gpu-check $(date -u '+%Y-%m-%d %H:%M UTC'), budget ${BUDGET}s, phases: $PHASES"
+
+# the settings, checked before anything costly runs (a typo found after the tests would cost the
+# whole call's bench time): refused with the reason in the summary, packed
+refuse() { say "gpu-check refused: $*"; pack; exit 2; }
+case "$BUDGET" in ''|*[!0-9]*) refuse "FASTBERT_GPU_BUDGET must be a number of seconds, got '$BUDGET'" ;; esac
+for p in $PHASES; do
+  case "$p" in gpu-tests|tests|bench|profile) ;;
+    *) refuse "unknown phase '$p' in FASTBERT_GPU_PHASES (gpu-tests, tests, bench, profile)" ;;
+  esac
+done
+[ -n "${PHASES// /}" ] || refuse "FASTBERT_GPU_PHASES names no phase"
+# name:weight; a script's share is its weight's part of the time left (of the weights still
+# to run), so time one script leaves unused goes to the next
+read -r -a benches <<< "${FASTBERT_BENCHES:-attention:3 cross_entropy:2 embedding:1 lstm:3}"
+for i in "${!benches[@]}"; do  # a name without a weight weighs 1
+  case "${benches[$i]}" in *:*) ;; *) benches[$i]="${benches[$i]}:1" ;; esac
+  name=${benches[$i]%%:*}; w=${benches[$i]##*:}
+  case "$w" in ''|*[!0-9]*|0) refuse "FASTBERT_BENCHES: weight of '${benches[$i]}' must be >= 1" ;; esac
+  [ -f "benchmarks/bench_$name.py" ] || refuse "FASTBERT_BENCHES: no benchmarks/bench_$name.py"
+done
+# a run for the GPU machine: without a CUDA device the benches would time their CPU quick mode
+# and the gpu tests skip, all "ok" (FASTBERT_GPU_CHECK_CPU=1 rehearses the script on a CPU)
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
+    && [ "${FASTBERT_GPU_CHECK_CPU:-0}" != 1 ]; then
+  refuse "torch sees no CUDA device (nothing here would be measured on a GPU); FASTBERT_GPU_CHECK_CPU=1 runs it anyway"
+fi
 
 echo "== environment" | tee "$R/gpu_env.txt"
 "$PY" -m fastbert.env 2>&1 | tee -a "$R/gpu_env.txt"
@@ -139,6 +171,10 @@ if phase_on tests; then
   run_tests tests_rest "not gpu and not aot" "$(min $((BUDGET * 55 / 100 - ($(date +%s) - START))) "$(left)")"
 fi
 
+# the opt-in profile phase runs after the benches: its time is kept from them
+PROFILE_SECS=0
+if phase_on profile; then PROFILE_SECS="${FASTBERT_PROFILE_SECS:-90}"; fi
+
 if phase_on bench; then
   echo "== benchmarks"
   # the targets are judged from this run's files only: every earlier result file of this card
@@ -153,16 +189,9 @@ if phase_on bench; then
   : > "$R/gpu_bench.log"
   # name:weight; a script's share is its weight's part of the time left (of the weights
   # still to run), so time one script leaves unused goes to the next
-  read -r -a benches <<< "${FASTBERT_BENCHES:-attention:3 cross_entropy:2 embedding:1 lstm:3}"
-  for i in "${!benches[@]}"; do  # a name without a weight weighs 1
-    case "${benches[$i]}" in *:*) ;; *) benches[$i]="${benches[$i]}:1" ;; esac
-  done
+  # (benches: FASTBERT_BENCHES, checked at the start)
   wleft=0
-  for entry in "${benches[@]}"; do
-    w=${entry##*:}
-    case "$w" in ''|*[!0-9]*|0) echo "FASTBERT_BENCHES: weight of '$entry' must be >= 1" >&2; exit 2 ;; esac
-    wleft=$((wleft + w))
-  done
+  for entry in "${benches[@]}"; do wleft=$((wleft + ${entry##*:})); done
   # while the benches run, pack every 30 s: a device call cut at its limit still brings back
   # the rows written so far (the harness writes after every timed impl)
   # (its sleep runs in the background and is killed with it: an orphaned sleep would hold
@@ -173,7 +202,7 @@ if phase_on bench; then
   trap 'kill $packer 2>/dev/null' EXIT
   for entry in "${benches[@]}"; do
     name=${entry%%:*}; w=${entry##*:}
-    share=$(( $(left) * w / wleft )); wleft=$((wleft - w))
+    share=$(( ($(left) - PROFILE_SECS) * w / wleft )); wleft=$((wleft - w))
     if [ "$share" -lt 20 ]; then
       # skipped: its weight leaves the pool, so the scripts after it (the last, lstm, weighs
       # most) share its time
@@ -183,14 +212,25 @@ if phase_on bench; then
     # cases stop starting at the share's end (and 20 s before the budget's), the process is
     # killed 30 s after the share (and 5 s after the budget's end) at the latest
     FASTBERT_RESULTS="$R" \
-      FASTBERT_BENCH_DEADLINE=$(min $(( $(date +%s) + share - 15 )) $(( START + BUDGET - 20 ))) \
-      timeout --kill-after=5 "$(min $(( share + 30 )) $(( $(left) + 5 )))" \
+      FASTBERT_BENCH_DEADLINE=$(min $(( $(date +%s) + share - 15 )) $(( START + BUDGET - 20 - PROFILE_SECS ))) \
+      timeout --kill-after=5 "$(min $(( share + 30 )) $(( $(left) - PROFILE_SECS + 5 )))" \
       "$PY" -m "benchmarks.bench_$name" 2>&1 | tee -a "$R/gpu_bench.log"
     rc=${PIPESTATUS[0]}
-    if [ "$rc" = 0 ]; then
-      say "bench_$name: ok"
+    # rows that could not be timed (an impl that cannot run, or every one after a CUDA error
+    # that poisoned the process): counted from the CSV
+    rows=$("$PY" -c "import csv, sys
+try:
+    r = list(csv.DictReader(open(sys.argv[1])))
+except OSError:
+    r = []
+print(len(r), sum(1 for x in r if x.get('error')))" "$R/${name}_${SLUG}.csv" 2>/dev/null)
+    n_rows=${rows% *}; n_err=${rows#* }
+    if [ "$rc" != 0 ]; then
+      say "bench_$name: FAILED (exit $rc; $n_err of $n_rows rows errored)"; status=1
+    elif [ "${n_rows:-0}" = 0 ] || [ "$n_err" = "$n_rows" ]; then
+      say "bench_$name: FAILED (no row timed: $n_err of ${n_rows:-0} rows errored)"; status=1
     else
-      say "bench_$name: FAILED (exit $rc)"; status=1
+      say "bench_$name: ok ($n_err of $n_rows rows errored)"
     fi
     grep -h "^Time budget\|^Incomplete" "$R/${name}_${SLUG}.md" 2>/dev/null | cut -c1-200 | tee -a "$SUMMARY"
     pack
@@ -210,7 +250,7 @@ if phase_on profile; then
       --out "$R/overhead.txt" 2>&1 | tee -a "$R/gpu_profile.log"
     say "profile: exit ${PIPESTATUS[0]} (overhead.txt)"
   else
-    say "profile: not run (no time left in the budget)"
+    say "profile: not run (no time left in the budget)"; status=1
   fi
   pack
 fi

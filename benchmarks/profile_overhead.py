@@ -237,7 +237,7 @@ def _lstm_cases(out: Dict[str, Callable], dev: str, dtype: torch.dtype) -> None:
         ref = torch.nn.LSTM(hidden, hidden).to(dev, dtype)
         for name, model, coop in (("fastbert", ours, False), ("fastbert coop", ours, True),
                                   ("cudnn", ref, None)):
-            def run(model=model):
+            def run(model=model, x=x):  # bound now: each case runs its own shape
                 y, (h, c) = model(x)
                 return torch.autograd.grad(y.float().sum() + h.float().sum(),
                                            [x] + list(model.parameters()))

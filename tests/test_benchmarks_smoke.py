@@ -114,6 +114,37 @@ def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
+@pytest.mark.parametrize("env, reason", [
+    ({"FASTBERT_GPU_PHASES": "benches"}, "unknown phase 'benches'"),
+    ({"FASTBERT_BENCHES": "attention:3 lstm:x"}, "weight of 'lstm:x' must be >= 1"),
+    ({"FASTBERT_BENCHES": "attention nosuch:2"}, "no benchmarks/bench_nosuch.py"),
+    ({}, "torch sees no CUDA device"),
+])
+def test_gpu_check_refuses_bad_settings_before_running_anything(tmp_path, env, reason):
+    """A typo in the settings (or no GPU) is refused at the start, the reason in the packed
+    summary: found after the test phases it cost the whole call's bench time (a bad weight), or
+    nothing ran and the status was 0 (an unknown phase; a CPU machine timed its quick mode)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import torch
+    if not env and torch.cuda.is_available():
+        pytest.skip("the no-device refusal needs a machine without CUDA")
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    out, res = tmp_path / "out", tmp_path / "res"
+    out.mkdir()
+    full_env = dict(os.environ, OUT=str(out), FASTBERT_RESULTS=str(res), PYTHON=sys.executable,
+                    FASTBERT_GPU_CHECK_CPU="1" if env else "0", **env)
+    run = subprocess.run(["bash", str(script)], env=full_env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    summary = (out / "gpu_check_summary.txt").read_text()
+    assert "gpu-check refused" in summary and reason in summary
+    assert not list(res.glob("gpu_tests_*.log")) and not list(res.glob("*.csv"))
+
+
 def test_profile_overhead_cases_build_and_the_cheap_ones_run(device):
     """benchmarks/profile_overhead.py (the gpu-check profile phase) builds every case, runs the
     one-launch and autograd floor cases, and the cases gpu_check.sh cProfiles exist."""
@@ -125,6 +156,10 @@ def test_profile_overhead_cases_build_and_the_cheap_ones_run(device):
     for name in ("torch add (one launch)", "triton launch, 3 args", "fastbert launch, 3 args",
                  "autograd.Function fwd+bwd (one op each)", "torch.empty (8192, 768) bf16"):
         cases[name]()
+    # each LSTM case on its own shape (torch.nn.LSTM runs on CPU; the closures once all read
+    # the last shape's input, and the smaller shapes raised)
+    for shape in ("64x256x64", "64x512x64"):
+        cases[f"lstm cudnn fwd+bwd {shape}"]()
     script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
     wanted = re.search(r'--cprofile-k "([^"]+)"', script).group(1).split(",")
     for text in wanted:
