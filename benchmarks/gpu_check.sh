@@ -82,6 +82,8 @@ say "== gpu-check $(date -u '+%Y-%m-%d %H:%M UTC'), budget ${BUDGET}s, phases: $
 # whole call's bench time): refused with the reason in the summary, packed
 refuse() { say "gpu-check refused: $*"; pack; exit 2; }
 case "$BUDGET" in ''|*[!0-9]*) refuse "FASTBERT_GPU_BUDGET must be a number of seconds, got '$BUDGET'" ;; esac
+case "${FASTBERT_PROFILE_SECS:-90}" in ''|*[!0-9]*)
+  refuse "FASTBERT_PROFILE_SECS must be a number of seconds, got '${FASTBERT_PROFILE_SECS}'" ;; esac
 for p in $PHASES; do
   case "$p" in gpu-tests|tests|bench|profile) ;;
     *) refuse "unknown phase '$p' in FASTBERT_GPU_PHASES (gpu-tests, tests, bench, profile)" ;;
@@ -97,6 +99,7 @@ for i in "${!benches[@]}"; do  # a name without a weight weighs 1
   case "$w" in ''|*[!0-9]*|0) refuse "FASTBERT_BENCHES: weight of '${benches[$i]}' must be >= 1" ;; esac
   [ -f "benchmarks/bench_$name.py" ] || refuse "FASTBERT_BENCHES: no benchmarks/bench_$name.py"
 done
+if phase_on bench && [ "${#benches[@]}" = 0 ]; then refuse "FASTBERT_BENCHES names no benchmark"; fi
 # a run for the GPU machine: without a CUDA device the benches would time their CPU quick mode
 # and the gpu tests skip, all "ok" (FASTBERT_GPU_CHECK_CPU=1 rehearses the script on a CPU)
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \

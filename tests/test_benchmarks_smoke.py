@@ -4,6 +4,10 @@ This proves the scripts work, not how fast anything is: speed is measured by
 ``make gpu-check`` on a GPU and recorded under benchmarks/results/.
 """
 import importlib
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -164,3 +168,105 @@ def test_profile_overhead_cases_build_and_the_cheap_ones_run(device):
     wanted = re.search(r'--cprofile-k "([^"]+)"', script).group(1).split(",")
     for text in wanted:
         assert any(text in name for name in cases), text
+
+
+# gpu_check.sh past its settings check, with a stand-in interpreter (nothing is run or timed)
+FAKE_PY = r'''#!/bin/bash
+# stands in for the GPU machine's python: answers gpu_check.sh's probes, records the benches
+case "$1" in
+  -c)
+    case "$2" in
+      *card_slug*) echo fakecard ;;
+      *cuda.is_available*) exit "${FAKE_NO_CUDA:-0}" ;;
+      *"import csv"*) exec "$REAL_PY" "$@" ;;
+      *xdist*) exit 1 ;;
+      *) exit 0 ;;
+    esac ;;
+  -) cat > /dev/null; echo "card: fake" ;;
+  -m)
+    case "$2" in
+      benchmarks.bench_*)
+        name=${2#benchmarks.bench_}
+        echo "$name $(date +%s) $FASTBERT_BENCH_DEADLINE" >> "$FAKE_LOG"
+        echo "case,impl,ms,error" > "$FASTBERT_RESULTS/${name}_fakecard.csv"
+        for r in ${FAKE_ROWS:-ok}; do
+          if [ "$r" = err ]; then echo "c,fastbert,,boom" ; else echo "c,fastbert,1.0,"; fi
+        done >> "$FASTBERT_RESULTS/${name}_fakecard.csv" ;;
+      benchmarks.profile_overhead) echo "profile $(date +%s)" >> "$FAKE_LOG" ;;
+      pytest) echo "1 passed in 0.01s" ;;
+      *) echo "fake $2" ;;
+    esac ;;
+esac
+exit 0
+'''
+
+
+def _gpu_check(tmp_path, **env):
+    """Runs gpu_check.sh with the fake interpreter (nothing real is run or timed)."""
+    fake = tmp_path / "fakepy"
+    fake.write_text(FAKE_PY)
+    fake.chmod(0o755)
+    out, res, log = tmp_path / "out", tmp_path / "res", tmp_path / "calls.log"
+    out.mkdir()
+    log.touch()
+    full = {name: v for name, v in os.environ.items() if not name.startswith("FASTBERT_")}
+    full.update(OUT=str(out), FASTBERT_RESULTS=str(res), PYTHON=str(fake), REAL_PY=sys.executable,
+                FAKE_LOG=str(log), **env)
+    full = {name: v for name, v in full.items() if v is not None}
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    run = subprocess.run(["bash", str(script)], env=full, capture_output=True, text=True,
+                         timeout=60)
+    summary = (out / "gpu_check_summary.txt").read_text()
+    return run, summary, log.read_text().split("\n")
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"FASTBERT_GPU_PHASES": "  "}, "FASTBERT_GPU_PHASES names no phase"),
+    ({"FASTBERT_BENCHES": "attention:0 lstm"}, "weight of 'attention:0' must be >= 1"),
+    ({"FASTBERT_BENCHES": "  "}, "FASTBERT_BENCHES names no benchmark"),
+    ({"FASTBERT_PROFILE_SECS": "90s"}, "FASTBERT_PROFILE_SECS must be a number of seconds"),
+])
+def test_gpu_check_refuses_blank_phases_and_zero_weights(tmp_path, env, reason):
+    run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_BUDGET="100", **env)
+    assert run.returncode == 2 and "gpu-check refused" in summary and reason in summary
+    assert calls == [""]  # no bench ran
+
+
+def test_gpu_check_refuses_a_cpu_machine_by_default(tmp_path):
+    """FASTBERT_GPU_CHECK_CPU unset (the default) on a machine without CUDA: refused."""
+    run, summary, calls = _gpu_check(tmp_path, FAKE_NO_CUDA="1", FASTBERT_GPU_PHASES="bench",
+                                     FASTBERT_BENCHES="embedding", FASTBERT_GPU_BUDGET="100")
+    assert run.returncode == 2 and "torch sees no CUDA device" in summary
+    assert calls == [""]
+
+
+def test_gpu_check_keeps_the_profile_time_from_the_benches(tmp_path):
+    """Budget 400 s, profile 300 s kept: two benches of weight 1 share the other ~100 s, so the
+    first one's deadline is ~50 - 15 s away (sharing all 400 s put it ~185 s away, and the
+    profile phase found no time left)."""
+    run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_PHASES="bench profile",
+                                     FASTBERT_GPU_BUDGET="400", FASTBERT_PROFILE_SECS="300",
+                                     FASTBERT_BENCHES="embedding:1 lstm:1")
+    assert run.returncode == 0, summary
+    benches = [c.split() for c in calls if c and not c.startswith("profile")]
+    assert [b[0] for b in benches] == ["embedding", "lstm"]
+    name, called, deadline = benches[0]
+    assert int(deadline) - int(called) <= 40, calls
+    assert "profile: exit 0" in summary
+
+
+@pytest.mark.parametrize("rows, line, rc", [
+    ("err err", "bench_embedding: FAILED (no row timed: 2 of 2 rows errored)", 1),
+    ("ok err", "bench_embedding: ok (1 of 2 rows errored)", 0),
+])
+def test_gpu_check_counts_errored_bench_rows(tmp_path, rows, line, rc):
+    run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_PHASES="bench", FAKE_ROWS=rows,
+                                     FASTBERT_GPU_BUDGET="200", FASTBERT_BENCHES="embedding")
+    assert line in summary and run.returncode == rc, summary
+
+
+def test_gpu_check_profile_not_run_is_a_failure(tmp_path):
+    """A profile phase asked for but given no time fails the run (its status stayed 0)."""
+    run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_PHASES="profile",
+                                     FASTBERT_GPU_BUDGET="20")
+    assert "profile: not run" in summary and run.returncode == 1, summary

@@ -114,19 +114,21 @@ def _traced_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse
     loop would be recorded unrolled at the traced length, and the traced module would then run
     other lengths wrong (only the traced number of steps) or fail. A plain layer without lengths
     is torch's own LSTM kernel instead (``torch.lstm``, one traced node: the same math, as
-    torch.nn.LSTM traces); anything else is refused."""
-    if lengths is not None or any(t is not None for t in ln) or (b_ih is None) != (b_hh is None):
+    torch.nn.LSTM traces); with lengths or LayerNorm it is refused."""
+    if lengths is not None or any(t is not None for t in ln):
         raise RuntimeError(
             "torch.jit.trace cannot record this LSTM call on the 'torch' backend: its time loop "
             "would be frozen at the traced sequence length" + (
-                " (lengths / a PackedSequence)" if lengths is not None else
-                " (LayerNorm-LSTM)" if any(t is not None for t in ln) else
-                " (one bias without the other)")
+                " (lengths / a PackedSequence)" if lengths is not None else " (LayerNorm-LSTM)")
             + ". Use torch.export or torch.compile, or the 'triton' backend (one traced op)")
-    params = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else []) + (
+    has_bias = b_ih is not None or b_hh is not None
+    if has_bias:  # torch.lstm takes both biases or neither
+        b_ih = b_ih if b_ih is not None else torch.zeros_like(b_hh)
+        b_hh = b_hh if b_hh is not None else torch.zeros_like(b_ih)
+    params = [w_ih, w_hh] + ([b_ih, b_hh] if has_bias else []) + (
         [w_hr] if w_hr is not None else [])
     xs = x.to(ct).flip(0) if reverse else x.to(ct)
-    y, h, c = torch.lstm(xs, (h0.to(ct)[None], c0.to(ct)[None]), params, b_ih is not None,
+    y, h, c = torch.lstm(xs, (h0.to(ct)[None], c0.to(ct)[None]), params, has_bias,
                          1, 0.0, False, False, False)
     if reverse:
         y = y.flip(0)

@@ -741,3 +741,48 @@ def test_lstm_loads_a_pickled_torch_lstm():
     assert "_flat_weights" not in vars(ours)
     x = torch.randn(5, 2, 4)
     torch.testing.assert_close(ours(x)[0], ref(x)[0])
+
+
+def test_lstm_layer_traced_with_one_bias():
+    """lstm_layer takes b_hh without b_ih (torch.lstm takes both or neither): traced, the missing
+    one is zeros, and the trace runs another length as eager does."""
+    from fastbert.ops import lstm_layer
+    torch.manual_seed(0)
+    h0, c0 = torch.randn(2, 6), torch.randn(2, 6)
+    w_ih, w_hh, b = torch.randn(24, 4), torch.randn(24, 6), torch.randn(24) * 3
+    for b_ih, b_hh in ((None, b), (b, None)):
+        def f(x):
+            return lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, backend="torch")[0]
+        traced = torch.jit.trace(f, torch.randn(5, 2, 4), check_trace=False)
+        x = torch.randn(7, 2, 4)
+        torch.testing.assert_close(traced(x), f(x))
+
+
+def test_lstm_traced_with_jit_trace_keeps_half_precision():
+    """A float16 LSTM on the PyTorch backend computes in fp32 and returns float16, traced too."""
+    torch.manual_seed(0)
+    ours = LSTM(4, 6, num_layers=2, bidirectional=True, backend="torch", dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(ours, torch.randn(5, 3, 4, dtype=torch.float16),
+                                 check_trace=False)
+    x = torch.randn(7, 2, 4, dtype=torch.float16)
+    out, (h, c) = traced(x)
+    ref_out, (ref_h, ref_c) = ours(x)
+    for a, b in ((out, ref_out), (h, ref_h), (c, ref_c)):
+        assert a.dtype == torch.float16
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_lstm_setstate_of_an_old_torch_lstm_pickle():
+    """A torch.nn.LSTM pickled before torch 1.8 has no proj_size, and an older Module state lacks
+    later hook dicts: __setstate__ defaults them, as torch's does."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(4, 6)
+    state = dict(ref.__getstate__())
+    del state["proj_size"], state["_forward_hooks_always_called"], state["_backward_pre_hooks"]
+    ours = LSTM.__new__(LSTM)
+    ours.__setstate__(state)
+    assert ours.proj_size == 0 and ours.backend is None and repr(ours) == repr(ref)
+    x = torch.randn(5, 2, 4)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0])

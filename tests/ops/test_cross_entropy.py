@@ -211,14 +211,28 @@ def test_cross_entropy_loss_of_1e4_logits_is_rounded_once(device, label_smoothin
 @pytest.mark.parametrize("n_cols", [5, 5000])
 def test_cross_entropy_smoothing_of_logits_whose_sum_overflows(device, n_cols):
     """Label smoothing's mean over the row, of finite fp32 logits whose sum overflows: the loss
-    is the fp64 reference's (finite, positive; the row's fp32 sum once made it -inf), in one
-    block and looping over blocks."""
+    is the fp64 reference's (finite, positive; the row's fp32 sum once made it -inf), the row in
+    one pass of the statistics loop and in several."""
     logits = torch.randn(2, n_cols, device=device)
     logits[:, 1] = logits[:, 3] = 3e38
     target = torch.tensor([0, 3], device=device)
     out = cross_entropy(logits, target, reduction="none", label_smoothing=0.1, backend="triton")
     ref = F.cross_entropy(logits.double(), target, reduction="none", label_smoothing=0.1)
     assert torch.isfinite(ref).all() and (ref > 0).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_stored_cross_entropy_smoothing_of_logits_whose_sum_overflows(device, monkeypatch):
+    """The same on the stored-gradient forward (STORE_GRADS on, a reduced loss of logits that
+    need gradients), whose one-block row path has its own smoothing mean."""
+    monkeypatch.setattr(k, "STORE_GRADS", True)
+    logits = torch.randn(2, 5, device=device)
+    logits[:, 1] = logits[:, 3] = 3e38
+    target = torch.tensor([0, 3], device=device)
+    out = cross_entropy(logits.requires_grad_(), target, reduction="mean", label_smoothing=0.1,
+                        backend="triton")
+    ref = F.cross_entropy(logits.detach().double(), target, label_smoothing=0.1)
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
 
 
