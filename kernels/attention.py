@@ -41,8 +41,10 @@ What is fused and why:
   gradients are zero; no NaN is produced.
 - Precision: the matmuls accumulate in fp32; P and dS are rounded to the input dtype before
   their matmuls (fp16/bf16 tensor cores). fp32 inputs use ``input_precision="ieee"`` (true
-  fp32 FMA, no TF32), so the fp32 path matches an fp64 reference to about 1e-6 relative but
-  runs far slower than fp16/bf16.
+  fp32 FMA, no TF32), so the fp32 path matches an fp64 reference to about 1e-6 relative at
+  the default scale (more with large scores: the error of exp grows with its argument, up to
+  tens of times torch's own fp32 error at a softmax_scale near 1 and head dim 128) but runs
+  far slower than fp16/bf16.
 
 References: Dao, "FlashAttention-2" (2023); the Triton fused-attention tutorial (06);
 flash-attention's ``flash_attn_triton.py``.

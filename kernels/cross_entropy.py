@@ -446,10 +446,11 @@ def _cross_entropy_select_kernel(
     # increasing order (an exclusive prefix sum over each block), the others to sel[n:n_rows]
     # in decreasing order (from the end: n is known only at the end), and each row's target,
     # as int64, to the same place of sel[n_rows:]; then info = (n, the first selected row
-    # whose target is out of range, or n_rows). Every element written: the output is the same
-    # bits run to run.
+    # whose target is out of range (CHECK), or n_rows, the number of selected rows whose target
+    # is out of range). Every element written: the output is the same bits run to run.
     offs = tl.arange(0, BLOCK)
     n_sel = tl.zeros((1,), dtype=tl.int64)
+    n_bad = tl.zeros((1,), dtype=tl.int64)
     first_bad = tl.full((BLOCK,), n_rows, dtype=tl.int64)
     for start in range(0, n_rows, BLOCK):
         r = (start + offs).to(tl.int64)
@@ -464,11 +465,13 @@ def _cross_entropy_select_kernel(
         tl.store(sel_ptr + pos, r, mask=in_rows)
         tl.store(sel_ptr + n_rows + pos, t, mask=in_rows)
         n_sel += tl.sum(k, axis=0)
+        bad = keep & ((t < 0) | (t >= n_cols))
+        n_bad += tl.sum(bad.to(tl.int64), axis=0)
         if CHECK:
-            bad = keep & ((t < 0) | (t >= n_cols))
             first_bad = tl.minimum(first_bad, tl.where(bad, r, n_rows))
     tl.store(info_ptr + tl.arange(0, 1), n_sel)
     tl.store(info_ptr + 1, tl.min(first_bad, axis=0))
+    tl.store(info_ptr + 2 + tl.arange(0, 1), n_bad)
 
 
 @triton.jit
@@ -700,15 +703,16 @@ def select_rows(target: torch.Tensor, ignore_index: int, n_classes: int,
     Returns:
         (sel, info): sel (2 N,) int64, the selected rows in increasing order in sel[:n], the
         others in decreasing order in sel[n:N], and the targets of these rows in sel[N:] in the
-        same order; info (2,) int64: n, and the first selected row whose target is out of range
-        (N when there is none, and always without check_labels).
+        same order; info (3,) int64: n, the first selected row whose target is out of range
+        (N when there is none, and always without check_labels), and how many selected rows
+        have an out-of-range target (with check_labels too).
     """
     if target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"target must be a 1-D int64 / int32 tensor, got {target.dtype} of "
                          f"shape {tuple(target.shape)}")
     n_rows = target.shape[0]
     sel = torch.empty((2 * n_rows,), dtype=torch.int64, device=target.device)
-    info = torch.empty((2,), dtype=torch.int64, device=target.device)
+    info = torch.empty((3,), dtype=torch.int64, device=target.device)
     launch(
         _cross_entropy_select_kernel, (1,),
         target, sel, info, target.stride(0), n_rows, int(n_classes), int(ignore_index),

@@ -120,7 +120,14 @@ def _n_counted(target: Tensor, ignore_index: int, n_classes: int) -> Tensor:
 
 
 def _rows(logits: Tensor) -> Tensor:
-    return logits if logits.stride(-1) == 1 else logits.contiguous()
+    """Rows with unit column stride, as the kernels read them: ``logits`` itself when it has
+    them. One class (V = 1): the column's stride is never stepped, whatever it is (torch calls
+    such a tensor contiguous, so .contiguous() keeps it): restrided in place of a copy."""
+    if logits.stride(-1) == 1:
+        return logits
+    if logits.shape[-1] == 1:
+        return logits.as_strided(logits.shape, (logits.stride(0), 1))
+    return logits.contiguous()
 
 
 @fast_op("fastbert::cross_entropy_fwd", mutates_args=())
@@ -291,8 +298,9 @@ _cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
 # custom ops (Triton backend): masked_lm_loss
 
 def _select_masked(labels: Tensor, ignore_index: int, n_classes: int, check_labels: bool):
-    """(rows, target, sel, info): the rows whose label is not ignore_index and their labels
-    (int64), views of ``sel``, and ``info`` = (their count, first out-of-range row) on the host,
+    """(rows, target, sel, info, n_mean): the rows whose label is not ignore_index and their
+    labels (int64), views of ``sel``, ``info`` = (their count, first out-of-range row, number
+    of out-of-range rows) on the host, and the divisor of a mean (``_n_mean``),
     as ``select_rows`` writes them. One launch and the host's one sync (the count sets the
     shapes of what follows); raises for an out-of-range label with ``check_labels``."""
     _not_capturing(labels)
@@ -301,10 +309,18 @@ def _select_masked(labels: Tensor, ignore_index: int, n_classes: int, check_labe
     # the count and the label check in one read; on the host, the backward reads it again
     # without a sync
     info = info.cpu()
-    n, bad = info.tolist()
+    n, bad, n_bad = info.tolist()
     if bad < labels.shape[0]:
         raise _label_error("labels", n_classes, ignore_index, int(labels[bad]), bad)
-    return _selected(sel, n) + (sel, info)
+    return _selected(sel, n) + (sel, info, _n_mean(n, n_bad))
+
+
+def _n_mean(n: int, n_bad: int) -> int:
+    """The divisor of a mean, from ``info``'s n selected rows and n_bad out-of-range labels among
+    them: the rows whose label is in range (an out-of-range one, with check_labels=False, makes
+    the loss NaN; the others' gradients are divided as the torch backend divides them), at
+    least 1."""
+    return max(n - n_bad, 1)
 
 
 def _selected(sel: Tensor, n: int) -> Tuple[Tensor, Tensor]:
@@ -345,18 +361,19 @@ def _masked_lm_loss_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     ``stores_grads`` (reduction "mean" or "sum", not float16). ``scale_in_place``: the backward
     multiplies them by the incoming gradient in place (eager), rather than into new tensors
     (under torch.compile, whose AOTAutograd cannot trace a backward that mutates a saved
-    tensor). sel (2 N,) int64 and info (2,) int64 on the host: the masked rows as
+    tensor). sel (2 N,) int64 and info (3,) int64 on the host: the masked rows as
     ``_select_masked`` returns them, which a backward that recomputes the projection uses
     again (fixed shapes, so that torch.compile sees none that depends on the data)."""
     k = kernel_module("cross_entropy")
-    rows, target, sel, info = _select_masked(_flat(labels, 0), ignore_index, weight.shape[0],
-                                             check_labels)
+    rows, target, sel, info, n_mean = _select_masked(_flat(labels, 0), ignore_index,
+                                                     weight.shape[0], check_labels)
     n = rows.numel()
     x = _flat(hidden, 1).index_select(0, rows)
     grads = (stores_grads(hidden.dtype, reduction)
              and (need_dhidden or need_dweight or need_dbias))
-    # the gradient of the loss itself, 1 / n for a mean: a value the kernel takes (no tensor)
-    scale = (1.0 / n if reduction == "mean" and n else 1.0) if grads else None
+    # the gradient of the loss itself, 1 / (the rows counted) for a mean: a value the kernel
+    # takes (no tensor)
+    scale = (1.0 / n_mean if reduction == "mean" else 1.0) if grads else None
     loss_rows, dx, dw, db = k.linear_cross_entropy(x, weight, bias, target, ignore_index,
                                                    label_smoothing, scale, need_dhidden,
                                                    need_dweight, need_dbias)
@@ -386,7 +403,7 @@ def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, ne
             weight.new_empty(weight.shape) if sw else hidden.new_empty(0),
             bias.new_empty(bias.shape) if sb else hidden.new_empty(0),
             labels.new_empty((2 * labels.numel(),), dtype=torch.int64),
-            torch.empty((2,), dtype=torch.int64, device="cpu"))
+            torch.empty((3,), dtype=torch.int64, device="cpu"))
 
 
 @fast_op("fastbert::masked_lm_loss_bwd", mutates_args=())
@@ -399,13 +416,14 @@ def _masked_lm_loss_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Opti
     info: no second selection, no host sync), the incoming gradient folded into the scale of
     each row before anything is rounded."""
     k = kernel_module("cross_entropy")
-    rows, target = _selected(sel, info.tolist()[0])  # info lies on the host: no sync
+    n, _, n_bad = info.tolist()  # info lies on the host: no sync
+    rows, target = _selected(sel, n)
     x = _flat(hidden, 1).index_select(0, rows)
     if reduction == "none":
         # read by the kernel in its dtype
         scale = grad.reshape(-1).index_select(0, rows)
     elif reduction == "mean":
-        scale = grad / max(rows.numel(), 1)
+        scale = grad / _n_mean(n, n_bad)
     else:
         scale = grad
     _, dx, dw, db = k.linear_cross_entropy(x, weight, bias, target, ignore_index,
@@ -560,7 +578,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     Same semantics as ``torch.nn.functional.cross_entropy`` with class-index targets: "mean"
     divides by the number of non-ignored targets and so returns NaN when every target is
     ignored (as torch; ``masked_lm_loss`` returns 0.0 there instead); ignored rows get a zero
-    gradient. Logits of +-1e4 are safe (running-max logsumexp in fp32). No (N, V) buffer is
+    gradient (even of NaN or all -inf logits, where torch's is NaN). Logits of +-1e4 are safe (running-max logsumexp in fp32). No (N, V) buffer is
     allocated besides the gradient.
 
     The forward keeps two floats a row (max and log-sum-exp) and the logits; the backward

@@ -236,6 +236,24 @@ def test_stored_cross_entropy_smoothing_of_logits_whose_sum_overflows(device, mo
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("logits", [lambda d: torch.randn(1, 5, device=d).t(),
+                                    lambda d: torch.randn(0, 1, device=d) * 2.0],
+                         ids=["transposed_row", "empty_scaled"])
+def test_cross_entropy_one_class_logits_of_any_column_stride(device, logits):
+    """(N, 1) logits whose size-1 column has a stride other than 1 (torch calls them
+    contiguous): taken as torch takes them (refused as "not unit column stride" once)."""
+    x = logits(device).requires_grad_()
+    target = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+    for reduction in REDUCTIONS:
+        out = cross_entropy(x, target, reduction=reduction, backend="triton")
+        ref = F.cross_entropy(x.double(), target, reduction=reduction)
+        torch.testing.assert_close(out.double(), ref, equal_nan=True)  # an empty mean: NaN
+        (g,) = torch.autograd.grad(out.sum(), x)
+        (ref_g,) = torch.autograd.grad(ref.sum(), x)
+        assert g.shape == x.shape
+        torch.testing.assert_close(g, ref_g, equal_nan=True)
+
+
 def test_cross_entropy_masked_vocabulary_of_neg_inf_is_finite(device):
     # the whole first block (4096 classes) is -inf: the running max starts at -inf
     logits = torch.randn(3, 5000, device=device)
@@ -952,6 +970,27 @@ def test_masked_lm_loss_unchecked_bad_label_is_nan_not_an_address(device):
     assert torch.isfinite(out[[0, 2, 3, 4, 5]]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_masked_lm_loss_unchecked_bad_labels_count_as_torch_backend(device, dtype, reduction):
+    """check_labels=False with out-of-range labels: the loss is NaN on both backends and the
+    other rows' gradients are divided by the same count, the in-range labels (the Triton mean
+    divided by every masked row), stored (float32) or recomputed (float16) alike."""
+    hidden, weight, bias, labels = _mlm_inputs((6,), 16, 50, dtype, device)
+    labels[:] = torch.tensor([3, 50, IGNORE, 7, -2, 49], device=device)
+    grads = []
+    for backend in ("triton", "torch"):
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        loss = masked_lm_loss(*leaves, labels, reduction=reduction, check_labels=False,
+                              backend=backend)
+        assert loss.isnan().any()
+        grads.append(torch.autograd.grad(loss.nansum() if reduction == "none" else loss,
+                                         leaves))
+    good = torch.tensor([0, 3, 5], device=device)
+    torch.testing.assert_close(grads[0][0][good].float(), grads[1][0][good].float(),
+                               rtol=2e-2 if dtype == torch.float16 else 1e-4, atol=1e-4)
+
+
 def test_masked_lm_loss_rejects_bad_arguments(device):
     hidden, weight, bias, labels = _mlm_inputs((2, 4), 16, 50, torch.float32, device)
     with pytest.raises(ValueError, match=r"weight must have shape \(V, 16\)"):
@@ -1171,7 +1210,7 @@ def test_select_rows_matches_nonzero_and_writes_every_element(device, monkeypatc
     others = (labels == IGNORE).nonzero().squeeze(1).flip(0)
     m = rows.numel()
     assert sel.dtype == info.dtype == torch.int64 and sel.shape == (2 * n,)
-    assert info.tolist() == [m, n]
+    assert info.tolist() == [m, n, 0]
     assert torch.equal(sel[:m], rows) and torch.equal(sel[m:n], others)
     assert torch.equal(sel[n:], labels.long()[sel[:n]])
 
@@ -1183,7 +1222,8 @@ def test_select_rows_reports_the_first_out_of_range_label(device, monkeypatch):
     for check, want in ((True, 9), (False, 40)):
         sel, info = k.select_rows(labels, IGNORE, 50, check_labels=check)
         rows = (labels != IGNORE).nonzero().squeeze(1)
-        assert info.tolist() == [rows.numel(), want]
+        # the count of out-of-range labels either way (the divisor of a mean leaves them out)
+        assert info.tolist() == [rows.numel(), want, 2]
         # out-of-range labels are selected either way (their loss is NaN when unchecked)
         assert torch.equal(sel[:rows.numel()], rows)
     labels[9] = 1 << 40   # beyond int32: still out of range, not wrapped into it
