@@ -81,9 +81,15 @@ say "== gpu-check $(date -u '+%Y-%m-%d %H:%M UTC'), budget ${BUDGET}s, phases: $
 # the settings, checked before anything costly runs (a typo found after the tests would cost the
 # whole call's bench time): refused with the reason in the summary, packed
 refuse() { say "gpu-check refused: $*"; pack; exit 2; }
+# numbers are whole seconds / weights, read as decimal (bash takes a leading 0 for octal)
 case "$BUDGET" in ''|*[!0-9]*) refuse "FASTBERT_GPU_BUDGET must be a number of seconds, got '$BUDGET'" ;; esac
-case "${FASTBERT_PROFILE_SECS:-90}" in ''|*[!0-9]*)
-  refuse "FASTBERT_PROFILE_SECS must be a number of seconds, got '${FASTBERT_PROFILE_SECS}'" ;; esac
+BUDGET=$((10#$BUDGET))
+PROFILE_ASKED="${FASTBERT_PROFILE_SECS:-90}"
+case "$PROFILE_ASKED" in ''|*[!0-9]*)
+  refuse "FASTBERT_PROFILE_SECS must be a number of seconds, got '$PROFILE_ASKED'" ;; esac
+PROFILE_ASKED=$((10#$PROFILE_ASKED))
+read -r -a phase_list <<< "$PHASES"
+PHASES="${phase_list[*]}"  # one space between names, whatever separated them (phase_on)
 for p in $PHASES; do
   case "$p" in gpu-tests|tests|bench|profile) ;;
     *) refuse "unknown phase '$p' in FASTBERT_GPU_PHASES (gpu-tests, tests, bench, profile)" ;;
@@ -96,7 +102,10 @@ read -r -a benches <<< "${FASTBERT_BENCHES:-attention:3 cross_entropy:2 embeddin
 for i in "${!benches[@]}"; do  # a name without a weight weighs 1
   case "${benches[$i]}" in *:*) ;; *) benches[$i]="${benches[$i]}:1" ;; esac
   name=${benches[$i]%%:*}; w=${benches[$i]##*:}
-  case "$w" in ''|*[!0-9]*|0) refuse "FASTBERT_BENCHES: weight of '${benches[$i]}' must be >= 1" ;; esac
+  case "$w" in ''|*[!0-9]*) refuse "FASTBERT_BENCHES: weight of '${benches[$i]}' must be >= 1" ;; esac
+  w=$((10#$w))
+  [ "$w" -ge 1 ] || refuse "FASTBERT_BENCHES: weight of '${benches[$i]}' must be >= 1"
+  benches[$i]="$name:$w"
   [ -f "benchmarks/bench_$name.py" ] || refuse "FASTBERT_BENCHES: no benchmarks/bench_$name.py"
 done
 if phase_on bench && [ "${#benches[@]}" = 0 ]; then refuse "FASTBERT_BENCHES names no benchmark"; fi
@@ -176,7 +185,7 @@ fi
 
 # the opt-in profile phase runs after the benches: its time is kept from them
 PROFILE_SECS=0
-if phase_on profile; then PROFILE_SECS="${FASTBERT_PROFILE_SECS:-90}"; fi
+if phase_on profile; then PROFILE_SECS=$PROFILE_ASKED; fi
 
 if phase_on bench; then
   echo "== benchmarks"

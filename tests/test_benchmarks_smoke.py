@@ -225,6 +225,7 @@ def _gpu_check(tmp_path, **env):
     ({"FASTBERT_BENCHES": "attention:0 lstm"}, "weight of 'attention:0' must be >= 1"),
     ({"FASTBERT_BENCHES": "  "}, "FASTBERT_BENCHES names no benchmark"),
     ({"FASTBERT_PROFILE_SECS": "90s"}, "FASTBERT_PROFILE_SECS must be a number of seconds"),
+    ({"FASTBERT_BENCHES": "embedding:00"}, "weight of 'embedding:00' must be >= 1"),
 ])
 def test_gpu_check_refuses_blank_phases_and_zero_weights(tmp_path, env, reason):
     run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_BUDGET="100", **env)
@@ -270,3 +271,18 @@ def test_gpu_check_profile_not_run_is_a_failure(tmp_path):
     run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_PHASES="profile",
                                      FASTBERT_GPU_BUDGET="20")
     assert "profile: not run" in summary and run.returncode == 1, summary
+
+
+def test_gpu_check_reads_numbers_as_decimal_and_phases_split_by_any_whitespace(tmp_path):
+    """A leading zero is not octal (bash's arithmetic: "08" failed, "00" divided by zero, and no
+    bench ran with status 0), and tab-separated phases run (they passed the check, then nothing
+    ran)."""
+    run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_PHASES="bench\tprofile",
+                                     FASTBERT_GPU_BUDGET="0300", FASTBERT_PROFILE_SECS="08",
+                                     FASTBERT_BENCHES="embedding:08 lstm:09")
+    assert run.returncode == 0, summary + run.stderr
+    assert [c.split()[0] for c in calls if c] == ["embedding", "lstm", "profile"]
+    name, called, deadline = calls[0].split()
+    # 300 s (not octal 0300 = 192), 8 of them kept for the profile, 8 / 17 of the rest: ~138 s,
+    # its deadline 15 s before that
+    assert 110 <= int(deadline) - int(called) <= 130, calls

@@ -578,7 +578,8 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     Same semantics as ``torch.nn.functional.cross_entropy`` with class-index targets: "mean"
     divides by the number of non-ignored targets and so returns NaN when every target is
     ignored (as torch; ``masked_lm_loss`` returns 0.0 there instead); ignored rows get a zero
-    gradient (even of NaN or all -inf logits, where torch's is NaN). Logits of +-1e4 are safe (running-max logsumexp in fp32). No (N, V) buffer is
+    gradient (on the Triton backend even of NaN or all -inf logits, where torch's, and so the
+    "torch" backend's, is NaN). Logits of +-1e4 are safe (running-max logsumexp in fp32). No (N, V) buffer is
     allocated besides the gradient.
 
     The forward keeps two floats a row (max and log-sum-exp) and the logits; the backward

@@ -113,8 +113,10 @@ def _traced_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse
     """``lstm_layer_ref`` under torch.jit.trace (weights already in ``ct``): the Python time
     loop would be recorded unrolled at the traced length, and the traced module would then run
     other lengths wrong (only the traced number of steps) or fail. A plain layer without lengths
-    is torch's own LSTM kernel instead (``torch.lstm``, one traced node: the same math, as
-    torch.nn.LSTM traces); with lengths or LayerNorm it is refused."""
+    is torch's own LSTM kernel instead (``torch.lstm``, one traced node, as torch.nn.LSTM traces:
+    on CUDA that is cuDNN's, with its TF32 default (``torch.backends.cudnn.allow_tf32``) and
+    its warning about weights outside one contiguous chunk); with lengths or LayerNorm it is
+    refused."""
     if lengths is not None or any(t is not None for t in ln):
         raise RuntimeError(
             "torch.jit.trace cannot record this LSTM call on the 'torch' backend: its time loop "
