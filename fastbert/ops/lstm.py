@@ -46,10 +46,12 @@ def lstm_layer_ref(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
                    upcast: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer and direction in plain PyTorch ops.
 
-    gates = W_ih x_t + b_ih + W_hh h + b_hh, or with ``ln_ih_weight`` (the LayerNorm-LSTM of
-    haste): LN(W_ih x_t) * ln_ih_weight + b_ih + LN(W_hh h) * ln_hh_weight + b_hh, and then
-    h = o * tanh(LN(c) * ln_cell_weight + ln_cell_bias). With ``w_hr`` h is projected:
-    h = w_hr @ h. Steps t >= lengths[b] leave b's state unchanged and output zeros.
+    gates = W_ih x_t + b_ih + W_hh h + b_hh, or with the LayerNorm parameters (the LayerNorm-LSTM
+    of haste): LN(W_ih x_t) * ln_ih_weight + b_ih + LN(W_hh h) * ln_hh_weight + b_hh, and then
+    h = o * tanh(LN(c) * ln_cell_weight + ln_cell_bias). Each of the three LayerNorms is on when
+    its parameters are given (the cell's when either of its two is, as ``F.layer_norm`` takes a
+    bias without a weight); the "triton" backend takes all four or none. With ``w_hr`` h is
+    projected: h = w_hr @ h. Steps t >= lengths[b] leave b's state unchanged and output zeros.
 
     Computes in fp32 (fp64 for fp64 inputs or with ``upcast=True``), returns x.dtype.
 
@@ -90,7 +92,7 @@ def lstm_layer_ref(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
             gates = gates + b_hh
         i, f, g, o = gates.chunk(4, dim=-1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        c_out = _norm(c_new, g_c, b_c, eps) if g_c is not None else c_new
+        c_out = _norm(c_new, g_c, b_c, eps) if g_c is not None or b_c is not None else c_new
         h_new = torch.sigmoid(o) * torch.tanh(c_out)
         if w_hr is not None:
             h_new = h_new @ w_hr.t()

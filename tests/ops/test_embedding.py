@@ -79,12 +79,19 @@ def _ref(inp, **kw):
 
 
 def _torch_lowp(inp, eps=1e-12, padding_idx=None):
-    """What eager PyTorch computes in the tables' low precision (the error yardstick)."""
+    """What eager PyTorch computes in the tables' low precision (the error yardstick): given
+    position ids and token types, or the defaults (positions 0..S-1, types 0)."""
     ids = inp["input_ids"]
     s = torch.nn.functional.embedding(ids, inp["word_weight"], padding_idx=padding_idx)
-    s = s + inp["position_weight"][torch.arange(ids.shape[-1], device=ids.device)]
+    pos = inp.get("position_ids")
+    if pos is None:
+        pos = torch.arange(ids.shape[-1], device=ids.device)
+    s = s + torch.nn.functional.embedding(pos, inp["position_weight"])
     if inp.get("type_weight") is not None:
-        s = s + torch.nn.functional.embedding(inp["token_type_ids"], inp["type_weight"])
+        types = inp.get("token_type_ids")
+        if types is None:
+            types = torch.zeros_like(ids)
+        s = s + torch.nn.functional.embedding(types, inp["type_weight"])
     return torch.nn.functional.layer_norm(s, s.shape[-1:], inp["ln_weight"], inp["ln_bias"], eps)
 
 

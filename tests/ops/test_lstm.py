@@ -1194,3 +1194,21 @@ def test_lstm_layer_zero_steps_output_stays_in_the_graph(device, backend):
     assert y.shape == (0, 2, 16) and y.requires_grad
     dx, dh0 = torch.autograd.grad(y.sum() + h_n.sum(), [p["x"], p["h0"]])
     assert dx.shape == p["x"].shape and torch.equal(dh0, torch.ones_like(dh0))
+
+
+def test_lstm_layer_ref_cell_layer_norm_with_a_bias_alone():
+    """The reference's cell LayerNorm is on when either of its parameters is given: a bias
+    without a weight is F.layer_norm's (it was silently dropped: no effect, no gradient)."""
+    p = _make("cpu", torch.float64, n_steps=4, n_batch=3, n_hidden=8)
+    bias = (torch.randn(8, dtype=torch.float64) * 0.5).requires_grad_()
+    y, h_n, c_n = lstm_layer_ref(*_args(p), ln_cell_bias=bias)
+    # by hand: LN(c) + bias (no weight) before the output tanh
+    x, h, c = p["x"], p["h0"], p["c0"]
+    for t in range(4):
+        gates = x[t] @ p["w_ih"].t() + p["b_ih"] + h @ p["w_hh"].t() + p["b_hh"]
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(torch.nn.functional.layer_norm(c, (8,), None, bias))
+    torch.testing.assert_close(h_n, h)
+    (g_bias,) = torch.autograd.grad(y.sum(), bias)
+    assert g_bias.abs().sum() > 0
