@@ -84,10 +84,9 @@ refuse() { say "gpu-check refused: $*"; pack; exit 2; }
 # numbers are whole seconds / weights, read as decimal (bash takes a leading 0 for octal)
 case "$BUDGET" in ''|*[!0-9]*) refuse "FASTBERT_GPU_BUDGET must be a number of seconds, got '$BUDGET'" ;; esac
 BUDGET=$((10#$BUDGET))
-PROFILE_ASKED="${FASTBERT_PROFILE_SECS:-90}"
-case "$PROFILE_ASKED" in ''|*[!0-9]*)
-  refuse "FASTBERT_PROFILE_SECS must be a number of seconds, got '$PROFILE_ASKED'" ;; esac
-PROFILE_ASKED=$((10#$PROFILE_ASKED))
+PROFILE_SECS="${FASTBERT_PROFILE_SECS:-90}"
+case "$PROFILE_SECS" in ''|*[!0-9]*)
+  refuse "FASTBERT_PROFILE_SECS must be a number of seconds, got '$PROFILE_SECS'" ;; esac
 read -r -a phase_list <<< "$PHASES"
 PHASES="${phase_list[*]}"  # one space between names, whatever separated them (phase_on)
 for p in $PHASES; do
@@ -96,6 +95,8 @@ for p in $PHASES; do
   esac
 done
 [ -n "${PHASES// /}" ] || refuse "FASTBERT_GPU_PHASES names no phase"
+# the opt-in profile phase runs after the benches: its time is kept from them
+if phase_on profile; then PROFILE_SECS=$((10#$PROFILE_SECS)); else PROFILE_SECS=0; fi
 # name:weight; a script's share is its weight's part of the time left (of the weights still
 # to run), so time one script leaves unused goes to the next
 read -r -a benches <<< "${FASTBERT_BENCHES:-attention:3 cross_entropy:2 embedding:1 lstm:3}"
@@ -182,10 +183,6 @@ fi
 if phase_on tests; then
   run_tests tests_rest "not gpu and not aot" "$(min $((BUDGET * 55 / 100 - ($(date +%s) - START))) "$(left)")"
 fi
-
-# the opt-in profile phase runs after the benches: its time is kept from them
-PROFILE_SECS=0
-if phase_on profile; then PROFILE_SECS=$PROFILE_ASKED; fi
 
 if phase_on bench; then
   echo "== benchmarks"
