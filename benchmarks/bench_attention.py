@@ -13,6 +13,9 @@ Cases (bf16 on CUDA), each timed forward, backward (from a kept graph) and forwa
 - ``fastbert_atomic_dq_bwd`` (and ``fastbert_varlen_atomic_dq_bwd``) where the backward is
   not one launch: kernels/attention.py ATOMIC_DQ_BACKWARD, dQ added by the dK/dV kernel with
   fp32 atomics (FlashAttention-2's backward) instead of a dQ kernel; off by default.
+- ``fastbert_tuned`` (and ``fastbert_varlen_tuned``): every kernel's num_warps / num_stages
+  chosen at its first call by timing the candidates (kernels/_tune.py, FASTBERT_AUTOTUNE; off
+  by default); the pairs chosen are written to ``attention_tuned_<card>.txt`` beside the CSV.
 - Causal, seq 1k-8k, head dims 64 and 128 (hidden 2048, 16k tokens a batch): fastbert vs
   SDPA flash, efficient and cuDNN (is_causal; seqlen_q == seqlen_k so top-left and
   bottom-right alignment agree).
@@ -33,12 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Dict, List
+import os
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks._harness import Case, main_for, with_setting
+from benchmarks._harness import (QUICK_TAG, Case, card_slug, device_info, main_for, parse_args,
+                                 results_dir, with_setting)
 from fastbert.ops import attention, attention_varlen, unpad
 
 # Tokens per batch on the GPU (batch = TOKENS // seq): fills an H100 with headroom for the
@@ -105,6 +110,13 @@ def _atomic_dq_backward(call: Callable) -> Callable:
     return with_setting(k, "ATOMIC_DQ_BACKWARD", True, call)
 
 
+def _tuned(call: Callable) -> Callable:
+    """``call`` with kernels/_tune.py's run-time choice of num_warps / num_stages on: its
+    first call (the harness's warm-up) times each kernel's candidates and keeps the fastest."""
+    from fastbert.kernels import _tune
+    return with_setting(_tune, "ENABLED", True, call)
+
+
 def _leaf(*shape, device, dtype):
     return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
 
@@ -128,6 +140,7 @@ def _padded_impls(batch, seq, heads, d, device, dtype, lengths, causal, sdpa_bac
         else:
             impls["fastbert_atomic_dq_bwd[triton]"] = (
                 impls["fastbert[triton]"][0], [q, k, v], _atomic_dq_backward)
+        impls["fastbert_tuned[triton]"] = (impls["fastbert[triton]"][0], [q, k, v], _tuned)
     qt, kt, vt = (_leaf(batch, heads, seq, d, device=device, dtype=dtype) for _ in range(3))
     smask = mask[:, None, None, :] if mask is not None else None
     for name in sdpa_backends:
@@ -196,6 +209,8 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     if gpu:
         impls["fastbert_varlen_atomic_dq_bwd[triton]"] = (
             impls[f"fastbert_varlen[{backend}]"][0], [qu, ku, vu], _atomic_dq_backward)
+        impls["fastbert_varlen_tuned[triton]"] = (
+            impls[f"fastbert_varlen[{backend}]"][0], [qu, ku, vu], _tuned)
     padded = _padded_impls(n_seq, max_len, heads, d, device, dtype, lengths.to(device), False,
                            ("efficient", "cudnn") if gpu else ("math",), eager=False,
                            torch_ref=not gpu)
@@ -237,8 +252,38 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     return sorted(out, key=priority)
 
 
+DESCRIPTION = "fused attention vs torch SDPA backends and eager attention"
+
+
+def write_tuned(device: torch.device, tag: str = "") -> Optional[str]:
+    """Write the (num_warps, num_stages) pairs the ``fastbert_tuned`` rows chose, a line per
+    kernel and key, to ``attention_tuned_<card><tag>.txt`` in the results directory; returns
+    its path (None when nothing was tuned)."""
+    from fastbert.kernels import _tune
+    picked = _tune.chosen()
+    if not picked:
+        return None
+    info = device_info(device)
+    path = os.path.join(results_dir(device), f"attention_tuned_{card_slug(info)}{tag}.txt")
+    lines = [f"# num_warps, num_stages chosen by kernels/_tune.py on {info['card']} "
+             f"(torch {info['torch']}, triton {info['triton']}); the first candidate of each "
+             "kernel is the launcher's default (kernels/attention.py fwd_candidates / "
+             "bwd_candidates)"]
+    for (dev, key), (warps, stages) in sorted(picked.items(), key=repr):
+        lines.append(f"cuda:{dev} {key!r} -> num_warps={warps} num_stages={stages}")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def main(argv=None):
-    main_for("attention", cases, "fused attention vs torch SDPA backends and eager attention", argv)
+    args = parse_args(DESCRIPTION, argv)
+    main_for("attention", cases, DESCRIPTION, argv)
+    if args.device.type == "cuda" and not args.no_write:
+        path = write_tuned(args.device, QUICK_TAG if args.quick else "")
+        if path:
+            print(f"attention: tuned configs in {path}", flush=True)
 
 
 if __name__ == "__main__":

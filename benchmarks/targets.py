@@ -141,7 +141,7 @@ def _alts(make: Callable[[str], Callable[[Group], Optional[Tuple[str, bool]]]],
 
 
 _ATTENTION_ALTS = _alts(lambda i: _vs_best(i, "sdpa_", 1.0), "fastbert_three_kernel_bwd[triton]",
-                        "fastbert_atomic_dq_bwd[triton]")
+                        "fastbert_atomic_dq_bwd[triton]", "fastbert_tuned[triton]")
 _LSTM_ALTS = _alts(lambda i: _time_ratio_at_most(i, "cudnn", 1.25), "fastbert_triton_step_graph",
                    "fastbert_triton_coop", "fastbert_triton_per_step")
 
@@ -157,11 +157,13 @@ TARGETS: List[Target] = [
            "varlen >= 1.5x padded SDPA (mixed lengths 16-512)",
            _vs_best("fastbert_varlen[triton]", "sdpa_", 1.5, suffix=" (padded)"),
            alternatives=_alts(lambda i: _vs_best(i, "sdpa_", 1.5, suffix=" (padded)"),
-                              "fastbert_varlen_atomic_dq_bwd[triton]")),
+                              "fastbert_varlen_atomic_dq_bwd[triton]",
+                              "fastbert_varlen_tuned[triton]")),
     Target(3, "attention", "causal fwd",
            "forward >= 50% of the measured matmul rate (seq >= 2k, head dim 128)",
            _matmul_fraction("fastbert[triton]", 50.0),
-           applies=lambda p: _int(p, "seq") >= 2048 and _int(p, "head_dim") == 128),
+           applies=lambda p: _int(p, "seq") >= 2048 and _int(p, "head_dim") == 128,
+           alternatives=_alts(lambda i: _matmul_fraction(i, 50.0), "fastbert_tuned[triton]")),
     # issue 4: embedding + LayerNorm, cross-entropy, masked-LM loss
     Target(4, "embedding", "embedding_layer_norm fwd+bwd", ">= 1.2x torch.compile",
            _faster("fastbert", "torch.compile", 1.2),

@@ -35,6 +35,10 @@ What is fused and why:
   its queries, so it also computes their delta and writes their dQ (FUSED_DQ). That drops two
   launches (host time dominated BERT seq-128 calls on the H200), the delta and dQ kernels'
   re-reads of Q, dO, K, V and the second QK^T / dO V^T; still no atomics.
+- Block configs (``fwd_config``, ``bwd_configs``) were chosen from ptxas register and shared
+  memory counts, not timed. With the opt-in run-time tuner (``kernels/_tune.py``,
+  ``FASTBERT_AUTOTUNE=1``) each kernel's num_warps / num_stages are instead timed at the first
+  call of a variant and shape class among ``fwd_candidates`` / ``bwd_candidates``.
 - Causal masking is aligned to the bottom-right corner, as in FlashAttention-2: query i of a
   sequence with lengths (Lq, Lk) sees keys j <= i + Lk - Lq. A query row that sees no key
   (fully padded, or i < Lq - Lk under causal) outputs zeros, its log-sum-exp is +inf and its
@@ -61,6 +65,7 @@ import triton.language as tl
 from ._common import (AotConfig, LOG2E, cdiv, dropout_keep, next_power_of_2, num_programs,
                       on_tensor_device)
 from ._launch import launch
+from . import _tune
 
 # Head dims the kernels support; each is loaded into a power-of-two tile (80 and 96 in 128).
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -644,6 +649,37 @@ def bwd_configs(head_dim: int, dtype: torch.dtype):
     return (32, 64, 8, 2), (64, 32, 8, 2)
 
 
+# (num_warps, num_stages) pairs the opt-in run-time tuner (kernels/_tune.py) times for the
+# 16-bit kernels, the launcher's default first; fp32 keeps its default. Four warps on a
+# 128-wide head tile would spill (see fwd_config), so there only the pipeline depth varies.
+# Each pair compiles for sm_80 / sm_90 (aot_configs); none is measured yet.
+@functools.lru_cache(maxsize=None)
+def fwd_candidates(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple:
+    """The forward kernel's tuning candidates, ``fwd_config``'s pair first."""
+    _, _, warps, stages = fwd_config(head_dim, dtype, dropout)
+    if dtype == torch.float32:
+        return ((warps, stages),)
+    if block_d(head_dim) <= 64:
+        return _with_default((warps, stages), ((8, 3), (4, 3), (8, 2), (4, 4)))
+    return _with_default((warps, stages), ((8, 3), (8, 2), (8, 4)))
+
+
+@functools.lru_cache(maxsize=None)
+def bwd_candidates(head_dim: int, dtype: torch.dtype) -> tuple:
+    """(the dK/dV kernel's, the dQ kernel's) tuning candidates, ``bwd_configs``' pairs
+    first."""
+    (_, _, w1, s1), (_, _, w2, s2) = bwd_configs(head_dim, dtype)
+    if dtype == torch.float32:
+        return ((w1, s1),), ((w2, s2),)
+    pairs = (((8, 2), (4, 2), (4, 3), (8, 3)) if block_d(head_dim) <= 64
+             else ((8, 2), (8, 3), (4, 2)))
+    return _with_default((w1, s1), pairs), _with_default((w2, s2), pairs)
+
+
+def _with_default(default: tuple, pairs: tuple) -> tuple:
+    return (default,) + tuple(p for p in pairs if p != default)
+
+
 # False forces the three-kernel backward everywhere (benchmarks/bench_attention.py times both)
 ONE_LAUNCH_BACKWARD = True
 # True: where the backward is not one launch, the dK/dV kernel also adds dQ with fp32 atomics
@@ -792,16 +828,20 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bd = block_d(head_dim)
     if batch * heads > 0 and sq > 0:
         grid = (cdiv(sq, bm) * batch * heads,)   # flat: see _block_and_head
-        launch(
-            _attention_fwd_kernel, grid,
-            q, k, v, out, lse, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
-            *st_q, *st_k, *st_v, *_strides3(out, varlen), stride_mask_b,
-            heads, heads // heads_kv, sq, sk, head_dim,
-            float(softmax_scale) * _SCORE_LOG2E, float(dropout_p),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen,
-            IS_CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout,
-            num_warps=warps, num_stages=stages,
-        )
+        args = (q, k, v, out, lse, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
+                *st_q, *st_k, *st_v, *_strides3(out, varlen), stride_mask_b,
+                heads, heads // heads_kv, sq, sk, head_dim,
+                float(softmax_scale) * _SCORE_LOG2E, float(dropout_p))
+        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen,
+                    IS_CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout)
+        if _tune.ENABLED:
+            warps, stages = _tune.pick(
+                ("attention_fwd", q.dtype, head_dim, *_tuning_shape(meta, batch * heads, sq, sk)),
+                fwd_candidates(head_dim, q.dtype, has_dropout),
+                lambda c: launch(_attention_fwd_kernel, grid, *args, **meta, num_warps=c[0],
+                                 num_stages=c[1]),
+                q.device)
+        launch(_attention_fwd_kernel, grid, *args, **meta, num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -881,31 +921,56 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         dk.zero_()
         dv.zero_()
     elif sk > 0:
-        launch(
-            _attention_bwd_dkdv_kernel, (cdiv(sk, bn1) * batch * heads_kv,),
-            q, k, v, do, lse, delta, dk, dv, out, dq_out,
-            mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
-            *st_q, *st_k, *st_v, *st_do, *_strides3(dk, varlen), *_strides3(dv, varlen),
-            *st_out, *_strides3(dq_out, varlen),
-            stride_mask_b, heads, heads_kv, groups, sq, sk, head_dim, qk_scale,
-            float(softmax_scale), float(dropout_p),
-            BLOCK_M=bm1, BLOCK_N=bn1, FUSED_DQ=fused, ATOMIC_DQ=atomic, num_warps=w1,
-            num_stages=s1, **flags,
-        )
+        grid1 = (cdiv(sk, bn1) * batch * heads_kv,)
+        args1 = (q, k, v, do, lse, delta, dk, dv, out, dq_out,
+                 mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
+                 *st_q, *st_k, *st_v, *st_do, *_strides3(dk, varlen), *_strides3(dv, varlen),
+                 *st_out, *_strides3(dq_out, varlen),
+                 stride_mask_b, heads, heads_kv, groups, sq, sk, head_dim, qk_scale,
+                 float(softmax_scale), float(dropout_p))
+        meta1 = dict(BLOCK_M=bm1, BLOCK_N=bn1, FUSED_DQ=fused, ATOMIC_DQ=atomic, **flags)
+        if _tune.ENABLED:
+            key = ("attention_bwd_dkdv", q.dtype, head_dim,
+                   *_tuning_shape(meta1, batch * heads, sq, sk))
+            fresh = not _tune.known(key, q.device)
+
+            def dkdv(c):
+                if atomic:   # the kernel adds dQ into dq_out, which the pre-pass zeroed once
+                    dq_out.zero_()
+                launch(_attention_bwd_dkdv_kernel, grid1, *args1, **meta1, num_warps=c[0],
+                       num_stages=c[1])
+            w1, s1 = _tune.pick(key, bwd_candidates(head_dim, q.dtype)[0], dkdv, q.device)
+            if atomic and fresh:   # the tuning runs left their sum in dq_out
+                dq_out.zero_()
+        launch(_attention_bwd_dkdv_kernel, grid1, *args1, **meta1, num_warps=w1, num_stages=s1)
     if atomic and dq_out is not dq:
         dq.copy_(dq_out)
     if fused or atomic:
         return dq, dk, dv
     if not need_dq:
         return dq.zero_(), dk, dv
-    launch(
-        _attention_bwd_dq_kernel, (cdiv(sq, bm2) * batch * heads,),
-        q, k, v, do, lse, delta, dq, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
-        *st_q, *st_k, *st_v, *st_do, *_strides3(dq, varlen), stride_mask_b,
-        heads, groups, sq, sk, head_dim, qk_scale, float(softmax_scale), float(dropout_p),
-        BLOCK_M=bm2, BLOCK_N=bn2, num_warps=w2, num_stages=s2, **flags,
-    )
+    grid2 = (cdiv(sq, bm2) * batch * heads,)
+    args2 = (q, k, v, do, lse, delta, dq, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
+             *st_q, *st_k, *st_v, *st_do, *_strides3(dq, varlen), stride_mask_b,
+             heads, groups, sq, sk, head_dim, qk_scale, float(softmax_scale), float(dropout_p))
+    meta2 = dict(BLOCK_M=bm2, BLOCK_N=bn2, **flags)
+    if _tune.ENABLED:
+        w2, s2 = _tune.pick(
+            ("attention_bwd_dq", q.dtype, head_dim, *_tuning_shape(meta2, batch * heads, sq, sk)),
+            bwd_candidates(head_dim, q.dtype)[1],
+            lambda c: launch(_attention_bwd_dq_kernel, grid2, *args2, **meta2, num_warps=c[0],
+                             num_stages=c[1]),
+            q.device)
+    launch(_attention_bwd_dq_kernel, grid2, *args2, **meta2, num_warps=w2, num_stages=s2)
     return dq, dk, dv
+
+
+def _tuning_shape(meta: dict, n_heads: int, sq: int, sk: int) -> tuple:
+    """The part of a tuning key (kernels/_tune.py) after the op, dtype and head dim: the
+    kernel's constexpr flags, and the size classes of (batch * heads, seqlen_q, seqlen_k),
+    which set the grid and each program's loop length."""
+    return (tuple(sorted(meta.items())), _tune.bucket(n_heads), _tune.bucket(sq),
+            _tune.bucket(sk))
 
 
 @on_tensor_device
@@ -1028,6 +1093,29 @@ def aot_configs():
                         dict(BLOCK_M=preprocess_block_m(128), BLOCK_D=128, EVEN_D=even,
                              IS_VARLEN=False, ZERO_DQ=True),
                         PREPROCESS_WARPS, name=f"attention_bwd_preprocess[{dt},d128,even_d={even}]")
+    # the run-time tuner's other (num_warps, num_stages) pairs (bwd_candidates,
+    # fwd_candidates), bf16 with every padded option on, at each head-dim tile
+    for bd in tiles:
+        f = dict(BLOCK_D=bd, EVEN_D=True, IS_VARLEN=False, IS_CAUSAL=True, HAS_MASK=True)
+        for drop in (False, True):
+            bm, bn, _, _ = fwd_config(bd, torch.bfloat16, drop)
+            for w, s in fwd_candidates(bd, torch.bfloat16, drop)[1:]:
+                yield AotConfig(_attention_fwd_kernel, _fwd_signature("bf16"),
+                                dict(BLOCK_M=bm, BLOCK_N=bn, HAS_DROPOUT=drop, **f), w, s,
+                                name=f"attention_fwd[bf16,d{bd},dropout={drop},tuning w{w}s{s}]")
+        (bm, bn, _, _), (bm2, bn2, _, _) = bwd_configs(bd, torch.bfloat16)
+        dkdv_pairs, dq_pairs = bwd_candidates(bd, torch.bfloat16)
+        for w, s in dkdv_pairs[1:]:
+            for fused, atomic in ((False, False), (True, False), (False, True)):
+                yield AotConfig(_attention_bwd_dkdv_kernel, _bwd_signature("bf16", False, atomic),
+                                dict(BLOCK_M=bm, BLOCK_N=bn, FUSED_DQ=fused, ATOMIC_DQ=atomic,
+                                     HAS_DROPOUT=True, **f), w, s,
+                                name=f"attention_bwd_dkdv[bf16,d{bd},fused_dq={fused},"
+                                     f"atomic_dq={atomic},tuning w{w}s{s}]")
+        for w, s in dq_pairs[1:]:
+            yield AotConfig(_attention_bwd_dq_kernel, _bwd_signature("bf16", True),
+                            dict(BLOCK_M=bm2, BLOCK_N=bn2, HAS_DROPOUT=True, **f), w, s,
+                            name=f"attention_bwd_dq[bf16,d{bd},tuning w{w}s{s}]")
     yield AotConfig(_key_end_kernel, {"mask_ptr": "*i8", "out_ptr": "*i32",
                                       "stride_mask_b": "i64", "seqlen_k": "i32",
                                       "BLOCK": "constexpr"},

@@ -1049,6 +1049,37 @@ def test_attention_gpu_atomic_dq_backward_matches_fp32_reference(monkeypatch, se
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("seqlen, atomic", [(128, False), (512, False), (512, True)])
+def test_attention_gpu_tuned_configs_match_fp32_reference(monkeypatch, seqlen, atomic):
+    """kernels/_tune.py on a GPU: every kernel's candidates timed at the first call (real
+    CUDA events, candidates that do not fit skipped), the chosen pairs kept, and the results
+    of the tuned call (after the tuning runs: the atomic dQ must not be added up) by the
+    FlashAttention rule; a second call runs nothing more."""
+    from fastbert.kernels import _tune
+    monkeypatch.setattr(_tune, "ENABLED", True)
+    monkeypatch.setattr(k, "ATOMIC_DQ_BACKWARD", atomic)
+    _tune.clear()
+    try:
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        q, k_, v = (torch.randn(2, seqlen, 4, 64, device=device, dtype=dtype) for _ in range(3))
+        lengths = torch.tensor([seqlen, seqlen // 2 + 1], device=device)
+        _gpu_check_padded(q, k_, v, lengths, False, f"tuned s={seqlen} atomic={atomic}")
+        picked = _tune.chosen()
+        kernels = sorted({key[0] for _, key in picked})
+        fused = k.bwd_fused(seqlen, 64, dtype)
+        assert kernels == (["attention_bwd_dkdv", "attention_fwd"] if fused or atomic else
+                           ["attention_bwd_dkdv", "attention_bwd_dq", "attention_fwd"])
+        for (_, key), pair in picked.items():
+            cands = (k.fwd_candidates(64, dtype, False) if key[0] == "attention_fwd" else
+                     k.bwd_candidates(64, dtype)[key[0] == "attention_bwd_dq"])
+            assert pair in cands, (key, pair)
+        _gpu_check_padded(q, k_, v, lengths, False, f"tuned again s={seqlen}")
+        assert _tune.chosen() == picked
+    finally:
+        _tune.clear()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_attention_varlen_gpu_matches_fp32_reference(dtype):
     device = torch.device("cuda")

@@ -1,0 +1,165 @@
+"""kernels/_tune.py, the opt-in run-time choice of num_warps / num_stages: which candidate it
+keeps, when it must not tune, and that a launcher's tuning runs leave its results exactly as
+the default launch leaves them (the attention kernels in the interpreter, which ignores both
+options, so any difference is the launcher's doing: an output accumulated twice, say).
+
+There is no GPU here: the CUDA timing (``_cuda_ms``) and the capture query are stood in for;
+the choice on a real GPU is the benchmarks' ``fastbert_tuned`` rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from fastbert.kernels import _tune
+from fastbert.kernels import attention as ka
+import fastbert.ops as ops
+
+CUDA0 = torch.device("cuda", 0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices():
+    _tune.clear()
+    yield
+    _tune.clear()
+
+
+def _timer(times: dict, log: list):
+    """A stand-in for the GPU timing: runs ``fn`` (as the real one does) and returns the
+    time listed for the candidate ``fn`` last ran."""
+    def time_ms(fn):
+        fn()
+        return times[log[-1]]
+    return time_ms
+
+
+def test_choose_keeps_the_fastest_candidate_and_skips_those_that_do_not_fit():
+    log = []
+
+    def run(c):
+        log.append(c)
+        if c == (4, 4):
+            raise OutOfResources(300000, 232448, "shared memory")
+
+    times = {(8, 3): 2.0, (4, 3): 1.5, (8, 2): 1.7, (4, 4): 0.1}
+    best = _tune.choose([(8, 3), (4, 3), (8, 2), (4, 4)], run, _timer(times, log))
+    assert best == (4, 3)
+    # each fitting candidate: one untimed run (compile, warm-up), then the timed one(s)
+    assert log == [(8, 3), (8, 3), (4, 3), (4, 3), (8, 2), (8, 2), (4, 4)]
+
+
+def test_choose_raises_the_first_error_when_no_candidate_fits():
+    def run(c):
+        raise OutOfResources(300000 + c[0], 232448, "shared memory")
+
+    with pytest.raises(OutOfResources, match="300008"):
+        _tune.choose([(8, 3), (4, 3)], run, lambda fn: 1.0)
+
+
+def test_choose_lets_other_errors_through():
+    def run(c):
+        raise ValueError("a real bug")
+
+    with pytest.raises(ValueError, match="a real bug"):
+        _tune.choose([(8, 3), (4, 3)], run, lambda fn: 1.0)
+
+
+def _never(c):
+    raise AssertionError(f"ran candidate {c}: must not tune here")
+
+
+def test_pick_takes_the_default_when_off_single_on_cpu_deterministic_or_capturing(monkeypatch):
+    cands = [(8, 3), (4, 3)]
+    monkeypatch.setattr(_tune, "ENABLED", False)
+    assert _tune.pick(("k",), cands, _never, CUDA0) == (8, 3)
+    monkeypatch.setattr(_tune, "ENABLED", True)
+    assert _tune.pick(("k",), [(4, 2)], _never, CUDA0) == (4, 2)
+    assert _tune.pick(("k",), cands, _never, torch.device("cpu")) == (8, 3)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _tune.pick(("k",), cands, _never, CUDA0) == (8, 3)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _tune.pick(("k",), cands, _never, CUDA0) == (8, 3)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert _tune.chosen() == {}   # none of these is remembered: a later call may tune
+
+
+def test_pick_tunes_once_per_key_and_device_and_forgets_on_clear(monkeypatch):
+    monkeypatch.setattr(_tune, "ENABLED", True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    log = []
+    times = {(8, 3): 2.0, (4, 3): 1.0}
+    monkeypatch.setattr(_tune, "_cuda_ms", lambda fn, device, reps: _timer(times, log)(fn))
+    cands = [(8, 3), (4, 3)]
+    assert _tune.pick(("k",), cands, log.append, CUDA0) == (4, 3)
+    n = len(log)
+    assert n > 0 and _tune.known(("k",), CUDA0)
+    assert _tune.pick(("k",), cands, _never, CUDA0) == (4, 3)   # kept: nothing runs
+    times[(8, 3)] = 0.5
+    assert _tune.pick(("k",), cands, log.append, torch.device("cuda", 1)) == (8, 3)
+    assert _tune.pick(("other",), cands, log.append, CUDA0) == (8, 3)
+    assert _tune.chosen() == {(0, ("k",)): (4, 3), (1, ("k",)): (8, 3), (0, ("other",)): (8, 3)}
+    _tune.clear()
+    assert not _tune.known(("k",), CUDA0)
+    assert _tune.pick(("k",), cands, log.append, CUDA0) == (8, 3)
+
+
+def test_bucket_rounds_up_to_a_power_of_two():
+    assert [_tune.bucket(n) for n in (0, 1, 2, 3, 5, 128, 129)] == [0, 1, 2, 4, 8, 128, 256]
+
+
+def test_candidates_start_with_the_launchers_default_and_fp32_has_no_other():
+    for d in (16, 32, 64, 80, 96, 128):
+        for dt in (torch.float16, torch.bfloat16):
+            for drop in (False, True):
+                fwd = ka.fwd_candidates(d, dt, drop)
+                assert fwd[0] == ka.fwd_config(d, dt, drop)[2:] and len(set(fwd)) == len(fwd) > 1
+            dkdv, dq = ka.bwd_candidates(d, dt)
+            (_, _, w1, s1), (_, _, w2, s2) = ka.bwd_configs(d, dt)
+            assert dkdv[0] == (w1, s1) and dq[0] == (w2, s2) and len(dkdv) > 1 and len(dq) > 1
+        assert len(ka.fwd_candidates(d, torch.float32, False)) == 1
+        assert all(len(c) == 1 for c in ka.bwd_candidates(d, torch.float32))
+
+
+@pytest.mark.parametrize("path", ["fused", "three_kernel", "atomic_dq"])
+def test_attention_tuning_runs_leave_the_default_launchs_results(monkeypatch, path):
+    """Every candidate of every attention kernel run twice (as the tuner does) before the
+    chosen one: forward output and dq / dk / dv stay bit-identical to the untuned call. The
+    atomic-dQ kernel adds into dQ: its tuning runs must not be added up."""
+    if path != "fused":
+        monkeypatch.setattr(ka, "ONE_LAUNCH_BACKWARD", False)
+    if path == "atomic_dq":
+        monkeypatch.setattr(ka, "ATOMIC_DQ_BACKWARD", True)
+    g = torch.Generator().manual_seed(7)
+    b, s, h, d = 2, 19, 2, 16
+    q, k, v = (torch.randn(b, s, h, d, generator=g).half().requires_grad_() for _ in range(3))
+    mask = torch.arange(s)[None, :] < torch.tensor([[19], [11]])
+    dout = torch.randn(b, s, h, d, generator=g).half()
+
+    def run():
+        out = ops.attention(q, k, v, attention_mask=mask, backend="triton")
+        return (out,) + torch.autograd.grad(out, (q, k, v), dout)
+
+    want = run()
+    picked = []
+
+    def every_candidate(key, candidates, fn, device):
+        for c in candidates:
+            fn(c)
+            fn(c)
+        picked.append(key[0])
+        return candidates[-1]
+
+    monkeypatch.setattr(_tune, "ENABLED", True)
+    monkeypatch.setattr(_tune, "pick", every_candidate)
+    got = run()
+    expect = {"fused": ["attention_fwd", "attention_bwd_dkdv"],
+              "three_kernel": ["attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"],
+              "atomic_dq": ["attention_fwd", "attention_bwd_dkdv"]}[path]
+    assert picked == expect
+    for w, t in zip(want, got):
+        assert torch.equal(w, t)
