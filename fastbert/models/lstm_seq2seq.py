@@ -8,8 +8,12 @@ kernel).
 - Luong attention without input feeding: the decoder LSTM does not see the attention
   output, so under teacher forcing the whole target runs through the fused LSTM in one call
   and attention is two batched matmuls.
-- Bahdanau attention: the context computed from the previous decoder state is part of the
-  decoder input, so teacher forcing runs step by step.
+- Bahdanau attention: the additive score, with the context computed from the previous
+  decoder state (top layer) as part of the decoder input, so teacher forcing runs step by
+  step. The rest of the model is the Luong one shared by both: the output layer is
+  ``tanh(W_c [context; state])`` (not Bahdanau's deep output from the state, the previous
+  token and the context) and the decoder starts from the encoder's final states below (not
+  ``tanh(W_s h_backward)``).
 
 The encoder has ``hidden // 2`` units per direction; its final forward and backward states
 are concatenated per layer to initialize the decoder (``hidden`` units, same depth).
@@ -195,7 +199,11 @@ class LSTMSeq2Seq(torch.nn.Module):
 
     def decode_step(self, y_prev: Tensor, state: State, memory: Tensor, keys: Tensor,
                     mask: Tensor) -> Tuple[Tensor, State]:
-        """One decoder step: y_prev (B,) ids -> logits (B, V) and the new state."""
+        """One decoder step: y_prev (B,) ids -> logits (B, V) and the new state.
+
+        The ids are not range-checked here (the decoding loops call this at every step, and a
+        check costs a host read): an id outside the target vocabulary raises nn.Embedding's
+        IndexError (a device-side assert on CUDA). ``forward`` and the decoders check theirs."""
         n_batch = state[0].shape[1]
         if not isinstance(y_prev, Tensor) or tuple(y_prev.shape) != (n_batch,):
             got = tuple(y_prev.shape) if isinstance(y_prev, Tensor) else type(y_prev).__name__
@@ -251,7 +259,10 @@ class LSTMSeq2Seq(torch.nn.Module):
         """Argmax decoding: (B, L) ids, L <= max_len. Each row ends with eos_id then pad_id,
         or is cut at max_len without an eos_id. The argmax is taken over the float32 (float64)
         log-probabilities with ``topk(1)``, as beam search ranks, so that a beam of one decodes
-        the same (exact ties may resolve otherwise than ``argmax`` over the logits)."""
+        the same (exact ties may resolve otherwise than ``argmax`` over the logits).
+
+        Runs in the model's current mode, as ``forward``: call ``model.eval()`` first (in
+        training mode dropout applies, and each call decodes differently)."""
         check_size("max_len", max_len)
         memory, keys, mask, state = self.encode(src, src_lengths)
         n_batch = src.shape[0]
@@ -278,18 +289,21 @@ class LSTMSeq2Seq(torch.nn.Module):
         up to exact ties of the summed scores).
 
         Hypotheses cut at max_len without an eos_id compete with the finished ones by their
-        score so far.
+        score so far. A wider beam is not guaranteed a better score than a narrower one (it
+        may prune the prefix the narrow beam would have completed). Runs in the model's
+        current mode: call ``model.eval()`` first (dropout applies in training mode).
 
         Returns:
             tokens (B, L) ids of the best hypothesis, ending with eos_id then pad_id (or cut
             at max_len without one), no wider than its longest row; scores (B,) their
             log-probabilities, in float32 (float64 for a float64 model).
         """
-        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1 (an int), got {beam_size!r}")
+        check_size("beam_size", beam_size)
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         check_size("max_len", max_len)
         memory, keys, mask, (h, c) = self.encode(src, src_lengths)
-        n_batch, k = src.shape[0], beam_size
+        n_batch, k = src.shape[0], int(beam_size)
         dev = src.device
         score_dtype = torch.promote_types(memory.dtype, torch.float32)
         if n_batch == 0:

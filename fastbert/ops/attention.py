@@ -509,7 +509,7 @@ def _check_attention_args(op: str, q, k, v, attention_mask) -> None:
 
 
 # cu_seqlens tensors whose values were validated, each with what it was validated against:
-# (version counter, storage address, total tokens, max_seqlen). A BERT encoder passes the same
+# ((version counter, storage address, total tokens), the smallest max_seqlen that passed). A BERT encoder passes the same
 # cu_seqlens to every layer; checking them once instead of at every call saves a host sync per
 # layer (a sync drains the GPU queue while Python prepares the next launches). An in-place
 # change through torch bumps the version counter and brings the check back; a write that
@@ -565,9 +565,12 @@ def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total:
     # a tensor without storage, as torch.func's wrappers, is checked at every call)
     validated = None
     if not cu.is_inference() and not torch._C._functorch.is_functorch_wrapped_tensor(cu):
-        validated = (cu._version, cu.data_ptr(), total, int(max_seqlen))
-    if validated is not None and _VALIDATED_CU_SEQLENS.get(cu) == validated:
-        return
+        validated = (cu._version, cu.data_ptr(), total)
+        seen = _VALIDATED_CU_SEQLENS.get(cu)
+        # a bound at least the smallest one validated holds too: one tensor passed as both
+        # cu_seqlens_q and cu_seqlens_k with two max lengths is read once, not at every call
+        if seen is not None and seen[0] == validated and max_seqlen >= seen[1]:
+            return
     lengths = cu[1:] - cu[:-1]
     ok = torch.stack([cu[0] == 0, cu[-1] == total, (lengths >= 0).all(),
                       (lengths <= max_seqlen).all()])
@@ -579,7 +582,7 @@ def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total:
         raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in "
                          f"{name}: {int(lengths.max())}")
     if validated is not None:
-        _VALIDATED_CU_SEQLENS[cu] = validated
+        _VALIDATED_CU_SEQLENS[cu] = (validated, int(max_seqlen))
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

@@ -1,5 +1,6 @@
 """LSTMSeq2Seq: shapes, masking of padded source positions, teacher forcing = step-wise
 decoding, beam_size=1 = greedy, and a copy task learned in a few hundred CPU steps."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,16 +71,16 @@ def test_seq2seq_beam_size_one_equals_greedy(attention):
     beam, scores = model.beam_search(src, lengths, beam_size=1, max_len=8)
     assert torch.equal(beam, greedy)
     assert scores.shape == (5,) and (scores <= 0).all()
-    # the scores are the model's log-probabilities of the tokens, up to and including eos
-    tgt_in = torch.cat([torch.full((5, 1), BOS), beam[:, :-1]], dim=1)
-    logp = torch.log_softmax(model(src, lengths, tgt_in).float(), -1)
-    logp = logp.gather(-1, beam[..., None])[..., 0]
-    is_eos = (beam == EOS).long()
-    upto_eos = (is_eos.cumsum(1) - is_eos) == 0
-    torch.testing.assert_close(scores, (logp * upto_eos).sum(1), rtol=1e-5, atol=1e-5)
-    wide, wide_scores = model.beam_search(src, lengths, beam_size=4, max_len=8)
-    # a wider beam never finds a worse total log-probability (no length penalty)
-    assert (wide_scores >= scores - 1e-5).all()
+    # the scores are the model's log-probabilities of the tokens, up to and including eos, at
+    # any beam width (a wider beam need not score higher: it may prune the greedy prefix)
+    for beam_size in (1, 4):
+        beam, scores = model.beam_search(src, lengths, beam_size=beam_size, max_len=8)
+        tgt_in = torch.cat([torch.full((5, 1), BOS), beam[:, :-1]], dim=1)
+        logp = torch.log_softmax(model(src, lengths, tgt_in).float(), -1)
+        logp = logp.gather(-1, beam[..., None])[..., 0]
+        is_eos = (beam == EOS).long()
+        upto_eos = (is_eos.cumsum(1) - is_eos) == 0
+        torch.testing.assert_close(scores, (logp * upto_eos).sum(1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["luong", "bahdanau"])
@@ -190,6 +191,13 @@ def test_seq2seq_bad_arguments_raise():
         model(torch.tensor([[3, 4]]), torch.tensor([0]), torch.tensor([[BOS]]))
     with pytest.raises(ValueError, match="beam_size must be >= 1"):
         model.beam_search(torch.tensor([[3, 4]]), torch.tensor([2]), beam_size=0)
+    with pytest.raises(TypeError, match="beam_size must be an int, got float"):
+        model.beam_search(torch.tensor([[3, 4]]), torch.tensor([2]), beam_size=2.0)
+    # an integer of another type (numpy's, as range arithmetic gives) is a beam size too,
+    # as max_len takes one
+    tokens, _ = model.beam_search(torch.tensor([[3, 4]]), torch.tensor([2]),
+                                  beam_size=np.int64(2), max_len=np.int64(3))
+    assert tokens.shape[0] == 1 and tokens.shape[1] <= 3
     with pytest.raises(ValueError, match=r"y_prev must be \(batch,\)"):
         memory, keys, mask, state = model.encode(torch.tensor([[3, 4]]), torch.tensor([2]))
         model.decode_step(torch.tensor([BOS, BOS]), state, memory, keys, mask)

@@ -648,6 +648,30 @@ def test_attention_varlen_validates_cu_seqlens_once_until_changed_in_place(devic
         attention_varlen(q, k_, k_, cu_q, cu_k, 4, 5)
 
 
+def test_attention_varlen_validates_one_cu_seqlens_for_q_and_k_once(device, monkeypatch):
+    """Self-attention passes one cu_seqlens as both; with two max lengths (a padded bound for
+    the keys) the memo of the smaller bound covers the larger: validated once over the
+    layers, not twice a call (each validation is a host sync)."""
+    validations = []
+
+    class Recording(type(ops_attention._VALIDATED_CU_SEQLENS)):
+        def __setitem__(self, key, value):
+            validations.append(value)
+            super().__setitem__(key, value)
+
+    monkeypatch.setattr(ops_attention, "_VALIDATED_CU_SEQLENS", Recording())
+    q = _rand(device, torch.float32, 7, 2, 16)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    for max_k in (6, 5, 4, 4):   # max_seqlen_q 4 then each key bound
+        attention_varlen(q, q, q, cu, cu, 4, max_k, backend="triton")
+    assert len(validations) == 1
+    attention_varlen(q, q, q, cu, cu, 4, 6, backend="triton")
+    attention_varlen(q, q, q, cu, cu, 5, 4, backend="triton")
+    assert len(validations) == 1
+    with pytest.raises(ValueError, match="smaller than the longest"):
+        attention_varlen(q, q, q, cu, cu, 3, 6)                  # a smaller bound: checked
+
+
 def test_attention_varlen_rejects_mismatched_batches(device):
     q = _rand(device, torch.float32, 7, 2, 16)
     cu_q = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
