@@ -189,7 +189,7 @@ if phase_on bench; then
   # the targets are judged from this run's files only: every earlier result file of this card
   # (a committed run's, or a bench not rerun now) is moved aside first
   if [ -n "$SLUG" ]; then
-    for f in "$R"/*_"$SLUG".csv "$R"/*_"$SLUG".md; do
+    for f in "$R"/*_"$SLUG".csv "$R"/*_"$SLUG".md "$R"/attention_tuned_"$SLUG".txt; do
       if [ -e "$f" ]; then mv "$f" "$f.prev"; fi
     done
   fi

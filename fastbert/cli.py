@@ -50,7 +50,7 @@ def _device(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            print("fastbert: --device cuda, but torch sees no CUDA device here "
+            print(f"fastbert: --device {device}, but torch sees no CUDA device here "
                   f"(torch {torch.__version__}, CUDA {torch.version.cuda}); use --device cpu",
                   file=sys.stderr)
             return None

@@ -170,12 +170,17 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor,
     """a @ b as float32 (into ``out`` if given), a and b in one dtype, the product not rounded
     to their 16-bit dtype first: on CUDA cuBLAS returns its fp32 accumulator (aten::mm.dtype /
     .dtype_out, which have no CPU kernel); elsewhere the operands are upcast (16-bit products
-    are exact in fp32)."""
+    are exact in fp32). Also inside an autocast region (a backward called under autocast),
+    which would run the upcast product in its 16-bit dtype."""
     if a.dtype != torch.float32 and a.is_cuda:
         if out is None:
             return torch.mm(a, b, out_dtype=torch.float32)
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
     a, b = a.float(), b.float()
+    dev = a.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        with torch.autocast(dev, enabled=False):
+            return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
     return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
 

@@ -9,21 +9,28 @@ rest of the process, as ``torch.backends.cudnn.benchmark`` does for convolutions
 
 Only ``num_warps`` and ``num_stages`` vary, never a block size: the tiles, the loop bounds and
 the order in which a program adds up its blocks stay the launcher's, so every candidate
-computes what the tested config computes (the Triton interpreter ignores both options, and
-``tests/aot_compile.py`` compiles every candidate for sm_80 / sm_90). The result bits may
-differ between candidates (the warps split a tile's dot products and reductions differently).
+computes what the tested config computes (the Triton interpreter ignores both options, so
+the numerics tests cover every pair; ``tests/aot_compile.py`` compiles every pair for sm_80 /
+sm_90, in the heaviest variant of each kernel: bf16, every padded option on, at each head-dim
+tile). The result bits may differ between candidates (the warps split a tile's dot products
+and reductions differently).
 
-Off by default (``FASTBERT_AUTOTUNE=1`` in the environment at import, or ``ENABLED = True``
-here), until a GPU run shows what it gains (benchmarks/bench_attention.py times the
-``fastbert_tuned`` rows beside the default and writes the chosen pairs next to its results).
-Never tunes, and takes the launcher's default:
-- on the CPU (the interpreter) and while the stream is being captured into a CUDA graph (the
-  timing needs host synchronization), a later eager call tunes;
+Off by default (``FASTBERT_AUTOTUNE=1`` in the environment, read at the first launch that
+asks, "0" or unset off; or ``ENABLED = True`` here), until a GPU run shows what it gains
+(benchmarks/bench_attention.py times the ``fastbert_tuned`` rows beside the default and writes
+the chosen pairs next to its results). A key not tuned yet is not tuned, and the launcher's
+default is taken:
+- on the CPU (the interpreter), and while the current stream is being captured into a CUDA
+  graph (the timing synchronizes the device); a later eager call tunes it. A key already tuned
+  keeps its pair during a capture. The synchronization also breaks *another* thread's capture
+  in torch's default ("global") capture mode: tune (one eager call) before capturing there;
 - under ``torch.use_deterministic_algorithms(True)``: the pair, and with it the result bits,
   could differ from one process to the next.
 A candidate that does not fit the GPU (Triton's OutOfResources: too much shared memory) is
-skipped. Tuning costs one compile per candidate and a few runs of each, once per key and
-device; the choices live in ``_CHOSEN`` (``chosen()`` lists them, ``clear()`` forgets them).
+skipped, and another must beat the default by ``MARGIN`` to be kept (timing noise must not
+trade a tested default for a pair that only looked faster). Tuning costs one compile per
+candidate and a few runs of each, once per key and device; the choices live in ``_CHOSEN``
+(``chosen()`` lists them, ``clear()`` forgets them).
 """
 from __future__ import annotations
 
@@ -35,15 +42,32 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 ENV_VAR = "FASTBERT_AUTOTUNE"
-# ``$FASTBERT_AUTOTUNE`` is read once, at import; tests, benchmarks and users may set ENABLED
-ENABLED = os.environ.get(ENV_VAR, "0") == "1"
-# timed runs of each candidate after one untimed run (compile, caches warm); the median is
-# compared: a few runs suffice to tell pairs apart by more than the ~1-2% launch jitter
+# None: ``$FASTBERT_AUTOTUNE`` decides, read once by ``on()``; tests, benchmarks and users may
+# set it to True / False
+ENABLED: Optional[bool] = None
+# each candidate: one untimed run (compile, caches warm), then ROUNDS rounds of REPS runs back
+# to back between one pair of events (so a drained queue times the kernels, not the host's
+# launches between them); the median round is compared
 REPS = 5
+ROUNDS = 3
+# another candidate is kept only when it takes at most (1 - MARGIN) of the default's time
+MARGIN = 0.03
 
 Config = Tuple[int, int]          # (num_warps, num_stages)
 _CHOSEN: Dict[tuple, Config] = {}
 _LOCK = threading.Lock()
+
+
+def on() -> bool:
+    """``ENABLED``; while it is None, $FASTBERT_AUTOTUNE decides ("1" on, "0" or unset off),
+    read once into it."""
+    global ENABLED
+    if ENABLED is None:
+        value = os.environ.get(ENV_VAR, "").strip()
+        if value not in ("", "0", "1"):
+            raise ValueError(f"${ENV_VAR} must be 0 or 1, got {value!r}")
+        ENABLED = value == "1"
+    return ENABLED
 
 
 def bucket(n: int) -> int:
@@ -71,37 +95,42 @@ def _out_of_resources() -> tuple:
     return (OutOfResources,)
 
 
-def _cuda_ms(run: Callable[[], None], device: torch.device, reps: int) -> float:
-    """Median milliseconds of ``run()`` on the current stream of ``device``."""
+def _cuda_ms(run: Callable[[], None], device: torch.device) -> float:
+    """Milliseconds of one ``run()`` on the current stream of ``device``: the median of
+    ROUNDS rounds of REPS runs queued back to back."""
     stream = torch.cuda.current_stream(device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
+              for _ in range(ROUNDS)]
     for start, end in events:
         start.record(stream)
-        run()
+        for _ in range(REPS):
+            run()
         end.record(stream)
     torch.cuda.synchronize(device)
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    return statistics.median(s.elapsed_time(e) for s, e in events) / REPS
 
 
 def choose(candidates: Sequence[Config], run: Callable[[Config], None],
            time_ms: Callable[[Callable[[], None]], float]) -> Config:
-    """The fastest of ``candidates``: each is run once (compile, warm-up), then timed by
+    """The fastest of ``candidates``, the first (the launcher's default) unless another takes
+    at most (1 - MARGIN) of its time: each is run once (compile, warm-up), then timed by
     ``time_ms`` (a function of a zero-argument callable). Candidates that do not fit the GPU
     are skipped; when none fits, the first one's error is raised."""
     skip = _out_of_resources()
-    best, best_ms, first_error = None, float("inf"), None
+    times, first_error = {}, None
     for cand in candidates:
         try:
             run(cand)
         except skip as e:
             first_error = first_error or e
             continue
-        ms = time_ms(lambda cand=cand: run(cand))
-        if ms < best_ms:
-            best, best_ms = cand, ms
-    if best is None:
+        times[cand] = time_ms(lambda cand=cand: run(cand))
+    if not times:
         raise first_error
+    best = min(times, key=times.get)
+    default = candidates[0]
+    if default in times and times[best] > (1.0 - MARGIN) * times[default]:
+        return default
     return best
 
 
@@ -112,7 +141,7 @@ def pick(key: tuple, candidates: Sequence[Config], run: Callable[[Config], None]
     ``device``, timed now with ``run`` (which launches the kernel with a given pair, on the
     call's own inputs and outputs, and must give the same outputs every time it runs: a
     kernel that accumulates into an output zeroes it first) at the first call of the key."""
-    if not ENABLED or len(candidates) < 2 or device.type != "cuda":
+    if not on() or len(candidates) < 2 or device.type != "cuda":
         return candidates[0]
     if torch.are_deterministic_algorithms_enabled():
         return candidates[0]
@@ -125,7 +154,7 @@ def pick(key: tuple, candidates: Sequence[Config], run: Callable[[Config], None]
     with _LOCK:   # one thread tunes a key; others wait for its choice
         hit = _CHOSEN.get(full)
         if hit is None:
-            hit = choose(candidates, run, lambda fn: _cuda_ms(fn, device, REPS))
+            hit = choose(candidates, run, lambda fn: _cuda_ms(fn, device))
             _CHOSEN[full] = hit
     return hit
 

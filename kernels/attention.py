@@ -650,9 +650,10 @@ def bwd_configs(head_dim: int, dtype: torch.dtype):
 
 
 # (num_warps, num_stages) pairs the opt-in run-time tuner (kernels/_tune.py) times for the
-# 16-bit kernels, the launcher's default first; fp32 keeps its default. Four warps on a
-# 128-wide head tile would spill (see fwd_config), so there only the pipeline depth varies.
-# Each pair compiles for sm_80 / sm_90 (aot_configs); none is measured yet.
+# 16-bit kernels, the launcher's default first; fp32 keeps its default. Four warps on the
+# forward's 128 x 64 tile of a 128-wide head would spill (see fwd_config), so there only its
+# pipeline depth varies; the backward's smaller tiles also try four warps. Each pair compiles
+# for sm_80 / sm_90 (aot_configs); none is measured yet.
 @functools.lru_cache(maxsize=None)
 def fwd_candidates(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple:
     """The forward kernel's tuning candidates, ``fwd_config``'s pair first."""
@@ -834,9 +835,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 float(softmax_scale) * _SCORE_LOG2E, float(dropout_p))
         meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen,
                     IS_CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout)
-        if _tune.ENABLED:
+        if _tune.ENABLED is not False and _tune.on():
             warps, stages = _tune.pick(
-                ("attention_fwd", q.dtype, head_dim, *_tuning_shape(meta, batch * heads, sq, sk)),
+                _tuning_key("attention_fwd", q.dtype, head_dim, meta, batch * heads, sq, sk),
                 fwd_candidates(head_dim, q.dtype, has_dropout),
                 lambda c: launch(_attention_fwd_kernel, grid, *args, **meta, num_warps=c[0],
                                  num_stages=c[1]),
@@ -929,18 +930,20 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                  stride_mask_b, heads, heads_kv, groups, sq, sk, head_dim, qk_scale,
                  float(softmax_scale), float(dropout_p))
         meta1 = dict(BLOCK_M=bm1, BLOCK_N=bn1, FUSED_DQ=fused, ATOMIC_DQ=atomic, **flags)
-        if _tune.ENABLED:
-            key = ("attention_bwd_dkdv", q.dtype, head_dim,
-                   *_tuning_shape(meta1, batch * heads, sq, sk))
-            fresh = not _tune.known(key, q.device)
+        if _tune.ENABLED is not False and _tune.on():
+            # the grid is over kv heads; each program loops over its group of q heads
+            key = _tuning_key("attention_bwd_dkdv", q.dtype, head_dim, meta1, batch * heads_kv,
+                              sq, sk, groups)
+            tuned = []
 
             def dkdv(c):
                 if atomic:   # the kernel adds dQ into dq_out, which the pre-pass zeroed once
                     dq_out.zero_()
+                tuned.append(c)
                 launch(_attention_bwd_dkdv_kernel, grid1, *args1, **meta1, num_warps=c[0],
                        num_stages=c[1])
             w1, s1 = _tune.pick(key, bwd_candidates(head_dim, q.dtype)[0], dkdv, q.device)
-            if atomic and fresh:   # the tuning runs left their sum in dq_out
+            if atomic and tuned:   # the tuning runs left their sum in dq_out
                 dq_out.zero_()
         launch(_attention_bwd_dkdv_kernel, grid1, *args1, **meta1, num_warps=w1, num_stages=s1)
     if atomic and dq_out is not dq:
@@ -954,9 +957,9 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
              *st_q, *st_k, *st_v, *st_do, *_strides3(dq, varlen), stride_mask_b,
              heads, groups, sq, sk, head_dim, qk_scale, float(softmax_scale), float(dropout_p))
     meta2 = dict(BLOCK_M=bm2, BLOCK_N=bn2, **flags)
-    if _tune.ENABLED:
+    if _tune.ENABLED is not False and _tune.on():
         w2, s2 = _tune.pick(
-            ("attention_bwd_dq", q.dtype, head_dim, *_tuning_shape(meta2, batch * heads, sq, sk)),
+            _tuning_key("attention_bwd_dq", q.dtype, head_dim, meta2, batch * heads, sq, sk),
             bwd_candidates(head_dim, q.dtype)[1],
             lambda c: launch(_attention_bwd_dq_kernel, grid2, *args2, **meta2, num_warps=c[0],
                              num_stages=c[1]),
@@ -965,12 +968,15 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return dq, dk, dv
 
 
-def _tuning_shape(meta: dict, n_heads: int, sq: int, sk: int) -> tuple:
-    """The part of a tuning key (kernels/_tune.py) after the op, dtype and head dim: the
-    kernel's constexpr flags, and the size classes of (batch * heads, seqlen_q, seqlen_k),
-    which set the grid and each program's loop length."""
-    return (tuple(sorted(meta.items())), _tune.bucket(n_heads), _tune.bucket(sq),
-            _tune.bucket(sk))
+def _tuning_key(kernel: str, dtype: torch.dtype, head_dim: int, meta: dict, n_heads: int,
+                sq: int, sk: int, groups: int = 1) -> tuple:
+    """A tuning key (kernels/_tune.py): the kernel, dtype, head dim and constexpr flags (each
+    call site builds ``meta`` in one order: its values suffice), the size classes of the
+    (batch x heads) the grid covers (kv heads for the dK/dV kernel), seqlen_q and seqlen_k,
+    which set the grid and each program's loop lengths, and the q heads per kv head the dK/dV
+    programs loop over."""
+    return (kernel, dtype, head_dim, *meta.values(), _tune.bucket(n_heads), _tune.bucket(sq),
+            _tune.bucket(sk), groups)
 
 
 @on_tensor_device

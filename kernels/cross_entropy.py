@@ -779,8 +779,12 @@ def cross_entropy_bwd(logits: torch.Tensor, target: torch.Tensor, stats: torch.T
                          f"{tuple(stats.shape)} strides {stats.stride()}")
     scale, stride_scale, scale_value, count = _scale_args(grad_scale, count, n_rows)
     if dlogits is None:
-        # logits' strides when they are dense (row-major: unit column stride), else contiguous
+        # logits' strides when they are dense and row-major, else contiguous: the kernel
+        # writes rows with a unit column stride, which empty_like does not always give
+        # (overlapping rows, strides (1, 1) from unfold, come back column-major)
         dlogits = torch.empty_like(logits)
+        if n_cols > 1 and dlogits.stride(1) != 1:
+            dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     else:
         _check_dlogits(dlogits, logits)
     block_v, num_warps, _ = ce_block(n_cols)

@@ -576,13 +576,15 @@ def embedding_layer_norm_fwd(input_ids: torch.Tensor, word_weight: torch.Tensor,
                              position_ids: Optional[torch.Tensor] = None,
                              token_type_ids: Optional[torch.Tensor] = None,
                              type_weight: Optional[torch.Tensor] = None,
-                             seed: Optional[torch.Tensor] = None, dropout_p: float = 0.0):
+                             seed: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                             out_dtype: Optional[torch.dtype] = None):
     """Launch the fused forward.
 
     Args:
         input_ids: (..., S) int32/int64 token ids; the last dimension is the sequence.
         word_weight: (V, H); position_weight: (P, H); type_weight: (T, H) or None (no type
-            embedding). fp32/fp16/bf16, each may differ; the output has word_weight's dtype.
+            embedding). fp32/fp16/bf16, each may differ; the output has ``out_dtype``
+            (default word_weight's dtype).
         ln_weight, ln_bias: (H,) or None.
         position_ids: int tensor broadcastable to input_ids, or None for 0..S-1.
         token_type_ids: int tensor broadcastable to input_ids, or None for type 0.
@@ -597,7 +599,7 @@ def embedding_layer_norm_fwd(input_ids: torch.Tensor, word_weight: torch.Tensor,
     ln_weight, ln_bias = _table(ln_weight), _table(ln_bias)
     n_rows = input_ids.numel()
     dev = word.device
-    y = torch.empty(shape + (n_cols,), dtype=word.dtype, device=dev)
+    y = torch.empty(shape + (n_cols,), dtype=out_dtype or word.dtype, device=dev)
     mean = torch.empty((n_rows,), dtype=torch.float32, device=dev)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=dev)
     has_dropout = seed is not None and dropout_p > 0.0
@@ -819,11 +821,11 @@ def aot_configs():
     index_strides = {f"stride_{t}_{d}": "i64" for t in ("ids", "pos_ids", "type_ids")
                      for d in ("b", "s")}
 
-    def fwd_sig(dt, it):
+    def fwd_sig(dt, it, yt=None):
         return {
             "ids_ptr": f"*{it}", "pos_ids_ptr": f"*{it}", "type_ids_ptr": f"*{it}",
             "word_ptr": f"*{dt}", "pos_ptr": f"*{dt}", "type_ptr": f"*{dt}", "w_ptr": "*fp32",
-            "b_ptr": "*fp32", "seed_ptr": "*i64", "y_ptr": f"*{dt}", "mean_ptr": "*fp32",
+            "b_ptr": "*fp32", "seed_ptr": "*i64", "y_ptr": f"*{yt or dt}", "mean_ptr": "*fp32",
             "rstd_ptr": "*fp32", **index_strides, "stride_word_row": "i64",
             "stride_pos_row": "i64", "stride_type_row": "i64", "stride_y_row": "i64",
             "seq_len": "i32",
@@ -832,13 +834,13 @@ def aot_configs():
             "HAS_POS_IDS": "constexpr", "HAS_TYPE": "constexpr", "HAS_TYPE_IDS": "constexpr",
             "HAS_DROPOUT": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr"}
 
-    def bwd_sig(dt, it, atomic):
+    def bwd_sig(dt, it, atomic, yt=None):
         # atomic tables are fp32 accumulators, segmented ones the gradients in dt
         gt = "fp32" if atomic else dt
         return {
             "ids_ptr": f"*{it}", "pos_ids_ptr": f"*{it}", "type_ids_ptr": f"*{it}",
             "word_ptr": f"*{dt}", "pos_ptr": f"*{dt}", "type_ptr": f"*{dt}", "w_ptr": "*fp32",
-            "seed_ptr": "*i64", "dy_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+            "seed_ptr": "*i64", "dy_ptr": f"*{yt or dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
             "dword_ptr": f"*{gt}", "dpos_ptr": f"*{gt}", "dtype_ptr": f"*{gt}", "ds_ptr": "*fp32",
             "keys_ptr": "*i32", "part_ptr": "*fp32", **index_strides, "stride_word_row": "i64",
             "stride_pos_row": "i64", "stride_type_row": "i64", "stride_dy_row": "i64",
@@ -872,6 +874,15 @@ def aot_configs():
         # run accumulators live, the most registers of any backward)
         yield from fwd_bwd("fp32", "i64", block_n, num_warps, flags(*[True] * 6),
                            f"fp32,all,{block_n}", (True,))
+    # 16-bit tables under CUDA autocast: an fp32 output (and so an fp32 dy), as torch's
+    # layer_norm gives there
+    block_n, num_warps = row_block(768)
+    yield AotConfig(_embedding_layer_norm_fwd_kernel, fwd_sig("bf16", "i64", "fp32"),
+                    dict(BLOCK_N=block_n, **flags(*[True] * 6)), num_warps,
+                    name="embedding_layer_norm_fwd[bf16 tables,fp32 output]")
+    yield AotConfig(_embedding_layer_norm_bwd_kernel, bwd_sig("bf16", "i64", False, "fp32"),
+                    dict(BLOCK_N=block_n, ATOMIC=False, **flags(*[True] * 6)), num_warps,
+                    name="embedding_layer_norm_bwd[bf16 tables,fp32 dy]")
     # one token (batch 1 x seq 1): the JIT passes integer arguments equal to 1 as constants,
     # which a kernel must not call methods on (n_rows.to(...) once failed to compile there)
     block_n, num_warps = row_block(768)

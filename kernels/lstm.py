@@ -1636,7 +1636,7 @@ def _state_and_weight_grads(dgates: torch.Tensor, dcarry: torch.Tensor, w_hh: to
     # of rows whose first step was past their length
     if n_steps > 0:
         first = _time_order(n_steps, reverse)[0]
-        dh0 = dcarry + dgates[first].float() @ w_hh.float()
+        dh0 = dcarry + mm_fp32(dgates[first], w_hh)
     else:
         dh0 = dcarry
     # weight gradients: one GEMM each over all timesteps; h_{t-1} of time t is hs[s]

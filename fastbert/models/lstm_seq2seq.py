@@ -20,6 +20,7 @@ are concatenated per layer to initialize the decoder (``hidden`` units, same dep
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -231,6 +232,7 @@ class LSTMSeq2Seq(torch.nn.Module):
         Returns:
             logits (B, T, tgt_vocab).
         """
+        check_tensor("tgt_in", tgt_in, dtypes=INDEX_DTYPES, ndim=(2,))   # required here
         self._check_inputs(src, src_lengths, tgt_in)
         memory, keys, mask, state = self._encode(src, src_lengths)
         if self.attention == "luong":
@@ -298,9 +300,10 @@ class LSTMSeq2Seq(torch.nn.Module):
             at max_len without one), no wider than its longest row; scores (B,) their
             log-probabilities, in float32 (float64 for a float64 model).
         """
-        check_size("beam_size", beam_size)
-        if beam_size < 1:
+        if isinstance(beam_size, numbers.Integral) and not isinstance(beam_size, bool) \
+                and beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        check_size("beam_size", beam_size)
         check_size("max_len", max_len)
         memory, keys, mask, (h, c) = self.encode(src, src_lengths)
         n_batch, k = src.shape[0], int(beam_size)

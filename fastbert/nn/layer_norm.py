@@ -35,6 +35,8 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """LayerNorm(input [+ residual]); the residual add is fused into the kernel."""
+        if not isinstance(input, Tensor):   # torch.nn.LayerNorm's error type
+            raise TypeError(f"LayerNorm: input must be a Tensor, got {type(input).__name__}")
         nd = len(self.normalized_shape)
         if tuple(input.shape[input.dim() - nd:]) != tuple(self.normalized_shape):
             raise _ShapeError(f"input's trailing dimensions {tuple(input.shape[input.dim() - nd:])} "

@@ -219,7 +219,13 @@ class LSTM(torch.nn.Module):
                 x = x.transpose(0, 1)
             lens = lengths
             if isinstance(lens, (list, tuple)):
-                lens = torch.as_tensor(lens, dtype=torch.int64)  # as pack_padded_sequence
+                # a (B,) mask's tolist() would read as lengths 0 / 1 (refused as a bool tensor)
+                if any(isinstance(v, bool) for v in lens):
+                    raise TypeError("lengths must hold integers, got bools (a mask?)")
+                try:
+                    lens = torch.as_tensor(lens, dtype=torch.int64)  # as pack_padded_sequence
+                except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+                    raise ValueError(f"lengths must be a list of integer lengths: {e}") from None
             if lens is not None:
                 if not batched:
                     raise ValueError("lengths needs a batched (3-D) input")
@@ -312,6 +318,12 @@ def _packed_layout(packed: PackedSequence) -> Tuple[Tensor, Tensor]:
     n_steps, n_batch = sizes.numel(), int(sizes[0])
     order = (packed.sorted_indices.cpu() if packed.sorted_indices is not None
              else torch.arange(n_batch))
+    # each sequence's length goes to its original index below: a sorted_indices that is not
+    # a permutation would leave some unset (torch.nn.LSTM does not check it either, but then
+    # reads defined, if meaningless, values)
+    if order.shape != (n_batch,) or not torch.equal(order.sort().values, torch.arange(n_batch)):
+        raise ValueError(f"PackedSequence.sorted_indices must be a permutation of 0..{n_batch - 1} "
+                         f"(batch_sizes[0] = {n_batch} sequences), got {order.tolist()}")
     keep = torch.arange(n_batch)[None, :] < sizes[:, None]  # (T, B), sorted batch order
     rows = (torch.arange(n_steps)[:, None] * n_batch + order[None, :])[keep]
     # the i-th sorted sequence is the original order[i]: its length goes there (what

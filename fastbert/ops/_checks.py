@@ -154,8 +154,18 @@ def check_probability(name: str, p: float) -> None:
     the ops compute without dropout and then zero, so the kernels never see it."""
     if type(p) is float and 0.0 <= p <= 1.0:
         return
+    check_real(name, p)
     if not (0.0 <= float(p) <= 1.0):
         raise ValueError(f"{name} must be in [0, 1], got {p}")
+
+
+def check_real(name: str, value) -> None:
+    """A python real number (or a one-element tensor, a SymFloat / SymInt), not a string that
+    float() would parse, nor None or a bool."""
+    if isinstance(value, bool) or not isinstance(
+            value, (numbers.Real, torch.SymFloat, torch.SymInt, torch.Tensor)) or (
+            isinstance(value, torch.Tensor) and value.numel() != 1):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
 
 
 def check_eps(op: str, eps) -> None:

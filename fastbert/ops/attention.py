@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._checks import (REF_DTYPES, check_probability, check_same_device, check_size, check_tensor,
-                      autocast_dtype, has_values, kernel_dtype_reason)
+from ._checks import (REF_DTYPES, check_probability, check_real, check_same_device, check_size,
+                      check_tensor, autocast_dtype, has_values, kernel_dtype_reason)
 from . import _checks
 from ._fastop import direct_call_ok, fast_op
 from ._dispatch import interpreter_enabled, resolve, kernel_module
@@ -389,8 +389,15 @@ def _qkv_ok(q, k, v, ndim: int) -> bool:
 def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, ndim: int, layout: str):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, dtypes=REF_DTYPES, ndim=(ndim,))
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"{op}: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    # under autocast for q's device each is cast to the autocast dtype first (_autocast), as
+    # SDPA's are: fp32 q and k (rotary embeddings computed in fp32) with a 16-bit v are fine
+    # there; autocast leaves float64 alone
+    cast = autocast_dtype(q)
+    dtypes = [t.dtype if cast is None or t.dtype == torch.float64 else cast for t in (q, k, v)]
+    if dtypes[1] != dtypes[0] or dtypes[2] != dtypes[0]:
+        raise TypeError(f"{op}: q, k and v must have one dtype"
+                        + (" after autocast's cast (which leaves float64 alone)" if cast else "")
+                        + f", got {q.dtype}, {k.dtype}, {v.dtype}")
     check_same_device(q=q, k=k, v=v)
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"{op}: v must have k's shape {tuple(k.shape)} {layout}, got {tuple(v.shape)}")
@@ -417,6 +424,7 @@ def _autocast(q: Tensor, k: Tensor, v: Tensor):
 def _scale(softmax_scale: Optional[float], head_dim: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
+    check_real("softmax_scale", softmax_scale)
     s = float(softmax_scale)
     if not math.isfinite(s):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
@@ -441,12 +449,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     Args:
         q: (batch, seqlen_q, heads, head_dim) float16 / bfloat16 / float32 (float64 runs the
             PyTorch reference only).
-        k, v: (batch, seqlen_k, heads_kv, head_dim), q's dtype; heads_kv divides heads
+        k, v: (batch, seqlen_k, heads_kv, head_dim), q's dtype (under autocast q, k and v
+            may mix float16 / bfloat16 / float32: each is cast to the autocast dtype, as SDPA's
+            are); heads_kv divides heads
             (multi-query and grouped-query attention).
         attention_mask: (batch, seqlen_k) bool or 0/1 integers, True/1 = attend (the Hugging
             Face convention; holes allowed), or None. The Triton backend saves it (a bool or
             int8 mask as an int8 view) for the backward: changing it in place before the
-            backward raises autograd's "modified by an inplace operation".
+            backward raises autograd's "modified by an inplace operation". Masked keys and
+            values must still be finite, as with SDPA: a NaN / inf in a masked value reaches
+            its rows' output and gradients (0 * NaN), on both backends (padding that must not
+            matter is zeroed first, or dropped with ``unpad``).
         causal: mask future keys, aligned to the bottom-right corner when seqlen_q !=
             seqlen_k (query i sees keys j <= i + seqlen_k - seqlen_q, as FlashAttention-2).
         dropout_p: dropout on the attention probabilities, in [0, 1] (pass 0.0 in eval).
@@ -509,12 +522,12 @@ def _check_attention_args(op: str, q, k, v, attention_mask) -> None:
 
 
 # cu_seqlens tensors whose values were validated, each with what it was validated against:
-# ((version counter, storage address, total tokens), the smallest max_seqlen that passed). A BERT encoder passes the same
-# cu_seqlens to every layer; checking them once instead of at every call saves a host sync per
-# layer (a sync drains the GPU queue while Python prepares the next launches). An in-place
-# change through torch bumps the version counter and brings the check back; a write that
-# bypasses it (through .data, numpy, DLPack, a kernel of one's own) is not seen: make new
-# cu_seqlens rather than rewrite validated ones that way.
+# ((version counter, storage address, total tokens), the smallest max_seqlen that passed). A
+# BERT encoder passes the same cu_seqlens to every layer; checking them once instead of at
+# every call saves a host sync per layer (a sync drains the GPU queue while Python prepares
+# the next launches). An in-place change through torch bumps the version counter and brings
+# the check back; a write that bypasses it (through .data, numpy, DLPack, a kernel of one's
+# own) is not seen: make new cu_seqlens rather than rewrite validated ones that way.
 _VALIDATED_CU_SEQLENS = WeakIdKeyDictionary()
 
 
@@ -594,7 +607,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     Args:
         q: (total_q, heads, head_dim) float16 / bfloat16 / float32: the sequences' query
             tokens back to back.
-        k, v: (total_k, heads_kv, head_dim), q's dtype; heads_kv divides heads.
+        k, v: (total_k, heads_kv, head_dim), q's dtype (under autocast as in ``attention``);
+            heads_kv divides heads.
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,): 0, then the running sum of the
             sequence lengths (as returned by ``unpad``).
         max_seqlen_q, max_seqlen_k: python ints, at least the longest sequence; they size the

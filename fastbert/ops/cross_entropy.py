@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import (REF_DTYPES, autocast_dtype, check_same_device, check_shape, check_tensor,
-                      has_values, kernel_dtype_reason)
+from ._checks import (REF_DTYPES, autocast_dtype, check_real, check_same_device, check_shape,
+                      check_tensor, has_values, kernel_dtype_reason)
 from . import _checks
 from ._fastop import fast_op
 from ._dispatch import resolve, kernel_module
@@ -538,10 +538,22 @@ if _flops_formula is not None:
 def _check_options(ignore_index, label_smoothing, reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_real("label_smoothing", label_smoothing)
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+
+
+def _wide_enough(labels: Tensor, ignore_index: int) -> Tensor:
+    """int32 labels as int64 when ignore_index lies outside int32 (no label can equal it):
+    the torch path's comparisons with it would wrap it into int32's range, the kernels
+    compare in int64."""
+    if labels.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
+        return labels.long()
+    return labels
 
 
 def _unchecked_labels(labels: Tensor, n_classes: int, ignore_index: int) -> Tuple[Tensor, Tensor]:
@@ -617,6 +629,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     chosen = resolve("cross_entropy", (logits, target), backend, preference=("triton",),
                      extra_check=lambda b: kernel_dtype_reason(logits=logits))
     if chosen == "torch":
+        target = _wide_enough(target, ignore_index)
         if check_labels:
             _check_label_range("target", target, logits.shape[-1], ignore_index)
             return cross_entropy_ref(logits, target, ignore_index=ignore_index,
@@ -692,6 +705,8 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     check_tensor("hidden", hidden, dtypes=REF_DTYPES, ndim=(2, 3))
     check_tensor("weight", weight, dtypes=REF_DTYPES, ndim=(2,))
     check_tensor("bias", bias, dtypes=REF_DTYPES, optional=True)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     n_hidden = hidden.shape[-1]
     if n_hidden == 0:
@@ -719,6 +734,7 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
                                                                bias=bias))
     if chosen == "torch":
         _not_capturing(labels)
+        labels = _wide_enough(labels, ignore_index)
         if check_labels:
             _check_label_range("labels", labels, weight.shape[0], ignore_index)
             return masked_lm_loss_ref(hidden, weight, bias, labels, ignore_index=ignore_index,

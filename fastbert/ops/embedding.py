@@ -86,19 +86,20 @@ def _embedding_layer_norm_fwd(input_ids: Tensor, word_weight: Tensor, position_w
                               ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                               position_ids: Optional[Tensor], token_type_ids: Optional[Tensor],
                               type_weight: Optional[Tensor], seed: Optional[Tensor], eps: float,
-                              dropout_p: float, padding_idx: int,
-                              deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                              dropout_p: float, padding_idx: int, deterministic: bool,
+                              out_fp32: bool) -> Tuple[Tensor, Tensor, Tensor]:
     return kernel_module("embedding").embedding_layer_norm_fwd(
         input_ids, word_weight, position_weight, ln_weight, ln_bias, eps, position_ids,
-        token_type_ids, type_weight, seed, dropout_p)
+        token_type_ids, type_weight, seed, dropout_p, torch.float32 if out_fp32 else None)
 
 
 @_embedding_layer_norm_fwd.register_fake
 def _(input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids, token_type_ids,
-      type_weight, seed, eps, dropout_p, padding_idx, deterministic):
+      type_weight, seed, eps, dropout_p, padding_idx, deterministic, out_fp32):
     n_cols = word_weight.shape[-1]
     rows = input_ids.numel()
-    return (word_weight.new_empty((*input_ids.shape, n_cols)),
+    return (word_weight.new_empty((*input_ids.shape, n_cols),
+                                  dtype=torch.float32 if out_fp32 else word_weight.dtype),
             word_weight.new_empty((rows,), dtype=torch.float32),
             word_weight.new_empty((rows,), dtype=torch.float32))
 
@@ -127,7 +128,7 @@ def _(dy, input_ids, word_weight, position_weight, ln_weight, ln_bias, position_
 
 def _setup(ctx, inputs, output):
     (input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids, token_type_ids,
-     type_weight, seed, eps, dropout_p, padding_idx, deterministic) = inputs
+     type_weight, seed, eps, dropout_p, padding_idx, deterministic, out_fp32) = inputs
     _, mean, rstd = output
     ctx.save_for_backward(input_ids, word_weight, position_weight, ln_weight, ln_bias,
                           position_ids, token_type_ids, type_weight, seed, mean, rstd)
@@ -161,9 +162,9 @@ def _grads(ctx, dy: Tensor, direct: bool) -> Tuple[Optional[Tensor], ...]:
 
 def _backward(ctx, dy, dmean, drstd):
     if dy is None:
-        return (None,) * 13
+        return (None,) * 14
     dword, dpos, dlnw, dlnb, dtyp = _grads(ctx, dy, False)
-    return (None, dword, dpos, dlnw, dlnb, None, None, dtyp, None, None, None, None, None)
+    return (None, dword, dpos, dlnw, dlnb, None, None, dtyp, None, None, None, None, None, None)
 
 
 _embedding_layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
@@ -186,10 +187,10 @@ class _EmbeddingLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
                 token_type_ids, type_weight, seed, args):
-        eps, dropout_p, padding_idx, deterministic = args
+        eps, dropout_p, padding_idx, deterministic, out_fp32 = args
         y, mean, rstd = kernel_module("embedding").embedding_layer_norm_fwd(
             input_ids, word_weight, position_weight, ln_weight, ln_bias, eps, position_ids,
-            token_type_ids, type_weight, seed, dropout_p)
+            token_type_ids, type_weight, seed, dropout_p, torch.float32 if out_fp32 else None)
         ctx.save_for_backward(input_ids, word_weight, position_weight, ln_weight, ln_bias,
                               position_ids, token_type_ids, type_weight, seed, mean, rstd)
         ctx.args = (dropout_p, padding_idx, deterministic)
@@ -207,7 +208,7 @@ def _run(input_ids: Tensor, word_weight: Tensor, position_weight: Tensor,
          token_type_ids: Optional[Tensor], type_weight: Optional[Tensor],
          seed: Optional[Tensor], args: tuple) -> Tensor:
     """fastbert::embedding_layer_norm_fwd's output (``args``: eps, dropout_p, padding_idx,
-    deterministic) by the cheapest route with its semantics: _EmbeddingLayerNormFunction when
+    deterministic, out_fp32) by the cheapest route with its semantics: _EmbeddingLayerNormFunction when
     a gradient is recorded, the launcher alone when none is, the custom op when something
     must see it."""
     tensors = (input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
@@ -221,11 +222,20 @@ def _run(input_ids: Tensor, word_weight: Tensor, position_weight: Tensor,
         return _EmbeddingLayerNormFunction.apply(*tensors, seed, args)
     return kernel_module("embedding").embedding_layer_norm_fwd(
         input_ids, word_weight, position_weight, ln_weight, ln_bias, args[0], position_ids,
-        token_type_ids, type_weight, seed, args[1])[0]
+        token_type_ids, type_weight, seed, args[1], torch.float32 if args[4] else None)[0]
 
 
 # ----------------------------------------------------------------------------------------
 # public API
+
+def _autocast_fp32(word_weight: Tensor) -> bool:
+    """Whether the output is float32 although the tables are 16-bit: CUDA autocast runs
+    torch's layer_norm in float32 and returns float32 (autocast's fp32 list there; CPU
+    autocast leaves it in the input dtype), so the unfused embedding sum + LayerNorm returns
+    float32 under it whatever the tables' dtype; fastbert's layer_norm does the same."""
+    return (word_weight.dtype in (torch.float16, torch.bfloat16) and word_weight.is_cuda
+            and torch.is_autocast_enabled("cuda"))
+
 
 def _width_check(n_cols: int) -> Optional[str]:
     from fastbert.kernels.embedding import MAX_EMBED_COLS
@@ -418,7 +428,8 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
         backend: "triton", "cuda", "torch" or None (see ``fastbert.ops``).
 
     Returns:
-        input_ids.shape + (H,), word_weight's dtype; statistics in float32. Gradients flow
+        input_ids.shape + (H,), word_weight's dtype (float32 for 16-bit tables under CUDA
+        autocast, as torch's LayerNorm returns there); statistics in float32. Gradients flow
         to the three tables and the LayerNorm parameters.
     """
     dtype_reason = None   # _args_ok passes kernel dtypes only: no float64 to look for
@@ -442,6 +453,7 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
                       type_weight, on_kernels=chosen == "triton" and direct_call_ok(
                           (input_ids, position_ids, token_type_ids)))
     p = float(dropout_p)
+    out_fp32 = _autocast_fp32(word_weight)
     if p == 1.0:
         # everything dropped: zeros (torch's dropout with p = 1 multiplies by 0: zero
         # gradients for every table and parameter)
@@ -455,9 +467,10 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
                                         ln_bias, eps, token_type_ids=token_type_ids,
                                         type_weight=type_weight, position_ids=position_ids,
                                         dropout_p=p, padding_idx=padding_idx,
-                                        zero_out_of_range=not check_bounds)
+                                        zero_out_of_range=not check_bounds,
+                                        out_dtype=torch.float32 if out_fp32 else None)
     seed = (torch.randint(0, 2**31 - 1, (1,), device=word_weight.device, dtype=torch.int64)
             if p > 0.0 else None)
     return _run(input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
                 token_type_ids if type_weight is not None else None, type_weight, seed,
-                (float(eps), p, pad, bool(deterministic)))
+                (float(eps), p, pad, bool(deterministic), out_fp32))

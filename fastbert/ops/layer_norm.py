@@ -237,6 +237,11 @@ def gelu_layer_norm(x: Tensor, x_bias: Optional[Tensor], weight: Optional[Tensor
         x_bias: (N,) or None (the dense layer's bias).
         weight, bias: (N,) or None (LayerNorm's affine parameters).
         approximate: "none" (erf GELU, BERT's) or "tanh".
+
+    Returns:
+        Tensor of x's shape and dtype (float32 under CUDA autocast, like torch's layer_norm);
+        a wider x_bias does not widen it (x_bias stands for the fused Linear's bias, whose
+        output is x's dtype). Statistics are computed in float32.
     """
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")

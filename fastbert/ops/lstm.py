@@ -378,9 +378,9 @@ def _check_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     check_shape("c0", c0, (n_batch, n_hidden), "(batch, hidden_size)")
     check_same_device(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
     if lengths is not None:
-        if lengths.is_cpu:
+        if isinstance(lengths, Tensor) and lengths.is_cpu:
             check_not_capturing(x, "lengths on the CPU")
-        check_lengths(lengths, n_batch, n_steps)
+        check_lengths(lengths, n_batch, n_steps)   # a non-tensor: its TypeError
 
 
 def check_not_capturing(x: Tensor, what: str) -> None:

@@ -191,6 +191,8 @@ def test_seq2seq_bad_arguments_raise():
         model(torch.tensor([[3, 4]]), torch.tensor([0]), torch.tensor([[BOS]]))
     with pytest.raises(ValueError, match="beam_size must be >= 1"):
         model.beam_search(torch.tensor([[3, 4]]), torch.tensor([2]), beam_size=0)
+    with pytest.raises(ValueError, match="beam_size must be >= 1, got -1"):
+        model.beam_search(torch.tensor([[3, 4]]), torch.tensor([2]), beam_size=-1)
     with pytest.raises(TypeError, match="beam_size must be an int, got float"):
         model.beam_search(torch.tensor([[3, 4]]), torch.tensor([2]), beam_size=2.0)
     # an integer of another type (numpy's, as range arithmetic gives) is a beam size too,

@@ -128,6 +128,44 @@ BACKEND_CASES = [
      lambda d, b: LSTM(6, 8, batch_first=True, backend=b).to(d)(
          _rand(d, 3, 4, 6), lengths=torch.tensor([True, True, False])),
      TypeError, "lengths must be an integer tensor, got torch.bool"),
+    # these reached an AttributeError before the argument's own check
+    ("lstm_layer-lengths-list",
+     lambda d, b: ops.lstm_layer(**_lstm_args(d), lengths=[4, 2, 1], backend=b),
+     TypeError, "lengths must be an integer tensor, got list"),
+    ("masked_lm_loss-labels-list",
+     lambda d, b: ops.masked_lm_loss(_rand(d, 4, 8), _rand(d, 10, 8), None, [1, 2, -100, 3],
+                                     backend=b),
+     TypeError, "labels must be a torch.Tensor, got list"),
+    # past int64: Triton's own OverflowError on one backend, torch's on the other
+    ("cross_entropy-ignore_index-outside-int64",
+     lambda d, b: ops.cross_entropy(_rand(d, 4, 10), torch.zeros(4, dtype=torch.long, device=d),
+                                    ignore_index=-2**63 - 1, backend=b),
+     ValueError, "ignore_index must fit in int64, got -9223372036854775809"),
+    # strings that float() would parse, and None (float()'s message named no argument)
+    ("attention-dropout_p-str",
+     lambda d, b: ops.attention(*(_rand(d, 2, 5, 2, 16) for _ in range(3)), dropout_p="0.5",
+                                backend=b),
+     TypeError, "dropout_p must be a float, got str"),
+    ("attention-softmax_scale-str",
+     lambda d, b: ops.attention(*(_rand(d, 2, 5, 2, 16) for _ in range(3)),
+                                softmax_scale="0.5", backend=b),
+     TypeError, "softmax_scale must be a float, got str"),
+    ("layer_norm-dropout_p-None",
+     lambda d, b: ops.layer_norm(_rand(d, 4, 32), None, None, dropout_p=None, training=True,
+                                 backend=b),
+     TypeError, "dropout_p must be a float, got NoneType"),
+    ("cross_entropy-label_smoothing-str",
+     lambda d, b: ops.cross_entropy(_rand(d, 4, 10), torch.zeros(4, dtype=torch.long, device=d),
+                                    label_smoothing="0.1", backend=b),
+     TypeError, "label_smoothing must be a float, got str"),
+    ("nn.LSTM-lengths-list-of-bools",
+     lambda d, b: LSTM(6, 8, batch_first=True, backend=b).to(d)(
+         _rand(d, 3, 4, 6), lengths=[True, True, False]),
+     TypeError, r"lengths must hold integers, got bools \(a mask\?\)"),
+    ("nn.LSTM-lengths-list-with-nan",
+     lambda d, b: LSTM(6, 8, batch_first=True, backend=b).to(d)(
+         _rand(d, 3, 4, 6), lengths=[4.0, float("nan"), 1.0]),
+     ValueError, "lengths must be a list of integer lengths"),
     ("masked_lm_loss-empty-hidden-dim",
      lambda d, b: ops.masked_lm_loss(_rand(d, 2, 4, 0), _rand(d, 50, 0), None,
                                      torch.full((2, 4), 3, device=d), backend=b),
@@ -192,7 +230,19 @@ OTHER_CASES = [
      ValueError, "max_len must be >= 0"),
     ("seq2seq-beam_size-float",
      lambda d, b: (lambda s, l, t: _seq2seq(d).beam_search(s, l, beam_size=2.0))(*_s2s_batch(d)),
-     ValueError, r"beam_size must be >= 1 \(an int\), got 2.0"),
+     TypeError, r"beam_size must be an int, got float"),
+    ("seq2seq-tgt_in-None",   # reached nn.Embedding (Luong) or an AttributeError (Bahdanau)
+     lambda d, b: (lambda s, l, t: _seq2seq(d)(s, l, None))(*_s2s_batch(d)),
+     TypeError, "tgt_in must be a tensor, got None"),
+    ("nn.LayerNorm-input-list",   # torch.nn.LayerNorm's TypeError (was an AttributeError)
+     lambda d, b: LayerNorm(3).to(d)([[1.0, 2.0, 3.0]]),
+     TypeError, "LayerNorm: input must be a Tensor, got list"),
+    # a sorted_indices that is no permutation left lengths uninitialized (random results)
+    ("nn.LSTM-packed-sorted_indices-not-a-permutation",
+     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
+         _rand(d, 6, 6), torch.tensor([3, 2, 1]), torch.tensor([0, 0, 1], device=d),
+         torch.tensor([0, 1, 2], device=d))),
+     ValueError, r"sorted_indices must be a permutation of 0..2"),
     ("seq2seq-pad_id-outside-vocab", lambda d, b: _seq2seq(d, pad_id=10),
      ValueError, r"pad_id must be a token id in \[0, 10\), got 10"),
     ("seq2seq-eos_id-outside-tgt-vocab", lambda d, b: _seq2seq(d, eos_id=10),
@@ -311,6 +361,37 @@ def test_unchecked_valid_labels_on_torch_backend_equal_the_checked_result(reduct
         if check:
             want = got
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("check_labels", [True, False])
+def test_int32_target_with_an_ignore_index_outside_int32_matches_no_label(device, check_labels):
+    """No int32 label equals an ignore_index outside int32: every backend says so (the torch
+    path compared in int32, wrapping 2**32 - 100 to -100: the -100 row passed the check, then
+    F.cross_entropy raised)."""
+    logits = _rand(device, 4, 10)
+    target = torch.tensor([1, 4, 2, 3], dtype=torch.int32, device=device)
+    ign = 2**32 - 100
+    want = torch.nn.functional.cross_entropy(logits.double(), target.long(), reduction="none")
+    for backend in BACKENDS:
+        got = ops.cross_entropy(logits, target, ignore_index=ign, reduction="none",
+                                check_labels=check_labels, backend=backend)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        bad = target.clone()
+        bad[1] = -100   # out of range, and not ignore_index
+        if check_labels:
+            with pytest.raises(ValueError, match="found -100 at flat index 1"):
+                ops.cross_entropy(logits, bad, ignore_index=ign, backend=backend)
+        else:
+            got = ops.cross_entropy(logits, bad, ignore_index=ign, reduction="none",
+                                    check_labels=False, backend=backend)
+            assert got[1].isnan() and torch.isfinite(got[[0, 2, 3]]).all()
+        h = _rand(device, 4, 8)
+        w = _rand(device, 10, 8)
+        got = ops.masked_lm_loss(h, w, None, target, ignore_index=ign, reduction="sum",
+                                 check_labels=check_labels, backend=backend)
+        ref = torch.nn.functional.cross_entropy((h @ w.t()).double(), target.long(),
+                                                reduction="sum")
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_pad_and_unpad_of_an_empty_batch(device):

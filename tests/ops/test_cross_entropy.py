@@ -254,6 +254,22 @@ def test_cross_entropy_one_class_logits_of_any_column_stride(device, logits):
         torch.testing.assert_close(g, ref_g, equal_nan=True)
 
 
+@pytest.mark.parametrize("store", [False, True], ids=["recomputed", "stored"])
+def test_cross_entropy_grad_of_overlapping_rows(device, monkeypatch, store):
+    """Logits whose rows overlap (sliding windows from unfold: strides (1, 1)): the gradient
+    is a fresh row-major tensor (empty_like made it column-major, which the backward kernel,
+    writing unit column strides, scattered garbage over), as F.cross_entropy's."""
+    monkeypatch.setattr(k, "STORE_GRADS", store)
+    target = torch.tensor([0, 9, IGNORE, 3, 3, 1], device=device)
+    logits = torch.randn(15, device=device).unfold(0, 10, 1)
+    assert logits.stride() == (1, 1)
+    ref_in = logits.detach().double().requires_grad_()
+    (ref_g,) = torch.autograd.grad(F.cross_entropy(ref_in, target), ref_in)
+    x = logits.detach().requires_grad_()
+    (g,) = torch.autograd.grad(cross_entropy(x, target, backend="triton"), x)
+    torch.testing.assert_close(g.double(), ref_g, rtol=1e-5, atol=1e-6)
+
+
 def test_cross_entropy_masked_vocabulary_of_neg_inf_is_finite(device):
     # the whole first block (4096 classes) is -inf: the running max starts at -inf
     logits = torch.randn(3, 5000, device=device)

@@ -541,13 +541,15 @@ def test_embedding_layer_norm_torch_backend_is_the_reference(device):
 # ----------------------------------------------------------------------------------------
 # registration
 
-def test_embedding_layer_norm_opcheck(device):
-    inp = make_inputs(device, 2, 5, 24, vocab=5)
+@pytest.mark.parametrize("out_fp32", [False, True])
+def test_embedding_layer_norm_opcheck(device, out_fp32):
+    inp = make_inputs(device, 2, 5, 24, vocab=5,
+                      dtype=torch.float16 if out_fp32 else torch.float32)
     d = {n: (t.detach().requires_grad_() if t.is_floating_point() else t) for n, t in inp.items()}
     seed = torch.tensor([7], dtype=torch.int64, device=device)
     fwd_args = (d["input_ids"], d["word_weight"], d["position_weight"], d["ln_weight"],
                 d["ln_bias"], None, d["token_type_ids"], d["type_weight"], seed, 1e-12, 0.1,
-                0, False)
+                0, False, out_fp32)
     torch.library.opcheck(ops_embedding._embedding_layer_norm_fwd.op, fwd_args)
     y, mean, rstd = ops_embedding._embedding_layer_norm_fwd(*fwd_args)
     bwd_args = (torch.randn_like(y).detach(), d["input_ids"], d["word_weight"].detach(),
@@ -555,6 +557,54 @@ def test_embedding_layer_norm_opcheck(device):
                 None, d["token_type_ids"], d["type_weight"].detach(), seed, mean.detach(),
                 rstd.detach(), 0.1, 0, True)
     torch.library.opcheck(ops_embedding._embedding_layer_norm_bwd.op, bwd_args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_embedding_layer_norm_fp32_output_of_16bit_tables_matches_fp64(device, monkeypatch,
+                                                                       backend):
+    """The output dtype CUDA autocast asks of 16-bit tables (float32, as torch's LayerNorm
+    returns there): stored in float32 from the fp32 statistics (not rounded to the tables'
+    dtype first), on both backends; gradients in the tables' dtypes. The CUDA autocast
+    query is stood in for (no GPU here); test_..._follows_cuda_autocast checks it."""
+    monkeypatch.setattr(ops_embedding, "_autocast_fp32", lambda w: w.dtype != torch.float64)
+    inp = make_inputs(device, 2, 7, 48, vocab=9, dtype=torch.float16)
+    y = _call(inp, backend=backend)
+    assert y.dtype == torch.float32
+    ref = _ref({n: (t.detach().double() if t.is_floating_point() else t) for n, t in inp.items()})
+    assert max_err(y, ref) < 2e-5   # fp32 rounding of the output, not fp16's ~5e-4
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [inp["word_weight"], inp["ln_weight"]], dy)
+    assert [g.dtype for g in grads] == [torch.float16, torch.float16]
+    leaves = {n: (t.detach().double().requires_grad_() if t.is_floating_point() else t)
+              for n, t in inp.items()}
+    want = torch.autograd.grad(_ref(leaves), [leaves["word_weight"], leaves["ln_weight"]],
+                               dy.double())
+    for g, w in zip(grads, want):
+        assert max_err(g, w) <= 2e-3 * max(1.0, w.abs().max().item())
+
+
+def test_embedding_layer_norm_follows_cuda_autocast_like_torch_layer_norm(monkeypatch):
+    """Under CUDA autocast the unfused embedding sum + F.layer_norm returns float32 whatever
+    the tables' dtype (layer_norm is on autocast's fp32 list there), as fastbert's layer_norm
+    does: so does embedding_layer_norm. Dtypes only, on fake CUDA tensors (no GPU here)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import torch.nn.functional as F
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            ids = torch.zeros(2, 8, dtype=torch.int64, device="cuda")
+            word = torch.empty(50, 32, device="cuda", dtype=dt)
+            pos = torch.empty(16, 32, device="cuda", dtype=dt)
+            w, b = (torch.empty(32, device="cuda", dtype=dt) for _ in range(2))
+            for on in (True, False):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on):
+                    s = F.embedding(ids, word) + F.embedding(torch.arange(8, device="cuda"), pos)
+                    want = F.layer_norm(s, (32,), w, b).dtype
+                    for backend in ("torch", "triton"):
+                        got = embedding_layer_norm(ids, word, pos, w, b, backend=backend,
+                                                   check_bounds=False).dtype
+                        assert got == want == (torch.float32 if on else dt), (dt, on, backend)
 
 
 def test_embedding_layer_norm_eager_paths_agree_and_second_order_raises(device):
