@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch
@@ -163,6 +164,15 @@ def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n for n >= 1, and 0 for 0, as triton.next_power_of_2."""
     n = int(n)
     return 0 if n == 0 else 1 << (n - 1).bit_length()
+
+
+def env_flag(name: str) -> bool:
+    """An on/off environment variable of an opt-in mode: "1" on, "0" or unset off (spaces
+    around ignored); anything else is refused, naming the variable."""
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"${name} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor,

@@ -34,12 +34,13 @@ candidate and a few runs of each, once per key and device; the choices live in `
 """
 from __future__ import annotations
 
-import os
 import statistics
 import threading
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+
+from ._common import env_flag
 
 ENV_VAR = "FASTBERT_AUTOTUNE"
 # None: ``$FASTBERT_AUTOTUNE`` decides, read once by ``on()``; tests, benchmarks and users may
@@ -63,10 +64,7 @@ def on() -> bool:
     read once into it."""
     global ENABLED
     if ENABLED is None:
-        value = os.environ.get(ENV_VAR, "").strip()
-        if value not in ("", "0", "1"):
-            raise ValueError(f"${ENV_VAR} must be 0 or 1, got {value!r}")
-        ENABLED = value == "1"
+        ENABLED = env_flag(ENV_VAR)
     return ENABLED
 
 

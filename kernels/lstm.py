@@ -111,7 +111,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 import threading
 import warnings
 from typing import Callable, Optional, Tuple
@@ -120,8 +119,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotConfig, LOG2E, _sm_count, _tanh, cdiv, mm_fp32, next_power_of_2,
-                      on_tensor_device, row_mean)
+from ._common import (AotConfig, LOG2E, _sm_count, _tanh, cdiv, env_flag, mm_fp32,
+                      next_power_of_2, on_tensor_device, row_mean)
 from ._launch import bind, launch
 
 # tl.dot needs every block dimension >= 16; the batch block is padded up to it.
@@ -1130,10 +1129,7 @@ def coop_enabled() -> bool:
     unset off), read once into it."""
     global COOP_TIME_LOOP
     if COOP_TIME_LOOP is None:
-        value = os.environ.get(COOP_ENV, "").strip()
-        if value not in ("", "0", "1"):
-            raise ValueError(f"${COOP_ENV} must be 0 or 1, got {value!r}")
-        COOP_TIME_LOOP = value == "1"
+        COOP_TIME_LOOP = env_flag(COOP_ENV)
     return COOP_TIME_LOOP
 
 
@@ -1189,10 +1185,7 @@ def step_graph_enabled() -> bool:
     "0" or unset off), read once into it."""
     global PER_STEP_CUDA_GRAPH
     if PER_STEP_CUDA_GRAPH is None:
-        value = os.environ.get(CUDA_GRAPH_ENV, "").strip()
-        if value not in ("", "0", "1"):
-            raise ValueError(f"${CUDA_GRAPH_ENV} must be 0 or 1, got {value!r}")
-        PER_STEP_CUDA_GRAPH = value == "1"
+        PER_STEP_CUDA_GRAPH = env_flag(CUDA_GRAPH_ENV)
     return PER_STEP_CUDA_GRAPH
 
 
