@@ -11,8 +11,8 @@ Only ``num_warps`` and ``num_stages`` vary, never a block size: the tiles, the l
 the order in which a program adds up its blocks stay the launcher's, so every candidate
 computes what the tested config computes (the Triton interpreter ignores both options, so
 the numerics tests cover every pair; ``tests/aot_compile.py`` compiles every pair for sm_80 /
-sm_90, in the heaviest variant of each kernel: bf16, every padded option on, at each head-dim
-tile). The result bits may differ between candidates (the warps split a tile's dot products
+sm_90, in the heaviest variant of each kernel: bf16, every padded option on, at each
+head-dim tile and at head dim 80, whose masked columns take the most registers). The result bits may differ between candidates (the warps split a tile's dot products
 and reductions differently).
 
 Off by default (``FASTBERT_AUTOTUNE=1`` in the environment, read at the first launch that

@@ -650,10 +650,10 @@ def bwd_configs(head_dim: int, dtype: torch.dtype):
 
 
 # (num_warps, num_stages) pairs the opt-in run-time tuner (kernels/_tune.py) times for the
-# 16-bit kernels, the launcher's default first; fp32 keeps its default. Four warps on the
-# forward's 128 x 64 tile of a 128-wide head would spill (see fwd_config), so there only its
-# pipeline depth varies; the backward's smaller tiles also try four warps. Each pair compiles
-# for sm_80 / sm_90 (aot_configs); none is measured yet.
+# 16-bit kernels, the launcher's default first; fp32 keeps its default. Four warps on a
+# 128-wide head's forward and dK/dV tiles would spill (see fwd_config, bwd_candidates), so
+# there only their pipeline depth varies; the dQ kernel and the narrower heads also try four
+# warps. Each pair compiles for sm_80 / sm_90 (aot_configs); none is measured yet.
 @functools.lru_cache(maxsize=None)
 def fwd_candidates(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple:
     """The forward kernel's tuning candidates, ``fwd_config``'s pair first."""
@@ -672,9 +672,12 @@ def bwd_candidates(head_dim: int, dtype: torch.dtype) -> tuple:
     (_, _, w1, s1), (_, _, w2, s2) = bwd_configs(head_dim, dtype)
     if dtype == torch.float32:
         return ((w1, s1),), ((w2, s2),)
-    pairs = (((8, 2), (4, 2), (4, 3), (8, 3)) if block_d(head_dim) <= 64
-             else ((8, 2), (8, 3), (4, 2)))
-    return _with_default((w1, s1), pairs), _with_default((w2, s2), pairs)
+    if block_d(head_dim) <= 64:
+        pairs = ((8, 2), (4, 2), (4, 3), (8, 3))
+        return _with_default((w1, s1), pairs), _with_default((w2, s2), pairs)
+    # the 128-wide dK/dV tile spills 100-500 bytes a thread with four warps (ptxas, sm_90)
+    return (_with_default((w1, s1), ((8, 2), (8, 3))),
+            _with_default((w2, s2), ((8, 2), (8, 3), (4, 2))))
 
 
 def _with_default(default: tuple, pairs: tuple) -> tuple:
@@ -1100,28 +1103,30 @@ def aot_configs():
                              IS_VARLEN=False, ZERO_DQ=True),
                         PREPROCESS_WARPS, name=f"attention_bwd_preprocess[{dt},d128,even_d={even}]")
     # the run-time tuner's other (num_warps, num_stages) pairs (bwd_candidates,
-    # fwd_candidates), bf16 with every padded option on, at each head-dim tile
-    for bd in tiles:
-        f = dict(BLOCK_D=bd, EVEN_D=True, IS_VARLEN=False, IS_CAUSAL=True, HAS_MASK=True)
+    # fwd_candidates), bf16 with every padded option on, at each head-dim tile, and at head
+    # dim 80 (the 128 tile with the head-dim mask, as 96: the most registers)
+    for hd in tiles + [80]:
+        bd = block_d(hd)
+        f = dict(BLOCK_D=bd, EVEN_D=bd == hd, IS_VARLEN=False, IS_CAUSAL=True, HAS_MASK=True)
         for drop in (False, True):
-            bm, bn, _, _ = fwd_config(bd, torch.bfloat16, drop)
-            for w, s in fwd_candidates(bd, torch.bfloat16, drop)[1:]:
+            bm, bn, _, _ = fwd_config(hd, torch.bfloat16, drop)
+            for w, s in fwd_candidates(hd, torch.bfloat16, drop)[1:]:
                 yield AotConfig(_attention_fwd_kernel, _fwd_signature("bf16"),
                                 dict(BLOCK_M=bm, BLOCK_N=bn, HAS_DROPOUT=drop, **f), w, s,
-                                name=f"attention_fwd[bf16,d{bd},dropout={drop},tuning w{w}s{s}]")
-        (bm, bn, _, _), (bm2, bn2, _, _) = bwd_configs(bd, torch.bfloat16)
-        dkdv_pairs, dq_pairs = bwd_candidates(bd, torch.bfloat16)
+                                name=f"attention_fwd[bf16,d{hd},dropout={drop},tuning w{w}s{s}]")
+        (bm, bn, _, _), (bm2, bn2, _, _) = bwd_configs(hd, torch.bfloat16)
+        dkdv_pairs, dq_pairs = bwd_candidates(hd, torch.bfloat16)
         for w, s in dkdv_pairs[1:]:
             for fused, atomic in ((False, False), (True, False), (False, True)):
                 yield AotConfig(_attention_bwd_dkdv_kernel, _bwd_signature("bf16", False, atomic),
                                 dict(BLOCK_M=bm, BLOCK_N=bn, FUSED_DQ=fused, ATOMIC_DQ=atomic,
                                      HAS_DROPOUT=True, **f), w, s,
-                                name=f"attention_bwd_dkdv[bf16,d{bd},fused_dq={fused},"
+                                name=f"attention_bwd_dkdv[bf16,d{hd},fused_dq={fused},"
                                      f"atomic_dq={atomic},tuning w{w}s{s}]")
         for w, s in dq_pairs[1:]:
             yield AotConfig(_attention_bwd_dq_kernel, _bwd_signature("bf16", True),
                             dict(BLOCK_M=bm2, BLOCK_N=bn2, HAS_DROPOUT=True, **f), w, s,
-                            name=f"attention_bwd_dq[bf16,d{bd},tuning w{w}s{s}]")
+                            name=f"attention_bwd_dq[bf16,d{hd},tuning w{w}s{s}]")
     yield AotConfig(_key_end_kernel, {"mask_ptr": "*i8", "out_ptr": "*i32",
                                       "stride_mask_b": "i64", "seqlen_k": "i32",
                                       "BLOCK": "constexpr"},

@@ -14,6 +14,7 @@ import numbers
 import warnings
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -219,8 +220,11 @@ class LSTM(torch.nn.Module):
                 x = x.transpose(0, 1)
             lens = lengths
             if isinstance(lens, (list, tuple)):
-                # a (B,) mask's tolist() would read as lengths 0 / 1 (refused as a bool tensor)
-                if any(isinstance(v, bool) for v in lens):
+                # a (B,) mask's tolist() or list() would read as lengths 0 / 1 (refused as a
+                # bool tensor)
+                if any(isinstance(v, (bool, np.bool_)) or (isinstance(v, Tensor)
+                                                           and v.dtype == torch.bool)
+                       for v in lens):
                     raise TypeError("lengths must hold integers, got bools (a mask?)")
                 try:
                     lens = torch.as_tensor(lens, dtype=torch.int64)  # as pack_padded_sequence

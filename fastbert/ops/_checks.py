@@ -160,10 +160,12 @@ def check_probability(name: str, p: float) -> None:
 
 
 def check_real(name: str, value) -> None:
-    """A python real number (or a one-element tensor, a SymFloat / SymInt), not a string that
-    float() would parse, nor None or a bool."""
-    if isinstance(value, bool) or not isinstance(
-            value, (numbers.Real, torch.SymFloat, torch.SymInt, torch.Tensor)) or (
+    """A python real number (bools included, as torch takes ``dropout_p=self.training and p``),
+    a one-element tensor, a SymFloat / SymInt; not a string that float() would parse, nor
+    None."""
+    if type(value) is float:
+        return
+    if not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt, torch.Tensor)) or (
             isinstance(value, torch.Tensor) and value.numel() != 1):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
 

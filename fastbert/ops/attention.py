@@ -621,9 +621,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         (total_q, heads, head_dim) in q's dtype.
 
     In eager mode the cu_seqlens are validated (non-decreasing, matching the token counts
-    and the max lengths) the first time a tensor is seen with these token counts and max
-    lengths, which costs a host sync; later calls with the same, unmodified tensors (every
-    layer of an encoder) skip it (a write that bypasses torch's version counter, through
+    and the max lengths) the first time a tensor is seen with these token counts, and again
+    only for a max length below the smallest one it passed with; each validation costs a
+    host sync. Later calls with the same, unmodified tensors (every layer of an encoder, one
+    tensor for q and k) skip it (a write that bypasses torch's version counter, through
     ``.data``, numpy or DLPack, is not seen: make new cu_seqlens instead). Under torch.compile
     and during CUDA graph capture, where the host may not read device values, the same check
     runs on the device at every call: a

@@ -95,12 +95,14 @@ def masked_lm_loss_ref(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], l
     ct = torch.float64 if (upcast or hidden.dtype == torch.float64) else torch.float32
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    lab = labels.reshape(-1)
+    lab = _wide_enough(labels.reshape(-1), ignore_index)
     rows = (lab != ignore_index).nonzero().squeeze(1)
     logits = F.linear(h2.index_select(0, rows).to(ct), weight.to(ct),
                       bias.to(ct) if bias is not None else None)
+    # ignore_index passed on, though no selected row holds it: F.cross_entropy's default
+    # (-100) would silently skip a -100 label that is not the ignored one
     per_row = F.cross_entropy(logits, lab.index_select(0, rows).long(), reduction="none",
-                              label_smoothing=label_smoothing)
+                              ignore_index=ignore_index, label_smoothing=label_smoothing)
     if reduction == "none":
         out = per_row.new_zeros(lab.shape).index_copy(0, rows, per_row).reshape(labels.shape)
     elif reduction == "sum":
@@ -521,7 +523,8 @@ if _flops_formula is not None:
     @_flops_formula(torch.ops.fastbert.masked_lm_loss_fwd, get_raw=True)
     def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, need_dhidden,
           need_dweight, need_dbias, *args, out_shape=None, **kwargs) -> int:
-        n = int((labels != ignore_index).sum()) if _checks.real_values(labels) else labels.numel()
+        n = (int((_wide_enough(labels, ignore_index) != ignore_index).sum())
+             if _checks.real_values(labels) else labels.numel())
         stored = stores_grads(hidden.dtype, reduction)
         return _mlm_gemm_flops(n, weight, 1 + stored * (bool(need_dhidden) + bool(need_dweight)))
 

@@ -402,7 +402,7 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
     Args:
         input_ids: (..., S) int32/int64, usually (B, S); the last dimension is the sequence.
         word_weight: (V, H) float32 / float16 / bfloat16 (float64 on the "torch" backend). The
-            output has its dtype.
+            output has its dtype (float32 under CUDA autocast: see Returns).
         position_weight: (P, H) float; P is max_position_embeddings.
         ln_weight, ln_bias: (H,) or None (LayerNorm's affine parameters).
         eps: added to the variance (BERT's 1e-12 by default).

@@ -392,6 +392,30 @@ def test_int32_target_with_an_ignore_index_outside_int32_matches_no_label(device
         ref = torch.nn.functional.cross_entropy((h @ w.t()).double(), target.long(),
                                                 reduction="sum")
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # the public reference too (it compared in int32: the -100 row was silently ignored)
+    got = ops.masked_lm_loss_ref(h, w, None, target, ignore_index=ign, reduction="sum")
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match="out of bounds"):   # as F.cross_entropy
+        ops.masked_lm_loss_ref(h, w, None, bad, ignore_index=ign)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bool_scalars_are_numbers_as_in_torch(device, backend):
+    """``dropout_p=self.training and p`` is False in eval mode: torch takes bools for its float
+    arguments (F.dropout, SDPA, F.cross_entropy), and so does fastbert (the check refusing
+    strings refused them too)."""
+    q, k_, v = (_rand(device, 2, 5, 2, 16) for _ in range(3))
+    torch.testing.assert_close(
+        ops.attention(q, k_, v, dropout_p=False, softmax_scale=True, backend=backend),
+        ops.attention(q, k_, v, dropout_p=0.0, softmax_scale=1.0, backend=backend))
+    x = _rand(device, 4, 32)
+    torch.testing.assert_close(
+        ops.layer_norm(x, None, None, dropout_p=False, training=False, backend=backend),
+        ops.layer_norm(x, None, None, backend=backend))
+    logits, target = _rand(device, 4, 10), torch.arange(4, device=device)
+    torch.testing.assert_close(
+        ops.cross_entropy(logits, target, label_smoothing=False, backend=backend),
+        ops.cross_entropy(logits, target, backend=backend))
 
 
 def test_pad_and_unpad_of_an_empty_batch(device):

@@ -583,28 +583,32 @@ def test_embedding_layer_norm_fp32_output_of_16bit_tables_matches_fp64(device, m
         assert max_err(g, w) <= 2e-3 * max(1.0, w.abs().max().item())
 
 
-def test_embedding_layer_norm_follows_cuda_autocast_like_torch_layer_norm(monkeypatch):
-    """Under CUDA autocast the unfused embedding sum + F.layer_norm returns float32 whatever
-    the tables' dtype (layer_norm is on autocast's fp32 list there), as fastbert's layer_norm
-    does: so does embedding_layer_norm. Dtypes only, on fake CUDA tensors (no GPU here)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16, torch.float32])
+def test_embedding_layer_norm_follows_autocast_like_torch_layer_norm(device, monkeypatch, dt):
+    """The unfused embedding sum + F.layer_norm under autocast: float32 under CUDA autocast
+    whatever the tables' dtype (layer_norm is on autocast's fp32 list there, and fastbert's
+    layer_norm does the same), the tables' dtype under CPU autocast; so does
+    embedding_layer_norm, on both backends. The CUDA rule is also checked on its own, on any
+    machine."""
     import torch.nn.functional as F
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        for dt in (torch.float16, torch.bfloat16, torch.float32):
-            ids = torch.zeros(2, 8, dtype=torch.int64, device="cuda")
-            word = torch.empty(50, 32, device="cuda", dtype=dt)
-            pos = torch.empty(16, 32, device="cuda", dtype=dt)
-            w, b = (torch.empty(32, device="cuda", dtype=dt) for _ in range(2))
-            for on in (True, False):
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on):
-                    s = F.embedding(ids, word) + F.embedding(torch.arange(8, device="cuda"), pos)
-                    want = F.layer_norm(s, (32,), w, b).dtype
-                    for backend in ("torch", "triton"):
-                        got = embedding_layer_norm(ids, word, pos, w, b, backend=backend,
-                                                   check_bounds=False).dtype
-                        assert got == want == (torch.float32 if on else dt), (dt, on, backend)
+    ids = torch.randint(0, 50, (2, 8), device=device)
+    word = torch.randn(50, 32, device=device).to(dt)
+    pos = torch.randn(16, 32, device=device).to(dt)
+    w, b = (torch.randn(32, device=device).to(dt) for _ in range(2))
+    low = torch.bfloat16 if dt == torch.bfloat16 else torch.float16
+    for on in (True, False):
+        with torch.autocast(device.type, dtype=low, enabled=on):
+            s_ = F.embedding(ids, word) + F.embedding(torch.arange(8, device=device), pos)
+            want = F.layer_norm(s_, (32,), w, b).dtype
+            for backend in ("torch", "triton"):
+                got = embedding_layer_norm(ids, word, pos, w, b, backend=backend).dtype
+                assert got == want, (on, backend)
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: True)
+    table = lambda dt_: SimpleNamespace(dtype=dt_, is_cuda=True)
+    assert ops_embedding._autocast_fp32(table(dt)) == (dt != torch.float32)
+    assert not ops_embedding._autocast_fp32(table(torch.float64))
+    assert not ops_embedding._autocast_fp32(SimpleNamespace(dtype=dt, is_cuda=False))
 
 
 def test_embedding_layer_norm_eager_paths_agree_and_second_order_raises(device):
