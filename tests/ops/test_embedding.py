@@ -96,8 +96,13 @@ def _torch_lowp(inp, eps=1e-12, padding_idx=None):
 
 
 def _check_against_ref(inp, y, grads, dy, padding_idx=None, dropout_p=0.0, mask=None):
-    yr = _ref(inp, upcast=True, padding_idx=padding_idx, dropout_p=dropout_p, dropout_mask=mask)
-    gr = _grads(yr, inp, dy.double())
+    # the reference on float64 copies: called on the 16-bit tables (even with upcast=True)
+    # it returns, and backpropagates into, their dtype, which rounded away the error measured
+    inp64 = {n: (t.detach().double().requires_grad_()
+                 if t is not None and t.is_floating_point() else t) for n, t in inp.items()}
+    yr = _ref(inp64, padding_idx=padding_idx, dropout_p=dropout_p, dropout_mask=mask)
+    gr = _grads(yr, inp64, dy.double())
+    assert yr.dtype == torch.float64 and all(r is None or r.dtype == torch.float64 for r in gr)
     dtype = y.dtype
     if dtype == torch.float32:
         assert_close_to_ref(y, yr, atol=1e-5, name="y")
