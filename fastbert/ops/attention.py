@@ -557,12 +557,10 @@ def _check_cu_seqlens(name: str, cu: Tensor, batch_plus_1: Optional[int], total:
                         f"from the caller to avoid a host sync), got {type(max_seqlen).__name__}")
     tracing = _checks.tracing()
     if tracing:
-        # it may be a value read from a tensor (unpad's): no Python branch on it. The message
-        # functions hold no closure: torch 2.11's Dynamo cannot trace one that does
-        if max_name == "max_seqlen_q":
-            torch._check(max_seqlen >= 0, lambda: "max_seqlen_q must be >= 0")
-        else:
-            torch._check(max_seqlen >= 0, lambda: "max_seqlen_k must be >= 0")
+        # it may be a value read from a tensor (unpad's): no Python branch on it. No message
+        # function: torch 2.11's Dynamo cannot trace one that holds a closure, and strict
+        # torch.export fails on any (AttributeError 'is_quantized', torch 2.11 - 2.14)
+        torch._check(max_seqlen >= 0)
     elif max_seqlen < 0:
         raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
     if tracing or _checks.capturing(cu):
@@ -728,7 +726,9 @@ def pad(x_unpadded: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
     if indices.shape[0] > n:
         raise ValueError(f"x_unpadded has {indices.shape[0]} tokens, more than batch * seqlen = "
                          f"{batch} * {seqlen} positions")
-    if indices.numel() and not _checks.tracing() and has_values(indices):
+    # tracing first: under torch.compile the token count may be data-dependent (unpad's,
+    # from nonzero), which a Python branch on numel() cannot take
+    if not _checks.tracing() and indices.numel() and has_values(indices):
         if indices.device.type == "cpu":
             lo, hi = torch.stack(torch.aminmax(indices)).tolist()
             if lo < 0 or hi >= n:

@@ -413,9 +413,10 @@ def check_lengths(lengths: Tensor, n_batch: int, n_steps: int, *, allow_zero: bo
     """lengths: an integer tensor (B,) with values in [0 or 1, T] (and in decreasing order
     with ``sorted_desc``, the rule of enforce_sorted=True), on any device but "meta" (its
     values are read). The value check reads the lengths (one sync for CUDA lengths; pass CPU
-    lengths, as pack_padded_sequence wants), is skipped while torch.compile traces
-    (data-dependent), and runs on the device while a CUDA graph is captured (a device-side
-    assert: no host read). ``name`` is the argument's name in the messages."""
+    lengths, as pack_padded_sequence wants), and runs on the device instead while
+    torch.compile or torch.export traces and while a CUDA graph is captured (a device-side
+    assert, a RuntimeError on the CPU: no host read). ``name`` is the argument's name in the
+    messages."""
     # bool is rejected too: a (B,) mask passed as lengths would read as lengths 0 / 1
     if (not isinstance(lengths, torch.Tensor) or lengths.is_floating_point()
             or lengths.is_complex() or lengths.dtype == torch.bool):
@@ -427,9 +428,10 @@ def check_lengths(lengths: Tensor, n_batch: int, n_steps: int, *, allow_zero: bo
     if lengths.is_meta:
         raise ValueError(f"{name} is on the meta device, which holds no values; pass the "
                          "lengths on the CPU or on the input's device")
-    if n_batch and not _checks.tracing() and not is_fake(lengths):
+    tracing = _checks.tracing()
+    if n_batch and (tracing or not is_fake(lengths)):
         least = 0 if allow_zero else 1
-        if _checks.capturing(lengths):
+        if tracing or _checks.capturing(lengths):
             ok = (lengths >= least).all() & (lengths <= n_steps).all()
             if sorted_desc and n_batch > 1:
                 ok = ok & (lengths[1:] <= lengths[:-1]).all()

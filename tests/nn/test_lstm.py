@@ -275,6 +275,23 @@ def test_lstm_module_compiles_fullgraph_with_triton_backend(device):
     torch.testing.assert_close(g_comp, g_eager)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_lstm_lengths_are_checked_on_the_device_under_compile(device, backend):
+    """Under torch.compile the lengths' values cannot be read on the host: they are checked
+    by a device-side assert in the graph (a RuntimeError on the CPU) instead of being skipped
+    (out-of-range lengths ran as if clamped, silently)."""
+    torch.manual_seed(0)
+    m = LSTM(4, 8, bidirectional=True, backend=backend).to(device)
+    x = torch.randn(5, 3, 4, device=device)
+    compiled = torch.compile(lambda x, n: m(x, lengths=n, enforce_sorted=False)[0],
+                             fullgraph=True, backend="aot_eager")
+    good = torch.tensor([5, 2, 4])
+    torch.testing.assert_close(compiled(x, good), m(x, lengths=good, enforce_sorted=False)[0])
+    for bad in ([9, 2, 4], [-1, 2, 4]):
+        with pytest.raises(RuntimeError, match=r"lengths must be in \[0, 5\]"):
+            compiled(x, torch.tensor(bad))
+
+
 def test_lstm_bad_inputs_raise_clear_errors():
     m = LSTM(6, 12, num_layers=2)
     x = torch.randn(5, 3, 6)

@@ -820,6 +820,42 @@ def test_attention_torch_compile_fullgraph_padded_and_varlen(device):
             compiled_g(qv, kv, vv, bad, cu_k)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_attention_varlen_exports_strict_with_a_dynamic_max_seqlen(device, backend):
+    """torch.export(strict=True) with max_seqlen an input (passed by the caller, as advised):
+    the check on it under tracing carried a message function, on which strict export failed
+    inside torch (AttributeError 'is_quantized')."""
+    from torch.export import Dim, export
+
+    class Varlen(torch.nn.Module):
+        def forward(self, q, cu, max_s):
+            return attention_varlen(q, q, q, cu, cu, max_s, max_s, backend=backend)
+
+    q = _rand(device, torch.float32, 13, 2, 16)
+    cu = torch.tensor([0, 8, 13], dtype=torch.int32, device=device)
+    ds = {"q": {0: Dim("n", min=2, max=2048)}, "cu": {0: Dim("b", min=2, max=64) + 1},
+          "max_s": Dim.DYNAMIC}
+    ep = export(Varlen(), (q, cu, 8), dynamic_shapes=ds, strict=True)
+    torch.testing.assert_close(ep.module()(q, cu, 8), Varlen()(q, cu, 8))
+
+
+def test_pad_compiles_with_a_data_dependent_token_count(device):
+    """pad after a nonzero inside the compiled region (the token count is data-dependent):
+    the eager-only index check was tested after a branch on numel(), which Dynamo cannot
+    take on an unbacked size."""
+    x = _rand(device, torch.float32, 2, 8, 4)
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3], device=device)
+
+    def f(x, mask):
+        idx = torch.nonzero(mask.flatten()).flatten()
+        return pad(x.flatten(0, 1).index_select(0, idx) * 2, idx, 2, 8)
+
+    import torch._dynamo.config as dynamo_config
+    with dynamo_config.patch(capture_dynamic_output_shape_ops=True):
+        got = torch.compile(f, fullgraph=True, backend="eager")(x, mask)
+    assert torch.equal(got, f(x, mask))
+
+
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64])
 def test_eager_autograd_matches_the_custom_op_path_bitwise(device, mask_dtype):
     """Eager calls take _AttentionFunction (one output, lse saved); under a dispatch mode the
