@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks.run_all import bench_modules
 
@@ -286,3 +287,51 @@ def test_gpu_check_reads_numbers_as_decimal_and_phases_split_by_any_whitespace(t
     # 300 s (not octal 0300 = 192), 8 of them kept for the profile, 8 / 17 of the rest: ~138 s,
     # its deadline 15 s before that
     assert 110 <= int(deadline) - int(called) <= 130, calls
+
+
+def test_gpu_check_moves_an_earlier_tuned_file_aside(tmp_path):
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "attention_tuned_fakecard.txt").write_text("old\n")
+    run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_PHASES="bench",
+                                     FASTBERT_GPU_BUDGET="200", FASTBERT_BENCHES="embedding")
+    assert run.returncode == 0, summary
+    assert not (res / "attention_tuned_fakecard.txt").exists()
+    assert (res / "attention_tuned_fakecard.txt.prev").read_text() == "old\n"
+
+
+def test_write_tuned_writes_nothing_when_nothing_was_tuned_and_the_pairs_otherwise(
+        tmp_path, monkeypatch):
+    from benchmarks import bench_attention as ba
+    from fastbert.kernels import _tune
+    monkeypatch.setenv("FASTBERT_RESULTS", str(tmp_path))
+    dev = torch.device("cpu")
+    _tune.clear()
+    assert ba.write_tuned(dev, "-quick") is None and os.listdir(tmp_path) == []
+    monkeypatch.setattr(_tune, "_CHOSEN", {(0, ("attention_fwd", "k")): (4, 3)})
+    path = ba.write_tuned(dev, "-quick")
+    assert path.endswith("-quick.txt") and os.path.basename(path).startswith("attention_tuned_")
+    assert os.listdir(tmp_path) == [os.path.basename(path)]      # no .tmp left behind
+    text = open(path).read()
+    assert "cuda:0 ('attention_fwd', 'k') -> num_warps=4 num_stages=3" in text
+
+
+def test_bench_main_writes_the_tuned_file_only_when_results_are_written(tmp_path, monkeypatch):
+    from benchmarks import bench_attention as ba
+    calls = []
+    monkeypatch.setattr(ba, "main_for", lambda *a, **k: None)
+    monkeypatch.setattr(ba, "write_tuned", lambda dev, tag="": calls.append((dev, tag)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ba.main(["--device", "cuda", "--no-write"])
+    assert calls == []
+    ba.main(["--device", "cuda", "--quick"])
+    assert calls == [(torch.device("cuda"), "-quick")]
+
+
+def test_tuned_rows_turn_the_tuner_on(monkeypatch):
+    from benchmarks import bench_attention as ba
+    from fastbert.kernels import _tune
+    seen = []
+    wrapped = ba._tuned(lambda: seen.append(_tune.ENABLED))
+    wrapped()
+    assert seen == [True]

@@ -17,7 +17,8 @@ def test_mm_fp32_is_an_fp32_product_inside_an_autocast_region(dtype):
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(9, 33, generator=g).to(dtype), torch.randn(33, 7, generator=g).to(dtype)
     want = a.double() @ b.double()
-    for region in (torch.autocast("cpu", dtype=torch.bfloat16), torch.autocast("cpu", enabled=False)):
+    for region in (torch.autocast("cpu", dtype=torch.bfloat16),
+                   torch.autocast("cpu", enabled=False)):
         with region:
             got = mm_fp32(a, b)
             out = torch.empty(9, 7)
@@ -38,7 +39,8 @@ def test_masked_lm_loss_fp16_backward_inside_autocast_equals_outside():
     grads = []
     for inside in (False, True):
         g = torch.Generator().manual_seed(0)
-        h, w, b = (torch.randn(*s, generator=g).requires_grad_() for s in ((16, 32), (40, 32), (40,)))
+        h, w, b = (torch.randn(*s, generator=g).requires_grad_()
+                   for s in ((16, 32), (40, 32), (40,)))
         with torch.autocast("cpu", dtype=torch.float16):
             loss = masked_lm_loss(h, w, b, labels, backend="triton")
             if inside:
@@ -48,3 +50,28 @@ def test_masked_lm_loss_fp16_backward_inside_autocast_equals_outside():
         grads.append([t.grad for t in (h, w, b)])
     for a, b_ in zip(*grads):
         torch.testing.assert_close(a, b_, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _interpreting(), reason="CPU autocast and CPU tensors on the Triton "
+                    "backend (the interpreter's path)")
+def test_lstm_dh0_is_an_fp32_product_when_backward_runs_inside_autocast():
+    """kernels/lstm.py: dh0's product stays fp32 when backward() is called inside an
+    autocast region (mm_fp32), so h0's gradient equals the one computed after leaving it."""
+    from fastbert.ops import lstm_layer
+    grads = []
+    for inside in (False, True):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 3, 6, generator=g)
+        h0 = torch.randn(3, 16, generator=g).requires_grad_()
+        c0 = torch.randn(3, 16, generator=g)
+        w_ih, w_hh = torch.randn(64, 6, generator=g), torch.randn(64, 16, generator=g)
+        b = torch.randn(64, generator=g)
+        out, h, c = lstm_layer(x, h0, c0, w_ih, w_hh, b, b, backend="triton")
+        loss = out.sum() + h.sum()
+        if inside:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss.backward()
+        else:
+            loss.backward()
+        grads.append(h0.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

@@ -161,3 +161,24 @@ def test_sdpa_best_is_among_the_fused_backends_even_when_math_is_faster(tmp_path
     ])
     bert = [r for r in targets.evaluate(str(tmp_path)) if r["case"].startswith("bert-base")][0]
     assert bert["met"] == "NO" and "sdpa_efficient" in bert["measured"], bert
+
+
+def test_tuned_rows_are_judged_as_alternatives_of_every_attention_target(tmp_path):
+    big = dict(seq=4096, head_dim=128)
+    _write(tmp_path / "attention_card-t.csv", [
+        _row("bert-base padded fwd+bwd", "fastbert[triton]", 1.2),
+        _row("bert-base padded fwd+bwd", "sdpa_efficient", 1.0),
+        _row("bert-base padded fwd+bwd", "fastbert_tuned[triton]", 0.9),
+        _row("varlen vs padded fwd+bwd", "fastbert_varlen[triton]", 1.0),
+        _row("varlen vs padded fwd+bwd", "sdpa_efficient (padded)", 1.2),
+        _row("varlen vs padded fwd+bwd", "fastbert_varlen_tuned[triton]", 0.5),
+        _row("causal fwd", "fastbert[triton]", 2.0, matmul=40.0, **big),
+        _row("causal fwd", "fastbert_tuned[triton]", 1.5, matmul=55.0, **big),
+    ])
+    rows = {r["case"].split(" (")[0]: r for r in targets.evaluate(str(tmp_path))
+            if r["issue"] == "#3" and r["met"] != "-"}
+    for case, tuned in (("bert-base padded fwd+bwd", "fastbert_tuned[triton]"),
+                        ("varlen vs padded fwd+bwd", "fastbert_varlen_tuned[triton]"),
+                        ("causal fwd", "fastbert_tuned[triton]")):
+        r = next(v for k, v in rows.items() if k.startswith(case))
+        assert r["met"] == "NO" and tuned in r["alternatives"] and "(met)" in r["alternatives"], r

@@ -203,3 +203,186 @@ def test_attention_tuning_runs_leave_the_default_launchs_results(monkeypatch, pa
     assert picked == expect
     for w, t in zip(want, got):
         assert torch.equal(w, t)
+
+
+# ---- from the mutation review (s14 L): what a mutant of the tuner or its use survived
+
+def test_choose_keeps_a_candidate_at_exactly_the_margin():
+    # "kept only when it takes at most (1 - MARGIN) of the default's time": equality keeps it
+    times = {(8, 3): 1.0, (4, 3): 1.0 - _tune.MARGIN}
+    log = []
+    def tm(fn):
+        fn()
+        return times[log[-1]]
+    assert _tune.choose(list(times), log.append, tm) == (4, 3)
+
+
+def test_pick_keeps_a_tuned_pair_during_capture(monkeypatch):
+    monkeypatch.setattr(_tune, "ENABLED", True)
+    monkeypatch.setattr(_tune, "_cuda_ms", lambda fn, device: (fn(), 1.0)[1])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(_tune, "choose", lambda c, run, t: c[-1])
+    assert _tune.pick(("k",), [(8, 3), (4, 3)], lambda c: None, CUDA0) == (4, 3)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _tune.pick(("k",), [(8, 3), (4, 3)], _never, CUDA0) == (4, 3)
+
+
+def test_pick_rechecks_under_the_lock(monkeypatch):
+    """Another thread stores the key between the unlocked lookup and the lock: no second
+    tuning."""
+    monkeypatch.setattr(_tune, "ENABLED", True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+    class Racy(dict):
+        raced = False
+
+        def get(self, k, d=None):
+            if not self.raced:
+                self.raced = True
+                self[k] = (4, 3)       # the other thread finished tuning just now
+                return None
+            return super().get(k, d)
+
+    monkeypatch.setattr(_tune, "_CHOSEN", Racy())
+    assert _tune.pick(("k",), [(8, 3), (4, 3)], _never, CUDA0) == (4, 3)
+
+
+def test_cuda_ms_is_the_median_round_per_run(monkeypatch):
+    """ROUNDS rounds of REPS back-to-back runs, one event pair a round: the median round's
+    time divided by REPS (CUDA events stood in for)."""
+    round_ms = [30.0, 10.0, 95.0]          # median 30, mean 45
+
+    class Ev:
+        def __init__(self, ms):
+            self.ms = ms
+
+        def record(self, stream=None):
+            pass
+
+        def elapsed_time(self, end):
+            return end.ms - self.ms
+
+    made = []
+
+    def event(enable_timing=False):
+        i = len(made)
+        e = Ev(round_ms[i // 2] if i % 2 else 0.0)
+        made.append(e)
+        return e
+
+    monkeypatch.setattr(torch.cuda, "Event", event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    monkeypatch.setattr(_tune, "ROUNDS", 3)
+    monkeypatch.setattr(_tune, "REPS", 5)
+    calls = []
+    assert _tune._cuda_ms(lambda: calls.append(1), CUDA0) == pytest.approx(30.0 / 5)
+    assert len(calls) == 15
+
+
+def test_128_wide_tiles_never_try_four_warps_where_they_spill():
+    for d in (80, 96, 128):
+        for dt in (torch.float16, torch.bfloat16):
+            for drop in (False, True):
+                assert all(w == 8 for w, _ in ka.fwd_candidates(d, dt, drop))
+            dkdv, dq = ka.bwd_candidates(d, dt)
+            assert all(w == 8 for w, _ in dkdv)
+            assert any(w == 4 for w, _ in dq)          # the dQ kernel does try four
+    for d in (16, 32, 64):
+        for dt in (torch.float16, torch.bfloat16):
+            assert any(w == 4 for w, _ in ka.fwd_candidates(d, dt, False))
+            assert all(any(w == 4 for w, _ in c) for c in ka.bwd_candidates(d, dt))
+
+
+def test_aot_configs_cover_every_tuning_pair_at_head_dim_80():
+    names = [c.name for c in ka.aot_configs()]
+    for kern in ("attention_fwd[bf16,d80", "attention_bwd_dkdv[bf16,d80",
+                 "attention_bwd_dq[bf16,d80"):
+        assert any(n.startswith(kern) and "tuning" in n for n in names), kern
+
+
+def _spy(monkeypatch, mark):
+    """Record every attention launch's (kernel name, num_warps, num_stages) and make pick
+    return ``mark(candidates)`` after running each candidate once."""
+    launches, picks = [], []
+    real = ka.launch
+
+    def launch(kernel, grid, *args, num_warps=None, num_stages=None, **meta):
+        launches.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, num_warps,
+                         num_stages))
+        return real(kernel, grid, *args, num_warps=num_warps, num_stages=num_stages, **meta)
+
+    def pick(key, candidates, run, device):
+        for c in candidates:
+            run(c)
+        picks.append((key, tuple(candidates)))
+        return mark(candidates)
+
+    monkeypatch.setattr(ka, "launch", launch)
+    monkeypatch.setattr(_tune, "pick", pick)
+    return launches, picks
+
+
+@pytest.mark.skipif(not _interpreting(), reason="CPU tensors on the Triton backend (the "
+                    "interpreter ignores num_warps / num_stages: the pair launched is only seen "
+                    "through a spy)")
+@pytest.mark.parametrize("three_kernel, d", [(False, 16), (True, 16), (True, 128)])
+def test_each_kernel_launches_with_the_pair_pick_returned(monkeypatch, three_kernel, d):
+    monkeypatch.setattr(_tune, "ENABLED", True)
+    if three_kernel:
+        monkeypatch.setattr(ka, "ONE_LAUNCH_BACKWARD", False)
+    # a pair no candidate list holds, so its use is unmistakable (the interpreter ignores it)
+    launches, picks = _spy(monkeypatch, lambda c: (2, 7))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 19, 2, d, generator=g).half().requires_grad_() for _ in range(3))
+    out = ops.attention(q, k, v, backend="triton")
+    out.float().sum().backward()
+    names = {"attention_fwd": "_attention_fwd_kernel",
+             "attention_bwd_dkdv": "_attention_bwd_dkdv_kernel",
+             "attention_bwd_dq": "_attention_bwd_dq_kernel"}
+    want_cands = {"attention_fwd": ka.fwd_candidates(d, torch.float16, False),
+                  "attention_bwd_dkdv": ka.bwd_candidates(d, torch.float16)[0],
+                  "attention_bwd_dq": ka.bwd_candidates(d, torch.float16)[1]}
+    assert len(picks) == (3 if three_kernel else 2)
+    for key, cands in picks:
+        kname = key[0]
+        assert cands == want_cands[kname]
+        runs = [(w, s) for n, w, s in launches if n == names[kname]]
+        # every candidate as (num_warps, num_stages), then the final launch with pick's pair
+        assert runs == list(cands) + [(2, 7)], kname
+
+
+@pytest.mark.skipif(not _interpreting(), reason="CPU tensors on the Triton backend (the "
+                    "interpreter ignores num_warps / num_stages: the pair launched is only seen "
+                    "through a spy)")
+def test_the_environment_variable_turns_tuning_on_for_attention(monkeypatch):
+    monkeypatch.setattr(_tune, "ENABLED", None)
+    monkeypatch.setenv(_tune.ENV_VAR, "1")
+    launches, picks = _spy(monkeypatch, lambda c: c[0])
+    q, k, v = (torch.randn(1, 5, 2, 16).half() for _ in range(3))
+    ops.attention(q, k, v, backend="triton")
+    assert [p[0][0] for p in picks] == ["attention_fwd"]
+
+
+@pytest.mark.skipif(not _interpreting(), reason="CPU tensors on the Triton backend (the "
+                    "interpreter ignores num_warps / num_stages: the pair launched is only seen "
+                    "through a spy)")
+def test_tuning_keys_tell_variants_and_gqa_apart(monkeypatch):
+    monkeypatch.setattr(_tune, "ENABLED", True)
+    launches, picks = _spy(monkeypatch, lambda c: c[0])
+    g = torch.Generator().manual_seed(2)
+    keys = {}
+    for causal in (False, True):
+        for hkv in (4, 2):
+            q = torch.randn(1, 9, 4, 16, generator=g).half().requires_grad_()
+            k, v = (torch.randn(1, 9, hkv, 16, generator=g).half().requires_grad_()
+                    for _ in range(2))
+            picks.clear()
+            ops.attention(q, k, v, causal=causal, backend="triton").float().sum().backward()
+            keys[causal, hkv] = {p[0][0]: p[0] for p in picks}
+    assert keys[False, 4]["attention_fwd"] != keys[True, 4]["attention_fwd"]
+    # the dK/dV grid is over kv heads and each program loops over its group of q heads
+    d4, d2 = keys[False, 4]["attention_bwd_dkdv"], keys[False, 2]["attention_bwd_dkdv"]
+    assert d4 != d2
+    assert d4[-1] == 1 and d2[-1] == 2                  # groups
+    assert d4[-4] == _tune.bucket(4) and d2[-4] == _tune.bucket(2)   # batch x kv heads

@@ -7,6 +7,7 @@ common shape and dtype mistakes; the cases here are the ones the bad-input audit
 unhandled, plus a few valid layouts no other test pins down. Shapes are tiny so the Triton
 interpreter finishes fast.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -451,3 +452,28 @@ def test_seq2seq_empty_batch_runs_forward_greedy_and_beam(device):
     assert model.greedy_decode(src, lengths, max_len=3).shape[0] == 0
     tokens, scores = model.beam_search(src, lengths, beam_size=2, max_len=3)
     assert tokens.shape[0] == 0 and scores.shape == (0,)
+
+
+@pytest.mark.parametrize("dropout_p", [torch.tensor(0.0), torch.tensor([0.0])])
+def test_one_element_tensor_scalars_are_numbers(dropout_p):
+    q, k, v = (torch.randn(1, 5, 2, 16) for _ in range(3))
+    torch.testing.assert_close(
+        ops.attention(q, k, v, dropout_p=dropout_p, softmax_scale=torch.tensor(0.25),
+                      backend="torch"),
+        ops.attention(q, k, v, dropout_p=0.0, softmax_scale=0.25, backend="torch"))
+
+
+def test_an_empty_tensor_scalar_is_refused_naming_the_argument():
+    q, k, v = (torch.randn(1, 5, 2, 16) for _ in range(3))
+    with pytest.raises(TypeError, match="dropout_p must be a float, got Tensor"):
+        ops.attention(q, k, v, dropout_p=torch.tensor([]), backend="torch")
+
+
+@pytest.mark.parametrize("lengths", [
+    [np.True_, np.True_, np.False_],
+    list(torch.tensor([True, True, False])),      # a mask's list(): 0-d bool tensors
+], ids=["numpy-bools", "tensor-bools"])
+def test_lstm_lengths_list_of_non_python_bools_is_refused(lengths):
+    m = LSTM(6, 8, batch_first=True, backend="torch")
+    with pytest.raises(TypeError, match=r"lengths must hold integers, got bools \(a mask\?\)"):
+        m(torch.randn(3, 4, 6), lengths=lengths)

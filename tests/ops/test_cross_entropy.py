@@ -1635,3 +1635,39 @@ def test_masked_lm_loss_flop_formulas_take_fake_tensors_while_tracing(monkeypatc
                    True) == 3 * gemm
         assert bwd(grad, hidden, weight, None, sel, info, IGNORE, 0.0, "mean", True, True,
                    False) == 3 * gemm
+
+
+# ---- ignore_index at the ends of the label dtypes (mutation review s14 L)
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_int32_labels_with_ignore_index_2_pow_31_do_not_ignore_int32_min(device, backend):
+    """2**31 is outside int32 (labels widened: none equals it); int32's -2**31 would equal it
+    after a wrap, and must be reported as out of range, as F.cross_entropy reports it."""
+    logits = torch.randn(3, 10, device=device)
+    bad = torch.tensor([1, -2**31, 2], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="found -2147483648"):
+        cross_entropy(logits, bad, ignore_index=2**31, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ignore_index_int64_min_is_accepted_like_torch(device, backend):
+    logits = torch.randn(3, 10, device=device)
+    target = torch.tensor([1, 4, 2], device=device)
+    want = F.cross_entropy(logits, target, ignore_index=-2**63)
+    got = cross_entropy(logits, target, ignore_index=-2**63, backend=backend)
+    torch.testing.assert_close(got, want)
+
+
+def test_masked_lm_flop_count_of_int32_labels_with_a_wrapping_ignore_index(device):
+    """ignore_index 2**32 + 5 is outside int32: no int32 label 5 is ignored, in the loss nor
+    in the FLOP count (an int32 compare would wrap it to 5)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    hidden, weight = torch.randn(4, 16, device=device), torch.randn(40, 16, device=device)
+    counts = []
+    for dt in (torch.int64, torch.int32):
+        labels = torch.tensor([5, 5, 1, 2], dtype=dt, device=device)
+        with FlopCounterMode(display=False) as fc:
+            masked_lm_loss(hidden, weight, None, labels, ignore_index=2**32 + 5,
+                           backend="triton")
+        counts.append(fc.get_total_flops())
+    assert counts[0] == counts[1] == 2 * 4 * 16 * 40

@@ -789,3 +789,21 @@ def test_embedding_deterministic_takes_the_segmented_sums_for_fp32_tables(device
     finally:
         torch.use_deterministic_algorithms(was)
     assert calls
+
+
+def test_autocast_fp32_asks_about_cuda_autocast_only(monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda dev=None: dev == "cuda")
+    assert ops_embedding._autocast_fp32(SimpleNamespace(dtype=torch.float16, is_cuda=True))
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda dev=None: dev == "cpu")
+    assert not ops_embedding._autocast_fp32(SimpleNamespace(dtype=torch.float16, is_cuda=True))
+
+
+def test_embedding_fp32_output_without_a_gradient_recorded(device, monkeypatch):
+    """The launcher-alone route (no gradient recorded) honours the fp32 output too."""
+    monkeypatch.setattr(ops_embedding, "_autocast_fp32", lambda w: w.dtype != torch.float64)
+    inp = make_inputs(device, 2, 7, 48, vocab=9, dtype=torch.float16)
+    with torch.no_grad():
+        y = _call(inp, backend="triton")
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, _call(inp, backend="triton").detach(), rtol=0, atol=0)
