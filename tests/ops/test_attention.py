@@ -618,8 +618,8 @@ def test_attention_varlen_rejects_bad_cu_seqlens(device, cu_q, max_q, match):
         attention_varlen(q, k_, k_, cu_q, cu_k, max_q, 5)
 
 
-def test_attention_varlen_validates_cu_seqlens_once_until_changed_in_place(device, monkeypatch):
-    # each validation costs a host sync; an encoder passes the same cu_seqlens to every layer
+def _record_validations(monkeypatch) -> list:
+    """The values stored in the cu_seqlens memo from now on: one per validation."""
     validations = []
 
     class Recording(type(ops_attention._VALIDATED_CU_SEQLENS)):
@@ -628,6 +628,12 @@ def test_attention_varlen_validates_cu_seqlens_once_until_changed_in_place(devic
             super().__setitem__(key, value)
 
     monkeypatch.setattr(ops_attention, "_VALIDATED_CU_SEQLENS", Recording())
+    return validations
+
+
+def test_attention_varlen_validates_cu_seqlens_once_until_changed_in_place(device, monkeypatch):
+    # each validation costs a host sync; an encoder passes the same cu_seqlens to every layer
+    validations = _record_validations(monkeypatch)
     q = _rand(device, torch.float32, 7, 2, 16)
     k_ = _rand(device, torch.float32, 9, 2, 16)
     cu_q = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
@@ -652,14 +658,7 @@ def test_attention_varlen_validates_one_cu_seqlens_for_q_and_k_once(device, monk
     """Self-attention passes one cu_seqlens as both; with two max lengths (a padded bound for
     the keys) the memo of the smaller bound covers the larger: validated once over the
     layers, not twice a call (each validation is a host sync)."""
-    validations = []
-
-    class Recording(type(ops_attention._VALIDATED_CU_SEQLENS)):
-        def __setitem__(self, key, value):
-            validations.append(value)
-            super().__setitem__(key, value)
-
-    monkeypatch.setattr(ops_attention, "_VALIDATED_CU_SEQLENS", Recording())
+    validations = _record_validations(monkeypatch)
     q = _rand(device, torch.float32, 7, 2, 16)
     cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
     for max_k in (6, 5, 4, 4):   # max_seqlen_q 4 then each key bound
