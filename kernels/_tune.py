@@ -12,8 +12,9 @@ the order in which a program adds up its blocks stay the launcher's, so every ca
 computes what the tested config computes (the Triton interpreter ignores both options, so
 the numerics tests cover every pair; ``tests/aot_compile.py`` compiles every pair for sm_80 /
 sm_90, in the heaviest variant of each kernel: bf16, every padded option on, at each
-head-dim tile and at head dim 80, whose masked columns take the most registers). The result bits may differ between candidates (the warps split a tile's dot products
-and reductions differently).
+head-dim tile and at head dim 80, whose masked columns take the most registers). The result
+bits may differ between candidates (the warps split a tile's dot products and reductions
+differently).
 
 Off by default (``FASTBERT_AUTOTUNE=1`` in the environment, read at the first launch that
 asks, "0" or unset off; or ``ENABLED = True`` here), until a GPU run shows what it gains
