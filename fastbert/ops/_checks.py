@@ -80,6 +80,13 @@ def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
     return None
 
 
+def cuda_autocast_layer_norm_fp32(dtype: torch.dtype, on_cuda: bool) -> bool:
+    """Whether torch's layer_norm computes and returns float32 for inputs of ``dtype``: under
+    CUDA autocast (layer_norm is on its fp32 list; CPU autocast keeps the input dtype), which
+    leaves float64 alone."""
+    return dtype is not torch.float64 and on_cuda and torch.is_autocast_enabled("cuda")
+
+
 def kernel_dtype_reason(**tensors) -> Optional[str]:
     """Why the kernels cannot take these tensors' dtypes (float64), or None."""
     for t in tensors.values():

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import (FLOAT_DTYPES, REF_DTYPES, check_eps, check_probability, check_same_device,
-                      check_shape, check_tensor, has_values, kernel_dtype_reason)
+                      check_shape, check_tensor, cuda_autocast_layer_norm_fp32, has_values,
+                      kernel_dtype_reason)
 from . import _checks
 from ._fastop import direct_call_ok, fast_op
 from ._dispatch import kernel_module, resolve
@@ -229,12 +230,11 @@ def _run(input_ids: Tensor, word_weight: Tensor, position_weight: Tensor,
 # public API
 
 def _autocast_fp32(word_weight: Tensor) -> bool:
-    """Whether the output is float32 although the tables are 16-bit: CUDA autocast runs
-    torch's layer_norm in float32 and returns float32 (autocast's fp32 list there; CPU
-    autocast leaves it in the input dtype), so the unfused embedding sum + LayerNorm returns
-    float32 under it whatever the tables' dtype; fastbert's layer_norm does the same."""
-    return (word_weight.dtype in (torch.float16, torch.bfloat16) and word_weight.is_cuda
-            and torch.is_autocast_enabled("cuda"))
+    """Whether the output is float32 although the tables are 16-bit: the unfused embedding
+    sum + LayerNorm returns what torch's layer_norm returns, float32 under CUDA autocast
+    whatever the tables' dtype, as fastbert's layer_norm does."""
+    return (word_weight.dtype in (torch.float16, torch.bfloat16)
+            and cuda_autocast_layer_norm_fp32(word_weight.dtype, word_weight.is_cuda))
 
 
 def _width_check(n_cols: int) -> Optional[str]:

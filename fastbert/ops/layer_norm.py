@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import (REF_DTYPES, check_eps, check_probability, check_same_device, check_shape,
-                      check_tensor, kernel_dtype_reason)
+                      check_tensor, cuda_autocast_layer_norm_fp32, kernel_dtype_reason)
 from ._fastop import fast_op
 from ._dispatch import resolve
 
@@ -170,8 +170,7 @@ def _out_dtype(x: Tensor, residual: Optional[Tensor]) -> torch.dtype:
         dtype = x.dtype
     else:
         dtype = torch.promote_types(x.dtype, residual.dtype)
-    if (dtype is not torch.float64 and x.device.type == "cuda"
-            and torch.is_autocast_enabled("cuda")):
+    if cuda_autocast_layer_norm_fp32(dtype, x.device.type == "cuda"):
         return torch.float32
     return dtype
 
