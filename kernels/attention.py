@@ -625,10 +625,14 @@ def fwd_config(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple[int, i
     bd = block_d(head_dim)
     if dtype == torch.float32:
         return (32, 32, 4, 2) if bd <= 64 else (32, 16, 4, 1)
-    # 8 warps: with 4 a 128 x 64 score tile of a 128-wide head spills registers. Dropout's
-    # Philox draws, and the masked head-dim columns of head dims 80/96, take 242-255
-    # registers (sm_90) with 64 keys a block, and spill in fp16 at head dim 32-64 (84 bytes at
-    # 64; bf16 does not): 32 keys take ~170.
+    # 8 warps: with 4 a 128 x 64 score tile of a 128-wide head spills registers. With dropout
+    # (its Philox draws), 64 keys a block spill at the JIT's own specialization (i32 strides,
+    # sm_90 ptxas, seq 512): fp16 causal at head dims 16-64 (32-52 bytes), and head dim 128
+    # takes 252-255 registers (372 bytes of spills in fp16 causal); the other head dim 16-64
+    # cases would not spill (128-183 registers). 32 keys take 165-186
+    # (234 at 128 in fp16 causal) with no spills anywhere: one rule, 32. Head dims 80 / 96
+    # (masked head-dim columns) take 32 too. tests/aot_compile.py reports more registers than
+    # these (it types strides as i64 and compiles every int as divisible by 16).
     if dropout or bd != head_dim:
         return 128, 32, 8, 3
     return 128, 64, 8, 3

@@ -159,29 +159,100 @@ CHUNK_ROW_MULTIPLE = 16
 # incoming gradient / n, ~1e-3) most of them would be at or below fp16's smallest subnormal
 # (6e-8). A power of two: it adds no rounding itself.
 PRESCALE = 1024.0
+# Rows are read and written in parts so that nearly every access is a 16-byte vector: the head
+# (the columns before the row's first element offset that is a multiple of ALIGN), the body
+# (whole groups of ALIGN elements, in blocks of BLOCK_V whose mask changes only at group
+# boundaries) and the tail (the rest, fewer than ALIGN). Masking a whole row by `c < n_cols`
+# made every access a scalar one unless V was a multiple of 16, and BERT's 30522 is not (its
+# bf16 rows are also only 4-byte aligned every other row); ptxas showed 2-byte loads and
+# stores throughout (a review of the sm_90 code; not timed). 8 elements: 16 bytes of bf16 /
+# fp16, 32 of fp32.
+ALIGN = tl.constexpr(8)
+# The lanes of the block that holds a row's head and tail together (each fewer than ALIGN).
+REST = tl.constexpr(16)
 
 
 @triton.jit
-def _row_stats(row_ptr, n_cols, BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """(max, log(sum(exp(x - max))), mean(x)) of one row, in fp32, by the online method."""
+def _row_parts(row_off, n_cols):
+    """(lead, n_body) of a row whose first element is at element offset ``row_off`` (int64) from
+    the tensor's data pointer: columns [0, lead) come before the first offset that is a multiple
+    of ALIGN (the head, fewer than ALIGN), [lead, lead + n_body) are whole groups of ALIGN (the
+    body), the rest of the row is the tail (fewer than ALIGN)."""
+    # (ALIGN - r) written tensor-first: a constexpr on the left makes a constexpr the
+    # interpreter cannot convert back (the operands are never negative: C's and Python's
+    # remainders agree)
+    lead = tl.minimum((-(row_off % ALIGN - ALIGN)) % ALIGN, n_cols)
+    n_body = tl.multiple_of((n_cols - lead) // ALIGN * ALIGN, ALIGN)
+    return lead, n_body
+
+
+@triton.jit
+def _rest_cols(lead, n_body, n_cols):
+    """The head and the tail of a row as one block of REST lanes: (columns, mask)."""
+    j = tl.arange(0, REST)
+    return tl.where(j < lead, j, j + n_body), j < n_cols - n_body
+
+
+@triton.jit
+def _online_update(m, s, x):
+    """Fold a block x (fp32, -inf where masked) into the running max m and sum s of exp(x - m)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # a block of -inf only (masked vocabulary) leaves m_new = -inf: subtract 0 instead so that
+    # exp(-inf - -inf) does not turn into NaN
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), axis=0)
+    return m_new, s
+
+
+@triton.jit
+def _finite_or_zero(v):
+    """v where it is finite, else 0 (a reference point of a row's mean)."""
+    return tl.where(tl.abs(v) < float("inf"), v, 0.0)
+
+
+@triton.jit
+def _mean_part(x, ref, mask, n_cols):
+    """A block's part of label smoothing's mean(x) - ref: sum((x - ref) / V) over the masked
+    lanes. Deviations from a logit of the row, not the logits: a mean of logits that share a
+    large offset (1e4) summed in fp32 is off by ulps of the offset (~1e-3; 15-80x torch's
+    error, a review found), their deviations are exact differences. Halved first, so that the
+    difference of two finite fp32 logits never overflows (the mean of 3e38-sized logits is
+    finite), and divided before the sum (which could overflow as well)."""
+    d = (x * 0.5 - ref * 0.5) * (2.0 / n_cols)
+    return tl.sum(tl.where(mask, d, 0.0), axis=0)
+
+
+@triton.jit
+def _row_stats(x_ptr, row_off, n_cols, BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """(max, log(sum(exp(x - max))), ref, mean(x) - ref) of the row at x_ptr + row_off, in
+    fp32, by the online method: the body in blocks of BLOCK_V (16-byte loads), then head and
+    tail. With HAS_SMOOTHING ref is the row's first logit (0 if it is not finite), else the
+    last two are 0."""
     cols = tl.arange(0, BLOCK_V)
+    lead, n_body = _row_parts(row_off, n_cols)
+    body_off = row_off + lead
     m = -float("inf")
     s = 0.0
-    x_mean = 0.0
-    for start in range(0, n_cols, BLOCK_V):
-        c = start + cols
-        x = tl.load(row_ptr + c, mask=c < n_cols, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # a block of -inf only (masked vocabulary) leaves m_new = -inf: subtract 0 instead so
-        # that exp(-inf - -inf) does not turn into NaN
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), axis=0)
-        m = m_new
+    dev = 0.0
+    ref = 0.0
+    if HAS_SMOOTHING:
+        # the mean is taken as the row's first logit plus the mean deviation from it
+        ref = _finite_or_zero(tl.load(x_ptr + row_off, mask=n_cols > 0, other=0.0).to(
+            tl.float32))
+    for start in range(0, n_body, BLOCK_V):
+        j = start + cols
+        in_body = j < n_body
+        x = tl.load(x_ptr + tl.multiple_of(body_off + start, ALIGN) + cols, mask=in_body,
+                    other=-float("inf")).to(tl.float32)
+        m, s = _online_update(m, s, x)
         if HAS_SMOOTHING:
-            # the mean's parts, each divided first: a sum of huge logits would overflow fp32
-            # (and turn the loss into -inf) where their mean does not
-            x_mean += tl.sum(tl.where(c < n_cols, x, 0.0) * (1.0 / n_cols), axis=0)
-    return m, tl.log(s), x_mean
+            dev += _mean_part(x, ref, in_body, n_cols)
+    c, in_rest = _rest_cols(lead, n_body, n_cols)
+    x = tl.load(x_ptr + row_off + c, mask=in_rest, other=-float("inf")).to(tl.float32)
+    m, s = _online_update(m, s, x)
+    if HAS_SMOOTHING:
+        dev += _mean_part(x, ref, in_rest, n_cols)
+    return m, tl.log(s), ref, dev
 
 
 @triton.jit
@@ -213,25 +284,50 @@ def _grad_block(x, c, target, m, log_s, scale, n_cols, label_smoothing,
 
 
 @triton.jit
-def _store_row_grad(x_row_ptr, dx_row_ptr, target, m, log_s, scale, n_cols, label_smoothing,
-                    BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """dx = scale * (softmax(x) - smoothing / V - (1 - smoothing) onehot(target)) for one row."""
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(0, n_cols, BLOCK_V):
-        c = start + cols
-        mask = c < n_cols
-        x = tl.load(x_row_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        g = _grad_block(x, c, target, m, log_s, scale, n_cols, label_smoothing, HAS_SMOOTHING)
-        tl.store(dx_row_ptr + c, g.to(dx_row_ptr.dtype.element_ty), mask=mask)
+def _dx_offset(a, b, ALIGNED_DX: tl.constexpr):
+    """The gradient's offset a + b of a body block: ALIGNED_DX (the launcher checked that
+    gradient and logits rows have the same offsets modulo ALIGN) says it is a multiple of ALIGN
+    too. The hint goes on the sum made here: on an argument (a block argument of the function
+    until it is inlined) or on `x + 0` (folded to x) it would be dropped."""
+    if ALIGNED_DX:
+        return tl.multiple_of(a + b, ALIGN)
+    else:
+        return a + b
 
 
 @triton.jit
-def _store_zero_row(dx_row_ptr, n_cols, BLOCK_V: tl.constexpr):
+def _store_row_grad(x_ptr, x_off, dx_ptr, dx_off, target, m, log_s, scale, n_cols,
+                    label_smoothing, BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                    ALIGNED_DX: tl.constexpr):
+    """dx = scale * (softmax(x) - smoothing / V - (1 - smoothing) onehot(target)) for one row
+    (logits at x_ptr + x_off, gradient at dx_ptr + dx_off), split as the logits' row."""
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, n_cols, BLOCK_V):
-        c = start + cols
-        tl.store(dx_row_ptr + c, tl.zeros((BLOCK_V,), dtype=dx_row_ptr.dtype.element_ty),
-                 mask=c < n_cols)
+    lead, n_body = _row_parts(x_off, n_cols)
+    for start in range(0, n_body, BLOCK_V):
+        in_body = start + cols < n_body
+        x = tl.load(x_ptr + tl.multiple_of(x_off + lead + start, ALIGN) + cols, mask=in_body,
+                    other=0.0).to(tl.float32)
+        g = _grad_block(x, lead + start + cols, target, m, log_s, scale, n_cols,
+                        label_smoothing, HAS_SMOOTHING)
+        tl.store(dx_ptr + _dx_offset(dx_off + lead, start, ALIGNED_DX) + cols,
+                 g.to(dx_ptr.dtype.element_ty), mask=in_body)
+    c, in_rest = _rest_cols(lead, n_body, n_cols)
+    x = tl.load(x_ptr + x_off + c, mask=in_rest, other=0.0).to(tl.float32)
+    g = _grad_block(x, c, target, m, log_s, scale, n_cols, label_smoothing, HAS_SMOOTHING)
+    tl.store(dx_ptr + dx_off + c, g.to(dx_ptr.dtype.element_ty), mask=in_rest)
+
+
+@triton.jit
+def _store_zero_row(dx_ptr, dx_off, n_cols, BLOCK_V: tl.constexpr):
+    """Zeros over the row at dx_ptr + dx_off, split as that row."""
+    cols = tl.arange(0, BLOCK_V)
+    lead, n_body = _row_parts(dx_off, n_cols)
+    zero = tl.zeros((BLOCK_V,), dtype=dx_ptr.dtype.element_ty)
+    for start in range(0, n_body, BLOCK_V):
+        tl.store(dx_ptr + tl.multiple_of(dx_off + lead + start, ALIGN) + cols, zero,
+                 mask=start + cols < n_body)
+    c, in_rest = _rest_cols(lead, n_body, n_cols)
+    tl.store(dx_ptr + dx_off + c, tl.zeros((REST,), dtype=dx_ptr.dtype.element_ty), mask=in_rest)
 
 
 @triton.jit
@@ -241,38 +337,50 @@ def _cross_entropy_fwd_row(
     n_cols, ignore_index, label_smoothing, scale_value,
     BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr, STORE_GRAD: tl.constexpr,
     ONE_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNT: tl.constexpr,
+    ALIGNED_DX: tl.constexpr,
 ):
     # one row (int64 index) of the forward: see _cross_entropy_fwd_kernel
-    row_ptr = logits_ptr + row * stride_logits_row
+    row_off = row * stride_logits_row
     target = tl.load(target_ptr + row * stride_target).to(tl.int64)
     ignored = target == ignore_index
     in_range = (target >= 0) & (target < n_cols)
     valid = in_range & (~ignored)
     if ONE_BLOCK:
-        # the whole row (n_cols <= BLOCK_V) stays in registers: the gradient is computed from
-        # them, so the row is read from memory once even with STORE_GRAD
-        c = tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + c, mask=c < n_cols, other=-float("inf")).to(tl.float32)
-        m = tl.max(x, axis=0)
+        # the whole row (n_cols <= BLOCK_V) stays in registers, its body in one block and its
+        # head and tail in another: the gradient is computed from them, so the row is read
+        # from memory once even with STORE_GRAD
+        lead, n_body = _row_parts(row_off, n_cols)
+        j = tl.arange(0, BLOCK_V)
+        in_body = j < n_body
+        x = tl.load(logits_ptr + tl.multiple_of(row_off + lead, ALIGN) + j, mask=in_body,
+                    other=-float("inf")).to(tl.float32)
+        c_rest, in_rest = _rest_cols(lead, n_body, n_cols)
+        x_rest = tl.load(logits_ptr + row_off + c_rest, mask=in_rest,
+                         other=-float("inf")).to(tl.float32)
+        m = tl.maximum(tl.max(x, axis=0), tl.max(x_rest, axis=0))
         # a row of -inf only: subtract 0 so that exp(-inf - -inf) does not turn into NaN
         m_safe = tl.where(m == -float("inf"), 0.0, m)
-        log_s = tl.log(tl.sum(tl.exp2((x - m_safe) * LOG2E), axis=0))
-        x_mean = 0.0
+        log_s = tl.log(tl.sum(tl.exp2((x - m_safe) * LOG2E), axis=0)
+                       + tl.sum(tl.exp2((x_rest - m_safe) * LOG2E), axis=0))
+        ref = m_safe   # the mean as its deviation from the max (see _mean_part)
+        dev = 0.0
         if HAS_SMOOTHING:
-            x_mean = tl.sum(tl.where(c < n_cols, x, 0.0) * (1.0 / n_cols), axis=0)
-        x_t = tl.sum(tl.where((c == target) & valid, x, 0.0), axis=0)
+            dev = _mean_part(x, ref, in_body, n_cols) + _mean_part(x_rest, ref, in_rest, n_cols)
+        c = lead + j
+        x_t = (tl.sum(tl.where((c == target) & in_body & valid, x, 0.0), axis=0)
+               + tl.sum(tl.where((c_rest == target) & in_rest & valid, x_rest, 0.0), axis=0))
     else:
-        m, log_s, x_mean = _row_stats(row_ptr, n_cols, BLOCK_V, HAS_SMOOTHING)
+        m, log_s, ref, dev = _row_stats(logits_ptr, row_off, n_cols, BLOCK_V, HAS_SMOOTHING)
         # the target logit is loaded only when it is a valid address
-        x_t = tl.load(row_ptr + target, mask=valid, other=0.0).to(tl.float32)
+        x_t = tl.load(logits_ptr + row_off + target, mask=valid, other=0.0).to(tl.float32)
     # lse - x = (m - x) + log_s: differences to the max first, exact for nearby large logits.
     # The few scalar terms are combined in fp64 (a handful of operations a row, free) so that
     # the fp32 loss is rounded once: at |x| ~ 1e4 each fp32 step would round by up to 1e-3.
     m64 = m.to(tl.float64)
     lse_minus_xt = (m64 - x_t.to(tl.float64)) + log_s.to(tl.float64)
     if HAS_SMOOTHING:
-        # (1 - eps) (lse - x_t) + eps (lse - mean_c x_c)
-        smooth = (m64 - x_mean.to(tl.float64)) + log_s.to(tl.float64)
+        # (1 - eps) (lse - x_t) + eps (lse - mean_c x_c), mean_c x_c = ref + dev
+        smooth = ((m64 - ref.to(tl.float64)) - dev.to(tl.float64)) + log_s.to(tl.float64)
         loss64 = (1.0 - label_smoothing) * lse_minus_xt + label_smoothing * smooth
     else:
         loss64 = lse_minus_xt
@@ -283,7 +391,7 @@ def _cross_entropy_fwd_row(
     tl.store(stats_ptr + 2 * row, m)
     tl.store(stats_ptr + 2 * row + 1, log_s)
     if STORE_GRAD:
-        dx_row_ptr = dlogits_ptr + row * stride_dlogits_row
+        dx_off = row * stride_dlogits_row
         # In place: the warp that owns element `target` may overwrite it with its gradient
         # while another warp has still to load x_t above (a race the interpreter, one program
         # at a time in lock step, never shows). Every read of the row ends before this barrier.
@@ -293,16 +401,22 @@ def _cross_entropy_fwd_row(
                                HAS_COUNT)
             g = _grad_block(x, c, target, m, log_s, scale, n_cols, label_smoothing,
                             HAS_SMOOTHING)
+            g_rest = _grad_block(x_rest, c_rest, target, m, log_s, scale, n_cols,
+                                 label_smoothing, HAS_SMOOTHING)
             # ignored and out-of-range rows get exactly 0, whatever the scale (inf, NaN)
             g = tl.where(valid, g, 0.0)
-            tl.store(dx_row_ptr + c, g.to(dx_row_ptr.dtype.element_ty), mask=c < n_cols)
+            g_rest = tl.where(valid, g_rest, 0.0)
+            tl.store(dlogits_ptr + _dx_offset(dx_off, lead, ALIGNED_DX) + j,
+                     g.to(dlogits_ptr.dtype.element_ty), mask=in_body)
+            tl.store(dlogits_ptr + dx_off + c_rest, g_rest.to(dlogits_ptr.dtype.element_ty),
+                     mask=in_rest)
         elif valid:
             scale = _row_scale(scale_ptr, stride_scale, scale_value, count_ptr, row, HAS_SCALE,
                                HAS_COUNT)
-            _store_row_grad(row_ptr, dx_row_ptr, target, m, log_s, scale, n_cols,
-                            label_smoothing, BLOCK_V, HAS_SMOOTHING)
+            _store_row_grad(logits_ptr, row_off, dlogits_ptr, dx_off, target, m, log_s, scale,
+                            n_cols, label_smoothing, BLOCK_V, HAS_SMOOTHING, ALIGNED_DX)
         else:
-            _store_zero_row(dx_row_ptr, n_cols, BLOCK_V)
+            _store_zero_row(dlogits_ptr, dx_off, n_cols, BLOCK_V)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -312,7 +426,7 @@ def _cross_entropy_fwd_kernel(
     n_cols, ignore_index, label_smoothing, scale_value, n_rows,
     BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr, STORE_GRAD: tl.constexpr,
     ONE_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNT: tl.constexpr,
-    ROW_LOOP: tl.constexpr,
+    ROW_LOOP: tl.constexpr, ALIGNED_DX: tl.constexpr,
 ):
     # each program owns one row of logits (and, with STORE_GRAD, of their gradient, which may
     # be the same memory: written in place)
@@ -325,13 +439,13 @@ def _cross_entropy_fwd_kernel(
                 tl.cast(r, tl.int64), logits_ptr, target_ptr, loss_ptr, stats_ptr, scale_ptr,
                 count_ptr, dlogits_ptr, stride_logits_row, stride_target, stride_scale,
                 stride_dlogits_row, n_cols, ignore_index, label_smoothing, scale_value,
-                BLOCK_V, HAS_SMOOTHING, STORE_GRAD, ONE_BLOCK, HAS_SCALE, HAS_COUNT)
+                BLOCK_V, HAS_SMOOTHING, STORE_GRAD, ONE_BLOCK, HAS_SCALE, HAS_COUNT, ALIGNED_DX)
     else:
         _cross_entropy_fwd_row(
             tl.program_id(0).to(tl.int64), logits_ptr, target_ptr, loss_ptr, stats_ptr,
             scale_ptr, count_ptr, dlogits_ptr, stride_logits_row, stride_target, stride_scale,
             stride_dlogits_row, n_cols, ignore_index, label_smoothing, scale_value,
-            BLOCK_V, HAS_SMOOTHING, STORE_GRAD, ONE_BLOCK, HAS_SCALE, HAS_COUNT)
+            BLOCK_V, HAS_SMOOTHING, STORE_GRAD, ONE_BLOCK, HAS_SCALE, HAS_COUNT, ALIGNED_DX)
 
 
 @triton.jit
@@ -340,11 +454,11 @@ def _cross_entropy_bwd_kernel(
     stride_logits_row, stride_target, stride_scale, stride_dlogits_row,
     n_cols, ignore_index, label_smoothing, scale_value,
     BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_COUNT: tl.constexpr,
+    HAS_COUNT: tl.constexpr, ALIGNED_DX: tl.constexpr,
 ):
     # each program owns one row of logits and of their gradient
     row = tl.program_id(0).to(tl.int64)
-    dx_row_ptr = dlogits_ptr + row * stride_dlogits_row
+    dx_off = row * stride_dlogits_row
     target = tl.load(target_ptr + row * stride_target).to(tl.int64)
     valid = (target != ignore_index) & (target >= 0) & (target < n_cols)
     if valid:
@@ -352,12 +466,13 @@ def _cross_entropy_bwd_kernel(
         log_s = tl.load(stats_ptr + 2 * row + 1)
         scale = _row_scale(scale_ptr, stride_scale, scale_value, count_ptr, row, HAS_SCALE,
                            HAS_COUNT)
-        _store_row_grad(logits_ptr + row * stride_logits_row, dx_row_ptr, target, m, log_s, scale,
-                        n_cols, label_smoothing, BLOCK_V, HAS_SMOOTHING)
+        _store_row_grad(logits_ptr, row * stride_logits_row, dlogits_ptr, dx_off, target, m,
+                        log_s, scale, n_cols, label_smoothing, BLOCK_V, HAS_SMOOTHING,
+                        ALIGNED_DX)
     else:
         # ignored rows get exactly 0 even when the incoming gradient is inf or NaN (torch too)
         # or their logits are (torch: NaN there)
-        _store_zero_row(dx_row_ptr, n_cols, BLOCK_V)
+        _store_zero_row(dlogits_ptr, dx_off, n_cols, BLOCK_V)
 
 
 @triton.jit
@@ -559,6 +674,12 @@ def _check_dlogits(dlogits: torch.Tensor, logits: torch.Tensor):
                          f"{dlogits.stride()}")
 
 
+def _aligned_dx(logits: torch.Tensor, dlogits: torch.Tensor) -> bool:
+    """Whether every gradient row starts at the same element offset modulo ALIGN as its logits
+    row (then the kernels split both rows alike and store the body as vectors)."""
+    return (dlogits.stride(0) - logits.stride(0)) % ALIGN.value == 0
+
+
 def _scale_args(scale, count: Optional[torch.Tensor], n_rows: int):
     """A gradient scale as the kernels take it: (tensor or None, its row stride, the fp32 value
     used without a tensor, count or None)."""
@@ -649,7 +770,8 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
             n_cols, int(ignore_index), float(label_smoothing), scale_value, n_rows,
             BLOCK_V=block_v, HAS_SMOOTHING=label_smoothing > 0.0, STORE_GRAD=store_grad,
             ONE_BLOCK=one_block, HAS_SCALE=scale is not None, HAS_COUNT=grad_count is not None,
-            ROW_LOOP=grid < n_rows, num_warps=num_warps,
+            ROW_LOOP=grid < n_rows, ALIGNED_DX=_aligned_dx(logits, dlogits),
+            num_warps=num_warps,
         )
     if not (reduce or check_labels):
         return loss, stats, None
@@ -795,7 +917,8 @@ def cross_entropy_bwd(logits: torch.Tensor, target: torch.Tensor, stats: torch.T
             logits.stride(0), target.stride(0), stride_scale, dlogits.stride(0),
             n_cols, int(ignore_index), float(label_smoothing), scale_value,
             BLOCK_V=block_v, HAS_SMOOTHING=label_smoothing > 0.0, HAS_SCALE=scale is not None,
-            HAS_COUNT=count is not None, num_warps=num_warps,
+            HAS_COUNT=count is not None, ALIGNED_DX=_aligned_dx(logits, dlogits),
+            num_warps=num_warps,
         )
     return dlogits
 
@@ -867,8 +990,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     if n_rows == 0:
         return (torch.empty((0,), dtype=torch.float32, device=dev),
                 torch.empty_like(x) if need_dx else None,
-                torch.zeros_like(weight) if need_dweight else None,
-                torch.zeros_like(bias) if need_dbias else None)
+                # contiguous whatever the weight's layout (W.t() of an (H, V) parameter): the
+                # backward scales them in place, which takes contiguous tensors only
+                torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_dweight
+                else None,
+                torch.zeros(bias.shape, dtype=bias.dtype, device=dev) if need_dbias else None)
     rows = chunk_rows(n_rows, vocab, chunk_elements)
     prescaled = grads and x.dtype == torch.float16
     unscale = 1.0
@@ -972,7 +1098,7 @@ def aot_configs():
             sig[name], consts[name] = "constexpr", None
 
     def fwd(dt, block_v, num_warps, smooth, grad, one=False, tt="i64", loss="fp32",
-            has_scale=False, has_count=False, row_loop=False):
+            has_scale=False, has_count=False, row_loop=False, aligned_dx=True):
         sig = {"logits_ptr": f"*{dt}", "target_ptr": f"*{tt}", "loss_ptr": f"*{loss}",
                "stats_ptr": "*fp32", "scale_ptr": "*fp32", "count_ptr": "*i64",
                "dlogits_ptr": f"*{dt}", "stride_logits_row": "i64", "stride_target": "i64",
@@ -980,30 +1106,33 @@ def aot_configs():
                "ignore_index": "i32", "label_smoothing": "fp32", "scale_value": "fp32",
                "n_rows": "i32", "BLOCK_V": "constexpr", "HAS_SMOOTHING": "constexpr",
                "STORE_GRAD": "constexpr", "ONE_BLOCK": "constexpr", "HAS_SCALE": "constexpr",
-               "HAS_COUNT": "constexpr", "ROW_LOOP": "constexpr"}
+               "HAS_COUNT": "constexpr", "ROW_LOOP": "constexpr", "ALIGNED_DX": "constexpr"}
         consts = dict(BLOCK_V=block_v, HAS_SMOOTHING=smooth, STORE_GRAD=grad, ONE_BLOCK=one,
-                      HAS_SCALE=has_scale, HAS_COUNT=has_count, ROW_LOOP=row_loop)
+                      HAS_SCALE=has_scale, HAS_COUNT=has_count, ROW_LOOP=row_loop,
+                      ALIGNED_DX=aligned_dx)
         ptr_or_none("scale_ptr", "*fp32", has_scale, sig, consts)
         ptr_or_none("count_ptr", "*i64", has_count, sig, consts)
         return AotConfig(_cross_entropy_fwd_kernel, sig, consts, num_warps,
                          name=f"cross_entropy_fwd[{dt},{tt},loss={loss},{block_v},smooth={smooth},"
                               f"grad={grad},one_block={one},scale={has_scale},count={has_count},"
-                              f"row_loop={row_loop}]")
+                              f"row_loop={row_loop},aligned_dx={aligned_dx}]")
 
-    def bwd(dt, block_v, num_warps, smooth, tt="i64", scale="fp32", has_count=False):
+    def bwd(dt, block_v, num_warps, smooth, tt="i64", scale="fp32", has_count=False,
+            aligned_dx=True):
         sig = {"logits_ptr": f"*{dt}", "target_ptr": f"*{tt}", "stats_ptr": "*fp32",
                "scale_ptr": f"*{scale}", "count_ptr": "*i64", "dlogits_ptr": f"*{dt}",
                "stride_logits_row": "i64", "stride_target": "i64", "stride_scale": "i64",
                "stride_dlogits_row": "i64", "n_cols": "i32", "ignore_index": "i32",
                "label_smoothing": "fp32", "scale_value": "fp32", "BLOCK_V": "constexpr",
-               "HAS_SMOOTHING": "constexpr", "HAS_SCALE": "constexpr", "HAS_COUNT": "constexpr"}
+               "HAS_SMOOTHING": "constexpr", "HAS_SCALE": "constexpr", "HAS_COUNT": "constexpr",
+               "ALIGNED_DX": "constexpr"}
         consts = dict(BLOCK_V=block_v, HAS_SMOOTHING=smooth, HAS_SCALE=scale is not None,
-                      HAS_COUNT=has_count)
+                      HAS_COUNT=has_count, ALIGNED_DX=aligned_dx)
         ptr_or_none("scale_ptr", f"*{scale}", scale is not None, sig, consts)
         ptr_or_none("count_ptr", "*i64", has_count, sig, consts)
         return AotConfig(_cross_entropy_bwd_kernel, sig, consts, num_warps,
                          name=f"cross_entropy_bwd[{dt},{tt},{block_v},smooth={smooth},"
-                              f"scale={scale},count={has_count}]")
+                              f"scale={scale},count={has_count},aligned_dx={aligned_dx}]")
 
     for block_v, num_warps, _ in ce_block_configs():
         for smooth in (False, True):
@@ -1033,6 +1162,11 @@ def aot_configs():
     block_v, num_warps, _ = ce_block(MAX_BLOCK_V)
     yield fwd("fp32", block_v, num_warps, True, True, tt="i32", has_scale=True)
     yield bwd("fp32", block_v, num_warps, True, tt="i32")
+    # a gradient whose rows are offset from the logits' rows modulo ALIGN (a caller's dlogits)
+    yield fwd("bf16", block_v, num_warps, False, True, has_count=True, aligned_dx=False)
+    yield bwd("bf16", block_v, num_warps, False, scale="bf16", has_count=True, aligned_dx=False)
+    for block_v, num_warps, one in ce_block_configs(one_block=True)[-1:]:
+        yield fwd("bf16", block_v, num_warps, False, True, one, has_count=True, aligned_dx=False)
     # the reduction: a loss of each dtype, mean / sum / none, checked or not, int32 targets once;
     # in one program, then as the first stage (partials) and the second of the two-stage one
     for out, reduce, check, tt in (("fp32", 2, False, "i64"), ("bf16", 2, True, "i64"),

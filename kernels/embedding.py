@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotConfig, cdiv, dropout_keep, next_power_of_2, num_programs,
+from ._common import (AotConfig, cdiv, dropout_keep_row, next_power_of_2, num_programs,
                       on_tensor_device, row_block, row_mean, rows_arg, _sum_param_parts)
 from ._launch import launch
 
@@ -162,7 +162,7 @@ def _embedding_layer_norm_fwd_kernel(
     if HAS_BIAS:
         y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(seed_ptr), row * n_cols + cols, dropout_p)
+        keep = dropout_keep_row(tl.load(seed_ptr), row, n_cols, 0, dropout_p, BLOCK_N)
         y = tl.where(keep, y / (1.0 - dropout_p), y * 0.0)
     tl.store(y_ptr + row * stride_y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
@@ -256,7 +256,7 @@ def _embedding_layer_norm_bwd_kernel(
         xhat = tl.where(mask, (s - mean) * rstd, 0.0)
         dy = tl.load(dy_ptr + row * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, row * n_cols + cols, dropout_p)
+            keep = dropout_keep_row(seed, row, n_cols, 0, dropout_p, BLOCK_N)
             dy = tl.where(keep, dy / (1.0 - dropout_p), dy * 0.0)
         g = dy
         if HAS_WEIGHT:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotConfig, MAX_FUSED_COLS, rows_arg, unit_stride, dropout_keep, gelu_fwd,
+from ._common import (AotConfig, MAX_FUSED_COLS, rows_arg, unit_stride, dropout_keep_row, gelu_fwd,
                       gelu_grad, num_programs, on_tensor_device, row_block, row_block_configs, cdiv,
                       row_mean, _sum_param_parts)
 from ._launch import launch
@@ -66,7 +66,7 @@ def _layer_norm_fwd_kernel(
     if ACT_GELU:
         s = gelu_fwd(s, APPROX_TANH)
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(seed_ptr), row * n_cols + cols, dropout_p)
+        keep = dropout_keep_row(tl.load(seed_ptr), row, n_cols, 0, dropout_p, BLOCK_N)
         # s * 0.0, not 0.0: a dropped NaN / inf gives NaN, as torch's dropout (a product)
         s = tl.where(keep, s / (1.0 - dropout_p), s * 0.0)
     if HAS_RESIDUAL:
@@ -128,7 +128,7 @@ def _layer_norm_bwd_kernel(
         if ACT_GELU:
             s = gelu_fwd(pre, APPROX_TANH)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, row * n_cols + cols, dropout_p)
+            keep = dropout_keep_row(seed, row, n_cols, 0, dropout_p, BLOCK_N)
             s = tl.where(keep, s / (1.0 - dropout_p), s * 0.0)
         if HAS_RESIDUAL:
             s += tl.load(res_ptr + row * stride_res_row + cols, mask=mask, other=0.0).to(tl.float32)

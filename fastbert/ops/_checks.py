@@ -156,6 +156,19 @@ def check_same_device(**tensors) -> torch.device:
     return dev
 
 
+def drops_everything(p: float) -> bool:
+    """Whether dropout with probability p (a float already checked to be in [0, 1]) drops
+    every element: p == 1, or a p below 1 that float32 rounds to 1 (p >= 1 - 2**-25): the
+    kernels take p as a float32, where 1 / (1 - p) would be inf (NaN outputs). Both backends
+    treat such a p as 1 (zeros), so that they agree."""
+    return p >= _FP32_BELOW_ONE_ROUNDS_UP
+
+
+# The smallest float that float32 rounds to 1.0: halfway between 1 - 2**-24 and 1 (a tie,
+# rounded to the even 1.0).
+_FP32_BELOW_ONE_ROUNDS_UP = 1.0 - 2.0 ** -25
+
+
 def check_probability(name: str, p: float) -> None:
     """A dropout probability in [0, 1]; 1 drops everything (as torch's dropout: zeros), which
     the ops compute without dropout and then zero, so the kernels never see it."""

@@ -167,7 +167,9 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, *, dropout
         else:
             probs = F.dropout(probs, dropout_p, training=True)
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(ct), vc)
-    return out.to(q.dtype)
+    # contiguous, as the kernels' output (einsum's is (B, H)-major: out.view(B, S, H * D), the
+    # usual next step, would fail on this backend only)
+    return out.to(q.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------------------
@@ -478,7 +480,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             and (attention_mask is None or _mask_ok(attention_mask, q, k))):
         _check_attention_args(op, q, k, v, attention_mask)
     q, k, v, chosen, p, scale = _common_args(op, q, k, v, dropout_p, softmax_scale, backend)
-    if p == 1.0:   # every probability dropped: zeros, zero gradients (as torch)
+    if _checks.drops_everything(p):   # every probability dropped: zeros, zero gradients (as torch)
         return attention(q, k, v, attention_mask=attention_mask, causal=causal,
                          softmax_scale=scale, backend=chosen) * 0.0
     if chosen == "torch":
@@ -641,7 +643,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape[0], k.shape[0],
                       max_seqlen_k, "max_seqlen_k", q.device)
     q, k, v, chosen, p, scale = _common_args(op, q, k, v, dropout_p, softmax_scale, backend)
-    if p == 1.0:   # every probability dropped: zeros, zero gradients (as torch)
+    if _checks.drops_everything(p):   # every probability dropped: zeros, zero gradients (as torch)
         return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 causal=causal, softmax_scale=scale, backend=chosen) * 0.0
     if chosen == "torch":

@@ -454,7 +454,7 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
                           (input_ids, position_ids, token_type_ids)))
     p = float(dropout_p)
     out_fp32 = _autocast_fp32(word_weight)
-    if p == 1.0:
+    if _checks.drops_everything(p):
         # everything dropped: zeros (torch's dropout with p = 1 multiplies by 0: zero
         # gradients for every table and parameter)
         return embedding_layer_norm(input_ids, word_weight, position_weight, ln_weight, ln_bias,

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import (REF_DTYPES, check_eps, check_probability, check_same_device, check_shape,
-                      check_tensor, cuda_autocast_layer_norm_fp32, kernel_dtype_reason)
+                      check_tensor, cuda_autocast_layer_norm_fp32, drops_everything,
+                      kernel_dtype_reason)
 from ._fastop import fast_op
 from ._dispatch import resolve
 
@@ -184,7 +185,7 @@ def _layer_norm_impl(op, x, weight, bias, eps, residual, x_bias, dropout_p, trai
                          x=x, weight=weight, bias=bias, residual=residual, x_bias=x_bias)
                      or _max_cols_check(x.shape[-1]))
     p = float(dropout_p) if training else 0.0
-    if p == 1.0:
+    if drops_everything(p):
         # everything dropped: LayerNorm(residual) (torch's dropout with p = 1 multiplies by 0,
         # so x's and x_bias's gradients are zeros, and a non-finite x gives NaN, as there)
         x = (x if x_bias is None else x + x_bias) * 0.0

@@ -106,8 +106,10 @@ def lstm_layer_ref(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
         y = torch.stack(ys)
     else:
         # no step: an empty output still in the graph of x (a backward through it runs, as
-        # through the kernels')
+        # through the kernels'); the final states are copies of h0 / c0, not h0 / c0 themselves
+        # (writing into h_n must not change h0, as on the kernels)
         y = xg[..., :h0.shape[-1]] * 0.0
+        h, c = h.clone(), c.clone()
     return y.to(x.dtype), h.to(x.dtype), c.to(x.dtype)
 
 

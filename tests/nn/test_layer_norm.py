@@ -71,3 +71,48 @@ def test_factory_kwargs_and_repr():
     assert m.weight.dtype == torch.float16 and "backend='torch'" in repr(m)
     m.reset_parameters()
     assert torch.equal(m.weight, torch.ones(16, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("shape", [(6,), (2, 3)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_residual_and_input_leaves_get_gradients_of_their_own(device, backend, shape):
+    """input and residual get the same gradient; each leaf's .grad must be a tensor of its own
+    (a view in front of each made them two views of one buffer: a second backward then added
+    every gradient twice, 3 g instead of 2 g, and clip_grad_norm_ scaled it twice), as
+    torch.nn.LayerNorm(x + r) gives."""
+    ln = fnn.LayerNorm(shape, device=device, backend=backend)
+    x = torch.nn.Parameter(torch.randn(4, *shape, device=device))
+    r = torch.nn.Parameter(torch.randn(4, *shape, device=device))
+    g = torch.randn(4, *shape, device=device)
+    ln(x, r).backward(g)
+    once = x.grad.clone()
+    assert torch.equal(r.grad, once)
+    ln(x, r).backward(g)
+    assert torch.allclose(x.grad, 2 * once) and torch.allclose(r.grad, 2 * once)
+    x.grad.zero_()
+    assert torch.allclose(r.grad, 2 * once)
+
+
+def test_empty_normalized_shape_is_refused_as_torch():
+    """torch's layer_norm refuses normalized_shape (); over groups of one element the result
+    would be the bias everywhere."""
+    with pytest.raises(RuntimeError, match="at least one dimension"):
+        fnn.LayerNorm(())(torch.randn(2, 3))
+
+
+def test_a_torch_layer_norm_unpickled_as_ours_runs():
+    """A torch.nn.LayerNorm pickled and loaded as this class (a checkpoint of a model whose
+    norms were swapped by class) has no backend attribute: the default is filled in."""
+    import io
+    import pickle
+
+    class Swap(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("torch.nn.modules.normalization", "LayerNorm"):
+                return fnn.LayerNorm
+            return super().find_class(module, name)
+
+    m = Swap(io.BytesIO(pickle.dumps(torch.nn.LayerNorm(8)))).load()
+    assert isinstance(m, fnn.LayerNorm) and m.backend is None
+    x = torch.randn(3, 8)
+    assert torch.allclose(m(x), torch.nn.functional.layer_norm(x, (8,)), atol=1e-6)

@@ -1012,6 +1012,15 @@ def test_auto_backend_on_cpu_is_the_reference():
     assert torch.equal(attention(q, k_, v), attention_ref(q, k_, v))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_output_is_contiguous_on_every_backend(device, backend):
+    """(B, S, H, D) contiguous as the kernels' (the reference's einsum gave (B, H)-major
+    strides: out.view(B, S, H * D), a BERT layer's next step, failed on that backend only)."""
+    q, k_, v = (_rand(device, torch.float32, 2, 5, 3, 16) for _ in range(3))
+    out = attention(q, k_, v, backend=backend)
+    assert out.is_contiguous() and out.view(2, 5, 48).shape == (2, 5, 48)
+
+
 def test_softmax_scale_is_applied(device):
     q, k_, v = (_rand(device, torch.float32, 1, 9, 2, 32) for _ in range(3))
     out = attention(q, k_, v, softmax_scale=0.3, backend="triton")

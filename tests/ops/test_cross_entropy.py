@@ -207,6 +207,27 @@ def test_cross_entropy_loss_of_1e4_logits_is_rounded_once(device, label_smoothin
     assert (total - ref.sum()).abs() <= eps * ref.abs().sum() + 1e-5 * len(ref)
 
 
+@pytest.mark.parametrize("store", [False, True])
+def test_cross_entropy_smoothing_of_logits_sharing_a_large_offset(device, monkeypatch, store):
+    """Label smoothing's mean of logits that all sit near 1e4: taken as deviations from one
+    logit of the row, so that its rounding is relative to the spread, not to the offset (a
+    plain fp32 mean was off by ~1e-4, 15-80x torch's fp32 error): each row's loss within one
+    fp32 rounding of fp64, in the statistics loop (several blocks) and, storing the gradient,
+    the row held in registers."""
+    monkeypatch.setattr(k, "STORE_GRADS", store)
+    eps = torch.finfo(torch.float32).eps
+    logits = 1e4 + 5 * torch.randn(8, 5000, device=device)
+    target = torch.randint(0, 5000, (8,), device=device)
+    kw = dict(label_smoothing=0.1)
+    rows = cross_entropy(logits, target, reduction="none", backend="triton", **kw).double()
+    ref = F.cross_entropy(logits.double(), target, reduction="none", **kw)
+    assert ((rows - ref).abs() <= eps * ref.abs() + 1e-5).all(), \
+        f"max error {(rows - ref).abs().max().item():.3e} over one rounding"
+    # a mean loss of logits that need gradients: the forward that stores them (STORE_GRADS)
+    total = cross_entropy(logits.requires_grad_(), target, backend="triton", **kw).double()
+    assert (total - ref.mean()).abs() <= eps * ref.mean().abs() + 1e-5
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # the interpreter's exp2 argument
 @pytest.mark.parametrize("n_cols", [5, 5000])
 def test_cross_entropy_smoothing_of_logits_whose_sum_overflows(device, n_cols):
@@ -613,6 +634,83 @@ def _stored_forward_equals_backward_kernel(device, n_rows, n_cols):
     torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-7)
 
 
+def _rows_at(n_rows, n_cols, row_stride, offset, device, dtype, fill=None):
+    """(n_rows, n_cols) logits whose rows are row_stride elements apart, the first at element
+    ``offset`` of its storage (random, or ``fill`` everywhere), and that storage: rows starting
+    at every offset modulo the kernels' ALIGN."""
+    buf = torch.randn(offset + n_rows * row_stride + 8, device=device).to(dtype) * 3
+    if fill is not None:
+        buf.fill_(fill)
+    return buf[offset:].as_strided((n_rows, n_cols), (row_stride, 1)), buf
+
+
+def _outside(view, buf):
+    """The elements of buf that are not in view (view's own are set to 0 in a copy first)."""
+    mark = torch.ones_like(buf, dtype=torch.bool)
+    idx = torch.arange(buf.numel(), device=buf.device)
+    inside = idx[view.storage_offset() - buf.storage_offset():].as_strided(view.shape,
+                                                                            view.stride())
+    mark[inside.reshape(-1)] = False
+    return buf[mark]
+
+
+@pytest.mark.parametrize("dtype, n_cols", [(torch.float32, 1), (torch.float32, 5),
+                                           (torch.float32, 40), (torch.float32, 77),
+                                           (torch.bfloat16, 13), (torch.bfloat16, 77)])
+def test_cross_entropy_rows_at_any_alignment_match_fp64(device, monkeypatch, dtype, n_cols):
+    """The kernels split each row into head (up to the first ALIGN-aligned element), body
+    (whole ALIGN groups, in blocks) and tail: every row stride and storage offset modulo ALIGN,
+    gradients in place, in a tensor of the same strides and in one whose rows are offset
+    differently from the logits' (ALIGNED_DX off), in the recomputing backward and in both
+    forwards that store the gradient (row in registers, and looping over blocks); nothing
+    between the rows is written."""
+    monkeypatch.setattr(k, "MAX_BLOCK_V", 16)  # several body blocks from 40 classes on
+    n_rows = 5
+    for row_stride, offset in [(n_cols, 0), (n_cols + 1, 3), (n_cols + 3, 7), (n_cols + 8, 5)]:
+        logits, _ = _rows_at(n_rows, n_cols, row_stride, offset, device, dtype)
+        target = torch.randint(0, n_cols, (n_rows,), device=device)
+        target[0], target[1], target[2] = 0, n_cols - 1, IGNORE  # head, tail, zero row
+        # exact in bf16: torch's bf16 gradient (the bound of a bf16 one) gets the same scale
+        scale = torch.randint(2, 9, (n_rows,), device=device).float() / 4
+        grads = []
+        for x in (logits.double(), logits.clone()):
+            x.requires_grad_()
+            ref = F.cross_entropy(x, target, ignore_index=IGNORE, label_smoothing=0.1,
+                                  reduction="none")
+            (ref * scale.to(x.dtype)).sum().backward()
+            grads.append(x.grad)
+        ref = F.cross_entropy(logits.double(), target, ignore_index=IGNORE, label_smoothing=0.1,
+                              reduction="none")
+
+        def check_grad(got):
+            assert_close_to_ref(got, grads[0], lowp_ref=grads[1] if dtype != torch.float32
+                                else None)
+
+        loss, stats, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1)
+        assert_close_to_ref(loss, ref)
+        kept = logits.clone()
+        for out_stride, out_offset in ((row_stride, offset),  # the logits' alignment
+                                       (row_stride, (offset + 1) % 8),
+                                       (row_stride + 1, offset)):
+            out, buf = _rows_at(n_rows, n_cols, out_stride, out_offset, device, dtype, fill=7.0)
+            got = k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1, dlogits=out)
+            assert got is out
+            check_grad(out)
+            assert (_outside(out, buf) == 7.0).all()
+            for one_block_max in (k.MAX_ONE_BLOCK_V, 16):  # row in registers / in blocks
+                monkeypatch.setattr(k, "MAX_ONE_BLOCK_V", one_block_max)
+                out.fill_(float("nan"))
+                loss1, _, _ = k.cross_entropy_fwd(logits, target, IGNORE, 0.1, grad_scale=scale,
+                                                  dlogits=out)
+                check_grad(out)
+                assert_close_to_ref(loss1, ref)
+                assert (_outside(out, buf) == 7.0).all()
+        assert torch.equal(logits, kept)
+        # in place, over the logits' own rows
+        k.cross_entropy_bwd(logits, target, stats, scale, IGNORE, 0.1, dlogits=logits)
+        check_grad(logits)
+
+
 @pytest.mark.parametrize("n_cols", [1, 700, 4097])
 def test_cross_entropy_one_block_forward_writes_the_backward_kernels_gradient(device, n_cols):
     # the forward with a gradient holds a row of up to MAX_ONE_BLOCK_V classes in registers
@@ -915,6 +1013,12 @@ def test_masked_lm_loss_without_masked_tokens_is_zero_with_zero_grads(device, ba
     loss.sum().backward()
     for t in leaves:
         assert torch.equal(t.grad, torch.zeros_like(t))
+    # a decoder weight that is a transposed view (the zero gradients were made with its
+    # strides, which the in-place scaling of the backward refused)
+    w_t = weight.t().contiguous().requires_grad_()
+    loss = masked_lm_loss(hidden, w_t.t(), bias, labels, reduction=reduction, backend=backend)
+    loss.sum().backward()
+    assert torch.equal(w_t.grad, torch.zeros_like(w_t))
 
 
 def test_masked_lm_loss_all_tokens_masked_matches_fp64(device):

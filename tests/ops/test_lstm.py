@@ -1194,6 +1194,10 @@ def test_lstm_layer_zero_steps_output_stays_in_the_graph(device, backend):
     assert y.shape == (0, 2, 16) and y.requires_grad
     dx, dh0 = torch.autograd.grad(y.sum() + h_n.sum(), [p["x"], p["h0"]])
     assert dx.shape == p["x"].shape and torch.equal(dh0, torch.ones_like(dh0))
+    # the final states are copies (the reference returned h0 / c0 themselves: writing into
+    # h_n changed h0)
+    assert torch.equal(h_n, p["h0"]) and torch.equal(c_n, p["c0"])
+    assert h_n.data_ptr() != p["h0"].data_ptr() and c_n.data_ptr() != p["c0"].data_ptr()
 
 
 def test_lstm_layer_ref_cell_layer_norm_with_a_bias_alone():
