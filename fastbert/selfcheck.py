@@ -189,3 +189,12 @@ def run(device: torch.device, verbose: bool = True) -> List[CheckResult]:
             print(f"{r.op:<30} {r.shape:<16} {r.dtype:<8} {r.backend:<7} {r.fwd_err:12.2e} "
                   f"{r.bwd_err:12.2e} {r.tol:7.0e}  {'ok' if r.ok else 'FAIL'} ({r.seconds:.1f} s)")
     return results
+
+
+if __name__ == "__main__":
+    # `python -m fastbert.selfcheck`: the CLI's selfcheck (its --device, and the interpreter
+    # restart on a CPU), not a silent no-op
+    import sys
+
+    from .cli import main
+    raise SystemExit(main(["selfcheck", *sys.argv[1:]]))

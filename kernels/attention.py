@@ -17,9 +17,10 @@ What is fused and why:
 - Forward: QK^T, masking (key padding, bounds, causal), online softmax (running max and sum in
   fp32, base-2 exponentials), dropout on the probabilities and PV, tile by tile. Nothing of
   size seqlen_q x seqlen_k is written; the forward stores O and the log-sum-exp per row.
-- Dropout draws its keep-mask with Philox (``tl.rand``) from a seed held in a device tensor
-  and the element offset ((b * H + h) * max_seqlen_q + i) * max_seqlen_k + j (int64), so the
-  backward regenerates exactly the same mask and nothing of it is stored.
+- Dropout draws its keep-mask with Philox (``tl.randint4x``) from a seed held in a device
+  tensor: probability (i, j) of (batch x head) bh takes output j % 4 of the counter
+  (bh * max_seqlen_q + i) * ceil(max_seqlen_k / 4) + j // 4 (int64; ``_dropout_keep_tile``),
+  so the backward regenerates exactly the same mask and nothing of it is stored.
 - Backward: a small kernel computes delta = rowsum(dO * O); then two kernels recompute the
   probabilities from the stored log-sum-exp. ``_attention_bwd_dkdv_kernel`` owns a block of
   keys of one (batch, kv head) and loops over every query block of every query head sharing
@@ -47,7 +48,8 @@ What is fused and why:
   their matmuls (fp16/bf16 tensor cores). fp32 inputs use ``input_precision="ieee"`` (true
   fp32 FMA, no TF32), so the fp32 path matches an fp64 reference to about 1e-6 relative at
   the default scale (more with large scores: the error of exp grows with its argument, up to
-  tens of times torch's own fp32 error at a softmax_scale near 1 and head dim 128) but runs
+  tens of times torch's own fp32 error at a softmax_scale near 1 and head dim 128; and dV of
+  a row with one dominating key was 4-6x torch's fp32 error in the interpreter) but runs
   far slower than fp16/bf16.
 
 References: Dao, "FlashAttention-2" (2023); the Triton fused-attention tutorial (06);
@@ -62,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AotConfig, LOG2E, cdiv, dropout_keep, next_power_of_2, num_programs,
+from ._common import (AotConfig, LOG2E, cdiv, next_power_of_2, num_programs,
                       on_tensor_device)
 from ._launch import launch
 from . import _tune
@@ -182,11 +184,35 @@ def _store_tile(ptrs, value, rows_in, d_in, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _dropout_row_counter(bh, seqlen_q, seqlen_k, offs_m):
+    """The Philox counter of key 0 of each query row offs_m of (batch x head) bh:
+    (bh * seqlen_q + i) * ceil(seqlen_k / 4), int64 (seqlen: the max_seqlen of varlen)."""
+    return (bh.to(tl.int64) * seqlen_q + offs_m) * ((seqlen_k + 3) // 4)
+
+
+@triton.jit
+def _dropout_keep_tile(seed, row_ctr, start_n, dropout_p, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) keep-mask of inverted dropout (True with probability 1 - p) of the
+    query rows with counters row_ctr and the keys start_n + arange(BLOCK_N) (start_n a
+    multiple of 4). Key j of a row takes output j % 4 of Philox (tl.randint4x) at counter
+    row_ctr + j // 4: one Philox evaluation (10 rounds of 32-bit multiplies) for four
+    probabilities, where tl.rand runs one per probability and keeps one output (the sm_90 loop
+    of the forward with dropout was ~3x the instructions of the one without). Every kernel that
+    applies or recovers the mask calls this, so they agree."""
+    ctr = row_ctr[:, None] + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, ctr)
+    # key 4 g + 2 a + b <- output 2 a + b of counter g (join stacks on a new last axis)
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
+    return tl.random.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
 def _attention_fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, d_in,
     key_lo, key_hi, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_off, qk_scale,
     dropout_p,
-    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, BOUNDARY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, BOUNDARY: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     """Online softmax over the key blocks [key_lo, key_hi). BOUNDARY=False is the fast path
@@ -215,7 +241,7 @@ def _attention_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, row_off[:, None] + offs_n[None, :], dropout_p)
+            keep = _dropout_keep_tile(seed, row_off, start_n, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_in, d_in,
                        BOUNDARY, EVEN_D, False)
@@ -262,7 +288,7 @@ def _attention_fwd_kernel(
         row_off = offs_m
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
-            row_off = (pid_bh.to(tl.int64) * seqlen_q + offs_m) * seqlen_k
+            row_off = _dropout_row_counter(pid_bh, seqlen_q, seqlen_k, offs_m)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -282,11 +308,11 @@ def _attention_fwd_kernel(
         acc, l_i, m_i = _attention_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, d_in,
             0, full_end, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_off, qk_scale,
-            dropout_p, BLOCK_N, EVEN_D, False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT)
+            dropout_p, BLOCK_M, BLOCK_N, EVEN_D, False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT)
         acc, l_i, m_i = _attention_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, d_in,
             full_end, hi, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_off, qk_scale,
-            dropout_p, BLOCK_N, EVEN_D, True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT)
+            dropout_p, BLOCK_M, BLOCK_N, EVEN_D, True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT)
         empty = l_i == 0.0
         inv_l = 1.0 / tl.where(empty, 1.0, l_i)
         if HAS_DROPOUT:
@@ -442,9 +468,9 @@ def _attention_bwd_dkdv_kernel(
                     pt = tl.where(valid, tl.math.exp2(qkt * qk_scale - lse[None, :]), 0.0)
                     dpt = _mm(v, tl.trans(do))
                     if HAS_DROPOUT:
-                        row_off = (bh.to(tl.int64) * seqlen_q + offs_m) * seqlen_k
-                        keep = dropout_keep(seed, row_off[None, :] + offs_n[:, None],
-                                            dropout_p)
+                        keep = tl.trans(_dropout_keep_tile(
+                            seed, _dropout_row_counter(bh, seqlen_q, seqlen_k, offs_m), start_n,
+                            dropout_p, BLOCK_M, BLOCK_N))
                         scale_keep = 1.0 / (1.0 - dropout_p)
                         dv += _mm(tl.where(keep, pt * scale_keep, 0.0).to(do.dtype), do)
                         dpt = tl.where(keep, dpt * scale_keep, 0.0)
@@ -516,7 +542,7 @@ def _attention_bwd_dq_kernel(
         v_base = _head_base(v_ptr, b, k_start, h_kv, stride_vb, stride_vn, stride_vh)
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
-            row_off = (pid_bh.to(tl.int64) * seqlen_q + offs_m) * seqlen_k
+            row_off = _dropout_row_counter(pid_bh, seqlen_q, seqlen_k, offs_m)
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         # key blocks past kv_end are padding: skipped, as in the forward
         hi = tl.minimum(_causal_key_end(start_m, len_q, len_k, BLOCK_M, IS_CAUSAL),
@@ -534,7 +560,7 @@ def _attention_bwd_dq_kernel(
             p = tl.where(valid, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
             dp = _mm(do, vt)
             if HAS_DROPOUT:
-                keep = dropout_keep(seed, row_off[:, None] + offs_n[None, :], dropout_p)
+                keep = _dropout_keep_tile(seed, row_off, start_n, dropout_p, BLOCK_M, BLOCK_N)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(kt.dtype), tl.trans(kt))
@@ -553,10 +579,11 @@ def _attention_dropout_mask_kernel(seed_ptr, mask_ptr, seqlen_q, seqlen_k, dropo
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     seed = tl.load(seed_ptr)
     row_off = (pid_bh * seqlen_q + offs_m) * seqlen_k
+    row_ctr = _dropout_row_counter(pid_bh, seqlen_q, seqlen_k, offs_m)
     for start_n in range(0, seqlen_k, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs = row_off[:, None] + offs_n[None, :]
-        keep = dropout_keep(seed, offs, dropout_p)
+        keep = _dropout_keep_tile(seed, row_ctr, start_n, dropout_p, BLOCK_M, BLOCK_N)
         tl.store(mask_ptr + offs, keep.to(tl.int8),
                  mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :])
 
@@ -626,14 +653,14 @@ def fwd_config(head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple[int, i
     if dtype == torch.float32:
         return (32, 32, 4, 2) if bd <= 64 else (32, 16, 4, 1)
     # 8 warps: with 4 a 128 x 64 score tile of a 128-wide head spills registers. With dropout
-    # (its Philox draws), 64 keys a block spill at the JIT's own specialization (i32 strides,
-    # sm_90 ptxas, seq 512): fp16 causal at head dims 16-64 (32-52 bytes), and head dim 128
-    # takes 252-255 registers (372 bytes of spills in fp16 causal); the other head dim 16-64
-    # cases would not spill (128-183 registers). 32 keys take 165-186
-    # (234 at 128 in fp16 causal) with no spills anywhere: one rule, 32. Head dims 80 / 96
-    # (masked head-dim columns) take 32 too. tests/aot_compile.py reports more registers than
-    # these (it types strides as i64 and compiles every int as divisible by 16).
-    if dropout or bd != head_dim:
+    # (Philox draws: _dropout_keep_tile), 64 keys a block take 168-240 registers and spill
+    # nowhere at head dims 16-64 (sm_90 ptxas of the JIT's own specialization, i32 strides,
+    # seq 512, fp16 / bf16, key mask or causal) and ~20 loop instructions a key against ~22
+    # with 32 keys; at head dim 128 they take 255 and spill (8 bytes in bf16), so 32 keys
+    # there (218-245 registers, no spills), and for the masked head-dim columns of head dims
+    # 80 / 96. (tests/aot_compile.py reports more registers than these: it types strides as
+    # i64 and compiles every int as divisible by 16.) Not timed.
+    if bd != head_dim or (dropout and bd > 64):
         return 128, 32, 8, 3
     return 128, 64, 8, 3
 

@@ -41,6 +41,18 @@ def test_bench_outside_a_checkout_is_skipped_not_failed(monkeypatch, capsys):
     assert "skipped" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("module, usage", [("fastbert", "usage: fastbert [-h]"),
+                                           ("fastbert.selfcheck", "usage: fastbert selfcheck")])
+def test_python_m_entry_points_are_the_command_line(module, usage):
+    """`python -m fastbert` is the CLI and `python -m fastbert.selfcheck` its selfcheck (the
+    latter ran nothing and exited 0: a user could take it for a pass)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith(usage), out.stdout + out.stderr
+
+
 def test_bad_device_argument_is_a_clear_error():
     out = _run("selfcheck", "--device", "gpu0")
     assert out.returncode == 2 and "expected cpu, cuda or cuda:N, got 'gpu0'" in out.stderr
