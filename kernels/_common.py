@@ -129,24 +129,15 @@ def row_mean(s, mask, n_cols):
 
 
 @triton.jit
-def dropout_keep(seed, offsets, p):
-    """Keep-mask of inverted dropout: True with probability 1 - p.
-
-    Philox (tl.rand) on (seed, element offset): the backward regenerates the same mask from
-    the same seed instead of storing it.
-    """
-    return tl.rand(seed, offsets) >= p
-
-
-@triton.jit
 def dropout_keep_row(seed, row, n_cols, start, p, BLOCK: tl.constexpr):
     """Keep-mask of inverted dropout for columns start + arange(BLOCK) of a row of n_cols
     (start a multiple of 4, BLOCK >= 4): True with probability 1 - p.
 
     Element (row, c) takes output c % 4 of Philox (tl.randint4x) at counter
-    row * ceil(n_cols / 4) + c // 4: one Philox evaluation (10 rounds of 32-bit multiplies)
-    serves four elements, where ``dropout_keep`` runs one per element and keeps one of its
-    four outputs. That evaluation was about 50 integer instructions an element, more than the
+    row * ceil(n_cols / 4) + c // 4 (the backward regenerates the mask from the seed instead
+    of storing it): one Philox evaluation (10 rounds of 32-bit multiplies) serves four
+    elements, where ``tl.rand`` (used before) ran one per element and kept one of its four
+    outputs. That evaluation was about 50 integer instructions an element, more than the
     memory traffic of the LayerNorm / embedding kernels takes at the H100's integer rate (the
     sm_90 code of the LayerNorm dropout epilogue: 824 -> 520 instructions a row at 768
     columns, a review's compile of the same change; not timed). Every kernel that applies or
@@ -176,8 +167,9 @@ def _dropout_mask_kernel(seed_ptr, mask_ptr, n_rows, n_cols, p, BLOCK_N: tl.cons
 def dropout_mask(seed: torch.Tensor, n_rows: int, n_cols: int, p: float) -> torch.Tensor:
     """The keep-mask (bool, (n_rows, n_cols)) that row-wise kernels draw for ``seed``.
 
-    Element (r, c) uses Philox offset ``r * n_cols + c``. Test-only: lets tests check
-    dropout numerics and gradients against a reference with the same mask.
+    Element (r, c) is ``dropout_keep_row``'s: output c % 4 of Philox counter
+    r * ceil(n_cols / 4) + c // 4. Test-only: lets tests check dropout numerics and gradients
+    against a reference with the same mask.
     """
     out = torch.empty((n_rows, n_cols), dtype=torch.int8, device=seed.device)
     block = min(next_power_of_2(max(n_cols, 16)), 4096)

@@ -176,19 +176,24 @@ REST = tl.constexpr(16)
 def _row_parts(row_off, n_cols):
     """(lead, n_body) of a row whose first element is at element offset ``row_off`` (int64) from
     the tensor's data pointer: columns [0, lead) come before the first offset that is a multiple
-    of ALIGN (the head, fewer than ALIGN), [lead, lead + n_body) are whole groups of ALIGN (the
-    body), the rest of the row is the tail (fewer than ALIGN)."""
+    of ALIGN (the head, fewer than ALIGN; the whole row when it is shorter), [lead, lead +
+    n_body) are whole groups of ALIGN (the body), the rest of the row is the tail (fewer than
+    ALIGN)."""
     # (ALIGN - r) written tensor-first: a constexpr on the left makes a constexpr the
     # interpreter cannot convert back (the operands are never negative: C's and Python's
     # remainders agree)
-    lead = tl.minimum((-(row_off % ALIGN - ALIGN)) % ALIGN, n_cols)
-    n_body = tl.multiple_of((n_cols - lead) // ALIGN * ALIGN, ALIGN)
+    lead = (-(row_off % ALIGN - ALIGN)) % ALIGN
+    # a row that ends before its first aligned offset is all head (n_body 0); lead is not
+    # clipped to the row, so that row_off + lead, the body's hinted offset, is always a
+    # multiple of ALIGN
+    n_body = tl.multiple_of(tl.maximum(n_cols - lead, 0) // ALIGN * ALIGN, ALIGN)
     return lead, n_body
 
 
 @triton.jit
 def _rest_cols(lead, n_body, n_cols):
-    """The head and the tail of a row as one block of REST lanes: (columns, mask)."""
+    """The head and the tail of a row as one block of REST lanes: (columns, mask). Head and
+    tail together are n_cols - n_body columns, also when the row is all head."""
     j = tl.arange(0, REST)
     return tl.where(j < lead, j, j + n_body), j < n_cols - n_body
 
@@ -212,19 +217,22 @@ def _finite_or_zero(v):
 
 @triton.jit
 def _mean_part(x, ref, mask, n_cols):
-    """A block's part of label smoothing's mean(x) - ref: sum((x - ref) / V) over the masked
-    lanes. Deviations from a logit of the row, not the logits: a mean of logits that share a
-    large offset (1e4) summed in fp32 is off by ulps of the offset (~1e-3; 15-80x torch's
-    error, a review found), their deviations are exact differences. Halved first, so that the
-    difference of two finite fp32 logits never overflows (the mean of 3e38-sized logits is
-    finite), and divided before the sum (which could overflow as well)."""
-    d = (x * 0.5 - ref * 0.5) * (2.0 / n_cols)
+    """A block's part of label smoothing's (mean(x) - ref) / 2: sum((x - ref) / 2V) over the
+    masked lanes (doubled in fp64 by the caller). Deviations from a logit of the row, not the
+    logits: a mean of logits that share a large offset (1e4) summed in fp32 is off by ulps of
+    the offset (~1e-3; 15-80x torch's error, a review found), their deviations are exact
+    differences. Halved first, so that the difference of two finite fp32 logits never
+    overflows, and divided by V before the sum: the half-deviations are at most 3.4e38 in
+    size, so every partial sum stays finite for 3e38-sized logits of both signs, where the
+    mean deviation itself may not be (a doubling in fp32 overflowed: -inf losses of finite
+    rows)."""
+    d = (x * 0.5 - ref * 0.5) * (1.0 / n_cols)
     return tl.sum(tl.where(mask, d, 0.0), axis=0)
 
 
 @triton.jit
 def _row_stats(x_ptr, row_off, n_cols, BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """(max, log(sum(exp(x - max))), ref, mean(x) - ref) of the row at x_ptr + row_off, in
+    """(max, log(sum(exp(x - max))), ref, (mean(x) - ref) / 2) of the row at x_ptr + row_off, in
     fp32, by the online method: the body in blocks of BLOCK_V (16-byte loads), then head and
     tail. With HAS_SMOOTHING ref is the row's first logit (0 if it is not finite), else the
     last two are 0."""
@@ -379,8 +387,8 @@ def _cross_entropy_fwd_row(
     m64 = m.to(tl.float64)
     lse_minus_xt = (m64 - x_t.to(tl.float64)) + log_s.to(tl.float64)
     if HAS_SMOOTHING:
-        # (1 - eps) (lse - x_t) + eps (lse - mean_c x_c), mean_c x_c = ref + dev
-        smooth = ((m64 - ref.to(tl.float64)) - dev.to(tl.float64)) + log_s.to(tl.float64)
+        # (1 - eps) (lse - x_t) + eps (lse - mean_c x_c), mean_c x_c = ref + 2 dev (fp64)
+        smooth = ((m64 - ref.to(tl.float64)) - 2.0 * dev.to(tl.float64)) + log_s.to(tl.float64)
         loss64 = (1.0 - label_smoothing) * lse_minus_xt + label_smoothing * smooth
     else:
         loss64 = lse_minus_xt
@@ -676,7 +684,8 @@ def _check_dlogits(dlogits: torch.Tensor, logits: torch.Tensor):
 
 def _aligned_dx(logits: torch.Tensor, dlogits: torch.Tensor) -> bool:
     """Whether every gradient row starts at the same element offset modulo ALIGN as its logits
-    row (then the kernels split both rows alike and store the body as vectors)."""
+    row: then the kernels split both rows alike and may hint the gradient's body offsets as
+    aligned too (stored as 16-byte vectors when both data pointers are 16-byte aligned)."""
     return (dlogits.stride(0) - logits.stride(0)) % ALIGN.value == 0
 
 

@@ -131,5 +131,12 @@ def test_selfcheck_on_cpu_with_the_interpreter_turned_off_says_so():
     env.update(PYTHONPATH=ROOT, TRITON_INTERPRET="0")
     out = subprocess.run([sys.executable, "-m", "fastbert.cli", "selfcheck", "--device", "cpu"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    from fastbert.ops import _dispatch
+    if _dispatch.interpreter_version_error() is not None:
+        # a Triton whose interpreter cannot run the kernels at all (the GPU machine's 3.6):
+        # that is what the check says first, and it skips rather than fails
+        assert out.returncode == 0 and "interpreter cannot run fastbert's kernels" \
+            in out.stdout, out.stdout + out.stderr
+        return
     assert out.returncode == 1 and "not run: on CPU the Triton kernels run only in the " \
         "interpreter, which TRITON_INTERPRET='0' turns off" in out.stdout, out.stdout + out.stderr

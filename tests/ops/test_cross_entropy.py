@@ -244,6 +244,22 @@ def test_cross_entropy_smoothing_of_logits_whose_sum_overflows(device, n_cols):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("row, t", [([-3e38, 3e38, 3e38], 1), ([-3e38] + [3e38] * 4, 1),
+                                    ([3e38] + [-3e38] * 4, 0)])
+def test_cross_entropy_smoothing_of_huge_logits_of_both_signs(device, row, t):
+    """Label smoothing's mean as deviations from a reference logit (the first, or the max),
+    of finite logits 6e38 apart: the loss is fp64's (finite), in the statistics loop and in
+    the stored-gradient forward (a doubled mean deviation overflowed to +-inf)."""
+    x = torch.tensor([row], device=device)
+    target = torch.tensor([t], device=device)
+    ref = F.cross_entropy(x.double(), target, label_smoothing=0.1, reduction="none")
+    assert torch.isfinite(ref).all()
+    for grad_scale in (None, 1.0):
+        out, _, _ = k.cross_entropy_fwd(x.clone(), target, IGNORE, 0.1, grad_scale=grad_scale)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
 def test_stored_cross_entropy_smoothing_of_logits_whose_sum_overflows(device, monkeypatch):
     """The same on the stored-gradient forward (STORE_GRADS on, a reduced loss of logits that
     need gradients), whose one-block row path has its own smoothing mean."""

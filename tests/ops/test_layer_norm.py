@@ -148,8 +148,9 @@ def test_gelu_layer_norm_triton_fwd_bwd_matches_fp64(shape, dtype, approximate, 
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided_rows"])
 def test_layer_norm_dropout_fwd_bwd_match_reference_with_kernel_mask(shape, dtype, device,
                                                                      strided):
-    # strided rows (x a column slice of a wider tensor): the mask is indexed by the row's
-    # element offset in a contiguous (rows, n) layout, in the forward and the backward alike
+    # strided rows (x a column slice of a wider tensor): the mask is indexed by the (row,
+    # column) of a contiguous (rows, n) layout, not by memory offsets, in the forward and the
+    # backward alike
     p = 0.3
     t = _inputs(shape, dtype, device, residual=True, x_bias=True)
     if strided:
