@@ -19,6 +19,8 @@ Cases (bf16 on CUDA), each timed forward, backward (from a kept graph) and forwa
 - Causal, seq 1k-8k, head dims 64 and 128 (hidden 2048, 16k tokens a batch): fastbert vs
   SDPA flash, efficient and cuDNN (is_causal; seqlen_q == seqlen_k so top-left and
   bottom-right alignment agree).
+- BERT-base padded with pre-training's dropout on the probabilities (p = 0.1), seq 128 and
+  512, forward+backward only: fastbert vs SDPA efficient and cuDNN and eager (no target).
 
 FLOPs: 4 * B * H * Sq * Sk * D forward, 2.5x that backward, half of both when causal. The
 harness reports TFLOP/s and the % of the bf16 matmul rate measured in the same run, and
@@ -50,6 +52,8 @@ from fastbert.ops import attention, attention_varlen, unpad
 # eager and math baselines, which materialize (batch, heads, seq, seq) scores.
 TOKENS = 32768
 CAUSAL_TOKENS = 16384
+# BERT's attention-probability dropout, timed in one case
+DROPOUT_P = 0.1
 # BACKWARD_FLOP_RATIO: the backward does 2.5x the forward's matmul FLOPs (dV, dP, dS->dQ, dK
 # plus the recomputed QK^T), the usual FlashAttention accounting.
 BACKWARD_FLOP_RATIO = 2.5
@@ -62,7 +66,7 @@ def _sdpa_backend(name: str):
     return sdpa_kernel(backend)
 
 
-def _eager(q, k, v, mask, causal):
+def _eager(q, k, v, mask, causal, dropout_p=0.0):
     # q, k, v: (B, H, S, D); mask: (B, 1, 1, S) bool or None
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     if mask is not None:
@@ -71,7 +75,10 @@ def _eager(q, k, v, mask, causal):
         s = q.shape[-2]
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1),
                                     float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p, training=True)
+    return torch.matmul(probs, v)
 
 
 def _modes(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor]) -> Dict[str, Callable]:
@@ -122,8 +129,9 @@ def _leaf(*shape, device, dtype):
 
 
 def _padded_impls(batch, seq, heads, d, device, dtype, lengths, causal, sdpa_backends, eager,
-                  torch_ref=False):
-    """name -> fwd callable and its inputs, for padded (batch, seq) inputs."""
+                  torch_ref=False, dropout_p=0.0, variants=True):
+    """name -> fwd callable and its inputs, for padded (batch, seq) inputs; ``variants``: also
+    fastbert's opt-in paths (other backward, tuned configs)."""
     impls = {}
     q, k, v = (_leaf(batch, seq, heads, d, device=device, dtype=dtype) for _ in range(3))
     mask = None
@@ -131,8 +139,9 @@ def _padded_impls(batch, seq, heads, d, device, dtype, lengths, causal, sdpa_bac
         mask = torch.arange(seq, device=device)[None, :] < lengths[:, None]
     backend = "torch" if torch_ref else "triton"
     impls[f"fastbert[{backend}]"] = (
-        lambda: attention(q, k, v, attention_mask=mask, causal=causal, backend=backend), [q, k, v])
-    if not torch_ref:
+        lambda: attention(q, k, v, attention_mask=mask, causal=causal, dropout_p=dropout_p,
+                          backend=backend), [q, k, v])
+    if not torch_ref and variants:
         from fastbert.kernels.attention import bwd_fused
         if bwd_fused(seq, d, dtype):
             impls["fastbert_three_kernel_bwd[triton]"] = (
@@ -148,17 +157,20 @@ def _padded_impls(batch, seq, heads, d, device, dtype, lengths, causal, sdpa_bac
             ctx = _sdpa_backend(name) if device.type == "cuda" else contextlib.nullcontext()
             with ctx:
                 return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=smask,
+                                                      dropout_p=dropout_p,
                                                       is_causal=causal and smask is None)
         impls[f"sdpa_{name}"] = (run, [qt, kt, vt])
     if eager:
-        impls["eager"] = (lambda: _eager(qt, kt, vt, smask, causal), [qt, kt, vt])
+        impls["eager"] = (lambda: _eager(qt, kt, vt, smask, causal, dropout_p), [qt, kt, vt])
     return impls
 
 
-def _cases_for(name, params, impls, fwd_flops, baseline):
+def _cases_for(name, params, impls, fwd_flops, baseline, modes=("fwd", "bwd", "fwd+bwd")):
     out = []
     for mode, ratio in (("fwd", 1.0), ("bwd", BACKWARD_FLOP_RATIO),
                         ("fwd+bwd", 1.0 + BACKWARD_FLOP_RATIO)):
+        if mode not in modes:
+            continue
         fns = {}
         for impl, (fn, inputs, *wrap) in impls.items():
             if mode == "fwd" and "_bwd" in impl:
@@ -193,6 +205,21 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
                       "dtype": str(dtype)[6:], "mask": "padding"}
             flops = 4 * batch * heads * seq * seq * d
             out += _cases_for(f"{model} padded", params, impls, flops, baseline=next(iter(impls)))
+
+    # BERT pre-training's attention-probability dropout (p = 0.1), forward + backward only:
+    # not a target, timed after them (the Philox draws are most of the kernels' integer work)
+    for seq in seqs:
+        heads, d = (12, 64) if not quick else (2, 16)
+        batch = TOKENS // seq if not quick else 2
+        lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen).to(device)
+        impls = _padded_impls(batch, seq, heads, d, device, dtype, lengths, False,
+                              ("efficient", "cudnn") if gpu else ("math",), eager=True,
+                              torch_ref=not gpu, dropout_p=DROPOUT_P, variants=False)
+        params = {"batch": batch, "seq": seq, "heads": heads, "head_dim": d,
+                  "dtype": str(dtype)[6:], "mask": f"padding+dropout{DROPOUT_P}"}
+        flops = 4 * batch * heads * seq * seq * d
+        out += _cases_for("bert-base padded dropout", params, impls, flops,
+                          baseline=next(iter(impls)), modes=("fwd+bwd",))
 
     # variable-length batches: varlen vs padded
     n_seq, max_len = (64, 512) if not quick else (3, 32)
@@ -245,6 +272,8 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     # in the order built
     def priority(c):
         mode = c.name.rsplit(" ", 1)[1]
+        if "dropout" in c.name:
+            return 2
         if mode == "fwd+bwd" and not c.name.startswith("causal"):
             return 0
         if (mode == "fwd" and c.name.startswith("causal") and c.params.get("head_dim") == 128
