@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels._common import _tanh, mm_fp32
+from fastbert.kernels._common import _tanh, dropout_mask, mm_fp32
 from fastbert.ops import masked_lm_loss
 from tests._utils import _interpreting
 
@@ -102,3 +102,48 @@ def test_tanh_is_accurate_near_zero_and_saturates(device):
     # exp2 and the fp32 division are approximations on the GPU (a couple of ulps each)
     assert rel.max().item() <= 8 * torch.finfo(torch.float32).eps, rel.max().item()
     assert (out[finite & (x.abs() > 10)].abs() == 1.0).all()
+
+
+def test_tanh_series_branch_is_within_one_rounding(device):
+    """Below TANH_SERIES_BELOW the kernels' tanh is a polynomial (multiplies and adds only, no
+    approximate exp2 / division on any device): within ~1 fp32 rounding of tanh, densely
+    sampled. The 500-point, 8-ulp check of test_common passed with the series cut at 0.1 or
+    0.2 (the exp form reaches 8.5 ulps at 0.1-0.2) or without its x^9 term (2.9 ulps)."""
+    x = torch.linspace(-0.2499, 0.2499, 8001, dtype=torch.float64).float().to(device)
+    out = torch.empty_like(x)
+    _tanh_kernel[(1,)](x, out, x.numel(), BLOCK=8192)
+    ref = torch.tanh(x.double())
+    nz = ref != 0
+    rel = (out.double()[nz] - ref[nz]).abs() / ref[nz].abs()
+    assert rel.max().item() <= 1.5 * torch.finfo(torch.float32).eps, rel.max().item()
+
+
+@triton.jit
+def _philox_uniform_kernel(seed_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+    """The documented layout, element by element: element (r, c) of rows of n_cols takes
+    output c % 4 of tl.randint4x at counter r * ceil(n_cols / 4) + c // 4."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK).to(tl.int64)
+    ctr = r * ((n_cols + 3) // 4) + c // 4
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), ctr)
+    j = c % 4
+    x = tl.where(j == 0, r0, tl.where(j == 1, r1, tl.where(j == 2, r2, r3)))
+    tl.store(out_ptr + r * n_cols + c, tl.random.uint_to_uniform_float(x), mask=c < n_cols)
+
+
+def _documented_keep(seed, n_rows, n_cols, p):
+    u = torch.empty(n_rows, n_cols, device=seed.device)
+    _philox_uniform_kernel[(n_rows,)](seed, u, n_cols, BLOCK=triton.next_power_of_2(n_cols))
+    return u >= p
+
+
+@pytest.mark.parametrize("n_cols", [4, 5, 7, 30, 4100])  # 4100: two blocks of the mask kernel
+def test_row_dropout_mask_is_the_documented_philox_layout(device, n_cols):
+    """dropout_keep_row (LayerNorm / embedding; dropout_mask replays it): element (r, c) is
+    output c % 4 of Philox at counter r * ceil(n_cols / 4) + c // 4. The other tests compare
+    kernels with masks drawn by this same helper, so a wrong stride (rows overlapping: one
+    draw shared by two rows), a swapped output order or one output for four elements passed."""
+    seed = torch.tensor([123456789], dtype=torch.int64, device=device)
+    n_rows = 3
+    got = dropout_mask(seed, n_rows, n_cols, 0.4)
+    assert torch.equal(got, _documented_keep(seed, n_rows, n_cols, 0.4))

@@ -116,3 +116,13 @@ def test_a_torch_layer_norm_unpickled_as_ours_runs():
     assert isinstance(m, fnn.LayerNorm) and m.backend is None
     x = torch.randn(3, 8)
     assert torch.allclose(m(x), torch.nn.functional.layer_norm(x, (8,)), atol=1e-6)
+
+
+def test_layer_norm_pickle_round_trip_keeps_its_backend():
+    """__setstate__ fills in a missing backend only: one that was set survives pickling and
+    deepcopy."""
+    import copy
+    import pickle
+    m = fnn.LayerNorm(8, backend="torch")
+    assert pickle.loads(pickle.dumps(m)).backend == "torch"
+    assert copy.deepcopy(m).backend == "torch"

@@ -20,6 +20,7 @@ from fastbert.ops import (BackendUnavailable, attention, attention_ref, attentio
                           unpad)
 ops_attention = importlib.import_module("fastbert.ops.attention")  # the module, not the function
 from tests._utils import assert_close_to_ref, max_err, poison_, record_ops
+from tests.test_common import _documented_keep
 
 # kernel error <= FACTOR x torch's own fp16 error + ATOL (the flash-attention rule)
 LOWP_ATOL = 2e-3
@@ -1368,3 +1369,15 @@ def test_attention_flop_formula_takes_fake_cu_seqlens_while_tracing(monkeypatch)
     monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True, raising=False)
     with torch._guards.tracing(torch._guards.TracingContext(mode)):
         assert fwd(q, q, q, None, None, cu, cu, None, 11, 11) == 4 * 4 * 32 * 16 * 11
+
+
+@pytest.mark.parametrize("sq, sk", [(5, 50), (70, 33)])   # sk % 4 != 0; two query blocks
+def test_attention_dropout_mask_is_the_documented_philox_layout(device, sq, sk):
+    """_dropout_keep_tile / _dropout_row_counter: probability (i, j) of (batch x head) bh
+    takes output j % 4 of the counter (bh * max_seqlen_q + i) * ceil(max_seqlen_k / 4) + j // 4
+    (the module docstring)."""
+    seed = torch.tensor([987654321], dtype=torch.int64, device=device)
+    b, h, p = 2, 3, 0.3
+    got = k.attention_dropout_mask(seed, b, h, sq, sk, p)
+    want = _documented_keep(seed, b * h * sq, sk, p).reshape(b, h, sq, sk)
+    assert torch.equal(got, want)

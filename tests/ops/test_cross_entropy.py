@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import fastbert  # noqa: F401  (aliases kernels/ as fastbert.kernels)
 from fastbert.kernels import cross_entropy as k
@@ -1791,3 +1793,99 @@ def test_masked_lm_flop_count_of_int32_labels_with_a_wrapping_ignore_index(devic
                            backend="triton")
         counts.append(fc.get_total_flops())
     assert counts[0] == counts[1] == 2 * 4 * 16 * 40
+
+
+@triton.jit
+def _row_parts_kernel(off_ptr, out_ptr, n_cols):
+    i = tl.program_id(0)
+    lead, n_body = k._row_parts(tl.load(off_ptr + i), n_cols)
+    tl.store(out_ptr + 2 * i, lead.to(tl.int64))
+    tl.store(out_ptr + 2 * i + 1, n_body.to(tl.int64))
+
+
+@pytest.mark.parametrize("n_cols", [1, 5, 8, 9, 23, 77])
+def test_row_parts_split_at_the_first_aligned_element(device, n_cols):
+    """The body starts at the row's first element offset that is a multiple of ALIGN and is
+    whole groups of ALIGN. The interpreter ignores tl.multiple_of, so a wrong lead (0, the
+    remainder, one more) still computed the right loss there; on a GPU the body's vector loads
+    would be misaligned."""
+    align = k.ALIGN.value
+    offs = torch.arange(0, 2 * align, dtype=torch.int64, device=device) + 8 * 1000
+    out = torch.empty(offs.numel(), 2, dtype=torch.int64, device=device)
+    _row_parts_kernel[(offs.numel(),)](offs, out, n_cols)
+    for off, (lead, n_body) in zip(offs.tolist(), out.tolist()):
+        want_lead = -off % align   # not clipped to the row: row_off + lead stays aligned
+        assert lead == want_lead, (off, lead, want_lead)
+        assert n_body == max(n_cols - want_lead, 0) // align * align, (off, n_body)
+
+
+def test_aligned_dx_compares_the_row_offsets_modulo_align(device, monkeypatch):
+    """ALIGNED_DX (a multiple_of hint on the gradient's body offsets: only a GPU shows a wrong
+    one) is on exactly when every gradient row starts at the logits row's offset modulo ALIGN,
+    and the launchers pass it."""
+    x = torch.randn(4, 30, device=device)
+    assert k._aligned_dx(x, torch.empty_like(x))
+    assert k._aligned_dx(x, torch.empty(4, 38, device=device)[:, :30])      # stride 38 = 30 + 8
+    assert not k._aligned_dx(x, torch.empty(4, 31, device=device)[:, :30])
+    assert not k._aligned_dx(x, torch.empty(4, 34, device=device)[:, :30])
+    seen = []
+    real = k.launch
+
+    def spy(fn, grid, *args, **meta):
+        if "ALIGNED_DX" in meta:
+            seen.append(meta["ALIGNED_DX"])
+        return real(fn, grid, *args, **meta)
+
+    monkeypatch.setattr(k, "launch", spy)
+    t = torch.randint(0, 30, (4,), device=device)
+    loss, stats, _ = k.cross_entropy_fwd(x, t, -100, 0.0)
+    for width, want in ((30, True), (31, False)):
+        out = torch.empty(4, width, device=device)[:, :30]
+        k.cross_entropy_bwd(x, t, stats, torch.ones(4, device=device), -100, 0.0, dlogits=out)
+        k.cross_entropy_fwd(x, t, -100, 0.0, grad_scale=torch.ones(4, device=device),
+                              dlogits=out)
+        assert seen[-2:] == [want, want]
+
+
+def test_one_block_forward_smoothing_of_a_large_offset_row_by_row(device):
+    """The forward that holds the row in registers (a gradient stored: ONE_BLOCK) takes the
+    smoothing mean as deviations from the row's max: each row's loss within one fp32 rounding
+    of fp64 (ref = 0 there was ~1e-4 off; the existing test's mean over rows of the
+    cross_entropy op passed with it)."""
+    eps = torch.finfo(torch.float32).eps
+    logits = 1e4 + 5 * torch.randn(8, 5000, device=device)
+    target = torch.randint(0, 5000, (8,), device=device)
+    ref = F.cross_entropy(logits.double(), target, reduction="none", label_smoothing=0.1)
+    loss, _, _ = k.cross_entropy_fwd(logits, target, -100, 0.1,
+                                       grad_scale=torch.ones(8, device=device),
+                                       dlogits=torch.empty_like(logits))
+    # atol: log_s, a sum of exp2 approximations on the GPU, is good to about 1e-6
+    assert ((loss.double() - ref).abs() <= eps * ref.abs() + 1e-5).all()
+
+
+def test_aligned_dx_compares_the_row_offsets_modulo_align(device, monkeypatch):
+    """ALIGNED_DX (a multiple_of hint on the gradient's body offsets: only a GPU shows a wrong
+    one) is on exactly when every gradient row starts at the logits row's offset modulo ALIGN,
+    and the launchers pass it."""
+    x = torch.randn(4, 30, device=device)
+    assert k._aligned_dx(x, torch.empty_like(x))
+    assert k._aligned_dx(x, torch.empty(4, 38, device=device)[:, :30])      # stride 38 = 30 + 8
+    assert not k._aligned_dx(x, torch.empty(4, 31, device=device)[:, :30])
+    assert not k._aligned_dx(x, torch.empty(4, 34, device=device)[:, :30])
+    seen = []
+    real = k.launch
+
+    def spy(fn, grid, *args, **meta):
+        if "ALIGNED_DX" in meta:
+            seen.append(meta["ALIGNED_DX"])
+        return real(fn, grid, *args, **meta)
+
+    monkeypatch.setattr(k, "launch", spy)
+    t = torch.randint(0, 30, (4,), device=device)
+    loss, stats, _ = k.cross_entropy_fwd(x, t, -100, 0.0)
+    for width, want in ((30, True), (31, False)):
+        out = torch.empty(4, width, device=device)[:, :30]
+        k.cross_entropy_bwd(x, t, stats, torch.ones(4, device=device), -100, 0.0, dlogits=out)
+        k.cross_entropy_fwd(x, t, -100, 0.0, grad_scale=torch.ones(4, device=device),
+                              dlogits=out)
+        assert seen[-2:] == [want, want]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import ops
+from fastbert.ops._checks import drops_everything
 
 
 # p < 1 that float32 rounds to 1.0 (the smallest such double)
@@ -86,3 +87,16 @@ def test_attention_dropout_one_is_zeros(device, backend, p):
     assert torch.equal(_rng_state(device), rng)
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.equal(_grads(out, (qp,))[0], torch.zeros_like(qp))
+
+
+def test_drops_everything_is_exactly_the_float32_rounding_to_one():
+    """p drops everything exactly when float32(p) == 1: 1 - 2**-24 (a float32 of its own, whose
+    1 / (1 - p) = 2**24 is finite) still draws a mask."""
+    below = 1.0 - 2.0 ** -25
+    for p in (0.0, 0.5, 1.0 - 2.0 ** -24, float(torch.nextafter(torch.tensor(below, dtype=torch.float64),
+                                                              torch.tensor(0.0, dtype=torch.float64)))):
+        assert not drops_everything(p), p
+        assert torch.tensor(p, dtype=torch.float32).item() < 1.0
+    for p in (below, 1.0 - 2.0 ** -30, 1.0):
+        assert drops_everything(p), p
+        assert torch.tensor(p, dtype=torch.float32).item() == 1.0
