@@ -210,7 +210,7 @@ def _dropout_keep_tile(seed, row_ctr, start_n, dropout_p, BLOCK_M: tl.constexpr,
 @triton.jit
 def _attention_fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, d_in,
-    key_lo, key_hi, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_off, qk_scale,
+    key_lo, key_hi, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_ctr, qk_scale,
     dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, BOUNDARY: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -241,7 +241,7 @@ def _attention_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = _dropout_keep_tile(seed, row_off, start_n, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep_tile(seed, row_ctr, start_n, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_in, d_in,
                        BOUNDARY, EVEN_D, False)
@@ -285,10 +285,10 @@ def _attention_fwd_kernel(
         q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_in, d_in,
                        True, EVEN_D, False)
         seed = 0
-        row_off = offs_m
+        row_ctr = offs_m
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
-            row_off = _dropout_row_counter(pid_bh, seqlen_q, seqlen_k, offs_m)
+            row_ctr = _dropout_row_counter(pid_bh, seqlen_q, seqlen_k, offs_m)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -307,11 +307,11 @@ def _attention_fwd_kernel(
         full_end = tl.minimum(full_end, tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
         acc, l_i, m_i = _attention_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, d_in,
-            0, full_end, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_off, qk_scale,
+            0, full_end, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_ctr, qk_scale,
             dropout_p, BLOCK_M, BLOCK_N, EVEN_D, False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT)
         acc, l_i, m_i = _attention_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, d_in,
-            full_end, hi, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_off, qk_scale,
+            full_end, hi, len_q, len_k, mask_ptr, stride_mask_b, b, seed, row_ctr, qk_scale,
             dropout_p, BLOCK_M, BLOCK_N, EVEN_D, True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT)
         empty = l_i == 0.0
         inv_l = 1.0 / tl.where(empty, 1.0, l_i)
@@ -542,7 +542,7 @@ def _attention_bwd_dq_kernel(
         v_base = _head_base(v_ptr, b, k_start, h_kv, stride_vb, stride_vn, stride_vh)
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
-            row_off = _dropout_row_counter(pid_bh, seqlen_q, seqlen_k, offs_m)
+            row_ctr = _dropout_row_counter(pid_bh, seqlen_q, seqlen_k, offs_m)
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         # key blocks past kv_end are padding: skipped, as in the forward
         hi = tl.minimum(_causal_key_end(start_m, len_q, len_k, BLOCK_M, IS_CAUSAL),
@@ -560,7 +560,7 @@ def _attention_bwd_dq_kernel(
             p = tl.where(valid, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
             dp = _mm(do, vt)
             if HAS_DROPOUT:
-                keep = _dropout_keep_tile(seed, row_off, start_n, dropout_p, BLOCK_M, BLOCK_N)
+                keep = _dropout_keep_tile(seed, row_ctr, start_n, dropout_p, BLOCK_M, BLOCK_N)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(kt.dtype), tl.trans(kt))

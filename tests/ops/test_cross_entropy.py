@@ -1843,7 +1843,7 @@ def test_aligned_dx_compares_the_row_offsets_modulo_align(device, monkeypatch):
         out = torch.empty(4, width, device=device)[:, :30]
         k.cross_entropy_bwd(x, t, stats, torch.ones(4, device=device), -100, 0.0, dlogits=out)
         k.cross_entropy_fwd(x, t, -100, 0.0, grad_scale=torch.ones(4, device=device),
-                              dlogits=out)
+                            dlogits=out)
         assert seen[-2:] == [want, want]
 
 
@@ -1857,35 +1857,7 @@ def test_one_block_forward_smoothing_of_a_large_offset_row_by_row(device):
     target = torch.randint(0, 5000, (8,), device=device)
     ref = F.cross_entropy(logits.double(), target, reduction="none", label_smoothing=0.1)
     loss, _, _ = k.cross_entropy_fwd(logits, target, -100, 0.1,
-                                       grad_scale=torch.ones(8, device=device),
-                                       dlogits=torch.empty_like(logits))
+                                     grad_scale=torch.ones(8, device=device),
+                                     dlogits=torch.empty_like(logits))
     # atol: log_s, a sum of exp2 approximations on the GPU, is good to about 1e-6
     assert ((loss.double() - ref).abs() <= eps * ref.abs() + 1e-5).all()
-
-
-def test_aligned_dx_compares_the_row_offsets_modulo_align(device, monkeypatch):
-    """ALIGNED_DX (a multiple_of hint on the gradient's body offsets: only a GPU shows a wrong
-    one) is on exactly when every gradient row starts at the logits row's offset modulo ALIGN,
-    and the launchers pass it."""
-    x = torch.randn(4, 30, device=device)
-    assert k._aligned_dx(x, torch.empty_like(x))
-    assert k._aligned_dx(x, torch.empty(4, 38, device=device)[:, :30])      # stride 38 = 30 + 8
-    assert not k._aligned_dx(x, torch.empty(4, 31, device=device)[:, :30])
-    assert not k._aligned_dx(x, torch.empty(4, 34, device=device)[:, :30])
-    seen = []
-    real = k.launch
-
-    def spy(fn, grid, *args, **meta):
-        if "ALIGNED_DX" in meta:
-            seen.append(meta["ALIGNED_DX"])
-        return real(fn, grid, *args, **meta)
-
-    monkeypatch.setattr(k, "launch", spy)
-    t = torch.randint(0, 30, (4,), device=device)
-    loss, stats, _ = k.cross_entropy_fwd(x, t, -100, 0.0)
-    for width, want in ((30, True), (31, False)):
-        out = torch.empty(4, width, device=device)[:, :30]
-        k.cross_entropy_bwd(x, t, stats, torch.ones(4, device=device), -100, 0.0, dlogits=out)
-        k.cross_entropy_fwd(x, t, -100, 0.0, grad_scale=torch.ones(4, device=device),
-                              dlogits=out)
-        assert seen[-2:] == [want, want]
