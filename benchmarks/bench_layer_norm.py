@@ -34,6 +34,15 @@ def _eager_ln(x, res, w, b):
     return F.layer_norm(x + res, x.shape[-1:], w, b, 1e-5)
 
 
+# BERT's epilogue after the attention-output and FFN-output projections, as trained
+# (hidden_dropout_prob 0.1): LayerNorm(dropout(x + dense bias) + residual)
+EPILOGUE_DROPOUT_P = 0.1
+
+
+def _eager_epilogue(x, xb, res, w, b):
+    return F.layer_norm(F.dropout(x + xb, EPILOGUE_DROPOUT_P) + res, x.shape[-1:], w, b, 1e-5)
+
+
 def _optional_impls() -> Dict[str, Callable]:
     out = {}
     try:
@@ -99,6 +108,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
     compiled = torch.compile(_eager_ln, dynamic=False)
     compiled_gelu = torch.compile(lambda x, b: F.gelu(x + b), dynamic=False)
+    compiled_epilogue = torch.compile(_eager_epilogue, dynamic=False)
     names = ["eager", "compile", "fastbert"] + list(extra)
     for rows, hidden in shapes:
         # a shape's tensors, graphs and compiled kernels are built on its first timed call, not
@@ -131,6 +141,17 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
                     per_mode[mode][name] = call
             built["layer_norm"] = per_mode
             if hidden != 4096:
+                xb = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
+                eimpls = {
+                    "eager": lambda: _eager_epilogue(x, xb, res, w, b),
+                    "compile": lambda: compiled_epilogue(x, xb, res, w, b),
+                    "fastbert": lambda: ops.layer_norm(x, w, b, residual=res, x_bias=xb,
+                                                       dropout_p=EPILOGUE_DROPOUT_P, **pin),
+                }
+                built["epilogue"] = {"fwd+bwd": {
+                    n: _modes(fn, [x, xb, res, w, b], x, compiled=n == "compile")["fwd+bwd"]
+                    for n, fn in eimpls.items()}}
+            if hidden != 4096:
                 xi = torch.randn(rows, 4 * hidden, device=device, dtype=dtype,
                                  requires_grad=True)
                 bi = torch.randn(4 * hidden, device=device, dtype=dtype, requires_grad=True)
@@ -154,6 +175,15 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
             out.append(Case(f"layer_norm+residual {mode}", params,
                             {n: lazy("layer_norm", mode, n) for n in names},
                             bytes=nbytes[mode], baseline="eager"))
+        if hidden != 4096:
+            # the epilogue as BERT trains it (dense bias + dropout 0.1 + residual, LayerNorm):
+            # the same minimum bytes as layer_norm+residual (a fused kernel regenerates the
+            # dropout mask in the backward; eager also writes and reads it)
+            out.append(Case("bert epilogue (bias+dropout+residual) fwd+bwd",
+                            {**params, "dropout_p": EPILOGUE_DROPOUT_P},
+                            {n: lazy("epilogue", "fwd+bwd", n)
+                             for n in ("eager", "compile", "fastbert")},
+                            bytes=nbytes["fwd+bwd"], baseline="eager"))
         # bias_gelu on the FFN intermediate (4 * hidden), fwd+bwd
         if hidden != 4096:
             ib = rows * 4 * hidden * es
