@@ -166,6 +166,12 @@ def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
         if hidden <= _persistent_max_hidden():
             fns["fastbert_triton_per_step"] = _coop(
                 _with_threshold("PERSISTENT_MAX_HIDDEN", 0, build("fastbert_triton")), False)
+        # the opt-in tile variants of the per-step kernels (kernels/lstm.py FWD_BLOCK_K,
+        # BWD_BLOCK_K, FWD_NARROW_WARPS), each alone and all together
+        if hidden > _persistent_max_hidden():
+            for name, settings in _TILE_VARIANTS.items():
+                fns[f"fastbert_triton_{name}"] = _coop(_tiles(settings, build("fastbert_triton")),
+                                                       False)
         # the cooperative time loop (off by default, see the module docstring), where it
         # runs these layers
         if _coop_applies(device, seq, batch, hidden):
@@ -220,6 +226,23 @@ def _with_threshold(name: str, value: int, fn: Callable[[], object]) -> Callable
     two time loops, forward and backward."""
     from fastbert.kernels import lstm as klstm
     return with_setting(klstm, name, value, fn)
+
+
+# (kept to three rows a case: each costs the LSTM's share of the gpu-check budget)
+_TILE_VARIANTS = {"bwd_k128": dict(BWD_BLOCK_K=128),
+                  "tiles": dict(BWD_BLOCK_K=128, FWD_BLOCK_K=128, FWD_NARROW_WARPS=True),
+                  # batch blocks of 64 rows: W_hh read by half as many programs a step, and
+                  # Hopper's warpgroup MMA (wgmma needs 64 rows; 32 gives mma.sync)
+                  "tiles_b64": dict(BWD_BLOCK_K=128, FWD_BLOCK_K=128, FWD_NARROW_WARPS=True,
+                                    MAX_STEP_BLOCK_B=64)}
+
+
+def _tiles(settings: dict, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with the kernels/lstm.py tile flags in ``settings`` set."""
+    from fastbert.kernels import lstm as klstm
+    for name, value in settings.items():
+        fn = with_setting(klstm, name, value, fn)
+    return fn
 
 
 def _step_graph(fn: Callable[[], object], threshold: str = "PERSISTENT_MAX_HIDDEN"

@@ -134,7 +134,10 @@ MAX_BLOCK_H = 64
 # The time-looping ("persistent") kernels give each program a batch block and all hidden
 # columns, so one program streams all of W_hh (8 H^2 bytes in 16 bits) from L2 every step;
 # up to this hidden size that costs less than a launch per step (estimate: 512 KB at ~100 GB/s
-# per SM is ~5 us, a Python-side Triton launch ~20 us). Not measured on a GPU yet. Read at
+# per SM is ~5 us, a Python-side Triton launch ~20 us). Measured once (H200, bf16, run 1 of
+# benchmarks/results, before kernels/_launch.py and the CUDA-graph mode): at hidden 256 the
+# time-looping kernels took 1.0-2.0x cuDNN's time, GPU-bound (graphed = ungraphed), with
+# cdiv(B, 16) programs (4 SMs at batch 64); bench_lstm times the per-step path beside it. Read at
 # every call (``use_persistent``): 0 forces the per-step path at every hidden size, which is
 # how bench_lstm times it against the time-looping kernels (LN_PERSISTENT_MAX_HIDDEN likewise).
 PERSISTENT_MAX_HIDDEN = 256
@@ -166,6 +169,20 @@ COOP_MAX_HIDDEN = 1024
 # stay below it: n_steps x group < 2^30.
 COOP_MAX_SPINS = 1 << 20
 COOP_POISON = 1 << 30
+# Opt-in tile variants of the per-step and cooperative kernels, off by default until a GPU run
+# has timed them (bench_lstm times them beside the default). Read at every call.
+# FWD_BLOCK_K / BWD_BLOCK_K: the K step of the forward's recurrent GEMM (over the state size)
+# and of the backward's (over 4H); None takes STEP_BLOCK_K (32). The backward's K loop is
+# 4H / BLOCK_K dependent iterations that move 3-6 KB each (64 of them at hidden 512, 128 at
+# 1024): bound by L2 latency, not bandwidth. 128 makes them 4x fewer and 4x larger, and every
+# W_hh / dgates load 16 bytes a thread (SASS, sm_90: 8 bytes at 32).
+# FWD_NARROW_WARPS: the forward with BLOCK_B * BLOCK_H / 256 warps (2 to 8) instead of
+# ``_step_warps`` (/ 128, 4 to 16). At 4 warps on a 32x16 tile and 16 on 32x64 Triton's MMA
+# layout gives every warp a half-size slice of an MMA tile, so each MMA is computed twice
+# (HMMA per step twice the tile's) and each thread loads its W_hh tiles 8 bytes at a time.
+FWD_BLOCK_K: Optional[int] = None
+BWD_BLOCK_K: Optional[int] = None
+FWD_NARROW_WARPS = False
 
 
 @triton.jit
@@ -1094,6 +1111,21 @@ def _step_warps(block_b: int, block_h: int) -> int:
     return min(max(block_b * block_h // 128, 4), 16)
 
 
+def _k_step(flag: Optional[int], n_k: int) -> int:
+    """The K step of a recurrent GEMM over n_k: STEP_BLOCK_K, or ``flag`` (FWD_BLOCK_K /
+    BWD_BLOCK_K) clipped to [MIN_DOT_BLOCK, next_power_of_2(n_k)]."""
+    if flag is None:
+        return STEP_BLOCK_K
+    return max(MIN_DOT_BLOCK, min(flag, next_power_of_2(n_k)))
+
+
+def fwd_step_warps(block_b: int, block_h: int) -> int:
+    """Warps of the per-step / cooperative forward (FWD_NARROW_WARPS, see there)."""
+    if FWD_NARROW_WARPS:
+        return min(max(block_b * block_h // 256, 2), 8)
+    return _step_warps(block_b, block_h)
+
+
 def step_block_configs():
     """Every (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) ``step_blocks`` can return."""
     def powers_of_2(top):  # MIN_DOT_BLOCK, 2 * MIN_DOT_BLOCK, ..., top
@@ -1428,8 +1460,9 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
                 xg.stride(0), xg.stride(1), hs.stride(0), hs.stride(1), cs.stride(0),
                 cs.stride(1), w_hh.stride(0), y.stride(0), y.stride(1), gates.stride(0),
                 gates.stride(1), n_batch, n_hidden, n_steps, begin, end, COOP_MAX_SPINS,
-                BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=bool(reverse), SYNC=sync,
-                DOT_FP32=_dot_fp32(dt, dev), num_warps=warps, launch_cooperative_grid=sync)
+                BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=_k_step(FWD_BLOCK_K, n_hidden),
+                REVERSE=bool(reverse), SYNC=sync, DOT_FP32=_dot_fp32(dt, dev),
+                num_warps=fwd_step_warps(bb, bh), launch_cooperative_grid=sync)
         return y, hs, cs, gates, rs
     if persistent:
         if has_proj:
@@ -1468,8 +1501,8 @@ def _lstm_fwd_steps(xg, hs, cs, w_hh, w_hr, lengths, y, gates, rs, reverse):
     cell_args = (xg, hs, cs, w_hh, lengths, out, gates, *xg.stride()[:2], *hs.stride()[:2],
                  *cs.stride()[:2], w_hh.stride(0), *out.stride()[:2], *gates.stride()[:2],
                  n_batch, n_hidden, n_state)
-    cell_meta = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, HAS_PROJ=has_proj, DOT_FP32=dot32,
-                     num_warps=warps)
+    cell_meta = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=_k_step(FWD_BLOCK_K, n_state),
+                     HAS_PROJ=has_proj, DOT_FP32=dot32, num_warps=fwd_step_warps(bb, bh))
     if has_proj:
         proj_args = (rs, w_hr, hs, lengths, y, *rs.stride()[:2], w_hr.stride(0),
                      *hs.stride()[:2], *y.stride()[:2], n_batch, n_hidden, n_state)
@@ -1542,9 +1575,9 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
                     w_hh.stride(0), gates.stride(0), gates.stride(1), cs.stride(0),
                     cs.stride(1), dcarry.stride(0), dc.stride(0), n_batch, n_hidden, n_steps,
                     begin, end, COOP_MAX_SPINS,
-                    BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=bool(reverse), SYNC=sync,
-                    DOT_FP32=_dot_fp32(dt, dev), num_warps=warps,
-                    launch_cooperative_grid=sync)
+                    BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=_k_step(BWD_BLOCK_K, n_gates),
+                    REVERSE=bool(reverse), SYNC=sync, DOT_FP32=_dot_fp32(dt, dev),
+                    num_warps=warps, launch_cooperative_grid=sync)
         elif n_steps > 0 and n_batch > 0 and persistent:
             if has_proj:
                 raise ValueError("the persistent LSTM kernel has no projection")
@@ -1594,7 +1627,8 @@ def _lstm_bwd_steps(dy, w_hh, w_hr, lengths, gates, cs, dgates, dcarry, dc, gv, 
                  *dy.stride()[:2], *dgates.stride()[:2], w_hh.stride(0), *gv_strides,
                  w_hr.stride(0) if has_proj else 0, *gates.stride()[:2], *cs.stride()[:2],
                  dcarry.stride(0), dc.stride(0), n_batch, n_hidden, n_state)
-    cell = bind(_lstm_bwd_kernel, grid, *cell_args, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
+    cell = bind(_lstm_bwd_kernel, grid, *cell_args, BLOCK_B=bb, BLOCK_H=bh,
+                BLOCK_K=_k_step(BWD_BLOCK_K, n_state if has_proj else n_gates),
                 HAS_PROJ=has_proj, DOT_FP32=dot32, num_warps=warps)
     if has_proj:
         proj_args = (dy, dgates, w_hh, lengths, dcarry, gv, *dy.stride()[:2],
@@ -1636,9 +1670,10 @@ def _state_and_weight_grads(dgates: torch.Tensor, dcarry: torch.Tensor, w_hh: to
     h_prev = hs[:n_steps]
     if reverse:
         h_prev = h_prev.flip(0)
-    dw_hh = (dgates.reshape(-1, n_gates).t() @ h_prev.reshape(-1, n_state)).float()
+    # (fp32 results: cuBLAS's fp32 accumulator, not rounded to 16 bits first)
+    dw_hh = mm_fp32(dgates.reshape(-1, n_gates).t(), h_prev.reshape(-1, n_state))
     if gv is not None:
-        dw_hr = (gv.reshape(-1, n_state).t() @ rs.reshape(-1, rs.shape[-1])).float()
+        dw_hr = mm_fp32(gv.reshape(-1, n_state).t(), rs.reshape(-1, rs.shape[-1]))
     else:
         dw_hr = dgates.new_empty(0, dtype=torch.float32)
     return dh0, dw_hh, dw_hr
@@ -2043,6 +2078,17 @@ def aot_configs():
         yield from step("fp32", bb, bh, bk, warps, (False, True))
         yield from step("bf16", bb, bh, bk, warps, (False, True))
     yield from step("fp16", *step_blocks(16, 1024), (False,))
+    # the opt-in tile variants (FWD_BLOCK_K / BWD_BLOCK_K 128, FWD_NARROW_WARPS) in bf16
+    for bb, bh, bk, warps in step_block_configs():
+        blocks = dict(BLOCK_B=bb, BLOCK_H=bh, DOT_FP32=False)
+        for fk, fw in ((128, warps), (bk, min(max(bb * bh // 256, 2), 8)),
+                       (128, min(max(bb * bh // 256, 2), 8))):
+            yield AotConfig(_lstm_fwd_kernel, fwd_sig("bf16"),
+                            dict(blocks, BLOCK_K=fk, HAS_PROJ=False), fw,
+                            name=f"lstm_fwd[bf16,{bb}x{bh}x{fk},w{fw},variant]")
+        yield AotConfig(_lstm_bwd_kernel, bwd_sig("bf16"),
+                        dict(blocks, BLOCK_K=128, HAS_PROJ=False, HAS_NEXT=True), warps,
+                        name=f"lstm_bwd[bf16,{bb}x{bh}x128,variant]")
 
     def persistent_sig(dt, kind):
         if kind == "fwd":

@@ -1216,3 +1216,61 @@ def test_lstm_layer_ref_cell_layer_norm_with_a_bias_alone():
     torch.testing.assert_close(h_n, h)
     (g_bias,) = torch.autograd.grad(y.sum(), bias)
     assert g_bias.abs().sum() > 0
+
+
+@pytest.mark.parametrize("flags", [
+    dict(BWD_BLOCK_K=128),
+    dict(FWD_BLOCK_K=128, FWD_NARROW_WARPS=True),
+    dict(FWD_BLOCK_K=64, BWD_BLOCK_K=64, FWD_NARROW_WARPS=True, MAX_STEP_BLOCK_B=16),
+])
+@pytest.mark.parametrize("proj", [0, 9])
+def test_lstm_tile_variants_match_fp64_and_reach_the_launch(device, monkeypatch, flags, proj):
+    """The opt-in tile variants of the per-step kernels (kernels/lstm.py FWD_BLOCK_K,
+    BWD_BLOCK_K, FWD_NARROW_WARPS; MAX_STEP_BLOCK_B) give the fp64 reference's forward and
+    gradients, with K loops of several blocks and a ragged last one (hidden 72: the backward
+    reduces over 288 gates; the forward over 72 or the projection's 9), and are what the
+    kernels are launched with."""
+    from fastbert.kernels import lstm as k
+    monkeypatch.setattr(k, "PERSISTENT_MAX_HIDDEN", 0)
+    for name, value in flags.items():
+        monkeypatch.setattr(k, name, value)
+    seen = {}
+
+    class spy(k.bind):
+        __slots__ = ()
+
+        def __init__(self, fn, grid, *args, **meta):
+            seen[getattr(fn, "__name__", None) or fn.fn.__name__] = meta
+            super().__init__(fn, grid, *args, **meta)
+
+    monkeypatch.setattr(k, "bind", spy)
+    p = _make(device, torch.float32, n_steps=3, n_batch=21, n_in=5, n_hidden=72, proj=proj)
+    lengths = torch.tensor([3, 1, 0, 2, 3] * 4 + [2])
+    out = lstm_layer(*_args(p), lengths=lengths, reverse=True, backend="triton")
+    ref = lstm_layer_ref(*_args(p), lengths=lengths, reverse=True, upcast=True)
+    for name, o, r in zip(("y", "h_n", "c_n"), out, ref):
+        assert_close_to_ref(o, r, name=name)
+    g_out, names = _grads(out, p)
+    g_ref, _ = _grads(ref, p)
+    for name, a, b in zip(names, g_out, g_ref):
+        assert_close_to_ref(a, b, atol=1e-5, rtol_fp32=3e-5, name=f"d{name}")
+    fwd, bwd = seen["_lstm_fwd_kernel"], seen["_lstm_bwd_kernel"]
+    n_state = proj or 72
+    want_fk = k._k_step(flags.get("FWD_BLOCK_K"), n_state)
+    want_bk = k._k_step(flags.get("BWD_BLOCK_K"), n_state if proj else 4 * 72)
+    assert (fwd["BLOCK_K"], bwd["BLOCK_K"]) == (want_fk, want_bk)
+    assert fwd["BLOCK_B"] == min(flags.get("MAX_STEP_BLOCK_B", 32), 32)
+    if flags.get("FWD_NARROW_WARPS"):
+        assert fwd["num_warps"] == max(fwd["BLOCK_B"] * fwd["BLOCK_H"] // 256, 2)
+    else:
+        assert fwd["num_warps"] == k._step_warps(fwd["BLOCK_B"], fwd["BLOCK_H"])
+    if "BWD_BLOCK_K" in flags and not proj:
+        assert 4 * 72 > want_bk > k.STEP_BLOCK_K   # several K blocks, fewer than the default
+
+
+def test_lstm_k_step_clips_to_the_reduction():
+    from fastbert.kernels import lstm as k
+    assert k._k_step(None, 5000) == k.STEP_BLOCK_K
+    assert k._k_step(128, 5000) == 128
+    assert k._k_step(128, 72) == 128 and k._k_step(128, 48) == 64
+    assert k._k_step(128, 9) == k.MIN_DOT_BLOCK
