@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fastbert-installed
 # on CPU)
 RESULTS ?=
 
-.PHONY: setup demo test test-fast test-min-torch bench gpu-check clean
+.PHONY: setup demo test test-fast test-min-torch bench bench-wheels gpu-check clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ test-min-torch:
 
 bench: $(STAMP)
 	$(if $(RESULTS),FASTBERT_RESULTS=$(RESULTS)) $(PY) -m benchmarks.run_all
+
+# peers the GPU machine (no network) lacks, as wheels for gpu-check to install for the benches:
+# run here, then carry .bench_wheels to the device call
+BENCH_WHEELS := liger-kernel==0.8.5
+bench-wheels: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps -d .bench_wheels $(BENCH_WHEELS)
 
 # For the GPU test machine (no network; its own torch and triton): runs from the checkout.
 gpu-check:

@@ -24,6 +24,8 @@
 # after every phase (so a call cut off at its limit still brings back what was done), with
 # the summary $OUT/gpu_check_summary.txt beside it:
 #   make gpu-check RESULTS=/tmp/r
+# (run `make bench-wheels` here first and carry .bench_wheels: the peers the machine lacks,
+# Liger-Kernel, are then timed too)
 # Elsewhere, PYTHON=/path/to/python picks the interpreter (default python3).
 # For a rerun of part of it: FASTBERT_GPU_PHASES picks phases (default "gpu-tests tests
 # bench"; "profile" adds benchmarks/profile_overhead.py's per-call host / GPU / kernel times), FASTBERT_PYTEST_ARGS adds pytest arguments (e.g. "-k attention"; split on spaces, so a
@@ -186,6 +188,22 @@ fi
 
 if phase_on bench; then
   echo "== benchmarks"
+  # peers the machine lacks, carried in as wheels (`make bench-wheels` on a machine with a
+  # network fills .bench_wheels/; the device call carries it): installed without their
+  # dependencies into a directory of this run's, seen by the benches only (Liger-Kernel, #4's
+  # masked_lm_loss comparison (d))
+  if ls .bench_wheels/*.whl >/dev/null 2>&1; then
+    BENCH_SITE=$(mktemp -d)
+    if "$PY" -m pip install --quiet --no-deps --no-index --target "$BENCH_SITE" .bench_wheels/*.whl \
+        > "$R/gpu_bench_wheels.log" 2>&1; then
+      export PYTHONPATH="$PYTHONPATH:$BENCH_SITE"
+      say "bench wheels: $(cd .bench_wheels && ls *.whl | tr '\n' ' ')"
+    else
+      say "bench wheels: install FAILED (see gpu_bench_wheels.log)"
+    fi
+  else
+    say "bench wheels: none (.bench_wheels/ absent: peers not installed here are not timed)"
+  fi
   # the targets are judged from this run's files only: every earlier result file of this card
   # (a committed run's, or a bench not rerun now) is moved aside first
   if [ -n "$SLUG" ]; then
