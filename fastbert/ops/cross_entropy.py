@@ -87,7 +87,8 @@ def masked_lm_loss_ref(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], l
                        reduction: str = "mean", upcast: bool = False) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` on the rows whose label is not ignored.
 
-    Projects only those rows, in fp32 (fp64 for fp64 inputs, or with ``upcast=True``). Returns
+    Projects only those rows, in fp32 (fp64 for fp64 inputs, or with ``upcast=True``), and
+    keeps those logits and their softmax for the backward (the kernels keep neither). Returns
     float32 (float64 for fp64 inputs): the mean over the non-ignored rows (0.0 when there are
     none, unlike ``F.cross_entropy``'s NaN), their sum, or with "none" a loss per token of
     labels' shape, 0 on ignored tokens.
@@ -594,8 +595,10 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     divides by the number of non-ignored targets and so returns NaN when every target is
     ignored (as torch; ``masked_lm_loss`` returns 0.0 there instead); ignored rows get a zero
     gradient (on the Triton backend even of NaN or all -inf logits, where torch's, and so the
-    "torch" backend's, is NaN). Logits of +-1e4 are safe (running-max logsumexp in fp32). No (N, V) buffer is
-    allocated besides the gradient.
+    "torch" backend's, is NaN). Logits of +-1e4 are safe (running-max logsumexp in fp32). No
+    (N, V) buffer is allocated besides the gradient when the classes are contiguous (logits'
+    last stride 1); other logits are copied to rows, once in the forward and once in the
+    backward.
 
     The forward keeps two floats a row (max and log-sum-exp) and the logits; the backward
     recomputes the gradient from them: three passes over (N, V) for forward + backward, which
@@ -669,7 +672,9 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     pre-training), in chunks: per chunk cuBLAS computes the logits, one kernel turns them into
     the loss and, in place, the gradient, and cuBLAS folds that into the gradients of hidden,
     weight and bias, so no (n_masked, V) tensor is kept for the backward and memory does not
-    grow with the number of masked tokens.
+    grow with the number of masked tokens. (The torch backend, ``masked_lm_loss_ref``: what
+    "auto" takes on CPU and for float64, is the plain reference: it keeps its fp32 logits of
+    the masked rows and their softmax for the backward.)
 
     Args:
         hidden: (N, H) or (B, S, H), float32 / float16 / bfloat16 (float64 on the torch

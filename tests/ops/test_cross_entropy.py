@@ -1861,3 +1861,40 @@ def test_one_block_forward_smoothing_of_a_large_offset_row_by_row(device):
                                      dlogits=torch.empty_like(logits))
     # atol: log_s, a sum of exp2 approximations on the GPU, is good to about 1e-6
     assert ((loss.double() - ref).abs() <= eps * ref.abs() + 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype,reduction", [(torch.float32, "mean"), (torch.float32, "sum"),
+                                             (torch.float32, "none"), (torch.float16, "mean")])
+def test_masked_lm_loss_keeps_no_logits_sized_tensor_for_backward(device, dtype, reduction):
+    """#4: no (n_masked, V) logits (nor their probabilities, nor a chunk buffer) is kept for the
+    backward, whichever path the kernels take (the gradients stored in the forward for a
+    reduced fp32 loss, or recomputed in the backward for "none" and fp16): every tensor saved
+    for backward or held by a node of the graph is checked for a vocabulary-sized row."""
+    vocab, hidden_size = 1237, 32
+    hidden, weight, bias, labels = _mlm_inputs((3, 7), hidden_size, vocab, dtype, device,
+                                               masked_frac=0.6)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    n_masked = int((labels != IGNORE).sum())
+    assert n_masked > 1
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda u: saved.append(u) or u, lambda u: u):
+        loss = masked_lm_loss(*leaves, labels, reduction=reduction, backend="triton")
+    held, seen, todo = list(saved), set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for name in dir(node):
+            if not name.startswith("__"):
+                v = getattr(node, name, None)
+                held.extend(v if isinstance(v, (tuple, list)) else [v])
+        todo.extend(n for n, _ in node.next_functions)
+    tensors = [t for t in held if isinstance(t, torch.Tensor)]
+    assert tensors   # the walk reached what the graph holds
+    big = [tuple(t.shape) for t in tensors
+           if (t.dim() >= 2 and t.shape[-1] == vocab) or (t.dim() == 1 and t.numel() > vocab)
+           or t.numel() >= n_masked * vocab and t.shape[-1] != hidden_size]
+    assert not big, f"vocabulary-sized tensors kept for the backward: {big}"
+    _reduce_for_grad(loss, reduction).backward()
+    assert all(t.grad is not None for t in leaves)
