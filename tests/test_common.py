@@ -147,3 +147,20 @@ def test_row_dropout_mask_is_the_documented_philox_layout(device, n_cols):
     n_rows = 3
     got = dropout_mask(seed, n_rows, n_cols, 0.4)
     assert torch.equal(got, _documented_keep(seed, n_rows, n_cols, 0.4))
+
+
+def test_dropout_seeds_are_63_bits_and_the_kernels_use_the_high_ones(device):
+    """A call's seed has 63 random bits (31 repeated a mask every ~1e4 pairs of calls over a
+    long training run), torch.manual_seed reproduces it, and Philox (64-bit counters, the seed
+    its 64-bit key) gives other masks for seeds that differ only above bit 31."""
+    from fastbert.ops._checks import dropout_seed
+    torch.manual_seed(7)
+    seeds = torch.cat([dropout_seed(device) for _ in range(64)])
+    assert seeds.dtype == torch.int64 and (seeds >= 0).all()
+    assert (seeds >= 2**32).float().mean().item() > 0.9
+    torch.manual_seed(7)
+    assert torch.equal(dropout_seed(device), seeds[:1])
+    low = torch.tensor([12345], dtype=torch.int64, device=device)
+    a = dropout_mask(low, 3, 40, 0.5)
+    b = dropout_mask(low + 2**40, 3, 40, 0.5)
+    assert not torch.equal(a, b)

@@ -156,6 +156,14 @@ def check_same_device(**tensors) -> torch.device:
     return dev
 
 
+def dropout_seed(device: torch.device) -> torch.Tensor:
+    """The Philox seed of one dropout call, a one-element int64 tensor on ``device``: drawn from
+    torch's generator there (no host sync; ``torch.manual_seed`` reproduces it), 63 random bits
+    (the kernels' Philox takes a 64-bit key), so two calls of a long training run practically
+    never share a mask (31 bits gave ~1e4 repeated pairs over 1M BERT steps)."""
+    return torch.randint(0, 2**63 - 1, (1,), device=device, dtype=torch.int64)
+
+
 def drops_everything(p: float) -> bool:
     """Whether dropout with probability p (a float already checked to be in [0, 1]) drops
     every element: p == 1, or a p below 1 that float32 rounds to 1 (p >= 1 - 2**-25): the

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import (REF_DTYPES, check_probability, check_real, check_same_device, check_size,
-                      check_tensor, autocast_dtype, has_values, kernel_dtype_reason)
+                      check_tensor, autocast_dtype, has_values, kernel_dtype_reason, dropout_seed)
 from . import _checks
 from ._fastop import direct_call_ok, fast_op
 from ._dispatch import interpreter_enabled, resolve, kernel_module
@@ -372,9 +372,8 @@ def _resolve(op: str, backend: Optional[str], q: Tensor) -> str:
 
 
 def _dropout_seed(device: torch.device) -> Tensor:
-    """The Philox seed of one call: drawn from torch's generator on ``device`` (no host sync;
-    ``torch.manual_seed`` reproduces it)."""
-    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+    """The Philox seed of one call (``_checks.dropout_seed``)."""
+    return dropout_seed(device)
 
 
 def _qkv_ok(q, k, v, ndim: int) -> bool:

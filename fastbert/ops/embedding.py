@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._checks import (FLOAT_DTYPES, REF_DTYPES, check_eps, check_probability, check_same_device,
                       check_shape, check_tensor, cuda_autocast_layer_norm_fp32, has_values,
-                      kernel_dtype_reason)
+                      kernel_dtype_reason, dropout_seed)
 from . import _checks
 from ._fastop import direct_call_ok, fast_op
 from ._dispatch import kernel_module, resolve
@@ -469,7 +469,7 @@ def embedding_layer_norm(input_ids: Tensor, word_weight: Tensor, position_weight
                                         dropout_p=p, padding_idx=padding_idx,
                                         zero_out_of_range=not check_bounds,
                                         out_dtype=torch.float32 if out_fp32 else None)
-    seed = (torch.randint(0, 2**31 - 1, (1,), device=word_weight.device, dtype=torch.int64)
+    seed = (dropout_seed(word_weight.device)
             if p > 0.0 else None)
     return _run(input_ids, word_weight, position_weight, ln_weight, ln_bias, position_ids,
                 token_type_ids if type_weight is not None else None, type_weight, seed,

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._checks import (REF_DTYPES, check_eps, check_probability, check_same_device, check_shape,
                       check_tensor, cuda_autocast_layer_norm_fp32, drops_everything,
-                      kernel_dtype_reason)
+                      kernel_dtype_reason, dropout_seed)
 from ._fastop import fast_op
 from ._dispatch import resolve
 
@@ -193,7 +193,7 @@ def _layer_norm_impl(op, x, weight, bias, eps, residual, x_bias, dropout_p, trai
     if chosen == "torch":
         return layer_norm_ref(x, weight, bias, eps, residual=residual, x_bias=x_bias,
                               dropout_p=p, activation=activation, out_dtype=out_dtype)
-    seed = (torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    seed = (dropout_seed(x.device)
             if p > 0.0 else None)
     y, _, _ = _layer_norm_fwd(x, weight, bias, residual, x_bias, seed, float(eps), p,
                               activation, out_dtype)

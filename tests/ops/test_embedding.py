@@ -10,6 +10,7 @@ import torch
 
 from fastbert.kernels import embedding as k
 from fastbert.kernels._common import dropout_mask
+from fastbert.ops._checks import dropout_seed
 from fastbert.ops import BackendUnavailable, embedding_layer_norm, embedding_layer_norm_ref
 from fastbert.ops import embedding as ops_embedding
 from tests._utils import assert_close_to_ref, max_err, poison_, record_ops
@@ -277,7 +278,7 @@ def test_embedding_layer_norm_dropout_matches_ref_with_kernel_mask(device):
     torch.manual_seed(123)
     y = _call(inp, backend="triton", dropout_p=p)
     torch.manual_seed(123)
-    seed = torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+    seed = dropout_seed(device)
     mask = dropout_mask(seed, 14, 100, p).reshape(2, 7, 100)
     assert 0.5 < mask.float().mean().item() < 0.9
     dy = torch.randn_like(y)
@@ -749,7 +750,7 @@ def test_embedding_dropout_backward_with_a_row_strided_incoming_gradient(device)
     torch.manual_seed(123)
     y = embedding_layer_norm(ids, *params[:2], *params[2:], dropout_p=p, backend="triton")
     torch.manual_seed(123)
-    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+    seed = dropout_seed(device)
     mask = dropout_mask(seed, B * S, H, p).reshape(B, S, H)
     dz = torch.randn(B, S, 2 * H, device=device)
     got = torch.autograd.grad((torch.cat([y, y.detach()], -1) * dz).sum(), params)

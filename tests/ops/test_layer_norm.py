@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fastbert import ops
 from fastbert.kernels._common import dropout_mask, sum_param_parts
+from fastbert.ops._checks import dropout_seed
 from tests._utils import assert_close_to_ref, max_err, poison_
 
 SHAPES = [(1, 100), (7, 384), (3, 5, 768), (2, 1024), (13, 16)]
@@ -163,7 +164,7 @@ def test_layer_norm_dropout_fwd_bwd_match_reference_with_kernel_mask(shape, dtyp
                        dropout_p=p, backend="triton")
     # the seed the op drew: replay the same draw
     torch.manual_seed(123)
-    seed = torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+    seed = dropout_seed(device)
     n = shape[-1]
     keep = dropout_mask(seed, t["x"].numel() // n, n, p).reshape(shape)
     dy = torch.randn_like(y)
@@ -425,7 +426,7 @@ def test_layer_norm_gpu_dropout_kept_fraction_and_mask_replay():
     y = ops.layer_norm(x, None, None, x_bias=torch.zeros(1024, device="cuda", dtype=torch.bfloat16),
                        dropout_p=p)
     torch.manual_seed(3)
-    seed = torch.randint(0, 2**31 - 1, (1,), device="cuda", dtype=torch.int64)
+    seed = dropout_seed(torch.device("cuda"))
     keep = dropout_mask(seed, 4096, 1024, p)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
     ref = ops.layer_norm_ref(x, None, None, dropout_p=p, dropout_mask=keep)
