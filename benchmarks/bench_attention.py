@@ -16,9 +16,10 @@ Cases (bf16 on CUDA), each timed forward, backward (from a kept graph) and forwa
 - ``fastbert_tuned`` (and ``fastbert_varlen_tuned``): every kernel's num_warps / num_stages
   chosen at its first call by timing the candidates (kernels/_tune.py, FASTBERT_AUTOTUNE; off
   by default); the pairs chosen are written to ``attention_tuned_<card>.txt`` beside the CSV.
-- Causal, seq 1k-8k, head dims 64 and 128 (hidden 2048, 16k tokens a batch): fastbert vs
-  SDPA flash, efficient and cuDNN (is_causal; seqlen_q == seqlen_k so top-left and
-  bottom-right alignment agree).
+- Causal, seq 1k, 2k, 4k and 8k, head dims 64 and 128 (hidden 2048, 16k tokens a batch):
+  fastbert vs SDPA flash, efficient, cuDNN and math and eager (is_causal; seqlen_q ==
+  seqlen_k so top-left and bottom-right alignment agree); math and eager only up to 2**31
+  attention scores (not at head dim 64, seq 8192: 32 heads x 8192^2 x 2 a tensor).
 - BERT-base padded with pre-training's dropout on the probabilities (p = 0.1), seq 128 and
   512, forward+backward only: fastbert vs SDPA efficient and cuDNN and eager (no target).
 
@@ -254,13 +255,18 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     if quick:
         causal = [(64, 16)]
     else:
-        causal = [(s, 128) for s in (1024, 2048, 4096, 8192)] + [(s, 64) for s in (1024, 4096)]
+        causal = [(s, d) for d in (128, 64) for s in (1024, 2048, 4096, 8192)]
     for seq, d in causal:
         heads = 2048 // d if not quick else 2
         batch = max(1, CAUSAL_TOKENS // seq) if not quick else 1
+        # every SDPA backend and eager, as #3 lists them; math and eager materialize the
+        # (batch, heads, seq, seq) scores, several such tensors kept for a backward of each
+        # at once in the "bwd" case: not past 2**31 scores (4 GB a tensor in bf16), which
+        # leaves out head dim 64 at seq 8192 (32 heads)
+        scores_ok = batch * heads * seq * seq <= 2**31
         impls = _padded_impls(batch, seq, heads, d, device, dtype, None, True,
-                              ("flash", "efficient", "cudnn") if gpu else ("math",),
-                              eager=not gpu, torch_ref=not gpu)
+                              ("flash", "efficient", "cudnn") + (("math",) if scores_ok else ())
+                              if gpu else ("math",), eager=scores_ok, torch_ref=not gpu)
         params = {"batch": batch, "seq": seq, "heads": heads, "head_dim": d,
                   "dtype": str(dtype)[6:], "mask": "causal"}
         flops = 4 * batch * heads * seq * seq * d // 2

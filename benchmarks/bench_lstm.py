@@ -4,8 +4,9 @@
 
 Every case is forward + backward (gradients of the input and every parameter) in bf16:
 - Padded input: batch {16, 64, 256} x hidden {256, 512, 1024} x seq {64, 256}, one
-  unidirectional layer (input size = hidden); 2-layer bidirectional at batch 64 for every
-  hidden x seq. fastbert vs cuDNN. Target: <= 1.25x cuDNN's time.
+  unidirectional layer (input size = hidden); 2-layer bidirectional, 1-layer bidirectional
+  and 2-layer unidirectional at batch 64 for every hidden x seq (the last two after the
+  other cases). fastbert vs cuDNN. Target: <= 1.25x cuDNN's time.
 - Variable length (lengths uniform in [seq/4, seq], batch 64, 1 layer): fastbert with a
   PackedSequence vs fastbert on the padded batch, and cuDNN packed vs cuDNN padded.
   Target: fastbert packed <= 1.1x fastbert padded. The PackedSequence is the timed call's
@@ -37,8 +38,8 @@ per target runs first, then the rest of the grid (``make gpu-check`` may stop a 
 part-way).
 
 FLOPs: 2 * T * B * 4H * (I + H) per layer and direction forward (input and recurrent GEMMs),
-3x that for forward + backward. The full grid is trimmed (2-layer bidirectional only at batch
-64) to stay near a minute on an H100.
+3x that for forward + backward. The full grid is trimmed (more than one layer or direction
+only at batch 64) to stay near a minute or two on an H100.
 
 On CPU (CI smoke test) only the PyTorch paths run, on tiny shapes.
 """
@@ -386,6 +387,10 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     rest += [("layer_norm", 64, hidden, 64) for hidden in (256, 512)]
     rest += [("time_loop", batch, hidden, 256) for hidden in (256, 512, 1024)
              for batch in (16, 64)]
+    # the rest of #5's "1 and 2 layers, uni- and bidirectional": one layer bidirectional and
+    # two unidirectional, batch 64, every hidden x seq (last: the budget may stop before them)
+    rest += [("padded", 64, hidden, seq, layers, dirs) for layers, dirs in ((1, 2), (2, 1))
+             for seq in (64, 256) for hidden in (256, 512, 1024)]
     make = {"padded": _padded_case, "varlen": _varlen_case, "layer_norm": _layer_norm_case,
             "time_loop": _time_loop_case}
     return [make[kind](device, dtype, *shape)
