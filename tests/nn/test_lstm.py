@@ -410,12 +410,15 @@ def test_layer_norm_lstm_matches_fp64_eager_reference_and_gradients(backend, pro
         return
     # fp32 kernels: error against fp64 at most twice PyTorch's own fp32 error (the house rule
     # for low precision, applied to fp32: through two LayerNorm-LSTM layers some gradients
-    # lose ~1e-4 relative in fp32 whoever computes them) plus a small atol
+    # lose ~1e-4 relative in fp32 whoever computes them) plus an atol of 3e-6 of the largest
+    # element (~50 fp32 ulps of it): with this seed every tensor is within the 2x alone; over
+    # other seeds (review s16 E) a gradient whose eager fp32 error happened to be small
+    # needed up to ~2.2e-6 (2e-5, before, let a 10x regression pass)
     got = run("triton", torch.float32, device)
     fp32 = run("torch", torch.float32, torch.device("cpu"))
     for name, a, lp, b in zip(names, got, fp32, want):
         err, base = max_err(a.cpu(), b), max_err(lp, b)
-        assert err <= 2 * base + 2e-5 * max(1.0, b.abs().max().item()), \
+        assert err <= 2 * base + 3e-6 * max(1.0, b.abs().max().item()), \
             f"{name}: error {err:.3e} > 2 x torch fp32's {base:.3e} + atol"
 
 
