@@ -1,11 +1,13 @@
 """LSTMSeq2Seq: shapes, masking of padded source positions, teacher forcing = step-wise
-decoding, beam_size=1 = greedy, and a copy task learned in a few hundred CPU steps."""
+decoding, beam_size=1 = greedy, and a copy task learned in a few hundred CPU steps. The tests
+of what the two encoder-decoders share (decoding, checks; fastbert/models/_seq2seq.py) run
+Seq2SeqTransformer too ("transformer"); its own are in test_transformer_seq2seq.py."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastbert.models import LSTMSeq2Seq
+from fastbert.models import LSTMSeq2Seq, Seq2SeqTransformer
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 12
@@ -30,9 +32,25 @@ def copy_batch(n, gen, min_len=2, max_len=6):
 
 
 def _model(attention, **kw):
+    """An LSTMSeq2Seq with that attention, or ("transformer") a Seq2SeqTransformer."""
+    if attention == "transformer":
+        args = dict(d_model=32, heads=2, layers=2, ffn=48, dropout=0.0, backend="torch")
+        args.update(kw)
+        return Seq2SeqTransformer(VOCAB, VOCAB + 3, **args).eval()
     args = dict(emb=16, hidden=24, layers=2, attention=attention, dropout=0.0, backend="torch")
     args.update(kw)
     return LSTMSeq2Seq(VOCAB, VOCAB + 3, **args).eval()
+
+
+def _set_backend(model, backend):
+    if isinstance(model, Seq2SeqTransformer):
+        model.backend = backend
+    else:
+        for m in (model.encoder, model.decoder):
+            m.backend = backend
+
+
+ALL = ["luong", "bahdanau", "transformer"]
 
 
 @pytest.mark.parametrize("attention", ["luong", "bahdanau"])
@@ -49,7 +67,7 @@ def test_seq2seq_forward_shapes_and_teacher_forcing_equals_stepwise_decoding(att
     torch.testing.assert_close(logits, torch.stack(steps, dim=1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ALL)
 def test_seq2seq_padded_source_positions_do_not_change_the_output(attention):
     model = _model(attention)
     src, lengths, tgt_in, _ = copy_batch(4, torch.Generator().manual_seed(1))
@@ -63,7 +81,7 @@ def test_seq2seq_padded_source_positions_do_not_change_the_output(attention):
     torch.testing.assert_close(model(garbage, lengths, tgt_in), full)
 
 
-@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ALL)
 def test_seq2seq_beam_size_one_equals_greedy(attention):
     model = _model(attention)
     src, lengths, _, _ = copy_batch(5, torch.Generator().manual_seed(2))
@@ -83,7 +101,7 @@ def test_seq2seq_beam_size_one_equals_greedy(attention):
         torch.testing.assert_close(scores, (logp * upto_eos).sum(1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ALL)
 def test_seq2seq_decoding_never_generates_pad_or_bos(attention):
     """pad after eos only: a decoder whose output layer favours pad and bos still emits real
     tokens (a generated pad would read as the end of the output)."""
@@ -142,15 +160,14 @@ def test_seq2seq_bahdanau_training_reduces_the_loss():
     assert loss(after) < 0.1 * loss(before)
 
 
-@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ALL)
 def test_seq2seq_triton_backend_matches_torch_backend(attention, device):
     model = _model(attention, layers=1).to(device)
     src, lengths, tgt_in, tgt = copy_batch(3, torch.Generator().manual_seed(4), max_len=4)
     src, tgt_in, tgt = src.to(device), tgt_in.to(device), tgt.to(device)
     grads = {}
     for backend in ("torch", "triton"):
-        for m in (model.encoder, model.decoder):
-            m.backend = backend
+        _set_backend(model, backend)
         logits = model(src, lengths, tgt_in)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
         grads[backend] = (logits, *torch.autograd.grad(loss, list(model.parameters())))
@@ -158,16 +175,16 @@ def test_seq2seq_triton_backend_matches_torch_backend(attention, device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ALL)
 def test_seq2seq_trains_and_decodes_under_autocast(attention, device):
     """Mixed precision (fp32 model under autocast, the usual AMP setup): a training step and
     both decoders run on the Triton kernels, the logits in the autocast dtype."""
     model = _model(attention, layers=2).to(device)
-    for m in (model.encoder, model.decoder):
-        m.backend = "triton"
+    _set_backend(model, "triton")
     src, lengths, tgt_in, tgt = copy_batch(3, torch.Generator().manual_seed(4), max_len=4)
     src, tgt_in, tgt = src.to(device), tgt_in.to(device), tgt.to(device)
-    dt = torch.bfloat16 if device.type == "cpu" else torch.float16
+    # (the interpreter refuses bfloat16 attention: its tl.dot is wrong there)
+    dt = torch.bfloat16 if device.type == "cpu" and attention != "transformer" else torch.float16
     with torch.autocast(device.type, dtype=dt):
         logits = model(src, lengths, tgt_in)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
@@ -226,7 +243,7 @@ def test_seq2seq_beam_size_one_equals_greedy_at_ties(dtype, favoured):
     assert scores.dtype == dtype
 
 
-@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ALL)
 def test_seq2seq_empty_target_and_empty_batch(attention):
     """An empty target gives (B, 0, V) logits with either attention (Bahdanau raised in
     torch.stack); an empty batch decodes to (0, 0) tokens (one step ran first: (0, 1))."""
@@ -263,7 +280,7 @@ def test_seq2seq_check_ids_false_skips_the_id_check(monkeypatch):
         model(torch.tensor([[3, VOCAB]]), torch.tensor([2]), torch.tensor([[1]]))
 
 
-@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ALL)
 def test_seq2seq_compiles_fullgraph_with_the_checks_on(attention):
     """The id check (a host read in eager) is skipped while torch.compile traces."""
     torch._dynamo.reset()
@@ -288,15 +305,16 @@ def test_seq2seq_infers_shapes_on_meta_and_fake_tensors():
     assert out.shape == (*tgt_in.shape, VOCAB + 3)
 
 
-@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ALL)
 def test_seq2seq_takes_torch_factory_keywords(attention):
     """device= / dtype= as every torch.nn layer: every parameter is created there (meta: no
     memory), torch.nn.utils.skip_init works, and a float64 model computes what the float32
     one cast with .double() does."""
     model = _model(attention, device="meta", dtype=torch.float64)
     assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.float64)}
-    skipped = torch.nn.utils.skip_init(LSTMSeq2Seq, VOCAB, VOCAB + 3, emb=16, hidden=24,
-                                       layers=2, attention=attention, dtype=torch.float64)
+    kw = (dict(d_model=32, heads=2, layers=2, ffn=48) if attention == "transformer" else
+          dict(emb=16, hidden=24, layers=2, attention=attention))
+    skipped = torch.nn.utils.skip_init(type(model), VOCAB, VOCAB + 3, **kw, dtype=torch.float64)
     assert {(p.device.type, p.dtype) for p in skipped.parameters()} == {("cpu", torch.float64)}
     reference = _model(attention).double()
     skipped.load_state_dict(reference.state_dict())

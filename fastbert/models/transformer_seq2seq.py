@@ -1,0 +1,304 @@
+"""``Seq2SeqTransformer``: the Transformer encoder-decoder, on fastbert's fused ops.
+
+The model of "Attention Is All You Need" (post-LayerNorm, as the paper and BERT), with GELU
+in the feed-forward blocks (BERT's; the paper used ReLU) and the same interface as
+``LSTMSeq2Seq`` (``forward(src, src_lengths, tgt_in)`` -> logits, ``greedy_decode``,
+``beam_search``), so the two can be trained and compared on the same data.
+
+Per layer, every piece is a fastbert op:
+- self-attention and (decoder) cross-attention: ``fastbert.ops.attention`` with the source's
+  padding mask on the keys (and ``causal=True`` in the decoder's self-attention); the
+  attention-probability dropout happens inside the kernel;
+- the epilogue after each attention and feed-forward output projection,
+  ``LayerNorm(dropout(x W^T + b) + residual)``: one ``fastbert.ops.layer_norm`` (the projection
+  bias, dropout, residual add and LayerNorm fused);
+- the feed-forward activation ``GELU(x W1^T + b1)``: ``fastbert.ops.bias_gelu``.
+The projections themselves are cuBLAS GEMMs. A layer computes what torch's
+``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (``activation="gelu"``,
+``norm_first=False``, ``batch_first=True``) compute with the same weights (the tests load
+them); ``attn_in_proj_*`` holds the query, key and value projections stacked as
+``nn.MultiheadAttention``'s ``in_proj_weight``.
+
+Token embeddings are scaled by sqrt(d_model) and summed with sinusoidal positions (computed
+for any length: there is no position table to outgrow). The output projection is tied to the
+target embedding by default (``tie_embeddings``). ``loss`` computes the training loss through
+``fastbert.ops.masked_lm_loss``: only the target's non-pad positions are projected onto the
+vocabulary, fused with the cross-entropy, so no (tokens, V) logits are kept.
+
+Decoding recomputes the decoder over the whole prefix at each step (no key / value cache):
+O(L^2) attention work for an output of L tokens, simple and exactly the teacher-forced
+computation (the tests check that the two agree).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..ops._checks import check_tensor
+from ._seq2seq import INDEX_DTYPES, Seq2SeqBase, check_positive_ints, check_special_ids
+
+
+def sinusoidal_positions(n: int, d_model: int, device=None, dtype=None) -> Tensor:
+    """(n, d_model) sinusoidal position encodings (Vaswani et al.: sin on even dimensions,
+    cos on odd ones, wavelengths 2 pi to 10000 * 2 pi), computed in float64."""
+    pos = torch.arange(n, dtype=torch.float64, device=device)[:, None]
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64, device=device)
+                    * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(n, d_model, dtype=torch.float64, device=device)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div)[:, : d_model // 2]
+    return pe.to(dtype or torch.get_default_dtype())
+
+
+class _Attention(torch.nn.Module):
+    """Multi-head attention with nn.MultiheadAttention's parameters (``in_proj_weight`` /
+    ``in_proj_bias`` stacking q, k, v; ``out_proj``), whose output projection's bias is left
+    to the fused epilogue that follows."""
+
+    def __init__(self, d_model: int, heads: int, factory: dict):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = torch.nn.Parameter(torch.empty(3 * d_model, d_model, **factory))
+        self.in_proj_bias = torch.nn.Parameter(torch.empty(3 * d_model, **factory))
+        self.out_proj = torch.nn.Linear(d_model, d_model, **factory)
+        torch.nn.init.xavier_uniform_(self.in_proj_weight)
+        torch.nn.init.zeros_(self.in_proj_bias)
+        torch.nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: Tensor, memory: Optional[Tensor], key_mask: Optional[Tensor],
+                causal: bool, dropout_p: float, backend: Optional[str]) -> Tensor:
+        """x (B, T, D) queries; memory (B, S, D) keys / values (None: self-attention);
+        key_mask (B, S or T) bool, True = attend. Returns the output projection without its
+        bias, (B, T, D)."""
+        n_batch, n_q, d_model = x.shape
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if memory is None:
+            q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
+        else:
+            q = F.linear(x, w[:d_model], b[:d_model])
+            k, v = F.linear(memory, w[d_model:], b[d_model:]).chunk(2, dim=-1)
+        split = lambda t: t.reshape(n_batch, t.shape[1], self.heads, d_model // self.heads)
+        out = ops.attention(split(q), split(k), split(v), attention_mask=key_mask,
+                            causal=causal, dropout_p=dropout_p, backend=backend)
+        return F.linear(out.reshape(n_batch, n_q, d_model), self.out_proj.weight)
+
+
+class _Epilogue(torch.nn.Module):
+    """LayerNorm(dropout(x + bias) + residual) as one fastbert.ops.layer_norm."""
+
+    def __init__(self, d_model: int, eps: float, factory: dict):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d_model, eps=eps, **factory)
+
+    def forward(self, x: Tensor, bias: Tensor, residual: Tensor, dropout_p: float,
+                backend: Optional[str]) -> Tensor:
+        return ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps,
+                              residual=residual, x_bias=bias, dropout_p=dropout_p,
+                              training=dropout_p > 0.0, backend=backend)
+
+
+class _FeedForward(torch.nn.Module):
+    def __init__(self, d_model: int, ffn: int, factory: dict):
+        super().__init__()
+        self.linear1 = torch.nn.Linear(d_model, ffn, **factory)
+        self.linear2 = torch.nn.Linear(ffn, d_model, **factory)
+
+    def forward(self, x: Tensor, backend: Optional[str]) -> Tensor:
+        """GELU(x W1^T + b1) W2^T, without the second bias (the epilogue adds it)."""
+        h = ops.bias_gelu(F.linear(x, self.linear1.weight), self.linear1.bias, backend=backend)
+        return F.linear(h, self.linear2.weight)
+
+
+class _EncoderLayer(torch.nn.Module):
+    def __init__(self, d_model, heads, ffn, eps, factory):
+        super().__init__()
+        self.self_attn = _Attention(d_model, heads, factory)
+        self.ffn = _FeedForward(d_model, ffn, factory)
+        self.norm1 = _Epilogue(d_model, eps, factory)
+        self.norm2 = _Epilogue(d_model, eps, factory)
+
+    def forward(self, x, src_mask, p_attn, p, backend):
+        a = self.self_attn(x, None, src_mask, False, p_attn, backend)
+        x = self.norm1(a, self.self_attn.out_proj.bias, x, p, backend)
+        return self.norm2(self.ffn(x, backend), self.ffn.linear2.bias, x, p, backend)
+
+
+class _DecoderLayer(torch.nn.Module):
+    def __init__(self, d_model, heads, ffn, eps, factory):
+        super().__init__()
+        self.self_attn = _Attention(d_model, heads, factory)
+        self.cross_attn = _Attention(d_model, heads, factory)
+        self.ffn = _FeedForward(d_model, ffn, factory)
+        self.norm1 = _Epilogue(d_model, eps, factory)
+        self.norm2 = _Epilogue(d_model, eps, factory)
+        self.norm3 = _Epilogue(d_model, eps, factory)
+
+    def forward(self, y, memory, src_mask, p_attn, p, backend):
+        # causal self-attention: a target position sees itself and those before it (right
+        # padding is never seen by a real position, so no target mask is needed)
+        a = self.self_attn(y, None, None, True, p_attn, backend)
+        y = self.norm1(a, self.self_attn.out_proj.bias, y, p, backend)
+        a = self.cross_attn(y, memory, src_mask, False, p_attn, backend)
+        y = self.norm2(a, self.cross_attn.out_proj.bias, y, p, backend)
+        return self.norm3(self.ffn(y, backend), self.ffn.linear2.bias, y, p, backend)
+
+
+class Seq2SeqTransformer(Seq2SeqBase):
+    """Transformer encoder-decoder (module docstring).
+
+    Args:
+        src_vocab, tgt_vocab: vocabulary sizes.
+        d_model: model width; heads: attention heads (d_model / heads must be a head size the
+            attention kernels take: 16, 32, 64, 80, 96 or 128; the torch backend takes any).
+        layers: encoder and decoder depth (``decoder_layers`` sets the decoder's apart).
+        ffn: feed-forward width (default 4 * d_model).
+        dropout: on the embeddings and in every epilogue (residual dropout);
+            ``attention_dropout`` (default ``dropout``) on the attention probabilities.
+        pad_id, bos_id, eos_id: special token ids of the target (pad_id also of the source).
+        tie_embeddings: the output projection's weight is the target embedding.
+        eps: the LayerNorms' epsilon.
+        backend: passed to every fastbert op ("triton", "torch" or None for auto).
+        check_ids: check that src / tgt_in hold ids inside the vocabularies at every call (one
+            host read of the ids on the GPU). An attribute too.
+        device, dtype: where and in which floating dtype the parameters are created.
+    """
+
+    def __init__(self, src_vocab: int, tgt_vocab: int, d_model: int = 512, heads: int = 8,
+                 layers: int = 6, ffn: Optional[int] = None, dropout: float = 0.1, *,
+                 attention_dropout: Optional[float] = None,
+                 decoder_layers: Optional[int] = None, pad_id: int = 0, bos_id: int = 1,
+                 eos_id: int = 2, tie_embeddings: bool = True, eps: float = 1e-5,
+                 backend: Optional[str] = None, check_ids: bool = True, device=None,
+                 dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        ffn = 4 * d_model if ffn is None else ffn
+        decoder_layers = layers if decoder_layers is None else decoder_layers
+        check_positive_ints(src_vocab=src_vocab, tgt_vocab=tgt_vocab, d_model=d_model,
+                            heads=heads, layers=layers, decoder_layers=decoder_layers, ffn=ffn)
+        if d_model % heads:
+            raise ValueError(f"heads must divide d_model, got d_model={d_model}, heads={heads}")
+        attention_dropout = dropout if attention_dropout is None else attention_dropout
+        for name, p in (("dropout", dropout), ("attention_dropout", attention_dropout)):
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+        check_special_ids(pad_id, bos_id, eos_id, src_vocab, tgt_vocab)
+        self.src_vocab, self.tgt_vocab = src_vocab, tgt_vocab
+        self.d_model, self.heads = d_model, heads
+        self.dropout, self.attention_dropout = float(dropout), float(attention_dropout)
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.backend = backend
+        self.check_ids = bool(check_ids)
+        self.src_embed = torch.nn.Embedding(src_vocab, d_model, padding_idx=pad_id, **factory)
+        self.tgt_embed = torch.nn.Embedding(tgt_vocab, d_model, padding_idx=pad_id, **factory)
+        for emb in (self.src_embed, self.tgt_embed):
+            torch.nn.init.normal_(emb.weight, std=d_model ** -0.5)
+            with torch.no_grad():
+                emb.weight[pad_id].zero_()
+        self.encoder = torch.nn.ModuleList(
+            _EncoderLayer(d_model, heads, ffn, eps, factory) for _ in range(layers))
+        self.decoder = torch.nn.ModuleList(
+            _DecoderLayer(d_model, heads, ffn, eps, factory) for _ in range(decoder_layers))
+        self.out = torch.nn.Linear(d_model, tgt_vocab, **factory)
+        torch.nn.init.zeros_(self.out.bias)
+        if tie_embeddings:
+            self.out.weight = self.tgt_embed.weight
+
+    # ------------------------------------------------------------------------------------
+    # building blocks
+
+    def _p(self, p: float) -> float:
+        return p if self.training else 0.0
+
+    def _embed(self, emb: torch.nn.Embedding, ids: Tensor) -> Tensor:
+        x = emb(ids) * math.sqrt(self.d_model)
+        x = x + sinusoidal_positions(ids.shape[1], self.d_model, x.device, x.dtype)
+        return F.dropout(x, self._p(self.dropout), self.training)
+
+    def _src_mask(self, src: Tensor, src_lengths: Tensor) -> Tensor:
+        lens = src_lengths.to(src.device, non_blocking=src.is_cuda)
+        return torch.arange(src.shape[1], device=src.device)[None, :] < lens[:, None]
+
+    def _encode(self, src: Tensor, src_lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        mask = self._src_mask(src, src_lengths)
+        x = self._embed(self.src_embed, src)
+        for layer in self.encoder:
+            x = layer(x, mask, self._p(self.attention_dropout), self._p(self.dropout),
+                      self.backend)
+        return x, mask
+
+    def _decode(self, tgt_in: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
+        y = self._embed(self.tgt_embed, tgt_in)
+        for layer in self.decoder:
+            y = layer(y, memory, mask, self._p(self.attention_dropout), self._p(self.dropout),
+                      self.backend)
+        return y
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """src (B, S) ids, src_lengths (B,) in [1, S] -> memory (B, S, d_model) and the
+        source mask (B, S) bool (True on real tokens)."""
+        self._check_inputs(src, src_lengths)
+        return self._encode(src, src_lengths)
+
+    def _start(self, src: Tensor, src_lengths: Tensor):
+        memory, mask = self.encode(src, src_lengths)
+        prefix = torch.empty((src.shape[0], 0), dtype=torch.long, device=src.device)
+        return (memory, mask), (prefix,)
+
+    def decode_step(self, y_prev: Tensor, state: Tuple[Tensor], memory: Tensor,
+                    mask: Tensor) -> Tuple[Tensor, Tuple[Tensor]]:
+        """One decoding step: y_prev (B,) ids -> logits (B, V) of the next token and the new
+        state (the prefix of decoder inputs so far, (B, t)). The decoder runs over the whole
+        prefix (no key / value cache). The ids are not range-checked here."""
+        self._check_y_prev(y_prev, state[0].shape[0])
+        prefix = torch.cat([state[0], y_prev[:, None].to(state[0].dtype)], dim=1)
+        y = self._decode(prefix, memory, mask)
+        return self.out(y[:, -1]), (prefix,)
+
+    # ------------------------------------------------------------------------------------
+    # public API
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced logits.
+
+        Args:
+            src: (B, S) source ids (padded with pad_id); src_lengths: (B,) in [1, S].
+            tgt_in: (B, T) decoder inputs (bos_id followed by the target, shifted right).
+
+        Returns:
+            logits (B, T, tgt_vocab).
+        """
+        return self.out(self.decoder_states(src, src_lengths, tgt_in))
+
+    def decoder_states(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """The decoder's last hidden states (B, T, d_model), before the output projection."""
+        check_tensor("tgt_in", tgt_in, dtypes=INDEX_DTYPES, ndim=(2,))   # required here
+        self._check_inputs(src, src_lengths, tgt_in)
+        memory, mask = self._encode(src, src_lengths)
+        return self._decode(tgt_in, memory, mask)
+
+    def loss(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, tgt_out: Tensor, *,
+             label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of the next-token predictions, over the positions where tgt_out is
+        not pad_id: ``fastbert.ops.masked_lm_loss`` on the decoder states, so only those
+        positions are projected onto the vocabulary, fused with the loss.
+
+        Args:
+            tgt_out: (B, T) the targets (tgt_in shifted left: the target then eos_id, padded).
+            label_smoothing, reduction: as ``torch.nn.functional.cross_entropy`` ("mean" over
+                the non-pad positions).
+        """
+        check_tensor("tgt_out", tgt_out, dtypes=INDEX_DTYPES, ndim=(2,))
+        if tgt_out.shape != tgt_in.shape:
+            raise ValueError(f"tgt_out must have tgt_in's shape {tuple(tgt_in.shape)}, got "
+                             f"{tuple(tgt_out.shape)}")
+        states = self.decoder_states(src, src_lengths, tgt_in)
+        labels = tgt_out.masked_fill(tgt_out == self.pad_id, -100)
+        return ops.masked_lm_loss(states, self.out.weight, self.out.bias, labels,
+                                  ignore_index=-100, label_smoothing=label_smoothing,
+                                  reduction=reduction, backend=self.backend)

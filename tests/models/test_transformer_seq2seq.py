@@ -1,0 +1,213 @@
+"""Seq2SeqTransformer: the same computation as torch's nn.TransformerEncoderLayer /
+nn.TransformerDecoderLayer stack with its weights (fp64 on the torch backend, fp32 on the
+kernels), teacher forcing = step-wise decoding, the fused loss = cross-entropy of the logits,
+dropout, bad arguments, and a copy task learned on the CPU. The decoding and checks it shares
+with LSTMSeq2Seq are tested in test_lstm_seq2seq.py (the "transformer" cases)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbert.models import Seq2SeqTransformer
+from fastbert.models.transformer_seq2seq import sinusoidal_positions
+from tests.models.test_lstm_seq2seq import BOS, EOS, PAD, VOCAB, _exact_matches, copy_batch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+D_MODEL, HEADS, FFN = 32, 2, 48   # head dim 16: the kernels take it
+
+
+def _model(**kw):
+    args = dict(d_model=D_MODEL, heads=HEADS, layers=2, ffn=FFN, dropout=0.0, backend="torch",
+                tie_embeddings=False)
+    args.update(kw)
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(VOCAB, VOCAB + 3, **args).eval()
+    with torch.no_grad():   # non-zero biases, so that a dropped bias shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)
+    return model
+
+
+def _torch_layers(model):
+    """torch's own layers (post-LN, GELU, batch_first) holding the model's weights, and
+    {our parameter name: the torch layer's parameter holding it}."""
+    kw = dict(dim_feedforward=FFN, dropout=0.0, activation="gelu", batch_first=True,
+              dtype=next(model.parameters()).dtype)
+    enc = [torch.nn.TransformerEncoderLayer(D_MODEL, HEADS, **kw) for _ in model.encoder]
+    dec = [torch.nn.TransformerDecoderLayer(D_MODEL, HEADS, **kw) for _ in model.decoder]
+    names = {"ffn.linear1": "linear1", "ffn.linear2": "linear2", "cross_attn": "multihead_attn",
+             ".norm.": "."}
+    params = dict(model.named_parameters())   # embeddings, output layer: the model's own
+    prefixes = [f"encoder.{i}." for i in range(len(enc))] + [f"decoder.{i}."
+                                                               for i in range(len(dec))]
+    for prefix, ours, theirs in zip(prefixes, list(model.encoder) + list(model.decoder),
+                                    enc + dec):
+        state, theirs_params = {}, dict(theirs.named_parameters())
+        for key, value in ours.state_dict().items():
+            name = key
+            for a, b in names.items():
+                key = key.replace(a, b)
+            state[key] = value
+            params[prefix + name] = theirs_params[key]
+        theirs.load_state_dict(state)
+        theirs.train()   # no inference fast path (it zeroes padded positions)
+    return enc, dec, params
+
+
+def _torch_forward(model, src, lengths, tgt_in):
+    """torch's layers' logits, and their parameters by our names."""
+    enc, dec, params = _torch_layers(model)
+    pad = torch.arange(src.shape[1])[None, :] >= lengths[:, None]
+    embed = lambda e, ids: e(ids) * math.sqrt(D_MODEL) + sinusoidal_positions(
+        ids.shape[1], D_MODEL, dtype=e.weight.dtype)
+    x = embed(model.src_embed, src)
+    for layer in enc:
+        x = layer(x, src_key_padding_mask=pad)
+    y = embed(model.tgt_embed, tgt_in)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1],
+                                                                  dtype=y.dtype)
+    for layer in dec:
+        y = layer(y, x, tgt_mask=causal, memory_key_padding_mask=pad.to(y.dtype).masked_fill(
+            pad, float("-inf")), tgt_is_causal=True)
+    return model.out(y), params
+
+
+def test_sinusoidal_positions_are_the_papers():
+    pe = sinusoidal_positions(7, 6, dtype=torch.float64)
+    for pos in range(7):
+        for i in range(3):
+            angle = pos / 10000 ** (2 * i / 6)
+            assert pe[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-15)
+            assert pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-15)
+    assert sinusoidal_positions(4, 5).shape == (4, 5)   # an odd width
+
+
+def test_transformer_matches_torch_layers_fp64():
+    """fp64 on the torch backend: logits and every gradient equal torch's layers' to
+    rounding (the fused epilogues, bias_gelu and attention compute the same thing)."""
+    model = _model().double()
+    src, lengths, tgt_in, tgt = copy_batch(4, torch.Generator().manual_seed(0))
+    ours = model(src, lengths, tgt_in)
+    ref, ref_params = _torch_forward(model, src, lengths, tgt_in)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    names = [n for n, _ in model.named_parameters()]
+    g_ours = torch.autograd.grad(ours.square().sum(), list(model.parameters()))
+    g_ref = torch.autograd.grad(ref.square().sum(), [ref_params[n] for n in names])
+    for name, a, b in zip(names, g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_transformer_kernels_match_torch_layers(device):
+    """The Triton kernels (attention with the source mask and causal, the fused LayerNorm
+    epilogues, bias_gelu) in fp32: logits and gradients against torch's layers in fp64."""
+    model = _model(backend="triton").to(device)
+    src, lengths, tgt_in, _ = copy_batch(3, torch.Generator().manual_seed(1))
+    ours = model(src.to(device), lengths, tgt_in.to(device))
+    ref_model = _model().double()
+    ref, ref_params = _torch_forward(ref_model, src, lengths, tgt_in)
+    torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-4, atol=1e-5)
+    names = [n for n, _ in model.named_parameters()]
+    g_ours = torch.autograd.grad(ours.square().sum(), list(model.parameters()))
+    g_ref = torch.autograd.grad(ref.square().sum(), [ref_params[n] for n in names])
+    for name, a, b in zip(names, g_ours, g_ref):
+        torch.testing.assert_close(a.double().cpu(), b, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_transformer_teacher_forcing_equals_stepwise_decoding():
+    model = _model(tie_embeddings=True)
+    src, lengths, tgt_in, _ = copy_batch(3, torch.Generator().manual_seed(2))
+    logits = model(src, lengths, tgt_in)
+    assert logits.shape == (3, tgt_in.shape[1], VOCAB + 3)
+    memory, mask = model.encode(src, lengths)
+    state = (torch.empty(3, 0, dtype=torch.long),)
+    steps = []
+    for t in range(tgt_in.shape[1]):
+        step, state = model.decode_step(tgt_in[:, t], state, memory, mask)
+        steps.append(step)
+    assert torch.equal(state[0], tgt_in)
+    torch.testing.assert_close(logits, torch.stack(steps, dim=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction,smoothing", [("mean", 0.1), ("sum", 0.0), ("none", 0.0)])
+def test_transformer_loss_is_cross_entropy_of_the_logits(device, backend, reduction, smoothing):
+    """``loss`` (masked_lm_loss on the decoder states: only non-pad targets projected) equals
+    F.cross_entropy of forward's logits with pad ignored, and so do the gradients."""
+    model = _model(backend=backend, tie_embeddings=True).to(device)
+    src, lengths, tgt_in, tgt = (t.to(device) if t.dim() == 2 else t
+                                 for t in copy_batch(3, torch.Generator().manual_seed(3)))
+    loss = model.loss(src, lengths, tgt_in, tgt, label_smoothing=smoothing, reduction=reduction)
+    logits = model(src, lengths, tgt_in)
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), tgt.reshape(-1),
+                          ignore_index=PAD, label_smoothing=smoothing, reduction=reduction)
+    if reduction == "none":
+        ref = ref.reshape(tgt.shape)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    params = list(model.parameters())
+    g = torch.autograd.grad(loss.sum(), params)
+    g_ref = torch.autograd.grad(ref.sum(), params)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_transformer_dropout_applies_in_training_only():
+    model = _model(dropout=0.3)
+    src, lengths, tgt_in, _ = copy_batch(3, torch.Generator().manual_seed(4))
+    ref = model(src, lengths, tgt_in)
+    assert torch.equal(model(src, lengths, tgt_in), ref)   # eval: no dropout
+    model.train()
+    torch.manual_seed(5)
+    a = model(src, lengths, tgt_in)
+    torch.manual_seed(5)
+    assert torch.equal(model(src, lengths, tgt_in), a)     # the seed reproduces it
+    assert not torch.allclose(a, ref)
+    # attention_dropout alone (residual dropout off) also changes the output
+    model = _model(dropout=0.0, attention_dropout=0.5).train()
+    assert not torch.allclose(model(src, lengths, tgt_in), ref)
+
+
+def test_transformer_bad_arguments_raise():
+    with pytest.raises(ValueError, match="heads must divide d_model"):
+        Seq2SeqTransformer(10, 10, d_model=30, heads=4)
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        Seq2SeqTransformer(10, 10, d_model=32, heads=2, dropout=1.5)
+    with pytest.raises(ValueError, match="ffn must be a positive int"):
+        Seq2SeqTransformer(10, 10, d_model=32, heads=2, ffn=0)
+    with pytest.raises(ValueError, match="three different ids"):
+        Seq2SeqTransformer(10, 10, d_model=32, heads=2, pad_id=0, bos_id=1, eos_id=0)
+    model = _model()
+    src, lengths, tgt_in, tgt = copy_batch(2, torch.Generator().manual_seed(6))
+    with pytest.raises(ValueError, match="tgt_out must have tgt_in's shape"):
+        model.loss(src, lengths, tgt_in, tgt[:, :-1])
+    with pytest.raises(ValueError, match="src_lengths has a length .* longer than the sequence"):
+        model(src, lengths + 10, tgt_in)
+    with pytest.raises(ValueError, match=r"tgt_in must hold token ids in \[0, 15\)"):
+        model(src, lengths, tgt_in + 100)
+    with pytest.raises(ValueError, match=r"y_prev must be \(batch,\)"):
+        memory, mask = model.encode(src, lengths)
+        model.decode_step(torch.tensor([BOS]), (tgt_in[:, :0],), memory, mask)
+
+
+def test_transformer_learns_the_copy_task():
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(VOCAB, VOCAB, d_model=32, heads=2, layers=1, ffn=64,
+                               dropout=0.0, backend="torch")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        src, lengths, tgt_in, tgt = copy_batch(32, gen)
+        loss = model.loss(src, lengths, tgt_in, tgt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    src, lengths, _, tgt = copy_batch(64, torch.Generator().manual_seed(123))
+    greedy = model.greedy_decode(src, lengths, max_len=10)
+    assert _exact_matches(greedy, tgt, lengths) >= 55   # >= 85% of unseen sequences exact
+    beam, _ = model.beam_search(src, lengths, beam_size=3, max_len=10)
+    assert _exact_matches(beam, tgt, lengths) >= 55
+    assert (greedy[lengths == 2][:, 2] == EOS).all()
