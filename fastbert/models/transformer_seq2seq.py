@@ -25,9 +25,10 @@ target embedding by default (``tie_embeddings``). ``loss`` computes the training
 ``fastbert.ops.masked_lm_loss``: only the target's non-pad positions are projected onto the
 vocabulary, fused with the cross-entropy, so no (tokens, V) logits are kept.
 
-Decoding recomputes the decoder over the whole prefix at each step (no key / value cache):
-O(L^2) attention work for an output of L tokens, simple and exactly the teacher-forced
-computation (the tests check that the two agree).
+Decoding runs one position a step with a key / value cache: each decoder layer's
+self-attention keys and values of the positions so far (the decoding state, reordered with the
+beams), and its cross-attention keys and values of the encoder's memory, computed once. The
+tests check that step-wise decoding gives the teacher-forced logits.
 """
 from __future__ import annotations
 
@@ -43,10 +44,11 @@ from ..ops._checks import check_tensor
 from ._seq2seq import INDEX_DTYPES, Seq2SeqBase, check_positive_ints, check_special_ids
 
 
-def sinusoidal_positions(n: int, d_model: int, device=None, dtype=None) -> Tensor:
-    """(n, d_model) sinusoidal position encodings (Vaswani et al.: sin on even dimensions,
-    cos on odd ones, wavelengths 2 pi to 10000 * 2 pi), computed in float64."""
-    pos = torch.arange(n, dtype=torch.float64, device=device)[:, None]
+def sinusoidal_positions(n: int, d_model: int, device=None, dtype=None, start: int = 0) -> Tensor:
+    """(n, d_model) sinusoidal position encodings of positions start .. start + n - 1
+    (Vaswani et al.: sin on even dimensions, cos on odd ones, wavelengths 2 pi to
+    10000 * 2 pi), computed in float64."""
+    pos = torch.arange(start, start + n, dtype=torch.float64, device=device)[:, None]
     div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64, device=device)
                     * (-math.log(10000.0) / d_model))
     pe = torch.zeros(n, d_model, dtype=torch.float64, device=device)
@@ -70,22 +72,33 @@ class _Attention(torch.nn.Module):
         torch.nn.init.zeros_(self.in_proj_bias)
         torch.nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: Tensor, memory: Optional[Tensor], key_mask: Optional[Tensor],
-                causal: bool, dropout_p: float, backend: Optional[str]) -> Tensor:
-        """x (B, T, D) queries; memory (B, S, D) keys / values (None: self-attention);
-        key_mask (B, S or T) bool, True = attend. Returns the output projection without its
-        bias, (B, T, D)."""
-        n_batch, n_q, d_model = x.shape
-        w, b = self.in_proj_weight, self.in_proj_bias
-        if memory is None:
-            q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
-        else:
-            q = F.linear(x, w[:d_model], b[:d_model])
-            k, v = F.linear(memory, w[d_model:], b[d_model:]).chunk(2, dim=-1)
-        split = lambda t: t.reshape(n_batch, t.shape[1], self.heads, d_model // self.heads)
-        out = ops.attention(split(q), split(k), split(v), attention_mask=key_mask,
-                            causal=causal, dropout_p=dropout_p, backend=backend)
-        return F.linear(out.reshape(n_batch, n_q, d_model), self.out_proj.weight)
+    def _split(self, t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], t.shape[1], self.heads, t.shape[2] // self.heads)
+
+    def qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Self-attention's q, k, v of x (B, T, D), each (B, T, heads, D / heads)."""
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        return self._split(q), self._split(k), self._split(v)
+
+    def q(self, x: Tensor) -> Tensor:
+        d_model = x.shape[-1]
+        return self._split(F.linear(x, self.in_proj_weight[:d_model],
+                                    self.in_proj_bias[:d_model]))
+
+    def kv(self, memory: Tensor) -> Tuple[Tensor, Tensor]:
+        """Cross-attention's keys and values of memory (B, S, D), each (B, S, heads, D / heads)."""
+        d_model = memory.shape[-1]
+        k, v = F.linear(memory, self.in_proj_weight[d_model:],
+                        self.in_proj_bias[d_model:]).chunk(2, dim=-1)
+        return self._split(k), self._split(v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
+               dropout_p: float, backend: Optional[str]) -> Tensor:
+        """Attention of q (B, T, heads, Dh) over k, v (B, S, heads, Dh); key_mask (B, S) bool,
+        True = attend. Returns the output projection without its bias, (B, T, heads * Dh)."""
+        out = ops.attention(q, k, v, attention_mask=key_mask, causal=causal,
+                            dropout_p=dropout_p, backend=backend)
+        return F.linear(out.flatten(2), self.out_proj.weight)
 
 
 class _Epilogue(torch.nn.Module):
@@ -123,7 +136,7 @@ class _EncoderLayer(torch.nn.Module):
         self.norm2 = _Epilogue(d_model, eps, factory)
 
     def forward(self, x, src_mask, p_attn, p, backend):
-        a = self.self_attn(x, None, src_mask, False, p_attn, backend)
+        a = self.self_attn.attend(*self.self_attn.qkv(x), src_mask, False, p_attn, backend)
         x = self.norm1(a, self.self_attn.out_proj.bias, x, p, backend)
         return self.norm2(self.ffn(x, backend), self.ffn.linear2.bias, x, p, backend)
 
@@ -138,14 +151,24 @@ class _DecoderLayer(torch.nn.Module):
         self.norm2 = _Epilogue(d_model, eps, factory)
         self.norm3 = _Epilogue(d_model, eps, factory)
 
-    def forward(self, y, memory, src_mask, p_attn, p, backend):
+    def forward(self, y, cross_kv, src_mask, p_attn, p, backend, cache=None):
+        """y (B, T, D) -> (B, T, D). ``cross_kv``: the cross-attention's keys and values of
+        the encoder's memory. ``cache``: the self-attention's keys and values of the earlier
+        positions (decoding one position at a time, T = 1), returned extended with y's;
+        without it the positions of y attend causally among themselves."""
+        q, k, v = self.self_attn.qkv(y)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=1), torch.cat([cache[1], v], dim=1)
         # causal self-attention: a target position sees itself and those before it (right
-        # padding is never seen by a real position, so no target mask is needed)
-        a = self.self_attn(y, None, None, True, p_attn, backend)
+        # padding is never seen by a real position, so no target mask is needed); with a
+        # cache the one query sees every cached key
+        a = self.self_attn.attend(q, k, v, None, cache is None, p_attn, backend)
         y = self.norm1(a, self.self_attn.out_proj.bias, y, p, backend)
-        a = self.cross_attn(y, memory, src_mask, False, p_attn, backend)
+        a = self.cross_attn.attend(self.cross_attn.q(y), *cross_kv, src_mask, False, p_attn,
+                                   backend)
         y = self.norm2(a, self.cross_attn.out_proj.bias, y, p, backend)
-        return self.norm3(self.ffn(y, backend), self.ffn.linear2.bias, y, p, backend)
+        y = self.norm3(self.ffn(y, backend), self.ffn.linear2.bias, y, p, backend)
+        return y, (k, v)
 
 
 class Seq2SeqTransformer(Seq2SeqBase):
@@ -215,9 +238,9 @@ class Seq2SeqTransformer(Seq2SeqBase):
     def _p(self, p: float) -> float:
         return p if self.training else 0.0
 
-    def _embed(self, emb: torch.nn.Embedding, ids: Tensor) -> Tensor:
+    def _embed(self, emb: torch.nn.Embedding, ids: Tensor, start: int = 0) -> Tensor:
         x = emb(ids) * math.sqrt(self.d_model)
-        x = x + sinusoidal_positions(ids.shape[1], self.d_model, x.device, x.dtype)
+        x = x + sinusoidal_positions(ids.shape[1], self.d_model, x.device, x.dtype, start)
         return F.dropout(x, self._p(self.dropout), self.training)
 
     def _src_mask(self, src: Tensor, src_lengths: Tensor) -> Tensor:
@@ -235,8 +258,8 @@ class Seq2SeqTransformer(Seq2SeqBase):
     def _decode(self, tgt_in: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
         y = self._embed(self.tgt_embed, tgt_in)
         for layer in self.decoder:
-            y = layer(y, memory, mask, self._p(self.attention_dropout), self._p(self.dropout),
-                      self.backend)
+            y, _ = layer(y, layer.cross_attn.kv(memory), mask, self._p(self.attention_dropout),
+                         self._p(self.dropout), self.backend)
         return y
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> Tuple[Tensor, Tensor]:
@@ -247,18 +270,36 @@ class Seq2SeqTransformer(Seq2SeqBase):
 
     def _start(self, src: Tensor, src_lengths: Tensor):
         memory, mask = self.encode(src, src_lengths)
-        prefix = torch.empty((src.shape[0], 0), dtype=torch.long, device=src.device)
-        return (memory, mask), (prefix,)
+        cross = [t for layer in self.decoder for t in layer.cross_attn.kv(memory)]
+        return (memory, mask, *cross), self.empty_cache(memory)
 
-    def decode_step(self, y_prev: Tensor, state: Tuple[Tensor], memory: Tensor,
-                    mask: Tensor) -> Tuple[Tensor, Tuple[Tensor]]:
-        """One decoding step: y_prev (B,) ids -> logits (B, V) of the next token and the new
-        state (the prefix of decoder inputs so far, (B, t)). The decoder runs over the whole
-        prefix (no key / value cache). The ids are not range-checked here."""
-        self._check_y_prev(y_prev, state[0].shape[0])
-        prefix = torch.cat([state[0], y_prev[:, None].to(state[0].dtype)], dim=1)
-        y = self._decode(prefix, memory, mask)
-        return self.out(y[:, -1]), (prefix,)
+    def empty_cache(self, memory: Tensor) -> Tuple[Tensor, ...]:
+        """The decoding state before the first step: per decoder layer, its self-attention's
+        keys and values of no position yet, (B, 0, heads, d_model / heads) each."""
+        shape = (memory.shape[0], 0, self.heads, self.d_model // self.heads)
+        return tuple(memory.new_empty(shape) for _ in range(2 * len(self.decoder)))
+
+    def decode_step(self, y_prev: Tensor, state: Tuple[Tensor, ...], memory: Tensor,
+                    mask: Tensor, *cross: Tensor) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        """One decoding step with a key / value cache: y_prev (B,) ids at the next position
+        (the cache's length) -> logits (B, V) of the token after it, and the cache extended
+        by that position. ``state``: ``empty_cache(memory)`` at the first step, then what the
+        previous step returned; ``cross``: each decoder layer's cross-attention keys and
+        values of memory (computed here when not given). The ids are not range-checked
+        here."""
+        self._check_y_prev(y_prev, memory.shape[0])
+        if len(state) != 2 * len(self.decoder):
+            raise ValueError(f"state must hold {2 * len(self.decoder)} tensors (keys and values "
+                             f"of each decoder layer: empty_cache), got {len(state)}")
+        if not cross:
+            cross = [t for layer in self.decoder for t in layer.cross_attn.kv(memory)]
+        y = self._embed(self.tgt_embed, y_prev[:, None], start=state[0].shape[1])
+        new_state = []
+        for i, layer in enumerate(self.decoder):
+            y, kv = layer(y, cross[2 * i: 2 * i + 2], mask, self._p(self.attention_dropout),
+                          self._p(self.dropout), self.backend, cache=state[2 * i: 2 * i + 2])
+            new_state += kv
+        return self.out(y[:, 0]), tuple(new_state)
 
     # ------------------------------------------------------------------------------------
     # public API

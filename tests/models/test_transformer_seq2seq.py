@@ -117,18 +117,23 @@ def test_transformer_kernels_match_torch_layers(device):
                                    msg=lambda m: f"{name}: {m}")
 
 
-def test_transformer_teacher_forcing_equals_stepwise_decoding():
-    model = _model(tie_embeddings=True)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_transformer_teacher_forcing_equals_stepwise_decoding(device, backend):
+    """Decoding a position a step with the key / value cache (one query over the cached keys)
+    gives the teacher-forced (causal) logits."""
+    model = _model(tie_embeddings=True, backend=backend).to(device)
     src, lengths, tgt_in, _ = copy_batch(3, torch.Generator().manual_seed(2))
+    src, tgt_in = src.to(device), tgt_in.to(device)
     logits = model(src, lengths, tgt_in)
     assert logits.shape == (3, tgt_in.shape[1], VOCAB + 3)
     memory, mask = model.encode(src, lengths)
-    state = (torch.empty(3, 0, dtype=torch.long),)
+    state = model.empty_cache(memory)
+    assert len(state) == 4 and state[0].shape == (3, 0, HEADS, D_MODEL // HEADS)
     steps = []
     for t in range(tgt_in.shape[1]):
         step, state = model.decode_step(tgt_in[:, t], state, memory, mask)
         steps.append(step)
-    assert torch.equal(state[0], tgt_in)
+    assert state[0].shape == (3, tgt_in.shape[1], HEADS, D_MODEL // HEADS)
     torch.testing.assert_close(logits, torch.stack(steps, dim=1), rtol=1e-5, atol=1e-5)
 
 
@@ -189,7 +194,9 @@ def test_transformer_bad_arguments_raise():
         model(src, lengths, tgt_in + 100)
     with pytest.raises(ValueError, match=r"y_prev must be \(batch,\)"):
         memory, mask = model.encode(src, lengths)
-        model.decode_step(torch.tensor([BOS]), (tgt_in[:, :0],), memory, mask)
+        model.decode_step(torch.tensor([BOS]), model.empty_cache(memory), memory, mask)
+    with pytest.raises(ValueError, match="state must hold 4 tensors"):
+        model.decode_step(torch.tensor([BOS, BOS]), (), memory, mask)
 
 
 def test_transformer_learns_the_copy_task():
