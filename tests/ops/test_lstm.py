@@ -56,11 +56,9 @@ def test_lstm_layer_reverse_over_two_steps_matches_fp64(device, layer_norm):
         assert_close_to_ref(a, b, atol=1e-5, rtol_fp32=3e-5, name=name)
 
 
-def test_lstm_layer_with_projection_over_several_batch_blocks_matches_fp64(device):
-    """The per-step cell and projection kernels with more than one batch block (64 rows = 2 *
-    MAX_STEP_BLOCK_B), reverse, ragged lengths: forward and every gradient."""
-    p = _make(device, torch.float32, n_steps=3, n_batch=64, n_hidden=20, proj=5)
-    lengths = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(2))
+def _reverse_matches_fp64(p, lengths):
+    """The reverse direction on the kernels against the fp64 reference: y, h_n, c_n and every
+    gradient."""
     out = lstm_layer(*_args(p), lengths=lengths, reverse=True, backend="triton")
     ref = lstm_layer_ref(*_args(p), lengths=lengths, reverse=True, upcast=True)
     for name, o, r in zip(("y", "h_n", "c_n"), out, ref):
@@ -69,6 +67,14 @@ def test_lstm_layer_with_projection_over_several_batch_blocks_matches_fp64(devic
     g_ref, _ = _grads(ref, p)
     for name, a, b in zip(names, g_out, g_ref):
         assert_close_to_ref(a, b, atol=1e-5, rtol_fp32=3e-5, name=f"d{name}")
+
+
+def test_lstm_layer_with_projection_over_several_batch_blocks_matches_fp64(device):
+    """The per-step cell and projection kernels with more than one batch block (64 rows = 2 *
+    MAX_STEP_BLOCK_B), reverse, ragged lengths: forward and every gradient."""
+    p = _make(device, torch.float32, n_steps=3, n_batch=64, n_hidden=20, proj=5)
+    lengths = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(2))
+    _reverse_matches_fp64(p, lengths)
 
 
 @pytest.mark.parametrize("proj", [0, 9])
@@ -1246,14 +1252,7 @@ def test_lstm_tile_variants_match_fp64_and_reach_the_launch(device, monkeypatch,
     monkeypatch.setattr(k, "bind", spy)
     p = _make(device, torch.float32, n_steps=3, n_batch=21, n_in=5, n_hidden=72, proj=proj)
     lengths = torch.tensor([3, 1, 0, 2, 3] * 4 + [2])
-    out = lstm_layer(*_args(p), lengths=lengths, reverse=True, backend="triton")
-    ref = lstm_layer_ref(*_args(p), lengths=lengths, reverse=True, upcast=True)
-    for name, o, r in zip(("y", "h_n", "c_n"), out, ref):
-        assert_close_to_ref(o, r, name=name)
-    g_out, names = _grads(out, p)
-    g_ref, _ = _grads(ref, p)
-    for name, a, b in zip(names, g_out, g_ref):
-        assert_close_to_ref(a, b, atol=1e-5, rtol_fp32=3e-5, name=f"d{name}")
+    _reverse_matches_fp64(p, lengths)
     fwd, bwd = seen["_lstm_fwd_kernel"], seen["_lstm_bwd_kernel"]
     n_state = proj or 72
     want_fk = k._k_step(flags.get("FWD_BLOCK_K"), n_state)
