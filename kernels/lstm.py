@@ -780,7 +780,7 @@ def _ln_fwd_row(b, rec_ptr, xg_ptr, h_prev_ptr, c_prev_ptr, g_hh_ptr, g_c_ptr, b
     mean, r_i, r_f, r_g, r_o = _row_norm4(r_i, r_f, r_g, r_o, mask, n_hidden)
     var = (tl.sum(r_i * r_i, axis=0) + tl.sum(r_f * r_f, axis=0) + tl.sum(r_g * r_g, axis=0)
            + tl.sum(r_o * r_o, axis=0)) / (4 * n_hidden)
-    rstd = 1.0 / tl.sqrt(var + eps) + var * 0.0  # NaN if var overflowed (as layer_norm)
+    rstd = 1.0 / tl.sqrt(var + eps) + var * 0.0  # NaN if var overflowed (as our layer_norm)
     gi = _sigmoid(r_i * rstd * tl.load(g_hh_ptr + cols, mask=mask, other=0.0).to(tl.float32)
                   + tl.load(xg_ptr + row, mask=mask, other=0.0).to(tl.float32))
     gf = _sigmoid(r_f * rstd * tl.load(g_hh_ptr + H + cols, mask=mask, other=0.0).to(tl.float32)

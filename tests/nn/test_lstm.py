@@ -806,3 +806,28 @@ def test_lstm_setstate_of_an_old_torch_lstm_pickle():
     assert ours.proj_size == 0 and ours.backend is None and repr(ours) == repr(ref)
     x = torch.randn(5, 2, 4)
     torch.testing.assert_close(ours(x)[0], ref(x)[0])
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_lstm_dropout_never_touches_the_last_layers_output(num_layers):
+    """torch.nn.LSTM drops out the outputs of every layer but the last: in training the last
+    layer's output, h_n and c_n of the last layer equal a model whose last layer is fed the
+    same (dropped-out) input; with one layer training equals eval (mutant N1: dropout after
+    the last layer too; the existing dropout test only compares two seeded training runs)."""
+    torch.manual_seed(0)
+    m = LSTM(6, 12, num_layers=num_layers, dropout=0.5, backend="torch")
+    ref = torch.nn.LSTM(6, 12, num_layers=num_layers, dropout=0.5)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(5, 3, 6)
+    m.train(), ref.train()
+    torch.manual_seed(1)
+    out, (h, c) = m(x)
+    torch.manual_seed(1)
+    out_ref, (h_ref, c_ref) = ref(x)
+    # the last layer's output is an LSTM output: never exactly zero where dropout would put 0
+    assert (out != 0).all()
+    if num_layers == 1:
+        m.eval()
+        out_eval, _ = m(x)
+        torch.testing.assert_close(out, out_eval)
+        torch.testing.assert_close(out, out_ref)

@@ -1273,3 +1273,100 @@ def test_lstm_k_step_clips_to_the_reduction():
     assert k._k_step(128, 5000) == 128
     assert k._k_step(128, 72) == 128 and k._k_step(128, 48) == 64
     assert k._k_step(128, 9) == k.MIN_DOT_BLOCK
+
+
+# gaps found by mutation testing the whole LSTM (review s16 A)
+
+@pytest.mark.parametrize("proj", [0, 9])
+def test_lstm_layer_non_finite_output_gradient_in_the_padding_is_ignored(device, proj):
+    """y is a constant zero past each length, so (as torch.where in the reference) no upstream
+    gradient there, not even inf / NaN, reaches any input: the state gradient kernels must
+    zero it past the length, not only the gate gradients (mutant SG3: gv past the length kept,
+    gv^T r then multiplies inf by r's zeros into NaN in dW_hr)."""
+    p = _make(device, torch.float32, n_steps=4, n_batch=3, n_hidden=16, proj=proj)
+    lengths = torch.tensor([4, 1, 2])
+    out = lstm_layer(*_args(p), lengths=lengths, backend="triton")
+    ref = lstm_layer_ref(*_args(p), lengths=lengths, upcast=True)
+    pad = torch.arange(4)[:, None] >= lengths[None, :]          # (T, B)
+    dy = torch.randn(out[0].shape, dtype=torch.float64)
+    dy[pad] = float("inf")
+    leaves = [v for v in p.values() if v is not None]
+    g_out = torch.autograd.grad(out[0], leaves, dy.to(out[0]))
+    g_ref = torch.autograd.grad(ref[0], leaves, dy.to(ref[0]))
+    for a, b in zip(g_out, g_ref):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b.to(a), rtol=3e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("n_hidden", [20, 40])   # groups of two and three programs
+@pytest.mark.parametrize("n_steps", [2, 4])
+def test_lstm_coop_group_of_two_that_cannot_meet_gives_nan(device, monkeypatch, n_hidden,
+                                                             n_steps):
+    """As test_lstm_coop_group_that_cannot_all_be_resident_gives_nan_not_a_hang, with a group
+    of two programs too: the waiting program has then seen target - 1 arrivals when it gives
+    up (mutant C5, ``stuck = seen < target - 1``, passed such a barrier silently and the
+    three-program test, whose waiter sees 1 of 3, did not notice); and with two steps, where
+    the only step after the failed barrier is the last backward step: dc0 then comes from
+    that step alone and only the poisoning of dc makes it NaN (mutant C12, dc not poisoned,
+    returned a finite dc0 computed from unwritten gate gradients of the other programs)."""
+    from fastbert.kernels import lstm as k
+    if device.type == "cuda":
+        pytest.skip("the programs of a launch run concurrently on a GPU and do meet")
+    n_batch = 3
+    xg, h0, c0, w_hh, lengths, (dy, dh_n, dc_n) = _coop_inputs(device, n_steps, n_batch,
+                                                                n_hidden)
+    lengths = torch.full_like(lengths, n_steps)
+    want = k.lstm_fwd(xg, h0, c0, w_hh, None, lengths, False, persistent=False)
+    _coop_one_launch(k, monkeypatch, max_spins=3)
+    bb, bh, _, _ = k.use_coop(n_steps, n_batch, n_hidden, False, device)
+    assert -(-n_hidden // bh) == (2 if n_hidden == 20 else 3)   # programs of the group
+    y, hs, cs, gates, rs = k.lstm_fwd(xg, h0, c0, w_hh, None, lengths, False)
+    assert torch.equal(y[0], want[0][0])
+    for name, t in (("y", y[1:]), ("hs", hs[2:]), ("cs", cs[2:]), ("gates", gates[1:])):
+        assert t.isnan().all(), name
+    dgates, dh0, dc0, _, _ = k.lstm_bwd(dy, dh_n, dc_n, w_hh, None, lengths, *want[1:], False)
+    assert dgates[:-1].isnan().all() and dh0.isnan().all() and dc0.isnan().all()
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_layer_norm_lstm_overflowing_row_variance_gives_nan(device, monkeypatch, persistent):
+    """kernels/lstm.py: ``rstd = 1 / sqrt(var + eps) + var * 0.0  # NaN if var overflowed``.
+    A recurrent pre-activation row whose variance overflows fp32 (values ~3e19, squares ~1e39)
+    must give NaN, not rstd = 0 and a finite, silently wrong step (mutant L3 dropped the
+    ``var * 0.0``; nothing tested it)."""
+    from fastbert.kernels import lstm as k
+    if not persistent:
+        monkeypatch.setattr(k, "LN_PERSISTENT_MAX_HIDDEN", 0)
+    p = _make(device, torch.float32, n_steps=2, n_batch=2, n_hidden=16)
+    ln = {n: torch.ones(m, device=device) for n, m in (("ln_ih_weight", 64), ("ln_hh_weight", 64),
+                                                      ("ln_cell_weight", 16))}
+    ln["ln_cell_bias"] = torch.zeros(16, device=device)
+    with torch.no_grad():
+        p["h0"].fill_(1.0)
+        p["h0"][1] = 0.0                                  # row 1 stays finite
+        p["w_hh"].copy_(torch.where(torch.arange(64)[:, None] % 2 == 0, 2e18, -2e18)
+                        .expand(64, 16).to(device))       # rec = +-3.2e19, var ~1e39 = inf
+    y, h_n, c_n = lstm_layer(*_args(p), backend="triton", **ln)
+    assert y[0, 0].isnan().all() and not y[0, 1].isnan().any()
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_lstm_layer_nan_in_a_one_step_padding_changes_nothing(device, layer_norm):
+    """NaN padding where the shortest sequence is T - 1 long (one padded step): the padding is
+    zeroed before the input projection, so the weight gradient dW_ih = sum dxg^T x has no
+    0 * NaN. _zero_past_lengths skips the masked copy only when no sequence is shorter than T
+    (mutant O7 skipped it already for a shortest length of T - 1; the NaN-padding tests use
+    much shorter rows)."""
+    n_steps = 4
+    p = _make(device, torch.float32, n_steps=n_steps, n_batch=2, n_hidden=16)
+    ln = _ln_params(device, torch.float32, 16) if layer_norm else {}
+    lengths = torch.tensor([n_steps, n_steps - 1])
+    out_clean = lstm_layer(*_args(p), lengths=lengths, backend="triton", **ln)
+    g_clean = torch.autograd.grad(sum(o.sum() for o in out_clean), [p["w_ih"], p["x"]])
+    with torch.no_grad():
+        p["x"][n_steps - 1, 1] = float("nan")
+    out = lstm_layer(*_args(p), lengths=lengths, backend="triton", **ln)
+    g = torch.autograd.grad(sum(o.sum() for o in out), [p["w_ih"], p["x"]])
+    for a, b in zip(out + g, out_clean + g_clean):
+        torch.testing.assert_close(a, b)
