@@ -910,7 +910,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if batch * heads == 0:
-        return dq, dk, dv
+        # no query row (or no query head): the keys get no gradient
+        return dq, dk.zero_(), dv.zero_()
     if sq == 0:
         # no query sees any key: the keys get no gradient
         dk.zero_()

@@ -454,8 +454,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             may mix float16 / bfloat16 / float32: each is cast to the autocast dtype, as SDPA's
             are); heads_kv divides heads
             (multi-query and grouped-query attention).
-        attention_mask: (batch, seqlen_k) bool or 0/1 integers, True/1 = attend (the Hugging
-            Face convention; holes allowed), or None. The Triton backend saves it (a bool or
+        attention_mask: (batch, seqlen_k) bool or integers, True / nonzero (1, as Hugging
+            Face writes it) = attend (holes allowed), or None. The Triton backend saves it (a bool or
             int8 mask as an int8 view) for the backward: changing it in place before the
             backward raises autograd's "modified by an inplace operation". Masked keys and
             values must still be finite, as with SDPA: a NaN / inf in a masked value reaches
@@ -667,7 +667,7 @@ def unpad(x: Tensor, attention_mask: Tensor) -> Tuple[Tensor, Tensor, Tensor, in
 
     Args:
         x: (batch, seqlen, ...) any dtype.
-        attention_mask: (batch, seqlen) bool or 0/1 integers, True/1 = a real token.
+        attention_mask: (batch, seqlen) bool or integers, True / nonzero (1) = a real token.
 
     Returns:
         x_unpadded (nnz, ...) -- the kept tokens in order (differentiable);

@@ -1381,3 +1381,195 @@ def test_attention_dropout_mask_is_the_documented_philox_layout(device, sq, sk):
     got = k.attention_dropout_mask(seed, b, h, sq, sk, p)
     want = _documented_keep(seed, b * h * sq, sk, p).reshape(b, h, sq, sk)
     assert torch.equal(got, want)
+
+
+# gaps found by mutation testing attention as a whole (review s16 B); each test names the
+# mutants it kills
+
+def _lse_ref(q, k_, v, valid, scale):
+    """(batch, heads, seqlen_q) base-2 log-sum-exp of the scaled scores over the visible keys,
+    +inf where a row sees none; valid: bool (batch, seqlen_q, seqlen_k)."""
+    groups = q.shape[2] // k_.shape[2]
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k_.double().repeat_interleave(groups, 2))
+    s = (s * scale).masked_fill(~valid[:, None], float("-inf"))
+    lse = torch.logsumexp(s, -1) / math.log(2.0)
+    return torch.where(valid.any(-1)[:, None], lse, float("inf"))
+
+
+def test_launcher_lse_is_base2_logsumexp_and_plus_inf_where_no_key_or_no_row(device, monkeypatch):
+    """attention_fwd's documented lse: the base-2 log-sum-exp of the scaled scores, +inf on
+    rows that see no key (a fully padded mask row, causal rows before the first key, an empty
+    key sequence) and, for varlen, on rows past their sequence up to max_seqlen_q (every
+    element written: the launchers' allocations start as NaN). Kills: lse of empty rows left
+    at -inf (log2(1) + m = -inf), lse stored only for rows < len_q, and the lse of a block
+    wholly past its sequence initialised to -inf; the backward never reads those rows, so no
+    gradient test saw them."""
+    _poison_launcher_allocations(monkeypatch)
+    scale = 0.3
+    # varlen, causal: (len_q, len_k) = (3, 4) (3, 0) (6, 2) (0, 3): row 0..3 of sequence 2 see
+    # no key; sequence 3 has no row (its whole block is past the sequence); max_seqlen_q 8
+    lens_q, lens_k, mq, mk = [3, 3, 6, 0], [4, 0, 2, 3], 8, 6
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32,
+                                   device=device)
+    q = _rand(device, torch.float32, sum(lens_q), 2, 16)
+    k_ = _rand(device, torch.float32, sum(lens_k), 1, 16)
+    v = _rand(device, torch.float32, sum(lens_k), 1, 16)
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    _, lse = k.attention_fwd(q, k_, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq,
+                             max_seqlen_k=mk, causal=True, softmax_scale=scale)
+    assert lse.shape == (4, 2, mq)
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        qb = q[cu_q[b]:cu_q[b + 1]][None]
+        kb = k_[cu_k[b]:cu_k[b + 1]][None]
+        i = torch.arange(lq, device=device)[:, None]
+        j = torch.arange(lk, device=device)[None, :]
+        valid = (j <= i + lk - lq)[None]
+        want = torch.full((2, mq), float("inf"), dtype=torch.float64, device=device)
+        if lq:
+            want[:, :lq] = _lse_ref(qb, kb, kb, valid, scale)[0]
+        assert_close_to_ref(lse[b], want.float(), name=f"varlen lse of sequence {b}")
+    # padded, key mask: batch row 1 is all padding
+    q = _rand(device, torch.float32, 2, 5, 2, 16)
+    k_ = _rand(device, torch.float32, 2, 7, 2, 16)
+    mask = torch.rand(2, 7, device=device) > 0.3
+    mask[0, 0] = True
+    mask[1] = False
+    _, lse = k.attention_fwd(q, k_, k_, attention_mask=mask, softmax_scale=scale)
+    want = _lse_ref(q, k_, k_, mask[:, None, :].expand(2, 5, 7), scale)
+    assert torch.isposinf(lse[1]).all()
+    assert_close_to_ref(lse, want.float(), name="padded lse")
+
+
+def test_launcher_rejects_a_kv_end_of_the_wrong_dtype_or_shape(device):
+    """Kills: _mask_arg's kv_end check dropped (an int64 kv_end would be read as int32 pairs)."""
+    q = _rand(device, torch.float32, 2, 5, 2, 16)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=device)
+    for bad in (torch.full((2,), 5, dtype=torch.int64, device=device),
+                torch.full((3,), 5, dtype=torch.int32, device=device)):
+        with pytest.raises(ValueError, match="kv_end must be int32"):
+            k.attention_fwd(q, q, q, attention_mask=mask, kv_end=bad)
+
+
+def test_launchers_with_a_mask_and_no_kv_end_visit_every_key_block(device):
+    """kv_end=None means every key block (documented); the op always passes one, so only a
+    direct launcher call sees the default. Kills: the default kv_end = 0 (or anything short of
+    seqlen_k), which skips every key."""
+    q, k_, v = (_rand(device, torch.float32, 2, s, 2, 16).requires_grad_() for s in (9, 40, 40))
+    mask = torch.rand(2, 40, device=device) > 0.3
+    out, lse = k.attention_fwd(q, k_, v, attention_mask=mask, softmax_scale=0.25)
+    ref = attention_ref(q.double(), k_.double(), v.double(), attention_mask=mask,
+                        softmax_scale=0.25)
+    assert_close_to_ref(out, ref)
+    dout = torch.randn_like(out)
+    dq, dk, dv = k.attention_bwd(dout, q, k_, v, out, lse, attention_mask=mask,
+                                 softmax_scale=0.25)
+    want = torch.autograd.grad(ref, (q, k_, v), dout.double())
+    for got, w, what in zip((dq, dk, dv), want, ("dq", "dk", "dv")):
+        assert_close_to_ref(got, w, name=what)
+
+
+@pytest.mark.parametrize("need_dq, need_dkv", [(True, False), (False, True)])
+def test_launcher_backward_returns_zeros_for_the_gradients_not_asked_for(device, monkeypatch,
+                                                                        need_dq, need_dkv):
+    """attention_bwd's docstring: need_dq=False / need_dkv=False skip a kernel and those
+    outputs are then zeros (the op drops them, so no op-level test sees them). Kills: the
+    zero_() calls removed (empty, here NaN-poisoned, tensors returned)."""
+    _poison_launcher_allocations(monkeypatch)
+    q, k_, v = (_rand(device, torch.float32, 1, s, 2, 16) for s in (9, 40, 40))
+    out, lse = k.attention_fwd(q, k_, v, softmax_scale=0.25)
+    dq, dk, dv = k.attention_bwd(torch.randn_like(out), q, k_, v, out, lse, softmax_scale=0.25,
+                                 need_dq=need_dq, need_dkv=need_dkv)
+    for got, needed in ((dq, need_dq), (dk, need_dkv), (dv, need_dkv)):
+        assert torch.isfinite(got).all()
+        if not needed:
+            assert got.abs().max() == 0
+
+
+@pytest.mark.parametrize("sq, sk", [(0, 6), (5, 0)])
+def test_empty_query_or_key_sequences_give_zero_gradients(device, monkeypatch, sq, sk):
+    """No query row (keys get no gradient) or no key (every row sees nothing: zero output and
+    dq), as torch's SDPA and the reference. Kills: the seqlen_q == 0 branch's dk/dv zeroing
+    removed; bwd_fused accepting seqlen_k == 0 (a one-launch backward over zero key blocks
+    writes no dq)."""
+    _poison_launcher_allocations(monkeypatch)
+    q, k_, v = (_rand(device, torch.float32, 2, s, 2, 16).requires_grad_() for s in (sq, sk, sk))
+    out = attention(q, k_, v, backend="triton")
+    out.backward(torch.randn_like(out))
+    assert out.shape == q.shape and (out.numel() == 0 or out.abs().max() == 0)
+    for g in (q.grad, k_.grad, v.grad):
+        assert torch.isfinite(g).all() and (g.numel() == 0 or g.abs().max() == 0)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_zero_query_heads_give_zero_kv_gradients(device, monkeypatch, varlen):
+    """heads = 0 passes the heads_kv-divides-heads check (0 % heads_kv == 0): the output is
+    empty and, as with the reference and SDPA (enable_gqa), dk and dv are zeros. The
+    launcher returned them uninitialised (torch.empty_like; NaN here) when batch * heads == 0."""
+    _poison_launcher_allocations(monkeypatch)
+    if varlen:
+        cu = torch.tensor([0, 5, 9], dtype=torch.int32, device=device)
+        q = _rand(device, torch.float32, 9, 0, 16).requires_grad_()
+        k_, v = (_rand(device, torch.float32, 9, 1, 16).requires_grad_() for _ in range(2))
+        out = attention_varlen(q, k_, v, cu, cu, 5, 5, backend="triton")
+    else:
+        q = _rand(device, torch.float32, 2, 5, 0, 16).requires_grad_()
+        k_, v = (_rand(device, torch.float32, 2, 6, 1, 16).requires_grad_() for _ in range(2))
+        out = attention(q, k_, v, backend="triton")
+    out.sum().backward()
+    assert k_.grad.abs().max() == 0 and v.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("mask_dtype, values", [
+    (torch.int8, [2, 0, -1, 1, 0, 3, 0, 127]),       # int8 masks are read as they are
+    (torch.int64, [256, 1, 0, -256, 512, 0, 1, 0]),  # nonzero multiples of 256: 0 in int8
+    (torch.int16, [0, 256, 0, 1, -512, 0, 0, 1]),
+])
+def test_nonbinary_integer_masks_mean_attend_wherever_nonzero(device, mask_dtype, values):
+    """Any nonzero mask value means "attend" (key_mask, key_end: "bool or integer"; the
+    reference compares with 0). Kills: the kernels' mask test `km != 0` turned into `km == 1`
+    (int8 masks are passed through unconverted), and key_mask casting a wider integer mask to
+    int8 instead of comparing with 0 (256 -> 0)."""
+    q, k_, v = (_rand(device, torch.float32, 2, s, 2, 16) for s in (5, 8, 8))
+    mask = torch.tensor([values, values[::-1]], dtype=mask_dtype, device=device)
+    out = attention(q, k_, v, attention_mask=mask, backend="triton")
+    ref = attention_ref(q.double(), k_.double(), v.double(), attention_mask=mask != 0)
+    assert_close_to_ref(out, ref)
+    assert k.key_end(mask).tolist() == ops_attention._key_end(mask).tolist()
+
+
+def test_unpad_max_seqlen_is_the_longest_sequence_not_the_padded_width(device):
+    """unpad's documented max_seqlen (the longest sequence); the existing tests always had a
+    full row, where it equals the width. Kills: max_seqlen = x.shape[1]."""
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0], [0] * 6, [1, 1, 1, 1, 1, 0]], device=device)
+    x = torch.randn(3, 6, 4, device=device)
+    xu, idx, cu, max_seqlen = unpad(x, mask)
+    assert max_seqlen == 5 and cu.tolist() == [0, 3, 3, 8]
+    assert idx.tolist() == [0, 1, 3, 12, 13, 14, 15, 16]
+
+
+@pytest.mark.parametrize("cu, total, max_seqlen", [
+    ([0, 5, 4, 7], 7, 5),      # decreasing
+    ([0, 3, 6], 7, 4),         # does not end at the token count
+    ([1, 3, 7], 7, 4),         # does not start at 0
+    ([0, 3, 7], 7, 3),         # a sequence longer than max_seqlen
+])
+def test_device_side_cu_seqlens_check_rejects_what_the_host_check_rejects(cu, total, max_seqlen):
+    """The check that runs under torch.compile and CUDA-graph capture (no host read) fails on
+    the same cu_seqlens as the eager one (on the CPU torch._assert_async raises at once).
+    Kills: its clamp(0, ...) relaxed to clamp(None, ...) (a decreasing cu_seqlens passed),
+    cu[-1] == total relaxed."""
+    t = torch.tensor(cu, dtype=torch.int32)
+    with pytest.raises(RuntimeError):
+        ops_attention._assert_cu_seqlens_async("cu_seqlens_q", t, total, max_seqlen,
+                                               "max_seqlen_q")
+    ops_attention._assert_cu_seqlens_async("cu_seqlens_q", torch.tensor([0, 3, 7], dtype=torch.int32),
+                                           7, 4, "max_seqlen_q")
+
+
+def test_attention_varlen_rejects_a_negative_max_seqlen_even_with_no_sequence(device):
+    """An empty batch (cu_seqlens [0]) has no length to compare max_seqlen with. Kills: the
+    max_seqlen >= 0 check relaxed."""
+    q = _rand(device, torch.float32, 0, 2, 16)
+    cu = torch.zeros(1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=">= 0"):
+        attention_varlen(q, q, q, cu, cu, -1, 0, backend="triton")
