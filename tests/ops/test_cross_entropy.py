@@ -1898,3 +1898,12 @@ def test_masked_lm_loss_keeps_no_logits_sized_tensor_for_backward(device, dtype,
     assert not big, f"vocabulary-sized tensors kept for the backward: {big}"
     _reduce_for_grad(loss, reduction).backward()
     assert all(t.grad is not None for t in leaves)
+
+
+def test_cross_entropy_fp16_gradients_survive_loss_scaling_with_stored_gradients_on(
+        device, monkeypatch):
+    # stores_grads' float16 exclusion was pinned by no test: with STORE_GRADS off (the
+    # default) fp16 never reaches it. The same check as the existing loss-scaling test, with
+    # the stored-gradient path on
+    monkeypatch.setattr(k, "STORE_GRADS", True)
+    test_cross_entropy_fp16_gradients_survive_loss_scaling(device)

@@ -808,3 +808,66 @@ def test_embedding_fp32_output_without_a_gradient_recorded(device, monkeypatch):
         y = _call(inp, backend="triton")
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, _call(inp, backend="triton").detach(), rtol=0, atol=0)
+
+
+# gaps found by mutation testing (review s16 C)
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("affine", ["weight_only", "bias_only"])
+def test_embedding_layer_norm_one_affine_parameter_matches_fp64(device, poisoned_empty,
+                                                               deterministic, affine):
+    # ln_weight or ln_bias alone: the partial-sum slice and the segmented key of dbias sit
+    # where dweight's would be (HAS_WEIGHT * stride), only when there is no weight
+    inp = make_inputs(device, 2, 9, 40, vocab=6)
+    inp["ln_bias" if affine == "weight_only" else "ln_weight"] = None
+    y = _call(inp, backend="triton", deterministic=deterministic)
+    dy = torch.randn_like(y)
+    _check_against_ref(inp, y, _grads(y, inp, dy), dy)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_embedding_layer_norm_unchecked_ids_one_past_each_table_read_nothing(device,
+                                                                          deterministic):
+    # check_bounds=False with ids equal to each table's row count (the strict bound) and out
+    # of range position ids (the unchecked test had only far-out word and type ids). Each
+    # table is a view of a buffer whose next row is NaN: a read one past a table shows
+    inp = make_inputs(device, 2, 6, 16, vocab=5, n_pos=9)
+    sizes = {"word_weight": 5, "position_weight": 9, "type_weight": 2}
+    for name, n in sizes.items():
+        big = torch.randn(n + 1, 16, device=device)
+        big[n] = float("nan")
+        inp[name] = big.requires_grad_()[:n]
+    ids, types = inp["input_ids"], inp["token_type_ids"]
+    pos = torch.arange(6, device=device).repeat(2, 1)
+    ids[0, 4], types[1, 1] = 5, 2
+    pos[0, 2], pos[1, 3], pos[1, 5] = 9, -1, 1000
+    inp["position_ids"] = pos
+    y = _call(inp, backend="triton", check_bounds=False, deterministic=deterministic)
+    dy = torch.randn_like(y)
+    grads = _grads(y, inp, dy)
+    assert torch.isfinite(y).all()
+    # the reference: each table grows a zero row that its bad ids are mapped to
+    ref = {n: (t.detach().double() if t.is_floating_point() else t.clone())
+           for n, t in inp.items()}
+    for (name, n), key in zip(sizes.items(), ("input_ids", "position_ids", "token_type_ids")):
+        ref[name] = torch.cat([ref[name], ref[name].new_zeros(1, 16)])
+        ref[key] = torch.where((ref[key] < 0) | (ref[key] >= n), n, ref[key])
+    for n in ("word_weight", "position_weight", "type_weight", "ln_weight", "ln_bias"):
+        ref[n].requires_grad_()
+    yr = _ref(ref)
+    gr = _grads(yr, ref, dy.double())
+    assert_close_to_ref(y, yr, atol=1e-5, name="y")
+    for n, g, r in zip(("word_weight", "position_weight", "type_weight", "ln_weight", "ln_bias"),
+                       grads, gr):
+        assert_close_to_ref(g, r[:-1] if n in sizes else r, atol=1e-5, name=n)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_embedding_layer_norm_sequence_as_long_as_the_position_table_on_the_full_check(
+        device, backend):
+    # S == max_position_embeddings is allowed; (1, S) token types send the call through
+    # _check_args (the fast _args_ok test only covers same-shape ids), whose bound was untested
+    inp = make_inputs(device, 2, 9, 16, vocab=5, n_pos=9)
+    inp["token_type_ids"] = inp["token_type_ids"][:1]
+    y = _call(inp, backend=backend)
+    torch.testing.assert_close(y, _ref(inp), atol=1e-5, rtol=1e-5)

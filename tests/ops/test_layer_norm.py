@@ -640,3 +640,12 @@ def test_layer_norm_torch_backend_computes_in_float64_when_the_residual_is():
     y = ops.layer_norm(x, None, None, residual=r, backend="torch")
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, F.layer_norm(x.double() + r, (40,)), rtol=1e-12, atol=1e-12)
+
+
+def test_sum_param_parts_refuses_one_row_past_the_parts(device):
+    # the bound is inclusive: n_rows == P is fine, P + 1 must raise (only 9 of 4 was tested)
+    parts = torch.randn(2, 4, 8, device=device)
+    w = torch.randn(8, device=device)
+    sum_param_parts(parts, 4, (w, w))
+    with pytest.raises(ValueError, match=r"n_rows 5 outside \[0, 4\]"):
+        sum_param_parts(parts, 5, (w, w))
