@@ -1907,3 +1907,20 @@ def test_cross_entropy_fp16_gradients_survive_loss_scaling_with_stored_gradients
     # the stored-gradient path on
     monkeypatch.setattr(k, "STORE_GRADS", True)
     test_cross_entropy_fp16_gradients_survive_loss_scaling(device)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_stored_gradient_is_scaled_by_the_incoming_gradient(device, monkeypatch,
+                                                                          reduction):
+    # every stored-gradient test backpropagated an incoming gradient of exactly 1, where the
+    # in-place scale is a no-op: dropping _cross_entropy_scale_ from the backward went unseen
+    monkeypatch.setattr(k, "STORE_GRADS", True)
+    logits = torch.randn(9, 70, device=device) * 3
+    target = torch.randint(0, 70, (9,), device=device)
+    target[2] = -100
+    x = logits.clone().requires_grad_()
+    (cross_entropy(x, target, reduction=reduction, label_smoothing=0.1, backend="triton")
+     * 0.75).backward()
+    r = logits.double().requires_grad_()
+    (F.cross_entropy(r, target, reduction=reduction, label_smoothing=0.1) * 0.75).backward()
+    torch.testing.assert_close(x.grad.double(), r.grad, rtol=1e-5, atol=1e-7)
