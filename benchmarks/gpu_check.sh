@@ -194,8 +194,8 @@ if phase_on bench; then
   # masked_lm_loss comparison (d))
   if ls .bench_wheels/*.whl >/dev/null 2>&1; then
     BENCH_SITE=$(mktemp -d)
-    if "$PY" -m pip install --quiet --no-deps --no-index --target "$BENCH_SITE" .bench_wheels/*.whl \
-        > "$R/gpu_bench_wheels.log" 2>&1; then
+    if "$PY" -m pip install --quiet --no-deps --no-index --target "$BENCH_SITE" \
+        .bench_wheels/*.whl > "$R/gpu_bench_wheels.log" 2>&1; then
       export PYTHONPATH="$PYTHONPATH:$BENCH_SITE"
       say "bench wheels: $(cd .bench_wheels && ls *.whl | tr '\n' ' ')"
     else

@@ -455,8 +455,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             are); heads_kv divides heads
             (multi-query and grouped-query attention).
         attention_mask: (batch, seqlen_k) bool or integers, True / nonzero (1, as Hugging
-            Face writes it) = attend (holes allowed), or None. The Triton backend saves it (a bool or
-            int8 mask as an int8 view) for the backward: changing it in place before the
+            Face writes it) = attend (holes allowed), or None. The Triton backend saves it (a
+            bool or int8 mask as an int8 view) for the backward: changing it in place before the
             backward raises autograd's "modified by an inplace operation". Masked keys and
             values must still be finite, as with SDPA: a NaN / inf in a masked value reaches
             its rows' output and gradients (0 * NaN), on both backends (padding that must not

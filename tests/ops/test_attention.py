@@ -1562,8 +1562,8 @@ def test_device_side_cu_seqlens_check_rejects_what_the_host_check_rejects(cu, to
     with pytest.raises(RuntimeError):
         ops_attention._assert_cu_seqlens_async("cu_seqlens_q", t, total, max_seqlen,
                                                "max_seqlen_q")
-    ops_attention._assert_cu_seqlens_async("cu_seqlens_q", torch.tensor([0, 3, 7], dtype=torch.int32),
-                                           7, 4, "max_seqlen_q")
+    ok = torch.tensor([0, 3, 7], dtype=torch.int32)
+    ops_attention._assert_cu_seqlens_async("cu_seqlens_q", ok, 7, 4, "max_seqlen_q")
 
 
 def test_attention_varlen_rejects_a_negative_max_seqlen_even_with_no_sequence(device):
