@@ -1044,7 +1044,8 @@ def test_lstm_coop_barrier_passes_a_group_of_one_program_in_one_launch(device, m
     (atomics, the wait loop) and must give the per-step results, and count one arrival per
     step."""
     from fastbert.kernels import lstm as k
-    n_steps, n_batch, n_hidden = 4, 35, 16
+    # several batch blocks whatever MAX_STEP_BLOCK_B is
+    n_steps, n_batch, n_hidden = 4, k.MAX_STEP_BLOCK_B + 3, 16
     _coop_one_launch(k, monkeypatch, max_spins=1)
     block_b, block_h, _, _ = k.use_coop(n_steps, n_batch, n_hidden, False, torch.device("cpu"))
     assert block_h == n_hidden and n_batch > block_b
@@ -1103,11 +1104,16 @@ def test_lstm_coop_selection_and_blocks(monkeypatch):
     assert k.use_coop(8, 64, 256, False, cpu) == k.step_blocks(64, 256)
     assert k.use_coop(8, 64, 256, True, cpu) is None                  # projection
     assert k.use_coop(8, 64, k.COOP_MAX_HIDDEN + 1, False, cpu) is None
-    # widened to fit one program an SM: batch 256 x hidden 1024 on 132 SMs -> 8 x 16 programs
-    bb, bh, bk, warps = k.coop_blocks(256, 1024, 132)
+    # widened to fit one program an SM: batch 256 x hidden 1024 on as many SMs as the widest
+    # tiles make programs (8 x 16 at the default MAX_STEP_BLOCK_B) takes those tiles; one SM
+    # fewer: no grid fits; 132 SMs: at most 132 programs
+    widest = -(-256 // k.MAX_STEP_BLOCK_B) * -(-1024 // k.MAX_BLOCK_H)
+    bb, bh, bk, warps = k.coop_blocks(256, 1024, widest)
     assert (bb, bh) == (k.MAX_STEP_BLOCK_B, k.MAX_BLOCK_H) and (bb, bh, bk, warps) in \
         k.step_block_configs()
-    assert k.coop_blocks(256, 1024, 127) is None
+    assert k.coop_blocks(256, 1024, widest - 1) is None
+    bb, bh, _, _ = k.coop_blocks(256, 1024, 132)
+    assert -(-256 // bb) * -(-1024 // bh) <= 132
     assert k.coop_blocks(64, 256, 132) == k.step_blocks(64, 256)     # 2 x 16 already fits
     bb, bh, _, _ = k.coop_blocks(64, 1024, 40)
     assert -(-64 // bb) * -(-1024 // bh) <= 40
