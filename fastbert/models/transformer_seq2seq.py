@@ -16,7 +16,8 @@ Per layer, every piece is a fastbert op:
 The projections themselves are cuBLAS GEMMs. A layer computes what torch's
 ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (``activation="gelu"``,
 ``norm_first=False``, ``batch_first=True``) compute with the same weights (the tests load
-them); ``attn_in_proj_*`` holds the query, key and value projections stacked as
+them) without dropout (torch's layers also drop out the feed-forward's GELU output; these, as
+BERT's, do not); ``attn_in_proj_*`` holds the query, key and value projections stacked as
 ``nn.MultiheadAttention``'s ``in_proj_weight``.
 
 Token embeddings are scaled by sqrt(d_model) and summed with sinusoidal positions (computed
@@ -127,6 +128,25 @@ class _FeedForward(torch.nn.Module):
         return F.linear(h, self.linear2.weight)
 
 
+class _TiedOutput(torch.nn.Module):
+    """The output projection whose weight is the target embedding's (read through the
+    embedding module at every call, not a shared Parameter object: ``to_empty``,
+    ``skip_init`` and ``_apply`` replace parameters one by one and would untie a shared one).
+    Its own parameter is the bias; ``weight`` is the embedding's."""
+
+    def __init__(self, embedding: torch.nn.Embedding, factory: dict):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)   # not a submodule: no second key
+        self.bias = torch.nn.Parameter(torch.zeros(embedding.num_embeddings, **factory))
+
+    @property
+    def weight(self) -> Tensor:
+        return self._embedding.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class _EncoderLayer(torch.nn.Module):
     def __init__(self, d_model, heads, ffn, eps, factory):
         super().__init__()
@@ -227,10 +247,11 @@ class Seq2SeqTransformer(Seq2SeqBase):
             _EncoderLayer(d_model, heads, ffn, eps, factory) for _ in range(layers))
         self.decoder = torch.nn.ModuleList(
             _DecoderLayer(d_model, heads, ffn, eps, factory) for _ in range(decoder_layers))
-        self.out = torch.nn.Linear(d_model, tgt_vocab, **factory)
-        torch.nn.init.zeros_(self.out.bias)
         if tie_embeddings:
-            self.out.weight = self.tgt_embed.weight
+            self.out = _TiedOutput(self.tgt_embed, factory)
+        else:
+            self.out = torch.nn.Linear(d_model, tgt_vocab, **factory)
+            torch.nn.init.zeros_(self.out.bias)
 
     # ------------------------------------------------------------------------------------
     # building blocks
@@ -327,7 +348,9 @@ class Seq2SeqTransformer(Seq2SeqBase):
              label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
         """Cross-entropy of the next-token predictions, over the positions where tgt_out is
         not pad_id: ``fastbert.ops.masked_lm_loss`` on the decoder states, so only those
-        positions are projected onto the vocabulary, fused with the loss.
+        positions are projected onto the vocabulary, fused with the loss. A batch without any
+        target token gives 0.0 and zero gradients (masked_lm_loss's rule; F.cross_entropy's
+        mean would be NaN).
 
         Args:
             tgt_out: (B, T) the targets (tgt_in shifted left: the target then eos_id, padded).

@@ -218,3 +218,40 @@ def test_transformer_learns_the_copy_task():
     beam, _ = model.beam_search(src, lengths, beam_size=3, max_len=10)
     assert _exact_matches(beam, tgt, lengths) >= 55
     assert (greedy[lengths == 2][:, 2] == EOS).all()
+
+
+def test_transformer_tied_output_stays_tied_however_the_model_is_built():
+    """tie_embeddings: the output weight IS the target embedding's, also after skip_init,
+    meta construction + to_empty, .to(dtype), deepcopy and pickle (a shared Parameter was
+    untied by to_empty / skip_init: two weights that drifted apart at the first step);
+    state_dict has one copy of it."""
+    import copy
+    import io
+    kw = dict(d_model=D_MODEL, heads=HEADS, layers=1, ffn=FFN, dropout=0.0, backend="torch")
+    built = {
+        "plain": Seq2SeqTransformer(VOCAB, VOCAB + 3, **kw),
+        "skip_init": torch.nn.utils.skip_init(Seq2SeqTransformer, VOCAB, VOCAB + 3, **kw),
+        "meta": Seq2SeqTransformer(VOCAB, VOCAB + 3, device="meta", **kw).to_empty(
+            device="cpu"),
+    }
+    built["double"] = copy.deepcopy(built["plain"]).double()
+    built["deepcopy"] = copy.deepcopy(built["plain"])
+    buf = io.BytesIO()
+    torch.save(built["plain"], buf)
+    buf.seek(0)
+    built["pickle"] = torch.load(buf, weights_only=False)
+    n_params = sum(p.numel() for p in built["plain"].parameters())
+    for name, model in built.items():
+        assert model.out.weight is model.tgt_embed.weight, name
+        assert sum(p.numel() for p in model.parameters()) == n_params, name
+        assert "out.weight" not in model.state_dict(), name
+    model = built["skip_init"]
+    model.load_state_dict(built["plain"].state_dict())
+    src, lengths, tgt_in, tgt = copy_batch(4, torch.Generator().manual_seed(8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.loss(src, lengths, tgt_in, tgt).backward()
+    opt.step()
+    assert model.out.weight is model.tgt_embed.weight
+    logits = model(src, lengths, tgt_in)
+    torch.testing.assert_close(logits, F.linear(model.decoder_states(src, lengths, tgt_in),
+                                                model.tgt_embed.weight, model.out.bias))
