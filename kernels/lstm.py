@@ -172,7 +172,8 @@ COOP_POISON = 1 << 30
 # Opt-in tile variants of the per-step and cooperative kernels, off by default until a GPU run
 # has timed them (bench_lstm times them beside the default). Read at every call.
 # FWD_BLOCK_K / BWD_BLOCK_K: the K step of the forward's recurrent GEMM (over the state size)
-# and of the backward's (over 4H); None takes STEP_BLOCK_K (32). The backward's K loop is
+# and of the backward's (over 4H; with a projection, over its size P); None takes STEP_BLOCK_K
+# (32), else a power of two (clipped to the reduction). The backward's K loop is
 # 4H / BLOCK_K dependent iterations that move 3-6 KB each (64 of them at hidden 512, 128 at
 # 1024): bound by L2 latency, not bandwidth. 128 makes them 4x fewer and 4x larger, and every
 # W_hh / dgates load 16 bytes a thread (SASS, sm_90: 8 bytes at 32).
@@ -1116,6 +1117,9 @@ def _k_step(flag: Optional[int], n_k: int) -> int:
     BWD_BLOCK_K) clipped to [MIN_DOT_BLOCK, next_power_of_2(n_k)]."""
     if flag is None:
         return STEP_BLOCK_K
+    if isinstance(flag, bool) or not isinstance(flag, int) or flag < 1 or flag & (flag - 1):
+        raise ValueError(f"fastbert.kernels.lstm FWD_BLOCK_K / BWD_BLOCK_K must be None or a "
+                         f"power of two, got {flag!r}")
     return max(MIN_DOT_BLOCK, min(flag, next_power_of_2(n_k)))
 
 

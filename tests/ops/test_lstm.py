@@ -1279,6 +1279,9 @@ def test_lstm_k_step_clips_to_the_reduction():
     assert k._k_step(128, 5000) == 128
     assert k._k_step(128, 72) == 128 and k._k_step(128, 48) == 64
     assert k._k_step(128, 9) == k.MIN_DOT_BLOCK
+    for bad in (48, 0, -32, 64.0, True):
+        with pytest.raises(ValueError, match="must be None or a power of two"):
+            k._k_step(bad, 5000)
 
 
 # gaps found by mutation testing the whole LSTM (review s16 A)
