@@ -164,3 +164,22 @@ def test_dropout_seeds_are_63_bits_and_the_kernels_use_the_high_ones(device):
     a = dropout_mask(low, 3, 40, 0.5)
     b = dropout_mask(low + 2**40, 3, 40, 0.5)
     assert not torch.equal(a, b)
+
+
+def test_dropout_seeds_differ_between_calls(device):
+    """(kills C03: a constant seed, every call the same mask)"""
+    from fastbert.ops._checks import dropout_seed
+    seeds = torch.cat([dropout_seed(device) for _ in range(64)])
+    assert len(set(seeds.tolist())) == 64
+
+
+@pytest.mark.gpu
+def test_dropout_seed_comes_from_the_device_generator():
+    """Drawn from the CUDA generator (no host sync): torch.cuda.manual_seed alone reproduces
+    it, whatever the CPU generator did in between. (kills C02: drawn on the CPU and copied)"""
+    from fastbert.ops._checks import dropout_seed
+    torch.cuda.manual_seed(7)
+    a = dropout_seed(torch.device("cuda"))
+    torch.rand(3)   # the CPU generator moves on
+    torch.cuda.manual_seed(7)
+    assert torch.equal(dropout_seed(torch.device("cuda")), a)

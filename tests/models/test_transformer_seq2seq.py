@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastbert.models import Seq2SeqTransformer
+import fastbert.ops
+from fastbert.models import LSTMSeq2Seq, Seq2SeqTransformer
+from fastbert.models._seq2seq import Seq2SeqBase
 from fastbert.models.transformer_seq2seq import sinusoidal_positions
 from tests.models.test_lstm_seq2seq import BOS, EOS, PAD, VOCAB, _exact_matches, copy_batch
 
@@ -255,3 +257,194 @@ def test_transformer_tied_output_stays_tied_however_the_model_is_built():
     logits = model(src, lengths, tgt_in)
     torch.testing.assert_close(logits, F.linear(model.decoder_states(src, lengths, tgt_in),
                                                 model.tgt_embed.weight, model.out.bias))
+
+
+# gaps found by mutation testing this session's models (review s16 R2)
+
+def test_transformer_dropout_reaches_each_site(monkeypatch):
+    """dropout on the embeddings and in every epilogue, attention_dropout on the attention
+    probabilities only; none in eval; attention_dropout defaults to dropout.
+    (kills T19-T24: epilogue dropout dropped, p / p_attn swapped in the encoder, the decoder
+    or the attributes, the default attention_dropout, the embedding dropout dropped)"""
+    calls = {"attention": [], "layer_norm": [], "dropout": []}
+    att, ln, drop = fastbert.ops.attention, fastbert.ops.layer_norm, F.dropout
+
+    def spy_att(*a, **kw):
+        calls["attention"].append(kw["dropout_p"])
+        return att(*a, **kw)
+
+    def spy_ln(*a, **kw):
+        calls["layer_norm"].append((kw["dropout_p"], kw["training"]))
+        return ln(*a, **kw)
+
+    def spy_drop(x, p=0.5, training=True, inplace=False):
+        calls["dropout"].append((p, training))
+        return drop(x, p, training, inplace)
+
+    monkeypatch.setattr(fastbert.ops, "attention", spy_att)
+    monkeypatch.setattr(fastbert.ops, "layer_norm", spy_ln)
+    from fastbert.models import transformer_seq2seq as tsm
+
+    class _F:   # the model's own F.dropout calls only (the torch references call F.dropout)
+        dropout = staticmethod(spy_drop)
+
+        def __getattr__(self, name):
+            return getattr(F, name)
+
+    monkeypatch.setattr(tsm, "F", _F())
+    model = _model(dropout=0.3, attention_dropout=0.1, layers=2, decoder_layers=1)
+    src, lengths, tgt_in, _ = copy_batch(2, torch.Generator().manual_seed(0))
+    model.train()
+    model(src, lengths, tgt_in)
+    assert calls["attention"] == [0.1] * (2 + 2 * 1)
+    assert calls["layer_norm"] == [(0.3, True)] * (2 * 2 + 3 * 1)
+    assert calls["dropout"] == [(0.3, True)] * 2          # source and target embeddings
+    for v in calls.values():
+        v.clear()
+    model.eval()
+    model(src, lengths, tgt_in)
+    assert set(calls["attention"]) == {0.0}
+    assert {p for p, _ in calls["layer_norm"]} == {0.0}
+    assert {p for p, _ in calls["dropout"]} == {0.0}
+    m = Seq2SeqTransformer(VOCAB, VOCAB, d_model=32, heads=2, layers=1, dropout=0.2)
+    assert (m.dropout, m.attention_dropout) == (0.2, 0.2)
+
+
+def test_transformer_loss_ignores_a_nonzero_pad_id():
+    """(kills T27: the loss's pad -> ignore mapping hard-coding 0)"""
+    pad = VOCAB   # a pad id other than 0: ids 0 .. VOCAB - 1 stay tokens
+    model = Seq2SeqTransformer(VOCAB + 1, VOCAB + 3, d_model=32, heads=2, layers=2, ffn=48,
+                               dropout=0.0, pad_id=pad, backend="torch").eval()
+    src, lengths, tgt_in, tgt = copy_batch(3, torch.Generator().manual_seed(3))
+    src, tgt_in, tgt = (t.masked_fill(t == PAD, pad) for t in (src, tgt_in, tgt))
+    assert (tgt == pad).any()
+    loss = model.loss(src, lengths, tgt_in, tgt)
+    logits = model(src, lengths, tgt_in)
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                          ignore_index=pad)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_transformer_constructor_wiring():
+    """(kills T29 / T30 tie_embeddings ignored / default flipped, T42 decoder_layers ignored,
+    T43 the ffn default, T33 a bool dropout accepted, S23 / S29 the special-id ranges)"""
+    m = Seq2SeqTransformer(VOCAB, VOCAB + 3, d_model=32, heads=2, layers=2, decoder_layers=1)
+    assert m.out.weight is m.tgt_embed.weight
+    assert (m.out.bias == 0).all()
+    assert len(m.encoder) == 2 and len(m.decoder) == 1
+    assert m.encoder[0].ffn.linear1.out_features == 4 * 32
+    m = Seq2SeqTransformer(VOCAB, VOCAB + 3, d_model=32, heads=2, layers=1,
+                           tie_embeddings=False)
+    assert m.out.weight is not m.tgt_embed.weight
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        Seq2SeqTransformer(10, 10, d_model=32, heads=2, dropout=True)
+    with pytest.raises(ValueError, match="pad_id must be a token id"):
+        Seq2SeqTransformer(10, 20, d_model=32, heads=2, pad_id=15)   # not a source id
+    with pytest.raises(ValueError, match="bos_id must be a token id"):
+        Seq2SeqTransformer(10, 20, d_model=32, heads=2, bos_id=20)
+
+
+def test_transformer_input_checks():
+    """(kills T36 / T37 tgt_out / tgt_in type checks off, S19 the batch check, S20 the device
+    check, S24 the id check's upper bound off by one)"""
+    model = _model()
+    src, lengths, tgt_in, tgt = copy_batch(2, torch.Generator().manual_seed(6))
+    with pytest.raises(TypeError, match="tgt_out must have dtype"):
+        model.loss(src, lengths, tgt_in, tgt.float())
+    with pytest.raises(TypeError, match="tgt_in must be a tensor"):
+        model(src, lengths, None)
+    with pytest.raises(ValueError, match="tgt_in must have src's batch size"):
+        model(src, lengths, tgt_in[:1])
+    with pytest.raises(ValueError, match=r"src must hold token ids in \[0, 12\), got 12"):
+        model(src.masked_fill(src == PAD, VOCAB), lengths, tgt_in)
+    meta = _model(device="meta")
+    with pytest.raises(ValueError, match="src is on cpu, expected meta"):
+        meta(src, lengths, tgt_in)
+
+
+def test_transformer_pad_rows_get_no_embedding_gradient():
+    """nn.Embedding(padding_idx=pad_id), as documented by the zeroed pad rows.
+    (kills T39 padding_idx dropped)"""
+    model = _model(tie_embeddings=False)
+    src, lengths, tgt_in, tgt = copy_batch(3, torch.Generator().manual_seed(1))
+    assert (tgt_in == PAD).any() and (src == PAD).any()
+    # every output position (the loss alone would not reach the pad inputs: they sit after
+    # eos, and no earlier position attends to them)
+    model(src, lengths, tgt_in).square().sum().backward()
+    assert model.src_embed.weight.grad[PAD].abs().max() == 0
+    assert model.tgt_embed.weight.grad[PAD].abs().max() == 0
+
+
+@pytest.mark.parametrize("attention", ["luong", "transformer"])
+def test_beam_search_is_exact_over_two_steps_with_a_full_beam(attention):
+    """A beam as wide as the vocabulary is exhaustive over two steps: its score is the best
+    two-token (or eos-only) continuation. (kills S05: every beam live at the start, so the k
+    beams start identical and the first step keeps k copies of the greedy token)"""
+    torch.manual_seed(0)
+    if attention == "transformer":
+        model = Seq2SeqTransformer(VOCAB, VOCAB + 3, d_model=32, heads=2, layers=2, ffn=48,
+                                   dropout=0.0, backend="torch").eval()
+    else:
+        model = LSTMSeq2Seq(VOCAB, VOCAB + 3, emb=16, hidden=24, layers=2, attention=attention,
+                            dropout=0.0, backend="torch").eval()
+    n_vocab = VOCAB + 3
+    src, lengths, _, _ = copy_batch(6, torch.Generator().manual_seed(2))
+    _, scores = model.beam_search(src, lengths, beam_size=n_vocab, max_len=2)
+    ok = torch.ones(n_vocab, dtype=torch.bool)
+    ok[[PAD, BOS]] = False
+
+    def logp(tgt_in):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(src, lengths, tgt_in)[:, -1].float(), -1)
+        return lp.masked_fill(~ok, float("-inf"))
+
+    first = logp(torch.full((6, 1), BOS))
+    best = first[:, EOS].clone()
+    for a in range(n_vocab):
+        if not ok[a] or a == EOS:
+            continue
+        tgt_in = torch.tensor([[BOS, a]] * 6)
+        best = torch.maximum(best, first[:, a] + logp(tgt_in).max(-1).values)
+    torch.testing.assert_close(scores, best, rtol=1e-5, atol=1e-5)
+
+
+class _Scripted(Seq2SeqBase):
+    """A decoder whose step t favours token 3 + t % 5, and eos at step lengths[b]: rows finish
+    at their source lengths. The state is the step count, (B, 1)."""
+    src_vocab = tgt_vocab = VOCAB
+    pad_id, bos_id, eos_id, check_ids = PAD, BOS, EOS, True
+
+    def __init__(self):
+        super().__init__()
+        self.src_embed = torch.nn.Embedding(VOCAB, 4)
+
+    def _start(self, src, src_lengths):
+        return (src_lengths.double()[:, None],), (torch.zeros(src.shape[0], 1),)
+
+    def decode_step(self, y_prev, state, lens):
+        t = state[0]
+        logits = torch.zeros(y_prev.shape[0], VOCAB)
+        logits.scatter_(1, (3 + t.long() % 5), 5.0)
+        logits[:, EOS] = torch.where(t[:, 0] == lens[:, 0].float(), 10.0, 0.0)
+        return logits, (t + 1,)
+
+
+def test_greedy_pads_rows_that_finished_before_the_others():
+    """Rows that emit eos at different steps: after its eos a row is pad only, and greedy
+    equals a beam of one. (kills S12: greedy kept generating after a row's eos)"""
+    model = _Scripted()
+    lengths = torch.tensor([1, 4, 2])
+    src = torch.full((3, 4), 3)
+    want = torch.tensor([[3, EOS, PAD, PAD, PAD], [3, 4, 5, 6, EOS], [3, 4, EOS, PAD, PAD]])
+    assert torch.equal(model.greedy_decode(src, lengths, max_len=8), want)
+    assert torch.equal(model.beam_search(src, lengths, beam_size=1, max_len=8)[0], want)
+
+
+def test_log_probs_are_at_least_float32():
+    """(kills S17: log_softmax in a half-precision model's dtype)"""
+    model = _model()
+    logits = (torch.randn(3, VOCAB + 3) * 4).half()
+    lp = model._log_probs(logits)
+    assert lp.dtype == torch.float32
+    want = torch.log_softmax(logits.float(), -1)
+    torch.testing.assert_close(lp[:, 3:], want[:, 3:])

@@ -1379,3 +1379,43 @@ def test_lstm_layer_nan_in_a_one_step_padding_changes_nothing(device, layer_norm
     g = torch.autograd.grad(sum(o.sum() for o in out), [p["w_ih"], p["x"]])
     for a, b in zip(out + g, out_clean + g_clean):
         torch.testing.assert_close(a, b)
+
+
+def test_lstm_k_step_never_goes_below_a_dot_block():
+    """tl.dot needs K >= 16: a flag below it, or a reduction shorter than it (a projection of
+    5), still gives MIN_DOT_BLOCK. (kills K02: the max(MIN_DOT_BLOCK, ...) clamp dropped)"""
+    from fastbert.kernels import lstm as k
+    assert k._k_step(128, 5) == k.MIN_DOT_BLOCK
+    assert k._k_step(8, 5000) == k.MIN_DOT_BLOCK
+
+
+@pytest.mark.parametrize("flags", [
+    dict(FWD_BLOCK_K=128, BWD_BLOCK_K=128),
+    dict(FWD_BLOCK_K=64, FWD_NARROW_WARPS=True),
+])
+def test_lstm_coop_launches_take_the_tile_variants(device, monkeypatch, flags):
+    """The cooperative kernels launch with FWD_BLOCK_K / BWD_BLOCK_K / FWD_NARROW_WARPS as the
+    per-step ones do, and still equal the per-step path bitwise.
+    (kills K14-K16: the cooperative launchers ignoring the flags)"""
+    from fastbert.kernels import lstm as k
+    for name, value in flags.items():
+        monkeypatch.setattr(k, name, value)
+    seen = {}
+    launch = k.launch
+
+    def spy(fn, grid, *args, **meta):
+        seen[getattr(fn, "__name__", None) or fn.fn.__name__] = meta
+        return launch(fn, grid, *args, **meta)
+
+    monkeypatch.setattr(k, "launch", spy)
+    n_hidden = 72
+    got, want = _coop_vs_per_step(k, monkeypatch, device, 3, 19, n_hidden, False,
+                                  torch.float32)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    fwd, bwd = seen["_lstm_fwd_coop_kernel"], seen["_lstm_bwd_coop_kernel"]
+    assert fwd["BLOCK_K"] == k._k_step(flags.get("FWD_BLOCK_K"), n_hidden)
+    assert fwd["num_warps"] == k.fwd_step_warps(fwd["BLOCK_B"], fwd["BLOCK_H"])
+    assert bwd["BLOCK_K"] == k._k_step(flags.get("BWD_BLOCK_K"), 4 * n_hidden)
+    if flags.get("FWD_NARROW_WARPS"):
+        assert fwd["num_warps"] == max(fwd["BLOCK_B"] * fwd["BLOCK_H"] // 256, 2)
