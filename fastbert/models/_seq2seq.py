@@ -14,6 +14,7 @@ and the attributes ``src_embed`` (an nn.Embedding: its device is the model's), `
 """
 from __future__ import annotations
 
+import abc
 import numbers
 from typing import Optional, Tuple
 
@@ -46,16 +47,19 @@ def check_positive_ints(**sizes) -> None:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
 
 
-class Seq2SeqBase(torch.nn.Module):
-    """Checks and decoding shared by LSTMSeq2Seq and Seq2SeqTransformer (module docstring)."""
+class Seq2SeqBase(torch.nn.Module, abc.ABC):
+    """Checks and decoding shared by LSTMSeq2Seq and Seq2SeqTransformer (module docstring).
+    Abstract: a subclass that lacks ``_start`` or ``decode_step`` cannot be instantiated."""
 
     STATE_BATCH_DIM = 0
 
-    def _start(self, src: Tensor, src_lengths: Tensor):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _start(self, src: Tensor, src_lengths: Tensor) -> Tuple[tuple, tuple]:
+        """(enc, state) for ``src``: checked inputs, encoded (module docstring)."""
 
+    @abc.abstractmethod
     def decode_step(self, y_prev: Tensor, state, *enc) -> Tuple[Tensor, tuple]:
-        raise NotImplementedError
+        """One decoder step: y_prev (B,) ids -> (logits (B, V), the new state)."""
 
     # ------------------------------------------------------------------------------------
     # checks
