@@ -21,6 +21,8 @@ def _params():
     out = []
     for mod_name in bench_modules():
         mod = importlib.import_module(f"benchmarks.{mod_name}")
+        if not hasattr(mod, "cases"):   # bench_translation: training runs, not timed calls
+            continue
         for case in mod.cases(DEVICE, QUICK):
             tag = "-".join(f"{v}" for v in case.params.values())
             for impl, fn in case.impls.items():

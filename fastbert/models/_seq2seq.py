@@ -1,5 +1,5 @@
-"""What the encoder-decoder models share: argument checks, special-token rules, greedy and
-beam-search decoding.
+"""What the encoder-decoder models share: argument checks, special-token rules, the training
+loss, greedy and beam-search decoding.
 
 A model subclasses ``Seq2SeqBase`` and provides
 
@@ -8,9 +8,13 @@ A model subclasses ``Seq2SeqBase`` and provides
   ``state`` a tuple of tensors with the batch in dimension ``STATE_BATCH_DIM`` (what a step
   updates: an LSTM's (h, c), a Transformer's prefix of tokens);
 - ``decode_step(y_prev, state, *enc)`` -> (logits (B, V), state);
+- ``decoder_states(src, src_lengths, tgt_in)`` -> the teacher-forced hidden states (B, T, H)
+  before the output projection ``out`` (its ``weight`` (V, H) and ``bias`` (V,) or None), which
+  ``loss`` projects only where the target is not padding;
 
 and the attributes ``src_embed`` (an nn.Embedding: its device is the model's), ``src_vocab``,
-``tgt_vocab``, ``pad_id``, ``bos_id``, ``eos_id`` and ``check_ids``.
+``tgt_vocab``, ``pad_id``, ``bos_id``, ``eos_id``, ``check_ids`` and ``backend`` (the
+fastbert backend of the loss).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..ops import _checks
+from ..ops.cross_entropy import masked_lm_loss
 from ..ops._checks import check_size, check_tensor
 from ..ops.lstm import check_lengths
 
@@ -49,7 +54,8 @@ def check_positive_ints(**sizes) -> None:
 
 class Seq2SeqBase(torch.nn.Module, abc.ABC):
     """Checks and decoding shared by LSTMSeq2Seq and Seq2SeqTransformer (module docstring).
-    Abstract: a subclass that lacks ``_start`` or ``decode_step`` cannot be instantiated."""
+    Abstract: a subclass that lacks ``_start``, ``decode_step`` or ``decoder_states`` cannot be
+    instantiated."""
 
     STATE_BATCH_DIM = 0
 
@@ -60,6 +66,42 @@ class Seq2SeqBase(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def decode_step(self, y_prev: Tensor, state, *enc) -> Tuple[Tensor, tuple]:
         """One decoder step: y_prev (B,) ids -> (logits (B, V), the new state)."""
+
+    @abc.abstractmethod
+    def decoder_states(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced: the hidden states (B, T, H) that ``self.out`` projects onto the
+        target vocabulary (``forward`` is ``self.out(decoder_states(...))``)."""
+
+    # ------------------------------------------------------------------------------------
+    # training loss
+
+    def loss(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, tgt_out: Tensor, *,
+             label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of the next-token predictions, over the positions where tgt_out is
+        not pad_id: ``fastbert.ops.masked_lm_loss`` on ``decoder_states``, so only those
+        positions are projected onto the vocabulary (``self.out``), fused with the loss: no
+        (tokens, V) logits are kept for the backward. Equal to ``F.cross_entropy`` of
+        ``forward``'s logits with ``ignore_index=pad_id``, except that a batch without any
+        target token gives 0.0 and zero gradients (masked_lm_loss's rule; F.cross_entropy's
+        mean would be NaN).
+
+        Args:
+            src, src_lengths, tgt_in: as ``forward``.
+            tgt_out: (B, T) the targets (tgt_in shifted left: the target then eos_id, padded
+                with pad_id).
+            label_smoothing, reduction: as ``torch.nn.functional.cross_entropy`` ("mean" over
+                the non-pad positions).
+        """
+        check_tensor("tgt_out", tgt_out, dtypes=INDEX_DTYPES, ndim=(2,))
+        check_tensor("tgt_in", tgt_in, dtypes=INDEX_DTYPES, ndim=(2,))
+        if tgt_out.shape != tgt_in.shape:
+            raise ValueError(f"tgt_out must have tgt_in's shape {tuple(tgt_in.shape)}, got "
+                             f"{tuple(tgt_out.shape)}")
+        states = self.decoder_states(src, src_lengths, tgt_in)
+        labels = tgt_out.masked_fill(tgt_out == self.pad_id, -100)
+        return masked_lm_loss(states, self.out.weight, self.out.bias, labels,
+                              ignore_index=-100, label_smoothing=label_smoothing,
+                              reduction=reduction, backend=self.backend)
 
     # ------------------------------------------------------------------------------------
     # checks

@@ -1,7 +1,8 @@
 """``LSTMSeq2Seq``: the attention LSTM translation model the Transformer replaced.
 
 Bidirectional LSTM encoder, LSTM decoder with Luong ("general" score) or Bahdanau (additive)
-attention, teacher-forced ``forward`` and greedy / beam-search decoding; both LSTMs are
+attention, teacher-forced ``forward``, the training ``loss`` (fastbert.ops.masked_lm_loss:
+only non-pad targets projected onto the vocabulary) and greedy / beam-search decoding; both LSTMs are
 ``fastbert.nn.LSTM`` (fused Triton recurrence on CUDA, variable source lengths inside the
 kernel).
 
@@ -44,7 +45,8 @@ class LSTMSeq2Seq(Seq2SeqBase):
         attention: "luong" or "bahdanau".
         dropout: on embeddings, between LSTM layers and before the output projection.
         pad_id, bos_id, eos_id: special token ids of the target (pad_id also of the source).
-        backend: passed to the LSTMs ("triton", "torch" or None for auto).
+        backend: passed to the LSTMs and to ``loss``'s masked_lm_loss ("triton", "torch" or
+            None for auto). The attribute ``backend`` is the loss's; each LSTM keeps its own.
         check_ids: check that src / tgt_in hold ids inside the vocabularies at every call (a
             clear ValueError; one host read of the ids per call on the GPU, a device-side
             assert while a CUDA graph is captured). False skips it: an out-of-range id is
@@ -74,6 +76,7 @@ class LSTMSeq2Seq(Seq2SeqBase):
         self.hidden = hidden
         self.layers = layers
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.backend = backend
         self.check_ids = bool(check_ids)
         self.src_embed = torch.nn.Embedding(src_vocab, emb, padding_idx=pad_id, **factory)
         self.tgt_embed = torch.nn.Embedding(tgt_vocab, emb, padding_idx=pad_id, **factory)
@@ -136,9 +139,21 @@ class LSTMSeq2Seq(Seq2SeqBase):
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
         return torch.softmax(scores, dim=-1) @ memory
 
-    def _logits(self, dec: Tensor, ctx: Tensor) -> Tensor:
-        h = torch.tanh(self.combine(torch.cat([ctx, dec], dim=-1)))
-        return self.out(self.drop(h))
+    def _hidden(self, dec: Tensor, ctx: Tensor) -> Tensor:
+        """The output layer's input: dropout(tanh(W_c [context; state]))."""
+        return self.drop(torch.tanh(self.combine(torch.cat([ctx, dec], dim=-1))))
+
+    def _step(self, y_prev: Tensor, state: State, memory: Tensor, keys: Tensor,
+              mask: Tensor) -> Tuple[Tensor, State]:
+        """One decoder step: y_prev (B,) ids -> the output layer's input (B, 1, H), state."""
+        e = self.drop(self.tgt_embed(y_prev))[:, None, :]  # (B, 1, E)
+        if self.attention == "bahdanau":
+            ctx = self._attend(state[0][-1][:, None, :], memory, keys, mask)
+            out, state = self.decoder(torch.cat([e, ctx], dim=-1), state)
+        else:
+            out, state = self.decoder(e, state)
+            ctx = self._attend(out, memory, keys, mask)
+        return self._hidden(out, ctx), state
 
     def decode_step(self, y_prev: Tensor, state: State, memory: Tensor, keys: Tensor,
                     mask: Tensor) -> Tuple[Tensor, State]:
@@ -148,14 +163,8 @@ class LSTMSeq2Seq(Seq2SeqBase):
         check costs a host read): an id outside the target vocabulary raises nn.Embedding's
         IndexError (a device-side assert on CUDA). ``forward`` and the decoders check theirs."""
         self._check_y_prev(y_prev, state[0].shape[1])
-        e = self.drop(self.tgt_embed(y_prev))[:, None, :]  # (B, 1, E)
-        if self.attention == "bahdanau":
-            ctx = self._attend(state[0][-1][:, None, :], memory, keys, mask)
-            out, state = self.decoder(torch.cat([e, ctx], dim=-1), state)
-        else:
-            out, state = self.decoder(e, state)
-            ctx = self._attend(out, memory, keys, mask)
-        return self._logits(out, ctx)[:, 0], state
+        hidden, state = self._step(y_prev, state, memory, keys, mask)
+        return self.out(hidden)[:, 0], state
 
     # ------------------------------------------------------------------------------------
     # public API
@@ -170,16 +179,21 @@ class LSTMSeq2Seq(Seq2SeqBase):
         Returns:
             logits (B, T, tgt_vocab).
         """
+        return self.out(self.decoder_states(src, src_lengths, tgt_in))
+
+    def decoder_states(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """The output layer's inputs (B, T, hidden), dropout applied: ``forward`` without the
+        projection onto the vocabulary (``loss`` projects only the non-pad positions)."""
         check_tensor("tgt_in", tgt_in, dtypes=INDEX_DTYPES, ndim=(2,))   # required here
         self._check_inputs(src, src_lengths, tgt_in)
         memory, keys, mask, state = self._encode(src, src_lengths)
         if self.attention == "luong":
             dec, _ = self.decoder(self.drop(self.tgt_embed(tgt_in)), state)  # (B, T, H)
-            return self._logits(dec, self._attend(dec, memory, keys, mask))
+            return self._hidden(dec, self._attend(dec, memory, keys, mask))
         steps = []
         for t in range(tgt_in.shape[1]):
-            logits, state = self.decode_step(tgt_in[:, t], state, memory, keys, mask)
-            steps.append(logits)
-        if not steps:   # an empty target: (B, 0, V), as the Luong path returns
-            return self._logits(memory[:, :0], memory[:, :0])
-        return torch.stack(steps, dim=1)
+            hidden, state = self._step(tgt_in[:, t], state, memory, keys, mask)
+            steps.append(hidden)
+        if not steps:   # an empty target: (B, 0, hidden), as the Luong path returns
+            return self._hidden(memory[:, :0], memory[:, :0])
+        return torch.cat(steps, dim=1)

@@ -343,26 +343,3 @@ class Seq2SeqTransformer(Seq2SeqBase):
         self._check_inputs(src, src_lengths, tgt_in)
         memory, mask = self._encode(src, src_lengths)
         return self._decode(tgt_in, memory, mask)
-
-    def loss(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, tgt_out: Tensor, *,
-             label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
-        """Cross-entropy of the next-token predictions, over the positions where tgt_out is
-        not pad_id: ``fastbert.ops.masked_lm_loss`` on the decoder states, so only those
-        positions are projected onto the vocabulary, fused with the loss. A batch without any
-        target token gives 0.0 and zero gradients (masked_lm_loss's rule; F.cross_entropy's
-        mean would be NaN).
-
-        Args:
-            tgt_out: (B, T) the targets (tgt_in shifted left: the target then eos_id, padded).
-            label_smoothing, reduction: as ``torch.nn.functional.cross_entropy`` ("mean" over
-                the non-pad positions).
-        """
-        check_tensor("tgt_out", tgt_out, dtypes=INDEX_DTYPES, ndim=(2,))
-        if tgt_out.shape != tgt_in.shape:
-            raise ValueError(f"tgt_out must have tgt_in's shape {tuple(tgt_in.shape)}, got "
-                             f"{tuple(tgt_out.shape)}")
-        states = self.decoder_states(src, src_lengths, tgt_in)
-        labels = tgt_out.masked_fill(tgt_out == self.pad_id, -100)
-        return ops.masked_lm_loss(states, self.out.weight, self.out.bias, labels,
-                                  ignore_index=-100, label_smoothing=label_smoothing,
-                                  reduction=reduction, backend=self.backend)

@@ -43,9 +43,8 @@ def _model(attention, **kw):
 
 
 def _set_backend(model, backend):
-    if isinstance(model, Seq2SeqTransformer):
-        model.backend = backend
-    else:
+    model.backend = backend   # the Transformer's ops; the LSTM model's loss
+    if isinstance(model, LSTMSeq2Seq):
         for m in (model.encoder, model.decoder):
             m.backend = backend
 
@@ -176,6 +175,50 @@ def test_seq2seq_triton_backend_matches_torch_backend(attention, device):
 
 
 @pytest.mark.parametrize("attention", ALL)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction,smoothing", [("mean", 0.1), ("sum", 0.0), ("none", 0.0)])
+def test_seq2seq_loss_is_cross_entropy_of_the_logits(attention, backend, reduction, smoothing,
+                                                     device):
+    """``loss`` (masked_lm_loss on decoder_states: only non-pad targets projected) equals
+    F.cross_entropy of forward's logits with pad ignored, and so do the gradients of every
+    parameter; forward is the output layer over decoder_states."""
+    model = _model(attention, layers=1, backend=backend).to(device)
+    _set_backend(model, backend)
+    src, lengths, tgt_in, tgt = copy_batch(3, torch.Generator().manual_seed(6), max_len=4)
+    src, tgt_in, tgt = src.to(device), tgt_in.to(device), tgt.to(device)
+    loss = model.loss(src, lengths, tgt_in, tgt, label_smoothing=smoothing, reduction=reduction)
+    logits = model(src, lengths, tgt_in)
+    torch.testing.assert_close(model.out(model.decoder_states(src, lengths, tgt_in)), logits)
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), tgt.reshape(-1),
+                          ignore_index=PAD, label_smoothing=smoothing, reduction=reduction)
+    if reduction == "none":
+        ref = ref.reshape(tgt.shape)
+    assert loss.shape == ref.shape and (tgt == PAD).any()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    params = list(model.parameters())
+    g = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+    g_ref = torch.autograd.grad(ref.sum(), params, allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), g, g_ref):
+        if b is None:
+            assert a is None, name
+        else:
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("attention", ALL)
+def test_seq2seq_loss_without_target_tokens_is_zero(attention):
+    """A batch whose targets are all pad: loss 0.0 and zero gradients, not NaN."""
+    model = _model(attention)
+    src, lengths, tgt_in, tgt = copy_batch(2, torch.Generator().manual_seed(7))
+    loss = model.loss(src, lengths, tgt_in, torch.full_like(tgt, PAD))
+    assert loss.item() == 0.0
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+    with pytest.raises(ValueError, match="tgt_out must have tgt_in's shape"):
+        model.loss(src, lengths, tgt_in, tgt[:, :-1])
+
+
+@pytest.mark.parametrize("attention", ALL)
 def test_seq2seq_trains_and_decodes_under_autocast(attention, device):
     """Mixed precision (fp32 model under autocast, the usual AMP setup): a training step and
     both decoders run on the Triton kernels, the logits in the autocast dtype."""
@@ -191,6 +234,14 @@ def test_seq2seq_trains_and_decodes_under_autocast(attention, device):
     assert logits.dtype == dt
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    with torch.autocast(device.type, dtype=dt):   # the fused loss, as the bench trains
+        fused = model.loss(src, lengths, tgt_in, tgt)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                      tgt.reshape(-1), ignore_index=PAD),
+                               rtol=2e-2, atol=2e-2)
+    grads = torch.autograd.grad(fused, list(model.parameters()), allow_unused=True)
+    assert all(g is None or (g.dtype == torch.float32 and torch.isfinite(g).all()) for g in grads)
     with torch.autocast(device.type, dtype=dt):
         assert model.greedy_decode(src, lengths, max_len=4).shape == (3, 4)
         assert model.beam_search(src, lengths, beam_size=2, max_len=4)[0].shape == (3, 4)

@@ -428,6 +428,9 @@ class _Scripted(Seq2SeqBase):
         logits[:, EOS] = torch.where(t[:, 0] == lens[:, 0].float(), 10.0, 0.0)
         return logits, (t + 1,)
 
+    def decoder_states(self, src, src_lengths, tgt_in):
+        raise AssertionError("teacher forcing is not used by these tests")
+
 
 def test_greedy_pads_rows_that_finished_before_the_others():
     """Rows that emit eos at different steps: after its eos a row is pad only, and greedy
