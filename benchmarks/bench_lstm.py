@@ -30,7 +30,10 @@ happen in the untimed first call and their static buffers stay in the mode's cac
 peak_mb leaves them out. The time-loop and LayerNorm-LSTM cases time the mode too.
 ``fastbert_triton_coop`` (and ``coop`` in the time-loop case): the cooperative time loop
 (kernels/lstm.py ``COOP_TIME_LOOP``, off by default), one launch per layer and direction with
-a grid barrier a step, where it fits one program per SM (hidden <= 1024).
+a grid barrier a step, where it fits one program per SM (hidden <= 1024);
+``fastbert_triton_coop_resident`` (``coop_resident``): the same with each program's W_hh slice
+loaded once and kept on chip (``COOP_RESIDENT_W``, off by default), where it fits (hidden 256;
+512 at small batch).
 ``fastbert_triton_per_step`` (hidden <= ``PERSISTENT_MAX_HIDDEN``, where the default is the
 time-looping kernel): the plain per-step loop, whose per-step launches became cheap
 (kernels/_launch.py) after the last measurement placed that threshold. One case
@@ -177,6 +180,8 @@ def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
         # runs these layers
         if _coop_applies(device, seq, batch, hidden):
             fns["fastbert_triton_coop"] = _coop(build("fastbert_triton"))
+            if _resident_applies(device, seq, batch, hidden, dtype):
+                fns["fastbert_triton_coop_resident"] = _resident(_coop(build("fastbert_triton")))
         # the same forward+backward replayed from CUDA graphs: how much of each time is
         # launch overhead (the per-step path launches a kernel or two per step from Python)
         fns["cudnn_graphed"] = build_graphed("cudnn")
@@ -265,6 +270,25 @@ def _coop(fn: Callable[[], object], on: bool = True) -> Callable[[], object]:
     return with_setting(klstm, "COOP_TIME_LOOP", on, fn)
 
 
+def _resident(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the cooperative kernels' W_hh kept on chip
+    (``fastbert.kernels.lstm.COOP_RESIDENT_W``)."""
+    from fastbert.kernels import lstm as klstm
+    return with_setting(klstm, "COOP_RESIDENT_W", True, fn)
+
+
+def _resident_applies(device, seq, batch, hidden, dtype) -> bool:
+    """Whether COOP_RESIDENT_W changes a cooperative (seq, batch, hidden) layer's kernels (the
+    forward's or the backward's slice fits on chip)."""
+    from fastbert.kernels import lstm as klstm
+    blocks = _coop(lambda: klstm.use_coop(seq, batch, hidden, False, device))()
+    if not blocks:
+        return False
+    size = torch.empty((), dtype=dtype).element_size()
+    return _resident(lambda: any(klstm.coop_resident(kind, hidden, blocks[0], blocks[1], size)
+                                 for kind in ("fwd", "bwd")))()
+
+
 def _coop_applies(device, seq, batch, hidden) -> bool:
     """Whether the cooperative time loop runs a (seq, batch, hidden) layer on ``device`` (no
     projection) when switched on: else a coop row would time the default path."""
@@ -293,6 +317,8 @@ def _time_loop_case(device, dtype, batch, hidden, seq):
                 return _coop(_step_graph(_fwd_bwd(model, x)), False)
             if kind == "coop":
                 return _coop(_fwd_bwd(model, x))
+            if kind == "coop_resident":
+                return _resident(_coop(_fwd_bwd(model, x)))
             return _coop(_with_threshold("PERSISTENT_MAX_HIDDEN",
                                          hidden if kind == "time_looping" else 0,
                                          _fwd_bwd(model, x)), False)
@@ -302,7 +328,9 @@ def _time_loop_case(device, dtype, batch, hidden, seq):
                 dict(batch=batch, hidden=hidden, seq=seq, layers=1, dirs=1,
                      dtype=str(dtype).replace("torch.", "")),
                 {kind: build(kind) for kind in ("per_step", "per_step_graphed", "time_looping")
-                 + (("coop",) if _coop_applies(device, seq, batch, hidden) else ())},
+                 + (("coop",) if _coop_applies(device, seq, batch, hidden) else ())
+                 + (("coop_resident",) if _resident_applies(device, seq, batch, hidden, dtype)
+                    else ())},
                 flops=_flops(seq, batch, hidden, hidden, 1, 1), baseline="per_step")
 
 

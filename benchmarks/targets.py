@@ -145,7 +145,7 @@ _ATTENTION_ALTS = _alts(lambda i: _vs_best(i, "sdpa_", 1.0), "fastbert_three_ker
 _LSTM_ALTS = _alts(lambda i: _time_ratio_at_most(i, "cudnn", 1.25), "fastbert_triton_step_graph",
                    "fastbert_triton_coop", "fastbert_triton_per_step",
                    "fastbert_triton_bwd_k128", "fastbert_triton_tiles",
-                   "fastbert_triton_tiles_b64")
+                   "fastbert_triton_tiles_b64", "fastbert_triton_coop_resident")
 
 TARGETS: List[Target] = [
     # issue 3: attention

@@ -86,8 +86,10 @@ Three ways to run the time loop:
   or MPS limiting the SMs) gives up after COOP_MAX_SPINS reads and writes NaN from then on
   instead of hanging. The interpreter runs
   one program at a time, so on CPU the same kernel runs one launch per step without the
-  barrier (``_coop_launches``). This is the shape of cuDNN's persistent RNN without keeping
-  W_hh in registers explicitly.
+  barrier (``_coop_launches``). This is the shape of cuDNN's persistent RNN; with
+  ``COOP_RESIDENT_W`` (off by default, not yet timed) each program also loads its W_hh slice
+  once, before the loop, into shared memory, and each step is one GEMM over the whole
+  reduction: no W_hh traffic after the first step (where the slice fits: see there).
 
 CUDA-graph mode of the per-step loops (``PER_STEP_CUDA_GRAPH``, off by default): the host
 time of the per-step path is one Python launch per kernel and step (~20 us each on the H200
@@ -184,6 +186,22 @@ COOP_POISON = 1 << 30
 FWD_BLOCK_K: Optional[int] = None
 BWD_BLOCK_K: Optional[int] = None
 FWD_NARROW_WARPS = False
+# COOP_RESIDENT_W: the cooperative time loop (COOP_TIME_LOOP) loads each program's W_hh slice
+# once, before its time loop, and keeps it on chip: forward, the program's hidden columns of
+# the four gates over the whole state; backward, its columns of every gate row. Each step is
+# then one GEMM over the whole reduction (no K loop) with no W_hh traffic: without it every
+# program re-reads its slice from L2 every step (review D, session 16: 6.4 -> 2.4 MB of L2
+# reads per forward step at 64 x 512). Where the slice (next_power_of_2(4H) x BLOCK_H
+# elements) exceeds COOP_RESIDENT_MAX_BYTES the loop reloads it as before. Opt-in until a GPU
+# run has timed it (bench_lstm's ``fastbert_triton_coop_resident`` rows). Read at every call.
+# The slice and the step's other GEMM operand (the batch block's h, or its gate gradients,
+# over the whole reduction) are staged in shared memory (sm_90 TTGIR: the slice's local_alloc
+# is hoisted before the time loop, only local_loads inside it): a kernel runs resident when
+# the two together fit COOP_RESIDENT_MAX_BYTES (``resident_bytes``), which leaves room for
+# the rest under sm_80's 163 KB. In bf16 that is hidden 256 at every batch, and hidden 512
+# at batch 16 (forward also at batch block 32; ptxas: <= 24 B of spills there).
+COOP_RESIDENT_W = False
+COOP_RESIDENT_MAX_BYTES = 128 * 1024
 
 
 @triton.jit
@@ -205,13 +223,20 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _state_grad(dy_ptr, dgn_ptr, w_hh_ptr, dcarry_ptr, offs_b, mask_b, offs_n, mask_n, valid,
-                stride_dy_b, stride_dg_b, stride_w_row, stride_dcarry_b, n_gates,
+                stride_dy_b, stride_dg_b, stride_w_row, stride_dcarry_b, n_gates, w_res,
                 HAS_NEXT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+                BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, DOT_FP32: tl.constexpr):
     """Gradient w.r.t. the state h after this step, columns offs_n of it:
-    dy (masked) + dgates_next @ W_hh + the pass-through carry. Returns (G*valid, G*(1-valid))."""
+    dy (masked) + dgates_next @ W_hh + the pass-through carry. Returns (G*valid, G*(1-valid)).
+    RESIDENT: ``w_res`` is W_hh's (BLOCK_K, BLOCK_N) tile of every gate row (BLOCK_K >=
+    n_gates), loaded once by the caller (``_w_rows_tile``): one GEMM, no K loop."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    if HAS_NEXT:
+    if HAS_NEXT and RESIDENT:
+        offs_k = tl.arange(0, BLOCK_K)
+        a = tl.load(dgn_ptr + offs_b[:, None] * stride_dg_b + offs_k[None, :],
+                    mask=mask_b[:, None] & (offs_k < n_gates)[None, :], other=0.0)
+        acc += _dot(a, w_res, DOT_FP32)
+    elif HAS_NEXT:
         for k0 in range(0, n_gates, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < n_gates
@@ -237,6 +262,19 @@ def _fwd_tile(xg_ptr, h_prev_ptr, c_prev_ptr, w_hh_ptr, len_ptr, h_out_ptr, c_ou
               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
               HAS_PROJ: tl.constexpr, DOT_FP32: tl.constexpr):
     """One step for batch rows offs_b and hidden columns offs_h of all four gates."""
+    acc_i, acc_f, acc_g, acc_o = _fwd_acc(h_prev_ptr, w_hh_ptr, stride_h_b, stride_w_row,
+                                          n_batch, n_hidden, n_state, offs_b, offs_h,
+                                          BLOCK_B, BLOCK_H, BLOCK_K, DOT_FP32)
+    _fwd_finish(acc_i, acc_f, acc_g, acc_o, xg_ptr, h_prev_ptr, c_prev_ptr, len_ptr, h_out_ptr,
+                c_out_ptr, y_ptr, gates_ptr, stride_xg_b, stride_h_b, stride_c_b, stride_y_b,
+                stride_gates_b, n_batch, n_hidden, t, offs_b, offs_h, HAS_PROJ)
+
+
+@triton.jit
+def _fwd_acc(h_prev_ptr, w_hh_ptr, stride_h_b, stride_w_row, n_batch, n_hidden, n_state,
+             offs_b, offs_h, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+             BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """h_prev @ W_hh^T for hidden columns offs_h of each gate: four (BLOCK_B, BLOCK_H) fp32."""
     mask_b = offs_b < n_batch
     mask_h = offs_h < n_hidden
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -257,6 +295,39 @@ def _fwd_tile(xg_ptr, h_prev_ptr, c_prev_ptr, w_hh_ptr, len_ptr, h_out_ptr, c_ou
         acc_f += _dot(a, tl.load(wp + gate_stride, mask=wmask, other=0.0), DOT_FP32)
         acc_g += _dot(a, tl.load(wp + 2 * gate_stride, mask=wmask, other=0.0), DOT_FP32)
         acc_o += _dot(a, tl.load(wp + 3 * gate_stride, mask=wmask, other=0.0), DOT_FP32)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _w_gate_tiles(w_hh_ptr, stride_w_row, n_hidden, n_state, offs_h, BLOCK_K: tl.constexpr):
+    """The W_hh^T tiles (BLOCK_K, BLOCK_H) of hidden columns offs_h of each gate over the
+    whole state (BLOCK_K >= n_state): what ``_fwd_acc`` loads a K step at a time."""
+    offs_k = tl.arange(0, BLOCK_K)
+    wmask = (offs_k < n_state)[:, None] & (offs_h < n_hidden)[None, :]
+    wp = w_hh_ptr + offs_h[None, :] * stride_w_row + offs_k[:, None]
+    gate_stride = n_hidden * stride_w_row
+    return (tl.load(wp, mask=wmask, other=0.0), tl.load(wp + gate_stride, mask=wmask, other=0.0),
+            tl.load(wp + 2 * gate_stride, mask=wmask, other=0.0),
+            tl.load(wp + 3 * gate_stride, mask=wmask, other=0.0))
+
+
+@triton.jit
+def _w_rows_tile(w_hh_ptr, stride_w_row, n_gates, n_hidden, offs_n, BLOCK_K: tl.constexpr):
+    """W_hh's (BLOCK_K, BLOCK_N) tile of every gate row (BLOCK_K >= n_gates = 4H) and columns
+    offs_n: what ``_state_grad`` loads a K step at a time."""
+    offs_k = tl.arange(0, BLOCK_K)
+    return tl.load(w_hh_ptr + offs_k[:, None] * stride_w_row + offs_n[None, :],
+                   mask=(offs_k < n_gates)[:, None] & (offs_n < n_hidden)[None, :], other=0.0)
+
+
+@triton.jit
+def _fwd_finish(acc_i, acc_f, acc_g, acc_o, xg_ptr, h_prev_ptr, c_prev_ptr, len_ptr, h_out_ptr,
+                c_out_ptr, y_ptr, gates_ptr, stride_xg_b, stride_h_b, stride_c_b, stride_y_b,
+                stride_gates_b, n_batch, n_hidden, t, offs_b, offs_h, HAS_PROJ: tl.constexpr):
+    """The gates' pointwise math of one step from the recurrent GEMM's results, and its
+    stores (state, output, saved gates)."""
+    mask_b = offs_b < n_batch
+    mask_h = offs_h < n_hidden
     m2 = mask_b[:, None] & mask_h[None, :]
     xg = xg_ptr + offs_b[:, None] * stride_xg_b + offs_h[None, :]
     gi = _sigmoid(acc_i + tl.load(xg, mask=m2, other=0.0).to(tl.float32))
@@ -398,10 +469,12 @@ def _lstm_proj_fwd_kernel(
 def _bwd_tile(dy_ptr, dgn_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, c_ptr, c_prev_ptr, len_ptr,
               dcarry_ptr, dc_ptr, dg_ptr, stride_dy_b, stride_dg_b, stride_w_row, stride_gv_b,
               stride_wr_row, stride_gates_b, stride_c_b, stride_dcarry_b, stride_dc_b,
-              n_batch, n_hidden, n_proj, t, offs_b, offs_h,
+              n_batch, n_hidden, n_proj, t, offs_b, offs_h, w_res,
               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-              HAS_NEXT: tl.constexpr, HAS_PROJ: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One backward step for batch rows offs_b and hidden columns offs_h of all four gates."""
+              HAS_NEXT: tl.constexpr, HAS_PROJ: tl.constexpr, RESIDENT: tl.constexpr,
+              DOT_FP32: tl.constexpr):
+    """One backward step for batch rows offs_b and hidden columns offs_h of all four gates
+    (RESIDENT, no projection: ``w_res`` as ``_state_grad`` takes it)."""
     mask_b = offs_b < n_batch
     mask_h = offs_h < n_hidden
     m2 = mask_b[:, None] & mask_h[None, :]
@@ -421,8 +494,8 @@ def _bwd_tile(dy_ptr, dgn_ptr, w_hh_ptr, gv_ptr, w_hr_ptr, gates_ptr, c_ptr, c_p
     else:
         dr, g_carry = _state_grad(dy_ptr, dgn_ptr, w_hh_ptr, dcarry_ptr, offs_b, mask_b,
                                   offs_h, mask_h, valid, stride_dy_b, stride_dg_b,
-                                  stride_w_row, stride_dcarry_b, 4 * n_hidden, HAS_NEXT,
-                                  BLOCK_B, BLOCK_H, BLOCK_K, DOT_FP32)
+                                  stride_w_row, stride_dcarry_b, 4 * n_hidden, w_res, HAS_NEXT,
+                                  BLOCK_B, BLOCK_H, BLOCK_K, RESIDENT, DOT_FP32)
         # a tile smaller than the program's threads is held by several of them and only one
         # copy stores: every copy must have loaded the carry first
         tl.debug_barrier()
@@ -479,8 +552,8 @@ def _lstm_bwd_kernel(
               cs_ptr + (s64 + 1) * stride_cs_s, cs_ptr + s64 * stride_cs_s, len_ptr,
               dcarry_ptr, dc_ptr, dg_ptr + t64 * stride_dg_t, stride_dy_b, stride_dg_b,
               stride_w_row, stride_gv_b, stride_wr_row, stride_gates_b, stride_c_b,
-              stride_dcarry_b, stride_dc_b, n_batch, n_hidden, n_proj, t, offs_b, offs_h,
-              BLOCK_B, BLOCK_H, BLOCK_K, HAS_NEXT, HAS_PROJ, DOT_FP32)
+              stride_dcarry_b, stride_dc_b, n_batch, n_hidden, n_proj, t, offs_b, offs_h, 0,
+              BLOCK_B, BLOCK_H, BLOCK_K, HAS_NEXT, HAS_PROJ, False, DOT_FP32)
 
 
 @triton.jit
@@ -524,16 +597,16 @@ def _lstm_bwd_persistent_kernel(
                           cs_ptr + (s64 + 1) * stride_cs_s, cs_ptr + s64 * stride_cs_s, len_ptr,
                           dcarry_ptr, dc_ptr, dg_ptr + t64 * stride_dg_t, stride_dy_b, stride_dg_b,
                           stride_w_row, 0, 0, stride_gates_b, stride_c_b, stride_dcarry_b,
-                          stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h,
-                          BLOCK_B, BLOCK_H, BLOCK_K, False, False, DOT_FP32)
+                          stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h, 0,
+                          BLOCK_B, BLOCK_H, BLOCK_K, False, False, False, DOT_FP32)
             else:
                 _bwd_tile(dy_ptr + t64 * stride_dy_t, dg_ptr + tn64 * stride_dg_t, w_hh_ptr,
                           dy_ptr, w_hh_ptr, gates_ptr + t64 * stride_gates_t,
                           cs_ptr + (s64 + 1) * stride_cs_s, cs_ptr + s64 * stride_cs_s, len_ptr,
                           dcarry_ptr, dc_ptr, dg_ptr + t64 * stride_dg_t, stride_dy_b, stride_dg_b,
                           stride_w_row, 0, 0, stride_gates_b, stride_c_b, stride_dcarry_b,
-                          stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h,
-                          BLOCK_B, BLOCK_H, BLOCK_K, True, False, DOT_FP32)
+                          stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h, 0,
+                          BLOCK_B, BLOCK_H, BLOCK_K, True, False, False, DOT_FP32)
         tl.debug_barrier()
 
 
@@ -583,7 +656,7 @@ def _lstm_fwd_coop_kernel(
     stride_y_t, stride_y_b, stride_gates_t, stride_gates_b,
     n_batch, n_hidden, n_steps, step_begin, step_end, max_spins,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    REVERSE: tl.constexpr, SYNC: tl.constexpr, DOT_FP32: tl.constexpr,
+    REVERSE: tl.constexpr, SYNC: tl.constexpr, RESIDENT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # the per-step kernel's grid and tiles (program (pid_b, pid_h): batch rows of block pid_b,
     # hidden columns of block pid_h, all four gates), run for steps [step_begin, step_end)
@@ -591,13 +664,18 @@ def _lstm_fwd_coop_kernel(
     # columns of h) meet at a barrier. The program reads the same W_hh columns every step
     # (from L2: the barrier's acquire invalidates L1). Without SYNC (one launch per step: the
     # Triton interpreter runs programs one after another, so they cannot wait for each
-    # other) the kernel is the per-step kernel.
+    # other) the kernel is the per-step kernel. RESIDENT (BLOCK_K >= hidden): the program's
+    # W_hh columns of the four gates are loaded once, before the loop, and kept on chip: each
+    # step is one GEMM of h by them, no K loop, no W_hh traffic.
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_group = tl.num_programs(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     failed = pid_b < 0
+    if RESIDENT:
+        w_i, w_f, w_g, w_o = _w_gate_tiles(w_hh_ptr, stride_w_row, n_hidden, n_hidden, offs_h,
+                                           BLOCK_K)
     for s in range(step_begin, step_end):
         t = s
         if REVERSE:
@@ -605,12 +683,25 @@ def _lstm_fwd_coop_kernel(
         s64 = tl.cast(s, tl.int64)
         t64 = tl.cast(t, tl.int64)
         h_out = hs_ptr + (s64 + 1) * stride_hs_s
-        _fwd_tile(xg_ptr + t64 * stride_xg_t, hs_ptr + s64 * stride_hs_s,
-                  cs_ptr + s64 * stride_cs_s, w_hh_ptr, len_ptr, h_out,
-                  cs_ptr + (s64 + 1) * stride_cs_s, y_ptr + t64 * stride_y_t,
-                  gates_ptr + t64 * stride_gates_t, stride_xg_b, stride_h_b, stride_c_b,
-                  stride_w_row, stride_y_b, stride_gates_b, n_batch, n_hidden, n_hidden, t,
-                  offs_b, offs_h, BLOCK_B, BLOCK_H, BLOCK_K, False, DOT_FP32)
+        h_prev = hs_ptr + s64 * stride_hs_s
+        if RESIDENT:
+            offs_k = tl.arange(0, BLOCK_K)
+            a = tl.load(h_prev + offs_b[:, None] * stride_h_b + offs_k[None, :],
+                        mask=(offs_b < n_batch)[:, None] & (offs_k < n_hidden)[None, :],
+                        other=0.0)
+            acc_i = _dot(a, w_i, DOT_FP32)
+            acc_f = _dot(a, w_f, DOT_FP32)
+            acc_g = _dot(a, w_g, DOT_FP32)
+            acc_o = _dot(a, w_o, DOT_FP32)
+        else:
+            acc_i, acc_f, acc_g, acc_o = _fwd_acc(h_prev, w_hh_ptr, stride_h_b, stride_w_row,
+                                                  n_batch, n_hidden, n_hidden, offs_b, offs_h,
+                                                  BLOCK_B, BLOCK_H, BLOCK_K, DOT_FP32)
+        _fwd_finish(acc_i, acc_f, acc_g, acc_o, xg_ptr + t64 * stride_xg_t, h_prev,
+                    cs_ptr + s64 * stride_cs_s, len_ptr, h_out, cs_ptr + (s64 + 1) * stride_cs_s,
+                    y_ptr + t64 * stride_y_t, gates_ptr + t64 * stride_gates_t, stride_xg_b,
+                    stride_h_b, stride_c_b, stride_y_b, stride_gates_b, n_batch, n_hidden, t,
+                    offs_b, offs_h, False)
         if SYNC:
             if failed:
                 # everything this step wrote may come from an incomplete h: the state (c
@@ -636,19 +727,24 @@ def _lstm_bwd_coop_kernel(
     stride_gates_b, stride_cs_s, stride_c_b, stride_dcarry_b, stride_dc_b,
     n_batch, n_hidden, n_steps, step_begin, step_end, max_spins,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    REVERSE: tl.constexpr, SYNC: tl.constexpr, DOT_FP32: tl.constexpr,
+    REVERSE: tl.constexpr, SYNC: tl.constexpr, RESIDENT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # the backward of _lstm_fwd_coop_kernel: the per-step backward kernel's grid and tiles,
     # iterations [step_begin, step_end) of the backward time loop (iteration i processes
     # step s = n_steps - 1 - i) in one launch, a barrier per batch block after each: a step
     # reads the gate gradients of all four gates and all columns written by its group in the
     # iteration before. dcarry and dc are read and written in the program's own columns only.
+    # RESIDENT (BLOCK_K >= 4H): the program's W_hh columns, every gate row, are loaded once,
+    # before the loop, and kept on chip: each step is one GEMM of the gate gradients by them.
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_group = tl.num_programs(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     failed = pid_b < 0
+    w_res = 0
+    if RESIDENT:
+        w_res = _w_rows_tile(w_hh_ptr, stride_w_row, 4 * n_hidden, n_hidden, offs_h, BLOCK_K)
     for i in range(step_begin, step_end):
         s, t, t_next = _bwd_step_times(i, n_steps, REVERSE)
         s64 = tl.cast(s, tl.int64)
@@ -661,16 +757,16 @@ def _lstm_bwd_coop_kernel(
                       cs_ptr + (s64 + 1) * stride_cs_s, cs_ptr + s64 * stride_cs_s, len_ptr,
                       dcarry_ptr, dc_ptr, dg_out, stride_dy_b, stride_dg_b,
                       stride_w_row, 0, 0, stride_gates_b, stride_c_b, stride_dcarry_b,
-                      stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h,
-                      BLOCK_B, BLOCK_H, BLOCK_K, False, False, DOT_FP32)
+                      stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h, w_res,
+                      BLOCK_B, BLOCK_H, BLOCK_K, False, False, RESIDENT, DOT_FP32)
         else:
             _bwd_tile(dy_ptr + t64 * stride_dy_t, dg_ptr + tn64 * stride_dg_t, w_hh_ptr,
                       dy_ptr, w_hh_ptr, gates_ptr + t64 * stride_gates_t,
                       cs_ptr + (s64 + 1) * stride_cs_s, cs_ptr + s64 * stride_cs_s, len_ptr,
                       dcarry_ptr, dc_ptr, dg_out, stride_dy_b, stride_dg_b,
                       stride_w_row, 0, 0, stride_gates_b, stride_c_b, stride_dcarry_b,
-                      stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h,
-                      BLOCK_B, BLOCK_H, BLOCK_K, True, False, DOT_FP32)
+                      stride_dc_b, n_batch, n_hidden, n_hidden, t, offs_b, offs_h, w_res,
+                      BLOCK_B, BLOCK_H, BLOCK_K, True, False, RESIDENT, DOT_FP32)
         if SYNC:
             if failed:
                 # the gate gradients and both carried state gradients (dc0 and, through the
@@ -710,8 +806,8 @@ def _lstm_proj_bwd_kernel(
     valid = (t < length)[:, None]
     g_valid, g_carry = _state_grad(dy_ptr, dgn_ptr, w_hh_ptr, dcarry_ptr, offs_b, mask_b,
                                    offs_p, mask_p, valid, stride_dy_b, stride_dg_b,
-                                   stride_w_row, stride_dcarry_b, 4 * n_hidden, HAS_NEXT,
-                                   BLOCK_B, BLOCK_H, BLOCK_K, DOT_FP32)
+                                   stride_w_row, stride_dcarry_b, 4 * n_hidden, 0, HAS_NEXT,
+                                   BLOCK_B, BLOCK_H, BLOCK_K, False, DOT_FP32)
     m2 = mask_b[:, None] & mask_p[None, :]
     tl.debug_barrier()  # every copy has loaded the carry (see _bwd_tile)
     tl.store(dcarry_ptr + offs_b[:, None] * stride_dcarry_b + offs_p[None, :], g_carry, mask=m2)
@@ -1203,6 +1299,23 @@ def use_coop(n_steps: int, n_batch: int, n_hidden: int, has_proj: bool,
     return blocks
 
 
+def resident_bytes(kind: str, n_hidden: int, block_b: int, block_h: int, itemsize: int) -> int:
+    """Shared memory of a resident cooperative kernel's two GEMM operands: forward the four
+    gates' (K, BLOCK_H) W_hh tiles and the (BLOCK_B, K) h tile, K = next_power_of_2(hidden);
+    backward the (K, BLOCK_H) W_hh tile and the (BLOCK_B, K) gate gradients, K =
+    next_power_of_2(4 * hidden)."""
+    if kind == "fwd":
+        return (4 * block_h + block_b) * next_power_of_2(n_hidden) * itemsize
+    return (block_h + block_b) * next_power_of_2(4 * n_hidden) * itemsize
+
+
+def coop_resident(kind: str, n_hidden: int, block_b: int, block_h: int, itemsize: int) -> bool:
+    """Whether the cooperative ``kind`` ("fwd" / "bwd") kernel keeps its W_hh slice on chip:
+    COOP_RESIDENT_W, within COOP_RESIDENT_MAX_BYTES."""
+    return bool(COOP_RESIDENT_W) and (
+        resident_bytes(kind, n_hidden, block_b, block_h, itemsize) <= COOP_RESIDENT_MAX_BYTES)
+
+
 def _coop_launches(n_steps: int, device: torch.device):
     """(step_begin, step_end, SYNC) of each launch of a cooperative time loop: the whole loop
     in one launch on a GPU; on CPU one launch a step without the barrier (the interpreter runs
@@ -1457,6 +1570,8 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
         bb, bh, bk, warps = coop
         grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
         counts = torch.zeros(grid[0], dtype=torch.int32, device=dev)
+        resident = coop_resident("fwd", n_hidden, bb, bh, w_hh.element_size())
+        block_k = next_power_of_2(n_hidden) if resident else _k_step(FWD_BLOCK_K, n_hidden)
         for begin, end, sync in _coop_launches(n_steps, dev):
             launch(
                 _lstm_fwd_coop_kernel, grid,
@@ -1464,8 +1579,8 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
                 xg.stride(0), xg.stride(1), hs.stride(0), hs.stride(1), cs.stride(0),
                 cs.stride(1), w_hh.stride(0), y.stride(0), y.stride(1), gates.stride(0),
                 gates.stride(1), n_batch, n_hidden, n_steps, begin, end, COOP_MAX_SPINS,
-                BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=_k_step(FWD_BLOCK_K, n_hidden),
-                REVERSE=bool(reverse), SYNC=sync, DOT_FP32=_dot_fp32(dt, dev),
+                BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=block_k, REVERSE=bool(reverse), SYNC=sync,
+                RESIDENT=resident, DOT_FP32=_dot_fp32(dt, dev),
                 num_warps=fwd_step_warps(bb, bh), launch_cooperative_grid=sync)
         return y, hs, cs, gates, rs
     if persistent:
@@ -1571,6 +1686,9 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
             bb, bh, bk, warps = coop
             grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
             counts = torch.zeros(grid[0], dtype=torch.int32, device=dev)
+            resident = coop_resident("bwd", n_hidden, bb, bh, w_hh.element_size())
+            block_k = (next_power_of_2(n_gates) if resident
+                       else _k_step(BWD_BLOCK_K, n_gates))
             for begin, end, sync in _coop_launches(n_steps, dev):
                 launch(
                     _lstm_bwd_coop_kernel, grid,
@@ -1579,8 +1697,8 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
                     w_hh.stride(0), gates.stride(0), gates.stride(1), cs.stride(0),
                     cs.stride(1), dcarry.stride(0), dc.stride(0), n_batch, n_hidden, n_steps,
                     begin, end, COOP_MAX_SPINS,
-                    BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=_k_step(BWD_BLOCK_K, n_gates),
-                    REVERSE=bool(reverse), SYNC=sync, DOT_FP32=_dot_fp32(dt, dev),
+                    BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=block_k, REVERSE=bool(reverse),
+                    SYNC=sync, RESIDENT=resident, DOT_FP32=_dot_fp32(dt, dev),
                     num_warps=warps, launch_cooperative_grid=sync)
         elif n_steps > 0 and n_batch > 0 and persistent:
             if has_proj:
@@ -2126,7 +2244,7 @@ def aot_configs():
     def coop_sig(dt, kind, kern):
         types = persistent_sig(dt, kind) | {"count_ptr": "*i32", "step_begin": "i32",
                                             "step_end": "i32", "max_spins": "i32",
-                                            "SYNC": "constexpr"}
+                                            "SYNC": "constexpr", "RESIDENT": "constexpr"}
         return {n: types[n] for n in kern.arg_names}  # the kernel's argument order
 
     # the cooperative time loop takes the per-step tiles (coop_blocks widens within them)
@@ -2134,10 +2252,25 @@ def aot_configs():
             (("bf16", False), ("fp32", False))]
     coop += [("bf16", step_blocks(64, 512), True), ("fp16", step_blocks(64, 512), False)]
     for dt, (bb, bh, bk, warps), rev in coop:
-        cx = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=rev, SYNC=True, DOT_FP32=False)
+        cx = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=rev, SYNC=True, RESIDENT=False,
+                  DOT_FP32=False)
         for kind, kern in (("fwd", _lstm_fwd_coop_kernel), ("bwd", _lstm_bwd_coop_kernel)):
             yield AotConfig(kern, coop_sig(dt, kind, kern), cx, warps,
                             name=f"lstm_{kind}_coop[{dt},{bb}x{bh},reverse={rev}]")
+    # COOP_RESIDENT_W (opt-in) in bf16 where it applies: the coop tiles of batch 16 / 64+ at
+    # hidden 256 and 512 (BLOCK_H 16), BLOCK_K the whole reduction
+    for n_hidden in (256, 512):
+        for bb in (16, MAX_STEP_BLOCK_B):
+            bh = MIN_DOT_BLOCK
+            for kind, kern, bk in (("fwd", _lstm_fwd_coop_kernel, next_power_of_2(n_hidden)),
+                                   ("bwd", _lstm_bwd_coop_kernel,
+                                    next_power_of_2(4 * n_hidden))):
+                if resident_bytes(kind, n_hidden, bb, bh, 2) > COOP_RESIDENT_MAX_BYTES:
+                    continue
+                cx = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=False, SYNC=True,
+                          RESIDENT=True, DOT_FP32=False)
+                yield AotConfig(kern, coop_sig("bf16", kind, kern), cx, _step_warps(bb, bh),
+                                name=f"lstm_{kind}_coop[bf16,{bb}x{bh}x{bk},resident]")
 
     def ln_persistent_sig(dt, kind):
         if kind == "fwd":

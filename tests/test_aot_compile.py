@@ -95,3 +95,37 @@ def test_aot_compile_marks_sizes_like_the_jit_so_bf16_step_kernels_pipeline():
     # n_state is known divisible by 16, as the JIT marks hidden sizes like 512 at run time.
     out = _run_probe(_LSTM_PIPELINE_PROBE)
     assert int(out.stdout.split()[-1]) > 0, out.stdout
+
+
+_LSTM_RESIDENT_PROBE = """
+import re
+import fastbert
+from fastbert.kernels import lstm as k
+from tests.aot_compile import aligned_attrs
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+for cfg in k.aot_configs():
+    if not cfg.constexprs.get("RESIDENT"):
+        continue
+    src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs,
+                    attrs=aligned_attrs(cfg))
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+    ttgir = c.asm["ttgir"]
+    loop = re.search(r"scf.for %(s|i) = %step_begin", ttgir).start()
+    w = "tensor<%dx%dx!tt.ptr<bf16>" % (cfg.constexprs["BLOCK_K"], cfg.constexprs["BLOCK_H"])
+    loads = lambda text: sum(1 for line in text.splitlines() if "tt.load" in line and w in line)
+    print(cfg.name, loads(ttgir[:loop]), loads(ttgir[loop:]))
+"""
+
+
+@pytest.mark.aot
+def test_lstm_resident_coop_kernels_load_w_hh_once_before_the_time_loop():
+    # COOP_RESIDENT_W's point: the W_hh slice (BLOCK_K x BLOCK_H tiles, BLOCK_K the whole
+    # reduction) is loaded before the time loop (4 gate tiles forward, 1 backward) and never
+    # inside it (the streaming kernels load K-step tiles every step)
+    out = _run_probe(_LSTM_RESIDENT_PROBE)
+    rows = [line.rsplit(" ", 2) for line in out.stdout.splitlines()]
+    assert len(rows) >= 4, out.stdout
+    for name, before, inside in rows:
+        assert (int(before), int(inside)) == ((4, 0) if "fwd" in name else (1, 0)), name

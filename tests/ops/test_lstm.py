@@ -995,14 +995,16 @@ def test_lstm_coop_time_loop_equals_per_step_kernels(device, monkeypatch, n_step
         assert torch.equal(a, b), name
 
 
-def test_lstm_coop_time_loop_through_the_module_matches_fp64(device, monkeypatch):
-    """fastbert.nn.LSTM with the cooperative loop on: 2 layers, bidirectional, ragged lengths
-    (PackedSequence), against torch.nn.LSTM in fp64."""
+@pytest.mark.parametrize("resident", [False, True])
+def test_lstm_coop_time_loop_through_the_module_matches_fp64(device, monkeypatch, resident):
+    """fastbert.nn.LSTM with the cooperative loop on (and W_hh resident: COOP_RESIDENT_W):
+    2 layers, bidirectional, ragged lengths (PackedSequence), against torch.nn.LSTM in fp64."""
     from torch.nn.utils.rnn import pack_padded_sequence
 
     from fastbert.kernels import lstm as k
     from fastbert.nn import LSTM
     monkeypatch.setattr(k, "COOP_TIME_LOOP", True)
+    monkeypatch.setattr(k, "COOP_RESIDENT_W", resident)
     launches = []
     for kern in (k._lstm_fwd_coop_kernel, k._lstm_bwd_coop_kernel):
         run = kern.run
@@ -1028,6 +1030,102 @@ def test_lstm_coop_time_loop_through_the_module_matches_fp64(device, monkeypatch
     for (name, _), a, b in zip([("x", None)] + list(model.named_parameters()), got, want):
         assert_close_to_ref(a, b, atol=1e-5, rtol_fp32=2e-5, name=f"d{name}")
     assert {"_lstm_fwd_coop_kernel", "_lstm_bwd_coop_kernel"} <= set(launches)
+
+
+def _spy_coop_meta(k, monkeypatch):
+    """{kernel name: [its launches' meta (constexprs) ...]} of the cooperative kernels."""
+    seen = {}
+    real = k.launch
+
+    def spy(kernel, grid, *args, **meta):
+        if kernel in (k._lstm_fwd_coop_kernel, k._lstm_bwd_coop_kernel):
+            seen.setdefault(kernel.fn.__name__, []).append(meta)
+        return real(kernel, grid, *args, **meta)
+    monkeypatch.setattr(k, "launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("n_steps,n_batch,n_hidden,reverse,dtype", [
+    (5, 19, 72, False, torch.float32),   # two batch blocks, a ragged fifth column block
+    (4, 3, 40, True, torch.float32),     # K (64 / 256) padded past the state / 4H
+    (3, 33, 20, False, torch.float16),
+])
+def test_lstm_coop_resident_weights_match_the_per_step_kernels(device, monkeypatch, n_steps,
+                                                               n_batch, n_hidden, reverse, dtype):
+    """COOP_RESIDENT_W: the cooperative kernels load their W_hh slice once and run each step
+    as one GEMM over the whole reduction (BLOCK_K = next_power_of_2 of it, masked past it):
+    the per-step kernels' results up to the summation order, forward and backward, and the
+    launches do take the resident variant."""
+    from fastbert.kernels import lstm as k
+    monkeypatch.setattr(k, "COOP_RESIDENT_W", True)
+    meta = _spy_coop_meta(k, monkeypatch)
+    got, want = _coop_vs_per_step(k, monkeypatch, device, n_steps, n_batch, n_hidden, reverse,
+                                  dtype)
+    assert meta["_lstm_fwd_coop_kernel"][0]["RESIDENT"] is True
+    assert meta["_lstm_fwd_coop_kernel"][0]["BLOCK_K"] == k.next_power_of_2(n_hidden)
+    assert meta["_lstm_bwd_coop_kernel"][0]["RESIDENT"] is True
+    assert meta["_lstm_bwd_coop_kernel"][0]["BLOCK_K"] == k.next_power_of_2(4 * n_hidden)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    names = ("y", "hs", "cs", "gates", "dxg", "dh0", "dc0", "dw_hh")
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, **tol, msg=name)
+        assert not torch.equal(a, torch.zeros_like(a)) or name == "dh0"
+
+
+def test_lstm_coop_resident_selection(monkeypatch):
+    """Which cooperative kernels keep W_hh on chip: the flag on, and the two GEMM operands
+    within COOP_RESIDENT_MAX_BYTES (bf16: hidden 256 at any batch; 512 forward at batch
+    block 16 and 32, backward at 16 only; never 1024); each direction decided apart."""
+    from fastbert.kernels import lstm as k
+    monkeypatch.setattr(k, "COOP_RESIDENT_W", False)
+    assert not k.coop_resident("fwd", 256, 32, 16, 2)
+    monkeypatch.setattr(k, "COOP_RESIDENT_W", True)
+    assert k.resident_bytes("fwd", 256, 32, 16, 2) == (4 * 16 + 32) * 256 * 2
+    assert k.resident_bytes("bwd", 200, 32, 16, 2) == (16 + 32) * 1024 * 2
+    for kind in ("fwd", "bwd"):
+        assert k.coop_resident(kind, 256, 32, 16, 2)
+        assert k.coop_resident(kind, 512, 16, 16, 2)
+        assert not k.coop_resident(kind, 1024, 16, 16, 2)
+        assert not k.coop_resident(kind, 256, 32, 64, 2)
+    assert k.coop_resident("fwd", 512, 32, 16, 2) and not k.coop_resident("bwd", 512, 32, 16, 2)
+    assert k.coop_resident("fwd", 256, 32, 16, 4) and not k.coop_resident("bwd", 256, 32, 16, 4)
+    monkeypatch.setattr(k, "COOP_RESIDENT_MAX_BYTES", k.resident_bytes("bwd", 256, 32, 16, 2) - 1)
+    assert k.coop_resident("fwd", 256, 32, 16, 2) and not k.coop_resident("bwd", 256, 32, 16, 2)
+    # every resident kernel the benchmarks' shapes select is compiled ahead of time
+    monkeypatch.undo()
+    monkeypatch.setattr(k, "COOP_RESIDENT_W", True)
+    shipped = {(c.kernel.fn.__name__, c.constexprs["BLOCK_B"], c.constexprs["BLOCK_H"],
+                c.constexprs["BLOCK_K"]) for c in k.aot_configs()
+               if c.constexprs.get("RESIDENT")}
+    for n_batch in (16, 64, 256):
+        for n_hidden in (256, 512, 1024):
+            bb, bh, _, _ = k.coop_blocks(n_batch, n_hidden, 132)
+            for kind, kern, red in (("fwd", "_lstm_fwd_coop_kernel", n_hidden),
+                                    ("bwd", "_lstm_bwd_coop_kernel", 4 * n_hidden)):
+                if k.coop_resident(kind, n_hidden, bb, bh, 2):
+                    assert (kern, bb, bh, k.next_power_of_2(red)) in shipped, (n_batch, n_hidden)
+
+
+def test_lstm_coop_resident_one_launch_through_the_barrier(device, monkeypatch):
+    """The resident kernels run the whole loop in one launch through the real barrier (a
+    group of one program: hidden <= BLOCK_H), W_hh loaded once before it: the per-step
+    results."""
+    from fastbert.kernels import lstm as k
+    n_steps, n_batch, n_hidden = 4, 5, 16
+    want = None
+    xg, h0, c0, w_hh, lengths, (dy, dh_n, dc_n) = _coop_inputs(device, n_steps, n_batch,
+                                                                n_hidden)
+    want = k.lstm_fwd(xg, h0, c0, w_hh, None, lengths, False, persistent=False)
+    want_b = k.lstm_bwd(dy, dh_n, dc_n, w_hh, None, lengths, *want[1:], False, persistent=False)
+    _coop_one_launch(k, monkeypatch, max_spins=1)
+    monkeypatch.setattr(k, "COOP_RESIDENT_W", True)
+    meta = _spy_coop_meta(k, monkeypatch)
+    got = k.lstm_fwd(xg, h0, c0, w_hh, None, lengths, False)
+    got_b = k.lstm_bwd(dy, dh_n, dc_n, w_hh, None, lengths, *want[1:], False)
+    assert [m["RESIDENT"] for m in meta["_lstm_fwd_coop_kernel"]] == [True]
+    assert [m["RESIDENT"] for m in meta["_lstm_bwd_coop_kernel"]] == [True]
+    for a, b in zip(list(got[:4]) + list(got_b[:4]), list(want[:4]) + list(want_b[:4])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def _coop_one_launch(k, monkeypatch, max_spins):
@@ -1163,6 +1261,31 @@ def test_lstm_gpu_coop_time_loop_equals_per_step_kernels(monkeypatch, n_steps, n
             assert torch.equal(a, b), f"result {i}"
         else:
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_steps,n_batch,n_hidden", [(64, 64, 256), (100, 256, 256),
+                                                      (200, 16, 512), (50, 64, 512),
+                                                      (40, 7, 72)])
+def test_lstm_gpu_coop_resident_weights_match_the_per_step_kernels(monkeypatch, n_steps,
+                                                                   n_batch, n_hidden):
+    """COOP_RESIDENT_W on a GPU: the whole loop in one launch with the barrier, W_hh staged in
+    shared memory once, bf16, ragged lengths: the per-step kernels' results within bf16
+    rounding of the different fp32 summation order; no NaN (no group gave up); the launches
+    took the resident kernels (forward at least; at 64 x 512 only the forward fits)."""
+    from fastbert.kernels import lstm as k
+    device = torch.device("cuda")
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", True)
+    if k.use_coop(n_steps, n_batch, n_hidden, False, device) is None:
+        pytest.skip(f"batch {n_batch} x hidden {n_hidden} needs more SMs than this GPU has")
+    monkeypatch.setattr(k, "COOP_RESIDENT_W", True)
+    meta = _spy_coop_meta(k, monkeypatch)
+    got, want = _coop_vs_per_step(k, monkeypatch, device, n_steps, n_batch, n_hidden, False,
+                                  torch.bfloat16)
+    assert meta["_lstm_fwd_coop_kernel"][0]["RESIDENT"] is True
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert not a.isnan().any(), f"result {i}: NaN (a group gave up waiting)"
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
