@@ -394,7 +394,10 @@ QUICK_TAG = "-quick"
 # the columns of a result row that are measurements or the impl name (besides speedup_vs_*);
 # the others identify the case (benchmarks/targets.py groups rows by them)
 MEASURED_COLUMNS = frozenset({"bench", "impl", "ms", "ms_p20", "ms_p80", "gpu_ms", "peak_mb",
-                              "GB/s", "%copy_bw", "TFLOP/s", "%matmul", "error"})
+                              "GB/s", "%copy_bw", "TFLOP/s", "%matmul", "error",
+                              # bench_translation's training rows
+                              "steps_run", "tok/s", "outliers", "loss", "bleu", "exact%",
+                              "decode_ms", "note"})
 
 
 def parse_args(description: str, argv=None) -> argparse.Namespace:

@@ -23,13 +23,21 @@ Rows (each case: the fastbert model, then its reference from the same initial we
   and the Hugging Face way's loss.
 
 Columns: ``ms`` the median training step (forward, backward, clipping, AdamW), from CUDA
-events around each step (no synchronization inside the loop; on CPU, wall time), ``ms_p20`` /
-``ms_p80``; ``tok/s`` source + target tokens (padding excluded) per second over the timed
-steps; ``peak_mb`` the peak memory of training; ``loss`` the mean training loss over the last
+events around each step (the loop itself reads nothing back to the host but what a model
+reads: masked_lm_loss's count of target tokens, the models' id and length checks with
+``check_ids`` off; the batches' lengths stay on the CPU, pinned, as the LSTMs'
+PackedSequence and the checks take them; on CPU, wall time), ``ms_p20`` / ``ms_p80``;
+``tok/s`` source + target tokens (padding excluded) per second over the timed steps but those
+slower than ``OUTLIER`` x the median (``outliers``: how many: a Triton compile for a new
+length class, 1 / multiple of 16 / other, lands there); ``steps_run`` the steps trained
+(fewer than ``steps`` when the time budget stopped the row: ``note`` says so);
+``peak_mb`` the peak memory of training; ``loss`` the mean training loss over the last
 tenth of the steps; ``bleu`` sacreBLEU's corpus BLEU of the greedy translations of the test
 set, ``exact%`` the share translated exactly; ``decode_ms`` greedy decoding time per test
-sentence; ``speedup_vs_reference`` the reference's step time over this row's. The first
-``WARMUP_STEPS`` steps (Triton compiles there) are trained but not timed.
+sentence (the models' own decoders with their key / value cache or LSTM state; the torch
+reference encodes once and reruns its decoder over the prefix each step, as torch's layers
+offer no cache); ``speedup_vs_reference`` the reference's step time over this row's. The
+first ``WARMUP_STEPS`` steps (at most half of them) are trained but not timed.
 
 Both implementations of a case compute the same function from the same weights
 (tests/test_translation_refs.py), so their BLEU after the same batches should be close: a
@@ -53,13 +61,15 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from benchmarks import _harness
-from benchmarks.translation_data import Grammar, Vocab, batches, encode_batch
+from benchmarks.translation_data import PAD, Grammar, Vocab, batches, encode_batch
 from benchmarks.translation_refs import TorchTransformerSeq2Seq, cudnn_lstm_seq2seq, hf_loss
 from fastbert.models import LSTMSeq2Seq, Seq2SeqTransformer
 
 BENCH = "translation"
 MODELS = ("transformer", "lstm")
 WARMUP_STEPS = 10
+# timed steps slower than this many times the median are left out of tok/s (compiles)
+OUTLIER = 5.0
 LABEL_SMOOTHING = 0.1
 SEED = 0
 
@@ -107,11 +117,17 @@ def _schedule(step: int, steps: int) -> float:
     return max(0.1, 1.0 - 0.9 * (step - warm) / max(1, steps - warm))
 
 
+def warmup_steps(steps: int) -> int:
+    """The untimed first steps of a row of ``steps``: WARMUP_STEPS, at most half of them."""
+    return min(WARMUP_STEPS, steps // 2)
+
+
 def train(model, loss_fn: Callable, data: List[tuple], steps: int, lr: float,
           device: torch.device, stop_at: Optional[float]) -> Dict[str, object]:
-    """Train ``steps`` steps over ``data`` (batches on the device, cycled); returns the step
-    times (ms, after the warm-up), tokens, losses and peak memory. Stops early (and says so)
-    after ``stop_at`` (Unix time)."""
+    """Train ``steps`` steps over ``data`` (batches: ids on the device, lengths on the CPU;
+    cycled); returns the steps run, the times of the timed ones (ms, after the warm-up) and
+    their tokens, the loss of the last tenth and the peak memory. Stops early after
+    ``stop_at`` (Unix time): ``steps`` in the result says how far it got."""
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-9,
                             weight_decay=0.01, **({"fused": True} if cuda else {}))
@@ -121,13 +137,14 @@ def train(model, loss_fn: Callable, data: List[tuple], steps: int, lr: float,
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base_mem = torch.cuda.memory_allocated(device)
-    events, wall, losses, tokens = [], [], [], 0
+    events, wall, losses, tokens = [], [], [], []
+    warm = warmup_steps(steps)
     done = 0
     for step in range(steps):
         if stop_at is not None and time.time() > stop_at:
             break
         src, lengths, tgt_in, tgt_out, n_tok = data[step % len(data)]
-        timed = step >= WARMUP_STEPS
+        timed = step >= warm
         if cuda and timed:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -145,7 +162,7 @@ def train(model, loss_fn: Callable, data: List[tuple], steps: int, lr: float,
         elif timed:
             wall.append((time.perf_counter() - t0) * 1e3)
         if timed:
-            tokens += n_tok
+            tokens.append(n_tok)
         losses.append(loss.detach().float())
         done += 1
     if cuda:
@@ -155,7 +172,7 @@ def train(model, loss_fn: Callable, data: List[tuple], steps: int, lr: float,
     return {
         "steps": done,
         "times": wall,
-        "tokens": tokens,
+        "tokens": tokens,   # per timed step
         "loss": float(torch.stack(tail).mean()) if tail else float("nan"),
         "peak_mb": ((torch.cuda.max_memory_allocated(device) - base_mem) / 2**20
                     if cuda else None),
@@ -165,13 +182,16 @@ def train(model, loss_fn: Callable, data: List[tuple], steps: int, lr: float,
 @torch.no_grad()
 def greedy(model, src: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """Greedy translations (B, L): the model's own ``greedy_decode`` where it has one, else
-    (torch's Transformer layers, no key / value cache) the whole prefix rerun each step."""
+    (torch's Transformer layers, no key / value cache) the source encoded once and the
+    decoder rerun over the whole prefix each step; pad and bos never generated, as the
+    models' decoders rule them out."""
     if hasattr(model, "greedy_decode"):
         return model.greedy_decode(src, lengths, max_len=max_len)
+    memory, src_pad = model.encode(src, lengths)
     out = torch.full((src.shape[0], 1), model.bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
     for _ in range(max_len):
-        logits = model(src, lengths, out)[:, -1].float()
+        logits = model.decode(out, memory, src_pad)[:, -1].float()
         logits[:, [model.pad_id, model.bos_id]] = float("-inf")
         y = torch.where(done, model.pad_id, logits.argmax(-1))
         out = torch.cat([out, y[:, None]], dim=1)
@@ -192,7 +212,7 @@ def evaluate(model, test: List[tuple], tgt_vocab: Vocab, src_vocab: Vocab,
         part = test[i:i + batch]
         src, lengths, _, tgt_out = encode_batch(part, src_vocab, tgt_vocab)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            ids = greedy(model, src.to(device), lengths.to(device), tgt_out.shape[1] + 5)
+            ids = greedy(model, src.to(device), lengths, tgt_out.shape[1] + 5)
         hyps.extend(tgt_vocab.decode(row) for row in ids.tolist())
     ms = (time.perf_counter() - t0) * 1e3 / max(1, len(test))
     refs = [t for _, t in test]
@@ -215,33 +235,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = torch.device(args.device)
     if args.device.type != "cuda":
         args.quick = True
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    # in the order given, each once
+    args.models = list(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))
     bad = [m for m in args.models if m not in MODELS]
     if bad or not args.models:
         p.error(f"--models: expected names from {MODELS}, got {bad or args.models}")
-    for name in ("steps", "max_tokens"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.steps is not None and args.steps < 2:
+        p.error(f"--steps must be >= 2 (one untimed, one timed), got {args.steps}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
     return args
+
+
+def _timed(result: Dict[str, object]) -> Dict[str, object]:
+    """The row's time columns from ``train``'s result: median and quantiles of the step
+    times; tok/s over the steps within OUTLIER x the median."""
+    times = sorted(result["times"])
+    if not times:
+        raise RuntimeError(f"no timed step ({result['steps']} steps run before the time "
+                           "budget ended)")
+    med = statistics.median(times)
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
+    kept = [(t, n) for t, n in zip(result["times"], result["tokens"]) if t <= OUTLIER * med]
+    return {"ms": round(med, 4), "ms_p20": round(q(0.2), 4), "ms_p80": round(q(0.8), 4),
+            "tok/s": round(sum(n for _, n in kept) / (sum(t for t, _ in kept) / 1e3)),
+            "outliers": len(times) - len(kept)}
 
 
 def main(argv=None) -> List[Dict[str, object]]:
     args = parse_args(argv)
     device = args.device
     settings = dict(QUICK if args.quick else FULL)
-    settings["steps"] = args.steps or settings["steps"]
-    settings["max_tokens"] = args.max_tokens or settings["max_tokens"]
+    if args.steps is not None:
+        settings["steps"] = args.steps
+    if args.max_tokens is not None:
+        settings["max_tokens"] = args.max_tokens
     grammar = Grammar.tiny() if args.quick else Grammar.default()
     src_vocab, tgt_vocab = grammar.vocabularies()
     parts = grammar.splits(settings["n_train"], settings["n_test"], seed=SEED + 1)
-    # the batches of every row, in one order, on the device before any timing
+    # the batches of every row, in one order, made before any timing: ids on the device;
+    # lengths on the CPU (pinned on CUDA), where the LSTMs' packing and the models' length
+    # checks read them without a device sync
     data = []
     for src, lengths, tgt_in, tgt_out in batches(parts["train"], src_vocab, tgt_vocab,
                                                  settings["max_tokens"], seed=SEED):
-        n_tok = int(lengths.sum()) + int((tgt_out != 0).sum())
-        data.append((src.to(device), lengths.to(device), tgt_in.to(device), tgt_out.to(device),
-                     n_tok))
+        n_tok = int(lengths.sum()) + int((tgt_out != PAD).sum())
+        if device.type == "cuda":
+            lengths = lengths.pin_memory()
+        data.append((src.to(device), lengths, tgt_in.to(device), tgt_out.to(device), n_tok))
         if len(data) >= settings["steps"]:
             break
     ceilings = {"copy_gbps": _harness.copy_bandwidth_gbps(device), "matmul_tflops": None}
@@ -252,11 +293,13 @@ def main(argv=None) -> List[Dict[str, object]]:
     print(f"{BENCH}: {len(parts['train'])} training pairs ({len(data)} batches of <= "
           f"{settings['max_tokens']} tokens), {len(parts['test'])} test pairs, vocabularies "
           f"{len(src_vocab)} / {len(tgt_vocab)}", flush=True)
+    n_rows = len(args.models) * 2
     for kind in args.models:
         impls = build(kind, src_vocab, tgt_vocab, args.quick, device)
         params = sum(p.numel() for p in impls["fastbert"][0].parameters())
-        case_rows = []
-        for impl, (model, loss_fn) in impls.items():
+        case_rows: List[Dict[str, object]] = []
+        for impl in list(impls):
+            model, loss_fn = impls.pop(impl)
             if stop_at is not None and time.time() > stop_at:
                 skipped.append(f"{kind} {impl}")
                 continue
@@ -267,48 +310,60 @@ def main(argv=None) -> List[Dict[str, object]]:
             try:
                 result = train(model, loss_fn, data, settings["steps"], LEARNING_RATES[kind],
                                device, stop_at)
-                times = sorted(result["times"])
-                if not times:
-                    raise RuntimeError(f"no timed step ({result['steps']} steps run, the first "
-                                       f"{WARMUP_STEPS} untimed)")
-                q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-                row.update({"steps": result["steps"], "ms": round(statistics.median(times), 4),
-                            "ms_p20": round(q(0.2), 4), "ms_p80": round(q(0.8), 4),
-                            "tok/s": round(result["tokens"] / (sum(times) / 1e3)),
-                            "peak_mb": (None if result["peak_mb"] is None
+                row["steps_run"] = result["steps"]
+                row.update(_timed(result))
+                row.update({"peak_mb": (None if result["peak_mb"] is None
                                         else round(result["peak_mb"], 1)),
                             "loss": round(result["loss"], 4)})
+                if result["steps"] < settings["steps"]:
+                    row["note"] = (f"stopped by the time budget after {result['steps']} of "
+                                   f"{settings['steps']} steps")
+                    print(f"{BENCH}: {kind} {impl}: {row['note']}", flush=True)
                 row.update(evaluate(model, parts["test"], tgt_vocab, src_vocab, device))
             except Exception as e:  # reported in the row, the other rows still run
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            del model
             case_rows.append(row)
-            print(f"{BENCH:>14} {kind:<12} {impl:<10} " + "  ".join(
-                f"{k}={row[k]}" for k in ("ms", "tok/s", "loss", "bleu", "exact%", "error")
-                if k in row) + (" ms" if "ms" in row else ""), flush=True)
-        ref_ms = next((r.get("ms") for r in case_rows if r["impl"] == "reference"), None)
-        for r in case_rows:
-            r["speedup_vs_reference"] = (round(ref_ms / r["ms"], 3)
-                                         if ref_ms and r.get("ms") else None)
+            print(f"{BENCH:>14} {kind:<12} {impl:<10} "
+                  + (f"{row['ms']:.3f} ms/step  " if "ms" in row else "") + "  ".join(
+                      f"{k}={row[k]}" for k in ("tok/s", "loss", "bleu", "exact%", "error")
+                      if k in row), flush=True)
+            _speedups(case_rows)
+            if not args.no_write:   # after every row: a run killed mid-case keeps its rows
+                _write(rows + case_rows, device, ceilings, tag, skipped, settings,
+                       incomplete=f"Incomplete: the run stopped after {len(rows) + len(case_rows)}"
+                                  f" of {n_rows} rows.")
         rows.extend(case_rows)
         del impls
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if not args.no_write:
-            _write(rows, device, ceilings, tag, skipped, settings)
     if not args.no_write:
         _write(rows, device, ceilings, tag, skipped, settings)
     return rows
 
 
-def _write(rows, device, ceilings, tag, skipped, settings) -> None:
-    note = (f"Synthetic language pair (benchmarks/translation_data.py), {settings['n_train']} "
-            f"training pairs, {settings['n_test']} test pairs; greedy decoding; label smoothing "
-            f"{LABEL_SMOOTHING}; the first {WARMUP_STEPS} steps untimed.")
+def _speedups(case_rows: List[Dict[str, object]]) -> None:
+    """speedup_vs_reference of each row of a case: the reference's step time over its own."""
+    ref_ms = next((r.get("ms") for r in case_rows if r["impl"] == "reference"), None)
+    for r in case_rows:
+        r["speedup_vs_reference"] = (round(ref_ms / r["ms"], 3)
+                                     if ref_ms and r.get("ms") else None)
+
+
+def _write(rows, device, ceilings, tag, skipped, settings, incomplete: str = "") -> None:
+    """The CSV and markdown, with the note: the setup, then (each a paragraph of its own, as
+    gpu_check.sh greps them) whether the run is incomplete or the time budget skipped rows."""
+    notes = [f"Synthetic language pair (benchmarks/translation_data.py), {settings['n_train']} "
+             f"training pairs, {settings['n_test']} test pairs; greedy decoding; label "
+             f"smoothing {LABEL_SMOOTHING}; the first {warmup_steps(settings['steps'])} steps "
+             f"untimed; tok/s leaves out steps slower than {OUTLIER:g}x the median."]
+    if incomplete:
+        notes.append(incomplete)
     if skipped:
-        note += (f" Time budget (${_harness.DEADLINE_ENV}) reached: not run: "
-                 + ", ".join(skipped) + ".")
-    _harness.write_results(BENCH, rows, device, ceilings, note=note, tag=tag)
+        notes.append(f"Time budget (${_harness.DEADLINE_ENV}) reached: not run: "
+                     + ", ".join(skipped) + ".")
+    _harness.write_results(BENCH, rows, device, ceilings, note="\n\n".join(notes), tag=tag)
 
 
 if __name__ == "__main__":

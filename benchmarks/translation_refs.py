@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +158,11 @@ class TorchTransformerSeq2Seq(torch.nn.Module):
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """src (B, S) ids, src_lengths (B,) in [1, S], tgt_in (B, T) ids -> logits (B, T, V)."""
+        return self.decode(tgt_in, *self.encode(src, src_lengths))
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """The encoder's memory (B, S, d_model) and the source padding mask (B, S), True on
+        padding (what ``decode`` takes)."""
         lens = src_lengths.to(src.device, non_blocking=src.is_cuda)
         # a bool key padding mask (True = padding), and no attention mask beside it in the
         # same attention: torch warns when the two differ in type
@@ -165,6 +170,11 @@ class TorchTransformerSeq2Seq(torch.nn.Module):
         memory = self._embed(self.src_embed, src)
         for layer in self.encoder:
             memory = layer(memory, src_key_padding_mask=src_pad)
+        return memory, src_pad
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_pad: Tensor) -> Tensor:
+        """Logits (B, T, V) of the decoder over tgt_in (B, T), attending to ``encode``'s
+        memory (no key / value cache: a decoding loop reruns the whole prefix)."""
         y = self._embed(self.tgt_embed, tgt_in)
         # tgt_is_causal is a hint: MultiheadAttention still wants the mask, and without a
         # target padding mask hands SDPA is_causal=True instead of it

@@ -97,6 +97,12 @@ class LSTMSeq2Seq(Seq2SeqBase):
         self.out = torch.nn.Linear(hidden, tgt_vocab, **factory)
         self.drop = torch.nn.Dropout(dropout)
 
+    def __setstate__(self, state) -> None:
+        """Unpickling a model saved before ``backend`` was an attribute (the loss's): None,
+        the auto backend."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", None)
+
     # ------------------------------------------------------------------------------------
     # building blocks
 

@@ -373,3 +373,68 @@ def test_seq2seq_takes_torch_factory_keywords(attention):
     out = skipped.eval()(src, lengths, tgt_in)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, reference(src, lengths, tgt_in), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_lstm_seq2seq_dropout_sites_in_decoder_states(attention):
+    """Dropout (one shared module) on the source and target embeddings and on the output
+    layer's input, once each: decoder_states returns what the output-layer dropout returned."""
+    class Rec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = []
+
+        def forward(self, x):
+            self.out.append(x)
+            return x
+
+    m = LSTMSeq2Seq(11, 13, emb=8, hidden=12, layers=1, attention=attention, backend="torch")
+    m.drop = Rec()
+    src, lengths = torch.randint(3, 11, (3, 5)), torch.tensor([5, 2, 4])
+    tgt_in = torch.randint(3, 13, (3, 4))
+    out = m.decoder_states(src, lengths, tgt_in)
+    T = tgt_in.shape[1]
+    if attention == "luong":
+        assert len(m.drop.out) == 3 and out is m.drop.out[-1]
+    else:
+        assert len(m.drop.out) == 1 + 2 * T
+        assert torch.equal(out, torch.cat(m.drop.out[2::2], dim=1))
+    m.drop.out.clear()
+    y = torch.tensor([4, 5, 6])
+    state = m._start(src, lengths)
+    m.drop.out.clear()
+    logits, _ = m.decode_step(y, state[1], *state[0])
+    assert len(m.drop.out) == 2
+    torch.testing.assert_close(logits, m.out(m.drop.out[-1])[:, 0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lstm_seq2seq_loss_uses_its_backend(backend, monkeypatch):
+    """The constructor's backend reaches the loss (the attribute), not only the LSTMs."""
+    import fastbert.models._seq2seq as s2s
+    seen = []
+    real = s2s.masked_lm_loss
+    monkeypatch.setattr(s2s, "masked_lm_loss",
+                        lambda *a, **k: seen.append(k["backend"]) or real(*a, **k))
+    m = LSTMSeq2Seq(11, 13, emb=8, hidden=12, layers=1, backend=backend)
+    assert m.backend == backend
+    src, lengths = torch.randint(3, 11, (2, 4)), torch.tensor([4, 2])
+    t = torch.randint(3, 13, (2, 3))
+    m.loss(src, lengths, t, t)
+    assert seen == [backend]
+
+
+
+
+def test_lstm_seq2seq_unpickles_a_model_saved_before_backend_was_an_attribute():
+    import io
+    model = LSTMSeq2Seq(11, 13, emb=8, hidden=12, layers=1, backend="torch")
+    del model.__dict__["backend"]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.backend is None
+    src, lengths = torch.randint(3, 11, (2, 4)), torch.tensor([4, 2])
+    t = torch.randint(3, 13, (2, 3))
+    assert torch.isfinite(loaded.loss(src, lengths, t, t))
