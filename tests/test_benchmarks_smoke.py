@@ -335,3 +335,22 @@ def test_tuned_rows_turn_the_tuner_on(monkeypatch):
     wrapped = ba._tuned(lambda: seen.append(_tune.ENABLED))
     wrapped()
     assert seen == [True]
+
+
+def test_bench_lstm_times_the_resident_coop_kernels_where_they_apply(monkeypatch):
+    """On a (here pretended) 132-SM GPU, bench_lstm's padded cases time
+    fastbert_triton_coop_resident exactly where COOP_RESIDENT_W changes a kernel (hidden 256;
+    512 but at batch 256), beside fastbert_triton_coop; the cases are only built, not run."""
+    from benchmarks import bench_lstm
+    from fastbert.kernels import lstm as k
+    monkeypatch.setattr(k, "_sm_count", lambda index=None: 132)
+    seen = set()
+    for case in bench_lstm.cases(torch.device("cuda"), False):
+        if case.name != "lstm fwd+bwd padded":
+            continue
+        batch, hidden = case.params["batch"], case.params["hidden"]
+        resident = "fastbert_triton_coop_resident" in case.impls
+        assert "fastbert_triton_coop" in case.impls
+        assert resident == (hidden == 256 or (hidden == 512 and batch < 256)), (batch, hidden)
+        seen.add((batch, hidden, resident))
+    assert (64, 256, True) in seen and (64, 1024, False) in seen and (256, 512, False) in seen
