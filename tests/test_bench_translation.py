@@ -8,6 +8,7 @@ import torch
 
 from benchmarks import bench_translation as bt
 from benchmarks.translation_data import PAD, Grammar, encode_batch
+from benchmarks.translation_refs import _TORCH_NAMES
 
 
 def test_schedule_warms_up_from_above_zero_then_decays_to_a_tenth():
@@ -170,3 +171,44 @@ def test_reference_greedy_decodes_what_the_models_greedy_decode_does(monkeypatch
         assert a.shape[1] == 1 and (a == 2).all()
     else:
         assert a.shape[1] == 12 and not (a == 2).any()
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+def test_training_on_the_kernels_follows_the_reference_step_for_step(kind, monkeypatch):
+    """The bench's two rows of a case, dropout off, fastbert's model forced onto the Triton
+    kernels (the interpreter, fp32): the same losses at every SGD step as the reference
+    (torch's Transformer layers / cuDNN-path LSTM with the HF loss), from the same weights on
+    the same batches: what makes the rows' speed comparable, and the kernels' gradients right
+    in training (each step's loss depends on every earlier step's gradients)."""
+    g = Grammar.tiny()
+    sv, tv = g.vocabularies()
+    cfg = dict(bt.model_configs(True)[kind], dropout=0.0)
+    monkeypatch.setattr(bt, "model_configs", lambda quick: {kind: cfg})
+    impls = bt.build(kind, sv, tv, True, torch.device("cpu"))
+    fast = impls["fastbert"][0]
+    for m in (fast,) if kind == "transformer" else (fast, fast.encoder, fast.decoder):
+        m.backend = "triton"
+    data = list(bt.batches(g.pairs(60, seed=1), sv, tv, 96, seed=0))[:4]
+    losses = {}
+    for impl, (model, loss_fn) in impls.items():
+        # plain SGD: the update is the gradient (Adam's first steps are its sign only)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        model.train()
+        losses[impl] = []
+        for src, lengths, tgt_in, tgt_out in data:
+            loss = loss_fn(model, src, lengths, tgt_in, tgt_out, label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[impl].append(loss.item())
+    assert len(losses["fastbert"]) == 4
+    torch.testing.assert_close(torch.tensor(losses["fastbert"]), torch.tensor(losses["reference"]),
+                               rtol=1e-5, atol=1e-5)
+    assert losses["fastbert"][0] != losses["fastbert"][-1]
+    # and the same weights after the steps (the sum of every step's gradients: a recurrent
+    # gradient barely moves these tiny models' loss), by the reference's names
+    theirs = impls["reference"][0].state_dict()
+    for name, p in fast.named_parameters():
+        for ours, torch_name in _TORCH_NAMES:
+            name = name.replace(ours, torch_name)
+        torch.testing.assert_close(p, theirs[name], rtol=1e-4, atol=1e-5, msg=name)
