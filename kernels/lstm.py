@@ -191,9 +191,9 @@ FWD_NARROW_WARPS = False
 # the four gates over the whole state; backward, its columns of every gate row. Each step is
 # then one GEMM over the whole reduction (no K loop) with no W_hh traffic: without it every
 # program re-reads its slice from L2 every step (review D, session 16: 6.4 -> 2.4 MB of L2
-# reads per forward step at 64 x 512). Where the slice (next_power_of_2(4H) x BLOCK_H
-# elements) exceeds COOP_RESIDENT_MAX_BYTES the loop reloads it as before. Opt-in until a GPU
-# run has timed it (bench_lstm's ``fastbert_triton_coop_resident`` rows). Read at every call.
+# reads per forward step at 64 x 512). Where it does not fit (below) the loop reloads it as
+# before. Opt-in until a GPU run has timed it (bench_lstm's ``fastbert_triton_coop_resident``
+# rows). Read at every call.
 # The slice and the step's other GEMM operand (the batch block's h, or its gate gradients,
 # over the whole reduction) are staged in shared memory (sm_90 TTGIR: the slice's local_alloc
 # is hoisted before the time loop, only local_loads inside it): a kernel runs resident when

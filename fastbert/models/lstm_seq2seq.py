@@ -2,9 +2,9 @@
 
 Bidirectional LSTM encoder, LSTM decoder with Luong ("general" score) or Bahdanau (additive)
 attention, teacher-forced ``forward``, the training ``loss`` (fastbert.ops.masked_lm_loss:
-only non-pad targets projected onto the vocabulary) and greedy / beam-search decoding; both LSTMs are
-``fastbert.nn.LSTM`` (fused Triton recurrence on CUDA, variable source lengths inside the
-kernel).
+only non-pad targets projected onto the vocabulary) and greedy / beam-search decoding; both
+LSTMs are ``fastbert.nn.LSTM`` (fused Triton recurrence on CUDA, variable source lengths
+inside the kernel).
 
 - Luong attention without input feeding: the decoder LSTM does not see the attention
   output, so under teacher forcing the whole target runs through the fused LSTM in one call
