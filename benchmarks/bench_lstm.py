@@ -32,8 +32,8 @@ peak_mb leaves them out. The time-loop and LayerNorm-LSTM cases time the mode to
 (kernels/lstm.py ``COOP_TIME_LOOP``, off by default), one launch per layer and direction with
 a grid barrier a step, where it fits one program per SM (hidden <= 1024);
 ``fastbert_triton_coop_resident`` (``coop_resident``): the same with each program's W_hh slice
-loaded once and kept on chip (``COOP_RESIDENT_W``, off by default), where it fits (hidden 256;
-512 at small batch).
+loaded once and kept on chip (``COOP_RESIDENT_W``, off by default), where it fits (in bf16
+hidden 256; 512 below batch 256).
 ``fastbert_triton_per_step`` (hidden <= ``PERSISTENT_MAX_HIDDEN``, where the default is the
 time-looping kernel): the plain per-step loop, whose per-step launches became cheap
 (kernels/_launch.py) after the last measurement placed that threshold. One case

@@ -198,10 +198,15 @@ FWD_NARROW_WARPS = False
 # over the whole reduction) are staged in shared memory (sm_90 TTGIR: the slice's local_alloc
 # is hoisted before the time loop, only local_loads inside it): a kernel runs resident when
 # the two together fit COOP_RESIDENT_MAX_BYTES (``resident_bytes``), which leaves room for
-# the rest under sm_80's 163 KB. In bf16 that is hidden 256 at every batch, and hidden 512
-# at batch 16 (forward also at batch block 32; ptxas: <= 24 B of spills there).
+# the rest under sm_80's 163 KB. In 16 bits that is every hidden up to 256 at every batch, and
+# hidden 512 at batch block 16 (forward also at batch block 32; ptxas: <= 24 B of spills
+# there).
+# fp32 operands take tl.dot's FMA path ("ieee"), which holds the whole K of both operands in
+# registers: the four-gate forward spills kilobytes a thread at K = 256 (ptxas, sm_80 / sm_90,
+# review s17 B), hundreds of bytes at 128; it runs resident only up to RESIDENT_FP32_MAX_K.
 COOP_RESIDENT_W = False
 COOP_RESIDENT_MAX_BYTES = 128 * 1024
+RESIDENT_FP32_MAX_K = 64
 
 
 @triton.jit
@@ -1299,21 +1304,30 @@ def use_coop(n_steps: int, n_batch: int, n_hidden: int, has_proj: bool,
     return blocks
 
 
+def resident_k(kind: str, n_hidden: int) -> int:
+    """BLOCK_K of a resident cooperative kernel: the whole reduction, hidden ("fwd") or 4 *
+    hidden ("bwd"), as a power of two, at least MIN_DOT_BLOCK (tl.dot's smallest K: the masks
+    zero the padding)."""
+    return max(MIN_DOT_BLOCK, next_power_of_2(n_hidden if kind == "fwd" else 4 * n_hidden))
+
+
 def resident_bytes(kind: str, n_hidden: int, block_b: int, block_h: int, itemsize: int) -> int:
     """Shared memory of a resident cooperative kernel's two GEMM operands: forward the four
-    gates' (K, BLOCK_H) W_hh tiles and the (BLOCK_B, K) h tile, K = next_power_of_2(hidden);
-    backward the (K, BLOCK_H) W_hh tile and the (BLOCK_B, K) gate gradients, K =
-    next_power_of_2(4 * hidden)."""
-    if kind == "fwd":
-        return (4 * block_h + block_b) * next_power_of_2(n_hidden) * itemsize
-    return (block_h + block_b) * next_power_of_2(4 * n_hidden) * itemsize
+    gates' (K, BLOCK_H) W_hh tiles and the (BLOCK_B, K) h tile; backward the (K, BLOCK_H) W_hh
+    tile and the (BLOCK_B, K) gate gradients (K = ``resident_k``)."""
+    tiles = 4 * block_h if kind == "fwd" else block_h
+    return (tiles + block_b) * resident_k(kind, n_hidden) * itemsize
 
 
 def coop_resident(kind: str, n_hidden: int, block_b: int, block_h: int, itemsize: int) -> bool:
     """Whether the cooperative ``kind`` ("fwd" / "bwd") kernel keeps its W_hh slice on chip:
-    COOP_RESIDENT_W, within COOP_RESIDENT_MAX_BYTES."""
-    return bool(COOP_RESIDENT_W) and (
-        resident_bytes(kind, n_hidden, block_b, block_h, itemsize) <= COOP_RESIDENT_MAX_BYTES)
+    COOP_RESIDENT_W, both operands within COOP_RESIDENT_MAX_BYTES, and for 4-byte operands
+    in the forward K <= RESIDENT_FP32_MAX_K."""
+    if not COOP_RESIDENT_W:
+        return False
+    if kind == "fwd" and itemsize > 2 and resident_k(kind, n_hidden) > RESIDENT_FP32_MAX_K:
+        return False
+    return resident_bytes(kind, n_hidden, block_b, block_h, itemsize) <= COOP_RESIDENT_MAX_BYTES
 
 
 def _coop_launches(n_steps: int, device: torch.device):
@@ -1571,7 +1585,7 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
         grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
         counts = torch.zeros(grid[0], dtype=torch.int32, device=dev)
         resident = coop_resident("fwd", n_hidden, bb, bh, w_hh.element_size())
-        block_k = next_power_of_2(n_hidden) if resident else _k_step(FWD_BLOCK_K, n_hidden)
+        block_k = resident_k("fwd", n_hidden) if resident else _k_step(FWD_BLOCK_K, n_hidden)
         for begin, end, sync in _coop_launches(n_steps, dev):
             launch(
                 _lstm_fwd_coop_kernel, grid,
@@ -1687,7 +1701,7 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
             grid = (cdiv(n_batch, bb), cdiv(n_hidden, bh))
             counts = torch.zeros(grid[0], dtype=torch.int32, device=dev)
             resident = coop_resident("bwd", n_hidden, bb, bh, w_hh.element_size())
-            block_k = (next_power_of_2(n_gates) if resident
+            block_k = (resident_k("bwd", n_hidden) if resident
                        else _k_step(BWD_BLOCK_K, n_gates))
             for begin, end, sync in _coop_launches(n_steps, dev):
                 launch(
@@ -2257,20 +2271,30 @@ def aot_configs():
         for kind, kern in (("fwd", _lstm_fwd_coop_kernel), ("bwd", _lstm_bwd_coop_kernel)):
             yield AotConfig(kern, coop_sig(dt, kind, kern), cx, warps,
                             name=f"lstm_{kind}_coop[{dt},{bb}x{bh},reverse={rev}]")
-    # COOP_RESIDENT_W (opt-in) in bf16 where it applies: the coop tiles of batch 16 / 64+ at
-    # hidden 256 and 512 (BLOCK_H 16), BLOCK_K the whole reduction
-    for n_hidden in (256, 512):
-        for bb in (16, MAX_STEP_BLOCK_B):
-            bh = MIN_DOT_BLOCK
-            for kind, kern, bk in (("fwd", _lstm_fwd_coop_kernel, next_power_of_2(n_hidden)),
-                                   ("bwd", _lstm_bwd_coop_kernel,
-                                    next_power_of_2(4 * n_hidden))):
-                if resident_bytes(kind, n_hidden, bb, bh, 2) > COOP_RESIDENT_MAX_BYTES:
+    # COOP_RESIDENT_W (opt-in): the resident kernels the launchers pick at bench_lstm's
+    # shapes on 108 SMs (A100) and 132 (H100 SXM / H200), in both 16-bit dtypes, plus small
+    # hidden sizes (K at its floor) and fp32 at its largest resident K
+    shapes = [(b, h, sms) for b in (16, 64, 256) for h in (256, 512) for sms in (108, 132)]
+    shapes += [(5, 8, 132), (64, 64, 132)]
+    seen = set()
+    for n_batch, n_hidden, sms in shapes:
+        blocks = coop_blocks(n_batch, n_hidden, sms)
+        if blocks is None:
+            continue
+        bb, bh, _, warps = blocks
+        for dt, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+            for kind, kern in (("fwd", _lstm_fwd_coop_kernel), ("bwd", _lstm_bwd_coop_kernel)):
+                bk = resident_k(kind, n_hidden)
+                fits = resident_bytes(kind, n_hidden, bb, bh, size) <= COOP_RESIDENT_MAX_BYTES
+                if not fits or (size > 2 and kind == "fwd" and bk > RESIDENT_FP32_MAX_K) \
+                        or (dt, kind, bb, bh, bk) in seen:
                     continue
+                seen.add((dt, kind, bb, bh, bk))
                 cx = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, REVERSE=False, SYNC=True,
                           RESIDENT=True, DOT_FP32=False)
-                yield AotConfig(kern, coop_sig("bf16", kind, kern), cx, _step_warps(bb, bh),
-                                name=f"lstm_{kind}_coop[bf16,{bb}x{bh}x{bk},resident]")
+                yield AotConfig(kern, coop_sig(dt, kind, kern), cx,
+                                fwd_step_warps(bb, bh) if kind == "fwd" else warps,
+                                name=f"lstm_{kind}_coop[{dt},{bb}x{bh}x{bk},resident]")
 
     def ln_persistent_sig(dt, kind):
         if kind == "fwd":

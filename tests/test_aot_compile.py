@@ -106,14 +106,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 for cfg in k.aot_configs():
-    if not cfg.constexprs.get("RESIDENT"):
+    # (a W tile of the batch block's shape, BLOCK_K == BLOCK_B, is not told apart by its type)
+    if not cfg.constexprs.get("RESIDENT") or cfg.constexprs["BLOCK_K"] == cfg.constexprs["BLOCK_B"]:
         continue
     src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs,
                     attrs=aligned_attrs(cfg))
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
     ttgir = c.asm["ttgir"]
     loop = re.search(r"scf.for %(s|i) = %step_begin", ttgir).start()
-    w = "tensor<%dx%dx!tt.ptr<bf16>" % (cfg.constexprs["BLOCK_K"], cfg.constexprs["BLOCK_H"])
+    elem = {"*bf16": "bf16", "*fp16": "f16", "*fp32": "f32"}[cfg.signature["w_hh_ptr"]]
+    w = "tensor<%dx%dx!tt.ptr<%s>" % (cfg.constexprs["BLOCK_K"], cfg.constexprs["BLOCK_H"], elem)
     loads = lambda text: sum(1 for line in text.splitlines() if "tt.load" in line and w in line)
     print(cfg.name, loads(ttgir[:loop]), loads(ttgir[loop:]))
 """

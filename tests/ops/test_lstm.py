@@ -1046,9 +1046,10 @@ def _spy_coop_meta(k, monkeypatch):
 
 
 @pytest.mark.parametrize("n_steps,n_batch,n_hidden,reverse,dtype", [
-    (5, 19, 72, False, torch.float32),   # two batch blocks, a ragged fifth column block
+    (5, 19, 72, False, torch.float16),   # two batch blocks, a ragged fifth column block
     (4, 3, 40, True, torch.float32),     # K (64 / 256) padded past the state / 4H
-    (3, 33, 20, False, torch.float16),
+    (3, 33, 20, False, torch.float32),
+    (2, 5, 6, False, torch.float32),     # K at tl.dot's floor, 16 / 32
 ])
 def test_lstm_coop_resident_weights_match_the_per_step_kernels(device, monkeypatch, n_steps,
                                                                n_batch, n_hidden, reverse, dtype):
@@ -1062,9 +1063,10 @@ def test_lstm_coop_resident_weights_match_the_per_step_kernels(device, monkeypat
     got, want = _coop_vs_per_step(k, monkeypatch, device, n_steps, n_batch, n_hidden, reverse,
                                   dtype)
     assert meta["_lstm_fwd_coop_kernel"][0]["RESIDENT"] is True
-    assert meta["_lstm_fwd_coop_kernel"][0]["BLOCK_K"] == k.next_power_of_2(n_hidden)
+    assert meta["_lstm_fwd_coop_kernel"][0]["BLOCK_K"] == max(16, k.next_power_of_2(n_hidden))
     assert meta["_lstm_bwd_coop_kernel"][0]["RESIDENT"] is True
-    assert meta["_lstm_bwd_coop_kernel"][0]["BLOCK_K"] == k.next_power_of_2(4 * n_hidden)
+    assert meta["_lstm_bwd_coop_kernel"][0]["BLOCK_K"] == max(16,
+                                                              k.next_power_of_2(4 * n_hidden))
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
     names = ("y", "hs", "cs", "gates", "dxg", "dh0", "dc0", "dw_hh")
     for name, a, b in zip(names, got, want):
@@ -1075,7 +1077,9 @@ def test_lstm_coop_resident_weights_match_the_per_step_kernels(device, monkeypat
 def test_lstm_coop_resident_selection(monkeypatch):
     """Which cooperative kernels keep W_hh on chip: the flag on, and the two GEMM operands
     within COOP_RESIDENT_MAX_BYTES (bf16: hidden 256 at any batch; 512 forward at batch
-    block 16 and 32, backward at 16 only; never 1024); each direction decided apart."""
+    block 16 and 32, backward at 16 only; never 1024); each direction decided apart; the
+    fp32 forward (tl.dot's FMA path holds all of K in registers) only up to K = 64; K never
+    below tl.dot's 16."""
     from fastbert.kernels import lstm as k
     monkeypatch.setattr(k, "COOP_RESIDENT_W", False)
     assert not k.coop_resident("fwd", 256, 32, 16, 2)
@@ -1088,22 +1092,66 @@ def test_lstm_coop_resident_selection(monkeypatch):
         assert not k.coop_resident(kind, 1024, 16, 16, 2)
         assert not k.coop_resident(kind, 256, 32, 64, 2)
     assert k.coop_resident("fwd", 512, 32, 16, 2) and not k.coop_resident("bwd", 512, 32, 16, 2)
-    assert k.coop_resident("fwd", 256, 32, 16, 4) and not k.coop_resident("bwd", 256, 32, 16, 4)
+    assert not k.coop_resident("fwd", 256, 32, 16, 4) and not k.coop_resident("bwd", 256, 32, 16, 4)
+    assert k.coop_resident("fwd", 64, 32, 16, 4) and not k.coop_resident("fwd", 65, 32, 16, 4)
+    assert k.coop_resident("bwd", 256, 16, 16, 4)
+    assert [k.resident_k("fwd", h) for h in (1, 8, 9, 16, 17)] == [16, 16, 16, 16, 32]
+    assert [k.resident_k("bwd", h) for h in (1, 4, 5, 200)] == [16, 16, 32, 1024]
     monkeypatch.setattr(k, "COOP_RESIDENT_MAX_BYTES", k.resident_bytes("bwd", 256, 32, 16, 2) - 1)
     assert k.coop_resident("fwd", 256, 32, 16, 2) and not k.coop_resident("bwd", 256, 32, 16, 2)
-    # every resident kernel the benchmarks' shapes select is compiled ahead of time
+    # every resident kernel the benchmarks' shapes select, on an A100 (108 SMs) or an H100 /
+    # H200 (132), in either 16-bit dtype, is compiled ahead of time
     monkeypatch.undo()
     monkeypatch.setattr(k, "COOP_RESIDENT_W", True)
-    shipped = {(c.kernel.fn.__name__, c.constexprs["BLOCK_B"], c.constexprs["BLOCK_H"],
-                c.constexprs["BLOCK_K"]) for c in k.aot_configs()
-               if c.constexprs.get("RESIDENT")}
-    for n_batch in (16, 64, 256):
-        for n_hidden in (256, 512, 1024):
-            bb, bh, _, _ = k.coop_blocks(n_batch, n_hidden, 132)
-            for kind, kern, red in (("fwd", "_lstm_fwd_coop_kernel", n_hidden),
-                                    ("bwd", "_lstm_bwd_coop_kernel", 4 * n_hidden)):
-                if k.coop_resident(kind, n_hidden, bb, bh, 2):
-                    assert (kern, bb, bh, k.next_power_of_2(red)) in shipped, (n_batch, n_hidden)
+    shipped = {(c.kernel.fn.__name__, c.signature["w_hh_ptr"], c.constexprs["BLOCK_B"],
+                c.constexprs["BLOCK_H"], c.constexprs["BLOCK_K"], c.num_warps)
+               for c in k.aot_configs() if c.constexprs.get("RESIDENT")}
+    for sms in (108, 132):
+        for n_batch in (16, 64, 256):
+            for n_hidden in (256, 512, 1024):
+                blocks = k.coop_blocks(n_batch, n_hidden, sms)
+                if blocks is None:   # no grid of one program an SM
+                    continue
+                bb, bh, _, warps = blocks
+                for kind in ("fwd", "bwd"):
+                    for dt in ("*bf16", "*fp16"):
+                        if k.coop_resident(kind, n_hidden, bb, bh, 2):
+                            w = k.fwd_step_warps(bb, bh) if kind == "fwd" else warps
+                            assert (f"_lstm_{kind}_coop_kernel", dt, bb, bh,
+                                    k.resident_k(kind, n_hidden), w) in shipped, \
+                                (sms, n_batch, n_hidden, kind, dt)
+
+
+@pytest.mark.parametrize("n_batch,n_hidden,dtype,fwd,bwd", [
+    (64, 512, torch.bfloat16, True, False),   # the forward's operands fit, the backward's not
+    (16, 512, torch.bfloat16, True, True),
+    (32, 256, torch.float32, False, False),   # fp32: forward K 256 > 64, backward 192 KB
+    (16, 64, torch.float32, True, True),
+    (5, 8, torch.float16, True, True),        # K raised to 16 / 32
+    (16, 1024, torch.bfloat16, False, False),
+])
+def test_lstm_coop_launchers_decide_resident_per_direction(monkeypatch, n_batch, n_hidden,
+                                                            dtype, fwd, bwd):
+    """What lstm_fwd / lstm_bwd pass as RESIDENT and BLOCK_K (from review s17 B: a launcher
+    deciding with the other direction's budget or a fixed item size survived the other
+    tests); the launches are recorded, not run."""
+    from fastbert.kernels import lstm as k
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", True)
+    monkeypatch.setattr(k, "COOP_RESIDENT_W", True)
+    seen = {}
+    monkeypatch.setattr(k, "launch",
+                        lambda kern, grid, *a, **meta: seen.setdefault(kern.fn.__name__, meta))
+    xg = torch.zeros(1, n_batch, 4 * n_hidden, dtype=dtype)
+    h0, c0 = torch.zeros(n_batch, n_hidden, dtype=dtype), torch.zeros(n_batch, n_hidden)
+    w = torch.zeros(4 * n_hidden, n_hidden, dtype=dtype)
+    lengths = torch.ones(n_batch, dtype=torch.long)
+    y, hs, cs, gates, rs = k.lstm_fwd(xg, h0, c0, w, None, lengths, False)
+    k.lstm_bwd(torch.zeros_like(y), h0, c0, w, None, lengths, hs, cs, gates, rs, False)
+    mf, mb = seen["_lstm_fwd_coop_kernel"], seen["_lstm_bwd_coop_kernel"]
+    assert (mf["RESIDENT"], mb["RESIDENT"]) == (fwd, bwd)
+    assert mf["BLOCK_K"] == (k.resident_k("fwd", n_hidden) if fwd else k.STEP_BLOCK_K)
+    assert mb["BLOCK_K"] == (k.resident_k("bwd", n_hidden) if bwd else k.STEP_BLOCK_K)
+    assert min(mf["BLOCK_K"], mb["BLOCK_K"]) >= k.MIN_DOT_BLOCK
 
 
 def test_lstm_coop_resident_one_launch_through_the_barrier(device, monkeypatch):
