@@ -117,7 +117,15 @@ def main(argv=None) -> int:
     p.add_argument("--unaligned", action="store_true",
                    help="compile without the JIT's alignment specialization (the variant an "
                         "odd pointer or stride gets)")
+    p.add_argument("--shard", default="0/1", metavar="K/N",
+                   help="compile only the configs whose index modulo N is K (0 <= K < N): the "
+                        "test suite splits the largest module across its workers")
     args = p.parse_args(argv)
+    try:
+        shard, n_shards = (int(v) for v in args.shard.split("/"))
+        assert 0 <= shard < n_shards
+    except (ValueError, AssertionError):
+        p.error(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter replaces triton.jit", file=sys.stderr)
         return 2
@@ -131,7 +139,9 @@ def main(argv=None) -> int:
             print(f"{name}: no aot_configs()", file=sys.stderr)
             failures += 1
             continue
-        for cfg in mod.aot_configs():
+        for i, cfg in enumerate(mod.aot_configs()):
+            if i % n_shards != shard:
+                continue
             for arch in args.arch:
                 total += 1
                 try:

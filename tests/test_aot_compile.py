@@ -20,12 +20,22 @@ def _kernel_modules():
                   and "@triton.jit" in open(os.path.join(kdir, f)).read())
 
 
+# modules whose configs take minutes to compile, split in this many shards so that
+# pytest-xdist's workers share them (lstm: ~270 configs x 2 archs, ~4.5 min on one core)
+SHARDS = {"lstm": 3}
+
+
+def _module_shards():
+    return [(m, k, SHARDS.get(m, 1)) for m in _kernel_modules() for k in range(SHARDS.get(m, 1))]
+
+
 @pytest.mark.aot
-@pytest.mark.parametrize("module", _kernel_modules())
-def test_every_kernel_config_compiles_for_sm80_and_sm90(module):
+@pytest.mark.parametrize("module,shard,n_shards", _module_shards())
+def test_every_kernel_config_compiles_for_sm80_and_sm90(module, shard, n_shards):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-m", "tests.aot_compile", module], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "tests.aot_compile", module,
+                          "--shard", f"{shard}/{n_shards}"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1800)
     tail = "\n".join(out.stdout.splitlines()[-15:]) + out.stderr[-3000:]
     assert out.returncode == 0, tail
