@@ -47,6 +47,8 @@ class Target:
     # threshold did not pick), judged by the same target: (impl, check). Shown, not counted:
     # they say which default to change once a GPU run shows one meets the target.
     alternatives: Tuple[Tuple[str, Callable[[Group], Optional[Tuple[str, bool]]]], ...] = ()
+    # the default path's impl (what ``check`` judges), for the alternatives' summary
+    default: str = ""
 
 
 def _ms(group: Group, impl: str) -> Optional[float]:
@@ -153,31 +155,35 @@ TARGETS: List[Target] = [
     # issue 3: attention
     Target(3, "attention", "bert-base padded fwd+bwd",
            "fwd+bwd at least as fast as SDPA's best backend (BERT shapes, padding mask)",
-           _vs_best("fastbert[triton]", "sdpa_", 1.0), alternatives=_ATTENTION_ALTS),
+           _vs_best("fastbert[triton]", "sdpa_", 1.0), alternatives=_ATTENTION_ALTS,
+           default="fastbert[triton]"),
     Target(3, "attention", "bert-large padded fwd+bwd",
            "fwd+bwd at least as fast as SDPA's best backend (BERT shapes, padding mask)",
-           _vs_best("fastbert[triton]", "sdpa_", 1.0), alternatives=_ATTENTION_ALTS),
+           _vs_best("fastbert[triton]", "sdpa_", 1.0), alternatives=_ATTENTION_ALTS,
+           default="fastbert[triton]"),
     Target(3, "attention", "varlen vs padded fwd+bwd",
            "varlen >= 1.5x padded SDPA (mixed lengths 16-512)",
            _vs_best("fastbert_varlen[triton]", "sdpa_", 1.5, suffix=" (padded)"),
            alternatives=_alts(lambda i: _vs_best(i, "sdpa_", 1.5, suffix=" (padded)"),
                               "fastbert_varlen_atomic_dq_bwd[triton]",
-                              "fastbert_varlen_tuned[triton]")),
+                              "fastbert_varlen_tuned[triton]"),
+           default="fastbert_varlen[triton]"),
     Target(3, "attention", "causal fwd",
            "forward >= 50% of the measured matmul rate (seq >= 2k, head dim 128)",
            _matmul_fraction("fastbert[triton]", 50.0),
            applies=lambda p: _int(p, "seq") >= 2048 and _int(p, "head_dim") == 128,
-           alternatives=_alts(lambda i: _matmul_fraction(i, 50.0), "fastbert_tuned[triton]")),
+           alternatives=_alts(lambda i: _matmul_fraction(i, 50.0), "fastbert_tuned[triton]"),
+           default="fastbert[triton]"),
     # issue 4: embedding + LayerNorm, cross-entropy, masked-LM loss
     Target(4, "embedding", "embedding_layer_norm fwd+bwd", ">= 1.2x torch.compile",
            _faster("fastbert", "torch.compile", 1.2),
            alternatives=_alts(lambda i: _faster(i, "torch.compile", 1.2), "fastbert_det",
-                              "fastbert_atomic_word")),
+                              "fastbert_atomic_word"), default="fastbert"),
     Target(4, "cross_entropy", "cross_entropy fwd+bwd", ">= 3x eager (V = 30522)",
            _faster("fastbert", "eager", 3.0), applies=lambda p: _int(p, "vocab") == 30522,
            alternatives=_alts(lambda i: _faster(i, "eager", 3.0), "fastbert_stored",
                               "fastbert_stored_looping", "fastbert_stored_l2x2",
-                              "fastbert_stored_l2x4")),
+                              "fastbert_stored_l2x4"), default="fastbert"),
     Target(4, "cross_entropy", "masked_lm_loss fwd+bwd", "time <= 0.5x the HF way",
            _time_ratio_at_most("fastbert", "hf", 0.5)),
     Target(4, "cross_entropy", "masked_lm_loss fwd+bwd", "peak memory <= 0.25x the HF way",
@@ -186,7 +192,8 @@ TARGETS: List[Target] = [
            _faster("fastbert", "eager_gathered", 1.0)),
     # issue 5: LSTM
     Target(5, "lstm", "lstm fwd+bwd padded", "<= 1.25x cuDNN's time (padded input)",
-           _time_ratio_at_most("fastbert_triton", "cudnn", 1.25), alternatives=_LSTM_ALTS),
+           _time_ratio_at_most("fastbert_triton", "cudnn", 1.25), alternatives=_LSTM_ALTS,
+           default="fastbert_triton"),
     Target(5, "lstm", "lstm fwd+bwd varlen", "packed <= 1.1x our own padded time",
            _time_ratio_at_most("fastbert_triton_packed", "fastbert_triton_padded", 1.1)),
     Target(5, "lstm", "layer_norm_lstm fwd+bwd", "LayerNormLSTM >= 3x eager PyTorch",
@@ -230,16 +237,21 @@ def evaluate(results_dir: str, card: Optional[str] = None) -> List[Dict[str, str
                 seen = True
                 res = t.check(group)
                 shown = " ".join(f"{k}={v}" for k, v in params.items() if k != "dtype")
-                alts = []
+                alts, versus = [], []
                 for impl, check in t.alternatives:
                     alt = check(group)
                     if alt is not None:
                         alts.append(f"{impl}: {alt[0]} ({'met' if alt[1] else 'missed'})")
+                    base, other = _ms(group, t.default), _ms(group, impl)
+                    if base is not None and other is not None:
+                        versus.append((impl, base / other, bool(alt and alt[1])))
                 out.append({"issue": f"#{t.issue}", "target": t.text, "card": slug,
                             "case": f"{case} {shown}".strip(),
                             "measured": res[0] if res else "not measured (error or missing impl)",
                             "met": ("yes" if res[1] else "NO") if res else "-",
-                            "alternatives": "; ".join(alts)})
+                            "alternatives": "; ".join(alts),
+                            # (impl, its speedup over the default path, meets the target)
+                            "_versus": versus})
         if not seen:
             out.append({"issue": f"#{t.issue}", "target": t.text, "card": card or "-",
                         "case": t.case, "measured": "no such case in the results", "met": "-",
@@ -259,7 +271,36 @@ def to_markdown(rows: Iterable[Dict[str, str]]) -> str:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['issue']} | {r['target']} | {r['card']} | {r['case']} | {r['measured']} "
               f"| {r['met']} | {r.get('alternatives', '')} |" for r in rows]
+    summary = summarize_alternatives(rows)
+    if summary:
+        lines += ["", "Each other fastbert path against the default one, over the cases of a "
+                  "target where both were timed (which opt-in to make the default):", "",
+                  "| issue | target | other path | cases | faster than the default in | "
+                  "speedup over the default (geometric mean, min - max) | "
+                  "meets the target where the default misses |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {s['issue']} | {s['target']} | {s['impl']} | {s['cases']} | "
+                  f"{s['faster']} | {s['speedup']} | {s['rescues']} |" for s in summary]
     return "\n".join(lines) + "\n"
+
+
+def summarize_alternatives(rows: Iterable[Dict[str, object]]) -> List[Dict[str, str]]:
+    """Per (target, other path): over the cases where it and the default were both timed, in
+    how many it is faster, its speedup over the default (geometric mean, min, max), and in
+    how many cases it meets the target that the default misses."""
+    acc: Dict[Tuple[str, str, str], List[Tuple[float, bool, bool]]] = {}
+    for r in rows:
+        for impl, speedup, met in r.get("_versus", ()):
+            acc.setdefault((r["issue"], r["target"], impl), []).append(
+                (speedup, met, r["met"] == "NO"))
+    out = []
+    for (issue, target, impl), vals in acc.items():
+        speedups = [v for v, _, _ in vals]
+        geo = math.exp(sum(math.log(v) for v in speedups) / len(speedups))
+        out.append({"issue": issue, "target": target, "impl": impl, "cases": str(len(vals)),
+                    "faster": str(sum(v > 1.0 for v in speedups)),
+                    "speedup": f"{geo:.2f}x ({min(speedups):.2f} - {max(speedups):.2f})",
+                    "rescues": str(sum(met and missed for _, met, missed in vals))})
+    return out
 
 
 def main(argv=None) -> int:

@@ -182,3 +182,32 @@ def test_tuned_rows_are_judged_as_alternatives_of_every_attention_target(tmp_pat
                         ("causal fwd", "fastbert_tuned[triton]")):
         r = next(v for k, v in rows.items() if k.startswith(case))
         assert r["met"] == "NO" and tuned in r["alternatives"] and "(met)" in r["alternatives"], r
+
+
+def test_other_paths_are_summarized_against_the_default(tmp_path):
+    """targets.md ends with each other fastbert path against the default one over a target's
+    cases: in how many it is faster, its geometric-mean speedup, and in how many it meets the
+    target the default misses (what a GPU session reads to pick the defaults)."""
+    rows = []
+    for hidden, base, coop, graph in ((256, 1.6, 0.8, 2.0), (512, 1.0, 2.0, 0.5),
+                                      (1024, 1.3, None, 1.3)):
+        rows += [_row("lstm fwd+bwd padded", "cudnn", 1.0, batch=64, hidden=hidden),
+                 _row("lstm fwd+bwd padded", "fastbert_triton", base, batch=64, hidden=hidden),
+                 _row("lstm fwd+bwd padded", "fastbert_triton_step_graph", graph, batch=64,
+                      hidden=hidden)]
+        if coop is not None:
+            rows.append(_row("lstm fwd+bwd padded", "fastbert_triton_coop", coop, batch=64,
+                             hidden=hidden))
+    _write(tmp_path / "lstm_card-d.csv", rows)
+    judged = [r for r in targets.evaluate(str(tmp_path)) if r["issue"] == "#5"
+              and r["case"].startswith("lstm fwd+bwd padded")]
+    summary = {s["impl"]: s for s in targets.summarize_alternatives(judged)}
+    assert set(summary) == {"fastbert_triton_coop", "fastbert_triton_step_graph"}
+    coop = summary["fastbert_triton_coop"]                     # 1.6/0.8 = 2, 1.0/2.0 = 0.5
+    assert (coop["cases"], coop["faster"], coop["rescues"]) == ("2", "1", "1")
+    assert coop["speedup"] == "1.00x (0.50 - 2.00)"
+    graph = summary["fastbert_triton_step_graph"]              # 0.8, 2.0, 1.0
+    assert (graph["cases"], graph["faster"], graph["rescues"]) == ("3", "1", "0")
+    md = targets.to_markdown(judged)
+    assert "| #5 | <= 1.25x cuDNN's time (padded input) | fastbert_triton_coop | 2 | 1 | " \
+        "1.00x (0.50 - 2.00) | 1 |" in md
