@@ -53,7 +53,8 @@ def check_positive_ints(**sizes) -> None:
 
 
 class Seq2SeqBase(torch.nn.Module, abc.ABC):
-    """Checks and decoding shared by LSTMSeq2Seq and Seq2SeqTransformer (module docstring).
+    """Checks, teacher-forced logits, the loss and decoding shared by LSTMSeq2Seq and
+    Seq2SeqTransformer (module docstring).
     Abstract: a subclass that lacks ``_start``, ``decode_step`` or ``decoder_states`` cannot be
     instantiated."""
 
@@ -73,7 +74,19 @@ class Seq2SeqBase(torch.nn.Module, abc.ABC):
         target vocabulary (``forward`` is ``self.out(decoder_states(...))``)."""
 
     # ------------------------------------------------------------------------------------
-    # training loss
+    # teacher forcing and the training loss
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced logits.
+
+        Args:
+            src: (B, S) source ids (padded with pad_id); src_lengths: (B,) in [1, S].
+            tgt_in: (B, T) decoder inputs (bos_id followed by the target, shifted right).
+
+        Returns:
+            logits (B, T, tgt_vocab).
+        """
+        return self.out(self.decoder_states(src, src_lengths, tgt_in))
 
     def loss(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, tgt_out: Tensor, *,
              label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:

@@ -175,18 +175,6 @@ class LSTMSeq2Seq(Seq2SeqBase):
     # ------------------------------------------------------------------------------------
     # public API
 
-    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher-forced logits.
-
-        Args:
-            src: (B, S) source ids (padded with pad_id); src_lengths: (B,) in [1, S].
-            tgt_in: (B, T) decoder inputs (bos_id followed by the target, shifted right).
-
-        Returns:
-            logits (B, T, tgt_vocab).
-        """
-        return self.out(self.decoder_states(src, src_lengths, tgt_in))
-
     def decoder_states(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """The output layer's inputs (B, T, hidden), dropout applied: ``forward`` without the
         projection onto the vocabulary (``loss`` projects only the non-pad positions)."""

@@ -325,18 +325,6 @@ class Seq2SeqTransformer(Seq2SeqBase):
     # ------------------------------------------------------------------------------------
     # public API
 
-    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher-forced logits.
-
-        Args:
-            src: (B, S) source ids (padded with pad_id); src_lengths: (B,) in [1, S].
-            tgt_in: (B, T) decoder inputs (bos_id followed by the target, shifted right).
-
-        Returns:
-            logits (B, T, tgt_vocab).
-        """
-        return self.out(self.decoder_states(src, src_lengths, tgt_in))
-
     def decoder_states(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """The decoder's last hidden states (B, T, d_model), before the output projection."""
         check_tensor("tgt_in", tgt_in, dtypes=INDEX_DTYPES, ndim=(2,))   # required here
