@@ -3,11 +3,11 @@
 One kernel set serves both layouts:
     padded  -- q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, heads_kv, head_dim),
                optionally with a key-padding mask (batch, seqlen_k) loaded per key block, so
-               Hugging Face masks with holes work, not only right padding, and with it
-               int32 kv_end (batch,): one past each row's last attended key. Key blocks at or
-               past kv_end are skipped (BERT batches are right-padded, so that is often most
-               of the padding): the forward and dQ loops stop there, and the dK/dV programs
-               of those blocks only write zeros;
+               Hugging Face masks with holes work, not only right padding. Each program first
+               scans its mask row for kv_end, one past the row's last attended key
+               (``_key_bound``), and key blocks at or past kv_end are skipped (BERT batches
+               are right-padded, so that is often most of the padding): the forward and dQ
+               loops stop there, and the dK/dV programs of those blocks only write zeros;
     varlen  -- packed tokens q (total_q, heads, head_dim), k/v (total_k, heads_kv, head_dim)
                with int32 cu_seqlens (batch + 1,); each program reads its sequence's bounds
                from cu_seqlens on the device, so no host sync is needed to launch (the grid
@@ -131,11 +131,29 @@ def _score_valid(offs_m, offs_n, len_q, len_k, mask_ptr, stride_mask_b, b,
 
 
 @triton.jit
-def _key_bound(kv_end_ptr, b, len_k, HAS_MASK: tl.constexpr):
-    """One past the last key of sequence b that any query may attend: kv_end[b] with a
-    key-padding mask (keys past it are all padding), else len_k."""
+def _key_bound(mask_ptr, stride_mask_b, b, len_k, HAS_MASK: tl.constexpr,
+               KEY_BLOCK: tl.constexpr):
+    """One past the last key of sequence b that any query may attend: with a key-padding
+    mask, one past its row's last nonzero (0 for a row with none; keys past it are all
+    padding); else len_k. Every program scans its row itself (len_k bytes, against the
+    len_k x head_dim elements of K it would otherwise read), which saves each call a launch
+    computing the bounds beforehand.
+
+    The scan reads KEY_BLOCK entries a step as KEY_BLOCK // 32 independent loads of 32: a
+    32-entry tensor sits in one warp (replicated across the others), so its max is warp
+    shuffles only. A wider tensor spreads over the warps, and its max then goes through
+    shared memory and a barrier, which made ptxas give the kernels 5-60 more registers a
+    thread (sm_90, 16-bit) and spill ~1 KB in the fp32 head-dim-128 forward."""
     if HAS_MASK:
-        return tl.minimum(tl.load(kv_end_ptr + b), len_k)
+        row = mask_ptr + b.to(tl.int64) * stride_mask_b
+        lanes = tl.arange(0, 32)
+        end = tl.zeros((32,), dtype=tl.int32)
+        for start in range(0, len_k, KEY_BLOCK):
+            for part in tl.static_range(KEY_BLOCK // 32):
+                offs = start + part * 32 + lanes
+                m = tl.load(row + offs, mask=offs < len_k, other=0)
+                end = tl.maximum(end, tl.where(m != 0, offs + 1, 0))
+        return tl.max(end, axis=0)
     else:
         return len_k
 
@@ -252,7 +270,7 @@ def _attention_fwd_inner(
 
 @triton.jit
 def _attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, kv_end_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -261,7 +279,7 @@ def _attention_fwd_kernel(
     n_heads, n_groups, seqlen_q, seqlen_k, head_dim, qk_scale, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, KEY_BLOCK: tl.constexpr,
 ):
     # each program owns BLOCK_M query rows of one (batch, head)
     pid_m, pid_bh = _block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
@@ -292,17 +310,17 @@ def _attention_fwd_kernel(
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        # keys past kv_end are padding: their blocks are skipped (holes before it are masked
-        # per block); the causal alignment still uses len_k
-        kv_hi = _key_bound(kv_end_ptr, b, len_k, HAS_MASK)
+        # keys past the mask row's last attended one (kv_hi) are padding: their blocks are
+        # skipped (holes before it are masked per block); the causal alignment uses len_k
+        kv_hi = _key_bound(mask_ptr, stride_mask_b, b, len_k, HAS_MASK, KEY_BLOCK)
         hi = tl.minimum(_causal_key_end(start_m, len_q, len_k, BLOCK_M, IS_CAUSAL), kv_hi)
         # keys [0, full_end) are inside the sequence and visible to every row of the block
         full_end = len_k
         if IS_CAUSAL:
             full_end = tl.minimum(full_end, start_m + 1 + len_k - len_q)
         full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
-        # the whole block holding kv_end may still take the fast path (its keys are in
-        # bounds and the padding mask hides those past kv_end); the boundary loop below is
+        # the whole block holding kv_hi may still take the fast path (its keys are in
+        # bounds and the padding mask hides those past kv_hi); the boundary loop below is
         # then empty, as full_end >= kv_hi >= hi
         full_end = tl.minimum(full_end, tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
         acc, l_i, m_i = _attention_fwd_inner(
@@ -366,7 +384,7 @@ def _attention_bwd_preprocess_kernel(
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, o_ptr, dq_ptr,
-    mask_ptr, kv_end_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
+    mask_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -380,6 +398,7 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    KEY_BLOCK: tl.constexpr,
 ):
     # each program owns BLOCK_N keys of one (batch, kv head) and accumulates their dK, dV over
     # all query heads of the group and all query blocks (no atomics).
@@ -391,7 +410,8 @@ def _attention_bwd_dkdv_kernel(
     # every key of its queries, so it also finishes their dQ, and computes delta =
     # rowsum(dO * O) itself: the whole backward is this one launch (o_ptr, dq_ptr are read /
     # written; delta_ptr is not). It then visits every query block, even with no key to
-    # attend (len_k or kv_end 0, causal rows before the first key), so each dQ row is written.
+    # attend (len_k or the mask's kv_end 0, causal rows before the first key), so each dQ row
+    # is written.
     pid_n, pid_bh = _block_and_head(tl.cdiv(seqlen_k, BLOCK_N))
     b = pid_bh // n_heads_kv
     h_kv = pid_bh % n_heads_kv
@@ -400,6 +420,12 @@ def _attention_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     # with FUSED_DQ, start_n is 0: "+ 1" makes the skip tests below always pass
     skip_off = 1 if FUSED_DQ else 0
+    if FUSED_DQ:
+        # every key is in this one block: no key block to skip (masked keys are masked per
+        # key below), so no scan of the mask row
+        key_end = len_k
+    else:
+        key_end = _key_bound(mask_ptr, stride_mask_b, b, len_k, HAS_MASK, KEY_BLOCK)
     if start_n < len_k + skip_off:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -410,7 +436,6 @@ def _attention_bwd_dkdv_kernel(
         # a block wholly past the last attended key (padding) gets zero gradients: write
         # them without loading anything. Keys past it in this block are padding too: not
         # loaded (zeros), their gradients are zero
-        key_end = _key_bound(kv_end_ptr, b, len_k, HAS_MASK)
         if start_n < key_end + skip_off:
             kv_in = offs_n < key_end
             offs_m0 = tl.arange(0, BLOCK_M)
@@ -503,7 +528,7 @@ def _attention_bwd_dkdv_kernel(
 @triton.jit
 def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    mask_ptr, kv_end_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
+    mask_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -513,7 +538,7 @@ def _attention_bwd_dq_kernel(
     n_heads, n_groups, seqlen_q, seqlen_k, head_dim, qk_scale, sm_scale, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, KEY_BLOCK: tl.constexpr,
 ):
     # each program owns BLOCK_M query rows of one (batch, head) and their dQ
     pid_m, pid_bh = _block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
@@ -544,9 +569,11 @@ def _attention_bwd_dq_kernel(
             seed = tl.load(seed_ptr)
             row_ctr = _dropout_row_counter(pid_bh, seqlen_q, seqlen_k, offs_m)
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        # key blocks past kv_end are padding: skipped, as in the forward
+        # key blocks past the mask row's last attended key are padding: skipped, as in the
+        # forward
         hi = tl.minimum(_causal_key_end(start_m, len_q, len_k, BLOCK_M, IS_CAUSAL),
-                        _key_bound(kv_end_ptr, b, len_k, HAS_MASK))
+                        _key_bound(mask_ptr, stride_mask_b, b, len_k, HAS_MASK,
+                                   KEY_BLOCK))
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + offs_n0
             n_in = offs_n < len_k
@@ -591,43 +618,22 @@ def _attention_dropout_mask_kernel(seed_ptr, mask_ptr, seqlen_q, seqlen_k, dropo
 # ----------------------------------------------------------------------------------------
 # launchers
 
-@triton.jit
-def _key_end_kernel(mask_ptr, out_ptr, stride_mask_b, seqlen_k, BLOCK: tl.constexpr):
-    # each program owns one row of the (batch, seqlen_k) key mask: one past its last nonzero
-    b = tl.program_id(0).to(tl.int64)
-    end = tl.zeros((BLOCK,), dtype=tl.int32)
-    for start in range(0, seqlen_k, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        m = tl.load(mask_ptr + b * stride_mask_b + offs, mask=offs < seqlen_k, other=0)
-        end = tl.maximum(end, tl.where(m != 0, offs + 1, 0))
-    tl.store(out_ptr + b, tl.max(end, axis=0))
-
-
-# Mask entries a program of the key-end kernel reads per iteration.
-KEY_END_BLOCK = 1024
+# Mask entries the kernels read per step of their scan for a row's last attended key
+# (_key_bound), a multiple of 32: 8 independent 32-byte loads in flight a step, so BERT's
+# 128 keys are one step (one memory latency, as the kv_end load this scan replaced) and 512
+# keys two.
+KEY_BLOCK = 256
 
 
 def key_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """The key mask as the kernels read it: int8, nonzero = attend, unit column stride. bool
     and int8 masks are viewed, not copied; other integer masks cost two ops. The launchers
     take any mask dtype and call this; ``fastbert.ops.attention`` calls it once per call, so
-    that key_end, the forward and the backward all get the int8 form as it is."""
+    that the forward and the backward both get the int8 form as it is."""
     m = attention_mask
     if m.dtype != torch.int8:
         m = m.view(torch.int8) if m.dtype == torch.bool else (m != 0).view(torch.int8)
     return _last_dim_contiguous(m)
-
-
-@on_tensor_device
-def key_end(attention_mask: torch.Tensor) -> torch.Tensor:
-    """int32 (batch,): one past the last nonzero of each row of a (batch, seqlen_k) key mask
-    (bool or integer), 0 for a row with none. One launch, no host sync."""
-    m = key_mask(attention_mask)
-    batch, seqlen_k = m.shape
-    out = torch.empty((batch,), dtype=torch.int32, device=m.device)
-    if batch > 0:
-        launch(_key_end_kernel, (batch,), m, out, m.stride(0), seqlen_k, BLOCK=KEY_END_BLOCK)
-    return out
 
 
 # The config helpers below are pure functions of a few hashable arguments, cached: the
@@ -802,19 +808,12 @@ def _layout(q_shape, k_shape, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return q_shape[0], q_shape[1], k_shape[1]
 
 
-def _mask_arg(attention_mask: Optional[torch.Tensor], kv_end: Optional[torch.Tensor],
-              seqlen_k: int):
-    """(int8 mask, its batch stride, int32 kv_end) for the kernels; without a kv_end from the
-    caller, every key block is visited (kv_end = seqlen_k)."""
+def _mask_arg(attention_mask: Optional[torch.Tensor]):
+    """(int8 mask, its batch stride) for the kernels."""
     if attention_mask is None:
-        return None, 0, None
+        return None, 0
     m = key_mask(attention_mask)
-    if kv_end is None:
-        kv_end = torch.full((m.shape[0],), seqlen_k, dtype=torch.int32, device=m.device)
-    elif kv_end.dtype != torch.int32 or kv_end.shape != (m.shape[0],):
-        raise ValueError(f"kv_end must be int32 (batch,) = ({m.shape[0]},), got "
-                         f"{kv_end.dtype} {tuple(kv_end.shape)}")
-    return m, m.stride(0), _last_dim_contiguous(kv_end)
+    return m, m.stride(0)
 
 
 @on_tensor_device
@@ -824,8 +823,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   cu_seqlens_k: Optional[torch.Tensor] = None,
                   max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                   seed: Optional[torch.Tensor] = None, causal: bool = False,
-                  dropout_p: float = 0.0, softmax_scale: float = 1.0,
-                  kv_end: Optional[torch.Tensor] = None):
+                  dropout_p: float = 0.0, softmax_scale: float = 1.0):
     """Launch the forward.
 
     Args:
@@ -838,10 +836,6 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         max_seqlen_q, max_seqlen_k: python ints bounding the varlen lengths (grid size).
         seed: int64 tensor of one element (dropout), or None.
         softmax_scale: multiplies QK^T before the softmax.
-        kv_end: int32 (batch,) with attention_mask: one past the last nonzero of each mask
-            row (0 for a row with none); key blocks from there on are skipped. It must not
-            be smaller than that (keys past it are treated as padding); None visits every
-            key block.
 
     Returns:
         out (q's shape and dtype) and lse (fp32, (batch, heads, max_seqlen_q), base-2
@@ -857,18 +851,19 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     heads, head_dim, heads_kv = q_shape[-2], q_shape[-1], k_shape[-2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
-    mask, stride_mask_b, kv_end = _mask_arg(attention_mask, kv_end, sk)
+    mask, stride_mask_b = _mask_arg(attention_mask)
     has_dropout = seed is not None and dropout_p > 0.0
     bm, bn, warps, stages = fwd_config(head_dim, q.dtype, has_dropout)
     bd = block_d(head_dim)
     if batch * heads > 0 and sq > 0:
         grid = (cdiv(sq, bm) * batch * heads,)   # flat: see _block_and_head
-        args = (q, k, v, out, lse, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
+        args = (q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed,
                 *st_q, *st_k, *st_v, *_strides3(out, varlen), stride_mask_b,
                 heads, heads // heads_kv, sq, sk, head_dim,
                 float(softmax_scale) * _SCORE_LOG2E, float(dropout_p))
         meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen,
-                    IS_CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout)
+                    IS_CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout,
+                    KEY_BLOCK=KEY_BLOCK)
         if _tune.ENABLED is not False and _tune.on():
             warps, stages = _tune.pick(
                 _tuning_key("attention_fwd", q.dtype, head_dim, meta, batch * heads, sq, sk),
@@ -888,11 +883,10 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   cu_seqlens_k: Optional[torch.Tensor] = None,
                   max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                   seed: Optional[torch.Tensor] = None, causal: bool = False,
-                  dropout_p: float = 0.0, softmax_scale: float = 1.0,
-                  kv_end: Optional[torch.Tensor] = None, *, need_dq: bool = True,
-                  need_dkv: bool = True):
+                  dropout_p: float = 0.0, softmax_scale: float = 1.0, *,
+                  need_dq: bool = True, need_dkv: bool = True):
     """Launch the backward (deterministic unless ``bwd_atomic_dq()``: see
-    ATOMIC_DQ_BACKWARD). Arguments as ``attention_fwd`` (the same kv_end), plus do (out's
+    ATOMIC_DQ_BACKWARD). Arguments as ``attention_fwd``, plus do (out's
     shape), out and lse from the forward. Returns (dq, dk, dv) in the inputs' shapes and
     dtypes. ``need_dq=False`` skips the dq kernel and ``need_dkv=False`` the dk/dv kernel:
     those outputs are then zeros."""
@@ -917,7 +911,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         dk.zero_()
         dv.zero_()
         return dq, dk, dv
-    mask, stride_mask_b, kv_end = _mask_arg(attention_mask, kv_end, sk)
+    mask, stride_mask_b = _mask_arg(attention_mask)
     has_dropout = seed is not None and dropout_p > 0.0
     bd = block_d(head_dim)
     (bm1, bn1, w1, s1), (bm2, bn2, w2, s2) = bwd_configs(head_dim, q.dtype)
@@ -952,14 +946,14 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         )
     qk_scale = float(softmax_scale) * _SCORE_LOG2E
     flags = dict(BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen, IS_CAUSAL=bool(causal),
-                 HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout)
+                 HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout, KEY_BLOCK=KEY_BLOCK)
     if not need_dkv:
         dk.zero_()
         dv.zero_()
     elif sk > 0:
         grid1 = (cdiv(sk, bn1) * batch * heads_kv,)
         args1 = (q, k, v, do, lse, delta, dk, dv, out, dq_out,
-                 mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
+                 mask, cu_seqlens_q, cu_seqlens_k, seed,
                  *st_q, *st_k, *st_v, *st_do, *_strides3(dk, varlen), *_strides3(dv, varlen),
                  *st_out, *_strides3(dq_out, varlen),
                  stride_mask_b, heads, heads_kv, groups, sq, sk, head_dim, qk_scale,
@@ -988,7 +982,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if not need_dq:
         return dq.zero_(), dk, dv
     grid2 = (cdiv(sq, bm2) * batch * heads,)
-    args2 = (q, k, v, do, lse, delta, dq, mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
+    args2 = (q, k, v, do, lse, delta, dq, mask, cu_seqlens_q, cu_seqlens_k, seed,
              *st_q, *st_k, *st_v, *st_do, *_strides3(dq, varlen), stride_mask_b,
              heads, groups, sq, sk, head_dim, qk_scale, float(softmax_scale), float(dropout_p))
     meta2 = dict(BLOCK_M=bm2, BLOCK_N=bn2, **flags)
@@ -1039,7 +1033,7 @@ def _sig(names_types):
 
 def _fwd_signature(dt: str):
     ptrs = [("q_ptr", f"*{dt}"), ("k_ptr", f"*{dt}"), ("v_ptr", f"*{dt}"), ("o_ptr", f"*{dt}"),
-            ("lse_ptr", "*fp32"), ("mask_ptr", "*i8"), ("kv_end_ptr", "*i32"),
+            ("lse_ptr", "*fp32"), ("mask_ptr", "*i8"),
             ("cu_q_ptr", "*i32"), ("cu_k_ptr", "*i32"), ("seed_ptr", "*i64")]
     strides = [(f"stride_{t}{s}", "i64") for t in ("q", "k", "v", "o")
                for s in (("b", "m", "h") if t in ("q", "o") else ("b", "n", "h"))]
@@ -1065,7 +1059,7 @@ def _bwd_signature(dt: str, dq: bool, atomic_dq: bool = False):
     ptrs += ([("dq_ptr", f"*{dt}")] if dq else
              [("dk_ptr", f"*{dt}"), ("dv_ptr", f"*{dt}"), ("o_ptr", f"*{dt}"),
               ("dq_ptr", "*fp32" if atomic_dq else f"*{dt}")])
-    ptrs += [("mask_ptr", "*i8"), ("kv_end_ptr", "*i32"), ("cu_q_ptr", "*i32"),
+    ptrs += [("mask_ptr", "*i8"), ("cu_q_ptr", "*i32"),
              ("cu_k_ptr", "*i32"), ("seed_ptr", "*i64")]
     outs = ("dq",) if dq else ("dk", "dv", "o", "dq")
     strides = []
@@ -1081,7 +1075,7 @@ def _bwd_signature(dt: str, dq: bool, atomic_dq: bool = False):
 
 
 _FLAG_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_D", "IS_VARLEN", "IS_CAUSAL", "HAS_MASK",
-               "HAS_DROPOUT")
+               "HAS_DROPOUT", "KEY_BLOCK")
 _TORCH_DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -1094,7 +1088,7 @@ def aot_configs():
     def kernels(dt, head_dim, varlen, causal, mask, drop, tag):
         bd = block_d(head_dim)
         f = dict(BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen, IS_CAUSAL=causal,
-                 HAS_MASK=mask, HAS_DROPOUT=drop)
+                 HAS_MASK=mask, HAS_DROPOUT=drop, KEY_BLOCK=KEY_BLOCK)
         bm, bn, w, s = fwd_config(head_dim, _TORCH_DT[dt], drop)
         yield AotConfig(_attention_fwd_kernel, _fwd_signature(dt),
                         dict(BLOCK_M=bm, BLOCK_N=bn, **f), w, s, name=f"attention_fwd[{tag}]")
@@ -1117,7 +1111,8 @@ def aot_configs():
         bm, bn, w, s = fwd_config(bd, torch.bfloat16, False)
         yield AotConfig(_attention_fwd_kernel, _fwd_signature("bf16"),
                         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=True, IS_VARLEN=False,
-                             IS_CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=False), w, s,
+                             IS_CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=False,
+                             KEY_BLOCK=KEY_BLOCK), w, s,
                         name=f"attention_fwd[bf16,d{bd},causal+mask]")
     for tag, flags in (("none", (False,) * 4), ("varlen", (True, False, False, False))):
         yield from kernels("fp16", 64, *flags, f"fp16,d64,{tag}")
@@ -1139,7 +1134,8 @@ def aot_configs():
     # dim 80 (the 128 tile with the head-dim mask, as 96: the most registers)
     for hd in tiles + [80]:
         bd = block_d(hd)
-        f = dict(BLOCK_D=bd, EVEN_D=bd == hd, IS_VARLEN=False, IS_CAUSAL=True, HAS_MASK=True)
+        f = dict(BLOCK_D=bd, EVEN_D=bd == hd, IS_VARLEN=False, IS_CAUSAL=True, HAS_MASK=True,
+                 KEY_BLOCK=KEY_BLOCK)
         for drop in (False, True):
             bm, bn, _, _ = fwd_config(hd, torch.bfloat16, drop)
             for w, s in fwd_candidates(hd, torch.bfloat16, drop)[1:]:
@@ -1159,10 +1155,6 @@ def aot_configs():
             yield AotConfig(_attention_bwd_dq_kernel, _bwd_signature("bf16", True),
                             dict(BLOCK_M=bm2, BLOCK_N=bn2, HAS_DROPOUT=True, **f), w, s,
                             name=f"attention_bwd_dq[bf16,d{hd},tuning w{w}s{s}]")
-    yield AotConfig(_key_end_kernel, {"mask_ptr": "*i8", "out_ptr": "*i32",
-                                      "stride_mask_b": "i64", "seqlen_k": "i32",
-                                      "BLOCK": "constexpr"},
-                    dict(BLOCK=KEY_END_BLOCK), 4, name="attention_key_end")
     yield AotConfig(_attention_dropout_mask_kernel,
                     {"seed_ptr": "*i64", "mask_ptr": "*i8", "seqlen_q": "i32", "seqlen_k": "i32",
                      "dropout_p": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},

@@ -175,26 +175,15 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, *, dropout
 # ----------------------------------------------------------------------------------------
 # custom ops (Triton backend)
 
-def _key_end(attention_mask: Tensor) -> Tensor:
-    """int32 (batch,): one past the last attended key of each mask row, 0 for a row with
-    none. Computed on the device (no host sync); the kernels skip the key blocks from there
-    on, which in a right-padded BERT batch is most of the padding."""
-    batch, seqlen_k = attention_mask.shape
-    if seqlen_k == 0:
-        return torch.zeros((batch,), dtype=torch.int32, device=attention_mask.device)
-    positions = torch.arange(1, seqlen_k + 1, dtype=torch.int32, device=attention_mask.device)
-    return ((attention_mask != 0).to(torch.int32) * positions).amax(-1)
-
-
 @fast_op("fastbert::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
-                   kv_end: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                   cu_seqlens_q: Optional[Tensor],
                    cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor], max_seqlen_q: int,
                    max_seqlen_k: int, causal: bool, dropout_p: float,
                    softmax_scale: float) -> Tuple[Tensor, Tensor]:
     k_ = kernel_module("attention")
     return k_.attention_fwd(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                            max_seqlen_k, seed, causal, dropout_p, softmax_scale, kv_end)
+                            max_seqlen_k, seed, causal, dropout_p, softmax_scale)
 
 
 def _lse_shape(q, cu_seqlens_q, max_seqlen_q):
@@ -204,7 +193,7 @@ def _lse_shape(q, cu_seqlens_q, max_seqlen_q):
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
+def _(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
       max_seqlen_k, causal, dropout_p, softmax_scale):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(_lse_shape(q, cu_seqlens_q, max_seqlen_q), dtype=torch.float32))
@@ -212,7 +201,7 @@ def _(q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed, max_seq
 
 @fast_op("fastbert::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   attention_mask: Optional[Tensor], kv_end: Optional[Tensor],
+                   attention_mask: Optional[Tensor],
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                    seed: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                    dropout_p: float, softmax_scale: float, need_dq: bool,
@@ -222,23 +211,22 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     k_ = kernel_module("attention")
     dq, dk, dv = k_.attention_bwd(dout, q, k, v, out, lse, attention_mask, cu_seqlens_q,
                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,
-                                  dropout_p, softmax_scale, kv_end, need_dq=need_dq,
+                                  dropout_p, softmax_scale, need_dq=need_dq,
                                   need_dkv=need_dkv)
     return [dq, dk, dv]
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
+def _(dout, q, k, v, out, lse, attention_mask, cu_seqlens_q, cu_seqlens_k, seed,
       max_seqlen_q, max_seqlen_k, causal, dropout_p, softmax_scale, need_dq, need_dkv):
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
 
 
 def _fwd_setup(ctx, inputs, output):
-    (q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
+    (q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
      max_seqlen_k, causal, dropout_p, softmax_scale) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
-                          seed)
+    ctx.save_for_backward(q, k, v, out, lse, attention_mask, cu_seqlens_q, cu_seqlens_k, seed)
     ctx.args = (max_seqlen_q, max_seqlen_k, causal, dropout_p, softmax_scale)
     # lse gets no gradient: no zero tensor made for it at each backward
     ctx.set_materialize_grads(False)
@@ -247,18 +235,17 @@ def _fwd_setup(ctx, inputs, output):
 def _grads(ctx, dout: Tensor, bwd) -> Tuple[Optional[Tensor], ...]:
     """(dq, dk, dv) from what _fwd_setup or _AttentionFunction saved; ``bwd`` is
     _attention_bwd or its undecorated function (same arguments, same results)."""
-    (q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
-     seed) = ctx.saved_tensors
+    q, k, v, out, lse, attention_mask, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
-                     seed, *ctx.args, need_q, need_k or need_v)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, attention_mask, cu_seqlens_q, cu_seqlens_k, seed,
+                     *ctx.args, need_q, need_k or need_v)
     return dq if need_q else None, dk if need_k else None, dv if need_v else None
 
 
 def _fwd_backward(ctx, dout, dlse):
     if dout is None:
-        return (None,) * 13
-    return _grads(ctx, dout, _attention_bwd) + (None,) * 10
+        return (None,) * 12
+    return _grads(ctx, dout, _attention_bwd) + (None,) * 9
 
 
 _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -288,12 +275,12 @@ except ImportError:  # pragma: no cover - a torch without the FLOP counter
     _flops_formula = None
 if _flops_formula is not None:
     @_flops_formula(torch.ops.fastbert.attention_fwd, get_raw=True)
-    def _(q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, *args, out_shape=None,
+    def _(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, *args, out_shape=None,
           **kwargs) -> int:
         return _attention_flops(q, k, cu_seqlens_q, cu_seqlens_k, args[2])
 
     @_flops_formula(torch.ops.fastbert.attention_bwd, get_raw=True)
-    def _(dout, q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed,
+    def _(dout, q, k, v, out, lse, attention_mask, cu_seqlens_q, cu_seqlens_k, seed,
           max_seqlen_q, max_seqlen_k, *args, out_shape=None, **kwargs) -> int:
         return 5 * _attention_flops(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k) // 2
 
@@ -306,7 +293,7 @@ class _AttentionFunction(torch.autograd.Function):
     Python, at every layer:
       - one output: lse is saved, not returned, so autograd neither wraps a second output
         nor makes a zero gradient for it at every backward;
-      - nine inputs instead of thirteen (the python scalars travel as one tuple), and no
+      - eight inputs instead of twelve (the python scalars travel as one tuple), and no
         generic scan of them;
       - the backward calls the launcher itself, unless something must see the custom op:
         a graph being recorded (create_graph=True: the op raises that it has no derivative
@@ -314,35 +301,39 @@ class _AttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k, seed, args):
-        out, lse = _attention_fwd.fn(q, k, v, attention_mask, kv_end, cu_seqlens_q,
+    def forward(ctx, q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, seed, args):
+        out, lse = _attention_fwd.fn(q, k, v, attention_mask, cu_seqlens_q,
                                      cu_seqlens_k, seed, *args)
-        ctx.save_for_backward(q, k, v, out, lse, attention_mask, kv_end, cu_seqlens_q,
-                              cu_seqlens_k, seed)
+        ctx.save_for_backward(q, k, v, out, lse, attention_mask, cu_seqlens_q, cu_seqlens_k,
+                              seed)
         ctx.args = args
         return out
 
     @staticmethod
     def backward(ctx, dout):
         direct = not torch.is_grad_enabled() and direct_call_ok((dout,))
-        return _grads(ctx, dout, _attention_bwd.fn if direct else _attention_bwd) + (None,) * 6
+        return _grads(ctx, dout, _attention_bwd.fn if direct else _attention_bwd) + (None,) * 5
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
-         kv_end: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
-         cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor], *args) -> Tensor:
+         cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+         seed: Optional[Tensor], *args) -> Tensor:
     """fastbert::attention_fwd's output (``args``: max_seqlen_q, max_seqlen_k, causal,
     dropout_p, softmax_scale) by the cheapest route with its semantics: _AttentionFunction
     when a gradient is recorded, the launcher alone when none is, the custom op when
     something must see it."""
     if not direct_call_ok((q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k)):
-        return _attention_fwd(q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
-                              seed, *args)[0]
+        return _attention_fwd(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, seed,
+                              *args)[0]
+    if attention_mask is not None:
+        # the int8 form once (a view of a bool mask): the forward and the backward take it as
+        # it is (traced calls pass the mask as given; the launchers convert it)
+        attention_mask = kernel_module("attention").key_mask(attention_mask)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _AttentionFunction.apply(q, k, v, attention_mask, kv_end, cu_seqlens_q,
-                                        cu_seqlens_k, seed, args)
-    return _attention_fwd.fn(q, k, v, attention_mask, kv_end, cu_seqlens_q, cu_seqlens_k,
-                             seed, *args)[0]
+        return _AttentionFunction.apply(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k,
+                                        seed, args)
+    return _attention_fwd.fn(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, seed,
+                             *args)[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -486,19 +477,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         return attention_ref(q, k, v, attention_mask=attention_mask, causal=causal,
                              dropout_p=p, softmax_scale=scale)
     seed = _dropout_seed(q.device) if p > 0.0 else None
-    kv_end = None
-    if attention_mask is not None:
-        if not direct_call_ok((q, attention_mask)):
-            # traced (five small ops), and what a mode or subclass sees (a fake tensor
-            # cannot run the Triton kernel)
-            kv_end = _key_end(attention_mask)
-        else:
-            k_ = kernel_module("attention")
-            # the int8 form once: key_end, the forward and the backward take it as it is
-            attention_mask = k_.key_mask(attention_mask)
-            kv_end = k_.key_end(attention_mask)   # one launch, at every layer
-    return _run(q, k, v, attention_mask, kv_end, None, None, seed, q.shape[1], k.shape[1],
-                bool(causal), p, scale)
+    return _run(q, k, v, attention_mask, None, None, seed, q.shape[1], k.shape[1], bool(causal),
+                p, scale)
 
 
 def _mask_ok(attention_mask, q: Tensor, k: Tensor) -> bool:
@@ -658,7 +638,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     seed = _dropout_seed(q.device) if p > 0.0 else None
     # the kernels read cu_seqlens[b] at offset b (unit stride): a strided view would be read
     # wrongly, and its bounds would send the kernels outside q, k and v
-    return _run(q, k, v, None, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+    return _run(q, k, v, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
                 seed, max_seqlen_q, max_seqlen_k, bool(causal), p, scale)
 
 

@@ -262,47 +262,72 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(device, bwd_path, sk):
 
 # ------------------------------------------------------------------------- skipped key blocks
 
-def test_key_end_is_one_past_the_last_attended_key(device):
+def _key_end(mask):
+    """One past the last nonzero of each mask row, 0 for a row with none: the bound the
+    kernels scan their mask row for (_key_bound), computed here independently."""
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return ((mask != 0).long() * positions).amax(-1) if mask.shape[1] else \
+        torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+
+
+def test_the_reference_key_end_is_one_past_the_last_attended_key(device):
     mask = torch.tensor([[1, 0, 1, 1, 0, 0], [0] * 6, [0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0]],
                         device=device)
     for m in (mask, mask.bool(), mask.to(torch.int8)):
-        kv_end = ops_attention._key_end(m)
-        assert kv_end.dtype == torch.int32 and kv_end.tolist() == [4, 0, 6, 1]
-    assert ops_attention._key_end(mask[:, :0]).tolist() == [0, 0, 0, 0]
+        assert _key_end(m).tolist() == [4, 0, 6, 1]
+    assert _key_end(mask[:, :0]).tolist() == [0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("block", [16, 1024])
-def test_key_end_kernel_matches_the_reference_across_its_blocks(device, monkeypatch, block):
-    """The device key_end kernel (the launchers' one) against the traced PyTorch _key_end, on
-    masks wider than its block (KEY_END_BLOCK lowered to 16: several blocks per row, the last
-    attended key in the first, a middle or the last block, or none). A kernel that kept only
-    the last block's answer made a 1100-key row with its keys in the first block attend to
-    nothing (zeros out) at the real block size."""
-    monkeypatch.setattr(k, "KEY_END_BLOCK", block)
-    sk = 1100 if block == 1024 else 70
-    mask = torch.rand(6, sk, device=device) > 0.5
-    mask[0] = False
-    mask[1, 10:] = False                    # keys only in the first block, the last at 9
+@pytest.mark.parametrize("key_block", [32, 256])
+def test_the_kernels_scan_of_a_mask_row_spans_its_blocks(device, monkeypatch, key_block):
+    """Each program scans its mask row KEY_BLOCK entries at a time for the row's last attended
+    key (_key_bound), and skips the key blocks past it. Rows wider than the scan's step
+    (KEY_BLOCK lowered to 32, one load a step: 3 steps a row; at 256, eight loads a step, a
+    row of 1100 keys), with the last attended key in the first, a middle or the last scan
+    step, or none. The keys past
+    the skipped blocks are NaN in the kernels' k and v: a bound too large loads them (NaN),
+    one too small drops attended keys (wrong out, dq, dk, dv). A scan that kept only its last
+    step's answer made the 1100-key row with its keys in the first block attend to nothing;
+    one a key too far read a NaN key where the last attended key ends a kernel's key block."""
+    monkeypatch.setattr(k, "KEY_BLOCK", key_block)
+    sk = 1100 if key_block == 256 else 70
+    batch = 5 if key_block == 32 else 2
+    mask = torch.rand(batch, sk, device=device) > 0.5
+    mask[1, 10:] = False                    # keys only in the first scan step, the last at 9
     mask[1, 9] = True
-    mask[2, :] = False
-    mask[2, sk - 1] = True                  # only the last key
-    mask[3, 20:] = False                    # second block (of 16) and below
-    for m in (mask, mask.to(torch.int64), mask.to(torch.int8)):
-        torch.testing.assert_close(k.key_end(m), ops_attention._key_end(m))
-    if block == 16:
-        assert k.key_end(mask)[1].item() == 10
+    if key_block == 32:
+        mask[0] = False                     # no key: zeros out, zero gradients
+        mask[2, :] = False
+        mask[2, sk - 1] = True              # only the last key, in the last step
+        mask[3, 40:] = False                # the second scan step and below
+        mask[3, 39] = True
+    block = _widest_key_block(torch.float32, 16, False)
+    if key_block == 32:
+        mask[4, block:] = False             # the last key ends a kernel's key block: one
+        mask[4, block - 1] = True           # past it starts the skipped (NaN) keys
+    unread = _padding_past_blocks(mask, block)
+    assert unread[1].sum() >= block
+    q = _rand(device, torch.float32, batch, 3, 2, 16)
+    k_ = _rand(device, torch.float32, batch, sk, 1, 16)
+    v = _rand(device, torch.float32, batch, sk, 1, 16)
+    for m in ((mask, mask.to(torch.int64)) if key_block == 32 else (mask,)):
+        out, (dq, dk, dv) = _check(
+            lambda a, b, c: attention(a, b, c, attention_mask=m, backend="triton"),
+            lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=m, **kw),
+            q, k_, v, name=f"scan {key_block}", unread_keys=unread)
+        assert dk[unread].abs().max() == 0 and dv[unread].abs().max() == 0
 
 
 def _widest_key_block(dtype, head_dim, dropout):
     """The largest BLOCK_N any attention kernel uses for this call: key positions from the
-    first multiple of it at or past kv_end lie in blocks that every kernel skips."""
+    first multiple of it at or past a row's key end (one past its last attended key) lie in
+    blocks that every kernel skips."""
     fwd = k.fwd_config(head_dim, dtype, dropout)[1]
     return max([fwd] + [cfg[1] for cfg in k.bwd_configs(head_dim, dtype)])
 
 
 def _padding_past_blocks(mask, block):
-    kv_end = ops_attention._key_end(mask).long()
-    first_skipped = (kv_end + block - 1) // block * block
+    first_skipped = (_key_end(mask) + block - 1) // block * block
     return torch.arange(mask.shape[1], device=mask.device)[None, :] >= first_skipped[:, None]
 
 
@@ -700,18 +725,17 @@ def test_attention_opcheck(device):
                 for s, h in ((9, 2), (12, 1), (12, 1)))
     mask = torch.rand(2, 12, device=device) > 0.3
     seed = torch.tensor([9], dtype=torch.int64, device=device)
-    kv_end = ops_attention._key_end(mask)
-    args = (q, k_, v, mask, kv_end, None, None, seed, 9, 12, True, 0.2, 0.25)
+    args = (q, k_, v, mask, None, None, seed, 9, 12, True, 0.2, 0.25)
     torch.library.opcheck(ops_attention._attention_fwd.op, args)
     out, lse = ops_attention._attention_fwd(*args)
     bwd = (torch.randn_like(out), q.detach(), k_.detach(), v.detach(), out.detach(), lse.detach(),
-           mask, kv_end, None, None, seed, 9, 12, True, 0.2, 0.25)
+           mask, None, None, seed, 9, 12, True, 0.2, 0.25)
     for need_dq, need_dkv in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(ops_attention._attention_bwd.op, bwd + (need_dq, need_dkv))
     qv, kv, vv, cu_q, cu_k, mq, mk = _varlen_inputs(device, torch.float32, [3, 6], [4, 8], 2, 2, 16)
     torch.library.opcheck(ops_attention._attention_fwd.op,
                           (qv.requires_grad_(), kv.requires_grad_(), vv.requires_grad_(), None,
-                           None, cu_q, cu_k, None, mq, mk, False, 0.0, 0.25))
+                           cu_q, cu_k, None, mq, mk, False, 0.0, 0.25))
 
 
 def test_attention_varlen_reference_compiles_fullgraph():
@@ -1368,7 +1392,7 @@ def test_attention_flop_formula_takes_fake_cu_seqlens_while_tracing(monkeypatch)
     # a compile session, as inductor's: the flag and this thread's tracing context
     monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True, raising=False)
     with torch._guards.tracing(torch._guards.TracingContext(mode)):
-        assert fwd(q, q, q, None, None, cu, cu, None, 11, 11) == 4 * 4 * 32 * 16 * 11
+        assert fwd(q, q, q, None, cu, cu, None, 11, 11) == 4 * 4 * 32 * 16 * 11
 
 
 @pytest.mark.parametrize("sq, sk", [(5, 50), (70, 33)])   # sk % 4 != 0; two query blocks
@@ -1440,20 +1464,9 @@ def test_launcher_lse_is_base2_logsumexp_and_plus_inf_where_no_key_or_no_row(dev
     assert_close_to_ref(lse, want.float(), name="padded lse")
 
 
-def test_launcher_rejects_a_kv_end_of_the_wrong_dtype_or_shape(device):
-    """Kills: _mask_arg's kv_end check dropped (an int64 kv_end would be read as int32 pairs)."""
-    q = _rand(device, torch.float32, 2, 5, 2, 16)
-    mask = torch.ones(2, 5, dtype=torch.bool, device=device)
-    for bad in (torch.full((2,), 5, dtype=torch.int64, device=device),
-                torch.full((3,), 5, dtype=torch.int32, device=device)):
-        with pytest.raises(ValueError, match="kv_end must be int32"):
-            k.attention_fwd(q, q, q, attention_mask=mask, kv_end=bad)
-
-
-def test_launchers_with_a_mask_and_no_kv_end_visit_every_key_block(device):
-    """kv_end=None means every key block (documented); the op always passes one, so only a
-    direct launcher call sees the default. Kills: the default kv_end = 0 (or anything short of
-    seqlen_k), which skips every key."""
+def test_launchers_called_directly_with_a_mask_match_fp64(device):
+    """The launchers take any mask dtype (bool here; key_mask converts it), as the op's
+    custom-op path calls them, without the op's own conversion."""
     q, k_, v = (_rand(device, torch.float32, 2, s, 2, 16).requires_grad_() for s in (9, 40, 40))
     mask = torch.rand(2, 40, device=device) > 0.3
     out, lse = k.attention_fwd(q, k_, v, attention_mask=mask, softmax_scale=0.25)
@@ -1525,16 +1538,16 @@ def test_zero_query_heads_give_zero_kv_gradients(device, monkeypatch, varlen):
     (torch.int16, [0, 256, 0, 1, -512, 0, 0, 1]),
 ])
 def test_nonbinary_integer_masks_mean_attend_wherever_nonzero(device, mask_dtype, values):
-    """Any nonzero mask value means "attend" (key_mask, key_end: "bool or integer"; the
-    reference compares with 0). Kills: the kernels' mask test `km != 0` turned into `km == 1`
-    (int8 masks are passed through unconverted), and key_mask casting a wider integer mask to
-    int8 instead of comparing with 0 (256 -> 0)."""
+    """Any nonzero mask value means "attend" (key_mask and the kernels' scan for a row's last
+    attended key: "bool or integer"; the reference compares with 0). Kills: the kernels' mask
+    test `km != 0` turned into `km == 1` (int8 masks are passed through unconverted), the
+    scan's `m != 0` turned into `m == 1` (a row's last key 127 or -1 dropped), and key_mask
+    casting a wider integer mask to int8 instead of comparing with 0 (256 -> 0)."""
     q, k_, v = (_rand(device, torch.float32, 2, s, 2, 16) for s in (5, 8, 8))
     mask = torch.tensor([values, values[::-1]], dtype=mask_dtype, device=device)
     out = attention(q, k_, v, attention_mask=mask, backend="triton")
     ref = attention_ref(q.double(), k_.double(), v.double(), attention_mask=mask != 0)
     assert_close_to_ref(out, ref)
-    assert k.key_end(mask).tolist() == ops_attention._key_end(mask).tolist()
 
 
 def test_unpad_max_seqlen_is_the_longest_sequence_not_the_padded_width(device):

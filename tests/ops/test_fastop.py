@@ -93,21 +93,6 @@ def test_compiled_call_goes_through_the_custom_op(device, monkeypatch, fullgraph
     torch.testing.assert_close(y, layer_norm(x, w, b, backend="triton"))
 
 
-@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.int8])
-def test_key_end_kernel_matches_the_pytorch_form(device, dtype):
-    # attention's kv_end: one kernel (eager) or five torch ops (traced under compile)
-    from fastbert.kernels import attention as k
-    att = sys.modules["fastbert.ops.attention"]
-    torch.manual_seed(0)
-    for batch, seqlen in ((5, 1), (7, 33), (3, 2500), (0, 4), (2, 0)):
-        mask = (torch.rand(batch, seqlen, device=device) < 0.6)
-        if batch > 1 and seqlen > 0:
-            mask[0] = False          # a row with no key
-            mask[1, -1] = True       # a key at the very end
-        mask = mask.to(dtype) * (3 if dtype != torch.bool else 1)
-        assert torch.equal(k.key_end(mask), att._key_end(mask)), (batch, seqlen)
-
-
 def test_attention_mask_modified_in_place_is_seen_again(device):
     from fastbert.ops import attention, attention_ref
     torch.manual_seed(0)
