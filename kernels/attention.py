@@ -7,7 +7,8 @@ One kernel set serves both layouts:
                scans its mask row for kv_end, one past the row's last attended key
                (``_key_bound``), and key blocks at or past kv_end are skipped (BERT batches
                are right-padded, so that is often most of the padding): the forward and dQ
-               loops stop there, and the dK/dV programs of those blocks only write zeros;
+               loops stop there, and the dK/dV programs of those blocks only write zeros
+               (keys past kv_end within a block are not loaded);
     varlen  -- packed tokens q (total_q, heads, head_dim), k/v (total_k, heads_kv, head_dim)
                with int32 cu_seqlens (batch + 1,); each program reads its sequence's bounds
                from cu_seqlens on the device, so no host sync is needed to launch (the grid
@@ -146,6 +147,7 @@ def _key_bound(mask_ptr, stride_mask_b, b, len_k, HAS_MASK: tl.constexpr,
     thread (sm_90, 16-bit) and spill ~1 KB in the fp32 head-dim-128 forward."""
     if HAS_MASK:
         row = mask_ptr + b.to(tl.int64) * stride_mask_b
+        tl.static_assert(KEY_BLOCK % 32 == 0, "KEY_BLOCK must be a multiple of 32")
         lanes = tl.arange(0, 32)
         end = tl.zeros((32,), dtype=tl.int32)
         for start in range(0, len_k, KEY_BLOCK):
@@ -410,8 +412,8 @@ def _attention_bwd_dkdv_kernel(
     # every key of its queries, so it also finishes their dQ, and computes delta =
     # rowsum(dO * O) itself: the whole backward is this one launch (o_ptr, dq_ptr are read /
     # written; delta_ptr is not). It then visits every query block, even with no key to
-    # attend (len_k or the mask's kv_end 0, causal rows before the first key), so each dQ row
-    # is written.
+    # attend (len_k 0, a mask row with none, causal rows before the first key), so each dQ
+    # row is written.
     pid_n, pid_bh = _block_and_head(tl.cdiv(seqlen_k, BLOCK_N))
     b = pid_bh // n_heads_kv
     h_kv = pid_bh % n_heads_kv
@@ -420,12 +422,10 @@ def _attention_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     # with FUSED_DQ, start_n is 0: "+ 1" makes the skip tests below always pass
     skip_off = 1 if FUSED_DQ else 0
-    if FUSED_DQ:
-        # every key is in this one block: no key block to skip (masked keys are masked per
-        # key below), so no scan of the mask row
-        key_end = len_k
-    else:
-        key_end = _key_bound(mask_ptr, stride_mask_b, b, len_k, HAS_MASK, KEY_BLOCK)
+    # FUSED_DQ too: nothing to skip there, but its keys past key_end (padding) are not
+    # loaded, so that non-finite padding K / V cannot reach dQ (a block-wide load mask from
+    # the mask row instead spilled ~150 bytes a thread on sm_80)
+    key_end = _key_bound(mask_ptr, stride_mask_b, b, len_k, HAS_MASK, KEY_BLOCK)
     if start_n < len_k + skip_off:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)

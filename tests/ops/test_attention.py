@@ -284,14 +284,15 @@ def test_the_kernels_scan_of_a_mask_row_spans_its_blocks(device, monkeypatch, ke
     key (_key_bound), and skips the key blocks past it. Rows wider than the scan's step
     (KEY_BLOCK lowered to 32, one load a step: 3 steps a row; at 256, eight loads a step, a
     row of 1100 keys), with the last attended key in the first, a middle or the last scan
-    step, or none. The keys past
-    the skipped blocks are NaN in the kernels' k and v: a bound too large loads them (NaN),
-    one too small drops attended keys (wrong out, dq, dk, dv). A scan that kept only its last
-    step's answer made the 1100-key row with its keys in the first block attend to nothing;
-    one a key too far read a NaN key where the last attended key ends a kernel's key block."""
+    step (and, at 256, in a middle load of a step), or none; int8 masks, which reach the
+    scan unconverted, hold nonzero values other than 1. The keys past the skipped blocks are
+    NaN in the kernels' k and v: a bound too large loads them (NaN), one too small drops
+    attended keys (wrong out, dq, dk, dv). A scan that kept only its last step's answer made
+    the 1100-key row with its keys in the first block attend to nothing; one a key too far
+    read a NaN key where the last attended key ends a kernel's key block."""
     monkeypatch.setattr(k, "KEY_BLOCK", key_block)
     sk = 1100 if key_block == 256 else 70
-    batch = 5 if key_block == 32 else 2
+    batch = 5 if key_block == 32 else 4
     mask = torch.rand(batch, sk, device=device) > 0.5
     mask[1, 10:] = False                    # keys only in the first scan step, the last at 9
     mask[1, 9] = True
@@ -301,6 +302,11 @@ def test_the_kernels_scan_of_a_mask_row_spans_its_blocks(device, monkeypatch, ke
         mask[2, sk - 1] = True              # only the last key, in the last step
         mask[3, 40:] = False                # the second scan step and below
         mask[3, 39] = True
+    else:
+        mask[2, 201:] = False               # the first step's seventh load of 32
+        mask[2, 200] = True
+        mask[3, 611:] = False               # a middle step (the third), its fourth load
+        mask[3, 610] = True
     block = _widest_key_block(torch.float32, 16, False)
     if key_block == 32:
         mask[4, block:] = False             # the last key ends a kernel's key block: one
@@ -310,12 +316,37 @@ def test_the_kernels_scan_of_a_mask_row_spans_its_blocks(device, monkeypatch, ke
     q = _rand(device, torch.float32, batch, 3, 2, 16)
     k_ = _rand(device, torch.float32, batch, sk, 1, 16)
     v = _rand(device, torch.float32, batch, sk, 1, 16)
-    for m in ((mask, mask.to(torch.int64)) if key_block == 32 else (mask,)):
+    values = torch.tensor([2, -1, 127, 1], dtype=torch.int8, device=device)
+    int8 = values[torch.randint(0, 3, mask.shape, device=device)] * mask.to(torch.int8)
+    for m in (mask, int8) + ((mask.to(torch.int64),) if key_block == 32 else ()):
         out, (dq, dk, dv) = _check(
             lambda a, b, c: attention(a, b, c, attention_mask=m, backend="triton"),
-            lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=m, **kw),
-            q, k_, v, name=f"scan {key_block}", unread_keys=unread)
+            lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=m != 0, **kw),
+            q, k_, v, name=f"scan {key_block} {m.dtype}", unread_keys=unread)
         assert dk[unread].abs().max() == 0 and dv[unread].abs().max() == 0
+
+
+def test_the_one_launch_backward_never_loads_the_padding_past_the_last_key(device):
+    """The one-launch backward (every key in its one key block: fp16, head dim 64, 128 keys)
+    holds padding keys in its block: it must not load those past the row's last attended key
+    either (they are NaN here, in the kernels' k and v only: a load reaches every query's dQ
+    through 0 * NaN), as the forward skips its key blocks past it. A one-launch backward that
+    loaded every key of its block gave NaN dq for the padded rows."""
+    sk, d = 128, 64
+    assert k.bwd_fused(sk, d, torch.float16)
+    lengths = torch.tensor([sk, 30, 0, 64], device=device)
+    mask = torch.arange(sk, device=device)[None, :] < lengths[:, None]
+    mask[0, 50] = False                     # a hole: masked per key, not skipped
+    # the forward's key blocks (64 keys) past each row's last key: skipped by the forward
+    unread = _padding_past_blocks(mask, k.fwd_config(d, torch.float16, False)[1])
+    assert unread[1].sum() == unread[3].sum() == sk - 64 and unread[2].all()
+    assert not unread[0].any()
+    q = _rand(device, torch.float16, 4, 9, 2, d)
+    k_ = _rand(device, torch.float16, 4, sk, 2, d)
+    v = _rand(device, torch.float16, 4, sk, 2, d)
+    _check(lambda a, b, c: attention(a, b, c, attention_mask=mask, backend="triton"),
+           lambda a, b, c, **kw: attention_ref(a, b, c, attention_mask=mask, **kw),
+           q, k_, v, name="one-launch padding", unread_keys=unread)
 
 
 def _widest_key_block(dtype, head_dim, dropout):
@@ -1243,7 +1274,7 @@ def test_attention_under_cpu_autocast_runs_in_the_autocast_dtype_like_sdpa(dtype
 
 def test_attention_with_a_mask_under_fake_tensor_mode_gives_shapes(device):
     """Under FakeTensorMode (what torch.compile and shape inference run) nothing may launch a
-    Triton kernel on fake tensors: the key ends come from the traced PyTorch form there."""
+    Triton kernel on fake tensors: the call takes the custom op, whose fake gives the shapes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         q = torch.empty(2, 5, 4, 16, device=device, dtype=torch.float16, requires_grad=True)
@@ -1538,11 +1569,11 @@ def test_zero_query_heads_give_zero_kv_gradients(device, monkeypatch, varlen):
     (torch.int16, [0, 256, 0, 1, -512, 0, 0, 1]),
 ])
 def test_nonbinary_integer_masks_mean_attend_wherever_nonzero(device, mask_dtype, values):
-    """Any nonzero mask value means "attend" (key_mask and the kernels' scan for a row's last
-    attended key: "bool or integer"; the reference compares with 0). Kills: the kernels' mask
-    test `km != 0` turned into `km == 1` (int8 masks are passed through unconverted), the
-    scan's `m != 0` turned into `m == 1` (a row's last key 127 or -1 dropped), and key_mask
-    casting a wider integer mask to int8 instead of comparing with 0 (256 -> 0)."""
+    """Any nonzero mask value means "attend" (key_mask: "bool or integer"; the reference
+    compares with 0). Kills: the kernels' mask test `km != 0` turned into `km == 1` (int8
+    masks are passed through unconverted), and key_mask casting a wider integer mask to int8
+    instead of comparing with 0 (256 -> 0). (The scan for a row's last attended key sees such
+    int8 values in test_the_kernels_scan_of_a_mask_row_spans_its_blocks.)"""
     q, k_, v = (_rand(device, torch.float32, 2, s, 2, 16) for s in (5, 8, 8))
     mask = torch.tensor([values, values[::-1]], dtype=mask_dtype, device=device)
     out = attention(q, k_, v, attention_mask=mask, backend="triton")
