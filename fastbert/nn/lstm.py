@@ -207,7 +207,10 @@ class LSTM(torch.nn.Module):
             # its layout is host data (batch_sizes, and the rows built from them)
             check_not_capturing(input.data, "a PackedSequence")
             rows, lens = _packed_layout(input)
-            x, _ = _unpack(input, (rows, lens))  # (T, B, I), original batch order
+            # (T, B, I) in the PackedSequence's sorted batch order, as torch.nn.LSTM runs it:
+            # hx is permuted into that order below and h_n / c_n back out of it, on the
+            # device (sorted_indices is never read on the host: no sync)
+            x, _ = _unpack(input, (rows, lens))
             batched = True
         else:
             if not isinstance(input, Tensor):
@@ -274,6 +277,9 @@ class LSTM(torch.nn.Module):
                 raise _ShapeError(f"Expected hidden[0] size {h_shape}, got {tuple(h0.shape)}")
             if tuple(c0.shape) != c_shape:
                 raise _ShapeError(f"Expected hidden[1] size {c_shape}, got {tuple(c0.shape)}")
+            if packed and input.sorted_indices is not None:
+                h0 = h0.index_select(1, input.sorted_indices)
+                c0 = c0.index_select(1, input.sorted_indices)
         # past each length the first layer's input is zeroed once here (a PackedSequence
         # unpacks with zeros there), and every layer's output is zero there: no layer needs
         # lstm_layer's own masked copy
@@ -300,6 +306,9 @@ class LSTM(torch.nn.Module):
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
         if packed:
             output = _repack(output, input, rows)
+            if input.unsorted_indices is not None:
+                h_n = h_n.index_select(1, input.unsorted_indices)
+                c_n = c_n.index_select(1, input.unsorted_indices)
         elif not batched:
             output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
         elif self.batch_first:
@@ -308,42 +317,72 @@ class LSTM(torch.nn.Module):
 
 
 def _packed_layout(packed: PackedSequence) -> Tuple[Tensor, Tensor]:
-    """(rows, lengths) of a PackedSequence: where each row of ``packed.data`` lives in the
-    padded layout flattened to (T * B) -- row t * B + b for step t of the sequence with
-    original batch index b -- on the data's device, and the lengths (B,) int64 on the CPU in
-    the original batch order.
+    """(rows, lengths) of a PackedSequence in its sorted batch order (the order of the
+    sequences in ``packed.data``, longest first): where each row of ``packed.data`` lives in
+    the padded layout flattened to (T * B) -- row t * B + i for step t of the i-th sorted
+    sequence -- on the data's device, and the lengths (B,) int64 on the CPU, non-increasing.
 
-    Built on the host from ``batch_sizes`` (a CPU tensor) and ``sorted_indices`` (one host
-    read when they are on the GPU, as pack_padded_sequence leaves them) with a handful of
-    small tensor ops, once per forward, so that unpacking and repacking are one scatter /
-    gather each, forward and backward: ``pad_packed_sequence`` and a per-step slice + cat
-    cost a copy (and, through autograd, a full-size zero fill and add) per time step."""
+    Built on the host from ``batch_sizes`` alone (a CPU tensor, checked here), so that
+    unpacking and repacking are one scatter / gather each, forward and backward
+    (``pad_packed_sequence`` and a per-step slice + cat cost a copy, and through autograd a
+    full-size zero fill and add, per time step). ``sorted_indices`` is not read on the host
+    (pack_padded_sequence leaves it on the GPU: reading it would wait for every kernel queued
+    before the call); a CUDA one is checked to be a permutation by a device-side assert. The
+    rows go to the GPU from pinned memory, without a wait."""
     sizes = packed.batch_sizes
-    n_steps, n_batch = sizes.numel(), int(sizes[0])
-    order = (packed.sorted_indices.cpu() if packed.sorted_indices is not None
-             else torch.arange(n_batch))
-    # each sequence's length goes to its original index below: a sorted_indices that is not
-    # a permutation would leave some unset (torch.nn.LSTM does not check it either, but then
-    # reads defined, if meaningless, values)
-    if order.shape != (n_batch,) or not torch.equal(order.sort().values, torch.arange(n_batch)):
-        raise ValueError(f"PackedSequence.sorted_indices must be a permutation of 0..{n_batch - 1} "
-                         f"(batch_sizes[0] = {n_batch} sequences), got {order.tolist()}")
+    data = packed.data
+    if (not isinstance(sizes, Tensor) or sizes.device.type != "cpu" or sizes.dim() != 1
+            or sizes.is_floating_point() or sizes.dtype == torch.bool):
+        raise ValueError("PackedSequence.batch_sizes must be a 1-D integer tensor on the CPU "
+                         f"(as pack_padded_sequence makes it), got "
+                         f"{getattr(sizes, 'dtype', type(sizes).__name__)}"
+                         f"{' of shape ' + str(tuple(sizes.shape)) if isinstance(sizes, Tensor) else ''}"
+                         f"{' on ' + str(sizes.device) if isinstance(sizes, Tensor) else ''}")
+    n_steps = sizes.numel()
+    n_batch = int(sizes[0]) if n_steps else 0
+    if n_steps and (int(sizes[-1]) < 1 or bool((sizes[1:] > sizes[:-1]).any())):
+        raise ValueError("PackedSequence.batch_sizes must be positive and non-increasing (the "
+                         f"number of sequences still running at each step), got "
+                         f"{sizes.tolist()}")
+    if int(sizes.sum()) != data.shape[0]:
+        raise ValueError(f"PackedSequence.batch_sizes sums to {int(sizes.sum())} rows, but its "
+                         f"data has {data.shape[0]}")
+    order = packed.sorted_indices
+    if order is not None:
+        # torch.nn.LSTM trusts it; here one that is not a permutation is an error, found
+        # without a host read of a CUDA tensor
+        if order.dim() != 1 or order.shape[0] != n_batch:
+            raise ValueError(f"PackedSequence.sorted_indices must be a permutation of "
+                             f"0..{n_batch - 1} (batch_sizes[0] = {n_batch} sequences), got "
+                             f"shape {tuple(order.shape)}")
+        if order.device.type == "cpu":
+            if not torch.equal(order.sort().values, torch.arange(n_batch)):
+                raise ValueError(f"PackedSequence.sorted_indices must be a permutation of "
+                                 f"0..{n_batch - 1} (batch_sizes[0] = {n_batch} sequences), "
+                                 f"got {order.tolist()}")
+        elif not _checks.tracing() and not _checks.capturing(order):
+            ok = (order.sort().values == torch.arange(n_batch, device=order.device)).all()
+            torch._assert_async(ok, f"PackedSequence.sorted_indices must be a permutation of "
+                                    f"0..{n_batch - 1}")
     keep = torch.arange(n_batch)[None, :] < sizes[:, None]  # (T, B), sorted batch order
-    rows = (torch.arange(n_steps)[:, None] * n_batch + order[None, :])[keep]
-    # the i-th sorted sequence is the original order[i]: its length goes there (what
-    # indexing by unsorted_indices, the inverse permutation, gives)
-    lengths = torch.empty(n_batch, dtype=torch.int64)
-    lengths[order] = keep.sum(0)
-    return rows.to(packed.data.device, non_blocking=True), lengths
+    rows = keep.reshape(-1).nonzero().reshape(-1)
+    lengths = keep.sum(0)
+    if data.is_cuda:
+        # a copy from pageable memory this size would wait for the queued kernels
+        rows = rows.pin_memory().to(data.device, non_blocking=True)
+    else:
+        rows = rows.to(data.device)
+    return rows, lengths
 
 
 def _unpack(packed: PackedSequence, layout: Optional[Tuple[Tensor, Tensor]] = None):
-    """(padded (T, B, *) in original batch order, zeros past each end; lengths (B,) int64 on
-    the CPU), as ``pad_packed_sequence`` returns them, in one scatter. ``layout``:
+    """(padded (T, B, *) in the PackedSequence's sorted batch order, zeros past each end;
+    lengths (B,) int64 on the CPU, non-increasing), in one scatter: ``pad_packed_sequence``'s
+    result with the batch indexed by ``sorted_indices``. ``layout``:
     ``_packed_layout(packed)`` when already made."""
     rows, lengths = layout if layout is not None else _packed_layout(packed)
     data, sizes = packed.data, packed.batch_sizes
-    n_steps, n_batch = sizes.numel(), int(sizes[0])
+    n_steps, n_batch = sizes.numel(), lengths.numel()
     flat = data.new_zeros((n_steps * n_batch,) + data.shape[1:])
     padded = flat.index_copy(0, rows, data)
     return padded.view((n_steps, n_batch) + data.shape[1:]), lengths
@@ -351,8 +390,8 @@ def _unpack(packed: PackedSequence, layout: Optional[Tuple[Tensor, Tensor]] = No
 
 def _repack(padded: Tensor, like: PackedSequence,
             rows: Optional[Tensor] = None) -> PackedSequence:
-    """Pack ``padded`` (T, B, *) (original batch order) with the layout of ``like``, in one
-    gather. ``rows``: ``_packed_layout(like)[0]`` when already made."""
+    """Pack ``padded`` (T, B, *) (the sorted batch order of ``like``) with the layout of
+    ``like``, in one gather. ``rows``: ``_packed_layout(like)[0]`` when already made."""
     if rows is None:
         rows = _packed_layout(like)[0]
     flat = padded.reshape((-1,) + padded.shape[2:])

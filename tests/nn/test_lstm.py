@@ -460,6 +460,55 @@ def test_lstm_gpu_low_precision_within_twice_cudnn_error(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_lstm_gpu_packed_and_cpu_lengths_never_wait_for_the_device(layer_norm):
+    """A PackedSequence (pack_padded_sequence leaves sorted_indices on the GPU) and a padded
+    batch with CPU lengths run forward and backward without a host-device sync: the host
+    keeps queueing work while the GPU runs the previous call (an LSTM whose per-call host
+    time is long loses that overlap to a sync). torch's sync debug mode turns a sync into an
+    error. Results match the same model on the padded batch with lengths."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    cls = LayerNormLSTM if layer_norm else LSTM
+    model = cls(16, 32, num_layers=2, bidirectional=True, backend="triton").to(dev)
+    lengths = torch.tensor([7, 12, 3, 12, 9])
+    x = torch.randn(12, 5, 16, device=dev)
+    h0 = torch.randn(4, 5, 32, device=dev)
+    c0 = torch.randn(4, 5, 32, device=dev)
+    # built outside the checked calls: pack_padded_sequence itself copies sorted_indices to
+    # the GPU with a blocking copy
+    pk = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    assert pk.sorted_indices.is_cuda
+
+    def packed():
+        leaf = pk.data.clone().requires_grad_()
+        out, (h, c) = model(PackedSequence(leaf, pk.batch_sizes, pk.sorted_indices,
+                                           pk.unsorted_indices), (h0, c0))
+        (out.data.sum() + h.sum() + c.sum()).backward()
+        dx = PackedSequence(leaf.grad, pk.batch_sizes, pk.sorted_indices, pk.unsorted_indices)
+        return out, h, c, dx
+
+    def padded():
+        leaf = x.clone().requires_grad_()
+        out, (h, c) = model(leaf, (h0, c0), lengths=lengths, enforce_sorted=False)
+        (out.sum() + h.sum() + c.sum()).backward()
+        return out, h, c, leaf.grad
+
+    want, got = padded(), packed()   # warm-up: kernels compiled, caches filled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got, want = packed(), padded()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out, h, c, dx = got
+    torch.testing.assert_close(pad_packed_sequence(out, total_length=12)[0], want[0])
+    torch.testing.assert_close(pad_packed_sequence(dx, total_length=12)[0], want[3])
+    torch.testing.assert_close(h, want[1])
+    torch.testing.assert_close(c, want[2])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("proj_size", [0, 64])
 def test_layer_norm_lstm_gpu_bf16_within_twice_eager_bf16_error(proj_size):
     """The recurrent LayerNorm rescales rounding errors every step (rec is normalized to unit
@@ -533,6 +582,15 @@ def test_layer_norm_lstm_gpu_fp32_gradients_within_twice_torch_fp32_error(proj_s
             f"{name}: error {err:.3e} > 2 x torch fp32's {base:.3e} + atol"
 
 
+def _sorted(packed, padded, lengths):
+    """pad_packed_sequence's (padded, lengths), original batch order, put in the packed
+    sequence's sorted order (the order _unpack returns, the one torch.nn.LSTM runs in)."""
+    if packed.sorted_indices is None:
+        return padded, lengths
+    return (padded.index_select(1, packed.sorted_indices),
+            lengths.index_select(0, packed.sorted_indices.cpu()))
+
+
 @pytest.mark.parametrize("enforce_sorted", [True, False])
 def test_unpack_and_repack_match_torch_in_one_gather(enforce_sorted):
     # PackedSequence <-> padded moves as one scatter / gather (and one op each in backward),
@@ -545,7 +603,7 @@ def test_unpack_and_repack_match_torch_in_one_gather(enforce_sorted):
     packed = PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
                             packed.unsorted_indices)
     padded, lens = _unpack(packed)
-    want, want_lens = pad_packed_sequence(packed)
+    want, want_lens = _sorted(packed, *pad_packed_sequence(packed))
     assert torch.equal(padded, want) and torch.equal(lens, want_lens)
     assert type(padded.grad_fn).__name__.startswith("View")
     again = _repack(padded * 2, packed)
@@ -565,7 +623,7 @@ def test_unpack_and_repack_edge_lengths(lengths):
     x = torch.randn(int(lengths.max()), len(lengths), 3)
     packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
     padded, lens = _unpack(packed)
-    want, want_lens = pad_packed_sequence(packed)
+    want, want_lens = _sorted(packed, *pad_packed_sequence(packed))
     assert torch.equal(padded, want) and torch.equal(lens, want_lens)
     assert torch.equal(_repack(padded, packed).data, packed.data)
 

@@ -244,6 +244,29 @@ OTHER_CASES = [
          _rand(d, 6, 6), torch.tensor([3, 2, 1]), torch.tensor([0, 0, 1], device=d),
          torch.tensor([0, 1, 2], device=d))),
      ValueError, r"sorted_indices must be a permutation of 0..2"),
+    # batch_sizes alone lays out the padded batch (no host read of sorted_indices): one that
+    # grows, holds a 0 or does not match the data was an index error deep in the scatter
+    ("nn.LSTM-packed-batch_sizes-increasing",
+     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
+         _rand(d, 5, 6), torch.tensor([2, 3]))),
+     ValueError, r"batch_sizes must be positive and non-increasing .* got \[2, 3\]"),
+    ("nn.LSTM-packed-batch_sizes-zero",
+     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
+         _rand(d, 2, 6), torch.tensor([2, 0]))),
+     ValueError, r"batch_sizes must be positive and non-increasing .* got \[2, 0\]"),
+    ("nn.LSTM-packed-batch_sizes-sum-not-the-data",
+     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
+         _rand(d, 6, 6), torch.tensor([3, 2]))),
+     ValueError, r"batch_sizes sums to 5 rows, but its data has 6"),
+    ("nn.LSTM-packed-batch_sizes-float",
+     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
+         _rand(d, 5, 6), torch.tensor([3.0, 2.0]))),
+     ValueError, r"batch_sizes must be a 1-D integer tensor on the CPU .* got torch.float32"),
+    ("nn.LSTM-packed-sorted_indices-wrong-length",
+     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
+         _rand(d, 5, 6), torch.tensor([3, 2]), torch.tensor([0, 1], device=d),
+         torch.tensor([0, 1], device=d))),
+     ValueError, r"sorted_indices must be a permutation of 0..2 .* got shape \(2,\)"),
     ("seq2seq-pad_id-outside-vocab", lambda d, b: _seq2seq(d, pad_id=10),
      ValueError, r"pad_id must be a token id in \[0, 10\), got 10"),
     ("seq2seq-eos_id-outside-tgt-vocab", lambda d, b: _seq2seq(d, eos_id=10),
