@@ -230,6 +230,8 @@ def _lstm_cases(out: Dict[str, Callable], dev: str, dtype: torch.dtype) -> None:
     from benchmarks._harness import with_setting
     from fastbert.kernels import _launch
     from fastbert.kernels import lstm as klstm
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
     from fastbert.nn import LSTM
     for batch, hidden, seq in ((64, 256, 64), (64, 512, 64), (256, 1024, 64)):
         x = torch.randn(seq, batch, hidden, device=dev, dtype=dtype, requires_grad=True)
@@ -248,6 +250,20 @@ def _lstm_cases(out: Dict[str, Callable], dev: str, dtype: torch.dtype) -> None:
             shape = f"{batch}x{hidden}x{seq}"
             out[f"lstm fastbert fwd+bwd {shape} (Triton's launch path)"] = with_setting(
                 _launch, "ENABLED", False, out[f"lstm fastbert fwd+bwd {shape}"])
+            # a PackedSequence as pack_padded_sequence leaves it (sorted_indices on the GPU),
+            # built outside the call as bench_lstm's varlen case does: the LSTM's own handling
+            gen = torch.Generator().manual_seed(0)
+            lengths = torch.randint(seq // 4, seq + 1, (batch,), generator=gen)
+            lengths[0] = seq
+            pk = pack_padded_sequence(x.detach(), lengths, enforce_sorted=False)
+            leaf = pk.data.detach().requires_grad_()
+            inp = PackedSequence(leaf, pk.batch_sizes, pk.sorted_indices, pk.unsorted_indices)
+            for name, model in (("fastbert", ours), ("cudnn", ref)):
+                def run_packed(model=model, inp=inp, leaf=leaf):
+                    y, (h, c) = model(inp)
+                    return torch.autograd.grad(y.data.float().sum() + h.float().sum(),
+                                               [leaf] + list(model.parameters()))
+                out[f"lstm {name} packed fwd+bwd {shape}"] = run_packed
 
 
 def main(argv=None) -> int:

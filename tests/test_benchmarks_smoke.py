@@ -165,6 +165,8 @@ def test_profile_overhead_cases_build_and_the_cheap_ones_run(device):
     # the last shape's input, and the smaller shapes raised)
     for shape in ("64x256x64", "64x512x64"):
         cases[f"lstm cudnn fwd+bwd {shape}"]()
+    cases["lstm cudnn packed fwd+bwd 64x512x64"]()
+    assert "lstm fastbert packed fwd+bwd 64x512x64" in cases
     script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
     wanted = re.search(r'--cprofile-k "([^"]+)"', script).group(1).split(",")
     for text in wanted:
