@@ -278,8 +278,8 @@ class LSTM(torch.nn.Module):
             if tuple(c0.shape) != c_shape:
                 raise _ShapeError(f"Expected hidden[1] size {c_shape}, got {tuple(c0.shape)}")
             if packed and input.sorted_indices is not None:
-                h0 = h0.index_select(1, input.sorted_indices)
-                c0 = c0.index_select(1, input.sorted_indices)
+                order = input.sorted_indices.to(h0.device)   # a no-op on the same device
+                h0, c0 = h0.index_select(1, order), c0.index_select(1, order)
         # past each length the first layer's input is zeroed once here (a PackedSequence
         # unpacks with zeros there), and every layer's output is zero there: no layer needs
         # lstm_layer's own masked copy
@@ -307,8 +307,8 @@ class LSTM(torch.nn.Module):
         if packed:
             output = _repack(output, input, rows)
             if input.unsorted_indices is not None:
-                h_n = h_n.index_select(1, input.unsorted_indices)
-                c_n = c_n.index_select(1, input.unsorted_indices)
+                back = input.unsorted_indices.to(h_n.device)
+                h_n, c_n = h_n.index_select(1, back), c_n.index_select(1, back)
         elif not batched:
             output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
         elif self.batch_first:
