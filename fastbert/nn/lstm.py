@@ -332,8 +332,10 @@ def _packed_layout(packed: PackedSequence) -> Tuple[Tensor, Tensor]:
     sizes = packed.batch_sizes
     data = packed.data
     if (not isinstance(sizes, Tensor) or sizes.device.type != "cpu" or sizes.dim() != 1
-            or sizes.is_floating_point() or sizes.dtype == torch.bool):
-        raise ValueError("PackedSequence.batch_sizes must be a 1-D integer tensor on the CPU "
+            or sizes.dtype != torch.int64):
+        # int64 as torch.nn.LSTM wants it (the output PackedSequence carries it on, into
+        # pad_packed_sequence, which wants it too)
+        raise ValueError("PackedSequence.batch_sizes must be a 1-D int64 tensor on the CPU "
                          f"(as pack_padded_sequence makes it), got "
                          f"{getattr(sizes, 'dtype', type(sizes).__name__)}"
                          f"{' of shape ' + str(tuple(sizes.shape)) if isinstance(sizes, Tensor) else ''}"
@@ -350,11 +352,14 @@ def _packed_layout(packed: PackedSequence) -> Tuple[Tensor, Tensor]:
     order = packed.sorted_indices
     if order is not None:
         # torch.nn.LSTM trusts it; here one that is not a permutation is an error, found
-        # without a host read of a CUDA tensor
-        if order.dim() != 1 or order.shape[0] != n_batch:
+        # without a host read of a CUDA tensor (unsorted_indices, which only orders h_n and
+        # c_n back, is taken as given, as torch does)
+        if (order.dim() != 1 or order.shape[0] != n_batch
+                or order.dtype not in (torch.int64, torch.int32)):
             raise ValueError(f"PackedSequence.sorted_indices must be a permutation of "
                              f"0..{n_batch - 1} (batch_sizes[0] = {n_batch} sequences), got "
-                             f"shape {tuple(order.shape)}")
+                             f"{str(order.dtype).replace('torch.', '')} of shape "
+                             f"{tuple(order.shape)}")
         if order.device.type == "cpu":
             if not torch.equal(order.sort().values, torch.arange(n_batch)):
                 raise ValueError(f"PackedSequence.sorted_indices must be a permutation of "

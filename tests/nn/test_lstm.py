@@ -509,6 +509,28 @@ def test_lstm_gpu_packed_and_cpu_lengths_never_wait_for_the_device(layer_norm):
 
 
 @pytest.mark.gpu
+def test_lstm_gpu_packed_sorted_indices_not_a_permutation_fails_on_the_device():
+    """A CUDA sorted_indices is not read on the host: one that is no permutation fails the
+    stream (a device-side assert, naming it), not the call. Run in a child process: the
+    failed stream is sticky and would fail every later CUDA test in this one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import torch\n"
+            "from torch.nn.utils.rnn import PackedSequence\n"
+            "from fastbert.nn import LSTM\n"
+            "m = LSTM(6, 8, backend='triton').cuda()\n"
+            "m(PackedSequence(torch.randn(6, 6, device='cuda'), torch.tensor([3, 2, 1]),\n"
+            "                 torch.tensor([0, 0, 1], device='cuda'),\n"
+            "                 torch.tensor([0, 1, 2], device='cuda')))\n"
+            "torch.cuda.synchronize()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert r.returncode != 0
+    assert "device-side assert" in r.stderr or "sorted_indices must be a permutation" in r.stderr
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("proj_size", [0, 64])
 def test_layer_norm_lstm_gpu_bf16_within_twice_eager_bf16_error(proj_size):
     """The recurrent LayerNorm rescales rounding errors every step (rec is normalized to unit
@@ -613,6 +635,49 @@ def test_unpack_and_repack_match_torch_in_one_gather(enforce_sorted):
     w = torch.randn_like(data)
     (g,) = torch.autograd.grad((again.data * w).sum(), data)
     torch.testing.assert_close(g, 2 * w)
+
+
+def _lstm_pair_fp64():
+    """torch.nn.LSTM and fastbert's (PyTorch backend) with the same weights, float64."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(6, 8, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours = LSTM(6, 8, num_layers=2, bidirectional=True, dtype=torch.float64, backend="torch")
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def test_lstm_packed_state_permutations_match_torch_when_not_an_involution():
+    """h_0 / c_0 go into the sorted order by sorted_indices and h_n / c_n back by
+    unsorted_indices: with lengths whose sort is a 3-cycle (sorted != unsorted) swapping the
+    two is seen (a sort that is its own inverse, as lengths [6, 2, 4] give, hides it)."""
+    ref, ours = _lstm_pair_fp64()
+    x = torch.randn(6, 3, 6, dtype=torch.float64)
+    h0, c0 = torch.randn(2, 4, 3, 8, dtype=torch.float64)
+    pk = pack_padded_sequence(x, torch.tensor([4, 2, 6]), enforce_sorted=False)
+    assert not torch.equal(pk.sorted_indices, pk.unsorted_indices)
+    (o1, (h1, c1)), (o2, (h2, c2)) = ref(pk, (h0, c0)), ours(pk, (h0, c0))
+    for a, b in ((o1.data, o2.data), (h1, h2), (c1, c2)):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_lstm_packed_with_unsorted_indices_only_matches_torch():
+    """A PackedSequence built by hand with unsorted_indices and no sorted_indices: h_0 is
+    taken as it is, h_n / c_n are still put back by unsorted_indices, as torch does."""
+    ref, ours = _lstm_pair_fp64()
+    x = torch.randn(6, 3, 6, dtype=torch.float64)
+    h0, c0 = torch.randn(2, 4, 3, 8, dtype=torch.float64)
+    pk = pack_padded_sequence(x, torch.tensor([6, 4, 2]))
+    pk = PackedSequence(pk.data, pk.batch_sizes, None, torch.tensor([2, 0, 1]))
+    (o1, (h1, c1)), (o2, (h2, c2)) = ref(pk, (h0, c0)), ours(pk, (h0, c0))
+    for a, b in ((o1.data, o2.data), (h1, h2), (c1, c2)):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_lstm_empty_packed_sequence_gives_empty_results():
+    # no step, no sequence (torch.nn.LSTM raises an IndexError): empty outputs and states
+    m = LSTM(6, 8, num_layers=2, bidirectional=True)
+    out, (h, c) = m(PackedSequence(torch.empty(0, 6), torch.empty(0, dtype=torch.int64)))
+    assert out.data.shape == (0, 16) and h.shape == (4, 0, 8) and c.shape == (4, 0, 8)
 
 
 @pytest.mark.parametrize("lengths", [[1], [1, 1, 1], [4], [3, 1]])

@@ -238,12 +238,18 @@ OTHER_CASES = [
     ("nn.LayerNorm-input-list",   # torch.nn.LayerNorm's TypeError (was an AttributeError)
      lambda d, b: LayerNorm(3).to(d)([[1.0, 2.0, 3.0]]),
      TypeError, "LayerNorm: input must be a Tensor, got list"),
-    # a sorted_indices that is no permutation left lengths uninitialized (random results)
+    # a sorted_indices that is no permutation: on the CPU a ValueError (a CUDA one is checked
+    # by a device-side assert, no host read: tests/nn/test_lstm.py, in a subprocess)
     ("nn.LSTM-packed-sorted_indices-not-a-permutation",
      lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
-         _rand(d, 6, 6), torch.tensor([3, 2, 1]), torch.tensor([0, 0, 1], device=d),
-         torch.tensor([0, 1, 2], device=d))),
+         _rand(d, 6, 6), torch.tensor([3, 2, 1]), torch.tensor([0, 0, 1]),
+         torch.tensor([0, 1, 2]))),
      ValueError, r"sorted_indices must be a permutation of 0..2"),
+    ("nn.LSTM-packed-sorted_indices-float",
+     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
+         _rand(d, 6, 6), torch.tensor([3, 2, 1]), torch.tensor([1.0, 0.0, 2.0]),
+         torch.tensor([1, 0, 2]))),
+     ValueError, r"sorted_indices must be a permutation of 0..2 .* got float32 of shape"),
     # batch_sizes alone lays out the padded batch (no host read of sorted_indices): one that
     # grows, holds a 0 or does not match the data was an index error deep in the scatter
     ("nn.LSTM-packed-batch_sizes-increasing",
@@ -261,12 +267,24 @@ OTHER_CASES = [
     ("nn.LSTM-packed-batch_sizes-float",
      lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
          _rand(d, 5, 6), torch.tensor([3.0, 2.0]))),
-     ValueError, r"batch_sizes must be a 1-D integer tensor on the CPU .* got torch.float32"),
+     ValueError, r"batch_sizes must be a 1-D int64 tensor on the CPU .* got torch.float32"),
+    ("nn.LSTM-packed-batch_sizes-int32",   # torch.nn.LSTM and pad_packed_sequence want int64
+     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
+         _rand(d, 5, 6), torch.tensor([3, 2], dtype=torch.int32))),
+     ValueError, r"batch_sizes must be a 1-D int64 tensor on the CPU .* got torch.int32"),
+    ("nn.LSTM-packed-batch_sizes-bool",
+     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
+         _rand(d, 2, 6), torch.tensor([True, True]))),
+     ValueError, r"batch_sizes must be a 1-D int64 tensor on the CPU .* got torch.bool"),
+    ("nn.LSTM-packed-batch_sizes-2d",
+     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
+         _rand(d, 3, 6), torch.tensor([[2, 1]]))),
+     ValueError, r"batch_sizes must be a 1-D int64 tensor .* of shape \(1, 2\)"),
     ("nn.LSTM-packed-sorted_indices-wrong-length",
      lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
          _rand(d, 5, 6), torch.tensor([3, 2]), torch.tensor([0, 1], device=d),
          torch.tensor([0, 1], device=d))),
-     ValueError, r"sorted_indices must be a permutation of 0..2 .* got shape \(2,\)"),
+     ValueError, r"sorted_indices must be a permutation of 0..2 .* got int64 of shape \(2,\)"),
     ("seq2seq-pad_id-outside-vocab", lambda d, b: _seq2seq(d, pad_id=10),
      ValueError, r"pad_id must be a token id in \[0, 10\), got 10"),
     ("seq2seq-eos_id-outside-tgt-vocab", lambda d, b: _seq2seq(d, eos_id=10),
