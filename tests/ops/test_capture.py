@@ -193,3 +193,100 @@ def test_lstm_with_cpu_lengths_compiles_fullgraph_on_cuda():
     f = lambda x, lengths: m(x, lengths=lengths, enforce_sorted=False)[0]
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x, lengths),
                                f(x, lengths), rtol=1e-4, atol=1e-4)
+
+
+def _bert_block(device, dtype, batch=2, seq=12, heads=2, head_dim=16, vocab=50):
+    """A BERT encoder step on fastbert's default (Triton) paths: the embedding sum +
+    LayerNorm, masked self-attention, the residual LayerNorm epilogues, bias + GELU, and the
+    MLM loss on cross_entropy. Returns (run, inputs): run(ids, mask, labels, p) does forward
+    and backward (p: every dropout probability) and returns the loss and the gradients of
+    every weight; inputs are a fixed draw, updatable in place."""
+    g = torch.Generator().manual_seed(0)
+    hidden = heads * head_dim
+    w = lambda *s: (0.2 * torch.randn(*s, generator=g)).to(device, dtype).requires_grad_()
+    params = dict(word=w(vocab, hidden), pos=w(seq, hidden), typ=w(2, hidden),
+                  ln0_w=w(hidden), ln0_b=w(hidden), qkv=w(3 * hidden, hidden),
+                  o=w(hidden, hidden), o_b=w(hidden), ln1_w=w(hidden), ln1_b=w(hidden),
+                  up=w(4 * hidden, hidden), up_b=w(4 * hidden), down=w(hidden, 4 * hidden),
+                  down_b=w(hidden), ln2_w=w(hidden), ln2_b=w(hidden))
+    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[1, seq // 2:] = False   # a padded row
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels[torch.rand(batch, seq, generator=g) > 0.3] = -100
+    labels[0, 0] = 1   # at least one masked token
+    inputs = (ids, mask.to(device), labels.to(device))
+
+    def run(ids, mask, labels, p):
+        P = params
+        x = ops.embedding_layer_norm(ids, P["word"], P["pos"], P["ln0_w"], P["ln0_b"],
+                                     type_weight=P["typ"], dropout_p=p, check_bounds=False)
+        q, k, v = torch.nn.functional.linear(x, P["qkv"]).view(
+            batch, seq, 3, heads, head_dim).unbind(2)
+        a = ops.attention(q, k, v, attention_mask=mask, dropout_p=p).reshape(batch, seq, hidden)
+        h = ops.layer_norm(torch.nn.functional.linear(a, P["o"]), P["ln1_w"], P["ln1_b"],
+                           1e-12, residual=x, x_bias=P["o_b"], dropout_p=p)
+        f = ops.bias_gelu(torch.nn.functional.linear(h, P["up"]), P["up_b"])
+        y = ops.layer_norm(torch.nn.functional.linear(f, P["down"]), P["ln2_w"], P["ln2_b"],
+                           1e-12, residual=h, x_bias=P["down_b"], dropout_p=p)
+        logits = torch.nn.functional.linear(y, P["word"])   # tied decoder
+        loss = ops.cross_entropy(logits.view(-1, vocab), labels.view(-1), check_labels=False)
+        grads = torch.autograd.grad(loss, list(P.values()))
+        return (loss,) + grads
+    return run, inputs
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bert_block_makes_no_host_read_during_a_capture(captured, device, backend):
+    """The BERT step's ops (bounds and label checks off, as a captured training step runs
+    them) read nothing on the host while a capture is simulated: they can be captured in a
+    CUDA graph (torch.cuda.graph, torch.compile mode='reduce-overhead'). With dropout on: the
+    seeds are drawn on the device."""
+    run, inputs = _bert_block(device, torch.float32)
+    with fastbert.use_backend(backend):
+        loss, *grads = run(*inputs, 0.1)
+    assert torch.isfinite(loss) and all(torch.isfinite(t).all() for t in grads)
+    assert all(t.abs().sum() > 0 for t in grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bert_block_runs_without_a_sync_and_replays_from_a_cuda_graph(dtype):
+    """On the GPU: (1) a BERT step (forward and backward) never waits for the device (torch's
+    sync debug mode makes a sync an error), so the host queues the next launches while the
+    GPU runs; (2) captured in a CUDA graph, a replay with new ids, mask and labels equals
+    eager (dropout 0), and with dropout two replays draw different masks."""
+    dev = torch.device("cuda")
+    run, (ids, mask, labels) = _bert_block(dev, dtype, batch=4, seq=64, heads=4, head_dim=64,
+                                           vocab=1000)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm up (compiles) outside the capture and the checks
+        run(ids, mask, labels, 0.0)
+        run(ids, mask, labels, 0.1)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(ids, mask, labels, 0.0)
+        run(ids, mask, labels, 0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for p in (0.0, 0.1):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run(ids, mask, labels, p)
+        gen = torch.Generator().manual_seed(1)
+        ids.copy_(torch.randint(0, 1000, ids.shape, generator=gen))
+        mask.copy_(torch.rand(mask.shape, generator=gen) > 0.2)
+        mask[:, 0] = True
+        graph.replay()
+        first = [t.clone() for t in out]
+        if p == 0.0:
+            torch.cuda.synchronize()
+            want = run(ids, mask, labels, 0.0)
+            for i, (a, b) in enumerate(zip(first, want)):
+                torch.testing.assert_close(a, b, msg=f"result {i}")
+        else:
+            graph.replay()
+            assert not torch.equal(first[0], out[0]), "two replays drew the same dropout masks"
