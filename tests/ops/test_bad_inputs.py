@@ -26,6 +26,13 @@ def _rand(device, *shape, dtype=torch.float32):
     return torch.randn(*shape, device=device, dtype=dtype)
 
 
+def _lstm_packed(device, n_rows, *layout):
+    """fastbert.nn.LSTM(6, 8) on a PackedSequence of n_rows rows built by hand with
+    ``layout``: batch_sizes[, sorted_indices, unsorted_indices]."""
+    return LSTM(6, 8).to(device)(
+        torch.nn.utils.rnn.PackedSequence(_rand(device, n_rows, 6), *layout))
+
+
 def _i32(values, device):
     return torch.tensor(values, dtype=torch.int32, device=device)
 
@@ -241,49 +248,36 @@ OTHER_CASES = [
     # a sorted_indices that is no permutation: on the CPU a ValueError (a CUDA one is checked
     # by a device-side assert, no host read: tests/nn/test_lstm.py, in a subprocess)
     ("nn.LSTM-packed-sorted_indices-not-a-permutation",
-     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
-         _rand(d, 6, 6), torch.tensor([3, 2, 1]), torch.tensor([0, 0, 1]),
-         torch.tensor([0, 1, 2]))),
+     lambda d, b: _lstm_packed(d, 6, torch.tensor([3, 2, 1]), torch.tensor([0, 0, 1]),
+                               torch.tensor([0, 1, 2])),
      ValueError, r"sorted_indices must be a permutation of 0..2"),
     ("nn.LSTM-packed-sorted_indices-float",
-     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
-         _rand(d, 6, 6), torch.tensor([3, 2, 1]), torch.tensor([1.0, 0.0, 2.0]),
-         torch.tensor([1, 0, 2]))),
+     lambda d, b: _lstm_packed(d, 6, torch.tensor([3, 2, 1]), torch.tensor([1.0, 0.0, 2.0]),
+                               torch.tensor([1, 0, 2])),
      ValueError, r"sorted_indices must be a permutation of 0..2 .* got float32 of shape"),
     # batch_sizes alone lays out the padded batch (no host read of sorted_indices): one that
-    # grows, holds a 0 or does not match the data was an index error deep in the scatter
-    ("nn.LSTM-packed-batch_sizes-increasing",
-     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
-         _rand(d, 5, 6), torch.tensor([2, 3]))),
-     ValueError, r"batch_sizes must be positive and non-increasing .* got \[2, 3\]"),
-    ("nn.LSTM-packed-batch_sizes-zero",
-     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
-         _rand(d, 2, 6), torch.tensor([2, 0]))),
-     ValueError, r"batch_sizes must be positive and non-increasing .* got \[2, 0\]"),
-    ("nn.LSTM-packed-batch_sizes-sum-not-the-data",
-     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
-         _rand(d, 6, 6), torch.tensor([3, 2]))),
-     ValueError, r"batch_sizes sums to 5 rows, but its data has 6"),
-    ("nn.LSTM-packed-batch_sizes-float",
-     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
-         _rand(d, 5, 6), torch.tensor([3.0, 2.0]))),
-     ValueError, r"batch_sizes must be a 1-D int64 tensor on the CPU .* got torch.float32"),
-    ("nn.LSTM-packed-batch_sizes-int32",   # torch.nn.LSTM and pad_packed_sequence want int64
-     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
-         _rand(d, 5, 6), torch.tensor([3, 2], dtype=torch.int32))),
-     ValueError, r"batch_sizes must be a 1-D int64 tensor on the CPU .* got torch.int32"),
-    ("nn.LSTM-packed-batch_sizes-bool",
-     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
-         _rand(d, 2, 6), torch.tensor([True, True]))),
-     ValueError, r"batch_sizes must be a 1-D int64 tensor on the CPU .* got torch.bool"),
-    ("nn.LSTM-packed-batch_sizes-2d",
-     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
-         _rand(d, 3, 6), torch.tensor([[2, 1]]))),
-     ValueError, r"batch_sizes must be a 1-D int64 tensor .* of shape \(1, 2\)"),
+    # grows, holds a 0 or does not match the data was an index error deep in the scatter;
+    # torch.nn.LSTM and pad_packed_sequence want int64
+    *[(f"nn.LSTM-packed-batch_sizes-{name}",
+       (lambda n, sizes: lambda d, b: _lstm_packed(d, n, sizes))(n, sizes), ValueError, match)
+      for name, n, sizes, match in [
+          ("increasing", 5, torch.tensor([2, 3]),
+           r"batch_sizes must be positive and non-increasing .* got \[2, 3\]"),
+          ("zero", 2, torch.tensor([2, 0]),
+           r"batch_sizes must be positive and non-increasing .* got \[2, 0\]"),
+          ("sum-not-the-data", 6, torch.tensor([3, 2]),
+           r"batch_sizes sums to 5 rows, but its data has 6"),
+          ("float", 5, torch.tensor([3.0, 2.0]),
+           r"batch_sizes must be a 1-D int64 tensor on the CPU .* got torch.float32"),
+          ("int32", 5, torch.tensor([3, 2], dtype=torch.int32),
+           r"batch_sizes must be a 1-D int64 tensor on the CPU .* got torch.int32"),
+          ("bool", 2, torch.tensor([True, True]),
+           r"batch_sizes must be a 1-D int64 tensor on the CPU .* got torch.bool"),
+          ("2d", 3, torch.tensor([[2, 1]]),
+           r"batch_sizes must be a 1-D int64 tensor .* of shape \(1, 2\)")]],
     ("nn.LSTM-packed-sorted_indices-wrong-length",
-     lambda d, b: LSTM(6, 8).to(d)(torch.nn.utils.rnn.PackedSequence(
-         _rand(d, 5, 6), torch.tensor([3, 2]), torch.tensor([0, 1], device=d),
-         torch.tensor([0, 1], device=d))),
+     lambda d, b: _lstm_packed(d, 5, torch.tensor([3, 2]), torch.tensor([0, 1], device=d),
+                               torch.tensor([0, 1], device=d)),
      ValueError, r"sorted_indices must be a permutation of 0..2 .* got int64 of shape \(2,\)"),
     ("seq2seq-pad_id-outside-vocab", lambda d, b: _seq2seq(d, pad_id=10),
      ValueError, r"pad_id must be a token id in \[0, 10\), got 10"),
