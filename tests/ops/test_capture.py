@@ -285,8 +285,12 @@ def test_bert_block_runs_without_a_sync_and_replays_from_a_cuda_graph(dtype):
         if p == 0.0:
             torch.cuda.synchronize()
             want = run(ids, mask, labels, 0.0)
+            # the same kernels on the same inputs, but cuBLAS may pick other algorithms inside
+            # a capture: a loose tolerance (stale inputs or outputs would differ by O(1))
             for i, (a, b) in enumerate(zip(first, want)):
-                torch.testing.assert_close(a, b, msg=f"result {i}")
+                scale = b.float().abs().max().item()
+                torch.testing.assert_close(a.float(), b.float(), rtol=2e-2,
+                                           atol=1e-2 * scale + 1e-6, msg=f"result {i}")
         else:
             graph.replay()
             assert not torch.equal(first[0], out[0]), "two replays drew the same dropout masks"
