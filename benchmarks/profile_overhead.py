@@ -227,11 +227,11 @@ def cases(dev: str = "cuda") -> Dict[str, Callable]:
 
 
 def _lstm_cases(out: Dict[str, Callable], dev: str, dtype: torch.dtype) -> None:
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
     from benchmarks._harness import with_setting
     from fastbert.kernels import _launch
     from fastbert.kernels import lstm as klstm
-    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
-
     from fastbert.nn import LSTM
     for batch, hidden, seq in ((64, 256, 64), (64, 512, 64), (256, 1024, 64)):
         x = torch.randn(seq, batch, hidden, device=dev, dtype=dtype, requires_grad=True)

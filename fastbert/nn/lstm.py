@@ -331,15 +331,13 @@ def _packed_layout(packed: PackedSequence) -> Tuple[Tensor, Tensor]:
     rows go to the GPU from pinned memory, without a wait."""
     sizes = packed.batch_sizes
     data = packed.data
-    if (not isinstance(sizes, Tensor) or sizes.device.type != "cpu" or sizes.dim() != 1
-            or sizes.dtype != torch.int64):
+    # (PackedSequence's constructor already refuses a batch_sizes off the CPU)
+    if sizes.dim() != 1 or sizes.dtype != torch.int64:
         # int64 as torch.nn.LSTM wants it (the output PackedSequence carries it on, into
         # pad_packed_sequence, which wants it too)
         raise ValueError("PackedSequence.batch_sizes must be a 1-D int64 tensor on the CPU "
-                         f"(as pack_padded_sequence makes it), got "
-                         f"{getattr(sizes, 'dtype', type(sizes).__name__)}"
-                         f"{' of shape ' + str(tuple(sizes.shape)) if isinstance(sizes, Tensor) else ''}"
-                         f"{' on ' + str(sizes.device) if isinstance(sizes, Tensor) else ''}")
+                         f"(as pack_padded_sequence makes it), got {sizes.dtype} of shape "
+                         f"{tuple(sizes.shape)}")
     n_steps = sizes.numel()
     n_batch = int(sizes[0]) if n_steps else 0
     if n_steps and (int(sizes[-1]) < 1 or bool((sizes[1:] > sizes[:-1]).any())):

@@ -196,7 +196,7 @@ def test_lstm_with_cpu_lengths_compiles_fullgraph_on_cuda():
 
 
 def _bert_block(device, dtype, batch=2, seq=12, heads=2, head_dim=16, vocab=50):
-    """A BERT encoder step on fastbert's default (Triton) paths: the embedding sum +
+    """A BERT encoder step on fastbert's ops: the embedding sum +
     LayerNorm, masked self-attention, the residual LayerNorm epilogues, bias + GELU, and the
     MLM loss on cross_entropy. Returns (run, inputs): run(ids, mask, labels, p) does forward
     and backward (p: every dropout probability) and returns the loss and the gradients of
@@ -240,8 +240,7 @@ def _bert_block(device, dtype, batch=2, seq=12, heads=2, head_dim=16, vocab=50):
 def test_bert_block_makes_no_host_read_during_a_capture(captured, device, backend):
     """The BERT step's ops (bounds and label checks off, as a captured training step runs
     them) read nothing on the host while a capture is simulated: they can be captured in a
-    CUDA graph (torch.cuda.graph, torch.compile mode='reduce-overhead'). With dropout on: the
-    seeds are drawn on the device."""
+    CUDA graph (torch.cuda.graph). With dropout on: the seeds are drawn on the device."""
     run, inputs = _bert_block(device, torch.float32)
     with fastbert.use_backend(backend):
         loss, *grads = run(*inputs, 0.1)
