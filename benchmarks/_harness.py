@@ -5,7 +5,9 @@ one callable per implementation) and hands them to ``run_cases``; the harness ti
 with ``triton.testing.do_bench`` (median and 20/80% quantiles) on CUDA, or a plain timer on
 CPU, records peak memory, computes GB/s or TFLOP/s and their fraction of the ceiling measured
 in the same process (device-to-device copy bandwidth, bf16 matmul rate), the summed kernel
-time of a call from torch.profiler (``gpu_ms``: far below ``ms`` means host-bound), and writes
+time of a call from torch.profiler (``gpu_ms``: far below ``ms`` means host-bound), the
+seconds of the first call on its own (``first_s``: JIT compiles, or loads from the caches the
+compile-ahead warm-up filled, see ``warm_cases``), and writes
 ``<results>/<bench>_<card>.csv`` plus a markdown table naming the card, driver, torch and
 triton versions.
 
@@ -260,9 +262,16 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
             if stop_at is not None and time.time() > stop_at and results:
                 # the budget ran out inside a case: the impls not timed are reported so, and
                 # what was timed is kept
-                results[impl] = (float("nan"),) * 3 + (None, None, "not run: time budget")
+                results[impl] = (float("nan"),) * 3 + (None, None, None, "not run: time budget")
                 continue
+            first = None
             try:
+                # the first call on its own: JIT compiles (or loads from the caches the warm-up
+                # filled) and allocates; its seconds are the first_s column
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                first = time.perf_counter() - t0
                 ms, lo, hi = time_fn(fn, device)
                 mem = peak_memory_mb(fn, device)
                 gpu = gpu_time_ms(fn, device)
@@ -270,8 +279,8 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
             except Exception as e:  # an impl that cannot run this shape is reported, not fatal
                 ms = lo = hi = float("nan")
                 mem = gpu = None
-                err = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            results[impl] = (ms, lo, hi, mem, gpu, err)
+                err = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+            results[impl] = (ms, lo, hi, mem, gpu, first, err)
             if verbose:
                 print(f"{bench:>14} {case.name:<24} {_fmt_params(case.params):<44} {impl:<16} "
                       f"{ms:9.4f} ms{'  ' + err if err else ''}", flush=True)
@@ -309,18 +318,72 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
     return rows
 
 
+def warm_cases(bench: str, cases: List[Case], device: torch.device, shard: int,
+               n_shards: int, *, verbose: bool = True) -> Dict[str, int]:
+    """Compile ahead: call once each, untimed, the (case, impl) pairs of shard ``shard`` of
+    ``n_shards`` (the pairs in case order, every n-th from the shard's index), and return the
+    counts {"ran", "failed", "not_reached"}.
+
+    ``make gpu-check`` runs a few of these shards in parallel processes before the timed run
+    (``--warm I/N``): each first call JIT-compiles its Triton kernels (single-threaded, about a
+    second a kernel) and its ``torch.compile`` graphs into the on-disk caches of Triton and
+    Inductor, which the timed process, run after them, then loads instead of compiling one
+    after another inside its share of the time budget. Nothing is timed or written; an impl
+    that fails is counted, not fatal (the timed run reports it). New pairs stop starting at
+    ``$FASTBERT_BENCH_DEADLINE``; a case's inputs are freed after this shard's last pair in it.
+    """
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard must be in [0, {n_shards}), got {shard}")
+    stop_at = deadline()
+    counts = {"ran": 0, "failed": 0, "not_reached": 0}
+    start = time.time()
+    index = 0
+    for case in cases:
+        mine = []
+        for impl in case.impls:
+            if index % n_shards == shard:
+                mine.append(impl)
+            index += 1
+        for impl in mine:
+            if stop_at is not None and time.time() > stop_at:
+                counts["not_reached"] += 1
+                continue
+            try:
+                case.impls[impl]()
+                sync(device)
+                counts["ran"] += 1
+            except Exception as e:  # reported by the timed run, which calls it again
+                counts["failed"] += 1
+                if verbose:
+                    print(f"{bench} warm-up: {case.name} {_fmt_params(case.params)} {impl}: "
+                          f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}",
+                          flush=True)
+        if mine:
+            case.impls = {impl: _spent for impl in case.impls}
+            if device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+    if verbose:
+        # one line gpu_check.sh sums over the shards
+        print(f"{bench} warm-up shard {shard}/{n_shards}: ran={counts['ran']} "
+              f"failed={counts['failed']} not_reached={counts['not_reached']} "
+              f"secs={time.time() - start:.0f}", flush=True)
+    return counts
+
+
 def _case_rows(bench: str, case: Case, results: Dict[str, tuple],
                ceilings: Dict[str, Optional[float]]) -> List[Dict[str, object]]:
     """The CSV rows of ``case`` from the impls timed so far (``results``: impl -> (ms, p20,
-    p80, peak MB, GPU ms, error))."""
+    p80, peak MB, GPU ms, first call's seconds, error))."""
     base = case.baseline or next(iter(case.impls))
     base_ms = results[base][0] if base in results else float("nan")
     out = []
-    for impl, (ms, lo, hi, mem, gpu, err) in results.items():
+    for impl, (ms, lo, hi, mem, gpu, first, err) in results.items():
         row = {"bench": bench, "case": case.name, **case.params, "impl": impl,
                "ms": round(ms, 5), "ms_p20": round(lo, 5), "ms_p80": round(hi, 5),
                "gpu_ms": None if gpu is None else round(gpu, 5),
                "peak_mb": None if mem is None else round(mem, 1),
+               "first_s": None if first is None else round(first, 3),
                f"speedup_vs_{base}": (round(base_ms / ms, 3)
                                       if ms == ms and ms > 0 and base_ms == base_ms else None)}
         if case.bytes is not None and ms == ms:
@@ -394,6 +457,7 @@ QUICK_TAG = "-quick"
 # the columns of a result row that are measurements or the impl name (besides speedup_vs_*);
 # the others identify the case (benchmarks/targets.py groups rows by them)
 MEASURED_COLUMNS = frozenset({"bench", "impl", "ms", "ms_p20", "ms_p80", "gpu_ms", "peak_mb",
+                              "first_s",
                               "GB/s", "%copy_bw", "TFLOP/s", "%matmul", "error",
                               # bench_translation's training rows
                               "steps_run", "tok/s", "outliers", "loss", "bleu", "exact%",
@@ -407,17 +471,36 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a few small shapes (the default on CPU, where only the torch paths run)")
     p.add_argument("--no-write", action="store_true", help="print only; write no result files")
+    p.add_argument("--warm", metavar="I/N", type=_shard,
+                   help="compile ahead: call shard I of N of the (case, impl) pairs once each, "
+                        "untimed, and write nothing (see warm_cases)")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
     if args.device.type != "cuda":
         args.quick = True
+    if args.warm is not None:
+        args.no_write = True
     return args
+
+
+def _shard(text: str) -> tuple:
+    """``--warm``'s I/N: (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (two whole numbers), got {text!r}")
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"expected 0 <= I < N, got {text!r}")
+    return i, n
 
 
 def main_for(bench: str, cases_fn, description: str, argv=None) -> List[Dict[str, object]]:
     """The ``main`` of every bench script: parse the common arguments, build the cases for
     the chosen device, time them and write the results."""
     args = parse_args(description, argv)
+    if args.warm is not None:
+        warm_cases(bench, cases_fn(args.device, args.quick), args.device, *args.warm)
+        return []
     quick_gpu = args.quick and args.device.type == "cuda"
     return run_cases(bench, cases_fn(args.device, args.quick), args.device,
                      write=not args.no_write, tag=QUICK_TAG if quick_gpu else "")

@@ -10,7 +10,10 @@
 #      Triton interpreter);
 #   4. the benchmarks, one process each, attention / cross-entropy / embedding / LSTM (LayerNorm
 #      when FASTBERT_BENCHES names it), sharing what is left of the budget (each writes its
-#      CSV + markdown after every case and stops starting cases at its share's end);
+#      CSV + markdown after every case and stops starting cases at its share's end), after a
+#      compile-ahead warm-up of them in parallel processes (FASTBERT_WARM_SECS, default 90, at
+#      most 30% of the benches' time, 0 for none; FASTBERT_WARM_PROCS, default the cores up
+#      to 12): see the bench phase;
 #   5. the issues' speed targets judged from those CSVs (benchmarks/targets.py -> targets.md,
 #      also in the summary).
 # Logs, CSVs and markdown tables go to $FASTBERT_RESULTS (default benchmarks/results).
@@ -99,6 +102,15 @@ done
 [ -n "${PHASES// /}" ] || refuse "FASTBERT_GPU_PHASES names no phase"
 # the opt-in profile phase runs after the benches: its time is kept from them
 if phase_on profile; then PROFILE_SECS=$((10#$PROFILE_SECS)); else PROFILE_SECS=0; fi
+# the compile-ahead warm-up before the timed benches (0 s: none) and its processes
+WARM_SECS="${FASTBERT_WARM_SECS:-90}"
+WARM_PROCS="${FASTBERT_WARM_PROCS:-$(min "$(nproc 2>/dev/null || echo 4)" 12)}"
+case "$WARM_SECS" in ''|*[!0-9]*)
+  refuse "FASTBERT_WARM_SECS must be a number of seconds, got '$WARM_SECS'" ;; esac
+case "$WARM_PROCS" in ''|*[!0-9]*)
+  refuse "FASTBERT_WARM_PROCS must be a number of processes, got '$WARM_PROCS'" ;; esac
+WARM_SECS=$((10#$WARM_SECS)); WARM_PROCS=$((10#$WARM_PROCS))
+[ "$WARM_PROCS" -ge 1 ] || refuse "FASTBERT_WARM_PROCS must be >= 1, got '$WARM_PROCS'"
 # name:weight; a script's share is its weight's part of the time left (of the weights still
 # to run), so time one script leaves unused goes to the next
 read -r -a benches <<< "${FASTBERT_BENCHES:-attention:3 cross_entropy:2 embedding:1 lstm:3}"
@@ -210,6 +222,46 @@ if phase_on bench; then
     for f in "$R"/*_"$SLUG".csv "$R"/*_"$SLUG".md "$R"/attention_tuned_"$SLUG".txt; do
       if [ -e "$f" ]; then mv "$f" "$f.prev"; fi
     done
+  fi
+  # compile ahead: every first call of a kernel specialization JIT-compiles it, single-
+  # threaded (0.2-0.5 s a kernel on the 2-core dev box, AOT), and a torch.compile baseline
+  # compiles a graph per shape: inside the timed scripts these compiles ran one after another
+  # out of their shares (run 3's embedding script, with a torch.compile baseline, timed 1 of
+  # its 3 cases; how much of a share went to compiling was not recorded: the timed scripts
+  # and the warm-up's summary line now say). Before them, each script
+  # runs in a few parallel processes (--warm I/N: a shard of its cases' impls, each called
+  # once, untimed, nothing written) that fill the on-disk Triton and Inductor caches the timed
+  # process then loads from. At most FASTBERT_WARM_SECS (default 90; 0: no warm-up) and 30%
+  # of what the benches have left; FASTBERT_WARM_PROCS processes in all (default: the cores,
+  # up to 12). Best effort: a warm-up failure changes nothing (the timed run reports it).
+  : > "$R/gpu_warm.log"
+  wsecs=$(min "$WARM_SECS" $(( ($(left) - PROFILE_SECS) * 30 / 100 )))
+  warmable=()
+  for entry in "${benches[@]}"; do
+    # the scripts on the harness's command line (main_for takes --warm)
+    grep -q "main_for(" "benchmarks/bench_${entry%%:*}.py" && warmable+=("${entry%%:*}")
+  done
+  if [ "$wsecs" -ge 20 ] && [ "${#warmable[@]}" -gt 0 ]; then
+    per=$(( WARM_PROCS / ${#warmable[@]} )); [ "$per" -ge 1 ] || per=1
+    wstart=$(date +%s)
+    pids=()
+    for name in "${warmable[@]}"; do
+      for ((i = 0; i < per; i++)); do
+        FASTBERT_BENCH_DEADLINE=$(( wstart + wsecs - 10 )) \
+          timeout --kill-after=5 "$wsecs" "$PY" -m "benchmarks.bench_$name" --warm "$i/$per" \
+          >> "$R/gpu_warm_$name.$i.log" 2>&1 &
+        pids+=($!)
+      done
+    done
+    wait "${pids[@]}" 2>/dev/null
+    cat "$R"/gpu_warm_*.log >> "$R/gpu_warm.log" 2>/dev/null; rm -f "$R"/gpu_warm_*.log
+    # each shard's last line: "<bench> warm-up shard I/N: ran=A failed=B not_reached=C secs=S"
+    totals=$(grep -h " warm-up shard " "$R/gpu_warm.log" | awk -v all=$(( per * ${#warmable[@]} )) '
+        { n++; for (i = 1; i <= NF; i++) if ($i ~ /^(ran|failed|not_reached)=/) {
+            split($i, kv, "="); t[kv[1]] += kv[2] } }
+        END { printf "%d of %d processes reported: %d calls, %d failed, %d not reached",
+              n, all, t["ran"], t["failed"], t["not_reached"] }')
+    say "bench warm-up: $(( $(date +%s) - wstart ))s, $per processes a script (${warmable[*]}): $totals"
   fi
   # one process per script, one after another (timings must not share the GPU); each stops
   # starting cases at its share's end ($FASTBERT_BENCH_DEADLINE) and is killed 30 s after it

@@ -25,8 +25,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 # columns that are measurements or the impl name; the rest identify the case. The same set as
 # benchmarks._harness.MEASURED_COLUMNS (a test checks; this module imports no torch)
-MEASURED = {"bench", "impl", "ms", "ms_p20", "ms_p80", "gpu_ms", "peak_mb", "GB/s", "%copy_bw",
-            "TFLOP/s", "%matmul", "error",
+MEASURED = {"bench", "impl", "ms", "ms_p20", "ms_p80", "gpu_ms", "peak_mb", "first_s", "GB/s",
+            "%copy_bw", "TFLOP/s", "%matmul", "error",
             # bench_translation's training rows
             "steps_run", "tok/s", "outliers", "loss", "bleu", "exact%", "decode_ms", "note"}
 

@@ -190,6 +190,11 @@ case "$1" in
     case "$2" in
       benchmarks.bench_*)
         name=${2#benchmarks.bench_}
+        if [ "${3:-}" = --warm ]; then
+          echo "warm $name $4 $(date +%s) $FASTBERT_BENCH_DEADLINE" >> "$FAKE_LOG"
+          echo "$name warm-up shard $4: ran=3 failed=1 not_reached=2 secs=0"
+          exit 0
+        fi
         echo "$name $(date +%s) $FASTBERT_BENCH_DEADLINE" >> "$FAKE_LOG"
         echo "case,impl,ms,error" > "$FASTBERT_RESULTS/${name}_fakecard.csv"
         for r in ${FAKE_ROWS:-ok}; do
@@ -205,7 +210,9 @@ exit 0
 
 
 def _gpu_check(tmp_path, **env):
-    """Runs gpu_check.sh with the fake interpreter (nothing real is run or timed)."""
+    """Runs gpu_check.sh with the fake interpreter (nothing real is run or timed); without the
+    compile-ahead warm-up unless FASTBERT_WARM_SECS is given."""
+    env.setdefault("FASTBERT_WARM_SECS", "0")
     fake = tmp_path / "fakepy"
     fake.write_text(FAKE_PY)
     fake.chmod(0o755)
@@ -225,6 +232,9 @@ def _gpu_check(tmp_path, **env):
 
 @pytest.mark.parametrize("env, reason", [
     ({"FASTBERT_GPU_PHASES": "  "}, "FASTBERT_GPU_PHASES names no phase"),
+    ({"FASTBERT_WARM_SECS": "1m"}, "FASTBERT_WARM_SECS must be a number of seconds"),
+    ({"FASTBERT_WARM_PROCS": "0"}, "FASTBERT_WARM_PROCS must be >= 1"),
+    ({"FASTBERT_WARM_PROCS": "-2"}, "FASTBERT_WARM_PROCS must be a number of processes"),
     ({"FASTBERT_BENCHES": "attention:0 lstm"}, "weight of 'attention:0' must be >= 1"),
     ({"FASTBERT_BENCHES": "  "}, "FASTBERT_BENCHES names no benchmark"),
     ({"FASTBERT_PROFILE_SECS": "90s"}, "FASTBERT_PROFILE_SECS must be a number of seconds"),
@@ -356,3 +366,121 @@ def test_bench_lstm_times_the_resident_coop_kernels_where_they_apply(monkeypatch
         assert resident == (hidden == 256 or (hidden == 512 and batch < 256)), (batch, hidden)
         seen.add((batch, hidden, resident))
     assert (64, 256, True) in seen and (64, 1024, False) in seen and (256, 512, False) in seen
+
+
+def test_gpu_check_warms_the_scripts_in_parallel_before_timing_them(tmp_path):
+    """The compile-ahead warm-up: FASTBERT_WARM_PROCS processes split over the scripts that
+    take --warm (bench_translation has its own command line: not warmed), each a shard I/N,
+    all started before the first timed script, with one deadline 10 s before the warm-up's
+    end: min(FASTBERT_WARM_SECS, 30% of the benches' time); their counts summed in the
+    summary."""
+    run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_PHASES="bench",
+                                     FASTBERT_GPU_BUDGET="400", FASTBERT_WARM_SECS="60",
+                                     FASTBERT_WARM_PROCS="5",
+                                     FASTBERT_BENCHES="embedding:1 translation:1 lstm:1")
+    assert run.returncode == 0, summary + run.stderr
+    calls = [c.split() for c in calls if c]
+    warm = [c for c in calls if c[0] == "warm"]
+    assert sorted((c[1], c[2]) for c in warm) == [
+        ("embedding", "0/2"), ("embedding", "1/2"), ("lstm", "0/2"), ("lstm", "1/2")]
+    # every warm process before the first timed script; the timed ones in the given order
+    assert all(c[0] == "warm" for c in calls[:4]) and [c[0] for c in calls[4:]] == [
+        "embedding", "translation", "lstm"]
+    start, deadline = int(warm[0][3]), int(warm[0][4])
+    assert 45 <= deadline - start <= 50 and len({c[4] for c in warm}) == 1   # min(60, 120) - 10
+    assert ("bench warm-up: " in summary and "2 processes a script (embedding lstm): 4 of 4 "
+            "processes reported: 12 calls, 4 failed, 8 not reached") in summary, summary
+    assert "embedding warm-up shard 1/2" in (tmp_path / "res" / "gpu_warm.log").read_text()
+
+
+@pytest.mark.parametrize("warm_secs, budget, warmed", [
+    ("0", "400", False),     # off
+    ("90", "60", False),     # 30% of 60 s is under the 20 s a warm-up needs
+    ("90", "100", True),     # 30 s of 100: warmed, deadline 20 s away
+])
+def test_gpu_check_warm_up_is_capped_by_the_time_the_benches_have(tmp_path, warm_secs, budget,
+                                                                   warmed):
+    run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_PHASES="bench",
+                                     FASTBERT_GPU_BUDGET=budget, FASTBERT_WARM_SECS=warm_secs,
+                                     FASTBERT_WARM_PROCS="1", FASTBERT_BENCHES="embedding")
+    warm = [c.split() for c in calls if c.startswith("warm")]
+    assert bool(warm) == warmed and ("bench warm-up" in summary) == warmed, summary
+    if warmed:
+        assert warm[0][2] == "0/1" and 18 <= int(warm[0][4]) - int(warm[0][3]) <= 20
+    assert "bench_embedding: ok" in summary
+
+
+def test_warm_cases_calls_its_shard_once_each_and_writes_nothing(tmp_path, monkeypatch):
+    """Shard I of N takes every N-th (case, impl) pair in case order, calls each once, counts
+    a failing impl and goes on, frees only the cases it touched, and starts nothing past the
+    deadline; main_for --warm writes no result file."""
+    import time
+
+    from benchmarks import _harness
+    monkeypatch.setenv("FASTBERT_RESULTS", str(tmp_path))
+    monkeypatch.delenv(_harness.DEADLINE_ENV, raising=False)
+    calls = []
+
+    def cases():
+        out = _counting_cases(3, calls)           # pairs 0a 0b 1a 1b 2a 2b
+        out[1].impls["b"] = lambda: 1 / 0        # pair 3
+        return out
+    for shard, ran, failed in ((0, [0, 1, 2], 0), (1, [0, 2], 1)):
+        calls.clear()
+        cs = cases()
+        counts = _harness.warm_cases("demo", cs, torch.device("cpu"), shard, 2, verbose=False)
+        assert calls == ran and counts == {"ran": 3 - failed, "failed": failed,
+                                           "not_reached": 0}
+        with pytest.raises(RuntimeError, match="run already"):
+            cs[0].impls["a"]()
+    calls.clear()
+    cs = _counting_cases(5, calls)
+    counts = _harness.warm_cases("demo", cs, torch.device("cpu"), 2, 3, verbose=False)
+    assert calls == [1, 2, 4] and counts["ran"] == 3   # pairs 2, 5, 8: 1a 2b 4a
+    assert cs[0].impls["a"]() is not None             # a case this shard did not touch: kept
+    monkeypatch.setenv(_harness.DEADLINE_ENV, str(time.time() - 1))
+    calls.clear()
+    counts = _harness.warm_cases("demo", _counting_cases(3, calls), torch.device("cpu"), 0, 1,
+                                 verbose=False)
+    assert calls == [] and counts == {"ran": 0, "failed": 0, "not_reached": 6}
+    with pytest.raises(ValueError, match="shard"):
+        _harness.warm_cases("demo", [], torch.device("cpu"), 2, 2)
+    monkeypatch.delenv(_harness.DEADLINE_ENV)
+    calls.clear()
+    assert _harness.main_for("demo", lambda dev, quick: _counting_cases(2, calls), "d",
+                             ["--warm", "0/1"]) == []
+    assert sorted(calls) == [0, 0, 1, 1] and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("arg", ["1/1", "0/0", "a/2", "1", "-1/2"])
+def test_warm_option_refuses_a_shard_outside_its_count(arg, capsys):
+    from benchmarks import _harness
+    with pytest.raises(SystemExit):
+        _harness.parse_args("d", ["--warm", arg])
+    assert "--warm" in capsys.readouterr().err
+
+
+def test_harness_records_the_first_call_and_reports_an_impl_failing_without_a_message(
+        tmp_path, monkeypatch):
+    """first_s: the first call's seconds (JIT compiles, or loads what the warm-up cached), on
+    its own before the timing; an exception with an empty message is an error row, not a
+    crash of the script (its first line was read from an empty list)."""
+    import time
+
+    from benchmarks import _harness
+    monkeypatch.setenv("FASTBERT_RESULTS", str(tmp_path))
+    monkeypatch.delenv(_harness.DEADLINE_ENV, raising=False)
+    state = {"calls": 0}
+
+    def compiles_first():
+        state["calls"] += 1
+        if state["calls"] == 1:
+            time.sleep(0.2)
+        return torch.ones(2).sum()
+
+    def fails():
+        raise AssertionError()
+    case = _harness.Case("c", {"n": 1}, {"a": compiles_first, "b": fails})
+    rows = _harness.run_cases("demo", [case], torch.device("cpu"), verbose=False)
+    assert rows[0]["first_s"] >= 0.2 and rows[0]["ms"] < 100
+    assert rows[1]["error"] == "AssertionError: " and rows[1]["first_s"] is None
