@@ -145,6 +145,12 @@ def with_setting(module, name: str, value, fn: Callable[[], object]) -> Callable
     return run
 
 
+def error_text(e: BaseException, width: int = 120) -> str:
+    """``Type: first line of the message`` (cut to ``width``), for a result row or a log line;
+    an exception with an empty message gives ``Type: ``."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:width]}"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -201,8 +207,7 @@ def gpu_time_ms(fn: Callable[[], object], device: torch.device) -> Optional[floa
     try:
         return sum(gpu_kernel_times(fn, GPU_TIME_CALLS).values()) / 1e3
     except Exception as e:  # no profiler (CUPTI) on a machine: keep the timing, drop gpu_ms
-        print(f"gpu_ms not measured: {type(e).__name__}: {str(e).splitlines()[0][:120]}",
-              flush=True)
+        print(f"gpu_ms not measured: {error_text(e)}", flush=True)
         return None
 
 
@@ -279,7 +284,7 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
             except Exception as e:  # an impl that cannot run this shape is reported, not fatal
                 ms = lo = hi = float("nan")
                 mem = gpu = None
-                err = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+                err = error_text(e)
             results[impl] = (ms, lo, hi, mem, gpu, first, err)
             if verbose:
                 print(f"{bench:>14} {case.name:<24} {_fmt_params(case.params):<44} {impl:<16} "
@@ -318,32 +323,43 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
     return rows
 
 
+# impls the warm-up calls: those that JIT-compile (fastbert's Triton kernels, torch.compile
+# graphs, Liger's Triton kernels); eager / cuDNN / SDPA / HF calls compile nothing and hold the
+# most memory (an eager causal attention at seq 8192 keeps GBs of scores)
+def compiles_ahead(impl: str) -> bool:
+    """Whether the warm-up calls ``impl`` (see ``warm_cases``)."""
+    return any(word in impl for word in ("fastbert", "compile", "liger"))
+
+
 def warm_cases(bench: str, cases: List[Case], device: torch.device, shard: int,
                n_shards: int, *, verbose: bool = True) -> Dict[str, int]:
-    """Compile ahead: call once each, untimed, the (case, impl) pairs of shard ``shard`` of
-    ``n_shards`` (the pairs in case order, every n-th from the shard's index), and return the
-    counts {"ran", "failed", "not_reached"}.
+    """Compile ahead: call once each, untimed, this shard's (case, impl) pairs of the impls
+    that compile (``compiles_ahead``), and return the counts {"ran", "failed", "not_reached",
+    "skipped"} (skipped: impls that compile nothing, in this shard's cases).
 
-    ``make gpu-check`` runs a few of these shards in parallel processes before the timed run
-    (``--warm I/N``): each first call JIT-compiles its Triton kernels (single-threaded, about a
-    second a kernel) and its ``torch.compile`` graphs into the on-disk caches of Triton and
-    Inductor, which the timed process, run after them, then loads instead of compiling one
-    after another inside its share of the time budget. Nothing is timed or written; an impl
-    that fails is counted, not fatal (the timed run reports it). New pairs stop starting at
-    ``$FASTBERT_BENCH_DEADLINE``; a case's inputs are freed after this shard's last pair in it.
+    ``make gpu-check`` runs ``n_shards`` of these in parallel processes (``--warm I/N``) before
+    the timed run: each first call JIT-compiles its Triton kernels (single-threaded) and its
+    ``torch.compile`` graphs into the on-disk caches of Triton and Inductor, which the timed
+    process, run after them, then loads instead of compiling one after another inside its
+    share of the time budget. The j-th compiling impl of case c goes to shard (j + c) mod N:
+    every shard works through the cases in their order (most important first), takes the
+    same number of pairs from any N cases in a row, and an impl at the same place in every
+    case (a torch.compile baseline, say) lands in another shard each case. Nothing
+    is timed or written; an impl that fails is counted, not fatal (the timed run reports
+    it). New pairs stop starting at ``$FASTBERT_BENCH_DEADLINE``; a case's inputs are
+    released after this shard's last pair in it (inputs shared with cases it did not touch
+    are freed by the garbage collector once no case holds them).
     """
     if not 0 <= shard < n_shards:
         raise ValueError(f"shard must be in [0, {n_shards}), got {shard}")
     stop_at = deadline()
-    counts = {"ran": 0, "failed": 0, "not_reached": 0}
+    counts = {"ran": 0, "failed": 0, "not_reached": 0, "skipped": 0}
     start = time.time()
-    index = 0
-    for case in cases:
-        mine = []
-        for impl in case.impls:
-            if index % n_shards == shard:
-                mine.append(impl)
-            index += 1
+    for ci, case in enumerate(cases):
+        compiling = [impl for impl in case.impls if compiles_ahead(impl)]
+        mine = [impl for j, impl in enumerate(compiling) if (j + ci) % n_shards == shard]
+        if mine:
+            counts["skipped"] += sum(not compiles_ahead(impl) for impl in case.impls)
         for impl in mine:
             if stop_at is not None and time.time() > stop_at:
                 counts["not_reached"] += 1
@@ -356,19 +372,22 @@ def warm_cases(bench: str, cases: List[Case], device: torch.device, shard: int,
                 counts["failed"] += 1
                 if verbose:
                     print(f"{bench} warm-up: {case.name} {_fmt_params(case.params)} {impl}: "
-                          f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}",
-                          flush=True)
-        if mine:
-            case.impls = {impl: _spent for impl in case.impls}
-            if device.type == "cuda":
-                gc.collect()
-                torch.cuda.empty_cache()
+                          f"{error_text(e)}", flush=True)
+        case.impls = {impl: _spent for impl in case.impls}
+        if mine and device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
     if verbose:
-        # one line gpu_check.sh sums over the shards
-        print(f"{bench} warm-up shard {shard}/{n_shards}: ran={counts['ran']} "
-              f"failed={counts['failed']} not_reached={counts['not_reached']} "
-              f"secs={time.time() - start:.0f}", flush=True)
+        # the line gpu_check.sh sums over the shards (WARM_LINE)
+        print(WARM_LINE.format(bench=bench, shard=shard, n_shards=n_shards,
+                               secs=time.time() - start, **counts), flush=True)
     return counts
+
+
+# each warm-up shard's last line; gpu_check.sh finds it by " warm-up shard " and adds up the
+# ran= / failed= / not_reached= fields
+WARM_LINE = ("{bench} warm-up shard {shard}/{n_shards}: ran={ran} failed={failed} "
+             "not_reached={not_reached} skipped={skipped} secs={secs:.0f}")
 
 
 def _case_rows(bench: str, case: Case, results: Dict[str, tuple],

@@ -321,7 +321,7 @@ def main(argv=None) -> List[Dict[str, object]]:
                     print(f"{BENCH}: {kind} {impl}: {row['note']}", flush=True)
                 row.update(evaluate(model, parts["test"], tgt_vocab, src_vocab, device))
             except Exception as e:  # reported in the row, the other rows still run
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                row["error"] = _harness.error_text(e, 160)
             del model
             case_rows.append(row)
             print(f"{BENCH:>14} {kind:<12} {impl:<10} "

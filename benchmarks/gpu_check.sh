@@ -11,9 +11,9 @@
 #   4. the benchmarks, one process each, attention / cross-entropy / embedding / LSTM (LayerNorm
 #      when FASTBERT_BENCHES names it), sharing what is left of the budget (each writes its
 #      CSV + markdown after every case and stops starting cases at its share's end), after a
-#      compile-ahead warm-up of them in parallel processes (FASTBERT_WARM_SECS, default 90, at
-#      most 30% of the benches' time, 0 for none; FASTBERT_WARM_PROCS, default the cores up
-#      to 12): see the bench phase;
+#      compile-ahead warm-up of them in parallel processes (FASTBERT_WARM_SECS, default 60, at
+#      most 25% of the benches' time, 0 for none; FASTBERT_WARM_PROCS processes split over the
+#      scripts, default the cores up to 12): see the bench phase;
 #   5. the issues' speed targets judged from those CSVs (benchmarks/targets.py -> targets.md,
 #      also in the summary).
 # Logs, CSVs and markdown tables go to $FASTBERT_RESULTS (default benchmarks/results).
@@ -52,6 +52,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # the default paths are what is measured: no interpreter, no backend or LSTM mode forced by the
 # environment (the benches time the opt-in modes themselves, under their own names)
 unset TRITON_INTERPRET FASTBERT_BACKEND FASTBERT_LSTM_COOP FASTBERT_LSTM_CUDA_GRAPH
+# one Triton cache for every process of the run (the warm-up fills it for the timed benches):
+# Inductor points an unset TRITON_CACHE_DIR at its own directory inside a process that runs
+# torch.compile, and Triton reads the variable at every compile, so a kernel's cache would
+# depend on whether a torch.compile call came first in that process (review s20 A)
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${TRITON_HOME:-$HOME}/.triton/cache}"
 PY="${PYTHON:-python3}"
 BUDGET="${FASTBERT_GPU_BUDGET:-480}"
 PHASES="${FASTBERT_GPU_PHASES:-gpu-tests tests bench}"
@@ -103,14 +108,15 @@ done
 # the opt-in profile phase runs after the benches: its time is kept from them
 if phase_on profile; then PROFILE_SECS=$((10#$PROFILE_SECS)); else PROFILE_SECS=0; fi
 # the compile-ahead warm-up before the timed benches (0 s: none) and its processes
-WARM_SECS="${FASTBERT_WARM_SECS:-90}"
+WARM_SECS="${FASTBERT_WARM_SECS:-60}"
 WARM_PROCS="${FASTBERT_WARM_PROCS:-$(min "$(nproc 2>/dev/null || echo 4)" 12)}"
 case "$WARM_SECS" in ''|*[!0-9]*)
   refuse "FASTBERT_WARM_SECS must be a number of seconds, got '$WARM_SECS'" ;; esac
 case "$WARM_PROCS" in ''|*[!0-9]*)
   refuse "FASTBERT_WARM_PROCS must be a number of processes, got '$WARM_PROCS'" ;; esac
 WARM_SECS=$((10#$WARM_SECS)); WARM_PROCS=$((10#$WARM_PROCS))
-[ "$WARM_PROCS" -ge 1 ] || refuse "FASTBERT_WARM_PROCS must be >= 1, got '$WARM_PROCS'"
+[ "$WARM_PROCS" -ge 1 ] && [ "$WARM_PROCS" -le 64 ] \
+  || refuse "FASTBERT_WARM_PROCS must be in [1, 64], got '$WARM_PROCS'"
 # name:weight; a script's share is its weight's part of the time left (of the weights still
 # to run), so time one script leaves unused goes to the next
 read -r -a benches <<< "${FASTBERT_BENCHES:-attention:3 cross_entropy:2 embedding:1 lstm:3}"
@@ -134,6 +140,10 @@ fi
 echo "== environment" | tee "$R/gpu_env.txt"
 "$PY" -m fastbert.env 2>&1 | tee -a "$R/gpu_env.txt"
 nvidia-smi 2>&1 | head -15 >> "$R/gpu_env.txt"
+# an EXCLUSIVE_PROCESS GPU takes one process at a time (the warm-up's and the xdist workers'
+# others would fail to start)
+echo "compute mode: $(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null \
+  || echo unknown)" >> "$R/gpu_env.txt"
 "$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import torch, triton
 card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
@@ -227,19 +237,22 @@ if phase_on bench; then
   # threaded (0.2-0.5 s a kernel on the 2-core dev box, AOT), and a torch.compile baseline
   # compiles a graph per shape: inside the timed scripts these compiles ran one after another
   # out of their shares (run 3's embedding script, with a torch.compile baseline, timed 1 of
-  # its 3 cases; how much of a share went to compiling was not recorded: the timed scripts
-  # and the warm-up's summary line now say). Before them, each script
-  # runs in a few parallel processes (--warm I/N: a shard of its cases' impls, each called
-  # once, untimed, nothing written) that fill the on-disk Triton and Inductor caches the timed
-  # process then loads from. At most FASTBERT_WARM_SECS (default 90; 0: no warm-up) and 30%
-  # of what the benches have left; FASTBERT_WARM_PROCS processes in all (default: the cores,
-  # up to 12). Best effort: a warm-up failure changes nothing (the timed run reports it).
-  : > "$R/gpu_warm.log"
-  wsecs=$(min "$WARM_SECS" $(( ($(left) - PROFILE_SECS) * 30 / 100 )))
+  # its 3 cases; how much of a share went to compiling was not recorded: the rows' first_s
+  # column now says). Before them, each script runs in a few parallel processes (--warm I/N:
+  # a shard of its cases' calls of the impls that compile, each called once, untimed, nothing
+  # written) that fill the on-disk Triton and Inductor caches the timed processes then load
+  # from. At most FASTBERT_WARM_SECS (default 60; 0: no warm-up) and 25% of what the benches
+  # have left; FASTBERT_WARM_PROCS processes split over the scripts, at least one each
+  # (default: the cores, up to 12); Inductor's compile workers 2 a process. Best effort: a
+  # warm-up failure changes nothing (the timed run reports it).
+  : > "$R/gpu_warm.log"; rm -f "$R"/gpu_warm_*.log
+  wsecs=$(min "$WARM_SECS" $(( ($(left) - PROFILE_SECS) * 25 / 100 )))
   warmable=()
   for entry in "${benches[@]}"; do
-    # the scripts on the harness's command line (main_for takes --warm)
-    grep -q "main_for(" "benchmarks/bench_${entry%%:*}.py" && warmable+=("${entry%%:*}")
+    name=${entry%%:*}
+    # the scripts on the harness's command line (main_for takes --warm), each once
+    case " ${warmable[*]} " in *" $name "*) continue ;; esac
+    grep -q "main_for(" "benchmarks/bench_$name.py" && warmable+=("$name")
   done
   if [ "$wsecs" -ge 20 ] && [ "${#warmable[@]}" -gt 0 ]; then
     per=$(( WARM_PROCS / ${#warmable[@]} )); [ "$per" -ge 1 ] || per=1
@@ -248,20 +261,29 @@ if phase_on bench; then
     for name in "${warmable[@]}"; do
       for ((i = 0; i < per; i++)); do
         FASTBERT_BENCH_DEADLINE=$(( wstart + wsecs - 10 )) \
+          TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-2}" \
           timeout --kill-after=5 "$wsecs" "$PY" -m "benchmarks.bench_$name" --warm "$i/$per" \
-          >> "$R/gpu_warm_$name.$i.log" 2>&1 &
+          > "$R/gpu_warm_$name.$i.log" 2>&1 &
         pids+=($!)
       done
     done
     wait "${pids[@]}" 2>/dev/null
     cat "$R"/gpu_warm_*.log >> "$R/gpu_warm.log" 2>/dev/null; rm -f "$R"/gpu_warm_*.log
-    # each shard's last line: "<bench> warm-up shard I/N: ran=A failed=B not_reached=C secs=S"
+    # Inductor's runtime tuning picks (*.best_config) were made while the other warm-up
+    # processes shared the GPU: dropped, so the timed torch.compile baselines tune alone (their
+    # compiled kernels stay cached)
+    find "${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(id -un 2>/dev/null)}" \
+      -name '*.best_config' -delete 2>/dev/null
+    # each shard's last line (benchmarks/_harness.py WARM_LINE):
+    # "<bench> warm-up shard I/N: ran=A failed=B not_reached=C skipped=D secs=S"
     totals=$(grep -h " warm-up shard " "$R/gpu_warm.log" | awk -v all=$(( per * ${#warmable[@]} )) '
         { n++; for (i = 1; i <= NF; i++) if ($i ~ /^(ran|failed|not_reached)=/) {
             split($i, kv, "="); t[kv[1]] += kv[2] } }
         END { printf "%d of %d processes reported: %d calls, %d failed, %d not reached",
               n, all, t["ran"], t["failed"], t["not_reached"] }')
-    say "bench warm-up: $(( $(date +%s) - wstart ))s, $per processes a script (${warmable[*]}): $totals"
+    say "bench warm-up: $(( $(date +%s) - wstart ))s, $per process(es) a script (${warmable[*]}): $totals"
+  else
+    say "bench warm-up: not run (${wsecs}s of the budget for it, 20 needed; warmable scripts: ${warmable[*]:-none})"
   fi
   # one process per script, one after another (timings must not share the GPU); each stops
   # starting cases at its share's end ($FASTBERT_BENCH_DEADLINE) and is killed 30 s after it

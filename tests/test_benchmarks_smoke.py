@@ -191,11 +191,11 @@ case "$1" in
       benchmarks.bench_*)
         name=${2#benchmarks.bench_}
         if [ "${3:-}" = --warm ]; then
-          echo "warm $name $4 $(date +%s) $FASTBERT_BENCH_DEADLINE" >> "$FAKE_LOG"
-          echo "$name warm-up shard $4: ran=3 failed=1 not_reached=2 secs=0"
+          echo "warm $name $4 $(date +%s) $FASTBERT_BENCH_DEADLINE ${TRITON_CACHE_DIR:-unset}" >> "$FAKE_LOG"
+          echo "$name warm-up shard $4: ran=3 failed=1 not_reached=2 skipped=0 secs=0"
           exit 0
         fi
-        echo "$name $(date +%s) $FASTBERT_BENCH_DEADLINE" >> "$FAKE_LOG"
+        echo "$name $(date +%s) $FASTBERT_BENCH_DEADLINE ${TRITON_CACHE_DIR:-unset}" >> "$FAKE_LOG"
         echo "case,impl,ms,error" > "$FASTBERT_RESULTS/${name}_fakecard.csv"
         for r in ${FAKE_ROWS:-ok}; do
           if [ "$r" = err ]; then echo "c,fastbert,,boom" ; else echo "c,fastbert,1.0,"; fi
@@ -233,7 +233,8 @@ def _gpu_check(tmp_path, **env):
 @pytest.mark.parametrize("env, reason", [
     ({"FASTBERT_GPU_PHASES": "  "}, "FASTBERT_GPU_PHASES names no phase"),
     ({"FASTBERT_WARM_SECS": "1m"}, "FASTBERT_WARM_SECS must be a number of seconds"),
-    ({"FASTBERT_WARM_PROCS": "0"}, "FASTBERT_WARM_PROCS must be >= 1"),
+    ({"FASTBERT_WARM_PROCS": "0"}, "FASTBERT_WARM_PROCS must be in [1, 64]"),
+    ({"FASTBERT_WARM_PROCS": "65"}, "FASTBERT_WARM_PROCS must be in [1, 64]"),
     ({"FASTBERT_WARM_PROCS": "-2"}, "FASTBERT_WARM_PROCS must be a number of processes"),
     ({"FASTBERT_BENCHES": "attention:0 lstm"}, "weight of 'attention:0' must be >= 1"),
     ({"FASTBERT_BENCHES": "  "}, "FASTBERT_BENCHES names no benchmark"),
@@ -264,7 +265,7 @@ def test_gpu_check_keeps_the_profile_time_from_the_benches(tmp_path):
     assert run.returncode == 0, summary
     benches = [c.split() for c in calls if c and not c.startswith("profile")]
     assert [b[0] for b in benches] == ["embedding", "lstm"]
-    name, called, deadline = benches[0]
+    name, called, deadline = benches[0][:3]
     assert int(deadline) - int(called) <= 40, calls
     assert "profile: exit 0" in summary
 
@@ -295,7 +296,7 @@ def test_gpu_check_reads_numbers_as_decimal_and_phases_split_by_any_whitespace(t
                                      FASTBERT_BENCHES="embedding:08 lstm:09")
     assert run.returncode == 0, summary + run.stderr
     assert [c.split()[0] for c in calls if c] == ["embedding", "lstm", "profile"]
-    name, called, deadline = calls[0].split()
+    name, called, deadline = calls[0].split()[:3]
     # 300 s (not octal 0300 = 192), 8 of them kept for the profile, 8 / 17 of the rest: ~138 s,
     # its deadline 15 s before that
     assert 110 <= int(deadline) - int(called) <= 130, calls
@@ -370,14 +371,20 @@ def test_bench_lstm_times_the_resident_coop_kernels_where_they_apply(monkeypatch
 
 def test_gpu_check_warms_the_scripts_in_parallel_before_timing_them(tmp_path):
     """The compile-ahead warm-up: FASTBERT_WARM_PROCS processes split over the scripts that
-    take --warm (bench_translation has its own command line: not warmed), each a shard I/N,
-    all started before the first timed script, with one deadline 10 s before the warm-up's
-    end: min(FASTBERT_WARM_SECS, 30% of the benches' time); their counts summed in the
-    summary."""
+    take --warm (bench_translation has its own command line: not warmed; a script named twice
+    is warmed once), each a shard I/N, all started before the first timed script, with one
+    deadline 10 s before the warm-up's end: min(FASTBERT_WARM_SECS, 25% of the benches'
+    time); one TRITON_CACHE_DIR for all; their counts summed in the summary; the per-process
+    logs merged into gpu_warm.log (stale ones from a killed run neither counted nor kept)."""
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "gpu_warm_lstm.7.log").write_text("lstm warm-up shard 7/8: ran=100 failed=0 "
+                                             "not_reached=0 skipped=0 secs=1\n")
+    (res / "gpu_warm.log").write_text("embedding warm-up shard 0/2: ran=50\n")
     run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_PHASES="bench",
-                                     FASTBERT_GPU_BUDGET="400", FASTBERT_WARM_SECS="60",
-                                     FASTBERT_WARM_PROCS="5",
-                                     FASTBERT_BENCHES="embedding:1 translation:1 lstm:1")
+                                     FASTBERT_GPU_BUDGET="400", FASTBERT_WARM_SECS="060",
+                                     FASTBERT_WARM_PROCS="5", TRITON_CACHE_DIR=None,
+                                     FASTBERT_BENCHES="embedding:1 translation:1 lstm:1 lstm:1")
     assert run.returncode == 0, summary + run.stderr
     calls = [c.split() for c in calls if c]
     warm = [c for c in calls if c[0] == "warm"]
@@ -385,79 +392,131 @@ def test_gpu_check_warms_the_scripts_in_parallel_before_timing_them(tmp_path):
         ("embedding", "0/2"), ("embedding", "1/2"), ("lstm", "0/2"), ("lstm", "1/2")]
     # every warm process before the first timed script; the timed ones in the given order
     assert all(c[0] == "warm" for c in calls[:4]) and [c[0] for c in calls[4:]] == [
-        "embedding", "translation", "lstm"]
+        "embedding", "translation", "lstm", "lstm"]
     start, deadline = int(warm[0][3]), int(warm[0][4])
-    assert 45 <= deadline - start <= 50 and len({c[4] for c in warm}) == 1   # min(60, 120) - 10
-    assert ("bench warm-up: " in summary and "2 processes a script (embedding lstm): 4 of 4 "
+    assert 45 <= deadline - start <= 50 and len({c[4] for c in warm}) == 1   # min(60, 100) - 10
+    cache_dirs = {c[-1] for c in calls}   # the warm and the timed processes alike
+    assert len(cache_dirs) == 1 and cache_dirs.pop().endswith("/.triton/cache")
+    assert ("bench warm-up: " in summary and "2 process(es) a script (embedding lstm): 4 of 4 "
             "processes reported: 12 calls, 4 failed, 8 not reached") in summary, summary
-    assert "embedding warm-up shard 1/2" in (tmp_path / "res" / "gpu_warm.log").read_text()
+    log = (res / "gpu_warm.log").read_text()
+    assert "embedding warm-up shard 1/2" in log and "ran=100" not in log and "ran=50" not in log
+    assert not list(res.glob("gpu_warm_*.log"))
 
 
-@pytest.mark.parametrize("warm_secs, budget, warmed", [
-    ("0", "400", False),     # off
-    ("90", "60", False),     # 30% of 60 s is under the 20 s a warm-up needs
-    ("90", "100", True),     # 30 s of 100: warmed, deadline 20 s away
+@pytest.mark.parametrize("env, warmed, shards", [
+    ({"FASTBERT_WARM_SECS": "0"}, None, None),                 # off
+    ({"FASTBERT_GPU_BUDGET": "60"}, None, None),               # 25% of 60 s: under 20 s
+    ({"FASTBERT_GPU_BUDGET": "100"}, (15, 15), ["0/1"]),       # 25 s of 100: deadline 15 s away
+    # the profile's 300 s are kept from the benches first: 25% of 100 s
+    ({"FASTBERT_GPU_BUDGET": "400", "FASTBERT_PROFILE_SECS": "300",
+      "FASTBERT_GPU_PHASES": "bench profile"}, (15, 15), ["0/1"]),
+    # fewer processes than scripts: one each all the same
+    ({"FASTBERT_BENCHES": "embedding lstm", "FASTBERT_WARM_PROCS": "1"}, (50, 50),
+     ["0/1", "0/1"]),
 ])
-def test_gpu_check_warm_up_is_capped_by_the_time_the_benches_have(tmp_path, warm_secs, budget,
-                                                                   warmed):
-    run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_PHASES="bench",
-                                     FASTBERT_GPU_BUDGET=budget, FASTBERT_WARM_SECS=warm_secs,
-                                     FASTBERT_WARM_PROCS="1", FASTBERT_BENCHES="embedding")
+def test_gpu_check_warm_up_is_capped_by_the_time_the_benches_have(tmp_path, env, warmed,
+                                                                   shards):
+    full = dict(FASTBERT_GPU_PHASES="bench", FASTBERT_GPU_BUDGET="400",
+                FASTBERT_WARM_SECS="60", FASTBERT_WARM_PROCS="1", FASTBERT_BENCHES="embedding")
+    full.update(env)
+    run, summary, calls = _gpu_check(tmp_path, **full)
     warm = [c.split() for c in calls if c.startswith("warm")]
-    assert bool(warm) == warmed and ("bench warm-up" in summary) == warmed, summary
+    assert bool(warm) == bool(warmed), summary
+    assert ("bench warm-up: not run" in summary) == (not warmed), summary
     if warmed:
-        assert warm[0][2] == "0/1" and 18 <= int(warm[0][4]) - int(warm[0][3]) <= 20
+        assert [w[2] for w in warm] == shards
+        lo, hi = warmed
+        # the start delay of a loaded host may eat a few of these seconds
+        assert all(lo - 4 <= int(w[4]) - int(w[3]) <= hi for w in warm), (warm, summary)
     assert "bench_embedding: ok" in summary
 
 
-def test_warm_cases_calls_its_shard_once_each_and_writes_nothing(tmp_path, monkeypatch):
-    """Shard I of N takes every N-th (case, impl) pair in case order, calls each once, counts
-    a failing impl and goes on, frees only the cases it touched, and starts nothing past the
-    deadline; main_for --warm writes no result file."""
+def _warm_cases(n, calls, fail=()):
+    """n cases of three impls: eager (compiles nothing: the warm-up skips it), fastbert and
+    torch.compile; each call appends (case, impl) to calls; (case, impl) in fail raise."""
+    from benchmarks._harness import Case
+
+    def make(i, name):
+        def run():
+            calls.append((i, name))
+            if (i, name) in fail:
+                raise AssertionError()
+            return torch.ones(4).sum()
+        return run
+    return [Case("case", {"i": i}, {name: make(i, name) for name in
+                                    ("eager", "fastbert", "torch.compile")}) for i in range(n)]
+
+
+def test_warm_cases_calls_its_shard_once_each_and_writes_nothing(tmp_path, monkeypatch,
+                                                                  capsys):
+    """The j-th compiling impl of case c goes to shard (j + c) mod N (an impl at the same place
+    in every case lands in another shard each case); each pair called once, a failing one
+    counted (its empty message printed, not a crash); impls that compile nothing skipped;
+    every case released; nothing started past the deadline; main_for --warm writes no result
+    file and builds the full (not --quick) cases on a GPU."""
+    import re
     import time
 
     from benchmarks import _harness
     monkeypatch.setenv("FASTBERT_RESULTS", str(tmp_path))
     monkeypatch.delenv(_harness.DEADLINE_ENV, raising=False)
+    cpu = torch.device("cpu")
     calls = []
-
-    def cases():
-        out = _counting_cases(3, calls)           # pairs 0a 0b 1a 1b 2a 2b
-        out[1].impls["b"] = lambda: 1 / 0        # pair 3
-        return out
-    for shard, ran, failed in ((0, [0, 1, 2], 0), (1, [0, 2], 1)):
+    f, c = "fastbert", "torch.compile"
+    for shard, want, failed in ((0, [(0, f), (1, c), (2, f)], 0),
+                                (1, [(0, c), (1, f), (2, c)], 1)):
         calls.clear()
-        cs = cases()
-        counts = _harness.warm_cases("demo", cs, torch.device("cpu"), shard, 2, verbose=False)
-        assert calls == ran and counts == {"ran": 3 - failed, "failed": failed,
-                                           "not_reached": 0}
-        with pytest.raises(RuntimeError, match="run already"):
-            cs[0].impls["a"]()
+        cs = _warm_cases(3, calls, fail={(1, f)})
+        counts = _harness.warm_cases("demo", cs, cpu, shard, 2)
+        assert calls == want and counts == {"ran": 3 - failed, "failed": failed,
+                                            "not_reached": 0, "skipped": 3}
+        for case in cs:
+            with pytest.raises(RuntimeError, match="run already"):
+                case.impls["eager"]()
+    out = capsys.readouterr().out
+    assert "demo warm-up: case i=1 fastbert: AssertionError: " in out
+    # the summary line gpu_check.sh adds up
+    last = [line for line in out.splitlines() if " warm-up shard " in line]
+    assert [re.findall(r"\b(ran|failed|not_reached)=(\d+)", line) for line in last] == [
+        [("ran", "3"), ("failed", "0"), ("not_reached", "0")],
+        [("ran", "2"), ("failed", "1"), ("not_reached", "0")]]
     calls.clear()
-    cs = _counting_cases(5, calls)
-    counts = _harness.warm_cases("demo", cs, torch.device("cpu"), 2, 3, verbose=False)
-    assert calls == [1, 2, 4] and counts["ran"] == 3   # pairs 2, 5, 8: 1a 2b 4a
-    assert cs[0].impls["a"]() is not None             # a case this shard did not touch: kept
+    _harness.warm_cases("demo", _warm_cases(5, calls), cpu, 2, 3, verbose=False)
+    assert calls == [(1, c), (2, f), (4, c)]
     monkeypatch.setenv(_harness.DEADLINE_ENV, str(time.time() - 1))
     calls.clear()
-    counts = _harness.warm_cases("demo", _counting_cases(3, calls), torch.device("cpu"), 0, 1,
-                                 verbose=False)
-    assert calls == [] and counts == {"ran": 0, "failed": 0, "not_reached": 6}
+    counts = _harness.warm_cases("demo", _warm_cases(3, calls), cpu, 0, 1, verbose=False)
+    assert calls == [] and counts == {"ran": 0, "failed": 0, "not_reached": 6, "skipped": 3}
     with pytest.raises(ValueError, match="shard"):
-        _harness.warm_cases("demo", [], torch.device("cpu"), 2, 2)
+        _harness.warm_cases("demo", [], cpu, 2, 2)
     monkeypatch.delenv(_harness.DEADLINE_ENV)
     calls.clear()
-    assert _harness.main_for("demo", lambda dev, quick: _counting_cases(2, calls), "d",
+    assert _harness.main_for("demo", lambda dev, quick: _warm_cases(2, calls), "d",
                              ["--warm", "0/1"]) == []
-    assert sorted(calls) == [0, 0, 1, 1] and os.listdir(tmp_path) == []
+    assert sorted(calls) == [(0, f), (0, c), (1, f), (1, c)] and os.listdir(tmp_path) == []
+    seen = []
+    _harness.main_for("demo", lambda dev, quick: seen.append((dev, quick)) or [], "d",
+                      ["--device", "cuda", "--warm", "0/1"])
+    assert seen == [(torch.device("cuda"), False)] and os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("arg", ["1/1", "0/0", "a/2", "1", "-1/2"])
+def test_bench_attention_warm_up_writes_no_tuned_file(monkeypatch):
+    from benchmarks import bench_attention as ba
+    calls = []
+    monkeypatch.setattr(ba, "main_for", lambda *a, **k: None)
+    monkeypatch.setattr(ba, "write_tuned", lambda dev, tag="": calls.append((dev, tag)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ba.main(["--device", "cuda", "--warm", "0/1"])
+    assert calls == []
+
+
+@pytest.mark.parametrize("arg", ["1/1", "0/0", "a/2", "1", "-1/2", "1/2/3"])
 def test_warm_option_refuses_a_shard_outside_its_count(arg, capsys):
     from benchmarks import _harness
     with pytest.raises(SystemExit):
-        _harness.parse_args("d", ["--warm", arg])
-    assert "--warm" in capsys.readouterr().err
+        _harness.parse_args("d", [f"--warm={arg}"])
+    assert "expected" in capsys.readouterr().err
 
 
 def test_harness_records_the_first_call_and_reports_an_impl_failing_without_a_message(
@@ -484,3 +543,13 @@ def test_harness_records_the_first_call_and_reports_an_impl_failing_without_a_me
     rows = _harness.run_cases("demo", [case], torch.device("cpu"), verbose=False)
     assert rows[0]["first_s"] >= 0.2 and rows[0]["ms"] < 100
     assert rows[1]["error"] == "AssertionError: " and rows[1]["first_s"] is None
+    # the first call alone, before the timing (which takes its own time)
+    real = _harness.time_fn
+
+    def slow_timing(fn, device):
+        time.sleep(0.5)
+        return real(fn, device)
+    monkeypatch.setattr(_harness, "time_fn", slow_timing)
+    case = _harness.Case("c", {"n": 1}, {"a": lambda: torch.ones(2).sum()})
+    rows = _harness.run_cases("demo", [case], torch.device("cpu"), verbose=False)
+    assert rows[0]["first_s"] < 0.3

@@ -292,4 +292,9 @@ def test_bert_block_runs_without_a_sync_and_replays_from_a_cuda_graph(dtype):
                                            atol=1e-2 * scale + 1e-6, msg=f"result {i}")
         else:
             graph.replay()
-            assert not torch.equal(first[0], out[0]), "two replays drew the same dropout masks"
+            # the gradients, not the loss: a 16-bit scalar loss of ~7 (bf16 spacing 0.03 there)
+            # varies by ~0.03 between dropout masks, so two different masks round to the same
+            # loss about a third of the time (review s20 B); every weight's gradient is
+            # downstream of a dropout site
+            assert not any(torch.equal(a, b) for a, b in zip(first[1:], out[1:])), \
+                "two replays drew the same dropout masks"

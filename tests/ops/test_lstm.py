@@ -682,10 +682,21 @@ def _check_step_graph_equals_plain_loop(k, monkeypatch, device, dtype, proj, lay
     second, _ = _layer_outputs_and_grads(*calls[1], reverse)
     third, _ = _layer_outputs_and_grads(*calls[0], reverse)
     assert len(k.step_graph_keys()) == 2  # replayed, not captured again
+    # the LayerNorm-LSTM's per-step GEMMs are cuBLAS calls, which may pick other algorithms
+    # inside a capture than eager (review s20 B): close to rounding there, bitwise elsewhere
+    # (a stale static buffer or a wrong step would differ by O(1))
+    loose = layer_norm and device.type == "cuda"
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     for which, got, want in (("first", first, plain[0]), ("second", second, plain[1]),
                              ("third", third, plain[0])):
         for name, a, b in zip(names, got, want):
-            assert torch.equal(a, b), f"{which} call: {name} differs from the plain loop's"
+            msg = f"{which} call: {name} differs from the plain loop's"
+            if loose:
+                scale = b.float().abs().max().item()
+                torch.testing.assert_close(a.float(), b.float(), rtol=tol,
+                                           atol=tol * scale + 1e-6, msg=msg)
+            else:
+                assert torch.equal(a, b), msg
     for name, a, b in zip(names, first, kept):
         assert torch.equal(a, b), f"{name} of the first call was overwritten by a later call"
 
@@ -850,7 +861,8 @@ def test_lstm_gpu_step_graph_equals_plain_loop_bitwise(step_graphs, monkeypatch,
                                                        layer_norm, reverse):
     """Real CUDA graphs: forward and every gradient, ragged lengths (0 included), both
     directions, with and without projection, plain and LayerNorm-LSTM, the per-step path
-    forced at hidden 96 (the time-looping kernels would take it otherwise)."""
+    forced at hidden 96 (the time-looping kernels would take it otherwise). Bitwise, but for
+    the LayerNorm-LSTM's cuBLAS steps (see _check_step_graph_equals_plain_loop)."""
     _check_step_graph_equals_plain_loop(step_graphs, monkeypatch, torch.device("cuda"), dtype,
                                         proj, layer_norm, reverse, n_steps=30, n_batch=37,
                                         n_hidden=96)
