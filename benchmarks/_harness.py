@@ -270,6 +270,7 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
                 results[impl] = (float("nan"),) * 3 + (None, None, None, "not run: time budget")
                 continue
             first = None
+            began = time.perf_counter()
             try:
                 # the first call on its own: JIT compiles (or loads from the caches the warm-up
                 # filled) and allocates; its seconds are the first_s column
@@ -287,8 +288,10 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
                 err = error_text(e)
             results[impl] = (ms, lo, hi, mem, gpu, first, err)
             if verbose:
+                # [first call / all the harness spent on the impl: timing, memory, profile]
                 print(f"{bench:>14} {case.name:<24} {_fmt_params(case.params):<44} {impl:<16} "
-                      f"{ms:9.4f} ms{'  ' + err if err else ''}", flush=True)
+                      f"{ms:9.4f} ms  [{first or 0:.1f} / {time.perf_counter() - began:.1f} s]"
+                      f"{'  ' + err if err else ''}", flush=True)
             if write and len(results) < len(case.impls):
                 # written after every impl: a run killed inside a long case keeps what it
                 # timed (the case's rows so far, speedups where the baseline has run)
