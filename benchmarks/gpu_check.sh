@@ -6,8 +6,10 @@
 # machine's own packages: it installs nothing. Steps, most important first:
 #   1. environment report (card, driver, versions) and, if csrc/ has kernels, their build;
 #   2. the tests marked `gpu` (fp16/bf16 at real sizes: what closes the kernel issues);
-#   3. every other test, on CUDA tensors and compiled kernels (the CPU suite runs them in the
-#      Triton interpreter);
+#   3. (phase "tests", not in the default since 2026-11-28) every other test, on CUDA tensors
+#      and compiled kernels (the CPU suite runs them in the Triton interpreter): ~1440 tests,
+#      more than its 25% share of a one-call budget, and what it took went from the benches;
+#      run it in a call of its own (FASTBERT_GPU_PHASES=tests) when device time is left;
 #   4. the benchmarks, one process each, attention / cross-entropy / embedding / LSTM (LayerNorm
 #      when FASTBERT_BENCHES names it), sharing what is left of the budget (each writes its
 #      CSV + markdown after every case and stops starting cases at its share's end), after a
@@ -30,8 +32,8 @@
 # (run `make bench-wheels` here first and carry .bench_wheels: the peers the machine lacks,
 # Liger-Kernel, are then timed too)
 # Elsewhere, PYTHON=/path/to/python picks the interpreter (default python3).
-# For a rerun of part of it: FASTBERT_GPU_PHASES picks phases (default "gpu-tests tests
-# bench"; "profile" adds benchmarks/profile_overhead.py's per-call host / GPU / kernel times), FASTBERT_PYTEST_ARGS adds pytest arguments (e.g. "-k attention"; split on spaces, so a
+# For a rerun of part of it: FASTBERT_GPU_PHASES picks phases (default "gpu-tests bench";
+# "tests" adds the rest of the suite, "profile" adds benchmarks/profile_overhead.py's per-call host / GPU / kernel times), FASTBERT_PYTEST_ARGS adds pytest arguments (e.g. "-k attention"; split on spaces, so a
 # -k expression must be one word), FASTBERT_BENCHES
 # picks benchmarks with weights, in priority order (default "attention:3 cross_entropy:2
 # embedding:1 lstm:3": the scripts whose cases the issues' targets judge; add layer_norm:1
@@ -59,7 +61,7 @@ unset TRITON_INTERPRET FASTBERT_BACKEND FASTBERT_LSTM_COOP FASTBERT_LSTM_CUDA_GR
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${TRITON_HOME:-$HOME}/.triton/cache}"
 PY="${PYTHON:-python3}"
 BUDGET="${FASTBERT_GPU_BUDGET:-480}"
-PHASES="${FASTBERT_GPU_PHASES:-gpu-tests tests bench}"
+PHASES="${FASTBERT_GPU_PHASES:-gpu-tests bench}"
 JOBS="${FASTBERT_TEST_JOBS:-12}"
 START=$(date +%s)
 SUMMARY="$R/gpu_check_summary.txt"

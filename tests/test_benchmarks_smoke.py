@@ -553,3 +553,17 @@ def test_harness_records_the_first_call_and_reports_an_impl_failing_without_a_me
     case = _harness.Case("c", {"n": 1}, {"a": lambda: torch.ones(2).sum()})
     rows = _harness.run_cases("demo", [case], torch.device("cpu"), verbose=False)
     assert rows[0]["first_s"] < 0.3
+
+
+def test_gpu_check_default_phases_are_the_gpu_tests_and_the_benches(tmp_path):
+    """The rest of the suite on compiled kernels is opt-in (phase "tests"): in one device
+    call's budget it took the benches' time."""
+    run, summary, calls = _gpu_check(tmp_path, FASTBERT_GPU_BUDGET="300",
+                                     FASTBERT_BENCHES="embedding")
+    assert run.returncode == 0, summary + run.stderr
+    assert "phases: gpu-tests bench\n" in summary and "tests_gpu: exit 0" in summary
+    assert "tests_rest" not in summary and "bench_embedding: ok" in summary
+    (tmp_path / "b").mkdir()
+    run, summary, calls = _gpu_check(tmp_path / "b", FASTBERT_GPU_BUDGET="300",
+                                     FASTBERT_GPU_PHASES="tests", FASTBERT_BENCHES="embedding")
+    assert "tests_rest: exit 0" in summary and "bench_embedding" not in summary
