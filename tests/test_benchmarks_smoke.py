@@ -562,6 +562,7 @@ def test_gpu_check_default_phases_are_the_gpu_tests_and_the_benches(tmp_path):
                                      FASTBERT_BENCHES="embedding")
     assert run.returncode == 0, summary + run.stderr
     assert "phases: gpu-tests bench\n" in summary and "tests_gpu: exit 0" in summary
+    assert '== tests_gpu (-m "gpu and not aot", 120s)' in run.stdout   # 40% of the budget
     assert "tests_rest" not in summary and "bench_embedding: ok" in summary
     (tmp_path / "b").mkdir()
     run, summary, calls = _gpu_check(tmp_path / "b", FASTBERT_GPU_BUDGET="300",
