@@ -349,9 +349,8 @@ def warm_cases(bench: str, cases: List[Case], device: torch.device, shard: int,
     same number of pairs from any N cases in a row, and an impl at the same place in every
     case (a torch.compile baseline, say) lands in another shard each case. Nothing
     is timed or written; an impl that fails is counted, not fatal (the timed run reports
-    it). New pairs stop starting at ``$FASTBERT_BENCH_DEADLINE``; a case's inputs are
-    released after this shard's last pair in it (inputs shared with cases it did not touch
-    are freed by the garbage collector once no case holds them).
+    it). New pairs stop starting at ``$FASTBERT_BENCH_DEADLINE``; each case is released once
+    the loop has passed it (its lazily built inputs go with the last case holding them).
     """
     if not 0 <= shard < n_shards:
         raise ValueError(f"shard must be in [0, {n_shards}), got {shard}")
@@ -494,8 +493,9 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
                    help="a few small shapes (the default on CPU, where only the torch paths run)")
     p.add_argument("--no-write", action="store_true", help="print only; write no result files")
     p.add_argument("--warm", metavar="I/N", type=_shard,
-                   help="compile ahead: call shard I of N of the (case, impl) pairs once each, "
-                        "untimed, and write nothing (see warm_cases)")
+                   help="compile ahead: call shard I of N of the (case, impl) pairs of the "
+                        "impls that compile once each, untimed, and write nothing (see "
+                        "warm_cases)")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
     if args.device.type != "cuda":

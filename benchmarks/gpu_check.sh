@@ -33,8 +33,9 @@
 # Liger-Kernel, are then timed too)
 # Elsewhere, PYTHON=/path/to/python picks the interpreter (default python3).
 # For a rerun of part of it: FASTBERT_GPU_PHASES picks phases (default "gpu-tests bench";
-# "tests" adds the rest of the suite, "profile" adds benchmarks/profile_overhead.py's per-call host / GPU / kernel times), FASTBERT_PYTEST_ARGS adds pytest arguments (e.g. "-k attention"; split on spaces, so a
-# -k expression must be one word), FASTBERT_BENCHES
+# "tests" adds the rest of the suite, "profile" adds benchmarks/profile_overhead.py's per-call
+# host / GPU / kernel times), FASTBERT_PYTEST_ARGS adds pytest arguments (e.g. "-k attention";
+# split on spaces, so a -k expression must be one word), FASTBERT_BENCHES
 # picks benchmarks with weights, in priority order (default "attention:3 cross_entropy:2
 # embedding:1 lstm:3": the scripts whose cases the issues' targets judge; add layer_norm:1
 # for its table). FASTBERT_TEST_JOBS sets the pytest workers (default 12).
