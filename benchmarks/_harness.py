@@ -274,10 +274,9 @@ def run_cases(bench: str, cases: List[Case], device: torch.device, *,
             try:
                 # the first call on its own: JIT compiles (or loads from the caches the warm-up
                 # filled) and allocates; its seconds are the first_s column
-                t0 = time.perf_counter()
                 fn()
                 sync(device)
-                first = time.perf_counter() - t0
+                first = time.perf_counter() - began
                 ms, lo, hi = time_fn(fn, device)
                 mem = peak_memory_mb(fn, device)
                 gpu = gpu_time_ms(fn, device)
@@ -361,7 +360,7 @@ def warm_cases(bench: str, cases: List[Case], device: torch.device, shard: int,
         compiling = [impl for impl in case.impls if compiles_ahead(impl)]
         mine = [impl for j, impl in enumerate(compiling) if (j + ci) % n_shards == shard]
         if mine:
-            counts["skipped"] += sum(not compiles_ahead(impl) for impl in case.impls)
+            counts["skipped"] += len(case.impls) - len(compiling)
         for impl in mine:
             if stop_at is not None and time.time() > stop_at:
                 counts["not_reached"] += 1
