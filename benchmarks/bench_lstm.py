@@ -24,16 +24,17 @@ The padded cases also time both LSTMs replayed from CUDA graphs
 (``torch.cuda.make_graphed_callables``): the gap to the plain call is launch overhead. And
 ``fastbert_triton_step_graph``: fastbert's own CUDA-graph mode (kernels/lstm.py
 ``PER_STEP_CUDA_GRAPH``, off by default), with the per-step path forced at every hidden size
-(``PERSISTENT_MAX_HIDDEN`` = 0): at hidden 256 it is timed against the time-looping kernels
-(the default there), above against the plain per-step loop (the default there). Its captures
+(``PERSISTENT_MAX_HIDDEN`` = 0), the cooperative loop off. Its captures
 happen in the untimed first call and their static buffers stay in the mode's cache, so its
-peak_mb leaves them out. The time-loop and LayerNorm-LSTM cases time the mode too.
-``fastbert_triton_coop`` (and ``coop`` in the time-loop case): the cooperative time loop
-(kernels/lstm.py ``COOP_TIME_LOOP``, off by default), one launch per layer and direction with
-a grid barrier a step, where it fits one program per SM (hidden <= 1024);
+peak_mb leaves them out. The time-loop case times the mode too.
+``fastbert_triton`` is the default path: on a GPU the cooperative time loop (kernels/lstm.py
+``COOP_TIME_LOOP``, the default since the H200 run of 2026-11-28), one launch per layer and
+direction with a grid barrier a step, where it fits one program per SM (hidden <= 1024);
+there ``fastbert_triton_no_coop`` times the path without it (per-step / time-looping), and
+``coop`` in the time-loop case times it against those;
 ``fastbert_triton_coop_resident`` (``coop_resident``): the same with each program's W_hh slice
-loaded once and kept on chip (``COOP_RESIDENT_W``, off by default), where it fits (in bf16
-hidden 256; 512 below batch 256).
+loaded once and kept on chip (``COOP_RESIDENT_W``, off by default), where it fits and up to
+hidden ``COOP_RESIDENT_MAX_HIDDEN`` (256).
 ``fastbert_triton_per_step`` (hidden <= ``PERSISTENT_MAX_HIDDEN``, where the default is the
 time-looping kernel): the plain per-step loop, whose per-step launches became cheap
 (kernels/_launch.py) after the last measurement placed that threshold. One case
@@ -48,7 +49,7 @@ On CPU (CI smoke test) only the PyTorch paths run, on tiny shapes.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
@@ -162,7 +163,8 @@ def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
     impls += ["fastbert_triton"] if device.type == "cuda" else ["fastbert_torch"]
     fns = {i: build("cudnn" if i in ("cudnn", "torch_nn_lstm") else i) for i in impls}
     if device.type == "cuda":
-        fns["fastbert_triton"] = _coop(build("fastbert_triton"), False)
+        # the default path: on a GPU the cooperative time loop where it applies (below)
+        fns["fastbert_triton"] = _coop(build("fastbert_triton"), None)
         # the per-step path in fastbert's own CUDA-graph mode (see the module docstring)
         fns["fastbert_triton_step_graph"] = _coop(build_step_graph(), False)
         # where the default is the time-looping kernel, the per-step path too (its launches
@@ -176,10 +178,10 @@ def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
             for name, settings in _TILE_VARIANTS.items():
                 fns[f"fastbert_triton_{name}"] = _coop(_tiles(settings, build("fastbert_triton")),
                                                        False)
-        # the cooperative time loop (off by default, see the module docstring), where it
-        # runs these layers
+        # where the default is the cooperative time loop (see the module docstring): the
+        # per-step / time-looping path without it, the default before 2026-11-28
         if _coop_applies(device, seq, batch, hidden):
-            fns["fastbert_triton_coop"] = _coop(build("fastbert_triton"))
+            fns["fastbert_triton_no_coop"] = _coop(build("fastbert_triton"), False)
             if _resident_applies(device, seq, batch, hidden, dtype):
                 fns["fastbert_triton_coop_resident"] = _resident(_coop(build("fastbert_triton")))
         # the same forward+backward replayed from CUDA graphs: how much of each time is
@@ -251,21 +253,19 @@ def _tiles(settings: dict, fn: Callable[[], object]) -> Callable[[], object]:
     return fn
 
 
-def _step_graph(fn: Callable[[], object], threshold: str = "PERSISTENT_MAX_HIDDEN"
-                ) -> Callable[[], object]:
-    """``fn`` run with the per-step recurrence forced (``threshold`` set to 0) and replayed
-    from the CUDA-graph mode's own graphs (``fastbert.kernels.lstm.PER_STEP_CUDA_GRAPH``)."""
+def _step_graph(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with the per-step recurrence forced (``PERSISTENT_MAX_HIDDEN`` set to 0) and
+    replayed from the CUDA-graph mode's own graphs
+    (``fastbert.kernels.lstm.PER_STEP_CUDA_GRAPH``)."""
     from fastbert.kernels import lstm as klstm
-    run = with_setting(klstm, "PER_STEP_CUDA_GRAPH", True, _with_threshold(threshold, 0, fn))
-    if threshold == "LN_PERSISTENT_MAX_HIDDEN":
-        # the LayerNorm-LSTM loops are graphed only when asked (see LN_STEP_CUDA_GRAPH)
-        run = with_setting(klstm, "LN_STEP_CUDA_GRAPH", True, run)
-    return run
+    return with_setting(klstm, "PER_STEP_CUDA_GRAPH", True,
+                        _with_threshold("PERSISTENT_MAX_HIDDEN", 0, fn))
 
 
-def _coop(fn: Callable[[], object], on: bool = True) -> Callable[[], object]:
+def _coop(fn: Callable[[], object], on: Optional[bool] = True) -> Callable[[], object]:
     """``fn`` run with the cooperative time loop (``fastbert.kernels.lstm.COOP_TIME_LOOP``) on,
-    or off (the other fastbert rows: $FASTBERT_LSTM_COOP must not switch them)."""
+    off (the per-step variants' rows), or None: the library's default (on for CUDA tensors;
+    gpu_check.sh unsets $FASTBERT_LSTM_COOP, which would decide it)."""
     from fastbert.kernels import lstm as klstm
     return with_setting(klstm, "COOP_TIME_LOOP", on, fn)
 
@@ -363,7 +363,7 @@ class _EagerLayerNormLSTM(torch.nn.Module):
 def _layer_norm_case(device, dtype, batch, hidden, seq):
     from fastbert.kernels import lstm as klstm
 
-    def build(kind, persistent=None, graphed=False):
+    def build(kind, persistent=None):
         def make():
             _fresh_step_graphs()
             torch.manual_seed(0)
@@ -372,8 +372,6 @@ def _layer_norm_case(device, dtype, batch, hidden, seq):
             model = (_EagerLayerNormLSTM(hidden, hidden) if kind == "eager"
                      else LayerNormLSTM(hidden, hidden, backend=backend))
             inner = _fwd_bwd(model.to(device, dtype), x)
-            if graphed:
-                return _step_graph(inner, "LN_PERSISTENT_MAX_HIDDEN")
             if persistent is None:
                 return inner
             return _with_threshold("LN_PERSISTENT_MAX_HIDDEN", hidden if persistent else 0,
@@ -387,7 +385,6 @@ def _layer_norm_case(device, dtype, batch, hidden, seq):
             impls["fastbert_per_step"] = build("ours", persistent=False)
         else:
             impls["fastbert_time_looping"] = build("ours", persistent=True)
-        impls["fastbert_per_step_graphed"] = build("ours", graphed=True)
     return Case("layer_norm_lstm fwd+bwd",
                 dict(batch=batch, hidden=hidden, seq=seq, layers=1, dirs=1,
                      dtype=str(dtype).replace("torch.", "")),

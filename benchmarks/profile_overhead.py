@@ -195,7 +195,9 @@ def cases(dev: str = "cuda") -> Dict[str, Callable]:
     out["attention fwd+bwd 64x512x12x64"] = lambda: torch.autograd.grad(
         ops.attention(q5, k5, v5, attention_mask=mask5, backend="triton"), (q5, k5, v5), do5)
 
-    # the LSTM time loops: default, cooperative (COOP_TIME_LOOP), cuDNN
+    # the LSTM time loops: "fastbert" the per-step / time-looping path (cooperative loop off),
+    # "fastbert coop" the cooperative loop (COOP_TIME_LOOP, the GPU default since 2026-11-28),
+    # cuDNN
     _lstm_cases(out, dev, bf)
 
     logits = torch.randn(4096, 30522, device=dev, dtype=bf, requires_grad=True)

@@ -17,10 +17,11 @@ bits may differ between candidates (the warps split a tile's dot products and re
 differently).
 
 Off by default (``FASTBERT_AUTOTUNE=1`` in the environment, read at the first launch that
-asks, "0" or unset off; or ``ENABLED = True`` here), until a GPU run shows what it gains
-(benchmarks/bench_attention.py times the ``fastbert_tuned`` rows beside the default and writes
-the chosen pairs next to its results). A key not tuned yet is not tuned, and the launcher's
-default is taken:
+asks, "0" or unset off; or ``ENABLED = True`` here): on the H200 (2026-11-28,
+benchmarks/results/attention_tuned_nvidia-h200.txt) it chose the same pair for each kernel at
+every shape, which became the attention backward's defaults, and its per-call lookup cost
+more host time than it saved (the ``fastbert_tuned`` rows of bench_attention). A key not
+tuned yet is not tuned, and the launcher's default is taken:
 - on the CPU (the interpreter), and while the current stream is being captured into a CUDA
   graph (the timing synchronizes the device); a later eager call tunes it. A key already tuned
   keeps its pair during a capture. The synchronization also breaks *another* thread's capture

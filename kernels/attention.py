@@ -38,7 +38,8 @@ What is fused and why:
   launches (host time dominated BERT seq-128 calls on the H200), the delta and dQ kernels'
   re-reads of Q, dO, K, V and the second QK^T / dO V^T; still no atomics.
 - Block configs (``fwd_config``, ``bwd_configs``) were chosen from ptxas register and shared
-  memory counts, not timed. With the opt-in run-time tuner (``kernels/_tune.py``,
+  memory counts; the 16-bit backward's num_warps / num_stages are the tuner's picks on an H200
+  (see ``bwd_configs``). With the opt-in run-time tuner (``kernels/_tune.py``,
   ``FASTBERT_AUTOTUNE=1``) each kernel's num_warps / num_stages are instead timed at the first
   call of a variant and shape class among ``fwd_candidates`` / ``bwd_candidates``.
 - Causal masking is aligned to the bottom-right corner, as in FlashAttention-2: query i of a
@@ -677,13 +678,22 @@ def bwd_configs(head_dim: int, dtype: torch.dtype):
     kernel). The dK/dV kernel holds BLOCK_N keys (k, v, dk, dv tiles) and streams BLOCK_M
     queries; the dQ kernel holds BLOCK_M queries and streams BLOCK_N keys. At the 128-wide
     head tile the tutorial's (32, 128) / (128, 32) would halve the re-reads of the streamed
-    side but take 246-255 registers on sm_90 and spill on sm_80: to be timed first."""
+    side but take 246-255 registers on sm_90 and spill on sm_80: to be timed first.
+
+    The 16-bit (num_warps, num_stages) are the run-time tuner's picks (kernels/_tune.py) on an
+    H200 (benchmarks/results/attention_tuned_nvidia-h200.txt, 2026-11-28): the same pick at
+    every shape it tuned (batch x heads 32-4096, seq 128-8192, padding mask and causal, bf16),
+    against (8, 2) for both kernels before. With them forward + backward took 23-30% less
+    GPU time (the forward's config unchanged; bert-base padded, GPU ms: 0.407 -> 0.313 at seq
+    128, 0.917 -> 0.649 at 512; bert-large 0.527 -> 0.405, 1.229 -> 0.866; varlen 16-512 0.462
+    -> 0.350). The tuner itself stays off by default: its per-call lookup cost more host time
+    than that saved (varlen fwd+bwd wall 0.54 -> 0.88 ms)."""
     bd = block_d(head_dim)
     if dtype == torch.float32:
         return ((32, 32, 4, 2), (32, 32, 4, 2)) if bd <= 64 else ((16, 32, 4, 1), (32, 16, 4, 1))
     if bd <= 64:
-        return (32, 128, 8, 2), (128, 32, 8, 2)
-    return (32, 64, 8, 2), (64, 32, 8, 2)
+        return (32, 128, 4, 3), (128, 32, 8, 3)
+    return (32, 64, 8, 3), (64, 32, 4, 2)
 
 
 # (num_warps, num_stages) pairs the opt-in run-time tuner (kernels/_tune.py) times for the
@@ -724,9 +734,10 @@ def _with_default(default: tuple, pairs: tuple) -> tuple:
 # False forces the three-kernel backward everywhere (benchmarks/bench_attention.py times both)
 ONE_LAUNCH_BACKWARD = True
 # True: where the backward is not one launch, the dK/dV kernel also adds dQ with fp32 atomics
-# (ATOMIC_DQ) instead of a separate dQ kernel recomputing P and dP. Off by default until timed
-# on a GPU (benchmarks/bench_attention.py's fastbert_atomic_dq_bwd rows); never used under
-# torch.use_deterministic_algorithms(True).
+# (ATOMIC_DQ) instead of a separate dQ kernel recomputing P and dP. Off: on the H200
+# (2026-11-28, bench_attention's fastbert_atomic_dq_bwd rows) forward + backward took
+# 1.06-1.17x the default's time (causal seq 1024-8192, padded seq 512) and 1.56x on the varlen
+# batch; never used under torch.use_deterministic_algorithms(True).
 ATOMIC_DQ_BACKWARD = False
 
 

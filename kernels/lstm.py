@@ -68,11 +68,11 @@ Three ways to run the time loop:
   (the program reads its own h_t back from global memory). It streams all of W_hh through
   one SM per step, which is why it is limited to small hidden sizes, and it uses only
   cdiv(B, 16) SMs.
-- cooperative (``COOP_TIME_LOOP``, off by default until a GPU run has checked and timed it;
-  hidden <= COOP_MAX_HIDDEN, no projection): the per-step grid and tiles in one launch that
-  loops over time. A program keeps its batch block and column block for every step (it
-  re-reads the same W_hh columns from L2 each step: the barrier's acquire invalidates the
-  SM's L1; keeping them in registers or shared memory is not implemented), and the step's
+- cooperative (``COOP_TIME_LOOP``, the default on a GPU since it was checked and timed on
+  one, see there; hidden <= COOP_MAX_HIDDEN, no projection): the per-step grid and tiles in
+  one launch that loops over time. A program keeps its batch block and column block for
+  every step (it re-reads the same W_hh columns from L2 each step: the barrier's acquire
+  invalidates the SM's L1; ``COOP_RESIDENT_W`` keeps them in shared memory), and the step's
   work spreads over up to one program per SM. After each step the programs of one batch
   block meet at a barrier
   (``_group_barrier``: an arrival count per batch block, release / acquire atomics at GPU
@@ -87,19 +87,23 @@ Three ways to run the time loop:
   instead of hanging. The interpreter runs
   one program at a time, so on CPU the same kernel runs one launch per step without the
   barrier (``_coop_launches``). This is the shape of cuDNN's persistent RNN; with
-  ``COOP_RESIDENT_W`` (off by default, not yet timed) each program also loads its W_hh slice
+  ``COOP_RESIDENT_W`` (off by default, see there) each program also loads its W_hh slice
   once, before the loop, into shared memory, and each step is one GEMM over the whole
-  reduction: no W_hh traffic after the first step (where the slice fits: see there).
+  reduction: no W_hh traffic after the first step (where the slice fits, up to hidden
+  COOP_RESIDENT_MAX_HIDDEN).
 
 CUDA-graph mode of the per-step loops (``PER_STEP_CUDA_GRAPH``, off by default): the host
 time of the per-step path is one Python launch per kernel and step (~20 us each on the H200
 machine's host, 2T-4T launches per layer and direction), which bounds it at small and medium
-sizes. In this mode each loop (the plain LSTM's forward and backward; the LayerNorm-LSTM's
-too with ``LN_STEP_CUDA_GRAPH``, off: see there) is captured once per shape into a CUDA graph over static input and output buffers; a call copies
-its inputs in, replays the graph and returns clones of the outputs (autograd saves them, so the
-next call must not overwrite them): a dozen torch ops and one graph launch instead of the
-loop. The kernels and their arguments are the plain loop's, so the results are bitwise the
-same (cuBLAS, in the LayerNorm-LSTM loops, is given the same shapes and layouts). A call
+sizes. In this mode each loop (the plain LSTM's forward and backward) is captured once per
+shape into a CUDA graph over static input and output buffers; a call copies its inputs in,
+replays the graph and returns clones of the outputs (autograd saves them, so the next call
+must not overwrite them): a dozen torch ops and one graph launch instead of the loop. The
+kernels and their arguments are the plain loop's, so the results are bitwise the same. The
+LayerNorm-LSTM's loops (a cuBLAS GEMM a step) are never graphed: the H200's gpu test found
+their graphed results wrong (2026-11-28; the first call's too, which runs the loop eagerly on
+a side stream before the capture; cause not found, no GPU since), and the mode was removed
+for them. A call
 made while its stream is being captured runs the plain loop (the caller's graph records it);
 CPU tensors (the interpreter) always do. The captures and their buffers live in a small LRU
 cache (``_step_graph``): about one plain call's inputs and outputs of memory per entry.
@@ -113,6 +117,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import threading
 import warnings
 from typing import Callable, Optional, Tuple
@@ -149,16 +154,24 @@ PERSISTENT_WARPS = 8
 MIN_STEP_PROGRAMS = 128
 # The CUDA-graph mode of the per-step loops (module docstring): True / False switch it; None
 # (the default) takes $FASTBERT_LSTM_CUDA_GRAPH, "1" on, "0" or unset off, read once on the
-# first per-step call. Off by default until a GPU run has checked and timed it
-# (tests/ops/test_lstm.py, benchmarks/bench_lstm.py).
+# first per-step call. Off by default: on the H200 (2026-11-28) its results were bitwise the
+# plain loop's and it took 0.30-1.04x the per-step / time-looping path's time (bench_lstm's
+# fastbert_triton_step_graph rows), but the cooperative loop, the default where it applies,
+# took 0.73-1.07x the mode's time, and a capture per input shape makes the mode a loss for
+# varying lengths. It still serves the layers the cooperative loop does not take.
 PER_STEP_CUDA_GRAPH: Optional[bool] = None
 CUDA_GRAPH_ENV = "FASTBERT_LSTM_CUDA_GRAPH"
 # Captured loops kept, least recently used evicted: a layer's forward and backward in each
-# direction are four (layers of equal shapes share them), a LayerNorm-LSTM's four more.
+# direction are four (layers of equal shapes share them).
 CUDA_GRAPH_CACHE_SIZE = 8
-# The cooperative time loop (module docstring), opt-in like the CUDA-graph mode until a GPU run
-# has checked and timed it: True / False switch it; None takes $FASTBERT_LSTM_COOP ("1" on,
-# "0" or unset off), read once on the first call that could use it.
+# The cooperative time loop (module docstring): True / False switch it; None takes
+# $FASTBERT_LSTM_COOP ("1" on, "0" off; read once, on the first call that could use it), and
+# while that is unset, the default: on for CUDA tensors outside a CUDA-graph capture, off
+# elsewhere (the interpreter's CPU tensors, where the loop runs one launch a step anyway, and
+# a capture, where a cooperative launch has not been checked on a GPU). On by default since
+# the H200 run of 2026-11-28 (benchmarks/results/lstm_nvidia-h200.md): faster than the
+# per-step / time-looping default in 25 of the 26 padded cases it ran (geometric mean 1.75x,
+# 0.99x at worst), bitwise their results in the gpu tests (bf16, hidden 72-1024, batch 7-256).
 COOP_TIME_LOOP: Optional[bool] = None
 COOP_ENV = "FASTBERT_LSTM_COOP"
 # Up to this hidden size (no projection). A program re-reads its W_hh columns from L2 every
@@ -171,8 +184,11 @@ COOP_MAX_HIDDEN = 1024
 # stay below it: n_steps x group < 2^30.
 COOP_MAX_SPINS = 1 << 20
 COOP_POISON = 1 << 30
-# Opt-in tile variants of the per-step and cooperative kernels, off by default until a GPU run
-# has timed them (bench_lstm times them beside the default). Read at every call.
+# Opt-in tile variants of the per-step and cooperative kernels, off by default (bench_lstm
+# times them beside the default: on the H200, 2026-11-28, with the cooperative loop off, all
+# three together took 0.67-1.22x the per-step loop's time at hidden 512-1024, 0.68-0.77x at
+# 1024 with batch >= 64 and seq 256; but they would change the cooperative loop's tiles too,
+# the default now, a combination not timed). Read at every call.
 # FWD_BLOCK_K / BWD_BLOCK_K: the K step of the forward's recurrent GEMM (over the state size)
 # and of the backward's (over 4H; with a projection, over its size P); None takes STEP_BLOCK_K
 # (32), else a power of two (clipped to the reduction). The backward's K loop is
@@ -192,8 +208,12 @@ FWD_NARROW_WARPS = False
 # then one GEMM over the whole reduction (no K loop) with no W_hh traffic: without it every
 # program re-reads its slice from L2 every step (review D, session 16: 6.4 -> 2.4 MB of L2
 # reads per forward step at 64 x 512). Where it does not fit (below) the loop reloads it as
-# before. Opt-in until a GPU run has timed it (bench_lstm's ``fastbert_triton_coop_resident``
-# rows). Read at every call.
+# before. Opt-in: on the H200 (2026-11-28, bench_lstm's ``fastbert_triton_coop_resident``
+# rows) it took 0.59-0.69x the non-resident loop's time at seq 256, hidden 256, but 0.9-1.3x
+# at seq 64, and at hidden 512 the gpu test found its results wrong (batch 16 and 64: up to
+# 1.8 off in bf16, a quarter of the elements at batch 16 over 200 steps; cause not found, no
+# GPU since): it runs only up to COOP_RESIDENT_MAX_HIDDEN, the largest the gpu tests passed
+# at (batch 7-256). Read at every call.
 # The slice and the step's other GEMM operand (the batch block's h, or its gate gradients,
 # over the whole reduction) are staged in shared memory (sm_90 TTGIR: the slice's local_alloc
 # is hoisted before the time loop, only local_loads inside it): a kernel runs resident when
@@ -205,6 +225,7 @@ FWD_NARROW_WARPS = False
 # registers: the four-gate forward spills kilobytes a thread at K = 256 (ptxas, sm_80 / sm_90,
 # review s17 B), hundreds of bytes at 128; it runs resident only up to RESIDENT_FP32_MAX_K.
 COOP_RESIDENT_W = False
+COOP_RESIDENT_MAX_HIDDEN = 256
 COOP_RESIDENT_MAX_BYTES = 128 * 1024
 RESIDENT_FP32_MAX_K = 64
 
@@ -1261,11 +1282,15 @@ def persistent_blocks(n_hidden: int) -> tuple[int, int, int, int]:
     return MIN_DOT_BLOCK, block_h, STEP_BLOCK_K, PERSISTENT_WARPS
 
 
-def coop_enabled() -> bool:
-    """``COOP_TIME_LOOP``; while it is None, $FASTBERT_LSTM_COOP decides ("1" on, "0" or
-    unset off), read once into it."""
+def coop_enabled(device: Optional[torch.device] = None) -> bool:
+    """``COOP_TIME_LOOP``; while it is None, $FASTBERT_LSTM_COOP decides ("1" on, "0" off),
+    read once into it; while that is unset too, on for a CUDA ``device`` whose current stream
+    is not being captured, else off."""
     global COOP_TIME_LOOP
     if COOP_TIME_LOOP is None:
+        if not os.environ.get(COOP_ENV, "").strip():
+            return (device is not None and device.type == "cuda"
+                    and not torch.cuda.is_current_stream_capturing())
         COOP_TIME_LOOP = env_flag(COOP_ENV)
     return COOP_TIME_LOOP
 
@@ -1295,7 +1320,7 @@ def use_coop(n_steps: int, n_batch: int, n_hidden: int, has_proj: bool,
     (``coop_enabled``), no projection, hidden <= COOP_MAX_HIDDEN, a grid of at most one
     program per SM, counts below COOP_POISON. On CPU (the interpreter) any grid: it runs
     there one launch per step."""
-    if has_proj or n_hidden > COOP_MAX_HIDDEN or not coop_enabled():
+    if has_proj or n_hidden > COOP_MAX_HIDDEN or not coop_enabled(device):
         return None
     limit = _sm_count(device.index) if device.type == "cuda" else 1 << 30
     blocks = coop_blocks(n_batch, n_hidden, limit)
@@ -1321,9 +1346,9 @@ def resident_bytes(kind: str, n_hidden: int, block_b: int, block_h: int, itemsiz
 
 def coop_resident(kind: str, n_hidden: int, block_b: int, block_h: int, itemsize: int) -> bool:
     """Whether the cooperative ``kind`` ("fwd" / "bwd") kernel keeps its W_hh slice on chip:
-    COOP_RESIDENT_W, both operands within COOP_RESIDENT_MAX_BYTES, and for 4-byte operands
-    in the forward K <= RESIDENT_FP32_MAX_K."""
-    if not COOP_RESIDENT_W:
+    COOP_RESIDENT_W, hidden <= COOP_RESIDENT_MAX_HIDDEN, both operands within
+    COOP_RESIDENT_MAX_BYTES, and for 4-byte operands in the forward K <= RESIDENT_FP32_MAX_K."""
+    if not COOP_RESIDENT_W or n_hidden > COOP_RESIDENT_MAX_HIDDEN:
         return False
     if kind == "fwd" and itemsize > 2 and resident_k(kind, n_hidden) > RESIDENT_FP32_MAX_K:
         return False
@@ -1352,34 +1377,12 @@ def step_graph_enabled() -> bool:
     return PER_STEP_CUDA_GRAPH
 
 
-# The LayerNorm-LSTM loops call cuBLAS at every step. A graph holding cuBLAS calls uses the
-# workspace of the stream it was captured on, and destroying such a graph (an eviction from
-# the cache) can free the workspace that other graphs captured on the same pooled stream
-# still use (pytorch/pytorch#193402). Until a GPU run has checked that (many shapes, evictions,
-# compute-sanitizer), the mode covers them only when this is True (tests set it); the plain
-# LSTM's loops are Triton launches only.
-LN_STEP_CUDA_GRAPH = False
-
-
-def _matmul_precision() -> tuple:
-    """torch's cuBLAS precision settings, read without raising: the fp32_precision
-    attributes (torch >= 2.9) reflect the legacy and the new API alike, where the legacy
-    getters (allow_tf32, get_float32_matmul_precision) raise once the new API was used."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        tf32 = (matmul.fp32_precision, getattr(torch.backends, "fp32_precision", None))
-    else:
-        tf32 = (torch.get_float32_matmul_precision(), matmul.allow_tf32)
-    return tf32 + (matmul.allow_fp16_reduced_precision_reduction,
-                   matmul.allow_bf16_reduced_precision_reduction)
-
-
-def _use_step_graph(t: torch.Tensor, layer_norm: bool = False) -> bool:
-    """Whether this call's per-step loop replays a CUDA graph: the mode is on (for the
-    LayerNorm-LSTM loops also ``LN_STEP_CUDA_GRAPH``), the tensors are CUDA tensors (never the
-    interpreter's CPU tensors), and the current stream is not being captured already (then
-    the plain loop is what the caller's graph records)."""
-    return (step_graph_enabled() and (LN_STEP_CUDA_GRAPH or not layer_norm) and t.is_cuda
+def _use_step_graph(t: torch.Tensor) -> bool:
+    """Whether this call's per-step loop (the plain LSTM's) replays a CUDA graph: the mode is
+    on, the tensors are CUDA tensors (never the interpreter's CPU tensors), and the current
+    stream is not being captured already (then the plain loop is what the caller's graph
+    records)."""
+    return (step_graph_enabled() and t.is_cuda
             and not torch.cuda.is_current_stream_capturing())
 
 
@@ -1401,8 +1404,8 @@ _STEP_GRAPHS_LOCK = threading.Lock()
 
 def _capture(loop: Callable[[], None], device: torch.device) -> Callable[[], None]:
     """Run ``loop`` once on a side stream, then capture it into a CUDA graph on that stream
-    (the warm-up the torch.cuda.graph docs ask for: Triton compiles and loads its kernels,
-    cuBLAS sets up the stream's workspace, outside the capture); returns the graph's replay.
+    (the warm-up the torch.cuda.graph docs ask for: Triton compiles and loads its kernels
+    outside the capture); returns the graph's replay.
     The warm-up computes this call's results into the static outputs."""
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
@@ -1458,21 +1461,17 @@ def _step_graph(head: tuple, sources: Tuple[torch.Tensor, ...],
     call must not overwrite them).
 
     The cache key is ``head`` (the launcher and every scalar baked into the launches:
-    direction, eps), the device, torch's matmul precision settings (cuBLAS's choice of
-    kernels) and each source's dtype, shape and strides; everything else
-    a launch depends on (block sizes, grids) follows from those. It holds the
+    direction), the device and each source's dtype, shape and strides; everything else a
+    launch depends on (block sizes, grids) follows from those (the loops are Triton launches
+    only). It holds the
     ``CUDA_GRAPH_CACHE_SIZE`` most recently used captures. Each holds its static tensors:
     the loop's inputs and outputs, about as much memory as one plain call's (forward: xg,
     the states hs and cs, the gates, y, rs with a projection, the weights and lengths;
-    backward: dy, the saved gates, cs and LayerNorm statistics, the gate gradients and the
-    carried state gradients), kept until evicted or ``clear_step_graphs()``.
+    backward: dy, the saved gates and cs, the gate gradients and the carried state
+    gradients), kept until evicted or ``clear_step_graphs()``.
     """
     device = sources[0].device
-    # cuBLAS (the LayerNorm-LSTM loops' GEMMs) picks its kernels by torch's matmul precision
-    # settings when the graph is captured: a capture made before a change must not be replayed
-    precision = _matmul_precision()
-    key = ((head, device, precision)
-           + tuple((s.dtype, s.shape, s.stride()) for s in sources))
+    key = (head, device) + tuple((s.dtype, s.shape, s.stride()) for s in sources)
     # static tensors are never inference tensors (a first call under inference_mode would
     # make them so, and a later training call could not copy into them) and never part of
     # an autograd graph (a copy from a tensor requiring grad would chain every call's graph
@@ -1863,9 +1862,8 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
     With ``w_hr`` the row kernel writes the unprojected output r instead, then r @ W_hr^T
     (cuBLAS, one GEMM) and a row kernel that masks it by length into the state and y.
     ``persistent`` (no projection only; None picks with ``use_ln_persistent``): one launch
-    for the whole sequence instead, a program per batch row computing rec as a GEMV. The
-    per-step loop replays a CUDA graph when ``step_graph_enabled()`` (see
-    ``PER_STEP_CUDA_GRAPH``).
+    for the whole sequence instead, a program per batch row computing rec as a GEMV. (The
+    per-step loop is never replayed from a CUDA graph: see ``PER_STEP_CUDA_GRAPH``.)
 
     Args:
         xg: (T, B, 4H) LN(x @ W_ih^T) * g_ih + b_ih + b_hh; h0: (B, P), P = proj_size or H;
@@ -1892,19 +1890,6 @@ def ln_lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torc
     g_hh, g_c, b_c = g_hh.contiguous(), g_c.contiguous(), b_c.contiguous()
     if persistent is None:
         persistent = use_ln_persistent(n_hidden, has_proj)
-    if n_steps > 0 and n_batch > 0 and not persistent and _use_step_graph(xg, True):
-        def build():
-            s_xg, s_w_hh, s_w_hr, s_g_hh, s_g_c, s_b_c, s_len = map(
-                _static, (xg, w_hh, w_hr, g_hh, g_c, b_c, lengths))
-            bufs = _ln_lstm_fwd_buffers(n_steps, n_batch, n_hidden, n_state, has_proj, dt, dev)
-            hs, cs = bufs[1], bufs[2]
-            loop = functools.partial(_ln_lstm_fwd_steps, s_xg, s_w_hh, s_w_hr, s_g_hh, s_g_c,
-                                     s_b_c, s_len, *bufs, reverse, eps)
-            dests = (s_xg, hs[0], cs[0], s_w_hh, s_g_hh, s_g_c, s_b_c, s_len) + (
-                (s_w_hr,) if has_proj else ())
-            return dests, bufs, loop
-        sources = (xg, h0, c0, w_hh, g_hh, g_c, b_c, lengths) + ((w_hr,) if has_proj else ())
-        return _step_graph(("ln_lstm_fwd", bool(reverse), float(eps)), sources, build)
     y, hs, cs, gates, recs, stats, rs = _ln_lstm_fwd_buffers(n_steps, n_batch, n_hidden,
                                                              n_state, has_proj, dt, dev)
     hs[0] = h0
@@ -1986,7 +1971,7 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
     """Backward of ``ln_lstm_fwd``: per step one row kernel (gate, cell-LayerNorm and
     recurrent-LayerNorm gradients) and one GEMM (drec @ W_hh); with ``w_hr`` first a row
     kernel masking the state gradient by length and a GEMM (dh @ W_hr). ``persistent`` as
-    in ``ln_lstm_fwd`` (one launch, the GEMM as a per-row GEMV), and the CUDA-graph mode.
+    in ``ln_lstm_fwd`` (one launch, the GEMM as a per-row GEMV).
 
     Args:
         dy: (T, B, P) gradient of y; dh_n: (B, P), dc_n: (B, H) gradients of the final state.
@@ -2008,51 +1993,27 @@ def ln_lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: 
         persistent = use_ln_persistent(n_hidden, has_proj)
     if persistent and has_proj:
         raise ValueError("the time-looping LayerNorm-LSTM kernel has no projection")
-    if n_steps > 0 and n_batch > 0 and not persistent and _use_step_graph(gates, True):
-        def build():
-            statics = tuple(map(_static, (dy, w_hh, w_hr, g_hh, g_c, b_c, lengths, cs, gates,
-                                          recs, stats)))
-            bufs = _ln_lstm_bwd_buffers(n_steps, n_batch, n_hidden, n_state, has_proj, dt, dev)
-            dcarry = torch.empty(dh_n.shape, dtype=torch.float32, device=dev)
-            dc = torch.empty(dc_n.shape, dtype=torch.float32, device=dev)
-            dxg, drec, dh_mm, dg_hh_acc, dgb_c_acc, gv, dr = bufs
-
-            def loop():
-                # the accumulators start from zero at every replay
-                dg_hh_acc.zero_()
-                dgb_c_acc.zero_()
-                _ln_lstm_bwd_steps(*statics, dcarry, dc, *bufs, reverse)
-            s_dy, s_w_hh, s_w_hr, *s_rest = statics  # s_rest: g_hh ... stats, as sources
-            dests = (s_dy, dcarry, dc, s_w_hh, *s_rest) + ((s_w_hr,) if has_proj else ())
-            outs = (dxg, drec, dcarry, dc, dg_hh_acc, dgb_c_acc) + ((gv,) if has_proj else ())
-            return dests, outs, loop
-        sources = (dy, dh_n, dc_n, w_hh, g_hh, g_c, b_c, lengths, cs, gates, recs, stats) + (
-            (w_hr,) if has_proj else ())
-        dxg, drec, dcarry, dc, dg_hh_acc, dgb_c_acc, *gv = _step_graph(
-            ("ln_lstm_bwd", bool(reverse)), sources, build)
-        gv = gv[0] if has_proj else None
-    else:
-        dxg, drec, dh_mm, dg_hh_acc, dgb_c_acc, gv, dr = _ln_lstm_bwd_buffers(
-            n_steps, n_batch, n_hidden, n_state, has_proj, dt, dev)
-        dcarry = dh_n.to(torch.float32).contiguous().clone()
-        dc = dc_n.to(torch.float32).contiguous().clone()
-        if n_steps > 0 and n_batch > 0 and persistent:
-            w_hh = w_hh.contiguous()
-            bh, bn, bk, pw = ln_persistent_blocks(n_hidden)
-            dh_scratch = torch.empty((n_batch, n_hidden), dtype=torch.float32, device=dev)
-            # the kernel indexes the (T, B, 4H) buffers with one pair of strides and the rows
-            # of H (cs, dy, dcarry, dc, the scratch) with one row stride: all are contiguous
-            launch(
-                _ln_lstm_bwd_persistent_kernel, (n_batch,),
-                dy, recs, gates, cs, stats, w_hh, g_hh, g_c, b_c, lengths, dcarry, dc, dxg,
-                drec, dh_scratch, dg_hh_acc, dgb_c_acc,
-                dxg.stride(0), dxg.stride(1), cs.stride(0), dy.stride(0), cs.stride(1),
-                stats.stride(0), w_hh.stride(0), n_hidden, n_steps,
-                BLOCK_H=bh, BLOCK_N=bn, BLOCK_K=bk, REVERSE=bool(reverse), num_warps=pw)
-        elif n_steps > 0 and n_batch > 0:
-            _ln_lstm_bwd_steps(dy, w_hh, w_hr, g_hh, g_c, b_c, lengths, cs, gates, recs, stats,
-                               dcarry, dc, dxg, drec, dh_mm, dg_hh_acc, dgb_c_acc, gv, dr,
-                               reverse)
+    dxg, drec, dh_mm, dg_hh_acc, dgb_c_acc, gv, dr = _ln_lstm_bwd_buffers(
+        n_steps, n_batch, n_hidden, n_state, has_proj, dt, dev)
+    dcarry = dh_n.to(torch.float32).contiguous().clone()
+    dc = dc_n.to(torch.float32).contiguous().clone()
+    if n_steps > 0 and n_batch > 0 and persistent:
+        w_hh = w_hh.contiguous()
+        bh, bn, bk, pw = ln_persistent_blocks(n_hidden)
+        dh_scratch = torch.empty((n_batch, n_hidden), dtype=torch.float32, device=dev)
+        # the kernel indexes the (T, B, 4H) buffers with one pair of strides and the rows
+        # of H (cs, dy, dcarry, dc, the scratch) with one row stride: all are contiguous
+        launch(
+            _ln_lstm_bwd_persistent_kernel, (n_batch,),
+            dy, recs, gates, cs, stats, w_hh, g_hh, g_c, b_c, lengths, dcarry, dc, dxg,
+            drec, dh_scratch, dg_hh_acc, dgb_c_acc,
+            dxg.stride(0), dxg.stride(1), cs.stride(0), dy.stride(0), cs.stride(1),
+            stats.stride(0), w_hh.stride(0), n_hidden, n_steps,
+            BLOCK_H=bh, BLOCK_N=bn, BLOCK_K=bk, REVERSE=bool(reverse), num_warps=pw)
+    elif n_steps > 0 and n_batch > 0:
+        _ln_lstm_bwd_steps(dy, w_hh, w_hr, g_hh, g_c, b_c, lengths, cs, gates, recs, stats,
+                           dcarry, dc, dxg, drec, dh_mm, dg_hh_acc, dgb_c_acc, gv, dr,
+                           reverse)
     dh0, dw_hh, dw_hr = _state_and_weight_grads(drec, dcarry, w_hh, hs, gv if has_proj else None,
                                                 rs, reverse)
     acc = dgb_c_acc.view(n_batch, 2, n_hidden)

@@ -50,3 +50,44 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Messages of CUDA errors after which the process's CUDA context is unusable: every later
+# test in the process fails with the same error (on the H200, 2026-11-28, one device-side
+# assert turned a pytest-xdist worker's next 234 tests into errors).
+_CONTEXT_LOST = ("device-side assert triggered", "illegal memory access",
+                 "unspecified launch failure", "an illegal instruction")
+
+
+def cuda_context_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it chains from) says the CUDA context is lost."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(m in str(exc) for m in _CONTEXT_LOST):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+# the node id of the test that lost this process's CUDA context, once one has
+_lost_in: list = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if (call.excinfo is not None and outcome.get_result().failed
+            and cuda_context_lost(call.excinfo.value)):
+        _lost_in.append(item.nodeid)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """Under pytest-xdist, a worker whose CUDA context a test lost exits once that test's
+    report is sent: xdist starts a fresh worker for the rest (in one process the session
+    goes on, and the later failures say why)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if _lost_in and worker:
+        print(f"\n{worker}: the CUDA context was lost in {_lost_in[0]}; exiting so that a "
+              "fresh worker runs the rest", flush=True)
+        os._exit(3)

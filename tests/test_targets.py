@@ -75,14 +75,14 @@ def test_other_fastbert_paths_are_judged_beside_the_default(tmp_path):
     _write(tmp_path / "lstm_card-c.csv", [
         _row("lstm fwd+bwd padded", "cudnn", 1.0, batch=64, hidden=512),
         _row("lstm fwd+bwd padded", "fastbert_triton", 1.6, batch=64, hidden=512),
-        _row("lstm fwd+bwd padded", "fastbert_triton_coop", 1.1, batch=64, hidden=512),
+        _row("lstm fwd+bwd padded", "fastbert_triton_no_coop", 1.1, batch=64, hidden=512),
         _row("lstm fwd+bwd padded", "fastbert_triton_step_graph", "nan", batch=64, hidden=512,
              error="RuntimeError: capture failed"),
     ])
     rows = [r for r in targets.evaluate(str(tmp_path)) if r["issue"] == "#5"
             and r["case"].startswith("lstm fwd+bwd padded")]
     assert len(rows) == 1 and rows[0]["met"] == "NO"                 # the default path: 1.6x
-    assert rows[0]["alternatives"] == "fastbert_triton_coop: 1.10x cudnn's time (met)"
+    assert rows[0]["alternatives"] == "fastbert_triton_no_coop: 1.10x cudnn's time (met)"
     md = targets.to_markdown(rows)
     assert "Targets: 0 met, 1 missed" in md and "another fastbert path timed beside it " \
         "(last column): 1." in md
@@ -196,18 +196,18 @@ def test_other_paths_are_summarized_against_the_default(tmp_path):
                  _row("lstm fwd+bwd padded", "fastbert_triton_step_graph", graph, batch=64,
                       hidden=hidden)]
         if coop is not None:
-            rows.append(_row("lstm fwd+bwd padded", "fastbert_triton_coop", coop, batch=64,
+            rows.append(_row("lstm fwd+bwd padded", "fastbert_triton_no_coop", coop, batch=64,
                              hidden=hidden))
     _write(tmp_path / "lstm_card-d.csv", rows)
     judged = [r for r in targets.evaluate(str(tmp_path)) if r["issue"] == "#5"
               and r["case"].startswith("lstm fwd+bwd padded")]
     summary = {s["impl"]: s for s in targets.summarize_alternatives(judged)}
-    assert set(summary) == {"fastbert_triton_coop", "fastbert_triton_step_graph"}
-    coop = summary["fastbert_triton_coop"]                     # 1.6/0.8 = 2, 1.0/2.0 = 0.5
+    assert set(summary) == {"fastbert_triton_no_coop", "fastbert_triton_step_graph"}
+    coop = summary["fastbert_triton_no_coop"]                     # 1.6/0.8 = 2, 1.0/2.0 = 0.5
     assert (coop["cases"], coop["faster"], coop["rescues"]) == ("2", "1", "1")
     assert coop["speedup"] == "1.00x (0.50 - 2.00)"
     graph = summary["fastbert_triton_step_graph"]              # 0.8, 2.0, 1.0
     assert (graph["cases"], graph["faster"], graph["rescues"]) == ("3", "1", "0")
     md = targets.to_markdown(judged)
-    assert "| #5 | <= 1.25x cuDNN's time (padded input) | fastbert_triton_coop | 2 | 1 | " \
+    assert "| #5 | <= 1.25x cuDNN's time (padded input) | fastbert_triton_no_coop | 2 | 1 | " \
         "1.00x (0.50 - 2.00) | 1 |" in md
