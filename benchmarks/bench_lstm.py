@@ -28,8 +28,8 @@ The padded cases also time both LSTMs replayed from CUDA graphs
 happen in the untimed first call and their static buffers stay in the mode's cache, so its
 peak_mb leaves them out. The time-loop case times the mode too.
 ``fastbert_triton`` is the default path: on a GPU the cooperative time loop (kernels/lstm.py
-``COOP_TIME_LOOP``, the default since the H200 run of 2026-11-28), one launch per layer and
-direction with a grid barrier a step, where it fits one program per SM (hidden <= 1024);
+``COOP_TIME_LOOP``, the 16-bit default since the H200 run of 2026-11-28), one launch per
+layer and direction with a grid barrier a step, where it fits one program per SM (hidden <= 1024);
 there ``fastbert_triton_no_coop`` times the path without it (per-step / time-looping), and
 ``coop`` in the time-loop case times it against those;
 ``fastbert_triton_coop_resident`` (``coop_resident``): the same with each program's W_hh slice

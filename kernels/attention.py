@@ -683,10 +683,12 @@ def bwd_configs(head_dim: int, dtype: torch.dtype):
     The 16-bit (num_warps, num_stages) are the run-time tuner's picks (kernels/_tune.py) on an
     H200 (benchmarks/results/attention_tuned_nvidia-h200.txt, 2026-11-28): the same pick at
     every shape it tuned (batch x heads 32-4096, seq 128-8192, padding mask and causal, bf16),
-    against (8, 2) for both kernels before. With them forward + backward took 23-30% less
+    against (8, 2) for both kernels before. With them forward + backward took 20-30% less
     GPU time (the forward's config unchanged; bert-base padded, GPU ms: 0.407 -> 0.313 at seq
     128, 0.917 -> 0.649 at 512; bert-large 0.527 -> 0.405, 1.229 -> 0.866; varlen 16-512 0.462
-    -> 0.350). The tuner itself stays off by default: its per-call lookup cost more host time
+    -> 0.350; causal seq 1024-8192, head dim 64 and 128, 20-24%). Tuned only in bf16 without
+    dropout at head dims 64 and 128: fp16, dropout and the other head dims take the same
+    pairs untimed. The tuner itself stays off by default: its per-call lookup cost more host time
     than that saved (varlen fwd+bwd wall 0.54 -> 0.88 ms)."""
     bd = block_d(head_dim)
     if dtype == torch.float32:

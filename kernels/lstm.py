@@ -68,29 +68,27 @@ Three ways to run the time loop:
   (the program reads its own h_t back from global memory). It streams all of W_hh through
   one SM per step, which is why it is limited to small hidden sizes, and it uses only
   cdiv(B, 16) SMs.
-- cooperative (``COOP_TIME_LOOP``, the default on a GPU since it was checked and timed on
-  one, see there; hidden <= COOP_MAX_HIDDEN, no projection): the per-step grid and tiles in
-  one launch that loops over time. A program keeps its batch block and column block for
-  every step (it re-reads the same W_hh columns from L2 each step: the barrier's acquire
-  invalidates the SM's L1; ``COOP_RESIDENT_W`` keeps them in shared memory), and the step's
-  work spreads over up to one program per SM. After each step the programs of one batch
-  block meet at a barrier
-  (``_group_barrier``: an arrival count per batch block, release / acquire atomics at GPU
-  scope, as CUDA's cooperative-groups grid sync): the next step reads their columns of h
-  (backward: of the gate gradients). The barrier needs every program of the grid resident
-  at once: the grid is at most one program per SM (``coop_blocks`` widens the tiles to fit,
-  else the layer takes another path) and is launched as a cooperative grid (the driver
-  starts it only when all its programs can be resident together, or fails the launch); a
-  group that still cannot meet (other work on
+- cooperative (``COOP_TIME_LOOP``, the default for 16-bit layers on a GPU since it was
+  checked and timed on one, see there; hidden <= COOP_MAX_HIDDEN, no projection): the
+  per-step grid and tiles in one launch that loops over time. A program keeps its batch
+  block and column block for every step (it re-reads the same W_hh columns from L2 each
+  step: the barrier's acquire invalidates the SM's L1; ``COOP_RESIDENT_W`` keeps them in
+  shared memory), and the step's work spreads over up to one program per SM. After each step
+  the programs of one batch block meet at a barrier (``_group_barrier``: an arrival count
+  per batch block, release / acquire atomics at GPU scope, as CUDA's cooperative-groups grid
+  sync): the next step reads their columns of h (backward: of the gate gradients). The
+  barrier needs every program of the grid resident at once: the grid is at most one program
+  per SM (``coop_blocks`` widens the tiles to fit, else the layer takes another path) and is
+  launched as a cooperative grid (the driver starts it only when all its programs can be
+  resident together, or fails the launch); a group that still cannot meet (other work on
   concurrent streams holding the SMs its missing programs need, e.g. two such loops at once,
   or MPS limiting the SMs) gives up after COOP_MAX_SPINS reads and writes NaN from then on
-  instead of hanging. The interpreter runs
-  one program at a time, so on CPU the same kernel runs one launch per step without the
-  barrier (``_coop_launches``). This is the shape of cuDNN's persistent RNN; with
-  ``COOP_RESIDENT_W`` (off by default, see there) each program also loads its W_hh slice
-  once, before the loop, into shared memory, and each step is one GEMM over the whole
-  reduction: no W_hh traffic after the first step (where the slice fits, up to hidden
-  COOP_RESIDENT_MAX_HIDDEN).
+  instead of hanging. The interpreter runs one program at a time, so on CPU the same kernel
+  runs one launch per step without the barrier (``_coop_launches``). This is the shape of
+  cuDNN's persistent RNN; with ``COOP_RESIDENT_W`` (off by default, see there) each program
+  also loads its W_hh slice once, before the loop, into shared memory, and each step is one
+  GEMM over the whole reduction: no W_hh traffic after the first step (where the slice fits,
+  up to hidden COOP_RESIDENT_MAX_HIDDEN).
 
 CUDA-graph mode of the per-step loops (``PER_STEP_CUDA_GRAPH``, off by default): the host
 time of the per-step path is one Python launch per kernel and step (~20 us each on the H200
@@ -165,13 +163,16 @@ CUDA_GRAPH_ENV = "FASTBERT_LSTM_CUDA_GRAPH"
 # direction are four (layers of equal shapes share them).
 CUDA_GRAPH_CACHE_SIZE = 8
 # The cooperative time loop (module docstring): True / False switch it; None takes
-# $FASTBERT_LSTM_COOP ("1" on, "0" off; read once, on the first call that could use it), and
-# while that is unset, the default: on for CUDA tensors outside a CUDA-graph capture, off
-# elsewhere (the interpreter's CPU tensors, where the loop runs one launch a step anyway, and
-# a capture, where a cooperative launch has not been checked on a GPU). On by default since
-# the H200 run of 2026-11-28 (benchmarks/results/lstm_nvidia-h200.md): faster than the
-# per-step / time-looping default in 25 of the 26 padded cases it ran (geometric mean 1.75x,
-# 0.99x at worst), bitwise their results in the gpu tests (bf16, hidden 72-1024, batch 7-256).
+# $FASTBERT_LSTM_COOP ("1" on, "0" off; once set, read once, on the first call that could use
+# it), and while that is unset (looked up at each call), the default: on for 16-bit CUDA
+# tensors outside a CUDA-graph capture, off elsewhere (float32, which no GPU run has timed or
+# checked in this loop; the interpreter's CPU tensors, where the loop runs one launch a step
+# anyway; a capture, where a cooperative launch has not been checked on a GPU). The default
+# since the H200 run of 2026-11-28 (benchmarks/results/lstm_nvidia-h200.md, bf16): wall time
+# below the per-step / time-looping path's in 25 of the 26 padded cases (geometric mean
+# 1.75x faster, 0.99x at worst), bitwise their results in the gpu tests (bf16, hidden 72-1024,
+# batch 7-256). The gain is the launches it saves: in GPU time (gpu_ms) it was 2.9-3.4x faster
+# at hidden 256 but 0.93-0.98x at hidden 512-1024 in 13 of the cases.
 COOP_TIME_LOOP: Optional[bool] = None
 COOP_ENV = "FASTBERT_LSTM_COOP"
 # Up to this hidden size (no projection). A program re-reads its W_hh columns from L2 every
@@ -209,11 +210,12 @@ FWD_NARROW_WARPS = False
 # program re-reads its slice from L2 every step (review D, session 16: 6.4 -> 2.4 MB of L2
 # reads per forward step at 64 x 512). Where it does not fit (below) the loop reloads it as
 # before. Opt-in: on the H200 (2026-11-28, bench_lstm's ``fastbert_triton_coop_resident``
-# rows) it took 0.59-0.69x the non-resident loop's time at seq 256, hidden 256, but 0.9-1.3x
-# at seq 64, and at hidden 512 the gpu test found its results wrong (batch 16 and 64: up to
-# 1.8 off in bf16, a quarter of the elements at batch 16 over 200 steps; cause not found, no
-# GPU since): it runs only up to COOP_RESIDENT_MAX_HIDDEN, the largest the gpu tests passed
-# at (batch 7-256). Read at every call.
+# rows, bf16) it took 0.58-0.71x the non-resident loop's GPU time at hidden 256 (wall time
+# 0.59-0.70x at seq 256; at seq 64, host-bound, 0.92-1.27x), but at hidden 512 the gpu test
+# found its results wrong (batch 16 and 64: up to 1.8 off in bf16, a quarter of the elements
+# at batch 16 over 200 steps; cause not found, no GPU since; a race that hidden 256 merely did
+# not show is not ruled out, hence still opt-in): it runs only up to COOP_RESIDENT_MAX_HIDDEN,
+# the largest the gpu tests passed at (batch 7-256). Read at every call.
 # The slice and the step's other GEMM operand (the batch block's h, or its gate gradients,
 # over the whole reduction) are staged in shared memory (sm_90 TTGIR: the slice's local_alloc
 # is hoisted before the time loop, only local_loads inside it): a kernel runs resident when
@@ -1282,14 +1284,16 @@ def persistent_blocks(n_hidden: int) -> tuple[int, int, int, int]:
     return MIN_DOT_BLOCK, block_h, STEP_BLOCK_K, PERSISTENT_WARPS
 
 
-def coop_enabled(device: Optional[torch.device] = None) -> bool:
+def coop_enabled(device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> bool:
     """``COOP_TIME_LOOP``; while it is None, $FASTBERT_LSTM_COOP decides ("1" on, "0" off),
     read once into it; while that is unset too, on for a CUDA ``device`` whose current stream
-    is not being captured, else off."""
+    is not being captured and a 16-bit ``dtype``, else off."""
     global COOP_TIME_LOOP
     if COOP_TIME_LOOP is None:
         if not os.environ.get(COOP_ENV, "").strip():
             return (device is not None and device.type == "cuda"
+                    and dtype in (torch.float16, torch.bfloat16)
                     and not torch.cuda.is_current_stream_capturing())
         COOP_TIME_LOOP = env_flag(COOP_ENV)
     return COOP_TIME_LOOP
@@ -1315,12 +1319,13 @@ def coop_blocks(n_batch: int, n_hidden: int,
 
 
 def use_coop(n_steps: int, n_batch: int, n_hidden: int, has_proj: bool,
-             device: torch.device) -> Optional[tuple[int, int, int, int]]:
+             device: torch.device,
+             dtype: Optional[torch.dtype] = None) -> Optional[tuple[int, int, int, int]]:
     """The cooperative time loop's blocks if it runs this layer, else None: switched on
-    (``coop_enabled``), no projection, hidden <= COOP_MAX_HIDDEN, a grid of at most one
-    program per SM, counts below COOP_POISON. On CPU (the interpreter) any grid: it runs
-    there one launch per step."""
-    if has_proj or n_hidden > COOP_MAX_HIDDEN or not coop_enabled(device):
+    (``coop_enabled``, for the layer's ``device`` and ``dtype``), no projection, hidden <=
+    COOP_MAX_HIDDEN, a grid of at most one program per SM, counts below COOP_POISON. On CPU
+    (the interpreter) any grid: it runs there one launch per step."""
+    if has_proj or n_hidden > COOP_MAX_HIDDEN or not coop_enabled(device, dtype):
         return None
     limit = _sm_count(device.index) if device.type == "cuda" else 1 << 30
     blocks = coop_blocks(n_batch, n_hidden, limit)
@@ -1560,7 +1565,7 @@ def lstm_fwd(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.T
         w_hr = w_hr.contiguous()
     coop = None
     if persistent is None:
-        coop = use_coop(n_steps, n_batch, n_hidden, has_proj, dev)
+        coop = use_coop(n_steps, n_batch, n_hidden, has_proj, dev, dt)
         persistent = coop is None and use_persistent(n_hidden, has_proj)
     if n_steps > 0 and n_batch > 0 and coop is None and not persistent and _use_step_graph(xg):
         def build():
@@ -1673,7 +1678,7 @@ def lstm_bwd(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, w_hh: tor
         w_hr = w_hr.contiguous()
     coop = None
     if persistent is None:
-        coop = use_coop(n_steps, n_batch, n_hidden, has_proj, dev)
+        coop = use_coop(n_steps, n_batch, n_hidden, has_proj, dev, dt)
         persistent = coop is None and use_persistent(n_hidden, has_proj)
     if (n_steps > 0 and n_batch > 0 and coop is None and not persistent
             and _use_step_graph(gates)):

@@ -60,11 +60,13 @@ _CONTEXT_LOST = ("device-side assert triggered", "illegal memory access",
 
 
 def cuda_context_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an exception it chains from) says the CUDA context is lost."""
+    """Whether ``exc`` (or an exception it chains from) is a CUDA error saying the context is
+    lost: a RuntimeError (torch.AcceleratorError is one) with such a message, not, say, an
+    assertion quoting a child process's output."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if any(m in str(exc) for m in _CONTEXT_LOST):
+        if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _CONTEXT_LOST):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -573,3 +573,9 @@ def test_gpu_check_default_phases_are_the_gpu_tests_and_the_benches(tmp_path):
     # benches it was 55% of it: in a 125 s call it got 48 s)
     secs = int(run.stdout.split('== tests_rest (-m "not gpu and not aot", ')[1].split("s)")[0])
     assert 280 <= secs <= 290, run.stdout
+    (tmp_path / "c").mkdir()
+    run, summary, calls = _gpu_check(tmp_path / "c", FASTBERT_GPU_BUDGET="300",
+                                     FASTBERT_GPU_PHASES="tests bench",
+                                     FASTBERT_BENCHES="embedding")
+    secs = int(run.stdout.split('== tests_rest (-m "not gpu and not aot", ')[1].split("s)")[0])
+    assert 150 <= secs <= 165 and "bench_embedding: ok" in summary, run.stdout

@@ -440,7 +440,13 @@ def test_layer_norm_lstm_parameters_and_state_dict():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_lstm_gpu_low_precision_within_twice_cudnn_error(dtype):
+@pytest.mark.parametrize("coop", [None, False])
+def test_lstm_gpu_low_precision_within_twice_cudnn_error(monkeypatch, dtype, coop):
+    """The default (the cooperative loop) and without it the time-looping kernels (hidden
+    256), which a CUDA-graph capture takes."""
+    from fastbert.kernels import lstm as klstm
+    monkeypatch.setattr(klstm, "COOP_TIME_LOOP", coop)
+    monkeypatch.delenv("FASTBERT_LSTM_COOP", raising=False)
     dev = torch.device("cuda")
     kw = dict(num_layers=2, bidirectional=True)
     ref, ours = _pair(kw, "triton", dtype, n_in=64, n_hidden=256, device=dev)

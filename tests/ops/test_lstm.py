@@ -587,8 +587,16 @@ def test_layer_norm_lstm_hidden_limit_applies_to_hidden_not_projection(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n_hidden,proj", [(256, 0), (384, 0), (256, 64)])  # persistent, per-step
-def test_lstm_layer_gpu_low_precision_within_twice_torch_error(dtype, n_hidden, proj):
+@pytest.mark.parametrize("n_hidden,proj", [(256, 0), (384, 0), (256, 64)])
+@pytest.mark.parametrize("coop", [None, False])
+def test_lstm_layer_gpu_low_precision_within_twice_torch_error(monkeypatch, dtype, n_hidden,
+                                                               proj, coop):
+    """The default (the cooperative loop without a projection), and without it the
+    time-looping (256) and per-step (384, and with a projection) kernels, which a CUDA-graph
+    capture takes."""
+    from fastbert.kernels import lstm as klstm
+    monkeypatch.setattr(klstm, "COOP_TIME_LOOP", coop)
+    monkeypatch.delenv("FASTBERT_LSTM_COOP", raising=False)
     device = torch.device("cuda")
     p = _make(device, dtype, n_steps=50, n_batch=37, n_in=96, n_hidden=n_hidden, proj=proj,
               scale=0.05)
@@ -1286,13 +1294,56 @@ def test_lstm_coop_env_var_is_read_once_and_checked(monkeypatch):
     assert not k.coop_enabled() and not k.coop_enabled(torch.device("cpu"))
     # (a CUDA device's stream, asked here without one)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert k.coop_enabled(torch.device("cuda")) and k.COOP_TIME_LOOP is None
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert k.coop_enabled(cuda, bf16) and k.COOP_TIME_LOOP is None
+    assert not k.coop_enabled(cuda, torch.float32) and not k.coop_enabled(cuda)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert not k.coop_enabled(torch.device("cuda"))
+    assert not k.coop_enabled(cuda, bf16)
     monkeypatch.setattr(k, "COOP_TIME_LOOP", None)
     monkeypatch.setenv("FASTBERT_LSTM_COOP", "on")
     with pytest.raises(ValueError, match="FASTBERT_LSTM_COOP must be 0 or 1"):
         k.coop_enabled()
+
+
+def test_lstm_coop_is_the_default_for_16_bit_cuda_layers(monkeypatch):
+    """With nothing set, use_coop takes a 16-bit layer on a CUDA device (here pretended: 132
+    SMs, no capture) and nothing else: not float32, not CPU tensors, not during a capture,
+    not with a projection; "0" turns it off, "1" on for float32 too."""
+    from fastbert.kernels import lstm as k
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", None)
+    monkeypatch.delenv("FASTBERT_LSTM_COOP", raising=False)
+    monkeypatch.setattr(k, "_sm_count", lambda index=None: 132)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    cuda = torch.device("cuda", 0)
+    for dt in (torch.bfloat16, torch.float16):
+        assert k.use_coop(8, 64, 256, False, cuda, dt) == k.coop_blocks(64, 256, 132)
+    assert k.use_coop(8, 64, 256, False, cuda, torch.float32) is None
+    assert k.use_coop(8, 64, 256, False, cuda) is None
+    assert k.use_coop(8, 64, 256, True, cuda, torch.bfloat16) is None
+    assert k.use_coop(8, 64, 256, False, torch.device("cpu"), torch.bfloat16) is None
+    capturing[0] = True
+    assert k.use_coop(8, 64, 256, False, cuda, torch.bfloat16) is None
+    capturing[0] = False
+    monkeypatch.setenv("FASTBERT_LSTM_COOP", "0")
+    assert k.use_coop(8, 64, 256, False, cuda, torch.bfloat16) is None
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", None)
+    monkeypatch.setenv("FASTBERT_LSTM_COOP", "1")
+    assert k.use_coop(8, 64, 256, False, cuda, torch.float32) is not None
+
+
+def test_lstm_launchers_ask_use_coop_for_their_device_and_dtype(monkeypatch):
+    """lstm_fwd and lstm_bwd pass their tensors' device and dtype to use_coop (the default
+    depends on both)."""
+    from fastbert.kernels import lstm as k
+    asked = []
+    real = k.use_coop
+    monkeypatch.setattr(k, "use_coop", lambda *a: asked.append(a[4:]) or real(*a))
+    xg, h0, c0, w_hh, lengths, (dy, dh_n, dc_n) = _coop_inputs(torch.device("cpu"), 2, 3, 16,
+                                                                torch.bfloat16)
+    fwd = k.lstm_fwd(xg, h0, c0, w_hh, None, lengths, False)
+    k.lstm_bwd(dy, dh_n, dc_n, w_hh, None, lengths, *fwd[1:], False)
+    assert asked == [(torch.device("cpu"), torch.bfloat16)] * 2
 
 
 @pytest.mark.gpu
@@ -1416,6 +1467,7 @@ def test_lstm_tile_variants_match_fp64_and_reach_the_launch(device, monkeypatch,
     kernels are launched with."""
     from fastbert.kernels import lstm as k
     monkeypatch.setattr(k, "PERSISTENT_MAX_HIDDEN", 0)
+    monkeypatch.setattr(k, "COOP_TIME_LOOP", False)   # (the GPU's default without a projection)
     for name, value in flags.items():
         monkeypatch.setattr(k, name, value)
     seen = {}
