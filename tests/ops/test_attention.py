@@ -868,8 +868,10 @@ def test_attention_torch_compile_fullgraph_padded_and_varlen(device):
 
     # no host read under compile, but the values are still checked, on the device: a
     # sequence longer than max_seqlen (the launch grid would miss its rows) or cu_seqlens not
-    # starting at 0 fails the call instead of returning unwritten rows
-    for bad in ([0, 1, 14], [1, 3, 14]):
+    # starting at 0 fails the call instead of returning unwritten rows. On the CPU that
+    # raises at once; on a GPU it is a device-side assert, which ends the process's CUDA
+    # context (H200, 2026-11-28: the rest of the xdist worker's tests errored): CPU only.
+    for bad in ([0, 1, 14], [1, 3, 14]) if device.type == "cpu" else ():
         bad = torch.tensor(bad, dtype=torch.int32, device=device)
         with pytest.raises(RuntimeError, match="no sequence longer than max_seqlen_q"):
             compiled_g(qv, kv, vv, bad, cu_k)

@@ -648,7 +648,11 @@ def test_embedding_layer_norm_torch_compile_fullgraph(device):
     dy = torch.randn_like(y)
     grads = _grads(y, inp, dy)
     _check_against_ref(inp, y, grads, dy, padding_idx=0)
-    # no host read under compile, but the ids are still checked, on the device
+    # no host read under compile, but the ids are still checked, on the device (a RuntimeError
+    # at once on the CPU; on a GPU a device-side assert, which ends the process's CUDA context:
+    # CPU only)
+    if device.type != "cpu":
+        return
     bad_ids = inp["input_ids"].clone()
     bad_ids[1, 3] = 5
     with pytest.raises(RuntimeError, match="out of range of its table"):
