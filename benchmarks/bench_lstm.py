@@ -35,6 +35,10 @@ there ``fastbert_triton_no_coop`` times the path without it (per-step / time-loo
 ``fastbert_triton_coop_resident`` (``coop_resident``): the same with each program's W_hh slice
 loaded once and kept on chip (``COOP_RESIDENT_W``, off by default), where it fits and up to
 hidden ``COOP_RESIDENT_MAX_HIDDEN`` (256).
+``fastbert_triton_tiles`` / ``_tiles_b64`` (hidden > ``PERSISTENT_MAX_HIDDEN``): the per-step
+path with the opt-in tile variants (kernels/lstm.py ``FWD_BLOCK_K``, ``BWD_BLOCK_K``,
+``FWD_NARROW_WARPS``; ``MAX_STEP_BLOCK_B`` 64), the cooperative loop off;
+``fastbert_triton_coop_tiles``: the cooperative loop with those tiles.
 ``fastbert_triton_per_step`` (hidden <= ``PERSISTENT_MAX_HIDDEN``, where the default is the
 time-looping kernel): the plain per-step loop, whose per-step launches became cheap
 (kernels/_launch.py) after the last measurement placed that threshold. One case
@@ -182,6 +186,13 @@ def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
         # per-step / time-looping path without it, the default before 2026-11-28
         if _coop_applies(device, seq, batch, hidden):
             fns["fastbert_triton_no_coop"] = _coop(build("fastbert_triton"), False)
+            if hidden > _persistent_max_hidden():
+                # the cooperative loop with the tile variant's tiles (its kernels read the same
+                # flags): on the H200 (2026-11-28) the tiles took the per-step path's GPU time
+                # to 0.62x the cooperative loop's at hidden 1024, seq 256 (7.3 vs 11.9 ms at
+                # batch 64), the cooperative loop saved the launches; together not yet timed
+                fns["fastbert_triton_coop_tiles"] = _coop(
+                    _tiles(_TILE_FLAGS, build("fastbert_triton")), None)
             if _resident_applies(device, seq, batch, hidden, dtype):
                 fns["fastbert_triton_coop_resident"] = _resident(_coop(build("fastbert_triton")))
         # the same forward+backward replayed from CUDA graphs: how much of each time is
@@ -236,9 +247,11 @@ def _with_threshold(name: str, value: int, fn: Callable[[], object]) -> Callable
     return with_setting(klstm, name, value, fn)
 
 
-# (kept to three rows a case: each costs the LSTM's share of the gpu-check budget)
-_TILE_VARIANTS = {"bwd_k128": dict(BWD_BLOCK_K=128),
-                  "tiles": dict(BWD_BLOCK_K=128, FWD_BLOCK_K=128, FWD_NARROW_WARPS=True),
+# (kept to three rows a case with coop_tiles below: each costs the LSTM's share of the
+# gpu-check budget; bwd_k128, BWD_BLOCK_K=128 alone, was dropped after the H200 run of
+# 2026-11-28, where "tiles" took 0.79-0.95x its GPU time in every case at hidden 512-1024)
+_TILE_FLAGS = dict(BWD_BLOCK_K=128, FWD_BLOCK_K=128, FWD_NARROW_WARPS=True)
+_TILE_VARIANTS = {"tiles": _TILE_FLAGS,
                   # batch blocks of 64 rows: W_hh read by half as many programs a step, and
                   # Hopper's warpgroup MMA (wgmma needs 64 rows; 32 gives mma.sync)
                   "tiles_b64": dict(BWD_BLOCK_K=128, FWD_BLOCK_K=128, FWD_NARROW_WARPS=True,

@@ -359,6 +359,7 @@ if phase_on profile; then
     echo "== profile (${secs}s)" | tee -a "$SUMMARY"
     timeout --kill-after=5 "$secs" "$PY" -m benchmarks.profile_overhead --iters 30 \
       --cprofile-k "layer_norm+res fwd+bwd,attention fwd+bwd 256,embedding_layer_norm,V=30522" \
+      --timeline-k "layer_norm+res fwd+bwd,attention fwd+bwd 256x128x12x64,embedding_layer_norm,cross_entropy fwd+bwd,masked_lm_loss" \
       --out "$R/overhead.txt" 2>&1 | tee -a "$R/gpu_profile.log"
     say "profile: exit ${PIPESTATUS[0]} (overhead.txt)"
   else

@@ -11,7 +11,11 @@ launches) the GPU waits for. This script measures it, per call:
     without waiting: the time Python takes to issue one call ("syncs" for a call that waits
     for the GPU, where that loop would count the wait: see ``_syncs``);
   - ``gpu``: the sum of the call's kernel durations from torch.profiler (device time);
-  - for the ops, the top functions of a cProfile of the loop (host time by function).
+  - for the ops, the top functions of a cProfile of the loop (host time by function);
+  - ``--timeline-k`` cases: one call's timeline on every thread, from torch.profiler with its
+    Python tracer (``_timeline``). cProfile sees the calling thread only, and on CUDA the
+    autograd engine runs a backward on a thread of its own (one per device): its Python, the
+    handoffs between the threads and the launches there are what the timeline adds.
 
 Prints a text report (and writes it to ``--out``). A diagnostic, not a benchmark: no targets.
 
@@ -96,6 +100,90 @@ def _cprofile(fn: Callable, iters: int, lines: int = 22) -> str:
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(lines)
     return s.getvalue()
+
+
+# _timeline: the events shown, down to this depth below a thread's root (the call's marker on
+# the calling thread), of at least this many us (the Python tracer records every isinstance),
+# at most this many lines
+TIMELINE_DEPTH = 7
+TIMELINE_MIN_US = 2.0
+TIMELINE_LINES = 200
+
+
+def _depth(e, root_ids) -> int:
+    d, p = 0, e.cpu_parent
+    while p is not None and id(p) not in root_ids:
+        d, p = d + 1, p.cpu_parent
+    return d
+
+
+def _timeline(fn: Callable, calls: int = 3, depth: int = TIMELINE_DEPTH,
+              lines: int = TIMELINE_LINES, min_us: float = TIMELINE_MIN_US) -> str:
+    """One call of ``fn`` (the last of ``calls``, each in a ``record_function`` marker) as
+    torch.profiler saw it on every thread, with Python functions (its Python tracer, which
+    inflates each Python call by a few us: read the shares, not the absolute times): each
+    thread's busy time within the call, the main thread's gaps, then the events down to
+    ``depth`` levels and of at least ``min_us``, in start order: thread, start (us from the
+    call's start), duration, name."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                 with_stack=True) as prof:
+        for i in range(calls):
+            with record_function(f"fastbert_call_{i}"):
+                fn()
+        sync()
+    events = list(prof.events())
+    marks = [e for e in events if e.name == f"fastbert_call_{calls - 1}"]
+    if not marks:
+        return "(no marker event recorded)"
+    mark = marks[0]
+    t0, t1 = mark.time_range.start, mark.time_range.end
+    main = mark.thread
+    inside = [e for e in events
+              if getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU
+              and e is not mark and t0 <= e.time_range.start < t1]
+    names = {main: "main"}
+    for e in sorted(inside, key=lambda e: e.time_range.start):
+        names.setdefault(e.thread, f"t{len(names)}")
+    # each thread's roots: the marker on the main thread, else events without a parent inside
+    roots = {id(mark)}
+    out = [f"one call: {t1 - t0:.1f} us (profiled; Python traced); threads: "
+           + ", ".join(f"{v} = {k}" for k, v in names.items())]
+    for tid, label in names.items():
+        top = [e for e in inside if e.thread == tid
+               and (e.cpu_parent is None or e.cpu_parent is mark
+                    or not t0 <= e.cpu_parent.time_range.start < t1)]
+        for e in top:
+            roots.add(id(e.cpu_parent)) if e.cpu_parent is not None else None
+        busy = sum(e.time_range.elapsed_us() for e in top)
+        out.append(f"  {label}: busy {busy:.1f} us in {len(top)} top-level events")
+        if tid == main:
+            spans = sorted((e.time_range.start, e.time_range.end) for e in top)
+            gaps, end = [], t0
+            for a, b in spans:
+                if a - end > 5.0:
+                    gaps.append((end - t0, a - end))
+                end = max(end, b)
+            if t1 - end > 5.0:
+                gaps.append((end - t0, t1 - end))
+            if gaps:
+                out.append("    main thread gaps > 5 us (at +us: length): " + ", ".join(
+                    f"+{a:.0f}: {g:.0f}" for a, g in gaps[:20]))
+    shown = [e for e in inside
+             if e.time_range.elapsed_us() >= min_us and _depth(e, roots) < depth]
+    shown.sort(key=lambda e: e.time_range.start)
+    out.append(f"  {'thread':<6} {'start':>8} {'us':>8}  event (depth < {depth}, "
+               f">= {min_us:g} us)")
+    for e in shown[:lines]:
+        d = _depth(e, roots)
+        out.append(f"  {names.get(e.thread, '?'):<6} {e.time_range.start - t0:8.1f} "
+                   f"{e.time_range.elapsed_us():8.1f}  {'  ' * d}{e.name[:100]}")
+    if len(shown) > lines:
+        out.append(f"  ... {len(shown) - lines} more")
+    return "\n".join(out)
 
 
 def _fwd_and_fwd_bwd(out: Dict[str, Callable], op: str, shape: str, fwd: Callable,
@@ -278,6 +366,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cprofile-k", default="",
                     help="cProfile only the cases whose name contains one of these "
                          "comma-separated texts (default: every op case)")
+    ap.add_argument("--timeline-k", default="",
+                    help="the cases whose name contains one of these comma-separated texts "
+                         "get one call's all-threads timeline (torch.profiler, Python traced)")
     ap.add_argument("-k", dest="select", default="",
                     help="only the cases whose name contains this text")
     args = ap.parse_args(argv)
@@ -304,6 +395,10 @@ def main(argv=None) -> int:
                     and (not wanted or any(t in name for t in wanted))):
                 reports.append(f"--- {name}: cProfile of {args.iters} calls\n"
                                + _cprofile(fn, args.iters))
+            timeline = [t for t in args.timeline_k.split(",") if t]
+            if any(t in name for t in timeline):
+                reports.append(f"--- {name}: timeline of one call, every thread\n"
+                               + _timeline(fn))
         except Exception as e:  # a diagnostic: report and go on
             lines.append(f"{name:<48} ERROR {type(e).__name__}: {str(e)[:200]}")
             print(lines[-1], flush=True)

@@ -151,7 +151,8 @@ _ATTENTION_ALTS = _alts(lambda i: _vs_best(i, "sdpa_", 1.0), "fastbert_three_ker
 _LSTM_ALTS = _alts(lambda i: _time_ratio_at_most(i, "cudnn", 1.25), "fastbert_triton_step_graph",
                    "fastbert_triton_no_coop", "fastbert_triton_coop", "fastbert_triton_per_step",
                    "fastbert_triton_bwd_k128", "fastbert_triton_tiles",
-                   "fastbert_triton_tiles_b64", "fastbert_triton_coop_resident")
+                   "fastbert_triton_tiles_b64", "fastbert_triton_coop_resident",
+                   "fastbert_triton_coop_tiles")
 
 TARGETS: List[Target] = [
     # issue 3: attention
@@ -185,7 +186,8 @@ TARGETS: List[Target] = [
            _faster("fastbert", "eager", 3.0), applies=lambda p: _int(p, "vocab") == 30522,
            alternatives=_alts(lambda i: _faster(i, "eager", 3.0), "fastbert_stored",
                               "fastbert_stored_looping", "fastbert_stored_l2x2",
-                              "fastbert_stored_l2x4"), default="fastbert"),
+                              "fastbert_stored_l2x4", "fastbert_stored_pipelined",
+                              "fastbert_stored_pipelined_s3"), default="fastbert"),
     Target(4, "cross_entropy", "masked_lm_loss fwd+bwd", "time <= 0.5x the HF way",
            _time_ratio_at_most("fastbert", "hf", 0.5)),
     Target(4, "cross_entropy", "masked_lm_loss fwd+bwd", "peak memory <= 0.25x the HF way",

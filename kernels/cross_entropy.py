@@ -22,6 +22,9 @@ Three ways to use it:
   (log_softmax read + write; nll backward zero-fill; log_softmax backward two reads + write).
   Any other incoming gradient (loss scaling, accumulation) adds a read and a write. Wider rows
   loop over blocks and read the row twice in the forward (the second read mostly from L2).
+  ``STORE_GRAD_PIPELINED_WARPS_PER_SM`` (opt-in, not yet timed) runs the one-block forward on
+  a persistent grid whose row loop is software-pipelined: the next row's load in flight
+  while this row's gradient is written.
 - ``cross_entropy_fwd`` + ``cross_entropy_bwd`` *recompute*: the forward reads the logits once
   and stores only (m, l) (8 bytes a row); the backward reads them again and writes the
   gradient: three passes. The ``cross_entropy`` op's default, and always for reduction "none"
@@ -101,6 +104,26 @@ STORE_GRADS = False
 # so the second read can hit L2: two DRAM passes over (N, V) in all. None (the default, until a
 # GPU run times it: bench_cross_entropy's fastbert_stored_l2 rows): one program a row.
 STORE_GRAD_PROGRAMS_PER_SM: Optional[int] = None
+# The forward that stores the gradient of a row held in registers whole (ONE_BLOCK: up to
+# MAX_ONE_BLOCK_V classes) runs one program an SM (32 warps, 32 fp32 a thread at V = 30522),
+# and with one program a row each SM loads its row, reduces it, then writes its gradient, the
+# memory idle in between: ~1.2 TB/s on an H200 (bf16, 16384 x 30522), where the two recomputing
+# kernels ran at ~2.8 TB/s. A number here instead launches a persistent grid of that many warps
+# an SM (programs of the row's num_warps: one program of 32 warps an SM at V = 30522, what the
+# registers allow; 32 programs of one warp at V = 32), each looping over rows pid, pid + grid,
+# ... with the loop software-pipelined (STORE_GRAD_ROW_STAGES): the next row's load (cp.async
+# into shared memory, 64 KB of bf16 at V = 30522) is in flight while this row's gradient is
+# computed and stored, so reads and writes overlap (Triton 3.6's sm_90 code: 64 registers, no
+# spills, 66 KB of shared memory with 2 stages). None (the default until a GPU run times it:
+# bench_cross_entropy's fastbert_stored_pipelined rows): one program a row.
+STORE_GRAD_PIPELINED_WARPS_PER_SM: Optional[int] = None
+# The pipelined row loop's num_stages: 2 keeps one row buffer in shared memory (its load
+# issued once the row before is in registers), 3 two (128 KB at V = 30522 in bf16).
+STORE_GRAD_ROW_STAGES = 2
+# The most shared memory the pipelined loop's row buffers may take ((stages - 1) x BLOCK_V x
+# the element size): within sm_80's 163 KB with room for the reductions' scratch. A row that
+# needs more (float32 at V = 30522 with 3 stages: 256 KB) runs one program a row instead.
+STORE_GRAD_PIPELINE_MAX_BYTES = 144 * 1024
 # The widest block of a row a program holds in registers at once; wider rows loop over blocks.
 # 4096 fp32 over 8 warps is 16 elements a thread: wide loads without register spills.
 MAX_BLOCK_V = 4096
@@ -403,7 +426,12 @@ def _cross_entropy_fwd_row(
         # In place: the warp that owns element `target` may overwrite it with its gradient
         # while another warp has still to load x_t above (a race the interpreter, one program
         # at a time in lock step, never shows). Every read of the row ends before this barrier.
-        tl.debug_barrier()
+        # ONE_BLOCK reads the row once, at the top, and every store below depends on the row's
+        # max and sum, reductions over every warp's loaded values (a barrier of their own):
+        # no barrier there, which would also keep the row loop from being pipelined
+        # (ROW_STAGES: Triton 3.6 pipelines no loop that holds a debug_barrier).
+        if not ONE_BLOCK:
+            tl.debug_barrier()
         if ONE_BLOCK:
             scale = _row_scale(scale_ptr, stride_scale, scale_value, count_ptr, row, HAS_SCALE,
                                HAS_COUNT)
@@ -434,14 +462,24 @@ def _cross_entropy_fwd_kernel(
     n_cols, ignore_index, label_smoothing, scale_value, n_rows,
     BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr, STORE_GRAD: tl.constexpr,
     ONE_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNT: tl.constexpr,
-    ROW_LOOP: tl.constexpr, ALIGNED_DX: tl.constexpr,
+    ROW_LOOP: tl.constexpr, ALIGNED_DX: tl.constexpr, ROW_STAGES: tl.constexpr = 0,
 ):
     # each program owns one row of logits (and, with STORE_GRAD, of their gradient, which may
     # be the same memory: written in place)
     # ROW_LOOP: a grid smaller than the rows, each program taking rows pid, pid + grid, ...
     # (STORE_GRAD_PROGRAMS_PER_SM: the rows being worked on at once stay in L2 for the
     # gradient's second read of a row wider than one block)
-    if ROW_LOOP:
+    # ROW_STAGES > 0 (ONE_BLOCK with STORE_GRAD_PIPELINED_WARPS_PER_SM): the row loop is
+    # software-pipelined, the next row's load (cp.async into shared memory) in flight while
+    # this row's statistics and gradient are computed and stored
+    if ROW_STAGES > 0:
+        for r in tl.range(tl.program_id(0), n_rows, tl.num_programs(0), num_stages=ROW_STAGES):
+            _cross_entropy_fwd_row(
+                tl.cast(r, tl.int64), logits_ptr, target_ptr, loss_ptr, stats_ptr, scale_ptr,
+                count_ptr, dlogits_ptr, stride_logits_row, stride_target, stride_scale,
+                stride_dlogits_row, n_cols, ignore_index, label_smoothing, scale_value,
+                BLOCK_V, HAS_SMOOTHING, STORE_GRAD, ONE_BLOCK, HAS_SCALE, HAS_COUNT, ALIGNED_DX)
+    elif ROW_LOOP:
         for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
             _cross_entropy_fwd_row(
                 tl.cast(r, tl.int64), logits_ptr, target_ptr, loss_ptr, stats_ptr, scale_ptr,
@@ -770,8 +808,15 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
     block_v, num_warps, one_block = ce_block(n_cols, one_block=store_grad)
     if n_rows > 0:
         grid = n_rows
+        row_stages = 0
         if store_grad and not one_block and STORE_GRAD_PROGRAMS_PER_SM:
             grid = min(n_rows, num_programs(dev, STORE_GRAD_PROGRAMS_PER_SM))
+        elif store_grad and one_block and STORE_GRAD_PIPELINED_WARPS_PER_SM and (
+                (STORE_GRAD_ROW_STAGES - 1) * block_v * logits.element_size()
+                <= STORE_GRAD_PIPELINE_MAX_BYTES):
+            grid = min(n_rows, num_programs(
+                dev, max(1, STORE_GRAD_PIPELINED_WARPS_PER_SM // num_warps)))
+            row_stages = STORE_GRAD_ROW_STAGES if grid < n_rows else 0
         launch(
             _cross_entropy_fwd_kernel, (grid,),
             logits, target, loss, stats, scale, grad_count, dlogits,
@@ -780,7 +825,7 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
             BLOCK_V=block_v, HAS_SMOOTHING=label_smoothing > 0.0, STORE_GRAD=store_grad,
             ONE_BLOCK=one_block, HAS_SCALE=scale is not None, HAS_COUNT=grad_count is not None,
             ROW_LOOP=grid < n_rows, ALIGNED_DX=_aligned_dx(logits, dlogits),
-            num_warps=num_warps,
+            ROW_STAGES=row_stages, num_warps=num_warps,
         )
     if not (reduce or check_labels):
         return loss, stats, None
@@ -1107,7 +1152,7 @@ def aot_configs():
             sig[name], consts[name] = "constexpr", None
 
     def fwd(dt, block_v, num_warps, smooth, grad, one=False, tt="i64", loss="fp32",
-            has_scale=False, has_count=False, row_loop=False, aligned_dx=True):
+            has_scale=False, has_count=False, row_loop=False, aligned_dx=True, row_stages=0):
         sig = {"logits_ptr": f"*{dt}", "target_ptr": f"*{tt}", "loss_ptr": f"*{loss}",
                "stats_ptr": "*fp32", "scale_ptr": "*fp32", "count_ptr": "*i64",
                "dlogits_ptr": f"*{dt}", "stride_logits_row": "i64", "stride_target": "i64",
@@ -1115,16 +1160,18 @@ def aot_configs():
                "ignore_index": "i32", "label_smoothing": "fp32", "scale_value": "fp32",
                "n_rows": "i32", "BLOCK_V": "constexpr", "HAS_SMOOTHING": "constexpr",
                "STORE_GRAD": "constexpr", "ONE_BLOCK": "constexpr", "HAS_SCALE": "constexpr",
-               "HAS_COUNT": "constexpr", "ROW_LOOP": "constexpr", "ALIGNED_DX": "constexpr"}
+               "HAS_COUNT": "constexpr", "ROW_LOOP": "constexpr", "ALIGNED_DX": "constexpr",
+               "ROW_STAGES": "constexpr"}
         consts = dict(BLOCK_V=block_v, HAS_SMOOTHING=smooth, STORE_GRAD=grad, ONE_BLOCK=one,
                       HAS_SCALE=has_scale, HAS_COUNT=has_count, ROW_LOOP=row_loop,
-                      ALIGNED_DX=aligned_dx)
+                      ALIGNED_DX=aligned_dx, ROW_STAGES=row_stages)
         ptr_or_none("scale_ptr", "*fp32", has_scale, sig, consts)
         ptr_or_none("count_ptr", "*i64", has_count, sig, consts)
         return AotConfig(_cross_entropy_fwd_kernel, sig, consts, num_warps,
                          name=f"cross_entropy_fwd[{dt},{tt},loss={loss},{block_v},smooth={smooth},"
                               f"grad={grad},one_block={one},scale={has_scale},count={has_count},"
-                              f"row_loop={row_loop},aligned_dx={aligned_dx}]")
+                              f"row_loop={row_loop},aligned_dx={aligned_dx},"
+                              f"row_stages={row_stages}]")
 
     def bwd(dt, block_v, num_warps, smooth, tt="i64", scale="fp32", has_count=False,
             aligned_dx=True):
@@ -1166,6 +1213,14 @@ def aot_configs():
         yield bwd("fp32", block_v, num_warps, False, scale=None)
     for block_v, num_warps, one in ce_block_configs(one_block=True):
         yield fwd("bf16", block_v, num_warps, False, True, one, has_count=True)
+        # STORE_GRAD_PIPELINED_WARPS_PER_SM: the pipelined row loop (both stage counts, where
+        # the row buffers fit STORE_GRAD_PIPELINE_MAX_BYTES)
+        for dt, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+            for stages in (2, 3):
+                if (stages - 1) * block_v * size <= STORE_GRAD_PIPELINE_MAX_BYTES:
+                    yield fwd(dt, block_v, num_warps, dt == "fp16", True, one,
+                              has_count=dt != "fp16", has_scale=dt == "fp16", row_loop=True,
+                              row_stages=stages)
         yield fwd("fp16", block_v, num_warps, True, True, one, has_scale=True)
         yield fwd("fp32", block_v, num_warps, True, True, one, has_scale=True, has_count=True)
     block_v, num_warps, _ = ce_block(MAX_BLOCK_V)

@@ -168,9 +168,48 @@ def test_profile_overhead_cases_build_and_the_cheap_ones_run(device):
     cases["lstm cudnn packed fwd+bwd 64x512x64"]()
     assert "lstm fastbert packed fwd+bwd 64x512x64" in cases
     script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
-    wanted = re.search(r'--cprofile-k "([^"]+)"', script).group(1).split(",")
-    for text in wanted:
-        assert any(text in name for name in cases), text
+    for flag in ("--cprofile-k", "--timeline-k"):
+        wanted = re.search(flag + r' "([^"]+)"', script).group(1).split(",")
+        for text in wanted:
+            assert any(text in name for name in cases), (flag, text)
+
+
+def test_profile_overhead_timeline_shows_one_call_on_every_thread():
+    """The all-threads timeline (gpu-check's profile phase, --timeline-k) of a call: its last
+    call only, the Python functions inside it (the backward of a Function, which on CUDA runs
+    on the autograd engine's thread and which cProfile misses), the main thread's gaps."""
+    import time
+
+    from benchmarks.profile_overhead import _timeline
+
+    class Slow(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            time.sleep(0.003)
+            return g * 2
+
+    x = torch.randn(8, requires_grad=True)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return torch.autograd.grad(Slow.apply(x).sum(), x)
+
+    text = _timeline(fn, calls=2, depth=12)   # on the CPU the backward runs on this thread, deep
+    assert len(calls) == 2
+    head, *rest = text.splitlines()
+    total = float(head.split("one call: ")[1].split(" us")[0])
+    assert 3000 <= total < 1e6, head   # the one call, its sleeping backward included
+    assert "main: busy" in text
+    lines = [ln for ln in rest if ln.startswith("  main ")]
+    backward = [ln for ln in lines if "SlowBackward" in ln]
+    sleeps = [ln for ln in lines if "sleep" in ln]
+    assert backward and sleeps, text
+    assert float(sleeps[0].split()[2]) >= 2900   # the duration column
 
 
 # gpu_check.sh past its settings check, with a stand-in interpreter (nothing is run or timed)

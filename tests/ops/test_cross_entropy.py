@@ -752,6 +752,56 @@ def test_cross_entropy_looping_forward_on_a_row_looping_grid_writes_the_same_gra
     _stored_forward_equals_backward_kernel(device, n_rows, n_cols)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("n_cols", [1, 700, 4097])
+def test_cross_entropy_one_block_forward_on_a_pipelined_row_loop_writes_the_same_gradient(
+        device, monkeypatch, stages, n_cols):
+    """STORE_GRAD_PIPELINED_WARPS_PER_SM: the one-block forward with a gradient on a grid of
+    fewer programs than rows, each looping over rows with the next row's load in flight
+    (ROW_STAGES); into a given buffer and in place, rows of odd widths (every row offset
+    modulo ALIGN), more rows than programs. Kills: the loop's stride, its start, the
+    ROW_STAGES branch skipping rows."""
+    _, num_warps, one = k.ce_block(n_cols, one_block=True)
+    assert one
+    # one program an SM (a program is num_warps warps)
+    monkeypatch.setattr(k, "STORE_GRAD_PIPELINED_WARPS_PER_SM", num_warps)
+    monkeypatch.setattr(k, "STORE_GRAD_ROW_STAGES", stages)
+    launched = []
+    real = k.launch
+    monkeypatch.setattr(k, "launch", lambda fn, grid, *a, **meta: launched.append(
+        (fn, grid, meta.get("ROW_STAGES"))) or real(fn, grid, *a, **meta))
+    n_rows = k.num_programs(torch.device(device), 1) * 2 + 3
+    _stored_forward_equals_backward_kernel(device, n_rows, n_cols)
+    stored = [(g, st) for fn, g, st in launched
+              if fn is k._cross_entropy_fwd_kernel and st is not None and st > 0]
+    assert stored and all(g == ((n_rows - 3) // 2,) and st == stages for g, st in stored)
+
+
+@pytest.mark.parametrize("dtype,stages,pipelined", [
+    (torch.bfloat16, 3, True), (torch.float32, 2, True), (torch.float32, 3, False)])
+def test_cross_entropy_pipelined_row_loop_only_where_its_row_buffers_fit(
+        device, monkeypatch, dtype, stages, pipelined):
+    """The pipelined loop keeps stages - 1 rows in shared memory: float32 rows of BERT's 30522
+    classes (128 KB each) fit with 2 stages, not with 3 (256 KB, over any GPU's shared
+    memory: the compile would fail); then the forward runs one program a row. (Launches
+    recorded, not run.)"""
+    monkeypatch.setattr(k, "STORE_GRAD_PIPELINED_WARPS_PER_SM", 32)
+    monkeypatch.setattr(k, "STORE_GRAD_ROW_STAGES", stages)
+    launched = []
+    monkeypatch.setattr(k, "launch", lambda fn, grid, *a, **meta: launched.append(
+        (fn, grid, meta)))
+    n_rows = k.num_programs(torch.device(device), 1) + 5
+    logits = torch.zeros(n_rows, 30522, device=device, dtype=dtype)
+    target = torch.zeros(n_rows, dtype=torch.long, device=device)
+    k.cross_entropy_fwd(logits, target, IGNORE, 0.0, grad_scale=1.0)
+    (fn, grid, meta), = [x for x in launched if x[0] is k._cross_entropy_fwd_kernel]
+    assert meta["ONE_BLOCK"] and meta["BLOCK_V"] == 32768
+    if pipelined:
+        assert grid == (k.num_programs(torch.device(device), 1),) and meta["ROW_STAGES"] == stages
+    else:
+        assert grid == (n_rows,) and meta["ROW_STAGES"] == 0 and not meta["ROW_LOOP"]
+
+
 def test_cross_entropy_forward_with_gradient_keeps_the_logits_and_saves_only_the_gradient(
         stored_ce, device):
     logits = torch.randn(8, 300, device=device)
@@ -1259,6 +1309,33 @@ def test_cross_entropy_bert_batch_on_gpu(dtype):
     logits = (torch.randn(4096, 30522, device="cuda") * 4).to(dtype)
     target = _targets(4096, 30522, "cuda")
     _check_ce(logits, target, "mean", label_smoothing=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stages", [2, 3])
+def test_cross_entropy_stored_gradient_on_the_pipelined_row_loop_on_gpu(monkeypatch, stages):
+    """STORE_GRAD_PIPELINED_WARPS_PER_SM on the GPU: the compiled, software-pipelined row loop
+    (cp.async row loads, no barrier) writes the recomputing kernels' loss, statistics and
+    gradient at BERT's vocabulary, rows of every alignment, more rows than programs, into a
+    given buffer and in place (float32: one row buffer of 128 KB with 2 stages; with 3 it
+    runs one program a row)."""
+    monkeypatch.setattr(k, "STORE_GRAD_PIPELINED_WARPS_PER_SM", 32)
+    monkeypatch.setattr(k, "STORE_GRAD_ROW_STAGES", stages)
+    _stored_forward_equals_backward_kernel("cuda", k.num_programs(torch.device("cuda"), 1) * 3
+                                           + 5, 30522)
+    # bf16, through the op (STORE_GRADS): the gradient of the stored path against the
+    # default path's, which the bert-batch test checks against fp64
+    monkeypatch.setattr(k, "STORE_GRADS", True)
+    logits = (torch.randn(4096, 30522, device="cuda") * 4).to(torch.bfloat16)
+    target = _targets(4096, 30522, "cuda")
+    x = logits.clone().requires_grad_()
+    (g,) = torch.autograd.grad(cross_entropy(x, target, ignore_index=IGNORE,
+                                             label_smoothing=0.1), x)
+    monkeypatch.setattr(k, "STORE_GRADS", False)
+    y = logits.clone().requires_grad_()
+    (want,) = torch.autograd.grad(cross_entropy(y, target, ignore_index=IGNORE,
+                                                label_smoothing=0.1), y)
+    torch.testing.assert_close(g, want, rtol=1.6e-2, atol=1e-7)
 
 
 @pytest.mark.gpu
