@@ -20,6 +20,8 @@ Cases (bf16 on CUDA), each timed forward, backward (from a kept graph) and forwa
   fastbert vs SDPA flash, efficient, cuDNN and math and eager (is_causal; seqlen_q ==
   seqlen_k so top-left and bottom-right alignment agree); math and eager only up to 2**31
   attention scores (not at head dim 64, seq 8192: 32 heads x 8192^2 x 2 a tensor).
+- ``fastbert_heavy_first_fwd`` (causal cases, forward and forward+backward): kernels/attention.py
+  CAUSAL_HEAVY_FIRST, each head's query blocks last (heaviest) first; off by default.
 - BERT-base padded with pre-training's dropout on the probabilities (p = 0.1), seq 128 and
   512, forward+backward only: fastbert vs SDPA efficient and cuDNN and eager (no target).
 
@@ -118,6 +120,14 @@ def _atomic_dq_backward(call: Callable) -> Callable:
     return with_setting(k, "ATOMIC_DQ_BACKWARD", True, call)
 
 
+def _heavy_first(call: Callable) -> Callable:
+    """``call`` with kernels.attention.CAUSAL_HEAVY_FIRST on: the causal forward runs each
+    head's query blocks last (heaviest) first (off by default until these rows are
+    measured)."""
+    from fastbert.kernels import attention as k
+    return with_setting(k, "CAUSAL_HEAVY_FIRST", True, call)
+
+
 def _tuned(call: Callable) -> Callable:
     """``call`` with kernels/_tune.py's run-time choice of num_warps / num_stages on: its
     first call (the harness's warm-up) times each kernel's candidates and keeps the fastest."""
@@ -151,6 +161,9 @@ def _padded_impls(batch, seq, heads, d, device, dtype, lengths, causal, sdpa_bac
             impls["fastbert_atomic_dq_bwd[triton]"] = (
                 impls["fastbert[triton]"][0], [q, k, v], _atomic_dq_backward)
         impls["fastbert_tuned[triton]"] = (impls["fastbert[triton]"][0], [q, k, v], _tuned)
+        if causal:
+            impls["fastbert_heavy_first_fwd[triton]"] = (impls["fastbert[triton]"][0],
+                                                         [q, k, v], _heavy_first)
     qt, kt, vt = (_leaf(batch, heads, seq, d, device=device, dtype=dtype) for _ in range(3))
     smask = mask[:, None, None, :] if mask is not None else None
     for name in sdpa_backends:
@@ -176,6 +189,8 @@ def _cases_for(name, params, impls, fwd_flops, baseline, modes=("fwd", "bwd", "f
         for impl, (fn, inputs, *wrap) in impls.items():
             if mode == "fwd" and "_bwd" in impl:
                 continue  # a backward-only variant: its forward is the plain impl's
+            if mode == "bwd" and "_fwd" in impl:
+                continue  # a forward-only variant: its backward is the plain impl's
             fns[impl] = _modes(fn, inputs)[mode]
             if wrap:
                 fns[impl] = wrap[0](fns[impl])

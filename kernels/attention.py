@@ -107,14 +107,18 @@ def _head_base(ptr, b, start, h, stride_b, stride_t, stride_h):
 
 
 @triton.jit
-def _block_and_head(n_blocks):
+def _block_and_head(n_blocks, REVERSE: tl.constexpr = False):
     """(block index, (batch, head) index) of this program in a flat 1-D grid of
     n_blocks * batch * heads programs. Flat because CUDA caps grid dims 1 and 2 at 65535, which
     batch * heads passes (e.g. 8192 short sequences x 12 heads in a varlen batch), while dim
     0 takes 2**31 - 1; the blocks of one head stay adjacent, so they run together and share
-    that head's K/V (or Q/dO) in L2."""
+    that head's K/V (or Q/dO) in L2. REVERSE: each head's blocks in the opposite order, the
+    last first (the causal forward's heaviest query blocks: CAUSAL_HEAVY_FIRST)."""
     pid = tl.program_id(0)
-    return pid % n_blocks, pid // n_blocks
+    blk = pid % n_blocks
+    if REVERSE:
+        blk = n_blocks - 1 - blk
+    return blk, pid // n_blocks
 
 
 @triton.jit
@@ -282,10 +286,12 @@ def _attention_fwd_kernel(
     n_heads, n_groups, seqlen_q, seqlen_k, head_dim, qk_scale, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, KEY_BLOCK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, KEY_BLOCK: tl.constexpr, HEAVY_FIRST: tl.constexpr = False,
 ):
-    # each program owns BLOCK_M query rows of one (batch, head)
-    pid_m, pid_bh = _block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
+    # each program owns BLOCK_M query rows of one (batch, head); HEAVY_FIRST (causal only, see
+    # CAUSAL_HEAVY_FIRST): a head's last query block, which sees the most keys, is its first
+    # program
+    pid_m, pid_bh = _block_and_head(tl.cdiv(seqlen_q, BLOCK_M), HEAVY_FIRST)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     h_kv = h // n_groups
@@ -733,6 +739,15 @@ def _with_default(default: tuple, pairs: tuple) -> tuple:
     return (default,) + tuple(p for p in pairs if p != default)
 
 
+# True: the causal forward runs each head's query blocks last first. Under a causal mask the
+# last query block sees every key and the first one block's worth, so in the default order a
+# grid ends on a head's heaviest programs and the card idles while they finish (a tail of up
+# to one heavy program a wave); started first, the heavy ones overlap the light ones, the
+# longest-processing-time-first order FlashAttention-3's causal scheduler uses. A head's blocks
+# stay adjacent (its K/V shared in L2). Off until a GPU run times it (bench_attention's
+# fastbert_heavy_first rows, causal forward: the seq-2048 case missed the 50%-of-matmul target
+# at 48% on the H200, 2026-11-28); results are the same bits either way.
+CAUSAL_HEAVY_FIRST = False
 # False forces the three-kernel backward everywhere (benchmarks/bench_attention.py times both)
 ONE_LAUNCH_BACKWARD = True
 # True: where the backward is not one launch, the dK/dV kernel also adds dQ with fp32 atomics
@@ -877,6 +892,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, IS_VARLEN=varlen,
                     IS_CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout,
                     KEY_BLOCK=KEY_BLOCK)
+        if causal and CAUSAL_HEAVY_FIRST:
+            meta["HEAVY_FIRST"] = True
         if _tune.ENABLED is not False and _tune.on():
             warps, stages = _tune.pick(
                 _tuning_key("attention_fwd", q.dtype, head_dim, meta, batch * heads, sq, sk),
@@ -1127,6 +1144,12 @@ def aot_configs():
                              IS_CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=False,
                              KEY_BLOCK=KEY_BLOCK), w, s,
                         name=f"attention_fwd[bf16,d{bd},causal+mask]")
+        # CAUSAL_HEAVY_FIRST
+        yield AotConfig(_attention_fwd_kernel, {**_fwd_signature("bf16"), "HEAVY_FIRST": "constexpr"},
+                        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=True, IS_VARLEN=False,
+                             IS_CAUSAL=True, HAS_MASK=False, HAS_DROPOUT=False,
+                             KEY_BLOCK=KEY_BLOCK, HEAVY_FIRST=True), w, s,
+                        name=f"attention_fwd[bf16,d{bd},causal,heavy_first]")
     for tag, flags in (("none", (False,) * 4), ("varlen", (True, False, False, False))):
         yield from kernels("fp16", 64, *flags, f"fp16,d64,{tag}")
     yield from kernels("bf16", 128, True, True, False, True, "bf16,d128,varlen+causal+dropout")

@@ -1619,3 +1619,39 @@ def test_attention_varlen_rejects_a_negative_max_seqlen_even_with_no_sequence(de
     cu = torch.zeros(1, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match=">= 0"):
         attention_varlen(q, q, q, cu, cu, -1, 0, backend="triton")
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_causal_heavy_first_order_gives_the_same_bits(device, monkeypatch, dropout_p):
+    """CAUSAL_HEAVY_FIRST only reorders the causal forward's programs (each head's last query
+    block first): output, lse and the dropout mask (drawn per row and key, not per program)
+    are the same bits, padded with seqlen_q != seqlen_k (bottom-right alignment) and varlen.
+    Kills: the reversed block index off by one (a block computed twice, one never), the flag
+    not reaching the kernel."""
+    launched = []
+    real = k.launch
+    monkeypatch.setattr(k, "launch", lambda fn, grid, *a, **meta: launched.append(
+        (fn, meta.get("HEAVY_FIRST"))) or real(fn, grid, *a, **meta))
+    q = _rand(device, torch.float32, 2, 70, 2, 16)
+    kv = [_rand(device, torch.float32, 2, 90, 2, 16) for _ in range(2)]
+    qv, kvv, vv, cu_q, cu_k, mq, mk = _varlen_inputs(device, torch.float32, [70, 5], [90, 33],
+                                                       2, 1, 16)
+
+    def both():
+        torch.manual_seed(3)
+        padded = k.attention_fwd(q, *kv, causal=True, softmax_scale=0.25,
+                                 seed=torch.tensor([7], device=device) if dropout_p else None,
+                                 dropout_p=dropout_p)
+        varlen = k.attention_fwd(qv, kvv, vv, causal=True, softmax_scale=0.25,
+                                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq,
+                                 max_seqlen_k=mk)
+        return padded + varlen
+
+    want = both()
+    assert {h for fn, h in launched if fn is k._attention_fwd_kernel} == {None}
+    monkeypatch.setattr(k, "CAUSAL_HEAVY_FIRST", True)
+    launched.clear()
+    got = both()
+    assert {h for fn, h in launched if fn is k._attention_fwd_kernel} == {True}
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
