@@ -13,12 +13,13 @@ of 32 classes (the two-stage reduction):
                       (two passes); measured slower on an H200, kept to re-measure
     fastbert_stored_looping -- the same with the forward looping over each row
                       (MAX_ONE_BLOCK_V forced down to MAX_BLOCK_V)
-    fastbert_stored_pipelined, fastbert_stored_pipelined_s3 -- the stored one on a persistent
+    fastbert_stored_pipelined, fastbert_stored_pipelined_s2 -- the stored one on a persistent
                       grid (STORE_GRAD_PIPELINED_WARPS_PER_SM = 32: one program an SM at
-                      V = 30522) looping over the rows with the next row's load in flight
-                      (STORE_GRAD_ROW_STAGES 2 / 3): reads and writes overlap
-    (the looping one on a grid of 2 / 4 programs an SM, fastbert_stored_l2x2 / _l2x4, ran
-    slower than fastbert_stored_looping on the H200, 2026-11-28: no longer timed)
+                      V = 30522) whose row loop is software-pipelined (STORE_GRAD_ROW_STAGES 3:
+                      a row's load in flight while the row before is computed; 2: the next
+                      row's load overlaps this row's stores only)
+    (the looping one on a grid of 2 / 4 programs an SM, fastbert_stored_l2x2 / _l2x4, took
+    1.0-1.24x fastbert_stored_looping's GPU time on the H200, 2026-11-28: no longer timed)
 
 masked_lm_loss (hidden (B, S, H), tied weight (V, H), bias, 15% of labels set; gradients of
 hidden, weight and bias), time and peak memory:
@@ -85,14 +86,11 @@ def _with_one_block_max(value: int, fn):
 # ----------------------------------------------------------------------------------------
 # cross_entropy
 
-def _stored(fn, looping: bool = False, programs_per_sm=None, pipelined_stages=None):
-    """``fn`` run with cross_entropy's stored-gradient forward (and with the row-looping one,
-    on a grid of ``programs_per_sm`` programs an SM when given; or with the one-block one on
-    the pipelined persistent grid, ``pipelined_stages`` stages)."""
+def _stored(fn, looping: bool = False, pipelined_stages=None):
+    """``fn`` run with cross_entropy's stored-gradient forward (with the row-looping one; or
+    with the one-block one on the pipelined persistent grid, ``pipelined_stages`` stages)."""
     from fastbert.kernels import cross_entropy as kce
     run = with_setting(kce, "STORE_GRADS", True, fn)
-    if programs_per_sm is not None:
-        run = with_setting(kce, "STORE_GRAD_PROGRAMS_PER_SM", programs_per_sm, run)
     if pipelined_stages is not None:
         run = with_setting(kce, "STORE_GRAD_PIPELINED_WARPS_PER_SM", 32, run)
         run = with_setting(kce, "STORE_GRAD_ROW_STAGES", pipelined_stages, run)
@@ -114,8 +112,8 @@ def _ce_case(device, dtype, rows: int, vocab: int) -> Case:
         "fastbert_checked": _grads(lambda: cross_entropy(x, t, ignore_index=IGNORE, **pin), [x]),
         "fastbert_stored": _stored(fast),
         "fastbert_stored_looping": _stored(fast, looping=True),
-        "fastbert_stored_pipelined": _stored(fast, pipelined_stages=2),
-        "fastbert_stored_pipelined_s3": _stored(fast, pipelined_stages=3),
+        "fastbert_stored_pipelined": _stored(fast, pipelined_stages=3),
+        "fastbert_stored_pipelined_s2": _stored(fast, pipelined_stages=2),
     }
     return Case(name="cross_entropy fwd+bwd",
                 params={"rows": rows, "vocab": vocab, "hidden": "",

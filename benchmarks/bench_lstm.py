@@ -38,7 +38,8 @@ hidden ``COOP_RESIDENT_MAX_HIDDEN`` (256).
 ``fastbert_triton_tiles`` / ``_tiles_b64`` (hidden > ``PERSISTENT_MAX_HIDDEN``): the per-step
 path with the opt-in tile variants (kernels/lstm.py ``FWD_BLOCK_K``, ``BWD_BLOCK_K``,
 ``FWD_NARROW_WARPS``; ``MAX_STEP_BLOCK_B`` 64), the cooperative loop off;
-``fastbert_triton_coop_tiles``: the cooperative loop with those tiles.
+``fastbert_triton_coop_tiles``: the cooperative loop with K = 128 tiles (``FWD_BLOCK_K``,
+``BWD_BLOCK_K``).
 ``fastbert_triton_per_step`` (hidden <= ``PERSISTENT_MAX_HIDDEN``, where the default is the
 time-looping kernel): the plain per-step loop, whose per-step launches became cheap
 (kernels/_launch.py) after the last measurement placed that threshold. One case
@@ -177,7 +178,7 @@ def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
             fns["fastbert_triton_per_step"] = _coop(
                 _with_threshold("PERSISTENT_MAX_HIDDEN", 0, build("fastbert_triton")), False)
         # the opt-in tile variants of the per-step kernels (kernels/lstm.py FWD_BLOCK_K,
-        # BWD_BLOCK_K, FWD_NARROW_WARPS), each alone and all together
+        # BWD_BLOCK_K, FWD_NARROW_WARPS; MAX_STEP_BLOCK_B), the cooperative loop off
         if hidden > _persistent_max_hidden():
             for name, settings in _TILE_VARIANTS.items():
                 fns[f"fastbert_triton_{name}"] = _coop(_tiles(settings, build("fastbert_triton")),
@@ -187,12 +188,15 @@ def _padded_case(device, dtype, batch, hidden, seq, layers, dirs):
         if _coop_applies(device, seq, batch, hidden):
             fns["fastbert_triton_no_coop"] = _coop(build("fastbert_triton"), False)
             if hidden > _persistent_max_hidden():
-                # the cooperative loop with the tile variant's tiles (its kernels read the same
-                # flags): on the H200 (2026-11-28) the tiles took the per-step path's GPU time
-                # to 0.62x the cooperative loop's at hidden 1024, seq 256 (7.3 vs 11.9 ms at
-                # batch 64), the cooperative loop saved the launches; together not yet timed
+                # the cooperative loop with K = 128 tiles (its kernels read the tile flags): on
+                # the H200 (2026-11-28) the tiles took the per-step path's GPU time to 0.62x
+                # the cooperative loop's at hidden 1024, seq 256 (7.3 vs 11.9 ms at batch 64),
+                # the cooperative loop saved the launches; together not yet timed. Without
+                # FWD_NARROW_WARPS: with it the cooperative forward spills 32-52 bytes a thread
+                # at its 32x16 / 32x32 tiles (sm_90 ptxas, Triton 3.6); without, 12 at 32x64
+                # (batch 256, hidden 1024) and none elsewhere in these cases
                 fns["fastbert_triton_coop_tiles"] = _coop(
-                    _tiles(_TILE_FLAGS, build("fastbert_triton")), None)
+                    _tiles(_COOP_TILE_FLAGS, build("fastbert_triton")), True)
             if _resident_applies(device, seq, batch, hidden, dtype):
                 fns["fastbert_triton_coop_resident"] = _resident(_coop(build("fastbert_triton")))
         # the same forward+backward replayed from CUDA graphs: how much of each time is
@@ -247,10 +251,12 @@ def _with_threshold(name: str, value: int, fn: Callable[[], object]) -> Callable
     return with_setting(klstm, name, value, fn)
 
 
-# (kept to three rows a case with coop_tiles below: each costs the LSTM's share of the
-# gpu-check budget; bwd_k128, BWD_BLOCK_K=128 alone, was dropped after the H200 run of
-# 2026-11-28, where "tiles" took 0.79-0.95x its GPU time in every case at hidden 512-1024)
+# (kept to three rows a case with coop_tiles: each costs the LSTM's share of the gpu-check
+# budget; bwd_k128, BWD_BLOCK_K=128 alone, was dropped after the H200 run of 2026-11-28, where
+# "tiles" took 0.79-0.95x its GPU time in each of the 17 cases at hidden 512-1024, though in
+# wall time it was the slower of the two in 8 of them, by up to 1.32x)
 _TILE_FLAGS = dict(BWD_BLOCK_K=128, FWD_BLOCK_K=128, FWD_NARROW_WARPS=True)
+_COOP_TILE_FLAGS = dict(BWD_BLOCK_K=128, FWD_BLOCK_K=128)
 _TILE_VARIANTS = {"tiles": _TILE_FLAGS,
                   # batch blocks of 64 rows: W_hh read by half as many programs a step, and
                   # Hopper's warpgroup MMA (wgmma needs 64 rows; 32 gives mma.sync)

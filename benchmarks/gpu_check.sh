@@ -350,6 +350,12 @@ print(len(r), sum(1 for x in r if x.get('error')))" "$R/${name}_${SLUG}.csv" 2>/
   kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null; trap - EXIT
 fi
 
+# the profile phase's all-threads timelines (whole case names of benchmarks/profile_overhead.py):
+# fastbert's host-bound fwd+bwd calls, and eager / SDPA ones beside them for the same handoffs
+TIMELINE_CASES="layer_norm+res fwd+bwd 8192x768,eager layer_norm+res fwd+bwd 8192x768"
+TIMELINE_CASES+=",attention fwd+bwd 256x128x12x64,sdpa fwd+bwd 256x128x12x64 (default backend)"
+TIMELINE_CASES+=",embedding_layer_norm fwd+bwd 32x128,cross_entropy fwd+bwd 4096x30522"
+TIMELINE_CASES+=",masked_lm_loss fwd+bwd 32x128 V=30522"
 if phase_on profile; then
   # opt-in (FASTBERT_GPU_PHASES="... profile"): per-call host / wall / GPU time and the
   # kernels of each call (benchmarks/profile_overhead.py), in what is left of the budget; a
@@ -359,7 +365,7 @@ if phase_on profile; then
     echo "== profile (${secs}s)" | tee -a "$SUMMARY"
     timeout --kill-after=5 "$secs" "$PY" -m benchmarks.profile_overhead --iters 30 \
       --cprofile-k "layer_norm+res fwd+bwd,attention fwd+bwd 256,embedding_layer_norm,V=30522" \
-      --timeline-k "layer_norm+res fwd+bwd,attention fwd+bwd 256x128x12x64,embedding_layer_norm,cross_entropy fwd+bwd,masked_lm_loss" \
+      --timeline-k "$TIMELINE_CASES" \
       --out "$R/overhead.txt" 2>&1 | tee -a "$R/gpu_profile.log"
     say "profile: exit ${PIPESTATUS[0]} (overhead.txt)"
   else

@@ -12,10 +12,11 @@ launches) the GPU waits for. This script measures it, per call:
     for the GPU, where that loop would count the wait: see ``_syncs``);
   - ``gpu``: the sum of the call's kernel durations from torch.profiler (device time);
   - for the ops, the top functions of a cProfile of the loop (host time by function);
-  - ``--timeline-k`` cases: one call's timeline on every thread, from torch.profiler with its
-    Python tracer (``_timeline``). cProfile sees the calling thread only, and on CUDA the
-    autograd engine runs a backward on a thread of its own (one per device): its Python, the
-    handoffs between the threads and the launches there are what the timeline adds.
+  - ``--timeline-k`` cases (whole names): one call's timeline on every thread, from
+    torch.profiler with its Python tracer (``_timeline``). cProfile sees the calling thread
+    only, and on CUDA the autograd engine runs a backward on a thread of its own (one per
+    device): its Python, the calling thread's wait for it and the launches there are what the
+    timeline adds.
 
 Prints a text report (and writes it to ``--out``). A diagnostic, not a benchmark: no targets.
 
@@ -117,14 +118,34 @@ def _depth(e, root_ids) -> int:
     return d
 
 
+# events during which a thread waits rather than works: the autograd engine's run_backward on
+# the calling thread (the backward of CUDA tensors runs on the engine's device thread), device
+# synchronizations, host reads of device values, sleeps, joins, lock acquires
+BLOCKING = ("run_backward", "ynchronize", "_local_scalar_dense", "sleep", "join", "acquire",
+            "wait")
+
+
+def _union_us(spans, t0: float, t1: float) -> float:
+    """The length of the union of (start, end) spans, clipped to [t0, t1] (us)."""
+    total, end = 0.0, t0
+    for a, b in sorted((max(a, t0), min(b, t1)) for a, b in spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
 def _timeline(fn: Callable, calls: int = 3, depth: int = TIMELINE_DEPTH,
               lines: int = TIMELINE_LINES, min_us: float = TIMELINE_MIN_US) -> str:
     """One call of ``fn`` (the last of ``calls``, each in a ``record_function`` marker) as
     torch.profiler saw it on every thread, with Python functions (its Python tracer, which
-    inflates each Python call by a few us: read the shares, not the absolute times): each
-    thread's busy time within the call, the main thread's gaps, then the events down to
-    ``depth`` levels and of at least ``min_us``, in start order: thread, start (us from the
-    call's start), duration, name."""
+    inflates each Python call by a few us: read the shares, not the absolute times). Per
+    thread: the time some event of it covers within the call (the union of their spans) and
+    how much of that it spent waiting (``BLOCKING`` events: on the calling thread of a CUDA
+    backward, run_backward waits for the engine's thread, whose own line shows its work),
+    the longest waits; then the events down to ``depth`` levels and of at least ``min_us``,
+    in start order: thread, start (us from the call's start), duration, name."""
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -135,43 +156,44 @@ def _timeline(fn: Callable, calls: int = 3, depth: int = TIMELINE_DEPTH,
             with record_function(f"fastbert_call_{i}"):
                 fn()
         sync()
-    events = list(prof.events())
+    cpu = torch.autograd.DeviceType.CPU
+    events = [e for e in prof.events() if getattr(e, "device_type", None) == cpu]
+    # (on CUDA record_function also leaves a GPU annotation of the same name: CPU events only)
     marks = [e for e in events if e.name == f"fastbert_call_{calls - 1}"]
     if not marks:
         return "(no marker event recorded)"
     mark = marks[0]
     t0, t1 = mark.time_range.start, mark.time_range.end
     main = mark.thread
-    inside = [e for e in events
-              if getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU
-              and e is not mark and t0 <= e.time_range.start < t1]
+    inside = [e for e in events if e is not mark and t0 <= e.time_range.start < t1]
     names = {main: "main"}
     for e in sorted(inside, key=lambda e: e.time_range.start):
         names.setdefault(e.thread, f"t{len(names)}")
-    # each thread's roots: the marker on the main thread, else events without a parent inside
+    # each thread's roots: the marker on the main thread, else the parents of its top events
     roots = {id(mark)}
     out = [f"one call: {t1 - t0:.1f} us (profiled; Python traced); threads: "
            + ", ".join(f"{v} = {k}" for k, v in names.items())]
+    blocking = lambda e: any(b in e.name for b in BLOCKING)
     for tid, label in names.items():
-        top = [e for e in inside if e.thread == tid
-               and (e.cpu_parent is None or e.cpu_parent is mark
-                    or not t0 <= e.cpu_parent.time_range.start < t1)]
+        mine = [e for e in inside if e.thread == tid]
+        top = [e for e in mine
+               if e.cpu_parent is None or e.cpu_parent is mark
+               or not t0 <= e.cpu_parent.time_range.start < t1]
         for e in top:
-            roots.add(id(e.cpu_parent)) if e.cpu_parent is not None else None
-        busy = sum(e.time_range.elapsed_us() for e in top)
-        out.append(f"  {label}: busy {busy:.1f} us in {len(top)} top-level events")
-        if tid == main:
-            spans = sorted((e.time_range.start, e.time_range.end) for e in top)
-            gaps, end = [], t0
-            for a, b in spans:
-                if a - end > 5.0:
-                    gaps.append((end - t0, a - end))
-                end = max(end, b)
-            if t1 - end > 5.0:
-                gaps.append((end - t0, t1 - end))
-            if gaps:
-                out.append("    main thread gaps > 5 us (at +us: length): " + ", ".join(
-                    f"+{a:.0f}: {g:.0f}" for a, g in gaps[:20]))
+            if e.cpu_parent is not None:
+                roots.add(id(e.cpu_parent))
+        covered = _union_us([(e.time_range.start, e.time_range.end) for e in top], t0, t1)
+        # waiting: the time a blocking event is the innermost one (its self time): on the CPU
+        # a backward runs inside run_backward on this thread (work), on CUDA on the engine's
+        # thread while run_backward here only waits
+        waits = [(e, _self_us(e)) for e in mine if blocking(e)]
+        waited = min(covered, sum(us for _, us in waits))
+        out.append(f"  {label}: covered {covered:.1f} us, of which waiting {waited:.1f} us "
+                   f"(working ~{covered - waited:.1f} us)")
+        for e, us in sorted(waits, key=lambda w: -w[1])[:5]:
+            if us >= min_us:
+                out.append(f"    waits {us:8.1f} us at +{e.time_range.start - t0:.0f}: "
+                           f"{e.name[:90]}")
     shown = [e for e in inside
              if e.time_range.elapsed_us() >= min_us and _depth(e, roots) < depth]
     shown.sort(key=lambda e: e.time_range.start)
@@ -184,6 +206,12 @@ def _timeline(fn: Callable, calls: int = 3, depth: int = TIMELINE_DEPTH,
     if len(shown) > lines:
         out.append(f"  ... {len(shown) - lines} more")
     return "\n".join(out)
+
+
+def _self_us(e) -> float:
+    """``e``'s duration less its children's on its thread (us)."""
+    return max(0.0, e.time_range.elapsed_us() - sum(
+        c.time_range.elapsed_us() for c in e.cpu_children if c.thread == e.thread))
 
 
 def _fwd_and_fwd_bwd(out: Dict[str, Callable], op: str, shape: str, fwd: Callable,
@@ -367,8 +395,8 @@ def main(argv=None) -> int:
                     help="cProfile only the cases whose name contains one of these "
                          "comma-separated texts (default: every op case)")
     ap.add_argument("--timeline-k", default="",
-                    help="the cases whose name contains one of these comma-separated texts "
-                         "get one call's all-threads timeline (torch.profiler, Python traced)")
+                    help="the cases named (comma-separated, whole names) get one call's "
+                         "all-threads timeline (torch.profiler, Python traced)")
     ap.add_argument("-k", dest="select", default="",
                     help="only the cases whose name contains this text")
     args = ap.parse_args(argv)
@@ -395,10 +423,12 @@ def main(argv=None) -> int:
                     and (not wanted or any(t in name for t in wanted))):
                 reports.append(f"--- {name}: cProfile of {args.iters} calls\n"
                                + _cprofile(fn, args.iters))
-            timeline = [t for t in args.timeline_k.split(",") if t]
-            if any(t in name for t in timeline):
-                reports.append(f"--- {name}: timeline of one call, every thread\n"
-                               + _timeline(fn))
+            if name in [t.strip() for t in args.timeline_k.split(",")]:
+                try:
+                    text = _timeline(fn)
+                except Exception as e:  # the case's timing line stands; say why here
+                    text = f"timeline failed: {type(e).__name__}: {str(e)[:200]}"
+                reports.append(f"--- {name}: timeline of one call, every thread\n" + text)
         except Exception as e:  # a diagnostic: report and go on
             lines.append(f"{name:<48} ERROR {type(e).__name__}: {str(e)[:200]}")
             print(lines[-1], flush=True)

@@ -188,7 +188,7 @@ TARGETS: List[Target] = [
            alternatives=_alts(lambda i: _faster(i, "eager", 3.0), "fastbert_stored",
                               "fastbert_stored_looping", "fastbert_stored_l2x2",
                               "fastbert_stored_l2x4", "fastbert_stored_pipelined",
-                              "fastbert_stored_pipelined_s3"), default="fastbert"),
+                              "fastbert_stored_pipelined_s2"), default="fastbert"),
     Target(4, "cross_entropy", "masked_lm_loss fwd+bwd", "time <= 0.5x the HF way",
            _time_ratio_at_most("fastbert", "hf", 0.5)),
     Target(4, "cross_entropy", "masked_lm_loss fwd+bwd", "peak memory <= 0.25x the HF way",

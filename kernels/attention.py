@@ -745,7 +745,7 @@ def _with_default(default: tuple, pairs: tuple) -> tuple:
 # to one heavy program a wave); started first, the heavy ones overlap the light ones, the
 # longest-processing-time-first order FlashAttention-3's causal scheduler uses. A head's blocks
 # stay adjacent (its K/V shared in L2). Off until a GPU run times it (bench_attention's
-# fastbert_heavy_first rows, causal forward: the seq-2048 case missed the 50%-of-matmul target
+# fastbert_heavy_first_fwd rows, causal forward: the seq-2048 case missed the 50%-of-matmul target
 # at 48% on the H200, 2026-11-28); results are the same bits either way.
 CAUSAL_HEAVY_FIRST = False
 # False forces the three-kernel backward everywhere (benchmarks/bench_attention.py times both)
@@ -1145,7 +1145,8 @@ def aot_configs():
                              KEY_BLOCK=KEY_BLOCK), w, s,
                         name=f"attention_fwd[bf16,d{bd},causal+mask]")
         # CAUSAL_HEAVY_FIRST
-        yield AotConfig(_attention_fwd_kernel, {**_fwd_signature("bf16"), "HEAVY_FIRST": "constexpr"},
+        yield AotConfig(_attention_fwd_kernel,
+                        {**_fwd_signature("bf16"), "HEAVY_FIRST": "constexpr"},
                         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=True, IS_VARLEN=False,
                              IS_CAUSAL=True, HAS_MASK=False, HAS_DROPOUT=False,
                              KEY_BLOCK=KEY_BLOCK, HEAVY_FIRST=True), w, s,

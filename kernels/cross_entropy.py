@@ -12,8 +12,9 @@ with loss_r = 0 and dx_r = 0 where t_r == ignore_index: this is
 Three ways to use it:
 
 - ``cross_entropy_fwd`` with ``grad_scale`` + ``cross_entropy_scale_`` *store* (the
-  ``cross_entropy`` op with ``STORE_GRADS`` (below) on; off by default: on an H200 this forward
-  ran at ~1.2 TB/s where the two recompute kernels ran at ~2.8 TB/s each): the forward writes the
+  ``cross_entropy`` op with ``STORE_GRADS`` (below) on; off by default: on an H200, bf16 16384 x
+  30522, this forward ran at ~1.2 TB/s where the recompute kernels' three passes averaged ~3.9
+  TB/s; ~2.8 TB/s each at 4096 rows): the forward writes the
   gradient of the loss itself (the incoming gradient taken as 1). A row of up to ``MAX_ONE_BLOCK_V``
   classes (BERT's 30522 included) is held in registers whole (``ONE_BLOCK``), so the forward
   reads the logits once and writes the gradient once; the backward multiplies it in place by
@@ -23,8 +24,8 @@ Three ways to use it:
   Any other incoming gradient (loss scaling, accumulation) adds a read and a write. Wider rows
   loop over blocks and read the row twice in the forward (the second read mostly from L2).
   ``STORE_GRAD_PIPELINED_WARPS_PER_SM`` (opt-in, not yet timed) runs the one-block forward on
-  a persistent grid whose row loop is software-pipelined: the next row's load in flight
-  while this row's gradient is written.
+  a persistent grid whose row loop is software-pipelined: a row's load in flight while the row
+  before is reduced and its gradient written.
 - ``cross_entropy_fwd`` + ``cross_entropy_bwd`` *recompute*: the forward reads the logits once
   and stores only (m, l) (8 bytes a row); the backward reads them again and writes the
   gradient: three passes. The ``cross_entropy`` op's default, and always for reduction "none"
@@ -74,6 +75,7 @@ Large-Vocabulary Language Models" (2024).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -101,28 +103,35 @@ STORE_GRADS = False
 # ~60 MB of rows in flight at V = 30522 in bf16, more than L2 (50 MB on H100 / H200), so the
 # second read came from DRAM (measured on an H200: 1.56 TB/s effective). A number here caps the
 # grid at that many programs per SM looping over the rows (2 x 132 x 61 KB = 16 MB in flight),
-# so the second read can hit L2: two DRAM passes over (N, V) in all. None (the default, until a
-# GPU run times it: bench_cross_entropy's fastbert_stored_l2 rows): one program a row.
+# so the second read can hit L2: two DRAM passes over (N, V) in all. None (the default): one
+# program a row. Timed on the H200 (2026-11-28, 2 and 4 programs an SM): 1.0-1.24x the GPU time
+# of one program a row looping over each row (fastbert_stored_looping), no better.
 STORE_GRAD_PROGRAMS_PER_SM: Optional[int] = None
 # The forward that stores the gradient of a row held in registers whole (ONE_BLOCK: up to
 # MAX_ONE_BLOCK_V classes) runs one program an SM (32 warps, 32 fp32 a thread at V = 30522),
 # and with one program a row each SM loads its row, reduces it, then writes its gradient, the
-# memory idle in between: ~1.2 TB/s on an H200 (bf16, 16384 x 30522), where the two recomputing
-# kernels ran at ~2.8 TB/s. A number here instead launches a persistent grid of that many warps
-# an SM (programs of the row's num_warps: one program of 32 warps an SM at V = 30522, what the
-# registers allow; 32 programs of one warp at V = 32), each looping over rows pid, pid + grid,
-# ... with the loop software-pipelined (STORE_GRAD_ROW_STAGES): the next row's load (cp.async
-# into shared memory, 64 KB of bf16 at V = 30522) is in flight while this row's gradient is
-# computed and stored, so reads and writes overlap (Triton 3.6's sm_90 code: 64 registers, no
-# spills, 66 KB of shared memory with 2 stages). None (the default until a GPU run times it:
-# bench_cross_entropy's fastbert_stored_pipelined rows): one program a row.
+# memory idle in between: ~1.2 TB/s on an H200 (bf16, 16384 x 30522, read + write), where the
+# recomputing kernels moved their three passes at ~3.9 TB/s. A number here instead launches a
+# persistent grid, each program looping over rows pid, pid + grid, ... with the loop
+# software-pipelined (STORE_GRAD_ROW_STAGES): the load of a row ahead is a cp.async into shared
+# memory, in flight while this row is reduced and its gradient stored. The grid: this many
+# warps an SM in programs of the row's num_warps (32 programs of one warp at V = 32), but one
+# program an SM for rows wider than MAX_BLOCK_V, whose registers (105-196 a thread at 8192 -
+# 32768 classes, ptxas) leave room for no second one. None (the default until a GPU run times
+# it: bench_cross_entropy's fastbert_stored_pipelined rows): one program a row.
 STORE_GRAD_PIPELINED_WARPS_PER_SM: Optional[int] = None
-# The pipelined row loop's num_stages: 2 keeps one row buffer in shared memory (its load
-# issued once the row before is in registers), 3 two (128 KB at V = 30522 in bf16).
-STORE_GRAD_ROW_STAGES = 2
+# The pipelined row loop's num_stages: Triton keeps stages - 1 row buffers in shared memory.
+# 3 (two buffers, 128 KB at V = 30522 in bf16) has one row's load in flight while the row
+# before is computed (sm_90 code: `cp.async.wait_group 3` at the loop's head); with 2 (one
+# buffer) the next row's load is issued only after this row's gradient stores and waited for
+# at once (`wait_group 0`): the stores and the load overlap, the compute and the load do not.
+# Where the buffers would not fit (STORE_GRAD_PIPELINE_MAX_BYTES, the card's shared memory)
+# fewer stages are used: float32 rows of 30522 classes (128 KB) run with 2.
+STORE_GRAD_ROW_STAGES = 3
 # The most shared memory the pipelined loop's row buffers may take ((stages - 1) x BLOCK_V x
-# the element size): within sm_80's 163 KB with room for the reductions' scratch. A row that
-# needs more (float32 at V = 30522 with 3 stages: 256 KB) runs one program a row instead.
+# the element size): within sm_80's 163 KB with room for the reductions' scratch, and on a card
+# with less shared memory a block (sm_86 / sm_89: ~99 KB) its opt-in limit less 16 KB. A row
+# that fits not even one buffer runs one program a row.
 STORE_GRAD_PIPELINE_MAX_BYTES = 144 * 1024
 # The widest block of a row a program holds in registers at once; wider rows loop over blocks.
 # 4096 fp32 over 8 warps is 16 elements a thread: wide loads without register spills.
@@ -695,6 +704,28 @@ def ce_block(n_cols: int, one_block: bool = False) -> tuple[int, int, bool]:
     return block_v, num_warps, block_v >= n_cols and one_block
 
 
+def pipeline_stages(row_bytes: int, device: torch.device) -> int:
+    """num_stages of the pipelined row loop for rows of ``row_bytes`` (BLOCK_V elements):
+    STORE_GRAD_ROW_STAGES, fewer where its stages - 1 row buffers would pass the shared memory
+    allowed (``_pipeline_bytes``), 0 where not even one buffer fits (no pipelining)."""
+    limit = STORE_GRAD_PIPELINE_MAX_BYTES
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        limit = min(limit, _optin_shared(index) - 16 * 1024)
+    stages = STORE_GRAD_ROW_STAGES
+    while stages >= 2 and (stages - 1) * row_bytes > limit:
+        stages -= 1
+    return stages if stages >= 2 else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _optin_shared(index: int) -> int:
+    """The shared memory a block may opt in to on CUDA device ``index`` (bytes)."""
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0)
+               or getattr(props, "shared_memory_per_block", 48 * 1024))
+
+
 def ce_block_configs(one_block: bool = False):
     """Every (BLOCK_V, num_warps, ONE_BLOCK) ``ce_block`` can return, for the AOT compile."""
     out, n = [], 16
@@ -811,12 +842,13 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
         row_stages = 0
         if store_grad and not one_block and STORE_GRAD_PROGRAMS_PER_SM:
             grid = min(n_rows, num_programs(dev, STORE_GRAD_PROGRAMS_PER_SM))
-        elif store_grad and one_block and STORE_GRAD_PIPELINED_WARPS_PER_SM and (
-                (STORE_GRAD_ROW_STAGES - 1) * block_v * logits.element_size()
-                <= STORE_GRAD_PIPELINE_MAX_BYTES):
-            grid = min(n_rows, num_programs(
-                dev, max(1, STORE_GRAD_PIPELINED_WARPS_PER_SM // num_warps)))
-            row_stages = STORE_GRAD_ROW_STAGES if grid < n_rows else 0
+        elif store_grad and one_block and STORE_GRAD_PIPELINED_WARPS_PER_SM:
+            stages = pipeline_stages(block_v * logits.element_size(), dev)
+            if stages:
+                per_sm = (1 if block_v > MAX_BLOCK_V
+                          else max(1, STORE_GRAD_PIPELINED_WARPS_PER_SM // num_warps))
+                grid = min(n_rows, num_programs(dev, per_sm))
+                row_stages = stages if grid < n_rows else 0
         launch(
             _cross_entropy_fwd_kernel, (grid,),
             logits, target, loss, stats, scale, grad_count, dlogits,
@@ -1063,8 +1095,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
             return loss, None, None, None
         # the loss and each row's statistics (one read of the logits), then the gradient
         # written over them (one read, one write): measured on an H200 (bf16, V = 30522), these
-        # two kernels ran at ~2.8 TB/s each where the forward that writes the gradient from a
-        # row held in registers ran at ~1.2 TB/s (cross_entropy's STORE_GRADS)
+        # two kernels ran at ~2.8 TB/s each (4096 rows; ~3.9 TB/s at 16384) where the forward
+        # that writes the gradient from a row held in registers ran at ~1.2 TB/s (16384 rows;
+        # cross_entropy's STORE_GRADS)
         cross_entropy_bwd(logits, target, stats, grad_scale, ignore_index, label_smoothing,
                           dlogits=logits)
         if prescaled:
@@ -1213,8 +1246,8 @@ def aot_configs():
         yield bwd("fp32", block_v, num_warps, False, scale=None)
     for block_v, num_warps, one in ce_block_configs(one_block=True):
         yield fwd("bf16", block_v, num_warps, False, True, one, has_count=True)
-        # STORE_GRAD_PIPELINED_WARPS_PER_SM: the pipelined row loop (both stage counts, where
-        # the row buffers fit STORE_GRAD_PIPELINE_MAX_BYTES)
+        # STORE_GRAD_PIPELINED_WARPS_PER_SM: the pipelined row loop (2 and 3 stages, where the
+        # row buffers fit STORE_GRAD_PIPELINE_MAX_BYTES)
         for dt, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
             for stages in (2, 3):
                 if (stages - 1) * block_v * size <= STORE_GRAD_PIPELINE_MAX_BYTES:
