@@ -754,10 +754,11 @@ def test_cross_entropy_looping_forward_on_a_row_looping_grid_writes_the_same_gra
     _stored_forward_equals_backward_kernel(device, n_rows, n_cols)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("n_cols", [1, 700, 4097])
 def test_cross_entropy_one_block_forward_on_a_pipelined_row_loop_writes_the_same_gradient(
-        device, monkeypatch, stages, n_cols):
+        device, monkeypatch, stages, n_cols, dtype):
     """STORE_GRAD_PIPELINED_WARPS_PER_SM: the one-block forward with a gradient on a grid of
     fewer programs than rows, each looping over rows with the next row's load in flight
     (ROW_STAGES); into a given buffer and in place, rows of odd widths (every row offset
@@ -773,7 +774,7 @@ def test_cross_entropy_one_block_forward_on_a_pipelined_row_loop_writes_the_same
     monkeypatch.setattr(k, "launch", lambda fn, grid, *a, **meta: launched.append(
         (fn, grid, meta.get("ROW_STAGES"))) or real(fn, grid, *a, **meta))
     n_rows = k.num_programs(torch.device(device), 1) * 2 + 3
-    _stored_forward_equals_backward_kernel(device, n_rows, n_cols)
+    _stored_forward_equals_backward_kernel(device, n_rows, n_cols, dtype=dtype)
     stored = [(g, st) for fn, g, st in launched
               if fn is k._cross_entropy_fwd_kernel and st is not None and st > 0]
     assert stored and all(g == ((n_rows - 3) // 2,) and st == stages for g, st in stored)
