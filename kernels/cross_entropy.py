@@ -116,8 +116,8 @@ STORE_GRAD_PROGRAMS_PER_SM: Optional[int] = None
 # software-pipelined (STORE_GRAD_ROW_STAGES): the load of a row ahead is a cp.async into shared
 # memory, in flight while this row is reduced and its gradient stored. The grid: this many
 # warps an SM in programs of the row's num_warps (32 programs of one warp at V = 32), but one
-# program an SM for rows wider than MAX_BLOCK_V, whose registers (105-196 a thread at 8192 -
-# 32768 classes, ptxas) leave room for no second one. None (the default until a GPU run times
+# program an SM for rows wider than MAX_BLOCK_V, whose registers leave room for no second one
+# (ptxas, sm_90: 105-196 a thread at 8192 and 16384 classes, 64 of 32 warps at 32768). None (the default until a GPU run times
 # it: bench_cross_entropy's fastbert_stored_pipelined rows): one program a row.
 STORE_GRAD_PIPELINED_WARPS_PER_SM: Optional[int] = None
 # The pipelined row loop's num_stages: Triton keeps stages - 1 row buffers in shared memory.
@@ -130,8 +130,8 @@ STORE_GRAD_PIPELINED_WARPS_PER_SM: Optional[int] = None
 STORE_GRAD_ROW_STAGES = 3
 # The most shared memory the pipelined loop's row buffers may take ((stages - 1) x BLOCK_V x
 # the element size): within sm_80's 163 KB with room for the reductions' scratch, and on a card
-# with less shared memory a block (sm_86 / sm_89: ~99 KB) its opt-in limit less 16 KB. A row
-# that fits not even one buffer runs one program a row.
+# with less shared memory a block (sm_86 / sm_89: ~99 KB) its opt-in limit less 16 KB
+# (``pipeline_stages``). A row that fits not even one buffer runs one program a row.
 STORE_GRAD_PIPELINE_MAX_BYTES = 144 * 1024
 # The widest block of a row a program holds in registers at once; wider rows loop over blocks.
 # 4096 fp32 over 8 warps is 16 elements a thread: wide loads without register spills.
@@ -707,7 +707,8 @@ def ce_block(n_cols: int, one_block: bool = False) -> tuple[int, int, bool]:
 def pipeline_stages(row_bytes: int, device: torch.device) -> int:
     """num_stages of the pipelined row loop for rows of ``row_bytes`` (BLOCK_V elements):
     STORE_GRAD_ROW_STAGES, fewer where its stages - 1 row buffers would pass the shared memory
-    allowed (``_pipeline_bytes``), 0 where not even one buffer fits (no pipelining)."""
+    allowed (STORE_GRAD_PIPELINE_MAX_BYTES, and on CUDA the device's opt-in shared memory a
+    block less 16 KB), 0 where not even one buffer fits (no pipelining)."""
     limit = STORE_GRAD_PIPELINE_MAX_BYTES
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
