@@ -1070,7 +1070,9 @@ def _fwd_signature(dt: str):
     scalars = [("stride_mask_b", "i64"), ("n_heads", "i32"), ("n_groups", "i32"),
                ("seqlen_q", "i32"), ("seqlen_k", "i32"), ("head_dim", "i32"),
                ("qk_scale", "fp32"), ("dropout_p", "fp32")]
-    return _sig(ptrs + strides + scalars + [(c, "constexpr") for c in _FLAG_NAMES])
+    # HEAVY_FIRST has a default, but Triton 3.8's AOT compile needs every constexpr named
+    return _sig(ptrs + strides + scalars
+                + [(c, "constexpr") for c in _FLAG_NAMES + ("HEAVY_FIRST",)])
 
 
 def _preprocess_signature(dt: str):
@@ -1121,7 +1123,8 @@ def aot_configs():
                  HAS_MASK=mask, HAS_DROPOUT=drop, KEY_BLOCK=KEY_BLOCK)
         bm, bn, w, s = fwd_config(head_dim, _TORCH_DT[dt], drop)
         yield AotConfig(_attention_fwd_kernel, _fwd_signature(dt),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, **f), w, s, name=f"attention_fwd[{tag}]")
+                        dict(BLOCK_M=bm, BLOCK_N=bn, HEAVY_FIRST=False, **f), w, s,
+                        name=f"attention_fwd[{tag}]")
         (bm, bn, w, s), (bm2, bn2, w2, s2) = bwd_configs(head_dim, _TORCH_DT[dt])
         for fused, atomic in ((False, False), (True, False), (False, True)):
             yield AotConfig(_attention_bwd_dkdv_kernel, _bwd_signature(dt, False, atomic),
@@ -1142,11 +1145,10 @@ def aot_configs():
         yield AotConfig(_attention_fwd_kernel, _fwd_signature("bf16"),
                         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=True, IS_VARLEN=False,
                              IS_CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=False,
-                             KEY_BLOCK=KEY_BLOCK), w, s,
+                             KEY_BLOCK=KEY_BLOCK, HEAVY_FIRST=False), w, s,
                         name=f"attention_fwd[bf16,d{bd},causal+mask]")
         # CAUSAL_HEAVY_FIRST
-        yield AotConfig(_attention_fwd_kernel,
-                        {**_fwd_signature("bf16"), "HEAVY_FIRST": "constexpr"},
+        yield AotConfig(_attention_fwd_kernel, _fwd_signature("bf16"),
                         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=True, IS_VARLEN=False,
                              IS_CAUSAL=True, HAS_MASK=False, HAS_DROPOUT=False,
                              KEY_BLOCK=KEY_BLOCK, HEAVY_FIRST=True), w, s,
@@ -1177,7 +1179,8 @@ def aot_configs():
             bm, bn, _, _ = fwd_config(hd, torch.bfloat16, drop)
             for w, s in fwd_candidates(hd, torch.bfloat16, drop)[1:]:
                 yield AotConfig(_attention_fwd_kernel, _fwd_signature("bf16"),
-                                dict(BLOCK_M=bm, BLOCK_N=bn, HAS_DROPOUT=drop, **f), w, s,
+                                dict(BLOCK_M=bm, BLOCK_N=bn, HAS_DROPOUT=drop, HEAVY_FIRST=False,
+                                     **f), w, s,
                                 name=f"attention_fwd[bf16,d{hd},dropout={drop},tuning w{w}s{s}]")
         (bm, bn, _, _), (bm2, bn2, _, _) = bwd_configs(hd, torch.bfloat16)
         dkdv_pairs, dq_pairs = bwd_candidates(hd, torch.bfloat16)
