@@ -117,8 +117,11 @@ STORE_GRAD_PROGRAMS_PER_SM: Optional[int] = None
 # memory, in flight while this row is reduced and its gradient stored. The grid: this many
 # warps an SM in programs of the row's num_warps (32 programs of one warp at V = 32), but one
 # program an SM for rows wider than MAX_BLOCK_V, whose registers leave room for no second one
-# (ptxas, sm_90: 105-196 a thread at 8192 and 16384 classes, 64 of 32 warps at 32768). None (the default until a GPU run times
-# it: bench_cross_entropy's fastbert_stored_pipelined rows): one program a row.
+# (ptxas, sm_90: 105-196 a thread at 8192 and 16384 classes, 64 of 32 warps at 32768). Rows of
+# 512 - 4096 classes take ~94 registers a thread: ~21 warps fit an SM, so more than 16 asked
+# there leaves the last programs of an SM to run after the others (right results, a longer
+# tail). None (the default until a GPU run times it: bench_cross_entropy's
+# fastbert_stored_pipelined rows): one program a row.
 STORE_GRAD_PIPELINED_WARPS_PER_SM: Optional[int] = None
 # The pipelined row loop's num_stages: Triton keeps stages - 1 row buffers in shared memory.
 # 3 (two buffers, 128 KB at V = 30522 in bf16) has one row's load in flight while the row
@@ -126,7 +129,8 @@ STORE_GRAD_PIPELINED_WARPS_PER_SM: Optional[int] = None
 # buffer) the next row's load is issued only after this row's gradient stores and waited for
 # at once (`wait_group 0`): the stores and the load overlap, the compute and the load do not.
 # Where the buffers would not fit (STORE_GRAD_PIPELINE_MAX_BYTES, the card's shared memory)
-# fewer stages are used: float32 rows of 30522 classes (128 KB) run with 2.
+# fewer stages are used: float32 rows of 30522 classes (128 KB) run with 2. Below 2 (or where
+# not even one buffer fits) the forward runs one program a row, as without the setting.
 STORE_GRAD_ROW_STAGES = 3
 # The most shared memory the pipelined loop's row buffers may take ((stages - 1) x BLOCK_V x
 # the element size): within sm_80's 163 KB with room for the reductions' scratch, and on a card
@@ -479,8 +483,9 @@ def _cross_entropy_fwd_kernel(
     # (STORE_GRAD_PROGRAMS_PER_SM: the rows being worked on at once stay in L2 for the
     # gradient's second read of a row wider than one block)
     # ROW_STAGES > 0 (ONE_BLOCK with STORE_GRAD_PIPELINED_WARPS_PER_SM): the row loop is
-    # software-pipelined, the next row's load (cp.async into shared memory) in flight while
-    # this row's statistics and gradient are computed and stored
+    # software-pipelined, each row's load a cp.async into shared memory; with 3 stages one row's
+    # load is in flight while the row before is reduced and its gradient stored (with 2 only
+    # the stores and the next load overlap)
     if ROW_STAGES > 0:
         for r in tl.range(tl.program_id(0), n_rows, tl.num_programs(0), num_stages=ROW_STAGES):
             _cross_entropy_fwd_row(

@@ -158,7 +158,8 @@ for cfg in k.aot_configs():
                     attrs=aligned_attrs(cfg))
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
     ttgir = c.asm["ttgir"]
-    # the most row loads a wait leaves in flight (0: every wait waits for all of them)
+    # the most cp.async groups a wait leaves in flight (0: it waits for all of them; a row's
+    # load is several groups: 3 in bf16, 4 in fp32)
     waits = [int(n) for n in re.findall(r"ttg.async_wait[^\\n]*?\\{num = (\\d+)", ttgir)]
     print(cfg.constexprs["BLOCK_V"], cfg.constexprs["ROW_STAGES"],
           ttgir.count("async_copy_global_to_local"), c.metadata.shared, max(waits or [0]))

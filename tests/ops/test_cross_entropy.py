@@ -780,6 +780,19 @@ def test_cross_entropy_one_block_forward_on_a_pipelined_row_loop_writes_the_same
     assert stored and all(g == ((n_rows - 3) // 2,) and st == stages for g, st in stored)
 
 
+@pytest.mark.parametrize("optin,want_stages", [(227 * 1024, 3), (99 * 1024, 2), (70 * 1024, 0)])
+def test_cross_entropy_pipeline_stages_follow_the_cards_shared_memory(monkeypatch, optin,
+                                                                      want_stages):
+    """On CUDA the row buffers must also fit the device's opt-in shared memory a block, less
+    16 KB of scratch: an H100 takes bf16 rows of 30522 classes (64 KB) with 3 stages, a card
+    of ~99 KB a block (sm_86 / sm_89) with 2, a smaller one not at all. (The device is only
+    named: its properties are patched.)"""
+    monkeypatch.setattr(k, "STORE_GRAD_ROW_STAGES", 3)
+    monkeypatch.setattr(k, "_optin_shared", lambda index: optin)
+    assert k.pipeline_stages(32768 * 2, torch.device("cuda", 0)) == want_stages
+    assert k.pipeline_stages(32768 * 2, torch.device("cpu")) == 3
+
+
 @pytest.mark.parametrize("dtype,stages,max_bytes,want_stages", [
     (torch.bfloat16, 3, None, 3), (torch.float32, 2, None, 2), (torch.float32, 3, None, 2),
     (torch.bfloat16, 3, 100 * 1024, 2), (torch.bfloat16, 3, 60 * 1024, 0)])
@@ -1345,8 +1358,8 @@ def test_cross_entropy_stored_gradient_on_the_pipelined_row_loop_on_gpu(monkeypa
     """STORE_GRAD_PIPELINED_WARPS_PER_SM on the GPU: the compiled, software-pipelined row loop
     (cp.async row loads, no barrier) writes the recomputing kernels' loss, statistics and
     gradient at BERT's vocabulary, rows of every alignment, more rows than programs, into a
-    given buffer and in place (float32: one row buffer of 128 KB with 2 stages; with 3 it
-    runs one program a row)."""
+    given buffer and in place (float32: one row buffer of 128 KB, so 2 stages whichever is
+    asked; bf16: 2 or 3)."""
     monkeypatch.setattr(k, "STORE_GRAD_PIPELINED_WARPS_PER_SM", 32)
     monkeypatch.setattr(k, "STORE_GRAD_ROW_STAGES", stages)
     _stored_forward_equals_backward_kernel("cuda", k.num_programs(torch.device("cuda"), 1) * 3
