@@ -260,8 +260,7 @@ _COOP_TILE_FLAGS = dict(BWD_BLOCK_K=128, FWD_BLOCK_K=128)
 _TILE_VARIANTS = {"tiles": _TILE_FLAGS,
                   # batch blocks of 64 rows: W_hh read by half as many programs a step, and
                   # Hopper's warpgroup MMA (wgmma needs 64 rows; 32 gives mma.sync)
-                  "tiles_b64": dict(BWD_BLOCK_K=128, FWD_BLOCK_K=128, FWD_NARROW_WARPS=True,
-                                    MAX_STEP_BLOCK_B=64)}
+                  "tiles_b64": {**_TILE_FLAGS, "MAX_STEP_BLOCK_B": 64}}
 
 
 def _tiles(settings: dict, fn: Callable[[], object]) -> Callable[[], object]:

@@ -137,6 +137,12 @@ STORE_GRAD_ROW_STAGES = 3
 # with less shared memory a block (sm_86 / sm_89: ~99 KB) its opt-in limit less 16 KB
 # (``pipeline_stages``). A row that fits not even one buffer runs one program a row.
 STORE_GRAD_PIPELINE_MAX_BYTES = 144 * 1024
+# What the pipelined forward keeps of a card's opt-in shared memory for other than its row
+# buffers: the reductions' scratch (a few KB at 32 warps) with room to spare.
+PIPELINE_SCRATCH_BYTES = 16 * 1024
+# The shared memory every CUDA block may use without opting in, for a torch whose device
+# properties lack the opt-in figure.
+DEFAULT_BLOCK_SHARED_BYTES = 48 * 1024
 # The widest block of a row a program holds in registers at once; wider rows loop over blocks.
 # 4096 fp32 over 8 warps is 16 elements a thread: wide loads without register spills.
 MAX_BLOCK_V = 4096
@@ -713,11 +719,11 @@ def pipeline_stages(row_bytes: int, device: torch.device) -> int:
     """num_stages of the pipelined row loop for rows of ``row_bytes`` (BLOCK_V elements):
     STORE_GRAD_ROW_STAGES, fewer where its stages - 1 row buffers would pass the shared memory
     allowed (STORE_GRAD_PIPELINE_MAX_BYTES, and on CUDA the device's opt-in shared memory a
-    block less 16 KB), 0 where not even one buffer fits (no pipelining)."""
+    block less PIPELINE_SCRATCH_BYTES), 0 where not even one buffer fits (no pipelining)."""
     limit = STORE_GRAD_PIPELINE_MAX_BYTES
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        limit = min(limit, _optin_shared(index) - 16 * 1024)
+        limit = min(limit, _optin_shared(index) - PIPELINE_SCRATCH_BYTES)
     stages = STORE_GRAD_ROW_STAGES
     while stages >= 2 and (stages - 1) * row_bytes > limit:
         stages -= 1
@@ -729,7 +735,7 @@ def _optin_shared(index: int) -> int:
     """The shared memory a block may opt in to on CUDA device ``index`` (bytes)."""
     props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", 0)
-               or getattr(props, "shared_memory_per_block", 48 * 1024))
+               or getattr(props, "shared_memory_per_block", DEFAULT_BLOCK_SHARED_BYTES))
 
 
 def ce_block_configs(one_block: bool = False):
